@@ -1,0 +1,497 @@
+"""Typed, frozen configuration composed from params.yaml + a profile + `key=value` overrides.
+
+    params.yaml (the paper's recipe)  <  conf/profile/<profile>.yaml  <  overrides
+
+The schema below is the single source of truth for what a key may be called and what type it
+has: an unknown key, a wrong type or a missing key is refused with the key's full dotted name
+and where it came from. Semantic checks (ratios summing to one, a resolution with a bucket…)
+follow in `_validate`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import difflib
+import typing
+from dataclasses import fields, is_dataclass
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_PARAMS = REPO_ROOT / "params.yaml"
+DEFAULT_CONF_DIR = REPO_ROOT / "conf"
+
+# Table 1's ten task kinds, in the paper's order (the keys of every `stageN.sampling`).
+TASK_KINDS = (
+    "t2i", "t2v", "image_recon", "video_recon", "ti2i",
+    "tv2v", "tir2i", "tvr2v", "mi2i", "mi2v",
+)
+STAGES = ("stage1", "stage2", "stage3")
+CODECS = ("wan", "space_to_depth")
+
+
+class ConfigError(ValueError):
+    """A bad params file, profile or override. The message names the key and the source."""
+
+
+# --------------------------------------------------------------------------------------------
+# Schema
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PathsConfig:
+    data_root: str
+    manifests: str
+    cache: str
+    runs: str
+    models: str
+
+
+@dataclass(frozen=True)
+class ModelsConfig:
+    transformer: str
+    vae: str
+    scheduler: str
+    mllm: str
+    codec: str
+
+
+@dataclass(frozen=True)
+class DiTConfig:
+    patch_size: List[int]
+    num_attention_heads: int
+    attention_head_dim: int
+    in_channels: int
+    out_channels: int
+    text_dim: int
+    freq_dim: int
+    ffn_dim: int
+    num_layers: int
+    cross_attn_norm: bool
+    qk_norm: str
+    eps: float
+    rope_max_seq_len: int
+    gradient_checkpointing: bool
+
+    @property
+    def inner_dim(self) -> int:
+        return self.num_attention_heads * self.attention_head_dim
+
+
+@dataclass(frozen=True)
+class MLLMConfig:
+    hidden_size: int
+    num_layers: int
+    layers_used: int
+    source_temporal_stride: int
+    max_length: int
+    feature_mode: str
+    projector_mult: int
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    ref_offset: int
+
+
+@dataclass(frozen=True)
+class FlowConfig:
+    sigma_min: float
+    timestep_scale: float
+    logit_normal_mean: float
+    logit_normal_std: float
+    shift_base_tokens: int
+    shift_min: float
+    shift_max: float
+
+
+@dataclass(frozen=True)
+class CodecConfig:
+    spatial_factor: int
+    temporal_factor: int
+    latent_channels: int
+
+
+@dataclass(frozen=True)
+class VideoConfig:
+    fps: int
+    frames: Dict[str, int]
+
+
+@dataclass(frozen=True)
+class BucketGroup:
+    area_side: int
+    sizes: List[List[int]]  # (width, height) pairs
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    name: str
+    lr: float
+    beta1: float
+    beta2: float
+    eps: float
+    weight_decay: float
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    name: str
+    warmup_steps: int
+
+
+@dataclass(frozen=True)
+class EMAConfig:
+    decay: Optional[float]  # None: no EMA
+    interval: int
+
+
+@dataclass(frozen=True)
+class SamplingRatios:
+    t2i: float
+    t2v: float
+    image_recon: float
+    video_recon: float
+    ti2i: float
+    tv2v: float
+    tir2i: float
+    tvr2v: float
+    mi2i: float
+    mi2v: float
+
+    def as_dict(self) -> Dict[str, float]:
+        return {k: getattr(self, k) for k in TASK_KINDS}
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    init_from: str
+    optimizer: OptimizerConfig
+    scheduler: SchedulerConfig
+    grad_clip: float
+    batch_size: int
+    steps: int
+    ema: EMAConfig
+    resolution: str
+    text_dropout: float
+    all_dropout: float
+    shift_scale: float
+    max_tokens: int
+    source_embedding: bool
+    sampling: SamplingRatios
+    checkpoint_every: int
+    keep_last: int
+    log_every: int
+    sample_every: int
+    nodes: int
+    gpus_per_node: int
+
+
+@dataclass(frozen=True)
+class GuidanceConfig:
+    text_scale: float
+    text_scale_edit: float
+    visual_scale: float
+    steps: int
+    scheduler: str
+    flow_shift: float
+    height: int
+    width: int
+    frames: int
+    negative_prompt: str
+
+
+@dataclass(frozen=True)
+class Config:
+    profile: str
+    seed: int
+    paths: PathsConfig
+    models: ModelsConfig
+    dit: DiTConfig
+    mllm: MLLMConfig
+    rope: RopeConfig
+    flow: FlowConfig
+    codec: CodecConfig
+    video: VideoConfig
+    buckets: Dict[str, BucketGroup]
+    stage1: StageConfig
+    stage2: StageConfig
+    stage3: StageConfig
+    guidance: GuidanceConfig
+    # Where the config came from (filled by load_config, not read from YAML).
+    sources: List[str] = field(default_factory=list)
+
+    def stage(self, name: str) -> StageConfig:
+        if name not in STAGES:
+            raise ConfigError(f"unknown stage {name!r}; expected one of {', '.join(STAGES)}")
+        return getattr(self, name)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.pop("sources")
+        return d
+
+    def fingerprint(self, *sections: str) -> str:
+        """A stable hash of the whole config, or of the named top-level sections only."""
+        d = self.to_dict()
+        if sections:
+            d = {k: d[k] for k in sections}
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+
+
+def available_profiles(conf_dir: Path | str = DEFAULT_CONF_DIR) -> List[str]:
+    return sorted(p.stem for p in (Path(conf_dir) / "profile").glob("*.yaml"))
+
+
+def _describe(e: OmegaConfBaseException) -> str:
+    key = getattr(e, "full_key", None)
+    msg = str(e).split("\n")[0]
+    return f"key '{key}': {msg}" if key else msg
+
+
+def _load_yaml(path: Path, what: str) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"{what} not found: {path}")
+    try:
+        node = OmegaConf.load(path)  # yaml.SafeLoader underneath
+    except Exception as e:  # yaml.YAMLError and friends: say which file
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if node is None:
+        return {}
+    if not isinstance(node, DictConfig):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got a list")
+    return OmegaConf.to_container(node, resolve=True)
+
+
+def _type_name(t) -> str:
+    return getattr(t, "__name__", None) or str(t).replace("typing.", "")
+
+
+def _coerce(t, v, key: str, source: str, partial: bool):
+    """Check `v` against the annotation `t`; return it converted (dict -> dataclass, int -> float)."""
+    origin, args = typing.get_origin(t), typing.get_args(t)
+    if origin is typing.Union:  # Optional[X]
+        if v is None and type(None) in args:
+            return None
+        t = next(a for a in args if a is not type(None))
+        origin, args = typing.get_origin(t), typing.get_args(t)
+    bad = ConfigError(f"{source}: key '{key}': expected {_type_name(t)}, got {v!r} ({type(v).__name__})")
+    if is_dataclass(t):
+        if not isinstance(v, dict):
+            raise bad
+        return _build(t, v, key + ".", source, partial)
+    if origin in (list, List):
+        if not isinstance(v, (list, tuple)):
+            raise bad
+        return [_coerce(args[0], x, f"{key}[{i}]", source, partial) for i, x in enumerate(v)]
+    if origin in (dict, Dict):
+        if not isinstance(v, dict):
+            raise bad
+        return {str(k): _coerce(args[1], x, f"{key}.{k}", source, partial) for k, x in v.items()}
+    if t is bool:
+        if not isinstance(v, bool):
+            raise bad
+        return v
+    if t is int:
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise bad
+        return v
+    if t is float:
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise bad
+        return float(v)
+    if t is str:
+        if not isinstance(v, str):
+            raise bad
+        return v
+    raise TypeError(f"unsupported annotation {t} for {key}")  # a schema bug, not a user error
+
+
+def _build(cls, d: dict, prefix: str, source: str, partial: bool):
+    """dict -> dataclass `cls`. Unknown keys are refused (with a suggestion); with `partial`, keys
+    may be missing and a plain dict comes back (used to check one layer on its own)."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in fields(cls) if f.name != "sources"]
+    for k in d:
+        if k not in names:
+            near = difflib.get_close_matches(str(k), names, n=1)
+            hint = f" (did you mean '{prefix}{near[0]}'?)" if near else ""
+            raise ConfigError(f"{source}: unknown key '{prefix}{k}'{hint}; "
+                              f"known keys here: {', '.join(names)}")
+    out = {k: _coerce(hints[k], v, prefix + k, source, partial) for k, v in d.items()}
+    if partial:
+        return out
+    missing = [prefix + n for n in names if n not in d]
+    if missing:
+        raise ConfigError(f"{source}: missing key(s): {', '.join(missing)}")
+    return cls(**out)
+
+
+def _deep_merge(base: dict, layer: dict) -> dict:
+    out = dict(base)
+    for k, v in layer.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(
+    overrides: Sequence[str] = (),
+    *,
+    profile: Optional[str] = None,
+    params_path: Path | str = DEFAULT_PARAMS,
+    conf_dir: Path | str = DEFAULT_CONF_DIR,
+) -> Config:
+    """Compose params.yaml + conf/profile/<profile>.yaml + `key=value` overrides.
+
+    The profile is, in order of precedence: the `profile` argument, a `profile=` override,
+    params.yaml's `profile` key. Each layer is checked on its own (so an unknown key or a wrong
+    type names the file or override it came from), then the whole must be complete.
+    """
+    params_path, conf_dir = Path(params_path), Path(conf_dir)
+    layers: List[Tuple[str, dict]] = []
+    params = _load_yaml(params_path, "params file")
+    layers.append((str(params_path), params))
+
+    ov_layers: List[Tuple[str, dict]] = []
+    for ov in overrides:
+        if "=" not in ov or not ov.split("=", 1)[0].strip():
+            raise ConfigError(f"override {ov!r}: expected key=value (e.g. stage1.steps=100)")
+        try:
+            layer = OmegaConf.to_container(OmegaConf.from_dotlist([ov]))
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"override {ov!r}: {_describe(e)}") from None
+        ov_layers.append((f"override {ov!r}", layer))
+    prof_ov = [layer["profile"] for _, layer in ov_layers if "profile" in layer]
+    ov_layers = [(src, layer) for src, layer in ov_layers if "profile" not in layer]
+
+    name = profile or (prof_ov[-1] if prof_ov else None) or params.get("profile")
+    if not name:
+        raise ConfigError(f"{params_path}: no profile given and no 'profile' key")
+    known = available_profiles(conf_dir)
+    if name not in known:
+        raise ConfigError(
+            f"unknown profile {name!r}: expected one of {', '.join(known) or '(none found)'} "
+            f"(files in {conf_dir / 'profile'})"
+        )
+    prof_path = conf_dir / "profile" / f"{name}.yaml"
+    layers.append((str(prof_path), _load_yaml(prof_path, "profile")))
+    layers.extend(ov_layers)
+
+    merged: dict = {}
+    for source, layer in layers:
+        _build(Config, layer, "", source, partial=True)
+        merged = _deep_merge(merged, layer)
+    merged["profile"] = name
+    sources = [src for src, _ in layers]
+    cfg = _build(Config, merged, "", " + ".join(sources), partial=False)
+    object.__setattr__(cfg, "sources", sources)
+    _validate(cfg)
+    return cfg
+
+
+# --------------------------------------------------------------------------------------------
+# Semantic checks
+# --------------------------------------------------------------------------------------------
+
+
+def _validate(cfg: Config) -> None:
+    errors: List[str] = []
+
+    def check(ok: bool, msg: str) -> None:
+        if not ok:
+            errors.append(msg)
+
+    check(cfg.models.codec in CODECS, f"models.codec = {cfg.models.codec!r}: expected one of {CODECS}")
+    check(cfg.mllm.feature_mode in ("online", "cached"),
+          f"mllm.feature_mode = {cfg.mllm.feature_mode!r}: expected 'online' or 'cached'")
+    check(0 < cfg.mllm.layers_used <= cfg.mllm.num_layers,
+          f"mllm.layers_used = {cfg.mllm.layers_used}: expected 1..mllm.num_layers ({cfg.mllm.num_layers})")
+    check(cfg.mllm.layers_used == cfg.dit.num_layers,
+          f"mllm.layers_used = {cfg.mllm.layers_used}: Deepstack feeds one MLLM layer to each DiT "
+          f"block, so it must equal dit.num_layers ({cfg.dit.num_layers})")
+    check(len(cfg.dit.patch_size) == 3, f"dit.patch_size = {cfg.dit.patch_size}: expected [pt, ph, pw]")
+    check(cfg.dit.in_channels == cfg.codec.latent_channels,
+          f"dit.in_channels = {cfg.dit.in_channels}: expected codec.latent_channels ({cfg.codec.latent_channels})")
+    check(cfg.rope.ref_offset > 0, f"rope.ref_offset = {cfg.rope.ref_offset}: expected a positive integer")
+    f = cfg.flow
+    check(0 <= f.sigma_min < 1, f"flow.sigma_min = {f.sigma_min}: expected 0 <= sigma_min < 1")
+    check(f.shift_base_tokens > 0, f"flow.shift_base_tokens = {f.shift_base_tokens}: expected > 0")
+    check(1 <= f.shift_min <= f.shift_max,
+          f"flow.shift_min/shift_max = {f.shift_min}/{f.shift_max}: expected 1 <= min <= max")
+    check(f.logit_normal_std > 0, f"flow.logit_normal_std = {f.logit_normal_std}: expected > 0")
+
+    mult = cfg.codec.spatial_factor * max(cfg.dit.patch_size[1:], default=1)
+    for res, group in cfg.buckets.items():
+        check(len(group.sizes) > 0, f"buckets.{res}.sizes: empty")
+        for wh in group.sizes:
+            ok = len(wh) == 2 and wh[0] % mult == 0 and wh[1] % mult == 0 and min(wh) > 0
+            check(ok, f"buckets.{res}.sizes: {wh} must be [width, height], each divisible by "
+                      f"codec.spatial_factor × patch ({mult})")
+    for res, n in cfg.video.frames.items():
+        check(n >= 1 and (n - 1) % cfg.codec.temporal_factor == 0,
+              f"video.frames.{res} = {n}: the codec takes 1 + {cfg.codec.temporal_factor}·k frames")
+
+    for name in STAGES:
+        s = cfg.stage(name)
+        check(s.resolution in cfg.buckets,
+              f"{name}.resolution = {s.resolution!r} has no bucket; defined: {', '.join(cfg.buckets)}")
+        check(s.resolution in cfg.video.frames,
+              f"{name}.resolution = {s.resolution!r} has no entry in video.frames")
+        check(s.optimizer.name == "adamw", f"{name}.optimizer.name = {s.optimizer.name!r}: only 'adamw' is supported")
+        check(s.optimizer.lr > 0, f"{name}.optimizer.lr = {s.optimizer.lr}: the learning rate must be positive")
+        check(0 <= s.optimizer.beta1 < 1 and 0 <= s.optimizer.beta2 < 1,
+              f"{name}.optimizer.beta1/beta2 = {s.optimizer.beta1}/{s.optimizer.beta2}: expected in [0, 1)")
+        check(s.optimizer.weight_decay >= 0, f"{name}.optimizer.weight_decay = {s.optimizer.weight_decay}: expected >= 0")
+        check(s.scheduler.name == "constant_with_warmup",
+              f"{name}.scheduler.name = {s.scheduler.name!r}: only 'constant_with_warmup' is supported")
+        check(s.scheduler.warmup_steps >= 0, f"{name}.scheduler.warmup_steps = {s.scheduler.warmup_steps}: expected >= 0")
+        check(s.grad_clip > 0, f"{name}.grad_clip = {s.grad_clip}: expected > 0")
+        check(s.steps > 0, f"{name}.steps = {s.steps}: expected > 0")
+        check(s.batch_size > 0, f"{name}.batch_size = {s.batch_size}: expected > 0")
+        check(s.max_tokens > 0, f"{name}.max_tokens = {s.max_tokens}: expected > 0")
+        check(s.ema.decay is None or 0 < s.ema.decay < 1,
+              f"{name}.ema.decay = {s.ema.decay}: expected null (no EMA) or a value in (0, 1)")
+        check(s.ema.interval >= 1, f"{name}.ema.interval = {s.ema.interval}: expected >= 1")
+        check(0 < s.shift_scale <= 2, f"{name}.shift_scale = {s.shift_scale}: expected in (0, 2]")
+        for k in ("text_dropout", "all_dropout"):
+            v = getattr(s, k)
+            check(0 <= v <= 1, f"{name}.{k} = {v}: expected a probability in [0, 1]")
+        check(s.text_dropout + s.all_dropout <= 1,
+              f"{name}: text_dropout + all_dropout = {s.text_dropout + s.all_dropout}: expected <= 1")
+        ratios = s.sampling.as_dict()
+        bad = {k: v for k, v in ratios.items() if not (v >= 0 and math.isfinite(v))}
+        check(not bad, f"{name}.sampling: negative or non-finite ratios {bad}")
+        total = sum(ratios.values())
+        check(abs(total - 1.0) <= 1e-6,
+              f"{name}.sampling: ratios sum to {total:.6g}, expected 1 (±1e-6): "
+              + ", ".join(f"{k}={v}" for k, v in ratios.items()))
+        check(s.init_from in ("base", *STAGES[: STAGES.index(name)]),
+              f"{name}.init_from = {s.init_from!r}: expected 'base' or an earlier stage")
+        for k in ("checkpoint_every", "keep_last", "log_every", "sample_every", "nodes"):
+            check(getattr(s, k) >= 1, f"{name}.{k} = {getattr(s, k)}: expected >= 1")
+        check(s.gpus_per_node >= 0, f"{name}.gpus_per_node = {s.gpus_per_node}: expected >= 0 (0: CPU)")
+
+    g = cfg.guidance
+    check(g.text_scale >= 1 and g.text_scale_edit >= 1 and g.visual_scale >= 1,
+          f"guidance scales must be >= 1 (got text {g.text_scale}, edit {g.text_scale_edit}, visual {g.visual_scale})")
+    check(g.steps >= 1, f"guidance.steps = {g.steps}: expected >= 1")
+    check(g.scheduler in ("unipc", "euler"), f"guidance.scheduler = {g.scheduler!r}: expected 'unipc' or 'euler'")
+    check((g.frames - 1) % cfg.codec.temporal_factor == 0,
+          f"guidance.frames = {g.frames}: the codec takes 1 + {cfg.codec.temporal_factor}·k frames")
+
+    if errors:
+        src = " + ".join(cfg.sources) if cfg.sources else "config"
+        raise ConfigError(f"invalid config ({src}):\n  - " + "\n  - ".join(errors))

@@ -1,0 +1,156 @@
+"""Local paths and s3:// URIs behind one interface.
+
+Model folders, datasets and exports may live on S3 (or an S3-compatible store). Everything that
+reads a folder calls `materialize(uri)` first: a local path comes back as it is (it must exist);
+an `s3://bucket/prefix` is mirrored into a local cache (paginated listing, retries with backoff,
+multipart-aware transfers, sizes verified) and the cached folder comes back.
+
+Endpoint, region, addressing style and checksum mode come from configuration — `S3Settings`,
+filled from params (`s3:` section) or the environment — never from code. Credentials come from
+boto3's standard chain (env, profile, instance role) and are never logged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional, Tuple
+
+S3_PREFIX = "s3://"
+
+
+def is_s3(uri: str | os.PathLike) -> bool:
+    return str(uri).startswith(S3_PREFIX)
+
+
+def parse_s3_uri(uri: str) -> Tuple[str, str]:
+    """'s3://bucket/a/b' -> ('bucket', 'a/b'). Refuses anything else with the URI in the message."""
+    if not is_s3(uri):
+        raise ValueError(f"not an s3:// URI: {uri!r}")
+    rest = str(uri)[len(S3_PREFIX):]
+    bucket, _, key = rest.partition("/")
+    if not bucket:
+        raise ValueError(f"s3 URI {uri!r} has no bucket (expected s3://bucket/prefix)")
+    return bucket, key
+
+
+@dataclass(frozen=True)
+class S3Settings:
+    """How to reach S3. None means: let boto3's own configuration chain decide."""
+
+    endpoint_url: Optional[str] = None
+    region: Optional[str] = None
+    addressing_style: str = "auto"  # auto | path | virtual
+    checksum_mode: str = "when_supported"  # when_supported (on, the default) | when_required
+    max_attempts: int = 5
+    multipart_threshold_mb: int = 64
+
+    @classmethod
+    def from_env(cls) -> "S3Settings":
+        env = os.environ
+        return cls(
+            endpoint_url=env.get("LOOM_S3_ENDPOINT_URL") or env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL"),
+            region=env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION"),
+            addressing_style=env.get("LOOM_S3_ADDRESSING_STYLE", "auto"),
+            checksum_mode=env.get("LOOM_S3_CHECKSUM_MODE", "when_supported"),
+            max_attempts=int(env.get("LOOM_S3_MAX_ATTEMPTS", "5")),
+        )
+
+
+def s3_client(settings: Optional[S3Settings] = None):
+    import boto3
+    from botocore.config import Config as BotoConfig
+
+    s = settings or S3Settings.from_env()
+    if s.checksum_mode not in ("when_supported", "when_required"):
+        raise ValueError(f"s3 checksum_mode {s.checksum_mode!r}: expected 'when_supported' or 'when_required'")
+    if s.addressing_style not in ("auto", "path", "virtual"):
+        raise ValueError(f"s3 addressing_style {s.addressing_style!r}: expected auto, path or virtual")
+    cfg = BotoConfig(
+        region_name=s.region,
+        retries={"max_attempts": s.max_attempts, "mode": "standard"},  # exponential backoff + jitter
+        s3={"addressing_style": s.addressing_style},
+        request_checksum_calculation=s.checksum_mode,
+        response_checksum_validation=s.checksum_mode,
+    )
+    return boto3.client("s3", endpoint_url=s.endpoint_url, config=cfg)
+
+
+def _transfer_config(settings: S3Settings):
+    from boto3.s3.transfer import TransferConfig
+
+    mb = 1024 * 1024
+    return TransferConfig(multipart_threshold=settings.multipart_threshold_mb * mb,
+                          multipart_chunksize=settings.multipart_threshold_mb * mb)
+
+
+def list_objects(uri: str, settings: Optional[S3Settings] = None, client=None) -> Iterator[dict]:
+    """Every object under an s3:// prefix (paginated), as boto3's `Contents` entries."""
+    bucket, prefix = parse_s3_uri(uri)
+    client = client or s3_client(settings)
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        yield from page.get("Contents", [])
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("LOOM_CACHE_DIR", Path.home() / ".cache" / "loomvideo")) / "s3"
+
+
+def materialize(uri: str | os.PathLike, cache_dir: Optional[Path] = None,
+                settings: Optional[S3Settings] = None) -> Path:
+    """A local folder or file for `uri`: the path itself, or a verified local mirror of S3."""
+    if not is_s3(uri):
+        path = Path(uri)
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no such file or directory")
+        return path
+    settings = settings or S3Settings.from_env()
+    client = s3_client(settings)
+    bucket, prefix = parse_s3_uri(str(uri))
+    cache_root = Path(cache_dir or default_cache_dir()) / bucket
+    folder = prefix.rstrip("/") + "/" if prefix.strip("/") else ""
+    objects = list(list_objects(str(uri), client=client))
+    single = [o for o in objects if o["Key"] == prefix and not prefix.endswith("/")]
+    # A URI names one object, or a folder: keys under "<prefix>/" (never "<prefix>-old/...").
+    wanted = single or [o for o in objects if o["Key"].startswith(folder) and not o["Key"].endswith("/")]
+    if not wanted:
+        raise FileNotFoundError(f"{uri}: no objects under this S3 prefix")
+    for obj in wanted:
+        dest = cache_root / obj["Key"]
+        if dest.is_file() and dest.stat().st_size == obj["Size"]:
+            continue
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(dest.name + ".part")
+        client.download_file(bucket, obj["Key"], str(tmp), Config=_transfer_config(settings))
+        if tmp.stat().st_size != obj["Size"]:
+            raise IOError(f"s3://{bucket}/{obj['Key']}: downloaded {tmp.stat().st_size} bytes, expected {obj['Size']}")
+        os.replace(tmp, dest)
+    return cache_root / prefix.rstrip("/") if prefix.strip("/") else cache_root
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def upload_dir(local: Path, uri: str, settings: Optional[S3Settings] = None) -> int:
+    """Upload every file under `local` to the s3:// prefix `uri`; returns the file count.
+    Each object carries its sha256 in metadata so a reader can verify it."""
+    settings = settings or S3Settings.from_env()
+    client = s3_client(settings)
+    bucket, prefix = parse_s3_uri(uri)
+    prefix = prefix.strip("/")
+    n = 0
+    for f in sorted(Path(local).rglob("*")):
+        if not f.is_file():
+            continue
+        key = f"{prefix}/{f.relative_to(local).as_posix()}" if prefix else f.relative_to(local).as_posix()
+        client.upload_file(str(f), bucket, key, Config=_transfer_config(settings),
+                           ExtraArgs={"Metadata": {"sha256": sha256_file(f)}})
+        n += 1
+    return n
