@@ -1,0 +1,127 @@
+"""Config composition: params.yaml (the paper's recipe) + profile + overrides, and every refusal."""
+
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from loomcore.config import REPO_ROOT, TASK_KINDS, ConfigError, load_config
+
+
+def test_params_yaml_is_the_papers_table_1():
+    cfg = load_config(profile="paper")
+    s1, s2, s3 = cfg.stage1, cfg.stage2, cfg.stage3
+    assert [s.batch_size for s in (s1, s2, s3)] == [640, 128, 128]
+    assert [s.scheduler.warmup_steps for s in (s1, s2, s3)] == [100, 1000, 1000]
+    assert [s.steps for s in (s1, s2, s3)] == [50_000, 40_000, 36_000]
+    assert [s.ema.decay for s in (s1, s2, s3)] == [None, 0.9999, 0.9999]
+    assert [s.ema.interval for s in (s2, s3)] == [1, 1]
+    assert [s.resolution for s in (s1, s2, s3)] == ["256p", "480p", "480p"]
+    assert [s.text_dropout for s in (s1, s2, s3)] == [0.0, 0.1, 0.1]
+    assert [s.all_dropout for s in (s1, s2, s3)] == [0.0, 0.1, 0.1]
+    assert [s.shift_scale for s in (s1, s2, s3)] == [0.65, 0.5, 0.5]
+    assert [s.max_tokens for s in (s1, s2, s3)] == [10240, 16384, 16384]
+    for s in (s1, s2, s3):
+        assert s.optimizer.name == "adamw" and s.optimizer.lr == 2e-5
+        assert (s.optimizer.beta1, s.optimizer.beta2, s.optimizer.eps) == (0.9, 0.95, 1e-8)
+        assert s.optimizer.weight_decay == 0.0 and s.grad_clip == 1.0
+        assert s.scheduler.name == "constant_with_warmup"
+    assert s1.sampling.as_dict() == {"t2i": 0.8, "t2v": 0.2, **{k: 0.0 for k in TASK_KINDS[2:]}}
+    assert s2.sampling.as_dict() == dict(zip(TASK_KINDS, [0.59, 0.04, 0.07, 0.01, 0.28, 0.01, 0, 0, 0, 0]))
+    # Table 1's stage-3 column sums to 1.01 as printed; ours rounds back to every printed value.
+    printed = [0.14, 0.08, 0.02, 0.01, 0.17, 0.18, 0.15, 0.13, 0.06, 0.07]
+    assert [round(v, 2) for v in s3.sampling.as_dict().values()] == printed
+    assert not s1.source_embedding and s2.source_embedding and s3.source_embedding
+    assert cfg.rope.ref_offset == 10 and cfg.flow.shift_base_tokens == 64
+    assert (cfg.mllm.num_layers, cfg.mllm.layers_used, cfg.dit.num_layers) == (36, 30, 30)
+    assert cfg.video.frames["256p"] == 33 and cfg.video.frames["480p"] == 121 and cfg.video.fps == 24
+    assert [832, 480] in cfg.buckets["480p"].sizes and len(cfg.buckets["480p"].sizes) == 9
+    assert cfg.dit.inner_dim == 3072 and cfg.dit.in_channels == 48
+
+
+def test_tiny_is_the_default_profile_and_overrides_apply():
+    cfg = load_config()
+    assert cfg.profile == "tiny" and cfg.models.codec == "space_to_depth"
+    assert cfg.stage1.steps < 1000 and cfg.dit.num_layers == cfg.mllm.layers_used
+    # the profile changes sizes, never the recipe's structure
+    assert cfg.stage1.sampling == load_config(profile="paper").stage1.sampling
+    cfg2 = load_config(["stage3.sampling.t2i=0.239", "stage3.sampling.tv2v=0.079", "rope.ref_offset=7"])
+    assert cfg2.stage3.sampling.t2i == 0.239 and cfg2.rope.ref_offset == 7
+    assert load_config(["profile=paper"]).profile == "paper"
+    # frozen
+    with pytest.raises(Exception):
+        cfg.stage1.steps = 3  # type: ignore[misc]
+
+
+def test_fingerprint_tracks_sections():
+    a, b = load_config(), load_config(["stage3.steps=7"])
+    assert a.fingerprint("stage1") == b.fingerprint("stage1")
+    assert a.fingerprint("stage3") != b.fingerprint("stage3")
+
+
+@pytest.mark.parametrize(
+    "overrides, needle",
+    [
+        (["stage1.optimizer.lrr=1"], "unknown key 'stage1.optimizer.lrr' (did you mean 'stage1.optimizer.lr'?)"),
+        (["nonsense=1"], "unknown key 'nonsense'"),
+        (["stage1.optimizer.lr=abc"], "key 'stage1.optimizer.lr': expected float, got 'abc'"),
+        (["stage1.steps=1.5"], "key 'stage1.steps': expected int"),
+        (["stage2.source_embedding=3"], "key 'stage2.source_embedding': expected bool"),
+        (["stage2.sampling.t2i=0.5"], "stage2.sampling: ratios sum to 0.91, expected 1"),
+        (["stage1.optimizer.lr=-1e-5"], "stage1.optimizer.lr = -1e-05: the learning rate must be positive"),
+        (["stage3.shift_scale=2.5"], "stage3.shift_scale = 2.5: expected in (0, 2]"),
+        (["stage3.shift_scale=0"], "stage3.shift_scale = 0.0: expected in (0, 2]"),
+        (["stage2.resolution=360p"], "stage2.resolution = '360p' has no bucket; defined: 256p, 480p, 720p"),
+        (["stage1"], "expected key=value"),
+        (["profile=huge"], "unknown profile 'huge': expected one of paper, tiny"),
+        (["guidance.steps=0"], "guidance.steps = 0: expected >= 1"),
+        (["mllm.layers_used=1"], "must equal dit.num_layers (2)"),
+    ],
+)
+def test_refusals_name_key_value_and_expectation(overrides, needle):
+    with pytest.raises(ConfigError) as e:
+        load_config(overrides)
+    assert needle in str(e.value)
+
+
+def test_paper_profile_frames_must_fit_wan_vae():
+    with pytest.raises(ConfigError, match=r"video.frames.480p = 120: the codec takes 1 \+ 4·k frames"):
+        load_config(["video.frames.480p=120"], profile="paper")
+
+
+def _copy_params(tmp_path: Path) -> Path:
+    shutil.copytree(REPO_ROOT / "conf", tmp_path / "conf")
+    shutil.copy(REPO_ROOT / "params.yaml", tmp_path / "params.yaml")
+    return tmp_path / "params.yaml"
+
+
+def test_missing_params_key_is_named(tmp_path):
+    params = _copy_params(tmp_path)
+    d = yaml.safe_load(params.read_text())
+    del d["stage2"]["grad_clip"]
+    params.write_text(yaml.safe_dump(d))
+    with pytest.raises(ConfigError, match=r"missing key\(s\): stage2.grad_clip"):
+        load_config(params_path=params, conf_dir=tmp_path / "conf")
+
+
+def test_wrong_type_in_a_profile_names_the_file(tmp_path):
+    params = _copy_params(tmp_path)
+    (tmp_path / "conf" / "profile" / "broken.yaml").write_text("stage1:\n  batch_size: many\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(profile="broken", params_path=params, conf_dir=tmp_path / "conf")
+    assert "broken.yaml" in str(e.value) and "stage1.batch_size" in str(e.value) and "expected int" in str(e.value)
+
+
+def test_malformed_yaml_names_the_file(tmp_path):
+    params = _copy_params(tmp_path)
+    params.write_text("stage1: [unclosed\n")
+    with pytest.raises(ConfigError, match="params.yaml: not valid YAML"):
+        load_config(params_path=params, conf_dir=tmp_path / "conf")
+
+
+def test_every_stage_ratio_set_sums_to_one_in_both_profiles():
+    for profile in ("tiny", "paper"):
+        cfg = load_config(profile=profile)
+        for s in (cfg.stage1, cfg.stage2, cfg.stage3):
+            assert abs(sum(s.sampling.as_dict().values()) - 1) <= 1e-6

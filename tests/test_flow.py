@@ -1,0 +1,93 @@
+"""Flow-matching formulas (DESIGN §3, paper eq. 3), checked numerically."""
+
+import math
+
+import pytest
+import torch
+
+from loomcore.diffusion import flow
+
+
+def test_noising_target_and_x0_inversion():
+    g = torch.Generator().manual_seed(0)
+    x, eps = torch.randn(3, 4, 2, 5, 5, generator=g), torch.randn(3, 4, 2, 5, 5, generator=g)
+    t = torch.tensor([0.0, 0.3, 1.0])
+    sm = 1e-3
+    z = flow.add_noise(x, eps, t, sm)
+    assert torch.allclose(z[0], x[0] + sm * eps[0])  # t = 0: the clean sample plus σ_min·ε
+    assert torch.allclose(z[2], eps[2])  # t = 1: pure noise (σ_min + 1 − σ_min = 1)
+    assert torch.allclose(z[1], 0.7 * x[1] + (sm + (1 - sm) * 0.3) * eps[1])
+    v = flow.velocity_target(x, eps, sm)
+    assert torch.allclose(v, (1 - sm) * eps - x)
+    # v is dz/dt
+    dt, xd, ed, td = 1e-4, x.double(), eps.double(), t.double().clamp(max=1 - 1e-4)
+    dz = (flow.add_noise(xd, ed, td + dt, sm) - flow.add_noise(xd, ed, td, sm)) / dt
+    assert torch.allclose(dz, v.double(), atol=1e-6)
+    # x0 from (z_t, v) recovers x except at t = 1 where x is not identifiable beyond float error
+    assert torch.allclose(flow.predict_x0(z, v, t, sm), x, atol=1e-4)
+    # at σ_min = 0 this is the familiar x0 = z_t − t·v
+    z0, v0 = flow.add_noise(x, eps, t, 0.0), flow.velocity_target(x, eps, 0.0)
+    assert torch.allclose(flow.predict_x0(z0, v0, t, 0.0), z0 - t.view(-1, 1, 1, 1, 1) * v0)
+
+
+def test_timestep_input_is_1000t():
+    assert torch.equal(flow.timestep_input(torch.tensor([0.0, 0.25, 1.0])), torch.tensor([0.0, 250.0, 1000.0]))
+
+
+def test_dynamic_shift_matches_the_paper():
+    # 480×832×121 frames: 31 latent frames × 30 × 52 latents, 2×2 patch -> 31·15·26 = 12 090 tokens
+    n = flow.dit_token_count(31, 30, 52)
+    assert n == 12_090
+    s = flow.dynamic_shift(n, alpha=0.5, base_tokens=64)
+    assert s == pytest.approx(1 + 0.5 * math.log2(12_090 / 64))
+    assert s == pytest.approx(4.78, abs=0.005)
+    assert flow.dynamic_shift(64, 0.65) == 1.0  # the base image: no shift
+    assert flow.dynamic_shift(16, 0.65) == 1.0  # clamped below
+    assert flow.dynamic_shift(64 * 2**20, 0.5) == 8.0  # clamped above
+    ts = flow.dynamic_shift(torch.tensor([64, 128, 12_090]), 0.5)
+    assert torch.allclose(ts, torch.tensor([1.0, 1.5, 4.7808]), atol=1e-4)
+    with pytest.raises(ValueError, match="num_tokens"):
+        flow.dynamic_shift(0, 0.5)
+
+
+def test_shift_timesteps():
+    t = torch.linspace(0, 1, 11)
+    assert torch.allclose(flow.shift_timesteps(t, 1.0), t)
+    s = 3.0
+    out = flow.shift_timesteps(t, s)
+    assert torch.allclose(out, s * t / (1 + (s - 1) * t))
+    assert out[0] == 0 and out[-1] == 1 and (out[1:-1] > t[1:-1]).all()  # pushed toward noise
+    per_sample = flow.shift_timesteps(torch.tensor([0.5, 0.5]), torch.tensor([1.0, 3.0]))
+    assert torch.allclose(per_sample, torch.tensor([0.5, 0.75]))
+
+
+def test_logit_normal_is_seeded_and_in_range():
+    a = flow.sample_logit_normal(10_000, generator=torch.Generator().manual_seed(1))
+    b = flow.sample_logit_normal(10_000, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(a, b) and (a > 0).all() and (a < 1).all()
+    assert abs(a.median().item() - 0.5) < 0.02  # sigmoid(N(0,1)) has median 1/2
+    logits = torch.log(a / (1 - a))
+    assert abs(logits.std().item() - 1.0) < 0.03
+
+
+def test_loss_counts_target_tokens_only():
+    pred = torch.zeros(2, 3, 1, 2, 2)
+    target = torch.ones(2, 3, 1, 2, 2)
+    target[:, :, :, 1, 1] = 100.0  # a "reference/padding" position with a huge error
+    mask = torch.ones(2, 1, 1, 2, 2)
+    mask[:, :, :, 1, 1] = 0
+    assert flow.flow_matching_loss(pred, target, mask).item() == pytest.approx(1.0)
+    # sum over kept elements / their count, not a mean of per-sample means
+    mask2 = mask.clone()
+    mask2[1] = 0
+    mask2[1, :, :, 0, 0] = 1
+    target2 = target.clone()
+    target2[1] = 2.0
+    expect = (2 * 3 * 3 * 1.0 / 2 + 3 * 4.0) / (3 * 3 + 3)
+    assert flow.flow_matching_loss(pred, target2, mask2).item() == pytest.approx(expect)
+    per = flow.flow_matching_loss(pred, target2, mask2, reduction="per_sample")
+    assert torch.allclose(per, torch.tensor([1.0, 4.0]))
+    with pytest.raises(ValueError, match="no target elements"):
+        flow.flow_matching_loss(pred, target, torch.zeros(2, 1, 1, 2, 2))
+    with pytest.raises(ValueError, match="does not broadcast"):
+        flow.flow_matching_loss(pred, target, torch.ones(2, 1, 2, 2))
