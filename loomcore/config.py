@@ -56,6 +56,26 @@ class PathsConfig:
 
 
 @dataclass(frozen=True)
+class DataConfig:
+    source: str
+    metadata: str
+    eval_fraction: float
+    synthetic_samples: int
+    cache_batch_size: int
+    shard_size: int
+
+
+@dataclass(frozen=True)
+class S3Config:
+    endpoint_url: Optional[str]
+    region: Optional[str]
+    addressing_style: str
+    checksum_mode: str
+    max_attempts: int
+    multipart_threshold_mb: int
+
+
+@dataclass(frozen=True)
 class ModelsConfig:
     transformer: str
     vae: str
@@ -214,6 +234,8 @@ class Config:
     profile: str
     seed: int
     paths: PathsConfig
+    data: DataConfig
+    s3: S3Config
     models: ModelsConfig
     dit: DiTConfig
     mllm: MLLMConfig
@@ -414,6 +436,13 @@ def _validate(cfg: Config) -> None:
         if not ok:
             errors.append(msg)
 
+    check(0 <= cfg.data.eval_fraction < 1, f"data.eval_fraction = {cfg.data.eval_fraction}: expected in [0, 1)")
+    for k in ("synthetic_samples", "cache_batch_size", "shard_size"):
+        check(getattr(cfg.data, k) >= 1, f"data.{k} = {getattr(cfg.data, k)}: expected >= 1")
+    check(cfg.s3.addressing_style in ("auto", "path", "virtual"),
+          f"s3.addressing_style = {cfg.s3.addressing_style!r}: expected auto, path or virtual")
+    check(cfg.s3.checksum_mode in ("when_supported", "when_required"),
+          f"s3.checksum_mode = {cfg.s3.checksum_mode!r}: expected when_supported or when_required")
     check(cfg.models.codec in CODECS, f"models.codec = {cfg.models.codec!r}: expected one of {CODECS}")
     check(cfg.mllm.feature_mode in ("online", "cached"),
           f"mllm.feature_mode = {cfg.mllm.feature_mode!r}: expected 'online' or 'cached'")

@@ -59,6 +59,20 @@ class S3Settings:
         )
 
 
+    @classmethod
+    def from_config(cls, s3_cfg) -> "S3Settings":
+        """params' `s3:` section; null entries fall back to the environment / boto3's chain."""
+        env = cls.from_env()
+        return cls(
+            endpoint_url=s3_cfg.endpoint_url or env.endpoint_url,
+            region=s3_cfg.region or env.region,
+            addressing_style=s3_cfg.addressing_style,
+            checksum_mode=s3_cfg.checksum_mode,
+            max_attempts=s3_cfg.max_attempts,
+            multipart_threshold_mb=s3_cfg.multipart_threshold_mb,
+        )
+
+
 def s3_client(settings: Optional[S3Settings] = None):
     import boto3
     from botocore.config import Config as BotoConfig

@@ -1,0 +1,197 @@
+"""The training loader: cached samples, drawn by the stage's task ratios, packed under a budget.
+
+Stream: for every draw, a task kind ~ Categorical(stage ratios), then a sample of that kind
+uniformly from this rank's share of the cache (rank r owns the samples whose position in the
+sorted index is ≡ r mod world_size, so ranks never see the same sample). Draws feed a
+`BufferedPacker`; each pack is one training step's sequence.
+
+Everything that decides the next batch — the numpy generator's state, the packer's buffer and the
+step count — is in `state_dict()`, so a resumed run gets exactly the batch it would have had.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Mapping, Optional
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from safetensors import safe_open
+
+from loomcore.data.packing import BufferedPacker, Item
+
+INDEX_FILE = "index.parquet"
+NULL_SHARD = "null.safetensors"
+
+
+class CacheError(ValueError):
+    """The cache on disk disagrees with its index (names the shard and the key)."""
+
+
+@dataclass
+class Sample:
+    """One cached training sample, tensors on CPU.
+
+    target: [C, f, h, w]; source: like target or None; refs: K tensors [C, 1, h_k, w_k];
+    context: [L, T, H] per-layer MLLM features of the full condition (cached mode);
+    context_visual: the same for the images/video alone (text dropped), or None when the sample
+    has no images or video (then text dropout means the empty condition).
+    """
+
+    id: str
+    task: str
+    caption: str
+    target: torch.Tensor
+    source: Optional[torch.Tensor] = None
+    refs: List[torch.Tensor] = field(default_factory=list)
+    context: Optional[torch.Tensor] = None
+    context_visual: Optional[torch.Tensor] = None
+    tokens: int = 0
+
+
+@dataclass
+class Batch:
+    samples: List[Sample]
+    tokens: int
+    budget: int
+
+    @property
+    def tasks(self) -> List[str]:
+        return [s.task for s in self.samples]
+
+
+class ShardReader:
+    """Reads tensors out of safetensors shards lazily, checking them against the index."""
+
+    def __init__(self, root: Path, max_open: int = 8):
+        self.root = Path(root)
+        self.max_open = max_open
+        self._open: "OrderedDict[str, object]" = OrderedDict()
+
+    def _handle(self, shard: str):
+        if shard in self._open:
+            self._open.move_to_end(shard)
+            return self._open[shard]
+        path = self.root / shard
+        if not path.is_file():
+            raise CacheError(f"cache shard {path} is listed in the index but missing")
+        try:
+            h = safe_open(str(path), framework="pt")
+        except Exception as e:
+            raise CacheError(f"cache shard {path}: unreadable ({e})") from None
+        self._open[shard] = h
+        if len(self._open) > self.max_open:
+            self._open.popitem(last=False)
+        return h
+
+    def get(self, shard: str, key: str, shape: Optional[List[int]] = None, dtype: Optional[str] = None) -> torch.Tensor:
+        h = self._handle(shard)
+        if key not in h.keys():
+            raise CacheError(f"cache shard {self.root / shard}: no tensor {key!r} (the index lists it)")
+        t = h.get_tensor(key)
+        if shape is not None and list(t.shape) != list(shape):
+            raise CacheError(f"cache shard {self.root / shard}: {key!r} has shape {list(t.shape)}, the index says {list(shape)}")
+        if dtype is not None and str(t.dtype).replace("torch.", "") != dtype:
+            raise CacheError(f"cache shard {self.root / shard}: {key!r} has dtype {t.dtype}, the index says {dtype}")
+        return t
+
+
+def read_index(cache_dir: Path | str, split: str, resolution: str) -> List[dict]:
+    path = Path(cache_dir) / INDEX_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no cache index (run the cache stage first)")
+    rows = [r for r in pq.read_table(path).to_pylist() if r["split"] == split and r["resolution"] == resolution]
+    return sorted(rows, key=lambda r: r["id"])
+
+
+def load_sample(reader: ShardReader, row: Mapping) -> Sample:
+    entries = json.loads(row["tensors"])  # {name: [key, shape, dtype]}
+
+    def get(name):
+        if name not in entries:
+            return None
+        key, shape, dtype = entries[name]
+        return reader.get(row["shard"], key, shape, dtype)
+
+    refs = [get(f"ref{k}") for k in range(row["num_refs"])]
+    return Sample(
+        id=row["id"], task=row["task"], caption=row["caption"], target=get("target"), source=get("source"),
+        refs=refs, context=get("context"), context_visual=get("context_visual"), tokens=int(row["tokens"]),
+    )
+
+
+def load_null_context(cache_dir: Path | str) -> Optional[torch.Tensor]:
+    """The features of the empty condition (all-dropout and the unconditional branch)."""
+    path = Path(cache_dir) / NULL_SHARD
+    if not path.is_file():
+        return None
+    with safe_open(str(path), framework="pt") as h:
+        return h.get_tensor("context")
+
+
+class PackedLoader:
+    def __init__(
+        self,
+        cache_dir: Path | str,
+        ratios: Mapping[str, float],
+        max_tokens: int,
+        resolution: str,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        split: str = "train",
+        buffer_size: int = 32,
+    ):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank: expected 0 <= rank < world_size ({world_size}), got {rank}")
+        self.cache_dir = Path(cache_dir)
+        self.max_tokens = max_tokens
+        rows = read_index(self.cache_dir, split, resolution)
+        self.rows = rows[rank::world_size]
+        self.pools: Dict[str, List[int]] = {}
+        for i, r in enumerate(self.rows):
+            self.pools.setdefault(r["task"], []).append(i)
+        self.tasks = [k for k, v in ratios.items() if v > 0]
+        missing = [k for k in self.tasks if k not in self.pools]
+        if missing:
+            raise ValueError(
+                f"the stage samples task(s) {', '.join(missing)} but the cache ({self.cache_dir}, split {split}, "
+                f"resolution {resolution}, rank {rank}/{world_size}) has no sample of them"
+            )
+        p = np.array([ratios[k] for k in self.tasks], dtype=np.float64)
+        self.probs = p / p.sum()
+        self.rng = np.random.Generator(np.random.PCG64([seed, rank]))
+        self.reader = ShardReader(self.cache_dir)
+        self.packer = BufferedPacker(self._draw, max_tokens, buffer_size)
+        self.step = 0
+        self.null_context = load_null_context(self.cache_dir)
+
+    def _draw(self) -> Item:
+        task = self.tasks[int(self.rng.choice(len(self.tasks), p=self.probs))]
+        pool = self.pools[task]
+        i = pool[int(self.rng.integers(len(pool)))]
+        return Item(i, int(self.rows[i]["tokens"]))
+
+    def next_items(self) -> List[Item]:
+        self.step += 1
+        return self.packer.next_pack()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> Batch:
+        items = self.next_items()
+        samples = [load_sample(self.reader, self.rows[it.key]) for it in items]
+        return Batch(samples=samples, tokens=sum(it.cost for it in items), budget=self.max_tokens)
+
+    def state_dict(self) -> dict:
+        return {"rng": self.rng.bit_generator.state, "packer": self.packer.state_dict(), "step": self.step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rng.bit_generator.state = state["rng"]
+        self.packer.load_state_dict(state["packer"])
+        self.step = int(state["step"])
