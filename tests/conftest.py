@@ -52,3 +52,102 @@ def s3_bucket(s3_endpoint, request):
     name = "loom-" + request.node.name.lower().replace("_", "-").replace("[", "-").replace("]", "")[:40].strip("-")
     s3_client().create_bucket(Bucket=name)
     return name
+
+
+@pytest.fixture()
+def s3_flaky_proxy(s3_endpoint):
+    """A tiny HTTP proxy on 127.0.0.1 in front of the S3 endpoint that forwards every request,
+    except that it answers the FIRST GET of each path in `proxy.fail_once` with HTTP 503 SlowDown
+    (a real transient failure on the wire, for the client's retries to absorb). Point a client at
+    `proxy.url`; `proxy.failed` lists the paths it failed, `proxy.requests` every (method, path)."""
+    import http.client
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from urllib.parse import urlsplit
+
+    upstream = urlsplit(s3_endpoint)
+    hop_by_hop = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer", "upgrade"}
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args):  # keep pytest output clean
+            pass
+
+        def _forward(self):
+            server = self.server
+            length = int(self.headers.get("Content-Length") or 0)
+            body = self.rfile.read(length) if length else None
+            path = urlsplit(self.path).path
+            with server.lock:
+                server.requests.append((self.command, self.path))
+                fail = self.command == "GET" and path in server.fail_once
+                if fail:
+                    server.fail_once.discard(path)
+                    server.failed.append(path)
+            if fail:
+                payload = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
+                           b"<Message>Please reduce your request rate.</Message></Error>")
+                self.send_response(503, "Slow Down")
+                self.send_header("Content-Type", "application/xml")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+                return
+            conn = http.client.HTTPConnection(upstream.hostname, upstream.port, timeout=60)
+            try:
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in hop_by_hop}
+                conn.request(self.command, self.path, body=body, headers=headers)
+                resp = conn.getresponse()
+                data = resp.read()
+                self.send_response(resp.status, resp.reason)
+                for k, v in resp.getheaders():
+                    if k.lower() not in hop_by_hop and k.lower() != "content-length":
+                        self.send_header(k, v)
+                size = resp.getheader("Content-Length") if self.command == "HEAD" else None
+                self.send_header("Content-Length", size if size is not None else str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+            finally:
+                conn.close()
+
+        do_GET = do_HEAD = do_PUT = do_POST = do_DELETE = _forward
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    server.lock = threading.Lock()
+    server.fail_once, server.failed, server.requests = set(), [], []
+    server.url = f"http://127.0.0.1:{server.server_address[1]}"
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+@pytest.fixture(scope="session")
+def tiny_mllm_dir(tmp_path_factory):
+    """A tiny Qwen3-VL folder (config, safetensors, tokenizer, processor configs, chat template)
+    in the Qwen3-VL-8B-Instruct layout, built once per session with the tiny profile's dims."""
+    from loomcore.config import load_config
+    from loomcore.models.base_models import build_tiny_mllm
+
+    cfg = load_config(profile="tiny")
+    path = tmp_path_factory.mktemp("tiny_mllm") / "mllm"
+    build_tiny_mllm(path, cfg.mllm.hidden_size, cfg.mllm.num_layers, cfg.seed, corpus=cfg.guidance.negative_prompt)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_mllm_encoder(tiny_mllm_dir):
+    """The tiny profile's MLLMEncoder over `tiny_mllm_dir` (frozen, CPU, float32)."""
+    from loomcore.config import load_config
+    from loomcore.models.mllm import MLLMEncoder
+
+    m = load_config(profile="tiny").mllm
+    return MLLMEncoder.from_pretrained(tiny_mllm_dir, m.layers_used, m.source_temporal_stride, m.max_length,
+                                       expect_layers=m.num_layers, expect_hidden=m.hidden_size)

@@ -1,0 +1,231 @@
+"""The data tables: the metadata a user brings, the manifests curation writes, the rejects.
+
+Metadata (input: `metadata.parquet`, `.csv` or `.jsonl` inside the source; `data.metadata`)
+------------------------------------------------------------------------------------------
+    id       string, required  unique sample id (the train/eval split hashes it)
+    task     string, required  one of the ten task kinds (config.TASK_KINDS)
+    media    string, required  the target image/video, a path relative to the data root
+    caption  string, required  caption or edit instruction; "@Figure k" names reference k.
+                               Reconstruction takes no text: leave it empty (the prompt is the
+                               fixed "Reconstruct this image/video: " prefix, tasks.py); the
+                               literal "reconstruct this image/video" is accepted too.
+    source   string, optional  the source image/video of recon/edit tasks (relative path)
+    refs     list<string>, optional  reference images in @Figure order (relative paths);
+                               in CSV one string, paths separated by ';'
+Other columns are ignored (kept in the reject rows' JSON). A file without a required column, or
+one that cannot be read, is a `MetadataError` naming the file and the column; a bad *row* is a
+reject row, never an error.
+
+Manifest (`train.parquet`, `eval.parquet`): `MANIFEST_SCHEMA`, one row per kept sample, in
+metadata order. Paths are relative to the data root (no absolute or temporary paths), so the
+same input gives byte-identical files.
+
+Rejects (`rejects.parquet`): `REJECTS_SCHEMA`, one row per rejected metadata row, with one
+reason from `REJECT_REASONS` (the first check that failed).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Union
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+REQUIRED_COLUMNS = ("id", "task", "media", "caption")
+OPTIONAL_COLUMNS = ("source", "refs")
+METADATA_FORMATS = (".parquet", ".csv", ".jsonl")
+
+METADATA_SCHEMA = pa.schema([
+    ("id", pa.string()),
+    ("task", pa.string()),
+    ("media", pa.string()),
+    ("caption", pa.string()),
+    ("source", pa.string()),
+    ("refs", pa.list_(pa.string())),
+])
+
+BUCKET_SIZE = pa.struct([("res", pa.string()), ("width", pa.int32()), ("height", pa.int32())])
+
+MANIFEST_SCHEMA = pa.schema([
+    ("id", pa.string()),
+    ("task", pa.string()),
+    ("output", pa.string()),  # "image" | "video": what the task generates
+    ("media", pa.string()),  # target, relative to the data root (POSIX)
+    ("caption", pa.string()),  # "" for reconstruction
+    ("source", pa.string()),  # null when the task has no source
+    ("refs", pa.list_(pa.string())),  # [] when none; reference k is refs[k-1]
+    ("width", pa.int32()),  # of the target
+    ("height", pa.int32()),
+    ("num_frames", pa.int32()),  # decoded frames at the native rate; 1 for an image
+    ("fps", pa.float64()),  # native; null for an image
+    ("duration", pa.float64()),  # seconds; null for an image
+    ("frames_at_fps", pa.int32()),  # frames available at video.fps (1 for an image)
+    ("bucket", pa.string()),  # nearest resolution group by area (e.g. "256p")
+    ("bucket_width", pa.int32()),  # nearest aspect-ratio size in that group
+    ("bucket_height", pa.int32()),
+    ("bucket_sizes", pa.list_(BUCKET_SIZE)),  # nearest aspect-ratio size in EVERY group, config order
+    ("checksum", pa.string()),  # sha256 hex over the row's media, see curate.row_checksum
+    ("bytes", pa.int64()),  # bytes of the row's distinct media files
+    ("row_index", pa.int64()),  # position in the metadata table (lineage)
+])
+
+REJECTS_SCHEMA = pa.schema([
+    ("row_index", pa.int64()),  # position in the metadata table (0-based; JSONL: line order)
+    ("id", pa.string()),  # null when the row has none
+    ("reason", pa.string()),  # a key of REJECT_REASONS
+    ("detail", pa.string()),  # the specific message (file, field, value)
+    ("file", pa.string()),  # the media path involved, as written in the metadata; null if none
+    ("row_json", pa.string()),  # the original row, JSON with sorted keys (or the raw JSONL line)
+])
+
+REJECT_REASONS = {
+    "bad_row": "the row cannot be parsed (a JSONL line that is not a JSON object)",
+    "missing_field": "id, task or media is null or empty",
+    "unknown_task": "task is not one of the ten kinds",
+    "bad_refs": "refs is not a list of paths",
+    "empty_caption": "the caption/instruction is empty after strip",
+    "unexpected_caption": "reconstruction takes no text, but the row has some",
+    "figure_ref_mismatch": "the prompt names @Figure k but fewer than k references are given",
+    "missing_source": "the task needs a source, the row has none",
+    "unexpected_source": "the task takes no source, the row has one",
+    "wrong_ref_count": "the number of references does not fit the task",
+    "path_outside_root": "a path resolves outside the data root ('..', absolute, symlink, URI)",
+    "media_missing": "a file named by the row does not exist",
+    "checksum_mismatch": "an S3 object's bytes do not match its sha256 metadata / size",
+    "download_failed": "an S3 object could not be downloaded (after retries)",
+    "media_unsupported_type": "a file suffix that is neither a video nor an image",
+    "wrong_media_kind": "an image where a video is needed or the reverse",
+    "media_empty": "a zero-byte file",
+    "media_not_image": "a file named like an image that is not one",
+    "media_not_video": "a file named like a video that is not one",
+    "media_truncated": "a truncated or corrupt video/image",
+    "media_undecodable": "a file that fails to decode for another reason",
+    "media_no_video_stream": "a container without a video stream",
+    "video_too_short": "fewer frames at video.fps than the shortest bucket's frame count",
+    "duplicate_id": "an id already kept earlier in the table",
+    "duplicate_content": "same media checksum, task and caption as a row kept earlier",
+}
+
+
+class MetadataError(ValueError):
+    """A metadata file that cannot be used as a whole (names the file and the column)."""
+
+
+class RowError(ValueError):
+    """One row that cannot be used; `reason` is a key of REJECT_REASONS."""
+
+    def __init__(self, reason: str, detail: str, file: Optional[str] = None):
+        assert reason in REJECT_REASONS, reason
+        self.reason, self.detail, self.file = reason, detail, file
+        super().__init__(f"{reason}: {detail}")
+
+
+Raw = Union[Dict[str, Any], str]  # a parsed row, or an unparseable JSONL line as text
+
+
+def _missing(path: Path, columns) -> None:
+    missing = [c for c in REQUIRED_COLUMNS if c not in columns]
+    if missing:
+        raise MetadataError(
+            f"{path}: missing required column(s) {', '.join(repr(c) for c in missing)} "
+            f"(has: {', '.join(map(str, columns)) or 'none'}; required: {', '.join(REQUIRED_COLUMNS)})"
+        )
+
+
+def read_metadata(path: Path) -> List[Raw]:
+    """All rows of a metadata file, in file order, as plain Python values."""
+    path = Path(path)
+    if not path.is_file():
+        raise MetadataError(f"{path}: metadata file not found")
+    suffix = path.suffix.lower()
+    if suffix not in METADATA_FORMATS:
+        raise MetadataError(f"{path}: unsupported metadata format {suffix!r}; expected {', '.join(METADATA_FORMATS)}")
+    try:
+        if suffix == ".parquet":
+            table = pq.read_table(path)
+            _missing(path, table.column_names)
+            return table.to_pylist()
+        if suffix == ".csv":
+            with open(path, newline="", encoding="utf-8") as f:
+                reader = csv.DictReader(f)
+                _missing(path, reader.fieldnames or [])
+                # surplus cells (more than the header) land under the key None
+                return [{("_extra" if k is None else k): v for k, v in row.items()} for row in reader]
+        rows: List[Raw] = []
+        seen_columns: set = set()
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    row = None
+                if isinstance(row, dict):
+                    seen_columns.update(row)
+                    rows.append(row)
+                else:
+                    rows.append(line.rstrip("\n"))
+        if rows:
+            _missing(path, sorted(seen_columns))
+        return rows
+    except MetadataError:
+        raise
+    except (OSError, UnicodeDecodeError, pa.ArrowException, csv.Error) as e:
+        raise MetadataError(f"{path}: unreadable {suffix[1:]} metadata ({type(e).__name__}: {e})") from None
+
+
+def row_json(raw: Raw) -> str:
+    if isinstance(raw, str):
+        return raw
+    return json.dumps(raw, sort_keys=True, ensure_ascii=False, default=str)
+
+
+def _text(raw: dict, key: str) -> Optional[str]:
+    v = raw.get(key)
+    if v is None:
+        return None
+    if isinstance(v, float) and v != v:  # NaN from a pandas-written table
+        return None
+    return v if isinstance(v, str) else str(v)
+
+
+def normalize_row(raw: Raw) -> Dict[str, Any]:
+    """{id, task, media, caption, source, refs} with the column types above, or RowError."""
+    if not isinstance(raw, dict):
+        raise RowError("bad_row", f"not a JSON object: {raw[:200]!r}")
+    row = {k: _text(raw, k) for k in ("id", "task", "media", "caption", "source")}
+    for k in ("id", "task", "media"):
+        if not (row[k] or "").strip():
+            raise RowError("missing_field", f"field {k!r} is {'missing' if k not in raw else 'empty'}")
+    row["caption"] = row["caption"] or ""
+    row["source"] = row["source"] if (row["source"] or "").strip() else None
+    refs = raw.get("refs")
+    if refs is None or (isinstance(refs, float) and refs != refs):
+        refs = []
+    elif isinstance(refs, str):  # CSV: "a.png;b.png"
+        refs = [r.strip() for r in refs.split(";") if r.strip()]
+    elif isinstance(refs, (list, tuple)) and all(isinstance(r, str) and r.strip() for r in refs):
+        refs = list(refs)
+    else:
+        raise RowError("bad_refs", f"refs must be a list of paths (CSV: ';'-separated), got {refs!r}")
+    row["refs"] = refs
+    return row
+
+
+def write_parquet(rows: List[dict], schema: pa.Schema, path: Path) -> None:
+    """Write rows with fixed options, atomically: the same rows give the same bytes."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table = pa.Table.from_pylist(rows, schema=schema)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        pq.write_table(table, tmp, compression="zstd", use_dictionary=True, write_statistics=True)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()

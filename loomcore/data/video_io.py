@@ -1,0 +1,291 @@
+"""Reading, probing and writing media: mp4 (and other containers) through PyAV, images through Pillow.
+
+Every failure to read a file is a `MediaError(path, reason, code)` — the curator turns it into a
+reject row with `code` as the reason — never a bare PyAV/Pillow exception.
+
+Videos are written losslessly where the bundled ffmpeg allows (H.264 in RGB, qp 0): the project
+scores generated and synthetic videos by their pixels, so a colour must come back as written.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from fractions import Fraction
+from functools import lru_cache
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm", ".avi")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+# Leading bytes of the containers above: a file that starts like one but fails is "truncated",
+# anything else is "not a video" (e.g. text renamed to .mp4).
+_VIDEO_MAGIC = (b"ftyp", b"\x1a\x45\xdf\xa3", b"RIFF")
+
+
+class MediaError(ValueError):
+    """A media file that cannot be used. `code` is short and stable (for reject tables):
+    missing | empty | not_image | not_video | truncated | undecodable | unsupported_type |
+    no_video_stream | too_short."""
+
+    def __init__(self, path, reason: str, code: str = "undecodable"):
+        self.path = str(path)
+        self.reason = reason
+        self.code = code
+        super().__init__(f"{path}: {reason}")
+
+
+@dataclass(frozen=True)
+class MediaInfo:
+    kind: str  # "image" | "video"
+    width: int
+    height: int
+    num_frames: int  # 1 for an image
+    fps: Optional[float]  # None for an image
+    duration: Optional[float]  # seconds (num_frames / fps); None for an image
+
+    def frames_at(self, fps: float) -> int:
+        """How many frames `read_video(..., fps=fps)` can return (1 for an image)."""
+        if self.kind == "image":
+            return 1
+        return frames_at_fps(self.num_frames, self.fps, fps)
+
+
+def media_kind(path) -> str:
+    suffix = Path(path).suffix.lower()
+    if suffix in VIDEO_SUFFIXES:
+        return "video"
+    if suffix in IMAGE_SUFFIXES:
+        return "image"
+    raise MediaError(path, f"unsupported file type {suffix or '(none)'!r}; expected one of "
+                           f"{', '.join(VIDEO_SUFFIXES + IMAGE_SUFFIXES)}", "unsupported_type")
+
+
+def frames_at_fps(num_frames: int, src_fps: float, fps: float) -> int:
+    """Frames available after resampling `num_frames` at `src_fps` to `fps`: target time k/fps
+    must fall before the end of the last source frame (num_frames / src_fps)."""
+    return max(0, math.ceil(num_frames * fps / src_fps - 1e-6))
+
+
+def _check_file(path: Path) -> None:
+    if not path.is_file():
+        raise MediaError(path, "no such file", "missing")
+    if path.stat().st_size == 0:
+        raise MediaError(path, "empty file (0 bytes)", "empty")
+
+
+def _av_error(path: Path, e: Exception) -> MediaError:
+    with open(path, "rb") as f:
+        head = f.read(12)
+    if any(m in head for m in _VIDEO_MAGIC):
+        return MediaError(path, f"truncated or corrupt video ({type(e).__name__}: {e})", "truncated")
+    return MediaError(path, f"not a video file ({type(e).__name__}: {e})", "not_video")
+
+
+def _open_video(path: Path):
+    import av
+
+    try:
+        container = av.open(str(path))
+    except Exception as e:  # av.error.*: say which file and why
+        raise _av_error(path, e) from None
+    if not container.streams.video:
+        container.close()
+        raise MediaError(path, "no video stream", "no_video_stream")
+    return container
+
+
+def _stream_fps(stream) -> float:
+    rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+    if not rate:
+        raise MediaError(stream.container.name, "video stream has no frame rate", "undecodable")
+    return float(rate)
+
+
+def probe(path, decode: bool = True) -> MediaInfo:
+    """Size, frame count, fps and duration of an image or a video.
+
+    With `decode` (the default) every frame is decoded, so a truncated or corrupt stream is found
+    here rather than in training; without it, the container's header is trusted.
+    """
+    path = Path(path)
+    kind = media_kind(path)
+    _check_file(path)
+    if kind == "image":
+        img = _load_pil(path)
+        return MediaInfo("image", img.width, img.height, 1, None, None)
+
+    container = _open_video(path)
+    try:
+        stream = container.streams.video[0]
+        fps = _stream_fps(stream)
+        declared = int(stream.frames or 0)
+        width, height = stream.codec_context.width, stream.codec_context.height
+        if decode:
+            try:
+                n = 0
+                for frame in container.decode(stream):
+                    n += 1
+                    width, height = frame.width, frame.height
+            except Exception as e:
+                raise _av_error(path, e) from None
+            if declared and n < declared:
+                raise MediaError(path, f"truncated: decoded {n} of {declared} frames", "truncated")
+        else:
+            n = declared
+    finally:
+        container.close()
+    if n == 0:
+        raise MediaError(path, "video has no frames", "undecodable")
+    return MediaInfo("video", int(width), int(height), n, fps, n / fps)
+
+
+def read_video(path, num_frames: Optional[int] = None, fps: Optional[float] = None) -> torch.Tensor:
+    """The first `num_frames` frames (all if None) at `fps` (native if None): uint8 [F, H, W, 3].
+
+    Resampling picks, for target time k / fps, the last source frame shown at or before it
+    (frames repeat when upsampling, are skipped when downsampling). Raises MediaError "too_short"
+    when the video has fewer frames than asked for.
+    """
+    path = Path(path)
+    _check_file(path)
+    container = _open_video(path)
+    out: list = []
+    try:
+        stream = container.streams.video[0]
+        src_fps = _stream_fps(stream)
+        step = 1.0 / (fps or src_fps)
+        want = num_frames if num_frames is not None else math.inf
+        prev, prev_t, t0 = None, None, None
+        try:
+            for frame in container.decode(stream):
+                t = frame.time if frame.time is not None else (len(out) / src_fps)
+                t0 = t if t0 is None else t0
+                t -= t0
+                # `prev` is the frame on screen at every target time before this frame's time.
+                while prev is not None and len(out) < want and len(out) * step < t - 1e-6:
+                    out.append(prev)
+                if len(out) >= want:
+                    break
+                prev, prev_t = frame.to_ndarray(format="rgb24"), t
+        except Exception as e:
+            raise _av_error(path, e) from None
+        if prev is not None:  # the last frame lasts one source frame interval
+            while len(out) < want and len(out) * step < prev_t + 1.0 / src_fps - 1e-6:
+                out.append(prev)
+    finally:
+        container.close()
+    if not out:
+        raise MediaError(path, "video has no frames", "undecodable")
+    if num_frames is not None and len(out) < num_frames:
+        at = f" at {fps:g} fps" if fps else ""
+        raise MediaError(path, f"too short: {len(out)} frames{at}, {num_frames} requested", "too_short")
+    return torch.from_numpy(np.stack(out))
+
+
+def _load_pil(path: Path):
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        img = Image.open(path)
+        img.load()  # decode fully: a truncated file fails here, not later
+    except UnidentifiedImageError:
+        raise MediaError(path, "not an image (Pillow cannot identify it)", "not_image") from None
+    except Exception as e:  # OSError, SyntaxError, DecompressionBombError…: one bad file, not a crash
+        code = "truncated" if "truncated" in str(e).lower() else "undecodable"
+        raise MediaError(path, f"corrupt image ({e})", code) from None
+    return img
+
+
+def read_image(path) -> torch.Tensor:
+    """An image as uint8 [H, W, 3] (RGB; alpha and palettes are converted)."""
+    path = Path(path)
+    _check_file(path)
+    img = _load_pil(path)
+    return torch.from_numpy(np.asarray(img.convert("RGB")).copy())
+
+
+def _as_uint8(frames, ndim: int, what: str) -> np.ndarray:
+    arr = frames.detach().cpu().numpy() if isinstance(frames, torch.Tensor) else np.asarray(frames)
+    if arr.dtype != np.uint8:
+        raise ValueError(f"{what}: expected uint8 pixels, got {arr.dtype}")
+    if arr.ndim != ndim or arr.shape[-1] != 3:
+        shape = "[F, H, W, 3]" if ndim == 4 else "[H, W, 3]"
+        raise ValueError(f"{what}: expected shape {shape}, got {list(arr.shape)}")
+    return np.ascontiguousarray(arr)
+
+
+def write_image(path, image) -> None:
+    """uint8 [H, W, 3] -> PNG (lossless; any suffix Pillow knows works, JPEG at quality 95)."""
+    from PIL import Image
+
+    path = Path(path)
+    arr = _as_uint8(image, 3, f"write_image({path})")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    extra = {"quality": 95} if path.suffix.lower() in (".jpg", ".jpeg") else {}
+    Image.fromarray(arr, "RGB").save(path, **extra)
+
+
+@lru_cache(maxsize=None)
+def _has_encoder(name: str) -> bool:
+    import av
+
+    try:
+        av.codec.Codec(name, "w")
+        return True
+    except Exception:
+        return False
+
+
+# Best first. libx264rgb at qp 0 is exact in RGB; libx264 yuv444p at qp 0 is lossless in YUV
+# (only the RGB<->YUV rounding, ±1); mpeg4 is the last resort (lossy, 4:2:0, even sizes).
+_ENCODERS = (
+    ("libx264rgb", "rgb24", {"qp": "0", "preset": "veryfast"}),
+    ("libx264", "yuv444p", {"qp": "0", "preset": "veryfast"}),
+    ("mpeg4", "yuv420p", {"qscale": "1"}),
+)
+
+
+def video_encoder() -> str:
+    """The encoder `write_video` uses with this ffmpeg build."""
+    for name, _, _ in _ENCODERS:
+        if _has_encoder(name):
+            return name
+    raise RuntimeError("PyAV's ffmpeg has none of the encoders libx264rgb, libx264, mpeg4")
+
+
+def write_video(path, frames, fps: float) -> None:
+    """uint8 [F, H, W, 3] -> a video file (mp4 by suffix), as losslessly as the build allows.
+
+    Deterministic: one encoder thread (x264's output depends on its thread count) and ffmpeg's
+    bitexact flags (no library version or time stamp written by the muxer), so the same frames
+    give the same bytes with the same PyAV build.
+    """
+    import av
+
+    path = Path(path)
+    arr = _as_uint8(frames, 4, f"write_video({path})")
+    if arr.shape[0] == 0:
+        raise ValueError(f"write_video({path}): no frames")
+    name = video_encoder()
+    pix_fmt, options = next((p, o) for n, p, o in _ENCODERS if n == name)
+    rate = Fraction(fps).limit_denominator(1001)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}{path.suffix}")
+    try:
+        with av.open(str(tmp), "w", options={"fflags": "+bitexact"}) as container:
+            stream = container.add_stream(name, rate=rate, options={**options, "threads": "1"})
+            stream.width, stream.height, stream.pix_fmt = arr.shape[2], arr.shape[1], pix_fmt
+            stream.codec_context.flags |= av.codec.context.Flags.bitexact
+            for f in arr:
+                frame = av.VideoFrame.from_ndarray(f, format="rgb24")
+                container.mux(stream.encode(frame))
+            container.mux(stream.encode(None))
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()

@@ -1,0 +1,251 @@
+"""Curation on real files: every bad input becomes a reject row with its reason, nothing is lost,
+re-runs are byte-identical, the split is deterministic, and S3 works through a flaky wire."""
+
+import csv
+import json
+import shutil
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from loomcore.config import TASK_KINDS, load_config
+from loomcore.data import schema
+from loomcore.data.curate import curate, is_eval
+from loomcore.data.synthetic import generate_shapes_dataset
+from loomcore.data.video_io import write_image, write_video
+from loomcore.storage import s3_client, upload_dir
+
+N = 20
+OUTPUTS = ("train.parquet", "eval.parquet", "rejects.parquet")
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return load_config(profile="tiny")
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory, cfg):
+    """N good Shapes samples (all ten kinds), generated once; tests copy the folder."""
+    root = tmp_path_factory.mktemp("base")
+    generate_shapes_dataset(root, cfg, num_samples=N, seed=1)
+    return root
+
+
+@pytest.fixture()
+def data(tmp_path, base):
+    root = tmp_path / "root"
+    shutil.copytree(base, root)
+    return root, pq.read_table(root / "metadata.parquet").to_pylist()
+
+
+def _write_csv(path, rows):
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["id", "task", "media", "caption", "source", "refs"])
+        w.writeheader()
+        for r in rows:
+            w.writerow({**r, "source": r.get("source") or "", "refs": ";".join(r.get("refs") or [])})
+
+
+def _read(out, name):
+    return pq.read_table(out / name).to_pylist()
+
+
+def _bad_rows(root, good, tmp_path):
+    """(expected reason, row) for each kind of bad input, on real files written here."""
+    by_task = {r["task"]: r for r in good}
+    bad = root / "bad"
+    bad.mkdir()
+    video = (root / by_task["t2v"]["media"]).read_bytes()
+    (bad / "cut.mp4").write_bytes(video[: len(video) // 2])
+    (bad / "zero.png").write_bytes(b"")
+    (bad / "text.png").write_text("this is text, not a png\n")
+    write_video(bad / "short.mp4", np.zeros((3, 48, 64, 3), np.uint8), 8)  # 3 frames < min(video.frames) = 5
+    write_image(tmp_path / "outside.png", np.zeros((48, 64, 3), np.uint8))
+    write_image(bad / "inside.png", np.full((48, 64, 3), 9, np.uint8))
+    (bad / "link.png").symlink_to(tmp_path / "outside.png")  # inside by name, outside in fact
+    t2i, mi2i, ti2i, tir2i, recon = (by_task[k] for k in ("t2i", "mi2i", "ti2i", "tir2i", "image_recon"))
+    cap = "a red circle moves left on a blue background"
+    return [
+        ("media_truncated", dict(id="cut", task="t2v", media="bad/cut.mp4", caption=cap)),
+        ("media_empty", dict(id="zero", task="t2i", media="bad/zero.png", caption="a red square")),
+        ("media_not_image", dict(id="text", task="t2i", media="bad/text.png", caption="a red square")),
+        ("video_too_short", dict(id="short", task="t2v", media="bad/short.mp4", caption=cap)),
+        ("empty_caption", dict(id="nocap", task="t2i", media=t2i["media"], caption="   ")),
+        ("figure_ref_mismatch", dict(id="fig3", task="mi2i", media=mi2i["media"], refs=mi2i["refs"][:2],
+                                     caption="the shape in @Figure 1 and the shape in @Figure 3 on a red background")),
+        ("path_outside_root", dict(id="dotdot", task="t2i", media="../outside.png", caption="a black square")),
+        ("path_outside_root", dict(id="abs", task="t2i", media=str(tmp_path / "outside.png"), caption="a black square")),
+        ("path_outside_root", dict(id="refdotdot", task="tir2i", media=tir2i["media"], source=tir2i["source"],
+                                   refs=["samples/../../outside.png"], caption=tir2i["caption"])),
+        ("path_outside_root", dict(id="symlink", task="t2i", media="bad/link.png", caption="a black square")),
+        ("duplicate_id", dict(good[0])),
+        ("duplicate_content", dict(t2i, id="copy-of-t2i")),
+        ("unknown_task", dict(id="t2x", task="t2x", media=t2i["media"], caption="x")),
+        ("missing_source", dict(id="nosrc", task="ti2i", media=ti2i["media"], caption=ti2i["caption"])),
+        ("wrong_ref_count", dict(id="tworefs", task="tir2i", media=tir2i["media"], source=tir2i["source"],
+                                 refs=mi2i["refs"][:2], caption=tir2i["caption"])),
+        ("media_missing", dict(id="gone", task="t2i", media="bad/nothing.png", caption="a red square")),
+        ("wrong_media_kind", dict(id="kind", task="t2v", media=t2i["media"], caption=cap)),
+        ("unexpected_caption", dict(id="recontext", task="image_recon", media=recon["media"], source=recon["source"],
+                                    caption="make it red")),
+        ("missing_field", dict(id="nomedia", task="t2i", media="", caption="a red square")),
+    ], [
+        # accepted: an absolute path that stays inside the root; the paper's literal recon prompt
+        dict(id="abs-inside", task="t2i", media=str(bad / "inside.png"), caption="a gray image"),
+        dict(id="recon-literal", task="image_recon", media="bad/inside.png", source="bad/inside.png",
+             caption="Reconstruct this image"),
+    ]
+
+
+def test_bad_inputs_become_reject_rows_with_their_reason(data, tmp_path, cfg):
+    root, good = data
+    bad, extra_good = _bad_rows(root, good, tmp_path)
+    rows = good[:10] + [r for _, r in bad[:8]] + good[10:] + [r for _, r in bad[8:]] + extra_good
+    _write_csv(root / "metadata.csv", rows)
+    out = tmp_path / "out"
+    s = curate(cfg, str(root), root, out, progress=False, metadata="metadata.csv")
+
+    assert s["rows_in"] == len(rows) == s["kept"]["total"] + s["rejected"]["total"]  # nothing lost
+    train, evals, rejects = (_read(out, n) for n in OUTPUTS)
+    assert len(train) + len(evals) + len(rejects) == len(rows)
+    reason_of = {id(row): reason for reason, row in bad}
+    expected = {i: reason_of[id(r)] for i, r in enumerate(rows) if id(r) in reason_of}
+    assert {r["row_index"]: r["reason"] for r in rejects} == expected
+    assert s["rejected"]["by_reason"]["path_outside_root"] == 4 and s["rejected"]["total"] == len(bad)
+    kept = {r["id"]: r for r in train + evals}
+    assert set(kept) == {g["id"] for g in good} | {"abs-inside", "recon-literal"}
+    assert kept["abs-inside"]["media"] == "bad/inside.png" and kept["recon-literal"]["caption"] == ""
+
+    # each reject names its row, the file involved and a specific message
+    rej = {r["id"]: r for r in rejects}
+    assert json.loads(rej["dotdot"]["row_json"])["media"] == "../outside.png" and rej["dotdot"]["file"] == "../outside.png"
+    assert rows[rej["fig3"]["row_index"]]["id"] == "fig3" and "@Figure 3" in rej["fig3"]["detail"]
+    assert "3 frames at 8 fps" in rej["short"]["detail"] and rej["short"]["file"] == "bad/short.mp4"
+    assert "0 bytes" in rej["zero"]["detail"] and "not an image" in rej["text"]["detail"]
+    assert "truncated" in rej["cut"]["detail"] and "outside the data root" in rej["abs"]["detail"]
+    assert "already kept from row 0" in rej[good[0]["id"]]["detail"]
+    assert json.loads(rej["tworefs"]["row_json"])["refs"].count(";") == 1  # the CSV row as it was
+
+    # manifests: relative paths only, buckets for every group, a checksum per row
+    for path in (out / "train.parquet", out / "eval.parquet"):
+        assert str(tmp_path).encode() not in path.read_bytes()
+    for r in rejects:  # only the row that itself names an absolute path quotes one
+        assert r["id"] == "abs" or str(tmp_path) not in r["detail"] + r["row_json"], r
+    for r in train + evals:
+        assert not r["media"].startswith("/") and ".." not in r["media"]
+        assert [b["res"] for b in r["bucket_sizes"]] == list(cfg.buckets) and len(r["checksum"]) == 64
+
+
+def test_jsonl_with_a_broken_line(data, tmp_path, cfg):
+    root, good = data
+    lines = [json.dumps(r) for r in good[:5]] + ["{not json", json.dumps({"id": "x", "task": "t2i", "caption": "c"})]
+    (root / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    s = curate(cfg, str(root / "metadata.jsonl"), root, tmp_path / "out", progress=False)
+    rejects = _read(tmp_path / "out", "rejects.parquet")
+    assert [(r["row_index"], r["reason"]) for r in rejects] == [(5, "bad_row"), (6, "missing_field")]
+    assert rejects[0]["row_json"] == "{not json" and "'media' is missing" in rejects[1]["detail"]
+    assert s["rows_in"] == 7 and s["kept"]["total"] == 5
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl", "parquet"])
+def test_metadata_missing_a_column_is_a_clear_error(data, tmp_path, cfg, fmt):
+    root, good = data
+    rows = [{k: v for k, v in r.items() if k != "caption"} for r in good]
+    path = root / f"meta.{fmt}"
+    if fmt == "csv":
+        with open(path, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=["id", "task", "media", "source", "refs"], extrasaction="ignore")
+            w.writeheader()
+            w.writerows({**r, "refs": ";".join(r["refs"])} for r in rows)
+    elif fmt == "jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    else:
+        import pyarrow as pa
+
+        pq.write_table(pa.Table.from_pylist(rows), path)
+    with pytest.raises(schema.MetadataError, match=rf"meta\.{fmt}: missing required column\(s\) 'caption'"):
+        curate(cfg, str(root), root, tmp_path / "out", progress=False, metadata=path.name)
+    assert not (tmp_path / "out").exists()  # nothing half-written
+
+
+def test_unreadable_or_absent_metadata(data, tmp_path, cfg):
+    root, _ = data
+    (root / "broken.parquet").write_text("not parquet at all")
+    with pytest.raises(schema.MetadataError, match=r"broken\.parquet: unreadable parquet metadata"):
+        curate(cfg, str(root), root, tmp_path / "out", progress=False, metadata="broken.parquet")
+    with pytest.raises(schema.MetadataError, match=r"nope\.csv: metadata file not found"):
+        curate(cfg, str(root), root, tmp_path / "out", progress=False, metadata="nope.csv")
+
+
+def test_rerun_gives_byte_identical_manifests(data, tmp_path, cfg):
+    root, good = data
+    _write_csv(root / "metadata.csv", good + [dict(good[3], id="dup")] + [dict(good[0])])
+    runs = [tmp_path / "a", tmp_path / "b", tmp_path / "a"]  # the third overwrites the first
+    summaries = [curate(cfg, str(root), root, out, progress=False, metadata="metadata.csv") for out in runs[:2]]
+    first = {n: (runs[0] / n).read_bytes() for n in OUTPUTS}
+    summaries.append(curate(cfg, str(root), root, runs[2], progress=False, metadata="metadata.csv"))
+    for out in runs[1:]:
+        assert {n: (out / n).read_bytes() for n in OUTPUTS} == first
+    stable = [{k: v for k, v in json.loads((out / "curate.json").read_text()).items() if k != "timing"} for out in runs]
+    assert stable[0] == stable[1] == stable[2] and stable[0]["rejected"]["total"] == 2
+    assert {k for k in summaries[0] if k != "timing"} == set(stable[0])
+
+
+def test_split_is_a_deterministic_function_of_the_id(data, tmp_path, cfg):
+    root, good = data
+    s = curate(cfg, str(root), root, tmp_path / "all", split_eval_fraction=0.3, progress=False)
+    evals = {r["id"] for r in _read(tmp_path / "all", "eval.parquet")}
+    assert evals == {g["id"] for g in good if is_eval(g["id"], 0.3)} and 0 < len(evals) < N
+    assert s["kept"]["eval"] == len(evals)
+    # drop half the rows: the others keep their split
+    schema.write_parquet(good[::2], schema.METADATA_SCHEMA, root / "half.parquet")
+    curate(cfg, str(root), root, tmp_path / "half", split_eval_fraction=0.3, progress=False, metadata="half.parquet")
+    assert {r["id"] for r in _read(tmp_path / "half", "eval.parquet")} == evals & {g["id"] for g in good[::2]}
+    ids = [f"sample-{i}" for i in range(4000)]
+    assert abs(sum(is_eval(i, 0.1) for i in ids) / len(ids) - 0.1) < 0.02
+    assert not any(is_eval(i, 0.0) for i in ids) and all(is_eval(i, 1.0) for i in ids)
+
+
+def test_synthetic_source(tmp_path, cfg):
+    s = curate(cfg, "synthetic", tmp_path / "raw", tmp_path / "out", progress=False, synthetic_samples=30)
+    assert s["rows_in"] == 30 and s["rejected"]["total"] == 0
+    assert all(sum(v.values()) == 3 for v in s["per_task"].values()) and set(s["per_task"]) == set(TASK_KINDS)
+    rows = _read(tmp_path / "out", "train.parquet") + _read(tmp_path / "out", "eval.parquet")
+    assert {r["bucket"] for r in rows} == {"720p"}  # written at the largest group's sizes
+    assert all(r["frames_at_fps"] == 9 for r in rows if r["output"] == "video")
+
+
+def test_s3_source_survives_a_transient_failure(s3_bucket, s3_flaky_proxy, data, tmp_path, cfg, monkeypatch):
+    src, good = data
+    write_image(src / "bad" / "corrupt.png", np.zeros((48, 64, 3), np.uint8))
+    corrupt = dict(id="corrupt", task="t2i", media="bad/corrupt.png", caption="a black square", source=None, refs=[])
+    schema.write_parquet(good + [corrupt], schema.METADATA_SCHEMA, src / "metadata.parquet")
+    uri = f"s3://{s3_bucket}/data"
+    upload_dir(src, uri)  # straight to the endpoint, each object with its sha256 in metadata
+    s3_client().put_object(Bucket=s3_bucket, Key="data/bad/corrupt.png", Body=(src / "bad" / "corrupt.png").read_bytes(),
+                           Metadata={"sha256": "0" * 64})  # bytes that do not match their checksum
+    flaky = f"/{s3_bucket}/data/{good[1]['media']}"
+    s3_flaky_proxy.fail_once.add(flaky)
+    monkeypatch.setenv("LOOM_S3_ENDPOINT_URL", s3_flaky_proxy.url)  # configuration, as a user would
+
+    root, out = tmp_path / "mirror", tmp_path / "out"
+    s = curate(cfg, uri, root, out, progress=False)
+    assert s3_flaky_proxy.failed == [flaky]  # the wire failed once ...
+    gets = [p for m, p in s3_flaky_proxy.requests if m == "GET" and p.split("?")[0] == flaky]
+    assert len(gets) >= 2  # ... and the client's retry fetched it again
+    assert s["rows_in"] == N + 1 and s["kept"]["total"] == N
+    assert s["rejected"]["by_reason"] == {"checksum_mismatch": 1}
+    assert "differs from its metadata" in _read(out, "rejects.parquet")[0]["detail"]
+    assert s["timing"]["transfer"]["failed"] == 1 and not list(root.rglob("*.part"))
+
+    # the same rows as curating the local folder (minus the corrupt object)
+    curate(cfg, str(src), src, tmp_path / "local", progress=False)
+    for n in ("train.parquet", "eval.parquet"):
+        assert _read(out, n) == [r for r in _read(tmp_path / "local", n) if r["id"] != "corrupt"]
+    # a re-run reuses the verified mirror and writes the same bytes
+    first = {n: (out / n).read_bytes() for n in OUTPUTS}
+    s2 = curate(cfg, uri, root, out, progress=False)
+    assert {n: (out / n).read_bytes() for n in OUTPUTS} == first
+    assert s2["timing"]["transfer"]["skipped"] == s2["timing"]["transfer"]["objects"] - 1
