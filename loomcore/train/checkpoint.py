@@ -1,0 +1,368 @@
+"""Resumable checkpoints: every piece of state a resume needs, written atomically (DESIGN §5).
+
+A checkpoint is a folder `step-000123/` in the run directory:
+
+    model.safetensors     a piece whose state dict is flat {name: tensor} (model, ema)
+    ema.safetensors
+    optimizer.pt          a piece with nested tensors: torch.save, loaded with weights_only=True
+    trainer_state.json    step; pieces without tensors (scheduler, loader); `extras` such as the
+                          RNG states, with tensors encoded as {"__tensor__": dtype/shape/base64}
+    MANIFEST.json         sha256 and size of every file above — written last
+
+The folder is built under `.tmp-step-000123-<pid>` and renamed into place, so a reader never sees
+a half-written checkpoint; a crash leaves only a hidden temp folder, which the next manager
+removes. `latest_valid()` re-hashes each checkpoint (newest first) and skips, with a warning, one
+that is incomplete, truncated or corrupted. Nothing is unpickled: safetensors, JSON, and
+`torch.load(weights_only=True)`.
+
+Pieces follow torchtitan's `Stateful` protocol (`state_dict()` / `load_state_dict()`). This
+manager writes from one process: under FSDP2 the trainer passes pieces that return full state
+dicts on the writing rank (torch.distributed.checkpoint.state_dict's `get_model_state_dict` /
+`get_optimizer_state_dict` with `full_state_dict=True, cpu_offload=True`).
+
+Where the run directory lives: see `run_key`.
+"""
+
+from __future__ import annotations
+
+import base64
+import errno
+import hashlib
+import json
+import os
+import re
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Protocol, Tuple
+
+import torch
+from safetensors.torch import load_file, save_file
+
+MANIFEST = "MANIFEST.json"
+TRAINER_STATE = "trainer_state.json"
+FORMAT_VERSION = 1
+STEP_DIR = "step-{:06d}"
+_STEP_RE = re.compile(r"^step-(\d+)$")
+_HIDDEN_RE = re.compile(r"^\.(?:tmp|old|del)-step-\d+-(\d+)$")  # ours, tagged with the writer's pid
+_HASH_CHUNK_BYTES = 1 << 20
+_TENSOR_TAG = "__tensor__"
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> Dict[str, Any]: ...
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None: ...
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder that is incomplete or disagrees with its MANIFEST (names the file)."""
+
+
+class CheckpointWarning(UserWarning):
+    """A checkpoint was skipped or removed; the message names it and says why."""
+
+
+def run_key(params_fingerprint: str, inputs_fingerprint: str) -> str:
+    """The name of a stage's run directory: runs/<stage>/<run_key(...)>/.
+
+    Only a run with the same params and the same inputs may resume another's checkpoints, so the
+    directory is keyed by a hash of both (e.g. `cfg.fingerprint("stage2", ...)` and the DVC hash
+    of the stage's deps). It must live OUTSIDE the stage's DVC outs: `dvc repro` deletes a stage's
+    outs before running it, which would throw away the very checkpoints a resume needs.
+    """
+    if not params_fingerprint or not inputs_fingerprint:
+        raise ValueError("run_key: both the params and the inputs fingerprint are required")
+    blob = json.dumps([params_fingerprint, inputs_fingerprint]).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------------------------
+# JSON with tensors
+# --------------------------------------------------------------------------------------------
+
+
+def _to_json(obj: Any, where: str) -> Any:
+    """JSON-able form of a state: tensors tagged and base64-encoded; anything JSON would silently
+    change (non-str dict keys) or cannot store is refused with the path to it."""
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        raw = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        return {_TENSOR_TAG: {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape),
+                              "data": base64.b64encode(raw).decode("ascii")}}
+    if isinstance(obj, Mapping):
+        bad = [k for k in obj if not isinstance(k, str)]
+        if bad:
+            raise ValueError(f"{where}: key {bad[0]!r} is not a str; JSON would turn it into one")
+        return {k: _to_json(v, f"{where}.{k}") for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_to_json(v, f"{where}[{i}]") for i, v in enumerate(obj)]
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise ValueError(f"{where}: {type(obj).__name__} cannot be stored in {TRAINER_STATE}")
+
+
+def _from_json(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        if set(obj) == {_TENSOR_TAG}:
+            spec = obj[_TENSOR_TAG]
+            dtype = getattr(torch, spec["dtype"])
+            assert isinstance(dtype, torch.dtype), spec["dtype"]
+            raw = base64.b64decode(spec["data"])
+            if not raw:
+                return torch.empty(spec["shape"], dtype=dtype)
+            return torch.frombuffer(bytearray(raw), dtype=dtype).reshape(spec["shape"])
+        return {k: _from_json(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_from_json(v) for v in obj]
+    return obj
+
+
+def _has_tensor(obj: Any) -> bool:
+    if isinstance(obj, torch.Tensor):
+        return True
+    if isinstance(obj, Mapping):
+        return any(_has_tensor(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return any(_has_tensor(v) for v in obj)
+    return False
+
+
+# --------------------------------------------------------------------------------------------
+# Files
+# --------------------------------------------------------------------------------------------
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK_BYTES):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file or a directory entry to disk (the rename is only durable after this)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as e:  # some filesystems cannot fsync a directory; the data files still are
+        if e.errno != errno.EINVAL:
+            raise
+    finally:
+        os.close(fd)
+
+
+def _safetensors_ready(name: str, sd: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """CPU, contiguous, no shared storage (safetensors refuses aliases: clone the second one)."""
+    out, seen = {}, set()
+    for k, v in sd.items():
+        if hasattr(v, "device_mesh"):
+            raise ValueError(f"piece {name!r}: {k} is a DTensor; pass a full state dict "
+                             "(get_model_state_dict(..., options=StateDictOptions(full_state_dict=True)))")
+        t = v.detach().cpu().contiguous()
+        ptr = t.untyped_storage().data_ptr()
+        if t.numel() and ptr in seen:
+            t = t.clone()
+        seen.add(ptr)
+        out[k] = t
+    return out
+
+
+def _is_flat_tensor_dict(sd: Mapping) -> bool:
+    return bool(sd) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items())
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+# --------------------------------------------------------------------------------------------
+# Manager
+# --------------------------------------------------------------------------------------------
+
+
+class CheckpointManager:
+    """Saves every `interval` steps into `run_dir`, keeps the newest `keep_last`, resumes from the
+    newest one that verifies."""
+
+    def __init__(self, run_dir: Path | str, keep_last: int, interval: int):
+        if keep_last < 1:
+            raise ValueError(f"keep_last: must be >= 1, got {keep_last}")
+        if interval < 1:
+            raise ValueError(f"checkpoint_every: must be >= 1, got {interval}")
+        self.run_dir = Path(run_dir)
+        self.keep_last = keep_last
+        self.interval = interval
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._remove_stale_hidden()
+
+    def _remove_stale_hidden(self) -> None:
+        """Temp/old/deleting folders left by a writer that died (its pid is gone)."""
+        for p in self.run_dir.iterdir():
+            m = _HIDDEN_RE.match(p.name)
+            if m and p.is_dir() and not _pid_alive(int(m.group(1))):
+                shutil.rmtree(p)
+
+    def should_save(self, step: int) -> bool:
+        """`step` counts optimizer steps taken; step 0 (nothing trained yet) is never saved."""
+        return step > 0 and step % self.interval == 0
+
+    def path_for(self, step: int) -> Path:
+        return self.run_dir / STEP_DIR.format(step)
+
+    def checkpoints(self) -> List[Tuple[int, Path]]:
+        """Visible checkpoint folders, oldest first (complete or not: see `verify`)."""
+        found = [(int(m.group(1)), p) for p in self.run_dir.iterdir()
+                 if (m := _STEP_RE.match(p.name)) and p.is_dir()]
+        return sorted(found)
+
+    # -- save ---------------------------------------------------------------------------------
+
+    def save(self, step: int, pieces: Mapping[str, Stateful], extras: Optional[Mapping[str, Any]] = None) -> Path:
+        """Write `pieces` (+ JSON-able `extras`, e.g. {"rng": capture_rng(...)}) as checkpoint
+        `step`, then prune. Returns the checkpoint's folder."""
+        if step < 0:
+            raise ValueError(f"save: step must be >= 0, got {step}")
+        final = self.path_for(step)
+        tmp = self.run_dir / f".tmp-{final.name}-{os.getpid()}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        try:
+            self._write(tmp, step, pieces, extras or {})
+            self._publish(tmp, final)
+        finally:
+            if tmp.exists():  # the write failed: leave nothing behind
+                shutil.rmtree(tmp)
+        self._prune(step)
+        return final
+
+    def _write(self, folder: Path, step: int, pieces: Mapping[str, Stateful], extras: Mapping[str, Any]) -> None:
+        state: Dict[str, Any] = {"format": FORMAT_VERSION, "step": step, "pieces": {}, "extras": {}}
+        for name, piece in pieces.items():
+            if name in (Path(TRAINER_STATE).stem, Path(MANIFEST).stem) or "/" in name:
+                raise ValueError(f"save: piece name {name!r} is reserved or not a plain name")
+            sd = piece.state_dict()
+            if _is_flat_tensor_dict(sd):
+                file = f"{name}.safetensors"
+                save_file(_safetensors_ready(name, sd), str(folder / file))
+                state["pieces"][name] = {"file": file}
+            elif _has_tensor(sd):
+                file = f"{name}.pt"
+                torch.save(sd, folder / file)
+                state["pieces"][name] = {"file": file}
+            else:
+                state["pieces"][name] = {"state": _to_json(sd, f"pieces.{name}")}
+        state["extras"] = _to_json(dict(extras), "extras")
+        (folder / TRAINER_STATE).write_text(json.dumps(state, indent=1))
+
+        files = {}
+        for p in sorted(folder.iterdir()):
+            _fsync(p)
+            files[p.name] = {"sha256": _sha256(p), "bytes": p.stat().st_size}
+        manifest = folder / MANIFEST
+        manifest.write_text(json.dumps({"format": FORMAT_VERSION, "step": step, "files": files}, indent=1))
+        _fsync(manifest)
+        _fsync(folder)
+
+    def _publish(self, tmp: Path, final: Path) -> None:
+        """Rename the finished folder into place. An existing folder of the same step (a re-save
+        after a resume) is moved aside first: rename cannot replace a non-empty directory."""
+        old = None
+        if final.exists():
+            old = self.run_dir / f".old-{final.name}-{os.getpid()}"
+            os.replace(final, old)
+        os.replace(tmp, final)
+        _fsync(self.run_dir)
+        if old is not None:
+            shutil.rmtree(old)
+
+    def _delete(self, path: Path) -> None:
+        """Hide first, then remove: a half-deleted checkpoint is never visible."""
+        hidden = self.run_dir / f".del-{path.name}-{os.getpid()}"
+        os.replace(path, hidden)
+        shutil.rmtree(hidden)
+
+    def _prune(self, step: int) -> None:
+        """After `step` is in place: drop checkpoints newer than it (an abandoned timeline — the
+        run resumed from an older one) and all but the newest `keep_last` complete ones."""
+        older = []
+        for s, p in self.checkpoints():
+            if s > step:
+                warnings.warn(f"removing checkpoint {p}: newer than the step just saved ({step}), "
+                              "left by a run that resumed from an older checkpoint", CheckpointWarning)
+                self._delete(p)
+            elif s < step and (p / MANIFEST).is_file():
+                older.append(p)
+        for p in older[: max(0, len(older) - (self.keep_last - 1))]:
+            self._delete(p)
+
+    # -- verify / load ------------------------------------------------------------------------
+
+    def verify(self, path: Path | str, checksums: bool = True) -> dict:
+        """The checkpoint's MANIFEST if every listed file is there with its size (and sha256);
+        else CheckpointError saying which file and why."""
+        path = Path(path)
+        mpath = path / MANIFEST
+        if not mpath.is_file():
+            raise CheckpointError(f"{path}: no {MANIFEST} (incomplete checkpoint)")
+        try:
+            manifest = json.loads(mpath.read_text())
+            files = {name: (int(entry["bytes"]), str(entry["sha256"])) for name, entry in manifest["files"].items()}
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
+            raise CheckpointError(f"{path}: unreadable {MANIFEST}: {e}") from None
+        if TRAINER_STATE not in files:
+            raise CheckpointError(f"{path}: {MANIFEST} does not list {TRAINER_STATE}")
+        for name, (expected_bytes, expected_sha) in files.items():
+            f = path / name
+            if not f.is_file():
+                raise CheckpointError(f"{path}: {name} is missing")
+            size = f.stat().st_size
+            if size != expected_bytes:
+                raise CheckpointError(f"{path}: {name} has {size} bytes, {MANIFEST} says {expected_bytes} (truncated?)")
+            if checksums and _sha256(f) != expected_sha:
+                raise CheckpointError(f"{path}: {name} does not match its sha256 in {MANIFEST} (corrupted)")
+        return manifest
+
+    def latest_valid(self, checksums: bool = True) -> Optional[Path]:
+        """The newest checkpoint that verifies; each newer one that does not is skipped with a
+        CheckpointWarning naming it and the reason. None when there is none."""
+        for _, path in reversed(self.checkpoints()):
+            try:
+                self.verify(path, checksums)
+            except CheckpointError as e:
+                warnings.warn(f"skipping checkpoint: {e}", CheckpointWarning)
+                continue
+            return path
+        return None
+
+    def load(self, path: Path | str, pieces: Mapping[str, Stateful]) -> dict:
+        """Verify, then restore `pieces` (exactly the set that was saved). Returns
+        {"step": int, "extras": {...}} with tensors decoded."""
+        path = Path(path)
+        self.verify(path)
+        state = json.loads((path / TRAINER_STATE).read_text())
+        if set(state["pieces"]) != set(pieces):
+            raise ValueError(f"{path}: checkpoint holds pieces {sorted(state['pieces'])}, "
+                             f"the trainer passed {sorted(pieces)}")
+        for name, piece in pieces.items():
+            entry = state["pieces"][name]
+            if "state" in entry:
+                piece.load_state_dict(_from_json(entry["state"]))
+            elif entry["file"].endswith(".safetensors"):
+                piece.load_state_dict(load_file(str(path / entry["file"])))
+            else:
+                piece.load_state_dict(torch.load(path / entry["file"], map_location="cpu", weights_only=True))
+        return {"step": int(state["step"]), "extras": _from_json(state["extras"])}
+
+    def resume(self, pieces: Mapping[str, Stateful]) -> Optional[dict]:
+        """Load the newest valid checkpoint into `pieces`; None for a fresh run."""
+        path = self.latest_valid()
+        return None if path is None else self.load(path, pieces)

@@ -1,0 +1,54 @@
+"""Capture and restore every random number generator a training step draws from.
+
+A resumed run is exact only if the next draws are the ones the killed run would have made:
+python `random`, numpy's global generator, torch's CPU generator, every CUDA device's generator
+(when CUDA is up) and the named `torch.Generator`s the trainer owns (noise, timesteps, dropout…).
+
+The captured state holds only lists, ints, floats, None and uint8 tensors, so it goes into
+`trainer_state.json` through the checkpoint's tensor encoding and loads without pickle.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Dict, Mapping, Optional
+
+import numpy as np
+import torch
+
+
+def capture_rng(generators: Optional[Mapping[str, torch.Generator]] = None) -> dict:
+    """{"python", "numpy", "torch_cpu", "torch_cuda", "generators": {name: uint8 tensor}}."""
+    version, internal, gauss_next = random.getstate()
+    kind, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    return {
+        "python": [version, list(internal), gauss_next],
+        "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached_gaussian)],
+        "torch_cpu": torch.get_rng_state(),  # uint8 [N]
+        # [] when CUDA is not initialised here: nothing to restore, and asking would initialise it.
+        "torch_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
+        "generators": {name: g.get_state() for name, g in (generators or {}).items()},
+    }
+
+
+def restore_rng(state: dict, generators: Optional[Mapping[str, torch.Generator]] = None) -> None:
+    """Put back what `capture_rng` took. The named generators must be the same set as then."""
+    generators = dict(generators or {})
+    saved: Dict[str, torch.Tensor] = state["generators"]
+    if set(saved) != set(generators):
+        raise ValueError(f"restore_rng: checkpoint has generators {sorted(saved)}, "
+                         f"the trainer passed {sorted(generators)}")
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    kind, keys, pos, has_gauss, cached_gaussian = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached_gaussian))
+    torch.set_rng_state(state["torch_cpu"])
+    cuda_states = state["torch_cuda"]
+    if cuda_states:
+        if not torch.cuda.is_available() or torch.cuda.device_count() != len(cuda_states):
+            found = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            raise ValueError(f"restore_rng: checkpoint has CUDA RNG states for {len(cuda_states)} "
+                             f"device(s), this process sees {found}")
+        torch.cuda.set_rng_state_all(cuda_states)
+    for name, g in generators.items():
+        g.set_state(saved[name])
