@@ -1,0 +1,35 @@
+"""DVC stage `base_models`: the starting weights of stage 1, for the profile in params.
+
+tiny  — builds a Wan-layout DiT, a Qwen3-VL with its processor, the codec and the scheduler
+        deterministically under paths.models (the same folder layout as the real ones);
+paper — checks that the configured Wan2.2-TI2V-5B and Qwen3-VL-8B-Instruct folders (local or
+        s3://) are complete and says exactly what is missing.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List, Optional
+
+from prefect import flow
+
+from flows.common import stage_main
+from tasks.common import load_stage_config, publish_markdown
+from tasks.models import init_base_models
+
+
+@flow(name="base-models", log_prints=True)
+def base_models_flow(profile: Optional[str] = None, overrides: Optional[List[str]] = None) -> dict:
+    overrides = list(overrides or [])
+    cfg = load_stage_config(profile, overrides)
+    report = init_base_models(cfg.profile, overrides)
+    out = Path(cfg.paths.models)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "base_models.json").write_text(json.dumps(report, indent=2, sort_keys=True, default=str) + "\n")
+    publish_markdown("base-models", f"# Base models ({cfg.profile})\n\n```json\n{json.dumps(report, indent=2, default=str)}\n```\n")
+    return report
+
+
+if __name__ == "__main__":
+    raise SystemExit(stage_main(base_models_flow, __doc__))

@@ -1,0 +1,203 @@
+"""`loom init-models`: deterministic tiny base models, and the completeness check of the real ones."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from loomcore.config import load_config
+from loomcore.models.base_models import check_paper_models, init_models
+
+
+def _hashes(root: Path) -> dict:
+    return json.loads((root / "manifest.json").read_text())["files"]
+
+
+@pytest.fixture(scope="module")
+def tiny_cfg():
+    return load_config(profile="tiny")
+
+
+@pytest.fixture(scope="module")
+def built(tiny_cfg, tmp_path_factory):
+    root = tmp_path_factory.mktemp("init") / "tiny"
+    report = init_models(tiny_cfg, out_dir=root)
+    return root, report
+
+
+def test_init_models_builds_every_component(built):
+    root, report = built
+    assert set(report) == {"transformer", "vae", "scheduler", "mllm"}
+    assert all(v.startswith("built") for v in report.values())
+    files = _hashes(root)
+    for name in ("transformer/config.json", "transformer/diffusion_pytorch_model.safetensors",
+                 "vae/codec_config.json", "scheduler/scheduler_config.json", "mllm/config.json",
+                 "mllm/model.safetensors", "mllm/tokenizer.json", "mllm/chat_template.json"):
+        assert name in files, name
+
+
+def test_init_models_is_deterministic_and_idempotent(built, tiny_cfg, tmp_path):
+    root, _ = built
+    again = init_models(tiny_cfg, out_dir=tmp_path / "tiny")
+    assert all(v.startswith("built") for v in again.values())
+    assert _hashes(tmp_path / "tiny") == _hashes(root)  # two builds, byte-identical files
+
+    assert all(v.startswith("up to date") for v in init_models(tiny_cfg, out_dir=tmp_path / "tiny").values())
+    cfg_file = tmp_path / "tiny" / "scheduler" / "scheduler_config.json"
+    cfg_file.write_text("{}")  # a tampered file no longer matches the manifest: rebuilt
+    assert init_models(tiny_cfg, out_dir=tmp_path / "tiny")["scheduler"].startswith("built")
+    assert _hashes(tmp_path / "tiny") == _hashes(root)
+    assert init_models(tiny_cfg, out_dir=tmp_path / "tiny", force=True)["mllm"].startswith("built")
+    other_seed = load_config(["seed=1"], profile="tiny")
+    assert init_models(other_seed, out_dir=tmp_path / "tiny")["transformer"].startswith("built")
+    assert _hashes(tmp_path / "tiny") != _hashes(root)
+
+
+def test_tiny_models_load_with_the_real_loaders(built, tiny_cfg):
+    from diffusers import UniPCMultistepScheduler, WanTransformer3DModel
+
+    from loomcore.models.codec import load_codec
+    from loomcore.models.mllm import MLLMEncoder, MLLMRequest
+
+    root, _ = built
+    dit = WanTransformer3DModel.from_pretrained(root / "transformer")
+    d = tiny_cfg.dit
+    assert (dit.config.num_layers, dit.config.num_attention_heads, dit.config.attention_head_dim,
+            dit.config.in_channels, dit.config.text_dim) == (d.num_layers, d.num_attention_heads,
+                                                             d.attention_head_dim, d.in_channels, d.text_dim)
+    out = dit(torch.randn(1, 48, 1, 8, 8), torch.tensor([500]), torch.randn(1, 5, d.text_dim), return_dict=False)[0]
+    assert out.shape == (1, 48, 1, 8, 8)
+
+    sched = UniPCMultistepScheduler.from_pretrained(root / "scheduler")
+    assert sched.config.prediction_type == "flow_prediction" and sched.config.use_flow_sigmas
+    assert sched.config.flow_shift == tiny_cfg.guidance.flow_shift
+
+    codec = load_codec("space_to_depth", root / "vae")
+    assert codec.latent_channels == tiny_cfg.codec.latent_channels
+
+    m = tiny_cfg.mllm
+    enc = MLLMEncoder.from_pretrained(root / "mllm", m.layers_used, m.source_temporal_stride, m.max_length,
+                                      expect_layers=m.num_layers, expect_hidden=m.hidden_size)
+    feats = enc.encode([MLLMRequest("t2v", "a red circle moves left")])
+    assert feats.hidden_states.shape[:2] == (1, m.layers_used) and feats.hidden_states.shape[-1] == d.text_dim
+    # the negative prompt fits the tiny max_length (its words are in the tiny tokenizer's merges)
+    enc.encode_unconditional(tiny_cfg.guidance.negative_prompt)
+
+
+def test_default_paths_are_cfg_models(tiny_cfg, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    init_models(tiny_cfg)
+    for name in ("transformer", "vae", "scheduler", "mllm"):
+        assert (tmp_path / getattr(tiny_cfg.models, name)).is_dir()
+    assert (tmp_path / "models" / "tiny" / "manifest.json").is_file()
+
+
+def test_tiny_wan_vae(tmp_path):
+    from loomcore.models.codec import load_codec
+
+    cfg = load_config(["models.codec=wan", "codec.temporal_factor=2"], profile="tiny")
+    init_models(cfg, out_dir=tmp_path / "m")
+    vae = load_codec("wan", tmp_path / "m" / "vae")
+    z = vae.encode(torch.rand(1, 3, 5, 32, 32) * 2 - 1)
+    assert z.shape == (1, 48, 3, 8, 8)
+
+
+def test_paper_dims_are_not_built_at_random():
+    with pytest.raises(ValueError, match="use check_paper_models"):
+        init_models(load_config(profile="paper"))
+
+
+# -- check_paper_models ----------------------------------------------------------------------
+
+
+def _write(path: Path, content) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(json.dumps(content).encode() if isinstance(content, dict) else content)
+
+
+def _fake_paper_layout(root: Path, cfg) -> None:
+    """The real folders' file names and configs with cfg's dims; every weight file a few bytes."""
+    d = cfg.dit
+    _write(root / "transformer/config.json", {
+        "_class_name": "WanTransformer3DModel", "num_layers": d.num_layers,
+        "num_attention_heads": d.num_attention_heads,
+        "attention_head_dim": d.attention_head_dim, "in_channels": d.in_channels, "out_channels": d.out_channels,
+        "patch_size": d.patch_size, "ffn_dim": d.ffn_dim, "freq_dim": d.freq_dim, "text_dim": d.text_dim,
+        "qk_norm": d.qk_norm, "cross_attn_norm": d.cross_attn_norm})
+    shards = [f"diffusion_pytorch_model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
+    _write(root / "transformer/diffusion_pytorch_model.safetensors.index.json",
+           {"weight_map": {f"blocks.{i}.w": s for i, s in enumerate(shards)}})
+    for s in shards:
+        _write(root / "transformer" / s, b"w")
+    _write(root / "vae/config.json", {"_class_name": "AutoencoderKLWan", "z_dim": 48, "scale_factor_spatial": 16,
+                                      "scale_factor_temporal": 4})
+    _write(root / "vae/diffusion_pytorch_model.safetensors", b"w")
+    _write(root / "scheduler/scheduler_config.json", {"_class_name": "UniPCMultistepScheduler",
+                                                      "prediction_type": "flow_prediction", "use_flow_sigmas": True,
+                                                      "flow_shift": 5.0})
+    _write(root / "mllm/config.json", {"model_type": "qwen3_vl",
+                                       "text_config": {"num_hidden_layers": 36, "hidden_size": 4096}})
+    shards = [f"model-0000{i}-of-00004.safetensors" for i in (1, 2, 3, 4)]
+    _write(root / "mllm/model.safetensors.index.json", {"weight_map": {f"w{i}": s for i, s in enumerate(shards)}})
+    for name in shards + ["tokenizer.json", "vocab.json", "merges.txt"]:
+        _write(root / "mllm" / name, b"x")
+    for name in ("tokenizer_config.json", "preprocessor_config.json", "video_preprocessor_config.json"):
+        _write(root / "mllm" / name, {})
+    _write(root / "mllm/chat_template.json", {"chat_template": "{{ messages }}"})
+
+
+def _paper_cfg(base: str):
+    return load_config([f"models.{k}={base}/{k}" for k in ("transformer", "vae", "scheduler", "mllm")],
+                       profile="paper")
+
+
+def test_check_paper_models_passes_on_a_complete_layout(tmp_path):
+    _fake_paper_layout(tmp_path, load_config(profile="paper"))
+    assert check_paper_models(_paper_cfg(str(tmp_path))) == []
+
+
+def test_check_paper_models_reports_every_problem(tmp_path):
+    _fake_paper_layout(tmp_path, load_config(profile="paper"))
+    (tmp_path / "transformer/diffusion_pytorch_model-00002-of-00003.safetensors").unlink()
+    (tmp_path / "mllm/model-00004-of-00004.safetensors").unlink()
+    (tmp_path / "mllm/tokenizer.json").write_bytes(b"")
+    (tmp_path / "mllm/chat_template.json").unlink()
+    (tmp_path / "vae/diffusion_pytorch_model.safetensors").unlink()
+    for f in (tmp_path / "scheduler").iterdir():
+        f.unlink()
+    cfg = json.loads((tmp_path / "mllm/config.json").read_text())
+    cfg["text_config"]["hidden_size"] = 2048
+    _write(tmp_path / "mllm/config.json", cfg)
+    cfg = json.loads((tmp_path / "transformer/config.json").read_text())
+    cfg["num_layers"], cfg["in_channels"] = 28, 16
+    _write(tmp_path / "transformer/config.json", cfg)
+
+    problems = check_paper_models(_paper_cfg(str(tmp_path)))
+    text = "\n".join(problems)
+    expected = [
+        "transformer: missing {t}/transformer/diffusion_pytorch_model-00002-of-00003.safetensors",
+        "transformer: {t}/transformer/config.json has num_layers = 28, expected 30",
+        "transformer: {t}/transformer/config.json has in_channels = 16, expected 48",
+        "vae: missing {t}/vae/diffusion_pytorch_model.safetensors",
+        "scheduler: {t}/scheduler is missing or empty",
+        "mllm: missing {t}/mllm/model-00004-of-00004.safetensors",
+        "mllm: empty file {t}/mllm/tokenizer.json",
+        "mllm: missing {t}/mllm/chat_template.json",
+        "mllm: {t}/mllm/config.json has text_config.hidden_size = 2048, expected 4096",
+    ]
+    for line in expected:
+        assert line.format(t=tmp_path) in text, f"{line}\n--- got:\n{text}"
+    assert len(problems) == len(expected), text
+
+
+def test_check_paper_models_on_s3(tmp_path, s3_bucket, monkeypatch):
+    from loomcore.storage import upload_dir
+
+    _fake_paper_layout(tmp_path / "ckpt", load_config(profile="paper"))
+    (tmp_path / "ckpt/mllm/model-00002-of-00004.safetensors").unlink()
+    upload_dir(tmp_path / "ckpt", f"s3://{s3_bucket}/ckpt")
+    monkeypatch.setenv("LOOM_CACHE_DIR", str(tmp_path / "cache"))  # where the configs are mirrored
+    problems = check_paper_models(_paper_cfg(f"s3://{s3_bucket}/ckpt"))
+    assert problems == [f"mllm: missing s3://{s3_bucket}/ckpt/mllm/model-00002-of-00004.safetensors "
+                        "(a shard listed in model.safetensors.index.json)"]

@@ -1,0 +1,214 @@
+"""The MLLM encoder on a tiny Qwen3-VL built here (no hub): loading, layout, raw features, batching."""
+
+import importlib.util
+
+import numpy as np
+import pytest
+import torch
+
+from loomcore.models.mllm import MLLMRequest, build_messages, source_frame_indices
+
+RNG = np.random.RandomState(0)
+IMG_A = RNG.randint(0, 256, (32, 32, 3), dtype=np.uint8)
+IMG_B = torch.from_numpy(RNG.randint(0, 256, (3, 32, 48), dtype=np.uint8))  # channels first
+VIDEO = torch.from_numpy(RNG.randint(0, 256, (9, 32, 32, 3), dtype=np.uint8))
+
+
+def _requests():
+    return [
+        MLLMRequest("t2v", "a red circle moves left"),
+        MLLMRequest("tvr2v", "paint it like @Figure 1", references=[IMG_A], source=VIDEO),
+        MLLMRequest("mi2i", "@Figure 2 sits on @Figure 1", references=[IMG_A, IMG_B]),
+        MLLMRequest("image_recon", source=IMG_A),
+        MLLMRequest("tv2v", "", source=VIDEO, drop="text"),
+    ]
+
+
+# -- the folder and its loading path ---------------------------------------------------------
+
+
+def test_tiny_folder_has_the_real_layout_and_loads_through_transformers(tiny_mllm_dir):
+    from transformers import AutoImageProcessor, AutoTokenizer, Qwen3VLForConditionalGeneration
+
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                 "preprocessor_config.json", "video_preprocessor_config.json", "chat_template.json"):
+        assert (tiny_mllm_dir / name).is_file(), name
+    model = Qwen3VLForConditionalGeneration.from_pretrained(tiny_mllm_dir)
+    tok = AutoTokenizer.from_pretrained(tiny_mllm_dir)
+    assert type(tok).__name__ == "Qwen2Tokenizer"
+    assert AutoImageProcessor.from_pretrained(tiny_mllm_dir).patch_size == model.config.vision_config.patch_size
+    for name in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"):
+        token = {"image_token_id": "<|image_pad|>", "video_token_id": "<|video_pad|>",
+                 "vision_start_token_id": "<|vision_start|>", "vision_end_token_id": "<|vision_end|>"}[name]
+        assert getattr(model.config, name) == tok.convert_tokens_to_ids(token)
+    assert model.config.text_config.num_hidden_layers == 3 and model.config.text_config.hidden_size == 32
+    vis = model.config.vision_config
+    assert max(vis.deepstack_visual_indexes) < vis.depth
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torchvision") is None,
+                    reason="transformers' Qwen3VLProcessor needs torchvision")
+def test_autoprocessor_agrees_on_image_prompts(tiny_mllm_dir, tiny_mllm_encoder):
+    """Where torchvision exists, transformers' own processor reads the tiny folder and builds the
+    same ids for image prompts (its video layout changed after 4.57.3, see mllm.py)."""
+    from transformers import AutoProcessor
+
+    proc = AutoProcessor.from_pretrained(tiny_mllm_dir)
+    req = MLLMRequest("mi2i", "@Figure 2 sits on @Figure 1", references=[IMG_A, IMG_A])
+    msgs = build_messages(req, 15)
+    ref = proc.apply_chat_template(msgs, tokenize=True, add_generation_prompt=True, return_dict=True,
+                                   return_tensors="pt")
+    ours = tiny_mllm_encoder.tokenize(req)
+    assert torch.equal(ref["input_ids"], ours["input_ids"])
+    assert torch.equal(ref["image_grid_thw"], ours["image_grid_thw"])
+
+
+def test_encoder_is_frozen(tiny_mllm_encoder):
+    assert not tiny_mllm_encoder.model.training
+    assert not any(p.requires_grad for p in tiny_mllm_encoder.parameters())
+    feats = tiny_mllm_encoder.encode([MLLMRequest("t2i", "a blue square")])
+    assert not feats.hidden_states.requires_grad
+    assert not feats.hidden_states.is_inference()  # usable as an input to a trained module
+
+
+def test_dims_are_checked_against_the_config(tiny_mllm_dir):
+    from loomcore.models.mllm import MLLMEncoder
+
+    with pytest.raises(ValueError, match="mllm.hidden_size = 4096, but the MLLM at .* has 32"):
+        MLLMEncoder.from_pretrained(tiny_mllm_dir, 2, 15, 128, expect_hidden=4096)
+    with pytest.raises(ValueError, match="layers_used = 4: expected 1..3"):
+        MLLMEncoder.from_pretrained(tiny_mllm_dir, 4, 15, 128)
+
+
+# -- input layout ----------------------------------------------------------------------------
+
+
+def test_message_layout_follows_the_release():
+    kinds = lambda req: [c["type"] for c in build_messages(req, 15)[0]["content"]]  # noqa: E731
+    texts = lambda req: [c["text"] for c in build_messages(req, 15)[0]["content"] if c["type"] == "text"]  # noqa: E731
+    t2v, tvr2v, mi2i, recon, dropped = _requests()
+    assert texts(t2v) == ["Generate a video: a red circle moves left"]
+    assert kinds(tvr2v) == ["text", "video", "image", "text"]
+    assert texts(tvr2v) == ["Edit this video with reference images: ", "paint it like @Image 1"]
+    assert kinds(mi2i) == ["text", "image", "image"]
+    assert texts(mi2i) == ["Generate an image with reference images: @Image 2 sits on @Image 1"]
+    assert kinds(recon) == ["text", "image"] and texts(recon) == ["Reconstruct this image: "]
+    assert kinds(dropped) == ["text", "video"] and texts(dropped) == [""]  # text dropout: visual kept
+    everything = MLLMRequest("tvr2v", "like @Figure 1", references=[IMG_A], source=VIDEO, drop="all")
+    assert build_messages(everything, 15) == [{"role": "user", "content": [{"type": "text", "text": ""}]}]
+
+
+def test_source_video_is_subsampled_for_the_mllm_only():
+    assert source_frame_indices(121, 15) == [0, 17, 34, 51, 68, 85, 102, 120]  # the release's linspace
+    assert source_frame_indices(15, 15) == list(range(15))
+    assert source_frame_indices(31, 15) == [0, 30]
+    frames = torch.arange(40, dtype=torch.uint8).view(40, 1, 1, 1).expand(40, 8, 8, 3).contiguous()
+    video = build_messages(MLLMRequest("tv2v", "make it red", source=frames), 10)[0]["content"][1]
+    assert [np.asarray(f)[0, 0, 0] for f in video["video"]] == [0, 13, 26, 39]
+
+
+def test_video_tokens_follow_qwen3vl_4573(tiny_mllm_encoder):
+    """9 frames: the processor's own sampling keeps 4 (fps 2 at an assumed 24 fps, at least 4),
+    two temporal patches, each "<t seconds><|vision_start|>pads<|vision_end|>"."""
+    s = tiny_mllm_encoder.tokenize(MLLMRequest("video_recon", source=VIDEO))
+    assert s["video_grid_thw"].tolist() == [[2, 4, 4]]
+    text = tiny_mllm_encoder.inputs.tokenizer.decode(s["input_ids"][0])
+    pads = "<|video_pad|>" * 4
+    assert (f"Reconstruct this video: <0.1 seconds><|vision_start|>{pads}<|vision_end|>"
+            f"<0.3 seconds><|vision_start|>{pads}<|vision_end|><|im_end|>") in text
+    assert text.startswith("<|im_start|>user\n") and text.endswith("<|im_start|>assistant\n")
+
+
+def test_bad_requests_are_refused(tiny_mllm_encoder):
+    enc = tiny_mllm_encoder
+    with pytest.raises(ValueError, match="prompt names @Figure 3 but only 2 reference images were given"):
+        enc.encode([MLLMRequest("mi2v", "@Figure 1 and @Figure 3", references=[IMG_A, IMG_A])])
+    with pytest.raises(ValueError, match="t2v: the caption/instruction is empty"):
+        enc.encode([MLLMRequest("t2v", "")])
+    enc.encode([MLLMRequest("t2v", "", drop="text")])  # dropout may blank it
+    with pytest.raises(ValueError, match="expected a PIL image or uint8 pixels"):
+        enc.encode([MLLMRequest("ti2i", "make it red", source=torch.zeros(3, 32, 32))])
+    with pytest.raises(ValueError, match="more than mllm.max_length = 128"):
+        enc.encode([MLLMRequest("t2v", "blue " * 200)])
+    with pytest.raises(ValueError, match=r"requests \[0\] have no image or video"):
+        enc.encode_visual_only([MLLMRequest("t2v", "a cat")])
+
+
+# -- features --------------------------------------------------------------------------------
+
+
+def test_shapes_and_mask(tiny_mllm_encoder):
+    enc = tiny_mllm_encoder
+    reqs = _requests()
+    lengths = [enc.tokenize(r)["input_ids"].shape[1] for r in reqs]
+    feats = enc.encode(reqs, batch_size=2)
+    assert feats.hidden_states.shape == (len(reqs), 2, max(lengths), 32)  # [B, L, T, H]
+    assert feats.attention_mask.dtype == torch.bool
+    assert feats.lengths.tolist() == lengths
+    for b, n in enumerate(lengths):  # right padding: a prefix of real tokens, zeros after
+        assert feats.attention_mask[b, :n].all() and not feats.attention_mask[b, n:].any()
+        assert (feats.hidden_states[b, :, n:] == 0).all()
+    assert torch.isfinite(feats.hidden_states).all()
+
+
+def test_features_are_the_raw_last_layers(tiny_mllm_encoder):
+    """hooked layer i == transformers' hidden_states[i + 1] for i < J-1; the last one is raw,
+    and transformers' hidden_states[-1] is its final RMSNorm."""
+    enc = tiny_mllm_encoder
+    req = MLLMRequest("tvr2v", "paint it like @Figure 1", references=[IMG_A], source=VIDEO)
+    batch = enc._collate([enc.tokenize(req)])
+    ours = enc._forward(batch).hidden_states[0]  # (L, T, H): layers 1 and 2 of 3
+    with torch.no_grad():
+        enc.model.model.rope_deltas = None
+        out = enc.model.model(**batch, output_hidden_states=True, use_cache=False)
+    hs = out.hidden_states  # (embeddings, layer 0, layer 1, norm(layer 2))
+    assert len(hs) == 4
+    torch.testing.assert_close(ours[0], hs[2][0], rtol=0, atol=0)
+    assert not torch.allclose(ours[1], hs[3][0], atol=1e-3)  # hidden_states[-1] is post-norm
+    torch.testing.assert_close(enc.model.model.language_model.norm(ours[1]), hs[3][0])
+    torch.testing.assert_close(hs[3], out.last_hidden_state)
+    captured = []
+    handle = enc.layers[-1].register_forward_hook(lambda m, a, o: captured.append(o))
+    try:
+        with torch.no_grad():
+            enc.model.model.rope_deltas = None
+            enc.model.model(**batch, use_cache=False)
+    finally:
+        handle.remove()
+    torch.testing.assert_close(ours[1], captured[0][0], rtol=0, atol=0)
+
+
+def test_batching_matches_one_by_one(tiny_mllm_encoder):
+    enc = tiny_mllm_encoder
+    reqs = _requests()
+    batched = enc.encode(reqs, batch_size=len(reqs))
+    chunked = enc.encode(reqs, batch_size=2)
+    torch.testing.assert_close(chunked.hidden_states, batched.hidden_states, rtol=0, atol=1e-5)
+    for b, r in enumerate(reqs):
+        single = enc.encode([r])
+        n = single.lengths.item()
+        assert batched.lengths[b].item() == n
+        torch.testing.assert_close(batched.hidden_states[b, :, :n], single.hidden_states[0], rtol=0, atol=1e-5)
+
+
+def test_guidance_branches(tiny_mllm_encoder):
+    enc = tiny_mllm_encoder
+    tok = enc.inputs.tokenizer
+    uncond = enc.encode_unconditional("blurry, low quality", batch_size=3)
+    assert uncond.hidden_states.shape[0] == 3
+    ids = enc.inputs(
+        [{"role": "user", "content": [{"type": "text", "text": "generate an image: blurry, low quality"}]}])
+    assert uncond.lengths.tolist() == [ids["input_ids"].shape[1]] * 3
+    torch.testing.assert_close(uncond.hidden_states[0], uncond.hidden_states[2])
+
+    req = MLLMRequest("tvr2v", "paint it like @Figure 1", references=[IMG_A], source=VIDEO)
+    full = enc.tokenize(req)
+    vis = enc.inputs.visual_only(full)
+    text = tok.decode(vis["input_ids"][0])
+    assert text.startswith("<|im_start|>user\n<|vision_start|>") and text.endswith(
+        "<|vision_end|><|im_end|>\n<|im_start|>assistant\n")
+    assert "paint" not in text and "seconds" not in text and "Edit" not in text
+    for pad in (enc.inputs.image_token_id, enc.inputs.video_token_id):
+        assert (vis["input_ids"] == pad).sum() == (full["input_ids"] == pad).sum()
+    feats = enc.encode_visual_only([req, MLLMRequest("image_recon", source=IMG_A)])
+    assert feats.lengths[0].item() == vis["input_ids"].shape[1]
