@@ -7,6 +7,7 @@ key=value overrides) and calls into loomcore; heavy imports happen inside the su
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -98,16 +99,14 @@ def cmd_pipeline(args) -> int:
     print(f"pipeline: profile {cfg.profile} (config {cfg.fingerprint()})")
     stages = _dvc_stages()
     missing = [s for s in PIPELINE_STAGES if s not in stages]
-    if cfg.profile == "tiny":
-        rc = main(["init-models", "--profile", cfg.profile])
-        if rc:
-            return rc
     if not stages:
         print("pipeline: dvc.yaml has no stages yet; ran what exists (config check, base models).")
     else:
         cmd = ["dvc", "repro", *(args.targets or [])]
         print(f"pipeline: {' '.join(cmd)}", flush=True)
-        rc = subprocess.call(cmd)
+        env = dict(os.environ)  # stage cmds run `python -m flows.…`: this environment's python
+        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+        rc = subprocess.call(cmd, env=env)
         if rc:
             return rc
     if missing:

@@ -151,3 +151,27 @@ def tiny_mllm_encoder(tiny_mllm_dir):
     m = load_config(profile="tiny").mllm
     return MLLMEncoder.from_pretrained(tiny_mllm_dir, m.layers_used, m.source_temporal_stride, m.max_length,
                                        expect_layers=m.num_layers, expect_hidden=m.hidden_size)
+
+
+@pytest.fixture(scope="session")
+def tiny_workspace(tmp_path_factory):
+    """A tiny-profile workspace in a temp dir: base models built, 40 Shapes samples curated.
+
+    Returns (cfg, overrides): `overrides` recompose the same config (for subprocess stages).
+    """
+    from loomcore.config import load_config
+    from loomcore.data.curate import curate
+    from loomcore.models.base_models import init_models
+
+    root = tmp_path_factory.mktemp("ws")
+    overrides = [
+        f"paths.data_root={root}/raw", f"paths.manifests={root}/manifests", f"paths.cache={root}/cache",
+        f"paths.runs={root}/runs", f"paths.models={root}/models",
+        f"models.transformer={root}/models/tiny/transformer", f"models.vae={root}/models/tiny/vae",
+        f"models.scheduler={root}/models/tiny/scheduler", f"models.mllm={root}/models/tiny/mllm",
+        "data.synthetic_samples=40", "data.shard_size=8",
+    ]
+    cfg = load_config(overrides, profile="tiny")
+    init_models(cfg)
+    curate(cfg, "synthetic", root / "raw", root / "manifests", progress=False)
+    return cfg, overrides

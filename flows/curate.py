@@ -1,0 +1,33 @@
+"""DVC stage `curate`: raw media + metadata (local dir, s3:// prefix, or the synthetic Shapes
+world) → data/manifests/{train,eval,rejects}.parquet + curate.json."""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+from prefect import flow
+
+from flows.common import stage_main
+from tasks.common import markdown_table, publish_markdown, publish_table
+from tasks.data import curate_task
+
+
+@flow(name="curate", log_prints=True)
+def curate_flow(profile: Optional[str] = None, overrides: Optional[List[str]] = None) -> dict:
+    summary = curate_task(profile, list(overrides or []))
+    rows = [{"task": k, "kept": v} for k, v in sorted(summary["per_task"].items())]
+    publish_table("curate-per-task", rows, "Kept rows per task kind")
+    rejects = [{"reason": k, "rows": v} for k, v in sorted(summary["rejected"]["by_reason"].items())]
+    publish_markdown(
+        "curate-summary",
+        f"# Curation\n\nsource `{summary['source']}` — rows in **{summary['rows_in']}**, kept "
+        f"**{summary['kept']['total']}** (train {summary['kept']['train']}, eval {summary['kept']['eval']}), "
+        f"rejected **{summary['rejected']['total']}**\n\n## Per task\n\n{markdown_table(rows)}\n"
+        f"## Rejects by reason\n\n{markdown_table(rejects)}",
+        "What the curate stage did",
+    )
+    return summary
+
+
+if __name__ == "__main__":
+    raise SystemExit(stage_main(curate_flow, __doc__))

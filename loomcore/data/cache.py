@@ -1,0 +1,269 @@
+"""The cache stage: codec latents + the MLLM's side for every kept manifest row (DESIGN §4).
+
+For each resolution a stage trains at, and each row whose task that stage samples, one cache
+entry holds:
+  target / source latents [C, f, h, w] (resized + centre-cropped to the row's bucket in that
+  resolution group), reference latents [C, 1, h_k, w_k] (each at its own nearest aspect), and the
+  MLLM side, by `mllm.feature_mode`:
+    cached — per-layer features [L, T, H] of the full condition and of the images/video alone
+             (what text dropout keeps), plus once the empty condition (all-dropout);
+    online — the MLLM's processed inputs (token ids, pixel values, grids) of both variants;
+             the frozen MLLM then runs inside the training step.
+The default follows the numbers: at paper scale 30 layers × ~500 tokens × 4096 in bf16 are
+~120 MB a sample (millions of samples fit no store) while the 8B forward is ~2% of a DiT step,
+so paper is `online`; the tiny profile's features are a few KB, so tiny is `cached`.
+
+Shards are the unit of resume (loomcore.data.shards): a killed run restarts at the first
+unfinished shard and never rewrites a finished one.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Tuple
+
+import pyarrow.parquet as pq
+import torch
+from tqdm import tqdm
+
+from loomcore.config import STAGES, Config
+from loomcore.data import shards
+from loomcore.data.buckets import nearest_size, resize_center_crop
+from loomcore.data.tasks import task_spec
+from loomcore.data.video_io import read_image, read_video
+from loomcore.diffusion.flow import dit_token_count
+
+CACHE_SUMMARY = "cache.json"
+MLLM_INPUT_KEYS = ("input_ids", "pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
+
+
+def plan(cfg: Config) -> Dict[str, List[str]]:
+    """{resolution: [task kinds]}: what the stages sample at each resolution."""
+    out: Dict[str, set] = defaultdict(set)
+    for name in STAGES:
+        s = cfg.stage(name)
+        out[s.resolution] |= {k for k, v in s.sampling.as_dict().items() if v > 0}
+    return {res: sorted(tasks) for res, tasks in sorted(out.items())}
+
+
+def _to_unit(frames_u8: torch.Tensor) -> torch.Tensor:
+    """uint8 [F, H, W, 3] -> float [3, F, H, W] in [-1, 1]."""
+    return frames_u8.permute(3, 0, 1, 2).float().div(127.5).sub(1.0)
+
+
+class _Media:
+    """Reads a manifest row's media at one resolution, as uint8 frames and codec inputs."""
+
+    def __init__(self, cfg: Config, data_root: Path):
+        self.cfg, self.root = cfg, data_root
+
+    def target_size(self, row: dict, res: str) -> Tuple[int, int]:
+        for b in row["bucket_sizes"]:
+            if b["res"] == res:
+                return int(b["width"]), int(b["height"])
+        raise ValueError(f"manifest row {row['id']}: no bucket size for resolution {res}")
+
+    def frames(self, rel: str, output: str, res: str, size: Tuple[int, int]) -> torch.Tensor:
+        path = self.root / rel
+        if output == "image":
+            x = read_image(path)[None]
+        else:
+            x = read_video(path, self.cfg.video.frames[res], self.cfg.video.fps)
+        return resize_center_crop(x, size)
+
+    def reference(self, rel: str, res: str) -> torch.Tensor:
+        img = read_image(self.root / rel)
+        size = nearest_size(img.shape[1], img.shape[0], self.cfg.buckets[res].sizes)
+        return resize_center_crop(img[None], size)
+
+
+def _nbytes(tensors: Dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def build_cache(
+    cfg: Config,
+    manifests: Optional[Path] = None,
+    out_dir: Optional[Path] = None,
+    data_root: Optional[Path] = None,
+    codec=None,
+    encoder=None,
+    on_progress: Optional[Callable[[int, int], None]] = None,
+    progress: bool = True,
+    stop_after_shards: Optional[int] = None,
+) -> dict:
+    """Encode every planned (row, resolution) into shards under `out_dir`; returns the summary.
+
+    `stop_after_shards` writes at most that many new shards and returns (tests use it to
+    interrupt a run at a shard boundary; a real interruption is a kill, which the atomic shard
+    writes make equivalent).
+    """
+    from loomcore.models.codec import load_codec
+    from loomcore.models.mllm import MLLMEncoder, MLLMRequest
+
+    t0 = time.monotonic()
+    manifests = Path(manifests or cfg.paths.manifests)
+    out_dir = Path(out_dir or cfg.paths.cache)
+    data_root = Path(data_root or cfg.paths.data_root)
+    rows: List[dict] = []
+    for split in ("train", "eval"):
+        path = manifests / f"{split}.parquet"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: missing (run the curate stage first)")
+        rows += [dict(r, split=split) for r in pq.read_table(path).to_pylist()]
+    rows.sort(key=lambda r: (r["split"], r["id"]))
+    media = _Media(cfg, data_root)
+    mode = cfg.mllm.feature_mode
+    dtype = torch.float32 if cfg.profile == "tiny" else torch.bfloat16
+
+    work: List[Tuple[str, str, List[dict]]] = []  # (shard name, resolution, rows)
+    for res, tasks in plan(cfg).items():
+        for split in ("train", "eval"):
+            todo = [r for r in rows if r["split"] == split and r["task"] in tasks]
+            n = cfg.data.shard_size
+            for i in range(0, len(todo), n):
+                work.append((f"{split}-{res}-{i // n:05d}.safetensors", res, todo[i:i + n]))
+
+    total = sum(len(w[2]) for w in work)
+    done_rows, written, skipped_shards, skipped_rows = 0, 0, 0, []
+    bytes_by_mode = {"cached": 0, "online": 0, "samples": 0}
+    bar = tqdm(total=total, desc="cache", unit="sample", disable=not progress)
+    for name, res, chunk in work:
+        if shards.shard_done(out_dir, name):
+            skipped_shards += 1
+        elif stop_after_shards is not None and written >= stop_after_shards:
+            break
+        else:
+            codec = codec or load_codec(cfg.models.codec, cfg.models.vae)
+            encoder = encoder or MLLMEncoder.from_config(cfg)
+            tensors, index_rows, skipped = _encode_chunk(cfg, chunk, res, media, codec, encoder, mode, dtype, MLLMRequest, bytes_by_mode)
+            skipped_rows += skipped
+            shards.write_shard(out_dir, name, tensors, index_rows)
+            written += 1
+        done_rows += len(chunk)
+        bar.update(len(chunk))
+        if on_progress:
+            on_progress(done_rows, total)
+    bar.close()
+    finished = [w[0] for w in work if shards.shard_done(out_dir, w[0])]
+    complete = len(finished) == len(work)
+    if complete:
+        if mode == "cached" and not (out_dir / "null.safetensors").is_file():
+            encoder = encoder or MLLMEncoder.from_config(cfg)
+            null = encoder.encode([MLLMRequest(task="t2i", drop="all")])
+            shards.write_null_context(out_dir, null.hidden_states[0, :, : int(null.lengths[0])].to(dtype))
+        n_index, _ = shards.finalize(out_dir, finished)
+    else:
+        n_index = None
+    index_rows = pq.read_table(out_dir / shards.INDEX_FILE).to_pylist() if complete else []
+    per_res = defaultdict(int)
+    for r in index_rows:
+        per_res[r["resolution"]] += 1
+    summary = {
+        "complete": complete,
+        "samples": n_index,
+        "shards": len(work),
+        "shards_written": written,
+        "shards_skipped": skipped_shards,
+        "feature_mode": mode,
+        "per_resolution": dict(sorted(per_res.items())),
+        "plan": plan(cfg),
+        "skipped_rows": skipped_rows,  # rows that cannot be cached at a resolution, with why
+        "timing": {"seconds": round(time.monotonic() - t0, 3)},
+    }
+    if index_rows:
+        summary["bytes_per_sample"] = {"stored": sum(r["bytes"] for r in index_rows) // len(index_rows)}
+    if bytes_by_mode["samples"]:
+        n = bytes_by_mode["samples"]  # measured on the samples encoded by this run
+        summary.setdefault("bytes_per_sample", {}).update(cached_features=bytes_by_mode["cached"] // n, online_inputs=bytes_by_mode["online"] // n)
+        summary["timing"]["samples_per_s"] = round(n / max(summary["timing"]["seconds"], 1e-9), 2)
+    if complete:
+        (out_dir / CACHE_SUMMARY).write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    return summary
+
+
+def _encode_chunk(cfg, chunk, res, media, codec, encoder, mode, dtype, MLLMRequest, bytes_by_mode):
+    tensors: Dict[str, torch.Tensor] = {}
+    index_rows: List[dict] = []
+    skipped: List[dict] = []
+    pt, ph, pw = cfg.dit.patch_size
+    requests, visual_requests, prepared = [], [], []
+    for row in chunk:
+        spec = task_spec(row["task"])
+        size = media.target_size(row, res)
+        try:
+            target = media.frames(row["media"], spec.output, res, size)
+            source = media.frames(row["source"], spec.output, res, size) if row["source"] else None
+            refs = [media.reference(r, res) for r in row["refs"]]
+        except ValueError as e:  # e.g. a video too short for this resolution's frame count
+            skipped.append({"id": row["id"], "resolution": res, "reason": str(e)})
+            continue
+        text = row["caption"] or ""
+        req = MLLMRequest(task=row["task"], text=text, references=[r[0] for r in refs], source=source)
+        requests.append(req)
+        visual_requests.append(MLLMRequest(task=row["task"], text=text, references=req.references, source=source, drop="text") if req.has_visual else None)
+        prepared.append((row, target, source, refs))
+
+    # MLLM side, batched
+    full = vis = None
+    if mode == "cached" and requests:
+        full = encoder.encode(requests, batch_size=cfg.data.cache_batch_size)
+        with_vis = [i for i, r in enumerate(visual_requests) if r is not None]
+        if with_vis:
+            vis = (with_vis, encoder.encode([visual_requests[i] for i in with_vis], batch_size=cfg.data.cache_batch_size))
+
+    for i, (row, target, source, refs) in enumerate(prepared):
+        sid = row["id"]
+        entries: Dict[str, list] = {}
+        own: Dict[str, torch.Tensor] = {}
+
+        def put(name, t):
+            key = f"{sid}/{name}"
+            own[key] = t
+            entries[name] = shards.tensor_entry(key, t)
+
+        with torch.no_grad():
+            put("target", codec.encode(_to_unit(target)[None])[0].to(dtype))
+            if source is not None:
+                put("source", codec.encode(_to_unit(source)[None])[0].to(dtype))
+            for k, r in enumerate(refs):
+                put(f"ref{k}", codec.encode(_to_unit(r)[None])[0].to(dtype))
+        # bytes of each MLLM mode, measured on this very sample
+        tok = encoder.tokenize(requests[i])
+        online_bytes = _nbytes({k: v for k, v in tok.items() if k in MLLM_INPUT_KEYS})
+        vis_tok = encoder.inputs.visual_only(tok) if visual_requests[i] is not None else None
+        if vis_tok is not None:
+            online_bytes += _nbytes({k: v for k, v in vis_tok.items() if k in MLLM_INPUT_KEYS})
+        if mode == "cached":
+            n = int(full.lengths[i])
+            put("context", full.hidden_states[i, :, :n].to(dtype))
+            if vis is not None and i in vis[0]:
+                j = vis[0].index(i)
+                put("context_visual", vis[1].hidden_states[j, :, : int(vis[1].lengths[j])].to(dtype))
+            ctx_tokens = n
+            cached_bytes = sum(_nbytes({k: v}) for k, v in own.items() if k.endswith(("context", "context_visual")))
+        else:
+            for key in MLLM_INPUT_KEYS:
+                if key in tok:
+                    put(f"mllm/{key}", tok[key])
+                if vis_tok is not None and key in vis_tok:
+                    put(f"mllm_visual/{key}", vis_tok[key])
+            ctx_tokens = int(tok["input_ids"].shape[1])
+            L, H = cfg.mllm.layers_used, cfg.mllm.hidden_size
+            cached_bytes = L * H * (ctx_tokens + (int(vis_tok["input_ids"].shape[1]) if vis_tok is not None else 0)) * torch.finfo(dtype).bits // 8
+        bytes_by_mode["cached"] += cached_bytes
+        bytes_by_mode["online"] += online_bytes
+        bytes_by_mode["samples"] += 1
+        lat = own[f"{sid}/target"]
+        dit = dit_token_count(lat.shape[1], lat.shape[2], lat.shape[3], (pt, ph, pw))
+        dit += sum(dit_token_count(1, own[f"{sid}/ref{k}"].shape[2], own[f"{sid}/ref{k}"].shape[3], (pt, ph, pw)) for k in range(len(refs)))
+        tensors.update(own)
+        index_rows.append(dict(
+            id=sid, task=row["task"], caption=row["caption"] or "", split=row["split"], resolution=res,
+            num_refs=len(refs), tokens=dit + ctx_tokens, dit_tokens=dit, context_tokens=ctx_tokens,
+            bytes=_nbytes(own), tensors=shards.tensors_json(entries),
+        ))
+    return tensors, index_rows, skipped

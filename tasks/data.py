@@ -1,0 +1,43 @@
+"""Prefect tasks of the data stages: thin wrappers that load the config and call loomcore.
+
+Retries: curation reads S3 and local disks; a transient failure there (a dropped connection
+past botocore's own retries) is worth another try. Results are never cached by Prefect.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Sequence
+
+from prefect import task
+
+from tasks.common import NO_CACHE, Progress, load_stage_config, logger
+
+
+@task(name="curate", retries=2, retry_delay_seconds=10, cache_policy=NO_CACHE)
+def curate_task(profile: Optional[str] = None, overrides: Sequence[str] = ()) -> dict:
+    from loomcore.data.curate import curate
+    from loomcore.storage import S3Settings
+
+    cfg = load_stage_config(profile, overrides)
+    log = logger()
+    log.info("curating %s into %s (data root %s)", cfg.data.source, cfg.paths.manifests, cfg.paths.data_root)
+    summary = curate(
+        cfg, cfg.data.source, Path(cfg.paths.data_root), Path(cfg.paths.manifests),
+        s3_settings=S3Settings.from_config(cfg.s3), on_progress=Progress("curate: rows checked"),
+    )
+    log.info("kept %s, rejected %s of %s rows", summary["kept"]["total"], summary["rejected"]["total"], summary["rows_in"])
+    return summary
+
+
+@task(name="cache", retries=1, retry_delay_seconds=10, cache_policy=NO_CACHE)
+def cache_task(profile: Optional[str] = None, overrides: Sequence[str] = ()) -> dict:
+    from loomcore.data.cache import build_cache
+
+    cfg = load_stage_config(profile, overrides)
+    log = logger()
+    log.info("caching %s into %s (MLLM features: %s)", cfg.paths.manifests, cfg.paths.cache, cfg.mllm.feature_mode)
+    summary = build_cache(cfg, on_progress=Progress("cache: samples encoded"))
+    log.info("cached %s samples in %s shards (%s written now, %s resumed)", summary["samples"], summary["shards"],
+             summary["shards_written"], summary["shards_skipped"])
+    return summary

@@ -1,0 +1,95 @@
+"""The cache stage on real files: latents + MLLM features, shards, resume, and the loader on top."""
+
+import json
+import os
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from loomcore.data.cache import build_cache, plan
+from loomcore.data.loader import CacheError, PackedLoader, read_index
+from loomcore.models.codec import load_codec
+
+
+def test_plan_follows_the_stage_ratios():
+    from loomcore.config import load_config
+
+    p = plan(load_config(profile="paper"))
+    assert p["256p"] == ["t2i", "t2v"]  # stage 1 samples only T2I and T2V at 256p
+    assert set(p["480p"]) == {"t2i", "t2v", "image_recon", "video_recon", "ti2i", "tv2v", "tir2i", "tvr2v", "mi2i", "mi2v"}
+
+
+def test_cache_resumes_at_the_first_unfinished_shard(tiny_workspace, tmp_path):
+    cfg, _ = tiny_workspace
+    out = tmp_path / "cache"
+    first = build_cache(cfg, out_dir=out, progress=False, stop_after_shards=2)  # "killed" after 2 shards
+    assert not first["complete"] and first["shards_written"] == 2
+    assert not (out / "index.parquet").exists()  # nothing half-visible: no index until complete
+    done = sorted(p for p in out.glob("*.safetensors"))
+    stamps = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in done}
+    assert not list(out.glob(".*tmp*"))
+    second = build_cache(cfg, out_dir=out, progress=False)
+    assert second["complete"] and second["shards_skipped"] == 2
+    assert second["shards_written"] == second["shards"] - 2
+    for p in done:  # finished shards are never rewritten
+        assert (p.stat().st_ino, p.stat().st_mtime_ns) == stamps[p.name]
+    index = pq.read_table(out / "index.parquet").to_pylist()
+    manifest_ids = {r["id"] for s in ("train", "eval") for r in pq.read_table(cfg.paths.manifests + f"/{s}.parquet").to_pylist()}
+    assert {r["id"] for r in index} == manifest_ids  # every kept row is cached (the plan covers all tasks)
+    summary = json.loads((out / "cache.json").read_text())
+    assert summary["bytes_per_sample"]["cached_features"] > 0 and summary["bytes_per_sample"]["online_inputs"] > 0
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tiny_workspace, tmp_path_factory):
+    cfg, _ = tiny_workspace
+    out = tmp_path_factory.mktemp("cache")
+    build_cache(cfg, out_dir=out, progress=False)
+    return out
+
+
+def test_cached_entries_match_the_codec_and_index(tiny_workspace, cache_dir):
+    cfg, _ = tiny_workspace
+    rows = read_index(cache_dir, "train", "480p")
+    loader = PackedLoader(cache_dir, cfg.stage3.sampling.as_dict(), cfg.stage3.max_tokens, "480p", seed=0)
+    codec = load_codec(cfg.models.codec, cfg.models.vae)
+    seen = set()
+    for _ in range(10):
+        batch = next(loader)
+        assert batch.tokens <= cfg.stage3.max_tokens
+        for s in batch.samples:
+            seen.add(s.task)
+            assert s.target.shape[0] == cfg.codec.latent_channels
+            video = codec.decode(s.target[None])  # lossless codec: pixels come back in [-1, 1]
+            assert video.min() >= -1 and video.max() <= 1
+            assert s.context.shape[0] == cfg.mllm.layers_used and s.context.shape[2] == cfg.mllm.hidden_size
+            n_refs = {"tir2i": 1, "tvr2v": 1}.get(s.task)
+            if n_refs:
+                assert len(s.refs) == 1 and s.refs[0].shape[1] == 1
+            if s.task in ("tv2v", "ti2i", "video_recon", "image_recon", "tir2i", "tvr2v"):
+                assert s.source is not None and s.source.shape == s.target.shape
+            if s.task in ("video_recon", "image_recon"):
+                assert torch.equal(s.source, s.target)
+            assert (s.context_visual is not None) == (s.task not in ("t2i", "t2v"))
+    assert len(seen) >= 5
+    assert loader.null_context is not None and loader.null_context.shape[0] == cfg.mllm.layers_used
+    assert rows and all(r["tokens"] == r["dit_tokens"] + r["context_tokens"] for r in rows)
+
+
+def test_a_shard_that_disagrees_with_the_index_is_named(tiny_workspace, cache_dir, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    bad = tmp_path / "bad"
+    shutil.copytree(cache_dir, bad)
+    row = read_index(bad, "train", "256p")[0]
+    data = load_file(bad / row["shard"])
+    key = f"{row['id']}/target"
+    data[key] = data[key].to(torch.float16)
+    save_file(data, bad / row["shard"])
+    loader = PackedLoader(bad, {row["task"]: 1.0}, 10_000, "256p", seed=0)
+    with pytest.raises(CacheError, match=rf"{row['shard']}.*dtype torch.float16, the index says float32"):
+        for _ in range(30):
+            next(loader)
