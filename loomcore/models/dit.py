@@ -1,0 +1,643 @@
+"""LoomDiT: Wan2.2-TI2V's DiT with Deepstack MLLM conditioning, Scale-and-Add source latents and
+reference images at negative temporal RoPE positions (paper §3.1; DESIGN §3).
+
+Parameter names are diffusers' `WanTransformer3DModel`'s, plus `mllm_embedder.*` and
+`source_patch_embedding.*`, so a diffusers Wan checkpoint and the authors' release load by
+name. With no source, no references and one context for every block, the output equals
+`WanTransformer3DModel`'s.
+
+Everything runs on a pack: the tokens of several samples on one axis (DESIGN §4 "Packing").
+`forward_packed` is the native entry point; `forward` takes diffusers-style batched tensors,
+packs them and unpacks the result. Inside a pack, sample s is laid out as
+[its target tokens | reference 1 | … | reference K]; the output holds target tokens only.
+
+Latent ↔ token convention (`patchify`): a token is one (pt, ph, pw) patch flattened with the
+channel last, [pt·ph·pw·C], which is also the layout `proj_out` predicts; the patch embedding
+is applied as a linear map on these vectors (the Conv3d's weight, permuted).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+from typing import NamedTuple, Sequence
+
+import torch
+import torch.nn.functional as F
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.attention import FeedForward
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
+from diffusers.models.modeling_utils import ModelMixin
+from diffusers.models.normalization import FP32LayerNorm
+from diffusers.models.transformers.transformer_wan import WanTimeTextImageEmbedding
+from torch import nn
+
+from .attention import BACKENDS, AttentionSegments, LoomAttention
+from .deepstack import MLLMProjector
+from .rope import RotaryPosEmbed3D, grid_position_ids
+
+Context = torch.Tensor | Sequence[torch.Tensor]
+
+# -------------------------------------------------------------------------------------------
+# Latents ↔ tokens, and the layout of a pack
+
+
+def patchify(latents: torch.Tensor, patch_size: Sequence[int]) -> torch.Tensor:
+    """[B, C, F, H, W] → [B, F'·H'·W', pt·ph·pw·C]: frame-major tokens, channel last in a patch."""
+    b, c, f, h, w = latents.shape
+    pt, ph, pw = patch_size
+    x = latents.reshape(b, c, f // pt, pt, h // ph, ph, w // pw, pw)
+    x = x.permute(0, 2, 4, 6, 3, 5, 7, 1)  # [B, F', H', W', pt, ph, pw, C]
+    return x.reshape(b, (f // pt) * (h // ph) * (w // pw), pt * ph * pw * c)
+
+
+def unpatchify(tokens: torch.Tensor, grid: Sequence[int], patch_size: Sequence[int]) -> torch.Tensor:
+    """[B, F'·H'·W', pt·ph·pw·C] → [B, C, F, H, W]; the inverse of `patchify`."""
+    (f, h, w), (pt, ph, pw) = grid, patch_size
+    x = tokens.reshape(tokens.shape[0], f, h, w, pt, ph, pw, -1)
+    x = x.permute(0, 7, 1, 4, 2, 5, 3, 6)  # [B, C, F', pt, H', ph, W', pw]
+    return x.reshape(tokens.shape[0], -1, f * pt, h * ph, w * pw)
+
+
+def pack_latents(latents: Sequence[torch.Tensor], patch_size: Sequence[int]):
+    """Per-sample latents [C, F, H, W] → (tokens [N, pt·ph·pw·C], grid_sizes ((F', H', W'), …))."""
+    tokens = [patchify(z[None], patch_size)[0] for z in latents]
+    grids = tuple(tuple(d // p for d, p in zip(z.shape[1:], patch_size)) for z in latents)
+    return torch.cat(tokens), grids
+
+
+def unpack_latents(tokens: torch.Tensor, grid_sizes, patch_size: Sequence[int]) -> list[torch.Tensor]:
+    """Packed tokens [N, pt·ph·pw·C] → per-sample latents [C, F, H, W]."""
+    pieces = tokens.split([math.prod(g) for g in grid_sizes])
+    return [unpatchify(x[None], g, patch_size)[0] for x, g in zip(pieces, grid_sizes)]
+
+
+def pack_references(references: Sequence[torch.Tensor | None], patch_size: Sequence[int]):
+    """Per-sample references [K, C, 1, H, W] (or None) → (tokens [N_ref, P] or None, reference_sizes)."""
+    tokens, sizes = [], []
+    for refs in references:
+        if refs is None or refs.shape[0] == 0:
+            sizes.append(())
+            continue
+        tokens.append(patchify(refs, patch_size).flatten(0, 1))  # [K·H'·W', P]
+        sizes.append(((refs.shape[3] // patch_size[1], refs.shape[4] // patch_size[2]),) * refs.shape[0])
+    return (torch.cat(tokens) if tokens else None), tuple(sizes)
+
+
+def _host_cumulative(lengths: Sequence[int]) -> tuple[int, ...]:
+    return (0, *itertools.accumulate(lengths))
+
+
+def _cumulative(lengths: Sequence[int]) -> torch.Tensor:
+    return torch.tensor(_host_cumulative(lengths), dtype=torch.int32)
+
+
+@dataclass(frozen=True)
+class PackLayout:
+    """The host-side shapes of one pack. Sample s has a post-patch target grid grid_sizes[s] =
+    (F', H', W'), context_lengths[s] context tokens and reference_sizes[s] = ((H', W') per
+    reference); empty reference_sizes means no references anywhere."""
+
+    grid_sizes: tuple[tuple[int, int, int], ...]
+    context_lengths: tuple[int, ...]
+    reference_sizes: tuple[tuple[tuple[int, int], ...], ...] = ()
+
+    def __post_init__(self):
+        grids = tuple(tuple(int(d) for d in g) for g in self.grid_sizes)
+        contexts = tuple(int(n) for n in self.context_lengths)
+        refs = tuple(tuple((int(h), int(w)) for h, w in r) for r in self.reference_sizes) or ((),) * len(grids)
+        if len(contexts) != len(grids) or len(refs) != len(grids) or not grids:
+            raise ValueError(f"layout: {len(grids)} grid_sizes, {len(contexts)} context_lengths, {len(refs)} reference_sizes")
+        if any(len(g) != 3 or min(g) < 1 for g in grids):
+            raise ValueError(f"layout.grid_sizes: expected positive (F', H', W') per sample, got {grids}")
+        if min(contexts) < 1:
+            raise ValueError(f"layout.context_lengths: every sample needs at least one context token, got {contexts}")
+        object.__setattr__(self, "grid_sizes", grids)
+        object.__setattr__(self, "context_lengths", contexts)
+        object.__setattr__(self, "reference_sizes", refs)
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.grid_sizes)
+
+    @property
+    def target_lengths(self) -> tuple[int, ...]:
+        return tuple(math.prod(g) for g in self.grid_sizes)
+
+    @property
+    def reference_lengths(self) -> tuple[int, ...]:
+        return tuple(sum(h * w for h, w in refs) for refs in self.reference_sizes)
+
+    @property
+    def sequence_lengths(self) -> tuple[int, ...]:
+        """Self-attention length per sample: target plus reference tokens."""
+        return tuple(t + r for t, r in zip(self.target_lengths, self.reference_lengths))
+
+    @property
+    def cu_seqlens(self) -> torch.Tensor:  # [S+1] int32: self-attention (targets + references)
+        return _cumulative(self.sequence_lengths)
+
+    @property
+    def context_cu_seqlens(self) -> torch.Tensor:  # [S+1] int32: cross-attention keys
+        return _cumulative(self.context_lengths)
+
+    @property
+    def target_cu_seqlens(self) -> torch.Tensor:  # [S+1] int32: rows of hidden_states and of the output
+        return _cumulative(self.target_lengths)
+
+    def target_sample_index(self, device=None) -> torch.Tensor:
+        """[N] sample of each target token: for a per-sample loss (`index_add_` / `bincount`)."""
+        lengths = torch.tensor(self.target_lengths, device=device)
+        return torch.repeat_interleave(torch.arange(self.num_samples, device=device), lengths)
+
+
+@dataclass(frozen=True)
+class _PackPlan:
+    """Device-side index tensors for one pack, derived from its layout."""
+
+    position_ids: torch.Tensor  # [N_all, 3] (t, h, w) of every token
+    order: torch.Tensor | None  # [N_all] gathers cat([targets, references]) into sample-major order
+    target_index: torch.Tensor | None  # [N] position of each target token in that order
+    target_rows: torch.Tensor  # [N] time row of each target token
+    time_index: torch.Tensor  # [N_all] time row of every token (references: the zero row)
+    self_segments: AttentionSegments
+    cross_segments: AttentionSegments
+
+
+def _pack_plan(layout: PackLayout, per_token: bool, ref_offset: int, device, backend: str) -> _PackPlan:
+    n_target = sum(layout.target_lengths)
+    zero_row = n_target if per_token else layout.num_samples
+    positions, order, target_index, target_rows = [], [], [], []
+    target_start = ref_start = seq_start = 0
+    for s, (grid, refs) in enumerate(zip(layout.grid_sizes, layout.reference_sizes)):  # loop over samples
+        n = math.prod(grid)
+        positions.append(grid_position_ids(*grid))  # target frames at 0..F'−1
+        order.append(torch.arange(target_start, target_start + n))
+        target_index.append(torch.arange(seq_start, seq_start + n))
+        target_rows.append(torch.arange(target_start, target_start + n) if per_token else torch.full((n,), s))
+        for k, (h, w) in enumerate(refs, start=1):  # paper §3.1: reference k at temporal position −δ·k
+            positions.append(grid_position_ids(1, h, w, first_frame=-ref_offset * k))
+            order.append(torch.arange(n_target + ref_start, n_target + ref_start + h * w))
+            ref_start += h * w
+        target_start += n
+        seq_start += layout.sequence_lengths[s]
+    target_rows = torch.cat(target_rows)
+    if ref_start:
+        order = torch.cat(order)
+        time_index = torch.cat([target_rows, torch.full((ref_start,), zero_row)])[order]
+        order, target_index = order.to(device), torch.cat(target_index).to(device)
+    else:
+        order, target_index, time_index = None, None, target_rows
+    host_seq, host_ctx = _host_cumulative(layout.sequence_lengths), _host_cumulative(layout.context_lengths)
+    cu_seq, cu_ctx = layout.cu_seqlens.to(device), layout.context_cu_seqlens.to(device)
+    max_seq, max_ctx = max(layout.sequence_lengths), max(layout.context_lengths)
+    return _PackPlan(
+        position_ids=torch.cat(positions).to(device),
+        order=order,
+        target_index=target_index,
+        target_rows=target_rows.to(device),
+        time_index=time_index.to(device),
+        self_segments=AttentionSegments(cu_seq, cu_seq, max_seq, max_seq, backend, (host_seq, host_seq)),
+        cross_segments=AttentionSegments(cu_seq, cu_ctx, max_seq, max_ctx, backend, (host_seq, host_ctx)),
+    )
+
+
+class LoomBlock(nn.Module):
+    """One Wan block on packed tokens; parameter names are diffusers' `WanTransformerBlock`'s."""
+
+    def __init__(self, dim: int, ffn_dim: int, num_heads: int, cross_attn_norm: bool, eps: float):
+        super().__init__()
+        self.norm1 = FP32LayerNorm(dim, eps, elementwise_affine=False)
+        self.attn1 = LoomAttention(dim, num_heads, eps)
+        self.attn2 = LoomAttention(dim, num_heads, eps)
+        self.norm2 = FP32LayerNorm(dim, eps, elementwise_affine=True) if cross_attn_norm else nn.Identity()
+        self.ffn = FeedForward(dim, inner_dim=ffn_dim, activation_fn="gelu-approximate")
+        self.norm3 = FP32LayerNorm(dim, eps, elementwise_affine=False)
+        self.scale_shift_table = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
+
+    def forward(
+        self,
+        x: torch.Tensor,  # [N, D] all tokens of the pack
+        context: torch.Tensor,  # [M, D] the pack's (projected) context tokens
+        time_rows: torch.Tensor,  # [R, 6, D] time projections; a reference's row is zero
+        time_index: torch.Tensor,  # [N] row of each token
+        rotary: tuple[torch.Tensor, torch.Tensor],  # (cos, sin) [N, head_dim/2]
+        self_segments: AttentionSegments,
+        cross_segments: AttentionSegments,
+    ) -> torch.Tensor:
+        modulation = (self.scale_shift_table + time_rows.float())[time_index]  # [N, 6, D] fp32
+        shift, scale, gate, c_shift, c_scale, c_gate = modulation.unbind(1)
+
+        # 1. Self-attention (adaLN, RoPE), block-diagonal over the pack's samples
+        h = (self.norm1(x.float()) * (1 + scale) + shift).type_as(x)
+        x = (x.float() + self.attn1(h, None, rotary, self_segments) * gate).type_as(x)
+
+        # 2. Cross-attention to the sample's own context
+        h = self.norm2(x.float()).type_as(x)
+        x = x + self.attn2(h, context, None, cross_segments)
+
+        # 3. Feed-forward (adaLN)
+        h = (self.norm3(x.float()) * (1 + c_scale) + c_shift).type_as(x)
+        return (x.float() + self.ffn(h).float() * c_gate).type_as(x)
+
+
+def loomdit_kwargs(cfg, use_source_embedding: bool = True) -> dict:
+    """LoomDiT constructor kwargs from the project config (`cfg.dit`, `cfg.mllm`, `cfg.rope`, `cfg.flow`)."""
+    if cfg.mllm.layers_used != cfg.dit.num_layers:
+        raise ValueError(f"mllm.layers_used: expected dit.num_layers={cfg.dit.num_layers} (one MLLM layer per block), got {cfg.mllm.layers_used}")
+    dit = {k: getattr(cfg.dit, k) for k in (
+        "patch_size", "num_attention_heads", "attention_head_dim", "in_channels", "out_channels", "text_dim",
+        "freq_dim", "ffn_dim", "num_layers", "cross_attn_norm", "qk_norm", "eps", "rope_max_seq_len",
+    )}
+    return {
+        **dit, "patch_size": tuple(dit["patch_size"]), "mllm_dim": cfg.mllm.hidden_size,
+        "projector_mult": cfg.mllm.projector_mult, "ref_offset": cfg.rope.ref_offset,
+        "use_source_embedding": use_source_embedding, "timestep_scale": cfg.flow.timestep_scale,
+    }
+
+
+def _patch_linear(conv: nn.Conv3d) -> tuple[torch.Tensor, torch.Tensor]:
+    """A patch Conv3d (kernel = stride) as a linear map on patchified tokens: W [D, pt·ph·pw·C], b [D]."""
+    return conv.weight.permute(0, 2, 3, 4, 1).flatten(1), conv.bias
+
+
+class LoomDiT(ModelMixin, ConfigMixin):
+    """The LoomVideo DiT. Constructor kwargs are WanTransformer3DModel's plus:
+
+    mllm_dim: width of the MLLM hidden states (Qwen3-VL-8B: 4096).
+    projector_mult: hidden width of `mllm_embedder` as a multiple of the DiT width (4).
+    ref_offset: δ, reference k sits at temporal RoPE position −δ·k (10).
+    use_source_embedding: whether the model has `source_patch_embedding` (Scale-and-Add).
+    timestep_scale: the timestep input is timestep_scale·t, t ∈ [0, 1] the flow time (1000).
+
+    `rope_max_seq_len` is kept for config compatibility; positions are computed, not looked up.
+    `image_dim`, `added_kv_proj_dim` and `pos_embed_seq_len` (Wan2.1 I2V) must stay None.
+    """
+
+    _supports_gradient_checkpointing = True
+    _skip_layerwise_casting_patterns = ["patch_embedding", "condition_embedder", "norm"]
+    _no_split_modules = ["LoomBlock"]
+    _keep_in_fp32_modules = ["time_embedder", "scale_shift_table", "norm1", "norm2", "norm3"]
+    _repeated_blocks = ["LoomBlock"]
+
+    @register_to_config
+    def __init__(
+        self,
+        patch_size: Sequence[int] = (1, 2, 2),
+        num_attention_heads: int = 24,
+        attention_head_dim: int = 128,
+        in_channels: int = 48,
+        out_channels: int | None = 48,
+        text_dim: int = 4096,
+        freq_dim: int = 256,
+        ffn_dim: int = 14336,
+        num_layers: int = 30,
+        cross_attn_norm: bool = True,
+        qk_norm: str | None = "rms_norm_across_heads",
+        eps: float = 1e-6,
+        image_dim: int | None = None,
+        added_kv_proj_dim: int | None = None,
+        rope_max_seq_len: int = 1024,
+        pos_embed_seq_len: int | None = None,
+        mllm_dim: int = 4096,
+        projector_mult: int = 4,
+        ref_offset: int = 10,
+        use_source_embedding: bool = True,
+        timestep_scale: float = 1000.0,
+    ):
+        super().__init__()
+        for name, value in (("image_dim", image_dim), ("added_kv_proj_dim", added_kv_proj_dim), ("pos_embed_seq_len", pos_embed_seq_len)):
+            if value is not None:
+                raise ValueError(f"{name}: Wan2.1 image conditioning is not supported by LoomDiT, expected None, got {value}")
+        if qk_norm != "rms_norm_across_heads":
+            raise ValueError(f"qk_norm: expected 'rms_norm_across_heads' (Wan2.2), got {qk_norm!r}")
+        if len(patch_size) != 3:
+            raise ValueError(f"patch_size: expected (pt, ph, pw), got {patch_size}")
+        inner_dim = num_attention_heads * attention_head_dim
+        out_channels = out_channels or in_channels
+        self.patch_size = tuple(int(p) for p in patch_size)
+
+        # 1. Patch embeddings and position embedding
+        self.rope = RotaryPosEmbed3D(attention_head_dim)
+        self.patch_embedding = nn.Conv3d(in_channels, inner_dim, kernel_size=self.patch_size, stride=self.patch_size)
+        self.source_patch_embedding = (  # paper §3.1, eq. 2: P_src, zero-initialised
+            nn.Conv3d(in_channels, inner_dim, kernel_size=self.patch_size, stride=self.patch_size)
+            if use_source_embedding
+            else None
+        )
+
+        # 2. Condition embeddings: Wan's time/text embedder, and the shared Deepstack projector (eq. 1)
+        self.condition_embedder = WanTimeTextImageEmbedding(
+            dim=inner_dim, time_freq_dim=freq_dim, time_proj_dim=inner_dim * 6, text_embed_dim=text_dim
+        )
+        self.mllm_embedder = MLLMProjector(mllm_dim, inner_dim, mult=projector_mult)
+
+        # 3. Transformer blocks
+        self.blocks = nn.ModuleList(
+            [LoomBlock(inner_dim, ffn_dim, num_attention_heads, cross_attn_norm, eps) for _ in range(num_layers)]
+        )
+
+        # 4. Output norm and projection
+        self.norm_out = FP32LayerNorm(inner_dim, eps, elementwise_affine=False)
+        self.proj_out = nn.Linear(inner_dim, out_channels * math.prod(self.patch_size))
+        self.scale_shift_table = nn.Parameter(torch.randn(1, 2, inner_dim) / inner_dim**0.5)
+
+        self.init_added_modules()
+        self.gradient_checkpointing = False
+        self.attention_backend = "auto"
+
+    # ---------------------------------------------------------------------------------------
+    # Set-up
+
+    ADDED_PREFIXES = ("mllm_embedder.", "source_patch_embedding.")
+
+    def init_added_modules(self, names: Sequence[str] = ("mllm_embedder", "source_patch_embedding")) -> None:
+        """(Re)initialise modules LoomVideo adds to Wan; their last layers start at zero (paper §3.1)."""
+        if "mllm_embedder" in names:
+            self.mllm_embedder.reset_parameters()
+        if "source_patch_embedding" in names and self.source_patch_embedding is not None:
+            nn.init.zeros_(self.source_patch_embedding.weight)
+            nn.init.zeros_(self.source_patch_embedding.bias)
+
+    def set_attention_backend(self, backend: str) -> None:
+        """Choose the attention kernel (see `attention.py`): auto, sdpa, varlen, flash_attn, flex, reference."""
+        if backend not in BACKENDS:
+            raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+        self.attention_backend = backend
+
+    def reset_attention_backend(self) -> None:
+        self.attention_backend = "auto"
+
+    @classmethod
+    def from_wan_transformer(cls, source, **extra) -> tuple["LoomDiT", "LoadReport"]:  # noqa: F821
+        """Build a LoomDiT from a diffusers Wan transformer (a saved directory or an instance).
+
+        Returns (model, report); the report names the new parameters and the loaded ones that
+        only Wan's text path uses. See `release.load_wan_transformer`.
+        """
+        from .release import load_wan_transformer
+
+        return load_wan_transformer(source, **extra)
+
+    # ---------------------------------------------------------------------------------------
+    # Entry points
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: Context,
+        source_latents: torch.Tensor | None = None,
+        reference_latents: torch.Tensor | Sequence[torch.Tensor | None] | None = None,
+        encoder_attention_mask: torch.Tensor | None = None,
+        return_dict: bool = True,
+        attention_kwargs: dict | None = None,
+    ):
+        """Batched, diffusers-style forward.
+
+        hidden_states: [B, C, F, H, W] noisy latents z_t.
+        timestep: [B], or [B, F'·H'·W'] per target token (Wan2.2 TI2V); 1000·t.
+        encoder_hidden_states: [B, L, text_dim] → Wan's text path (one context for every block);
+            [B, num_layers, L, mllm_dim] or a list of num_layers [B, L, mllm_dim] → Deepstack,
+            block i cross-attends to mllm_embedder(states[i]).
+        source_latents: [B, C, F, H, W] clean source latents (zeros for a sample without one).
+        reference_latents: [B, K, C, 1, H_r, W_r], or per sample [K_i, C, 1, H_i, W_i] / None.
+        encoder_attention_mask: [B, L], true/1 where a context token is real (padding is not attended).
+        Returns `Transformer2DModelOutput(sample=[B, out_channels, F, H, W])` or `(sample,)`.
+        """
+        if attention_kwargs:
+            raise ValueError(f"attention_kwargs: not supported by LoomDiT, got keys {sorted(attention_kwargs)}")
+        packed = _pack_batched(
+            self.config, self.patch_size, hidden_states, timestep, encoder_hidden_states,
+            source_latents, reference_latents, encoder_attention_mask,
+        )
+        tokens = self.forward_packed(*packed, return_dict=False)[0]  # [B·F'H'W', P_out]
+        grid = packed.layout.grid_sizes[0]
+        sample = unpatchify(tokens.reshape(hidden_states.shape[0], -1, tokens.shape[-1]), grid, self.patch_size)
+        return Transformer2DModelOutput(sample=sample) if return_dict else (sample,)
+
+    def forward_packed(
+        self,
+        hidden_states: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: Context,
+        layout: PackLayout,
+        source_hidden_states: torch.Tensor | None = None,
+        reference_hidden_states: torch.Tensor | None = None,
+        return_dict: bool = True,
+    ):
+        """Forward over one pack of samples with different (F, H, W) and context lengths.
+
+        hidden_states: [N, pt·ph·pw·C] target tokens of every sample, concatenated (`pack_latents`).
+        timestep: [S] one per sample, or [N] one per target token; 1000·t.
+        encoder_hidden_states: [M, text_dim] (Wan text path) or [num_layers, M, mllm_dim] / a list
+            of num_layers [M, mllm_dim] (Deepstack); the samples' context tokens, concatenated.
+        layout: the pack's shapes; `layout.cu_seqlens` (self-attention over target + reference
+            tokens) and `layout.context_cu_seqlens` (cross-attention keys) come from it.
+        source_hidden_states: [N, pt·ph·pw·C] clean source tokens aligned with hidden_states
+            (zeros for a sample without a source), or None (all zero).
+        reference_hidden_states: [N_ref, pt·ph·pw·C] reference tokens (`pack_references`).
+        Returns `Transformer2DModelOutput(sample=[N, pt·ph·pw·out_channels])` (target tokens only,
+        aligned with hidden_states: the flow loss is per row) or `(sample,)`.
+        """
+        deepstack = _check_packed(
+            self.config, self.patch_size, layout, hidden_states, timestep, encoder_hidden_states,
+            source_hidden_states, reference_hidden_states,
+        )
+        if source_hidden_states is not None and self.source_patch_embedding is None:
+            raise ValueError("source_hidden_states: this model has no source_patch_embedding (use_source_embedding=False)")
+        per_token = timestep.numel() != layout.num_samples
+        plan = _pack_plan(layout, per_token, self.config.ref_offset, hidden_states.device, self.attention_backend)
+        dtype = self.patch_embedding.weight.dtype
+
+        # 1. Time embedding: one row per timestep, plus a zero row for reference tokens
+        temb, time_rows = self._time_embedding(timestep.reshape(-1), hidden_states.device, dtype)
+
+        # 2. Token embeddings: Scale-and-Add source (eq. 2), references appended per sample
+        t_flow = timestep.reshape(-1).float()[plan.target_rows] / self.config.timestep_scale  # [N]
+        x = self._embed_targets(hidden_states.to(dtype), source_hidden_states, t_flow)
+        if plan.order is not None:
+            refs = F.linear(reference_hidden_states.to(dtype), *_patch_linear(self.patch_embedding))  # P, not P_src
+            x = torch.cat([x, refs])[plan.order]  # [N + N_ref, D], sample-major
+        rotary = self.rope(plan.position_ids)
+
+        # 3. Blocks: Deepstack gives block i the projected layer i; Wan's path one shared context
+        if deepstack:
+            contexts, project = encoder_hidden_states, True
+        else:
+            shared = self.condition_embedder.text_embedder(encoder_hidden_states.to(dtype))
+            contexts, project = [shared] * len(self.blocks), False
+        for i, block in enumerate(self.blocks):
+            args = (block, x, contexts[i], project, time_rows, plan.time_index, rotary, plan.self_segments, plan.cross_segments)
+            if torch.is_grad_enabled() and self.gradient_checkpointing:
+                x = self._gradient_checkpointing_func(self._block_step, *args)
+            else:
+                x = self._block_step(*args)
+
+        # 4. Output norm and projection, target tokens only (references take no loss)
+        if plan.target_index is not None:
+            x = x[plan.target_index]
+        shift, scale = (self.scale_shift_table + temb[plan.target_rows][:, None, :]).unbind(1)  # [N, D] each
+        x = (self.norm_out(x.float()) * (1 + scale) + shift).type_as(x)
+        out = self.proj_out(x)
+        return Transformer2DModelOutput(sample=out) if return_dict else (out,)
+
+    # ---------------------------------------------------------------------------------------
+    # Pieces
+
+    def _time_embedding(self, timestep: torch.Tensor, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """timestep [R] → temb [R, D] (output norm) and time rows [R + 1, 6, D] (blocks; last row 0)."""
+        ce = self.condition_embedder
+        freqs = ce.timesteps_proj(timestep.to(device))  # [R, freq_dim] fp32
+        time_embedder_dtype = ce.time_embedder.linear_1.weight.dtype
+        temb = ce.time_embedder(freqs.to(time_embedder_dtype)).to(dtype)  # [R, D]
+        rows = ce.time_proj(ce.act_fn(temb)).unflatten(1, (6, -1))  # [R, 6, D]
+        # references: a zero time embedding, so their adaLN is scale_shift_table alone (DESIGN §3)
+        return temb, torch.cat([rows, rows.new_zeros(1, *rows.shape[1:])])
+
+    def _embed_targets(self, tokens: torch.Tensor, source: torch.Tensor | None, t_flow: torch.Tensor) -> torch.Tensor:
+        """paper §3.1, eq. 2: h = P(z_t) + t·P_src(z_src); no source means z_src = 0, i.e. t·bias."""
+        x = F.linear(tokens, *_patch_linear(self.patch_embedding))  # [N, D]
+        if self.source_patch_embedding is None:
+            return x
+        weight, bias = _patch_linear(self.source_patch_embedding)
+        src = F.linear(source.to(x.dtype), weight, bias) if source is not None else bias.expand_as(x)
+        return x + (src.float() * t_flow[:, None]).to(x.dtype)
+
+    def _block_step(self, block, x, context, project, time_rows, time_index, rotary, self_segments, cross_segments):
+        if project:  # inside the (checkpointed) step: the projected context is recomputed, not stored
+            context = self.mllm_embedder(context.to(self.mllm_embedder.linear_1.weight.dtype))
+        return block(x, context.to(x.dtype), time_rows, time_index, rotary, self_segments, cross_segments)
+
+
+# -------------------------------------------------------------------------------------------
+# Input checks (ValueError names the argument, what was given and what was expected)
+
+
+def _check_context(config, context: Context, num_tokens: int | None, leading: tuple[int, ...]) -> bool:
+    """Check a context's shape; True for per-layer MLLM states (Deepstack), False for Wan's text path.
+
+    leading: () for packed contexts ([M, d] / [layers, M, d]), (B,) for batched ones.
+    """
+    lead = "".join(f"{d}, " for d in leading)
+    if isinstance(context, (list, tuple)):
+        if len(context) != config.num_layers:
+            raise ValueError(f"encoder_hidden_states: expected {config.num_layers} per-layer states (one per block), got {len(context)}")
+        for i, layer in enumerate(context):
+            if layer.ndim != len(leading) + 2 or layer.shape[: len(leading)] != leading or layer.shape[-1] != config.mllm_dim:
+                raise ValueError(f"encoder_hidden_states[{i}]: expected [{lead}tokens, mllm_dim={config.mllm_dim}], got {tuple(layer.shape)}")
+            _check_tokens(layer.shape[-2], num_tokens)
+        return True
+    if context.ndim == len(leading) + 2:
+        if context.shape[: len(leading)] != leading or context.shape[-1] != config.text_dim:
+            raise ValueError(f"encoder_hidden_states: expected [{lead}tokens, text_dim={config.text_dim}], got {tuple(context.shape)}")
+        _check_tokens(context.shape[-2], num_tokens)
+        return False
+    if context.ndim == len(leading) + 3:
+        layers = context.shape[len(leading)]
+        if context.shape[: len(leading)] != leading or context.shape[-1] != config.mllm_dim:
+            raise ValueError(f"encoder_hidden_states: expected [{lead}layers, tokens, mllm_dim={config.mllm_dim}], got {tuple(context.shape)}")
+        if layers != config.num_layers:
+            raise ValueError(f"encoder_hidden_states: expected {config.num_layers} layers (one per block), got {layers}")
+        _check_tokens(context.shape[-2], num_tokens)
+        return True
+    raise ValueError(f"encoder_hidden_states: expected {len(leading) + 2} (text) or {len(leading) + 3} (per-layer) dims, got {tuple(context.shape)}")
+
+
+def _check_tokens(given: int, expected: int | None) -> None:
+    if expected is not None and given != expected:
+        raise ValueError(f"encoder_hidden_states: expected {expected} context tokens (sum of layout.context_lengths), got {given}")
+
+
+def _check_packed(config, patch, layout, hidden, timestep, context, source, references) -> bool:
+    width = math.prod(patch) * config.in_channels
+    n, n_ref = sum(layout.target_lengths), sum(layout.reference_lengths)
+    if hidden.ndim != 2 or hidden.shape != (n, width):
+        raise ValueError(f"hidden_states: expected [{n}, {width}] (layout's target tokens, pt·ph·pw·in_channels), got {tuple(hidden.shape)}")
+    if timestep.shape not in ((layout.num_samples,), (n,)):
+        raise ValueError(f"timestep: expected [{layout.num_samples}] (per sample) or [{n}] (per target token), got {tuple(timestep.shape)}")
+    if source is not None and source.shape != hidden.shape:
+        raise ValueError(f"source_hidden_states: expected the shape of hidden_states {tuple(hidden.shape)}, got {tuple(source.shape)}")
+    if references is None and n_ref:
+        raise ValueError(f"reference_hidden_states: the layout has {n_ref} reference tokens, none were given")
+    if references is not None and references.shape != (n_ref, width):
+        raise ValueError(f"reference_hidden_states: expected [{n_ref}, {width}] (layout.reference_sizes), got {tuple(references.shape)}")
+    if n_ref and patch[0] != 1:
+        raise ValueError(f"reference_hidden_states: a reference is one latent frame, which needs patch_size[0] == 1, got {patch}")
+    return _check_context(config, context, sum(layout.context_lengths), ())
+
+
+class _Packed(NamedTuple):  # forward_packed's positional arguments
+    tokens: torch.Tensor
+    timestep: torch.Tensor
+    context: Context
+    layout: PackLayout
+    source: torch.Tensor | None
+    references: torch.Tensor | None
+
+
+def _pack_batched(config, patch, hidden, timestep, context, source, references, mask) -> _Packed:
+    """Check diffusers-style batched inputs and turn them into one pack of B samples."""
+    if hidden.ndim != 5:
+        raise ValueError(f"hidden_states: expected [B, C, F, H, W], got {tuple(hidden.shape)}")
+    b, c, *fhw = hidden.shape
+    if c != config.in_channels:
+        raise ValueError(f"hidden_states: expected {config.in_channels} latent channels, got {c} (shape {tuple(hidden.shape)})")
+    if any(d % p for d, p in zip(fhw, patch)):
+        raise ValueError(f"hidden_states: (F, H, W) = {tuple(fhw)} must be divisible by patch_size {patch}")
+    grid = tuple(d // p for d, p in zip(fhw, patch))
+    if timestep.shape not in ((b,), (b, math.prod(grid))):
+        raise ValueError(f"timestep: expected [{b}] or [{b}, {math.prod(grid)}] (per target token), got {tuple(timestep.shape)}")
+    if source is not None and source.shape != hidden.shape:
+        raise ValueError(f"source_latents: expected the shape of hidden_states {tuple(hidden.shape)}, got {tuple(source.shape)}")
+
+    deepstack = _check_context(config, context, None, (b,))
+    layers = list(context) if isinstance(context, (list, tuple)) else (context.unbind(1) if deepstack else [context])
+    length = layers[0].shape[1]
+    if any(layer.shape[1] != length for layer in layers):
+        raise ValueError(f"encoder_hidden_states: per-layer states differ in length: {[tuple(x.shape) for x in layers]}")
+    if mask is None:
+        keep, lengths = None, (length,) * b
+    else:
+        if mask.shape != (b, length):
+            raise ValueError(f"encoder_attention_mask: expected [{b}, {length}], got {tuple(mask.shape)}")
+        keep = mask.bool()
+        lengths = tuple(keep.sum(1).tolist())
+        if min(lengths) < 1:
+            raise ValueError(f"encoder_attention_mask: every sample needs at least one unmasked token, got counts {lengths}")
+    packed_layers = [layer.reshape(b * length, -1) if keep is None else layer[keep] for layer in layers]  # [M, d] each
+    packed_context = packed_layers if deepstack else packed_layers[0]
+
+    ref_tokens, ref_sizes = None, ()
+    if references is not None:
+        ref_list = list(references.unbind(0)) if isinstance(references, torch.Tensor) else list(references)
+        if isinstance(references, torch.Tensor) and references.ndim != 6:
+            raise ValueError(f"reference_latents: expected [B, K, C, 1, H, W], got {tuple(references.shape)}")
+        if len(ref_list) != b:
+            raise ValueError(f"reference_latents: expected {b} entries (one per sample), got {len(ref_list)}")
+        for i, refs in enumerate(ref_list):
+            if refs is not None:
+                _check_references(config, patch, refs, f"reference_latents[{i}]")
+        ref_tokens, ref_sizes = pack_references(ref_list, patch)
+
+    return _Packed(
+        tokens=patchify(hidden, patch).flatten(0, 1),  # [B·F'H'W', P]
+        timestep=timestep.reshape(-1),
+        context=packed_context,
+        layout=PackLayout((grid,) * b, lengths, ref_sizes),
+        source=None if source is None else patchify(source, patch).flatten(0, 1),
+        references=ref_tokens,
+    )
+
+
+def _check_references(config, patch, refs: torch.Tensor, name: str) -> None:
+    if refs.ndim != 5:
+        raise ValueError(f"{name}: expected [K, C, 1, H, W], got {tuple(refs.shape)}")
+    k, c, f, h, w = refs.shape
+    if f != 1:
+        raise ValueError(f"{name}: a reference is one latent frame, got {f} frames (shape {tuple(refs.shape)})")
+    if c != config.in_channels:
+        raise ValueError(f"{name}: expected {config.in_channels} latent channels, got {c}")
+    if patch[0] != 1 or h % patch[1] or w % patch[2]:
+        raise ValueError(f"{name}: (1, H, W) = (1, {h}, {w}) must be divisible by patch_size {patch}")
