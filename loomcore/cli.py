@@ -114,6 +114,81 @@ def cmd_pipeline(args) -> int:
     return 0
 
 
+GENERATE_EPILOG = """examples (the profile's base models; --transformer DIR for a trained DiT, --model DIR for an
+exported pipeline):
+  text to video           loom generate --prompt "a red circle moves left" --out t2v.mp4
+  text to image           loom generate --prompt "a red circle" --frames 1 --out t2i.png
+  edit a video            loom generate --source in.mp4 --prompt "make the circle blue" --out tv2v.mp4
+  edit an image           loom generate --source in.png --prompt "make the circle blue" --out ti2i.png
+  edit with a reference   loom generate --source in.mp4 --ref a.png --prompt "paint the circle like @Figure 1" --out tvr2v.mp4
+  images to video         loom generate --ref a.png --ref b.png --prompt "@Figure 1 chases @Figure 2" --out mi2v.mp4
+  images to image         loom generate --ref a.png --ref b.png --frames 1 --prompt "@Figure 1 beside @Figure 2" --out mi2i.png
+  reconstruct a video     loom generate --source in.mp4 --out recon.mp4
+  a trained DiT           loom generate --transformer runs/stage3/final --profile tiny --prompt "a blue square" --out out.mp4
+  an exported pipeline    loom generate --model export/loomvideo --prompt "a blue square" --out out.mp4
+
+The task is inferred from the inputs (--task to name it). Sizes and frame counts are checked
+against the model before anything runs: bad input exits with status 2 and says what the model takes.
+"""
+
+
+def cmd_generate(args) -> int:
+    import torch
+
+    from loomcore.data.tasks import check_figure_refs
+    from loomcore.pipeline import LoomVideoPipeline, check_output_path, save_output
+    from loomcore.pipeline.inputs import describe
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")]
+    try:
+        # 1. What can be checked without a model
+        if args.model and args.transformer:
+            raise ValueError("--model (an exported pipeline) and --transformer (a DiT with the profile's other models): give one")
+        check_output_path(args.out, overwrite=args.overwrite)
+        if args.steps is not None and args.steps < 1:
+            raise ValueError(f"--steps {args.steps}: expected >= 1")
+        if args.frames is not None and args.frames < 1:
+            raise ValueError(f"--frames {args.frames}: expected >= 1")
+        for flag, value in (("--guidance", args.guidance), ("--visual-guidance", args.visual_guidance)):
+            if value is not None and not value >= 1.0:
+                raise ValueError(f"{flag} {value}: expected >= 1 (1 turns that guidance off)")
+        check_figure_refs(args.prompt, len(args.ref))
+        for flag, path in [("--source", args.source)] * bool(args.source) + [("--ref", r) for r in args.ref]:
+            if not Path(path).is_file():
+                raise ValueError(f"{flag} {path}: no such file")
+
+        # 2. The model
+        if args.model:
+            dtypes = {"default": dtype, "vae": torch.float32} if dtype != torch.float32 else dtype  # the codec in fp32
+            pipe = LoomVideoPipeline.from_pretrained(args.model, dtype=dtypes)
+        else:
+            pipe = LoomVideoPipeline.from_config_models(_load(args), args.transformer, dtype=dtype)
+
+        # 3. The inputs, as this model takes them
+        plan = pipe.resolve_inputs(
+            args.prompt, args.negative_prompt, args.task, args.source, args.ref, args.height, args.width,
+            args.frames, args.steps, args.guidance, args.visual_guidance,
+        )
+        check_output_path(args.out, plan.num_frames, overwrite=args.overwrite)
+
+        # 4. Generate (ValueError here is still the input's: e.g. a prompt over mllm.max_length tokens)
+        for line in describe(plan):
+            print(f"generate: {line}")
+        pipe.to(device)
+        out = pipe(
+            plan.prompt, plan.negative_prompt, plan.task, plan.source, list(plan.references), plan.height,
+            plan.width, plan.num_frames, plan.num_inference_steps, plan.guidance_scale, plan.visual_guidance_scale,
+            generator=torch.Generator("cpu").manual_seed(args.seed),  # CPU noise: a seed means the same on any device
+        )
+    except ValueError as e:  # the project's convention: ValueError is a user mistake (STYLE)
+        print(f"loom generate: {e}", file=sys.stderr)
+        return 2
+    path = save_output(out.frames[0], args.out, fps=args.fps or pipe.config.fps, overwrite=True)
+    print(f"generate: wrote {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="loom",
@@ -143,6 +218,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", dest="targets", action="append", help="only reproduce up to this stage (repeatable)")
     _add_config_args(p)
     p.set_defaults(func=cmd_pipeline)
+
+    from loomcore.config import TASK_KINDS
+
+    p = sub.add_parser("generate", help="generate or edit an image/video with a LoomVideo pipeline",
+                       epilog=GENERATE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--prompt", default="", help="caption or instruction; '@Figure k' names the k-th --ref")
+    p.add_argument("--negative-prompt", default=None, help="default: the pipeline's (params guidance.negative_prompt)")
+    p.add_argument("--task", default=None, choices=TASK_KINDS, help="default: inferred from the inputs")
+    p.add_argument("--ref", action="append", default=[], metavar="IMAGE", help="a reference image (repeatable, in @Figure order)")
+    p.add_argument("--source", metavar="VIDEO|IMAGE", help="the video or image to edit / reconstruct")
+    p.add_argument("--frames", type=int, help="output frames, 1 + temporal_factor·k (1: an image)")
+    p.add_argument("--height", type=int, help="output height (default: the source's, else the config's)")
+    p.add_argument("--width", type=int, help="output width (default: the source's, else the config's)")
+    p.add_argument("--steps", type=int, help="denoising steps (default: guidance.steps)")
+    p.add_argument("--guidance", type=float, help="text guidance s_t (default 5.0, 2.5 with a source)")
+    p.add_argument("--visual-guidance", type=float, help="visual guidance s_v (default 1.5)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initial noise (default 0)")
+    p.add_argument("--out", required=True, metavar="PATH", help="output file: .mp4 (video) or .png (image)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--fps", type=float, help="output frame rate (default: the pipeline's, video.fps)")
+    p.add_argument("--model", metavar="DIR", help="an exported pipeline folder (LoomVideoPipeline.save_pretrained)")
+    p.add_argument("--transformer", metavar="DIR", help="a trained LoomDiT folder, with the profile's other base models")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 … (default: cuda if available)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), help="DiT/MLLM dtype (default: bfloat16 on cuda, else float32)")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_generate)
     return parser
 
 

@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Union
 
 import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin  # by name: diffusers' pipeline loader looks it up in this module
 from torch import nn
 
 from loomcore.storage import materialize
@@ -46,11 +48,16 @@ def _check_latent(latent: torch.Tensor, channels: int) -> None:
         raise ValueError(f"latent: expected [B, {channels}, f, h, w], got {shape}")
 
 
-class SpaceToDepth(nn.Module):
-    """Lossless codec: each s×s pixel block becomes 3·s² channels. Identity normalisation."""
+class SpaceToDepth(ModelMixin, ConfigMixin):
+    """Lossless codec: each s×s pixel block becomes 3·s² channels. Identity normalisation.
+
+    A diffusers model without weights, so that a `DiffusionPipeline` can hold it as its `vae`
+    and save/load it with the other components (`register_modules`).
+    """
 
     config_name = "codec_config.json"
 
+    @register_to_config
     def __init__(self, factor: int = 4):
         super().__init__()
         if factor < 1:
@@ -59,6 +66,9 @@ class SpaceToDepth(nn.Module):
         self.spatial_factor = factor
         self.temporal_factor = 1
         self.latent_channels = 3 * factor * factor
+        # No weights; an empty buffer gives the module a device and a dtype, which diffusers'
+        # pipelines ask of every component.
+        self.register_buffer("_placement", torch.zeros(0), persistent=False)
 
     def encode(self, video: torch.Tensor) -> torch.Tensor:
         _check_video(video, 1, self.factor)
@@ -75,13 +85,15 @@ class SpaceToDepth(nn.Module):
         x = latent.reshape(b, 3, s, s, f, h, w).permute(0, 1, 4, 5, 2, 6, 3)  # (B, 3, F, h, s, w, s)
         return x.reshape(b, 3, f, h * s, w * s)
 
-    def save_pretrained(self, path: PathLike) -> None:
+    def save_pretrained(self, path: PathLike, **kwargs) -> None:
+        """Writes codec_config.json; `kwargs` (a pipeline's save options) do not apply to a codec without weights."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         (path / self.config_name).write_text(json.dumps({"_class_name": "SpaceToDepth", "factor": self.factor}, indent=2) + "\n")
 
     @classmethod
-    def from_pretrained(cls, path: PathLike) -> "SpaceToDepth":
+    def from_pretrained(cls, path: PathLike, **kwargs) -> "SpaceToDepth":
+        """`kwargs` (a pipeline loader's dtype/device options) do not apply to a codec without weights."""
         cfg_path = materialize(path) / cls.config_name
         if not cfg_path.is_file():
             raise FileNotFoundError(f"{cfg_path}: missing; not a SpaceToDepth codec folder")

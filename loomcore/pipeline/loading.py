@@ -1,0 +1,150 @@
+"""Where a LoomVideoPipeline's components come from: a profile's base models (+ a trained DiT),
+or an exported pipeline folder, checked before anything heavy is loaded.
+
+    exported folder   model_index.json + transformer/ vae/ scheduler/ mllm/ tokenizer/ image_processor/
+                      (DiffusionPipeline.save_pretrained; `check_pipeline_folder` names what is missing)
+    profile           cfg.models.*: the Wan transformer folder (or a trained LoomDiT folder), the codec,
+                      the UniPC scheduler, the Qwen3-VL folder (model, tokenizer, processor configs)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Dict, List
+
+import torch
+
+from loomcore.storage import materialize
+
+# Component → files that say its folder is complete (any one of each tuple).
+COMPONENT_FILES = {
+    "transformer": (("config.json",), ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json")),
+    "vae": (("config.json", "codec_config.json"),),
+    "scheduler": (("scheduler_config.json",),),
+    "mllm": (("config.json",), ("model.safetensors", "model.safetensors.index.json")),
+    "tokenizer": (("tokenizer_config.json",),),
+    "image_processor": (("preprocessor_config.json",),),
+}
+
+
+def check_pipeline_folder(folder: Path | str) -> Path:
+    """A local copy of an exported pipeline folder (s3:// is fetched); ValueError names every
+    missing component or file."""
+    path = Path(materialize(folder))
+    if not path.is_dir():
+        raise ValueError(f"{folder}: no such pipeline folder")
+    index = path / "model_index.json"
+    if not index.is_file():
+        raise ValueError(f"{folder}: not a pipeline folder (no model_index.json; write one with "
+                         "LoomVideoPipeline.save_pretrained)")
+    entries = json.loads(index.read_text())
+    if entries.get("_class_name") != "LoomVideoPipeline":
+        raise ValueError(f"{index}: _class_name {entries.get('_class_name')!r}, expected 'LoomVideoPipeline'")
+    problems: List[str] = []
+    for name, required in COMPONENT_FILES.items():
+        entry = entries.get(name)
+        if not isinstance(entry, list) or entry[0] is None:
+            problems.append(f"component {name!r}: not listed in model_index.json")
+            continue
+        sub = path / name
+        if not sub.is_dir():
+            problems.append(f"component {name!r}: missing folder {sub}")
+            continue
+        for alternatives in required:
+            if not any((sub / f).is_file() for f in alternatives):
+                problems.append(f"component {name!r}: missing {sub / alternatives[0]}"
+                                + (f" (or {', '.join(alternatives[1:])})" if len(alternatives) > 1 else ""))
+    if problems:
+        raise ValueError(f"{folder}: incomplete pipeline folder:\n  - " + "\n  - ".join(problems))
+    return path
+
+
+def load_transformer(cfg, path: str | None, torch_dtype: torch.dtype):
+    """LoomDiT from a trained folder (LoomDiT.save_pretrained) or a Wan base transformer (its
+    added modules freshly initialised, as stage 1 starts)."""
+    from loomcore.models.dit import LoomDiT, loomdit_kwargs
+
+    uri = path or cfg.models.transformer
+    folder = Path(materialize(uri))
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise ValueError(f"transformer {uri}: no config.json (expected a LoomDiT.save_pretrained folder "
+                         "or a diffusers WanTransformer3DModel folder)")
+    name = json.loads(config_file.read_text()).get("_class_name")
+    if name == "LoomDiT":
+        model = LoomDiT.from_pretrained(str(folder), torch_dtype=torch_dtype)
+    elif name == "WanTransformer3DModel":
+        own = {k: v for k, v in loomdit_kwargs(cfg).items() if k in (
+            "mllm_dim", "projector_mult", "ref_offset", "use_source_embedding", "timestep_scale")}
+        model, _ = LoomDiT.from_wan_transformer(folder, dtype=torch_dtype, **own)
+    else:
+        raise ValueError(f"transformer {uri}: {config_file} describes {name!r}, expected 'LoomDiT' or 'WanTransformer3DModel'")
+    if model.config.mllm_dim != cfg.mllm.hidden_size:
+        raise ValueError(f"transformer {uri}: mllm_dim = {model.config.mllm_dim}, but the MLLM has hidden size "
+                         f"{cfg.mllm.hidden_size} (mllm.hidden_size)")
+    if model.config.num_layers != cfg.mllm.layers_used:
+        raise ValueError(f"transformer {uri}: {model.config.num_layers} blocks, but mllm.layers_used = "
+                         f"{cfg.mllm.layers_used} (one MLLM layer per block)")
+    return model.eval()
+
+
+def load_vae(cfg, torch_dtype: torch.dtype = torch.float32):
+    """The codec as a pipeline component: AutoencoderKLWan (the pipeline applies its latent
+    mean/std through `WanVAE`) or SpaceToDepth. Kept in float32 by default: the decoder is
+    where bf16 rounding shows."""
+    folder = str(materialize(cfg.models.vae))
+    if cfg.models.codec == "wan":
+        from diffusers import AutoencoderKLWan
+
+        return AutoencoderKLWan.from_pretrained(folder, torch_dtype=torch_dtype)
+    if cfg.models.codec == "space_to_depth":
+        from loomcore.models.codec import SpaceToDepth
+
+        return SpaceToDepth.from_pretrained(folder)
+    raise ValueError(f"models.codec = {cfg.models.codec!r}: expected 'wan' or 'space_to_depth'")
+
+
+def load_scheduler(cfg):
+    """UniPC from the base model's scheduler folder, or flow-matching Euler, with the sampling
+    shift guidance.flow_shift (the scheduler's own shift, not eq. 3)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
+
+    g = cfg.guidance
+    if g.scheduler == "unipc":
+        return UniPCMultistepScheduler.from_pretrained(str(materialize(cfg.models.scheduler)), flow_shift=g.flow_shift)
+    if g.scheduler == "euler":
+        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=g.flow_shift)
+    raise ValueError(f"guidance.scheduler = {g.scheduler!r}: expected 'unipc' or 'euler'")
+
+
+def load_mllm(cfg, torch_dtype: torch.dtype) -> Dict[str, object]:
+    """Qwen3-VL and its input processing (tokenizer with the chat template, image processor,
+    video processor settings) from the MLLM folder."""
+    from transformers import Qwen3VLForConditionalGeneration
+
+    from loomcore.models.mllm import Qwen3VLInputs
+
+    folder = Path(materialize(cfg.models.mllm))
+    model = Qwen3VLForConditionalGeneration.from_pretrained(folder, dtype=torch_dtype)
+    text = model.config.text_config
+    for key, want, got in (("mllm.num_layers", cfg.mllm.num_layers, text.num_hidden_layers),
+                           ("mllm.hidden_size", cfg.mllm.hidden_size, text.hidden_size)):
+        if want != got:
+            raise ValueError(f"{key} = {want}, but the MLLM at {cfg.models.mllm} has {got}")
+    inputs = Qwen3VLInputs.from_pretrained(folder)
+    inputs.tokenizer.chat_template = inputs.chat_template  # saved with the tokenizer from here on
+    return {"mllm": model.eval(), "tokenizer": inputs.tokenizer, "image_processor": inputs.image_processor,
+            "mllm_video_config": dict(inputs.video)}
+
+
+def pipeline_settings(cfg) -> Dict[str, object]:
+    """The pipeline's own config (model_index.json) from the project config."""
+    g = cfg.guidance
+    return {
+        "fps": float(cfg.video.fps), "source_temporal_stride": cfg.mllm.source_temporal_stride,
+        "mllm_max_length": cfg.mllm.max_length, "negative_prompt": g.negative_prompt,
+        "guidance_scale": g.text_scale, "guidance_scale_edit": g.text_scale_edit,
+        "visual_guidance_scale": g.visual_scale, "num_inference_steps": g.steps,
+        "height": g.height, "width": g.width, "num_frames": g.frames,
+    }

@@ -1,0 +1,337 @@
+"""LoomVideoPipeline: one `__call__` for every task of the paper (§3; DESIGN §3 "Guidance").
+
+    prompt, source, references ──► Qwen3-VL contexts of the guidance branches (once per call)
+                               ──► codec latents of the source (Scale-and-Add) and references
+    noise ──► per step: ONE batched DiT forward over the branches ──► guided velocity ──► scheduler
+          ──► codec decode ──► frames
+
+Branches, batched in this order (`loomcore.diffusion.guidance`):
+    uncond  "generate an image: " + negative prompt, zero source, no references
+    visual  only the images/video in the MLLM input; the DiT gets the source and references
+    full    everything
+A call without any image or video runs (uncond, full), as the release does. Contexts of
+different lengths are right-padded to one length; `encoder_attention_mask` keeps the padding
+out of cross-attention (the DiT packs only the real tokens).
+
+Latents stay float32 across the loop (the scheduler's arithmetic); the DiT runs in its own
+dtype. The MLLM and the codec run once per call, never per step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers import AutoencoderKLWan, DiffusionPipeline, FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
+from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
+from diffusers.video_processor import VideoProcessor
+
+from loomcore.diffusion.guidance import FULL, UNCOND, VISUAL, combine_guidance, guidance_branches, split_branches
+from loomcore.models.codec import SpaceToDepth, WanVAE, latent_shape
+from loomcore.models.dit import LoomDiT
+from loomcore.models.mllm import MLLMEncoder, MLLMFeatures, MLLMRequest, Qwen3VLInputs
+
+from .inputs import GenerationPlan, Geometry, load_frames, plan_generation, to_pixels
+from .loading import check_pipeline_folder, load_mllm, load_scheduler, load_transformer, load_vae, pipeline_settings
+
+# A path (image/video), a PIL image, a list of frames, or a uint8 / [0, 1] array or tensor [F, H, W, 3].
+MediaInput = Any
+
+
+@dataclass
+class LoomVideoPipelineOutput(BaseOutput):
+    """frames: output_type "np" [1, F, H, W, 3] floats in [0, 1]; "pt" [1, F, 3, H, W]; "pil"
+    [[F PIL images]]; "latent" [1, C, f, h, w]. An image task gives F = 1."""
+
+    frames: Union[np.ndarray, torch.Tensor, List[List[PIL.Image.Image]]]
+
+
+def pad_contexts(features: Sequence[MLLMFeatures]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-branch MLLM features → one batch: hidden [B, L, T, H] (zero padding on the right) and
+    mask [B, T] (True on real tokens)."""
+    T = max(f.hidden_states.shape[2] for f in features)
+    hidden = torch.cat([torch.nn.functional.pad(f.hidden_states, (0, 0, 0, T - f.hidden_states.shape[2])) for f in features])
+    mask = torch.cat([torch.nn.functional.pad(f.attention_mask, (0, T - f.attention_mask.shape[1])) for f in features])
+    return hidden, mask.bool()
+
+
+class LoomVideoPipeline(DiffusionPipeline):
+    r"""LoomVideo generation and editing: T2I, T2V, instruction image/video editing, reference-guided
+    editing, multi-image to image/video, reconstruction.
+
+    Components:
+        transformer ([`LoomDiT`]): the DiT (Deepstack MLLM contexts, Scale-and-Add source, references).
+        vae ([`AutoencoderKLWan`] or [`SpaceToDepth`]): the codec; Wan's latent mean/std are applied here.
+        scheduler ([`UniPCMultistepScheduler`] or [`FlowMatchEulerDiscreteScheduler`]): flow sampling
+            with the scheduler's own shift (5.0 for Wan2.2-TI2V-5B).
+        mllm ([`Qwen3VLForConditionalGeneration`]): frozen; its last `transformer.config.num_layers`
+            raw decoder-layer outputs condition the DiT blocks.
+        tokenizer, image_processor: Qwen3-VL's (the tokenizer carries the chat template); with
+            `mllm_video_config` they make the MLLM inputs (`processor`, a `Qwen3VLInputs`).
+
+    The remaining constructor arguments are defaults saved in model_index.json (`from_config_models`
+    fills them from params.yaml): output fps, the MLLM's source frame stride and token cap, the
+    negative prompt, the guidance scales (s_t for generation / editing, s_v), steps and output size.
+    """
+
+    # No `model_cpu_offload_seq`: the MLLM encoder calls Qwen3-VL's inner model and the Wan codec
+    # wrapper keeps its latent statistics on the vae's device, so offload hooks would not fire where
+    # needed; `enable_model_cpu_offload` refuses rather than half-works.
+    _callback_tensor_inputs = ["latents"]
+
+    def __init__(
+        self,
+        transformer: LoomDiT,
+        vae: Union[AutoencoderKLWan, SpaceToDepth],
+        scheduler: Union[UniPCMultistepScheduler, FlowMatchEulerDiscreteScheduler],
+        mllm,
+        tokenizer,
+        image_processor,
+        mllm_video_config: Optional[Dict[str, Any]] = None,
+        fps: float = 24,
+        source_temporal_stride: int = 15,
+        mllm_max_length: int = 1024,
+        negative_prompt: str = "",
+        guidance_scale: float = 5.0,
+        guidance_scale_edit: float = 2.5,
+        visual_guidance_scale: float = 1.5,
+        num_inference_steps: int = 50,
+        height: int = 480,
+        width: int = 832,
+        num_frames: int = 81,
+    ):
+        super().__init__()
+        self.register_modules(transformer=transformer, vae=vae, scheduler=scheduler, mllm=mllm,
+                              tokenizer=tokenizer, image_processor=image_processor)
+        self.register_to_config(
+            mllm_video_config=dict(mllm_video_config or {}), fps=fps, source_temporal_stride=source_temporal_stride,
+            mllm_max_length=mllm_max_length, negative_prompt=negative_prompt, guidance_scale=guidance_scale,
+            guidance_scale_edit=guidance_scale_edit, visual_guidance_scale=visual_guidance_scale,
+            num_inference_steps=num_inference_steps, height=height, width=width, num_frames=num_frames,
+        )
+        codec = self.codec
+        self.geometry = Geometry(codec.spatial_factor, codec.temporal_factor, tuple(transformer.config.patch_size))
+        self.video_processor = VideoProcessor(vae_scale_factor=codec.spatial_factor)
+
+    # ---------------------------------------------------------------------------------------
+    # Building
+
+    @classmethod
+    def from_config_models(cls, cfg, transformer_path: Optional[str] = None,
+                           dtype: torch.dtype = torch.float32) -> "LoomVideoPipeline":
+        """The pipeline of a profile's base models (cfg.models.*), with the DiT from
+        `transformer_path` (a trained LoomDiT.save_pretrained folder) when given. The codec stays
+        float32; the DiT and the MLLM load in `dtype`."""
+        return cls(
+            transformer=load_transformer(cfg, transformer_path, dtype),
+            vae=load_vae(cfg), scheduler=load_scheduler(cfg), **load_mllm(cfg, dtype),
+            **pipeline_settings(cfg),
+        )
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> "LoomVideoPipeline":
+        """`DiffusionPipeline.from_pretrained` on a folder written by `save_pretrained` (local or
+        s3://), after checking that every component is there (ValueError names the missing ones)."""
+        folder = check_pipeline_folder(pretrained_model_name_or_path)
+        return super().from_pretrained(str(folder), **kwargs)
+
+    @property
+    def codec(self) -> Union[WanVAE, SpaceToDepth]:
+        """The vae behind the codec interface (normalised latents in, pixels in [-1, 1] out)."""
+        if isinstance(self.vae, AutoencoderKLWan):
+            return WanVAE(self.vae).to(self.vae.device)
+        return self.vae
+
+    @property
+    def processor(self) -> Qwen3VLInputs:
+        """Chat messages → Qwen3-VL inputs, as the MLLM saw them in training."""
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError("tokenizer: no chat template (build the pipeline with from_config_models, which sets it)")
+        return Qwen3VLInputs(self.tokenizer, self.image_processor, dict(self.config.mllm_video_config),
+                             self.tokenizer.chat_template)
+
+    def mllm_encoder(self) -> MLLMEncoder:
+        return MLLMEncoder(self.mllm, self.processor, self.transformer.config.num_layers,
+                           self.config.source_temporal_stride, self.config.mllm_max_length)
+
+    # ---------------------------------------------------------------------------------------
+    # Inputs
+
+    def resolve_inputs(
+        self,
+        prompt: str = "",
+        negative_prompt: Optional[str] = None,
+        task: Optional[str] = None,
+        source: Optional[MediaInput] = None,
+        references: Optional[Sequence[MediaInput]] = None,
+        height: Optional[int] = None,
+        width: Optional[int] = None,
+        num_frames: Optional[int] = None,
+        num_inference_steps: Optional[int] = None,
+        guidance_scale: Optional[float] = None,
+        visual_guidance_scale: Optional[float] = None,
+    ) -> GenerationPlan:
+        """Load and check a call's inputs; resolve the task, size, frame count and scales
+        (`__call__` starts here; the CLI calls it first to refuse bad input before any work)."""
+        c = self.config
+        src = None if source is None else load_frames(source, "source", fps=c.fps, max_frames=num_frames)
+        refs = [load_frames(r, f"reference {k}") for k, r in enumerate(references or (), 1)]
+        return plan_generation(
+            prompt=prompt, task=task, source=src, references=refs, height=height, width=width,
+            num_frames=num_frames,
+            num_inference_steps=c.num_inference_steps if num_inference_steps is None else num_inference_steps,
+            guidance_scale=guidance_scale,
+            visual_guidance_scale=c.visual_guidance_scale if visual_guidance_scale is None else visual_guidance_scale,
+            negative_prompt=c.negative_prompt if negative_prompt is None else negative_prompt,
+            defaults=c, geometry=self.geometry,
+        )
+
+    def encode_contexts(self, plan: GenerationPlan, branches: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The MLLM contexts of the branches, padded: hidden [B, L, T, H], mask [B, T]."""
+        encoder = self.mllm_encoder()
+        request = MLLMRequest(plan.task, plan.prompt, references=list(plan.references), source=plan.source)
+        features = {FULL: encoder.encode([request])}
+        if UNCOND in branches:
+            features[UNCOND] = encoder.encode_unconditional(plan.negative_prompt)
+        if VISUAL in branches:
+            features[VISUAL] = encoder.encode_visual_only([request])
+        return pad_contexts([features[b] for b in branches])
+
+    def encode_media(self, plan: GenerationPlan, device: torch.device):
+        """Codec latents: source [1, C, f, h, w] (or None) and references [K, C, 1, h, w] (or None)."""
+        codec = self.codec
+        dtype = self.vae.dtype
+        source = None
+        if plan.source is not None:
+            source = codec.encode(to_pixels(plan.source).to(device, dtype)).float()
+        references = None
+        if plan.references:
+            references = torch.cat([codec.encode(to_pixels(r[None]).to(device, dtype)) for r in plan.references]).float()
+        return source, references
+
+    # ---------------------------------------------------------------------------------------
+    # Generation
+
+    @property
+    def num_timesteps(self) -> int:
+        return self._num_timesteps
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str = "",
+        negative_prompt: Optional[str] = None,
+        task: Optional[str] = None,
+        source: Optional[MediaInput] = None,
+        references: Optional[Sequence[MediaInput]] = None,
+        height: Optional[int] = None,
+        width: Optional[int] = None,
+        num_frames: Optional[int] = None,
+        num_inference_steps: Optional[int] = None,
+        guidance_scale: Optional[float] = None,
+        visual_guidance_scale: Optional[float] = None,
+        generator: Optional[torch.Generator] = None,
+        latents: Optional[torch.Tensor] = None,
+        output_type: str = "np",
+        return_dict: bool = True,
+        callback_on_step_end: Optional[Callable[["LoomVideoPipeline", int, torch.Tensor, Dict], Dict]] = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+    ):
+        r"""Generate or edit one image or video.
+
+        Args:
+            prompt: the caption or instruction; "@Figure k" (or "@Image k") names reference k.
+            negative_prompt: the unconditional branch's text (default: the pipeline config's).
+            task: one of the ten task kinds (t2i, t2v, image_recon, video_recon, ti2i, tv2v, tir2i,
+                tvr2v, mi2i, mi2v); inferred from the inputs when None (see `inputs.infer_task`).
+            source: the image or video to edit/reconstruct: a path, a PIL image, frames (list), or a
+                uint8 / [0, 1] array or tensor [F, H, W, 3]. Resized and centre-cropped to the output.
+            references: reference images (paths, PIL images or arrays), resized like the source.
+            height, width: output size (default: the source's, else the first reference's, else the
+                config's); multiples of the codec factor × patch.
+            num_frames: output frames, 1 + temporal_factor·k (default: 1 for image tasks, the
+                source's for editing, else the config's).
+            num_inference_steps: denoising steps (default: the config's, 50).
+            guidance_scale: s_t (default 5.0 for generation, 2.5 for tasks with a source).
+            visual_guidance_scale: s_v (default 1.5); used when the MLLM input holds images/video.
+            generator: a seeded `torch.Generator` for the initial noise (same seed → same output).
+            latents: initial noise [1, C, f, h, w] instead of drawing it.
+            output_type: "np", "pt", "pil" or "latent".
+            return_dict: return a `LoomVideoPipelineOutput` (else a tuple).
+            callback_on_step_end: called after each step as fn(pipe, i, t, {name: tensor}); may
+                return replacements for the tensors named in `callback_on_step_end_tensor_inputs`.
+
+        Returns:
+            `LoomVideoPipelineOutput` with `frames` (see its docstring), or `(frames,)`.
+        """
+        if output_type not in ("np", "pt", "pil", "latent"):
+            raise ValueError(f"output_type = {output_type!r}: expected 'np', 'pt', 'pil' or 'latent'")
+        unknown = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
+        if unknown:
+            raise ValueError(f"callback_on_step_end_tensor_inputs: {unknown} not in {self._callback_tensor_inputs}")
+
+        # 1. Check inputs; resolve the task, output size, frame count and guidance scales
+        plan = self.resolve_inputs(prompt, negative_prompt, task, source, references, height, width, num_frames,
+                                   num_inference_steps, guidance_scale, visual_guidance_scale)
+        branches = guidance_branches(plan.has_visual, plan.guidance_scale, plan.visual_guidance_scale)
+        device = self._execution_device
+        dtype = self.transformer.dtype
+
+        # 2. MLLM contexts of the guidance branches, one padded batch
+        context, context_mask = self.encode_contexts(plan, branches)
+        context, context_mask = context.to(device), context_mask.to(device)
+
+        # 3. Codec latents of the source (Scale-and-Add, eq. 2) and the references
+        source_latents, reference_latents = self.encode_media(plan, device)
+        n = len(branches)
+        source_batch = None
+        if source_latents is not None:  # the unconditional branch sees a zero source
+            source_batch = torch.cat([torch.zeros_like(source_latents) if b == UNCOND else source_latents
+                                      for b in branches]).to(dtype)
+        reference_batch = None
+        if reference_latents is not None:  # ... and no references
+            reference_batch = [None if b == UNCOND else reference_latents.to(dtype) for b in branches]
+
+        # 4. Timesteps and initial noise (float32)
+        self.scheduler.set_timesteps(plan.num_inference_steps, device=device)
+        timesteps = self.scheduler.timesteps
+        self._num_timesteps = len(timesteps)
+        shape = (1, *latent_shape(self.codec, plan.num_frames, plan.height, plan.width))
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+        elif tuple(latents.shape) != shape:
+            raise ValueError(f"latents: shape {tuple(latents.shape)}, expected {shape}")
+        latents = latents.to(device, torch.float32)
+
+        # 5. Denoising loop: one batched DiT forward over the branches per step
+        with self.progress_bar(total=len(timesteps)) as progress_bar:
+            for i, t in enumerate(timesteps):
+                model_input = latents.to(dtype).expand(n, -1, -1, -1, -1)
+                pred = self.transformer(
+                    hidden_states=model_input, timestep=t.expand(n), encoder_hidden_states=context,
+                    encoder_attention_mask=context_mask, source_latents=source_batch,
+                    reference_latents=reference_batch, return_dict=False,
+                )[0]
+                v = split_branches(pred, branches)
+                velocity = combine_guidance(v[FULL], v.get(UNCOND), v.get(VISUAL), text_scale=plan.guidance_scale,
+                                            visual_scale=plan.visual_guidance_scale)
+                latents = self.scheduler.step(velocity, t, latents, return_dict=False)[0]
+
+                if callback_on_step_end is not None:
+                    local = {"latents": latents}
+                    out = callback_on_step_end(self, i, t, {k: local[k] for k in callback_on_step_end_tensor_inputs})
+                    latents = (out or {}).get("latents", latents)
+                progress_bar.update()
+
+        # 6. Decode
+        if output_type == "latent":
+            frames = latents
+        else:
+            video = self.codec.decode(latents.to(self.vae.dtype))  # [1, 3, F, H, W] in [-1, 1]
+            frames = self.video_processor.postprocess_video(video.float(), output_type=output_type)
+        self.maybe_free_model_hooks()
+        return LoomVideoPipelineOutput(frames=frames) if return_dict else (frames,)
