@@ -230,6 +230,45 @@ class GuidanceConfig:
 
 
 @dataclass(frozen=True)
+class TrainConfig:
+    """What the three training stages share (params.yaml `train:`); per-stage numbers are in StageConfig."""
+
+    out_dir: str
+    grad_accum: int
+    nan_max_consecutive: int
+    nan_check_every: int
+    spike_k: float
+    spike_warmup: int
+    spike_window: int
+    validation_prompts: int
+    validation_frames: int
+    compile: bool
+    cpu_threads: int
+    attention_backend: str
+    timeout_hours: float
+    rdzv_endpoint: str
+    preflight_min_free_gib: float
+    preflight_gpu_name: Optional[str]
+    debug_nan_steps: List[int]
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """The export stage (params.yaml `export:`; loomcore.export)."""
+
+    source: str  # auto | rl | stage3
+    out_dir: str
+    overwrite: bool
+    name: str
+    version: Optional[str]  # None: v<UTC timestamp>-<git short sha>
+    dtype: str
+    metrics: Optional[str]
+    s3_uri: Optional[str]  # None: no upload
+    promotion_tolerance: float  # relative to the current latest's value
+    lower_is_better: List[str]  # fnmatch patterns on dotted metric keys
+
+
+@dataclass(frozen=True)
 class Config:
     profile: str
     seed: int
@@ -248,6 +287,8 @@ class Config:
     stage2: StageConfig
     stage3: StageConfig
     guidance: GuidanceConfig
+    train: TrainConfig
+    export: ExportConfig
     # Where the config came from (filled by load_config, not read from YAML).
     sources: List[str] = field(default_factory=list)
 
@@ -512,6 +553,28 @@ def _validate(cfg: Config) -> None:
         for k in ("checkpoint_every", "keep_last", "log_every", "sample_every", "nodes"):
             check(getattr(s, k) >= 1, f"{name}.{k} = {getattr(s, k)}: expected >= 1")
         check(s.gpus_per_node >= 0, f"{name}.gpus_per_node = {s.gpus_per_node}: expected >= 0 (0: CPU)")
+
+    t = cfg.train
+    check(bool(t.out_dir), "train.out_dir: expected a folder name")
+    for k in ("grad_accum", "nan_check_every", "validation_prompts", "validation_frames", "spike_warmup", "spike_window"):
+        check(getattr(t, k) >= 1, f"train.{k} = {getattr(t, k)}: expected >= 1")
+    check(t.cpu_threads >= 0, f"train.cpu_threads = {t.cpu_threads}: expected >= 0 (0: torch's default)")
+    check(t.nan_max_consecutive >= 0, f"train.nan_max_consecutive = {t.nan_max_consecutive}: expected >= 0")
+    check(t.spike_k > 0, f"train.spike_k = {t.spike_k}: expected > 0")
+    check(2 <= t.spike_warmup <= t.spike_window,
+          f"train.spike_warmup/spike_window = {t.spike_warmup}/{t.spike_window}: expected 2 <= warmup <= window")
+    check(t.timeout_hours > 0, f"train.timeout_hours = {t.timeout_hours}: expected > 0")
+    check(t.preflight_min_free_gib >= 0, f"train.preflight_min_free_gib = {t.preflight_min_free_gib}: expected >= 0")
+    check(":" in t.rdzv_endpoint, f"train.rdzv_endpoint = {t.rdzv_endpoint!r}: expected host:port")
+    check(all(s >= 1 for s in t.debug_nan_steps), f"train.debug_nan_steps = {t.debug_nan_steps}: steps are 1-based")
+
+    x = cfg.export
+    check(x.source in ("auto", "rl", "stage3"), f"export.source = {x.source!r}: expected auto, rl or stage3")
+    check(x.dtype in ("float32", "bfloat16", "float16"),
+          f"export.dtype = {x.dtype!r}: expected float32, bfloat16 or float16")
+    check(bool(x.out_dir) and bool(x.name), "export.out_dir and export.name: expected non-empty strings")
+    check(x.s3_uri is None or x.s3_uri.startswith("s3://"), f"export.s3_uri = {x.s3_uri!r}: expected s3://bucket[/prefix] or null")
+    check(x.promotion_tolerance >= 0, f"export.promotion_tolerance = {x.promotion_tolerance}: expected >= 0 (relative)")
 
     g = cfg.guidance
     check(g.text_scale >= 1 and g.text_scale_edit >= 1 and g.visual_scale >= 1,

@@ -1,0 +1,108 @@
+"""The model card (README.md) of an exported folder: Hugging Face front matter, how to load it,
+the evaluation metrics, the lineage (code, data, params, weights) and the params themselves."""
+
+from __future__ import annotations
+
+from typing import Dict, List, Sequence
+
+import yaml
+
+from .metrics import lower_is_better
+
+PIPELINE_TAG = "text-to-video"
+TAGS = ("loomvideo", "text-to-video", "video-to-video", "image-to-video", "text-to-image", "video-editing",
+        "image-editing", "diffusers", "safetensors")
+# The composed config's sections that describe the model and how it was made (paths, S3 and
+# runtime switches are left out: they describe a machine, not the model).
+CARD_SECTIONS = ("profile", "seed", "models", "codec", "dit", "mllm", "rope", "flow", "video", "guidance",
+                 "stage1", "stage2", "stage3", "rl", "export")
+
+
+def _table(header: Sequence[str], rows: List[Sequence[object]]) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(out) + "\n"
+
+
+def card_params(config: dict) -> dict:
+    return {k: config[k] for k in CARD_SECTIONS if k in config}
+
+
+def _components_section(components: Dict[str, List[str]]) -> str:
+    rows = []
+    for name, (library, cls) in components.items():
+        rows.append((f"`{name}/`", f"`{cls}`", f"`{library}.{cls}.from_pretrained(folder / \"{name}\")`"))
+    note = ""
+    if components.get("vae", ["", ""])[1] == "SpaceToDepth":
+        note = ("\nThis export's codec is the tiny profile's lossless `SpaceToDepth` (loomcore's own class, "
+                "no weights: `vae/codec_config.json`). A paper-profile export holds Wan2.2's "
+                "`AutoencoderKLWan` there, loadable with `diffusers.AutoencoderKLWan.from_pretrained`.\n")
+    return _table(("folder", "class", "loads with"), rows) + note
+
+
+def _metrics_section(metrics: Dict[str, float], lower_patterns: Sequence[str], source: str | None) -> str:
+    if not metrics:
+        return "_No evaluation metrics were given to this export (export.metrics = null)._\n"
+    rows = [(f"`{k}`", f"{v:.6g}", "lower" if lower_is_better(k, lower_patterns) else "higher")
+            for k, v in sorted(metrics.items())]
+    return f"From `{source}`.\n\n" + _table(("metric", "value", "better"), rows)
+
+
+def _lineage_section(info: dict) -> str:
+    git, lin, src = info["git"], info["lineage"], info["source"]
+    lines = []
+    if git.get("commit"):
+        lines.append(f"- **Code**: git `{git['commit']}`" + (" — **dirty** (uncommitted changes to tracked files)"
+                                                           if git["dirty"] else " (clean)"))
+    else:
+        lines.append(f"- **Code**: unknown — {git.get('note')}")
+    lines.append(f"- **Weights**: the `{src['stage']}` DiT from `{src['path']}`")
+    lines.append(f"- **dvc.lock**: `{lin['lock']}`" if lin.get("lock") else f"- **dvc.lock**: none — {lin.get('note')}")
+    for role, c in lin.get("checks", {}).items():
+        if c["matches"] is None:
+            lines.append(f"- {role} `{c['path']}` (md5 `{c['md5']}`): not recorded in dvc.lock")
+        elif c["matches"]:
+            lines.append(f"- {role} `{c['path']}`: md5 `{c['md5']}`, as dvc.lock records (stage `{c['stage']}`)")
+        else:
+            lines.append(f"- **WARNING** {role} `{c['path']}`: md5 `{c['md5']}`, but dvc.lock records "
+                         f"`{c['recorded']}` (stage `{c['stage']}`): the files changed after the last `dvc repro`; "
+                         "the lineage below may not describe them")
+    if lin.get("lock") is None:
+        return "\n".join(lines) + "\n"
+    text = "\n".join(lines) + "\n\n### Data manifests (curate outs)\n\n"
+    data = lin.get("data") or {}
+    text += _table(("path", "md5"), [(f"`{p}`", f"`{m}`") for p, m in sorted(data.items())]) if data else "_none in dvc.lock_\n"
+    text += "\n### Stages (params md5 and outs, from dvc.lock)\n\n"
+    rows = [(f"`{name}`", f"`{s['params_md5']}`", "<br>".join(f"`{p}`: `{m}`" for p, m in sorted(s["outs"].items())))
+            for name, s in lin.get("stages", {}).items()]
+    return text + _table(("stage", "params md5", "outs"), rows)
+
+
+def render_card(info: dict, components: Dict[str, List[str]], config: dict, lower_patterns: Sequence[str]) -> str:
+    """README.md text. `info` is export.json's content; `components` model_index.json's
+    {name: [library, class]}; `config` the composed config as a dict."""
+    front = {"library_name": "diffusers", "pipeline_tag": PIPELINE_TAG, "tags": list(TAGS)}
+    name, version = info["name"], info["version"]
+    body = [
+        f"---\n{yaml.safe_dump(front, sort_keys=False)}---\n",
+        f"# {name} {version}\n",
+        "LoomVideo: unified video and image generation and editing — a Wan2.2 DiT conditioned on the "
+        "per-layer features of a frozen Qwen3-VL (Deepstack), with Scale-and-Add source latents and "
+        f"reference images at negative temporal RoPE positions. Profile `{info['profile']}`, exported "
+        f"{info['created_at']} from the `{info['source']['stage']}` weights.\n",
+        "## Usage\n",
+        "```python\nimport torch\nfrom loomcore.pipeline import LoomVideoPipeline\n\n"
+        "pipe = LoomVideoPipeline.from_pretrained(folder, dtype={\"default\": torch.bfloat16, \"vae\": torch.float32})\n"
+        "frames = pipe(\"a red circle moves left\").frames[0]  # [F, H, W, 3] in [0, 1]\n```\n",
+        "Every part is a `save_pretrained` folder in safetensors (no pickles); the stock ones load with the "
+        "plain library classes:\n",
+        _components_section(components),
+        "## Evaluation\n",
+        _metrics_section(info["metrics"], lower_patterns, info.get("metrics_source")),
+        "## Lineage\n",
+        _lineage_section(info),
+        "## Parameters\n",
+        "The composed config (params.yaml + profile + overrides) of the sections that describe the model:\n",
+        f"```yaml\n{yaml.safe_dump(card_params(config), sort_keys=False, width=110)}```\n",
+    ]
+    return "\n".join(body)

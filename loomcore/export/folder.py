@@ -1,0 +1,250 @@
+"""The export folder: a trained DiT + the profile's frozen parts as one diffusers pipeline folder.
+
+    <out_dir>/
+      model_index.json         LoomVideoPipeline and its components (DiffusionPipeline.save_pretrained)
+      transformer/             LoomDiT: config.json + diffusion_pytorch_model.safetensors (or shards + index)
+      vae/                     AutoencoderKLWan (paper) | SpaceToDepth codec_config.json (tiny, no weights)
+      scheduler/               UniPCMultistepScheduler | FlowMatchEulerDiscreteScheduler
+      mllm/                    Qwen3VLForConditionalGeneration: config.json + model.safetensors
+      tokenizer/, image_processor/   Qwen3-VL's (the tokenizer carries the chat template)
+      README.md                model card (metrics, lineage, params)
+      export.json              the same facts, machine-readable (name, version, metrics, lineage)
+
+Written atomically: built and checked in a hidden sibling (`.<name>.staging-<pid>-<id>`), then
+renamed into place. An existing target is an error unless `overwrite`; with it, the old folder
+is swapped out only once the new one is complete. Any failure removes the staging folder, so
+`out_dir` is either absent, the old export, or the new one — never half of one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import uuid
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+from loomcore.config import REPO_ROOT, Config
+
+from .card import render_card
+from .lineage import dvc_lineage, git_state
+from .metrics import load_metrics
+
+log = logging.getLogger(__name__)
+
+INFO_FILE = "export.json"
+CARD_FILE = "README.md"
+SOURCES = ("auto", "rl", "stage3")
+DTYPES = ("float32", "bfloat16", "float16")  # export.dtype: torch dtype names
+# Pickle-based formats: never in an export (loading them can run code).
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # safe in a path and an S3 key
+
+
+class ExportExists(FileExistsError):
+    """The export target exists and overwrite was not requested."""
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    folder: str
+    name: str
+    version: str
+    source_stage: str
+    source_path: str
+    files: int
+    bytes: int
+    metrics: Dict[str, float]
+    lineage_warnings: List[str]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def check_name(value: str, what: str) -> str:
+    if not NAME_RE.match(value or ""):
+        raise ValueError(f"{what} = {value!r}: expected letters, digits, '.', '_' or '-' (1–128 characters, "
+                         "starting with a letter or digit)")
+    return value
+
+
+def make_version(git: dict, now: Optional[datetime] = None) -> str:
+    """v<UTC yyyymmddThhmmssZ>-<git short sha>[-dirty] ("-nogit" outside a checkout)."""
+    now = now or datetime.now(timezone.utc)
+    stamp = now.astimezone(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    sha = git.get("short") or "nogit"
+    return f"v{stamp}-{sha}" + ("-dirty" if git.get("dirty") else "")
+
+
+def resolve_source(cfg: Config) -> Tuple[str, Path]:
+    """(stage, folder) of the DiT to export: export.source, or with "auto" the RL weights when that
+    stage has written them, else stage 3's."""
+    choice = cfg.export.source
+    if choice not in SOURCES:
+        raise ValueError(f"export.source = {choice!r}: expected one of {', '.join(SOURCES)}")
+    out = Path(cfg.train.out_dir)
+    candidates = ("rl", "stage3") if choice == "auto" else (choice,)
+    for stage in candidates:
+        folder = out / stage / "model"
+        if (folder / "config.json").is_file():
+            return stage, folder
+    looked = ", ".join(str(out / s / "model") for s in candidates)
+    raise ValueError(f"export.source = {choice!r}: no trained DiT at {looked} (a LoomDiT.save_pretrained folder "
+                     "with config.json); run the training stages first")
+
+
+def find_pickles(folder: Path) -> List[str]:
+    """Files in a pickle-based format, by suffix or by their first bytes (a pickle's protocol
+    header, or torch's zip container)."""
+    bad = []
+    for f in sorted(Path(folder).rglob("*")):
+        if not f.is_file():
+            continue
+        with open(f, "rb") as fh:
+            head = fh.read(4)
+        is_pickle = len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5
+        if f.suffix.lower() in PICKLE_SUFFIXES or is_pickle or head == b"PK\x03\x04":
+            bad.append(f.relative_to(folder).as_posix())
+    return bad
+
+
+def check_export_folder(folder: Path | str) -> Dict[str, int]:
+    """Every component present (model_index.json + files), no pickles, every safetensors file
+    readable. ValueError lists the problems. Returns {"files", "bytes"}."""
+    from safetensors import safe_open
+
+    from loomcore.pipeline.loading import check_pipeline_folder
+
+    folder = Path(folder)
+    check_pipeline_folder(folder)
+    problems = [f"{p}: a pickle-based file (only safetensors and JSON/text belong in an export)"
+                for p in find_pickles(folder)]
+    files = [f for f in folder.rglob("*") if f.is_file()]
+    for f in files:
+        if f.suffix == ".safetensors":
+            try:
+                with safe_open(str(f), framework="pt") as st:
+                    st.keys()
+            except Exception as e:  # safetensors raises its own error types; say which file
+                problems.append(f"{f.relative_to(folder)}: not a readable safetensors file ({e})")
+    for name in (INFO_FILE, CARD_FILE):
+        if not (folder / name).is_file():
+            problems.append(f"{name}: missing")
+    if problems:
+        raise ValueError(f"{folder}: not a valid export:\n  - " + "\n  - ".join(problems))
+    return {"files": len(files), "bytes": sum(f.stat().st_size for f in files)}
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale_siblings(target: Path) -> None:
+    """Staging / swapped-out folders left by an export that was killed (its process is gone)."""
+    for p in target.parent.glob(f".{target.name}.*-*-*"):
+        parts = p.name.rsplit("-", 2)
+        if p.is_dir() and parts[-2].isdigit() and not _pid_alive(int(parts[-2])):
+            log.warning("removing %s, left by an interrupted export", p)
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _sibling(target: Path, kind: str) -> Path:
+    return target.parent / f".{target.name}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def _swap_in(staging: Path, target: Path, overwrite: bool) -> None:
+    if not target.exists():
+        os.rename(staging, target)
+        return
+    if not overwrite:  # it appeared while this export was being built
+        raise ExportExists(f"export target {target} exists; pass --overwrite (export.overwrite=true) to replace it")
+    old = _sibling(target, "old")
+    os.rename(target, old)
+    try:
+        os.rename(staging, target)
+    except BaseException:
+        os.rename(old, target)  # put the previous export back
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def existing_target_error(cfg: Config, out_dir: Optional[Path | str] = None,
+                          overwrite: Optional[bool] = None) -> Optional[str]:
+    """Why the export target may not be written (it exists, overwrite is off), or None."""
+    target = Path(out_dir or cfg.export.out_dir)
+    overwrite = cfg.export.overwrite if overwrite is None else overwrite
+    if target.exists() and not overwrite:
+        return f"export target {target} exists; pass --overwrite (export.overwrite=true) to replace it"
+    return None
+
+
+def export_pipeline(cfg: Config, *, out_dir: Optional[Path | str] = None, overwrite: Optional[bool] = None,
+                    version: Optional[str] = None, dvc_lock: Path | str = REPO_ROOT / "dvc.lock",
+                    now: Optional[datetime] = None) -> ExportResult:
+    """Write the export folder of `cfg` (export.out_dir unless `out_dir`) atomically; see the module
+    docstring. Raises ExportExists when the target exists and overwrite is off (checked before any
+    work and again at the swap)."""
+    import torch
+
+    from loomcore.pipeline import LoomVideoPipeline
+
+    e = cfg.export
+    target = Path(out_dir or e.out_dir)
+    overwrite = e.overwrite if overwrite is None else overwrite
+    refusal = existing_target_error(cfg, target, overwrite)
+    if refusal:
+        raise ExportExists(refusal)
+    name = check_name(e.name, "export.name")
+    if e.dtype not in DTYPES:
+        raise ValueError(f"export.dtype = {e.dtype!r}: expected one of {', '.join(DTYPES)}")
+    stage, source = resolve_source(cfg)
+    metrics = load_metrics(e.metrics)
+    git = git_state()
+    version = check_name(version or e.version or make_version(git, now), "export version")
+    lineage = dvc_lineage(dvc_lock, {"weights": source, "metrics": Path(e.metrics) if e.metrics else None})
+    warnings = [f"{role} {c['path']}: md5 {c['md5']} but dvc.lock records {c['recorded']} (stage {c['stage']})"
+                for role, c in lineage.get("checks", {}).items() if c["matches"] is False]
+    for w in warnings:
+        log.warning("lineage: %s", w)
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_siblings(target)
+    staging = _sibling(target, "staging")
+    try:
+        pipe = LoomVideoPipeline.from_config_models(cfg, transformer_path=str(source), dtype=getattr(torch, e.dtype))
+        pipe.save_pretrained(staging, safe_serialization=True)
+        del pipe
+        info = {
+            "name": name, "version": version, "profile": cfg.profile,
+            "created_at": (now or datetime.now(timezone.utc)).astimezone(timezone.utc).isoformat(timespec="seconds"),
+            "dtype": e.dtype, "source": {"stage": stage, "path": str(source)},
+            "metrics": metrics, "metrics_source": e.metrics, "git": git, "lineage": lineage,
+        }
+        (staging / INFO_FILE).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+        components = {k: v for k, v in json.loads((staging / "model_index.json").read_text()).items()
+                      if isinstance(v, list) and len(v) == 2 and v[0] is not None}
+        (staging / CARD_FILE).write_text(render_card(info, components, cfg.to_dict(), e.lower_is_better))
+        summary = check_export_folder(staging)
+        _swap_in(staging, target, overwrite)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return ExportResult(folder=str(target), name=name, version=version, source_stage=stage, source_path=str(source),
+                        files=summary["files"], bytes=summary["bytes"], metrics=metrics, lineage_warnings=warnings)
+
+
+def read_export_info(folder: Path | str) -> dict:
+    path = Path(folder) / INFO_FILE
+    if not path.is_file():
+        raise ValueError(f"{folder}: no {INFO_FILE}; not a folder written by export_pipeline")
+    return json.loads(path.read_text())
