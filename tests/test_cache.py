@@ -93,3 +93,27 @@ def test_a_shard_that_disagrees_with_the_index_is_named(tiny_workspace, cache_di
     with pytest.raises(CacheError, match=rf"{row['shard']}.*dtype torch.float16, the index says float32"):
         for _ in range(30):
             next(loader)
+
+
+def test_online_mode_caches_mllm_inputs(tiny_workspace, tmp_path):
+    """feature_mode=online stores the processed MLLM inputs (ids, pixels, grids) of the full and
+    the text-dropped condition instead of features; the frozen MLLM then runs in the step."""
+    import dataclasses
+
+    from loomcore.models.mllm import MLLMEncoder, MLLMRequest
+
+    cfg, _ = tiny_workspace
+    cfg = dataclasses.replace(cfg, mllm=dataclasses.replace(cfg.mllm, feature_mode="online"))
+    out = tmp_path / "online"
+    summary = build_cache(cfg, out_dir=out, progress=False)
+    assert summary["complete"] and not (out / "null.safetensors").exists()
+    rows = read_index(out, "train", "480p")
+    row = next(r for r in rows if r["task"] == "tv2v")
+    entries = json.loads(row["tensors"])
+    assert {"mllm/input_ids", "mllm_visual/input_ids", "mllm/pixel_values_videos"} <= set(entries)
+    assert "context" not in entries
+    from safetensors import safe_open
+
+    with safe_open(str(out / row["shard"]), framework="pt") as h:
+        ids = h.get_tensor(entries["mllm/input_ids"][0])
+    assert ids.shape[1] == row["context_tokens"]

@@ -234,7 +234,8 @@ def _encode_chunk(cfg, chunk, res, media, codec, encoder, mode, dtype, MLLMReque
         # bytes of each MLLM mode, measured on this very sample
         tok = encoder.tokenize(requests[i])
         online_bytes = _nbytes({k: v for k, v in tok.items() if k in MLLM_INPUT_KEYS})
-        vis_tok = encoder.inputs.visual_only(tok) if visual_requests[i] is not None else None
+        # text dropout keeps the images/video: the same drop="text" request in both modes
+        vis_tok = encoder.tokenize(visual_requests[i]) if visual_requests[i] is not None else None
         if vis_tok is not None:
             online_bytes += _nbytes({k: v for k, v in vis_tok.items() if k in MLLM_INPUT_KEYS})
         if mode == "cached":
@@ -247,10 +248,10 @@ def _encode_chunk(cfg, chunk, res, media, codec, encoder, mode, dtype, MLLMReque
             cached_bytes = sum(_nbytes({k: v}) for k, v in own.items() if k.endswith(("context", "context_visual")))
         else:
             for key in MLLM_INPUT_KEYS:
-                if key in tok:
-                    put(f"mllm/{key}", tok[key])
+                if key in tok:  # own copies: safetensors refuses tensors sharing storage
+                    put(f"mllm/{key}", tok[key].clone())
                 if vis_tok is not None and key in vis_tok:
-                    put(f"mllm_visual/{key}", vis_tok[key])
+                    put(f"mllm_visual/{key}", vis_tok[key].clone())
             ctx_tokens = int(tok["input_ids"].shape[1])
             L, H = cfg.mllm.layers_used, cfg.mllm.hidden_size
             cached_bytes = L * H * (ctx_tokens + (int(vis_tok["input_ids"].shape[1]) if vis_tok is not None else 0)) * torch.finfo(dtype).bits // 8

@@ -1,0 +1,3 @@
+from loomcore.train.cli import main
+
+raise SystemExit(main())

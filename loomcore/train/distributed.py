@@ -1,0 +1,236 @@
+"""Everything distributed, applied from outside the model (STYLE: torchtitan's parallelize()).
+
+One code path from one CPU process to many GPU nodes: the trainer always runs inside a process
+group (gloo on CPU, nccl on GPU; a process not started by torchrun gets a 1-rank group) and the
+DiT is always wrapped by FSDP2, so the 1-process CPU run exercises the same code as a cluster.
+
+    parallelize(model): activation checkpointing → torch.compile per block → fully_shard per
+    block, then the root
+
+Checkpoint pieces (`ModelState`, `OptimizerState`, `EMAState`) follow the Stateful protocol of
+`loomcore.train.checkpoint`: `state_dict()` gathers full CPU tensors on rank 0 (a collective:
+every rank calls it), `load_state_dict()` takes the full state on rank 0 and broadcasts it
+shard by shard. `Checkpointer` runs a `CheckpointManager` (which writes from one process) on
+rank 0 and the matching collectives on the other ranks.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Mapping, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from loomcore.train.checkpoint import CheckpointManager
+from loomcore.train.ema import EMA
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(use_gpu: bool, timeout_minutes: float = 30.0) -> DistEnv:
+    """Join the process group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT),
+    or make a 1-rank group for a process started without torchrun."""
+    if use_gpu and not torch.cuda.is_available():
+        raise RuntimeError("the stage asks for GPUs (gpus_per_node > 0) but CUDA is not available here")
+    timeout = datetime.timedelta(minutes=timeout_minutes)
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device("cuda", local_rank) if use_gpu else torch.device("cpu")
+    backend = "nccl" if use_gpu else "gloo"
+    if not dist.is_initialized():
+        if use_gpu:
+            torch.cuda.set_device(device)
+        if "MASTER_ADDR" in os.environ:
+            dist.init_process_group(backend, timeout=timeout, device_id=device if use_gpu else None)
+        else:  # not launched by torchrun: a 1-rank group, no network
+            if world != 1:
+                raise RuntimeError(f"WORLD_SIZE={world} without MASTER_ADDR: launch with torchrun")
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+    return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+def destroy_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# --------------------------------------------------------------------------------------------
+# parallelize
+
+
+def apply_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute each block in the backward (diffusers' non-reentrant torch.utils.checkpoint
+    around LoomDiT's block step, which includes that block's Deepstack projection)."""
+    model.enable_gradient_checkpointing()
+
+
+def apply_compile(model: nn.Module) -> None:
+    """torch.compile each block in place (names unchanged); packs vary in length: dynamic shapes."""
+    for block in model.blocks:
+        block.compile(dynamic=True)
+
+
+def apply_fsdp(model: nn.Module, mesh, reshard_after_forward: bool = True) -> None:
+    """FSDP2: each block is its own unit (all-gathered just before it runs), the root holds the
+    rest (embeddings, the shared Deepstack projector, the output head). `forward_packed` is
+    LoomDiT's entry point, so the root's hooks are registered on it too."""
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    register_fsdp_forward_method(model, "forward_packed")
+
+
+def parallelize(model: nn.Module, env: DistEnv, *, activation_checkpointing: bool, compile: bool) -> nn.Module:
+    """AC → compile → FSDP2, in torchtitan's order. The model is on `env.device` afterwards."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    model.to(env.device)
+    if activation_checkpointing:
+        apply_activation_checkpointing(model)
+    if compile and env.device.type == "cuda":  # train.compile applies to GPU runs only (documented in params)
+        apply_compile(model)
+    mesh = init_device_mesh(env.device.type, (env.world_size,))
+    apply_fsdp(model, mesh)
+    return model
+
+
+def set_gradient_sync(model: nn.Module, sync: bool) -> None:
+    """Gradient accumulation: reduce-scatter only on the last micro-batch of a step."""
+    model.set_requires_gradient_sync(sync)
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoint pieces
+
+
+class ModelState:
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def state_dict(self) -> Dict[str, torch.Tensor]:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(self.model, dict(state),
+                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+
+
+class OptimizerState:
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer):
+        self.model, self.optimizer = model, optimizer
+
+    def state_dict(self) -> Dict[str, Any]:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(self.model, self.optimizer,
+                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(self.model, self.optimizer, dict(state),
+                                 options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+
+
+class EMAState:
+    def __init__(self, ema: EMA):
+        self.ema = ema
+
+    def state_dict(self) -> Dict[str, torch.Tensor]:
+        return self.ema.full_state_dict()
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        self.ema.load_state_dict(dict(state))  # a full tensor per name: distribute_tensor scatters rank 0's
+
+    def placeholder(self) -> Dict[str, torch.Tensor]:
+        """What ranks other than 0 pass to `load_state_dict`: shapes only (rank 0 has the data)."""
+        return {n: torch.empty(tuple(s.shape), dtype=torch.float32) for n, s in zip(self.ema.names, self.ema.shadow)}
+
+
+COLLECTIVE = (ModelState, OptimizerState, EMAState)
+
+
+class Checkpointer:
+    """`CheckpointManager` on rank 0, the matching collectives everywhere.
+
+    `pieces` are saved in their dict order; the collective ones (model, optimizer, EMA) gather
+    or broadcast on every rank. The others (scheduler, loader, counters: identical on every
+    rank) are read from rank 0's checkpoint and broadcast as Python objects. The run directory
+    must be on a filesystem rank 0 can write (other ranks never touch it)."""
+
+    def __init__(self, run_dir: Path, keep_last: int, interval: int, env: DistEnv, pieces: Mapping[str, Any]):
+        self.env = env
+        self.pieces = dict(pieces)
+        self.manager = CheckpointManager(run_dir, keep_last, interval) if env.is_main else None
+        self.interval = interval
+
+    def should_save(self, step: int) -> bool:
+        return step > 0 and step % self.interval == 0
+
+    def save(self, step: int, extras: Mapping[str, Any]) -> Optional[Path]:
+        path = None
+        if self.manager is not None:
+            path = self.manager.save(step, self.pieces, extras)
+        else:
+            for piece in self.pieces.values():
+                if isinstance(piece, COLLECTIVE):
+                    piece.state_dict()
+        dist.barrier()
+        return path
+
+    def resume(self) -> Optional[dict]:
+        """Load the newest valid checkpoint (a corrupt newer one is skipped with a warning on rank
+        0); returns {"step", "extras", "path"} or None for a fresh run."""
+        found = self.manager.latest_valid() if self.manager is not None else None
+        path = [str(found) if found is not None else None]
+        dist.broadcast_object_list(path, src=0)
+        if path[0] is None:
+            return None
+        if self.manager is not None:
+            out = self.manager.load(path[0], self.pieces)
+            small = {name: p.state_dict() for name, p in self.pieces.items() if not isinstance(p, COLLECTIVE)}
+            payload = [{"out": out, "small": small}]
+        else:
+            for piece in self.pieces.values():
+                if isinstance(piece, EMAState):
+                    piece.load_state_dict(piece.placeholder())
+                elif isinstance(piece, COLLECTIVE):
+                    piece.load_state_dict({})
+            payload = [None]
+        dist.broadcast_object_list(payload, src=0)
+        if self.manager is None:
+            for name, state in payload[0]["small"].items():
+                self.pieces[name].load_state_dict(state)
+        return {**payload[0]["out"], "path": path[0]}
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def broadcast_object(obj: Any) -> Any:
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

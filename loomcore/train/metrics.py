@@ -1,0 +1,99 @@
+"""Rank 0's record of a training run, in its run directory, resumable (DESIGN §5).
+
+    steps.jsonl              every optimizer step: loss, grad norm, lr, tokens, finite (exact floats)
+    dvclive/                 dvclive's metrics.json + plots/metrics/<name>.tsv + plots/images/…,
+                             interval means every `log_every` steps
+
+A resumed run continues both from the checkpoint's step: `steps.jsonl` and every dvclive TSV are
+cut back to the rows at or before it (a killed run may have logged past its last checkpoint), and
+dvclive is opened with `resume=True`, so the curves continue instead of starting over.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional
+
+STEPS_FILE = "steps.jsonl"
+LIVE_DIR = "dvclive"
+
+
+def read_steps(path: Path | str) -> List[dict]:
+    path = Path(path)
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _truncate_jsonl(path: Path, last_step: int) -> None:
+    if path.is_file():
+        rows = [r for r in read_steps(path) if r["step"] <= last_step]
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _truncate_tsv(path: Path, last_step: int) -> None:
+    text = path.read_text()
+    reader = csv.DictReader(io.StringIO(text), delimiter="\t")
+    fields = reader.fieldnames or []
+    rows = [r for r in reader if int(float(r["step"])) <= last_step]
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=fields, delimiter="\t", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    path.write_text(out.getvalue())
+
+
+class RunLog:
+    def __init__(self, run_dir: Path | str, resume_step: int):
+        """`resume_step`: the step the run resumes from (0: a fresh run; older logs are dropped)."""
+        self.run_dir = Path(run_dir)
+        self.steps_path = self.run_dir / STEPS_FILE
+        self.live_dir = self.run_dir / LIVE_DIR
+        _truncate_jsonl(self.steps_path, resume_step)
+        metrics_dir = self.live_dir / "plots" / "metrics"
+        if metrics_dir.is_dir():
+            for tsv in metrics_dir.rglob("*.tsv"):
+                _truncate_tsv(tsv, resume_step)
+        from dvclive import Live
+
+        # No dvc.yaml, no experiment, no report: the stage's dvc.yaml declares the plots.
+        self.live = Live(dir=str(self.live_dir), resume=resume_step > 0, save_dvc_exp=False, dvcyaml=None, report=None)
+
+    def write_steps(self, rows: Iterable[dict]) -> None:
+        with open(self.steps_path, "a") as f:
+            for r in rows:
+                f.write(json.dumps(r) + "\n")
+
+    def log_metrics(self, step: int, metrics: Dict[str, float]) -> None:
+        self.live.step = step
+        for name, value in metrics.items():
+            if value is None:
+                continue
+            self.live.log_metric(name, float(value) if math.isfinite(float(value)) else str(value))
+        self.live.make_summary()
+
+    def log_image(self, step: int, name: str, image) -> Path:
+        self.live.step = step
+        self.live.log_image(name, image)
+        return self.live_dir / "plots" / "images" / name
+
+    @property
+    def plots_dir(self) -> Path:
+        return self.live_dir / "plots"
+
+    def close(self) -> None:
+        self.live.make_summary()
+
+
+def mean_loss(rows: List[dict], first: Optional[float] = None, last: Optional[float] = None) -> Optional[float]:
+    """Mean finite loss over the first or last fraction of `rows` (at least one row)."""
+    if not rows:
+        return None
+    n = max(1, round(len(rows) * (first or last)))
+    part = rows[:n] if first is not None else rows[-n:]
+    vals = [r["loss"] for r in part if r["loss"] is not None and math.isfinite(r["loss"])]
+    return sum(vals) / len(vals) if vals else None

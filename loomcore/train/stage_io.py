@@ -1,0 +1,136 @@
+"""What a training stage reads and writes, and where (DESIGN §5).
+
+run directory  <paths.runs>/<stage>/<run_key(params fingerprint, inputs fingerprint)>/
+               step-NNNNNN/ checkpoints (model, EMA, optimizer, scheduler, loader position, RNG,
+               counters), steps.jsonl (every step), dvclive/ (curves, validation grids).
+               Outside DVC's outs — `dvc repro` deletes a stage's outs before it runs — and keyed
+               so that only a run with the same params (the stage's section and the shared ones
+               dvc.yaml lists), the same inputs (init weights, cache index) AND the same training
+               code resumes it; any other run gets a fresh directory. Multi-node: on a
+               filesystem rank 0 can write.
+stage outs     <train.out_dir>/<stage>/
+                 model/         LoomDiT.save_pretrained: the weights the next stage starts from —
+                                the EMA weights when the stage keeps an EMA, else the final ones
+                 final/         the final (raw, non-EMA) weights, always (= model/ in stage 1)
+                 summary.json   what ran: init weights, which weights model/ holds, losses, speed
+                 metrics.json   its numbers (`dvc metrics show`)
+                 plots/metrics/ dvclive TSVs: loss (all, per task kind), lr, grad norm, tokens/s…
+                 plots/images/  validation grids, samples/<step>.png
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from loomcore.config import Config
+from loomcore.train.checkpoint import run_key
+
+def stage_out_dir(cfg: Config, stage: str) -> Path:
+    return Path(cfg.train.out_dir) / stage
+
+
+def init_weights(cfg: Config, stage: str) -> Tuple[Path, str]:
+    """(folder, description) of the weights `stage` starts from."""
+    s = cfg.stage(stage)
+    if s.init_from == "base":  # a local folder or s3:// (a verified local mirror)
+        from loomcore.storage import S3Settings, materialize
+
+        path = materialize(cfg.models.transformer, settings=S3Settings.from_config(cfg.s3))
+        return path, f"base model {cfg.models.transformer} (+ a new zero-initialised Deepstack projector)"
+    prev = stage_out_dir(cfg, s.init_from)
+    summary = prev / "summary.json"
+    if not summary.is_file():
+        raise FileNotFoundError(f"{stage}.init_from = {s.init_from}: {summary} is missing (run {s.init_from} first)")
+    held = json.loads(summary.read_text())["model_weights"]
+    return prev / "model", f"{s.init_from}'s {held} weights ({prev / 'model'})"
+
+
+# The params sections a stage reads besides its own (dvc.yaml lists the same ones).
+SHARED_SECTIONS = ("profile", "seed", "models", "dit", "mllm", "rope", "flow", "guidance", "train")
+CODE_DIRS = ("train", "models", "diffusion")  # under loomcore/
+CODE_FILES = ("data/loader.py", "data/packing.py")
+_HASH_FULL_LIMIT = 256 << 20  # files above this are fingerprinted by size + 16 sampled MiB
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        if size <= _HASH_FULL_LIMIT:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+        else:  # huge weight files: size + 16 evenly spaced MiB (a retrained file differs everywhere)
+            h.update(str(size).encode())
+            for i in range(16):
+                f.seek((size - (1 << 20)) * i // 15)
+                h.update(f.read(1 << 20))
+    return h.hexdigest()
+
+
+def inputs_fingerprint(paths: List[Path]) -> str:
+    """A hash of the files a run reads: every file under each path (name, size, content)."""
+    h = hashlib.sha256()
+    for root in paths:
+        files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+        if not files:
+            raise FileNotFoundError(f"{root}: missing or empty")
+        for f in files:
+            h.update(f"{f.relative_to(root) if f != root else f.name}:{f.stat().st_size}:{_file_digest(f)}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def code_fingerprint() -> str:
+    """The training code (the .py files dvc.yaml lists as the stages' code deps): a run resumes
+    only with the code that wrote its checkpoints, or its steps would not be the same steps. (To
+    carry a long run across a deliberate code change, copy its step-* folders into the new run
+    directory.)"""
+    pkg = Path(__file__).resolve().parents[1]  # loomcore/
+    files = [f for d in CODE_DIRS for f in sorted((pkg / d).rglob("*.py"))] + [pkg / f for f in CODE_FILES]
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f"{f.relative_to(pkg)}\n".encode() + f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def stage_run_dir(cfg: Config, stage: str, init_path: Path) -> Path:
+    cache = Path(cfg.paths.cache)
+    # the cache index names every tensor with its shape; the shards are immutable once written
+    inputs = inputs_fingerprint([init_path, cache / "index.parquet", cache / "cache.json"]
+                                + ([cache / "null.safetensors"] if (cache / "null.safetensors").is_file() else []))
+    key = run_key(cfg.fingerprint(*SHARED_SECTIONS, stage), f"{inputs}-{code_fingerprint()}")
+    return Path(cfg.paths.runs) / stage / key
+
+
+
+def write_weights(out: Path, name: str, config: dict, state: Dict[str, torch.Tensor]) -> None:
+    """LoomDiT.save_pretrained(out/name), built and renamed into place whole."""
+    from loomcore.models.release import build_from_state_dict
+
+    config = {k: v for k, v in config.items() if not k.startswith("_")}
+    model, _ = build_from_state_dict(config, state, allow_new=False, dtype=None, source=f"{out / name}")
+    tmp = out / f".{name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    shutil.rmtree(out / name, ignore_errors=True)
+    os.replace(tmp, out / name)
+
+
+def write_stage_outs(out: Path, config: dict, final: Dict[str, torch.Tensor], ema: Optional[Dict[str, torch.Tensor]],
+                     plots: Path, summary: dict) -> None:
+    """The stage's outs (see the module doc). `ema` covers the trained parameters; frozen ones
+    (Wan's unused text projection) come from `final`."""
+    out.mkdir(parents=True, exist_ok=True)
+    write_weights(out, "final", config, final)
+    write_weights(out, "model", config, {**final, **ema} if ema is not None else final)
+    shutil.rmtree(out / "plots", ignore_errors=True)
+    shutil.copytree(plots, out / "plots")
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    numbers = {k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    (out / "metrics.json").write_text(json.dumps(numbers, indent=2) + "\n")

@@ -1,0 +1,107 @@
+"""Validation samples during training: a few fixed prompts, Euler-sampled and decoded to a PNG grid.
+
+The prompts are the first `train.validation_prompts` eval entries of the stage's resolution in
+the cache (their full MLLM condition — cached, or encoded once in the online mode — sources and
+references, no dropout), packed into one sequence and sampled together from the same seeded noise
+every time, so that grids from different steps compare like for like. Sampling uses `guidance.steps` Euler steps with the
+scheduler's `guidance.flow_shift`, no guidance. Rows are prompts, columns are frames (at most
+`train.validation_frames`, evenly spaced).
+
+Every rank runs the sampler (FSDP2's forward is a collective); rank 0 decodes and draws.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import List, Optional
+
+import numpy as np
+import torch
+
+from loomcore.config import Config, StageConfig
+from loomcore.data.loader import ShardReader, load_sample, read_index
+from loomcore.diffusion.flow import timestep_input
+from loomcore.diffusion.sampling import euler_sample, sampling_timesteps
+from loomcore.models.dit import PackLayout, patchify, unpack_latents
+
+
+class Validator:
+    def __init__(self, cfg: Config, stage: StageConfig, use_source: bool, device: torch.device, contexts):
+        self.cfg, self.device = cfg, device
+        self.patch_size = tuple(cfg.dit.patch_size)
+        rows = read_index(cfg.paths.cache, "eval", stage.resolution)[: cfg.train.validation_prompts]
+        self.ids = [r["id"] for r in rows]
+        self.tasks = [r["task"] for r in rows]
+        if not rows:
+            self.layout = None
+            return
+        reader = ShardReader(cfg.paths.cache)
+        samples = [load_sample(reader, r) for r in rows]
+        contexts.fill(samples, rows, ["none"] * len(samples))  # the full condition (online: the MLLM runs)
+        tok = lambda z: patchify(z[None].float(), self.patch_size)[0]  # noqa: E731  [C,f,h,w] -> [n, P]
+        pt, ph, pw = self.patch_size
+        grids = tuple((s.target.shape[1] // pt, s.target.shape[2] // ph, s.target.shape[3] // pw) for s in samples)
+        refs = [r for s in samples for r in s.refs]
+        self.layout = PackLayout(grids, tuple(s.context.shape[1] for s in samples),
+                                 tuple(tuple((r.shape[2] // ph, r.shape[3] // pw) for r in s.refs) for s in samples))
+        self.context = torch.cat([s.context for s in samples], dim=1).to(device)
+        self.references = torch.cat([tok(r) for r in refs]).to(device) if refs else None
+        self.source = None
+        if use_source and any(s.source is not None for s in samples):
+            self.source = torch.cat([tok(s.source) if s.source is not None else torch.zeros_like(tok(s.target))
+                                     for s in samples]).to(device)
+        self.shape = (sum(self.layout.target_lengths), tok(samples[0].target).shape[1])
+        self.timesteps = sampling_timesteps(cfg.guidance.steps, cfg.guidance.flow_shift)
+        self._codec = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.layout is not None
+
+    @torch.no_grad()
+    def sample(self, model) -> List[torch.Tensor]:
+        """Per-prompt latents [C, f, h, w] (CPU, float32). A collective under FSDP2."""
+        S = self.layout.num_samples
+        autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else nullcontext())
+
+        def velocity(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            timestep = timestep_input(t, self.cfg.flow.timestep_scale).expand(S)
+            with autocast:
+                return model.forward_packed(z, timestep, self.context, self.layout, self.source, self.references).sample
+
+        g = torch.Generator().manual_seed(self.cfg.seed)
+        z = euler_sample(velocity, self.shape, self.timesteps, generator=g, device=self.device)
+        return unpack_latents(z.cpu(), self.layout.grid_sizes, self.patch_size)
+
+    def grid(self, latents: List[torch.Tensor]):
+        """A PIL image: one row per prompt, up to `validation_frames` decoded frames as columns."""
+        from PIL import Image
+
+        from loomcore.models.codec import load_codec
+
+        if self._codec is None:
+            self._codec = load_codec(self.cfg.models.codec, self.cfg.models.vae).to(self.device)
+        rows = []
+        for z in latents:
+            video = self._codec.decode(z[None].to(self.device))[0].float().cpu()  # [3, F, H, W] in [-1, 1]
+            F_ = video.shape[1]
+            keep = np.unique(np.linspace(0, F_ - 1, min(F_, self.cfg.train.validation_frames)).round().astype(int))
+            frames = ((video[:, keep].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # [3, k, H, W]
+            rows.append(frames.permute(1, 2, 3, 0).numpy())  # [k, H, W, 3]
+        H = max(r.shape[1] for r in rows)
+        W = max(r.shape[2] for r in rows)
+        cols = max(r.shape[0] for r in rows)
+        canvas = np.zeros((len(rows) * H, cols * W, 3), dtype=np.uint8)
+        for i, r in enumerate(rows):
+            for j, frame in enumerate(r):
+                canvas[i * H: i * H + frame.shape[0], j * W: j * W + frame.shape[1]] = frame
+        return Image.fromarray(canvas)
+
+    def caption(self) -> str:
+        return ", ".join(f"{i} ({t})" for i, t in zip(self.ids, self.tasks))
+
+
+def maybe_validator(cfg: Config, stage: StageConfig, use_source: bool, device: torch.device,
+                    contexts) -> Optional[Validator]:
+    v = Validator(cfg, stage, use_source, device, contexts)
+    return v if v.enabled else None

@@ -1,0 +1,133 @@
+"""Subprocesses that a task starts (`dvc repro`, `torchrun` and its ranks).
+
+Each runs in its own process group (a new session), its output streamed line by line to the run's
+log, under a timeout. The whole group is stopped — SIGTERM, then SIGKILL after a grace period —
+when the timeout passes, when the task is cancelled (Prefect sends the flow-run process SIGTERM),
+or when the parent exits. Nothing is left running that could hold a GPU or DVC's lock.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import signal
+import subprocess
+import threading
+import time
+from typing import Callable, Dict, List, Mapping, Optional, Sequence
+
+_live: Dict[int, subprocess.Popen] = {}
+_lock = threading.Lock()
+_handlers_installed = False
+
+
+class SubprocessFailed(RuntimeError):
+    def __init__(self, cmd: Sequence[str], returncode: int, tail: List[str]):
+        self.cmd, self.returncode, self.tail = list(cmd), returncode, tail
+        last = "\n".join(tail[-20:])
+        super().__init__(f"`{' '.join(cmd)}` exited with code {returncode}; last lines:\n{last}")
+
+
+class SubprocessTimeout(SubprocessFailed, TimeoutError):
+    def __init__(self, cmd: Sequence[str], timeout: float, tail: List[str]):
+        super().__init__(cmd, -signal.SIGKILL, tail)
+        self.args = (f"`{' '.join(cmd)}` timed out after {timeout:g} s and was stopped (whole process group)",)
+
+
+def stop_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
+    """SIGTERM the process group, wait `grace` seconds, then SIGKILL what is left."""
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+
+
+def _stop_all(*_args) -> None:
+    with _lock:
+        procs = list(_live.values())
+    for p in procs:
+        stop_group(p, grace=5.0)
+
+
+def _install_handlers() -> None:
+    """Stop child groups when this process is terminated (a cancelled Prefect run) or exits."""
+    global _handlers_installed
+    if _handlers_installed or threading.current_thread() is not threading.main_thread():
+        return
+    _handlers_installed = True
+    atexit.register(_stop_all)
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def on_term(signum, frame):
+        _stop_all()
+        if callable(previous):
+            previous(signum, frame)
+        else:
+            raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, on_term)
+
+
+def run_streaming(
+    cmd: Sequence[str],
+    *,
+    log: Callable[[str], None],
+    timeout: Optional[float] = None,
+    cwd: Optional[str] = None,
+    env: Optional[Mapping[str, str]] = None,
+    grace: float = 10.0,
+    check: bool = True,
+) -> int:
+    """Run `cmd` in its own process group, streaming each output line to `log`.
+
+    Raises SubprocessTimeout after `timeout` seconds (the group is stopped first) and, with
+    `check`, SubprocessFailed on a non-zero exit (its message holds the last lines of output).
+    """
+    _install_handlers()
+    # (the log callback sees every line; the exception keeps the last 200 for its message)
+    proc = subprocess.Popen(
+        list(cmd), cwd=cwd, env=dict(env) if env is not None else None, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True, bufsize=1, start_new_session=True,
+    )
+    with _lock:
+        _live[proc.pid] = proc
+    tail: List[str] = []
+
+    def pump():
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            line = line.rstrip("\n")
+            tail.append(line)
+            del tail[:-200]
+            log(line)
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    deadline = None if timeout is None else time.monotonic() + timeout
+    try:
+        while proc.poll() is None:
+            if deadline is not None and time.monotonic() > deadline:
+                stop_group(proc, grace)
+                reader.join(timeout=5)
+                raise SubprocessTimeout(cmd, timeout, tail)
+            time.sleep(0.1)
+        reader.join(timeout=5)
+    except BaseException:  # cancellation, KeyboardInterrupt, timeout: never leave the group running
+        stop_group(proc, grace)
+        raise
+    finally:
+        with _lock:
+            _live.pop(proc.pid, None)
+    if check and proc.returncode != 0:
+        raise SubprocessFailed(cmd, proc.returncode, tail)
+    return proc.returncode
