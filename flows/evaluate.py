@@ -1,0 +1,41 @@
+"""DVC stage `evaluate`: the latest trained model (eval.model: auto → <train.out_dir>/rl/model,
+else stage3/model) on ShapesBench (against the base models too), VBench and the judged benchmarks
+→ <eval.out_dir>/{metrics.json, scores.parquet, samples/*.png, report.md} (loomcore.eval)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+from prefect import flow
+
+from flows.common import stage_main
+from tasks.common import markdown_table, publish_markdown, publish_table
+from tasks.evaluate import evaluate_task
+
+
+@flow(name="evaluate", log_prints=True)
+def evaluate_flow(profile: Optional[str] = None, overrides: Optional[List[str]] = None,
+                  model: Optional[str] = None) -> dict:
+    """`model`: a weights folder or s3:// URI to evaluate instead of eval.model."""
+    overrides = list(overrides or []) + ([f"eval.model={model}"] if model else [])
+    summary = evaluate_task(profile, overrides)
+    for name, rows in summary["tables"].items():
+        publish_table(f"eval-{name}", rows, name)
+    publish_table("eval-failures", summary["failures"], "Samples without a score, per benchmark, and why")
+    # Local images have no URL the UI can load: link them instead of embedding them.
+    sheets = "\n".join(f"- [{name}]({Path(p).resolve().as_uri()})" for name, p in summary["sheets"].items())
+    tables = "\n".join(f"## {name}\n\n{markdown_table(rows)}" for name, rows in summary["tables"].items())
+    skipped = "".join(f"- {k}: {v}\n" for k, v in summary["skipped"].items())
+    publish_markdown(
+        "eval-report",
+        f"# Evaluation of {summary['model_name']}\n\nWeights `{summary['model']}` · judge {summary['judge'] or '–'} · "
+        f"report `{summary['report']}`\n\n{tables}\n## Failures\n\n{markdown_table(summary['failures'])}\n"
+        + (f"## Skipped\n\n{skipped}\n" if skipped else "") + f"## Contact sheets\n\n{sheets or '_(none)_'}\n",
+        "What the evaluate stage measured",
+    )
+    return summary
+
+
+if __name__ == "__main__":
+    raise SystemExit(stage_main(evaluate_flow, __doc__))

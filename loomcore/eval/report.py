@@ -1,0 +1,341 @@
+"""The evaluate stage's outputs, from the long score table the runner builds:
+
+    <eval.out_dir>/metrics.json     what `dvc metrics show/diff` reads (numbers only; null = no value)
+    <eval.out_dir>/scores.parquet   one row per (model, benchmark, sample, metric): SCORES_SCHEMA
+    <eval.out_dir>/samples/*.png    contact sheets: prompt | source | references | generated frames
+    <eval.out_dir>/report.md        the paper's tables (Tables 2–7) + ShapesBench + failures + sheets
+
+metrics.json:
+
+    {"shapesbench": {"model": {"score", "background", "colour", "count", "motion", "reference",
+                               "psnr", "ssim", "n", "per_task": {task: {metric: …}}},
+                     "base": {… same …}},
+     "vbench": {"imaging_quality", "overall_consistency", "subject_consistency", "average", "n", "failures"},
+     "<judged benchmark>": {"overall", "n", "failures",
+                            "categories": {category: {"score", "n", "failures", "<dimension>": …}}},
+     "failures": total failure samples}
+
+"model" is the evaluated model (its name and path are in report.md), "base" the untrained base
+models; the keys stay the same from run to run so that `dvc metrics diff` lines up. A score is a
+mean over the samples that have one; a failed sample is counted in "failures", not averaged in.
+A benchmark that was skipped (no backbones, no ground truth) is absent; report.md says why.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import textwrap
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import pyarrow as pa
+
+from loomcore.data.schema import write_parquet
+from loomcore.eval import shapesbench as sb
+from loomcore.eval.judge import video_frame_indices
+from loomcore.eval.metrics import VBENCH_METRICS
+from loomcore.eval.prompts import FASHION_COLUMNS, FASHION_DIMENSIONS, REFVIE, REFVIE_COLUMNS, TIV2V_CATEGORIES
+
+SCORES_SCHEMA = pa.schema([
+    ("model", pa.string()),  # "model" (the evaluated one) | "base"
+    ("benchmark", pa.string()),
+    ("sample_id", pa.string()),  # "<id>#<k>" for the k-th seed when ShapesBench runs several
+    ("task", pa.string()),
+    ("category", pa.string()),  # the judge template / ShapesBench: the task
+    ("metric", pa.string()),  # a ShapesBench metric, a VBench metric, a judge dimension or "average"
+    ("score", pa.float64()),  # NaN on a failure
+    ("failure", pa.string()),  # why there is no score (judge answer, timeout, missing file…); null if scored
+    ("attempts", pa.int32()),  # judge calls made (null: not judged)
+    ("answer", pa.string()),  # the judge's last raw answer (≤ 2000 chars)
+    ("prompt", pa.string()),
+])
+OPENVE_COLUMNS = {"global_style": "Global Style", "background_change": "Background Change",
+                  "local_change": "Local Change", "local_remove": "Local Remove", "local_add": "Local Add",
+                  "subtitle_edit": "Subtitle Edit", "creative_edit": "Creative Edit", "camera_edit": "Camera Edit"}
+SHAPES_COLUMNS = {"background": "Background", "colour": "Colour", "count": "Count", "motion": "Motion",
+                  "reference": "Reference", "psnr": "PSNR (dB)", "ssim": "SSIM", "score": "Score"}
+
+
+def _mean(values) -> Optional[float]:
+    v = [x for x in values if x is not None and not math.isnan(x)]
+    return float(np.mean(v)) if v else None
+
+
+# --------------------------------------------------------------------------------------------
+# Aggregation
+# --------------------------------------------------------------------------------------------
+
+
+def _shapes(rows: List[dict]) -> dict:
+    out = {}
+    present = {r["model"] for r in rows}
+    for key in [k for k in ("model", "base") if k in present] + sorted(present - {"model", "base"}):
+        mine = [r for r in rows if r["model"] == key]
+        by_sample: Dict[str, dict] = defaultdict(dict)
+        for r in mine:
+            by_sample[r["sample_id"]][r["metric"]] = r["score"]
+            by_sample[r["sample_id"]]["_task"] = r["task"]
+        summ = sb.summarize(list(by_sample.values()))
+        entry = {m: summ[m]["mean"] if m in summ else None for m in (*sb.METRICS, "score")}
+        entry["n"] = len(by_sample)
+        entry["std"] = {m: summ[m]["std"] for m in summ}
+        per_task = defaultdict(list)
+        for s in by_sample.values():
+            per_task[s["_task"]].append(s)
+        entry["per_task"] = {t: {m: v["mean"] for m, v in sb.summarize(ss).items()} for t, ss in sorted(per_task.items())}
+        out[key] = entry
+    return out
+
+
+def _vbench(rows: List[dict]) -> dict:
+    samples = {r["sample_id"] for r in rows}
+    failed = {r["sample_id"] for r in rows if r["failure"]}
+    out = {m: _mean(r["score"] for r in rows if r["metric"] == m) for m in VBENCH_METRICS}
+    present = [v for v in out.values() if v is not None]
+    out["average"] = float(np.mean(present)) if len(present) == len(VBENCH_METRICS) else None
+    return {**out, "n": len(samples), "failures": len(failed)}
+
+
+def _judged(rows: List[dict]) -> dict:
+    samples = {r["sample_id"] for r in rows}
+    failed = {r["sample_id"] for r in rows if r["failure"]}
+    averages = [r["score"] for r in rows if r["metric"] == "average"]
+    cats = {}
+    for cat in sorted({r["category"] for r in rows}):
+        mine = [r for r in rows if r["category"] == cat]
+        entry = {"score": _mean(r["score"] for r in mine if r["metric"] == "average"),
+                 "n": len({r["sample_id"] for r in mine}), "failures": len({r["sample_id"] for r in mine if r["failure"]})}
+        for m in dict.fromkeys(r["metric"] for r in mine if r["metric"] != "average"):
+            entry[m] = _mean(r["score"] for r in mine if r["metric"] == m)
+        cats[cat] = entry
+    return {"overall": _mean(averages), "n": len(samples), "failures": len(failed), "categories": cats}
+
+
+def aggregate(rows: Sequence[dict]) -> dict:
+    by_bench: Dict[str, List[dict]] = defaultdict(list)
+    for r in rows:
+        by_bench[r["benchmark"]].append(r)
+    metrics: dict = {}
+    for bench, mine in by_bench.items():
+        if bench == "shapesbench":
+            metrics[bench] = _shapes(mine)
+        elif bench == "vbench":
+            metrics[bench] = _vbench(mine)
+        else:
+            metrics[bench] = _judged(mine)
+    metrics["failures"] = len({(r["benchmark"], r["model"], r["sample_id"]) for r in rows if r["failure"]})
+    return metrics
+
+
+# --------------------------------------------------------------------------------------------
+# Tables in the paper's format
+# --------------------------------------------------------------------------------------------
+
+
+def _f(v, scale: float = 1.0, digits: int = 2) -> str:
+    return "–" if v is None else f"{v * scale:.{digits}f}"
+
+
+def _md(rows: List[dict]) -> str:
+    if not rows:
+        return "_(no rows)_\n"
+    cols = list(rows[0])
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def tables(metrics: dict, model_name: str) -> Dict[str, List[dict]]:
+    """{table name: rows}: the markdown report's tables (also published as Prefect artifacts)."""
+    out: Dict[str, List[dict]] = {}
+    if "shapesbench" in metrics:
+        rows = []
+        for key, m in metrics["shapesbench"].items():
+            row = {"Model": model_name if key == "model" else "base models (untrained)"}
+            for metric, col in SHAPES_COLUMNS.items():
+                mean, std = m.get(metric), m["std"].get(metric)
+                row[col] = "–" if mean is None else f"{mean:.3f} ± {std:.3f}" if metric != "psnr" else f"{mean:.2f} ± {std:.2f}"
+            row["n"] = m["n"]
+            rows.append(row)
+        out["ShapesBench"] = rows
+        tasks = sorted({t for m in metrics["shapesbench"].values() for t in m["per_task"]})
+        out["ShapesBench per task (score)"] = [
+            {"Model": model_name if key == "model" else "base", **{t: _f(m["per_task"].get(t, {}).get("score"), 1, 3)
+                                                                for t in tasks}}
+            for key, m in metrics["shapesbench"].items()]
+    if "vbench" in metrics:  # Table 2, in percent
+        v = metrics["vbench"]
+        out["VBench (Table 2)"] = [{"Model": model_name, "Imaging Quality": _f(v["imaging_quality"], 100),
+                                    "Overall Consistency": _f(v["overall_consistency"], 100),
+                                    "Subject Consistency": _f(v["subject_consistency"], 100),
+                                    "Average": _f(v["average"], 100)}]
+    if "openve" in metrics:  # Table 3
+        c = metrics["openve"]["categories"]
+        row = {"Model": model_name, **{col: _f(c.get(cat, {}).get("score")) for cat, col in OPENVE_COLUMNS.items()
+                                       if cat != "camera_edit" or cat in c}}
+        out["OpenVE-Bench (Table 3)"] = [{**row, "Overall": _f(metrics["openve"]["overall"])}]
+    if "refvie" in metrics:  # Table 4
+        c = metrics["refvie"]["categories"]
+        row = {"Model": model_name}
+        for cat in ("subject", "background"):
+            for dim in REFVIE[cat].dimensions:
+                row[REFVIE_COLUMNS[dim]] = _f(c.get(cat, {}).get(dim))
+        out["RefVIE-Bench (Table 4)"] = [{**row, "Overall": _f(metrics["refvie"]["overall"])}]
+    if "intelligentvbench" in metrics:  # Tables 5 and 6
+        c = metrics["intelligentvbench"]["categories"]
+        tiv = [c[k] for k in TIV2V_CATEGORIES if k in c]
+        dims = ("Instruction Following", "Detail Preserving", "Overall Visual Quality")
+        row = {"Model": model_name}
+        for d in dims:
+            row[d] = _f(_weighted(tiv, d))
+        out["IntelligentVBench TIV2V (Table 5)"] = [{**row, "Average": _f(_weighted(tiv, "score"))}]
+        row = {"Model": model_name}
+        for group, label in (("1subject", "1 Subject"), ("2subjects", "2 Subjects"), ("3subjects", "3 Subjects")):
+            entries = [v for k, v in c.items() if k in (f"mi2v_{group}", f"mi2v_{group}_bg")]
+            cons = [{"n": e["n"], "failures": e["failures"], "c": next((v for k, v in e.items() if "Consistency" in k), None)}
+                    for e in entries]
+            row[f"{label}: Consistency"] = _f(_weighted(cons, "c"))
+            row[f"{label}: PF"] = _f(_weighted(entries, "Prompt Following"))
+            row[f"{label}: VQ"] = _f(_weighted(entries, "Overall Visual Quality"))
+            row[f"{label}: Avg"] = _f(_weighted(entries, "score"))
+        out["IntelligentVBench MI2V (Table 6)"] = [row]
+    if "fashionvideobench" in metrics:  # Table 7
+        c = metrics["fashionvideobench"]["categories"]
+        row = {"Model": model_name}
+        for dim, short in zip(FASHION_DIMENSIONS, ("SC", "PF", "VQ")):
+            row[short] = _f(_weighted(list(c.values()), dim))
+        row.update({col: _f(c.get(cat, {}).get("score")) for cat, col in FASHION_COLUMNS.items()})
+        out["FashionVideoBench (Table 7)"] = [{**row, "Overall": _f(metrics["fashionvideobench"]["overall"])}]
+    return out
+
+
+def _weighted(entries: List[dict], key: str) -> Optional[float]:
+    """Mean over samples of per-category means (weighted by scored samples), as the release's TIV2V."""
+    pairs = [(e[key], e["n"] - e["failures"]) for e in entries if e.get(key) is not None and e["n"] > e["failures"]]
+    total = sum(w for _, w in pairs)
+    return sum(v * w for v, w in pairs) / total if total else None
+
+
+# --------------------------------------------------------------------------------------------
+# Contact sheets
+# --------------------------------------------------------------------------------------------
+
+ROW_H, TEXT_W, GAP, LABEL_W = 96, 300, 6, 70
+
+
+def _scaled(frame: np.ndarray):
+    from PIL import Image
+
+    h, w = frame.shape[:2]
+    return Image.fromarray(frame).resize((max(1, round(w * ROW_H / h)), ROW_H), Image.Resampling.NEAREST)
+
+
+def contact_sheet(items, path: Path, title: str, frames_per_video: int) -> Path:
+    """One row per item: wrapped prompt and note | source frames | references | generated frames."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default()
+    rows = []
+    for it in items:
+        groups = []
+        if it.source is not None:
+            groups.append(("source", [it.source[i] for i in video_frame_indices(len(it.source), frames_per_video)]))
+        if len(it.references):
+            groups.append(("references", list(it.references)))
+        groups.append(("generated", [it.frames[i] for i in video_frame_indices(len(it.frames), frames_per_video)]))
+        tiles = [(label, [_scaled(f) for f in frames]) for label, frames in groups]
+        width = TEXT_W + sum(max(sum(t.width + 2 for t in ts), LABEL_W) + GAP for _, ts in tiles)
+        height = max(ROW_H, max(t.height for _, ts in tiles for t in ts)) + 14
+        row = Image.new("RGB", (width, height), (255, 255, 255))
+        draw = ImageDraw.Draw(row)
+        text = "\n".join(textwrap.wrap(it.prompt, 46)[:6] + [it.note])
+        draw.multiline_text((4, 14), text, fill=(0, 0, 0), font=font, spacing=2)
+        x = TEXT_W
+        for label, ts in tiles:
+            draw.text((x, 1), label, fill=(90, 90, 90), font=font)
+            start = x
+            for t in ts:
+                row.paste(t, (x, 14))
+                x += t.width + 2
+            x = max(x, start + LABEL_W) + GAP
+        rows.append(row)
+    width = max([r.width for r in rows] + [TEXT_W])
+    sheet = Image.new("RGB", (width, 18 + sum(r.height + 4 for r in rows)), (255, 255, 255))
+    ImageDraw.Draw(sheet).text((4, 3), title, fill=(0, 0, 0), font=font)
+    y = 18
+    for r in rows:
+        sheet.paste(r, (0, y))
+        y += r.height + 4
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(path)
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# Writing it all
+# --------------------------------------------------------------------------------------------
+
+
+def metrics_json(metrics: dict) -> dict:
+    """metrics.json: the aggregate without ShapesBench's spreads (they are in report.md). Every
+    leaf is a score or a count, so the export's promotion gate can compare them key by key."""
+    out = dict(metrics)
+    if "shapesbench" in out:
+        out["shapesbench"] = {k: {m: v for m, v in e.items() if m != "std"} for k, e in out["shapesbench"].items()}
+    return out
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items()}
+    if isinstance(x, float) and math.isnan(x):
+        return None
+    return x
+
+
+def _failure_table(rows: Sequence[dict]) -> List[dict]:
+    out = []
+    for bench in dict.fromkeys(r["benchmark"] for r in rows):
+        mine = [r for r in rows if r["benchmark"] == bench]
+        per_sample = {(r["model"], r["sample_id"]): r["failure"] for r in mine}
+        reasons = Counter(f.split(";")[0] for f in per_sample.values() if f)
+        out.append({"benchmark": bench, "samples (all models)": len(per_sample), "failures": sum(reasons.values()),
+                    "reasons": "; ".join(f"{n}× {k}" for k, n in reasons.most_common(3)) or "–"})
+    return out
+
+
+def write_outputs(cfg, rows: List[dict], sheets: Dict[str, list], *, model_path: str, model_name: str,
+                  skipped: Dict[str, str], judge_name: Optional[str]) -> dict:
+    e = cfg.eval
+    out = Path(e.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    metrics = aggregate(rows)
+    (out / "metrics.json").write_text(json.dumps(_jsonable(metrics_json(metrics)), indent=2, sort_keys=True) + "\n")
+    write_parquet(rows, SCORES_SCHEMA, out / "scores.parquet")
+    samples = out / "samples"
+    shutil.rmtree(samples, ignore_errors=True)
+    sheet_paths = {}
+    for name, items in sheets.items():
+        if items:
+            title = f"{name}: {model_name if not name.endswith('-base') else 'base models'} ({len(items)} samples)"
+            sheet_paths[name] = contact_sheet(items, samples / f"{name}.png", title, e.sheet_frames)
+    tabs = tables(metrics, model_name)
+    failures = _failure_table(rows)
+    md = [f"# Evaluation of `{model_name}`\n", f"Weights: `{model_path}` · profile `{cfg.profile}` · "
+          f"{e.steps} sampling steps · seed {e.seed} · judge: {judge_name or '–'}\n"]
+    for name, trows in tabs.items():
+        md += [f"## {name}\n", _md(trows)]
+    if skipped:
+        md += ["## Skipped\n", _md([{"benchmark": k, "why": v} for k, v in skipped.items()])]
+    md += ["## Failures\n", "A failure is a sample without a score (NaN in scores.parquet, with the reason); it is "
+           "counted here and in metrics.json, never scored 0 or 5.\n", _md(failures)]
+    if sheet_paths:
+        md += ["## Contact sheets\n"] + [f"- [{name}](samples/{p.name})" for name, p in sheet_paths.items()] + [""]
+    (out / "report.md").write_text("\n".join(md))
+    return {"model": model_path, "model_name": model_name, "metrics": metrics, "tables": tabs, "failures": failures,
+            "skipped": skipped, "sheets": {k: str(v) for k, v in sheet_paths.items()}, "report": str(out / "report.md"),
+            "judge": judge_name}

@@ -1,0 +1,329 @@
+"""The evaluate stage's work: pick the model, generate every benchmark sample, score it, write
+the outputs (`report.write_outputs`).
+
+    ShapesBench        (data with Shapes ground truth)  the model AND the base models, scored by program
+    vbench             the model, VBench's three metrics (skipped when eval.vbench has no backbones)
+    openve, refvie,    the model, scored by the VLM judge (`judge.ask`: retries, then a failure row)
+    intelligentvbench,
+    fashionvideobench
+
+Every score is one row of a long table: (model, benchmark, sample_id, task, category, metric,
+score, failure, attempts, answer, prompt); `report.py` aggregates it. Generation is seeded per
+sample (eval.seed and the sample id), so a rerun reproduces the same frames.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+from loomcore.config import Config
+from loomcore.data.buckets import nearest_size
+from loomcore.data.synthetic import GROUND_TRUTH_FILE, load_ground_truth
+from loomcore.eval import shapesbench as sb
+from loomcore.eval.benchmarks import BenchmarkSample, read_benchmark, write_shapes_benchmarks
+from loomcore.eval.judge import Judge, JudgeMedia, ask, make_judge
+from loomcore.eval.metrics import VBENCH_METRICS, VBenchScorer
+from loomcore.eval.prompts import TEMPLATES, template_for
+from loomcore.storage import is_s3
+
+MODEL, BASE = "model", "base"  # the two model keys of metrics.json (stable across runs for `dvc metrics diff`)
+ProgressFn = Callable[[int, int], None]
+
+
+# --------------------------------------------------------------------------------------------
+# Which model
+# --------------------------------------------------------------------------------------------
+
+
+def resolve_model(cfg: Config) -> Tuple[str, str]:
+    """(weights folder, name). eval.model: "auto" — the latest trained model of the chain,
+    <train.out_dir>/rl/model if the RL stage wrote it, else <train.out_dir>/stage3/model (as the
+    export's `auto`); a stage name ("rl", "stage1".."stage3"); or a LoomDiT folder / s3:// URI."""
+    m = cfg.eval.model
+    out = Path(cfg.train.out_dir)
+    if m == "auto" or m in ("rl", "stage1", "stage2", "stage3"):
+        candidates = ("rl", "stage3") if m == "auto" else (m,)
+        for stage in candidates:
+            if (out / stage / "model" / "config.json").is_file():
+                return str(out / stage / "model"), stage
+        looked = " or ".join(str(out / s / "model") for s in candidates)
+        raise FileNotFoundError(f"eval.model = {m}: no trained model at {looked} (train it first, "
+                                "or set eval.model to a LoomDiT folder)")
+    if not is_s3(m) and not (Path(m) / "config.json").is_file():
+        raise FileNotFoundError(f"eval.model = {m}: no config.json there (expected a LoomDiT.save_pretrained folder)")
+    folder = Path(m.rstrip("/"))
+    return m, (folder.parent.name if folder.name == "model" else folder.name) or m
+
+
+# --------------------------------------------------------------------------------------------
+# Generation
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Generation:
+    frames: np.ndarray  # uint8 [F, h, w, 3]
+    source: Optional[np.ndarray]  # what the model was given, at the output size
+    references: List[np.ndarray]  # [h, w, 3] each, at the output size
+
+
+def sample_seed(seed: int, sample_id: str, k: int = 0) -> int:
+    return (seed * 1_000_003 + zlib.crc32(sample_id.encode()) + 7919 * k) % (2 ** 31)
+
+
+def generate(pipe, *, prompt: str, task: str, source, references: Sequence, size: Tuple[int, int],
+             num_frames: int, steps: int, seed: int) -> Generation:
+    """One sample: `size` (w, h); `source` / `references`: paths or frames (resized by the pipeline)."""
+    plan = pipe.resolve_inputs(prompt=prompt, task=task, source=source, references=list(references),
+                               height=size[1], width=size[0], num_frames=num_frames, num_inference_steps=steps)
+    out = pipe(prompt=prompt, task=task, source=plan.source, references=list(plan.references), height=plan.height,
+               width=plan.width, num_frames=plan.num_frames, num_inference_steps=steps, output_type="np",
+               generator=torch.Generator().manual_seed(seed))
+    from loomcore.pipeline import to_uint8_frames
+
+    return Generation(to_uint8_frames(out.frames), None if plan.source is None else plan.source.numpy(),
+                      [r.numpy() for r in plan.references])
+
+
+def _row(model, benchmark, sample_id, task, category, metric, score, prompt, failure=None, attempts=None, answer=None):
+    return {"model": model, "benchmark": benchmark, "sample_id": sample_id, "task": task, "category": category,
+            "metric": metric, "score": float(score), "failure": failure, "attempts": attempts,
+            "answer": None if answer is None else answer[:2000], "prompt": prompt}
+
+
+@dataclass
+class SheetItem:
+    """One row of a contact sheet."""
+
+    prompt: str
+    frames: np.ndarray
+    source: Optional[np.ndarray] = None
+    references: Sequence[np.ndarray] = ()
+    note: str = ""
+
+
+# --------------------------------------------------------------------------------------------
+# ShapesBench
+# --------------------------------------------------------------------------------------------
+
+
+def shapes_rows(cfg: Config) -> Tuple[List[dict], Dict[str, dict]]:
+    """The eval manifest rows and their ground truth, or ([], {}) when the data has none."""
+    root = Path(cfg.paths.data_root)
+    if is_s3(cfg.paths.data_root) or not (root / GROUND_TRUTH_FILE).is_file():
+        return [], {}
+    rows = pq.read_table(Path(cfg.paths.manifests) / "eval.parquet").to_pylist()
+    return rows, load_ground_truth(root)
+
+
+def run_shapesbench(pipe, cfg: Config, model: str, rows: Sequence[dict], truth: Dict[str, dict],
+                    seeds: int, step: Callable[[], None] = lambda: None) -> Tuple[List[dict], List[SheetItem]]:
+    """Generate each Shapes eval row `seeds` times at its eval.resolution bucket size and score it
+    against its ground truth (shapesbench.score_sample)."""
+    e, res = cfg.eval, cfg.eval.resolution
+    scoring = sb.ShapesScoring.from_config(e.shapes)
+    root = Path(cfg.paths.data_root)
+    out, sheet = [], []
+    for r in rows:
+        w, h = next((b["width"], b["height"]) for b in r["bucket_sizes"] if b["res"] == res)
+        frames = 1 if r["output"] == "image" else cfg.video.frames[res]
+        t = sb.ground_truth(truth[r["id"]], (w, h), frames)
+        for k in range(seeds):
+            gen = generate(pipe, prompt=r["caption"], task=r["task"], source=root / r["source"] if r["source"] else None,
+                           references=[root / p for p in r["refs"]], size=(w, h), num_frames=t.target.shape[0],
+                           steps=e.steps, seed=sample_seed(e.seed, r["id"], k))
+            if gen.source is not None:
+                t.source = gen.source  # compare with what the model was given
+            scores = sb.score_sample(gen.frames, t, scoring)
+            scores["score"] = sb.unit_mean(scores)
+            sid = r["id"] if seeds == 1 else f"{r['id']}#{k}"
+            out += [_row(model, "shapesbench", sid, r["task"], r["task"], m, v, r["caption"])
+                    for m, v in scores.items() if not math.isnan(v)]
+            if k == 0 and len(sheet) < e.sheet_samples:
+                sheet.append(SheetItem(r["caption"] or "(reconstruct)", gen.frames, gen.source, gen.references,
+                                       f"{r['task']} · score {scores['score']:.2f}"))
+            step()
+    return out, sheet
+
+
+# --------------------------------------------------------------------------------------------
+# Benchmarks
+# --------------------------------------------------------------------------------------------
+
+
+def _size_and_frames(cfg: Config, s: BenchmarkSample) -> Tuple[object, List[np.ndarray], Tuple[int, int], int]:
+    """Load a sample's media; pick its size in the eval.resolution bucket group (nearest aspect
+    ratio to the source's, else the first reference's, else guidance's) and its frame count."""
+    from loomcore.pipeline import load_frames
+
+    sizes = cfg.buckets[cfg.eval.resolution].sizes
+    want = s.num_frames or cfg.guidance.frames
+    src = None if s.source is None else load_frames(s.source, "source", fps=cfg.video.fps).numpy()
+    refs = [load_frames(r, f"reference {k}").numpy()[0] for k, r in enumerate(s.refs, 1)]
+    if src is not None:
+        size = nearest_size(src.shape[2], src.shape[1], sizes)
+        tf = cfg.codec.temporal_factor
+        frames = 1 + (min(want, src.shape[0]) - 1) // tf * tf
+    else:
+        size = nearest_size(refs[0].shape[1], refs[0].shape[0], sizes) if refs else \
+            nearest_size(cfg.guidance.width, cfg.guidance.height, sizes)
+        frames = want
+    return src, refs, size, frames
+
+
+def _judge_media(s: BenchmarkSample, gen: Generation) -> List[JudgeMedia]:
+    """Labelled media in the benchmark's order; a reference's label names its @Figure pointer."""
+    refs = []
+    for k, r in enumerate(gen.references, 1):
+        what = "reference background image" if s.background_ref == k else "reference image"
+        label = f"the {what} (@Figure {k})" if len(gen.references) == 1 else f"{what} {k} (@Figure {k})"
+        refs.append(JudgeMedia(label, r[None]))
+    source = [JudgeMedia("the original video (before editing)", gen.source)] if gen.source is not None else []
+    output = JudgeMedia("the edited video (after editing)" if gen.source is not None else "the generated video",
+                        gen.frames)
+    if s.benchmark == "refvie":  # RefVIE shows the reference first [R refvie.py]
+        return refs + source + [output]
+    return source + refs + [output]
+
+
+def _template(s: BenchmarkSample):
+    category = s.category
+    if s.background_ref and not category.endswith("_bg") and f"{category}_bg" in TEMPLATES.get(s.benchmark, {}):
+        category += "_bg"
+    return template_for(s.benchmark, category)
+
+
+def run_benchmark(pipe, cfg: Config, model: str, samples: Sequence[BenchmarkSample], judge: Optional[Judge],
+                  scorer: Optional[VBenchScorer], step: Callable[[], None] = lambda: None
+                  ) -> Tuple[List[dict], List[SheetItem]]:
+    """Generate and score one benchmark's samples: VBench metrics (vbench) or the judge."""
+    e = cfg.eval
+    out, sheet = [], []
+    for s in samples:
+        if s.benchmark == "vbench":
+            metrics: Sequence[str] = VBENCH_METRICS
+        else:
+            metrics = (*_template(s).dimensions, "average")
+        fail = lambda why: [_row(model, s.benchmark, s.id, s.task, s.category, m, math.nan, s.prompt, why)  # noqa: E731
+                            for m in metrics]
+        if s.missing:
+            out += fail(f"missing file(s): {', '.join(s.missing)}")
+            step()
+            continue
+        try:
+            src, refs, size, frames = _size_and_frames(cfg, s)
+            gen = generate(pipe, prompt=s.prompt, task=s.task, source=src, references=refs, size=size,
+                           num_frames=frames, steps=e.steps, seed=sample_seed(e.seed, s.id))
+        except ValueError as err:  # unreadable media, a frame count the model cannot take, …
+            out += fail(f"generation failed: {err}")
+            step()
+            continue
+        note = ""
+        if s.benchmark == "vbench":
+            scores = scorer.score(gen.frames, s.prompt)
+            out += [_row(model, s.benchmark, s.id, s.task, s.category, m, v, s.prompt) for m, v in scores.items()]
+            note = " · ".join(f"{m.split('_')[0]} {v:.2f}" for m, v in scores.items())
+        else:
+            template = _template(s)
+            result = ask(judge, template.render(s.prompt), _judge_media(s, gen), template.dimensions,
+                         e.judge.retries + 1)
+            values = {**result.scores, "average": result.average}
+            out += [_row(model, s.benchmark, s.id, s.task, template.category, m, v, s.prompt, result.failure,
+                         result.attempts, result.answer) for m, v in values.items()]
+            note = f"judge: {result.average:.2f}" if result.ok else "judge: FAILED"
+        if len(sheet) < e.sheet_samples:
+            sheet.append(SheetItem(s.prompt, gen.frames, gen.source, gen.references, f"{s.category} · {note}"))
+        step()
+    return out, sheet
+
+
+# --------------------------------------------------------------------------------------------
+# The whole stage
+# --------------------------------------------------------------------------------------------
+
+
+def benchmark_root(cfg: Config, scratch: Path) -> str:
+    """eval.benchmarks.root, or for "synthetic" the Shapes-derived sets, written under `scratch`."""
+    root = cfg.eval.benchmarks.root
+    if root != "synthetic":
+        return root
+    _, truth = shapes_rows(cfg)
+    if not truth:
+        raise ValueError("eval.benchmarks.root = synthetic needs the Shapes ground truth "
+                         f"({Path(cfg.paths.data_root) / GROUND_TRUTH_FILE}); use data.source=synthetic")
+    write_shapes_benchmarks(Path(cfg.paths.manifests) / "eval.parquet", Path(cfg.paths.data_root), truth, scratch)
+    return str(scratch)
+
+
+def run_evaluation(cfg: Config, on_progress: Optional[ProgressFn] = None, log: Callable[[str], None] = print) -> dict:
+    """Evaluate the model (and the base models on ShapesBench); write the stage's outputs.
+    Returns the summary (report.write_outputs)."""
+    threads = torch.get_num_threads()
+    if not torch.cuda.is_available() and cfg.train.cpu_threads:
+        torch.set_num_threads(cfg.train.cpu_threads)  # tiny ops gain nothing from more; spinning threads crawl
+    try:
+        with tempfile.TemporaryDirectory(prefix="loom-benchmarks-") as scratch:
+            return _run(cfg, Path(scratch), on_progress, log)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(cfg: Config, scratch: Path, on_progress: Optional[ProgressFn], log: Callable[[str], None]) -> dict:
+    from loomcore.eval.report import write_outputs
+    from loomcore.pipeline import LoomVideoPipeline
+
+    e = cfg.eval
+    model_path, model_name = resolve_model(cfg)
+    log(f"evaluating {model_name} ({model_path})")
+    shape_rows, truth = shapes_rows(cfg)
+    root = benchmark_root(cfg, scratch) if e.benchmarks.names else ""
+    sets = {name: read_benchmark(root, name, e.benchmarks.limit) for name in e.benchmarks.names}
+    skipped: Dict[str, str] = {}
+    if "vbench" in sets and not (e.vbench.clip or e.vbench.dino):
+        skipped["vbench"] = "no backbones configured (eval.vbench.clip and eval.vbench.dino are null)"
+        sets.pop("vbench")
+    if not truth:
+        skipped["shapesbench"] = f"the data has no Shapes ground truth ({GROUND_TRUTH_FILE})"
+
+    total = 2 * len(shape_rows) * e.shapes.seeds + sum(len(v) for v in sets.values())
+    done = 0
+
+    def step():
+        nonlocal done
+        done += 1
+        if on_progress:
+            on_progress(done, total)
+
+    rows: List[dict] = []
+    sheets: Dict[str, List[SheetItem]] = {}
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    pipe = LoomVideoPipeline.from_config_models(cfg, transformer_path=model_path).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    if truth:
+        base = LoomVideoPipeline.from_config_models(cfg).to(device)
+        base.set_progress_bar_config(disable=True)
+        for key, p in ((MODEL, pipe), (BASE, base)):
+            r, sheet = run_shapesbench(p, cfg, key, shape_rows, truth, e.shapes.seeds, step)
+            rows += r
+            sheets[f"shapesbench-{key}"] = sheet
+            log(f"shapesbench ({key}): {len(shape_rows)} samples × {e.shapes.seeds} seed(s)")
+        del base
+    judge = make_judge(cfg, device) if any(n != "vbench" for n in sets) else None
+    scorer = VBenchScorer.from_config(e.vbench, device) if "vbench" in sets else None
+    for name, samples in sets.items():
+        r, sheet = run_benchmark(pipe, cfg, MODEL, samples, judge, scorer, step)
+        rows += r
+        sheets[name] = sheet
+        failed = len({x["sample_id"] for x in r if x["failure"]})
+        log(f"{name}: {len(samples)} samples, {failed} failure(s)")
+    return write_outputs(cfg, rows, sheets, model_path=model_path, model_name=model_name, skipped=skipped,
+                         judge_name=getattr(judge, "name", None))

@@ -1,0 +1,179 @@
+"""The evaluate stage: which model it picks, benchmark sets read from a local folder and from S3
+(a missing file becomes a failure row naming it), and the DVC stage's command (`python -m
+flows.evaluate`, the Prefect flow) writing metrics.json, scores.parquet, contact sheets and the
+report on the tiny workspace — with the tiny Qwen3-VL judge, whose garbage answers must all end as
+counted failures, never as scores."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from loomcore.config import load_config
+from loomcore.eval.benchmarks import read_benchmark
+from loomcore.eval.judge import JudgeMedia
+from loomcore.eval.runner import resolve_model, run_benchmark
+from loomcore.eval.report import SCORES_SCHEMA
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_cpu_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_resolve_model_picks_the_latest_of_the_chain(tmp_path):
+    out = tmp_path / "outputs"
+    cfg = load_config([f"train.out_dir={out}"], profile="tiny")
+    with pytest.raises(FileNotFoundError, match="no trained model at .*rl/model or .*stage3/model"):
+        resolve_model(cfg)
+    for stage in ("stage3", "rl"):
+        (out / stage / "model").mkdir(parents=True)
+        (out / stage / "model" / "config.json").write_text("{}")
+        assert resolve_model(cfg) == (str(out / stage / "model"), stage)
+    cfg = load_config([f"train.out_dir={out}", "eval.model=stage3"], profile="tiny")
+    assert resolve_model(cfg)[1] == "stage3"
+    cfg = load_config([f"eval.model={tmp_path / 'nowhere'}"], profile="tiny")
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        resolve_model(cfg)
+
+
+# --------------------------------------------------------------------------------------------
+# benchmark sets
+
+
+def _write_set(root: Path, data_root: Path, rows) -> Path:
+    """An openve set: one good tv2v sample (a Shapes video) and one naming a missing file."""
+    folder = root / "openve"
+    (folder / "videos").mkdir(parents=True)
+    src = rows[0]
+    (folder / "videos" / "a.mp4").write_bytes((data_root / src["source"]).read_bytes())
+    lines = [
+        {"id": "good", "task": "tv2v", "category": "background_change", "prompt": src["caption"], "source": "videos/a.mp4"},
+        {"id": "lost", "task": "tv2v", "category": "local_remove", "prompt": "remove it", "source": "videos/nope.mp4"},
+    ]
+    (folder / "index.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    return root
+
+
+class Scripted:
+    name = "scripted"
+
+    def __init__(self, answer):
+        self.answer, self.seen = answer, []
+
+    def __call__(self, prompt, media):
+        self.seen.append((prompt, media))
+        return self.answer
+
+
+def test_benchmark_sets_from_disk_and_s3_with_a_missing_file(tiny_workspace, tmp_path, s3_bucket):
+    from loomcore.pipeline import LoomVideoPipeline
+    from loomcore.storage import upload_dir
+
+    cfg, _ = tiny_workspace
+    rows = [r for r in pq.read_table(f"{cfg.paths.manifests}/train.parquet").to_pylist() if r["task"] == "tv2v"]
+    root = _write_set(tmp_path / "bench", Path(cfg.paths.data_root), rows)
+    local = read_benchmark(str(root), "openve")
+    assert [s.id for s in local] == ["good", "lost"] and local[0].missing == []
+    assert local[1].missing == [str(root / "openve" / "videos" / "nope.mp4")]
+    upload_dir(root, f"s3://{s3_bucket}/benchmarks")
+    remote = read_benchmark(f"s3://{s3_bucket}/benchmarks", "openve")
+    assert [(s.id, s.category, s.prompt, len(s.missing)) for s in remote] == \
+        [(s.id, s.category, s.prompt, len(s.missing)) for s in local]
+
+    pipe = LoomVideoPipeline.from_config_models(cfg)
+    pipe.set_progress_bar_config(disable=True)
+    judge = Scripted("Reasoning: ok.\nInstruction Compliance: 4\nVisual & Temporal Seamlessness: 3\n"
+                     "Physical Consistency: 2")
+    out, sheet = run_benchmark(pipe, cfg, "model", local, judge, None)
+    good = {r["metric"]: r for r in out if r["sample_id"] == "good"}
+    assert good["average"]["score"] == pytest.approx(3.0) and good["average"]["failure"] is None
+    assert good["Instruction Compliance"]["attempts"] == 1 and len(sheet) == 1
+    (prompt, media), = judge.seen
+    assert rows[0]["caption"] in prompt and "Instruction Compliance" in prompt
+    assert [m.label for m in media] == ["the original video (before editing)", "the edited video (after editing)"]
+    assert all(isinstance(m, JudgeMedia) and m.frames.dtype == np.uint8 for m in media)
+    lost = [r for r in out if r["sample_id"] == "lost"]
+    assert lost and all(math.isnan(r["score"]) and "missing file(s): " in r["failure"] and "nope.mp4" in r["failure"]
+                        for r in lost)
+
+
+def test_malformed_benchmark_index_names_the_line(tmp_path):
+    folder = tmp_path / "refvie"
+    folder.mkdir()
+    (folder / "index.jsonl").write_text('{"id": "a", "task": "tvr2v", "category": "subject", "prompt": "p", '
+                                        '"source": "s.mp4", "refs": ["r.png"]}\n{"id": "b", "task": "t2v", "prompt": "x"}\n')
+    with pytest.raises(ValueError, match=r"index.jsonl:2: task 't2v': refvie has tvr2v"):
+        read_benchmark(str(tmp_path), "refvie")
+    (folder / "index.jsonl").write_text('{"id": "a", "task": "tvr2v", "category": "people", "prompt": "p", '
+                                        '"source": "s.mp4", "refs": ["r.png"]}\n')
+    with pytest.raises(ValueError, match=r"index.jsonl:1: category 'people': expected one of subject, background"):
+        read_benchmark(str(tmp_path), "refvie")
+    with pytest.raises(FileNotFoundError, match="benchmark 'openve': nothing at"):
+        read_benchmark(str(tmp_path), "openve")
+
+
+# --------------------------------------------------------------------------------------------
+# the DVC stage's command
+
+
+def test_stage_command_writes_metrics_scores_sheets_and_report(tiny_workspace, tmp_path):
+    from loomcore.eval.metrics import build_tiny_clip, build_tiny_dino
+
+    cfg, overrides = tiny_workspace
+    out = tmp_path / "eval"
+    clip, dino = build_tiny_clip(tmp_path / "clip"), build_tiny_dino(tmp_path / "dino")
+    cmd = [sys.executable, "-m", "flows.evaluate", "--profile", "tiny", *overrides, f"eval.out_dir={out}",
+           f"eval.model={cfg.models.transformer}", f"eval.vbench.clip={clip}", f"eval.vbench.dino={dino}",
+           "eval.benchmarks.limit=2", "eval.sheet_samples=3"]
+    env = {**os.environ, "PREFECT_LOGGING_LEVEL": "WARNING"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    sb = metrics["shapesbench"]
+    assert set(sb) == {"model", "base"} and sb["model"]["n"] == sb["base"]["n"] > 0
+    assert all(0 <= sb[k][m] <= 1 for k in sb for m in ("background", "colour", "score") if sb[k][m] is not None)
+    assert "std" not in sb["model"] and set(sb["model"]["per_task"]) >= {"t2v", "ti2i"}
+    vb = metrics["vbench"]
+    assert vb["n"] > 0 and vb["failures"] == 0
+    assert all(math.isfinite(vb[m]) for m in ("imaging_quality", "overall_consistency", "subject_consistency", "average"))
+    judged = [b for b in ("openve", "refvie", "intelligentvbench", "fashionvideobench") if b in metrics]
+    assert judged, metrics.keys()
+    for b in judged:  # the tiny random judge never answers in format: every sample is a counted failure
+        assert metrics[b]["n"] > 0 and metrics[b]["failures"] == metrics[b]["n"] and metrics[b]["overall"] is None
+    assert metrics["failures"] == sum(metrics[b]["failures"] for b in judged)
+
+    table = pq.read_table(out / "scores.parquet")
+    assert table.schema.equals(SCORES_SCHEMA)
+    rows = table.to_pylist()
+    failed = [r for r in rows if r["failure"]]
+    assert failed and all(math.isnan(r["score"]) and r["attempts"] == 2 for r in failed)  # eval.judge.retries 1
+    assert all(r["failure"].startswith("unparseable answer after 2 attempt(s)") for r in failed)
+    assert all(not math.isnan(r["score"]) for r in rows if not r["failure"])
+    assert {r["benchmark"] for r in rows} == {"shapesbench", "vbench", *judged}
+
+    sheets = sorted(p.name for p in (out / "samples").glob("*.png"))
+    assert {"shapesbench-model.png", "shapesbench-base.png", "vbench.png"} <= set(sheets)
+    with Image.open(out / "samples" / "shapesbench-model.png") as im:
+        assert im.width > 300 and im.height > 96
+    report = (out / "report.md").read_text()
+    for title in ("## ShapesBench", "## VBench (Table 2)", "## Failures", "## Contact sheets",
+                  "(samples/shapesbench-model.png)"):
+        assert title in report, title
+    assert "| base models (untrained) |" in report and "Imaging Quality | Overall Consistency" in report

@@ -1,0 +1,252 @@
+"""The VLM judge (loomcore.eval.judge): the 1–5 score parser on many answer shapes, retries ending
+in a failure (never a made-up score), the hosted judge over real HTTP against a server on
+127.0.0.1 (good, garbage, slow, 5xx and 401 answers), the local Qwen3-VL judge, and every
+benchmark template answered in its own format."""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy as np
+import pytest
+import torch
+
+from loomcore.eval.judge import (
+    ENV_API_KEY, ENV_BASE_URL, ENV_MODEL, JudgeMedia, JudgeRequestError, JudgeTimeout, OpenAICompatibleJudge,
+    QwenJudge, ScoreParseError, ask, parse_scores,
+)
+from loomcore.eval.prompts import TEMPLATES
+
+DIMS = ("Prompt Compliance", "Temporal & Visual Coherence", "Physical & Detail Coherence")
+EXPECTED = dict(zip(DIMS, (4.0, 3.0, 5.0)))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_cpu_thread():
+    """One intra-op thread: tiny ops gain nothing from more, and spinning threads crawl on shared cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+# --------------------------------------------------------------------------------------------
+# parsing
+
+
+@pytest.mark.parametrize("answer", [
+    # the release's OpenVE / RefVIE line format
+    "Brief reasoning: good.\nPrompt Compliance: 4\nTemporal & Visual Coherence: 3\nPhysical & Detail Coherence: 5",
+    # markdown, "and" for "&", n/5 and "out of 5"
+    "**Prompt Compliance**: 4/5\n**Temporal and Visual Coherence:** 3 out of 5\n- Physical & Detail Coherence = 5",
+    # JSON (IntelligentVBench's format), in a fence, keys in other cases / punctuation
+    '```json\n{"prompt compliance": 4, "Temporal & Visual Coherence": "3", "physical_and_detail_coherence": 5}\n```',
+    # nested JSON with string fractions
+    'Here you go: {"scores": {"Prompt Compliance": "4/5", "Temporal & Visual Coherence": 3, '
+    '"Physical & Detail Coherence": 5.0}, "reasoning": "ok"}',
+    # reasoning mentions a score first; the verdict (last mention) wins
+    "Prompt Compliance: 2 at first sight, but on reflection...\nPrompt Compliance: 4\n"
+    "Temporal & Visual Coherence - 3\nPhysical & Detail Coherence: 5",
+    # no names, exactly three generic scores, in order
+    "Score: 4\nScore: 3\nScore: 5",
+    "4/5, 3/5 and 5/5",
+])
+def test_parser_reads_many_answer_formats(answer):
+    assert parse_scores(answer, DIMS) == EXPECTED
+
+
+@pytest.mark.parametrize("answer,dims,expected", [
+    ("Score: 4", ("Quality",), {"Quality": 4.0}),
+    ("4", ("Quality",), {"Quality": 4.0}),
+    ("**3.5**", ("Quality",), {"Quality": 3.5}),
+    ("I would rate it 2 out of 5.", ("Quality",), {"Quality": 2.0}),
+    ('{"Instruction Following": 5, "Detail Preserving": 4, "Overall Visual Quality": 4.5}',
+     ("Instruction Following", "Detail Preserving", "Overall Visual Quality"),
+     {"Instruction Following": 5.0, "Detail Preserving": 4.0, "Overall Visual Quality": 4.5}),
+])
+def test_parser_single_dimension_and_json(answer, dims, expected):
+    assert parse_scores(answer, dims) == expected
+
+
+@pytest.mark.parametrize("answer,why", [
+    ("", "empty"),
+    ("   \n", "empty"),
+    ("�Image overexposha� three stauser backwards whiellA quickly", "found 0 unnamed"),
+    ("Prompt Compliance: 4\nTemporal & Visual Coherence: 3", "no score for 'Physical & Detail Coherence'"),
+    ("Prompt Compliance: 7\nTemporal & Visual Coherence: 3\nPhysical & Detail Coherence: 5", "outside 1..5"),
+    ("Prompt Compliance: 0\nTemporal & Visual Coherence: 3\nPhysical & Detail Coherence: 5", "outside 1..5"),
+    ('{"Prompt Compliance": 4, "Temporal & Visual Coherence": 6, "Physical & Detail Coherence": 5}', "outside 1..5"),
+    ("Score: 4", "found 1 unnamed score"),  # one score for three dimensions is ambiguous
+    ("Prompt Compliance: A number from 1 to 5.", "found 0 unnamed"),  # the template echoed back
+])
+def test_parser_refuses_what_it_cannot_read(answer, why):
+    with pytest.raises(ScoreParseError, match=why):
+        parse_scores(answer, DIMS)
+
+
+def test_every_template_parses_an_answer_in_its_own_format():
+    for bench, templates in TEMPLATES.items():
+        for cat, t in templates.items():
+            text = t.render("make the red circle blue")
+            assert "make the red circle blue" in text and "{instruction}" not in text, (bench, cat)
+            assert all(d in text for d in t.dimensions), (bench, cat)
+            scores = dict(zip(t.dimensions, (5.0, 2.0, 3.0)))
+            answer = (json.dumps(scores) if t.answer_format == "json"
+                      else "Reasoning: fine.\n" + "\n".join(f"{d}: {int(v)}" for d, v in scores.items()))
+            assert parse_scores(answer, t.dimensions) == scores, (bench, cat)
+    assert set(TEMPLATES["openve"]) >= {"global_style", "background_change", "local_change", "local_remove",
+                                        "local_add", "subtitle_edit", "creative_edit"}
+    assert set(TEMPLATES["refvie"]) == {"subject", "background"}
+    assert set(TEMPLATES["fashionvideobench"]) == {"product_edit", "model_edit", "freeform_edit", "pref_edit",
+                                                   "mref_edit", "mi2v"}
+
+
+# --------------------------------------------------------------------------------------------
+# retries → failure
+
+
+class Scripted:
+    name = "scripted"
+
+    def __init__(self, *answers):
+        self.answers, self.calls = list(answers), 0
+
+    def __call__(self, prompt, media):
+        self.calls += 1
+        a = self.answers.pop(0)
+        if isinstance(a, Exception):
+            raise a
+        return a
+
+
+MEDIA = [JudgeMedia("the edited video", np.zeros((3, 8, 8, 3), np.uint8))]
+GOOD = "Prompt Compliance: 4\nTemporal & Visual Coherence: 3\nPhysical & Detail Coherence: 5"
+
+
+def test_garbage_is_retried_then_scored():
+    judge = Scripted("blah", GOOD)
+    r = ask(judge, "p", MEDIA, DIMS, attempts=3)
+    assert r.ok and r.attempts == 2 and r.scores == EXPECTED and r.average == pytest.approx(4.0)
+
+
+def test_garbage_every_time_is_a_failure_with_nan_scores_and_a_reason():
+    judge = Scripted("blah", "Score: 9", "nothing")
+    r = ask(judge, "p", MEDIA, DIMS, attempts=3)
+    assert not r.ok and judge.calls == 3 and r.attempts == 3
+    assert all(math.isnan(v) for v in r.scores.values()) and math.isnan(r.average)
+    assert r.failure.startswith("unparseable answer after 3 attempt(s)") and "'nothing'" in r.failure
+
+
+def test_timeouts_are_retried_and_a_refused_request_is_not():
+    r = ask(Scripted(JudgeTimeout("60 s"), JudgeTimeout("60 s")), "p", MEDIA, DIMS, attempts=2)
+    assert not r.ok and r.failure.startswith("timeout after 2 attempt(s)")
+    judge = Scripted(JudgeRequestError("HTTP 401"), GOOD)
+    r = ask(judge, "p", MEDIA, DIMS, attempts=3)
+    assert not r.ok and judge.calls == 1 and "request refused" in r.failure
+
+
+# --------------------------------------------------------------------------------------------
+# the hosted judge over HTTP
+
+
+@pytest.fixture()
+def chat_server():
+    """An OpenAI-compatible /chat/completions on 127.0.0.1 answering from `server.script`: a
+    string (200 with that content), ("sleep", s) (answers after s seconds), or an int (that
+    HTTP status). Each request body is kept in `server.requests`."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            self.server.requests.append((self.path, self.headers.get("Authorization"), body))
+            step = self.server.script.pop(0)
+            if isinstance(step, tuple):
+                time.sleep(step[1])
+                step = GOOD
+            if isinstance(step, int):
+                payload, status = json.dumps({"error": {"message": "nope"}}).encode(), step
+            else:
+                payload, status = json.dumps({"choices": [{"message": {"role": "assistant", "content": step}}]}).encode(), 200
+            try:
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+            except (BrokenPipeError, ConnectionResetError):  # the client gave up (timeout)
+                pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    server.script, server.requests = [], []
+    server.url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def test_hosted_judge_sends_media_and_key_and_parses_the_answer(chat_server, monkeypatch):
+    monkeypatch.setenv(ENV_BASE_URL, chat_server.url)
+    monkeypatch.setenv(ENV_MODEL, "judge-model")
+    monkeypatch.setenv(ENV_API_KEY, "sk-test")
+    judge = OpenAICompatibleJudge.from_env(timeout_s=5, max_tokens=64, video_frames=4)
+    assert "sk-test" not in repr(judge)
+    chat_server.script = ["garbage", GOOD]
+    media = [JudgeMedia("the reference image", np.zeros((1, 8, 8, 3), np.uint8)),
+             JudgeMedia("the edited video", np.zeros((9, 8, 8, 3), np.uint8))]
+    r = ask(judge, "rate it", media, DIMS, attempts=3)
+    assert r.ok and r.attempts == 2 and r.scores == EXPECTED
+    path, auth, body = chat_server.requests[-1]
+    assert path == "/v1/chat/completions" and auth == "Bearer sk-test" and body["model"] == "judge-model"
+    parts = body["messages"][0]["content"]
+    images = [p for p in parts if p["type"] == "image_url"]
+    assert parts[0] == {"type": "text", "text": "rate it"} and len(images) == 1 + 4  # an image + 4 video frames
+    assert all(p["image_url"]["url"].startswith("data:image/png;base64,") for p in images)
+
+
+def test_hosted_judge_garbage_timeouts_and_errors_become_failures(chat_server):
+    judge = OpenAICompatibleJudge(chat_server.url, "m", "k", timeout_s=0.5, max_tokens=16)
+    chat_server.script = ["no idea", "still no idea"]
+    r = ask(judge, "p", MEDIA, DIMS, attempts=2)
+    assert not r.ok and r.failure.startswith("unparseable answer after 2 attempt(s)")
+    chat_server.script = [("sleep", 1.5), ("sleep", 1.5)]
+    t0 = time.monotonic()
+    r = ask(judge, "p", MEDIA, DIMS, attempts=2)
+    assert not r.ok and r.failure.startswith("timeout after 2 attempt(s)") and time.monotonic() - t0 < 2.5
+    chat_server.script = [503, GOOD]  # a transient 5xx is retried
+    assert ask(judge, "p", MEDIA, DIMS, attempts=2).scores == EXPECTED
+    chat_server.script = [401]  # a refused request is not
+    r = ask(judge, "p", MEDIA, DIMS, attempts=3)
+    assert not r.ok and r.attempts == 1 and "HTTP 401" in r.failure
+
+
+def test_hosted_judge_needs_its_environment(monkeypatch):
+    for v in (ENV_BASE_URL, ENV_MODEL, ENV_API_KEY):
+        monkeypatch.delenv(v, raising=False)
+    with pytest.raises(ValueError, match=f"{ENV_BASE_URL}, {ENV_MODEL}, {ENV_API_KEY}"):
+        OpenAICompatibleJudge.from_env(10, 16, 4)
+
+
+# --------------------------------------------------------------------------------------------
+# the local Qwen3-VL judge (tiny random weights: it answers garbage)
+
+
+def test_tiny_qwen_judge_answers_garbage_which_ends_as_a_failure(tiny_mllm_dir):
+    judge = QwenJudge.from_pretrained(str(tiny_mllm_dir), max_new_tokens=8, timeout_s=60, video_frames=4)
+    media = [JudgeMedia("the reference image", np.full((1, 32, 32, 3), 200, np.uint8)),
+             JudgeMedia("the edited video", np.random.default_rng(0).integers(0, 255, (9, 32, 48, 3), dtype=np.uint8))]
+    msgs = judge.messages("rate it", media)
+    kinds = [c["type"] for c in msgs[0]["content"]]
+    assert kinds == ["text", "text", "image", "text", "video"] and len(msgs[0]["content"][4]["video"]) == 4
+    answer = judge("rate it", media)
+    assert isinstance(answer, str)
+    r = ask(judge, TEMPLATES["refvie"]["subject"].render("swap it"), media, TEMPLATES["refvie"]["subject"].dimensions, 2)
+    assert not r.ok and r.attempts == 2 and all(math.isnan(v) for v in r.scores.values())
