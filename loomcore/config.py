@@ -35,6 +35,8 @@ TASK_KINDS = (
 )
 STAGES = ("stage1", "stage2", "stage3")
 CODECS = ("wan", "space_to_depth")
+# The evaluate stage's benchmarks (paper §4.1; loomcore.eval.benchmarks).
+EVAL_BENCHMARKS = ("vbench", "openve", "refvie", "intelligentvbench", "fashionvideobench")
 
 
 class ConfigError(ValueError):
@@ -269,6 +271,116 @@ class ExportConfig:
 
 
 @dataclass(frozen=True)
+class VBenchConfig:
+    clip: Optional[str]  # CLIP folder / s3:// (Imaging Quality stand-in, Overall Consistency); None: skip
+    dino: Optional[str]  # DINO ViT folder / s3:// (Subject Consistency); None: skip
+    iqa_prompts: List[str]  # CLIP-IQA's (positive, negative) prompt pair
+    consistency_frames: int
+
+
+@dataclass(frozen=True)
+class JudgeConfig:
+    kind: str  # qwen (local Qwen3-VL) | openai (OpenAI-compatible endpoint; URL, model, key from the environment)
+    model: Optional[str]  # the local judge's Qwen3-VL folder; None: models.mllm
+    max_new_tokens: int
+    retries: int  # extra tries after an unparseable answer / a timeout, then the sample is a failure
+    timeout_s: float
+    video_frames: int  # frames of a video shown to the judge
+
+
+@dataclass(frozen=True)
+class ShapesBenchConfig:
+    seeds: int  # generations per eval sample
+    colour_tolerance: float  # RGB distance within which a pixel takes a palette colour
+    smooth_px: int  # median filter before reading colours
+    min_area_frac: float  # of the smallest expected shape's area: a colour / component that counts
+
+
+@dataclass(frozen=True)
+class BenchmarksConfig:
+    root: str  # a local folder, an s3:// prefix, or "synthetic" (sets built from the Shapes eval split)
+    names: List[str]
+    limit: int  # samples per benchmark; 0: all
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """The evaluate stage (params.yaml `eval:`; loomcore.eval)."""
+
+    out_dir: str
+    model: str  # auto | rl | stage3 | a LoomDiT folder / s3:// URI
+    resolution: str  # the bucket group samples are generated at
+    steps: int
+    seed: int
+    sheet_samples: int  # rows per contact sheet
+    sheet_frames: int  # frames per video in a contact sheet
+    vbench: VBenchConfig
+    judge: JudgeConfig
+    shapes: ShapesBenchConfig
+    benchmarks: BenchmarksConfig
+
+
+@dataclass(frozen=True)
+class PickScoreConfig:
+    model: str  # a transformers CLIPModel folder (PickScore_v1), local or s3://
+    processor: str  # its processor's folder (tokenizer + image processor)
+    scale: float  # scores are divided by it
+    batch_size: int  # frames per CLIP forward
+
+
+@dataclass(frozen=True)
+class ShapesRewardConfig:
+    max_distance: float  # RGB distance within which a pixel takes a palette colour
+
+
+@dataclass(frozen=True)
+class OldPolicyConfig:
+    """θ_old ← d·θ_old + (1 − d)·θ after each RL step, d = 0 for the first `flat_steps` optimizer
+    steps, then min((s − flat_steps)·ramp_rate, max_decay)."""
+
+    flat_steps: int
+    ramp_rate: float
+    max_decay: float
+
+
+@dataclass(frozen=True)
+class RLConfig:
+    """RL post-training with DiffusionNFT (params.yaml `rl:`; loomcore.rl)."""
+
+    init_from: str
+    reward: str
+    pickscore: PickScoreConfig
+    shapes: ShapesRewardConfig
+    tasks: List[str]
+    resolution: str
+    steps: int
+    prompts_per_step: int
+    samples_per_prompt: int
+    sample_steps: int
+    beta: float
+    adv_clip_max: float
+    global_std: bool
+    train_timesteps: int
+    t_distribution: str
+    t_range: List[float]
+    t_shift: float
+    kl_weight: float
+    old_policy: OldPolicyConfig
+    gradient_steps: int
+    micro_batch: int
+    optimizer: OptimizerConfig
+    grad_clip: float
+    eval_prompts: int
+    eval_samples_per_prompt: int
+    eval_steps: int
+    log_every: int
+    checkpoint_every: int
+    keep_last: int
+    nodes: int
+    gpus_per_node: int
+
+
+@dataclass(frozen=True)
 class Config:
     profile: str
     seed: int
@@ -288,7 +400,9 @@ class Config:
     stage3: StageConfig
     guidance: GuidanceConfig
     train: TrainConfig
+    rl: RLConfig
     export: ExportConfig
+    eval: EvalConfig
     # Where the config came from (filled by load_config, not read from YAML).
     sources: List[str] = field(default_factory=list)
 
@@ -576,6 +690,29 @@ def _validate(cfg: Config) -> None:
     check(x.s3_uri is None or x.s3_uri.startswith("s3://"), f"export.s3_uri = {x.s3_uri!r}: expected s3://bucket[/prefix] or null")
     check(x.promotion_tolerance >= 0, f"export.promotion_tolerance = {x.promotion_tolerance}: expected >= 0 (relative)")
 
+    e = cfg.eval
+    check(bool(e.out_dir) and bool(e.model), "eval.out_dir and eval.model: expected non-empty strings")
+    check(e.resolution in cfg.buckets and e.resolution in cfg.video.frames,
+          f"eval.resolution = {e.resolution!r}: expected a bucket group with a frame count ({', '.join(cfg.buckets)})")
+    check(e.steps >= 1 and e.sheet_frames >= 1 and e.sheet_samples >= 0,
+          f"eval.steps / sheet_frames / sheet_samples = {e.steps} / {e.sheet_frames} / {e.sheet_samples}: expected >= 1 / >= 1 / >= 0")
+    check(len(e.vbench.iqa_prompts) == 2, f"eval.vbench.iqa_prompts = {e.vbench.iqa_prompts}: expected [positive, negative]")
+    check(e.vbench.consistency_frames >= 1, f"eval.vbench.consistency_frames = {e.vbench.consistency_frames}: expected >= 1")
+    j = e.judge
+    check(j.kind in ("qwen", "openai"), f"eval.judge.kind = {j.kind!r}: expected 'qwen' or 'openai'")
+    check(j.retries >= 0 and j.max_new_tokens >= 1 and j.timeout_s > 0 and j.video_frames >= 2,
+          f"eval.judge: retries >= 0, max_new_tokens >= 1, timeout_s > 0, video_frames >= 2 expected "
+          f"(got {j.retries}, {j.max_new_tokens}, {j.timeout_s}, {j.video_frames})")
+    sh = e.shapes
+    check(sh.seeds >= 1 and sh.smooth_px >= 1 and sh.colour_tolerance > 0 and 0 < sh.min_area_frac <= 1,
+          f"eval.shapes: seeds >= 1, smooth_px >= 1, colour_tolerance > 0, 0 < min_area_frac <= 1 expected "
+          f"(got {sh.seeds}, {sh.smooth_px}, {sh.colour_tolerance}, {sh.min_area_frac})")
+    b = e.benchmarks
+    unknown = [n for n in b.names if n not in EVAL_BENCHMARKS]
+    check(not unknown and len(set(b.names)) == len(b.names),
+          f"eval.benchmarks.names = {b.names}: expected distinct names from {', '.join(EVAL_BENCHMARKS)}")
+    check(bool(b.root) and b.limit >= 0, f"eval.benchmarks: root must be set and limit >= 0 (got {b.root!r}, {b.limit})")
+
     g = cfg.guidance
     check(g.text_scale >= 1 and g.text_scale_edit >= 1 and g.visual_scale >= 1,
           f"guidance scales must be >= 1 (got text {g.text_scale}, edit {g.text_scale_edit}, visual {g.visual_scale})")
@@ -583,6 +720,50 @@ def _validate(cfg: Config) -> None:
     check(g.scheduler in ("unipc", "euler"), f"guidance.scheduler = {g.scheduler!r}: expected 'unipc' or 'euler'")
     check((g.frames - 1) % cfg.codec.temporal_factor == 0,
           f"guidance.frames = {g.frames}: the codec takes 1 + {cfg.codec.temporal_factor}·k frames")
+
+    rl = cfg.rl
+    check(rl.init_from in STAGES, f"rl.init_from = {rl.init_from!r}: expected one of {', '.join(STAGES)}")
+    check(bool(rl.reward), "rl.reward: expected a reward name (loomcore.rl.rewards: pickscore, shapes, …)")
+    unknown = [k for k in rl.tasks if k not in TASK_KINDS]
+    check(bool(rl.tasks) and not unknown, f"rl.tasks = {rl.tasks}: expected a non-empty list of {', '.join(TASK_KINDS)}")
+    cached = {k for name in STAGES if cfg.stage(name).resolution == rl.resolution
+              for k, v in cfg.stage(name).sampling.as_dict().items() if v > 0}
+    missing = [k for k in rl.tasks if k in TASK_KINDS and k not in cached]
+    check(not missing, f"rl.tasks / rl.resolution = {rl.resolution!r}: the cache holds no {', '.join(missing)} there "
+                       f"(it caches what stages 1–3 sample at that resolution: {', '.join(sorted(cached)) or 'nothing'})")
+    for k in ("steps", "prompts_per_step", "sample_steps", "train_timesteps", "gradient_steps", "micro_batch",
+              "eval_samples_per_prompt", "eval_steps", "log_every", "checkpoint_every", "keep_last", "nodes"):
+        check(getattr(rl, k) >= 1, f"rl.{k} = {getattr(rl, k)}: expected >= 1")
+    check(rl.samples_per_prompt >= 2, f"rl.samples_per_prompt = {rl.samples_per_prompt}: a prompt's group needs >= 2 "
+                                      "samples for an advantage")
+    check(rl.gradient_steps <= rl.prompts_per_step * rl.samples_per_prompt,
+          f"rl.gradient_steps = {rl.gradient_steps}: more optimizer steps than samples per RL step")
+    world = rl.nodes * max(1, rl.gpus_per_node)
+    check((rl.prompts_per_step * rl.samples_per_prompt) % world == 0,
+          f"rl: prompts_per_step × samples_per_prompt = {rl.prompts_per_step * rl.samples_per_prompt} samples do not "
+          f"split over nodes × gpus_per_node = {world} ranks")
+    check(0 < rl.beta <= 1, f"rl.beta = {rl.beta}: expected in (0, 1] (v⁺ = β·v_θ + (1 − β)·v_old is a convex mix)")
+    check(rl.adv_clip_max > 0, f"rl.adv_clip_max = {rl.adv_clip_max}: expected > 0")
+    check(rl.t_distribution in ("discrete", "uniform", "logit_normal"),
+          f"rl.t_distribution = {rl.t_distribution!r}: expected discrete, uniform or logit_normal")
+    check(len(rl.t_range) == 2 and 0 <= rl.t_range[0] < rl.t_range[1] <= 1,
+          f"rl.t_range = {rl.t_range}: expected [lo, hi] with 0 <= lo < hi <= 1 (fractions of the way from noise to data)")
+    check(rl.t_shift > 0, f"rl.t_shift = {rl.t_shift}: expected > 0")
+    check(rl.kl_weight >= 0, f"rl.kl_weight = {rl.kl_weight}: expected >= 0 (0: no KL term)")
+    op = rl.old_policy
+    check(op.flat_steps >= 0 and op.ramp_rate >= 0 and 0 <= op.max_decay < 1,
+          f"rl.old_policy = {op}: expected flat_steps >= 0, ramp_rate >= 0, 0 <= max_decay < 1")
+    check(rl.optimizer.name == "adamw", f"rl.optimizer.name = {rl.optimizer.name!r}: only 'adamw' is supported")
+    check(rl.optimizer.lr > 0, f"rl.optimizer.lr = {rl.optimizer.lr}: expected > 0")
+    check(0 <= rl.optimizer.beta1 < 1 and 0 <= rl.optimizer.beta2 < 1,
+          f"rl.optimizer.beta1/beta2 = {rl.optimizer.beta1}/{rl.optimizer.beta2}: expected in [0, 1)")
+    check(rl.optimizer.weight_decay >= 0, f"rl.optimizer.weight_decay = {rl.optimizer.weight_decay}: expected >= 0")
+    check(rl.grad_clip > 0, f"rl.grad_clip = {rl.grad_clip}: expected > 0")
+    check(rl.eval_prompts >= 0, f"rl.eval_prompts = {rl.eval_prompts}: expected >= 0 (0: every held-out prompt)")
+    check(rl.gpus_per_node >= 0, f"rl.gpus_per_node = {rl.gpus_per_node}: expected >= 0 (0: CPU)")
+    check(rl.pickscore.scale > 0 and rl.pickscore.batch_size >= 1,
+          f"rl.pickscore: scale {rl.pickscore.scale} must be > 0 and batch_size {rl.pickscore.batch_size} >= 1")
+    check(rl.shapes.max_distance > 0, f"rl.shapes.max_distance = {rl.shapes.max_distance}: expected > 0")
 
     if errors:
         src = " + ".join(cfg.sources) if cfg.sources else "config"
