@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import List, Optional
 
 from prefect import flow
 
@@ -20,7 +19,7 @@ from tasks.models import init_base_models
 
 
 @flow(name="base-models", log_prints=True)
-def base_models_flow(profile: Optional[str] = None, overrides: Optional[List[str]] = None) -> dict:
+def base_models_flow(profile: str | None = None, overrides: list[str] | None = None) -> dict:
     overrides = list(overrides or [])
     cfg = load_stage_config(profile, overrides)
     report = init_base_models(cfg.profile, overrides)

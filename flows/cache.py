@@ -4,7 +4,6 @@ kept manifest row, at every resolution a training stage uses → data/cache/ (sa
 
 from __future__ import annotations
 
-from typing import List, Optional
 
 from prefect import flow
 
@@ -14,7 +13,7 @@ from tasks.data import cache_task
 
 
 @flow(name="cache", log_prints=True)
-def cache_flow(profile: Optional[str] = None, overrides: Optional[List[str]] = None) -> dict:
+def cache_flow(profile: str | None = None, overrides: list[str] | None = None) -> dict:
     summary = cache_task(profile, list(overrides or []))
     rows = [{"resolution": k, "samples": v, "tasks": ", ".join(summary["plan"][k])} for k, v in summary["per_resolution"].items()]
     sizes = [{"what": k, "bytes/sample": v} for k, v in summary.get("bytes_per_sample", {}).items()]

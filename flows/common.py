@@ -1,14 +1,17 @@
 """The stage pattern: every DVC stage's `cmd` is `python -m flows.<stage> [--profile P] [k=v …]`,
-which runs that stage's Prefect flow. This module gives each flow the same command line."""
+which runs that stage's Prefect flow. This module gives each flow the same command line, the
+config of a checkout (`repo_config`), and the deployments' pull step (`enter_checkout`)."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-from typing import Callable, List, Optional
+from pathlib import Path
+from typing import Callable, Sequence
 
 
-def stage_main(flow_fn: Callable, description: str, argv: Optional[List[str]] = None) -> int:
+def stage_main(flow_fn: Callable, description: str, argv: list[str] | None = None) -> int:
     """Parse `--profile` and `key=value` overrides, run the flow, exit non-zero on failure."""
     p = argparse.ArgumentParser(prog=f"python -m {flow_fn.__module__}", description=description)
     p.add_argument("--profile", default=None, help="profile (default: params.yaml's 'profile')")
@@ -22,3 +25,24 @@ def stage_main(flow_fn: Callable, description: str, argv: Optional[List[str]] = 
         print(f"{flow_fn.__module__}: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def repo_config(repo: str | Path = ".", overrides: Sequence[str] = (), profile: str | None = None):
+    """The composed config of the checkout at `repo` (its params.yaml + conf/), as its stages see it."""
+    from loomcore.config import load_config
+
+    root = Path(repo)
+    return load_config(list(overrides), profile=profile, params_path=root / "params.yaml", conf_dir=root / "conf")
+
+
+def enter_checkout(directory: str) -> dict:
+    """prefect.yaml's pull step: run the flow in the checkout `directory` (LOOM_REPO). Prefect renders
+    an unset `{{ $LOOM_REPO }}` as an empty string; say so instead of failing in os.chdir('')."""
+    if not directory:
+        raise ValueError("LOOM_REPO is not set: set it, in the worker's environment (or where `prefect deploy` "
+                         "runs), to the loomvideo checkout the flows run in (the folder with dvc.yaml)")
+    root = Path(directory).expanduser().resolve()
+    if not (root / "dvc.yaml").is_file():
+        raise ValueError(f"LOOM_REPO={directory}: no dvc.yaml there; expected the loomvideo checkout")
+    os.chdir(root)
+    return {"directory": str(root)}

@@ -3,7 +3,6 @@ world) → data/manifests/{train,eval,rejects}.parquet + curate.json."""
 
 from __future__ import annotations
 
-from typing import List, Optional
 
 from prefect import flow
 
@@ -13,7 +12,7 @@ from tasks.data import curate_task
 
 
 @flow(name="curate", log_prints=True)
-def curate_flow(profile: Optional[str] = None, overrides: Optional[List[str]] = None) -> dict:
+def curate_flow(profile: str | None = None, overrides: list[str] | None = None) -> dict:
     summary = curate_task(profile, list(overrides or []))
     rows = [{"task": k, "kept": v} for k, v in sorted(summary["per_task"].items())]
     publish_table("curate-per-task", rows, "Kept rows per task kind")

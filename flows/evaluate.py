@@ -5,7 +5,6 @@ else stage3/model) on ShapesBench (against the base models too), VBench and the 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
 
 from prefect import flow
 
@@ -15,8 +14,8 @@ from tasks.evaluate import evaluate_task
 
 
 @flow(name="evaluate", log_prints=True)
-def evaluate_flow(profile: Optional[str] = None, overrides: Optional[List[str]] = None,
-                  model: Optional[str] = None) -> dict:
+def evaluate_flow(profile: str | None = None, overrides: list[str] | None = None,
+                  model: str | None = None) -> dict:
     """`model`: a weights folder or s3:// URI to evaluate instead of eval.model."""
     overrides = list(overrides or []) + ([f"eval.model={model}"] if model else [])
     summary = evaluate_task(profile, overrides)

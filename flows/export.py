@@ -55,7 +55,7 @@ def export_report(exported: dict, published: Optional[dict]) -> str:
 
 
 @flow(name="export", log_prints=True)
-def export_flow(profile: Optional[str] = None, overrides: Optional[List[str]] = None) -> dict:
+def export_flow(profile: str | None = None, overrides: list[str] | None = None) -> dict:
     overrides = list(overrides or [])
     cfg = load_stage_config(profile, overrides)
     exported = export_folder_task(profile, overrides)
@@ -65,7 +65,7 @@ def export_flow(profile: Optional[str] = None, overrides: Optional[List[str]] = 
     return {"export": exported, "publication": published}
 
 
-def _existing_target(argv: List[str]) -> Optional[str]:
+def _existing_target(argv: List[str]) -> str | None:
     """The refusal of an existing export folder, found before a Prefect run is started."""
     import argparse
 
@@ -82,7 +82,7 @@ def _existing_target(argv: List[str]) -> Optional[str]:
     return existing_target_error(cfg)
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     from loomcore.export import ExportExists, PublishError
 
     argv = list(sys.argv[1:] if argv is None else argv)

@@ -1,10 +1,13 @@
 """The whole DAG as one Prefect flow: curate → cache → stage1 → stage2 → stage3 → rl → evaluate → export.
 
-It asks DVC to reproduce each stage in order, so DVC alone decides what is stale (a Prefect result
-cache never hides a stage DVC would rerun: every task here is NO_CACHE). With `overrides`
-(`key=value`, e.g. `stage3.sampling.t2i=0.2` or `profile=paper`) the DAG runs as one
-`dvc exp run -S …` experiment instead. `force` names stages to rerun although DVC finds them up
-to date. The checkout is locked for the run: a second run waits `lock_wait_s`, then fails clearly.
+It asks DVC to reproduce each stage in order (`dvc repro <stage>`), so DVC alone decides what is
+stale (a Prefect result cache never hides a stage DVC would rerun: every task here is NO_CACHE).
+With `overrides` (`key=value`, e.g. `stage3.sampling.t2i=0.2` or `profile=paper`) the DAG runs as
+one `dvc exp run -S …` experiment instead. `force` names stages to rerun although DVC finds them up
+to date: in order, with `dvc repro --force --single-item`; with overrides, each forced stage first
+runs as its own `dvc exp run --force --single-item` (an experiment of its own), then the DAG — which
+reruns a forced stage again only if the overrides changed its inputs. The checkout is locked for
+the run (tasks.dvc.pipeline_lock): a second run waits `lock_wait_s`, then fails with PipelineBusy.
 """
 
 from __future__ import annotations
@@ -12,67 +15,115 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 from prefect import flow
 
+from flows.common import repo_config
 from tasks.common import logger, markdown_table, publish_markdown
 from tasks.dvc import dvc_exp_run, dvc_repro, dvc_stages, pipeline_lock
 
 PIPELINE_ORDER = ("base_models", "curate", "cache", "stage1", "stage2", "stage3", "rl", "evaluate", "export")
 
 
-def _outputs_summary(repo: Path) -> str:
-    """Links to what a person looks at after a run: metrics, plots, samples, the export."""
+def plan_stages(repo: Path | str, stages: Optional[Sequence[str]] = None, force: Sequence[str] = ()) -> List[str]:
+    """The stages of dvc.yaml to run, in pipeline order; ValueError for a name dvc.yaml lacks."""
+    present = dvc_stages(repo)
+    unknown = sorted(set(stages or []) - set(present)) + sorted(set(force or []) - set(present))
+    if unknown:
+        raise ValueError(f"unknown stage(s) {', '.join(unknown)}; dvc.yaml has {', '.join(present)}")
+    return [s for s in PIPELINE_ORDER if s in present and (not stages or s in stages)]
+
+
+def _what_dvc_did(result: dict, stage: str | None = None) -> str:
+    """'ran', 'up to date', 'restored from run cache' for one stage; a list for a whole DAG."""
+    if stage is not None:
+        if stage in result["ran"]:
+            return "ran"
+        if stage in result["restored"]:
+            return "restored from run cache"
+        return "up to date" if stage in result["skipped"] else "?"
+    parts = [f"{label}: {', '.join(result[key])}" for key, label in
+             (("ran", "ran"), ("restored", "restored from run cache"), ("skipped", "up to date")) if result[key]]
+    return "; ".join(parts) or "?"
+
+
+def reproduce(repo: str, wanted: Sequence[str], *, force: Sequence[str] = (), overrides: Sequence[str] = (),
+              partial: bool = False, timeout: float | None = None) -> List[dict]:
+    """Run `wanted` through DVC (module docstring); one summary row per DVC command. Call it
+    under the checkout's pipeline_lock."""
+    rows = []
+
+    def timed(label: str, call, pick: str | None = None) -> None:
+        t = time.monotonic()
+        result = call()
+        rows.append({"stage": label, "dvc": _what_dvc_did(result, pick), "seconds": round(time.monotonic() - t, 1)})
+
+    if overrides:
+        sets = " ".join(f"-S {o}" for o in overrides)
+        for stage in [s for s in wanted if s in force]:
+            timed(f"{stage} (forced; dvc exp run {sets})",
+                  lambda s=stage: dvc_exp_run(list(overrides), [s], repo=repo, timeout=timeout, force=True), stage)
+        timed(f"dvc exp run {sets}", lambda: dvc_exp_run(list(overrides), list(wanted) if partial else [], repo=repo,
+                                                         timeout=timeout))
+    else:
+        for stage in wanted:
+            forced = stage in force
+            timed(stage + (" (forced)" if forced else ""),
+                  lambda s=stage, f=forced: dvc_repro(s, force=f, repo=repo, timeout=timeout), stage)
+    return rows
+
+
+def outputs_links(repo: Path | str) -> str:
+    """Links to what a person looks at after a run (paths from the checkout's params), and the
+    evaluation's metrics. Local files have no URL the UI can load: file:// links, never embedded images."""
+    from loomcore.config import ConfigError
+
+    try:
+        cfg = repo_config(repo)
+    except ConfigError as e:  # the stages ran; the summary says why it has no links
+        return f"- (no links: the checkout's config does not load: {e})"
+    root = Path(repo)
+    metrics = root / cfg.eval.out_dir / "metrics.json"
+    ev, out = Path(cfg.eval.out_dir), Path(cfg.train.out_dir)
     lines = []
-    for label, rel in (("metrics", "outputs/eval/metrics.json"), ("report", "outputs/eval/report.md"),
-                       ("samples", "outputs/eval/samples"), ("export", "outputs/export/model"),
-                       ("training", "outputs/stage3/summary.json"), ("rl", "outputs/rl/summary.json"),
-                       ("curation", "data/manifests/curate.json"), ("cache", "data/cache/cache.json")):
-        p = repo / rel
+    for label, rel in (("metrics", ev / "metrics.json"), ("report", ev / "report.md"), ("samples", ev / "samples"),
+                       ("export", Path(cfg.export.out_dir)), ("training", out / "stage3" / "summary.json"),
+                       ("rl", out / "rl" / "summary.json"), ("curation", Path(cfg.paths.manifests) / "curate.json"),
+                       ("cache", Path(cfg.paths.cache) / "cache.json")):
+        p = root / rel
         if p.exists():
             lines.append(f"- {label}: [{rel}]({p.resolve().as_uri()})")
-    return "\n".join(lines) or "- (no outputs yet)"
+    md = "\n".join(lines) or "- (no outputs yet)"
+    return md + (f"\n\n## Metrics\n\n```json\n{metrics.read_text()}\n```\n" if metrics.is_file() else "")
 
 
 @flow(name="pipeline", log_prints=True)
 def pipeline_flow(
-    overrides: Optional[List[str]] = None,
-    force: Optional[List[str]] = None,
-    stages: Optional[List[str]] = None,
+    overrides: list[str] | None = None,
+    force: list[str] | None = None,
+    stages: list[str] | None = None,
     repo: str = ".",
     lock_wait_s: float = 0.0,
-    stage_timeout_s: Optional[float] = None,
+    stage_timeout_s: float | None = None,
 ) -> dict:
+    # Builtin generics in a flow's signature: a served flow runs from a by-value pickle whose globals
+    # hold only the names its code uses, so `Optional`/`List` in (string) annotations would not resolve.
     log = logger()
     root = Path(repo)
-    present = dvc_stages(root)
-    wanted = [s for s in PIPELINE_ORDER if s in present and (not stages or s in stages)]
-    unknown = sorted(set(stages or []) - set(present)) + sorted(set(force or []) - set(present))
-    if unknown:
-        raise ValueError(f"unknown stage(s) {', '.join(unknown)}; dvc.yaml has {', '.join(present)}")
-    timings = []
+    wanted = plan_stages(root, stages, force or [])
     with pipeline_lock(root, wait_s=lock_wait_s):
-        if overrides:
-            t = time.monotonic()
-            dvc_exp_run(list(overrides), wanted if stages else [], repo=repo, timeout=stage_timeout_s)
-            timings.append({"stage": "dvc exp run " + " ".join(f"-S {o}" for o in overrides), "seconds": round(time.monotonic() - t, 1)})
-        else:
-            for stage in wanted:
-                t = time.monotonic()
-                dvc_repro(stage, force=stage in (force or []), repo=repo, timeout=stage_timeout_s)
-                timings.append({"stage": stage, "seconds": round(time.monotonic() - t, 1)})
-    missing = [s for s in PIPELINE_ORDER if s not in present]
-    metrics = root / "outputs" / "eval" / "metrics.json"
+        rows = reproduce(repo, wanted, force=force or [], overrides=overrides or [], partial=bool(stages),
+                         timeout=stage_timeout_s)
+    missing = [s for s in PIPELINE_ORDER if s not in dvc_stages(root)]
     md = (
-        f"# Pipeline run\n\n{markdown_table(timings)}\n"
+        f"# Pipeline run\n\n{markdown_table(rows)}\n"
         + (f"Stages not in dvc.yaml yet: {', '.join(missing)}\n\n" if missing else "")
-        + f"## Outputs\n\n{_outputs_summary(root)}\n"
-        + (f"\n## Metrics\n\n```json\n{metrics.read_text()}\n```\n" if metrics.is_file() else "")
+        + f"## Outputs\n\n{outputs_links(root)}\n"
     )
     publish_markdown("pipeline-summary", md, "What the pipeline run did, with links to its outputs")
-    log.info("pipeline done: %s", json.dumps(timings))
-    return {"timings": timings, "missing": missing}
+    log.info("pipeline done: %s", json.dumps(rows))
+    return {"stages": rows, "timings": [{"stage": r["stage"], "seconds": r["seconds"]} for r in rows], "missing": missing}
 
 
 if __name__ == "__main__":

@@ -5,7 +5,6 @@ Runs under torchrun (tasks.train); writes <train.out_dir>/stage1/{model,final,su
 
 from __future__ import annotations
 
-from typing import List, Optional
 
 from prefect import flow
 
@@ -14,7 +13,7 @@ from flows.train import run_stage
 
 
 @flow(name="stage1", log_prints=True)
-def stage1_flow(profile: Optional[str] = None, overrides: Optional[List[str]] = None) -> dict:
+def stage1_flow(profile: str | None = None, overrides: list[str] | None = None) -> dict:
     return run_stage("stage1", profile, overrides)
 
 

@@ -4,7 +4,6 @@ Runs under torchrun (tasks.train); writes <train.out_dir>/stage3/{model,final,su
 
 from __future__ import annotations
 
-from typing import List, Optional
 
 from prefect import flow
 
@@ -13,7 +12,7 @@ from flows.train import run_stage
 
 
 @flow(name="stage3", log_prints=True)
-def stage3_flow(profile: Optional[str] = None, overrides: Optional[List[str]] = None) -> dict:
+def stage3_flow(profile: str | None = None, overrides: list[str] | None = None) -> dict:
     return run_stage("stage3", profile, overrides)
 
 

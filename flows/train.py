@@ -3,7 +3,6 @@ its summary as a markdown artifact. `flows.stage1/2/3` are the DVC stages' entry
 
 from __future__ import annotations
 
-from typing import List, Optional
 
 from tasks.common import markdown_table, publish_markdown
 from tasks.train import train_stage_task
@@ -13,7 +12,7 @@ def _fmt(v) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
-def run_stage(stage: str, profile: Optional[str] = None, overrides: Optional[List[str]] = None) -> dict:
+def run_stage(stage: str, profile: str | None = None, overrides: list[str] | None = None) -> dict:
     summary = train_stage_task(stage, profile, list(overrides or []))
     rows = [{"what": k, "value": _fmt(v)} for k, v in summary.items() if not isinstance(v, (list, dict))]
     publish_markdown(

@@ -2,8 +2,14 @@
 
 A repository-level lock (`.dvc/tmp/loom-pipeline.lock`, an flock that the OS releases when its
 holder dies) makes a second pipeline run on the same checkout wait — up to `wait_s` — or fail with
-a clear message naming the holder. DVC's own repository lock never surfaces as a stack trace: its
-error is recognised and reported (and retried, since another DVC command may just be finishing).
+PipelineBusy naming the holder. The lock file records the holder and the `dvc` process groups it
+started: a holder killed with SIGKILL leaves its record behind, and the next holder stops those
+orphaned groups (they would otherwise keep DVC's locks and write outs) and checks DVC's own
+`.dvc/tmp/rwlock` before it starts. DVC's repository lock never surfaces as a stack trace: its two
+errors ("Unable to acquire lock", "'…' is busy, it is being blocked by") become DvcLocked, which
+the tasks retry, since another DVC command may just be finishing.
+
+Every task here is NO_CACHE: a Prefect result cache must never hide a stage DVC would rerun.
 """
 
 from __future__ import annotations
@@ -12,19 +18,29 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import shutil
+import socket
 import sys
+import threading
 import time
 from pathlib import Path
-from typing import Iterator, List, Optional, Sequence
+from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
 from prefect import task
 
 from tasks.common import NO_CACHE, logger
-from tasks.proc import SubprocessFailed, run_streaming
+from tasks.proc import SubprocessFailed, SubprocessTimeout, run_streaming, stop_orphan_group
 
 LOCK_NAME = "loom-pipeline.lock"
-DVC_LOCK_MESSAGE = "Unable to acquire lock"
+DVC_LOCK_MESSAGE = "Unable to acquire lock"  # the repository lock (.dvc/tmp/lock)
+DVC_BUSY_MESSAGE = "is busy, it is being blocked by"  # a stage's deps/outs in .dvc/tmp/rwlock
+ORPHAN_GRACE_S = 10.0
+
+# DVC's per-stage messages (dvc/stage/run.py, dvc/stage/__init__.py, dvc/stage/cache.py)
+_RAN = re.compile(r"^Running stage '([^']+)':")
+_SKIPPED = re.compile(r"^Stage '([^']+)' didn't change, skipping")
+_RESTORED = re.compile(r"^Stage '([^']+)' is cached - skipping run, checking out outputs")
 
 
 class PipelineBusy(RuntimeError):
@@ -32,7 +48,7 @@ class PipelineBusy(RuntimeError):
 
 
 class DvcLocked(RuntimeError):
-    """DVC's own repository lock is held by another DVC process."""
+    """DVC's own repository lock (or a stage's rwlock) is held by another DVC process."""
 
 
 def _dvc_exe() -> str:
@@ -42,16 +58,129 @@ def _dvc_exe() -> str:
 
 
 def dvc_env() -> dict:
-    """Stage commands run `python -m flows.…`: make that this environment's python."""
+    """The environment of `dvc` and so of the stage commands it runs (`python -m flows.…`):
+    this environment's python first on PATH, and this run's Prefect settings (the API URL among
+    them), so that a stage's flow run reports to the same Prefect API as the run that started it
+    — as Prefect's own runner does for the flow runs it starts."""
     env = dict(os.environ)
+    from prefect.settings import get_current_settings
+
+    env.update(get_current_settings().to_environment_variables(exclude_unset=True))
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     return env
+
+
+# --------------------------------------------------------------------------------------------
+# The checkout's pipeline lock
+
+
+class _Holder:
+    """The lock this process holds on one checkout, and the record in its file."""
+
+    def __init__(self, fd: int, info: dict):
+        self.fd, self.info, self.thread = fd, info, threading.get_ident()
+        self._mutex = threading.Lock()
+
+    def write(self) -> None:
+        data = json.dumps(self.info).encode()
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, data, 0)
+
+    def add_group(self, pgid: int) -> None:
+        with self._mutex:
+            self.info["groups"].append(pgid)
+            self.write()
+
+    def remove_group(self, pgid: int) -> None:
+        with self._mutex:
+            if pgid in self.info["groups"]:
+                self.info["groups"].remove(pgid)
+                self.write()
+
+
+_held: Dict[Path, _Holder] = {}
+
+
+def _read_record(fd: int) -> Optional[dict]:
+    data = os.pread(fd, 1 << 16, 0)
+    if not data.strip():
+        return None
+    try:
+        return json.loads(data)
+    except json.JSONDecodeError:
+        return {"raw": data.decode(errors="replace")[:200]}
+
+
+def describe_holder(record: Optional[dict]) -> str:
+    if not record:
+        return "holder unknown"
+    if "pid" not in record:
+        return record.get("raw", "holder unknown")
+    run = f"flow run {record['flow_run']!r}, " if record.get("flow_run") else ""
+    return f"{run}pid {record['pid']} on {record.get('host', '?')} since {record.get('since', '?')}"
+
+
+def _holder_info() -> dict:
+    from prefect.context import FlowRunContext
+
+    ctx = FlowRunContext.get()
+    run = ctx.flow_run if ctx is not None else None
+    return {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "flow_run": run.name if run else None, "flow_run_id": str(run.id) if run else None, "groups": []}
+
+
+def _recover(repo: Path, previous: Optional[dict]) -> None:
+    """After acquiring: a record left behind means its holder died without releasing (a clean
+    release empties the file). Stop the dvc process groups it started, then look at DVC's rwlock."""
+    log = logger()
+    if previous:
+        log.warning("the previous run on %s did not release its lock cleanly (%s): it was killed or crashed",
+                    repo, describe_holder(previous))
+        for pgid in previous.get("groups") or []:
+            members = stop_orphan_group(int(pgid), grace=ORPHAN_GRACE_S, cwd=repo)
+            if members:
+                log.warning("stopped its orphaned dvc process group %s (%d process(es) still running)", pgid,
+                            len(members))
+    check_dvc_rwlock(repo)
+
+
+def check_dvc_rwlock(repo: Path | str) -> List[str]:
+    """DVC's `.dvc/tmp/rwlock` (who reads / writes which deps and outs). DVC drops the entries of
+    dead processes by itself; entries of live ones mean a `dvc` command runs in this checkout
+    outside the pipeline (their stages will report DvcLocked). A file a killed DVC left half
+    written is unreadable to every later DVC command: it is moved aside, under DVC's own guard.
+    Returns the live blockers, as DVC names them."""
+    import psutil
+
+    log = logger()
+    path = Path(repo) / ".dvc" / "tmp" / "rwlock"
+    if not path.is_file():
+        return []
+    try:
+        lock = json.loads(path.read_text())  # DVC itself refuses an empty file too
+    except json.JSONDecodeError:
+        from dvc.lock import make_lock
+
+        with make_lock(str(path.with_name("rwlock.lock")), tmp_dir=str(path.parent)):
+            aside = path.with_name(f"rwlock.corrupt-{int(time.time())}")
+            path.rename(aside)
+        log.warning("DVC's %s was unreadable (a DVC process killed while writing it); moved it to %s", path, aside.name)
+        return []
+    infos = list(lock.get("write", {}).values()) + [i for v in lock.get("read", {}).values() for i in v]
+    live = sorted({f"(PID {i['pid']}): {i['cmd']}" for i in infos if psutil.pid_exists(int(i["pid"]))})
+    if live:
+        log.warning("DVC's rwlock in %s lists running dvc processes: %s", repo, "; ".join(live))
+    return live
 
 
 @contextlib.contextmanager
 def pipeline_lock(repo: Path | str = ".", wait_s: float = 0.0, poll_s: float = 1.0) -> Iterator[Path]:
     """Hold the checkout's pipeline lock; wait up to `wait_s` for it, then raise PipelineBusy."""
-    path = Path(repo) / ".dvc" / "tmp" / LOCK_NAME
+    root = Path(repo).resolve()
+    path = root / ".dvc" / "tmp" / LOCK_NAME
+    mine = _held.get(root)
+    if mine is not None and mine.thread == threading.get_ident():
+        raise RuntimeError(f"pipeline_lock({root}) is already held by this thread; it is not reentrant")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     deadline = time.monotonic() + wait_s
@@ -62,50 +191,110 @@ def pipeline_lock(repo: Path | str = ".", wait_s: float = 0.0, poll_s: float = 1
                 break
             except BlockingIOError:
                 if time.monotonic() >= deadline:
-                    holder = Path(path).read_text().strip() or "unknown"
                     raise PipelineBusy(
-                        f"another pipeline run holds {Path(repo).resolve()} ({holder}); "
-                        f"waited {wait_s:g} s. Let it finish, or start this run with a longer lock wait."
+                        f"another pipeline run holds {root} ({describe_holder(_read_record(fd))}); waited "
+                        f"{wait_s:g} s. Let it finish, or start this run with a longer lock wait (lock_wait_s)."
                     ) from None
                 time.sleep(poll_s)
-        os.ftruncate(fd, 0)
-        os.write(fd, json.dumps({"pid": os.getpid(), "since": time.strftime("%Y-%m-%dT%H:%M:%S")}).encode())
-        yield path
+        _recover(root, _read_record(fd))
+        holder = _Holder(fd, _holder_info())
+        holder.write()
+        _held[root] = holder
+        try:
+            yield path
+        finally:
+            _held.pop(root, None)
+            os.ftruncate(fd, 0)  # a clean release leaves no record
     finally:
         with contextlib.suppress(OSError):
             fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
 
 
-def run_dvc(args: Sequence[str], repo: Path | str = ".", timeout: Optional[float] = None) -> int:
+# --------------------------------------------------------------------------------------------
+# Running DVC
+
+
+def _lock_error(tail: Sequence[str]) -> Optional[str]:
+    """DVC's lock complaint in its output (the ERROR line and the blockers it names), if any."""
+    for i, line in enumerate(tail):
+        if DVC_LOCK_MESSAGE in line or DVC_BUSY_MESSAGE in line:
+            blockers = [t.strip() for t in tail[i + 1:i + 6] if t.strip().startswith("(PID")]
+            return "\n".join([line.strip(), *blockers])
+    return None
+
+
+def run_dvc(args: Sequence[str], repo: Path | str = ".", timeout: Optional[float] = None,
+            on_line: Optional[Callable[[str], None]] = None) -> int:
+    """`dvc <args>` in `repo`, its output streamed to the run's log (and to `on_line`). Raises
+    DvcLocked when DVC's lock is held, SubprocessFailed / SubprocessTimeout otherwise."""
     log = logger()
     cmd = [_dvc_exe(), *args]
     log.info("$ %s", " ".join(["dvc", *args]))
+    holder = _held.get(Path(repo).resolve())
+    started: List[int] = []
+
+    def on_start(proc) -> None:
+        started.append(proc.pid)
+        if holder is not None:  # recorded, so that the next holder can stop it if this process is killed
+            holder.add_group(proc.pid)
+
+    def line(text: str) -> None:
+        log.info(text)
+        if on_line is not None:
+            on_line(text)
+
     try:
-        return run_streaming(cmd, log=log.info, timeout=timeout, cwd=str(repo), env=dvc_env())
+        return run_streaming(cmd, log=line, timeout=timeout, cwd=str(repo), env=dvc_env(), on_start=on_start)
     except SubprocessFailed as e:
-        if any(DVC_LOCK_MESSAGE in line for line in e.tail):
+        why = None if isinstance(e, SubprocessTimeout) else _lock_error(e.tail)
+        if why:
             raise DvcLocked(
-                f"DVC's repository lock in {Path(repo).resolve()} is held by another DVC process "
-                "(a `dvc` command running in this checkout); retry when it is done"
+                f"DVC's lock in {Path(repo).resolve()} is held by another DVC process (a `dvc` command running "
+                f"in this checkout); retry when it is done. DVC said:\n{why}"
             ) from None
         raise
+    finally:
+        if holder is not None:
+            for pgid in started:
+                holder.remove_group(pgid)
+
+
+def parse_repro_log(lines: Sequence[str]) -> dict:
+    """What `dvc repro` / `dvc exp run` did per stage, from its messages: {"ran", "skipped"
+    (up to date), "restored" (from the run cache)}, each a list of stage names in order."""
+    out: Dict[str, List[str]] = {"ran": [], "skipped": [], "restored": []}
+    for line in lines:
+        line = line.strip()
+        for key, pattern in (("ran", _RAN), ("skipped", _SKIPPED), ("restored", _RESTORED)):
+            m = pattern.match(line)
+            if m and m.group(1) not in out[key]:
+                out[key].append(m.group(1))
+    return out
 
 
 @task(name="dvc-repro", retries=2, retry_delay_seconds=15, cache_policy=NO_CACHE)
-def dvc_repro(stage: str, force: bool = False, repo: str = ".", timeout: Optional[float] = None) -> str:
-    """`dvc repro <stage>` (with its upstream stages, which DVC skips when up to date)."""
-    run_dvc(["repro", *(["--force", "--single-item"] if force else []), stage], repo, timeout)
-    return stage
+def dvc_repro(stage: str, force: bool = False, repo: str = ".", timeout: Optional[float] = None) -> dict:
+    """`dvc repro <stage>` (with its upstream stages, which DVC skips when up to date); `force`
+    reruns this one stage only. Returns {"stage", "ran", "skipped", "restored"}."""
+    lines: List[str] = []
+    run_dvc(["repro", *(["--force", "--single-item"] if force else []), stage], repo, timeout, on_line=lines.append)
+    return {"stage": stage, **parse_repro_log(lines)}
 
 
 @task(name="dvc-exp-run", retries=1, retry_delay_seconds=15, cache_policy=NO_CACHE)
-def dvc_exp_run(overrides: Sequence[str], targets: Sequence[str] = (), repo: str = ".", timeout: Optional[float] = None) -> None:
-    """`dvc exp run -S k=v …`: the DAG with parameter overrides, as an experiment."""
+def dvc_exp_run(overrides: Sequence[str], targets: Sequence[str] = (), repo: str = ".", timeout: Optional[float] = None,
+                force: bool = False) -> dict:
+    """`dvc exp run -S k=v …`: the DAG with parameter overrides, as an experiment (`force`: rerun
+    the targets although up to date, each alone). Returns {"stage", "ran", "skipped", "restored"}."""
     args: List[str] = ["exp", "run"]
     for ov in overrides:
         args += ["-S", ov]
-    run_dvc([*args, *targets], repo, timeout)
+    if force:
+        args += ["--force", "--single-item"]
+    lines: List[str] = []
+    run_dvc([*args, *targets], repo, timeout, on_line=lines.append)
+    return {"stage": " ".join(targets) or "(all)", **parse_repro_log(lines)}
 
 
 def dvc_stages(repo: Path | str = ".") -> List[str]:

@@ -4,6 +4,10 @@ Each runs in its own process group (a new session), its output streamed line by 
 log, under a timeout. The whole group is stopped — SIGTERM, then SIGKILL after a grace period —
 when the timeout passes, when the task is cancelled (Prefect sends the flow-run process SIGTERM),
 or when the parent exits. Nothing is left running that could hold a GPU or DVC's lock.
+
+A parent killed with SIGKILL runs no handler, so its groups live on as orphans; the pipeline lock
+(tasks.dvc.pipeline_lock) records the groups a run starts, and the next run on the checkout stops
+them (`stop_orphan_group`) before it does anything else.
 """
 
 from __future__ import annotations
@@ -14,7 +18,10 @@ import signal
 import subprocess
 import threading
 import time
+from pathlib import Path
 from typing import Callable, Dict, List, Mapping, Optional, Sequence
+
+REAP_WAIT_S = 10.0  # how long stop_orphan_group waits for init to reap what it killed
 
 _live: Dict[int, subprocess.Popen] = {}
 _lock = threading.Lock()
@@ -35,21 +42,78 @@ class SubprocessTimeout(SubprocessFailed, TimeoutError):
 
 
 def stop_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
-    """SIGTERM the process group, wait `grace` seconds, then SIGKILL what is left."""
-    if proc.poll() is not None:
-        return
+    """SIGTERM the process group, wait up to `grace` seconds for its leader, then SIGKILL what is
+    left of the group — also when the leader has already exited (ranks or a stage command may
+    outlive it; the kernel keeps the group id reserved while any member lives)."""
     try:
         os.killpg(proc.pid, signal.SIGTERM)
-    except ProcessLookupError:
+    except ProcessLookupError:  # no member left
+        proc.poll()
         return
     try:
         proc.wait(timeout=grace)
     except subprocess.TimeoutExpired:
+        pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+def group_members(pgid: int) -> List[int]:
+    """Live (non-zombie) processes of process group `pgid`, from /proc (Linux)."""
+    members = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
         try:
-            os.killpg(proc.pid, signal.SIGKILL)
+            fields = (d / "stat").read_text().rsplit(")", 1)[1].split()  # state ppid pgrp session …
+        except OSError:
+            continue
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            members.append(int(d.name))
+    return members
+
+
+def _cwd_inside(pid: int, root: Path) -> bool:
+    try:
+        return Path(os.readlink(f"/proc/{pid}/cwd")).is_relative_to(root)
+    except OSError:
+        return False
+
+
+def stop_orphan_group(pgid: int, grace: float = 10.0, cwd: Optional[Path] = None) -> List[int]:
+    """Stop a process group that this process did not start (the group of a run that was killed
+    before it could stop it): SIGTERM, up to `grace` seconds, SIGKILL. Returns the members found.
+    A pid may have been reused since it was recorded, so only a group that run_streaming could
+    have started is touched: its leader made a session of it, and (with `cwd`) one of its members
+    works inside `cwd`."""
+    members = group_members(pgid)
+    if not members:
+        return []
+    try:
+        sid = int(Path(f"/proc/{members[0]}/stat").read_text().rsplit(")", 1)[1].split()[3])
+    except (OSError, IndexError, ValueError):
+        return []
+    if sid != pgid or (cwd is not None and not any(_cwd_inside(m, Path(cwd).resolve()) for m in members)):
+        return []
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(pgid, sig)
         except ProcessLookupError:
-            pass
-        proc.wait()
+            break
+        deadline = time.monotonic() + (grace if sig == signal.SIGTERM else 5.0)
+        while group_members(pgid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if not group_members(pgid):
+            break
+    # Dead orphans stay zombies until init reaps them, and a zombie's pid still "exists" for DVC's
+    # stale-lock check (psutil.pid_exists): wait, briefly, until they are gone.
+    deadline = time.monotonic() + REAP_WAIT_S
+    while any(Path(f"/proc/{m}").exists() for m in members) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return members
 
 
 def _stop_all(*_args) -> None:
@@ -87,11 +151,13 @@ def run_streaming(
     env: Optional[Mapping[str, str]] = None,
     grace: float = 10.0,
     check: bool = True,
+    on_start: Optional[Callable[[subprocess.Popen], None]] = None,
 ) -> int:
     """Run `cmd` in its own process group, streaming each output line to `log`.
 
     Raises SubprocessTimeout after `timeout` seconds (the group is stopped first) and, with
     `check`, SubprocessFailed on a non-zero exit (its message holds the last lines of output).
+    `on_start(proc)` is called once the process exists (its pid is also its process group id).
     """
     _install_handlers()
     # (the log callback sees every line; the exception keeps the last 200 for its message)
@@ -102,6 +168,14 @@ def run_streaming(
     with _lock:
         _live[proc.pid] = proc
     tail: List[str] = []
+    if on_start is not None:
+        try:
+            on_start(proc)
+        except BaseException:
+            stop_group(proc, grace)
+            with _lock:
+                _live.pop(proc.pid, None)
+            raise
 
     def pump():
         assert proc.stdout is not None

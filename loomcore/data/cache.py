@@ -19,6 +19,7 @@ unfinished shard and never rewrites a finished one.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections import defaultdict
@@ -119,13 +120,20 @@ def build_cache(
     mode = cfg.mllm.feature_mode
     dtype = torch.float32 if cfg.profile == "tiny" else torch.bfloat16
 
+    # A shard's name carries a digest of everything its bytes depend on (the settings below and
+    # its rows' ids + media checksums): a resumed run finds finished shards by name, and a change
+    # of params or data never lets a stale shard pass for a fresh one (the out is `persist`).
+    settings = json.dumps([cfg.profile, mode, cfg.models.codec, cfg.models.vae, cfg.models.mllm,
+                           cfg.fingerprint("codec", "video", "buckets", "mllm"), list(cfg.dit.patch_size)])
     work: List[Tuple[str, str, List[dict]]] = []  # (shard name, resolution, rows)
     for res, tasks in plan(cfg).items():
         for split in ("train", "eval"):
             todo = [r for r in rows if r["split"] == split and r["task"] in tasks]
             n = cfg.data.shard_size
             for i in range(0, len(todo), n):
-                work.append((f"{split}-{res}-{i // n:05d}.safetensors", res, todo[i:i + n]))
+                chunk = todo[i:i + n]
+                digest = hashlib.sha256((settings + res + "".join(r["id"] + r["checksum"] for r in chunk)).encode()).hexdigest()[:12]
+                work.append((f"{split}-{res}-{i // n:05d}-{digest}.safetensors", res, chunk))
 
     total = sum(len(w[2]) for w in work)
     done_rows, written, skipped_shards, skipped_rows = 0, 0, 0, []
@@ -156,6 +164,7 @@ def build_cache(
             null = encoder.encode([MLLMRequest(task="t2i", drop="all")])
             shards.write_null_context(out_dir, null.hidden_states[0, :, : int(null.lengths[0])].to(dtype))
         n_index, _ = shards.finalize(out_dir, finished)
+        shards.remove_stale(out_dir, finished)
     else:
         n_index = None
     index_rows = pq.read_table(out_dir / shards.INDEX_FILE).to_pylist() if complete else []

@@ -81,5 +81,18 @@ def finalize(root: Path, shard_names: Iterable[str]) -> Tuple[int, Path]:
     return table.num_rows, root / INDEX_FILE
 
 
+def remove_stale(root: Path, keep: Iterable[str]) -> List[str]:
+    """Delete shards (and their index parts) that are not in `keep`: leftovers of other params or
+    data. Called only after the new index is in place."""
+    keep = set(keep)
+    removed = []
+    for p in sorted(root.glob("*.safetensors")):
+        if p.name != NULL_SHARD and p.name not in keep:
+            p.unlink()
+            (root / f"{p.name}.index.parquet").unlink(missing_ok=True)
+            removed.append(p.name)
+    return removed
+
+
 def tensors_json(entries: Dict[str, list]) -> str:
     return json.dumps(entries, sort_keys=True)
