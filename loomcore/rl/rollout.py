@@ -1,0 +1,143 @@
+"""What the RL loop samples from and how: prompts from the cache, packed conditions, the
+deterministic Euler sampler over a pack, and decoding to the pixels a reward scores.
+
+A prompt is one cache entry (`loomcore.data.cache`) of the RL resolution: its MLLM context, its
+source and reference latents (editing and reference tasks), and its target's latent shape, which
+is the size to generate at. The target latent itself is never used — RL learns from its own
+samples. Prompts are packed like training samples (DESIGN §4): the tokens of all samples on one
+axis, block-diagonal attention, no padding (`loomcore.models.packing`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+
+from loomcore.data.loader import ShardReader, load_sample, read_index
+from loomcore.diffusion.flow import timestep_input
+from loomcore.diffusion.sampling import euler_sample
+from loomcore.models.dit import PackLayout, patchify, unpack_latents
+
+
+@dataclass
+class Prompt:
+    id: str
+    task: str
+    text: str  # the caption or instruction (what a text reward reads)
+    context: torch.Tensor  # [L, T, H] per-layer MLLM features of the full condition
+    latent_shape: Tuple[int, int, int, int]  # (C, f, h, w) to generate
+    source: Optional[torch.Tensor] = None  # [C, f, h, w] clean source latent (Scale-and-Add)
+    refs: List[torch.Tensor] = field(default_factory=list)  # K × [C, 1, h_k, w_k]
+
+    @property
+    def metadata(self) -> dict:
+        return {"id": self.id, "task": self.task}
+
+
+def load_prompts(cache_dir, split: str, resolution: str, tasks: Sequence[str], limit: int = 0) -> List[Prompt]:
+    """The cache's `split` entries at `resolution` whose task is in `tasks`, sorted by id; the
+    first `limit` of them (0: all)."""
+    rows = [r for r in read_index(cache_dir, split, resolution) if r["task"] in set(tasks)]
+    if limit:
+        rows = rows[:limit]
+    if not rows:
+        raise ValueError(f"no {split} prompt in the cache ({cache_dir}) at {resolution} for tasks {list(tasks)}")
+    reader = ShardReader(cache_dir)
+    prompts = []
+    for r in rows:
+        s = load_sample(reader, r)
+        if s.context is None:
+            raise ValueError(f"cache entry {s.id}: no MLLM context; RL reads cached features "
+                             "(mllm.feature_mode=cached), like the stage trainer")
+        prompts.append(Prompt(s.id, s.task, s.caption, s.context, tuple(s.target.shape), s.source, list(s.refs)))
+    return prompts
+
+
+def item_seed(seed: int, stream: str, *keys) -> int:
+    """A 63-bit seed for one sample's noise, from (seed, stream, keys): the same sample gets the same
+    noise on any rank, in any batch, after a resume."""
+    blob = "/".join(map(str, (seed, stream, *keys))).encode()
+    return int.from_bytes(hashlib.sha256(blob).digest()[:8], "little") >> 1
+
+
+def tokens_of(latent: torch.Tensor, patch_size: Sequence[int]) -> torch.Tensor:
+    return patchify(latent[None].float(), patch_size)[0]  # [C, f, h, w] -> [f'h'w', P]
+
+
+@dataclass
+class ConditionPack:
+    """The DiT conditions of a list of prompts (one entry per sample; a prompt may repeat)."""
+
+    layout: PackLayout
+    context: torch.Tensor  # [L, M, H]
+    source: Optional[torch.Tensor]  # [N, P] (zeros for a sample without a source) or None
+    references: Optional[torch.Tensor]  # [N_ref, P] or None
+    sample_index: torch.Tensor  # [N] the sample of each target token
+    token_shape: Tuple[int, int]  # (N, P) of the target tokens
+
+    def to(self, device) -> "ConditionPack":
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return ConditionPack(self.layout, move(self.context), move(self.source), move(self.references),
+                             self.sample_index.to(device), self.token_shape)
+
+
+def pack_conditions(prompts: Sequence[Prompt], patch_size: Sequence[int], use_source: bool) -> ConditionPack:
+    pt, ph, pw = patch_size
+    grids = tuple((s[1] // pt, s[2] // ph, s[3] // pw) for s in (p.latent_shape for p in prompts))
+    ref_sizes = tuple(tuple((r.shape[2] // ph, r.shape[3] // pw) for r in p.refs) for p in prompts)
+    layout = PackLayout(grids, tuple(p.context.shape[1] for p in prompts), ref_sizes)
+    P = pt * ph * pw * prompts[0].latent_shape[0]
+    lengths = layout.target_lengths
+    source = None
+    if any(p.source is not None for p in prompts):
+        if not use_source:
+            raise ValueError(f"prompts of tasks {sorted({p.task for p in prompts if p.source is not None})} have a "
+                             "source, but the model has no source_patch_embedding")
+        source = torch.cat([tokens_of(p.source, patch_size) if p.source is not None else torch.zeros(n, P)
+                            for p, n in zip(prompts, lengths)])
+    refs = [tokens_of(r, patch_size) for p in prompts for r in p.refs]
+    sample_index = torch.repeat_interleave(torch.arange(len(prompts)), torch.tensor(lengths))
+    return ConditionPack(layout, torch.cat([p.context for p in prompts], dim=1).float(), source,
+                         torch.cat(refs) if refs else None, sample_index, (sum(lengths), P))
+
+
+def prompt_noise(seeds: Sequence[int], prompts: Sequence[Prompt], patch_size: Sequence[int]) -> torch.Tensor:
+    """[N, P] initial noise: sample i's latent-shaped N(0, I) from its own seed, then patchified."""
+    return torch.cat([tokens_of(torch.randn(p.latent_shape, generator=torch.Generator().manual_seed(s)), patch_size)
+                      for s, p in zip(seeds, prompts)])
+
+
+def velocity(model, pack: ConditionPack, z: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+    """The DiT's velocity on a pack: z [N, P], timestep [S] (1000·t); bf16 autocast on a GPU."""
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if z.device.type == "cuda" else nullcontext()
+    with autocast:
+        return model.forward_packed(z, timestep, pack.context, pack.layout, pack.source, pack.references).sample
+
+
+@torch.no_grad()
+def sample_pack(model, pack: ConditionPack, noise: torch.Tensor, times: torch.Tensor, timestep_scale: float,
+                device: torch.device) -> torch.Tensor:
+    """Euler-integrate the model's ODE from `noise` along `times` (1 → 0): clean tokens [N, P]
+    (float32, on `device`). A collective under FSDP2: every rank calls it equally often."""
+    S = pack.layout.num_samples
+    pack = pack.to(device)
+
+    def fn(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return velocity(model, pack, z, timestep_input(t, timestep_scale).expand(S)).float()
+
+    return euler_sample(fn, pack.token_shape, times, noise=noise, device=device)
+
+
+@torch.no_grad()
+def decode_videos(codec, tokens: torch.Tensor, layout: PackLayout, patch_size: Sequence[int]) -> List[torch.Tensor]:
+    """Clean tokens [N, P] → one uint8 video [F, H, W, 3] per sample (CPU)."""
+    device = next(codec.parameters(), torch.empty(0)).device
+    videos = []
+    for z in unpack_latents(tokens.float(), layout.grid_sizes, patch_size):
+        pixels = codec.decode(z[None].to(device))[0].float().cpu()  # [3, F, H, W] in [-1, 1]
+        videos.append(((pixels.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0).contiguous())
+    return videos

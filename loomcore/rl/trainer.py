@@ -1,0 +1,408 @@
+"""The RL post-training stage (paper §3.3 "Post-training"; DESIGN §5): online DiffusionNFT.
+
+    train_rl(cfg)       # inside torchrun (or one plain process): trains, writes outs
+
+Three copies of the stage-`rl.init_from` DiT (its EMA weights): the policy θ (trained), the old
+policy θ_old (samples the rollouts, moves toward θ by the warm-up decay) and the reference (the
+stage-3 model, frozen: the KL proxy, the optional KL term, the "before" evaluation). One RL step:
+
+  1. G prompts from the train split (a seeded draw per step), K samples each from θ_old with the
+     deterministic Euler sampler (`rl.sample_steps` steps, the scheduler's flow shift, no CFG:
+     DiffusionNFT is CFG-free), decoded to pixels and scored by the reward;
+  2. per-prompt advantages → optimality probabilities r (`loomcore.rl.nft`);
+  3. `rl.gradient_steps` optimizer steps over the G·K clean samples, each sample trained at
+     `rl.train_timesteps` flow times: z_t from fresh noise, v_θ and v_old at z_t, the NFT loss;
+  4. θ_old ← d·θ_old + (1 − d)·θ, d from the optimizer steps taken so far.
+
+Distributed exactly like the stage trainer (`loomcore.train.distributed`): one process group
+(gloo/nccl), every model FSDP2-wrapped; rank r samples and trains items r, r + W, … of each step
+(G·K must split over the W ranks), rewards are all-gathered so that every rank computes the same
+advantages. All randomness is derived from (seed, step, item): a resumed run redraws the same
+prompts, noise and timesteps, and the checkpoint holds θ, θ_old, the optimizer and the counters.
+
+Outs (<train.out_dir>/rl/): model/ (LoomDiT.save_pretrained of the final policy θ),
+summary.json (the held-out reward of the reference and of θ: same prompts, same seeds),
+metrics.json, plots/metrics (dvclive). Run directory: <paths.runs>/rl/<run key>/.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Dict, List, Sequence
+
+import torch
+import torch.distributed as dist
+
+from loomcore.config import Config, SchedulerConfig
+from loomcore.diffusion.flow import add_noise, timestep_input
+from loomcore.diffusion.sampling import sampling_timesteps
+from loomcore.rl import nft
+from loomcore.rl.rewards import build_reward
+from loomcore.rl.rollout import (
+    Prompt, decode_videos, item_seed, load_prompts, pack_conditions, prompt_noise, sample_pack, velocity,
+)
+from loomcore.train import telemetry
+from loomcore.train.checkpoint import run_key
+from loomcore.train.distributed import (
+    Checkpointer, DistEnv, ModelState, OptimizerState, broadcast_object, destroy_distributed, init_distributed,
+    parallelize, set_gradient_sync,
+)
+from loomcore.train.metrics import RunLog, read_steps
+from loomcore.train.optim import build_optimizer, build_scheduler
+from loomcore.train.stage_io import (
+    SHARED_SECTIONS, code_fingerprint, inputs_fingerprint, stage_out_dir, write_weights,
+)
+
+STAGE = "rl"
+
+
+class _Counters:
+    """Host-side counters that go into the checkpoint (JSON)."""
+
+    def __init__(self):
+        self.optimizer_steps = 0
+        self.samples = 0
+
+    def state_dict(self) -> dict:
+        return {"optimizer_steps": self.optimizer_steps, "samples": self.samples}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer_steps, self.samples = int(state["optimizer_steps"]), int(state["samples"])
+
+
+def _rl_code_fingerprint() -> str:
+    """A hash of loomcore/rl's .py files (the training stages' `code_fingerprint` covers the rest)."""
+    h = hashlib.sha256()
+    for f in sorted(Path(__file__).parent.glob("*.py")):
+        h.update(f.name.encode() + b"\n" + f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def rank_slice(n: int, env: DistEnv) -> List[int]:
+    """This rank's items of n (r, r + W, …); n must split evenly (FSDP2's forwards are collectives)."""
+    if n % env.world_size:
+        raise ValueError(f"{n} items do not split over {env.world_size} ranks")
+    return list(range(env.rank, n, env.world_size))
+
+
+def all_gather_rows(local: torch.Tensor, env: DistEnv) -> torch.Tensor:
+    """[n/W, ...] on each rank → [n, ...] in item order (rank r held items r, r + W, …)."""
+    parts = [torch.empty_like(local) for _ in range(env.world_size)]
+    dist.all_gather(parts, local.contiguous())
+    return torch.stack(parts, dim=1).flatten(0, 1)  # interleave back: item i = parts[i % W][i // W]
+
+
+def paired_gain(before: Dict[str, float], after: Dict[str, float]) -> dict:
+    """Per-prompt differences after − before (same prompts, same seeds): mean, std, how many rose."""
+    d = torch.tensor([after[k] - before[k] for k in before], dtype=torch.float64)
+    return {"reward_gain_per_prompt_std": d.std(unbiased=False).item() if d.numel() > 1 else 0.0,
+            "prompts_improved": int((d > 0).sum()), "prompts": int(d.numel())}
+
+
+class RLTrainer:
+    def __init__(self, cfg: Config, env: DistEnv):
+        self.cfg, self.rl, self.env = cfg, cfg.rl, env
+        self.device = env.device
+        self.patch = tuple(cfg.dit.patch_size)
+        self.log = print if env.is_main else (lambda *a, **k: None)
+        n = self.rl.prompts_per_step * self.rl.samples_per_prompt
+        if n % env.world_size:
+            raise ValueError(f"rl: prompts_per_step × samples_per_prompt = {n} samples per step do not split over "
+                             f"{env.world_size} ranks")
+
+    # -- set-up -------------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        from loomcore.models.codec import load_codec
+        from loomcore.models.dit import LoomDiT
+        from loomcore.models.release import TEXT_PATH_PREFIX
+
+        cfg, rl, env = self.cfg, self.rl, self.env
+        if env.local_rank == 0:
+            gpus = 0 if self.device.type == "cpu" else max(1, rl.gpus_per_node)
+            print(telemetry.preflight(gpus, cfg.train.preflight_min_free_gib, cfg.train.preflight_gpu_name), flush=True)
+        prev = stage_out_dir(cfg, rl.init_from)
+        if not (prev / "summary.json").is_file():
+            raise FileNotFoundError(f"rl.init_from = {rl.init_from}: {prev / 'summary.json'} is missing "
+                                    f"(run {rl.init_from} first)")
+        self.init_path = prev / "model"
+        held = json.loads((prev / "summary.json").read_text())["model_weights"]
+        self.init_desc = f"{rl.init_from}'s {held} weights ({self.init_path})"
+        run_dir = None
+        if env.is_main:
+            cache = Path(cfg.paths.cache)
+            inputs = inputs_fingerprint([self.init_path, cache / "index.parquet", cache / "cache.json"])
+            # only the same params, inputs and code resume a run (as for the training stages)
+            code = f"{code_fingerprint()}-{_rl_code_fingerprint()}"
+            key = run_key(cfg.fingerprint(*SHARED_SECTIONS, "rl"), f"{inputs}-{code}")
+            run_dir = Path(cfg.paths.runs) / STAGE / key
+        self.run_dir = Path(broadcast_object(str(run_dir) if run_dir else None))
+
+        def load(trainable: bool):
+            model = LoomDiT.from_pretrained(str(self.init_path), torch_dtype=torch.float32)
+            model.set_attention_backend(cfg.train.attention_backend)
+            model.train(trainable).requires_grad_(trainable)
+            if trainable:  # Wan's T5 text projection never runs on the Deepstack path (as in the stage trainer)
+                for name, p in model.named_parameters():
+                    if name.startswith(TEXT_PATH_PREFIX):
+                        p.requires_grad_(False)
+            return parallelize(model, env, activation_checkpointing=trainable and cfg.dit.gradient_checkpointing,
+                               compile=cfg.train.compile)
+
+        self.policy, self.old, self.ref = load(True), load(False), load(False)
+        self.use_source = self.policy.config.use_source_embedding
+        self.optimizer = build_optimizer([p for p in self.policy.parameters() if p.requires_grad], rl.optimizer)
+        self.scheduler = build_scheduler(self.optimizer, SchedulerConfig("constant_with_warmup", 0))
+        self.counters = _Counters()
+        self.reward = build_reward(cfg, device=self.device)
+        self.codec = load_codec(cfg.models.codec, cfg.models.vae).to(self.device)
+        self.train_prompts = load_prompts(cfg.paths.cache, "train", rl.resolution, rl.tasks)
+        self.eval_prompts = load_prompts(cfg.paths.cache, "eval", rl.resolution, rl.tasks, rl.eval_prompts)
+        self.sample_times = sampling_timesteps(rl.sample_steps, cfg.guidance.flow_shift)
+        self.eval_times = sampling_timesteps(rl.eval_steps, cfg.guidance.flow_shift)
+        pieces = {"model": ModelState(self.policy), "old": ModelState(self.old),
+                  "optimizer": OptimizerState(self.policy, self.optimizer), "scheduler": self.scheduler,
+                  "counters": self.counters}
+        self.checkpointer = Checkpointer(self.run_dir, rl.keep_last, rl.checkpoint_every, env, pieces)
+
+    # -- sampling and scoring -----------------------------------------------------------------
+
+    def _generate(self, model, prompts: Sequence[Prompt], seeds: Sequence[int], times: torch.Tensor):
+        """Clean tokens per sample and rewards [n] for this rank's (prompt, seed) items."""
+        rl = self.rl
+        tokens, rewards = [], []
+        for i in range(0, len(prompts), rl.micro_batch):
+            chunk = list(prompts[i:i + rl.micro_batch])
+            pack = pack_conditions(chunk, self.patch, self.use_source)
+            noise = prompt_noise(seeds[i:i + rl.micro_batch], chunk, self.patch)
+            x = sample_pack(model, pack, noise, times, self.cfg.flow.timestep_scale, self.device)
+            videos = decode_videos(self.codec, x, pack.layout, self.patch)
+            rewards.append(self.reward(videos, [p.text for p in chunk], [p.metadata for p in chunk]).float())
+            tokens += [t.cpu() for t in x.split(list(pack.layout.target_lengths))]
+        return tokens, torch.cat(rewards)
+
+    def rollout(self, step: int):
+        """Step `step`'s G prompts × K samples: this rank's items, their clean tokens, every item's
+        prompt group and reward (all ranks)."""
+        rl, cfg = self.rl, self.cfg
+        g = torch.Generator().manual_seed(item_seed(cfg.seed, "rl-prompts", step))
+        chosen = torch.randperm(len(self.train_prompts), generator=g)[: rl.prompts_per_step].tolist()
+        items = [(self.train_prompts[i], group) for group, i in enumerate(chosen) for _ in range(rl.samples_per_prompt)]
+        mine = rank_slice(len(items), self.env)
+        seeds = [item_seed(cfg.seed, "rl-rollout", step, i) for i in mine]
+        tokens, local = self._generate(self.old, [items[i][0] for i in mine], seeds, self.sample_times)
+        rewards = all_gather_rows(local.to(self.device), self.env).cpu()
+        groups = torch.tensor([grp for _, grp in items])
+        return items, mine, tokens, rewards, groups
+
+    @torch.no_grad()
+    def evaluate(self, model) -> dict:
+        """The held-out reward: every eval prompt × `eval_samples_per_prompt` seeds (the same for
+        any model), `rl.eval_steps` Euler steps. Per-prompt means, then their mean and std."""
+        rl, env = self.rl, self.env
+        items = [(p, j) for p in self.eval_prompts for j in range(rl.eval_samples_per_prompt)]
+        pad = (-len(items)) % env.world_size  # equal work per rank; padded items are dropped
+        padded = items + items[:pad]
+        mine = rank_slice(len(padded), env)
+        seeds = [item_seed(self.cfg.seed, "rl-eval", padded[i][0].id, padded[i][1]) for i in mine]
+        _, local = self._generate(model, [padded[i][0] for i in mine], seeds, self.eval_times)
+        rewards = all_gather_rows(local.to(self.device), env).cpu()[: len(items)]
+        per_prompt = rewards.view(len(self.eval_prompts), rl.eval_samples_per_prompt).double().mean(1)
+        return {"mean": per_prompt.mean().item(), "std": per_prompt.std(unbiased=False).item(),
+                "sample_std": rewards.double().std(unbiased=False).item(),
+                "per_prompt": {p.id: round(v, 6) for p, v in zip(self.eval_prompts, per_prompt.tolist())}}
+
+    # -- one RL step --------------------------------------------------------------------------
+
+    def _train_timesteps(self, step: int, item: int) -> torch.Tensor:
+        rl = self.rl
+        g = torch.Generator().manual_seed(item_seed(self.cfg.seed, "rl-t", step, item))
+        if rl.t_distribution == "discrete":
+            return nft.discrete_train_timesteps(self.sample_times, rl.train_timesteps, rl.t_range, g)
+        return nft.continuous_train_timesteps(rl.train_timesteps, rl.t_range, g, rl.t_distribution, rl.t_shift,
+                                              self.cfg.flow.logit_normal_mean, self.cfg.flow.logit_normal_std)
+
+    def _backward_batch(self, step: int, items, mine, tokens, r_all, batch: List[int], denom: int,
+                        with_ref: bool, last: bool) -> torch.Tensor:
+        """NFT loss and backward (scaled by 1/denom) of one micro-batch of this rank's samples at
+        each of their training times. Returns the sums [policy loss, unweighted loss, L⁺, L⁻,
+        (v_θ − v_old)², count, KL proxy, KL count] over (sample, time) (float64, on the device)."""
+        rl, cfg = self.rl, self.cfg
+        prompts = [items[mine[j]][0] for j in batch]
+        pack = pack_conditions(prompts, self.patch, self.use_source).to(self.device)
+        x0 = torch.cat([tokens[j] for j in batch]).to(self.device)
+        r = r_all[[mine[j] for j in batch]].to(self.device)
+        times = torch.stack([self._train_timesteps(step, mine[j]) for j in batch], dim=1)  # [T, S]
+        sums = torch.zeros(8, dtype=torch.float64, device=self.device)
+        for k in range(rl.train_timesteps):
+            t = times[k].to(self.device)
+            noise = torch.cat([torch.randn(tokens[j].shape, generator=torch.Generator().manual_seed(
+                item_seed(cfg.seed, "rl-noise", step, mine[j], k))) for j in batch]).to(self.device)
+            z_t = add_noise(x0, noise, t[pack.sample_index], cfg.flow.sigma_min)  # the forward process
+            timestep = timestep_input(t, cfg.flow.timestep_scale)
+            with torch.no_grad():
+                v_old = velocity(self.old, pack, z_t, timestep).float()
+                v_ref = velocity(self.ref, pack, z_t, timestep).float() if with_ref else None
+            v_theta = velocity(self.policy, pack, z_t, timestep).float()
+            out = nft.nft_loss(v_theta, v_old, z_t, x0, t, r, pack.sample_index, beta=rl.beta,
+                               adv_clip_max=rl.adv_clip_max, sigma_min=cfg.flow.sigma_min, v_ref=v_ref,
+                               kl_weight=rl.kl_weight, reduce="sum")
+            set_gradient_sync(self.policy, last and k == rl.train_timesteps - 1)
+            (out.loss / denom).backward()
+            with torch.no_grad():  # device tensors only: no host sync per micro-batch on a GPU
+                deviation = nft.per_sample_mean((v_theta - v_old).double().pow(2), pack.sample_index, len(batch))
+                count = torch.tensor(float(len(batch)), dtype=torch.float64, device=self.device)
+                kl = (out.kl.double().sum(), count) if out.kl is not None else (count * 0, count * 0)
+                sums += torch.stack([out.policy_loss.double(), out.per_sample.double().sum(),
+                                     out.positive.double().sum(), out.negative.double().sum(), deviation.sum(),
+                                     count, *kl]).detach()
+        return sums
+
+    def train_step(self, step: int) -> dict:
+        rl = self.rl
+        t0 = time.perf_counter()
+        items, mine, tokens, rewards, groups = self.rollout(step)
+        t_rollout = time.perf_counter() - t0
+        adv = nft.group_advantages(rewards, groups, rl.global_std)
+        r_all = nft.optimality_probability(adv, rl.adv_clip_max).float()
+        sums = torch.zeros(8, dtype=torch.float64, device=self.device)
+        grad_norms = []
+        log_step = step % rl.log_every == 0 or step == rl.steps
+        local = list(range(len(mine)))  # this rank's samples, split over the step's optimizer steps
+        for c, chunk in enumerate(local[k::rl.gradient_steps] for k in range(rl.gradient_steps)):
+            denom = len(chunk) * rl.train_timesteps  # the references' mean over samples and times
+            batches = [chunk[i:i + rl.micro_batch] for i in range(0, len(chunk), rl.micro_batch)]
+            for b, batch in enumerate(batches):
+                # the reference runs for the KL term, or once per logged step for the KL proxy
+                with_ref = rl.kl_weight > 0 or (log_step and c == 0 and b == 0)
+                sums += self._backward_batch(step, items, mine, tokens, r_all, batch, denom, with_ref,
+                                             last=b == len(batches) - 1)
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), rl.grad_clip)
+            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+            if not torch.isfinite(grad_norm):
+                raise FloatingPointError(f"rl step {step}: non-finite gradient norm ({float(grad_norm)})")
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scheduler.step()
+            self.counters.optimizer_steps += 1
+            grad_norms.append(float(grad_norm))
+        decay = nft.old_policy_decay(self.counters.optimizer_steps, rl.old_policy.flat_steps,
+                                     rl.old_policy.ramp_rate, rl.old_policy.max_decay)
+        nft.update_old_policy(self.old.parameters(), self.policy.parameters(), decay)
+        dist.all_reduce(sums)
+        self.counters.samples += len(items)
+        s = sums.tolist()
+        n = s[5]
+        zero_std = sum(1 for grp in torch.unique(groups) if float(rewards[groups == grp].std(unbiased=False)) == 0.0)
+        row = {
+            "step": step, "reward_mean": rewards.mean().item(), "reward_std": rewards.std(unbiased=False).item(),
+            "policy_loss": s[0] / n, "unweighted_policy_loss": s[1] / n, "positive_loss": s[2] / n,
+            "negative_loss": s[3] / n, "old_deviation": s[4] / n, "kl_proxy": s[6] / s[7] if s[7] else None,
+            "adv_abs_mean": adv.abs().mean().item(), "zero_std_ratio": zero_std / rl.prompts_per_step,
+            "grad_norm": sum(grad_norms) / len(grad_norms), "lr": self.scheduler.get_last_lr()[0],
+            "old_policy_decay": decay, "seconds": time.perf_counter() - t0, "rollout_seconds": t_rollout,
+        }
+        return row
+
+    # -- the loop -----------------------------------------------------------------------------
+
+    def run(self) -> dict:
+        rl, env = self.rl, self.env
+        t_start = time.perf_counter()
+        resumed = self.checkpointer.resume()
+        start = 0
+        if resumed is not None:
+            start = resumed["step"]
+            self.log(f"resumed from {resumed['path']} (step {start})")
+        self.runlog = RunLog(self.run_dir, start) if env.is_main else None
+        self.log(f"rl: steps {start + 1}..{rl.steps}, {rl.prompts_per_step} prompts × {rl.samples_per_prompt} samples "
+                 f"per step over {env.world_size} rank(s) on {self.device}; reward {rl.reward}; "
+                 f"init: {self.init_desc}; "
+                 f"{len(self.train_prompts)} train / {len(self.eval_prompts)} held-out prompts; run dir {self.run_dir}")
+        for step in range(start + 1, rl.steps + 1):
+            row = self.train_step(step)
+            if self.runlog is not None:
+                self.runlog.write_steps([row])
+                if step % rl.log_every == 0 or step == rl.steps:
+                    self.runlog.log_metrics(step, {
+                        "reward/mean": row["reward_mean"], "reward/std": row["reward_std"],
+                        "loss/policy": row["policy_loss"], "loss/unweighted": row["unweighted_policy_loss"],
+                        "loss/positive": row["positive_loss"], "loss/negative": row["negative_loss"],
+                        "kl_proxy/stage_ref": row["kl_proxy"], "old_policy/deviation": row["old_deviation"],
+                        "old_policy/decay": row["old_policy_decay"], "advantage/abs_mean": row["adv_abs_mean"],
+                        "advantage/zero_std_ratio": row["zero_std_ratio"], "grad_norm": row["grad_norm"],
+                        "lr": row["lr"],
+                        "throughput/samples_per_s": rl.prompts_per_step * rl.samples_per_prompt / row["seconds"],
+                    })
+                    kl = f" kl {row['kl_proxy']:.3g}" if row["kl_proxy"] is not None else ""
+                    self.log(f"step {step}/{rl.steps} reward {row['reward_mean']:.4f}±{row['reward_std']:.4f} "
+                             f"loss {row['policy_loss']:.4f}{kl} decay {row['old_policy_decay']:.3f} "
+                             f"{row['seconds']:.1f}s", flush=True)
+                    self.log(f"[progress] {step}/{rl.steps}", flush=True)
+            if self.checkpointer.should_save(step) or step == rl.steps:
+                path = self.checkpointer.save(step, {})
+                if path is not None:
+                    self.log(f"checkpoint {path}")
+        self.train_wall = time.perf_counter() - t_start
+        before = self.evaluate(self.ref)
+        after = self.evaluate(self.policy)
+        self.log(f"held-out reward ({len(self.eval_prompts)} prompts × {rl.eval_samples_per_prompt} seeds): "
+                 f"{rl.init_from} {before['mean']:.4f} ± {before['std']:.4f} → "
+                 f"rl {after['mean']:.4f} ± {after['std']:.4f}")
+        return self._finish(start, before, after, time.perf_counter() - t_start)
+
+    def _finish(self, start: int, before: dict, after: dict, wall: float) -> dict:
+        state = ModelState(self.policy).state_dict()  # a collective
+        summary = None
+        if self.env.is_main:
+            self.runlog.close()
+            rows = read_steps(self.runlog.steps_path)
+            rl = self.rl
+            first = rows[: max(1, len(rows) // 10)]
+            last = rows[-max(1, len(rows) // 10):]
+            summary = {
+                "stage": STAGE, "steps": rl.steps, "reward": rl.reward, "init_weights": self.init_desc,
+                "model_weights": "policy", "resumed_from_step": start, "run_dir": str(self.run_dir),
+                "world_size": self.env.world_size, "optimizer_steps": self.counters.optimizer_steps,
+                "samples_seen": self.counters.samples,
+                "heldout": {"prompts": len(self.eval_prompts), "samples_per_prompt": rl.eval_samples_per_prompt,
+                            "sampler_steps": rl.eval_steps, "tasks": list(rl.tasks),
+                            "before": {"model": rl.init_from, **before}, "after": {"model": "rl", **after}},
+                "reward_before_mean": before["mean"], "reward_before_std": before["std"],
+                "reward_after_mean": after["mean"], "reward_after_std": after["std"],
+                "reward_gain": after["mean"] - before["mean"],
+                **paired_gain(before["per_prompt"], after["per_prompt"]),
+                "train_reward_first_10pct": sum(r["reward_mean"] for r in first) / len(first) if rows else None,
+                "train_reward_last_10pct": sum(r["reward_mean"] for r in last) / len(last) if rows else None,
+                "wall_seconds_this_run": round(wall, 3),
+            }
+            out = stage_out_dir(self.cfg, STAGE)
+            out.mkdir(parents=True, exist_ok=True)
+            write_weights(out, "model", dict(self.policy.config), state)
+            shutil.rmtree(out / "plots", ignore_errors=True)
+            shutil.copytree(self.runlog.plots_dir, out / "plots")
+            (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            numbers = {k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            (out / "metrics.json").write_text(json.dumps(numbers, indent=2) + "\n")
+            self.log(f"rl done: outs in {out}")
+        return broadcast_object(summary)
+
+
+def train_rl(cfg: Config) -> dict:
+    """Run the RL stage in this process (one rank of torchrun, or a 1-rank group of its own)."""
+    rl = cfg.rl
+    threads = torch.get_num_threads()
+    if rl.gpus_per_node == 0 and cfg.train.cpu_threads:
+        torch.set_num_threads(cfg.train.cpu_threads)
+    env = init_distributed(use_gpu=rl.gpus_per_node > 0)
+    try:
+        trainer = RLTrainer(cfg, env)
+        trainer.setup()
+        return trainer.run()
+    finally:
+        destroy_distributed()
+        torch.set_num_threads(threads)
