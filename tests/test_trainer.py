@@ -481,7 +481,8 @@ def test_dvc_sees_a_stage3_ratio_as_a_stage3_change_only(tmp_path):
     stages = yaml.safe_load((tmp_path / "dvc.yaml").read_text())["stages"]
     subst = {"${paths.models}": params["paths"]["models"], "${paths.cache}": params["paths"]["cache"],
              "${paths.data_root}": params["paths"]["data_root"], "${paths.manifests}": params["paths"]["manifests"],
-             "${train.out_dir}": params["train"]["out_dir"], "${profile}": params["profile"]}
+             "${train.out_dir}": params["train"]["out_dir"], "${profile}": params["profile"],
+             "${eval.out_dir}": params["eval"]["out_dir"], "${export.out_dir}": params["export"]["out_dir"]}
     for stage in stages.values():  # stand-ins for every dep and out that is not in the copy
         for entry in stage.get("deps", []) + stage.get("outs", []) + stage.get("metrics", []) + stage.get("plots", []):
             path = next(iter(entry)) if isinstance(entry, dict) else entry
