@@ -144,12 +144,16 @@ def materialize(uri: str | os.PathLike, cache_dir: Optional[Path] = None,
     return cache_root / prefix.rstrip("/") if prefix.strip("/") else cache_root
 
 
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
+def file_digest(path: Path, algorithm: str = "sha256", chunk: int = 1 << 20) -> str:
+    h = hashlib.new(algorithm)
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(chunk), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    return file_digest(path, "sha256", chunk)
 
 
 def upload_dir(local: Path, uri: str, settings: Optional[S3Settings] = None) -> int:

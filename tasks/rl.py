@@ -11,29 +11,18 @@ Command (from `rl.nodes`, `rl.gpus_per_node`):
 from __future__ import annotations
 
 import json
-import os
-import shlex
 import sys
-from pathlib import Path
 from typing import List, Sequence
 
 from prefect import task
 
-from tasks.common import NO_CACHE, Progress, load_stage_config, logger
-from tasks.proc import SubprocessFailed, run_streaming
-from tasks.train import KILL_GRACE_S, PROGRESS_RE
+from tasks.common import NO_CACHE, load_stage_config
+from tasks.train import launch_torchrun, torchrun_launcher
 
 
 def rl_torchrun_command(cfg, overrides: Sequence[str], python: str = sys.executable) -> List[str]:
-    rl = cfg.rl
-    torchrun = Path(python).with_name("torchrun")
-    launcher = [str(torchrun)] if torchrun.is_file() else [python, "-m", "torch.distributed.run"]
-    cmd = [*launcher, "--nnodes", str(rl.nodes), "--nproc-per-node", str(max(1, rl.gpus_per_node))]
-    if rl.nodes == 1:
-        cmd.append("--standalone")
-    else:
-        cmd += ["--rdzv-backend", "c10d", "--rdzv-endpoint", cfg.train.rdzv_endpoint,
-                "--rdzv-id", f"loomvideo-rl-{cfg.fingerprint('rl')}"]
+    cmd = torchrun_launcher(cfg.rl.nodes, cfg.rl.gpus_per_node, cfg.train.rdzv_endpoint,
+                            f"loomvideo-rl-{cfg.fingerprint('rl')}", python)
     return cmd + ["-m", "loomcore.rl", "--profile", cfg.profile, *overrides]
 
 
@@ -43,21 +32,5 @@ def rl_task(profile: str | None = None, overrides: Sequence[str] = ()) -> dict:
     from loomcore.train.stage_io import stage_out_dir
 
     cfg = load_stage_config(profile, overrides)
-    log = logger()
-    cmd = rl_torchrun_command(cfg, list(overrides))
-    log.info("launching %s", shlex.join(cmd))
-    progress = Progress("rl: steps")
-
-    def on_line(line: str) -> None:
-        m = PROGRESS_RE.search(line)
-        if m:
-            progress(int(m.group(1)), int(m.group(2)))
-        elif line.strip():
-            log.info(line)
-
-    try:
-        run_streaming(cmd, log=on_line, timeout=cfg.train.timeout_hours * 3600, grace=KILL_GRACE_S,
-                      env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    except SubprocessFailed as e:
-        raise RuntimeError(f"rl: {e}") from None
+    launch_torchrun(cfg, rl_torchrun_command(cfg, list(overrides)), "rl", "rl: steps")
     return json.loads((stage_out_dir(cfg, "rl") / "summary.json").read_text())

@@ -32,29 +32,31 @@ PROGRESS_RE = re.compile(r"\[progress\] (\d+)/(\d+)")
 KILL_GRACE_S = 30.0
 
 
-def torchrun_command(cfg, stage: str, overrides: Sequence[str], python: str = sys.executable) -> List[str]:
-    s = cfg.stage(stage)
+def torchrun_launcher(nodes: int, gpus_per_node: int, rdzv_endpoint: str, rdzv_id: str,
+                      python: str = sys.executable) -> List[str]:
+    """`torchrun --nnodes N --nproc-per-node G [--standalone | c10d rendezvous]` (G = 1 CPU
+    process when gpus_per_node is 0); the caller appends `-m module …`."""
     torchrun = Path(python).with_name("torchrun")
     launcher = [str(torchrun)] if torchrun.is_file() else [python, "-m", "torch.distributed.run"]
-    cmd = [*launcher, "--nnodes", str(s.nodes), "--nproc-per-node", str(max(1, s.gpus_per_node))]
-    if s.nodes == 1:
-        cmd.append("--standalone")  # a private rendezvous on a free local port
-    else:
-        cmd += ["--rdzv-backend", "c10d", "--rdzv-endpoint", cfg.train.rdzv_endpoint,
-                "--rdzv-id", f"loomvideo-{stage}-{cfg.fingerprint(stage)}"]
+    cmd = [*launcher, "--nnodes", str(nodes), "--nproc-per-node", str(max(1, gpus_per_node))]
+    if nodes == 1:
+        return cmd + ["--standalone"]  # a private rendezvous on a free local port
+    return cmd + ["--rdzv-backend", "c10d", "--rdzv-endpoint", rdzv_endpoint, "--rdzv-id", rdzv_id]
+
+
+def torchrun_command(cfg, stage: str, overrides: Sequence[str], python: str = sys.executable) -> List[str]:
+    s = cfg.stage(stage)
+    cmd = torchrun_launcher(s.nodes, s.gpus_per_node, cfg.train.rdzv_endpoint,
+                            f"loomvideo-{stage}-{cfg.fingerprint(stage)}", python)
     return cmd + ["-m", "loomcore.train", "--stage", stage, "--profile", cfg.profile, *overrides]
 
 
-@task(name="train-stage", cache_policy=NO_CACHE)
-def train_stage_task(stage: str, profile: Optional[str] = None, overrides: Sequence[str] = ()) -> dict:
-    """Run one training stage under torchrun; returns the stage's summary.json."""
-    from loomcore.train.trainer import stage_out_dir
-
-    cfg = load_stage_config(profile, overrides)
+def launch_torchrun(cfg, cmd: Sequence[str], what: str, progress_description: str) -> None:
+    """Run a torchrun command in its own process group under `train.timeout_hours`, its lines
+    streamed to the run log and `[progress] s/t` lines to a progress artifact."""
     log = logger()
-    cmd = torchrun_command(cfg, stage, list(overrides))
     log.info("launching %s", shlex.join(cmd))
-    progress = Progress(f"{stage}: optimizer steps")
+    progress = Progress(progress_description)
 
     def on_line(line: str) -> None:
         m = PROGRESS_RE.search(line)
@@ -67,6 +69,15 @@ def train_stage_task(stage: str, profile: Optional[str] = None, overrides: Seque
         run_streaming(cmd, log=on_line, timeout=cfg.train.timeout_hours * 3600, grace=KILL_GRACE_S,
                       env={**os.environ, "PYTHONUNBUFFERED": "1"})
     except SubprocessFailed as e:
-        raise RuntimeError(f"{stage}: {e}") from None
+        raise RuntimeError(f"{what}: {e}") from None
+
+
+@task(name="train-stage", cache_policy=NO_CACHE)
+def train_stage_task(stage: str, profile: Optional[str] = None, overrides: Sequence[str] = ()) -> dict:
+    """Run one training stage under torchrun; returns the stage's summary.json."""
+    from loomcore.train.trainer import stage_out_dir
+
+    cfg = load_stage_config(profile, overrides)
+    launch_torchrun(cfg, torchrun_command(cfg, stage, list(overrides)), stage, f"{stage}: optimizer steps")
     summary = stage_out_dir(cfg, stage) / "summary.json"
     return json.loads(summary.read_text())

@@ -22,6 +22,7 @@ from typing import Dict, Optional
 import yaml
 
 from loomcore.config import REPO_ROOT
+from loomcore.storage import file_digest
 
 EXPORT_STAGE = "export"  # this stage's own entry in dvc.lock is not lineage
 DATA_STAGE = "curate"  # its outs are the data manifests
@@ -44,12 +45,8 @@ def git_state(repo: Path = REPO_ROOT) -> Dict[str, object]:
     return {"commit": commit, "short": short, "dirty": dirty}
 
 
-def md5_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
+def md5_file(path: Path) -> str:
+    return file_digest(path, "md5")
 
 
 def dvc_md5(path: Path) -> str:
