@@ -175,3 +175,61 @@ def tiny_workspace(tmp_path_factory):
     init_models(cfg)
     curate(cfg, "synthetic", root / "raw", root / "manifests", progress=False)
     return cfg, overrides
+
+
+@pytest.fixture()
+def one_cpu_thread():
+    """One intra-op thread: tiny ops gain nothing from more, and spinning threads crawl on shared cores."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture()
+def dvc_standin_repo(tmp_path):
+    """A copy of the project's DVC definition (dvc.yaml, params, code) with tiny stand-in files for
+    every dep and out, recorded with `dvc commit`; returns `status()` -> `dvc status --json`.
+    `${…}` in dvc.yaml resolve against params.yaml, as DVC's own templating does."""
+    import json
+    import re
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    repo_root = Path(__file__).resolve().parent.parent
+    dvc = str(Path(sys.executable).parent / "dvc")
+    for name in ("dvc.yaml", "params.yaml", "conf", "flows", "tasks", "loomcore"):
+        src = repo_root / name
+        if src.is_dir():
+            shutil.copytree(src, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(src, tmp_path / name)
+    subprocess.run([dvc, "init", "--no-scm", "-q"], cwd=tmp_path, check=True)
+    params = yaml.safe_load((tmp_path / "params.yaml").read_text())
+
+    def lookup(match):
+        node = params
+        for part in match.group(1).split("."):
+            node = node[part]
+        return str(node)
+
+    for stage in yaml.safe_load((tmp_path / "dvc.yaml").read_text())["stages"].values():
+        for entry in stage.get("deps", []) + stage.get("outs", []) + stage.get("metrics", []) + stage.get("plots", []):
+            path = re.sub(r"\$\{([\w.]+)\}", lookup, next(iter(entry)) if isinstance(entry, dict) else entry)
+            p = tmp_path / path
+            if not p.exists():
+                p.parent.mkdir(parents=True, exist_ok=True)
+                if p.suffix:
+                    p.write_text("{}" if p.suffix == ".json" else "x")
+                else:
+                    p.mkdir()
+                    (p / "stand-in.txt").write_text("x")
+    subprocess.run([dvc, "commit", "-f", "-q"], cwd=tmp_path, check=True, capture_output=True)
+    return lambda: json.loads(subprocess.run([dvc, "status", "--json"], cwd=tmp_path, check=True,
+                                             capture_output=True, text=True).stdout)

@@ -15,13 +15,7 @@ from loomcore.eval.metrics import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_cpu_thread():
-    """One intra-op thread: tiny ops gain nothing from more, and spinning threads crawl on shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 @pytest.fixture(scope="module")
 def backbones(tmp_path_factory):

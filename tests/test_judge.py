@@ -13,7 +13,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
-import torch
 
 from loomcore.eval.judge import (
     ENV_API_KEY, ENV_BASE_URL, ENV_MODEL, JudgeMedia, JudgeRequestError, JudgeTimeout, OpenAICompatibleJudge,
@@ -25,13 +24,7 @@ DIMS = ("Prompt Compliance", "Temporal & Visual Coherence", "Physical & Detail C
 EXPECTED = dict(zip(DIMS, (4.0, 3.0, 5.0)))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_cpu_thread():
-    """One intra-op thread: tiny ops gain nothing from more, and spinning threads crawl on shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 # --------------------------------------------------------------------------------------------
 # parsing

@@ -16,9 +16,7 @@ from loomcore.data.packing import BufferedPacker, Item, cu_seqlens, utilisation
 
 def _write_cache(root, n_per_task=12, shard_size=16, seed=0):
     g = torch.Generator().manual_seed(seed)
-    rows, names = [], []
-    all_rows = []
-    i = 0
+    names, all_rows = [], []
     for task in TASK_KINDS:
         for j in range(n_per_task):
             f = 1 if task.endswith(("2i", "image_recon")) else 3
@@ -37,7 +35,6 @@ def _write_cache(root, n_per_task=12, shard_size=16, seed=0):
             all_rows.append((tensors, dict(id=sid, task=task, caption=f"caption {sid}", split="train", resolution="256p",
                                            num_refs=num_refs, tokens=dit + ctx.shape[1], dit_tokens=dit,
                                            context_tokens=ctx.shape[1], bytes=0, tensors=shards.tensors_json(entries))))
-            i += 1
     for s in range(0, len(all_rows), shard_size):
         chunk = all_rows[s:s + shard_size]
         name = f"train-256p-{s // shard_size:05d}.safetensors"

@@ -221,49 +221,17 @@ def test_overrides_run_as_one_dvc_experiment(prefect_api, tmp_path):
     assert len(exps.stdout.split()) == 2  # the forced curate, then the DAG
 
 
-def test_a_rope_offset_change_is_a_change_of_the_training_stages_only(tmp_path):
+def test_a_rope_offset_change_is_a_change_of_the_training_stages_only(tmp_path, dvc_standin_repo):
     """`dvc status` on the real dvc.yaml (stand-ins for data and weights, recorded with `dvc
     commit`): rope.ref_offset is read by exactly the stages that list `rope` — stages 1–3 — and by
     no data stage (base_models, curate, cache)."""
-    for name in ("dvc.yaml", "params.yaml", "conf", "flows", "tasks", "loomcore"):
-        src = REPO / name
-        if src.is_dir():
-            shutil.copytree(src, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy(src, tmp_path / name)
-    subprocess.run([DVC, "init", "--no-scm", "-q"], cwd=tmp_path, check=True)
-    params = yaml.safe_load((tmp_path / "params.yaml").read_text())
-    stages = yaml.safe_load((tmp_path / "dvc.yaml").read_text())["stages"]
-    subst = {"${paths.models}": params["paths"]["models"], "${paths.cache}": params["paths"]["cache"],
-             "${paths.data_root}": params["paths"]["data_root"], "${paths.manifests}": params["paths"]["manifests"],
-             "${train.out_dir}": params["train"]["out_dir"], "${profile}": params["profile"]}
-    for k, v in params.get("eval", {}).items():
-        if isinstance(v, str):
-            subst[f"${{eval.{k}}}"] = v
-    for k, v in params.get("export", {}).items():
-        if isinstance(v, str):
-            subst[f"${{export.{k}}}"] = v
-    for stage in stages.values():  # stand-ins for every dep and out that is not in the copy
-        for entry in stage.get("deps", []) + stage.get("outs", []) + stage.get("metrics", []) + stage.get("plots", []):
-            path = next(iter(entry)) if isinstance(entry, dict) else entry
-            for k, v in subst.items():
-                path = path.replace(k, v)
-            p = tmp_path / path
-            if not p.exists():
-                p.parent.mkdir(parents=True, exist_ok=True)
-                if p.suffix:
-                    p.write_text("{}" if p.suffix == ".json" else "x")
-                else:
-                    p.mkdir()
-                    (p / "stand-in.txt").write_text("x")
-    subprocess.run([DVC, "commit", "-f", "-q"], cwd=tmp_path, check=True, capture_output=True)
-    status = lambda: json.loads(subprocess.run([DVC, "status", "--json"], cwd=tmp_path, check=True,  # noqa: E731
-                                               capture_output=True, text=True).stdout)
+    status = dvc_standin_repo
     assert status() == {}
     text = (tmp_path / "params.yaml").read_text()
     assert "  ref_offset: 10 " in text
     (tmp_path / "params.yaml").write_text(text.replace("  ref_offset: 10 ", "  ref_offset: 7 "))
     changed = set(status())
+    stages = yaml.safe_load((tmp_path / "dvc.yaml").read_text())["stages"]
     listing_rope = {name for name, s in stages.items()
                     if any(p == "rope" or str(p).startswith("rope.") for p in s.get("params", []))}
     assert changed == listing_rope

@@ -465,40 +465,12 @@ def test_cancelling_the_stage_flow_kills_torchrun_and_its_ranks(ws):
             pass
 
 
-def test_dvc_sees_a_stage3_ratio_as_a_stage3_change_only(tmp_path):
+def test_dvc_sees_a_stage3_ratio_as_a_stage3_change_only(tmp_path, dvc_standin_repo):
     """`dvc status` in a copy of the project (stand-in files for data and weights, recorded with
     `dvc commit`): editing stage3.sampling must leave stages 1 and 2 up to date. (The cache stage
     lists stageN.sampling too — which task kinds it encodes — and shows as changed; its output is
     the same when the set of non-zero kinds is, so a rerun leaves stages 1–2 untouched.)"""
-    import yaml
-
-    dvc = str(BIN / "dvc")
-    for name in ("dvc.yaml", "params.yaml", "conf", "flows", "tasks", "loomcore"):
-        src = REPO / name
-        (shutil.copytree if src.is_dir() else shutil.copy)(src, tmp_path / name)
-    subprocess.run([dvc, "init", "--no-scm", "-q"], cwd=tmp_path, check=True)
-    params = yaml.safe_load((tmp_path / "params.yaml").read_text())
-    stages = yaml.safe_load((tmp_path / "dvc.yaml").read_text())["stages"]
-    subst = {"${paths.models}": params["paths"]["models"], "${paths.cache}": params["paths"]["cache"],
-             "${paths.data_root}": params["paths"]["data_root"], "${paths.manifests}": params["paths"]["manifests"],
-             "${train.out_dir}": params["train"]["out_dir"], "${profile}": params["profile"],
-             "${eval.out_dir}": params["eval"]["out_dir"], "${export.out_dir}": params["export"]["out_dir"]}
-    for stage in stages.values():  # stand-ins for every dep and out that is not in the copy
-        for entry in stage.get("deps", []) + stage.get("outs", []) + stage.get("metrics", []) + stage.get("plots", []):
-            path = next(iter(entry)) if isinstance(entry, dict) else entry
-            for k, v in subst.items():
-                path = path.replace(k, v)
-            p = tmp_path / path
-            if not p.exists():
-                if p.suffix:
-                    p.parent.mkdir(parents=True, exist_ok=True)
-                    p.write_text("{}" if p.suffix == ".json" else "x")
-                else:
-                    p.mkdir(parents=True)
-                    (p / "stand-in.txt").write_text("x")
-    subprocess.run([dvc, "commit", "-f", "-q"], cwd=tmp_path, check=True, capture_output=True)
-    status = lambda: json.loads(subprocess.run([dvc, "status", "--json"], cwd=tmp_path, check=True,  # noqa: E731
-                                               capture_output=True, text=True).stdout)
+    status = dvc_standin_repo
     assert status() == {}
     text = (tmp_path / "params.yaml").read_text()
     text = text.replace("    t2i: 0.139\n    t2v: 0.079\n", "    t2i: 0.079\n    t2v: 0.139\n")
