@@ -35,12 +35,12 @@ from torch import nn
 from .attention import BACKENDS, AttentionSegments, LoomAttention
 from .deepstack import MLLMProjector
 from .packing import (  # re-exported: the packing API has always been imported from here
+    ConditionCache,
     Context,
     PackLayout,
     _check_packed,
     _pack_batched,
     _pack_plan,
-    _PackPlan,
     pack_latents,
     pack_references,
     patchify,
@@ -50,7 +50,7 @@ from .packing import (  # re-exported: the packing API has always been imported 
 from .rope import RotaryPosEmbed3D
 
 __all__ = [
-    "Context", "LoomBlock", "LoomDiT", "PackLayout", "loomdit_kwargs",
+    "ConditionCache", "Context", "LoomBlock", "LoomDiT", "PackLayout", "loomdit_kwargs",
     "pack_latents", "pack_references", "patchify", "unpack_latents", "unpatchify",
 ]
 
@@ -245,6 +245,7 @@ class LoomDiT(ModelMixin, ConfigMixin):
         encoder_attention_mask: torch.Tensor | None = None,
         return_dict: bool = True,
         attention_kwargs: dict | None = None,
+        condition_cache: ConditionCache | None = None,
     ):
         """Batched, diffusers-style forward.
 
@@ -256,15 +257,24 @@ class LoomDiT(ModelMixin, ConfigMixin):
         source_latents: [B, C, F, H, W] clean source latents (zeros for a sample without one).
         reference_latents: [B, K, C, 1, H_r, W_r], or per sample [K_i, C, 1, H_i, W_i] / None.
         encoder_attention_mask: [B, L], true/1 where a context token is real (padding is not attended).
+        condition_cache: a `ConditionCache` shared by the steps of one sampling loop: the
+            conditions are packed (and projected) on the first step only.
         Returns `Transformer2DModelOutput(sample=[B, out_channels, F, H, W])` or `(sample,)`.
         """
         if attention_kwargs:
             raise ValueError(f"attention_kwargs: not supported by LoomDiT, got keys {sorted(attention_kwargs)}")
-        packed = _pack_batched(
-            self.config, self.patch_size, hidden_states, timestep, encoder_hidden_states,
-            source_latents, reference_latents, encoder_attention_mask,
-        )
-        tokens = self.forward_packed(*packed, return_dict=False)[0]  # [B·F'H'W', P_out]
+        conditions = (encoder_hidden_states, source_latents, reference_latents, encoder_attention_mask)
+        cached = condition_cache is not None and condition_cache.packed is not None
+        if cached:
+            packed = self._repack_step(condition_cache, conditions, hidden_states, timestep)
+        else:
+            packed = _pack_batched(
+                self.config, self.patch_size, hidden_states, timestep, encoder_hidden_states,
+                source_latents, reference_latents, encoder_attention_mask,
+            )
+            if condition_cache is not None:
+                condition_cache.conditions, condition_cache.packed = conditions, packed._replace(tokens=None, timestep=None)
+        tokens = self.forward_packed(*packed, return_dict=False, condition_cache=condition_cache)[0]  # [B·F'H'W', P_out]
         grid = packed.layout.grid_sizes[0]
         sample = unpatchify(tokens.reshape(hidden_states.shape[0], -1, tokens.shape[-1]), grid, self.patch_size)
         return Transformer2DModelOutput(sample=sample) if return_dict else (sample,)
@@ -278,6 +288,7 @@ class LoomDiT(ModelMixin, ConfigMixin):
         source_hidden_states: torch.Tensor | None = None,
         reference_hidden_states: torch.Tensor | None = None,
         return_dict: bool = True,
+        condition_cache: ConditionCache | None = None,
     ):
         """Forward over one pack of samples with different (F, H, W) and context lengths.
 
@@ -290,6 +301,9 @@ class LoomDiT(ModelMixin, ConfigMixin):
         source_hidden_states: [N, pt·ph·pw·C] clean source tokens aligned with hidden_states
             (zeros for a sample without a source), or None (all zero).
         reference_hidden_states: [N_ref, pt·ph·pw·C] reference tokens (`pack_references`).
+        condition_cache: a `ConditionCache` shared by the steps of one sampling loop (same layout,
+            context, source and references every step): the pack's index tensors, RoPE and the
+            projected contexts are made on the first step and reused.
         Returns `Transformer2DModelOutput(sample=[N, pt·ph·pw·out_channels])` (target tokens only,
         aligned with hidden_states: the flow loss is per row) or `(sample,)`.
         """
@@ -300,8 +314,9 @@ class LoomDiT(ModelMixin, ConfigMixin):
         if source_hidden_states is not None and self.source_patch_embedding is None:
             raise ValueError("source_hidden_states: this model has no source_patch_embedding (use_source_embedding=False)")
         per_token = timestep.numel() != layout.num_samples
-        plan = _pack_plan(layout, per_token, self.config.ref_offset, hidden_states.device, self.attention_backend)
         dtype = self.patch_embedding.weight.dtype
+        plan, rotary, contexts = self._conditions(
+            condition_cache, layout, per_token, encoder_hidden_states, deepstack, hidden_states.device, dtype)
 
         # 1. Time embedding: one row per timestep, plus a zero row for reference tokens
         temb, time_rows = self._time_embedding(timestep.reshape(-1), hidden_states.device, dtype)
@@ -312,14 +327,11 @@ class LoomDiT(ModelMixin, ConfigMixin):
         if plan.order is not None:
             refs = F.linear(reference_hidden_states.to(dtype), *_patch_linear(self.patch_embedding))  # P, not P_src
             x = torch.cat([x, refs])[plan.order]  # [N + N_ref, D], sample-major
-        rotary = self.rope(plan.position_ids)
 
         # 3. Blocks: Deepstack gives block i the projected layer i; Wan's path one shared context
-        if deepstack:
-            contexts, project = encoder_hidden_states, True
-        else:
-            shared = self.condition_embedder.text_embedder(encoder_hidden_states.to(dtype))
-            contexts, project = [shared] * len(self.blocks), False
+        project = contexts is None  # training: each block projects its layer inside its (checkpointed) step
+        if project:
+            contexts = encoder_hidden_states
         for i, block in enumerate(self.blocks):
             args = (block, x, contexts[i], project, time_rows, plan.time_index, rotary, plan.self_segments, plan.cross_segments)
             if torch.is_grad_enabled() and self.gradient_checkpointing:
@@ -337,6 +349,51 @@ class LoomDiT(ModelMixin, ConfigMixin):
 
     # ---------------------------------------------------------------------------------------
     # Pieces
+
+    def _conditions(self, cache: ConditionCache | None, layout: PackLayout, per_token: bool, context: Context,
+                    deepstack: bool, device, dtype):
+        """(plan, rotary, contexts) of a pack: made here, or taken from `cache` once it is filled.
+        contexts is the per-block projected list, or None when each block projects its own layer
+        in its step (Deepstack without a cache: what training does, to keep memory flat)."""
+        if cache is not None and cache.plan is not None:
+            if cache.layout != layout or cache.per_token != per_token or cache.context is not context:
+                raise ValueError("condition_cache: filled for other conditions (a new layout, context or "
+                                 "timestep shape); "
+                                 "use one ConditionCache per sampling loop")
+            return cache.plan, cache.rotary, cache.contexts
+        plan = _pack_plan(layout, per_token, self.config.ref_offset, device, self.attention_backend)
+        rotary = self.rope(plan.position_ids)
+        if not deepstack:
+            contexts = [self.condition_embedder.text_embedder(context.to(dtype))] * len(self.blocks)
+        elif cache is not None:  # projected once for every step: the MLLM states do not change
+            weight_dtype = self.mllm_embedder.linear_1.weight.dtype
+            contexts = [self.mllm_embedder(layer.to(weight_dtype)) for layer in context]
+        else:
+            contexts = None
+        if cache is not None:
+            if torch.is_grad_enabled():
+                raise ValueError("condition_cache: for sampling only (call under torch.no_grad()); a cached "
+                                 "projection would carry this step's autograd graph into the next")
+            cache.context, cache.layout, cache.per_token = context, layout, per_token
+            cache.plan, cache.rotary, cache.contexts = plan, rotary, contexts
+        return plan, rotary, contexts
+
+    def _repack_step(self, cache: ConditionCache, conditions: tuple, hidden_states: torch.Tensor,
+                     timestep: torch.Tensor):
+        """This step's batched latents and timesteps on the cached pack of conditions (no host sync)."""
+        if any(a is not b for a, b in zip(conditions, cache.conditions)):
+            raise ValueError("condition_cache: filled for other encoder_hidden_states / source_latents / "
+                             "reference_latents / encoder_attention_mask; use one ConditionCache per sampling loop")
+        layout = cache.packed.layout
+        b, grid = layout.num_samples, layout.grid_sizes[0]
+        expected = (b, self.config.in_channels, *(g * p for g, p in zip(grid, self.patch_size)))
+        if tuple(hidden_states.shape) != expected:
+            raise ValueError(f"hidden_states: expected {expected} (the shape the condition_cache was filled with), "
+                             f"got {tuple(hidden_states.shape)}")
+        if timestep.shape not in ((b,), (b, math.prod(grid))):
+            raise ValueError(f"timestep: expected [{b}] or [{b}, {math.prod(grid)}] (per target token), got {tuple(timestep.shape)}")
+        return cache.packed._replace(tokens=patchify(hidden_states, self.patch_size).flatten(0, 1),
+                                     timestep=timestep.reshape(-1))
 
     def _time_embedding(self, timestep: torch.Tensor, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """timestep [R] → temb [R, D] (output norm) and time rows [R + 1, 6, D] (blocks; last row 0)."""

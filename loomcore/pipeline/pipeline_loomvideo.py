@@ -14,7 +14,8 @@ different lengths are right-padded to one length; `encoder_attention_mask` keeps
 out of cross-attention (the DiT packs only the real tokens).
 
 Latents stay float32 across the loop (the scheduler's arithmetic); the DiT runs in its own
-dtype. The MLLM and the codec run once per call, never per step.
+dtype. The MLLM and the codec run once per call, never per step; the DiT packs the conditions
+and runs the Deepstack projector on the first step only (`ConditionCache`).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from diffusers.video_processor import VideoProcessor
 
 from loomcore.diffusion.guidance import FULL, UNCOND, VISUAL, combine_guidance, guidance_branches, split_branches
 from loomcore.models.codec import SpaceToDepth, WanVAE, latent_shape
-from loomcore.models.dit import LoomDiT
+from loomcore.models.dit import ConditionCache, LoomDiT
 from loomcore.models.mllm import MLLMEncoder, MLLMFeatures, MLLMRequest, Qwen3VLInputs
 
 from .inputs import GenerationPlan, Geometry, load_frames, plan_generation, to_pixels
@@ -307,14 +308,16 @@ class LoomVideoPipeline(DiffusionPipeline):
             raise ValueError(f"latents: shape {tuple(latents.shape)}, expected {shape}")
         latents = latents.to(device, torch.float32)
 
-        # 5. Denoising loop: one batched DiT forward over the branches per step
+        # 5. Denoising loop: one batched DiT forward over the branches per step; the conditions are
+        #    packed and projected on the first step only (ConditionCache: no host sync after it)
+        condition_cache = ConditionCache()
         with self.progress_bar(total=len(timesteps)) as progress_bar:
             for i, t in enumerate(timesteps):
                 model_input = latents.to(dtype).expand(n, -1, -1, -1, -1)
                 pred = self.transformer(
                     hidden_states=model_input, timestep=t.expand(n), encoder_hidden_states=context,
                     encoder_attention_mask=context_mask, source_latents=source_batch,
-                    reference_latents=reference_batch, return_dict=False,
+                    reference_latents=reference_batch, return_dict=False, condition_cache=condition_cache,
                 )[0]
                 v = split_branches(pred, branches)
                 velocity = combine_guidance(v[FULL], v.get(UNCOND), v.get(VISUAL), text_scale=plan.guidance_scale,
