@@ -177,6 +177,31 @@ def tiny_workspace(tmp_path_factory):
     return cfg, overrides
 
 
+@pytest.fixture(scope="session")
+def tiny_online_cache(tiny_workspace):
+    """The tiny workspace's cache built with mllm.feature_mode=online (the paper profile's: the
+    MLLM's processed inputs instead of its features), once per session.
+
+    Returns (folder, overrides): the overrides select it on top of `tiny_workspace`'s."""
+    from pathlib import Path
+
+    import torch
+
+    from loomcore.config import load_config
+    from loomcore.data.cache import build_cache
+
+    cfg, overrides = tiny_workspace
+    path = Path(cfg.paths.cache).parent / "cache-online"
+    online = [f"paths.cache={path}", "mllm.feature_mode=online"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny ops: one thread is fastest, and never crawls on shared cores
+    try:
+        build_cache(load_config([*overrides, *online], profile="tiny"), progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    return path, online
+
+
 @pytest.fixture()
 def one_cpu_thread():
     """One intra-op thread: tiny ops gain nothing from more, and spinning threads crawl on shared cores."""

@@ -95,18 +95,12 @@ def test_a_shard_that_disagrees_with_the_index_is_named(tiny_workspace, cache_di
             next(loader)
 
 
-def test_online_mode_caches_mllm_inputs(tiny_workspace, tmp_path):
+def test_online_mode_caches_mllm_inputs(tiny_online_cache):
     """feature_mode=online stores the processed MLLM inputs (ids, pixels, grids) of the full and
     the text-dropped condition instead of features; the frozen MLLM then runs in the step."""
-    import dataclasses
-
-    from loomcore.models.mllm import MLLMEncoder, MLLMRequest
-
-    cfg, _ = tiny_workspace
-    cfg = dataclasses.replace(cfg, mllm=dataclasses.replace(cfg.mllm, feature_mode="online"))
-    out = tmp_path / "online"
-    summary = build_cache(cfg, out_dir=out, progress=False)
-    assert summary["complete"] and not (out / "null.safetensors").exists()
+    out, _ = tiny_online_cache
+    summary = json.loads((out / "cache.json").read_text())
+    assert summary["complete"] and summary["feature_mode"] == "online" and not (out / "null.safetensors").exists()
     rows = read_index(out, "train", "480p")
     row = next(r for r in rows if r["task"] == "tv2v")
     entries = json.loads(row["tensors"])
@@ -117,3 +111,76 @@ def test_online_mode_caches_mllm_inputs(tiny_workspace, tmp_path):
     with safe_open(str(out / row["shard"]), framework="pt") as h:
         ids = h.get_tensor(entries["mllm/input_ids"][0])
     assert ids.shape[1] == row["context_tokens"]
+
+
+def test_write_shard_copies_only_the_tensors_that_share_memory(tmp_path):
+    from safetensors.torch import load_file
+
+    from loomcore.data.shards import unaliased, write_shard
+
+    t = torch.arange(12, dtype=torch.float32).view(3, 4)
+    other = torch.ones(5)
+    tensors = {"t": t, "head": t[:2], "again": t, "transposed": t.T, "other": other}
+    flat = unaliased(tensors)
+    assert flat["t"] is t and flat["other"] is other  # nothing shared: written as they are
+    assert flat["head"].data_ptr() != t.data_ptr() and flat["again"].data_ptr() != t.data_ptr()
+    assert flat["transposed"].is_contiguous()  # .contiguous() already made it a tensor of its own
+    write_shard(tmp_path, "s.safetensors", tensors, [])
+    back = load_file(tmp_path / "s.safetensors")
+    assert back.keys() == tensors.keys()
+    for k, v in tensors.items():
+        assert torch.equal(back[k], v), k
+    back["t"][0, 0] = -1.0  # independent on load, too
+    assert back["head"][0, 0] == 0 and back["again"][0, 0] == 0
+
+
+class _PixelSharingEncoder:
+    """The MLLM encoder, except that a text-dropped request's pixel tensors ARE the full request's
+    (equal values, checked), as `Qwen3VLInputs.visual_only` reuses them: the cache's tensors then
+    share memory, which safetensors refuses and `shards.write_shard` must undo. The cache tokenizes
+    each sample's full request right before its text-dropped one."""
+
+    def __init__(self, encoder):
+        self.encoder, self.full, self.shared = encoder, None, set()
+
+    def tokenize(self, request):
+        out = self.encoder.tokenize(request)
+        if request.drop == "none":
+            self.full = out
+            return out
+        for key in ("pixel_values", "pixel_values_videos"):
+            if key in out:
+                assert torch.equal(out[key], self.full[key]), key
+                out[key] = self.full[key]
+                self.shared.add(key)
+        return out
+
+    def __getattr__(self, name):
+        return getattr(self.encoder, name)
+
+
+def test_online_cache_writes_shared_pixel_tensors_as_copies(tiny_workspace, tmp_path):
+    """The online cache's visual-only inputs sharing the full ones' pixel tensors: every shard is
+    written, and loads back with the visual-only pixels equal to the full ones."""
+    import dataclasses
+
+    from safetensors.torch import load_file
+
+    from loomcore.models.mllm import MLLMEncoder
+
+    cfg, _ = tiny_workspace
+    cfg = dataclasses.replace(cfg, mllm=dataclasses.replace(cfg.mllm, feature_mode="online"))
+    encoder = _PixelSharingEncoder(MLLMEncoder.from_config(cfg))
+    out = tmp_path / "online"
+    assert build_cache(cfg, out_dir=out, encoder=encoder, progress=False)["complete"]
+    assert encoder.shared == {"pixel_values", "pixel_values_videos"}  # images and videos both aliased
+    checked, shards = set(), {}
+    for row in pq.read_table(out / "index.parquet").to_pylist():
+        entries = json.loads(row["tensors"])
+        data = shards.setdefault(row["shard"], load_file(out / row["shard"]))
+        for key in ("pixel_values", "pixel_values_videos"):
+            if f"mllm_visual/{key}" in entries:
+                full, vis = (data[entries[f"{v}/{key}"][0]] for v in ("mllm", "mllm_visual"))
+                assert torch.equal(vis, full) and vis.numel() > 0, (row["id"], key)
+                checked.add(key)
+    assert checked == {"pixel_values", "pixel_values_videos"}

@@ -239,27 +239,18 @@ def test_three_stages_chain_weights_ema_and_outs(ws):
     assert again["resumed_from_step"] == 3 and again["loss_last_10pct"] == s3["loss_last_10pct"]
 
 
-def test_online_mllm_features_match_the_cached_ones_and_train(ws, monkeypatch):
+def test_online_mllm_features_match_the_cached_ones_and_train(ws, tiny_online_cache):
     """feature_mode=online (the paper profile's): the cache holds the MLLM's inputs and the frozen
     MLLM runs in the step. Its features equal the cached mode's, and a stage trains on them."""
-    from loomcore.data import shards
-    from loomcore.data.cache import build_cache
-
-    # Known bug in the cache writer (not the trainer's): in online mode the visual-only inputs
-    # share their pixel tensors with the full ones and safetensors refuses aliased tensors.
-    # Write copies here; drop this patch once shards.write_shard un-aliases them itself.
-    write = shards.write_shard
-    monkeypatch.setattr(shards, "write_shard", lambda root, name, tensors, rows: write(
-        root, name, {k: v.clone() for k, v in tensors.items()}, rows))
     from loomcore.data.loader import ShardReader, load_sample, read_index
     from loomcore.train.contexts import OnlineContexts
     from loomcore.train.trainer import train_stage
 
-    cfg, _, root = ws
-    online = load_config(_overrides(ws, "online", f"paths.cache={root / 'online_cache'}", "mllm.feature_mode=online",
+    cfg, _, _ = ws
+    _, online_overrides = tiny_online_cache
+    online = load_config(_overrides(ws, "online", *online_overrides,
                                     "stage3.steps=2", "stage3.sample_every=2", "stage3.init_from=base",
                                     "stage3.all_dropout=0.3", "stage3.text_dropout=0.3"), profile="tiny")
-    build_cache(online, progress=False)
     rows = read_index(online.paths.cache, "train", "480p")[:6]
     cached_rows = {r["id"]: r for r in read_index(cfg.paths.cache, "train", "480p")}
     source = OnlineContexts(online, ShardReader(online.paths.cache), torch.device("cpu"))
@@ -271,11 +262,10 @@ def test_online_mllm_features_match_the_cached_ones_and_train(ws, monkeypatch):
         ref = load_sample(reader, cached_rows[r["id"]])
         if mode == "none":
             assert torch.allclose(s.context, ref.context, atol=1e-5)
-        elif mode == "text":  # the images/video-only input, or nothing (text-only: the null context)
-            # (not compared with the cached mode: the cache stage encodes that variant from a
-            # drop="text" request there and from `inputs.visual_only` here — a data-side difference)
+        elif mode == "text":  # the images/video-only input (the same drop="text" request in both
+            # modes), or nothing (a text-only sample: the null context)
             assert (s.context_visual is None) == (ref.context_visual is None)
-            assert s.context_visual is None or s.context_visual.shape[::2] == ref.context_visual.shape[::2]
+            assert s.context_visual is None or torch.allclose(s.context_visual, ref.context_visual, atol=1e-5)
     from loomcore.data.loader import load_null_context
     assert torch.allclose(source.null_context, load_null_context(cfg.paths.cache), atol=1e-5)
     summary = train_stage(online, "stage3")

@@ -257,10 +257,10 @@ def _encode_chunk(cfg, chunk, res, media, codec, encoder, mode, dtype, MLLMReque
             cached_bytes = sum(_nbytes({k: v}) for k, v in own.items() if k.endswith(("context", "context_visual")))
         else:
             for key in MLLM_INPUT_KEYS:
-                if key in tok:  # own copies: safetensors refuses tensors sharing storage
-                    put(f"mllm/{key}", tok[key].clone())
+                if key in tok:  # (write_shard copies any that share memory)
+                    put(f"mllm/{key}", tok[key])
                 if vis_tok is not None and key in vis_tok:
-                    put(f"mllm_visual/{key}", vis_tok[key].clone())
+                    put(f"mllm_visual/{key}", vis_tok[key])
             ctx_tokens = int(tok["input_ids"].shape[1])
             L, H = cfg.mllm.layers_used, cfg.mllm.hidden_size
             cached_bytes = L * H * (ctx_tokens + (int(vis_tok["input_ids"].shape[1]) if vis_tok is not None else 0)) * torch.finfo(dtype).bits // 8

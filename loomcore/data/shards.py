@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import defaultdict
 from pathlib import Path
 from typing import Dict, Iterable, List, Tuple
 
@@ -64,8 +65,28 @@ def write_shard(root: Path, name: str, tensors: Dict[str, torch.Tensor], rows: L
         r["shard"] = name
     table = pa.Table.from_pylist(rows, schema=INDEX_SCHEMA)
     _atomic_write(root / f"{name}.index.parquet", lambda p: pq.write_table(table, p))
-    flat = {k: v.contiguous() for k, v in tensors.items()}
+    flat = unaliased(tensors)
     _atomic_write(root / name, lambda p: save_file(flat, str(p), metadata={"format": "pt"}))
+
+
+def unaliased(tensors: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """`tensors`, contiguous, with a copy of each one whose memory overlaps one met before it
+    (the same tensor under two keys, a view of another: e.g. a visual-only MLLM input from
+    `Qwen3VLInputs.visual_only`, which reuses the full input's pixels). safetensors refuses tensors
+    that share memory; only those are copied, so a shard's peak memory stays its tensors' own."""
+    out: Dict[str, torch.Tensor] = {}
+    kept = defaultdict(list)  # (device, storage address) -> byte spans [start, end) kept as they are
+    for k, v in tensors.items():
+        v = v.contiguous()
+        start = v.data_ptr()
+        end = start + v.numel() * v.element_size()
+        spans = kept[(v.device, v.untyped_storage().data_ptr())]
+        if any(s < end and start < e for s, e in spans):
+            v = v.clone()
+        else:
+            spans.append((start, end))
+        out[k] = v
+    return out
 
 
 def write_null_context(root: Path, context: torch.Tensor) -> None:
