@@ -269,9 +269,11 @@ def test_rl_stage_writes_outs_and_resumes_exactly(rl_ws):
     assert again["reward_after_mean"] == pytest.approx(summary["reward_after_mean"], abs=1e-9)
 
 
-def test_two_process_run_matches_one_process(rl_ws):
+@pytest.mark.parametrize("feature_mode", ["cached", "online"])
+def test_two_process_run_matches_one_process(rl_ws, tiny_online_cache, feature_mode):
     """torchrun with 2 CPU ranks (gloo, FSDP2 over both): the same rollouts, rewards, loss and
-    updated weights as one process — every draw is keyed by (seed, step, item), not by rank."""
+    updated weights as one process — every draw is keyed by (seed, step, item), not by rank. Online,
+    each rank encodes its own items' prompts, into the same contexts as one process."""
     import subprocess
 
     from loomcore.models.dit import LoomDiT
@@ -279,11 +281,13 @@ def test_two_process_run_matches_one_process(rl_ws):
     from loomcore.train.metrics import read_steps
 
     _, _, root = rl_ws
-    one = train_rl(_rl_cfg(rl_ws, "runs-1p", "rl.steps=1"))
-    out2 = root / "out-2p"
+    mode = tiny_online_cache[1] if feature_mode == "online" else []
+    one = train_rl(_rl_cfg(rl_ws, f"runs-1p-{feature_mode}", "rl.steps=1", *mode))
+    out2 = root / f"out-2p-{feature_mode}"
     shutil.copytree(root / "out" / "stage3", out2 / "stage3", dirs_exist_ok=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "loomcore.rl",
-           "--profile", "tiny", *_rl_overrides(rl_ws, "runs-2p", "rl.steps=1", f"train.out_dir={out2}")]
+           "--profile", "tiny", *_rl_overrides(rl_ws, f"runs-2p-{feature_mode}", "rl.steps=1", f"train.out_dir={out2}",
+                                               *mode)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=Path(__file__).resolve().parents[1])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     two = json.loads((out2 / "rl" / "summary.json").read_text())
@@ -300,6 +304,75 @@ def test_two_process_run_matches_one_process(rl_ws):
     bad = {k: (w1[k] - w2[k]).abs().max().item() for k in w1
            if not torch.allclose(w1[k], w2[k], rtol=1e-4, atol=1e-5)}
     assert not bad, bad
+
+
+def test_rl_on_online_mllm_features_matches_the_cached_mode(rl_ws, tiny_online_cache, monkeypatch):
+    """mllm.feature_mode=online (the paper profile's): prompts keep their cache rows and the frozen
+    MLLM encodes the contexts of each step's prompts (one encoding per prompt, shared by its K
+    samples) and of each evaluation's. Same model, seeds and (to float tolerance) contexts as the
+    cached mode: the same rollout rewards and held-out reward before training."""
+    import loomcore.rl.trainer as rl_trainer
+    from loomcore.rl.rollout import load_prompts, with_contexts
+    from loomcore.rl.trainer import train_rl
+    from loomcore.train.metrics import read_steps
+
+    cfg, _, root = rl_ws
+    online_cache, online = tiny_online_cache
+    encoded = []  # what each with_contexts call handed out: step 1's rollout, then two evaluations
+    monkeypatch.setattr(rl_trainer, "with_contexts", lambda p, s: encoded.append(with_contexts(p, s)) or encoded[-1])
+    runs = {}
+    for mode, extra in (("cached", []), ("online", online)):  # the online run's calls stay in `encoded`
+        encoded.clear()
+        out = root / f"out-{mode}"
+        shutil.copytree(root / "out" / "stage3", out / "stage3", dirs_exist_ok=True)
+        runs[mode] = train_rl(_rl_cfg(rl_ws, f"runs-{mode}", "rl.steps=1", f"train.out_dir={out}", *extra))
+        assert (out / "rl" / "model").is_dir() and (out / "rl" / "metrics.json").is_file()
+    cached, run = runs["cached"], runs["online"]
+    assert run["optimizer_steps"] == 1 and run["heldout"]["prompts"] == 3
+    a = read_steps(Path(cached["run_dir"]) / "steps.jsonl")[0]
+    b = read_steps(Path(run["run_dir"]) / "steps.jsonl")[0]
+    for key in ("reward_mean", "reward_std", "policy_loss", "grad_norm"):
+        assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-7), key
+    before_a, before_b = cached["heldout"]["before"], run["heldout"]["before"]
+    assert before_b["mean"] == pytest.approx(before_a["mean"], abs=1e-6)
+    assert before_b["per_prompt"] == pytest.approx(before_a["per_prompt"], abs=1e-6)
+
+    rollout, *evaluations = encoded
+    assert len(rollout) == 2 * 4 and len({id(p.context) for p in rollout}) == 2  # 2 prompts × 4 samples
+    assert len(evaluations) == 2 and all(len({id(p.context) for p in e}) == 3 for e in evaluations)
+    res, tasks = cfg.rl.resolution, cfg.rl.tasks
+    reference = {p.id: p.context for split in ("train", "eval") for p in load_prompts(cfg.paths.cache, split, res, tasks)}
+    for p in rollout + evaluations[0]:
+        assert p.context.dtype == torch.float32 and p.row["id"] == p.id
+        assert torch.allclose(p.context, reference[p.id], atol=1e-5), p.id
+    assert all(p.context is None for p in load_prompts(online_cache, "train", res, tasks, feature_mode="online"))
+
+
+def test_rl_names_a_cache_entry_without_what_its_feature_mode_needs(rl_ws, tiny_online_cache, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from loomcore.rl.rollout import load_prompts
+
+    online_cache, _ = tiny_online_cache
+    cached_cache = Path(rl_ws[0].paths.cache)
+    row = load_prompts(online_cache, "train", "480p", ["t2v"], limit=1, feature_mode="online")[0].row
+    with pytest.raises(ValueError, match=rf"cache entry {row['id']} .*no MLLM features \('context'\).*"
+                                         r"it has MLLM inputs .*built with mllm.feature_mode=online"):
+        load_prompts(online_cache, "train", "480p", ["t2v"], feature_mode="cached")
+    with pytest.raises(ValueError, match=r"no MLLM inputs \('mllm/input_ids'\).*built with mllm.feature_mode=cached"):
+        load_prompts(cached_cache, "train", "480p", ["t2v"], feature_mode="online")
+    # an entry with neither (its MLLM tensors dropped from the index)
+    bad = tmp_path / "cache"
+    shutil.copytree(online_cache, bad)
+    index = pq.read_table(bad / "index.parquet")
+    rows = index.to_pylist()
+    for r in rows:
+        r["tensors"] = json.dumps({k: v for k, v in json.loads(r["tensors"]).items() if not k.startswith("mllm")})
+    pq.write_table(pa.Table.from_pylist(rows, schema=index.schema), bad / "index.parquet")
+    for mode in ("cached", "online"):
+        with pytest.raises(ValueError, match=rf"cache entry {row['id']} .*it has neither MLLM features nor inputs"):
+            load_prompts(bad, "train", "480p", ["t2v"], feature_mode=mode)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -6,21 +6,31 @@ source and reference latents (editing and reference tasks), and its target's lat
 is the size to generate at. The target latent itself is never used — RL learns from its own
 samples. Prompts are packed like training samples (DESIGN §4): the tokens of all samples on one
 axis, block-diagonal attention, no padding (`loomcore.models.packing`).
+
+The context follows `mllm.feature_mode`, as in the stage trainer (`loomcore.train.contexts`):
+`cached` reads it with the prompt; `online` keeps the prompt's cache row, and `with_contexts`
+has the frozen MLLM encode the full condition of exactly the prompts a step or an evaluation
+needs, once per prompt, on the step's device. At paper scale a context is L·T·H values (30 ×
+≤ mllm.max_length 1024 × 4096 in bf16: ≤ 252 MB, ~25 MB for a 100-token text prompt), so the
+whole prompt set is never encoded up front.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import json
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from loomcore.data.loader import ShardReader, load_sample, read_index
 from loomcore.diffusion.flow import timestep_input
 from loomcore.diffusion.sampling import euler_sample
-from loomcore.models.dit import PackLayout, patchify, unpack_latents
+from loomcore.models.dit import ConditionCache, PackLayout, patchify, unpack_latents
+from loomcore.train.step import DROP_NONE
 
 
 @dataclass
@@ -28,19 +38,28 @@ class Prompt:
     id: str
     task: str
     text: str  # the caption or instruction (what a text reward reads)
-    context: torch.Tensor  # [L, T, H] per-layer MLLM features of the full condition
+    context: Optional[torch.Tensor]  # [L, T, H] MLLM features of the full condition (online: None until encoded)
     latent_shape: Tuple[int, int, int, int]  # (C, f, h, w) to generate
     source: Optional[torch.Tensor] = None  # [C, f, h, w] clean source latent (Scale-and-Add)
     refs: List[torch.Tensor] = field(default_factory=list)  # K × [C, 1, h_k, w_k]
+    row: Optional[dict] = field(default=None, repr=False)  # its cache index row (online: where its inputs are)
 
     @property
     def metadata(self) -> dict:
         return {"id": self.id, "task": self.task}
 
 
-def load_prompts(cache_dir, split: str, resolution: str, tasks: Sequence[str], limit: int = 0) -> List[Prompt]:
+# what each feature mode reads from a cache entry (loomcore.data.cache)
+_MODE_NEEDS = {"cached": ("context", "MLLM features"), "online": ("mllm/input_ids", "MLLM inputs")}
+
+
+def load_prompts(cache_dir, split: str, resolution: str, tasks: Sequence[str], limit: int = 0,
+                 feature_mode: str = "cached") -> List[Prompt]:
     """The cache's `split` entries at `resolution` whose task is in `tasks`, sorted by id; the
-    first `limit` of them (0: all)."""
+    first `limit` of them (0: all). `feature_mode` (mllm.feature_mode) says what each entry must
+    hold: its features (cached) or the MLLM's inputs (online: contexts come from `with_contexts`)."""
+    if feature_mode not in _MODE_NEEDS:
+        raise ValueError(f"mllm.feature_mode = {feature_mode!r}: expected one of {sorted(_MODE_NEEDS)}")
     rows = [r for r in read_index(cache_dir, split, resolution) if r["task"] in set(tasks)]
     if limit:
         rows = rows[:limit]
@@ -49,12 +68,33 @@ def load_prompts(cache_dir, split: str, resolution: str, tasks: Sequence[str], l
     reader = ShardReader(cache_dir)
     prompts = []
     for r in rows:
+        entries = json.loads(r["tensors"])
+        key, what = _MODE_NEEDS[feature_mode]
+        if key not in entries:
+            other = [f"{w} ({k!r}: the cache was built with mllm.feature_mode={m})"
+                     for m, (k, w) in _MODE_NEEDS.items() if k in entries]
+            raise ValueError(f"cache entry {r['id']} ({cache_dir}): no {what} ({key!r}), which mllm.feature_mode="
+                             f"{feature_mode} needs; it has {other[0] if other else 'neither MLLM features nor inputs'}")
         s = load_sample(reader, r)
-        if s.context is None:
-            raise ValueError(f"cache entry {s.id}: no MLLM context; RL reads cached features "
-                             "(mllm.feature_mode=cached), like the stage trainer")
-        prompts.append(Prompt(s.id, s.task, s.caption, s.context, tuple(s.target.shape), s.source, list(s.refs)))
+        prompts.append(Prompt(s.id, s.task, s.caption, s.context, tuple(s.target.shape), s.source, list(s.refs), row=r))
     return prompts
+
+
+def with_contexts(prompts: Sequence[Prompt], source) -> List[Prompt]:
+    """`prompts` with their full-condition contexts, from `source` (`loomcore.train.contexts`).
+    Cached mode: the prompts themselves. Online mode: each distinct prompt without a context is
+    encoded once (its repeats, e.g. the K samples of a group, share the copy) into a copy that lives
+    as long as the caller keeps it; the originals stay context-free."""
+    todo: Dict[str, Prompt] = {}
+    for p in prompts:
+        if p.context is None and p.id not in todo:
+            todo[p.id] = dataclasses.replace(p)
+    if todo:
+        filled = list(todo.values())
+        source.fill(filled, [p.row for p in filled], [DROP_NONE] * len(filled))
+        for p in filled:  # own storage: a view would keep the whole padded batch [N, L, T_max, H] alive
+            p.context = p.context.clone()
+    return [todo.get(p.id, p) for p in prompts]
 
 
 def item_seed(seed: int, stream: str, *keys) -> int:
@@ -111,11 +151,14 @@ def prompt_noise(seeds: Sequence[int], prompts: Sequence[Prompt], patch_size: Se
                       for s, p in zip(seeds, prompts)])
 
 
-def velocity(model, pack: ConditionPack, z: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
-    """The DiT's velocity on a pack: z [N, P], timestep [S] (1000·t); bf16 autocast on a GPU."""
+def velocity(model, pack: ConditionPack, z: torch.Tensor, timestep: torch.Tensor,
+             condition_cache: Optional[ConditionCache] = None) -> torch.Tensor:
+    """The DiT's velocity on a pack: z [N, P], timestep [S] (1000·t); bf16 autocast on a GPU.
+    condition_cache: one per sampling loop (the pack's conditions prepared on its first step)."""
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if z.device.type == "cuda" else nullcontext()
     with autocast:
-        return model.forward_packed(z, timestep, pack.context, pack.layout, pack.source, pack.references).sample
+        return model.forward_packed(z, timestep, pack.context, pack.layout, pack.source, pack.references,
+                                    condition_cache=condition_cache).sample
 
 
 @torch.no_grad()
@@ -125,9 +168,10 @@ def sample_pack(model, pack: ConditionPack, noise: torch.Tensor, times: torch.Te
     (float32, on `device`). A collective under FSDP2: every rank calls it equally often."""
     S = pack.layout.num_samples
     pack = pack.to(device)
+    cache = ConditionCache()
 
     def fn(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return velocity(model, pack, z, timestep_input(t, timestep_scale).expand(S)).float()
+        return velocity(model, pack, z, timestep_input(t, timestep_scale).expand(S), cache).float()
 
     return euler_sample(fn, pack.token_shape, times, noise=noise, device=device)
 

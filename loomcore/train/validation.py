@@ -22,7 +22,7 @@ from loomcore.config import Config, StageConfig
 from loomcore.data.loader import ShardReader, load_sample, read_index
 from loomcore.diffusion.flow import timestep_input
 from loomcore.diffusion.sampling import euler_sample, sampling_timesteps
-from loomcore.models.dit import PackLayout, patchify, unpack_latents
+from loomcore.models.dit import ConditionCache, PackLayout, patchify, unpack_latents
 
 
 class Validator:
@@ -64,10 +64,13 @@ class Validator:
         S = self.layout.num_samples
         autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else nullcontext())
 
+        cache = ConditionCache()  # the pack's plan and projected contexts, made on the first step
+
         def velocity(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             timestep = timestep_input(t, self.cfg.flow.timestep_scale).expand(S)
             with autocast:
-                return model.forward_packed(z, timestep, self.context, self.layout, self.source, self.references).sample
+                return model.forward_packed(z, timestep, self.context, self.layout, self.source, self.references,
+                                            condition_cache=cache).sample
 
         g = torch.Generator().manual_seed(self.cfg.seed)
         z = euler_sample(velocity, self.shape, self.timesteps, generator=g, device=self.device)
