@@ -258,3 +258,23 @@ def dvc_standin_repo(tmp_path):
     subprocess.run([dvc, "commit", "-f", "-q"], cwd=tmp_path, check=True, capture_output=True)
     return lambda: json.loads(subprocess.run([dvc, "status", "--json"], cwd=tmp_path, check=True,
                                              capture_output=True, text=True).stdout)
+
+
+@pytest.fixture(scope="module")
+def prefect_api(tmp_path_factory):
+    """One temporary Prefect API per test module that asks for it (module scope: its settings
+    must not outlive the module); its URL is exported so that the subprocesses
+    (stage flows under dvc, a served deployment) report to it, as under a worker."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    home = tmp_path_factory.mktemp("prefect-home")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("PREFECT_HOME", str(home))
+    mp.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    try:
+        with temporary_settings({PREFECT_HOME: str(home)}), prefect_test_harness(server_startup_timeout=90):
+            mp.setenv("PREFECT_API_URL", PREFECT_API_URL.value())
+            yield PREFECT_API_URL.value()
+    finally:
+        mp.undo()

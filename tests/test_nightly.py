@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from test_orchestration import OUTS, REPO, did, latest_artifact, make_fake_repo, prefect_api, runs  # noqa: F401
+from _orchestration import OUTS, REPO, did, latest_artifact, make_fake_repo, runs
 
 
 def test_nightly_retrain_forces_curate_and_dvc_decides_the_rest(prefect_api, tmp_path):

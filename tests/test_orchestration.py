@@ -1,177 +1,26 @@
-"""Orchestration (DESIGN §1–§2): the pipeline flow over DVC, deployments, schedules, concurrency on one
-checkout, retries, a DVC remote on S3. Real Prefect (one temporary API server for the module), real
-DVC, in temporary repositories: a fake three-stage DAG of trivial commands for the flow logic, the
-real dvc.yaml for `dvc status` and for one real stage (curate, 20 synthetic samples) run through a
-served deployment."""
+"""Orchestration (DESIGN §1–§2), run: the pipeline flow over DVC, overrides as one DVC experiment,
+a served deployment, concurrency on one checkout, retries. Real Prefect (one temporary API server
+for the module), real DVC, in temporary repositories: a fake three-stage DAG of trivial commands
+for the flow logic (tests/_orchestration.py), the real dvc.yaml for one real stage (curate, 20
+synthetic samples) run through a served deployment. What is declared rather than run (prefect.yaml,
+task cache policies, param dependencies, the S3 remote) is in test_orchestration_config.py."""
 
 from __future__ import annotations
 
-import asyncio
-import importlib
 import json
 import os
-import pkgutil
 import shutil
 import signal
 import subprocess
 import sys
-import textwrap
 import time
-from datetime import datetime, timezone
-from pathlib import Path
 
 import pytest
-import yaml
 
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-DVC = str(BIN / "dvc")
-
-FAKE_STAGE = '''\
-"""A fake pipeline stage: reads params.yaml and its input, writes its output. Switches (files in the
-repo, outside DVC's view): fail-once-<stage> fails one run, sleep-<stage> sleeps that many seconds,
-source.txt is curate's "external source"."""
-import pathlib, sys, time
-import yaml
-
-stage = sys.argv[1]
-p = yaml.safe_load(open("params.yaml"))
-with open("runs.log", "a") as f:
-    f.write(stage + "\\n")
-fail = pathlib.Path(f"fail-once-{stage}")
-if fail.exists():
-    fail.unlink()
-    sys.exit(f"{stage}: transient failure")
-sleep = pathlib.Path(f"sleep-{stage}")
-if sleep.exists():
-    time.sleep(float(sleep.read_text()))
-src = {"curate": "source.txt", "cache": "data/manifest.txt", "stage1": "data/cache.txt"}[stage]
-dst = {"curate": "data/manifest.txt", "cache": "data/cache.txt", "stage1": "out/stage1.txt"}[stage]
-text = pathlib.Path(src).read_text() if pathlib.Path(src).exists() else "none"
-pathlib.Path(dst).parent.mkdir(parents=True, exist_ok=True)
-pathlib.Path(dst).write_text(f"{text}|{stage}={p[stage]}")
-'''
-
-FAKE_DAG = """\
-stages:
-  curate:
-    cmd: python fake_stage.py curate
-    deps: [fake_stage.py]
-    params: [curate]
-    outs: [data/manifest.txt]
-  cache:
-    cmd: python fake_stage.py cache
-    deps: [fake_stage.py, data/manifest.txt]
-    params: [cache]
-    outs: [data/cache.txt]
-  stage1:
-    cmd: python fake_stage.py stage1
-    deps: [fake_stage.py, data/cache.txt]
-    params: [stage1]
-    outs: [out/stage1.txt]
-"""
-OUTS = ("data/manifest.txt", "data/cache.txt", "out/stage1.txt")
-
-
-def make_fake_repo(root: Path, git: bool = False) -> Path:
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "fake_stage.py").write_text(FAKE_STAGE)
-    (root / "dvc.yaml").write_text(FAKE_DAG)
-    (root / "params.yaml").write_text("curate: {n: 1}\ncache: {scale: 2}\nstage1: {steps: 3}\n")
-    (root / "source.txt").write_text("rows-v1")
-    if git:
-        for cmd in (["git", "init", "-q"], ["git", "config", "user.name", "t"], ["git", "config", "user.email", "t@t"]):
-            subprocess.run(cmd, cwd=root, check=True)
-    subprocess.run([DVC, "init", "-q", *([] if git else ["--no-scm"])], cwd=root, check=True)
-    (root / ".dvcignore").write_text("runs.log\nsource.txt\nsleep-*\nfail-once-*\n")
-    return root
-
-
-def runs(root: Path) -> list:
-    log = root / "runs.log"
-    return log.read_text().split() if log.exists() else []
-
-
-def did(result: dict) -> list:
-    return [(r["stage"], r["dvc"]) for r in result["stages"]]
-
-
-def wait_for(cond, timeout: float, what: str, every: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = cond()
-        if got:
-            return got
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-
-
-def alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
-def spawn(code: str, cwd: Path) -> subprocess.Popen:
-    """A python child in its own session (killed as a group at the end of the test)."""
-    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], cwd=cwd, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True,
-                            env={**os.environ, "PYTHONPATH": str(REPO)})
-
-
-def kill_group(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait()
-
-
-def read_until(proc: subprocess.Popen, text: str) -> None:
-    for line in proc.stdout:
-        if text in line:
-            return
-    raise AssertionError(f"child exited (rc {proc.wait()}) before printing {text!r}")
-
-
-@pytest.fixture(scope="module")
-def prefect_api(tmp_path_factory):
-    """One temporary Prefect API for the module; its URL is exported so that the subprocesses
-    (stage flows under dvc, a served deployment) report to it, as under a worker."""
-    from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
-    from prefect.testing.utilities import prefect_test_harness
-
-    home = tmp_path_factory.mktemp("prefect-home")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("PREFECT_HOME", str(home))
-    mp.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    try:
-        with temporary_settings({PREFECT_HOME: str(home)}), prefect_test_harness(server_startup_timeout=90):
-            mp.setenv("PREFECT_API_URL", PREFECT_API_URL.value())
-            yield PREFECT_API_URL.value()
-    finally:
-        mp.undo()
-
-
-def task_attempts(state) -> dict:
-    """{task run name: run_count} of the flow run that ended in `state`."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
-    with get_client(sync_client=True) as client:
-        runs_ = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
-    return {r.name: r.run_count for r in runs_}
-
-
-def latest_artifact(key: str) -> str:
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
-
-    with get_client(sync_client=True) as client:
-        arts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
-    assert arts, f"no artifact {key!r}"
-    return str(max(arts, key=lambda a: a.created).data)
+from _orchestration import (
+    BIN, DVC, OUTS, REPO, alive, did, kill_group, latest_artifact, make_fake_repo, read_until, runs, spawn,
+    task_attempts, wait_for,
+)
 
 
 # --------------------------------------------------------------------------------------------
@@ -221,23 +70,6 @@ def test_overrides_run_as_one_dvc_experiment(prefect_api, tmp_path):
     assert len(exps.stdout.split()) == 2  # the forced curate, then the DAG
 
 
-def test_a_rope_offset_change_is_a_change_of_the_training_stages_only(tmp_path, dvc_standin_repo):
-    """`dvc status` on the real dvc.yaml (stand-ins for data and weights, recorded with `dvc
-    commit`): rope.ref_offset is read by exactly the stages that list `rope` — stages 1–3 — and by
-    no data stage (base_models, curate, cache)."""
-    status = dvc_standin_repo
-    assert status() == {}
-    text = (tmp_path / "params.yaml").read_text()
-    assert "  ref_offset: 10 " in text
-    (tmp_path / "params.yaml").write_text(text.replace("  ref_offset: 10 ", "  ref_offset: 7 "))
-    changed = set(status())
-    stages = yaml.safe_load((tmp_path / "dvc.yaml").read_text())["stages"]
-    listing_rope = {name for name, s in stages.items()
-                    if any(p == "rope" or str(p).startswith("rope.") for p in s.get("params", []))}
-    assert changed == listing_rope
-    assert {"stage1", "stage2", "stage3"} <= changed and not changed & {"base_models", "curate", "cache"}
-
-
 # --------------------------------------------------------------------------------------------
 # (b) a served deployment, triggered through the API as the UI does, runs a real stage
 
@@ -281,68 +113,6 @@ def test_a_served_deployment_runs_the_real_curate_stage(prefect_api, tmp_path):
     assert summary["rows_in"] == 20 and summary["kept"]["total"] + summary["rejected"]["total"] == 20
     st = subprocess.run([DVC, "status", "curate", "--json"], cwd=copy, check=True, capture_output=True, text=True)
     assert json.loads(st.stdout) == {}  # dvc.lock records the run: DVC finds curate up to date
-
-
-# --------------------------------------------------------------------------------------------
-# (c) prefect.yaml: deployments, pools, schedules, pull step; every task NO_CACHE
-
-
-def test_prefect_yaml_deployments_schedules_and_entrypoints(monkeypatch):
-    from prefect import Flow
-    from prefect.client.schemas.schedules import CronSchedule as ClientCron
-    from prefect.server.schemas.schedules import CronSchedule
-
-    from flows.common import enter_checkout
-
-    spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
-    deployments = {d["name"]: d for d in spec["deployments"]}
-    assert {"pipeline", "nightly-retrain", "nightly-eval", "stage1", "stage2", "stage3", "rl", "evaluate",
-            "export"} <= set(deployments)
-    start = datetime(2026, 3, 1, 12, 30, tzinfo=timezone.utc)
-    for name, hour in (("nightly-retrain", 1), ("nightly-eval", 6)):
-        (sched,) = deployments[name]["schedules"]
-        assert sched["cron"] == f"0 {hour} * * *" and sched["timezone"] == "UTC" and sched["active"] is True
-        ClientCron(cron=sched["cron"], timezone=sched["timezone"])  # what `prefect deploy` builds
-        dates = asyncio.run(CronSchedule(cron=sched["cron"], timezone=sched["timezone"]).get_dates(n=3, start=start))
-        assert [(d.day, d.hour, d.minute) for d in dates] == [(2, hour, 0), (3, hour, 0), (4, hour, 0)]
-    for name in ("stage1", "stage2", "stage3", "rl"):  # training on the GPU pool, one at a time
-        assert deployments[name]["work_pool"]["name"] == "h20"
-        assert deployments[name]["concurrency_limit"]["limit"] == 1
-    for name in ("pipeline", "nightly-retrain", "nightly-eval"):
-        assert deployments[name]["work_pool"]["name"] == "loom-local"
-
-    for name, d in deployments.items():  # the entrypoint names a real flow that takes the parameters
-        path, func = d["entrypoint"].split(":")
-        assert (REPO / path).is_file(), path
-        module = importlib.import_module(path[:-3].replace("/", "."))
-        fl = getattr(module, func)
-        assert isinstance(fl, Flow), f"{name}: {d['entrypoint']} is not a flow"
-        unknown = set(d.get("parameters") or {}) - set(fl.parameters.properties)
-        assert not unknown, f"{name}: {sorted(unknown)} are not parameters of {d['entrypoint']}"
-
-    (pull,) = spec["pull"]
-    (fqn, kwargs), = pull.items()
-    assert fqn == "flows.common.enter_checkout" and kwargs == {"directory": "{{ $LOOM_REPO }}"}
-    with pytest.raises(ValueError, match="LOOM_REPO is not set"):
-        enter_checkout("")  # what Prefect renders for an unset variable
-    monkeypatch.chdir("/")
-    assert enter_checkout(str(REPO)) == {"directory": str(REPO)} and Path.cwd() == REPO
-
-
-def test_every_prefect_task_is_no_cache():
-    """A Prefect result cache must never hide a stage DVC would rerun."""
-    import tasks
-    from prefect import Task
-    from prefect.cache_policies import NO_CACHE
-
-    found = {}
-    modules = [f"tasks.{m.name}" for m in pkgutil.iter_modules(tasks.__path__)] + ["flows.nightly"]
-    for name in modules:
-        for obj in vars(importlib.import_module(name)).values():
-            if isinstance(obj, Task):
-                found[f"{name}.{obj.name}"] = obj.cache_policy
-    assert {"tasks.dvc.dvc-repro", "tasks.dvc.dvc-exp-run", "tasks.train.train-stage"} <= set(found)
-    assert {k: v for k, v in found.items() if v is not NO_CACHE} == {}
 
 
 # --------------------------------------------------------------------------------------------
@@ -480,27 +250,3 @@ def test_a_transient_stage_failure_is_retried(prefect_api, tmp_path):
     assert state.result()["ran"] == ["cache"]
     assert list(task_attempts(state).values()) == [2]
     assert runs(repo) == ["curate", "cache", "cache"]  # the failed attempt, then the retry
-
-
-# --------------------------------------------------------------------------------------------
-# (g) a DVC remote on S3
-
-
-def test_dvc_remote_on_s3_push_then_pull_restores_the_outs(s3_endpoint, s3_bucket, tmp_path):
-    """The documented setup: `dvc remote add -d s3remote s3://<bucket>/dvcstore` (plus
-    `dvc remote modify s3remote endpointurl <url>` for a store that is not AWS)."""
-    repo = make_fake_repo(tmp_path / "repo")
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
-    dvc = lambda *a: subprocess.run([DVC, *a], cwd=repo, check=True, env=env, capture_output=True, text=True)  # noqa: E731
-    dvc("repro")
-    contents = {o: (repo / o).read_text() for o in OUTS}
-    dvc("remote", "add", "-d", "s3remote", f"s3://{s3_bucket}/dvcstore")
-    dvc("remote", "modify", "s3remote", "endpointurl", s3_endpoint)
-    assert f"url = s3://{s3_bucket}/dvcstore" in (repo / ".dvc/config").read_text()
-    dvc("push")
-    shutil.rmtree(repo / ".dvc/cache")
-    for o in OUTS:
-        (repo / o).unlink()
-    dvc("pull")
-    assert {o: (repo / o).read_text() for o in OUTS} == contents
-    assert json.loads(dvc("status", "--json").stdout) == {}

@@ -1,0 +1,128 @@
+"""Orchestration (DESIGN §1–§2), declared: prefect.yaml's deployments, pools, schedules,
+entrypoints and pull step; every Prefect task NO_CACHE; which stages read a param (`dvc status` on
+the real dvc.yaml); a DVC remote on S3. No Prefect server: real DVC in temporary repositories. The
+flows themselves, run against a Prefect API, are in test_orchestration.py."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import json
+import os
+import pkgutil
+import shutil
+import subprocess
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+import yaml
+
+from _orchestration import BIN, DVC, OUTS, REPO, make_fake_repo
+
+
+# --------------------------------------------------------------------------------------------
+# (c) prefect.yaml: deployments, pools, schedules, pull step; every task NO_CACHE
+
+
+def test_prefect_yaml_deployments_schedules_and_entrypoints(monkeypatch):
+    from prefect import Flow
+    from prefect.client.schemas.schedules import CronSchedule as ClientCron
+    from prefect.server.schemas.schedules import CronSchedule
+
+    from flows.common import enter_checkout
+
+    spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    deployments = {d["name"]: d for d in spec["deployments"]}
+    assert {"pipeline", "nightly-retrain", "nightly-eval", "stage1", "stage2", "stage3", "rl", "evaluate",
+            "export"} <= set(deployments)
+    start = datetime(2026, 3, 1, 12, 30, tzinfo=timezone.utc)
+    for name, hour in (("nightly-retrain", 1), ("nightly-eval", 6)):
+        (sched,) = deployments[name]["schedules"]
+        assert sched["cron"] == f"0 {hour} * * *" and sched["timezone"] == "UTC" and sched["active"] is True
+        ClientCron(cron=sched["cron"], timezone=sched["timezone"])  # what `prefect deploy` builds
+        dates = asyncio.run(CronSchedule(cron=sched["cron"], timezone=sched["timezone"]).get_dates(n=3, start=start))
+        assert [(d.day, d.hour, d.minute) for d in dates] == [(2, hour, 0), (3, hour, 0), (4, hour, 0)]
+    for name in ("stage1", "stage2", "stage3", "rl"):  # training on the GPU pool, one at a time
+        assert deployments[name]["work_pool"]["name"] == "h20"
+        assert deployments[name]["concurrency_limit"]["limit"] == 1
+    for name in ("pipeline", "nightly-retrain", "nightly-eval"):
+        assert deployments[name]["work_pool"]["name"] == "loom-local"
+
+    for name, d in deployments.items():  # the entrypoint names a real flow that takes the parameters
+        path, func = d["entrypoint"].split(":")
+        assert (REPO / path).is_file(), path
+        module = importlib.import_module(path[:-3].replace("/", "."))
+        fl = getattr(module, func)
+        assert isinstance(fl, Flow), f"{name}: {d['entrypoint']} is not a flow"
+        unknown = set(d.get("parameters") or {}) - set(fl.parameters.properties)
+        assert not unknown, f"{name}: {sorted(unknown)} are not parameters of {d['entrypoint']}"
+
+    (pull,) = spec["pull"]
+    (fqn, kwargs), = pull.items()
+    assert fqn == "flows.common.enter_checkout" and kwargs == {"directory": "{{ $LOOM_REPO }}"}
+    with pytest.raises(ValueError, match="LOOM_REPO is not set"):
+        enter_checkout("")  # what Prefect renders for an unset variable
+    monkeypatch.chdir("/")
+    assert enter_checkout(str(REPO)) == {"directory": str(REPO)} and Path.cwd() == REPO
+
+
+def test_every_prefect_task_is_no_cache():
+    """A Prefect result cache must never hide a stage DVC would rerun."""
+    import tasks
+    from prefect import Task
+    from prefect.cache_policies import NO_CACHE
+
+    found = {}
+    modules = [f"tasks.{m.name}" for m in pkgutil.iter_modules(tasks.__path__)] + ["flows.nightly"]
+    for name in modules:
+        for obj in vars(importlib.import_module(name)).values():
+            if isinstance(obj, Task):
+                found[f"{name}.{obj.name}"] = obj.cache_policy
+    assert {"tasks.dvc.dvc-repro", "tasks.dvc.dvc-exp-run", "tasks.train.train-stage"} <= set(found)
+    assert {k: v for k, v in found.items() if v is not NO_CACHE} == {}
+
+
+# --------------------------------------------------------------------------------------------
+# (d) a param change is a change of exactly the stages that read it
+
+
+def test_a_rope_offset_change_is_a_change_of_the_training_stages_only(tmp_path, dvc_standin_repo):
+    """`dvc status` on the real dvc.yaml (stand-ins for data and weights, recorded with `dvc
+    commit`): rope.ref_offset is read by exactly the stages that list `rope` — stages 1–3 — and by
+    no data stage (base_models, curate, cache)."""
+    status = dvc_standin_repo
+    assert status() == {}
+    text = (tmp_path / "params.yaml").read_text()
+    assert "  ref_offset: 10 " in text
+    (tmp_path / "params.yaml").write_text(text.replace("  ref_offset: 10 ", "  ref_offset: 7 "))
+    changed = set(status())
+    stages = yaml.safe_load((tmp_path / "dvc.yaml").read_text())["stages"]
+    listing_rope = {name for name, s in stages.items()
+                    if any(p == "rope" or str(p).startswith("rope.") for p in s.get("params", []))}
+    assert changed == listing_rope
+    assert {"stage1", "stage2", "stage3"} <= changed and not changed & {"base_models", "curate", "cache"}
+
+
+# --------------------------------------------------------------------------------------------
+# (g) a DVC remote on S3
+
+
+def test_dvc_remote_on_s3_push_then_pull_restores_the_outs(s3_endpoint, s3_bucket, tmp_path):
+    """The documented setup: `dvc remote add -d s3remote s3://<bucket>/dvcstore` (plus
+    `dvc remote modify s3remote endpointurl <url>` for a store that is not AWS)."""
+    repo = make_fake_repo(tmp_path / "repo")
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
+    dvc = lambda *a: subprocess.run([DVC, *a], cwd=repo, check=True, env=env, capture_output=True, text=True)  # noqa: E731
+    dvc("repro")
+    contents = {o: (repo / o).read_text() for o in OUTS}
+    dvc("remote", "add", "-d", "s3remote", f"s3://{s3_bucket}/dvcstore")
+    dvc("remote", "modify", "s3remote", "endpointurl", s3_endpoint)
+    assert f"url = s3://{s3_bucket}/dvcstore" in (repo / ".dvc/config").read_text()
+    dvc("push")
+    shutil.rmtree(repo / ".dvc/cache")
+    for o in OUTS:
+        (repo / o).unlink()
+    dvc("pull")
+    assert {o: (repo / o).read_text() for o in OUTS} == contents
+    assert json.loads(dvc("status", "--json").stdout) == {}
