@@ -312,14 +312,17 @@ def test_rl_on_online_mllm_features_matches_the_cached_mode(rl_ws, tiny_online_c
     samples) and of each evaluation's. Same model, seeds and (to float tolerance) contexts as the
     cached mode: the same rollout rewards and held-out reward before training."""
     import loomcore.rl.trainer as rl_trainer
-    from loomcore.rl.rollout import load_prompts, with_contexts
+    from loomcore.data.loader import ShardReader
+    from loomcore.rl.rollout import load_prompts, with_conditions
+    from loomcore.train.contexts import CachedContexts
     from loomcore.rl.trainer import train_rl
     from loomcore.train.metrics import read_steps
 
     cfg, _, root = rl_ws
     online_cache, online = tiny_online_cache
-    encoded = []  # what each with_contexts call handed out: step 1's rollout, then two evaluations
-    monkeypatch.setattr(rl_trainer, "with_contexts", lambda p, s: encoded.append(with_contexts(p, s)) or encoded[-1])
+    encoded = []  # what each with_conditions call handed out: step 1's rollout, then two evaluations
+    monkeypatch.setattr(rl_trainer, "with_conditions",
+                        lambda p, r, s: encoded.append(with_conditions(p, r, s)) or encoded[-1])
     runs = {}
     for mode, extra in (("cached", []), ("online", online)):  # the online run's calls stay in `encoded`
         encoded.clear()
@@ -341,7 +344,9 @@ def test_rl_on_online_mllm_features_matches_the_cached_mode(rl_ws, tiny_online_c
     assert len(rollout) == 2 * 4 and len({id(p.context) for p in rollout}) == 2  # 2 prompts × 4 samples
     assert len(evaluations) == 2 and all(len({id(p.context) for p in e}) == 3 for e in evaluations)
     res, tasks = cfg.rl.resolution, cfg.rl.tasks
-    reference = {p.id: p.context for split in ("train", "eval") for p in load_prompts(cfg.paths.cache, split, res, tasks)}
+    reader = ShardReader(cfg.paths.cache)
+    reference = {p.id: p.context for split in ("train", "eval")
+                 for p in with_conditions(load_prompts(cfg.paths.cache, split, res, tasks), reader, CachedContexts(None))}
     for p in rollout + evaluations[0]:
         assert p.context.dtype == torch.float32 and p.row["id"] == p.id
         assert torch.allclose(p.context, reference[p.id], atol=1e-5), p.id
@@ -373,6 +378,31 @@ def test_rl_names_a_cache_entry_without_what_its_feature_mode_needs(rl_ws, tiny_
     for mode in ("cached", "online"):
         with pytest.raises(ValueError, match=rf"cache entry {row['id']} .*it has neither MLLM features nor inputs"):
             load_prompts(bad, "train", "480p", ["t2v"], feature_mode=mode)
+
+
+def test_prompts_are_read_lazily(rl_ws, tmp_path):
+    """Set-up reads the cache index only (the prompt set may be the whole cache); the step's and
+    the evaluation's prompts get their tensors from `with_conditions`, once per distinct prompt."""
+    from loomcore.data.loader import ShardReader, load_sample
+    from loomcore.rl.rollout import load_prompts, with_conditions
+    from loomcore.train.contexts import CachedContexts
+
+    cache = Path(rl_ws[0].paths.cache)
+    index_only = tmp_path / "cache"
+    index_only.mkdir()
+    shutil.copy(cache / "index.parquet", index_only / "index.parquet")  # no shard at all
+    prompts = load_prompts(index_only, "train", "480p", ["tv2v", "tvr2v", "mi2v"])
+    assert prompts and all(p.context is None and p.source is None and p.refs == [] for p in prompts)
+    reader = ShardReader(cache)
+    picked = [prompts[0], prompts[1], prompts[0]]  # a repeat: the K samples of one prompt
+    loaded = with_conditions(picked, reader, CachedContexts(None))
+    assert loaded[0] is loaded[2] and prompts[0].source is None  # one copy per prompt; the originals stay empty
+    for p in loaded:
+        s = load_sample(reader, p.row)
+        assert p.latent_shape == tuple(s.target.shape) and torch.equal(p.context, s.context)
+        assert (p.source is None) == (s.source is None) and (p.source is None or torch.equal(p.source, s.source))
+        assert len(p.refs) == len(s.refs) and all(torch.equal(a, b) for a, b in zip(p.refs, s.refs))
+    assert any(p.source is not None for p in loaded) and any(p.refs for p in loaded)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -7,12 +7,13 @@ is the size to generate at. The target latent itself is never used — RL learns
 samples. Prompts are packed like training samples (DESIGN §4): the tokens of all samples on one
 axis, block-diagonal attention, no padding (`loomcore.models.packing`).
 
-The context follows `mllm.feature_mode`, as in the stage trainer (`loomcore.train.contexts`):
-`cached` reads it with the prompt; `online` keeps the prompt's cache row, and `with_contexts`
-has the frozen MLLM encode the full condition of exactly the prompts a step or an evaluation
-needs, once per prompt, on the step's device. At paper scale a context is L·T·H values (30 ×
-≤ mllm.max_length 1024 × 4096 in bf16: ≤ 252 MB, ~25 MB for a 100-token text prompt), so the
-whole prompt set is never encoded up front.
+A prompt is read lazily: `load_prompts` reads the cache index only (the prompt set may be the
+whole cache: millions of entries at paper scale, a 480p source latent alone ~6 MB), and
+`with_conditions` reads the source and references of exactly the prompts a step or an evaluation
+uses. The context follows `mllm.feature_mode`, as in the stage trainer
+(`loomcore.train.contexts`): `cached` reads it with the entry; `online` has the frozen MLLM
+encode the full condition, once per prompt, on the step's device (a context is L·T·H values:
+30 × ≤ mllm.max_length 1024 × 4096 in bf16, ≤ 252 MB; ~25 MB for a 100-token text prompt).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from loomcore.data.loader import ShardReader, load_sample, read_index
+from loomcore.data.loader import ShardReader, read_index
 from loomcore.diffusion.flow import timestep_input
 from loomcore.diffusion.sampling import euler_sample
 from loomcore.models.dit import ConditionCache, PackLayout, patchify, unpack_latents
@@ -35,14 +36,17 @@ from loomcore.train.step import DROP_NONE
 
 @dataclass
 class Prompt:
+    """One RL prompt. `load_prompts` fills the index fields only; `with_conditions` returns copies
+    holding its tensors for the steps and evaluations that use it."""
+
     id: str
     task: str
     text: str  # the caption or instruction (what a text reward reads)
-    context: Optional[torch.Tensor]  # [L, T, H] MLLM features of the full condition (online: None until encoded)
-    latent_shape: Tuple[int, int, int, int]  # (C, f, h, w) to generate
+    latent_shape: Tuple[int, int, int, int]  # (C, f, h, w) to generate: the target's, from the index
+    row: Optional[dict] = field(default=None, repr=False)  # its cache index row: where its tensors are
+    context: Optional[torch.Tensor] = None  # [L, T, H] MLLM features of the full condition
     source: Optional[torch.Tensor] = None  # [C, f, h, w] clean source latent (Scale-and-Add)
     refs: List[torch.Tensor] = field(default_factory=list)  # K × [C, 1, h_k, w_k]
-    row: Optional[dict] = field(default=None, repr=False)  # its cache index row (online: where its inputs are)
 
     @property
     def metadata(self) -> dict:
@@ -56,8 +60,10 @@ _MODE_NEEDS = {"cached": ("context", "MLLM features"), "online": ("mllm/input_id
 def load_prompts(cache_dir, split: str, resolution: str, tasks: Sequence[str], limit: int = 0,
                  feature_mode: str = "cached") -> List[Prompt]:
     """The cache's `split` entries at `resolution` whose task is in `tasks`, sorted by id; the
-    first `limit` of them (0: all). `feature_mode` (mllm.feature_mode) says what each entry must
-    hold: its features (cached) or the MLLM's inputs (online: contexts come from `with_contexts`)."""
+    first `limit` of them (0: all). Reads the index only: a prompt's tensors are read (and, online,
+    its context encoded) by `with_conditions` when a step or an evaluation uses it, so the prompt
+    set may be the whole cache. `feature_mode` (mllm.feature_mode) says what each entry must hold:
+    its features (cached) or the MLLM's inputs (online)."""
     if feature_mode not in _MODE_NEEDS:
         raise ValueError(f"mllm.feature_mode = {feature_mode!r}: expected one of {sorted(_MODE_NEEDS)}")
     rows = [r for r in read_index(cache_dir, split, resolution) if r["task"] in set(tasks)]
@@ -65,7 +71,6 @@ def load_prompts(cache_dir, split: str, resolution: str, tasks: Sequence[str], l
         rows = rows[:limit]
     if not rows:
         raise ValueError(f"no {split} prompt in the cache ({cache_dir}) at {resolution} for tasks {list(tasks)}")
-    reader = ShardReader(cache_dir)
     prompts = []
     for r in rows:
         entries = json.loads(r["tensors"])
@@ -75,26 +80,39 @@ def load_prompts(cache_dir, split: str, resolution: str, tasks: Sequence[str], l
                      for m, (k, w) in _MODE_NEEDS.items() if k in entries]
             raise ValueError(f"cache entry {r['id']} ({cache_dir}): no {what} ({key!r}), which mllm.feature_mode="
                              f"{feature_mode} needs; it has {other[0] if other else 'neither MLLM features nor inputs'}")
-        s = load_sample(reader, r)
-        prompts.append(Prompt(s.id, s.task, s.caption, s.context, tuple(s.target.shape), s.source, list(s.refs), row=r))
+        if "target" not in entries:
+            raise ValueError(f"cache entry {r['id']} ({cache_dir}): no 'target' entry (the size to generate at)")
+        prompts.append(Prompt(r["id"], r["task"], r["caption"], tuple(entries["target"][1]), row=r))
     return prompts
 
 
-def with_contexts(prompts: Sequence[Prompt], source) -> List[Prompt]:
-    """`prompts` with their full-condition contexts, from `source` (`loomcore.train.contexts`).
-    Cached mode: the prompts themselves. Online mode: each distinct prompt without a context is
-    encoded once (its repeats, e.g. the K samples of a group, share the copy) into a copy that lives
-    as long as the caller keeps it; the originals stay context-free."""
+def with_conditions(prompts: Sequence[Prompt], reader: ShardReader, contexts) -> List[Prompt]:
+    """`prompts` with their tensors: each distinct prompt is read once (its repeats, e.g. the K
+    samples of a group, share the copy) — its source and references from the cache (`reader`),
+    its full-condition context from `contexts` (`loomcore.train.contexts`: read with the entry when
+    cached, encoded by the frozen MLLM online). The copies live as long as the caller keeps them;
+    the prompts passed in stay index-only."""
     todo: Dict[str, Prompt] = {}
     for p in prompts:
-        if p.context is None and p.id not in todo:
-            todo[p.id] = dataclasses.replace(p)
-    if todo:
-        filled = list(todo.values())
-        source.fill(filled, [p.row for p in filled], [DROP_NONE] * len(filled))
+        if p.id not in todo:
+            todo[p.id] = dataclasses.replace(p, **_read_conditions(reader, p.row))
+    filled = [p for p in todo.values() if p.context is None]
+    if filled:
+        contexts.fill(filled, [p.row for p in filled], [DROP_NONE] * len(filled))
         for p in filled:  # own storage: a view would keep the whole padded batch [N, L, T_max, H] alive
             p.context = p.context.clone()
-    return [todo.get(p.id, p) for p in prompts]
+    return [todo[p.id] for p in prompts]
+
+
+def _read_conditions(reader: ShardReader, row: dict) -> dict:
+    """A cache entry's source, references and (cached mode) context; never its target latent."""
+    entries = json.loads(row["tensors"])  # {name: [key, shape, dtype]}
+
+    def get(name):
+        return reader.get(row["shard"], *entries[name]) if name in entries else None
+
+    return {"source": get("source"), "refs": [get(f"ref{k}") for k in range(row["num_refs"])],
+            "context": get("context")}
 
 
 def item_seed(seed: int, stream: str, *keys) -> int:

@@ -20,12 +20,13 @@ Distributed exactly like the stage trainer (`loomcore.train.distributed`): one p
 advantages. All randomness is derived from (seed, step, item): a resumed run redraws the same
 prompts, noise and timesteps, and the checkpoint holds θ, θ_old, the optimizer and the counters.
 
-MLLM contexts follow `mllm.feature_mode` (`loomcore.rl.rollout.with_contexts`): cached, read with
-the prompts; online (the paper profile's), the frozen MLLM on each rank's device encodes the full
-condition of that rank's own prompts only — once per step for the step's ≤ G prompts (their K
-samples share it; kept through the rollout and the optimizer steps, then dropped) and once per
-evaluation for its held-out prompts (not kept between the two evaluations: 64 prompts at up to
-252 MB each are GBs per rank, and re-encoding them costs a few MLLM forwards). The MLLM is frozen
+Prompts are read lazily (`loomcore.rl.rollout.with_conditions`): set-up reads the cache index
+only; each rank reads the source and references of its own prompts — once per step for the
+step's ≤ G prompts (their K samples share them; kept through the rollout and the optimizer
+steps, then dropped) and once per evaluation for its held-out prompts (not kept between the two
+evaluations). MLLM contexts follow `mllm.feature_mode`: cached, read with the entry; online (the
+paper profile's), encoded by the frozen MLLM on the rank's device (64 held-out prompts at up to
+252 MB each would be GBs per rank; re-encoding costs a few MLLM forwards). The MLLM is frozen
 and deterministic, so both modes give the same contexts to float tolerance.
 
 Outs (<train.out_dir>/rl/): model/ (LoomDiT.save_pretrained of the final policy θ),
@@ -53,7 +54,7 @@ from loomcore.rl import nft
 from loomcore.rl.rewards import build_reward
 from loomcore.rl.rollout import (
     Prompt, decode_videos, item_seed, load_prompts, pack_conditions, prompt_noise, sample_pack, velocity,
-    with_contexts,
+    with_conditions,
 )
 from loomcore.train import telemetry
 from loomcore.train.checkpoint import run_key
@@ -174,8 +175,10 @@ class RLTrainer:
         mode = cfg.mllm.feature_mode
         self.train_prompts = load_prompts(cfg.paths.cache, "train", rl.resolution, rl.tasks, feature_mode=mode)
         self.eval_prompts = load_prompts(cfg.paths.cache, "eval", rl.resolution, rl.tasks, rl.eval_prompts, mode)
-        # online: the frozen MLLM on this rank's device, for the contexts of this rank's prompts
-        self.contexts = context_source(cfg, ShardReader(cfg.paths.cache), None, self.device)
+        # the prompts' tensors are read when used; online, the frozen MLLM on this rank's device
+        # encodes the contexts of this rank's prompts
+        self.reader = ShardReader(cfg.paths.cache)
+        self.contexts = context_source(cfg, self.reader, None, self.device)
         self.sample_times = sampling_timesteps(rl.sample_steps, cfg.guidance.flow_shift)
         self.eval_times = sampling_timesteps(rl.eval_steps, cfg.guidance.flow_shift)
         pieces = {"model": ModelState(self.policy), "old": ModelState(self.old),
@@ -207,8 +210,8 @@ class RLTrainer:
         chosen = torch.randperm(len(self.train_prompts), generator=g)[: rl.prompts_per_step].tolist()
         items = [(self.train_prompts[i], group) for group, i in enumerate(chosen) for _ in range(rl.samples_per_prompt)]
         mine = rank_slice(len(items), self.env)
-        # this rank's items carry their prompts' contexts through the step (online: ≤ G encodings)
-        for i, p in zip(mine, with_contexts([items[i][0] for i in mine], self.contexts)):
+        # this rank's items carry their prompts' tensors through the step (≤ G reads / encodings)
+        for i, p in zip(mine, with_conditions([items[i][0] for i in mine], self.reader, self.contexts)):
             items[i] = (p, items[i][1])
         seeds = [item_seed(cfg.seed, "rl-rollout", step, i) for i in mine]
         tokens, local = self._generate(self.old, [items[i][0] for i in mine], seeds, self.sample_times)
@@ -226,7 +229,7 @@ class RLTrainer:
         padded = items + items[:pad]
         mine = rank_slice(len(padded), env)
         seeds = [item_seed(self.cfg.seed, "rl-eval", padded[i][0].id, padded[i][1]) for i in mine]
-        prompts = with_contexts([padded[i][0] for i in mine], self.contexts)  # online: for this evaluation only
+        prompts = with_conditions([padded[i][0] for i in mine], self.reader, self.contexts)  # for this evaluation only
         _, local = self._generate(model, prompts, seeds, self.eval_times)
         rewards = all_gather_rows(local.to(self.device), env).cpu()[: len(items)]
         per_prompt = rewards.view(len(self.eval_prompts), rl.eval_samples_per_prompt).double().mean(1)
