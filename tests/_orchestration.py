@@ -13,6 +13,22 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+
+CHECKOUT_PARTS = ("dvc.yaml", "params.yaml", "conf", "flows", "tasks", "loomcore")
+
+
+def copy_checkout(dest: Path) -> Path:
+    """The project's DVC definition and code (no data, no outputs) copied into `dest`."""
+    import shutil
+
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in CHECKOUT_PARTS:
+        src = REPO / name
+        if src.is_dir():
+            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(src, dest / name)
+    return dest
 BIN = Path(sys.executable).parent
 DVC = str(BIN / "dvc")
 

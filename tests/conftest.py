@@ -220,21 +220,16 @@ def dvc_standin_repo(tmp_path):
     `${…}` in dvc.yaml resolve against params.yaml, as DVC's own templating does."""
     import json
     import re
-    import shutil
     import subprocess
     import sys
     from pathlib import Path
 
     import yaml
 
-    repo_root = Path(__file__).resolve().parent.parent
+    from _orchestration import copy_checkout
+
     dvc = str(Path(sys.executable).parent / "dvc")
-    for name in ("dvc.yaml", "params.yaml", "conf", "flows", "tasks", "loomcore"):
-        src = repo_root / name
-        if src.is_dir():
-            shutil.copytree(src, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy(src, tmp_path / name)
+    copy_checkout(tmp_path)
     subprocess.run([dvc, "init", "--no-scm", "-q"], cwd=tmp_path, check=True)
     params = yaml.safe_load((tmp_path / "params.yaml").read_text())
 

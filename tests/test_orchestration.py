@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -18,8 +17,8 @@ import time
 import pytest
 
 from _orchestration import (
-    BIN, DVC, OUTS, REPO, alive, did, kill_group, latest_artifact, make_fake_repo, read_until, runs, spawn,
-    task_attempts, wait_for,
+    BIN, DVC, OUTS, REPO, alive, copy_checkout, did, kill_group, latest_artifact, make_fake_repo, read_until, runs,
+    spawn, task_attempts, wait_for,
 )
 
 
@@ -78,14 +77,7 @@ def test_a_served_deployment_runs_the_real_curate_stage(prefect_api, tmp_path):
     from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
 
-    copy = tmp_path / "checkout"
-    copy.mkdir()
-    for name in ("dvc.yaml", "params.yaml", "conf", "flows", "tasks", "loomcore"):
-        src = REPO / name
-        if src.is_dir():
-            shutil.copytree(src, copy / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy(src, copy / name)
+    copy = copy_checkout(tmp_path / "checkout")
     tiny = copy / "conf/profile/tiny.yaml"
     assert "  synthetic_samples: 300\n" in tiny.read_text()
     tiny.write_text(tiny.read_text().replace("  synthetic_samples: 300\n", "  synthetic_samples: 20\n"))
