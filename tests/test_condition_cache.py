@@ -116,8 +116,9 @@ def test_a_cache_is_refused_for_other_conditions_or_with_gradients(model, condit
             model(z, t, **other, condition_cache=cache)
         with pytest.raises(ValueError, match=r"hidden_states: expected \(3, 8, 3, 4, 6\)"):
             model(z[:, :, :1], t, **conditions, condition_cache=cache)
-    with pytest.raises(ValueError, match="condition_cache: for sampling only"):
-        model(z, t, **conditions, condition_cache=ConditionCache())
+    for fresh in (ConditionCache(), cache):  # filling one, or reusing a filled one, with gradients on
+        with pytest.raises(ValueError, match="condition_cache: for sampling only"):
+            model(z, t, **conditions, condition_cache=fresh)
 
 
 @pytest.mark.gpu

@@ -355,11 +355,13 @@ class LoomDiT(ModelMixin, ConfigMixin):
         """(plan, rotary, contexts) of a pack: made here, or taken from `cache` once it is filled.
         contexts is the per-block projected list, or None when each block projects its own layer
         in its step (Deepstack without a cache: what training does, to keep memory flat)."""
+        if cache is not None and torch.is_grad_enabled():
+            raise ValueError("condition_cache: for sampling only (call under torch.no_grad()); a cached "
+                             "projection would carry one step's autograd graph into the next")
         if cache is not None and cache.plan is not None:
             if cache.layout != layout or cache.per_token != per_token or cache.context is not context:
                 raise ValueError("condition_cache: filled for other conditions (a new layout, context or "
-                                 "timestep shape); "
-                                 "use one ConditionCache per sampling loop")
+                                 "timestep shape); use one ConditionCache per sampling loop")
             return cache.plan, cache.rotary, cache.contexts
         plan = _pack_plan(layout, per_token, self.config.ref_offset, device, self.attention_backend)
         rotary = self.rope(plan.position_ids)
@@ -371,9 +373,6 @@ class LoomDiT(ModelMixin, ConfigMixin):
         else:
             contexts = None
         if cache is not None:
-            if torch.is_grad_enabled():
-                raise ValueError("condition_cache: for sampling only (call under torch.no_grad()); a cached "
-                                 "projection would carry this step's autograd graph into the next")
             cache.context, cache.layout, cache.per_token = context, layout, per_token
             cache.plan, cache.rotary, cache.contexts = plan, rotary, contexts
         return plan, rotary, contexts
