@@ -225,6 +225,8 @@ class GuidanceConfig:
     steps: int
     scheduler: str
     flow_shift: float
+    dynamic_shift: bool
+    shift_scale: float
     height: int
     width: int
     frames: int
@@ -291,6 +293,7 @@ class JudgeConfig:
 @dataclass(frozen=True)
 class ShapesBenchConfig:
     seeds: int  # generations per eval sample
+    per_task: int  # eval rows per task kind (the first ones of the eval manifest); 0: all
     colour_tolerance: float  # RGB distance within which a pixel takes a palette colour
     smooth_px: int  # median filter before reading colours
     min_area_frac: float  # of the smallest expected shape's area: a colour / component that counts
@@ -718,6 +721,8 @@ def _validate(cfg: Config) -> None:
           f"guidance scales must be >= 1 (got text {g.text_scale}, edit {g.text_scale_edit}, visual {g.visual_scale})")
     check(g.steps >= 1, f"guidance.steps = {g.steps}: expected >= 1")
     check(g.scheduler in ("unipc", "euler"), f"guidance.scheduler = {g.scheduler!r}: expected 'unipc' or 'euler'")
+    check(g.flow_shift > 0, f"guidance.flow_shift = {g.flow_shift}: expected > 0")
+    check(0 < g.shift_scale <= 2, f"guidance.shift_scale = {g.shift_scale}: expected in (0, 2] (α of eq. 3)")
     check((g.frames - 1) % cfg.codec.temporal_factor == 0,
           f"guidance.frames = {g.frames}: the codec takes 1 + {cfg.codec.temporal_factor}·k frames")
 

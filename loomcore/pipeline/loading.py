@@ -107,14 +107,18 @@ def load_vae(cfg, torch_dtype: torch.dtype = torch.float32):
 
 def load_scheduler(cfg):
     """UniPC from the base model's scheduler folder, or flow-matching Euler, with the sampling
-    shift guidance.flow_shift (the scheduler's own shift, not eq. 3)."""
+    shift guidance.flow_shift (the scheduler's own shift), or with guidance.dynamic_shift the
+    schedulers' dynamic shifting: the pipeline passes mu = log(s), s from eq. 3 at the sample's
+    token count (the exponential time shift is exactly t' = s·t / (1 + (s − 1)·t))."""
     from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
 
     g = cfg.guidance
+    dynamic = {"use_dynamic_shifting": g.dynamic_shift, "time_shift_type": "exponential"}
     if g.scheduler == "unipc":
-        return UniPCMultistepScheduler.from_pretrained(str(materialize(cfg.models.scheduler)), flow_shift=g.flow_shift)
+        return UniPCMultistepScheduler.from_pretrained(str(materialize(cfg.models.scheduler)), flow_shift=g.flow_shift,
+                                                       **dynamic)
     if g.scheduler == "euler":
-        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=g.flow_shift)
+        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=g.flow_shift, **dynamic)
     raise ValueError(f"guidance.scheduler = {g.scheduler!r}: expected 'unipc' or 'euler'")
 
 
@@ -147,4 +151,6 @@ def pipeline_settings(cfg) -> Dict[str, object]:
         "guidance_scale": g.text_scale, "guidance_scale_edit": g.text_scale_edit,
         "visual_guidance_scale": g.visual_scale, "num_inference_steps": g.steps,
         "height": g.height, "width": g.width, "num_frames": g.frames,
+        "dynamic_shift": g.dynamic_shift, "shift_scale": g.shift_scale, "shift_base_tokens": cfg.flow.shift_base_tokens,
+        "shift_min": cfg.flow.shift_min, "shift_max": cfg.flow.shift_max,
     }

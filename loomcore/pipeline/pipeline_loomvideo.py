@@ -20,6 +20,7 @@ and runs the Deepstack projector on the first step only (`ConditionCache`).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
@@ -31,6 +32,7 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 from diffusers.video_processor import VideoProcessor
 
+from loomcore.diffusion.flow import dynamic_shift
 from loomcore.diffusion.guidance import FULL, UNCOND, VISUAL, combine_guidance, guidance_branches, split_branches
 from loomcore.models.codec import SpaceToDepth, WanVAE, latent_shape
 from loomcore.models.dit import ConditionCache, LoomDiT
@@ -76,7 +78,10 @@ class LoomVideoPipeline(DiffusionPipeline):
 
     The remaining constructor arguments are defaults saved in model_index.json (`from_config_models`
     fills them from params.yaml): output fps, the MLLM's source frame stride and token cap, the
-    negative prompt, the guidance scales (s_t for generation / editing, s_v), steps and output size.
+    negative prompt, the guidance scales (s_t for generation / editing, s_v), steps and output size,
+    and the sampling shift: the scheduler's fixed `flow_shift`, or with `dynamic_shift` eq. 3 at the
+    call's DiT token count (targets + references; α = `shift_scale`), passed to the scheduler as
+    mu = log(s) (its `use_dynamic_shifting`).
     """
 
     # No `model_cpu_offload_seq`: the MLLM encoder calls Qwen3-VL's inner model and the Wan codec
@@ -104,6 +109,11 @@ class LoomVideoPipeline(DiffusionPipeline):
         height: int = 480,
         width: int = 832,
         num_frames: int = 81,
+        dynamic_shift: bool = False,
+        shift_scale: float = 0.5,
+        shift_base_tokens: int = 64,
+        shift_min: float = 1.0,
+        shift_max: float = 8.0,
     ):
         super().__init__()
         self.register_modules(transformer=transformer, vae=vae, scheduler=scheduler, mllm=mllm,
@@ -113,6 +123,8 @@ class LoomVideoPipeline(DiffusionPipeline):
             mllm_max_length=mllm_max_length, negative_prompt=negative_prompt, guidance_scale=guidance_scale,
             guidance_scale_edit=guidance_scale_edit, visual_guidance_scale=visual_guidance_scale,
             num_inference_steps=num_inference_steps, height=height, width=width, num_frames=num_frames,
+            dynamic_shift=dynamic_shift, shift_scale=shift_scale, shift_base_tokens=shift_base_tokens,
+            shift_min=shift_min, shift_max=shift_max,
         )
         codec = self.codec
         self.geometry = Geometry(codec.spatial_factor, codec.temporal_factor, tuple(transformer.config.patch_size))
@@ -217,6 +229,29 @@ class LoomVideoPipeline(DiffusionPipeline):
     # ---------------------------------------------------------------------------------------
     # Generation
 
+    def sampling_shift(self, latent_shape: Sequence[int], reference_latents: Optional[torch.Tensor]) -> Optional[float]:
+        """Eq. 3's s for a call (latents [1, C, f, h, w], references [K, C, 1, h, w]), or None when
+        the scheduler's fixed flow_shift applies."""
+        c = self.config
+        if not c.dynamic_shift:
+            return None
+        pt, ph, pw = self.transformer.config.patch_size
+        n = (latent_shape[2] // pt) * (latent_shape[3] // ph) * (latent_shape[4] // pw)
+        if reference_latents is not None:
+            n += reference_latents.shape[0] * (reference_latents.shape[3] // ph) * (reference_latents.shape[4] // pw)
+        return dynamic_shift(n, c.shift_scale, c.shift_base_tokens, c.shift_min, c.shift_max)
+
+    def set_timesteps(self, steps: int, latent_shape: Sequence[int], reference_latents: Optional[torch.Tensor],
+                      device: torch.device) -> None:
+        s = self.sampling_shift(latent_shape, reference_latents)
+        if s is None:
+            self.scheduler.set_timesteps(steps, device=device)
+            return
+        if not self.scheduler.config.get("use_dynamic_shifting", False):
+            raise ValueError("the pipeline config has dynamic_shift, but the scheduler was not built with "
+                             "use_dynamic_shifting=True (it would ignore the shift)")
+        self.scheduler.set_timesteps(steps, device=device, mu=math.log(s))
+
     @property
     def num_timesteps(self) -> int:
         return self._num_timesteps
@@ -297,11 +332,11 @@ class LoomVideoPipeline(DiffusionPipeline):
         if reference_latents is not None:  # ... and no references
             reference_batch = [None if b == UNCOND else reference_latents.to(dtype) for b in branches]
 
-        # 4. Timesteps and initial noise (float32)
-        self.scheduler.set_timesteps(plan.num_inference_steps, device=device)
+        # 4. Timesteps (the fixed or the dynamic shift) and initial noise (float32)
+        shape = (1, *latent_shape(self.codec, plan.num_frames, plan.height, plan.width))
+        self.set_timesteps(plan.num_inference_steps, shape, reference_latents, device)
         timesteps = self.scheduler.timesteps
         self._num_timesteps = len(timesteps)
-        shape = (1, *latent_shape(self.codec, plan.num_frames, plan.height, plan.width))
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
         elif tuple(latents.shape) != shape:

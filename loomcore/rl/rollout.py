@@ -52,6 +52,12 @@ class Prompt:
     def metadata(self) -> dict:
         return {"id": self.id, "task": self.task}
 
+    def dit_tokens(self, patch_size: Sequence[int]) -> int:
+        """Target + reference tokens after patchify (eq. 3's N); the references must be loaded."""
+        pt, ph, pw = patch_size
+        _, f, h, w = self.latent_shape
+        return (f // pt) * (h // ph) * (w // pw) + sum((r.shape[2] // ph) * (r.shape[3] // pw) for r in self.refs)
+
 
 # what each feature mode reads from a cache entry (loomcore.data.cache)
 _MODE_NEEDS = {"cached": ("context", "MLLM features"), "online": ("mllm/input_ids", "MLLM inputs")}
@@ -182,8 +188,9 @@ def velocity(model, pack: ConditionPack, z: torch.Tensor, timestep: torch.Tensor
 @torch.no_grad()
 def sample_pack(model, pack: ConditionPack, noise: torch.Tensor, times: torch.Tensor, timestep_scale: float,
                 device: torch.device) -> torch.Tensor:
-    """Euler-integrate the model's ODE from `noise` along `times` (1 → 0): clean tokens [N, P]
-    (float32, on `device`). A collective under FSDP2: every rank calls it equally often."""
+    """Euler-integrate the model's ODE from `noise` along each sample's `times` [K + 1, S] (1 → 0,
+    `SamplingShift.timesteps`): clean tokens [N, P] (float32, on `device`). A collective under
+    FSDP2: every rank calls it equally often."""
     S = pack.layout.num_samples
     pack = pack.to(device)
     cache = ConditionCache()
@@ -191,7 +198,7 @@ def sample_pack(model, pack: ConditionPack, noise: torch.Tensor, times: torch.Te
     def fn(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return velocity(model, pack, z, timestep_input(t, timestep_scale).expand(S), cache).float()
 
-    return euler_sample(fn, pack.token_shape, times, noise=noise, device=device)
+    return euler_sample(fn, pack.token_shape, times, noise=noise, device=device, sample_index=pack.sample_index)
 
 
 @torch.no_grad()

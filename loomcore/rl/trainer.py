@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import shutil
 import time
 from pathlib import Path
@@ -49,7 +50,7 @@ import torch.distributed as dist
 from loomcore.config import Config, SchedulerConfig
 from loomcore.data.loader import ShardReader
 from loomcore.diffusion.flow import add_noise, timestep_input
-from loomcore.diffusion.sampling import sampling_timesteps
+from loomcore.diffusion.sampling import SamplingShift, sampling_timesteps
 from loomcore.rl import nft
 from loomcore.rl.rewards import build_reward
 from loomcore.rl.rollout import (
@@ -109,10 +110,16 @@ def all_gather_rows(local: torch.Tensor, env: DistEnv) -> torch.Tensor:
 
 
 def paired_gain(before: Dict[str, float], after: Dict[str, float]) -> dict:
-    """Per-prompt differences after − before (same prompts, same seeds): mean, std, how many rose."""
+    """Per-prompt differences after − before (same prompts, same seeds): their std, the standard
+    error of their mean (std with n − 1 / √n), whether the mean gain exceeds twice that standard
+    error (`reward_gain_significant`: RL raised the held-out reward beyond seed-to-prompt noise),
+    and how many prompts rose."""
     d = torch.tensor([after[k] - before[k] for k in before], dtype=torch.float64)
-    return {"reward_gain_per_prompt_std": d.std(unbiased=False).item() if d.numel() > 1 else 0.0,
-            "prompts_improved": int((d > 0).sum()), "prompts": int(d.numel())}
+    n = d.numel()
+    stderr = d.std(unbiased=True).item() / math.sqrt(n) if n > 1 else float("nan")
+    return {"reward_gain_per_prompt_std": d.std(unbiased=False).item() if n > 1 else 0.0,
+            "reward_gain_stderr": stderr, "reward_gain_significant": bool(n > 1 and d.mean().item() > 2 * stderr),
+            "prompts_improved": int((d > 0).sum()), "prompts": int(n)}
 
 
 class RLTrainer:
@@ -179,8 +186,7 @@ class RLTrainer:
         # encodes the contexts of this rank's prompts
         self.reader = ShardReader(cfg.paths.cache)
         self.contexts = context_source(cfg, self.reader, None, self.device)
-        self.sample_times = sampling_timesteps(rl.sample_steps, cfg.guidance.flow_shift)
-        self.eval_times = sampling_timesteps(rl.eval_steps, cfg.guidance.flow_shift)
+        self.shift = SamplingShift.from_config(cfg.guidance, cfg.flow)  # fixed, or eq. 3 per sample
         pieces = {"model": ModelState(self.policy), "old": ModelState(self.old),
                   "optimizer": OptimizerState(self.policy, self.optimizer), "scheduler": self.scheduler,
                   "counters": self.counters}
@@ -188,7 +194,7 @@ class RLTrainer:
 
     # -- sampling and scoring -----------------------------------------------------------------
 
-    def _generate(self, model, prompts: Sequence[Prompt], seeds: Sequence[int], times: torch.Tensor):
+    def _generate(self, model, prompts: Sequence[Prompt], seeds: Sequence[int], steps: int):
         """Clean tokens per sample and rewards [n] for this rank's (prompt, seed) items."""
         rl = self.rl
         tokens, rewards = [], []
@@ -196,6 +202,7 @@ class RLTrainer:
             chunk = list(prompts[i:i + rl.micro_batch])
             pack = pack_conditions(chunk, self.patch, self.use_source)
             noise = prompt_noise(seeds[i:i + rl.micro_batch], chunk, self.patch)
+            times = self.shift.timesteps(steps, pack.layout.sequence_lengths)  # [steps + 1, S]
             x = sample_pack(model, pack, noise, times, self.cfg.flow.timestep_scale, self.device)
             videos = decode_videos(self.codec, x, pack.layout, self.patch)
             rewards.append(self.reward(videos, [p.text for p in chunk], [p.metadata for p in chunk]).float())
@@ -214,7 +221,7 @@ class RLTrainer:
         for i, p in zip(mine, with_conditions([items[i][0] for i in mine], self.reader, self.contexts)):
             items[i] = (p, items[i][1])
         seeds = [item_seed(cfg.seed, "rl-rollout", step, i) for i in mine]
-        tokens, local = self._generate(self.old, [items[i][0] for i in mine], seeds, self.sample_times)
+        tokens, local = self._generate(self.old, [items[i][0] for i in mine], seeds, rl.sample_steps)
         rewards = all_gather_rows(local.to(self.device), self.env).cpu()
         groups = torch.tensor([grp for _, grp in items])
         return items, mine, tokens, rewards, groups
@@ -230,7 +237,7 @@ class RLTrainer:
         mine = rank_slice(len(padded), env)
         seeds = [item_seed(self.cfg.seed, "rl-eval", padded[i][0].id, padded[i][1]) for i in mine]
         prompts = with_conditions([padded[i][0] for i in mine], self.reader, self.contexts)  # for this evaluation only
-        _, local = self._generate(model, prompts, seeds, self.eval_times)
+        _, local = self._generate(model, prompts, seeds, rl.eval_steps)
         rewards = all_gather_rows(local.to(self.device), env).cpu()[: len(items)]
         per_prompt = rewards.view(len(self.eval_prompts), rl.eval_samples_per_prompt).double().mean(1)
         return {"mean": per_prompt.mean().item(), "std": per_prompt.std(unbiased=False).item(),
@@ -239,11 +246,12 @@ class RLTrainer:
 
     # -- one RL step --------------------------------------------------------------------------
 
-    def _train_timesteps(self, step: int, item: int) -> torch.Tensor:
+    def _train_timesteps(self, step: int, item: int, prompt: Prompt) -> torch.Tensor:
         rl = self.rl
         g = torch.Generator().manual_seed(item_seed(self.cfg.seed, "rl-t", step, item))
-        if rl.t_distribution == "discrete":
-            return nft.discrete_train_timesteps(self.sample_times, rl.train_timesteps, rl.t_range, g)
+        if rl.t_distribution == "discrete":  # from the grid this prompt's rollout was sampled on
+            times = sampling_timesteps(rl.sample_steps, self.shift.shift(prompt.dit_tokens(self.patch)))
+            return nft.discrete_train_timesteps(times, rl.train_timesteps, rl.t_range, g)
         return nft.continuous_train_timesteps(rl.train_timesteps, rl.t_range, g, rl.t_distribution, rl.t_shift,
                                               self.cfg.flow.logit_normal_mean, self.cfg.flow.logit_normal_std)
 
@@ -257,7 +265,7 @@ class RLTrainer:
         pack = pack_conditions(prompts, self.patch, self.use_source).to(self.device)
         x0 = torch.cat([tokens[j] for j in batch]).to(self.device)
         r = r_all[[mine[j] for j in batch]].to(self.device)
-        times = torch.stack([self._train_timesteps(step, mine[j]) for j in batch], dim=1)  # [T, S]
+        times = torch.stack([self._train_timesteps(step, mine[j], prompts[k]) for k, j in enumerate(batch)], dim=1)  # [T, S]
         sums = torch.zeros(8, dtype=torch.float64, device=self.device)
         for k in range(rl.train_timesteps):
             t = times[k].to(self.device)

@@ -3,8 +3,9 @@
 The prompts are the first `train.validation_prompts` eval entries of the stage's resolution in
 the cache (their full MLLM condition — cached, or encoded once in the online mode — sources and
 references, no dropout), packed into one sequence and sampled together from the same seeded noise
-every time, so that grids from different steps compare like for like. Sampling uses `guidance.steps` Euler steps with the
-scheduler's `guidance.flow_shift`, no guidance. Rows are prompts, columns are frames (at most
+every time, so that grids from different steps compare like for like. Sampling uses `guidance.steps`
+Euler steps with the sampling shift of `guidance` (fixed, or eq. 3 per sample: `SamplingShift`),
+no guidance. Rows are prompts, columns are frames (at most
 `train.validation_frames`, evenly spaced).
 
 Every rank runs the sampler (FSDP2's forward is a collective); rank 0 decodes and draws.
@@ -21,7 +22,7 @@ import torch
 from loomcore.config import Config, StageConfig
 from loomcore.data.loader import ShardReader, load_sample, read_index
 from loomcore.diffusion.flow import timestep_input
-from loomcore.diffusion.sampling import euler_sample, sampling_timesteps
+from loomcore.diffusion.sampling import SamplingShift, euler_sample
 from loomcore.models.dit import ConditionCache, PackLayout, patchify, unpack_latents
 
 
@@ -51,7 +52,9 @@ class Validator:
             self.source = torch.cat([tok(s.source) if s.source is not None else torch.zeros_like(tok(s.target))
                                      for s in samples]).to(device)
         self.shape = (sum(self.layout.target_lengths), tok(samples[0].target).shape[1])
-        self.timesteps = sampling_timesteps(cfg.guidance.steps, cfg.guidance.flow_shift)
+        self.timesteps = SamplingShift.from_config(cfg.guidance, cfg.flow).timesteps(
+            cfg.guidance.steps, self.layout.sequence_lengths)  # [K + 1, S]
+        self.sample_index = torch.repeat_interleave(torch.arange(len(samples)), torch.tensor(self.layout.target_lengths))
         self._codec = None
 
     @property
@@ -67,13 +70,14 @@ class Validator:
         cache = ConditionCache()  # the pack's plan and projected contexts, made on the first step
 
         def velocity(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            timestep = timestep_input(t, self.cfg.flow.timestep_scale).expand(S)
+            timestep = timestep_input(t, self.cfg.flow.timestep_scale).expand(S)  # t: [S]
             with autocast:
                 return model.forward_packed(z, timestep, self.context, self.layout, self.source, self.references,
                                             condition_cache=cache).sample
 
         g = torch.Generator().manual_seed(self.cfg.seed)
-        z = euler_sample(velocity, self.shape, self.timesteps, generator=g, device=self.device)
+        z = euler_sample(velocity, self.shape, self.timesteps, generator=g, device=self.device,
+                         sample_index=self.sample_index)
         return unpack_latents(z.cpu(), self.layout.grid_sizes, self.patch_size)
 
     def grid(self, latents: List[torch.Tensor]):
