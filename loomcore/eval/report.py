@@ -39,6 +39,7 @@ from loomcore.eval import shapesbench as sb
 from loomcore.eval.judge import video_frame_indices
 from loomcore.eval.metrics import VBENCH_METRICS
 from loomcore.eval.prompts import FASHION_COLUMNS, FASHION_DIMENSIONS, REFVIE, REFVIE_COLUMNS, TIV2V_CATEGORIES
+from loomcore.storage import is_s3
 
 SCORES_SCHEMA = pa.schema([
     ("model", pa.string()),  # "model" (the evaluated one) | "base"
@@ -308,6 +309,27 @@ def _failure_table(rows: Sequence[dict]) -> List[dict]:
     return out
 
 
+def rl_table(model_path: str) -> List[dict]:
+    """The RL stage's held-out reward before/after (its summary.json beside the evaluated model
+    folder), or [] when the model is not an RL stage's."""
+    if is_s3(str(model_path)):
+        return []
+    summary = Path(model_path).parent / "summary.json"
+    if not summary.is_file():
+        return []
+    s = json.loads(summary.read_text())
+    if s.get("stage") != "rl" or "heldout" not in s:
+        return []
+    h = s["heldout"]
+    gain, se = s["reward_gain"], s.get("reward_gain_stderr")
+    return [{"reward": s["reward"], "prompts × seeds": f"{h['prompts']} × {h['samples_per_prompt']}",
+             f"before ({h['before']['model']})": f"{s['reward_before_mean']:.4f} ± {s['reward_before_std']:.4f}",
+             "after (rl)": f"{s['reward_after_mean']:.4f} ± {s['reward_after_std']:.4f}",
+             "gain": f"{gain:+.4f}", "stderr of gain": "–" if se is None or math.isnan(se) else f"{se:.4f}",
+             "gain > 2·stderr": "yes" if s.get("reward_gain_significant") else "no",
+             "prompts improved": f"{s['prompts_improved']} / {s['prompts']}"}]
+
+
 def write_outputs(cfg, rows: List[dict], sheets: Dict[str, list], *, model_path: str, model_name: str,
                   skipped: Dict[str, str], judge_name: Optional[str]) -> dict:
     e = cfg.eval
@@ -329,6 +351,9 @@ def write_outputs(cfg, rows: List[dict], sheets: Dict[str, list], *, model_path:
           f"{e.steps} sampling steps · seed {e.seed} · judge: {judge_name or '–'}\n"]
     for name, trows in tabs.items():
         md += [f"## {name}\n", _md(trows)]
+    rl = rl_table(model_path)
+    if rl:
+        md += ["## RL: held-out reward (from the RL stage's summary.json)\n", _md(rl)]
     if skipped:
         md += ["## Skipped\n", _md([{"benchmark": k, "why": v} for k, v in skipped.items()])]
     md += ["## Failures\n", "A failure is a sample without a score (NaN in scores.parquet, with the reason); it is "

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import tempfile
+from collections import Counter
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,11 +118,19 @@ class SheetItem:
 
 
 def shapes_rows(cfg: Config) -> Tuple[List[dict], Dict[str, dict]]:
-    """The eval manifest rows and their ground truth, or ([], {}) when the data has none."""
+    """The eval manifest rows (the first `eval.shapes.per_task` of each task kind; 0: all) and
+    their ground truth, or ([], {}) when the data has none."""
     root = Path(cfg.paths.data_root)
     if is_s3(cfg.paths.data_root) or not (root / GROUND_TRUTH_FILE).is_file():
         return [], {}
     rows = pq.read_table(Path(cfg.paths.manifests) / "eval.parquet").to_pylist()
+    if cfg.eval.shapes.per_task:
+        kept, per_task = [], Counter()
+        for r in rows:
+            if per_task[r["task"]] < cfg.eval.shapes.per_task:
+                kept.append(r)
+                per_task[r["task"]] += 1
+        rows = kept
     return rows, load_ground_truth(root)
 
 
