@@ -149,7 +149,8 @@ def test_model_card_has_metrics_params_and_lineage(exported, project):
     assert "| `vbench.imaging_quality` | 0.61 | higher |" in body and "| `recon.mse` | 0.012 | lower |" in body
     # params: the composed config's sections, as YAML
     params = yaml.safe_load(body.split("## Parameters", 1)[1].split("```yaml\n", 1)[1].split("```", 1)[0])
-    assert params["dit"]["num_layers"] == 2 and params["profile"] == "tiny" and params["stage3"]["steps"] == 80
+    cfg = load_config(profile="tiny")
+    assert params["dit"]["num_layers"] == cfg.dit.num_layers and params["profile"] == "tiny" and params["stage3"]["steps"] == cfg.stage3.steps
     assert params["export"]["dtype"] == "bfloat16"
     # lineage: git, dvc.lock's data and params hashes, the weights checked against the lock
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True).stdout.strip()
@@ -350,7 +351,7 @@ def test_publish_the_export_through_transient_failures_then_read_it_back(exporte
     assert head["Metadata"]["sha256"] == record["files"]["mllm/model.safetensors"]["sha256"]
     local = download_version(f"s3://{s3_bucket}/team", "loomvideo", dest=tmp_path / "copy")
     pipe = LoomVideoPipeline.from_pretrained(local)
-    assert pipe.transformer.config.num_layers == 2
+    assert pipe.transformer.config.num_layers == load_config(profile="tiny").dit.num_layers
     assert not (local / COMPLETE).exists()
 
 

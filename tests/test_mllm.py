@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from loomcore.config import load_config
 from loomcore.models.mllm import MLLMRequest, build_messages, source_frame_indices
 
 RNG = np.random.RandomState(0)
@@ -41,7 +42,8 @@ def test_tiny_folder_has_the_real_layout_and_loads_through_transformers(tiny_mll
         token = {"image_token_id": "<|image_pad|>", "video_token_id": "<|video_pad|>",
                  "vision_start_token_id": "<|vision_start|>", "vision_end_token_id": "<|vision_end|>"}[name]
         assert getattr(model.config, name) == tok.convert_tokens_to_ids(token)
-    assert model.config.text_config.num_hidden_layers == 3 and model.config.text_config.hidden_size == 32
+    m = load_config(profile="tiny").mllm
+    assert (model.config.text_config.num_hidden_layers, model.config.text_config.hidden_size) == (m.num_layers, m.hidden_size)
     vis = model.config.vision_config
     assert max(vis.deepstack_visual_indexes) < vis.depth
 
@@ -74,10 +76,11 @@ def test_encoder_is_frozen(tiny_mllm_encoder):
 def test_dims_are_checked_against_the_config(tiny_mllm_dir):
     from loomcore.models.mllm import MLLMEncoder
 
-    with pytest.raises(ValueError, match="mllm.hidden_size = 4096, but the MLLM at .* has 32"):
+    m = load_config(profile="tiny").mllm
+    with pytest.raises(ValueError, match=f"mllm.hidden_size = 4096, but the MLLM at .* has {m.hidden_size}"):
         MLLMEncoder.from_pretrained(tiny_mllm_dir, 2, 15, 128, expect_hidden=4096)
-    with pytest.raises(ValueError, match="layers_used = 4: expected 1..3"):
-        MLLMEncoder.from_pretrained(tiny_mllm_dir, 4, 15, 128)
+    with pytest.raises(ValueError, match=f"layers_used = {m.num_layers + 1}: expected 1..{m.num_layers}"):
+        MLLMEncoder.from_pretrained(tiny_mllm_dir, m.num_layers + 1, 15, 128)
 
 
 # -- input layout ----------------------------------------------------------------------------
@@ -142,7 +145,8 @@ def test_shapes_and_mask(tiny_mllm_encoder):
     reqs = _requests()
     lengths = [enc.tokenize(r)["input_ids"].shape[1] for r in reqs]
     feats = enc.encode(reqs, batch_size=2)
-    assert feats.hidden_states.shape == (len(reqs), 2, max(lengths), 32)  # [B, L, T, H]
+    m = load_config(profile="tiny").mllm
+    assert feats.hidden_states.shape == (len(reqs), m.layers_used, max(lengths), m.hidden_size)  # [B, L, T, H]
     assert feats.attention_mask.dtype == torch.bool
     assert feats.lengths.tolist() == lengths
     for b, n in enumerate(lengths):  # right padding: a prefix of real tokens, zeros after
@@ -157,16 +161,19 @@ def test_features_are_the_raw_last_layers(tiny_mllm_encoder):
     enc = tiny_mllm_encoder
     req = MLLMRequest("tvr2v", "paint it like @Figure 1", references=[IMG_A], source=VIDEO)
     batch = enc._collate([enc.tokenize(req)])
-    ours = enc._forward(batch).hidden_states[0]  # (L, T, H): layers 1 and 2 of 3
+    m = load_config(profile="tiny").mllm
+    J, L = m.num_layers, m.layers_used
+    ours = enc._forward(batch).hidden_states[0]  # (L, T, H): layers J − L … J − 1 of J
     with torch.no_grad():
         enc.model.model.rope_deltas = None
         out = enc.model.model(**batch, output_hidden_states=True, use_cache=False)
-    hs = out.hidden_states  # (embeddings, layer 0, layer 1, norm(layer 2))
-    assert len(hs) == 4
-    torch.testing.assert_close(ours[0], hs[2][0], rtol=0, atol=0)
-    assert not torch.allclose(ours[1], hs[3][0], atol=1e-3)  # hidden_states[-1] is post-norm
-    torch.testing.assert_close(enc.model.model.language_model.norm(ours[1]), hs[3][0])
-    torch.testing.assert_close(hs[3], out.last_hidden_state)
+    hs = out.hidden_states  # (embeddings, layer 0, …, layer J − 2, norm(layer J − 1))
+    assert len(hs) == J + 1 and L < J
+    for k in range(L - 1):
+        torch.testing.assert_close(ours[k], hs[J - L + k + 1][0], rtol=0, atol=0)
+    assert not torch.allclose(ours[-1], hs[J][0], atol=1e-3)  # hidden_states[-1] is post-norm
+    torch.testing.assert_close(enc.model.model.language_model.norm(ours[-1]), hs[J][0])
+    torch.testing.assert_close(hs[J], out.last_hidden_state)
     captured = []
     handle = enc.layers[-1].register_forward_hook(lambda m, a, o: captured.append(o))
     try:
@@ -175,7 +182,7 @@ def test_features_are_the_raw_last_layers(tiny_mllm_encoder):
             enc.model.model(**batch, use_cache=False)
     finally:
         handle.remove()
-    torch.testing.assert_close(ours[1], captured[0][0], rtol=0, atol=0)
+    torch.testing.assert_close(ours[-1], captured[0][0], rtol=0, atol=0)
 
 
 def test_batching_matches_one_by_one(tiny_mllm_encoder):

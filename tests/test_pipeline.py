@@ -53,7 +53,7 @@ def files(tmp_path_factory, media):
     write_image(d / "src.png", media["image"].numpy())
     write_image(d / "a.png", media["ref1"].numpy())
     write_image(d / "b.png", media["ref2"].numpy())
-    write_image(d / "speck.png", _pixels(7, 6, 6, 3).numpy())
+    write_image(d / "speck.png", _pixels(7, 3, 3, 3).numpy())
     return d
 
 
@@ -67,15 +67,15 @@ def _run(pipe, seed=0, **kw):
 
 
 CASES = {  # task: (inputs, (frames, height, width))
-    "t2v": (dict(prompt="a red circle moves left"), (9, 32, 32)),
-    "t2i": (dict(prompt="a red circle", num_frames=1), (1, 32, 32)),
+    "t2v": (dict(prompt="a red circle moves left"), (5, 40, 40)),  # guidance's frames and size
+    "t2i": (dict(prompt="a red circle", num_frames=1), (1, 40, 40)),
     "video_recon": (dict(source="video"), (9, 32, 32)),
     "image_recon": (dict(source="image"), (1, 32, 32)),
     "tv2v": (dict(prompt="make the circle blue", source="wide_video"), (9, 40, 48)),  # the source's size
     "ti2i": (dict(prompt="make the circle blue", source="image"), (1, 32, 32)),
     "tvr2v": (dict(prompt="paint the circle like @Figure 1", source="video", references=["ref1"]), (9, 32, 32)),
     "tir2i": (dict(prompt="paint the circle like @Figure 1", source="image", references=["ref1"]), (1, 32, 32)),
-    "mi2v": (dict(prompt="@Figure 1 chases @Figure 2", references=["ref1", "ref2"]), (9, 32, 32)),
+    "mi2v": (dict(prompt="@Figure 1 chases @Figure 2", references=["ref1", "ref2"]), (5, 32, 32)),
     "mi2i": (dict(prompt="@Figure 1 beside @Figure 2", references=["ref1", "ref2"], num_frames=1), (1, 32, 32)),
 }
 
@@ -107,9 +107,9 @@ def test_output_types(pipe, media):
     assert pt.shape == (1, 9, 3, 32, 32) and 0 <= pt.min() and pt.max() <= 1
     pil = _run(pipe, output_type="pil", **kw)
     assert len(pil) == 1 and len(pil[0]) == 9 and pil[0][0].size == (32, 32)
-    assert _run(pipe, output_type="latent", **kw).shape == (1, 48, 9, 8, 8)
+    assert _run(pipe, output_type="latent", **kw).shape == (1, 12, 9, 16, 16)  # 2× space-to-depth
     frames, = pipe("a red circle", num_inference_steps=1, return_dict=False)
-    assert frames.shape == (1, 9, 32, 32, 3)
+    assert frames.shape == (1, 5, 40, 40, 3)  # guidance's frames and size
     with pytest.raises(ValueError, match="output_type = 'gif'"):
         pipe("a red circle", output_type="gif")
 
@@ -152,10 +152,10 @@ def test_three_branches_run_as_one_forward_per_step(pipe, media, steps):
     src = kw["source_latents"]
     assert not src[0].any() and src[1].abs().sum() > 0 and torch.equal(src[1], src[2])  # zero source for uncond
     refs = kw["reference_latents"]
-    assert refs[0] is None and refs[1].shape == (1, 48, 1, 8, 8) and torch.equal(refs[1], refs[2])  # no refs for uncond
+    assert refs[0] is None and refs[1].shape == (1, 12, 1, 16, 16) and torch.equal(refs[1], refs[2])  # no refs for uncond
     mask = kw["encoder_attention_mask"]
     lengths = mask.sum(1).tolist()
-    assert kw["encoder_hidden_states"].shape[:3] == (3, 2, mask.shape[1])  # [B, L, T, H], padded to one length
+    assert kw["encoder_hidden_states"].shape[:3] == (3, pipe.transformer.config.num_layers, mask.shape[1])  # [B, L, T, H], padded to one length
     assert lengths[1] < lengths[2] and max(lengths) == mask.shape[1]  # visual-only: the full input minus its text
 
 
@@ -265,7 +265,7 @@ def test_from_config_models_takes_a_trained_transformer(tiny_workspace, pipe, tm
         (dict(prompt="a red circle", task="t2i", num_frames=9), "task t2i makes an image: num_frames must be 1"),
         (dict(prompt="@Figure 2 and @Figure 1", references=["ref1"]), "names @Figure 2 but only 1 reference image was given"),
         (dict(prompt="@Figure 1 moves"), "names @Figure 1 but no reference images were given"),
-        (dict(prompt="a red circle", height=30), "height = 30: this model takes multiples of 8"),
+        (dict(prompt="a red circle", height=30), "height = 30: this model takes multiples of 4"),
         (dict(prompt="a red circle", guidance_scale=0.5), "guidance_scale (s_t) = 0.5: expected >= 1"),
         (dict(prompt="a red circle", num_inference_steps=0), "num_inference_steps = 0: expected >= 1"),
         (dict(prompt="make it blue", source="video6", num_frames=9), "source: 6 frames, fewer than num_frames = 9"),
@@ -273,13 +273,13 @@ def test_from_config_models_takes_a_trained_transformer(tiny_workspace, pipe, tm
         (dict(prompt="make it blue", source="video", references=["ref1", "ref2"]), "task tvr2v: expected exactly 1 reference"),
         (dict(prompt="@Figure 1 runs", references=["video"]), "reference 1: a reference is one image, got 9 frames"),
         (dict(prompt=""), "task t2v: the caption/instruction is empty"),
-        (dict(prompt="make it blue", source="speck"), "smaller than the smallest output this model makes (8×8)"),
+        (dict(prompt="make it blue", source="speck"), "smaller than the smallest output this model makes (4×4)"),
         (dict(prompt=["a", "b"]), "expected one string"),
     ],
 )
 def test_bad_input_is_refused_with_what_the_model_takes(pipe, media, kw, needle):
     kw = dict(kw)
-    extra = {"speck": _pixels(7, 6, 6, 3)}
+    extra = {"speck": _pixels(7, 3, 3, 3)}
     if "source" in kw:
         kw["source"] = {**media, **extra}[kw["source"]]
     if "references" in kw:
@@ -321,11 +321,11 @@ def test_save_output_writes_video_and_image(pipe, tmp_path):
     video = _run(pipe, prompt="a red circle moves left")
     path = save_output(video, tmp_path / "v.mp4", fps=8)
     back = read_video(path)
-    assert back.shape == (9, 32, 32, 3)
+    assert back.shape == (5, 40, 40, 3)
     assert np.abs(back.numpy().astype(int) - np.round(video[0] * 255).astype(int)).max() <= 2  # near-lossless codec
     image = _run(pipe, prompt="a red circle", num_frames=1, output_type="pt")
-    assert read_image(save_output(image, tmp_path / "i.png", fps=8)).shape == (32, 32, 3)
-    with pytest.raises(ValueError, match="a .png holds one frame, but the output is a video of 9 frames"):
+    assert read_image(save_output(image, tmp_path / "i.png", fps=8)).shape == (40, 40, 3)
+    with pytest.raises(ValueError, match="a .png holds one frame, but the output is a video of 5 frames"):
         save_output(video, tmp_path / "v.png", fps=8)
     with pytest.raises(ValueError, match="exists; pass --overwrite"):
         save_output(video, tmp_path / "v.mp4", fps=8, overwrite=False)
@@ -338,10 +338,11 @@ def test_wan_vae_and_euler_scheduler_pipeline(pipe, media, tmp_path):
 
     torch.manual_seed(0)
     vae = AutoencoderKLWan(
-        base_dim=8, decoder_base_dim=8, z_dim=48, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+        base_dim=8, decoder_base_dim=8, z_dim=pipe.transformer.config.in_channels, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
         temperal_downsample=[False, True, True], is_residual=True, in_channels=12, out_channels=12, patch_size=2,
         scale_factor_spatial=16, scale_factor_temporal=4,
-        latents_mean=torch.linspace(-1, 1, 48).tolist(), latents_std=torch.linspace(0.5, 3, 48).tolist(),
+        latents_mean=torch.linspace(-1, 1, pipe.transformer.config.in_channels).tolist(),
+        latents_std=torch.linspace(0.5, 3, pipe.transformer.config.in_channels).tolist(),
     )
     wan = LoomVideoPipeline(
         transformer=pipe.transformer, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0), mllm=pipe.mllm,
@@ -354,7 +355,7 @@ def test_wan_vae_and_euler_scheduler_pipeline(pipe, media, tmp_path):
     with _Calls(wan.transformer) as calls:
         out = _run(wan, **kw)
     assert out.shape == (1, 5, 32, 32, 3) and 0 <= out.min() and out.max() <= 1
-    assert calls.inputs[0]["hidden_states"].shape == (3, 48, 2, 2, 2)  # (5 − 1) / 4 + 1 latent frames
+    assert calls.inputs[0]["hidden_states"].shape == (3, 12, 2, 2, 2)  # (5 − 1) / 4 + 1 latent frames
     with pytest.raises(ValueError, match=r"source: 6 frames; this model takes 1 \+ 4·k frames: pass num_frames = 5"):
         wan("make the circle blue", source=media["video6"])
     with pytest.raises(ValueError, match="height = 40: this model takes multiples of 32"):
@@ -394,8 +395,8 @@ def test_cli_t2v_writes_an_mp4(tiny_workspace, tmp_path):
     proc = subprocess.run([loom, "generate", "--prompt", "a red circle moves left", "--steps", "2", "--out", out,
                            "--profile", "tiny", *overrides], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
-    assert "task t2v: video (9 frames) at 32×32" in proc.stdout and f"wrote {out}" in proc.stdout
-    assert read_video(out).shape == (9, 32, 32, 3)
+    assert "task t2v: video (5 frames) at 40×40" in proc.stdout and f"wrote {out}" in proc.stdout
+    assert read_video(out).shape == (5, 40, 40, 3)
 
 
 def test_cli_edit_with_a_source_writes_the_file(tiny_workspace, files, tmp_path, capsys):
@@ -422,7 +423,7 @@ def test_cli_edit_with_a_source_writes_the_file(tiny_workspace, files, tmp_path,
         (["--prompt", "a cat", "--steps", "0"], "--steps 0: expected >= 1"),
         (["--prompt", "a cat", "--out", "{files}/a.png"], "a.png: exists; pass --overwrite"),
         (["--prompt", "a cat", "--frames", "1", "--out", "{tmp}/x.gif"], "unsupported output type '.gif'"),
-        (["--prompt", "a cat", "--out", "{tmp}/x.png"], "a .png holds one frame, but the output is a video of 9 frames"),
+        (["--prompt", "a cat", "--out", "{tmp}/x.png"], "a .png holds one frame, but the output is a video of 5 frames"),
         (["--prompt", "a cat", "--model", "{broken}"], "component 'vae': missing folder"),
         (["--source", "{files}/nope.mp4", "--prompt", "blue"], "--source {files}/nope.mp4: no such file"),
         (["--prompt", "zq " * 200], "more than mllm.max_length = 128 (shorten the text"),
