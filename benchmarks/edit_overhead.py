@@ -50,7 +50,7 @@ class Geometry:
 
 
 PAPER = Geometry(video=(81, 480, 832), image=(480, 832), short_video=(33, 256, 256), context=512, pack_contexts=(512, 256, 256, 384))
-TINY = Geometry(video=(21, 96, 160), image=(96, 160), short_video=(5, 64, 64), context=128, pack_contexts=(128, 64, 64, 96))
+TINY = Geometry(video=(21, 48, 80), image=(48, 80), short_video=(5, 32, 32), context=128, pack_contexts=(128, 64, 64, 96))
 
 
 @dataclass(frozen=True)

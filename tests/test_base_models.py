@@ -66,8 +66,8 @@ def test_tiny_models_load_with_the_real_loaders(built, tiny_cfg):
     assert (dit.config.num_layers, dit.config.num_attention_heads, dit.config.attention_head_dim,
             dit.config.in_channels, dit.config.text_dim) == (d.num_layers, d.num_attention_heads,
                                                              d.attention_head_dim, d.in_channels, d.text_dim)
-    out = dit(torch.randn(1, 48, 1, 8, 8), torch.tensor([500]), torch.randn(1, 5, d.text_dim), return_dict=False)[0]
-    assert out.shape == (1, 48, 1, 8, 8)
+    out = dit(torch.randn(1, d.in_channels, 1, 8, 8), torch.tensor([500]), torch.randn(1, 5, d.text_dim), return_dict=False)[0]
+    assert out.shape == (1, d.out_channels, 1, 8, 8)
 
     sched = UniPCMultistepScheduler.from_pretrained(root / "scheduler")
     assert sched.config.prediction_type == "flow_prediction" and sched.config.use_flow_sigmas
@@ -96,11 +96,11 @@ def test_default_paths_are_cfg_models(tiny_cfg, tmp_path, monkeypatch):
 def test_tiny_wan_vae(tmp_path):
     from loomcore.models.codec import load_codec
 
-    cfg = load_config(["models.codec=wan", "codec.temporal_factor=2"], profile="tiny")
+    cfg = load_config(["models.codec=wan", "codec.spatial_factor=4", "codec.temporal_factor=2"], profile="tiny")
     init_models(cfg, out_dir=tmp_path / "m")
     vae = load_codec("wan", tmp_path / "m" / "vae")
     z = vae.encode(torch.rand(1, 3, 5, 32, 32) * 2 - 1)
-    assert z.shape == (1, 48, 3, 8, 8)
+    assert z.shape == (1, cfg.codec.latent_channels, 3, 8, 8)
 
 
 def test_paper_dims_are_not_built_at_random():

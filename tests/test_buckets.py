@@ -32,12 +32,12 @@ def test_nearest_bucket_paper(paper, size, expect):
 
 
 def test_nearest_bucket_tiny_and_allowed(tiny):
-    assert nearest_bucket(80, 48, tiny) == ("720p", (80, 48))
-    assert nearest_bucket(64, 64, tiny) == ("720p", (64, 64))
-    assert nearest_bucket(48, 80, tiny) == ("720p", (48, 80))
+    assert nearest_bucket(56, 40, tiny) == ("720p", (56, 40))
+    assert nearest_bucket(48, 48, tiny) == ("720p", (48, 48))
+    assert nearest_bucket(40, 56, tiny) == ("720p", (40, 56))
     assert nearest_bucket(30, 34, tiny) == ("256p", (32, 32))
     assert nearest_bucket(80, 48, tiny, allowed=["256p"]) == ("256p", (40, 24))
-    assert nearest_sizes(80, 48, tiny) == {"256p": (40, 24), "480p": (64, 32), "720p": (80, 48)}
+    assert nearest_sizes(80, 48, tiny) == {"256p": (40, 24), "480p": (48, 32), "720p": (56, 40)}
     with pytest.raises(ValueError, match="no bucket group left"):
         nearest_bucket(80, 48, tiny, allowed=["1080p"])
 

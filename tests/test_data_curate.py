@@ -214,7 +214,7 @@ def test_synthetic_source(tmp_path, cfg):
     assert all(sum(v.values()) == 3 for v in s["per_task"].values()) and set(s["per_task"]) == set(TASK_KINDS)
     rows = _read(tmp_path / "out", "train.parquet") + _read(tmp_path / "out", "eval.parquet")
     assert {r["bucket"] for r in rows} == {"720p"}  # written at the largest group's sizes
-    assert all(r["frames_at_fps"] == 9 for r in rows if r["output"] == "video")
+    assert all(r["frames_at_fps"] == max(cfg.video.frames.values()) for r in rows if r["output"] == "video")
 
 
 def test_s3_source_survives_a_transient_failure(s3_bucket, s3_flaky_proxy, data, tmp_path, cfg, monkeypatch):

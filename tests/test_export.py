@@ -104,7 +104,7 @@ def test_a_fresh_process_loads_the_folder_and_generates(exported):
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO_ROOT, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = dict(line.split(" ", 1) for line in proc.stdout.splitlines() if " " in line)
-    assert out["frames"] == "(1, 9, 32, 32, 3) True True"  # the tiny profile's default t2v: 9 frames, 32×32
+    assert out["frames"] == "(1, 5, 40, 40, 3) True True"  # the tiny profile's default t2v: 5 frames, 40×40
     assert out["mllm"] == "Qwen3VLForConditionalGeneration" and out["scheduler"] == "UniPCMultistepScheduler"
     assert out["transformer"] == "LoomDiT"
     assert out["vae"] == "SpaceToDepth" and out["tokenizer"] == "True"
@@ -230,13 +230,13 @@ def test_wan_codec_and_euler_scheduler_load_with_plain_diffusers_classes(project
     from loomcore.pipeline import LoomVideoPipeline
 
     overrides, root = project
-    wan = [*overrides, "models.codec=wan", f"models.vae={tmp_path}/wan_vae", "guidance.scheduler=euler",
+    wan = [*overrides, "models.codec=wan", "codec.spatial_factor=4", f"models.vae={tmp_path}/wan_vae", "guidance.scheduler=euler",
            "export.dtype=float32"]
     cfg = load_config(wan, profile="tiny")
     build_tiny_codec(cfg, tmp_path / "wan_vae")
     folder = Path(export_pipeline(cfg, out_dir=tmp_path / "export", dvc_lock=root / "dvc.lock").folder)
     vae = AutoencoderKLWan.from_pretrained(folder / "vae")
-    assert vae.config.z_dim == 48 and vae.config.scale_factor_spatial == 4
+    assert vae.config.z_dim == cfg.codec.latent_channels and vae.config.scale_factor_spatial == 4
     assert {p.name for p in (folder / "vae").iterdir()} == {"config.json", "diffusion_pytorch_model.safetensors"}
     assert FlowMatchEulerDiscreteScheduler.from_pretrained(folder / "scheduler").config.shift == cfg.guidance.flow_shift
     card = (folder / "README.md").read_text()

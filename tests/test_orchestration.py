@@ -79,8 +79,8 @@ def test_a_served_deployment_runs_the_real_curate_stage(prefect_api, tmp_path):
 
     copy = copy_checkout(tmp_path / "checkout")
     tiny = copy / "conf/profile/tiny.yaml"
-    assert "  synthetic_samples: 300\n" in tiny.read_text()
-    tiny.write_text(tiny.read_text().replace("  synthetic_samples: 300\n", "  synthetic_samples: 20\n"))
+    assert "  synthetic_samples: 2000\n" in tiny.read_text()
+    tiny.write_text(tiny.read_text().replace("  synthetic_samples: 2000\n", "  synthetic_samples: 20\n"))
     subprocess.run([DVC, "init", "--no-scm", "-q"], cwd=copy, check=True)
 
     server = subprocess.Popen(

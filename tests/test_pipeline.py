@@ -172,6 +172,33 @@ def test_unit_scales_run_the_full_branch_only(pipe, media):
     assert [kw["hidden_states"].shape[0] for kw in calls.inputs] == [1] * STEPS
 
 
+def test_dynamic_shift_samples_at_eq3_of_the_calls_tokens(pipe, media):
+    """guidance.dynamic_shift (the tiny profile's): the scheduler's sigmas are those of a fixed
+    shift s = eq. 3 at the call's DiT tokens, targets plus references."""
+    from diffusers import UniPCMultistepScheduler
+
+    from loomcore.diffusion.flow import dynamic_shift
+
+    c = pipe.config
+    assert c.dynamic_shift and pipe.scheduler.config.use_dynamic_shifting
+
+    def expected_sigmas(tokens):
+        s = dynamic_shift(tokens, c.shift_scale, c.shift_base_tokens, c.shift_min, c.shift_max)
+        ref = UniPCMultistepScheduler.from_config({**pipe.scheduler.config, "use_dynamic_shifting": False,
+                                                   "flow_shift": s})
+        ref.set_timesteps(STEPS)
+        return ref.sigmas
+
+    per_frame = (32 // 4) * (32 // 4)  # 2× codec, 2×2 patch
+    _run(pipe, prompt="a red circle", num_frames=1, height=32, width=32)
+    torch.testing.assert_close(pipe.scheduler.sigmas, expected_sigmas(per_frame))
+    _run(pipe, prompt="a red circle moves left", num_frames=5, height=32, width=32)
+    torch.testing.assert_close(pipe.scheduler.sigmas, expected_sigmas(5 * per_frame))
+    _run(pipe, prompt="@Figure 1 beside @Figure 2", references=[media["ref1"], media["ref2"]], num_frames=1,
+         height=32, width=32)
+    torch.testing.assert_close(pipe.scheduler.sigmas, expected_sigmas(3 * per_frame))  # + two references
+
+
 def test_default_scales_follow_the_task(pipe, media):
     assert pipe.resolve_inputs("a red circle").guidance_scale == 5.0  # generation
     assert pipe.resolve_inputs("@Figure 1 runs", references=[media["ref1"]]).guidance_scale == 5.0  # mi2v (release)

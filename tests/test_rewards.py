@@ -115,10 +115,11 @@ def test_pickscore_names_a_folder_that_is_not_a_clip(tmp_path):
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    """20 Shapes samples with their ground truth (every task kind twice)."""
+    """20 Shapes samples with their ground truth (every task kind twice), drawn at 64×64-ish sizes
+    (the tiny profile draws at 48: there 3-pixel blotches are as large as its smallest shapes)."""
     from loomcore.data.synthetic import generate_shapes_dataset, load_ground_truth
 
-    cfg = load_config(profile="tiny")
+    cfg = load_config(["buckets.720p.area_side=64", "buckets.720p.sizes=[[64,64],[80,48],[48,80]]"], profile="tiny")
     root = tmp_path_factory.mktemp("shapes")
     generate_shapes_dataset(root, cfg, num_samples=20, seed=3)
     return load_ground_truth(root)

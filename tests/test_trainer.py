@@ -51,8 +51,11 @@ def ws(tiny_workspace, tmp_path_factory):
 
 
 def _overrides(ws, name: str, *extra: str) -> list:
+    """One intra-op thread per rank: the bitwise resume and 1-vs-2-process comparisons hold at
+    a fixed thread count, and two ranks × two threads would oversubscribe the 2-core machine."""
     cfg, overrides, root = ws
-    return [*overrides, f"paths.runs={root / name / 'runs'}", f"train.out_dir={root / name / 'out'}", *extra]
+    return [*overrides, f"paths.runs={root / name / 'runs'}", f"train.out_dir={root / name / 'out'}",
+            "train.cpu_threads=1", *extra]
 
 
 def _steps(root: Path, stage: str = "stage1") -> list:
