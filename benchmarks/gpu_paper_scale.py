@@ -29,7 +29,8 @@ a part records (an OOM that says the model does not fit, a failed compile) are l
 --tiny: the tiny profile's dims and a 9×64×96 video for every part, on a CPU unless --device
 says otherwise; its sampling part swaps the tiny profile's space-to-depth codec for a tiny Wan VAE
 (`models.codec=wan`, `codec.spatial_factor=4`, `codec.temporal_factor=2`) so that both pipelines
-decode with the same class.
+decode with the same class, and samples at the fixed flow_shift (`guidance.dynamic_shift=false`) as
+diffusers' WanPipeline does.
 """
 
 from __future__ import annotations
@@ -55,7 +56,8 @@ from loomcore.config import load_config
 MODULES = {"train": _gpu_train, "attention": _gpu_attention, "edit": _gpu_edit, "sampling": _gpu_sampling}
 TINY_GEOMETRY = edit_overhead.Geometry(video=(9, 64, 96), image=(64, 96), short_video=(5, 32, 32), context=32,
                                        pack_contexts=(32, 16, 16, 24))
-TINY_OVERRIDES = ("models.codec=wan", "codec.spatial_factor=4", "codec.temporal_factor=2")
+TINY_OVERRIDES = ("models.codec=wan", "codec.spatial_factor=4", "codec.temporal_factor=2",
+                  "guidance.dynamic_shift=false")  # diffusers' WanPipeline samples at the fixed flow_shift
 DEFAULTS = {  # per scale: timing and sizes
     "paper": dict(warmup=3, repeats=10, steps=50, matmul_size=8192),
     "tiny": dict(warmup=1, repeats=2, steps=2, matmul_size=256),

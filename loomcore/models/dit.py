@@ -406,14 +406,17 @@ class LoomDiT(ModelMixin, ConfigMixin):
 
     def _embed_targets(self, tokens: torch.Tensor, source: torch.Tensor | None, t_flow: torch.Tensor) -> torch.Tensor:
         """paper §3.1, eq. 2: h = P(z_t) + t·P_src(z_src); no source means z_src = 0, i.e. t·bias.
-        The zero source still goes through P_src (as in the release): its weight then gets a zero
-        gradient rather than none, so every FSDP2 rank reduce-scatters the same gradients whether
-        or not its pack holds a source (a rank without one aborted the collective)."""
+        When training, a zero source still goes through P_src (as in the release): its weight then
+        gets a zero gradient rather than none, so every FSDP2 rank reduce-scatters the same
+        gradients whether or not its pack holds a source (a rank without one aborted the
+        collective). Without gradients, 0·W + b is b: no matmul is spent on zeros."""
         x = F.linear(tokens, *_patch_linear(self.patch_embedding))  # [N, D]
         if self.source_patch_embedding is None:
             return x
         weight, bias = _patch_linear(self.source_patch_embedding)
-        src = F.linear((source if source is not None else torch.zeros_like(tokens)).to(x.dtype), weight, bias)
+        if source is None and torch.is_grad_enabled() and weight.requires_grad:
+            source = torch.zeros_like(tokens)
+        src = F.linear(source.to(x.dtype), weight, bias) if source is not None else bias.expand_as(x)
         return x + (src.float() * t_flow[:, None]).to(x.dtype)
 
     def _block_step(self, block, x, context, project, time_rows, time_index, rotary, self_segments, cross_segments):
