@@ -245,7 +245,7 @@ def test_wan_codec_and_euler_scheduler_load_with_plain_diffusers_classes(project
     pipe.set_progress_bar_config(disable=True)
     assert isinstance(pipe.vae, AutoencoderKLWan) and isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler)
     frames = pipe("a red circle", num_frames=1, num_inference_steps=2, generator=torch.Generator().manual_seed(0)).frames
-    assert frames.shape == (1, 1, 32, 32, 3) and 0 <= frames.min() and frames.max() <= 1
+    assert frames.shape == (1, 1, cfg.guidance.height, cfg.guidance.width, 3) and 0 <= frames.min() and frames.max() <= 1
 
 
 # --------------------------------------------------------------------------------------------
