@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 
 import pyarrow.parquet as pq
 import pytest
@@ -37,8 +38,10 @@ def test_cache_resumes_at_the_first_unfinished_shard(tiny_workspace, tmp_path):
     index = pq.read_table(out / "index.parquet").to_pylist()
     manifest_ids = {r["id"] for s in ("train", "eval") for r in pq.read_table(cfg.paths.manifests + f"/{s}.parquet").to_pylist()}
     assert {r["id"] for r in index} == manifest_ids  # every kept row is cached (the plan covers all tasks)
-    summary = json.loads((out / "cache.json").read_text())
-    assert summary["bytes_per_sample"]["cached_features"] > 0 and summary["bytes_per_sample"]["online_inputs"] > 0
+    assert second["bytes_per_sample"]["cached_features"] > 0 and second["bytes_per_sample"]["online_inputs"] > 0
+    summary = json.loads((out / "cache.json").read_text())  # the content only: nothing of the run that wrote it
+    assert summary["samples"] == len(index) and summary["bytes_per_sample"].keys() == {"stored"}
+    assert not {"shards_written", "shards_skipped", "timing"} & summary.keys()
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +80,136 @@ def test_cached_entries_match_the_codec_and_index(tiny_workspace, cache_dir):
     assert rows and all(r["tokens"] == r["dit_tokens"] + r["context_tokens"] for r in rows)
 
 
+def _record_checksum(cache, shard):
+    """Record `shard`'s current sha256 in the index, as if the cache stage had written it so."""
+    import pyarrow as pa
+
+    from loomcore.data.loader import file_sha256
+
+    index = pq.read_table(cache / "index.parquet")
+    rows = [dict(r, shard_sha256=file_sha256(cache / shard)) if r["shard"] == shard else r for r in index.to_pylist()]
+    pq.write_table(pa.Table.from_pylist(rows, schema=index.schema), cache / "index.parquet")
+
+
+def _flip(path, n=4096):
+    """Invert n bytes in the middle of a file's tensor data (the safetensors header still parses)."""
+    data = bytearray(path.read_bytes())
+    start = len(data) - min(n, len(data) // 2) - 8
+    data[start:start + n] = bytes(b ^ 0xFF for b in data[start:start + n])
+    path.write_bytes(bytes(data))
+
+
+def _snapshot(root):
+    """{relative path: bytes} of every file under root."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _with_cache(cfg, path):
+    import dataclasses
+
+    return dataclasses.replace(cfg, paths=dataclasses.replace(cfg.paths, cache=str(path)))
+
+
+def test_flipped_bytes_in_a_shard_stop_the_next_training_read(tiny_workspace, cache_dir, tmp_path):
+    import shutil
+
+    from loomcore.data.loader import file_sha256
+
+    cfg, _ = tiny_workspace
+    bad = tmp_path / "bad"
+    shutil.copytree(cache_dir, bad)
+    row = read_index(bad, "train", "256p")[0]
+    _flip(bad / row["shard"])
+    loader = PackedLoader(bad, {row["task"]: 1.0}, 10_000, "256p", seed=0)
+    with pytest.raises(CacheError, match=rf"cache shard {bad / row['shard']}: sha256 {file_sha256(bad / row['shard'])}, "
+                                         rf"the index says {row['shard_sha256']}"):
+        for _ in range(30):
+            next(loader)
+
+
+def test_a_rerun_that_resumes_every_shard_changes_nothing(tiny_workspace, cache_dir, tmp_path):
+    """The DVC out after a no-op rerun is byte for byte the one before (index, cache.json, shards),
+    so DVC sees no change and a training run keeps its run directory (and its checkpoints). A
+    killed run's temp files are removed when the next one starts."""
+    import shutil
+    from pathlib import Path
+
+    import pyarrow as pa
+
+    from loomcore.train.stage_io import stage_run_dir
+
+    cfg, _ = tiny_workspace
+    out = tmp_path / "cache"
+    shutil.copytree(cache_dir, out)
+    before = _snapshot(out)
+    key = stage_run_dir(_with_cache(cfg, out), "stage1", Path(cfg.models.transformer))
+    stale = [out / ".index.parquet.tmp-999999999", out / f".{sorted(out.glob('train-*.safetensors'))[0].name}.tmp-999999999"]
+    for p in stale:
+        p.write_bytes(b"half a file from a killed run")
+    summary = build_cache(cfg, out_dir=out, progress=False)
+    assert summary["shards_skipped"] == summary["shards"] and summary["shards_written"] == 0
+    assert summary["shards_rewritten"] == [] and sorted(summary["stale_temp_files_removed"]) == sorted(p.name for p in stale)
+    assert summary["timing"]["seconds"] > 0  # the run's numbers are returned, not written into the out
+    assert _snapshot(out) == before
+    assert stage_run_dir(_with_cache(cfg, out), "stage1", Path(cfg.models.transformer)) == key
+    # the key follows the content: another shard checksum in the index is another run
+    index = pq.read_table(out / "index.parquet")
+    rows = index.to_pylist()
+    rows[0]["shard_sha256"] = "0" * 64
+    pq.write_table(pa.Table.from_pylist(rows, schema=index.schema), out / "index.parquet")
+    assert stage_run_dir(_with_cache(cfg, out), "stage1", Path(cfg.models.transformer)) != key
+
+
+def test_resume_rewrites_a_corrupted_shard_and_null_context(tiny_workspace, cache_dir, tmp_path):
+    import shutil
+
+    from loomcore.data.cache import CacheWarning
+
+    cfg, _ = tiny_workspace
+    out = tmp_path / "cache"
+    shutil.copytree(cache_dir, out)
+    before = _snapshot(out)
+    shard = sorted(out.glob("train-*.safetensors"))[-1]  # (the smallest plan's last shard: quick to re-encode)
+    for p in (shard, out / "null.safetensors"):
+        _flip(p)
+    with pytest.warns(CacheWarning) as warned:
+        summary = build_cache(cfg, out_dir=out, progress=False)
+    digests = r"sha256 [0-9a-f]{64}, (its index part|the index) says [0-9a-f]{64}; rewriting it"
+    assert len(warned) == 2, [str(w.message) for w in warned]
+    assert re.fullmatch(rf"cache shard {shard}: {digests}", str(warned[0].message))
+    assert re.fullmatch(rf"cache shard {out / 'null.safetensors'}: {digests}", str(warned[1].message))
+    assert summary["shards_written"] == 1 and summary["shards_skipped"] == summary["shards"] - 1
+    assert [r["shard"] for r in summary["shards_rewritten"]] == [shard.name, "null.safetensors"]
+    assert all("sha256" in r["reason"] for r in summary["shards_rewritten"])
+    assert _snapshot(out) == before  # encoding is deterministic: the very bytes that were there
+
+
+def test_non_finite_values_stop_the_cache_stage_naming_the_sample(tiny_workspace, tmp_path, one_cpu_thread):
+    """A NaN latent is refused before its shard is written (it would surface steps into training
+    as a non-finite loss that names nothing)."""
+    cfg, _ = tiny_workspace
+    codec = load_codec(cfg.models.codec, cfg.models.vae)
+
+    class NaNOnce:  # the codec, except that its first latent has a NaN
+        calls = 0
+
+        def encode(self, x):
+            z = codec.encode(x)
+            NaNOnce.calls += 1
+            if NaNOnce.calls == 1:
+                z.view(-1)[3] = float("nan")
+            return z
+
+    res, tasks = next(iter(plan(cfg).items()))  # the first shard: the first train row of the first resolution
+    rows = pq.read_table(cfg.paths.manifests + "/train.parquet").to_pylist()
+    first = min((r for r in rows if r["task"] in tasks), key=lambda r: r["id"])
+    out = tmp_path / "cache"
+    with pytest.raises(FloatingPointError, match=rf"sample {first['id']} \({first['task']}, {res}\): tensor 'target' "
+                                                 r"has non-finite values \(1 NaN, 0 inf .*its shard is not written"):
+        build_cache(cfg, out_dir=out, codec=NaNOnce(), progress=False)
+    assert not out.exists() or not any(out.iterdir())  # nothing written, not even a temp file
+
+
 def test_a_shard_that_disagrees_with_the_index_is_named(tiny_workspace, cache_dir, tmp_path):
     import shutil
 
@@ -89,6 +222,7 @@ def test_a_shard_that_disagrees_with_the_index_is_named(tiny_workspace, cache_di
     key = f"{row['id']}/target"
     data[key] = data[key].to(torch.float16)
     save_file(data, bad / row["shard"])
+    _record_checksum(bad, row["shard"])  # a writer's mistake, not a corruption: the checksum passes
     loader = PackedLoader(bad, {row["task"]: 1.0}, 10_000, "256p", seed=0)
     with pytest.raises(CacheError, match=rf"{row['shard']}.*dtype torch.float16, the index says float32"):
         for _ in range(30):

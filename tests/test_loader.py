@@ -41,8 +41,8 @@ def _write_cache(root, n_per_task=12, shard_size=16, seed=0):
         tensors = {k: v for t, _ in chunk for k, v in t.items()}
         shards.write_shard(root, name, tensors, [r for _, r in chunk])
         names.append(name)
-    shards.write_null_context(root, torch.zeros(2, 1, 16))
-    shards.finalize(root, names)
+    null = shards.write_null_context(root, torch.zeros(2, 1, 16))
+    shards.finalize(root, names, null)
     return names
 
 
@@ -125,12 +125,74 @@ def test_missing_task_is_named(cache_dir):
 
 def test_shard_disagreeing_with_index_is_named(tmp_path):
     names = _write_cache(tmp_path, n_per_task=2, shard_size=8)
-    idx = pq.read_table(tmp_path / "index.parquet").to_pylist()
+    index = pq.read_table(tmp_path / "index.parquet")
+    idx = index.to_pylist()
     entries = json.loads(idx[0]["tensors"])
     entries["target"][1] = [9, 9, 9, 9]
     idx[0]["tensors"] = json.dumps(entries)
-    pq.write_table(__import__("pyarrow").Table.from_pylist(idx, schema=shards.INDEX_SCHEMA), tmp_path / "index.parquet")
+    pq.write_table(__import__("pyarrow").Table.from_pylist(idx, schema=index.schema), tmp_path / "index.parquet")
     loader = PackedLoader(tmp_path, {k: 0.1 for k in TASK_KINDS}, max_tokens=10_000, resolution="256p", seed=0)
     with pytest.raises(CacheError, match=rf"{names[0]}.*has shape .* the index says \[9, 9, 9, 9\]"):
         for _ in range(50):
             next(loader)
+
+
+def _flip_tail(path, n: int = 4096) -> None:
+    """Invert the last n bytes of a file (at most half of it): tensor data, past the safetensors
+    header, so the file still opens and only a checksum can tell."""
+    data = bytearray(path.read_bytes())
+    n = min(n, len(data) // 2)
+    data[-n:] = bytes(b ^ 0xFF for b in data[-n:])
+    path.write_bytes(bytes(data))
+
+
+def test_flipped_bytes_in_a_shard_stop_the_loader_naming_it(tmp_path):
+    from loomcore.data.loader import file_sha256
+
+    names = _write_cache(tmp_path, n_per_task=2, shard_size=8)
+    row = next(r for r in read_index(tmp_path, "train", "256p") if r["shard"] == names[1])
+    shard = tmp_path / names[1]
+    _flip_tail(shard)
+    loader = PackedLoader(tmp_path, {k: 0.1 for k in TASK_KINDS}, max_tokens=10_000, resolution="256p", seed=0)
+    with pytest.raises(CacheError, match=rf"cache shard {shard}: sha256 {file_sha256(shard)}, the index says {row['shard_sha256']}"):
+        for _ in range(50):  # every shard is drawn within a few batches
+            next(loader)
+
+
+def test_a_shard_is_hashed_once_per_process(tmp_path, monkeypatch):
+    from loomcore.data import loader as loader_module
+    from loomcore.data.loader import ShardReader, load_sample
+
+    names = _write_cache(tmp_path, n_per_task=2, shard_size=8)
+    hashed = []
+    real = loader_module.file_sha256
+    monkeypatch.setattr(loader_module, "file_sha256", lambda p: hashed.append(p.name) or real(p))
+    monkeypatch.setattr(loader_module, "_VERIFIED", set())
+    rows = read_index(tmp_path, "train", "256p")
+    for _ in range(2):  # two readers (the trainer's and the validation's): one hash per shard in all
+        reader = ShardReader(tmp_path, max_open=1)  # handles closed and reopened between shards
+        for r in rows + rows[::-1]:
+            load_sample(reader, r)
+    PackedLoader(tmp_path, {"t2v": 1.0}, max_tokens=300, resolution="256p", seed=0)  # loads the null context
+    PackedLoader(tmp_path, {"t2v": 1.0}, max_tokens=300, resolution="256p", seed=0)
+    assert sorted(hashed) == sorted([*names, shards.NULL_SHARD])
+
+
+def test_a_corrupted_null_context_or_an_index_without_checksums_is_named(tmp_path):
+    import pyarrow as pa
+
+    _write_cache(tmp_path, n_per_task=2, shard_size=8)
+    index = pq.read_table(tmp_path / "index.parquet")
+    null = tmp_path / shards.NULL_SHARD
+    _flip_tail(null, 16)
+    with pytest.raises(CacheError, match=rf"cache shard {null}: sha256 [0-9a-f]{{64}}, the index says [0-9a-f]{{64}}"):
+        PackedLoader(tmp_path, {"t2v": 1.0}, max_tokens=300, resolution="256p", seed=0)
+    # an index from before checksums: neither the null context nor a shard can be verified
+    old = pa.Table.from_pylist(index.drop_columns(["shard_sha256"]).to_pylist())
+    pq.write_table(old, tmp_path / "index.parquet")
+    with pytest.raises(CacheError, match=rf"cache shard {null}: .*records no checksum for it.*rerun the cache stage"):
+        PackedLoader(tmp_path, {"t2v": 1.0}, max_tokens=300, resolution="256p", seed=0)
+    null.unlink()
+    loader = PackedLoader(tmp_path, {"t2v": 1.0}, max_tokens=300, resolution="256p", seed=0)
+    with pytest.raises(CacheError, match=r"index.parquet: no shard checksums .*rerun the cache stage"):
+        next(loader)

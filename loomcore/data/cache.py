@@ -14,7 +14,16 @@ The default follows the numbers: at paper scale 30 layers × ~500 tokens × 4096
 so paper is `online`; the tiny profile's features are a few KB, so tiny is `cached`.
 
 Shards are the unit of resume (loomcore.data.shards): a killed run restarts at the first
-unfinished shard and never rewrites a finished one.
+unfinished shard, and resumes a finished one only if its bytes match the sha256 its index part
+records (else rewrites it, and says so). A non-finite value in an encoded tensor stops the stage
+before its shard is written, naming the sample and the tensor: a NaN latent would otherwise
+surface steps into training as a loss that names nothing.
+
+`cache.json` (in the DVC out) describes the cache's content only, so that a rerun that resumes
+every shard leaves the out byte for byte as it was (and the training run keys, which hash the
+index, with it). What a run did — shards written, resumed and rewritten, seconds, the MLLM bytes
+measured on the samples it encoded — is in the summary `build_cache` returns, which the stage
+logs and publishes.
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+import warnings
 from collections import defaultdict
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
@@ -33,6 +43,7 @@ from tqdm import tqdm
 from loomcore.config import STAGES, Config
 from loomcore.data import shards
 from loomcore.data.buckets import nearest_size, resize_center_crop
+from loomcore.data.loader import NULL_SHARD, file_sha256, null_record
 from loomcore.data.tasks import task_spec
 from loomcore.data.video_io import read_image, read_video
 from loomcore.diffusion.flow import dit_token_count
@@ -85,6 +96,17 @@ def _nbytes(tensors: Dict[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
+def _require_finite(t: torch.Tensor, what: str) -> None:
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        nan, inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+        raise FloatingPointError(f"cache: {what} has non-finite values ({nan} NaN, {inf} inf of {t.numel()}); "
+                                 f"its shard is not written")
+
+
+class CacheWarning(UserWarning):
+    """A finished shard was rewritten on resume; the message names it and says why."""
+
+
 def build_cache(
     cfg: Config,
     manifests: Optional[Path] = None,
@@ -109,6 +131,7 @@ def build_cache(
     manifests = Path(manifests or cfg.paths.manifests)
     out_dir = Path(out_dir or cfg.paths.cache)
     data_root = Path(data_root or cfg.paths.data_root)
+    stale_temps = shards.remove_stale_temps(out_dir)  # a killed run's; this run has written nothing yet
     rows: List[dict] = []
     for split in ("train", "eval"):
         path = manifests / f"{split}.parquet"
@@ -125,6 +148,7 @@ def build_cache(
     # of params or data never lets a stale shard pass for a fresh one (the out is `persist`).
     settings = json.dumps([cfg.profile, mode, cfg.models.codec, cfg.models.vae, cfg.models.mllm,
                            cfg.fingerprint("codec", "video", "buckets", "mllm"), list(cfg.dit.patch_size)])
+    settings_digest = hashlib.sha256(settings.encode()).hexdigest()[:12]
     work: List[Tuple[str, str, List[dict]]] = []  # (shard name, resolution, rows)
     for res, tasks in plan(cfg).items():
         for split in ("train", "eval"):
@@ -136,20 +160,24 @@ def build_cache(
                 work.append((f"{split}-{res}-{i // n:05d}-{digest}.safetensors", res, chunk))
 
     total = sum(len(w[2]) for w in work)
-    done_rows, written, skipped_shards, skipped_rows = 0, 0, 0, []
+    done_rows, written, resumed, rewritten = 0, 0, 0, []
     bytes_by_mode = {"cached": 0, "online": 0, "samples": 0}
     bar = tqdm(total=total, desc="cache", unit="sample", disable=not progress)
     for name, res, chunk in work:
-        if shards.shard_done(out_dir, name):
-            skipped_shards += 1
+        done = shards.shard_done(out_dir, name)
+        problem = shards.resume_problem(out_dir, name) if done else None
+        if done and problem is None:
+            resumed += 1
         elif stop_after_shards is not None and written >= stop_after_shards:
             break
         else:
+            if problem is not None:
+                rewritten.append({"shard": name, "reason": problem})
+                warnings.warn(f"cache shard {out_dir / name}: {problem}; rewriting it", CacheWarning, stacklevel=2)
             codec = codec or load_codec(cfg.models.codec, cfg.models.vae)
             encoder = encoder or MLLMEncoder.from_config(cfg)
             tensors, index_rows, skipped = _encode_chunk(cfg, chunk, res, media, codec, encoder, mode, dtype, MLLMRequest, bytes_by_mode)
-            skipped_rows += skipped
-            shards.write_shard(out_dir, name, tensors, index_rows)
+            shards.write_shard(out_dir, name, tensors, index_rows, skipped)
             written += 1
         done_rows += len(chunk)
         bar.update(len(chunk))
@@ -158,40 +186,83 @@ def build_cache(
     bar.close()
     finished = [w[0] for w in work if shards.shard_done(out_dir, w[0])]
     complete = len(finished) == len(work)
+    run = {  # what this run did: returned and logged, never written into the out
+        "complete": complete,
+        "shards": len(work),
+        "shards_written": written,  # rewritten ones included
+        "shards_skipped": resumed,  # resumed: finished, and their bytes match their digests
+        "shards_rewritten": rewritten,
+        "stale_temp_files_removed": stale_temps,
+        "feature_mode": mode,
+        "plan": plan(cfg),
+    }
     if complete:
-        if mode == "cached" and not (out_dir / "null.safetensors").is_file():
-            encoder = encoder or MLLMEncoder.from_config(cfg)
-            null = encoder.encode([MLLMRequest(task="t2i", drop="all")])
-            shards.write_null_context(out_dir, null.hidden_states[0, :, : int(null.lengths[0])].to(dtype))
-        n_index, _ = shards.finalize(out_dir, finished)
-        shards.remove_stale(out_dir, finished)
+        null = None
+        if mode == "cached":
+            null, why = _null_context(out_dir, settings_digest)
+            if null is None:
+                if why is not None:
+                    rewritten.append({"shard": NULL_SHARD, "reason": why})
+                    warnings.warn(f"cache shard {out_dir / NULL_SHARD}: {why}; rewriting it", CacheWarning, stacklevel=2)
+                encoder = encoder or MLLMEncoder.from_config(cfg)
+                empty = encoder.encode([MLLMRequest(task="t2i", drop="all")])
+                context = empty.hidden_states[0, :, : int(empty.lengths[0])].to(dtype)
+                _require_finite(context, "the null context (the empty condition's MLLM features)")
+                null = shards.write_null_context(out_dir, context, settings_digest)
+        shards.finalize(out_dir, finished, null)
+        shards.remove_stale(out_dir, finished, keep_null=mode == "cached")
+        content = _describe(cfg, out_dir, finished, len(work))
+        (out_dir / CACHE_SUMMARY).write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")
+        run.update(content, bytes_per_sample=dict(content.get("bytes_per_sample", {})))
     else:
-        n_index = None
-    index_rows = pq.read_table(out_dir / shards.INDEX_FILE).to_pylist() if complete else []
+        run.update(samples=None, per_resolution={}, skipped_rows=shards.skipped_rows(out_dir, finished))
+    if bytes_by_mode["samples"]:
+        n = bytes_by_mode["samples"]  # measured on the samples encoded by this run
+        run.setdefault("bytes_per_sample", {}).update(cached_features=bytes_by_mode["cached"] // n, online_inputs=bytes_by_mode["online"] // n)
+    seconds = time.monotonic() - t0
+    run["timing"] = {"seconds": round(seconds, 3)}
+    if n_encoded := bytes_by_mode["samples"]:
+        run["timing"]["samples_per_s"] = round(n_encoded / max(seconds, 1e-9), 2)
+    return run
+
+
+def _null_context(out_dir: Path, settings_digest: str) -> Tuple[Optional[dict], Optional[str]]:
+    """(record, None) when the null context on disk can be kept: the previous index recorded it
+    with these settings and its bytes match; else (None, why it cannot) — why is None when there
+    is nothing to rewrite."""
+    path = out_dir / NULL_SHARD
+    if not path.is_file():
+        return None, None
+    record = null_record(out_dir)  # the previous complete run's index
+    if record is None:
+        return None, "no recorded sha256 (a run was killed before its index, or an older cache stage wrote it)"
+    if record.get("settings") != settings_digest:
+        return None, "encoded with other settings"
+    actual = file_sha256(path)
+    if actual != record["sha256"]:
+        return None, f"sha256 {actual}, the index says {record['sha256']}"
+    return record, None
+
+
+def _describe(cfg: Config, out_dir: Path, finished: List[str], n_shards: int) -> dict:
+    """cache.json: what the cache holds, from its index and index parts only (nothing of the
+    run that wrote it), so a rerun that changes no shard writes the same bytes."""
+    index_rows = pq.read_table(out_dir / shards.INDEX_FILE, columns=["resolution", "bytes"]).to_pylist()
     per_res = defaultdict(int)
     for r in index_rows:
         per_res[r["resolution"]] += 1
-    summary = {
-        "complete": complete,
-        "samples": n_index,
-        "shards": len(work),
-        "shards_written": written,
-        "shards_skipped": skipped_shards,
-        "feature_mode": mode,
+    content = {
+        "complete": True,
+        "samples": len(index_rows),
+        "shards": n_shards,
+        "feature_mode": cfg.mllm.feature_mode,
         "per_resolution": dict(sorted(per_res.items())),
         "plan": plan(cfg),
-        "skipped_rows": skipped_rows,  # rows that cannot be cached at a resolution, with why
-        "timing": {"seconds": round(time.monotonic() - t0, 3)},
+        "skipped_rows": shards.skipped_rows(out_dir, finished),  # rows that cannot be cached at a resolution, with why
     }
     if index_rows:
-        summary["bytes_per_sample"] = {"stored": sum(r["bytes"] for r in index_rows) // len(index_rows)}
-    if bytes_by_mode["samples"]:
-        n = bytes_by_mode["samples"]  # measured on the samples encoded by this run
-        summary.setdefault("bytes_per_sample", {}).update(cached_features=bytes_by_mode["cached"] // n, online_inputs=bytes_by_mode["online"] // n)
-        summary["timing"]["samples_per_s"] = round(n / max(summary["timing"]["seconds"], 1e-9), 2)
-    if complete:
-        (out_dir / CACHE_SUMMARY).write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
-    return summary
+        content["bytes_per_sample"] = {"stored": sum(r["bytes"] for r in index_rows) // len(index_rows)}
+    return content
 
 
 def _encode_chunk(cfg, chunk, res, media, codec, encoder, mode, dtype, MLLMRequest, bytes_by_mode):
@@ -231,6 +302,7 @@ def _encode_chunk(cfg, chunk, res, media, codec, encoder, mode, dtype, MLLMReque
 
         def put(name, t):
             key = f"{sid}/{name}"
+            _require_finite(t, f"sample {sid} ({row['task']}, {res}): tensor {name!r}")
             own[key] = t
             entries[name] = shards.tensor_entry(key, t)
 

@@ -7,15 +7,21 @@ sorted index is ≡ r mod world_size, so ranks never see the same sample). Draws
 
 Everything that decides the next batch — the numpy generator's state, the packer's buffer and the
 step count — is in `state_dict()`, so a resumed run gets exactly the batch it would have had.
+
+Integrity: the index records every shard's sha256 (column `shard_sha256`; the null context's in the
+index's metadata). A process hashes a shard the first time it opens it and refuses one whose bytes
+disagree, naming the file: flipped bytes in a shard would otherwise train silently (safetensors
+checks only the header). One hash per shard per process; a second reader of it trusts the first.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional
+from typing import Dict, List, Mapping, Optional, Set, Tuple
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -26,10 +32,65 @@ from loomcore.data.packing import BufferedPacker, Item
 
 INDEX_FILE = "index.parquet"
 NULL_SHARD = "null.safetensors"
+SHARD_SHA256 = "shard_sha256"  # index column: sha256 of the whole shard file the row lives in
+NULL_RECORD_KEY = b"loom.null_context"  # index metadata: JSON {"sha256", "settings"} of NULL_SHARD
+_HASH_CHUNK_BYTES = 1 << 20
 
 
 class CacheError(ValueError):
     """The cache on disk disagrees with its index (names the shard and the key)."""
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK_BYTES):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# Shard files this process has hashed and found as recorded: (path, inode, size, mtime, digest).
+# A file replaced or rewritten since has another stat and is hashed again.
+_VERIFIED: Set[Tuple[str, int, int, int, str]] = set()
+
+
+def verify_shard(path: Path, expected: str) -> None:
+    """Raise CacheError unless the bytes of `path` have the sha256 `expected` (once per process)."""
+    st = path.stat()
+    key = (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns, expected)
+    if key in _VERIFIED:
+        return
+    actual = file_sha256(path)
+    if actual != expected:
+        raise CacheError(f"cache shard {path}: sha256 {actual}, the index says {expected} (its bytes changed after "
+                         f"the cache stage wrote it; rerun the cache stage, which rewrites it)")
+    _VERIFIED.add(key)
+
+
+def shard_digests(cache_dir: Path | str) -> Dict[str, str]:
+    """{shard name: sha256} from the index. An index without the column is refused: it was written
+    by a cache stage older than shard checksums, and its shards cannot be verified."""
+    path = Path(cache_dir) / INDEX_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no cache index (run the cache stage first)")
+    if SHARD_SHA256 not in pq.read_schema(path).names:
+        raise CacheError(f"{path}: no shard checksums (column {SHARD_SHA256!r}): written by a cache stage older "
+                         f"than them; rerun the cache stage (it rewrites the shards)")
+    table = pq.read_table(path, columns=["shard", SHARD_SHA256])
+    digests: Dict[str, str] = {}
+    for shard, digest in zip(table.column("shard").to_pylist(), table.column(SHARD_SHA256).to_pylist()):
+        if digests.setdefault(shard, digest) != digest:
+            raise CacheError(f"{path}: shard {shard} has two checksums ({digests[shard]}, {digest})")
+    return digests
+
+
+def null_record(cache_dir: Path | str) -> Optional[dict]:
+    """The index's record of the null context ({"sha256", "settings"}), or None."""
+    path = Path(cache_dir) / INDEX_FILE
+    if not path.is_file():
+        return None
+    raw = (pq.read_schema(path).metadata or {}).get(NULL_RECORD_KEY)
+    return json.loads(raw) if raw else None
 
 
 @dataclass
@@ -65,20 +126,27 @@ class Batch:
 
 
 class ShardReader:
-    """Reads tensors out of safetensors shards lazily, checking them against the index."""
+    """Reads tensors out of safetensors shards lazily, checking them against the index: a shard's
+    sha256 when it is first opened in this process, each tensor's shape and dtype when read."""
 
     def __init__(self, root: Path, max_open: int = 8):
         self.root = Path(root)
         self.max_open = max_open
         self._open: "OrderedDict[str, object]" = OrderedDict()
+        self._digests: Optional[Dict[str, str]] = None  # read from the index on first use
 
     def _handle(self, shard: str):
         if shard in self._open:
             self._open.move_to_end(shard)
             return self._open[shard]
         path = self.root / shard
+        if self._digests is None:
+            self._digests = shard_digests(self.root)
+        if shard not in self._digests:
+            raise CacheError(f"cache shard {path}: not listed in {self.root / INDEX_FILE}")
         if not path.is_file():
             raise CacheError(f"cache shard {path} is listed in the index but missing")
+        verify_shard(path, self._digests[shard])
         try:
             h = safe_open(str(path), framework="pt")
         except Exception as e:
@@ -125,10 +193,16 @@ def load_sample(reader: ShardReader, row: Mapping) -> Sample:
 
 
 def load_null_context(cache_dir: Path | str) -> Optional[torch.Tensor]:
-    """The features of the empty condition (all-dropout and the unconditional branch)."""
+    """The features of the empty condition (all-dropout and the unconditional branch), checked
+    against the sha256 the index records for them."""
     path = Path(cache_dir) / NULL_SHARD
     if not path.is_file():
         return None
+    record = null_record(cache_dir)
+    if record is None:
+        raise CacheError(f"cache shard {path}: {Path(cache_dir) / INDEX_FILE} records no checksum for it (left by "
+                         f"an older cache stage or another mllm.feature_mode); rerun the cache stage")
+    verify_shard(path, record["sha256"])
     with safe_open(str(path), framework="pt") as h:
         return h.get_tensor("context")
 

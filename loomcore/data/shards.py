@@ -1,26 +1,31 @@
 """Writing the cache: safetensors shards + a Parquet index, atomically and resumably.
 
-A shard is the unit of work and of resume. For shard `name`, the writer puts
-`name.index.parquet` (its index rows) and then `name` (the tensors) in place, each through a
-temporary file and an atomic rename, so that a shard file that exists is complete and has its
-index part. A killed run restarts at the first shard that is not there and never rewrites a
-finished one. `finalize()` concatenates the parts into `index.parquet` in shard order.
+A shard is the unit of work and of resume. For shard `name`, the writer saves the tensors to a
+temporary file, hashes it, puts `name.index.parquet` (its index rows, each carrying the shard's
+sha256, which the part's metadata also holds, with the rows the shard could not cache) in place,
+then renames the tensors to `name`: a shard file that exists is complete and has an index part
+that records its digest. A killed run restarts at the first shard that is not there; a finished
+one is resumed only if its bytes still match its digest (`resume_problem`), else rewritten.
+`finalize()` concatenates the parts into `index.parquet` in shard order, with the null context's
+record in its metadata. Temporary files are `.<name>.tmp-<pid>`; a killed writer's are removed by
+`remove_stale_temps` when the next run starts.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from collections import defaultdict
 from pathlib import Path
-from typing import Dict, Iterable, List, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from safetensors.torch import save_file
 
-from loomcore.data.loader import INDEX_FILE, NULL_SHARD
+from loomcore.data.loader import INDEX_FILE, NULL_RECORD_KEY, NULL_SHARD, SHARD_SHA256, file_sha256
 
 INDEX_SCHEMA = pa.schema(
     [
@@ -36,12 +41,21 @@ INDEX_SCHEMA = pa.schema(
         ("context_tokens", pa.int64()),
         ("bytes", pa.int64()),  # this sample's tensor bytes in the shard
         ("tensors", pa.string()),  # JSON {name: [key, shape, dtype]} — what the loader checks
+        (SHARD_SHA256, pa.string()),  # sha256 of the shard file's bytes — what the loader verifies
     ]
 )
+# index part metadata: the shard's sha256 (also for a shard without rows) and its skipped rows
+PART_SHA256_KEY = b"loom.shard_sha256"
+PART_SKIPPED_KEY = b"loom.skipped_rows"
+_TEMP_RE = re.compile(r"^\..+\.tmp-(\d+)$")  # `_temp_path`'s names: .<name>.tmp-<pid>
+
+
+def _temp_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
 def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = _temp_path(path)
     try:
         write(tmp)
         os.replace(tmp, path)
@@ -50,23 +64,81 @@ def _atomic_write(path: Path, write) -> None:
             tmp.unlink()
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def remove_stale_temps(root: Path) -> List[str]:
+    """Delete the temporary files of writers that died (`.<name>.tmp-<pid>`, pid gone or our
+    own: this process has written nothing yet). A killed cache stage leaves them inside the DVC
+    out, where they would stay and change its hash."""
+    removed = []
+    if not root.is_dir():
+        return removed
+    for p in sorted(root.iterdir()):
+        m = _TEMP_RE.match(p.name)
+        if m and p.is_file() and (int(m.group(1)) == os.getpid() or not _pid_alive(int(m.group(1)))):
+            p.unlink()
+            removed.append(p.name)
+    return removed
+
+
 def tensor_entry(key: str, t: torch.Tensor) -> list:
     return [key, list(t.shape), str(t.dtype).replace("torch.", "")]
 
 
+def _part(root: Path, name: str) -> Path:
+    return root / f"{name}.index.parquet"
+
+
 def shard_done(root: Path, name: str) -> bool:
-    return (root / name).is_file() and (root / f"{name}.index.parquet").is_file()
+    """The shard and its index part are in place (see `resume_problem` for their bytes)."""
+    return (root / name).is_file() and _part(root, name).is_file()
 
 
-def write_shard(root: Path, name: str, tensors: Dict[str, torch.Tensor], rows: List[dict]) -> None:
-    """Write one shard and its index part. `rows` carry every INDEX_SCHEMA column but 'shard'."""
+def resume_problem(root: Path, name: str) -> Optional[str]:
+    """Why the finished shard `name` may not be resumed as it is, or None: its bytes have the
+    sha256 its index part records. A shard is written once and trusted on every resume after, so
+    a flipped byte there would otherwise reach every run that reads the cache."""
+    try:
+        recorded = (pq.read_schema(_part(root, name)).metadata or {}).get(PART_SHA256_KEY)
+    except pa.ArrowException as e:
+        return f"its index part is unreadable ({e})"
+    if recorded is None:
+        return "its index part records no sha256 (written before shard checksums)"
+    actual = file_sha256(root / name)
+    if actual != recorded.decode():
+        return f"sha256 {actual}, its index part says {recorded.decode()}"
+    return None
+
+
+def write_shard(root: Path, name: str, tensors: Dict[str, torch.Tensor], rows: List[dict],
+                skipped_rows: Sequence[dict] = ()) -> str:
+    """Write one shard and its index part; returns the shard's sha256. `rows` carry every
+    INDEX_SCHEMA column but 'shard' and 'shard_sha256'; `skipped_rows` are the chunk's rows that
+    could not be cached, with why (kept in the part, so a resumed run still reports them)."""
     root.mkdir(parents=True, exist_ok=True)
-    for r in rows:
-        r["shard"] = name
-    table = pa.Table.from_pylist(rows, schema=INDEX_SCHEMA)
-    _atomic_write(root / f"{name}.index.parquet", lambda p: pq.write_table(table, p))
     flat = unaliased(tensors)
-    _atomic_write(root / name, lambda p: save_file(flat, str(p), metadata={"format": "pt"}))
+    tmp = _temp_path(root / name)
+    try:
+        save_file(flat, str(tmp), metadata={"format": "pt"})
+        digest = file_sha256(tmp)
+        for r in rows:
+            r["shard"], r[SHARD_SHA256] = name, digest
+        meta = {PART_SHA256_KEY: digest, PART_SKIPPED_KEY: json.dumps(list(skipped_rows), sort_keys=True)}
+        table = pa.Table.from_pylist(rows, schema=INDEX_SCHEMA.with_metadata(meta))
+        _atomic_write(_part(root, name), lambda p: pq.write_table(table, p))
+        os.replace(tmp, root / name)  # last: the shard exists only with its index part
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return digest
 
 
 def unaliased(tensors: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -89,28 +161,49 @@ def unaliased(tensors: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     return out
 
 
-def write_null_context(root: Path, context: torch.Tensor) -> None:
+def write_null_context(root: Path, context: torch.Tensor, settings: str = "") -> dict:
+    """Write the null context; returns its record for `finalize` ({"sha256", "settings"}:
+    `settings` names what it was encoded with, so that a run with other settings rewrites it)."""
     root.mkdir(parents=True, exist_ok=True)
     _atomic_write(root / NULL_SHARD, lambda p: save_file({"context": context.contiguous()}, str(p)))
+    return {"sha256": file_sha256(root / NULL_SHARD), "settings": settings}
 
 
-def finalize(root: Path, shard_names: Iterable[str]) -> Tuple[int, Path]:
-    """Concatenate the index parts of `shard_names` (in that order) into index.parquet."""
-    tables = [pq.read_table(root / f"{n}.index.parquet") for n in shard_names]
+def finalize(root: Path, shard_names: Iterable[str], null_context: Optional[dict] = None) -> Tuple[int, Path]:
+    """Concatenate the index parts of `shard_names` (in that order) into index.parquet, with the
+    null context's record (from `write_null_context`) in its metadata."""
+    tables = [pq.read_table(_part(root, n)) for n in shard_names]
     table = pa.concat_tables(tables) if tables else INDEX_SCHEMA.empty_table()
+    meta = {NULL_RECORD_KEY: json.dumps(null_context, sort_keys=True)} if null_context else None
+    table = table.replace_schema_metadata(meta)  # (the parts' own metadata describes one shard)
     _atomic_write(root / INDEX_FILE, lambda p: pq.write_table(table, p))
     return table.num_rows, root / INDEX_FILE
 
 
-def remove_stale(root: Path, keep: Iterable[str]) -> List[str]:
-    """Delete shards (and their index parts) that are not in `keep`: leftovers of other params or
-    data. Called only after the new index is in place."""
+def skipped_rows(root: Path, shard_names: Iterable[str]) -> List[dict]:
+    """The rows the shards `shard_names` could not cache, with why, in shard order."""
+    out: List[dict] = []
+    for n in shard_names:
+        raw = (pq.read_schema(_part(root, n)).metadata or {}).get(PART_SKIPPED_KEY)
+        out += json.loads(raw) if raw else []
+    return out
+
+
+def remove_stale(root: Path, keep: Iterable[str], keep_null: bool = True) -> List[str]:
+    """Delete shards and index parts that are not in `keep`: leftovers of other params or data
+    (and parts whose shard a killed run never renamed into place); the null context unless
+    `keep_null` (a cache without one must not hold a stale one). Called only after the new index
+    is in place. Temporary files are not shards: `remove_stale_temps` handles those."""
     keep = set(keep)
     removed = []
     for p in sorted(root.glob("*.safetensors")):
-        if p.name != NULL_SHARD and p.name not in keep:
+        if (p.name == NULL_SHARD and not keep_null) or (p.name != NULL_SHARD and p.name not in keep):
             p.unlink()
-            (root / f"{p.name}.index.parquet").unlink(missing_ok=True)
+            _part(root, p.name).unlink(missing_ok=True)
+            removed.append(p.name)
+    for p in sorted(root.glob("*.safetensors.index.parquet")):
+        if p.name[: -len(".index.parquet")] not in keep:
+            p.unlink()
             removed.append(p.name)
     return removed
 

@@ -6,7 +6,8 @@ run directory  <paths.runs>/<stage>/<run_key(params fingerprint, inputs fingerpr
                Outside DVC's outs — `dvc repro` deletes a stage's outs before it runs — and keyed
                so that only a run with the same params (the stage's section and the shared ones
                dvc.yaml lists), the same inputs (init weights, cache index) AND the same training
-               code resumes it; any other run gets a fresh directory. Multi-node: on a
+               code resumes it; any other run gets a fresh directory. Every part of the key is
+               content: never a time or a count (see `cache_key_files`). Multi-node: on a
                filesystem rank 0 can write.
 stage outs     <train.out_dir>/<stage>/
                  model/         LoomDiT.save_pretrained: the weights the next stage starts from —
@@ -30,6 +31,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from loomcore.config import Config
+from loomcore.data.loader import INDEX_FILE
 from loomcore.train.checkpoint import run_key
 
 def stage_out_dir(cfg: Config, stage: str) -> Path:
@@ -99,14 +101,18 @@ def code_fingerprint() -> str:
     return h.hexdigest()[:16]
 
 
+def cache_key_files(cfg: Config) -> List[Path]:
+    """The cache files a run key hashes: the index alone. It names every tensor with its shape and
+    records the sha256 of every shard and of the null context, which the loader verifies, so
+    equal indexes mean equal bytes read. Not cache.json, nor any file time: a cache stage rerun
+    that resumes every shard must not move a run to a fresh directory (its checkpoints unused)."""
+    return [Path(cfg.paths.cache) / INDEX_FILE]
+
+
 def stage_run_dir(cfg: Config, stage: str, init_path: Path) -> Path:
-    cache = Path(cfg.paths.cache)
-    # the cache index names every tensor with its shape; the shards are immutable once written
-    inputs = inputs_fingerprint([init_path, cache / "index.parquet", cache / "cache.json"]
-                                + ([cache / "null.safetensors"] if (cache / "null.safetensors").is_file() else []))
+    inputs = inputs_fingerprint([init_path, *cache_key_files(cfg)])
     key = run_key(cfg.fingerprint(*SHARED_SECTIONS, stage), f"{inputs}-{code_fingerprint()}")
     return Path(cfg.paths.runs) / stage / key
-
 
 
 def write_weights(out: Path, name: str, config: dict, state: Dict[str, torch.Tensor]) -> None:
