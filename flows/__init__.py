@@ -1,6 +1,3 @@
 """Prefect flows: one per DVC stage, plus the whole pipeline and the nightly schedules."""
 
-import os
-
-# No phoning home from a closed network (and no error line in every stage's log).
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+import tasks  # noqa: F401  (Prefect's environment defaults for every stage process, before prefect is imported)

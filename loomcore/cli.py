@@ -80,7 +80,11 @@ def cmd_import_release(args) -> int:
     from loomcore.models.release import import_release
 
     cfg = _load(args)
-    out = import_release(Path(args.checkpoint), Path(args.out_dir), cfg)
+    try:
+        out = import_release(Path(args.checkpoint), Path(args.out_dir), cfg)
+    except ValueError as e:  # the file or folder given: a user's mistake, told in one line (exit 2)
+        print(f"loom import-release: {e}", file=sys.stderr)
+        return 2
     print(f"import-release: wrote {out}")
     return 0
 

@@ -32,5 +32,6 @@ def rl_task(profile: str | None = None, overrides: Sequence[str] = ()) -> dict:
     from loomcore.train.stage_io import stage_out_dir
 
     cfg = load_stage_config(profile, overrides)
-    launch_torchrun(cfg, rl_torchrun_command(cfg, list(overrides)), "rl", "rl: steps")
-    return json.loads((stage_out_dir(cfg, "rl") / "summary.json").read_text())
+    out = stage_out_dir(cfg, "rl")
+    launch_torchrun(cfg, rl_torchrun_command(cfg, list(overrides)), "rl", "rl: steps", out)
+    return json.loads((out / "summary.json").read_text())

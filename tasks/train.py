@@ -20,13 +20,14 @@ import os
 import re
 import shlex
 import sys
+import time
 from pathlib import Path
 from typing import List, Optional, Sequence
 
 from prefect import task
 
 from tasks.common import NO_CACHE, Progress, load_stage_config, logger
-from tasks.proc import SubprocessFailed, run_streaming
+from tasks.proc import SubprocessFailed, SubprocessTimeout, run_streaming
 
 PROGRESS_RE = re.compile(r"\[progress\] (\d+)/(\d+)")
 KILL_GRACE_S = 30.0
@@ -51,25 +52,75 @@ def torchrun_command(cfg, stage: str, overrides: Sequence[str], python: str = sy
     return cmd + ["-m", "loomcore.train", "--stage", stage, "--profile", cfg.profile, *overrides]
 
 
-def launch_torchrun(cfg, cmd: Sequence[str], what: str, progress_description: str) -> None:
+def verified_outs(out_dir: Path, since: float) -> Optional[str]:
+    """Why the stage outs in `out_dir` do not stand as a finished run started at `since` (a
+    time.time()), or None when they do: summary.json written after `since` and readable, and every
+    safetensors file complete (its header parses and the file is as long as the header says — a
+    check of the bytes' extent that costs no read of the tensors)."""
+    summary = out_dir / "summary.json"
+    if not summary.is_file() or summary.stat().st_mtime < since:
+        return f"{summary} was not written by this run"
+    try:
+        json.loads(summary.read_text())
+    except ValueError as e:
+        return f"{summary}: {e}"
+    files = sorted(out_dir.rglob("*.safetensors"))
+    if not files:
+        return f"no weights under {out_dir}"
+    for f in files:
+        try:
+            with open(f, "rb") as fh:
+                n = int.from_bytes(fh.read(8), "little")
+                header = json.loads(fh.read(n))
+        except (OSError, ValueError) as e:
+            return f"{f}: unreadable safetensors header ({e})"
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        if f.stat().st_size != 8 + n + end:
+            return f"{f}: {f.stat().st_size} bytes, its header describes {8 + n + end}"
+    return None
+
+
+def launch_torchrun(cfg, cmd: Sequence[str], what: str, progress_description: str,
+                    out_dir: Optional[Path] = None) -> None:
     """Run a torchrun command in its own process group under `train.timeout_hours`, its lines
-    streamed to the run log and `[progress] s/t` lines to a progress artifact."""
+    streamed to the run log and `[progress] s/t` lines to a progress artifact.
+
+    A run that fails AFTER its ranks released the process group, with outs in `out_dir` that this
+    run wrote and that verify (`verified_outs`), crashed in interpreter teardown: its results stand
+    and the stage succeeds, with a warning in the log saying so (issue #19: a gloo thread alive at
+    exit could abort a finished run). Any other failure fails the stage."""
+    from loomcore.train.distributed import RELEASED
+
     log = logger()
     log.info("launching %s", shlex.join(cmd))
     progress = Progress(progress_description)
+    released = []
+    started = time.time()
 
     def on_line(line: str) -> None:
         m = PROGRESS_RE.search(line)
         if m:
             progress(int(m.group(1)), int(m.group(2)))
-        elif line.strip():
+            return
+        if RELEASED in line:
+            released.append(line)
+        if line.strip():
             log.info(line)
 
     try:
         run_streaming(cmd, log=on_line, timeout=cfg.train.timeout_hours * 3600, grace=KILL_GRACE_S,
                       env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    except SubprocessFailed as e:
+    except SubprocessTimeout as e:
         raise RuntimeError(f"{what}: {e}") from None
+    except SubprocessFailed as e:
+        problem = "no rank released its process group" if not released else (
+            verified_outs(out_dir, started) if out_dir is not None else "no outs to verify")
+        if problem is not None:
+            why = f"\n(the ranks released their process group, but the outs do not stand: {problem})" if released else ""
+            raise RuntimeError(f"{what}: {e}{why}") from None
+        log.warning("%s: torchrun exited with code %s AFTER the ranks released their process groups and the "
+                    "stage wrote outs that verify (%s): a crash in interpreter teardown, not in training. "
+                    "The stage's results stand.", what, e.returncode, out_dir)
 
 
 @task(name="train-stage", cache_policy=NO_CACHE)
@@ -78,6 +129,7 @@ def train_stage_task(stage: str, profile: Optional[str] = None, overrides: Seque
     from loomcore.train.trainer import stage_out_dir
 
     cfg = load_stage_config(profile, overrides)
-    launch_torchrun(cfg, torchrun_command(cfg, stage, list(overrides)), stage, f"{stage}: optimizer steps")
-    summary = stage_out_dir(cfg, stage) / "summary.json"
+    out = stage_out_dir(cfg, stage)
+    launch_torchrun(cfg, torchrun_command(cfg, stage, list(overrides)), stage, f"{stage}: optimizer steps", out)
+    summary = out / "summary.json"
     return json.loads(summary.read_text())

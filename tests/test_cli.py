@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from loomcore.cli import build_parser, main
@@ -34,3 +35,34 @@ def test_config_override_and_refusal(capsys):
 def test_parser_has_every_command():
     sub = next(a for a in build_parser()._actions if a.dest == "command")
     assert {"config", "init-models", "import-release", "pipeline"} <= set(sub.choices)
+
+
+def _bad_checkpoint(tmp_path, kind):
+    import torch
+
+    path = tmp_path / f"{kind}.pth"
+    if kind == "text":
+        path.write_text("this is not a checkpoint\n")
+    elif kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "png":
+        path.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 64)
+    elif kind == "list":
+        torch.save([1, 2], path)
+    return path
+
+
+@pytest.mark.parametrize("kind, needle", [
+    ("text", "is not a PyTorch checkpoint torch.load can read"),
+    ("empty", "is empty (0 bytes)"),
+    ("png", "is not a plain tensor state dict (refused by weights_only"),
+    ("list", "holds list, expected a dict of tensors"),
+    ("missing", "missing.pth: no such file"),
+])
+def test_import_release_refuses_a_wrong_file_in_one_line(tmp_path, capsys, kind, needle):
+    path = _bad_checkpoint(tmp_path, kind)
+    code = main(["import-release", str(path), str(tmp_path / "out"), "--profile", "tiny"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("loom import-release: pth_path: ") and needle in err, err
+    assert not (tmp_path / "out").exists()

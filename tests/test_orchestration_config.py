@@ -87,6 +87,18 @@ def test_every_prefect_task_is_no_cache():
 # (d) a param change is a change of exactly the stages that read it
 
 
+@pytest.mark.parametrize("env, expected", [({}, "180 False"), ({"PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "7"}, "7 False")])
+def test_stage_processes_allow_a_slow_temporary_prefect_server(env, expected):
+    """A stage process (`python -m flows.<stage>`) that starts Prefect's temporary server waits up
+    to 3 minutes for it (Prefect's 20 s failed stages on a busy machine); a user's setting wins."""
+    probe = ("import flows; from prefect.settings import get_current_settings as g; s = g(); "
+             "print(s.server.ephemeral.startup_timeout_seconds, s.server.analytics_enabled)")
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    out = subprocess.run([BIN / "python", "-c", probe], cwd=REPO, env={**clean, **env}, capture_output=True, text=True,
+                         check=True).stdout.split("\n")
+    assert out[-2] == expected
+
+
 def test_a_rope_offset_change_is_a_change_of_the_training_stages_only(tmp_path, dvc_standin_repo):
     """`dvc status` on the real dvc.yaml (stand-ins for data and weights, recorded with `dvc
     commit`): rope.ref_offset is read by exactly the stages that list `rope` — stages 1–3 — and by

@@ -293,6 +293,7 @@ def test_from_config_models_takes_a_trained_transformer(tiny_workspace, pipe, tm
         (dict(prompt="@Figure 2 and @Figure 1", references=["ref1"]), "names @Figure 2 but only 1 reference image was given"),
         (dict(prompt="@Figure 1 moves"), "names @Figure 1 but no reference images were given"),
         (dict(prompt="a red circle", height=30), "height = 30: this model takes multiples of 4"),
+        (dict(prompt="a red circle", height=4096, width=4096, num_frames=9), "more than one call generates (1,048,576)"),
         (dict(prompt="a red circle", guidance_scale=0.5), "guidance_scale (s_t) = 0.5: expected >= 1"),
         (dict(prompt="a red circle", num_inference_steps=0), "num_inference_steps = 0: expected >= 1"),
         (dict(prompt="make it blue", source="video6", num_frames=9), "source: 6 frames, fewer than num_frames = 9"),
@@ -454,6 +455,8 @@ def test_cli_edit_with_a_source_writes_the_file(tiny_workspace, files, tmp_path,
         (["--prompt", "a cat", "--model", "{broken}"], "component 'vae': missing folder"),
         (["--source", "{files}/nope.mp4", "--prompt", "blue"], "--source {files}/nope.mp4: no such file"),
         (["--prompt", "zq " * 200], "more than mllm.max_length = 128 (shorten the text"),
+        (["--prompt", "a cat", "--height", "100000", "--width", "100000"],
+         "100000×100000 (W×H) × 5 frame(s) is 3,125,000,000 DiT tokens, more than one call generates (1,048,576)"),
     ],
 )
 def test_cli_bad_input_exits_2_with_a_message(tiny_workspace, files, saved_dir, tmp_path, capsys, args, needle):

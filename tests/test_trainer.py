@@ -275,6 +275,34 @@ def test_online_mllm_features_match_the_cached_ones_and_train(ws, tiny_online_ca
     assert summary["steps"] == 2 and summary["skipped_steps"] == 0 and math.isfinite(summary["loss_final"])
 
 
+def test_run_dir_key_follows_the_cache_content_not_its_summary(ws, tmp_path):
+    """A cache stage rerun may rewrite cache.json (a run's summary there once held seconds and
+    counts); the run key must not move with it, or a resumed stage starts over in a new run
+    directory. A shard checksum in the index is content: another one is another run."""
+    import dataclasses
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from loomcore.train.stage_io import stage_run_dir
+
+    cfg, _, _ = ws
+    cache = tmp_path / "cache"
+    shutil.copytree(cfg.paths.cache, cache)
+    cfg = dataclasses.replace(cfg, paths=dataclasses.replace(cfg.paths, cache=str(cache)))
+    init = Path(cfg.models.transformer)
+    key = stage_run_dir(cfg, "stage2", init)
+    assert key.parent == Path(cfg.paths.runs) / "stage2"
+    summary = json.loads((cache / "cache.json").read_text())
+    (cache / "cache.json").write_text(json.dumps({**summary, "timing": {"seconds": 12.5}, "shards_written": 3}))
+    assert stage_run_dir(cfg, "stage2", init) == key
+    index = pq.read_table(cache / "index.parquet")
+    rows = index.to_pylist()
+    rows[-1]["shard_sha256"] = "f" * 64
+    pq.write_table(pa.Table.from_pylist(rows, schema=index.schema), cache / "index.parquet")
+    assert stage_run_dir(cfg, "stage2", init) != key
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_stage_runs_in_bf16_with_telemetry(ws):
@@ -316,7 +344,13 @@ def test_two_process_fsdp2_matches_one_process_and_resumes(ws):
     cmd = lambda n, name: [BIN / "torchrun", "--standalone", "--nproc-per-node", str(n), "-m", "loomcore.train",  # noqa: E731
                            "--stage", "stage2", "--profile", "tiny", *_overrides(ws, name, *common)]
     for n, name in ((1, "one"), (2, "two")):
-        _run(cmd(n, name), timeout=240)
+        proc = _run(cmd(n, name), timeout=240)
+        # every rank let go of its process group: no gloo thread is left for interpreter teardown
+        # (fails when torch.distributed.fsdp is first imported after init_process_group, or when
+        # DTensor's caches keep the device mesh)
+        for rank in range(n):
+            assert f"rank {rank}: process group released, no gloo thread left" in proc.stdout, proc.stdout[-2000:]
+        assert "gloo thread(s) still alive" not in proc.stdout
     one, two = _steps(root / "one", "stage2"), _steps(root / "two", "stage2")
     assert [r["step"] for r in one] == [r["step"] for r in two] == [1, 2, 3, 4]
     assert [r["samples"] for r in one] == [r["samples"] for r in two]  # the same global batch
@@ -407,6 +441,39 @@ def test_launcher_builds_torchrun_from_params_and_kills_its_group_on_timeout(tmp
     time.sleep(0.2)
     stat = Path(f"/proc/{child}/stat")
     assert not stat.exists() or stat.read_text().split(")")[-1].split()[0] == "Z"  # the grandchild died with the group
+
+
+_FINISHED_THEN_ABORT = """
+import json, os, sys, torch
+from pathlib import Path
+from safetensors.torch import save_file
+out = Path(sys.argv[1]); (out / "model").mkdir(parents=True, exist_ok=True)
+save_file({"w": torch.ones(4)}, str(out / "model" / "diffusion_pytorch_model.safetensors"))
+if sys.argv[2] == "truncated":
+    f = out / "model" / "diffusion_pytorch_model.safetensors"; f.write_bytes(f.read_bytes()[:-3])
+(out / "summary.json").write_text(json.dumps({"loss_final": 0.5}))
+print("rank 0: process group released, no gloo thread left", flush=True)
+os.abort()  # what a gloo thread touching Python state during finalisation does
+"""
+
+
+@pytest.mark.parametrize("outs", ["complete", "truncated"])
+def test_a_crash_in_teardown_after_verified_outs_does_not_fail_the_stage(tmp_path, outs):
+    """A rank that wrote its outs, released its process group and then aborted at exit (SIGABRT):
+    the stage stands, with a warning, when the outs this run wrote verify; a truncated weights
+    file fails it."""
+    from tasks.train import launch_torchrun
+
+    cfg = load_config(profile="tiny")
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-c", _FINISHED_THEN_ABORT, str(out), outs]
+    if outs == "complete":
+        launch_torchrun(cfg, cmd, "stage1", "stage1: steps", out)
+    else:
+        with pytest.raises(RuntimeError, match="(?s)stage1: .* exited with code -6.*its header describes"):
+            launch_torchrun(cfg, cmd, "stage1", "stage1: steps", out)
+    with pytest.raises(RuntimeError, match="exited with code"):  # without outs to verify: a failure
+        launch_torchrun(cfg, cmd, "stage1", "stage1: steps", None)
 
 
 def _pids_with(text: str) -> list:

@@ -71,10 +71,23 @@ def import_release(pth_path: str | os.PathLike, out_dir: str | os.PathLike, conf
     pth_path, out_dir = Path(pth_path), Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise ValueError(f"out_dir: {out_dir} exists and is not empty")
+    if not pth_path.is_file():
+        raise ValueError(f"pth_path: {pth_path}: no such file")
+    if pth_path.stat().st_size == 0:
+        raise ValueError(f"pth_path: {pth_path} is empty (0 bytes)")
     try:
         raw = torch.load(pth_path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        raise ValueError(f"pth_path: {pth_path} is not a plain tensor state dict (refused by weights_only): {error}") from error
+        # torch's text is a paragraph on weights_only; the unpickler's own complaint is what says why
+        text = str(error)
+        why = text.split("WeightsUnpickler error:", 1)[1] if "WeightsUnpickler error:" in text else text
+        why = " ".join(why.split("Check the documentation")[0].split()) or type(error).__name__
+        raise ValueError(f"pth_path: {pth_path} is not a plain tensor state dict (refused by weights_only: {why})") from error
+    except Exception as error:  # noqa: BLE001 — whatever torch.load trips on in a user's file (EOFError on a
+        # truncated zip, KeyError / RuntimeError on text or another format) is that file's fault: say so
+        # in one line rather than a 30-line traceback from the unpickler
+        raise ValueError(f"pth_path: {pth_path} is not a PyTorch checkpoint torch.load can read "
+                         f"({type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else 'no detail'})") from error
     if not isinstance(raw, Mapping) or not all(isinstance(v, torch.Tensor) for v in raw.values()):
         raise ValueError(f"pth_path: {pth_path} holds {type(raw).__name__}, expected a dict of tensors")
     foreign = sorted(k for k in raw if not k.startswith(RELEASE_PREFIX))

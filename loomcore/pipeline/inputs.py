@@ -62,6 +62,22 @@ class Geometry:
         lo = self.frames_at_most(n)
         return str(n) if lo == n else f"{lo} or {lo + self.temporal_factor}"
 
+    # One call's target tokens at most: 2²⁰ is 4K video (3840×2160, 121 frames) with the paper's
+    # 16× codec and 2×2 patch, ~9× its largest training size; beyond it a typo (height 100000)
+    # would first try to allocate the latents and attention of terabytes.
+    MAX_TOKENS = 1 << 20
+
+    def tokens(self, height: int, width: int, num_frames: int) -> int:
+        """DiT tokens of one output (the codec's latent frames × patches per frame)."""
+        latent_frames = 1 + (num_frames - 1) // self.temporal_factor
+        return (latent_frames // self.patch_size[0]) * (height // self.height_multiple) * (width // self.width_multiple)
+
+    def check_tokens(self, height: int, width: int, num_frames: int) -> None:
+        n = self.tokens(height, width, num_frames)
+        if n > self.MAX_TOKENS:
+            raise ValueError(f"{width}×{height} (W×H) × {num_frames} frame(s) is {n:,} DiT tokens, more than one call "
+                             f"generates ({self.MAX_TOKENS:,}); ask for a smaller size or fewer frames")
+
     def check_size(self, height: int, width: int) -> None:
         for name, value, mult in (("height", height, self.height_multiple), ("width", width, self.width_multiple)):
             if value < mult or value % mult:
@@ -268,6 +284,7 @@ def plan_generation(
     spec = check_sample(kind, prompt, len(refs), source is not None)  # task, references, @Figure pointers
     frames = resolve_frames(spec, source_frames, num_frames, defaults.num_frames, geometry)
     h, w = resolve_size(height, width, source, refs, (defaults.height, defaults.width), geometry)
+    geometry.check_tokens(h, w, frames)
     if guidance_scale is None:
         guidance_scale = defaults.guidance_scale_edit if spec.needs_source else defaults.guidance_scale
     check_guidance_scales(guidance_scale, visual_guidance_scale)

@@ -61,13 +61,13 @@ from loomcore.train import telemetry
 from loomcore.train.checkpoint import run_key
 from loomcore.train.contexts import context_source
 from loomcore.train.distributed import (
-    Checkpointer, DistEnv, ModelState, OptimizerState, broadcast_object, destroy_distributed, init_distributed,
+    Checkpointer, DistEnv, ModelState, OptimizerState, broadcast_object, destroy_distributed, init_distributed, release_message,
     parallelize, set_gradient_sync,
 )
 from loomcore.train.metrics import RunLog, read_steps
 from loomcore.train.optim import build_optimizer, build_scheduler
 from loomcore.train.stage_io import (
-    SHARED_SECTIONS, code_fingerprint, inputs_fingerprint, stage_out_dir, write_weights,
+    SHARED_SECTIONS, cache_key_files, code_fingerprint, inputs_fingerprint, stage_out_dir, write_weights,
 )
 
 STAGE = "rl"
@@ -153,8 +153,7 @@ class RLTrainer:
         self.init_desc = f"{rl.init_from}'s {held} weights ({self.init_path})"
         run_dir = None
         if env.is_main:
-            cache = Path(cfg.paths.cache)
-            inputs = inputs_fingerprint([self.init_path, cache / "index.parquet", cache / "cache.json"])
+            inputs = inputs_fingerprint([self.init_path, *cache_key_files(cfg)])
             # only the same params, inputs and code resume a run (as for the training stages)
             code = f"{code_fingerprint()}-{_rl_code_fingerprint()}"
             key = run_key(cfg.fingerprint(*SHARED_SECTIONS, "rl"), f"{inputs}-{code}")
@@ -431,7 +430,9 @@ def train_rl(cfg: Config) -> dict:
     try:
         trainer = RLTrainer(cfg, env)
         trainer.setup()
-        return trainer.run()
+        summary = trainer.run()
+        del trainer  # the model, optimizer and EMA hold the device mesh: drop them before the group
+        return summary
     finally:
-        destroy_distributed()
+        print(release_message(env, destroy_distributed()), flush=True)
         torch.set_num_threads(threads)

@@ -17,13 +17,20 @@ rank 0 and the matching collectives on the other ranks.
 from __future__ import annotations
 
 import datetime
+import functools
+import gc
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional
 
 import torch
 import torch.distributed as dist
+# Imported here, before any process group exists, on purpose: importing torch.distributed.fsdp
+# evaluates `process_group=dist.group.WORLD` as a default argument (sharded_grad_scaler), and
+# done after init_process_group that default holds the default group — and its gloo threads —
+# alive past destroy_process_group, into interpreter teardown (issue #19: SIGABRT at exit).
+import torch.distributed.fsdp  # noqa: F401
 from torch import nn
 
 from loomcore.train.checkpoint import CheckpointManager
@@ -64,9 +71,68 @@ def init_distributed(use_gpu: bool, timeout_minutes: float = 30.0) -> DistEnv:
     return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
 
-def destroy_distributed() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+def native_threads() -> List[str]:
+    """Names of this process's native threads (Linux /proc; [] elsewhere)."""
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return []
+    names = []
+    for t in tasks:
+        try:
+            with open(f"/proc/self/task/{t}/comm") as f:
+                names.append(f.read().strip())
+        except OSError:  # the thread ended while we looked
+            pass
+    return sorted(names)
+
+
+def _release_dtensor_caches() -> None:
+    """DTensor's sharding-propagation and redistribution caches keep DTensorSpecs, and through them
+    the DeviceMesh and its process group, alive after training (hundreds of entries). They are
+    private to torch, hence every lookup is guarded: a torch without one has nothing to clear."""
+    from torch.distributed.tensor import DTensor
+
+    propagator = getattr(getattr(DTensor, "_op_dispatcher", None), "sharding_propagator", None)
+    cache = getattr(propagator, "propagate_op_sharding", None)
+    if hasattr(cache, "cache_clear"):
+        cache.cache_clear()
+    clear_native = getattr(torch._C, "_clear_DTensor_sharding_propagator_cache", None)
+    if clear_native is not None:
+        clear_native()
+    from torch.distributed.tensor import _redistribute
+
+    planners = getattr(_redistribute, "_planner_cache", None)
+    if isinstance(planners, dict):
+        planners.clear()
+    for obj in gc.get_objects():  # functools caches keyed or valued by meshes (MeshTopoInfo, …)
+        if isinstance(obj, functools._lru_cache_wrapper) and (getattr(obj, "__module__", None) or "").startswith("torch.distributed"):
+            obj.cache_clear()
+
+
+def destroy_distributed() -> List[str]:
+    """Release the process group so that no gloo thread outlives it: the caller must have dropped
+    its model, optimizer and EMA (they hold DTensors → the mesh → the group); DTensor's caches
+    are cleared here. Returns the gloo threads still alive afterwards ([] when released) — a gloo
+    thread alive at interpreter exit can touch Python state during finalisation and abort."""
+    if not dist.is_initialized():
+        return []
+    _release_dtensor_caches()
+    gc.collect()
+    dist.destroy_process_group()
+    gc.collect()
+    return [t for t in native_threads() if "gloo" in t]
+
+
+RELEASED = "process group released"  # tasks.train reads this in the ranks' output
+
+
+def release_message(env: DistEnv, left: List[str]) -> str:
+    """The line a rank prints after destroy_distributed: what a user (and the exit test) reads."""
+    if not left:
+        return f"rank {env.rank}: {RELEASED}, no gloo thread left"
+    return (f"rank {env.rank}: WARNING: {len(left)} gloo thread(s) still alive after the process group was destroyed "
+            f"({', '.join(left)}); something still holds the device mesh — the process may abort at exit")
 
 
 # --------------------------------------------------------------------------------------------

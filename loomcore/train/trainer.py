@@ -24,7 +24,7 @@ from loomcore.data.loader import PackedLoader, load_sample
 from loomcore.train import telemetry
 from loomcore.train.distributed import (
     Checkpointer, DistEnv, EMAState, ModelState, OptimizerState, all_reduce_sum, broadcast_object,
-    destroy_distributed, init_distributed, parallelize, set_gradient_sync,
+    destroy_distributed, init_distributed, release_message, parallelize, set_gradient_sync,
 )
 from loomcore.train.ema import EMA
 from loomcore.train.faults import LossSpikeDetector, NonFiniteGuard
@@ -344,7 +344,9 @@ def train_stage(cfg: Config, stage: str) -> dict:
     try:
         trainer = Trainer(cfg, stage, env)
         trainer.setup()
-        return trainer.run()
+        summary = trainer.run()
+        del trainer  # the model, optimizer and EMA hold the device mesh: drop them before the group
+        return summary
     finally:
-        destroy_distributed()
+        print(release_message(env, destroy_distributed()), flush=True)
         torch.set_num_threads(threads)
