@@ -65,6 +65,7 @@ class DataConfig:
     synthetic_samples: int
     cache_batch_size: int
     shard_size: int
+    max_aspect_ratio: float
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,8 @@ class S3Config:
     checksum_mode: str
     max_attempts: int
     multipart_threshold_mb: int
+    connect_timeout: float
+    read_timeout: float
 
 
 @dataclass(frozen=True)
@@ -597,6 +600,14 @@ def _validate(cfg: Config) -> None:
     check(0 <= cfg.data.eval_fraction < 1, f"data.eval_fraction = {cfg.data.eval_fraction}: expected in [0, 1)")
     for k in ("synthetic_samples", "cache_batch_size", "shard_size"):
         check(getattr(cfg.data, k) >= 1, f"data.{k} = {getattr(cfg.data, k)}: expected >= 1")
+    check(cfg.data.max_aspect_ratio >= 1, f"data.max_aspect_ratio = {cfg.data.max_aspect_ratio}: expected >= 1 "
+          "(the long side over the short side)")
+    widest = max((max(w, h) / min(w, h) for g in cfg.buckets.values() for w, h in g.sizes if min(w, h) > 0), default=1.0)
+    check(cfg.data.max_aspect_ratio >= widest,
+          f"data.max_aspect_ratio = {cfg.data.max_aspect_ratio}: below the widest bucket's aspect ratio "
+          f"({widest:.2f}), so curation would reject media that fit a bucket exactly")
+    for k in ("connect_timeout", "read_timeout"):
+        check(getattr(cfg.s3, k) > 0, f"s3.{k} = {getattr(cfg.s3, k)}: expected seconds > 0")
     check(cfg.s3.addressing_style in ("auto", "path", "virtual"),
           f"s3.addressing_style = {cfg.s3.addressing_style!r}: expected auto, path or virtual")
     check(cfg.s3.checksum_mode in ("when_supported", "when_required"),
@@ -627,6 +638,8 @@ def _validate(cfg: Config) -> None:
             ok = len(wh) == 2 and wh[0] % mult == 0 and wh[1] % mult == 0 and min(wh) > 0
             check(ok, f"buckets.{res}.sizes: {wh} must be [width, height], each divisible by "
                       f"codec.spatial_factor × patch ({mult})")
+    check(cfg.video.fps > 0, f"video.fps = {cfg.video.fps}: expected frames per second > 0 (every video is "
+                              "resampled to it; 0 or less would reject them all)")
     for res, n in cfg.video.frames.items():
         check(n >= 1 and (n - 1) % cfg.codec.temporal_factor == 0,
               f"video.frames.{res} = {n}: the codec takes 1 + {cfg.codec.temporal_factor}·k frames")

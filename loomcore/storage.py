@@ -5,13 +5,20 @@ reads a folder calls `materialize(uri)` first: a local path comes back as it is 
 an `s3://bucket/prefix` is mirrored into a local cache (paginated listing, retries with backoff,
 multipart-aware transfers, sizes verified) and the cached folder comes back.
 
-Endpoint, region, addressing style and checksum mode come from configuration — `S3Settings`,
-filled from params (`s3:` section) or the environment — never from code. Credentials come from
-boto3's standard chain (env, profile, instance role) and are never logged.
+Endpoint, region, addressing style, checksum mode and the retry budget (attempts, connect and
+read timeouts) come from configuration — `S3Settings`, filled from params (`s3:` section) or the
+environment — never from code. Credentials come from boto3's standard chain (env, profile,
+instance role) and are never logged.
+
+A failed request is one of three things (`classify_s3_error`): the object itself is missing or
+archived (a caller may skip it), the store is unavailable (no connection, timeouts, 5xx or
+throttling after botocore's retries: `StoreUnavailable`, worth retrying the whole stage later),
+or the store refuses us (credentials, permissions, a missing bucket: `StoreError`, fix and rerun).
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 from dataclasses import dataclass
@@ -36,6 +43,68 @@ def parse_s3_uri(uri: str) -> Tuple[str, str]:
     return bucket, key
 
 
+class StoreError(Exception):
+    """The store refused a request in a way that is not about one object (credentials,
+    permissions, a missing bucket). The message names the endpoint, the bucket and the object."""
+
+
+class StoreUnavailable(StoreError):
+    """The store stopped answering (connection refused or closed, timeouts, 5xx or throttling)
+    after botocore's own retries. Transient: the whole stage may be retried later."""
+
+
+# errnos of a network or network-filesystem hiccup: the same call may succeed a little later
+TRANSIENT_ERRNOS = frozenset({errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNABORTED, errno.ECONNREFUSED,
+                              errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ENETDOWN, errno.EAGAIN})
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for a failure worth retrying the same work for later: an unavailable store, or an OS
+    error of the network kind (ETIMEDOUT, ECONNRESET…). Everything else — a bad metadata file, a
+    config error, a missing file, a bug — fails the same way every time. The one definition the
+    Prefect tasks' retry conditions and the curator's row checks share."""
+    if isinstance(exc, StoreUnavailable):
+        return True
+    return isinstance(exc, OSError) and exc.errno in TRANSIENT_ERRNOS
+
+
+# ClientError codes that are about one object: others in the same store may be fine.
+_OBJECT_CODES = frozenset({"404", "NoSuchKey", "NotFound", "InvalidObjectState"})
+# Codes of an overloaded store (botocore retries them; still failing after that = unavailable).
+_THROTTLE_CODES = frozenset({"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded",
+                             "TooManyRequestsException", "RequestThrottled", "ServiceUnavailable",
+                             "RequestTimeout", "InternalError"})
+
+
+def classify_s3_error(exc: BaseException) -> Optional[str]:
+    """"object" (this object is missing or archived), "unavailable" (the store stopped
+    answering: connection errors, timeouts, 5xx, throttling — after botocore's retries),
+    "refused" (credentials, permissions, a missing bucket, any other answer), or None when `exc`
+    is not an S3 error at all (a local disk error, a bug: not for the caller to classify)."""
+    from boto3.exceptions import Boto3Error, RetriesExceededError
+    from botocore.exceptions import BotoCoreError, ClientError, ConnectionError, HTTPClientError, IncompleteReadError
+
+    if isinstance(exc, ClientError):
+        err = exc.response.get("Error", {})
+        code = str(err.get("Code", ""))
+        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+        if code == "NoSuchBucket":  # a 404 too, but about every object
+            return "refused"
+        if code in _OBJECT_CODES or status == 404:
+            return "object"
+        if status >= 500 or status == 429 or code in _THROTTLE_CODES:
+            return "unavailable"
+        return "refused"
+    # ConnectionError: EndpointConnectionError, ConnectTimeoutError, ProxyConnectionError, SSLError;
+    # HTTPClientError: ConnectionClosedError, ReadTimeoutError, ResponseStreamingError;
+    # RetriesExceededError: s3transfer gave up re-reading a body cut mid-stream
+    if isinstance(exc, (ConnectionError, HTTPClientError, IncompleteReadError, RetriesExceededError)):
+        return "unavailable"
+    if isinstance(exc, (BotoCoreError, Boto3Error)):  # NoCredentialsError, a bad endpoint URL…
+        return "refused"
+    return None
+
+
 @dataclass(frozen=True)
 class S3Settings:
     """How to reach S3. None means: let boto3's own configuration chain decide."""
@@ -46,6 +115,11 @@ class S3Settings:
     checksum_mode: str = "when_supported"  # when_supported (on, the default) | when_required
     max_attempts: int = 5
     multipart_threshold_mb: int = 64
+    # botocore's defaults are 60 s each: with 5 attempts a store that stopped answering costs
+    # minutes per request. A live S3 answers a connect in milliseconds and sends a body's next
+    # bytes within seconds.
+    connect_timeout: float = 5.0
+    read_timeout: float = 15.0
 
     @classmethod
     def from_env(cls) -> "S3Settings":
@@ -56,6 +130,8 @@ class S3Settings:
             addressing_style=env.get("LOOM_S3_ADDRESSING_STYLE", "auto"),
             checksum_mode=env.get("LOOM_S3_CHECKSUM_MODE", "when_supported"),
             max_attempts=int(env.get("LOOM_S3_MAX_ATTEMPTS", "5")),
+            connect_timeout=float(env.get("LOOM_S3_CONNECT_TIMEOUT", "5")),
+            read_timeout=float(env.get("LOOM_S3_READ_TIMEOUT", "15")),
         )
 
 
@@ -70,6 +146,8 @@ class S3Settings:
             checksum_mode=s3_cfg.checksum_mode,
             max_attempts=s3_cfg.max_attempts,
             multipart_threshold_mb=s3_cfg.multipart_threshold_mb,
+            connect_timeout=s3_cfg.connect_timeout,
+            read_timeout=s3_cfg.read_timeout,
         )
 
 
@@ -85,6 +163,8 @@ def s3_client(settings: Optional[S3Settings] = None):
     cfg = BotoConfig(
         region_name=s.region,
         retries={"max_attempts": s.max_attempts, "mode": "standard"},  # exponential backoff + jitter
+        connect_timeout=s.connect_timeout,
+        read_timeout=s.read_timeout,
         s3={"addressing_style": s.addressing_style},
         request_checksum_calculation=s.checksum_mode,
         response_checksum_validation=s.checksum_mode,

@@ -1,7 +1,9 @@
 """Prefect tasks of the data stages: thin wrappers that load the config and call loomcore.
 
-Retries: curation reads S3 and local disks; a transient failure there (a dropped connection
-past botocore's own retries) is worth another try. Results are never cached by Prefect.
+Retries: curation reads S3 and local disks (and the cache stage, the models it reads); a transient failure there (a store that stopped
+answering past botocore's own retries, a network file system timing out) is worth another try —
+and only that (`loomcore.storage.is_transient`): a bad metadata file or a config error fails the
+same way every time, so it is attempted once. Results are never cached by Prefect.
 """
 
 from __future__ import annotations
@@ -14,7 +16,18 @@ from prefect import task
 from tasks.common import NO_CACHE, Progress, load_stage_config, logger
 
 
-@task(name="curate", retries=2, retry_delay_seconds=10, cache_policy=NO_CACHE)
+def retry_if_transient(task, task_run, state) -> bool:
+    """Prefect `retry_condition_fn`: retry a failed run only when its exception is transient."""
+    from loomcore.storage import is_transient
+
+    try:
+        state.result()
+    except Exception as exc:  # noqa: BLE001 — the run's own exception, re-raised by Prefect to be inspected
+        return is_transient(exc)
+    return False
+
+
+@task(name="curate", retries=2, retry_delay_seconds=10, retry_condition_fn=retry_if_transient, cache_policy=NO_CACHE)
 def curate_task(profile: Optional[str] = None, overrides: Sequence[str] = ()) -> dict:
     from loomcore.data.curate import curate
     from loomcore.storage import S3Settings
@@ -30,7 +43,7 @@ def curate_task(profile: Optional[str] = None, overrides: Sequence[str] = ()) ->
     return summary
 
 
-@task(name="cache", retries=1, retry_delay_seconds=10, cache_policy=NO_CACHE)
+@task(name="cache", retries=1, retry_delay_seconds=10, retry_condition_fn=retry_if_transient, cache_policy=NO_CACHE)
 def cache_task(profile: Optional[str] = None, overrides: Sequence[str] = ()) -> dict:
     from loomcore.data.cache import build_cache
 
@@ -38,6 +51,7 @@ def cache_task(profile: Optional[str] = None, overrides: Sequence[str] = ()) -> 
     log = logger()
     log.info("caching %s into %s (MLLM features: %s)", cfg.paths.manifests, cfg.paths.cache, cfg.mllm.feature_mode)
     summary = build_cache(cfg, on_progress=Progress("cache: samples encoded"))
-    log.info("cached %s samples in %s shards (%s written now, %s resumed)", summary["samples"], summary["shards"],
-             summary["shards_written"], summary["shards_skipped"])
+    log.info("cached %s samples in %s shards (%s written now, %s resumed, %s rewritten: bytes that no longer "
+             "matched their checksum)", summary["samples"], summary["shards"], summary["shards_written"],
+             summary["shards_skipped"], len(summary["shards_rewritten"]))
     return summary

@@ -129,6 +129,99 @@ def s3_flaky_proxy(s3_endpoint):
         thread.join(timeout=5)
 
 
+@pytest.fixture()
+def s3_stoppable_proxy(s3_endpoint):
+    """An HTTP proxy on 127.0.0.1 in front of the S3 endpoint that dies on cue, as a store's
+    server does: once it has forwarded `proxy.down_after` object GETs (GET /bucket/key) it stops
+    listening (new connections are refused) and drops every open connection without an answer.
+    `proxy.restart()` listens again on the same port, forwarding to the same store, whose objects
+    are all still there. `proxy.url`; `proxy.object_gets` counts the object GETs it forwarded."""
+    import http.client
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from urllib.parse import urlsplit
+
+    upstream = urlsplit(s3_endpoint)
+    hop_by_hop = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer", "upgrade"}
+
+    class Proxy:
+        def __init__(self):
+            self.lock, self.stop_lock = threading.Lock(), threading.Lock()
+            self.down_after, self.object_gets, self.down = None, 0, False
+            self.server, self.thread, self.port = None, None, 0
+            self.listen()
+            self.url = f"http://127.0.0.1:{self.port}"
+
+        def listen(self):
+            self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)  # allow_reuse_address: same port
+            self.server.daemon_threads = True
+            self.server.proxy = self
+            self.port = self.server.server_address[1]
+            self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+            self.thread.start()
+
+        def stop(self):
+            with self.stop_lock:  # the handler's own stop and restart() may race; the port must be free after
+                if self.server is not None:
+                    self.server.shutdown()
+                    self.server.server_close()
+                    self.thread.join(timeout=5)
+                    self.server = None
+
+        def restart(self):
+            self.stop()
+            with self.lock:
+                self.down_after, self.down = None, False
+            self.listen()
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args):  # keep pytest output clean
+            pass
+
+        def _forward(self):
+            proxy = self.server.proxy
+            if proxy.down:  # a dead server answers nothing: the client sees the connection close
+                self.close_connection = True
+                return
+            length = int(self.headers.get("Content-Length") or 0)
+            body = self.rfile.read(length) if length else None
+            conn = http.client.HTTPConnection(upstream.hostname, upstream.port, timeout=60)
+            try:
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in hop_by_hop}
+                conn.request(self.command, self.path, body=body, headers=headers)
+                resp = conn.getresponse()
+                data = resp.read()
+                self.send_response(resp.status, resp.reason)
+                for k, v in resp.getheaders():
+                    if k.lower() not in hop_by_hop and k.lower() != "content-length":
+                        self.send_header(k, v)
+                size = resp.getheader("Content-Length") if self.command == "HEAD" else None
+                self.send_header("Content-Length", size if size is not None else str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+            finally:
+                conn.close()
+            path = urlsplit(self.path).path.strip("/")
+            if self.command == "GET" and "/" in path:  # an object, not a listing
+                with proxy.lock:
+                    proxy.object_gets += 1
+                    if proxy.down_after is not None and proxy.object_gets >= proxy.down_after and not proxy.down:
+                        proxy.down = True
+                        # shutdown() waits for serve_forever, which must not wait for this handler
+                        threading.Thread(target=proxy.stop, daemon=True).start()
+
+        do_GET = do_HEAD = do_PUT = do_POST = do_DELETE = _forward
+
+    proxy = Proxy()
+    try:
+        yield proxy
+    finally:
+        proxy.stop()
+
+
 @pytest.fixture(scope="session")
 def tiny_mllm_dir(tmp_path_factory):
     """A tiny Qwen3-VL folder (config, safetensors, tokenizer, processor configs, chat template)

@@ -76,6 +76,8 @@ def test_fingerprint_tracks_sections():
         (["stage1"], "expected key=value"),
         (["profile=huge"], "unknown profile 'huge': expected one of paper, tiny"),
         (["guidance.steps=0"], "guidance.steps = 0: expected >= 1"),
+        (["video.fps=0"], "video.fps = 0: expected frames per second > 0"),
+        (["video.fps=-8"], "video.fps = -8: expected frames per second > 0"),
         (["mllm.layers_used=1"], "must equal dit.num_layers (4)"),
     ],
 )

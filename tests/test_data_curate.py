@@ -21,8 +21,9 @@ OUTPUTS = ("train.parquet", "eval.parquet", "rejects.parquet")
 
 
 @pytest.fixture(scope="module")
-def cfg():
-    return load_config(profile="tiny")
+def cfg(tiny_mllm_dir):
+    """The tiny profile, its MLLM (whose tokenizer measures captions) built for the session."""
+    return load_config([f"models.mllm={tiny_mllm_dir}"], profile="tiny")
 
 
 @pytest.fixture(scope="module")
@@ -249,3 +250,244 @@ def test_s3_source_survives_a_transient_failure(s3_bucket, s3_flaky_proxy, data,
     s2 = curate(cfg, uri, root, out, progress=False)
     assert {n: (out / n).read_bytes() for n in OUTPUTS} == first
     assert s2["timing"]["transfer"]["skipped"] == s2["timing"]["transfer"]["objects"] - 1
+
+
+# --------------------------------------------------------------------------------------------
+# Rows that used to crash curation or slip through it; a store that dies; retries
+
+
+def _longest_caption_that_fits(cfg):
+    """(longest caption that fits mllm.max_length, one word longer) for t2i, by the MLLM's tokenizer."""
+    from loomcore.data.curate import PromptTokens
+    from loomcore.data.tasks import task_spec
+
+    tokens, spec = PromptTokens.from_config(cfg), task_spec("t2i")
+    caption = lambda words: "a red square" + " red" * words  # noqa: E731
+    k = 0
+    while tokens.count(spec, caption(k + 1)) <= cfg.mllm.max_length:
+        k += 1
+    return caption(k), caption(k + 1)
+
+
+def _worse_rows(root, good, cfg):
+    """(expected reason, row) for the inputs that crashed curation or were kept, on real files.
+    Text fields may hold "<FF>" (written as the raw byte 0xFF: not UTF-8) or a lone surrogate."""
+    by_task = {r["task"]: r for r in good}
+    bad = root / "worse"
+    bad.mkdir()
+    (bad / "loop1").symlink_to("loop2")
+    (bad / "loop2").symlink_to("loop1")
+    write_image(bad / "tiny.png", np.zeros((4, 4, 3), np.uint8))
+    write_image(bad / "strip.png", np.zeros((8, 2000, 3), np.uint8))  # 2000 × 8
+    write_image(bad / "tall.png", np.zeros((400, 40, 3), np.uint8))  # 40 × 400: 10:1
+    write_video(bad / "small.mp4", np.zeros((5, 8, 8, 3), np.uint8), cfg.video.fps)  # long enough, too small
+    t2i, ti2i, tir2i = by_task["t2i"], by_task["ti2i"], by_task["tir2i"]
+    fits, too_long = _longest_caption_that_fits(cfg)
+    return [
+        ("bad_path", dict(id="loop", task="t2i", media="worse/loop1/x.png", caption="a red square")),
+        ("bad_path", dict(id="nul", task="t2i", media="worse/a\x00b.png", caption="a red square")),
+        ("bad_path", dict(id="long", task="t2i", media="worse/" + "x" * 300 + ".png", caption="a red square")),
+        ("bad_path", dict(id="refloop", task="tir2i", media=tir2i["media"], source=tir2i["source"],
+                          refs=["worse/loop2"], caption=tir2i["caption"])),
+        ("bad_text", dict(id="surrogate", task="t2i", media=t2i["media"], caption="a red \ud800 square")),
+        ("bad_text", dict(id="latin1", task="t2i", media=t2i["media"], caption="a caf<FF> square")),
+        ("caption_too_long", dict(id="essay", task="t2i", media=t2i["media"], caption="a red circle " * 7693)),
+        ("caption_too_long", dict(id="one-too-many", task="t2i", media=t2i["media"], caption=too_long)),
+        ("media_too_small", dict(id="tiny", task="t2i", media="worse/tiny.png", caption="a black square")),
+        ("media_too_small", dict(id="smallvid", task="t2v", media="worse/small.mp4", caption="a black square")),
+        ("media_too_small", dict(id="tinyref", task="tir2i", media=tir2i["media"], source=tir2i["source"],
+                                 refs=["worse/tiny.png"], caption=tir2i["caption"])),
+        ("aspect_ratio", dict(id="strip", task="t2i", media="worse/strip.png", caption="a black square")),
+        ("aspect_ratio", dict(id="tallsrc", task="ti2i", media=ti2i["media"], source="worse/tall.png",
+                              caption=ti2i["caption"])),
+    ], [dict(id="just-fits", task="t2i", media=t2i["media"], caption=fits)]
+
+
+def _write_rows(path, rows):
+    """CSV or JSONL by suffix. "<FF>" becomes the byte 0xFF; in CSV a lone surrogate is written as
+    its (invalid) UTF-8 bytes, in JSONL as a JSON escape — each as such a file would hold it."""
+    if path.suffix == ".csv":
+        import io
+
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=["id", "task", "media", "caption", "source", "refs"], lineterminator="\n")
+        w.writeheader()
+        for r in rows:
+            w.writerow({**r, "source": r.get("source") or "", "refs": ";".join(r.get("refs") or [])})
+        data = buf.getvalue().encode("utf-8", "surrogatepass")
+    else:
+        data = "".join(json.dumps(r) + "\n" for r in rows).encode()
+    path.write_bytes(data.replace(b"<FF>", b"\xff"))
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl"])
+def test_a_bad_input_corpus_is_rejected_row_by_row(data, tmp_path, cfg, fmt):
+    root, good = data
+    bad, extra_good = _bad_rows(root, good, tmp_path)
+    worse, fits = _worse_rows(root, good, cfg)
+    cases = bad + worse
+    rows = good[:10] + [r for _, r in cases[:8]] + good[10:] + [r for _, r in cases[8:]] + extra_good + fits
+    _write_rows(root / f"metadata.{fmt}", rows)
+    out = tmp_path / "out"
+    s = curate(cfg, str(root), root, out, progress=False, metadata=f"metadata.{fmt}")  # no exception
+
+    train, evals, rejects = (_read(out, n) for n in OUTPUTS)
+    assert s["rows_in"] == len(rows) == len(train) + len(evals) + len(rejects)  # nothing lost
+    reason_of = {id(row): reason for reason, row in cases}
+    expected = {i: reason_of[id(r)] for i, r in enumerate(rows) if id(r) in reason_of}
+    assert {r["row_index"]: r["reason"] for r in rejects} == expected  # each bad row, at its own index
+    kept = {r["id"] for r in train + evals}
+    assert kept == {g["id"] for g in good} | {"abs-inside", "recon-literal", "just-fits"}
+
+    rej = {r["id"]: r for r in rejects}
+    assert "Symlink loop" in rej["loop"]["detail"] and rej["loop"]["detail"].startswith("media ")
+    assert "embedded null byte" in rej["nul"]["detail"] and "File name too long" in rej["long"]["detail"]
+    assert rej["refloop"]["detail"].startswith("ref1 ") and rej["refloop"]["file"] == "worse/loop2"
+    assert rej["latin1"]["detail"] == "field 'caption': bytes b'\\xff' are not UTF-8 (at character 5)"
+    surrogate = "bytes b'\\xed\\xa0\\x80' are not UTF-8" if fmt == "csv" else "lone surrogate U+D800"
+    assert rej["surrogate"]["detail"] == f"field 'caption': {surrogate} (at character 6)"
+    assert rej["surrogate"]["row_json"].encode()  # escaped: the table stays valid UTF-8
+    limit = cfg.mllm.max_length
+    assert f"more than mllm.max_length = {limit}" in rej["essay"]["detail"] and "100009 characters" in rej["essay"]["detail"]
+    assert f": {limit + 1} MLLM tokens" in rej["one-too-many"]["detail"]
+    assert "4×4 is smaller than 32×32" in rej["tiny"]["detail"] and "8×8 is smaller" in rej["smallvid"]["detail"]
+    assert rej["tinyref"]["file"] == "worse/tiny.png" and rej["tinyref"]["detail"].startswith("ref1 ")
+    assert "2000×8 is 250.00:1, beyond data.max_aspect_ratio = 4.0" in rej["strip"]["detail"]
+    assert rej["tallsrc"]["file"] == "worse/tall.png" and rej["tallsrc"]["detail"].startswith("source ")
+    assert s["rejected"]["by_reason"]["bad_path"] == 4 and s["rejected"]["total"] == len(cases)
+
+
+def test_prompt_tokens_are_counted_as_the_encoder_counts_them(cfg, tiny_mllm_encoder):
+    """Curation's count is the encoder's, token for token, less the images' tokens (a lower bound)."""
+    from loomcore.data.curate import PromptTokens
+    from loomcore.data.tasks import task_spec
+    from loomcore.models.mllm import MLLMRequest
+
+    tokens = PromptTokens.from_config(cfg)
+    text = "a red circle moves left on a blue background"
+    for task in ("t2i", "t2v"):
+        full = tiny_mllm_encoder.tokenize(MLLMRequest(task=task, text=text))["input_ids"].shape[1]
+        assert tokens.count(task_spec(task), text) == full
+    text = "the shape in @Figure 1 on a green background"  # the MLLM reads "@Image 1"
+    ids = tiny_mllm_encoder.tokenize(MLLMRequest(task="mi2i", text=text, references=[np.zeros((32, 32, 3), np.uint8)]))
+    ids = ids["input_ids"][0].tolist()
+    inp = tiny_mllm_encoder.inputs
+    visual = sum(i in (inp.image_token_id, inp.vision_start_id, inp.vision_end_id) for i in ids)
+    assert 0 < visual and tokens.count(task_spec("mi2i"), text) == len(ids) - visual
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl", "parquet"])
+def test_metadata_without_rows_is_an_error(data, tmp_path, cfg, fmt):
+    root, _ = data
+    path = root / f"empty.{fmt}"
+    if fmt == "csv":
+        path.write_text("id,task,media,caption,source,refs\n")
+    elif fmt == "jsonl":
+        path.write_text("\n\n")
+    else:
+        schema.write_parquet([], schema.METADATA_SCHEMA, path)
+    with pytest.raises(schema.MetadataError, match=rf"empty\.{fmt}: no rows"):
+        curate(cfg, str(root), root, tmp_path / "out", progress=False, metadata=path.name)
+    assert not (tmp_path / "out").exists()
+
+
+def test_without_the_mllm_folder_curation_refuses_to_run(data, tmp_path):
+    from loomcore.config import ConfigError
+
+    root, _ = data
+    cfg = load_config([f"models.mllm={tmp_path / 'no-mllm'}"], profile="tiny")
+    with pytest.raises(ConfigError, match=r"no-mllm' \(models\.mllm\) does not exist.*mllm\.max_length = 128"):
+        curate(cfg, str(root), root, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_store_that_dies_mid_curation_fails_the_stage_and_a_rerun_completes(
+        s3_bucket, s3_stoppable_proxy, data, tmp_path, cfg):
+    from loomcore.storage import S3Settings, StoreUnavailable, is_transient
+
+    src, _ = data
+    uri = f"s3://{s3_bucket}/data"
+    objects = upload_dir(src, uri)
+    proxy = s3_stoppable_proxy
+    # two attempts: the dead store is found within a second (the default 5 take up to ~15 s of backoff)
+    settings = S3Settings(endpoint_url=proxy.url, region="us-east-1", max_attempts=2)
+    curate(cfg, uri, tmp_path / "clean-mirror", tmp_path / "clean", progress=False, s3_settings=settings)
+
+    proxy.down_after = proxy.object_gets + 7  # the server dies after 7 more objects
+    root, out = tmp_path / "mirror", tmp_path / "out"
+    with pytest.raises(StoreUnavailable) as failed:
+        curate(cfg, uri, root, out, progress=False, s3_settings=settings)
+    msg = str(failed.value)
+    assert msg.startswith(f"S3 store {proxy.url} (bucket '{s3_bucket}') stopped answering at s3://{s3_bucket}/data/")
+    assert f"after 7 of {objects} objects" in msg and "s3.max_attempts = 2" in msg and "Nothing was curated" in msg
+    assert is_transient(failed.value)  # the curate task retries it
+    assert not out.exists()  # no manifest, no curate.json: DVC has nothing to record
+    assert len([p for p in root.rglob("*") if p.is_file()]) == 7 and not list(root.rglob("*.part"))
+
+    proxy.restart()
+    s = curate(cfg, uri, root, out, progress=False, s3_settings=settings)
+    for name in OUTPUTS:
+        assert (out / name).read_bytes() == (tmp_path / "clean" / name).read_bytes()
+    assert s["timing"]["transfer"]["skipped"] == 7 and s["timing"]["transfer"]["downloaded"] == objects - 7
+
+
+def test_a_store_that_refuses_is_an_error_not_rejects(s3_endpoint, data, tmp_path, cfg):
+    from loomcore.storage import StoreError, StoreUnavailable, is_transient
+
+    root, _ = data
+    with pytest.raises(StoreError, match=r"bucket 'loom-no-such-bucket'\) refused the request at the listing of") as e:
+        curate(cfg, "s3://loom-no-such-bucket/data", tmp_path / "mirror", tmp_path / "out", progress=False)
+    assert not isinstance(e.value, StoreUnavailable) and not is_transient(e.value)  # fix it, then rerun
+    assert "NoSuchBucket" in str(e.value) and not (tmp_path / "out").exists()
+
+
+def test_an_s3_key_too_long_for_a_local_file_is_its_rows_reject(s3_bucket, data, tmp_path, cfg):
+    from loomcore.storage import S3Settings, sha256_file
+
+    src, good = data
+    t2i = next(g for g in good if g["task"] == "t2i")
+    long_key = "samples/" + "x" * 300 + ".png"
+    rows = [t2i, dict(t2i, id="long-key", media=long_key, caption="a long name")]
+    schema.write_parquet(rows, schema.METADATA_SCHEMA, src / "few.parquet")
+    client = s3_client()
+    for key, path in [("few.parquet", src / "few.parquet"), (t2i["media"], src / t2i["media"]), (long_key, src / t2i["media"])]:
+        client.put_object(Bucket=s3_bucket, Key=f"data/{key}", Body=path.read_bytes(), Metadata={"sha256": sha256_file(path)})
+    s = curate(cfg, f"s3://{s3_bucket}/data", tmp_path / "mirror", tmp_path / "out", progress=False,
+               metadata="few.parquet", s3_settings=S3Settings(region="us-east-1", max_attempts=2))
+    (rej,) = _read(tmp_path / "out", "rejects.parquet")
+    assert s["kept"]["total"] == 1 and (rej["id"], rej["reason"], rej["file"]) == ("long-key", "bad_path", long_key)
+    assert "a key part of 304 bytes" in rej["detail"] and s["timing"]["transfer"]["failed"] == 1
+
+
+def test_the_curate_task_retries_transient_errors_only(prefect_api, s3_endpoint, data, tmp_path, tiny_mllm_dir):
+    """A bad metadata file is attempted once; a store that is down, 1 + retries times."""
+    import socket
+
+    from prefect import flow
+
+    from _orchestration import task_attempts
+    from loomcore.storage import StoreUnavailable
+    from tasks.data import curate_task
+
+    root, _ = data
+    (root / "empty.csv").write_text("id,task,media,caption\n")
+    with socket.socket() as sock:  # a port nothing listens on: every connection is refused
+        sock.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    common = [f"models.mllm={tiny_mllm_dir}", f"paths.data_root={root}", f"paths.manifests={tmp_path / 'out'}"]
+
+    @flow
+    def curate_once(overrides: list) -> dict:
+        return curate_task.with_options(retry_delay_seconds=0)("tiny", overrides)
+
+    state = curate_once([*common, f"data.source={root}", "data.metadata=empty.csv"], return_state=True)
+    with pytest.raises(schema.MetadataError, match=r"empty\.csv: no rows"):
+        state.result()
+    assert list(task_attempts(state).values()) == [1]
+
+    state = curate_once([*common, "data.source=s3://loom-anywhere/data", f"s3.endpoint_url={dead}", "s3.max_attempts=1"],
+                        return_state=True)
+    with pytest.raises(StoreUnavailable, match=f"S3 store {dead}"):
+        state.result()
+    assert list(task_attempts(state).values()) == [1 + curate_task.retries]
+    assert not (tmp_path / "out").exists()

@@ -3,8 +3,8 @@
     source (local dir | metadata file | s3://bucket/prefix | "synthetic")
       └─ data_root (local: media the manifests point into; S3 objects are mirrored here,
          verified; the Shapes generator writes here)
-          └─ per row: parse → task rules → paths inside the root → decode/probe → length
-             → bucket → checksum → duplicates
+          └─ per row: parse → task rules → caption length in MLLM tokens → paths inside the
+             root → decode/probe → length → aspect ratio and size → bucket → checksum → duplicates
               └─ out_dir/train.parquet, eval.parquet, rejects.parquet, curate.json
 
 Every metadata row ends in exactly one of the manifests or in rejects (one reason, the first
@@ -12,6 +12,13 @@ check that failed): rows in = rows kept + rows rejected, checked before anything
 Manifests hold no time stamps and no absolute paths (media are relative to the data root), and are
 written in metadata order with fixed Parquet options: the same input gives the same bytes.
 Timing lives only under curate.json's "timing" key.
+
+A row's own bad input is a reject; the run's infrastructure failing is an error. An S3 object
+whose bytes fail their checksum, or that is gone, is that row's reject; a store that stops
+answering or refuses us (`StoreUnavailable` / `StoreError`, naming the endpoint, the bucket and
+the object) fails the stage, and so does any other error that is not about one row: a partial
+dataset must never pass for the whole one. Outputs are written only at the end, as one set
+(`_publish`): a failed run leaves the previous outputs as they were.
 """
 
 from __future__ import annotations
@@ -19,19 +26,22 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
 from tqdm import tqdm
 
-from loomcore.config import TASK_KINDS
+from loomcore.config import TASK_KINDS, ConfigError
 from loomcore.data import schema
 from loomcore.data.buckets import nearest_bucket, nearest_sizes
 from loomcore.data.schema import RowError
-from loomcore.data.tasks import check_figure_refs, task_spec
+from loomcore.data.tasks import TaskSpec, check_figure_refs, task_spec, to_release_pointers
+from loomcore.data.mirror import fetch_s3
 from loomcore.data.video_io import MediaError, MediaInfo, media_kind, probe
-from loomcore.storage import S3Settings, is_s3, list_objects, parse_s3_uri, s3_client, sha256_file
+from loomcore.storage import S3Settings, is_s3, is_transient, materialize, sha256_file
 
 SYNTHETIC = "synthetic"
 # Reconstruction takes no text (tasks.py); the paper's literal prompt is accepted and dropped.
@@ -47,6 +57,11 @@ def row_checksum(parts: List[Tuple[str, str]]) -> str:
     return h.hexdigest()
 
 
+def _printable(text: Optional[str]) -> Optional[str]:
+    """A reject's text as valid UTF-8 (the row's own bad bytes escaped), so the table is writable."""
+    return None if text is None else schema.printable(text)
+
+
 def is_eval(sample_id: str, fraction: float) -> bool:
     """The split: the first 8 bytes of sha256(id) as a fraction of 2⁶⁴, below `fraction` → eval.
     Depends on the id alone, so a sample keeps its split when others come or go."""
@@ -54,35 +69,119 @@ def is_eval(sample_id: str, fraction: float) -> bool:
     return x < fraction
 
 
+class PromptTokens:
+    """How many MLLM tokens a row's text is, counted as the cache stage's encoder counts them
+    (loomcore.models.mllm): the MLLM folder's own tokenizer and chat template around one user
+    turn holding the task prefix and the caption, "@Figure k" written "@Image k".
+
+    Images and video add their tokens on top; how many depends on the resolution the cache
+    renders them at, so they are not counted here. The count is therefore a lower bound: a row
+    over mllm.max_length here would certainly fail in the cache (which checks the whole input
+    again), and is rejected now, with its row, instead of stopping that stage.
+    """
+
+    def __init__(self, tokenizer, chat_template: str):
+        self.tokenizer, self.chat_template = tokenizer, chat_template
+
+    @classmethod
+    def from_config(cls, cfg) -> "PromptTokens":
+        """Only the tokenizer and the chat template of `models.mllm` (a second at most)."""
+        uri = str(cfg.models.mllm)
+        if not is_s3(uri) and not Path(uri).is_dir():
+            raise ConfigError(
+                f"curate: the MLLM folder {uri!r} (models.mllm) does not exist. Captions are measured in its "
+                f"tokens against mllm.max_length = {cfg.mllm.max_length}, so curation needs its tokenizer: "
+                "build or link the base models first (`loom init-models`, the base_models stage)")
+        from transformers import AutoTokenizer
+
+        folder = materialize(uri)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(folder)
+        except (OSError, ValueError) as e:  # transformers' "can't load tokenizer" family
+            raise ConfigError(f"curate: no tokenizer in the MLLM folder {uri!r} (models.mllm): {e}") from None
+        if (folder / "chat_template.json").is_file():
+            template = json.loads((folder / "chat_template.json").read_text())["chat_template"]
+        elif (folder / "chat_template.jinja").is_file():
+            template = (folder / "chat_template.jinja").read_text()
+        elif getattr(tokenizer, "chat_template", None):
+            template = tokenizer.chat_template
+        else:
+            raise ConfigError(f"curate: the MLLM folder {uri!r} (models.mllm) has no chat template "
+                              "(chat_template.json, chat_template.jinja or tokenizer_config.json)")
+        return cls(tokenizer, template)
+
+    def count(self, spec: TaskSpec, caption: str) -> int:
+        # prefix and caption in one text item: where the encoder puts the source between them,
+        # the split only adds tokens, so the count stays a lower bound
+        messages = [{"role": "user", "content": [{"type": "text", "text": spec.prefix + to_release_pointers(caption)}]}]
+        text = self.tokenizer.apply_chat_template(messages, chat_template=self.chat_template, tokenize=False,
+                                                  add_generation_prompt=True)
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _smallest_size(width: int, height: int, buckets) -> Tuple[str, Tuple[int, int]]:
+    """(group, (w, h)): the smallest size, over all groups, that a width × height frame lands on
+    (the nearest aspect in each group): below it in either side, every stage upscales it."""
+    return min(nearest_sizes(width, height, buckets).items(), key=lambda kv: kv[1][0] * kv[1][1])
+
+
 class _RowChecker:
     """The per-row checks; caches probes and hashes by file (recon rows share one file)."""
 
-    def __init__(self, cfg, root: Path, bad_objects: Dict[str, Tuple[str, str]]):
-        self.cfg, self.root, self.bad_objects = cfg, root, bad_objects
+    def __init__(self, cfg, root: Path, bad_objects: Dict[str, Tuple[str, str]], tokens: PromptTokens):
+        self.cfg, self.root, self.bad_objects, self.tokens = cfg, root, bad_objects, tokens
         self.min_frames = min(cfg.video.frames.values())
         self.fps = cfg.video.fps
+        self.max_length = cfg.mllm.max_length
+        self.max_aspect = cfg.data.max_aspect_ratio
         self._probe: Dict[Path, object] = {}
         self._hash: Dict[Path, Tuple[str, int]] = {}
 
-    def resolve(self, written: str) -> Path:
+    def resolve(self, written: str, role: str) -> Path:
         """The real path of `written` (relative to the root, or absolute), refused unless it
         resolves inside the root: catches '..', absolute paths and symlinks leading out."""
         if "://" in written:
-            raise RowError("path_outside_root", f"{written!r}: URIs are not accepted, name media relative to the data root", written)
-        p = Path(written)
-        real = (p if p.is_absolute() else self.root / p).resolve()
+            raise RowError("path_outside_root", f"{role} {written!r}: URIs are not accepted, name media relative to the data root", written)
+        try:
+            p = Path(written)
+            real = (p if p.is_absolute() else self.root / p).resolve()
+        # resolve() asks the file system about a path the row wrote: a NUL byte (ValueError), a
+        # symlink loop (RuntimeError up to Python 3.12, OSError after) are that path's fault
+        except (OSError, ValueError, RuntimeError) as e:
+            if is_transient(e):
+                raise
+            raise RowError("bad_path", f"{role} {written!r}: {type(e).__name__}: {e}", written) from None
         if not real.is_relative_to(self.root):
-            raise RowError("path_outside_root", f"{written!r} resolves outside the data root", written)
+            raise RowError("path_outside_root", f"{role} {written!r} resolves outside the data root", written)
         return real
+
+    def shape(self, info: MediaInfo, role: str, written: str) -> None:
+        """Refuse frames no bucket fits: too elongated (the crop would drop most of them), or
+        smaller than the smallest size they land on (every stage would upscale them)."""
+        w, h = info.width, info.height
+        ratio = max(w, h) / min(w, h)
+        if ratio > self.max_aspect:
+            raise RowError("aspect_ratio", f"{role} {written!r}: {w}×{h} is {ratio:.2f}:1, beyond "
+                                           f"data.max_aspect_ratio = {self.max_aspect}", written)
+        group, (bw, bh) = _smallest_size(w, h, self.cfg.buckets)
+        if w < bw or h < bh:
+            raise RowError("media_too_small", f"{role} {written!r}: {w}×{h} is smaller than {bw}×{bh}, the smallest "
+                                              f"bucket size for its aspect (buckets.{group}); it would be upscaled", written)
 
     def media(self, written: str, role: str, want: str) -> Tuple[str, MediaInfo, str, int]:
         """(path relative to the root, probe, sha256, bytes) of one file of the row."""
-        real = self.resolve(written)
+        real = self.resolve(written, role)
         rel = real.relative_to(self.root).as_posix()
         if rel in self.bad_objects:
             reason, detail = self.bad_objects[rel]
             raise RowError(reason, f"{role} {written!r}: {detail}", written)
-        if not real.is_file():
+        try:
+            exists = real.is_file()
+        except OSError as e:  # a name too long for the file system (ENAMETOOLONG): the row's path
+            if is_transient(e):
+                raise
+            raise RowError("bad_path", f"{role} {written!r}: {type(e).__name__}: {e}", written) from None
+        if not exists:
             raise RowError("media_missing", f"{role} {written!r}: no such file under the data root", written)
         try:
             kind = media_kind(real)
@@ -96,14 +195,24 @@ class _RowChecker:
                 self._probe[real] = probe(real)
             except MediaError as e:
                 self._probe[real] = e
+            except OSError as e:  # the file's own I/O (permissions, a read error); a network hiccup is not the row's
+                if is_transient(e):
+                    raise
+                self._probe[real] = MediaError(real, f"cannot be read ({type(e).__name__}: {e})", "unreadable")
         info = self._probe[real]
         if isinstance(info, MediaError):
             raise RowError(f"media_{info.code}", f"{role} {written!r}: {info.reason}", written)
         if kind == "video" and info.frames_at(self.fps) < self.min_frames:
             raise RowError("video_too_short", f"{role} {written!r}: {info.frames_at(self.fps)} frames at {self.fps} fps, "
                                               f"the shortest bucket needs {self.min_frames} (video.frames)", written)
+        self.shape(info, role, written)
         if real not in self._hash:
-            self._hash[real] = (sha256_file(real), real.stat().st_size)
+            try:
+                self._hash[real] = (sha256_file(real), real.stat().st_size)
+            except OSError as e:  # as above: this file's read, unless the error is the network's
+                if is_transient(e):
+                    raise
+                raise RowError("media_unreadable", f"{role} {written!r}: cannot be read ({type(e).__name__}: {e})", written) from None
         return (rel, info, *self._hash[real])
 
     def check(self, index: int, row: dict) -> dict:
@@ -122,6 +231,12 @@ class _RowChecker:
             check_figure_refs(caption, len(refs))
         except ValueError as e:
             raise RowError("figure_ref_mismatch", str(e)) from None
+        if caption:
+            n = self.tokens.count(spec, caption)
+            if n > self.max_length:
+                raise RowError("caption_too_long", f"caption of {len(caption)} characters: {n} MLLM tokens with the "
+                                                   f"{spec.kind} prompt, more than mllm.max_length = {self.max_length} "
+                                                   "(images and video would add more)")
         if spec.needs_source and source is None:
             raise RowError("missing_source", f"task {spec.kind} needs a source {spec.source_kind}, the row has none")
         if not spec.needs_source and source is not None:
@@ -152,90 +267,6 @@ class _RowChecker:
                              for k, (w, h) in nearest_sizes(info.width, info.height, self.cfg.buckets).items()],
             "checksum": row_checksum(parts), "bytes": sum(files.values()), "row_index": index,
         }
-
-
-def _transfer_config(settings: S3Settings):
-    from boto3.s3.transfer import TransferConfig
-
-    chunk = settings.multipart_threshold_mb * 1024 * 1024
-    return TransferConfig(multipart_threshold=chunk, multipart_chunksize=chunk)  # ranged GETs above it
-
-
-def _verify(path: Path, uri: str, size: int, sha256: Optional[str]) -> Optional[str]:
-    """What is wrong with a downloaded copy of `uri`, or None."""
-    if path.stat().st_size != size:
-        return f"{uri}: {path.stat().st_size} bytes, the listing says {size}"
-    if sha256:
-        got = sha256_file(path)
-        if got != sha256:
-            return f"{uri}: sha256 {got[:16]}… differs from its metadata {sha256[:16]}…"
-    return None
-
-
-def _fetch_one(client, bucket: str, key: str, size: int, dest: Path, config) -> Tuple[Optional[Tuple[str, str]], bool]:
-    """Download one object to `dest` unless a verified copy is there. -> (error, downloaded).
-    A copy that fails verification is downloaded once more (a corrupted transfer), then reported;
-    the caller never sees a half-written or unverified file."""
-    uri = f"s3://{bucket}/{key}"
-    try:
-        sha256 = client.head_object(Bucket=bucket, Key=key).get("Metadata", {}).get("sha256")
-    except Exception as e:  # botocore errors, after its own retries
-        return ("download_failed", f"{uri}: {type(e).__name__}: {e}"), False
-    if dest.is_file() and _verify(dest, uri, size, sha256) is None:
-        return None, False
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.part")
-    error: Optional[Tuple[str, str]] = None
-    try:
-        for _ in range(2):
-            try:
-                client.download_file(bucket, key, str(tmp), Config=config)
-            except Exception as e:  # botocore / s3transfer errors, after their own retries
-                error = ("download_failed", f"{uri}: {type(e).__name__}: {e}")
-                break
-            msg = _verify(tmp, uri, size, sha256)
-            if msg is None:
-                os.replace(tmp, dest)
-                return None, True
-            error = ("checksum_mismatch", msg)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    if dest.exists():  # never leave an old copy that a row could still use
-        dest.unlink()
-    return error, False
-
-
-def fetch_s3(uri: str, root: Path, settings: S3Settings, progress: bool = True) -> Tuple[Dict[str, Tuple[str, str]], dict]:
-    """Mirror every object under the s3:// prefix into `root`, verified: the bytes' sha256
-    against the object's `sha256` metadata when present (upload_dir writes it), and the size.
-    Objects already there and verified are skipped. Returns ({relative path: (reason, detail)}
-    of the objects that failed, transfer stats). Listing is paginated; retries with backoff are
-    botocore's (standard mode, s3.max_attempts); large objects download in ranged parts."""
-    client = s3_client(settings)
-    config = _transfer_config(settings)
-    bucket, prefix = parse_s3_uri(uri)
-    folder = prefix.rstrip("/") + "/" if prefix.strip("/") else ""
-    objects = [o for o in list_objects(uri, client=client) if o["Key"].startswith(folder) and not o["Key"].endswith("/")]
-    bad: Dict[str, Tuple[str, str]] = {}
-    stats = {"objects": len(objects), "downloaded": 0, "skipped": 0, "bytes_downloaded": 0, "failed": 0}
-    for obj in tqdm(objects, desc="fetch", unit="obj", disable=not progress):
-        rel = obj["Key"][len(folder):]
-        dest = (root / rel).resolve()
-        if not dest.is_relative_to(root):  # a key with '..' must not write outside the root
-            bad[rel] = ("path_outside_root", f"s3://{bucket}/{obj['Key']} would be written outside the data root")
-            stats["failed"] += 1
-            continue
-        error, downloaded = _fetch_one(client, bucket, obj["Key"], obj["Size"], dest, config)
-        if error:
-            bad[rel] = error
-            stats["failed"] += 1
-        elif downloaded:
-            stats["downloaded"] += 1
-            stats["bytes_downloaded"] += obj["Size"]
-        else:
-            stats["skipped"] += 1
-    return bad, stats
 
 
 def _locate(cfg, source: str, root: Path, metadata: Optional[str], num_samples: Optional[int],
@@ -281,6 +312,7 @@ def curate(cfg, source: str, data_root, out_dir, split_eval_fraction: Optional[f
         raise ValueError(f"split_eval_fraction = {fraction}: expected a fraction in [0, 1]")
     if is_s3(data_root):
         raise ValueError(f"curate: data_root {data_root!r} must be a local directory (an s3:// source is mirrored into it)")
+    tokens = PromptTokens.from_config(cfg)  # before any download: a missing MLLM folder fails at once
     root = Path(data_root).resolve()
     root.mkdir(parents=True, exist_ok=True)
     out_dir = Path(out_dir)
@@ -288,7 +320,7 @@ def curate(cfg, source: str, data_root, out_dir, split_eval_fraction: Optional[f
     raws = schema.read_metadata(meta_path)
     t_fetch = time.perf_counter() - t0
 
-    checker = _RowChecker(cfg, root, bad_objects)
+    checker = _RowChecker(cfg, root, bad_objects, tokens)
     kept: List[dict] = []
     rejects: List[dict] = []
     kept_ids: Dict[str, int] = {}
@@ -306,13 +338,13 @@ def curate(cfg, source: str, data_root, out_dir, split_eval_fraction: Optional[f
                 raise RowError("duplicate_content", f"same media, task and caption as row {kept_content[key]} (checksum {rec['checksum'][:16]}…)")
             kept_ids[sample_id], kept_content[key] = index, index
             kept.append(rec)
-        except RowError as e:
+        except RowError as e:  # only RowError: any other exception here is a bug of ours, and must fail the stage
             if sample_id is None and isinstance(raw, dict) and raw.get("id") is not None:
                 sample_id = str(raw["id"])
             # messages from PyAV & co. quote absolute paths: keep the table independent of where the root is
             detail = e.detail.replace(f"{root}{os.sep}", "")
-            rejects.append({"row_index": index, "id": sample_id, "reason": e.reason, "detail": detail,
-                            "file": e.file, "row_json": schema.row_json(raw)})
+            rejects.append({"row_index": index, "id": _printable(sample_id), "reason": e.reason, "detail": _printable(detail),
+                            "file": _printable(e.file), "row_json": schema.row_json(raw)})
         if on_progress:
             on_progress(index + 1, len(raws))
 
@@ -320,11 +352,6 @@ def curate(cfg, source: str, data_root, out_dir, split_eval_fraction: Optional[f
     evals = [r for r in kept if is_eval(r["id"], fraction)]
     if len(raws) != len(train) + len(evals) + len(rejects):  # the stage's invariant: nothing lost
         raise AssertionError(f"curate: {len(raws)} rows in != {len(train)} train + {len(evals)} eval + {len(rejects)} rejected")
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    schema.write_parquet(train, schema.MANIFEST_SCHEMA, out_dir / "train.parquet")
-    schema.write_parquet(evals, schema.MANIFEST_SCHEMA, out_dir / "eval.parquet")
-    schema.write_parquet(rejects, schema.REJECTS_SCHEMA, out_dir / "rejects.parquet")
 
     by_reason: Dict[str, int] = {}
     for r in rejects:
@@ -350,7 +377,24 @@ def curate(cfg, source: str, data_root, out_dir, split_eval_fraction: Optional[f
         "timing": {"seconds": round(seconds, 3), "fetch_seconds": round(t_fetch, 3),
                    "rows_per_s": round(len(raws) / max(seconds - t_fetch, 1e-9), 1), "transfer": transfer},
     }
-    tmp = out_dir / ".curate.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, out_dir / "curate.json")
+    _publish(out_dir, train, evals, rejects, summary)
     return summary
+
+
+def _publish(out_dir: Path, train: List[dict], evals: List[dict], rejects: List[dict], summary: dict) -> None:
+    """Write the four outputs as one set. All are written under a staging folder first (where a
+    failure leaves nothing behind); then the old curate.json goes, the manifests are renamed into
+    place and curate.json comes last: a curate.json on disk always describes the manifests beside
+    it, and a run that fails before this point leaves the previous outputs untouched."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".curate-", dir=out_dir))
+    try:
+        schema.write_parquet(train, schema.MANIFEST_SCHEMA, staging / "train.parquet")
+        schema.write_parquet(evals, schema.MANIFEST_SCHEMA, staging / "eval.parquet")
+        schema.write_parquet(rejects, schema.REJECTS_SCHEMA, staging / "rejects.parquet")
+        (staging / "curate.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+        (out_dir / "curate.json").unlink(missing_ok=True)
+        for name in ("train.parquet", "eval.parquet", "rejects.parquet", "curate.json"):
+            os.replace(staging / name, out_dir / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

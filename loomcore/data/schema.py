@@ -12,9 +12,11 @@ Metadata (input: `metadata.parquet`, `.csv` or `.jsonl` inside the source; `data
     source   string, optional  the source image/video of recon/edit tasks (relative path)
     refs     list<string>, optional  reference images in @Figure order (relative paths);
                                in CSV one string, paths separated by ';'
-Other columns are ignored (kept in the reject rows' JSON). A file without a required column, or
-one that cannot be read, is a `MetadataError` naming the file and the column; a bad *row* is a
-reject row, never an error.
+Other columns are ignored (kept in the reject rows' JSON). A file without a required column, one
+without rows, or one that cannot be read, is a `MetadataError` naming the file and the column; a
+bad *row* is a reject row, never an error. CSV and JSONL are decoded row by row: bytes that are
+not UTF-8 make their own row a `bad_text` reject (with the field and the bytes), not the file an
+error.
 
 Manifest (`train.parquet`, `eval.parquet`): `MANIFEST_SCHEMA`, one row per kept sample, in
 metadata order. Paths are relative to the data root (no absolute or temporary paths), so the
@@ -87,7 +89,10 @@ REJECT_REASONS = {
     "missing_field": "id, task or media is null or empty",
     "unknown_task": "task is not one of the ten kinds",
     "bad_refs": "refs is not a list of paths",
+    "bad_text": "a field is not valid text (bytes that are not UTF-8, a lone surrogate)",
+    "bad_path": "a path the file system refuses (a NUL byte, too long, a symlink loop)",
     "empty_caption": "the caption/instruction is empty after strip",
+    "caption_too_long": "the prompt's text alone is more MLLM tokens than mllm.max_length",
     "unexpected_caption": "reconstruction takes no text, but the row has some",
     "figure_ref_mismatch": "the prompt names @Figure k but fewer than k references are given",
     "missing_source": "the task needs a source, the row has none",
@@ -95,6 +100,7 @@ REJECT_REASONS = {
     "wrong_ref_count": "the number of references does not fit the task",
     "path_outside_root": "a path resolves outside the data root ('..', absolute, symlink, URI)",
     "media_missing": "a file named by the row does not exist",
+    "media_unreadable": "a file named by the row exists but cannot be read (permissions, I/O error)",
     "checksum_mismatch": "an S3 object's bytes do not match its sha256 metadata / size",
     "download_failed": "an S3 object could not be downloaded (after retries)",
     "media_unsupported_type": "a file suffix that is neither a video nor an image",
@@ -106,6 +112,8 @@ REJECT_REASONS = {
     "media_undecodable": "a file that fails to decode for another reason",
     "media_no_video_stream": "a container without a video stream",
     "video_too_short": "fewer frames at video.fps than the shortest bucket's frame count",
+    "aspect_ratio": "long side / short side above data.max_aspect_ratio",
+    "media_too_small": "smaller, in width or height, than the smallest bucket size for its aspect",
     "duplicate_id": "an id already kept earlier in the table",
     "duplicate_content": "same media checksum, task and caption as a row kept earlier",
 }
@@ -136,8 +144,18 @@ def _missing(path: Path, columns) -> None:
         )
 
 
+def _no_rows(path: Path, rows: List[Raw]) -> List[Raw]:
+    if not rows:  # an empty table would "succeed" with empty manifests, and training on nothing
+        raise MetadataError(f"{path}: no rows (the metadata table is empty)")
+    return rows
+
+
 def read_metadata(path: Path) -> List[Raw]:
-    """All rows of a metadata file, in file order, as plain Python values."""
+    """All rows of a metadata file, in file order, as plain Python values.
+
+    CSV and JSONL are decoded with `surrogateescape`: a byte that is not UTF-8 survives as a lone
+    surrogate in its own field, which `normalize_row` turns into that row's `bad_text` reject —
+    one bad row must not cost the file (nor shift the other rows' indices)."""
     path = Path(path)
     if not path.is_file():
         raise MetadataError(f"{path}: metadata file not found")
@@ -148,16 +166,17 @@ def read_metadata(path: Path) -> List[Raw]:
         if suffix == ".parquet":
             table = pq.read_table(path)
             _missing(path, table.column_names)
-            return table.to_pylist()
+            return _no_rows(path, table.to_pylist())
         if suffix == ".csv":
-            with open(path, newline="", encoding="utf-8") as f:
+            # utf-8-sig: a spreadsheet's byte-order mark must not rename the first column
+            with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
                 reader = csv.DictReader(f)
                 _missing(path, reader.fieldnames or [])
                 # surplus cells (more than the header) land under the key None
-                return [{("_extra" if k is None else k): v for k, v in row.items()} for row in reader]
+                return _no_rows(path, [{("_extra" if k is None else k): v for k, v in row.items()} for row in reader])
         rows: List[Raw] = []
         seen_columns: set = set()
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8", errors="surrogateescape") as f:
             for line in f:
                 if not line.strip():
                     continue
@@ -170,8 +189,8 @@ def read_metadata(path: Path) -> List[Raw]:
                     rows.append(row)
                 else:
                     rows.append(line.rstrip("\n"))
-        if rows:
-            _missing(path, sorted(seen_columns))
+        _no_rows(path, rows)
+        _missing(path, sorted(seen_columns))
         return rows
     except MetadataError:
         raise
@@ -179,10 +198,31 @@ def read_metadata(path: Path) -> List[Raw]:
         raise MetadataError(f"{path}: unreadable {suffix[1:]} metadata ({type(e).__name__}: {e})") from None
 
 
+def printable(text: str) -> str:
+    """`text` as valid UTF-8 for a table: undecodable bytes and lone surrogates as backslash
+    escapes (Parquet strings must be UTF-8; a reject row must be writable whatever its input)."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def row_json(raw: Raw) -> str:
     if isinstance(raw, str):
-        return raw
-    return json.dumps(raw, sort_keys=True, ensure_ascii=False, default=str)
+        return printable(raw)
+    return printable(json.dumps(raw, sort_keys=True, ensure_ascii=False, default=str))
+
+
+def _bad_text(text: str) -> Optional[str]:
+    """Why `text` is not valid Unicode text, or None. A byte that was not UTF-8 (decoded with
+    surrogateescape) is named as the byte; a lone surrogate from a JSON escape as the code point."""
+    try:
+        text.encode("utf-8")
+        return None
+    except UnicodeEncodeError as e:
+        bad = text[e.start:e.end]
+        if all(0xDC80 <= ord(c) <= 0xDCFF for c in bad):
+            what = f"bytes {bad.encode('utf-8', 'surrogateescape')!r} are not UTF-8"
+        else:
+            what = "lone surrogate " + ", ".join(f"U+{ord(c):04X}" for c in bad)
+        return f"{what} (at character {e.start})"
 
 
 def _text(raw: dict, key: str) -> Optional[str]:
@@ -197,8 +237,15 @@ def _text(raw: dict, key: str) -> Optional[str]:
 def normalize_row(raw: Raw) -> Dict[str, Any]:
     """{id, task, media, caption, source, refs} with the column types above, or RowError."""
     if not isinstance(raw, dict):
+        why = _bad_text(raw)
+        if why:
+            raise RowError("bad_text", f"line: {why}")
         raise RowError("bad_row", f"not a JSON object: {raw[:200]!r}")
     row = {k: _text(raw, k) for k in ("id", "task", "media", "caption", "source")}
+    for k, v in row.items():
+        why = _bad_text(v) if v is not None else None
+        if why:
+            raise RowError("bad_text", f"field {k!r}: {why}")
     for k in ("id", "task", "media"):
         if not (row[k] or "").strip():
             raise RowError("missing_field", f"field {k!r} is {'missing' if k not in raw else 'empty'}")
@@ -213,6 +260,10 @@ def normalize_row(raw: Raw) -> Dict[str, Any]:
         refs = list(refs)
     else:
         raise RowError("bad_refs", f"refs must be a list of paths (CSV: ';'-separated), got {refs!r}")
+    for k, r in enumerate(refs, start=1):
+        why = _bad_text(r)
+        if why:
+            raise RowError("bad_text", f"field 'refs' (reference {k}): {why}")
     row["refs"] = refs
     return row
 
