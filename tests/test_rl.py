@@ -249,6 +249,9 @@ def test_rl_stage_writes_outs_and_resumes_exactly(rl_ws):
     assert {"reward_before_mean", "reward_before_std", "reward_after_mean", "reward_after_std"} <= set(metrics)
     tsv = {p.relative_to(out / "plots" / "metrics").as_posix() for p in (out / "plots" / "metrics").rglob("*.tsv")}
     assert {"reward/mean.tsv", "reward/std.tsv", "loss/policy.tsv", "kl_proxy/stage_ref.tsv"} <= tsv
+    assert not any(t.startswith("throughput/") for t in tsv) and "wall_seconds_this_run" not in metrics
+    assert (out / "timing/metrics/throughput/samples_per_s.tsv").is_file()  # the clock: untracked timing/
+    assert json.loads((out / "timing/summary.json").read_text())["wall_seconds_this_run"] > 0
     policy = LoomDiT.from_pretrained(out / "model")
     base = LoomDiT.from_pretrained(Path(cfg.train.out_dir) / "stage3" / "model")
     moved = sum((a - b).abs().sum().item() for a, b in zip(policy.parameters(), base.parameters()))

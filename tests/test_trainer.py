@@ -237,6 +237,13 @@ def test_three_stages_chain_weights_ema_and_outs(ws):
         assert tsv[0] == "step\tall" and int(tsv[-1].split("\t")[0]) == s["steps"]
     assert (out / "stage1/plots/images/samples/000002.png").is_file()  # validation grids (sample_every)
     assert (out / "stage2/plots/metrics/lr.tsv").is_file() and (out / "stage2/plots/metrics/grad_norm.tsv").is_file()
+    # what the clock measured lives in timing/ (untracked), never in the tracked record
+    assert not (out / "stage2/plots/metrics/throughput").exists()
+    assert (out / "stage2/timing/metrics/throughput/tokens_per_s.tsv").is_file()
+    timing = json.loads((out / "stage2/timing/summary.json").read_text())
+    assert timing["wall_seconds_this_run"] > 0 and timing["tokens_per_s"] == s2["tokens_per_s"]
+    for name in ("summary.json", "metrics.json"):
+        assert not {"tokens_per_s", "samples_per_s", "wall_seconds_this_run"} & json.loads((out / "stage2" / name).read_text()).keys()
     # a rerun with the same params and inputs resumes at the end (no step is trained twice)
     again = train_stage(cfg, "stage3")
     assert again["resumed_from_step"] == 3 and again["loss_last_10pct"] == s3["loss_last_10pct"]
@@ -313,8 +320,8 @@ def test_gpu_stage_runs_in_bf16_with_telemetry(ws):
                                  "stage1.sample_every=4", "train.preflight_min_free_gib=1"), profile="tiny")
     summary = train_stage(cfg, "stage1")
     assert summary["skipped_steps"] == 0 and math.isfinite(summary["loss_final"])
-    metrics = Path(cfg.train.out_dir) / "stage1/plots/metrics"
-    assert (metrics / "memory/max_allocated_gib.tsv").is_file()
+    metrics = Path(cfg.train.out_dir) / "stage1/timing/metrics"  # the clock's figures: untracked
+    assert (metrics / "memory/max_allocated_gib.tsv").is_file() and (metrics / "perf/mfu.tsv").is_file()
     assert list(metrics.glob("system/gpu*/util_pct.tsv"))
     assert (Path(cfg.train.out_dir) / "stage1/plots/images/samples/000004.png").is_file()
 

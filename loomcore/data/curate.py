@@ -11,7 +11,9 @@ Every metadata row ends in exactly one of the manifests or in rejects (one reaso
 check that failed): rows in = rows kept + rows rejected, checked before anything is written.
 Manifests hold no time stamps and no absolute paths (media are relative to the data root), and are
 written in metadata order with fixed Parquet options: the same input gives the same bytes.
-Timing lives only under curate.json's "timing" key.
+Timing (seconds, rows/s, S3 transfer counts) is returned under the summary's "timing" key and
+written to timing.json beside curate.json, never into it: curate.json is the stage's DVC metric,
+and a rerun of the same input must give it the same bytes.
 
 A row's own bad input is a reject; the run's infrastructure failing is an error. An S3 object
 whose bytes fail their checksum, or that is gone, is that row's reject; a store that stops
@@ -392,9 +394,11 @@ def _publish(out_dir: Path, train: List[dict], evals: List[dict], rejects: List[
         schema.write_parquet(train, schema.MANIFEST_SCHEMA, staging / "train.parquet")
         schema.write_parquet(evals, schema.MANIFEST_SCHEMA, staging / "eval.parquet")
         schema.write_parquet(rejects, schema.REJECTS_SCHEMA, staging / "rejects.parquet")
-        (staging / "curate.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+        record = {k: v for k, v in summary.items() if k != "timing"}
+        (staging / "curate.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+        (staging / "timing.json").write_text(json.dumps(summary["timing"], indent=2, sort_keys=True) + "\n")
         (out_dir / "curate.json").unlink(missing_ok=True)
-        for name in ("train.parquet", "eval.parquet", "rejects.parquet", "curate.json"):
+        for name in ("train.parquet", "eval.parquet", "rejects.parquet", "timing.json", "curate.json"):
             os.replace(staging / name, out_dir / name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

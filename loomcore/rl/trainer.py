@@ -39,7 +39,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import shutil
 import time
 from pathlib import Path
 from typing import Dict, List, Sequence
@@ -67,7 +66,7 @@ from loomcore.train.distributed import (
 from loomcore.train.metrics import RunLog, read_steps
 from loomcore.train.optim import build_optimizer, build_scheduler
 from loomcore.train.stage_io import (
-    SHARED_SECTIONS, cache_key_files, code_fingerprint, inputs_fingerprint, stage_out_dir, write_weights,
+    SHARED_SECTIONS, cache_key_files, code_fingerprint, inputs_fingerprint, stage_out_dir, write_run_record, write_weights,
 )
 
 STAGE = "rl"
@@ -411,11 +410,7 @@ class RLTrainer:
             out = stage_out_dir(self.cfg, STAGE)
             out.mkdir(parents=True, exist_ok=True)
             write_weights(out, "model", dict(self.policy.config), state)
-            shutil.rmtree(out / "plots", ignore_errors=True)
-            shutil.copytree(self.runlog.plots_dir, out / "plots")
-            (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-            numbers = {k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-            (out / "metrics.json").write_text(json.dumps(numbers, indent=2) + "\n")
+            write_run_record(out, self.runlog, summary)
             self.log(f"rl done: outs in {out}")
         return broadcast_object(summary)
 

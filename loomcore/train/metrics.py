@@ -2,7 +2,12 @@
 
     steps.jsonl              every optimizer step: loss, grad norm, lr, tokens, finite (exact floats)
     dvclive/                 dvclive's metrics.json + plots/metrics/<name>.tsv + plots/images/…,
-                             interval means every `log_every` steps
+                             interval means every `log_every` steps: what the run computed, the
+                             same numbers on every rerun of the same inputs
+    dvclive-timing/          the same for how fast it ran (`TIMING_PREFIXES`: throughput, MFU,
+                             memory, GPU telemetry): different on every run, so it is kept apart
+                             (the stage's outs copy it to an untracked timing/ folder; a tracked
+                             file must not change when nothing but the clock did)
 
 A resumed run continues both from the checkpoint's step: `steps.jsonl` and every dvclive TSV are
 cut back to the rows at or before it (a killed run may have logged past its last checkpoint), and
@@ -20,6 +25,8 @@ from typing import Dict, Iterable, List, Optional
 
 STEPS_FILE = "steps.jsonl"
 LIVE_DIR = "dvclive"
+TIMING_DIR = "dvclive-timing"
+TIMING_PREFIXES = ("throughput/", "perf/", "memory/", "system/")
 
 
 def read_steps(path: Path | str) -> List[dict]:
@@ -53,15 +60,19 @@ class RunLog:
         self.run_dir = Path(run_dir)
         self.steps_path = self.run_dir / STEPS_FILE
         self.live_dir = self.run_dir / LIVE_DIR
+        self.timing_live_dir = self.run_dir / TIMING_DIR
         _truncate_jsonl(self.steps_path, resume_step)
-        metrics_dir = self.live_dir / "plots" / "metrics"
-        if metrics_dir.is_dir():
-            for tsv in metrics_dir.rglob("*.tsv"):
-                _truncate_tsv(tsv, resume_step)
+        for d in (self.live_dir, self.timing_live_dir):
+            metrics_dir = d / "plots" / "metrics"
+            if metrics_dir.is_dir():
+                for tsv in metrics_dir.rglob("*.tsv"):
+                    _truncate_tsv(tsv, resume_step)
         from dvclive import Live
 
         # No dvc.yaml, no experiment, no report: the stage's dvc.yaml declares the plots.
-        self.live = Live(dir=str(self.live_dir), resume=resume_step > 0, save_dvc_exp=False, dvcyaml=None, report=None)
+        opts = dict(resume=resume_step > 0, save_dvc_exp=False, dvcyaml=None, report=None)
+        self.live = Live(dir=str(self.live_dir), **opts)
+        self.timing = Live(dir=str(self.timing_live_dir), **opts)
 
     def write_steps(self, rows: Iterable[dict]) -> None:
         with open(self.steps_path, "a") as f:
@@ -69,12 +80,16 @@ class RunLog:
                 f.write(json.dumps(r) + "\n")
 
     def log_metrics(self, step: int, metrics: Dict[str, float]) -> None:
-        self.live.step = step
+        """Metrics named with a `TIMING_PREFIXES` prefix go to the timing log, the rest to the run's."""
+        for live in (self.live, self.timing):
+            live.step = step
         for name, value in metrics.items():
             if value is None:
                 continue
-            self.live.log_metric(name, float(value) if math.isfinite(float(value)) else str(value))
+            live = self.timing if name.startswith(TIMING_PREFIXES) else self.live
+            live.log_metric(name, float(value) if math.isfinite(float(value)) else str(value))
         self.live.make_summary()
+        self.timing.make_summary()
 
     def log_image(self, step: int, name: str, image) -> Path:
         self.live.step = step
@@ -85,8 +100,13 @@ class RunLog:
     def plots_dir(self) -> Path:
         return self.live_dir / "plots"
 
+    @property
+    def timing_plots_dir(self) -> Path:
+        return self.timing_live_dir / "plots"
+
     def close(self) -> None:
         self.live.make_summary()
+        self.timing.make_summary()
 
 
 def mean_loss(rows: List[dict], first: Optional[float] = None, last: Optional[float] = None) -> Optional[float]:

@@ -13,10 +13,13 @@ stage outs     <train.out_dir>/<stage>/
                  model/         LoomDiT.save_pretrained: the weights the next stage starts from —
                                 the EMA weights when the stage keeps an EMA, else the final ones
                  final/         the final (raw, non-EMA) weights, always (= model/ in stage 1)
-                 summary.json   what ran: init weights, which weights model/ holds, losses, speed
+                 summary.json   what ran: init weights, which weights model/ holds, losses
                  metrics.json   its numbers (`dvc metrics show`)
-                 plots/metrics/ dvclive TSVs: loss (all, per task kind), lr, grad norm, tokens/s…
+                 plots/metrics/ dvclive TSVs: loss (all, per task kind), lr, grad norm, faults
                  plots/images/  validation grids, samples/<step>.png
+                 timing/        this run's speed: summary.json (tokens/s, samples/s, wall
+                                seconds) and metrics/ TSVs (throughput, MFU, memory); untracked,
+                                so that a rerun of the same inputs changes no tracked file
 """
 
 from __future__ import annotations
@@ -128,15 +131,34 @@ def write_weights(out: Path, name: str, config: dict, state: Dict[str, torch.Ten
     os.replace(tmp, out / name)
 
 
+# Summary entries that measure the clock, not the run: kept out of the tracked summary.json and
+# metrics.json (a rerun of the same inputs must leave git and dvc.lock as they were).
+TIMING_KEYS = ("tokens_per_s", "samples_per_s", "wall_seconds_this_run")
+
+
+def write_run_record(out: Path, runlog, summary: dict) -> None:
+    """A trained stage's record beside its weights (training stages and RL alike):
+    plots/ (curves and validation images), summary.json and metrics.json — the same bytes on
+    every rerun of the same inputs — and timing/ (throughput curves, `TIMING_KEYS`), this run's
+    speed, untracked (.gitignore) and outside the stage's DVC outs."""
+    for name, src in (("plots", runlog.plots_dir), ("timing", runlog.timing_plots_dir)):
+        shutil.rmtree(out / name, ignore_errors=True)
+        if src.is_dir():
+            shutil.copytree(src, out / name)
+    (out / "timing").mkdir(exist_ok=True)
+    timing = {k: summary[k] for k in TIMING_KEYS if k in summary}
+    (out / "timing" / "summary.json").write_text(json.dumps(timing, indent=2) + "\n")
+    record = {k: v for k, v in summary.items() if k not in TIMING_KEYS}
+    (out / "summary.json").write_text(json.dumps(record, indent=2) + "\n")
+    numbers = {k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    (out / "metrics.json").write_text(json.dumps(numbers, indent=2) + "\n")
+
+
 def write_stage_outs(out: Path, config: dict, final: Dict[str, torch.Tensor], ema: Optional[Dict[str, torch.Tensor]],
-                     plots: Path, summary: dict) -> None:
+                     runlog, summary: dict) -> None:
     """The stage's outs (see the module doc). `ema` covers the trained parameters; frozen ones
     (Wan's unused text projection) come from `final`."""
     out.mkdir(parents=True, exist_ok=True)
     write_weights(out, "final", config, final)
     write_weights(out, "model", config, {**final, **ema} if ema is not None else final)
-    shutil.rmtree(out / "plots", ignore_errors=True)
-    shutil.copytree(plots, out / "plots")
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    numbers = {k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    (out / "metrics.json").write_text(json.dumps(numbers, indent=2) + "\n")
+    write_run_record(out, runlog, summary)

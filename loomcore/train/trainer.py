@@ -299,7 +299,7 @@ class Trainer:
             self.runlog.close()
             summary = self._summary(start)
             out = stage_out_dir(self.cfg, self.stage)
-            write_stage_outs(out, dict(self.model.config), final, ema, self.runlog.plots_dir, summary)
+            write_stage_outs(out, dict(self.model.config), final, ema, self.runlog, summary)
             self.log(f"{self.stage} done: outs in {out}; loss {summary['loss_first_10pct']:.4f} (first 10% of steps) "
                      f"→ {summary['loss_last_10pct']:.4f} (last 10%)")
         return broadcast_object(summary)
