@@ -193,6 +193,7 @@ def test_rerun_gives_byte_identical_manifests(data, tmp_path, cfg):
     assert len({(out / "curate.json").read_bytes() for out in runs}) == 1
     stable = json.loads((runs[0] / "curate.json").read_text())
     assert stable["rejected"]["total"] == 2 and "timing" not in stable
+    assert stable["metadata"] == "metadata.csv"  # relative to the data root: no checkout path in a metric
     assert {k for k in summaries[0] if k != "timing"} == set(stable)
     assert json.loads((runs[0] / "timing.json").read_text()).keys() == summaries[2]["timing"].keys()
 

@@ -366,7 +366,10 @@ def curate(cfg, source: str, data_root, out_dir, split_eval_fraction: Optional[f
     seconds = time.perf_counter() - t0
     summary = {
         "source": str(source),
-        "metadata": str(meta_path),
+        # as written by the user, or relative to the data root: the same input gives the same
+        # curate.json wherever the checkout lives (it is a DVC metric)
+        "metadata": (meta_path.resolve().relative_to(root).as_posix() if meta_path.resolve().is_relative_to(root)
+                     else str(meta_path)),
         "rows_in": len(raws),
         "kept": {"train": len(train), "eval": len(evals), "total": len(kept)},
         "rejected": {"total": len(rejects), "by_reason": dict(sorted(by_reason.items()))},
