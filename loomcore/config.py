@@ -251,6 +251,7 @@ class TrainConfig:
     validation_frames: int
     compile: bool
     cpu_threads: int
+    cpu_deterministic: bool
     attention_backend: str
     timeout_hours: float
     rdzv_endpoint: str

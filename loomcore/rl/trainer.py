@@ -60,7 +60,7 @@ from loomcore.train import telemetry
 from loomcore.train.checkpoint import run_key
 from loomcore.train.contexts import context_source
 from loomcore.train.distributed import (
-    Checkpointer, DistEnv, ModelState, OptimizerState, broadcast_object, destroy_distributed, init_distributed, release_message,
+    Checkpointer, DistEnv, ModelState, OptimizerState, broadcast_object, rank_process,
     parallelize, set_gradient_sync,
 )
 from loomcore.train.metrics import RunLog, read_steps
@@ -417,17 +417,9 @@ class RLTrainer:
 
 def train_rl(cfg: Config) -> dict:
     """Run the RL stage in this process (one rank of torchrun, or a 1-rank group of its own)."""
-    rl = cfg.rl
-    threads = torch.get_num_threads()
-    if rl.gpus_per_node == 0 and cfg.train.cpu_threads:
-        torch.set_num_threads(cfg.train.cpu_threads)
-    env = init_distributed(use_gpu=rl.gpus_per_node > 0)
-    try:
+    with rank_process(cfg.train, use_gpu=cfg.rl.gpus_per_node > 0) as env:
         trainer = RLTrainer(cfg, env)
         trainer.setup()
         summary = trainer.run()
         del trainer  # the model, optimizer and EMA hold the device mesh: drop them before the group
         return summary
-    finally:
-        print(release_message(env, destroy_distributed()), flush=True)
-        torch.set_num_threads(threads)

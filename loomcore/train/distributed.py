@@ -16,13 +16,15 @@ rank 0 and the matching collectives on the other ranks.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import functools
 import gc
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, Iterator, List, Mapping, Optional
 
 import torch
 import torch.distributed as dist
@@ -105,9 +107,12 @@ def _release_dtensor_caches() -> None:
     planners = getattr(_redistribute, "_planner_cache", None)
     if isinstance(planners, dict):
         planners.clear()
-    for obj in gc.get_objects():  # functools caches keyed or valued by meshes (MeshTopoInfo, …)
-        if isinstance(obj, functools._lru_cache_wrapper) and (getattr(obj, "__module__", None) or "").startswith("torch.distributed"):
-            obj.cache_clear()
+    with warnings.catch_warnings():  # isinstance() on torch's deprecated aliases warns
+        warnings.simplefilter("ignore")
+        for obj in gc.get_objects():  # functools caches keyed or valued by meshes (MeshTopoInfo, …)
+            if isinstance(obj, functools._lru_cache_wrapper) and \
+                    (getattr(obj, "__module__", None) or "").startswith("torch.distributed"):
+                obj.cache_clear()
 
 
 def destroy_distributed() -> List[str]:
@@ -122,6 +127,27 @@ def destroy_distributed() -> List[str]:
     dist.destroy_process_group()
     gc.collect()
     return [t for t in native_threads() if "gloo" in t]
+
+
+@contextlib.contextmanager
+def rank_process(train_cfg, use_gpu: bool) -> Iterator[DistEnv]:
+    """One training process's environment, set and restored: on CPU `train.cpu_threads` intra-op
+    threads and, with `train.cpu_deterministic`, torch's deterministic algorithms (with two threads
+    some CPU backward kernels sum in a run-dependent order: losses differ in the 8th digit from
+    run to run, and so do the weights DVC records); then the process group, released on the way
+    out (`destroy_distributed`), saying so. The caller must drop its model before leaving."""
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    if not use_gpu:
+        if train_cfg.cpu_threads:
+            torch.set_num_threads(train_cfg.cpu_threads)
+        torch.use_deterministic_algorithms(train_cfg.cpu_deterministic)
+    env = init_distributed(use_gpu=use_gpu)
+    try:
+        yield env
+    finally:
+        print(release_message(env, destroy_distributed()), flush=True)
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)
 
 
 RELEASED = "process group released"  # tasks.train reads this in the ranks' output

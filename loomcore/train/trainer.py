@@ -24,7 +24,7 @@ from loomcore.data.loader import PackedLoader, load_sample
 from loomcore.train import telemetry
 from loomcore.train.distributed import (
     Checkpointer, DistEnv, EMAState, ModelState, OptimizerState, all_reduce_sum, broadcast_object,
-    destroy_distributed, init_distributed, release_message, parallelize, set_gradient_sync,
+    parallelize, rank_process, set_gradient_sync,
 )
 from loomcore.train.ema import EMA
 from loomcore.train.faults import LossSpikeDetector, NonFiniteGuard
@@ -336,17 +336,9 @@ class Trainer:
 
 def train_stage(cfg: Config, stage: str) -> dict:
     """Train one stage in this process (one rank of torchrun, or a 1-rank group of its own)."""
-    s = cfg.stage(stage)
-    threads = torch.get_num_threads()
-    if s.gpus_per_node == 0 and cfg.train.cpu_threads:
-        torch.set_num_threads(cfg.train.cpu_threads)
-    env = init_distributed(use_gpu=s.gpus_per_node > 0)
-    try:
+    with rank_process(cfg.train, use_gpu=cfg.stage(stage).gpus_per_node > 0) as env:
         trainer = Trainer(cfg, stage, env)
         trainer.setup()
         summary = trainer.run()
         del trainer  # the model, optimizer and EMA hold the device mesh: drop them before the group
         return summary
-    finally:
-        print(release_message(env, destroy_distributed()), flush=True)
-        torch.set_num_threads(threads)
