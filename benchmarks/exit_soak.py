@@ -33,7 +33,7 @@ def one_run(stage: str, nproc: int, steps: int, root: Path) -> dict:
     cmd = [str(torchrun), "--standalone", "--nproc-per-node", str(nproc), "-m", "loomcore.train", "--stage", stage,
            "--profile", "tiny", f"{stage}.steps={steps}", f"{stage}.log_every=1", f"{stage}.sample_every=100000",
            f"{stage}.checkpoint_every=100000", f"paths.runs={root / 'runs'}", f"train.out_dir={root / 'out'}",
-           "train.cpu_threads=1"]
+           "train.cpu_threads=1", f"train.grad_accum={nproc}"]  # the global batch splits over the ranks
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     text = proc.stdout + proc.stderr
