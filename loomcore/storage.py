@@ -232,6 +232,18 @@ def file_digest(path: Path, algorithm: str = "sha256", chunk: int = 1 << 20) -> 
     return h.hexdigest()
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` still runs: decides if a `.tmp-<pid>` file or folder is a live
+    writer's or a dead one's leftover (checkpoints, cache shards, exports)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return file_digest(path, "sha256", chunk)
 

@@ -26,6 +26,7 @@ import torch
 from safetensors.torch import save_file
 
 from loomcore.data.loader import INDEX_FILE, NULL_RECORD_KEY, NULL_SHARD, SHARD_SHA256, file_sha256
+from loomcore.storage import pid_alive
 
 INDEX_SCHEMA = pa.schema(
     [
@@ -64,15 +65,6 @@ def _atomic_write(path: Path, write) -> None:
             tmp.unlink()
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's live process
-        return True
-    return True
-
 
 def remove_stale_temps(root: Path) -> List[str]:
     """Delete the temporary files of writers that died (`.<name>.tmp-<pid>`, pid gone or our
@@ -83,7 +75,7 @@ def remove_stale_temps(root: Path) -> List[str]:
         return removed
     for p in sorted(root.iterdir()):
         m = _TEMP_RE.match(p.name)
-        if m and p.is_file() and (int(m.group(1)) == os.getpid() or not _pid_alive(int(m.group(1)))):
+        if m and p.is_file() and (int(m.group(1)) == os.getpid() or not pid_alive(int(m.group(1)))):
             p.unlink()
             removed.append(p.name)
     return removed

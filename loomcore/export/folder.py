@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 from loomcore.config import REPO_ROOT, Config
+from loomcore.storage import pid_alive
 
 from .card import render_card
 from .lineage import dvc_lineage, git_state
@@ -140,21 +141,12 @@ def check_export_folder(folder: Path | str) -> Dict[str, int]:
     return {"files": len(files), "bytes": sum(f.stat().st_size for f in files)}
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
 
 def _remove_stale_siblings(target: Path) -> None:
     """Staging / swapped-out folders left by an export that was killed (its process is gone)."""
     for p in target.parent.glob(f".{target.name}.*-*-*"):
         parts = p.name.rsplit("-", 2)
-        if p.is_dir() and parts[-2].isdigit() and not _pid_alive(int(parts[-2])):
+        if p.is_dir() and parts[-2].isdigit() and not pid_alive(int(parts[-2])):
             log.warning("removing %s, left by an interrupted export", p)
             shutil.rmtree(p, ignore_errors=True)
 

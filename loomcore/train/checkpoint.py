@@ -39,13 +39,14 @@ from typing import Any, Dict, List, Mapping, Optional, Protocol, Tuple
 import torch
 from safetensors.torch import load_file, save_file
 
+from loomcore.storage import pid_alive, sha256_file
+
 MANIFEST = "MANIFEST.json"
 TRAINER_STATE = "trainer_state.json"
 FORMAT_VERSION = 1
 STEP_DIR = "step-{:06d}"
 _STEP_RE = re.compile(r"^step-(\d+)$")
 _HIDDEN_RE = re.compile(r"^\.(?:tmp|old|del)-step-\d+-(\d+)$")  # ours, tagged with the writer's pid
-_HASH_CHUNK_BYTES = 1 << 20
 _TENSOR_TAG = "__tensor__"
 
 
@@ -133,13 +134,6 @@ def _has_tensor(obj: Any) -> bool:
 # --------------------------------------------------------------------------------------------
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_HASH_CHUNK_BYTES):
-            h.update(chunk)
-    return h.hexdigest()
-
 
 def _fsync(path: Path) -> None:
     """Flush a file or a directory entry to disk (the rename is only durable after this)."""
@@ -173,15 +167,6 @@ def _is_flat_tensor_dict(sd: Mapping) -> bool:
     return bool(sd) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items())
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's live process
-        return True
-    return True
-
 
 # --------------------------------------------------------------------------------------------
 # Manager
@@ -207,7 +192,7 @@ class CheckpointManager:
         """Temp/old/deleting folders left by a writer that died (its pid is gone)."""
         for p in self.run_dir.iterdir():
             m = _HIDDEN_RE.match(p.name)
-            if m and p.is_dir() and not _pid_alive(int(m.group(1))):
+            if m and p.is_dir() and not pid_alive(int(m.group(1))):
                 shutil.rmtree(p)
 
     def should_save(self, step: int) -> bool:
@@ -266,7 +251,7 @@ class CheckpointManager:
         files = {}
         for p in sorted(folder.iterdir()):
             _fsync(p)
-            files[p.name] = {"sha256": _sha256(p), "bytes": p.stat().st_size}
+            files[p.name] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
         manifest = folder / MANIFEST
         manifest.write_text(json.dumps({"format": FORMAT_VERSION, "step": step, "files": files}, indent=1))
         _fsync(manifest)
@@ -327,7 +312,7 @@ class CheckpointManager:
             size = f.stat().st_size
             if size != expected_bytes:
                 raise CheckpointError(f"{path}: {name} has {size} bytes, {MANIFEST} says {expected_bytes} (truncated?)")
-            if checksums and _sha256(f) != expected_sha:
+            if checksums and sha256_file(f) != expected_sha:
                 raise CheckpointError(f"{path}: {name} does not match its sha256 in {MANIFEST} (corrupted)")
         return manifest
 
