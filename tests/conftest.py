@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import os
 import socket
 
@@ -54,19 +55,42 @@ def s3_bucket(s3_endpoint, request):
     return name
 
 
+_HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer", "upgrade"}
+
+
+def _relay(handler, upstream, body) -> None:
+    """Forward the request a proxy's BaseHTTPRequestHandler holds to `upstream`, answer with its
+    response (the S3 proxies below; end-to-end headers only)."""
+    conn = http.client.HTTPConnection(upstream.hostname, upstream.port, timeout=60)
+    try:
+        headers = {k: v for k, v in handler.headers.items() if k.lower() not in _HOP_BY_HOP}
+        conn.request(handler.command, handler.path, body=body, headers=headers)
+        resp = conn.getresponse()
+        data = resp.read()
+        handler.send_response(resp.status, resp.reason)
+        for k, v in resp.getheaders():
+            if k.lower() not in _HOP_BY_HOP and k.lower() != "content-length":
+                handler.send_header(k, v)
+        size = resp.getheader("Content-Length") if handler.command == "HEAD" else None
+        handler.send_header("Content-Length", size if size is not None else str(len(data)))
+        handler.end_headers()
+        if handler.command != "HEAD":
+            handler.wfile.write(data)
+    finally:
+        conn.close()
+
+
 @pytest.fixture()
 def s3_flaky_proxy(s3_endpoint):
     """A tiny HTTP proxy on 127.0.0.1 in front of the S3 endpoint that forwards every request,
     except that it answers the FIRST GET of each path in `proxy.fail_once` with HTTP 503 SlowDown
     (a real transient failure on the wire, for the client's retries to absorb). Point a client at
     `proxy.url`; `proxy.failed` lists the paths it failed, `proxy.requests` every (method, path)."""
-    import http.client
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
     from urllib.parse import urlsplit
 
     upstream = urlsplit(s3_endpoint)
-    hop_by_hop = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer", "upgrade"}
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -94,23 +118,7 @@ def s3_flaky_proxy(s3_endpoint):
                 self.end_headers()
                 self.wfile.write(payload)
                 return
-            conn = http.client.HTTPConnection(upstream.hostname, upstream.port, timeout=60)
-            try:
-                headers = {k: v for k, v in self.headers.items() if k.lower() not in hop_by_hop}
-                conn.request(self.command, self.path, body=body, headers=headers)
-                resp = conn.getresponse()
-                data = resp.read()
-                self.send_response(resp.status, resp.reason)
-                for k, v in resp.getheaders():
-                    if k.lower() not in hop_by_hop and k.lower() != "content-length":
-                        self.send_header(k, v)
-                size = resp.getheader("Content-Length") if self.command == "HEAD" else None
-                self.send_header("Content-Length", size if size is not None else str(len(data)))
-                self.end_headers()
-                if self.command != "HEAD":
-                    self.wfile.write(data)
-            finally:
-                conn.close()
+            _relay(self, upstream, body)
 
         do_GET = do_HEAD = do_PUT = do_POST = do_DELETE = _forward
 
@@ -136,13 +144,11 @@ def s3_stoppable_proxy(s3_endpoint):
     listening (new connections are refused) and drops every open connection without an answer.
     `proxy.restart()` listens again on the same port, forwarding to the same store, whose objects
     are all still there. `proxy.url`; `proxy.object_gets` counts the object GETs it forwarded."""
-    import http.client
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
     from urllib.parse import urlsplit
 
     upstream = urlsplit(s3_endpoint)
-    hop_by_hop = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer", "upgrade"}
 
     class Proxy:
         def __init__(self):
@@ -187,23 +193,7 @@ def s3_stoppable_proxy(s3_endpoint):
                 return
             length = int(self.headers.get("Content-Length") or 0)
             body = self.rfile.read(length) if length else None
-            conn = http.client.HTTPConnection(upstream.hostname, upstream.port, timeout=60)
-            try:
-                headers = {k: v for k, v in self.headers.items() if k.lower() not in hop_by_hop}
-                conn.request(self.command, self.path, body=body, headers=headers)
-                resp = conn.getresponse()
-                data = resp.read()
-                self.send_response(resp.status, resp.reason)
-                for k, v in resp.getheaders():
-                    if k.lower() not in hop_by_hop and k.lower() != "content-length":
-                        self.send_header(k, v)
-                size = resp.getheader("Content-Length") if self.command == "HEAD" else None
-                self.send_header("Content-Length", size if size is not None else str(len(data)))
-                self.end_headers()
-                if self.command != "HEAD":
-                    self.wfile.write(data)
-            finally:
-                conn.close()
+            _relay(self, upstream, body)
             path = urlsplit(self.path).path.strip("/")
             if self.command == "GET" and "/" in path:  # an object, not a listing
                 with proxy.lock:
