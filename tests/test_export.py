@@ -5,6 +5,7 @@ over HTTP (moto's server) with injected failures and the promotion gate."""
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -69,7 +70,12 @@ def project(tiny_workspace, tmp_path_factory):
 @pytest.fixture(scope="module")
 def exported(project):
     overrides, root = project
-    result = export_pipeline(load_config(overrides, profile="tiny"), dvc_lock=root / "dvc.lock")
+    here = Path.cwd()
+    os.chdir(root)  # as DVC runs the stage: in the checkout
+    try:
+        result = export_pipeline(load_config(overrides, profile="tiny"), dvc_lock=root / "dvc.lock")
+    finally:
+        os.chdir(here)
     return Path(result.folder), result
 
 
@@ -152,17 +158,35 @@ def test_model_card_has_metrics_params_and_lineage(exported, project):
     cfg = load_config(profile="tiny")
     assert params["dit"]["num_layers"] == cfg.dit.num_layers and params["profile"] == "tiny" and params["stage3"]["steps"] == cfg.stage3.steps
     assert params["export"]["dtype"] == "bfloat16"
-    # lineage: git, dvc.lock's data and params hashes, the weights checked against the lock
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True).stdout.strip()
-    assert f"git `{head}`" in body
+    # lineage: dvc.lock's data, params and code hashes, the weights checked against the lock
     lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
     assert lock["curate"]["outs"][0]["md5"] in body
     assert params_md5(lock["stage3"]["params"]) in body and params_md5(lock["curate"]["params"]) in body
+    code = params_md5(sorted((d["path"], d.get("md5")) for d in lock["stage3"].get("deps", [])))
+    assert f"| `stage3` | `{params_md5(lock['stage3']['params'])}` | `{code}` |" in body
+    # no clock, commit or machine path: the folder follows from its inputs alone
+    above_params = card.split("## Parameters")[0]  # (the params are the config's own values, as given)
+    assert str(root) not in above_params and str(REPO_ROOT) not in above_params and "git `" not in card
     assert f"md5 `{lock['stage3']['outs'][0]['md5']}`, as dvc.lock records (stage `stage3`)" in body
     assert "WARNING" not in body and result.lineage_warnings == []
     info = read_export_info(folder)
-    assert info["source"]["stage"] == "stage3" and info["git"]["commit"] == head
+    assert info["source"]["stage"] == "stage3" and "git" not in info and "created_at" not in info
     assert info["lineage"]["checks"]["weights"]["matches"] is True and info["version"] == result.version
+
+
+def test_the_same_inputs_give_the_same_folder(exported, project, tmp_path):
+    """The version is a digest of the content; a second export is byte-identical (DVC's hash of the
+    export out stays put on a rerun or in a fresh clone)."""
+    folder, result = exported
+    overrides, root = project
+    assert re.fullmatch(r"v-[0-9a-f]{12}", result.version)
+    os.chdir(root)
+    try:
+        again = export_pipeline(load_config(overrides, profile="tiny"), out_dir=tmp_path / "again", dvc_lock=root / "dvc.lock")
+    finally:
+        os.chdir(REPO_ROOT)
+    assert again.version == result.version
+    assert dvc_md5(tmp_path / "again") == dvc_md5(folder)
 
 
 def test_lineage_warns_when_the_weights_changed_after_dvc_recorded_them(project, tmp_path):

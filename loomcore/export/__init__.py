@@ -10,7 +10,7 @@
 DESIGN §5 ("Export"). The flow around it is flows/export.py → tasks/export.py.
 """
 
-from .folder import (ExportExists, ExportResult, check_export_folder, export_pipeline, find_pickles, make_version,
+from .folder import (ExportExists, ExportResult, check_export_folder, content_version, export_pipeline, find_pickles,
                      read_export_info, resolve_source)
 from .lineage import dvc_lineage, dvc_md5, git_state
 from .metrics import GateDecision, flatten_metrics, load_metrics, promotion_gate
@@ -19,7 +19,7 @@ from .publish import (COMPLETE, LATEST, Publication, PublishError, download_vers
 
 __all__ = [
     "COMPLETE", "LATEST", "ExportExists", "ExportResult", "GateDecision", "Publication", "PublishError",
-    "check_export_folder", "download_version", "dvc_lineage", "dvc_md5", "export_pipeline", "find_pickles",
-    "flatten_metrics", "git_state", "list_versions", "load_metrics", "make_version", "promotion_gate",
+    "check_export_folder", "content_version", "download_version", "dvc_lineage", "dvc_md5", "export_pipeline",
+    "find_pickles", "flatten_metrics", "git_state", "list_versions", "load_metrics", "promotion_gate",
     "publish_export", "read_export_info", "read_latest", "resolve_source", "resolve_version", "version_uri",
 ]

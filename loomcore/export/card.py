@@ -49,13 +49,9 @@ def _metrics_section(metrics: Dict[str, float], lower_patterns: Sequence[str], s
 
 
 def _lineage_section(info: dict) -> str:
-    git, lin, src = info["git"], info["lineage"], info["source"]
-    lines = []
-    if git.get("commit"):
-        lines.append(f"- **Code**: git `{git['commit']}`" + (" — **dirty** (uncommitted changes to tracked files)"
-                                                           if git["dirty"] else " (clean)"))
-    else:
-        lines.append(f"- **Code**: unknown — {git.get('note')}")
+    lin, src = info["lineage"], info["source"]
+    lines = ["- **Code**: each stage's code and inputs as dvc.lock hashes them (the stages table below); the "
+             "commit this version was published from is in its publication record"]
     lines.append(f"- **Weights**: the `{src['stage']}` DiT from `{src['path']}`")
     lines.append(f"- **dvc.lock**: `{lin['lock']}`" if lin.get("lock") else f"- **dvc.lock**: none — {lin.get('note')}")
     for role, c in lin.get("checks", {}).items():
@@ -72,10 +68,11 @@ def _lineage_section(info: dict) -> str:
     text = "\n".join(lines) + "\n\n### Data manifests (curate outs)\n\n"
     data = lin.get("data") or {}
     text += _table(("path", "md5"), [(f"`{p}`", f"`{m}`") for p, m in sorted(data.items())]) if data else "_none in dvc.lock_\n"
-    text += "\n### Stages (params md5 and outs, from dvc.lock)\n\n"
-    rows = [(f"`{name}`", f"`{s['params_md5']}`", "<br>".join(f"`{p}`: `{m}`" for p, m in sorted(s["outs"].items())))
+    text += "\n### Stages (params, code and inputs md5 and outs, from dvc.lock)\n\n"
+    rows = [(f"`{name}`", f"`{s['params_md5']}`", f"`{s.get('deps_md5')}`",
+             "<br>".join(f"`{p}`: `{m}`" for p, m in sorted(s["outs"].items())))
             for name, s in lin.get("stages", {}).items()]
-    return text + _table(("stage", "params md5", "outs"), rows)
+    return text + _table(("stage", "params md5", "code + inputs md5", "outs"), rows)
 
 
 def render_card(info: dict, components: Dict[str, List[str]], config: dict, lower_patterns: Sequence[str]) -> str:
@@ -89,7 +86,7 @@ def render_card(info: dict, components: Dict[str, List[str]], config: dict, lowe
         "LoomVideo: unified video and image generation and editing — a Wan2.2 DiT conditioned on the "
         "per-layer features of a frozen Qwen3-VL (Deepstack), with Scale-and-Add source latents and "
         f"reference images at negative temporal RoPE positions. Profile `{info['profile']}`, exported "
-        f"{info['created_at']} from the `{info['source']['stage']}` weights.\n",
+        f"from the `{info['source']['stage']}` weights.\n",
         "## Usage\n",
         "```python\nimport torch\nfrom loomcore.pipeline import LoomVideoPipeline\n\n"
         "pipe = LoomVideoPipeline.from_pretrained(folder, dtype={\"default\": torch.bfloat16, \"vae\": torch.float32})\n"

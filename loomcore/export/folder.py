@@ -10,6 +10,13 @@
       README.md                model card (metrics, lineage, params)
       export.json              the same facts, machine-readable (name, version, metrics, lineage)
 
+Everything in the folder follows from what it was built from: the version is a digest of the
+weights, the metrics and the settings (`content_version`), the lineage comes from dvc.lock (each
+stage's params, code and input hashes), paths are relative to the checkout. No clock, commit or
+machine path goes in, so the same inputs give a byte-identical folder (DVC's hash of it does not
+change on a rerun or in a fresh clone); the commit a version was published from is in its
+publication record (`publish_export`).
+
 Written atomically: built and checked in a hidden sibling (`.<name>.staging-<pid>-<id>`), then
 renamed into place. An existing target is an error unless `overwrite`; with it, the old folder
 is swapped out only once the new one is complete. Any failure removes the staging folder, so
@@ -18,6 +25,7 @@ is swapped out only once the new one is complete. Any failure removes the stagin
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -25,15 +33,14 @@ import re
 import shutil
 import uuid
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 from loomcore.config import REPO_ROOT, Config
-from loomcore.storage import pid_alive
+from loomcore.storage import pid_alive, sha256_file
 
 from .card import render_card
-from .lineage import dvc_lineage, git_state
+from .lineage import display_path, dvc_lineage
 from .metrics import load_metrics
 
 log = logging.getLogger(__name__)
@@ -74,12 +81,14 @@ def check_name(value: str, what: str) -> str:
     return value
 
 
-def make_version(git: dict, now: Optional[datetime] = None) -> str:
-    """v<UTC yyyymmddThhmmssZ>-<git short sha>[-dirty] ("-nogit" outside a checkout)."""
-    now = now or datetime.now(timezone.utc)
-    stamp = now.astimezone(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    sha = git.get("short") or "nogit"
-    return f"v{stamp}-{sha}" + ("-dirty" if git.get("dirty") else "")
+def content_version(folder: Path, facts: dict) -> str:
+    """v-<12 hex>: sha256 over the folder's files (relative path + sha256 each) and `facts` (the
+    metrics and settings that describe the export) — the same model, the same version."""
+    h = hashlib.sha256()
+    for f in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
+        h.update(f"{f.relative_to(folder).as_posix()}\0{sha256_file(f)}\n".encode())
+    h.update(json.dumps(facts, sort_keys=True, default=str).encode())
+    return "v-" + h.hexdigest()[:12]
 
 
 def resolve_source(cfg: Config) -> Tuple[str, Path]:
@@ -182,8 +191,7 @@ def existing_target_error(cfg: Config, out_dir: Optional[Path | str] = None,
 
 
 def export_pipeline(cfg: Config, *, out_dir: Optional[Path | str] = None, overwrite: Optional[bool] = None,
-                    version: Optional[str] = None, dvc_lock: Path | str = REPO_ROOT / "dvc.lock",
-                    now: Optional[datetime] = None) -> ExportResult:
+                    version: Optional[str] = None, dvc_lock: Path | str = REPO_ROOT / "dvc.lock") -> ExportResult:
     """Write the export folder of `cfg` (export.out_dir unless `out_dir`) atomically; see the module
     docstring. Raises ExportExists when the target exists and overwrite is off (checked before any
     work and again at the swap)."""
@@ -202,8 +210,8 @@ def export_pipeline(cfg: Config, *, out_dir: Optional[Path | str] = None, overwr
         raise ValueError(f"export.dtype = {e.dtype!r}: expected one of {', '.join(DTYPES)}")
     stage, source = resolve_source(cfg)
     metrics = load_metrics(e.metrics)
-    git = git_state()
-    version = check_name(version or e.version or make_version(git, now), "export version")
+    if version or e.version:
+        version = check_name(version or e.version, "export version")
     lineage = dvc_lineage(dvc_lock, {"weights": source, "metrics": Path(e.metrics) if e.metrics else None})
     warnings = [f"{role} {c['path']}: md5 {c['md5']} but dvc.lock records {c['recorded']} (stage {c['stage']})"
                 for role, c in lineage.get("checks", {}).items() if c["matches"] is False]
@@ -217,12 +225,10 @@ def export_pipeline(cfg: Config, *, out_dir: Optional[Path | str] = None, overwr
         pipe = LoomVideoPipeline.from_config_models(cfg, transformer_path=str(source), dtype=getattr(torch, e.dtype))
         pipe.save_pretrained(staging, safe_serialization=True)
         del pipe
-        info = {
-            "name": name, "version": version, "profile": cfg.profile,
-            "created_at": (now or datetime.now(timezone.utc)).astimezone(timezone.utc).isoformat(timespec="seconds"),
-            "dtype": e.dtype, "source": {"stage": stage, "path": str(source)},
-            "metrics": metrics, "metrics_source": e.metrics, "git": git, "lineage": lineage,
-        }
+        facts = {"name": name, "profile": cfg.profile, "dtype": e.dtype, "source": {"stage": stage, "path": display_path(source)},
+                 "metrics": metrics, "metrics_source": display_path(e.metrics) if e.metrics else None}
+        version = version or check_name(content_version(staging, facts), "export version")
+        info = {**facts, "version": version, "lineage": lineage}
         (staging / INFO_FILE).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
         components = {k: v for k, v in json.loads((staging / "model_index.json").read_text()).items()
                       if isinstance(v, list) and len(v) == 2 and v[0] is not None}

@@ -63,6 +63,15 @@ def params_md5(params: dict) -> str:
     return hashlib.md5(json.dumps(params, sort_keys=True, default=str).encode("utf-8")).hexdigest()
 
 
+def display_path(path: Path | str) -> str:
+    """Relative to the working directory (the checkout) when inside it: no machine paths in a card."""
+    p = Path(path)
+    try:
+        return p.resolve().relative_to(Path.cwd().resolve()).as_posix()
+    except ValueError:
+        return str(path)
+
+
 def _find_out(stages: dict, lock_dir: Path, path: Path) -> Optional[tuple[str, str]]:
     """(stage, recorded md5) of the dvc.lock out at `path`, if any stage records it."""
     target = Path(os.path.realpath(path))
@@ -82,17 +91,18 @@ def dvc_lineage(lock_path: Path | str, checked: Dict[str, Optional[Path]]) -> Di
     """
     lock_path = Path(lock_path)
     if not lock_path.is_file():
-        checks = {role: {"path": str(p), "md5": dvc_md5(Path(p)), "stage": None, "recorded": None, "matches": None}
+        checks = {role: {"path": display_path(p), "md5": dvc_md5(Path(p)), "stage": None, "recorded": None, "matches": None}
                   for role, p in checked.items() if p is not None}
         return {"lock": None, "note": f"{lock_path} not found: not run under DVC, so no data/params lineage",
                 "checks": checks}
     stages = (yaml.safe_load(lock_path.read_text()) or {}).get("stages", {})
     lock_dir = lock_path.parent
-    out: Dict[str, object] = {"lock": str(lock_path)}
+    out: Dict[str, object] = {"lock": display_path(lock_path)}
     data = stages.get(DATA_STAGE, {})
     out["data"] = {o["path"]: o.get("md5") for o in data.get("outs", [])}
     out["stages"] = {
         name: {"params_md5": params_md5(stage.get("params", {})),
+               "deps_md5": params_md5(sorted((d["path"], d.get("md5")) for d in stage.get("deps", []))),
                "outs": {o["path"]: o.get("md5") for o in stage.get("outs", [])}}
         for name, stage in stages.items() if name != EXPORT_STAGE
     }
@@ -103,9 +113,9 @@ def dvc_lineage(lock_path: Path | str, checked: Dict[str, Optional[Path]]) -> Di
         found = _find_out(stages, lock_dir, Path(path))
         actual = dvc_md5(Path(path))
         if found is None:
-            checks[role] = {"path": str(path), "md5": actual, "stage": None, "recorded": None, "matches": None}
+            checks[role] = {"path": display_path(path), "md5": actual, "stage": None, "recorded": None, "matches": None}
         else:
-            checks[role] = {"path": str(path), "md5": actual, "stage": found[0], "recorded": found[1],
+            checks[role] = {"path": display_path(path), "md5": actual, "stage": found[0], "recorded": found[1],
                             "matches": actual == found[1]}
     out["checks"] = checks
     return out

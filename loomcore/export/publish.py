@@ -37,6 +37,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
+from loomcore.export.lineage import git_state
 from loomcore.storage import S3Settings, default_cache_dir, parse_s3_uri, s3_client, sha256_file
 
 from .folder import check_name, read_export_info
@@ -230,7 +231,7 @@ def publish_export(folder: Path | str, s3_uri: str, *, tolerance: float, lower_p
     uri = f"s3://{bucket}/{vprefix}"
     manifest = _manifest(folder)
     record = {"name": name, "version": version, "uri": uri, "metrics": info.get("metrics", {}),
-              "source": info.get("source"), "git": info.get("git"), "created_at": info.get("created_at"),
+              "source": info.get("source"), "git": git_state(),  # the checkout it was published from
               "files": manifest}
     latest_before = _get_json(client, bucket, root + LATEST)
     where = (f"latest still points to {latest_before[0]['version']}" if latest_before else "there is no latest yet")
