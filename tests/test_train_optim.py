@@ -5,9 +5,11 @@ non-finite guard, spike detector and telemetry in test_train_monitoring.py."""
 from __future__ import annotations
 
 import json
+import math
 import random
 
 import numpy as np
+
 import pytest
 import torch
 from torch import nn
@@ -43,12 +45,34 @@ def test_schedule_values():
     assert _lr_at(0, warmup=0) == LR
 
 
+def test_cosine_schedule_values():
+    """Same warm-up, then a half cosine from the peak to 0 one past the last step."""
+    total = 10 * WARMUP
+    opt = build_optimizer(tiny_model(0).parameters(), OPT)
+    sched = build_scheduler(opt, SchedulerConfig("cosine", WARMUP), total)
+    lrs = []
+    for _ in range(total):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(LR / (WARMUP + 1), rel=1e-12)
+    assert lrs[WARMUP] == LR
+    mid = WARMUP + (total - WARMUP) // 2
+    assert lrs[mid] == pytest.approx(LR * 0.5 * (1 + math.cos(math.pi * (mid - WARMUP) / (total - WARMUP))), rel=1e-12)
+    assert all(a > b for a, b in zip(lrs[WARMUP:], lrs[WARMUP + 1:]))  # strictly decreasing after the warm-up
+    last = 0.5 * (1 + math.cos(math.pi * (total - 1 - WARMUP) / (total - WARMUP)))
+    assert lrs[-1] == pytest.approx(LR * last, rel=1e-9) and 0 < last < 0.01  # the last step still trains, barely
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-15)
+
+
 def test_unknown_names_and_bad_values_are_refused():
     params = list(tiny_model(0).parameters())
     with pytest.raises(ValueError, match="optimizer.name.*'sgd'"):
         build_optimizer(params, OptimizerConfig("sgd", LR, 0.9, 0.95, 1e-8, 0.0))
     opt = build_optimizer(params, OPT)
-    with pytest.raises(ValueError, match="scheduler.name.*'cosine'"):
+    with pytest.raises(ValueError, match="scheduler.name.*'linear'"):
+        build_scheduler(opt, SchedulerConfig("linear", WARMUP))
+    with pytest.raises(ValueError, match="cosine: needs the stage's steps"):
         build_scheduler(opt, SchedulerConfig("cosine", WARMUP))
     with pytest.raises(ValueError, match="warmup_steps"):
         build_scheduler(opt, SchedulerConfig("constant_with_warmup", -1))

@@ -1,4 +1,6 @@
-"""AdamW and the constant-after-linear-warm-up schedule, built from a stage's config (DESIGN §5).
+"""AdamW and the learning-rate schedules, built from a stage's config (DESIGN §5): constant after a
+linear warm-up (the paper's), or a half cosine from the peak to zero at the stage's last step after
+the same warm-up (diffusers' `cosine`; short runs such as the tiny profile's end lower with it).
 
 The optimizer is torch's fused AdamW wherever every parameter lives on a device with a fused
 kernel (CUDA and CPU among them): one kernel per step, and — what `faults.NonFiniteGuard` relies
@@ -10,6 +12,8 @@ from __future__ import annotations
 
 from typing import Iterable, Union
 
+import math
+
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 from torch.utils._foreach_utils import (
@@ -20,7 +24,7 @@ from torch.utils._foreach_utils import (
 from loomcore.config import OptimizerConfig, SchedulerConfig
 
 OPTIMIZERS = ("adamw",)
-SCHEDULERS = ("constant_with_warmup",)
+SCHEDULERS = ("constant_with_warmup", "cosine")
 
 ParamsOrGroups = Union[Iterable[torch.Tensor], Iterable[dict]]
 
@@ -71,15 +75,35 @@ def warmup_factor(step: int, warmup_steps: int) -> float:
     return (step + 1) / (warmup_steps + 1)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, scheduler_cfg: SchedulerConfig) -> LambdaLR:
-    """LambdaLR over `warmup_factor`. Call `scheduler.step()` once after every optimizer step
-    (skipped non-finite steps included: the step counter, not the update count, drives it)."""
+def cosine_factor(step: int, warmup_steps: int, total_steps: int) -> float:
+    """The lr multiplier of `cosine`: the same warm-up as `warmup_factor`, then
+    0.5·(1 + cos(π·p)) with p = (step − warmup) / (total − warmup), reaching 0 at step `total`
+    (one past the last step, so the last step still trains)."""
+    if step < warmup_steps:
+        return warmup_factor(step, warmup_steps)
+    p = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return 0.5 * (1.0 + math.cos(math.pi * p))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, scheduler_cfg: SchedulerConfig,
+                    total_steps: int | None = None) -> LambdaLR:
+    """LambdaLR over `warmup_factor` (constant_with_warmup) or `cosine_factor` (cosine, which needs
+    the stage's `total_steps`). Call `scheduler.step()` once after every optimizer step (skipped
+    non-finite steps included: the step counter, not the update count, drives it)."""
     if scheduler_cfg.name not in SCHEDULERS:
         raise ValueError(f"scheduler.name: unknown scheduler {scheduler_cfg.name!r}; "
                          f"known: {', '.join(SCHEDULERS)}")
     warmup = scheduler_cfg.warmup_steps
     if warmup < 0:
         raise ValueError(f"scheduler.warmup_steps: must be >= 0, got {warmup}")
+    if scheduler_cfg.name == "cosine":
+        if total_steps is None or total_steps <= warmup:
+            raise ValueError(f"scheduler cosine: needs the stage's steps (> warmup_steps {warmup}), got {total_steps}")
+
+        def cosine(step: int) -> float:
+            return cosine_factor(step, warmup, total_steps)
+
+        return LambdaLR(optimizer, cosine)
 
     def factor(step: int) -> float:  # a plain function: LambdaLR's state_dict stores None for it
         return warmup_factor(step, warmup)

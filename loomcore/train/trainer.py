@@ -93,7 +93,7 @@ class Trainer:
         self.model = parallelize(model, env, activation_checkpointing=cfg.dit.gradient_checkpointing,
                                  compile=cfg.train.compile)
         self.optimizer = build_optimizer([p for p in self.model.parameters() if p.requires_grad], s.optimizer)
-        self.scheduler = build_scheduler(self.optimizer, s.scheduler)
+        self.scheduler = build_scheduler(self.optimizer, s.scheduler, s.steps)
         self.ema = EMA.maybe(self.model, s.ema)
         self.guard = NonFiniteGuard(self.optimizer, cfg.train.nan_max_consecutive, cfg.train.nan_check_every)
         self.spikes = LossSpikeDetector(cfg.train.spike_k, cfg.train.spike_warmup, cfg.train.spike_window)
