@@ -108,9 +108,16 @@ def cmd_pipeline(args) -> int:
     else:
         cmd = ["dvc", "repro", *(args.targets or [])]
         print(f"pipeline: {' '.join(cmd)}", flush=True)
+        from loomcore.local_server import ServerStartError, prefect_server
+
         env = dict(os.environ)  # stage cmds run `python -m flows.…`: this environment's python
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-        rc = subprocess.call(cmd, env=env)
+        try:
+            with prefect_server(env) as run_env:  # one server for every stage (loomcore.local_server)
+                rc = subprocess.call(cmd, env=run_env)
+        except ServerStartError as e:
+            print(f"loom pipeline: {e}", file=sys.stderr)
+            return 1
         if rc:
             return rc
     if missing:
@@ -128,8 +135,8 @@ exported pipeline):
   images to video         loom generate --ref a.png --ref b.png --prompt "@Figure 1 chases @Figure 2" --out mi2v.mp4
   images to image         loom generate --ref a.png --ref b.png --frames 1 --prompt "@Figure 1 beside @Figure 2" --out mi2i.png
   reconstruct a video     loom generate --source in.mp4 --out recon.mp4
-  a trained DiT           loom generate --transformer runs/stage3/final --profile tiny --prompt "a blue square" --out out.mp4
-  an exported pipeline    loom generate --model export/loomvideo --prompt "a blue square" --out out.mp4
+  a trained DiT           loom generate --transformer outputs/stage3/model --prompt "a blue square" --out out.mp4
+  an exported pipeline    loom generate --model outputs/export/model --prompt "a blue square" --out out.mp4
 
 The task is inferred from the inputs (--task to name it). Sizes and frame counts are checked
 against the model before anything runs: bad input exits with status 2 and says what the model takes.
@@ -142,6 +149,7 @@ def cmd_generate(args) -> int:
     from loomcore.data.tasks import check_figure_refs
     from loomcore.pipeline import LoomVideoPipeline, check_output_path, save_output
     from loomcore.pipeline.inputs import describe
+    from loomcore.storage import is_s3
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")]
@@ -161,6 +169,10 @@ def cmd_generate(args) -> int:
         for flag, path in [("--source", args.source)] * bool(args.source) + [("--ref", r) for r in args.ref]:
             if not Path(path).is_file():
                 raise ValueError(f"{flag} {path}: no such file")
+        for flag, folder in (("--model", args.model), ("--transformer", args.transformer)):
+            if folder and not is_s3(folder) and not Path(folder).is_dir():
+                raise ValueError(f"{flag} {folder}: no such folder (a trained DiT is <train.out_dir>/<stage>/model, "
+                                 "an exported pipeline export.out_dir; run that stage first)")
 
         # 2. The model
         if args.model:

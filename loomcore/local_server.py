@@ -1,0 +1,106 @@
+"""One Prefect API server for a whole `loom pipeline` run.
+
+Every DVC stage is its own `python -m flows.<stage>` process. Without `PREFECT_API_URL` each of them
+starts Prefect's temporary server (10–15 s apiece on 2 cores, and a warning line in every stage's
+log). `loom pipeline` instead starts one `prefect server start` on a free 127.0.0.1 port before
+`dvc repro`, hands its URL to the stages through `PREFECT_API_URL`, and stops it when the DAG ends.
+It stores runs where Prefect's temporary servers do (PREFECT_HOME's database), so a later
+`prefect server start` shows them. A user's own server (`PREFECT_API_URL` set) is used as it is.
+
+The server is a subprocess: loomcore never imports prefect.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Dict, Iterator, Mapping, Optional
+
+STARTUP_TIMEOUT_S = 180.0  # as tasks/__init__.py allows Prefect's temporary server on a busy 2-core machine
+
+
+class ServerStartError(RuntimeError):
+    """The local Prefect server did not answer its health check in time, or exited."""
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def healthy(api_url: str, timeout: float = 2.0) -> bool:
+    try:
+        with urllib.request.urlopen(f"{api_url}/health", timeout=timeout) as r:
+            return r.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    text = path.read_text(errors="replace").splitlines() if path.is_file() else []
+    return "\n".join(text[-lines:]) or "(no output)"
+
+
+@contextmanager
+def prefect_server(env: Optional[Mapping[str, str]] = None, *, host: str = "127.0.0.1",
+                   startup_timeout: float = STARTUP_TIMEOUT_S,
+                   log=print) -> Iterator[Dict[str, str]]:
+    """Yield the environment the stages run with: `env` itself when it sets PREFECT_API_URL, else
+    `env` plus the URL of a server started here (stopped, with its worker processes, on exit).
+    ServerStartError names the command and shows the end of the server's log if it never answers."""
+    env = dict(os.environ if env is None else env)
+    if env.get("PREFECT_API_URL"):
+        log(f"pipeline: Prefect server {env['PREFECT_API_URL']} (PREFECT_API_URL)")
+        yield env
+        return
+    port = free_port(host)
+    api_url = f"http://{host}:{port}/api"
+    cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port),
+           "--no-scheduler", "--no-late-runs", "--analytics-off"]
+    with tempfile.TemporaryDirectory(prefix="loom-prefect-") as tmp:
+        log_path = Path(tmp) / "server.log"
+        with open(log_path, "wb") as out:
+            proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    start_new_session=True)
+        try:
+            t0 = time.monotonic()
+            while not healthy(api_url):
+                if proc.poll() is not None:
+                    raise ServerStartError(f"`{' '.join(cmd)}` exited with code {proc.returncode} before answering; "
+                                           f"its log ends:\n{_tail(log_path)}")
+                if time.monotonic() - t0 > startup_timeout:
+                    raise ServerStartError(f"`{' '.join(cmd)}` did not answer {api_url}/health within "
+                                           f"{startup_timeout:.0f} s; its log ends:\n{_tail(log_path)}")
+                time.sleep(0.2)
+            log(f"pipeline: Prefect server for this run at http://{host}:{port} (UI; started in "
+                f"{time.monotonic() - t0:.1f} s, stopped when the run ends)")
+            yield {**env, "PREFECT_API_URL": api_url}
+        finally:
+            _stop(proc)
+
+
+def _stop(proc: subprocess.Popen, grace: float = 15.0) -> None:
+    """SIGTERM to the server's process group (uvicorn and its services), SIGKILL after `grace`."""
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, 15)
+    except ProcessLookupError:
+        return
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(proc.pid, 9)
+        except ProcessLookupError:
+            pass
+        proc.wait()
