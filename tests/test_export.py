@@ -84,7 +84,8 @@ def exported(project):
 
 
 def test_a_fresh_process_loads_the_folder_and_generates(exported):
-    """LoomVideoPipeline.from_pretrained, then each stock part with its plain library class."""
+    """LoomVideoPipeline.from_pretrained, stock DiffusionPipeline.from_pretrained(trust_remote_code=True),
+    then each stock part with its plain library class."""
     folder, _ = exported
     script = textwrap.dedent(f"""
         import torch
@@ -100,6 +101,11 @@ def test_a_fresh_process_loads_the_folder_and_generates(exported):
         pipe.set_progress_bar_config(disable=True)
         frames = pipe("a red circle moves left", num_inference_steps=2, generator=torch.Generator().manual_seed(0)).frames
         print("frames", tuple(frames.shape), float(frames.min()) >= 0, float(frames.max()) <= 1)
+        from diffusers import DiffusionPipeline
+        stock = DiffusionPipeline.from_pretrained(d, trust_remote_code=True)
+        stock.set_progress_bar_config(disable=True)
+        again = stock("a red circle moves left", num_inference_steps=2, generator=torch.Generator().manual_seed(0)).frames
+        print("stock", type(stock).__name__, torch.equal(torch.as_tensor(again), torch.as_tensor(frames)))
         print("mllm", type(Qwen3VLForConditionalGeneration.from_pretrained(d / "mllm")).__name__)
         print("scheduler", type(UniPCMultistepScheduler.from_pretrained(d / "scheduler")).__name__)
         print("transformer", type(LoomDiT.from_pretrained(d / "transformer")).__name__)
@@ -111,10 +117,22 @@ def test_a_fresh_process_loads_the_folder_and_generates(exported):
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = dict(line.split(" ", 1) for line in proc.stdout.splitlines() if " " in line)
     assert out["frames"] == "(1, 5, 40, 40, 3) True True"  # the tiny profile's default t2v: 5 frames, 40×40
+    assert out["stock"] == "LoomVideoPipeline True"  # diffusers' own loader, through the folder's pipeline module
     assert out["mllm"] == "Qwen3VLForConditionalGeneration" and out["scheduler"] == "UniPCMultistepScheduler"
     assert out["transformer"] == "LoomDiT"
     assert out["vae"] == "SpaceToDepth" and out["tokenizer"] == "True"
     assert out["image_processor"].startswith("Qwen2VLImageProcessor")
+
+
+def test_a_changed_pipeline_module_is_never_run(exported, tmp_path):
+    from loomcore.pipeline import LoomVideoPipeline
+
+    folder, _ = exported
+    bad = tmp_path / "bad"
+    shutil.copytree(folder, bad)
+    (bad / "pipeline_loomvideo.py").write_text("import os; os.system('echo pwned')\n")
+    with pytest.raises(ValueError, match="pipeline_loomvideo.py: not the module loomvideo writes"):
+        LoomVideoPipeline.from_pretrained(bad)
 
 
 def test_only_safetensors_no_pickles(exported, tmp_path):

@@ -2,7 +2,10 @@
 or an exported pipeline folder, checked before anything heavy is loaded.
 
     exported folder   model_index.json + transformer/ vae/ scheduler/ mllm/ tokenizer/ image_processor/
-                      (DiffusionPipeline.save_pretrained; `check_pipeline_folder` names what is missing)
+                      + pipeline_loomvideo.py (LoomVideoPipeline.save_pretrained; `check_pipeline_folder`
+                      names what is missing). The module re-exports loomcore's class, and model_index
+                      names it (`_class_name: [pipeline_loomvideo, LoomVideoPipeline]`), so stock
+                      `DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)` loads the folder
     profile           cfg.models.*: the Wan transformer folder (or a trained LoomDiT folder), the codec,
                       the UniPC scheduler, the Qwen3-VL folder (model, tokenizer, processor configs)
 """
@@ -16,6 +19,43 @@ from typing import Dict, List
 import torch
 
 from loomcore.storage import materialize
+
+CLASS_NAME = "LoomVideoPipeline"
+PIPELINE_MODULE = "pipeline_loomvideo"  # <folder>/pipeline_loomvideo.py, diffusers' custom-pipeline file
+PIPELINE_MODULE_TEXT = (
+    '"""LoomVideoPipeline, for `DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`. The\n'
+    'class lives in the loomvideo package (`pip install -e .` in its repository); this file only names it."""\n\n'
+    "from loomcore.pipeline.pipeline_loomvideo import LoomVideoPipeline  # noqa: F401\n"
+)
+
+
+def write_pipeline_module(folder: Path | str) -> None:
+    """After DiffusionPipeline.save_pretrained: the custom-pipeline file, and model_index.json's
+    `_class_name` as [module, class] so that stock diffusers finds it."""
+    folder = Path(folder)
+    (folder / f"{PIPELINE_MODULE}.py").write_text(PIPELINE_MODULE_TEXT)
+    index = folder / "model_index.json"
+    entries = json.loads(index.read_text())
+    entries["_class_name"] = [PIPELINE_MODULE, CLASS_NAME]
+    index.write_text(json.dumps(entries, indent=2, sort_keys=True) + "\n")
+
+
+def uses_pipeline_module(folder: Path) -> bool:
+    """Whether the folder names its pipeline through pipeline_loomvideo.py (checked: the file must be
+    the one `write_pipeline_module` writes, byte for byte — our loader never runs other code)."""
+    name = json.loads((folder / "model_index.json").read_text()).get("_class_name")
+    if name == CLASS_NAME:
+        return False
+    if name != [PIPELINE_MODULE, CLASS_NAME]:
+        raise ValueError(f"{folder / 'model_index.json'}: _class_name {name!r}, expected {[PIPELINE_MODULE, CLASS_NAME]!r}")
+    module = folder / f"{PIPELINE_MODULE}.py"
+    if not module.is_file():
+        raise ValueError(f"{module}: missing (model_index.json names it as the pipeline's module)")
+    if module.read_text() != PIPELINE_MODULE_TEXT:
+        raise ValueError(f"{module}: not the module loomvideo writes (it was changed); refusing to run it — "
+                         "restore it or re-export the folder")
+    return True
+
 
 # Component → files that say its folder is complete (any one of each tuple).
 COMPONENT_FILES = {
@@ -39,8 +79,7 @@ def check_pipeline_folder(folder: Path | str) -> Path:
         raise ValueError(f"{folder}: not a pipeline folder (no model_index.json; write one with "
                          "LoomVideoPipeline.save_pretrained)")
     entries = json.loads(index.read_text())
-    if entries.get("_class_name") != "LoomVideoPipeline":
-        raise ValueError(f"{index}: _class_name {entries.get('_class_name')!r}, expected 'LoomVideoPipeline'")
+    uses_pipeline_module(path)
     problems: List[str] = []
     for name, required in COMPONENT_FILES.items():
         entry = entries.get(name)

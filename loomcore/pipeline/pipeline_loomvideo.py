@@ -39,7 +39,8 @@ from loomcore.models.dit import ConditionCache, LoomDiT
 from loomcore.models.mllm import MLLMEncoder, MLLMFeatures, MLLMRequest, Qwen3VLInputs
 
 from .inputs import GenerationPlan, Geometry, load_frames, plan_generation, to_pixels
-from .loading import check_pipeline_folder, load_mllm, load_scheduler, load_transformer, load_vae, pipeline_settings
+from .loading import (check_pipeline_folder, load_mllm, load_scheduler, load_transformer, load_vae, pipeline_settings,
+                      uses_pipeline_module, write_pipeline_module)
 
 # A path (image/video), a PIL image, a list of frames, or a uint8 / [0, 1] array or tensor [F, H, W, 3].
 MediaInput = Any
@@ -150,7 +151,15 @@ class LoomVideoPipeline(DiffusionPipeline):
         """`DiffusionPipeline.from_pretrained` on a folder written by `save_pretrained` (local or
         s3://), after checking that every component is there (ValueError names the missing ones)."""
         folder = check_pipeline_folder(pretrained_model_name_or_path)
+        if uses_pipeline_module(folder):  # the module was checked to be ours: it only names this class
+            kwargs.setdefault("trust_remote_code", True)
         return super().from_pretrained(str(folder), **kwargs)
+
+    def save_pretrained(self, save_directory, **kwargs) -> None:
+        """DiffusionPipeline.save_pretrained, plus the custom-pipeline module that lets stock
+        `DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)` load the folder."""
+        super().save_pretrained(save_directory, **kwargs)
+        write_pipeline_module(save_directory)
 
     @property
     def codec(self) -> Union[WanVAE, SpaceToDepth]:
