@@ -95,7 +95,12 @@ def outputs_links(repo: Path | str) -> str:
         if p.exists():
             lines.append(f"- {label}: [{rel}]({p.resolve().as_uri()})")
     md = "\n".join(lines) or "- (no outputs yet)"
-    return md + (f"\n\n## Metrics\n\n```json\n{metrics.read_text()}\n```\n" if metrics.is_file() else "")
+    if not metrics.is_file():
+        return md
+    from loomcore.export.metrics import flatten_metrics
+
+    rows = [{"metric": k, "value": f"{v:.4g}"} for k, v in flatten_metrics(json.loads(metrics.read_text())).items()]
+    return md + "\n\n## Headline metrics (metrics.json; benchmarks without a value are left out)\n\n" + markdown_table(rows)
 
 
 @flow(name="pipeline", log_prints=True)

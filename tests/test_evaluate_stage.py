@@ -139,7 +139,14 @@ def test_stage_command_writes_metrics_scores_sheets_and_report(tiny_workspace, t
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
-    metrics = json.loads((out / "metrics.json").read_text())
+    headline = json.loads((out / "metrics.json").read_text())  # what dvc metrics shows: a dozen figures
+    metrics = json.loads((out / "results.json").read_text())  # every aggregate
+    leaves = [v for sec in headline.values() for v in (sec.values() if isinstance(sec, dict) else [sec])]
+    assert len(leaves) <= 14 and set(headline["shapesbench"]) == {"score", "background", "colour", "count", "motion",
+                                                                   "reference", "psnr"}
+    assert headline["shapesbench"]["score"] == metrics["shapesbench"]["model"]["score"]
+    assert headline["shapesbench_base"]["score"] == metrics["shapesbench"]["base"]["score"]
+    assert headline["vbench"]["average"] == metrics["vbench"]["average"] and headline["failures"] == metrics["failures"]
     sb = metrics["shapesbench"]
     assert set(sb) == {"model", "base"} and sb["model"]["n"] == sb["base"]["n"] > 0
     assert all(0 <= sb[k][m] <= 1 for k in sb for m in ("background", "colour", "score") if sb[k][m] is not None)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -242,3 +243,18 @@ def test_a_transient_stage_failure_is_retried(prefect_api, tmp_path):
     assert state.result()["ran"] == ["cache"]
     assert list(task_attempts(state).values()) == [2]
     assert runs(repo) == ["curate", "cache", "cache"]  # the failed attempt, then the retry
+
+
+def test_pipeline_summary_shows_the_headline_metrics_as_a_table(tmp_path):
+    from flows.pipeline import outputs_links
+
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    shutil.copytree(REPO / "conf", tmp_path / "conf")
+    ev = tmp_path / "outputs" / "eval"
+    ev.mkdir(parents=True)
+    (ev / "metrics.json").write_text(json.dumps({"shapesbench": {"score": 0.4051, "motion": None}, "failures": 16}))
+    (ev / "report.md").write_text("# report\n")
+    md = outputs_links(str(tmp_path))
+    assert "| shapesbench.score | 0.4051 |" in md and "| failures | 16 |" in md
+    assert "motion" not in md and "null" not in md and "```" not in md  # no JSON dump, no nulls
+    assert "- report: [outputs/eval/report.md]" in md

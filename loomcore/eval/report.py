@@ -1,11 +1,18 @@
 """The evaluate stage's outputs, from the long score table the runner builds:
 
-    <eval.out_dir>/metrics.json     what `dvc metrics show/diff` reads (numbers only; null = no value)
+    <eval.out_dir>/metrics.json     the headline figures `dvc metrics show/diff` and the export card read
+    <eval.out_dir>/results.json     every aggregate figure (per task, per category, counts)
     <eval.out_dir>/scores.parquet   one row per (model, benchmark, sample, metric): SCORES_SCHEMA
     <eval.out_dir>/samples/*.png    contact sheets: prompt | source | references | generated frames
     <eval.out_dir>/report.md        the paper's tables (Tables 2–7) + ShapesBench + failures + sheets
 
-metrics.json:
+metrics.json (a dozen numbers; null = no value):
+
+    {"shapesbench": {"score", "background", "colour", "count", "motion", "reference", "psnr"},
+     "shapesbench_base": {"score"},       the untrained base models
+     "vbench": {"average"}, "<judged benchmark>": {"overall"}, "failures": total failure samples}
+
+results.json:
 
     {"shapesbench": {"model": {"score", "background", "colour", "count", "motion", "reference",
                                "psnr", "ssim", "n", "per_task": {task: {metric: …}}},
@@ -281,12 +288,33 @@ def contact_sheet(items, path: Path, title: str, frames_per_video: int) -> Path:
 # --------------------------------------------------------------------------------------------
 
 
-def metrics_json(metrics: dict) -> dict:
-    """metrics.json: the aggregate without ShapesBench's spreads (they are in report.md). Every
-    leaf is a score or a count, so the export's promotion gate can compare them key by key."""
+HEADLINE_SHAPES = ("score", "background", "colour", "count", "motion", "reference", "psnr")
+
+
+def results_json(metrics: dict) -> dict:
+    """results.json: the aggregate without ShapesBench's spreads (they are in report.md). Every
+    leaf is a score or a count."""
     out = dict(metrics)
     if "shapesbench" in out:
         out["shapesbench"] = {k: {m: v for m, v in e.items() if m != "std"} for k, e in out["shapesbench"].items()}
+    return out
+
+
+def metrics_json(metrics: dict) -> dict:
+    """metrics.json: the headline figures (module docstring) — what a person compares between runs
+    and the export's promotion gate compares key by key. Benchmarks that did not run are absent."""
+    out: dict = {}
+    shapes = metrics.get("shapesbench", {})
+    if "model" in shapes:
+        out["shapesbench"] = {m: shapes["model"].get(m) for m in HEADLINE_SHAPES}
+    if "base" in shapes:
+        out["shapesbench_base"] = {"score": shapes["base"].get("score")}
+    if "vbench" in metrics:
+        out["vbench"] = {"average": metrics["vbench"]["average"]}
+    for bench, entry in sorted(metrics.items()):
+        if bench not in ("shapesbench", "vbench", "failures"):
+            out[bench] = {"overall": entry["overall"]}
+    out["failures"] = metrics.get("failures", 0)
     return out
 
 
@@ -337,6 +365,7 @@ def write_outputs(cfg, rows: List[dict], sheets: Dict[str, list], *, model_path:
     out.mkdir(parents=True, exist_ok=True)
     metrics = aggregate(rows)
     (out / "metrics.json").write_text(json.dumps(_jsonable(metrics_json(metrics)), indent=2, sort_keys=True) + "\n")
+    (out / "results.json").write_text(json.dumps(_jsonable(results_json(metrics)), indent=2, sort_keys=True) + "\n")
     write_parquet(rows, SCORES_SCHEMA, out / "scores.parquet")
     samples = out / "samples"
     shutil.rmtree(samples, ignore_errors=True)
@@ -357,7 +386,7 @@ def write_outputs(cfg, rows: List[dict], sheets: Dict[str, list], *, model_path:
     if skipped:
         md += ["## Skipped\n", _md([{"benchmark": k, "why": v} for k, v in skipped.items()])]
     md += ["## Failures\n", "A failure is a sample without a score (NaN in scores.parquet, with the reason); it is "
-           "counted here and in metrics.json, never scored 0 or 5.\n", _md(failures)]
+           "counted here and in metrics.json / results.json, never scored 0 or 5.\n", _md(failures)]
     if sheet_paths:
         md += ["## Contact sheets\n"] + [f"- [{name}](samples/{p.name})" for name, p in sheet_paths.items()] + [""]
     (out / "report.md").write_text("\n".join(md))
