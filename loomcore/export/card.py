@@ -91,6 +91,10 @@ def render_card(info: dict, components: Dict[str, List[str]], config: dict, lowe
         "```python\nimport torch\nfrom loomcore.pipeline import LoomVideoPipeline\n\n"
         "pipe = LoomVideoPipeline.from_pretrained(folder, dtype={\"default\": torch.bfloat16, \"vae\": torch.float32})\n"
         "frames = pipe(\"a red circle moves left\").frames[0]  # [F, H, W, 3] in [0, 1]\n```\n",
+        "With stock diffusers (the folder's `pipeline_loomvideo.py` names loomcore's class; the loomvideo "
+        "package must be installed):\n",
+        "```python\nfrom diffusers import DiffusionPipeline\n\n"
+        "pipe = DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)  # a LoomVideoPipeline\n```\n",
         "Every part is a `save_pretrained` folder in safetensors (no pickles); the stock ones load with the "
         "plain library classes:\n",
         _components_section(components),
