@@ -658,9 +658,6 @@ def _validate(cfg: Config) -> None:
         check(s.optimizer.weight_decay >= 0, f"{name}.optimizer.weight_decay = {s.optimizer.weight_decay}: expected >= 0")
         check(s.scheduler.name in ("constant_with_warmup", "cosine"),
               f"{name}.scheduler.name = {s.scheduler.name!r}: expected 'constant_with_warmup' or 'cosine'")
-        check(s.scheduler.name != "cosine" or s.steps > s.scheduler.warmup_steps,
-              f"{name}.scheduler: cosine decays over the steps after the warm-up, but {name}.steps = {s.steps} "
-              f"<= warmup_steps = {s.scheduler.warmup_steps}")
         check(s.scheduler.warmup_steps >= 0, f"{name}.scheduler.warmup_steps = {s.scheduler.warmup_steps}: expected >= 0")
         check(s.grad_clip > 0, f"{name}.grad_clip = {s.grad_clip}: expected > 0")
         check(s.steps > 0, f"{name}.steps = {s.steps}: expected > 0")

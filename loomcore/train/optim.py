@@ -78,7 +78,8 @@ def warmup_factor(step: int, warmup_steps: int) -> float:
 def cosine_factor(step: int, warmup_steps: int, total_steps: int) -> float:
     """The lr multiplier of `cosine`: the same warm-up as `warmup_factor`, then
     0.5·(1 + cos(π·p)) with p = (step − warmup) / (total − warmup), reaching 0 at step `total`
-    (one past the last step, so the last step still trains)."""
+    (one past the last step, so the last step still trains). A run no longer than its warm-up only
+    warms up."""
     if step < warmup_steps:
         return warmup_factor(step, warmup_steps)
     p = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
@@ -97,8 +98,8 @@ def build_scheduler(optimizer: torch.optim.Optimizer, scheduler_cfg: SchedulerCo
     if warmup < 0:
         raise ValueError(f"scheduler.warmup_steps: must be >= 0, got {warmup}")
     if scheduler_cfg.name == "cosine":
-        if total_steps is None or total_steps <= warmup:
-            raise ValueError(f"scheduler cosine: needs the stage's steps (> warmup_steps {warmup}), got {total_steps}")
+        if total_steps is None or total_steps < 1:
+            raise ValueError(f"scheduler cosine: needs the stage's steps (>= 1), got {total_steps}")
 
         def cosine(step: int) -> float:
             return cosine_factor(step, warmup, total_steps)
