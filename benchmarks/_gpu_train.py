@@ -123,7 +123,7 @@ def _measure(cfg, samples, env, b: Bench, compiled: bool, part: dict) -> dict:
     model.condition_embedder.text_embedder.requires_grad_(False)  # Wan's T5 path: unused by Deepstack (trainer)
     model = parallelize(model, env, activation_checkpointing=cfg.dit.gradient_checkpointing, compile=compiled)
     optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], s.optimizer)
-    scheduler = build_scheduler(optimizer, s.scheduler)
+    scheduler = build_scheduler(optimizer, s.scheduler, s.steps)
     ema = EMA.maybe(model, s.ema)
     guard = NonFiniteGuard(optimizer, cfg.train.nan_max_consecutive, cfg.train.nan_check_every)
 
