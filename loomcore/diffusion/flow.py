@@ -99,39 +99,3 @@ def dit_token_count(frames: int, height: int, width: int, patch_size=(1, 2, 2)) 
     """Tokens of one latent clip [*, frames, height, width] after the DiT's patchify."""
     pt, ph, pw = patch_size
     return (frames // pt) * (height // ph) * (width // pw)
-
-
-def flow_matching_loss(
-    pred: torch.Tensor,
-    target: torch.Tensor,
-    mask: Optional[torch.Tensor] = None,
-    reduction: str = "mean",
-) -> torch.Tensor:
-    """Squared error summed over the elements that `mask` keeps, divided by their count.
-
-    `mask` (bool or 0/1) broadcasts against `pred`: it marks TARGET tokens; reference tokens and
-    padding are 0 and never count. reduction="mean" gives one scalar over the whole batch (the
-    sum over kept elements / their number); "per_sample" gives one value per leading index.
-    """
-    if pred.shape != target.shape:
-        raise ValueError(f"pred: shape {tuple(pred.shape)}, expected target's shape {tuple(target.shape)}")
-    err = (pred.float() - target.float()).pow(2)
-    if mask is None:
-        mask = torch.ones((), device=err.device)
-    try:
-        m = torch.broadcast_to(mask.to(err.dtype), err.shape)
-    except RuntimeError:
-        raise ValueError(f"mask: shape {tuple(mask.shape)} does not broadcast to pred's {tuple(err.shape)} "
-                         "(for latents [B, C, F, H, W] pass [B, 1, F, H, W])") from None
-    if reduction == "mean":
-        count = m.sum()
-        if count == 0:
-            raise ValueError("mask: no target elements to compute a loss on")
-        return (err * m).sum() / count
-    if reduction == "per_sample":
-        dims = tuple(range(1, err.ndim))
-        count = m.sum(dim=dims)
-        if (count == 0).any():
-            raise ValueError(f"mask: samples {torch.nonzero(count == 0).flatten().tolist()} have no target elements")
-        return (err * m).sum(dim=dims) / count
-    raise ValueError(f"reduction: expected 'mean' or 'per_sample', got {reduction!r}")

@@ -10,7 +10,7 @@ scheduler's fixed `flow_shift` (Wan2.2-TI2V-5B: 5.0, set for 480p × 81 frames; 
 the paper profile's choice) or, with `guidance.dynamic_shift`, eq. 3 at the sample's DiT token
 count, the shift it was trained with (`SamplingShift`). In a pack of samples of different sizes
 each sample then has its own schedule: times [steps + 1, S] and a token → sample index.
-Guidance is the caller's business: `model_fn` may combine several branches (see `cfg_velocity`).
+Guidance is the caller's business: `model_fn` may combine several branches (`guidance.combine_guidance`).
 """
 
 from __future__ import annotations
@@ -101,8 +101,3 @@ def euler_sample(
         dt = (times[k + 1] - times[k]).to(device=device, dtype=torch.float32)  # [] or [S]
         z = z + (dt if sample_index is None else dt[sample_index][:, None]) * v.float()
     return z
-
-
-def cfg_velocity(v_cond: torch.Tensor, v_uncond: torch.Tensor, scale: float) -> torch.Tensor:
-    """Classifier-free guidance with one condition: v = v_u + s·(v_c − v_u)."""
-    return v_uncond + scale * (v_cond - v_uncond)
