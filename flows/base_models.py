@@ -25,7 +25,10 @@ def base_models_flow(profile: str | None = None, overrides: list[str] | None = N
     report = init_base_models(cfg.profile, overrides)
     out = Path(cfg.paths.models)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "base_models.json").write_text(json.dumps(report, indent=2, sort_keys=True, default=str) + "\n")
+    # Inside the DVC out: what the folders are, never whether this run built them or found them up
+    # to date (a forced rerun would change the out's hash and rerun every stage after it)
+    record = {"profile": cfg.profile, "models": {k: getattr(cfg.models, k) for k in ("transformer", "vae", "scheduler", "mllm")}}
+    (out / "base_models.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     publish_markdown("base-models", f"# Base models ({cfg.profile})\n\n```json\n{json.dumps(report, indent=2, default=str)}\n```\n")
     return report
 

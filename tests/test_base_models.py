@@ -201,3 +201,20 @@ def test_check_paper_models_on_s3(tmp_path, s3_bucket, monkeypatch):
     problems = check_paper_models(_paper_cfg(f"s3://{s3_bucket}/ckpt"))
     assert problems == [f"mllm: missing s3://{s3_bucket}/ckpt/mllm/model-00002-of-00004.safetensors "
                         "(a shard listed in model.safetensors.index.json)"]
+
+
+def test_the_stage_record_is_the_same_whether_it_built_or_found_the_models(prefect_api, tmp_path):
+    """base_models.json sits in the stage's DVC out: a rerun that finds the models up to date must
+    write the same bytes as the run that built them (else every later stage reruns)."""
+    from flows.base_models import base_models_flow
+
+    overrides = [f"paths.models={tmp_path / 'models'}", f"models.transformer={tmp_path / 'models/transformer'}",
+                 f"models.vae={tmp_path / 'models/vae'}", f"models.scheduler={tmp_path / 'models/scheduler'}",
+                 f"models.mllm={tmp_path / 'models/mllm'}"]
+    first = base_models_flow(profile="tiny", overrides=overrides)
+    record = (tmp_path / "models" / "base_models.json").read_bytes()
+    second = base_models_flow(profile="tiny", overrides=overrides)
+    assert all(v.startswith("built") for v in first["built"].values())
+    assert all(v.startswith("up to date") for v in second["built"].values())
+    assert (tmp_path / "models" / "base_models.json").read_bytes() == record
+    assert b"built" not in record and b"up to date" not in record
