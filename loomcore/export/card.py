@@ -69,7 +69,7 @@ def _lineage_section(info: dict) -> str:
     data = lin.get("data") or {}
     text += _table(("path", "md5"), [(f"`{p}`", f"`{m}`") for p, m in sorted(data.items())]) if data else "_none in dvc.lock_\n"
     text += "\n### Stages (params, code and inputs md5 and outs, from dvc.lock)\n\n"
-    rows = [(f"`{name}`", f"`{s['params_md5']}`", f"`{s.get('deps_md5')}`",
+    rows = [(f"`{name}`", f"`{s['params_md5']}`", f"`{s['deps_md5']}`",
              "<br>".join(f"`{p}`: `{m}`" for p, m in sorted(s["outs"].items())))
             for name, s in lin.get("stages", {}).items()]
     return text + _table(("stage", "params md5", "code + inputs md5", "outs"), rows)

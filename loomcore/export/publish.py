@@ -37,10 +37,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
-from loomcore.export.lineage import git_state
 from loomcore.storage import S3Settings, default_cache_dir, parse_s3_uri, s3_client, sha256_file
 
 from .folder import check_name, read_export_info
+from .lineage import git_state
 from .metrics import GateDecision, promotion_gate
 
 COMPLETE = "_COMPLETE"
