@@ -1,7 +1,8 @@
 """`loom`: the command line of the LoomVideo pipeline.
 
-Every subcommand composes the same config (params.yaml + conf/profile/<profile>.yaml +
-key=value overrides) and calls into loomcore; heavy imports happen inside the subcommand.
+Every subcommand reads the same config (params.yaml, composed from conf/ by `loom params` or by
+`dvc exp run -S`, + key=value overrides) and calls into loomcore; heavy imports happen inside the
+subcommand.
 """
 
 from __future__ import annotations
@@ -19,15 +20,19 @@ EPILOG = """examples:
   loom config                              # the composed tiny-profile config, as YAML
   loom config --profile paper stage3       # one section of the paper profile
   loom config stage1.steps=10 --check      # validate an override without printing
+  loom params                              # write params.yaml again after editing conf/
+  loom params --check                      # exit 1 if params.yaml is not conf/'s composition
   loom init-models --profile tiny          # build the tiny base models under models/tiny/
   loom init-models --profile paper         # check the real Wan2.2 / Qwen3-VL folders are complete
   loom import-release gen_model.pth out/   # convert the authors' checkpoint to safetensors
   loom pipeline                            # run the whole DAG on the tiny profile (dvc repro)
+  loom pipeline stage3.steps=300           # the DAG as an experiment (dvc exp run -S stage3.steps=300)
 """
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--profile", help="profile name (conf/profile/<name>.yaml); default: params.yaml's 'profile'")
+    p.add_argument("--profile", help="profile name (conf/profile/<name>.yaml); default: params.yaml's 'profile' "
+                   "(another profile is composed from conf/)")
     p.add_argument("--params", default=None, help="params file (default: params.yaml at the repo root)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. stage1.steps=100")
 
@@ -54,6 +59,34 @@ def cmd_config(args) -> int:
             raise SystemExit(f"loom config: no section {section!r}; sections: {', '.join(d)}")
         d = {section: d[section]}
     sys.stdout.write(yaml.safe_dump(d, sort_keys=False, width=110))
+    return 0
+
+
+def cmd_params(args) -> int:
+    import tempfile
+
+    from loomcore.config import DEFAULT_CONF_DIR, DEFAULT_PARAMS, load_config, params_yaml
+
+    out = Path(args.out) if args.out else DEFAULT_PARAMS
+    text = params_yaml(args.conf or DEFAULT_CONF_DIR, args.overrides)
+    with tempfile.TemporaryDirectory() as d:  # the composition must be a whole, valid config
+        (Path(d) / "params.yaml").write_text(text)
+        cfg = load_config(params_path=Path(d) / "params.yaml")
+    old = out.read_text() if out.is_file() else None
+    if args.check:
+        if old == text:
+            print(f"{out}: up to date with {args.conf or DEFAULT_CONF_DIR} (profile {cfg.profile})")
+            return 0
+        print(f"{out}: differs from the composition of {args.conf or DEFAULT_CONF_DIR}"
+              f"{' with ' + ' '.join(args.overrides) if args.overrides else ''}: run `loom params`", file=sys.stderr)
+        return 1
+    if old == text:
+        print(f"{out}: unchanged (profile {cfg.profile})")
+        return 0
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, out)
+    print(f"{out}: written (profile {cfg.profile}, fingerprint {cfg.fingerprint()})")
     return 0
 
 
@@ -98,15 +131,24 @@ def _dvc_stages() -> List[str]:
     return list((yaml.safe_load(path.read_text()) or {}).get("stages", {}) or {})
 
 
+def pipeline_command(profile: Optional[str], overrides: List[str], targets: List[str]) -> List[str]:
+    """`dvc repro`, or — with overrides or another profile — a DVC experiment: DVC composes conf/ and
+    them into params.yaml (Hydra), so what runs is what `dvc exp show` / `dvc params diff` report."""
+    sets = [*([f"profile={profile}"] if profile else []), *overrides]
+    if sets:
+        return ["dvc", "exp", "run", *(a for o in sets for a in ("-S", o)), *targets]
+    return ["dvc", "repro", *targets]
+
+
 def cmd_pipeline(args) -> int:
-    cfg = _load(args)
+    cfg = _load(args)  # refuses a bad key or value before DVC starts
     print(f"pipeline: profile {cfg.profile} (config {cfg.fingerprint()})")
     stages = _dvc_stages()
     missing = [s for s in PIPELINE_STAGES if s not in stages]
     if not stages:
         print("pipeline: dvc.yaml has no stages yet; ran what exists (config check, base models).")
     else:
-        cmd = ["dvc", "repro", *(args.targets or [])]
+        cmd = pipeline_command(args.profile, args.overrides, args.targets or [])
         print(f"pipeline: {' '.join(cmd)}", flush=True)
         from loomcore.local_server import ServerStartError, prefect_server
 
@@ -214,10 +256,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    p = sub.add_parser("config", help="print or check the composed config (params.yaml + profile + overrides)")
+    p = sub.add_parser("config", help="print or check the config a stage runs with (params.yaml + overrides)")
     _add_config_args(p)
     p.add_argument("--check", action="store_true", help="only validate; print one line")
     p.set_defaults(func=cmd_config)
+
+    p = sub.add_parser("params", help="compose conf/ (+ Hydra overrides) into params.yaml, the config DVC tracks")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="Hydra overrides, e.g. profile=paper stage1.steps=5")
+    p.add_argument("--conf", default=None, help="config folder (default: conf/ at the repo root)")
+    p.add_argument("--out", default=None, help="file to write (default: params.yaml at the repo root)")
+    p.add_argument("--check", action="store_true", help="write nothing; exit 1 if the file differs from the composition")
+    p.set_defaults(func=cmd_params)
 
     p = sub.add_parser("init-models", help="build the tiny base models, or check the paper ones are complete")
     _add_config_args(p)

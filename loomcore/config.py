@@ -1,6 +1,10 @@
-"""Typed, frozen configuration composed from params.yaml + a profile + `key=value` overrides.
+"""Typed, frozen configuration: params.yaml + `key=value` overrides.
 
-    params.yaml (the paper's recipe)  <  conf/profile/<profile>.yaml  <  overrides
+    conf/config.yaml (the paper's recipe)  <  conf/profile/<profile>.yaml    →  params.yaml
+    params.yaml  <  overrides                                                  →  what runs
+
+Hydra composes conf/ into params.yaml (`loom params`, or DVC's own Hydra integration on
+`dvc exp run -S key=value`), so the file DVC tracks is the whole config a stage runs with.
 
 The schema below is the single source of truth for what a key may be called and what type it
 has: an unknown key, a wrong type or a missing key is refused with the key's full dotted name
@@ -10,6 +14,8 @@ follow in `_validate`.
 
 from __future__ import annotations
 
+import copy
+import functools
 import hashlib
 import json
 import math
@@ -531,6 +537,48 @@ def _deep_merge(base: dict, layer: dict) -> dict:
     return out
 
 
+PROFILE_HEADER = "# @package _global_"
+
+
+def _conf_stamp(conf_dir: Path) -> tuple:
+    return tuple((str(f), f.stat().st_mtime_ns, f.stat().st_size) for f in sorted(conf_dir.rglob("*.yaml")))
+
+
+@functools.lru_cache(maxsize=16)
+def _compose_cached(conf_dir: str, overrides: tuple, stamp: tuple) -> dict:
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+
+    try:
+        with initialize_config_dir(conf_dir, version_base=None):
+            cfg = compose(config_name="config", overrides=list(overrides))
+        OmegaConf.resolve(cfg)
+    except (HydraException, OmegaConfBaseException) as e:
+        raise ConfigError(f"{conf_dir}: composing config.yaml with {list(overrides)}: {str(e).splitlines()[0]}") from None
+    return OmegaConf.to_container(cfg)
+
+
+def compose(conf_dir: Path | str = DEFAULT_CONF_DIR, overrides: Sequence[str] = ()) -> dict:
+    """conf/config.yaml + its profile + Hydra overrides (`profile=paper`, `stage1.steps=5`), composed
+    exactly as `dvc exp run -S` composes params.yaml (DVC's Hydra integration calls Hydra's
+    `compose` with the same config dir, name and overrides)."""
+    conf_dir = Path(conf_dir).resolve()
+    main = conf_dir / "config.yaml"
+    base = _load_yaml(main, "config")
+    base.pop("defaults", None)
+    _build(Config, base, "", str(main), partial=True)  # a bad key names the file it is in
+    for f in sorted((conf_dir / "profile").glob("*.yaml")):
+        if not f.read_text().startswith(PROFILE_HEADER):
+            raise ConfigError(f"{f}: a profile must begin with '{PROFILE_HEADER}' (its keys are top-level keys)")
+        _build(Config, _load_yaml(f, "profile"), "", str(f), partial=True)
+    return copy.deepcopy(_compose_cached(str(conf_dir), tuple(overrides), _conf_stamp(conf_dir)))
+
+
+def params_yaml(conf_dir: Path | str = DEFAULT_CONF_DIR, overrides: Sequence[str] = ()) -> str:
+    """params.yaml's text for `compose(conf_dir, overrides)`, as DVC writes it (OmegaConf.to_yaml)."""
+    return OmegaConf.to_yaml(OmegaConf.create(compose(conf_dir, overrides)))
+
+
 def load_config(
     overrides: Sequence[str] = (),
     *,
@@ -538,17 +586,16 @@ def load_config(
     params_path: Path | str = DEFAULT_PARAMS,
     conf_dir: Path | str = DEFAULT_CONF_DIR,
 ) -> Config:
-    """Compose params.yaml + conf/profile/<profile>.yaml + `key=value` overrides.
+    """The config a stage runs with: params.yaml (the whole composed config, what DVC tracks) +
+    `key=value` overrides.
 
-    The profile is, in order of precedence: the `profile` argument, a `profile=` override,
-    params.yaml's `profile` key. Each layer is checked on its own (so an unknown key or a wrong
-    type names the file or override it came from), then the whole must be complete.
+    params.yaml is written by composing conf/ (`loom params`, or `dvc exp run -S`). Asking for
+    another profile than params.yaml's — the `profile` argument or a `profile=` override — composes
+    conf/config.yaml with that profile instead, as `dvc exp run -S profile=<name>` would. Each layer
+    is checked on its own (so an unknown key or a wrong type names the file or override it came
+    from), then the whole must be complete.
     """
     params_path, conf_dir = Path(params_path), Path(conf_dir)
-    layers: List[Tuple[str, dict]] = []
-    params = _load_yaml(params_path, "params file")
-    layers.append((str(params_path), params))
-
     ov_layers: List[Tuple[str, dict]] = []
     for ov in overrides:
         if "=" not in ov or not ov.split("=", 1)[0].strip():
@@ -560,26 +607,33 @@ def load_config(
         ov_layers.append((f"override {ov!r}", layer))
     prof_ov = [layer["profile"] for _, layer in ov_layers if "profile" in layer]
     ov_layers = [(src, layer) for src, layer in ov_layers if "profile" not in layer]
+    wanted = profile or (prof_ov[-1] if prof_ov else None)
 
-    name = profile or (prof_ov[-1] if prof_ov else None) or params.get("profile")
-    if not name:
-        raise ConfigError(f"{params_path}: no profile given and no 'profile' key")
-    known = available_profiles(conf_dir)
-    if name not in known:
-        raise ConfigError(
-            f"unknown profile {name!r}: expected one of {', '.join(known) or '(none found)'} "
-            f"(files in {conf_dir / 'profile'})"
-        )
-    prof_path = conf_dir / "profile" / f"{name}.yaml"
-    layers.append((str(prof_path), _load_yaml(prof_path, "profile")))
-    layers.extend(ov_layers)
+    params = _load_yaml(params_path, "params file")
+    if wanted is None or wanted == params.get("profile"):
+        name = params.get("profile")
+        if not name:
+            raise ConfigError(f"{params_path}: no 'profile' key (write the file with `loom params`)")
+        base: Tuple[str, dict] = (str(params_path), params)
+    else:
+        known = available_profiles(conf_dir)
+        if wanted not in known:
+            raise ConfigError(
+                f"unknown profile {wanted!r}: expected one of {', '.join(known) or '(none found)'} "
+                f"(files in {conf_dir / 'profile'})"
+            )
+        name = wanted
+        base = (f"{conf_dir / 'config.yaml'} + {conf_dir / 'profile' / (wanted + '.yaml')}",
+                compose(conf_dir, [f"profile={wanted}"]))
 
     merged: dict = {}
-    for source, layer in layers:
+    for source, layer in [base, *ov_layers]:
         _build(Config, layer, "", source, partial=True)
         merged = _deep_merge(merged, layer)
-    merged["profile"] = name
-    sources = [src for src, _ in layers]
+    if merged.get("profile") != name:
+        raise ConfigError(f"{base[0]}: 'profile' is {merged.get('profile')!r}, expected {name!r}: "
+                          f"conf/profile/{name}.yaml must set `profile: {name}`")
+    sources = [src for src, _ in [base, *ov_layers]]
     cfg = _build(Config, merged, "", " + ".join(sources), partial=False)
     object.__setattr__(cfg, "sources", sources)
     _validate(cfg)

@@ -66,3 +66,14 @@ def test_import_release_refuses_a_wrong_file_in_one_line(tmp_path, capsys, kind,
     assert code == 2
     assert err.count("\n") == 1 and err.startswith("loom import-release: pth_path: ") and needle in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_pipeline_overrides_run_as_a_dvc_experiment():
+    """`loom pipeline k=v` used to validate the override and then run plain `dvc repro`, which
+    ignored it; now it is `dvc exp run -S k=v` (DVC composes params.yaml with it)."""
+    from loomcore.cli import pipeline_command
+
+    assert pipeline_command(None, [], []) == ["dvc", "repro"]
+    assert pipeline_command(None, [], ["stage1"]) == ["dvc", "repro", "stage1"]
+    assert pipeline_command("paper", ["stage1.steps=5"], ["stage1"]) == [
+        "dvc", "exp", "run", "-S", "profile=paper", "-S", "stage1.steps=5", "stage1"]

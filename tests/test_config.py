@@ -1,4 +1,5 @@
-"""Config composition: params.yaml (the paper's recipe) + profile + overrides, and every refusal."""
+"""Config composition: conf/config.yaml (the paper's recipe) + profile → params.yaml (Hydra, as DVC
+composes it) + overrides, and every refusal."""
 
 import shutil
 from pathlib import Path
@@ -6,7 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from loomcore.config import REPO_ROOT, TASK_KINDS, ConfigError, load_config
+from loomcore.cli import main as loom
+from loomcore.config import REPO_ROOT, TASK_KINDS, ConfigError, load_config, params_yaml
 
 
 def test_params_yaml_is_the_papers_table_1():
@@ -109,7 +111,7 @@ def test_missing_params_key_is_named(tmp_path):
 
 def test_wrong_type_in_a_profile_names_the_file(tmp_path):
     params = _copy_params(tmp_path)
-    (tmp_path / "conf" / "profile" / "broken.yaml").write_text("stage1:\n  batch_size: many\n")
+    (tmp_path / "conf" / "profile" / "broken.yaml").write_text("# @package _global_\nstage1:\n  batch_size: many\n")
     with pytest.raises(ConfigError) as e:
         load_config(profile="broken", params_path=params, conf_dir=tmp_path / "conf")
     assert "broken.yaml" in str(e.value) and "stage1.batch_size" in str(e.value) and "expected int" in str(e.value)
@@ -127,3 +129,46 @@ def test_every_stage_ratio_set_sums_to_one_in_both_profiles():
         cfg = load_config(profile=profile)
         for s in (cfg.stage1, cfg.stage2, cfg.stage3):
             assert abs(sum(s.sampling.as_dict().values()) - 1) <= 1e-6
+
+
+def test_params_yaml_is_the_composition_of_conf():
+    """params.yaml (what DVC tracks, what every stage reads) is conf/ composed by Hydra as DVC's
+    `dvc exp run -S` writes it: a hand edit of either side without `loom params` fails here."""
+    assert (REPO_ROOT / "params.yaml").read_text() == params_yaml(REPO_ROOT / "conf"), "run `loom params`"
+    assert loom(["params", "--check"]) == 0
+
+
+def test_a_key_the_profile_sets_can_be_overridden_through_params_yaml(tmp_path, capsys):
+    """The old layering (params.yaml < profile) silently ignored `dvc exp run -S stage1.steps=5`:
+    the profile's 120 won. Now the composition with the override IS params.yaml."""
+    params = _copy_params(tmp_path)
+    assert load_config(params_path=params).stage1.steps == 1000  # the tiny profile's
+    assert loom(["params", "--conf", str(tmp_path / "conf"), "--out", str(params), "stage1.steps=5",
+                 "stage3.sampling.t2i=0.2", "stage3.sampling.tv2v=0.0"]) == 0
+    cfg = load_config(params_path=params, conf_dir=tmp_path / "conf")
+    assert cfg.stage1.steps == 5 and cfg.stage3.sampling.t2i == 0.2 and cfg.stage3.sampling.tv2v == 0.0
+    assert cfg.stage2.steps == 300 and cfg.profile == "tiny"  # the rest as the profile says
+    assert loom(["params", "--check", "--conf", str(tmp_path / "conf"), "--out", str(params)]) == 1
+    assert "differs from the composition" in capsys.readouterr().err
+    # -S profile=paper picks the paper profile; the file then says so, and loading reads it whole
+    assert loom(["params", "--conf", str(tmp_path / "conf"), "--out", str(params), "profile=paper"]) == 0
+    cfg = load_config(params_path=params, conf_dir=tmp_path / "conf")
+    assert cfg.profile == "paper" and cfg.stage1.steps == 50_000 and cfg.models.codec == "wan"
+    # asking for another profile than params.yaml's composes conf/ with it
+    assert load_config(profile="tiny", params_path=params, conf_dir=tmp_path / "conf").stage1.steps == 1000
+
+
+def test_composition_refuses_an_unknown_key_and_a_bad_profile(tmp_path):
+    _copy_params(tmp_path)
+    conf = tmp_path / "conf"
+    with pytest.raises(ConfigError, match="stage1.stepz"):
+        params_yaml(conf, ["stage1.stepz=5"])
+    with pytest.raises(ConfigError, match="huge"):
+        params_yaml(conf, ["profile=huge"])
+    (conf / "profile" / "bare.yaml").write_text("stage1:\n  steps: 3\n")
+    with pytest.raises(ConfigError, match=r"bare.yaml: a profile must begin with '# @package _global_'"):
+        params_yaml(conf)
+    (conf / "profile" / "bare.yaml").unlink()
+    (conf / "config.yaml").write_text((conf / "config.yaml").read_text().replace("seed: 0", "seeed: 0"))
+    with pytest.raises(ConfigError, match=r"config.yaml: unknown key 'seeed' \(did you mean 'seed'\?\)"):
+        params_yaml(conf)

@@ -46,8 +46,8 @@ def checkout(tmp_path, s3_bucket):
     root.mkdir()
     shutil.copytree(REPO / "conf", root / "conf")
     text = (REPO / "params.yaml").read_text()
-    assert text.count("  s3_uri: null ") == 1
-    (root / "params.yaml").write_text(text.replace("  s3_uri: null ", f"  s3_uri: s3://{s3_bucket}/registry "))
+    assert text.count("  s3_uri: null\n") == 1
+    (root / "params.yaml").write_text(text.replace("  s3_uri: null\n", f"  s3_uri: s3://{s3_bucket}/registry\n"))
     return root
 
 

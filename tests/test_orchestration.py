@@ -17,6 +17,8 @@ import time
 
 import pytest
 
+from loomcore.config import params_yaml
+
 from _orchestration import (
     BIN, DVC, OUTS, REPO, alive, copy_checkout, did, kill_group, latest_artifact, make_fake_repo, read_until, runs,
     spawn, task_attempts, wait_for,
@@ -82,6 +84,7 @@ def test_a_served_deployment_runs_the_real_curate_stage(prefect_api, tmp_path):
     tiny = copy / "conf/profile/tiny.yaml"
     assert "  synthetic_samples: 2000\n" in tiny.read_text()
     tiny.write_text(tiny.read_text().replace("  synthetic_samples: 2000\n", "  synthetic_samples: 20\n"))
+    (copy / "params.yaml").write_text(params_yaml(copy / "conf"))  # what `loom params` writes
     subprocess.run([DVC, "init", "--no-scm", "-q"], cwd=copy, check=True)
 
     server = subprocess.Popen(

@@ -106,8 +106,8 @@ def test_a_rope_offset_change_is_a_change_of_the_training_stages_only(tmp_path, 
     status = dvc_standin_repo
     assert status() == {}
     text = (tmp_path / "params.yaml").read_text()
-    assert "  ref_offset: 10 " in text
-    (tmp_path / "params.yaml").write_text(text.replace("  ref_offset: 10 ", "  ref_offset: 7 "))
+    assert "  ref_offset: 10\n" in text
+    (tmp_path / "params.yaml").write_text(text.replace("  ref_offset: 10\n", "  ref_offset: 7\n"))
     changed = set(status())
     stages = yaml.safe_load((tmp_path / "dvc.yaml").read_text())["stages"]
     listing_rope = {name for name, s in stages.items()

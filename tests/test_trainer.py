@@ -561,7 +561,9 @@ def test_dvc_sees_a_stage3_ratio_as_a_stage3_change_only(tmp_path, dvc_standin_r
     status = dvc_standin_repo
     assert status() == {}
     text = (tmp_path / "params.yaml").read_text()
-    text = text.replace("    t2i: 0.139\n    t2v: 0.079\n", "    t2i: 0.079\n    t2v: 0.139\n")
+    old = "  sampling:\n    t2i: 0.1\n    t2v: 0.1\n    image_recon: 0.1\n"
+    assert text.count(old) == 1  # stage 3's (the tiny profile's shares, which params.yaml now holds)
+    text = text.replace(old, "  sampling:\n    t2i: 0.15\n    t2v: 0.05\n    image_recon: 0.1\n")
     (tmp_path / "params.yaml").write_text(text)
     changed = status()
     assert "stage3" in changed and "stage1" not in changed and "stage2" not in changed
