@@ -486,3 +486,26 @@ def test_cli_help_shows_an_example_per_task():
     for what in ("text to video", "text to image", "edit a video", "edit an image", "edit with a reference",
                  "images to video", "images to image", "reconstruct a video", "--transformer", "--model"):
         assert what in out
+
+
+def test_a_transformer_folder_of_another_architecture_is_refused_naming_both_values(tiny_workspace, tmp_path):
+    """One rule where a transformer folder meets the config (evaluate, export and `loom generate`
+    load through here; the stages and RL check the same way): every architecture value must agree.
+    Before, a LoomDiT folder's config.json silently won over params (rope.ref_offset=7 was ignored)."""
+    from loomcore.config import load_config
+    from loomcore.models.dit import ArchitectureMismatch, loomdit_kwargs
+    from loomcore.pipeline.loading import load_transformer
+
+    cfg, overrides = tiny_workspace
+    model, _ = LoomDiT.from_wan_transformer(cfg.models.transformer, **loomdit_kwargs(cfg))
+    model.save_pretrained(tmp_path / "model")
+    assert load_transformer(cfg, str(tmp_path / "model"), torch.float32).config.ref_offset == 10
+
+    other = load_config([*overrides, "rope.ref_offset=7"], profile="tiny")
+    with pytest.raises(ArchitectureMismatch, match=r"rope.ref_offset = 7 in the config, ref_offset = 10 in the checkpoint"):
+        load_transformer(other, str(tmp_path / "model"), torch.float32)
+    # the Wan base folder (no LoomDiT keys of its own): its Wan values are checked
+    wider = load_config([*overrides, "dit.ffn_dim=256", "dit.eps=1e-05"], profile="tiny")
+    with pytest.raises(ArchitectureMismatch, match=r"2 architecture value\(s\): dit.ffn_dim = 256 in the config, "
+                                                   r"ffn_dim = 512 in the checkpoint; dit.eps = 1e-05 in the config, eps = 1e-06"):
+        load_transformer(wider, None, torch.float32)

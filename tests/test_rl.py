@@ -383,6 +383,23 @@ def test_rl_names_a_cache_entry_without_what_its_feature_mode_needs(rl_ws, tiny_
             load_prompts(bad, "train", "480p", ["t2v"], feature_mode=mode)
 
 
+def test_rl_refuses_a_stage3_model_of_another_architecture(rl_ws):
+    """RL used to take the stage-3 folder's config.json and ignore params (rope.ref_offset=7 ran
+    with the checkpoint's 10); now a disagreement is refused before anything runs, naming both."""
+    from loomcore.models.dit import ArchitectureMismatch
+    from loomcore.rl.trainer import RLTrainer
+    from loomcore.train.distributed import init_distributed
+
+    cfg = _rl_cfg(rl_ws, "arch", "rope.ref_offset=7")
+    env = init_distributed(use_gpu=False)
+    try:
+        with pytest.raises(ArchitectureMismatch, match=r"stage3/model: .*rope.ref_offset = 7 in the config, "
+                                                       r"ref_offset = 10 in the checkpoint"):
+            RLTrainer(cfg, env).setup()
+    finally:
+        torch.distributed.destroy_process_group()
+
+
 def test_prompts_are_read_lazily(rl_ws, tmp_path):
     """Set-up reads the cache index only (the prompt set may be the whole cache); the step's and
     the evaluation's prompts get their tensors from `with_conditions`, once per distinct prompt."""

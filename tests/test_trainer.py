@@ -210,6 +210,23 @@ def test_nan_steps_are_skipped_counted_and_then_stop_the_run(ws):
         torch.set_num_threads(threads)
 
 
+def test_a_stage_refuses_weights_of_another_architecture(ws):
+    """params decide the architecture and a checkpoint must agree: a non-shape value (dit.eps)
+    used to be silently re-set on the loaded weights, a shape one failed on tensor names."""
+    from loomcore.models.dit import ArchitectureMismatch
+    from loomcore.train.distributed import init_distributed
+    from loomcore.train.trainer import Trainer
+
+    cfg = load_config(_overrides(ws, "arch", "dit.eps=1e-05", "dit.ffn_dim=256"), profile="tiny")
+    env = init_distributed(use_gpu=False)
+    try:
+        with pytest.raises(ArchitectureMismatch, match=r"dit.ffn_dim = 256 in the config, ffn_dim = 512 in the "
+                                                       r"checkpoint; dit.eps = 1e-05 in the config, eps = 1e-06"):
+            Trainer(cfg, "stage1", env).setup()
+    finally:
+        torch.distributed.destroy_process_group()
+
+
 def test_three_stages_chain_weights_ema_and_outs(ws):
     from loomcore.train.trainer import train_stage
 

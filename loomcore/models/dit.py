@@ -109,6 +109,46 @@ def loomdit_kwargs(cfg, use_source_embedding: bool = True) -> dict:
     }
 
 
+# The config values that make a transformer what it is, and the params key that sets each one. One
+# rule wherever a transformer folder meets the config — the training stages, RL, evaluate, export,
+# `loom generate` (`check_architecture`): they must agree; params never silently re-shape a
+# checkpoint, and a checkpoint never silently overrides params. (use_source_embedding is a stage's
+# choice: stage 2 adds the source embedding to stage 1's model.)
+ARCHITECTURE_KEYS = {
+    "patch_size": "dit.patch_size", "num_attention_heads": "dit.num_attention_heads",
+    "attention_head_dim": "dit.attention_head_dim", "in_channels": "dit.in_channels",
+    "out_channels": "dit.out_channels", "text_dim": "dit.text_dim", "freq_dim": "dit.freq_dim",
+    "ffn_dim": "dit.ffn_dim", "num_layers": "dit.num_layers", "cross_attn_norm": "dit.cross_attn_norm",
+    "qk_norm": "dit.qk_norm", "eps": "dit.eps", "mllm_dim": "mllm.hidden_size",
+    "projector_mult": "mllm.projector_mult", "ref_offset": "rope.ref_offset", "timestep_scale": "flow.timestep_scale",
+}
+
+
+class ArchitectureMismatch(ValueError):
+    """A transformer folder's config.json disagrees with the config on an architecture value."""
+
+
+def check_architecture(config: dict, cfg, source: str) -> None:
+    """Refuse `config` (a transformer's config.json: a LoomDiT, or a Wan base, which lacks LoomDiT's
+    own keys) when any architecture value differs from what the config sets; the message names
+    both values and the params key to change."""
+    want = loomdit_kwargs(cfg)
+    diffs = []
+    for key, param in ARCHITECTURE_KEYS.items():
+        if key not in config:
+            continue
+        have, wanted = config[key], want[key]
+        if key == "patch_size":
+            have, wanted = list(have), list(wanted)
+        if have != wanted:
+            diffs.append(f"{param} = {wanted!r} in the config, {key} = {have!r} in the checkpoint")
+    if diffs:
+        raise ArchitectureMismatch(
+            f"transformer {source}: its config.json disagrees with the config (params.yaml + overrides) on "
+            f"{len(diffs)} architecture value(s): " + "; ".join(diffs)
+            + ". Use the config the checkpoint was trained with, or a checkpoint of this config.")
+
+
 def _patch_linear(conv: nn.Conv3d) -> tuple[torch.Tensor, torch.Tensor]:
     """A patch Conv3d (kernel = stride) as a linear map on patchified tokens: W [D, pt·ph·pw·C], b [D]."""
     return conv.weight.permute(0, 2, 3, 4, 1).flatten(1), conv.bias

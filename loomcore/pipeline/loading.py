@@ -102,7 +102,7 @@ def check_pipeline_folder(folder: Path | str) -> Path:
 def load_transformer(cfg, path: str | None, torch_dtype: torch.dtype):
     """LoomDiT from a trained folder (LoomDiT.save_pretrained) or a Wan base transformer (its
     added modules freshly initialised, as stage 1 starts)."""
-    from loomcore.models.dit import LoomDiT, loomdit_kwargs
+    from loomcore.models.dit import LoomDiT, check_architecture, loomdit_kwargs
 
     uri = path or cfg.models.transformer
     folder = Path(materialize(uri))
@@ -110,7 +110,10 @@ def load_transformer(cfg, path: str | None, torch_dtype: torch.dtype):
     if not config_file.is_file():
         raise ValueError(f"transformer {uri}: no config.json (expected a LoomDiT.save_pretrained folder "
                          "or a diffusers WanTransformer3DModel folder)")
-    name = json.loads(config_file.read_text()).get("_class_name")
+    config = json.loads(config_file.read_text())
+    name = config.get("_class_name")
+    if name in ("LoomDiT", "WanTransformer3DModel"):
+        check_architecture(config, cfg, uri)
     if name == "LoomDiT":
         model = LoomDiT.from_pretrained(str(folder), torch_dtype=torch_dtype)
     elif name == "WanTransformer3DModel":
@@ -119,12 +122,6 @@ def load_transformer(cfg, path: str | None, torch_dtype: torch.dtype):
         model, _ = LoomDiT.from_wan_transformer(folder, dtype=torch_dtype, **own)
     else:
         raise ValueError(f"transformer {uri}: {config_file} describes {name!r}, expected 'LoomDiT' or 'WanTransformer3DModel'")
-    if model.config.mllm_dim != cfg.mllm.hidden_size:
-        raise ValueError(f"transformer {uri}: mllm_dim = {model.config.mllm_dim}, but the MLLM has hidden size "
-                         f"{cfg.mllm.hidden_size} (mllm.hidden_size)")
-    if model.config.num_layers != cfg.mllm.layers_used:
-        raise ValueError(f"transformer {uri}: {model.config.num_layers} blocks, but mllm.layers_used = "
-                         f"{cfg.mllm.layers_used} (one MLLM layer per block)")
     return model.eval()
 
 
