@@ -107,6 +107,11 @@ def test_a_served_deployment_runs_the_real_curate_stage(prefect_api, tmp_path):
         kill_group(server)
     summary = json.loads((copy / "data/manifests/curate.json").read_text())
     assert summary["rows_in"] == 20 and summary["kept"]["total"] + summary["rejected"]["total"] == 20
+    # the stage's DVC metric: its headline figures only (the whole record stays in curate.json)
+    headline = json.loads((copy / "outputs/curate/metrics.json").read_text())
+    assert headline == {"rows_in": 20, "kept": summary["kept"]["total"], "train": summary["kept"]["train"],
+                        "eval": summary["kept"]["eval"], "rejected": summary["rejected"]["total"],
+                        "bytes_kept": summary["bytes_kept"]}
     st = subprocess.run([DVC, "status", "curate", "--json"], cwd=copy, check=True, capture_output=True, text=True)
     assert json.loads(st.stdout) == {}  # dvc.lock records the run: DVC finds curate up to date
 

@@ -296,6 +296,19 @@ def _locate(cfg, source: str, root: Path, metadata: Optional[str], num_samples: 
     return (src if src.is_file() else src / name), {}, {}
 
 
+def headline(record: dict) -> dict:
+    """The curate stage's DVC metric: the figures a person compares across runs (rows in = kept +
+    rejected). The whole record — per task, per reject reason, settings — stays in curate.json."""
+    return {
+        "rows_in": record["rows_in"],
+        "kept": record["kept"]["total"],
+        "train": record["kept"]["train"],
+        "eval": record["kept"]["eval"],
+        "rejected": record["rejected"]["total"],
+        "bytes_kept": record["bytes_kept"],
+    }
+
+
 def curate(cfg, source: str, data_root, out_dir, split_eval_fraction: Optional[float] = None,
            progress: bool = True, *, metadata: Optional[str] = None, synthetic_samples: Optional[int] = None,
            s3_settings: Optional[S3Settings] = None,
