@@ -24,7 +24,7 @@ EPILOG = """examples:
   loom params --check                      # exit 1 if params.yaml is not conf/'s composition
   loom init-models --profile tiny          # build the tiny base models under models/tiny/
   loom init-models --profile paper         # check the real Wan2.2 / Qwen3-VL folders are complete
-  loom import-release gen_model.pth out/   # convert the authors' checkpoint to safetensors
+  loom import-release checkpoints/LoomVideo out/   # convert the authors' checkpoint to safetensors
   loom pipeline                            # run the whole DAG on the tiny profile (dvc repro)
   loom pipeline stage3.steps=300           # the DAG as an experiment (dvc exp run -S stage3.steps=300)
 """
@@ -112,9 +112,12 @@ def cmd_init_models(args) -> int:
 def cmd_import_release(args) -> int:
     from loomcore.models.release import import_release
 
+    from loomcore.storage import is_s3, materialize
+
     cfg = _load(args)
     try:
-        out = import_release(Path(args.checkpoint), Path(args.out_dir), cfg)
+        source = materialize(args.checkpoint) if is_s3(args.checkpoint) else Path(args.checkpoint)
+        out = import_release(source, Path(args.out_dir), cfg, weights=args.weights)
     except ValueError as e:  # the file or folder given: a user's mistake, told in one line (exit 2)
         print(f"loom import-release: {e}", file=sys.stderr)
         return 2
@@ -273,8 +276,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="rebuild even if the folders are up to date")
     p.set_defaults(func=cmd_init_models)
 
-    p = sub.add_parser("import-release", help="convert the authors' gen_model.pth into our safetensors folder")
-    p.add_argument("checkpoint", help="path to gen_model.pth (keys 'gen_model.*'; read with weights_only=True)")
+    p = sub.add_parser("import-release", help="convert the authors' released checkpoint into our safetensors folder",
+                       description="Reads every form the release's load_checkpoint reads: the checkpoint folder "
+                       "(ema/ema.pth first, else latest/gen_model.pth, else gen_model.pth) or one .pth/.pt/.safetensors "
+                       "file with keys 'gen_model.*' or unprefixed. Pickles are read with weights_only=True; every "
+                       "key and shape is checked against the profile's DiT.")
+    p.add_argument("checkpoint", help="the release's checkpoint folder (e.g. checkpoints/LoomVideo) or a weights file")
+    p.add_argument("--weights", choices=("ema", "model"), default="ema",
+                   help="from a folder: the EMA weights when present, as the release loads (default), or the model's")
     p.add_argument("out_dir", help="output folder (LoomDiT.save_pretrained layout)")
     _add_config_args(p)
     p.set_defaults(func=cmd_import_release)

@@ -183,6 +183,7 @@ class SchedulerConfig:
 class EMAConfig:
     decay: Optional[float]  # None: no EMA
     interval: int
+    warmup: bool  # diffusers EMAModel's (the release's): the k-th update uses min(decay, k/(k+9)), the first copies
 
 
 @dataclass(frozen=True)

@@ -64,7 +64,7 @@ def test_import_release_refuses_a_wrong_file_in_one_line(tmp_path, capsys, kind,
     code = main(["import-release", str(path), str(tmp_path / "out"), "--profile", "tiny"])
     err = capsys.readouterr().err
     assert code == 2
-    assert err.count("\n") == 1 and err.startswith("loom import-release: pth_path: ") and needle in err, err
+    assert err.count("\n") == 1 and err.startswith("loom import-release: checkpoint: ") and needle in err, err
     assert not (tmp_path / "out").exists()
 
 

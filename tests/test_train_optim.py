@@ -117,6 +117,31 @@ def test_ema_matches_the_recurrence_exactly_and_respects_interval():
     assert expected == [1.375, -0.6875, 1.75]
 
 
+def test_ema_warmup_follows_diffusers_ema_model():
+    """The release averages with diffusers' EMAModel (update_after_step 0, its default warm-up):
+    ours with warmup matches it update for update, through the interval, on fp32 weights."""
+    from diffusers.training_utils import EMAModel
+
+    torch.manual_seed(0)
+    decay, interval = 0.9, 2
+    model = Vec([0.0] * 8)
+    model.w.data = torch.randn(8)
+    ours = EMA(model, decay, interval, warmup=True)
+    theirs = EMAModel(model.parameters(), decay=decay, update_after_step=0)
+    decays = []
+    for step in range(1, 201):
+        model.w.data = model.w.data + torch.randn(8)
+        ours.update(model, step)
+        if step % interval == 0:  # the release: `if global_step % ema_interval == 0: ema_model.step(...)`
+            theirs.step(model.parameters())
+            decays.append(theirs.cur_decay_value)
+        torch.testing.assert_close(ours.state_dict()["w"], theirs.shadow_params[0], rtol=1e-6, atol=1e-6)
+    assert decays[0] == 0.0 and ours.decay_at(1) == 0.0  # the first update copies the weights
+    assert decays[:3] == [ours.decay_at(k) for k in (1, 2, 3)] == [0.0, 2 / 11, 3 / 12]
+    assert decays[-1] == ours.decay_at(100) == decay  # capped at decay once (1 + s)/(10 + s) passes it
+    assert EMA(model, decay).decay_at(1) == decay  # without warmup: constant from the first update
+
+
 def test_ema_bf16_params_and_fp32_shadow():
     decay = 0.9999
     model = Vec([0.5, 1.5], dtype=torch.bfloat16)
@@ -147,8 +172,8 @@ def test_ema_skip_swap_state_and_none():
     assert torch.equal(other.state_dict()["w"], torch.tensor([2.0, 3.0]))
     with pytest.raises(ValueError, match="missing keys"):
         other.load_state_dict({"v": torch.zeros(2)})
-    assert EMA.maybe(model, EMAConfig(decay=None, interval=1)) is None
-    assert EMA.maybe(model, EMAConfig(decay=0.9, interval=3)).interval == 3
+    assert EMA.maybe(model, EMAConfig(decay=None, interval=1, warmup=True)) is None
+    assert EMA.maybe(model, EMAConfig(decay=0.9, interval=3, warmup=True)).interval == 3
     with pytest.raises(ValueError, match="ema.decay"):
         EMA(model, 1.0)
 

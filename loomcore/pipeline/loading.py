@@ -100,12 +100,17 @@ def check_pipeline_folder(folder: Path | str) -> Path:
 
 
 def load_transformer(cfg, path: str | None, torch_dtype: torch.dtype):
-    """LoomDiT from a trained folder (LoomDiT.save_pretrained) or a Wan base transformer (its
-    added modules freshly initialised, as stage 1 starts)."""
+    """LoomDiT from a trained folder (LoomDiT.save_pretrained), a Wan base transformer (its
+    added modules freshly initialised, as stage 1 starts) or a checkpoint of the authors' release
+    (its folder or weights file, EMA first, as their `--ckpt_path`; see `read_release`)."""
     from loomcore.models.dit import LoomDiT, check_architecture, loomdit_kwargs
+    from loomcore.models.release import is_release_checkpoint, load_release
 
     uri = path or cfg.models.transformer
     folder = Path(materialize(uri))
+    if is_release_checkpoint(folder):
+        model, _ = load_release(folder, loomdit_kwargs(cfg), dtype=torch_dtype)
+        return model.eval()
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise ValueError(f"transformer {uri}: no config.json (expected a LoomDiT.save_pretrained folder "

@@ -1,6 +1,10 @@
 """An fp32 exponential moving average of a model's trainable parameters (DESIGN §5: stages 2–3).
 
-    ema ← decay · ema + (1 − decay) · θ        (= ema.lerp_(θ, 1 − decay))
+    ema ← d_k · ema + (1 − d_k) · θ        (= ema.lerp_(θ, 1 − d_k)),   k = the update's 1-based count
+
+with d_k = decay, or with `warmup` the release's (diffusers EMAModel, update_after_step 0):
+d_1 = 0 (the first update copies the weights), d_k = min(decay, (1 + s)/(10 + s)) with s = k − 1,
+so early updates follow the weights closely instead of holding on to the initial model.
 
 kept in fp32 on purpose: with decay 0.9999 the per-step increment is 1e-4 of the gap, which
 bf16's 8-bit mantissa would round away. The shadow tensors are made with `p.detach().clone()`,
@@ -27,13 +31,14 @@ class EMA:
     """fp32 shadow copies of `model`'s parameters that require grad, updated every `interval`
     optimizer steps."""
 
-    def __init__(self, model: nn.Module, decay: float, interval: int = 1):
+    def __init__(self, model: nn.Module, decay: float, interval: int = 1, warmup: bool = False):
         if not 0.0 < decay < 1.0:
             raise ValueError(f"ema.decay: must be in (0, 1), got {decay}")
         if interval < 1:
             raise ValueError(f"ema.interval: must be >= 1, got {interval}")
         self.decay = decay
         self.interval = interval
+        self.warmup = warmup
         self.names: List[str] = [n for n, p in model.named_parameters() if p.requires_grad]
         with torch.no_grad():
             self.shadow: List[torch.Tensor] = [
@@ -46,7 +51,7 @@ class EMA:
         """The stage's EMA, or None when `ema.decay` is null (stage 1)."""
         if ema_cfg.decay is None:
             return None
-        return cls(model, ema_cfg.decay, ema_cfg.interval)
+        return cls(model, ema_cfg.decay, ema_cfg.interval, ema_cfg.warmup)
 
     def _params(self, model: nn.Module) -> List[torch.Tensor]:
         named = dict(model.named_parameters())
@@ -54,6 +59,13 @@ class EMA:
         if missing:
             raise ValueError(f"EMA: model has no parameter(s) {', '.join(missing)}")
         return [named[n].detach() for n in self.names]
+
+    def decay_at(self, update: int) -> float:
+        """The decay of the `update`-th update (1-based): constant, or warming up (module docstring)."""
+        if not self.warmup:
+            return self.decay
+        s = update - 1
+        return 0.0 if s <= 0 else min(self.decay, (1 + s) / (10 + s))
 
     @torch.no_grad()
     def update(self, model: nn.Module, step: int, finite: Optional[torch.Tensor] = None) -> None:
@@ -63,7 +75,7 @@ class EMA:
         if step % self.interval:
             return
         params = self._params(model)
-        weight = 1.0 - self.decay
+        weight = 1.0 - self.decay_at(step // self.interval)
         if finite is not None:
             weight = finite.to(torch.float32) * weight  # 0-d: 0 on a skipped step
         if all(p.dtype == torch.float32 for p in params):
