@@ -432,10 +432,26 @@ def test_cli_edit_with_a_source_writes_the_file(tiny_workspace, files, tmp_path,
     assert _cli(tiny_workspace, "--source", files / "src.mp4", "--ref", files / "a.png",
                 "--prompt", "paint the circle like @Figure 1", "--out", out) == 0
     assert "task tvr2v" in capsys.readouterr().out
-    assert read_video(out).shape == (9, 32, 32, 3)
+    assert read_video(out).shape == (5, 32, 32, 3)  # of its 9: the profile's longest clip (the release's rule)
     image = tmp_path / "edit.png"
     assert _cli(tiny_workspace, "--source", files / "src.png", "--prompt", "make it blue", "--out", image) == 0
     assert read_image(image).shape == (32, 32, 3)
+
+
+def test_cli_reads_a_long_source_as_the_release_demo_and_says_what_it_kept(tiny_workspace, pipe, tmp_path, capsys):
+    """A 10-second 30 fps clip of odd size: the release's rule at the profile's fps and longest
+    clip (tiny: 8 fps, 5 frames) keeps source frames 0, 4, 8, 11, 15 and the output says so."""
+    cfg, _ = tiny_workspace
+    clip = tmp_path / "long.mp4"
+    write_video(clip, _pixels(8, 300, 45, 53, 3).numpy(), fps=30)
+    out = tmp_path / "edit.mp4"
+    assert _cli(tiny_workspace, "--source", clip, "--prompt", "make the circle blue", "--out", out) == 0
+    printed = capsys.readouterr().out
+    assert cfg.video.fps == 8 and max(cfg.video.frames.values()) == 5
+    assert "source long.mp4: 30 fps; kept 5 frames at 8 fps (source frames 0, 4, 8, 11, … 15 of the 16 read" in printed
+    h, w = read_video(out).shape[1:3]
+    m = pipe.geometry.height_multiple  # native size, floored to what the model takes (tiny: 4)
+    assert read_video(out).shape[0] == 5 and (h, w) == (45 // m * m, 53 // m * m) != (45, 53), printed
 
 
 @pytest.mark.parametrize(

@@ -105,3 +105,63 @@ def test_writers_refuse_wrong_input(tmp_path):
         write_video(tmp_path / "a.mp4", np.zeros((8, 8, 3), np.uint8), 8)
     with pytest.raises(ValueError, match=r"expected shape \[H, W, 3\]"):
         write_image(tmp_path / "a.png", np.zeros((8, 8), np.uint8))
+
+
+# --------------------------------------------------------------------------------------------
+# The release demo's rule for a source video (scripts/inference/generate.py, load_video)
+# --------------------------------------------------------------------------------------------
+
+
+def _their_indices(video_fps, num_video_frames, target_fps=24, target_num_frames=121, scale_factor_temporal=4):
+    """Their loop, statement for statement (the oracle the rule must reproduce)."""
+    target_duration = (target_num_frames - 1) / target_fps
+    num_video_in_range_frames = min(int(video_fps * target_duration) + 1, num_video_frames)
+    start_frame_index = 0
+    frame_float = float(start_frame_index)
+    interval = video_fps / target_fps
+    frame_indices = []
+    max_loops = target_num_frames * 3
+    loop_count = 0
+    while True:
+        idx = min(round(frame_float), num_video_frames - 1)
+        frame_indices.append(idx)
+        frame_float += interval
+        if (round(frame_float) - start_frame_index) >= num_video_in_range_frames:
+            break
+        loop_count += 1
+        if loop_count > max_loops:
+            break
+    needed_len = (len(frame_indices) - 1) // scale_factor_temporal * scale_factor_temporal + 1
+    return frame_indices[:needed_len]
+
+
+def test_release_frame_rule_matches_their_loop():
+    from loomcore.data.video_io import release_frame_indices
+
+    thirty = release_frame_indices(30.0, 300, 24, 121, 4)  # a 10-second 30 fps clip
+    assert len(thirty) == 121 and thirty[:9] == [0, 1, 2, 4, 5, 6, 8, 9, 10] and thirty[-1] == 150
+    assert release_frame_indices(24.0, 50, 24, 121, 4) == list(range(49))  # short: all it has, trimmed to 4k + 1
+    assert release_frame_indices(12.0, 100, 24, 121, 4)[:6] == [0, 0, 1, 2, 2, 2]  # slower: repeats (round half to even)
+    for fps in (8.0, 12.0, 15.0, 23.976, 24.0, 25.0, 29.97, 30.0, 50.0, 59.94, 60.0, 120.0):
+        for total in (1, 2, 5, 17, 60, 121, 150, 151, 600, 10_000):
+            for target_fps, frames, factor in ((24, 121, 4), (8, 5, 1), (16, 33, 4)):
+                assert release_frame_indices(fps, total, target_fps, frames, factor) == \
+                    _their_indices(fps, total, target_fps, frames, factor), (fps, total, target_fps, frames, factor)
+
+
+def test_read_video_release_keeps_the_frames_the_rule_names(tmp_path):
+    """A 10-second 30 fps clip of odd size: 121 frames at 24 fps, native size, each the source
+    frame the rule names (every frame's colour encodes its index)."""
+    from loomcore.data.video_io import read_video_release
+
+    n, h, w = 300, 38, 50
+    frames = np.zeros((n, h, w, 3), np.uint8)
+    for i in range(n):
+        frames[i, ..., 0], frames[i, ..., 1] = (i % 32) * 8, (i // 32) * 24
+    write_video(tmp_path / "clip.mp4", frames, fps=30)
+    got, cut = read_video_release(tmp_path / "clip.mp4", fps=24, max_frames=121, temporal_factor=4)
+    assert got.shape == (121, h, w, 3) and cut.frames_read == 151 and cut.src_fps == 30
+    mean = got.float().mean(dim=(1, 2))
+    decoded = (torch.round(mean[:, 0] / 8) + 32 * torch.round(mean[:, 1] / 24)).long().tolist()
+    assert decoded == list(cut.indices) == _their_indices(30.0, n)
+    assert "kept 121 frames at 24 fps (source frames 0, 1, 2, 4, … 150 of the 151 read" in cut.describe()

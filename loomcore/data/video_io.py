@@ -289,3 +289,77 @@ def write_video(path, frames, fps: float) -> None:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+# --------------------------------------------------------------------------------------------
+# A source video as the release's demo reads it (scripts/inference/generate.py, `load_video`)
+# --------------------------------------------------------------------------------------------
+
+
+def release_frame_indices(src_fps: float, total: int, fps: float, max_frames: int, temporal_factor: int) -> list:
+    """The source frames the release's demo keeps: from frame 0, at most `max_frames` frames at
+    `fps` (their 121 at 24), each the nearest source frame (Python's round, halves to even, on a
+    running sum of src_fps / fps — as they compute it), then trimmed to 1 + temporal_factor·k."""
+    if src_fps <= 0 or fps <= 0 or total < 1 or max_frames < 1 or temporal_factor < 1:
+        raise ValueError(f"release_frame_indices: src_fps {src_fps}, total {total}, fps {fps}, "
+                         f"max_frames {max_frames}, temporal_factor {temporal_factor}: expected positive values")
+    in_range = min(int(src_fps * (max_frames - 1) / fps) + 1, total)
+    interval = src_fps / fps
+    position, indices = 0.0, []
+    for _ in range(3 * max_frames + 1):  # their loop guard: max_loops = 3 · target_num_frames
+        indices.append(min(round(position), total - 1))
+        position += interval
+        if round(position) >= in_range:
+            break
+    return indices[: (len(indices) - 1) // temporal_factor * temporal_factor + 1]
+
+
+@dataclass(frozen=True)
+class SourceCut:
+    """What `read_video_release` kept of a video, to tell the user."""
+
+    path: str
+    src_fps: float
+    frames_read: int  # decoded from the start (the rule never looks further)
+    indices: tuple  # the source frames kept, in order (a frame repeats when the source is slower)
+    fps: float
+    max_frames: int
+    temporal_factor: int
+
+    def describe(self) -> str:
+        shown = ", ".join(map(str, self.indices[:4])) + (f", … {self.indices[-1]}" if len(self.indices) > 4 else "")
+        return (f"source {Path(self.path).name}: {self.src_fps:g} fps; kept {len(self.indices)} frames at {self.fps:g} fps "
+                f"(source frames {shown} of the {self.frames_read} read; the release's rule: at most "
+                f"{self.max_frames} frames at {self.fps:g} fps from the start, nearest frame, trimmed to "
+                f"1 + {self.temporal_factor}k)")
+
+
+def read_video_release(path, fps: float, max_frames: int, temporal_factor: int) -> tuple:
+    """(uint8 [F, H, W, 3], SourceCut): the frames `release_frame_indices` picks, at native size.
+    Decodes at most the frames the rule can reach and keeps only the picked ones."""
+    path = Path(path)
+    _check_file(path)
+    container = _open_video(path)
+    kept: dict = {}
+    try:
+        stream = container.streams.video[0]
+        src_fps = _stream_fps(stream)
+        reach = int(src_fps * (max_frames - 1) / fps) + 1
+        wanted = set(release_frame_indices(src_fps, reach, fps, max_frames, temporal_factor))
+        n = 0
+        try:
+            for frame in container.decode(stream):
+                if n in wanted:
+                    kept[n] = frame.to_ndarray(format="rgb24")
+                n += 1
+                if n >= reach:
+                    break
+        except Exception as e:
+            raise _av_error(path, e) from None
+    finally:
+        container.close()
+    if n == 0:
+        raise MediaError(path, "video has no frames", "undecodable")
+    indices = release_frame_indices(src_fps, n, fps, max_frames, temporal_factor)  # a shorter video: a prefix
+    frames = torch.from_numpy(np.stack([kept[i] for i in indices]))
+    return frames, SourceCut(str(path), src_fps, n, tuple(indices), fps, max_frames, temporal_factor)

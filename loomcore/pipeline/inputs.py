@@ -28,7 +28,7 @@ from PIL import Image
 
 from loomcore.data.buckets import resize_center_crop
 from loomcore.data.tasks import TaskSpec, check_sample, task_spec
-from loomcore.data.video_io import MediaError, media_kind, read_image, read_video
+from loomcore.data.video_io import MediaError, SourceCut, media_kind, read_image, read_video
 
 
 @dataclass(frozen=True)
@@ -102,6 +102,7 @@ class GenerationPlan:
     visual_guidance_scale: float  # s_v
     source: Optional[torch.Tensor]  # uint8 [F, H, W, 3] at the output size, or None
     references: Tuple[torch.Tensor, ...]  # uint8 [H, W, 3] each, at the output size
+    source_cut: Optional[SourceCut] = None  # which frames of a source video were kept, and why
 
     @property
     def spec(self) -> TaskSpec:
@@ -308,6 +309,8 @@ def describe(plan: GenerationPlan) -> List[str]:
     lines = [f"task {plan.task}: {what} at {plan.width}×{plan.height} (W×H)",
              f"{plan.num_inference_steps} steps, guidance s_t {plan.guidance_scale:g}"
              + (f", s_v {plan.visual_guidance_scale:g}" if plan.has_visual else "")]
+    if plan.source_cut is not None:
+        lines.append(plan.source_cut.describe())
     if plan.source is not None:
         lines.append(f"source: {plan.source.shape[0]} frame(s)")
     if plan.references:

@@ -192,6 +192,7 @@ def pipeline_settings(cfg) -> Dict[str, object]:
         "guidance_scale": g.text_scale, "guidance_scale_edit": g.text_scale_edit,
         "visual_guidance_scale": g.visual_scale, "num_inference_steps": g.steps,
         "height": g.height, "width": g.width, "num_frames": g.frames,
+        "max_source_frames": max(cfg.video.frames.values()),  # the longest clip trained on (the release: 121)
         "dynamic_shift": g.dynamic_shift, "shift_scale": g.shift_scale, "shift_base_tokens": cfg.flow.shift_base_tokens,
         "shift_min": cfg.flow.shift_min, "shift_max": cfg.flow.shift_max,
     }

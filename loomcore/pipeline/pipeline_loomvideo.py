@@ -20,8 +20,10 @@ and runs the Deepstack projector on the first step only (`ConditionCache`).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import numpy as np
@@ -37,6 +39,8 @@ from loomcore.diffusion.guidance import FULL, UNCOND, VISUAL, combine_guidance, 
 from loomcore.models.codec import SpaceToDepth, WanVAE, latent_shape
 from loomcore.models.dit import ConditionCache, LoomDiT
 from loomcore.models.mllm import MLLMEncoder, MLLMFeatures, MLLMRequest, Qwen3VLInputs
+
+from loomcore.data.video_io import media_kind, read_video_release
 
 from .inputs import GenerationPlan, Geometry, load_frames, plan_generation, to_pixels
 from .loading import (check_pipeline_folder, load_mllm, load_scheduler, load_transformer, load_vae, pipeline_settings,
@@ -110,6 +114,7 @@ class LoomVideoPipeline(DiffusionPipeline):
         height: int = 480,
         width: int = 832,
         num_frames: int = 81,
+        max_source_frames: int = 121,
         dynamic_shift: bool = False,
         shift_scale: float = 0.5,
         shift_base_tokens: int = 64,
@@ -124,7 +129,7 @@ class LoomVideoPipeline(DiffusionPipeline):
             mllm_max_length=mllm_max_length, negative_prompt=negative_prompt, guidance_scale=guidance_scale,
             guidance_scale_edit=guidance_scale_edit, visual_guidance_scale=visual_guidance_scale,
             num_inference_steps=num_inference_steps, height=height, width=width, num_frames=num_frames,
-            dynamic_shift=dynamic_shift, shift_scale=shift_scale, shift_base_tokens=shift_base_tokens,
+            max_source_frames=max_source_frames, dynamic_shift=dynamic_shift, shift_scale=shift_scale, shift_base_tokens=shift_base_tokens,
             shift_min=shift_min, shift_max=shift_max,
         )
         codec = self.codec
@@ -200,9 +205,16 @@ class LoomVideoPipeline(DiffusionPipeline):
         """Load and check a call's inputs; resolve the task, size, frame count and scales
         (`__call__` starts here; the CLI calls it first to refuse bad input before any work)."""
         c = self.config
-        src = None if source is None else load_frames(source, "source", fps=c.fps, max_frames=num_frames)
+        cut = None
+        if isinstance(source, (str, Path)) and media_kind(source) == "video":
+            # as the release's demo reads a source: at most max_source_frames (num_frames when
+            # given) at fps from the start, the nearest frame each, trimmed to 1 + temporal·k
+            src, cut = read_video_release(source, c.fps, num_frames or c.get("max_source_frames", 121),
+                                          self.geometry.temporal_factor)
+        else:
+            src = None if source is None else load_frames(source, "source", fps=c.fps, max_frames=num_frames)
         refs = [load_frames(r, f"reference {k}") for k, r in enumerate(references or (), 1)]
-        return plan_generation(
+        plan = plan_generation(
             prompt=prompt, task=task, source=src, references=refs, height=height, width=width,
             num_frames=num_frames,
             num_inference_steps=c.num_inference_steps if num_inference_steps is None else num_inference_steps,
@@ -211,6 +223,7 @@ class LoomVideoPipeline(DiffusionPipeline):
             negative_prompt=c.negative_prompt if negative_prompt is None else negative_prompt,
             defaults=c, geometry=self.geometry,
         )
+        return plan if cut is None else dataclasses.replace(plan, source_cut=cut)
 
     def encode_contexts(self, plan: GenerationPlan, branches: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """The MLLM contexts of the branches, padded: hidden [B, L, T, H], mask [B, T]."""
