@@ -215,7 +215,8 @@ def cmd_generate(args) -> int:
             if not Path(path).is_file():
                 raise ValueError(f"{flag} {path}: no such file")
         for flag, folder in (("--model", args.model), ("--transformer", args.transformer)):
-            if folder and not is_s3(folder) and not Path(folder).is_dir():
+            if folder and not is_s3(folder) and not Path(folder).is_dir() and not (
+                    flag == "--transformer" and Path(folder).is_file()):  # a release weights file
                 raise ValueError(f"{flag} {folder}: no such folder (a trained DiT is <train.out_dir>/<stage>/model, "
                                  "an exported pipeline export.out_dir; run that stage first)")
 
@@ -313,7 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--fps", type=float, help="output frame rate (default: the pipeline's, video.fps)")
     p.add_argument("--model", metavar="DIR", help="an exported pipeline folder (LoomVideoPipeline.save_pretrained)")
-    p.add_argument("--transformer", metavar="DIR", help="a trained LoomDiT folder, with the profile's other base models")
+    p.add_argument("--transformer", metavar="DIR", help="a trained LoomDiT folder, or the authors' release checkpoint (folder or weights file), "
+                   "with the profile's other base models")
     p.add_argument("--device", help="cpu, cuda, cuda:1 … (default: cuda if available)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), help="DiT/MLLM dtype (default: bfloat16 on cuda, else float32)")
     _add_config_args(p)
