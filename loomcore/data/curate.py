@@ -42,6 +42,7 @@ from loomcore.data.buckets import nearest_bucket, nearest_sizes
 from loomcore.data.schema import RowError
 from loomcore.data.tasks import TaskSpec, check_figure_refs, task_spec, to_release_pointers
 from loomcore.data.mirror import fetch_s3
+from loomcore.data.release_format import REJECT_KEY, RELEASE_CONFIG_SUFFIXES, read_release_config, release_rows, task_weights
 from loomcore.data.video_io import MediaError, MediaInfo, media_kind, probe
 from loomcore.storage import S3Settings, is_s3, is_transient, materialize, sha256_file
 
@@ -315,8 +316,9 @@ def curate(cfg, source: str, data_root, out_dir, split_eval_fraction: Optional[f
            on_progress: Optional[Callable[[int, int], None]] = None) -> dict:
     """Curate `source` into `out_dir`; return the curate.json summary.
 
-    source: a local directory holding `metadata` (default `cfg.data.metadata`), a metadata file,
-    an s3://bucket/prefix (mirrored into data_root, S3 settings from `cfg.s3`), or "synthetic"
+    source: a local directory holding `metadata` (default `cfg.data.metadata`), a metadata file
+    (.parquet/.csv/.jsonl, or the authors' dataset config .yaml with its single-JSON folders:
+    loomcore.data.release_format), an s3://bucket/prefix (mirrored into data_root, S3 settings from `cfg.s3`), or "synthetic"
     (Shapes, `synthetic_samples` default `cfg.data.synthetic_samples`, written to data_root).
     Paths in the metadata are relative to `data_root`. `split_eval_fraction` defaults to
     `cfg.data.eval_fraction`. `on_progress(done, total)` is called after each row.
@@ -332,7 +334,15 @@ def curate(cfg, source: str, data_root, out_dir, split_eval_fraction: Optional[f
     root.mkdir(parents=True, exist_ok=True)
     out_dir = Path(out_dir)
     meta_path, bad_objects, transfer = _locate(cfg, str(source), root, metadata, synthetic_samples, s3_settings, progress)
-    raws = schema.read_metadata(meta_path)
+    release = None
+    if meta_path.suffix.lower() in RELEASE_CONFIG_SUFFIXES:  # the authors' dataset config + single JSONs
+        datasets = read_release_config(meta_path, root)
+        raws = release_rows(datasets, root)
+        release = {"datasets": [{"name": d.name, "process_func_name": d.processor, "num_samples": d.num_samples,
+                                 "weight": round(d.weight, 6)} for d in datasets],
+                   "task_weights": task_weights(datasets)}
+    else:
+        raws = schema.read_metadata(meta_path)
     t_fetch = time.perf_counter() - t0
 
     checker = _RowChecker(cfg, root, bad_objects, tokens)
@@ -343,6 +353,8 @@ def curate(cfg, source: str, data_root, out_dir, split_eval_fraction: Optional[f
     for index, raw in enumerate(tqdm(raws, desc="curate", unit="row", disable=not progress)):
         sample_id = None
         try:
+            if isinstance(raw, dict) and REJECT_KEY in raw:  # a release sample whose JSON could not be read
+                raise RowError(*raw[REJECT_KEY])
             row = schema.normalize_row(raw)
             sample_id = row["id"]
             if sample_id in kept_ids:
@@ -391,6 +403,7 @@ def curate(cfg, source: str, data_root, out_dir, split_eval_fraction: Optional[f
         "eval_fraction": fraction,
         "video": {"fps": cfg.video.fps, "min_frames": checker.min_frames},
         "config_fingerprint": cfg.fingerprint("video", "buckets"),
+        **({"release": release} if release else {}),
         # volatile: differs between runs of the same input
         "timing": {"seconds": round(seconds, 3), "fetch_seconds": round(t_fetch, 3),
                    "rows_per_s": round(len(raws) / max(seconds - t_fetch, 1e-9), 1), "transfer": transfer},
