@@ -230,7 +230,7 @@ def cmd_generate(args) -> int:
         # 3. The inputs, as this model takes them
         plan = pipe.resolve_inputs(
             args.prompt, args.negative_prompt, args.task, args.source, args.ref, args.height, args.width,
-            args.frames, args.steps, args.guidance, args.visual_guidance,
+            args.frames, args.steps, args.guidance, args.visual_guidance, args.layout,
         )
         check_output_path(args.out, plan.num_frames, overwrite=args.overwrite)
 
@@ -241,6 +241,7 @@ def cmd_generate(args) -> int:
         out = pipe(
             plan.prompt, plan.negative_prompt, plan.task, plan.source, list(plan.references), plan.height,
             plan.width, plan.num_frames, plan.num_inference_steps, plan.guidance_scale, plan.visual_guidance_scale,
+            mllm_layout=plan.mllm_layout,
             generator=torch.Generator("cpu").manual_seed(args.seed),  # CPU noise: a seed means the same on any device
         )
     except ValueError as e:  # the project's convention: ValueError is a user mistake (STYLE)
@@ -299,7 +300,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="generate or edit an image/video with a LoomVideo pipeline",
                        epilog=GENERATE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--prompt", default="", help="caption or instruction; '@Figure k' names the k-th --ref")
-    p.add_argument("--negative-prompt", default=None, help="default: the pipeline's (params guidance.negative_prompt)")
+    p.add_argument("--negative-prompt", default=None,
+                   help="default: the pipeline's (params guidance.generate_negative_prompt, else guidance.negative_prompt)")
+    p.add_argument("--layout", choices=("demo", "train", "eval"), default=None,
+                   help="order of text, source and references in the MLLM prompt: the release's inference demo "
+                   "(the pipeline's default), its training processors, or its benchmark processors")
     p.add_argument("--task", default=None, choices=TASK_KINDS, help="default: inferred from the inputs")
     p.add_argument("--ref", action="append", default=[], metavar="IMAGE", help="a reference image (repeatable, in @Figure order)")
     p.add_argument("--source", metavar="VIDEO|IMAGE", help="the video or image to edit / reconstruct")

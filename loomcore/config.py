@@ -240,7 +240,8 @@ class GuidanceConfig:
     height: int
     width: int
     frames: int
-    negative_prompt: str
+    negative_prompt: str  # evaluation's (the release's evaluation config)
+    generate_negative_prompt: Optional[str]  # the pipeline's default (loom generate, exports); None: negative_prompt
 
 
 @dataclass(frozen=True)

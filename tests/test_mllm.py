@@ -101,6 +101,60 @@ def test_message_layout_follows_the_release():
     assert build_messages(everything, 15) == [{"role": "user", "content": [{"type": "text", "text": ""}]}]
 
 
+# The release's three orders, read off its code: [T] text, [S] source, [R] reference.
+RELEASE_LAYOUTS = {
+    # training processors (src/dataset/processors.py): process_image_edit_data, process_video_edit_data,
+    # process_video_edit_data_withref, process_t2v_data_withref
+    "train": {"ti2i": ["T:Edit this image: ", "S", "T:make it red"],
+              "tv2v": ["T:Edit this video: ", "S", "T:make it red"],
+              "tvr2v": ["T:Edit this video with reference images: ", "S", "R", "T:like @Image 1"],
+              "mi2v": ["T:Generate a video with reference images: like @Image 1 and @Image 2", "R", "R"]},
+    # evaluation processors: process_only_source_image/video_data, process_refvie_data (the plain
+    # edit prefix), process_intelligent_vbench_si2v_data (prefix and instruction apart)
+    "eval": {"ti2i": ["T:Edit this image: ", "S", "T:make it red"],
+             "tv2v": ["T:Edit this video: ", "S", "T:make it red"],
+             "tvr2v": ["T:Edit this video: ", "S", "R", "T:like @Image 1"],
+             "mi2v": ["T:Generate a video with reference images: ", "R", "R", "T:like @Image 1 and @Image 2"]},
+    # the demo (scripts/inference/generate.py): prepare_edit_inputs, prepare_ref_edit_inputs, prepare_mi2v_inputs
+    "demo": {"ti2i": ["S", "T:Edit this image: make it red"],
+             "tv2v": ["S", "T:Edit this video: make it red"],
+             "tvr2v": ["R", "S", "T:Edit this video with reference images: like @Image 1"],
+             "mi2v": ["R", "R", "T:Generate a video with reference images: like @Image 1 and @Image 2"]},
+}
+
+
+@pytest.mark.parametrize("layout", sorted(RELEASE_LAYOUTS))
+def test_each_layout_orders_segments_and_tokens_as_the_release(tiny_mllm_encoder, layout):
+    refs = [IMG_A, IMG_B]
+    requests = {
+        "ti2i": MLLMRequest("ti2i", "make it red", source=IMG_A, layout=layout),
+        "tv2v": MLLMRequest("tv2v", "make it red", source=VIDEO, layout=layout),
+        "tvr2v": MLLMRequest("tvr2v", "like @Figure 1", references=[IMG_B], source=VIDEO, layout=layout),
+        "mi2v": MLLMRequest("mi2v", "like @Figure 1 and @Figure 2", references=refs, layout=layout),
+    }
+    for task, request in requests.items():
+        content = build_messages(request, 15)[0]["content"]
+        segments = [f"T:{c['text']}" if c["type"] == "text" else
+                    "S" if c["type"] == "video" or task == "ti2i" else "R" for c in content]
+        assert segments == RELEASE_LAYOUTS[layout][task], (layout, task)
+        # the tokens come in the same order: each segment's place in the decoded prompt increases
+        text = tiny_mllm_encoder.inputs.tokenizer.decode(tiny_mllm_encoder.tokenize(request)["input_ids"][0])
+        images = [k for k in range(len(text)) if text.startswith("<|vision_start|><|image_pad|>", k)]
+        places, image = [], iter(images)
+        for c in content:
+            if c["type"] == "text":
+                places.append(text.index(c["text"]) if c["text"] else None)
+            else:
+                places.append(text.index("<|video_pad|>") if c["type"] == "video" else next(image))
+        places = [x for x in places if x is not None]
+        assert places == sorted(places) and len(set(places)) == len(places), (layout, task, text)
+        assert next(image, None) is None  # every image of the prompt is one of the segments
+    assert build_messages(MLLMRequest("t2v", "a red circle", layout=layout), 15) == \
+        build_messages(MLLMRequest("t2v", "a red circle"), 15)  # text-only: one layout
+    with pytest.raises(ValueError, match="layout = 'nope'"):
+        build_messages(MLLMRequest("t2v", "x", layout="nope"), 15)
+
+
 def test_source_video_is_subsampled_for_the_mllm_only():
     assert source_frame_indices(121, 15) == [0, 17, 34, 51, 68, 85, 102, 120]  # the release's linspace
     assert source_frame_indices(15, 15) == list(range(15))

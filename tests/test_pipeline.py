@@ -210,6 +210,31 @@ def test_default_scales_follow_the_task(pipe, media):
 # Scale-and-Add
 
 
+def test_mllm_layout_defaults_to_the_release_demo_and_reaches_the_contexts(pipe, media):
+    """The pipeline's default is the release demo's order (loom generate); evaluation asks for
+    the training order; the contexts differ with the order the MLLM reads."""
+    edit = pipe.resolve_inputs("make it blue", source=media["video"])
+    assert edit.mllm_layout == pipe.config.mllm_layout == "demo"
+    train = pipe.resolve_inputs("make it blue", source=media["video"], mllm_layout="train")
+    assert train.mllm_layout == "train"
+    demo_ctx, _ = pipe.encode_contexts(edit, ["full"])
+    train_ctx, _ = pipe.encode_contexts(train, ["full"])
+    assert demo_ctx.shape != train_ctx.shape or not torch.equal(demo_ctx, train_ctx)
+    with pytest.raises(ValueError, match="mllm_layout = 'sideways'"):
+        pipe.resolve_inputs("make it blue", source=media["video"], mllm_layout="sideways")
+
+
+def test_the_paper_pipeline_defaults_to_the_demo_negative_prompt():
+    from loomcore.config import load_config
+    from loomcore.pipeline.loading import pipeline_settings
+
+    paper = load_config([], profile="paper")
+    assert pipeline_settings(paper)["negative_prompt"].startswith("Generate an image: 色调艳丽，过曝")
+    assert paper.guidance.negative_prompt.startswith("Oversaturated colors")  # evaluation's, as the release's eval
+    tiny = load_config([], profile="tiny")
+    assert pipeline_settings(tiny)["negative_prompt"] == tiny.guidance.negative_prompt
+
+
 def test_scale_and_add_uses_the_source(pipe, media):
     other = _pixels(11, 9, 32, 32, 3)
     kw = dict(prompt="make the circle blue", guidance_scale=1.0, visual_guidance_scale=1.0)

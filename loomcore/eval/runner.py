@@ -82,13 +82,16 @@ def sample_seed(seed: int, sample_id: str, k: int = 0) -> int:
 
 
 def generate(pipe, *, prompt: str, task: str, source, references: Sequence, size: Tuple[int, int],
-             num_frames: int, steps: int, seed: int) -> Generation:
-    """One sample: `size` (w, h); `source` / `references`: paths or frames (resized by the pipeline)."""
+             num_frames: int, steps: int, seed: int, negative_prompt: str) -> Generation:
+    """One sample: `size` (w, h); `source` / `references`: paths or frames (resized by the pipeline);
+    `negative_prompt`: evaluation's (guidance.negative_prompt), whatever the pipeline's default."""
+    # the layout the model was trained with (the release's training processors), not the demo's
     plan = pipe.resolve_inputs(prompt=prompt, task=task, source=source, references=list(references),
-                               height=size[1], width=size[0], num_frames=num_frames, num_inference_steps=steps)
-    out = pipe(prompt=prompt, task=task, source=plan.source, references=list(plan.references), height=plan.height,
+                               height=size[1], width=size[0], num_frames=num_frames, num_inference_steps=steps,
+                               mllm_layout="train", negative_prompt=negative_prompt)
+    out = pipe(prompt=prompt, negative_prompt=negative_prompt, task=task, source=plan.source, references=list(plan.references), height=plan.height,
                width=plan.width, num_frames=plan.num_frames, num_inference_steps=steps, output_type="np",
-               generator=torch.Generator().manual_seed(seed))
+               generator=torch.Generator().manual_seed(seed), mllm_layout="train")
     from loomcore.pipeline import to_uint8_frames
 
     return Generation(to_uint8_frames(out.frames), None if plan.source is None else plan.source.numpy(),
@@ -149,7 +152,7 @@ def run_shapesbench(pipe, cfg: Config, model: str, rows: Sequence[dict], truth: 
         for k in range(seeds):
             gen = generate(pipe, prompt=r["caption"], task=r["task"], source=root / r["source"] if r["source"] else None,
                            references=[root / p for p in r["refs"]], size=(w, h), num_frames=t.target.shape[0],
-                           steps=e.steps, seed=sample_seed(e.seed, r["id"], k))
+                           steps=e.steps, seed=sample_seed(e.seed, r["id"], k), negative_prompt=cfg.guidance.negative_prompt)
             if gen.source is not None:
                 t.source = gen.source  # compare with what the model was given
             scores = sb.score_sample(gen.frames, t, scoring)
@@ -231,7 +234,8 @@ def run_benchmark(pipe, cfg: Config, model: str, samples: Sequence[BenchmarkSamp
         try:
             src, refs, size, frames = _size_and_frames(cfg, s)
             gen = generate(pipe, prompt=s.prompt, task=s.task, source=src, references=refs, size=size,
-                           num_frames=frames, steps=e.steps, seed=sample_seed(e.seed, s.id))
+                           num_frames=frames, steps=e.steps, seed=sample_seed(e.seed, s.id),
+                           negative_prompt=cfg.guidance.negative_prompt)
         except ValueError as err:  # unreadable media, a frame count the model cannot take, …
             out += fail(f"generation failed: {err}")
             step()

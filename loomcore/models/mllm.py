@@ -41,10 +41,16 @@ import torch
 from PIL import Image
 from torch import nn
 
-from loomcore.data.tasks import UNCONDITIONAL_PREFIX, TaskSpec, check_sample, to_release_pointers
+from loomcore.data.tasks import UNCONDITIONAL_PREFIX, TaskSpec, check_sample, task_spec, to_release_pointers
 from loomcore.storage import materialize
 
 DROP_MODES = ("none", "text", "all")
+# The release orders a request's segments three ways [R]: its training processors
+# (src/dataset/processors.py), its evaluation processors (same file, the benchmarks) and its demo
+# (scripts/inference/generate.py). `build_messages` writes each; the entry points' defaults are
+# the release's for that use: training and our evaluation "train", `loom generate` "demo", the
+# release's benchmarks "eval".
+LAYOUTS = ("train", "eval", "demo")
 
 
 # --------------------------------------------------------------------------------------------
@@ -64,10 +70,13 @@ class MLLMRequest:
     references: Sequence[Any] = ()
     source: Any = None
     drop: str = "none"
+    layout: str = "train"  # one of LAYOUTS
 
     def validate(self) -> TaskSpec:
         if self.drop not in DROP_MODES:
             raise ValueError(f"drop = {self.drop!r}: expected one of {DROP_MODES}")
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"layout = {self.layout!r}: expected one of {LAYOUTS}")
         return check_sample(self.task, self.text, len(self.references), self.source is not None,
                             text_dropped=self.drop != "none")
 
@@ -112,7 +121,15 @@ def source_frame_indices(num_frames: int, stride: int) -> List[int]:
 
 
 def build_messages(request: MLLMRequest, source_temporal_stride: int) -> List[dict]:
-    """The chat messages for one request, in the release's layout (module docstring)."""
+    """The chat messages for one request, in its layout (T text, S source, R references):
+
+        layout  with a source (ti2i, tv2v, tir2i, tvr2v)       references only (mi2i, mi2v)
+        train   [T prefix] S R… [T text]                       [T prefix + text] R…
+        eval    as train; tvr2v/tir2i with the plain edit       [T prefix] R… [T text]
+                prefix ("Edit this video: ")
+        demo    R… S [T prefix + text]                          R… [T prefix + text]
+
+    Text-only tasks are [T prefix + text] and reconstruction [T prefix] S in every layout."""
     spec = request.validate()
     if request.drop == "all":
         return [{"role": "user", "content": [{"type": "text", "text": ""}]}]
@@ -127,9 +144,19 @@ def build_messages(request: MLLMRequest, source_temporal_stride: int) -> List[di
         else:
             keep = source_frame_indices(len(frames), source_temporal_stride)
             source = {"type": "video", "video": [frames[i] for i in keep]}
-        content = [{"type": "text", "text": spec.prefix}, source, *refs]
-        if text:
-            content.append({"type": "text", "text": text})
+        prefix = spec.prefix
+        if request.layout == "eval" and refs:  # their refvie / TIV2V processors: the plain edit prefix
+            prefix = task_spec("ti2i" if spec.output == "image" else "tv2v").prefix
+        if request.layout == "demo" and text:
+            content = [*refs, source, {"type": "text", "text": spec.prefix + text}]
+        else:
+            content = [{"type": "text", "text": prefix}, source, *refs]
+            if text:
+                content.append({"type": "text", "text": text})
+    elif request.layout == "demo" and refs:
+        content = [*refs, {"type": "text", "text": spec.prefix + text}]
+    elif request.layout == "eval" and refs:
+        content = [{"type": "text", "text": spec.prefix}, *refs] + ([{"type": "text", "text": text}] if text else [])
     else:
         content = [{"type": "text", "text": spec.prefix + text}, *refs]
     if request.drop == "text":

@@ -103,6 +103,7 @@ class GenerationPlan:
     source: Optional[torch.Tensor]  # uint8 [F, H, W, 3] at the output size, or None
     references: Tuple[torch.Tensor, ...]  # uint8 [H, W, 3] each, at the output size
     source_cut: Optional[SourceCut] = None  # which frames of a source video were kept, and why
+    mllm_layout: str = "train"  # the MLLM prompt's segment order (loomcore.models.mllm.LAYOUTS)
 
     @property
     def spec(self) -> TaskSpec:
@@ -306,7 +307,7 @@ def to_pixels(frames: torch.Tensor) -> torch.Tensor:
 def describe(plan: GenerationPlan) -> List[str]:
     """Lines for a log or the CLI: what a call will do."""
     what = "image" if plan.spec.output == "image" else f"video ({plan.num_frames} frames)"
-    lines = [f"task {plan.task}: {what} at {plan.width}×{plan.height} (W×H)",
+    lines = [f"task {plan.task}: {what} at {plan.width}×{plan.height} (W×H), MLLM layout {plan.mllm_layout}",
              f"{plan.num_inference_steps} steps, guidance s_t {plan.guidance_scale:g}"
              + (f", s_v {plan.visual_guidance_scale:g}" if plan.has_visual else "")]
     if plan.source_cut is not None:

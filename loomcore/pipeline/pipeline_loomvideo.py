@@ -38,7 +38,7 @@ from loomcore.diffusion.flow import dynamic_shift
 from loomcore.diffusion.guidance import FULL, UNCOND, VISUAL, combine_guidance, guidance_branches, split_branches
 from loomcore.models.codec import SpaceToDepth, WanVAE, latent_shape
 from loomcore.models.dit import ConditionCache, LoomDiT
-from loomcore.models.mllm import MLLMEncoder, MLLMFeatures, MLLMRequest, Qwen3VLInputs
+from loomcore.models.mllm import LAYOUTS, MLLMEncoder, MLLMFeatures, MLLMRequest, Qwen3VLInputs
 
 from loomcore.data.video_io import media_kind, read_video_release
 
@@ -115,6 +115,7 @@ class LoomVideoPipeline(DiffusionPipeline):
         width: int = 832,
         num_frames: int = 81,
         max_source_frames: int = 121,
+        mllm_layout: str = "demo",
         dynamic_shift: bool = False,
         shift_scale: float = 0.5,
         shift_base_tokens: int = 64,
@@ -129,7 +130,7 @@ class LoomVideoPipeline(DiffusionPipeline):
             mllm_max_length=mllm_max_length, negative_prompt=negative_prompt, guidance_scale=guidance_scale,
             guidance_scale_edit=guidance_scale_edit, visual_guidance_scale=visual_guidance_scale,
             num_inference_steps=num_inference_steps, height=height, width=width, num_frames=num_frames,
-            max_source_frames=max_source_frames, dynamic_shift=dynamic_shift, shift_scale=shift_scale, shift_base_tokens=shift_base_tokens,
+            max_source_frames=max_source_frames, mllm_layout=mllm_layout, dynamic_shift=dynamic_shift, shift_scale=shift_scale, shift_base_tokens=shift_base_tokens,
             shift_min=shift_min, shift_max=shift_max,
         )
         codec = self.codec
@@ -201,6 +202,7 @@ class LoomVideoPipeline(DiffusionPipeline):
         num_inference_steps: Optional[int] = None,
         guidance_scale: Optional[float] = None,
         visual_guidance_scale: Optional[float] = None,
+        mllm_layout: Optional[str] = None,
     ) -> GenerationPlan:
         """Load and check a call's inputs; resolve the task, size, frame count and scales
         (`__call__` starts here; the CLI calls it first to refuse bad input before any work)."""
@@ -223,12 +225,16 @@ class LoomVideoPipeline(DiffusionPipeline):
             negative_prompt=c.negative_prompt if negative_prompt is None else negative_prompt,
             defaults=c, geometry=self.geometry,
         )
-        return plan if cut is None else dataclasses.replace(plan, source_cut=cut)
+        layout = mllm_layout or c.get("mllm_layout", "demo")
+        if layout not in LAYOUTS:
+            raise ValueError(f"mllm_layout = {layout!r}: expected one of {LAYOUTS}")
+        return dataclasses.replace(plan, source_cut=cut, mllm_layout=layout)
 
     def encode_contexts(self, plan: GenerationPlan, branches: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """The MLLM contexts of the branches, padded: hidden [B, L, T, H], mask [B, T]."""
         encoder = self.mllm_encoder()
-        request = MLLMRequest(plan.task, plan.prompt, references=list(plan.references), source=plan.source)
+        request = MLLMRequest(plan.task, plan.prompt, references=list(plan.references), source=plan.source,
+                              layout=plan.mllm_layout)
         features = {FULL: encoder.encode([request])}
         if UNCOND in branches:
             features[UNCOND] = encoder.encode_unconditional(plan.negative_prompt)
@@ -292,6 +298,7 @@ class LoomVideoPipeline(DiffusionPipeline):
         num_inference_steps: Optional[int] = None,
         guidance_scale: Optional[float] = None,
         visual_guidance_scale: Optional[float] = None,
+        mllm_layout: Optional[str] = None,
         generator: Optional[torch.Generator] = None,
         latents: Optional[torch.Tensor] = None,
         output_type: str = "np",
@@ -316,6 +323,9 @@ class LoomVideoPipeline(DiffusionPipeline):
             num_inference_steps: denoising steps (default: the config's, 50).
             guidance_scale: s_t (default 5.0 for generation, 2.5 for tasks with a source).
             visual_guidance_scale: s_v (default 1.5); used when the MLLM input holds images/video.
+            mllm_layout: the order of text, source and references in the MLLM prompt: "demo" (the
+                release's inference demo; the config's default), "train" (its training processors,
+                what our evaluation uses) or "eval" (its benchmark processors). See `build_messages`.
             generator: a seeded `torch.Generator` for the initial noise (same seed → same output).
             latents: initial noise [1, C, f, h, w] instead of drawing it.
             output_type: "np", "pt", "pil" or "latent".
@@ -334,7 +344,7 @@ class LoomVideoPipeline(DiffusionPipeline):
 
         # 1. Check inputs; resolve the task, output size, frame count and guidance scales
         plan = self.resolve_inputs(prompt, negative_prompt, task, source, references, height, width, num_frames,
-                                   num_inference_steps, guidance_scale, visual_guidance_scale)
+                                   num_inference_steps, guidance_scale, visual_guidance_scale, mllm_layout)
         branches = guidance_branches(plan.has_visual, plan.guidance_scale, plan.visual_guidance_scale)
         device = self._execution_device
         dtype = self.transformer.dtype
