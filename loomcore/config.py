@@ -313,7 +313,7 @@ class ShapesBenchConfig:
 
 @dataclass(frozen=True)
 class BenchmarksConfig:
-    root: str  # a local folder, an s3:// prefix, or "synthetic" (sets built from the Shapes eval split)
+    root: str  # a local folder, an s3:// prefix, the release's benchmarks.yaml, or "synthetic" (from the Shapes eval split)
     names: List[str]
     limit: int  # samples per benchmark; 0: all
 

@@ -122,6 +122,85 @@ def test_malformed_benchmark_index_names_the_line(tmp_path):
         read_benchmark(str(tmp_path), "openve")
 
 
+def _release_benchmarks(root: Path) -> Path:
+    """The authors' benchmark layout (configs/dataset/benchmarks.yaml + single JSONs + media), with
+    the keys their evaluation processors and judges read, over a few written media files."""
+    import yaml
+
+    from loomcore.data.video_io import write_image, write_video
+
+    rng = np.random.default_rng(0)
+    (root / "media" / "refs").mkdir(parents=True)
+    write_video(root / "media" / "clip.mp4", rng.integers(0, 255, (5, 32, 32, 3), dtype=np.uint8), fps=8)
+    for name in ("cat.png", "dog.png", "background_beach.png"):
+        write_image(root / "media" / "refs" / name, rng.integers(0, 255, (32, 32, 3), dtype=np.uint8))
+    sets = {
+        "VBench": ("process_only_text_for_video_data", [{"caption": "a cat runs", "save_path": "a cat runs-0.mp4"}]),
+        "OpenVE-Bench": ("process_only_source_video_data",
+                         [{"source_video_path": "clip.mp4", "instruction": "make the sky red", "edited_type": "background_change"},
+                          {"source_video_path": "clip.mp4", "instruction": "add a hat", "edited_type": "hat_edit"}]),
+        "RefVIE-Bench": ("process_refvie_data", [{"source_video_path": "clip.mp4", "reference_image_paths": ["refs/cat.png"],
+                                                  "instruction": "replace the dog with @Image 1", "edit_type": "subject"}]),
+        "Intelligent-VBench-TIV2V": ("process_source_video_with_ref_image_data",
+                                     [{"source_video_path": "clip.mp4", "reference_image_paths": ["refs/dog.png"],
+                                       "instruction": "add @Image 1", "edited_type": "local_add"}]),
+        "Intelligent-VBench-MI2V": ("process_intelligent_vbench_si2v_data",
+                                    [{"reference_image_paths": ["refs/cat.png", "refs/dog.png", "refs/background_beach.png"],
+                                      "instruction": "@Image 1 and @Image 2 play on @Image 3",
+                                      "save_path": "Compositional_MI2V_2subject/0001.mp4"},
+                                     {"reference_image_paths": ["refs/cat.png"], "instruction": "@Image 1 walks",
+                                      "save_path": "Implicit_I2V/0002.mp4"}]),
+        "GenEval": ("process_only_text_data", [{"caption": "a red cube", "save_path": "x.png"}]),  # an image benchmark
+    }
+    config = {"benchmarks": {"guidance_scale": 5.0}, "dataset": {}}
+    for name, (fn, rows) in sets.items():
+        (root / "single_jsons" / name).mkdir(parents=True)
+        for i, row in enumerate(rows):
+            (root / "single_jsons" / name / f"{i}.json").write_text(json.dumps(row))
+        config["dataset"][name] = {"process_func_name": fn, "data_root": "media", "data_json_dir": f"single_jsons/{name}",
+                                   "num_samples": len(rows), "metrics": [name.lower()]}
+    (root / "benchmarks.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    return root / "benchmarks.yaml"
+
+
+def test_release_benchmark_folders_read_as_their_processors_and_judges_do(tiny_workspace, tmp_path):
+    from loomcore.pipeline import LoomVideoPipeline
+
+    config = _release_benchmarks(tmp_path)
+    media = tmp_path / "media"
+    sets = {name: read_benchmark(str(config), name) for name in ("vbench", "openve", "refvie", "intelligentvbench")}
+    got = {name: [(s.id, s.task, s.category, s.prompt, s.source, s.refs, s.background_ref, s.unsupported, s.layout)
+                  for s in samples] for name, samples in sets.items()}
+    assert got["vbench"] == [("VBench/0", "t2v", "t2v", "a cat runs", None, [], None, None, "eval")]
+    assert got["openve"][0] == ("OpenVE-Bench/0", "tv2v", "background_change", "make the sky red", media / "clip.mp4",
+                                [], None, None, "eval")
+    assert got["openve"][1][7] == "category 'hat_edit' (edited_type): no judge template for it in openve"
+    assert got["refvie"] == [("RefVIE-Bench/0", "tvr2v", "subject", "replace the dog with @Image 1", media / "clip.mp4",
+                              [media / "refs" / "cat.png"], None, None, "eval")]
+    tiv2v, mi2v, implicit = got["intelligentvbench"]
+    assert tiv2v[:3] == ("Intelligent-VBench-TIV2V/0", "tvr2v", "local_add")
+    assert mi2v[1:3] == ("mi2v", "mi2v_2subjects") and mi2v[6] == 3 and mi2v[7] is None  # their subtype rule
+    assert implicit[7] == "Implicit_I2V: an Intelligent-VBench sub-task without a judge template here"
+    assert all(not s.missing for samples in sets.values() for s in samples)
+    with pytest.raises(FileNotFoundError, match="has no dataset for it"):
+        read_benchmark(str(config), "fashionvideobench")
+
+    cfg, _ = tiny_workspace
+    pipe = LoomVideoPipeline.from_config_models(cfg)
+    out, _ = run_benchmark(pipe, cfg, "model", [sets["openve"][1]], Scripted("unused"), None)
+    assert out and all(math.isnan(r["score"]) and r["failure"].startswith("category 'hat_edit'") for r in out)
+
+
+def test_a_broken_release_benchmark_names_the_file_and_key(tmp_path):
+    config = _release_benchmarks(tmp_path)
+    (tmp_path / "single_jsons" / "RefVIE-Bench" / "0.json").write_text(json.dumps({"source_video_path": "clip.mp4"}))
+    with pytest.raises(ValueError, match=r"RefVIE-Bench/0\.json: no 'instruction', 'reference_image_paths' \(process_refvie_data"):
+        read_benchmark(str(config), "refvie")
+    (tmp_path / "single_jsons" / "VBench" / "0.json").unlink()
+    with pytest.raises(FileNotFoundError, match=r"dataset\.VBench: .*VBench/0\.json does not exist \(num_samples = 1\)"):
+        read_benchmark(str(config), "vbench")
+
+
 # --------------------------------------------------------------------------------------------
 # the DVC stage's command
 

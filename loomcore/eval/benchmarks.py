@@ -21,6 +21,11 @@ refvie (RefVIE-Bench, TVR2V), intelligentvbench (its TIV2V and MI2V sub-tasks), 
 (six sub-tasks). A row naming a file that is not there is kept, with the missing paths listed: the
 runner records it as a failure row naming them, never drops it.
 
+`eval.benchmarks.root` may also be the authors' benchmark config (configs/dataset/benchmarks.yaml:
+a `dataset` section of entries with process_func_name, data_root, data_json_dir, num_samples),
+read by `read_release_benchmark`: their OpenVE-Bench, RefVIE-Bench, Intelligent-VBench-TIV2V/-MI2V
+and VBench single-JSON folders as they ship, generated in their evaluation processors' MLLM layout.
+
 `eval.benchmarks.root: synthetic` builds every set from the Shapes eval split instead
 (`write_shapes_benchmarks`), so that the tiny profile runs the same reading, generation, judge
 and report code on media of the right kinds.
@@ -63,6 +68,8 @@ class BenchmarkSample:
     background_ref: Optional[int] = None
     num_frames: Optional[int] = None
     missing: List[str] = field(default_factory=list)  # media named by the row that do not exist
+    unsupported: Optional[str] = None  # why it cannot be scored here (kept: the runner records a failure row)
+    layout: str = "train"  # the MLLM layout to generate it in (a release benchmark: their "eval" processors')
 
 
 def _row_error(path: Path, line: int, msg: str) -> ValueError:
@@ -74,6 +81,8 @@ def read_benchmark(root: str, name: str, limit: int = 0) -> List[BenchmarkSample
     index or a malformed row raises ValueError / FileNotFoundError naming the file and line."""
     if name not in BENCHMARKS:
         raise ValueError(f"unknown benchmark {name!r}; expected one of {', '.join(BENCHMARKS)}")
+    if not is_s3(root) and Path(root).suffix in (".yaml", ".yml"):
+        return read_release_benchmark(Path(root), name, limit)
     uri = f"{root.rstrip('/')}/{name}" if is_s3(root) else str(Path(root) / name)
     try:
         folder = Path(materialize(uri))
@@ -124,6 +133,103 @@ def read_benchmark(root: str, name: str, limit: int = 0) -> List[BenchmarkSample
         ))
         if limit and len(samples) >= limit:
             break
+    return samples
+
+
+# --------------------------------------------------------------------------------------------
+# The authors' benchmark folders (their configs/dataset/benchmarks.yaml, src/dataset/processors.py)
+# --------------------------------------------------------------------------------------------
+
+# Their dataset names → ours, and per processor: (task, text key, source key, refs key, category key)
+RELEASE_BENCHMARKS = {"VBench": "vbench", "OpenVE-Bench": "openve", "RefVIE-Bench": "refvie",
+                      "Intelligent-VBench-TIV2V": "intelligentvbench", "Intelligent-VBench-MI2V": "intelligentvbench"}
+RELEASE_EVAL_PROCESSORS = {
+    "process_only_text_for_video_data": ("t2v", "caption", None, None, None),
+    "process_only_source_video_data": ("tv2v", "instruction", "source_video_path", None, "edited_type"),  # openve.py
+    "process_refvie_data": ("tvr2v", "instruction", "source_video_path", "reference_image_paths", "edit_type"),
+    "process_source_video_with_ref_image_data": ("tvr2v", "instruction", "source_video_path", "reference_image_paths",
+                                                 "edited_type"),  # intelligent_vbench.py's TIV2V rows
+    "process_intelligent_vbench_si2v_data": ("mi2v", "instruction", None, "reference_image_paths", None),
+}
+_SUBJECTS = {1: "mi2v_1subject", 2: "mi2v_2subjects", 3: "mi2v_3subjects"}
+
+
+def _si2v_category(info: dict) -> tuple:
+    """(category, background_ref, unsupported) of an Intelligent-VBench MI2V row, as their
+    `_infer_si2v_subtype` reads it: the save_path's folder, subjects = references without
+    "background" in their path."""
+    save_path, refs = str(info.get("save_path", "")), list(info.get("reference_image_paths") or [])
+    background = next((k for k, r in enumerate(refs, 1) if "background" in str(r).lower()), None)
+    if save_path.startswith("Compositional_MI2V"):
+        subjects = min(3, max(1, sum(1 for r in refs if "background" not in str(r).lower())))
+        return _SUBJECTS[subjects], background, None
+    kind = save_path.split("/", 1)[0] or "no save_path"
+    return "mi2v_1subject", background, f"{kind}: an Intelligent-VBench sub-task without a judge template here"
+
+
+def read_release_benchmark(config: Path, name: str, limit: int = 0) -> List[BenchmarkSample]:
+    """The samples of benchmark `name` from the release's benchmark config: every entry of its
+    `dataset` section that maps to `name`, sample i = `<data_json_dir>/<i>.json`, media under
+    `data_root` (relative paths: to the config's folder). ValueError / FileNotFoundError name the
+    entry, the file and the key."""
+    import yaml
+
+    try:
+        doc = yaml.safe_load(config.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as e:
+        raise FileNotFoundError(f"benchmark config {config}: unreadable ({type(e).__name__}: {e})") from None
+    entries = (doc or {}).get("dataset") if isinstance(doc, dict) else None
+    if not isinstance(entries, dict):
+        raise ValueError(f"benchmark config {config}: no 'dataset' section (the release's benchmarks.yaml layout)")
+    mine = {k: v for k, v in entries.items() if RELEASE_BENCHMARKS.get(k) == name}
+    if not mine:
+        raise FileNotFoundError(f"benchmark {name!r}: {config} has no dataset for it (expected one of "
+                                f"{', '.join(k for k, v in RELEASE_BENCHMARKS.items() if v == name)})")
+    samples: List[BenchmarkSample] = []
+    for dataset, entry in mine.items():
+        where = f"{config}: dataset.{dataset}"
+        missing = [k for k in ("process_func_name", "data_root", "data_json_dir", "num_samples") if k not in (entry or {})]
+        if missing:
+            raise ValueError(f"{where}: missing {', '.join(missing)}")
+        fn = entry["process_func_name"]
+        if fn not in RELEASE_EVAL_PROCESSORS:
+            raise ValueError(f"{where}: process_func_name {fn!r} is not one of {', '.join(RELEASE_EVAL_PROCESSORS)}")
+        task, text_key, source_key, refs_key, category_key = RELEASE_EVAL_PROCESSORS[fn]
+        if task not in TASKS[name]:
+            raise ValueError(f"{where}: {fn} makes {task}; {name} has {', '.join(TASKS[name])}")
+        base = config.parent
+        media_root = Path(entry["data_root"] or ".")
+        media_root = media_root if media_root.is_absolute() else base / media_root
+        json_dir = Path(entry["data_json_dir"])
+        json_dir = json_dir if json_dir.is_absolute() else base / json_dir
+        for i in range(int(entry["num_samples"])):
+            path = json_dir / f"{i}.json"
+            try:
+                info = json.loads(path.read_text(encoding="utf-8"))
+            except FileNotFoundError:
+                raise FileNotFoundError(f"{where}: {path} does not exist (num_samples = {entry['num_samples']})") from None
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise ValueError(f"{where}: {path}: not a readable JSON object ({type(e).__name__}: {e})") from None
+            keys = [k for k in (text_key, source_key, refs_key) if k]
+            absent = [k for k in keys if not info.get(k)] if isinstance(info, dict) else keys
+            if absent:
+                raise ValueError(f"{where}: {path}: no {', '.join(map(repr, absent))} ({fn} reads it)")
+            refs = [media_root / r for r in (info.get(refs_key) or [])] if refs_key else []
+            background, unsupported = None, None
+            if fn == "process_intelligent_vbench_si2v_data":
+                category, background, unsupported = _si2v_category(info)
+            else:
+                category = str(info.get(category_key) or "") if category_key else task
+            if name in TEMPLATES and category not in TEMPLATES[name] and not unsupported:
+                unsupported = f"category {category!r} ({category_key}): no judge template for it in {name}"
+            source = media_root / info[source_key] if source_key else None
+            samples.append(BenchmarkSample(
+                benchmark=name, id=f"{dataset}/{i}", task=task, category=category, prompt=str(info[text_key]),
+                source=source, refs=refs, background_ref=background,
+                missing=[str(p) for p in ([source] if source else []) + refs if not p.is_file()],
+                unsupported=unsupported, layout="eval"))
+            if limit and len(samples) >= limit:
+                return samples
     return samples
 
 

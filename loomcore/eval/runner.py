@@ -82,16 +82,17 @@ def sample_seed(seed: int, sample_id: str, k: int = 0) -> int:
 
 
 def generate(pipe, *, prompt: str, task: str, source, references: Sequence, size: Tuple[int, int],
-             num_frames: int, steps: int, seed: int, negative_prompt: str) -> Generation:
+             num_frames: int, steps: int, seed: int, negative_prompt: str, layout: str = "train") -> Generation:
     """One sample: `size` (w, h); `source` / `references`: paths or frames (resized by the pipeline);
-    `negative_prompt`: evaluation's (guidance.negative_prompt), whatever the pipeline's default."""
-    # the layout the model was trained with (the release's training processors), not the demo's
+    `negative_prompt`: evaluation's (guidance.negative_prompt), whatever the pipeline's default;
+    `layout`: the MLLM prompt order — the one the model trained with ("train") for our sets, the
+    release's evaluation processors' ("eval") for its benchmarks, never the demo's."""
     plan = pipe.resolve_inputs(prompt=prompt, task=task, source=source, references=list(references),
                                height=size[1], width=size[0], num_frames=num_frames, num_inference_steps=steps,
-                               mllm_layout="train", negative_prompt=negative_prompt)
+                               mllm_layout=layout, negative_prompt=negative_prompt)
     out = pipe(prompt=prompt, negative_prompt=negative_prompt, task=task, source=plan.source, references=list(plan.references), height=plan.height,
                width=plan.width, num_frames=plan.num_frames, num_inference_steps=steps, output_type="np",
-               generator=torch.Generator().manual_seed(seed), mllm_layout="train")
+               generator=torch.Generator().manual_seed(seed), mllm_layout=layout)
     from loomcore.pipeline import to_uint8_frames
 
     return Generation(to_uint8_frames(out.frames), None if plan.source is None else plan.source.numpy(),
@@ -223,19 +224,21 @@ def run_benchmark(pipe, cfg: Config, model: str, samples: Sequence[BenchmarkSamp
     for s in samples:
         if s.benchmark == "vbench":
             metrics: Sequence[str] = VBENCH_METRICS
+        elif s.unsupported:  # no template to name its dimensions: one failure row says why
+            metrics = ("average",)
         else:
             metrics = (*_template(s).dimensions, "average")
         fail = lambda why: [_row(model, s.benchmark, s.id, s.task, s.category, m, math.nan, s.prompt, why)  # noqa: E731
                             for m in metrics]
-        if s.missing:
-            out += fail(f"missing file(s): {', '.join(s.missing)}")
+        if s.unsupported or s.missing:
+            out += fail(s.unsupported or f"missing file(s): {', '.join(s.missing)}")
             step()
             continue
         try:
             src, refs, size, frames = _size_and_frames(cfg, s)
             gen = generate(pipe, prompt=s.prompt, task=s.task, source=src, references=refs, size=size,
                            num_frames=frames, steps=e.steps, seed=sample_seed(e.seed, s.id),
-                           negative_prompt=cfg.guidance.negative_prompt)
+                           negative_prompt=cfg.guidance.negative_prompt, layout=s.layout)
         except ValueError as err:  # unreadable media, a frame count the model cannot take, …
             out += fail(f"generation failed: {err}")
             step()
