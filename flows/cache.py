@@ -9,7 +9,7 @@ from prefect import flow
 
 from flows.common import stage_main
 from tasks.common import markdown_table, publish_markdown
-from tasks.data import cache_task
+from tasks.cache import cache_task
 
 
 @flow(name="cache", log_prints=True)

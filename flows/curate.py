@@ -13,7 +13,7 @@ from prefect import flow
 from flows.common import stage_main
 from loomcore.data.curate import headline
 from tasks.common import load_stage_config, markdown_table, publish_markdown, publish_table
-from tasks.data import curate_task
+from tasks.curate import curate_task
 
 
 @flow(name="curate", log_prints=True)

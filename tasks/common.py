@@ -86,3 +86,14 @@ def markdown_table(rows: Iterable[dict]) -> str:
 
 
 ProgressFn = Callable[[int, int], None]
+
+
+def retry_if_transient(task, task_run, state) -> bool:
+    """Prefect `retry_condition_fn`: retry a failed run only when its exception is transient."""
+    from loomcore.storage import is_transient
+
+    try:
+        state.result()
+    except Exception as exc:  # noqa: BLE001 — the run's own exception, re-raised by Prefect to be inspected
+        return is_transient(exc)
+    return False

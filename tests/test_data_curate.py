@@ -471,7 +471,7 @@ def test_the_curate_task_retries_transient_errors_only(prefect_api, s3_endpoint,
 
     from _orchestration import task_attempts
     from loomcore.storage import StoreUnavailable
-    from tasks.data import curate_task
+    from tasks.curate import curate_task
 
     root, _ = data
     (root / "empty.csv").write_text("id,task,media,caption\n")

@@ -36,7 +36,6 @@ metrics.json, plots/metrics (dvclive). Run directory: <paths.runs>/rl/<run key>/
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import time
@@ -84,14 +83,6 @@ class _Counters:
 
     def load_state_dict(self, state: dict) -> None:
         self.optimizer_steps, self.samples = int(state["optimizer_steps"]), int(state["samples"])
-
-
-def _rl_code_fingerprint() -> str:
-    """A hash of loomcore/rl's .py files (the training stages' `code_fingerprint` covers the rest)."""
-    h = hashlib.sha256()
-    for f in sorted(Path(__file__).parent.glob("*.py")):
-        h.update(f.name.encode() + b"\n" + f.read_bytes())
-    return h.hexdigest()[:16]
 
 
 def rank_slice(n: int, env: DistEnv) -> List[int]:
@@ -155,7 +146,7 @@ class RLTrainer:
         if env.is_main:
             inputs = inputs_fingerprint([self.init_path, *cache_key_files(cfg)])
             # only the same params, inputs and code resume a run (as for the training stages)
-            code = f"{code_fingerprint()}-{_rl_code_fingerprint()}"
+            code = code_fingerprint("loomcore.rl.trainer")
             key = run_key(cfg.fingerprint(*SHARED_SECTIONS, "rl"), f"{inputs}-{code}")
             run_dir = Path(cfg.paths.runs) / STAGE / key
         self.run_dir = Path(broadcast_object(str(run_dir) if run_dir else None))

@@ -59,8 +59,6 @@ def init_weights(cfg: Config, stage: str) -> Tuple[Path, str]:
 
 # The params sections a stage reads besides its own (dvc.yaml lists the same ones).
 SHARED_SECTIONS = ("profile", "seed", "models", "dit", "mllm", "rope", "flow", "guidance", "train")
-CODE_DIRS = ("train", "models", "diffusion")  # under loomcore/
-CODE_FILES = ("data/loader.py", "data/packing.py")
 _HASH_FULL_LIMIT = 256 << 20  # files above this are fingerprinted by size + 16 sampled MiB
 
 
@@ -91,16 +89,16 @@ def inputs_fingerprint(paths: List[Path]) -> str:
     return h.hexdigest()[:16]
 
 
-def code_fingerprint() -> str:
-    """The training code (the .py files dvc.yaml lists as the stages' code deps): a run resumes
-    only with the code that wrote its checkpoints, or its steps would not be the same steps. (To
-    carry a long run across a deliberate code change, copy its step-* folders into the new run
-    directory.)"""
-    pkg = Path(__file__).resolve().parents[1]  # loomcore/
-    files = [f for d in CODE_DIRS for f in sorted((pkg / d).rglob("*.py"))] + [pkg / f for f in CODE_FILES]
+def code_fingerprint(entry: str = "loomcore.train.trainer") -> str:
+    """The code a run executes: every project file `entry` imports (`loomcore.codegraph`, the same
+    closure dvc.yaml's stage deps are checked against). A run resumes only with the code that wrote
+    its checkpoints, or its steps would not be the same steps. (To carry a long run across a
+    deliberate code change, copy its step-* folders into the new run directory.)"""
+    from loomcore.codegraph import REPO, import_closure
+
     h = hashlib.sha256()
-    for f in files:
-        h.update(f"{f.relative_to(pkg)}\n".encode() + f.read_bytes())
+    for name in sorted(import_closure(entry)):
+        h.update(f"{name}\n".encode() + (REPO / name).read_bytes())
     return h.hexdigest()[:16]
 
 

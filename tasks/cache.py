@@ -1,0 +1,29 @@
+"""Prefect task of the cache stage: a thin wrapper that loads the config and calls loomcore.
+
+Retries: the cache stage reads the media and the models; a transient failure there (a store that
+stopped answering past botocore's own retries, a network file system timing out) is worth another
+try — and only that (`tasks.common.retry_if_transient`): a bad manifest or a config error fails
+the same way every time, so it is attempted once. Results are never cached by Prefect.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+from prefect import task
+
+from tasks.common import NO_CACHE, Progress, load_stage_config, logger, retry_if_transient
+
+
+@task(name="cache", retries=1, retry_delay_seconds=10, retry_condition_fn=retry_if_transient, cache_policy=NO_CACHE)
+def cache_task(profile: Optional[str] = None, overrides: Sequence[str] = ()) -> dict:
+    from loomcore.data.cache import build_cache
+
+    cfg = load_stage_config(profile, overrides)
+    log = logger()
+    log.info("caching %s into %s (MLLM features: %s)", cfg.paths.manifests, cfg.paths.cache, cfg.mllm.feature_mode)
+    summary = build_cache(cfg, on_progress=Progress("cache: samples encoded"))
+    log.info("cached %s samples in %s shards (%s written now, %s resumed, %s rewritten: bytes that no longer "
+             "matched their checksum)", summary["samples"], summary["shards"], summary["shards_written"],
+             summary["shards_skipped"], len(summary["shards_rewritten"]))
+    return summary

@@ -1,0 +1,56 @@
+"""dvc.yaml lists, for every stage, the code its command runs: the import closure of its flow
+module (loomcore.codegraph) — the same closure a training run's key fingerprints. A stage whose
+code can change without DVC noticing reruns nothing and reports stale outputs as current."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from loomcore.codegraph import REPO, import_closure
+
+STAGES = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+
+
+def _covered(path: str, deps) -> bool:
+    return any(path == d or path.startswith(d.rstrip("/") + "/") for d in deps)
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_stage_deps_cover_the_code_its_command_imports(stage):
+    spec = STAGES[stage]
+    module = next(w for w in spec["cmd"].split() if w.startswith("flows."))
+    deps = [d.split("#")[0].strip() for d in spec.get("deps", []) if not d.startswith("$")]
+    missing = sorted(f for f in import_closure(module) if not _covered(f, deps))
+    assert not missing, f"dvc.yaml stage {stage}: deps omit files {module} imports: {', '.join(missing)}"
+    absent = [d for d in deps if not (REPO / d).exists()]
+    assert not absent, f"dvc.yaml stage {stage}: deps name files that do not exist: {absent}"
+
+
+def test_the_closure_follows_relative_and_function_level_imports(tmp_path):
+    pkg = tmp_path / "loomcore"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "sub" / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("from .sub import b\n\ndef f():\n    from loomcore import c\n")
+    (pkg / "sub" / "b.py").write_text("from ..d import x\nimport os\n")
+    (pkg / "c.py").write_text("")
+    (pkg / "d.py").write_text("x = 1\n")
+    (pkg / "unused.py").write_text("")
+    assert import_closure("loomcore.a", repo=tmp_path) == {
+        "loomcore/__init__.py", "loomcore/a.py", "loomcore/sub/__init__.py", "loomcore/sub/b.py",
+        "loomcore/c.py", "loomcore/d.py"}
+    with pytest.raises(ValueError, match="no project module 'loomcore.nope'"):
+        import_closure("loomcore.nope", repo=tmp_path)
+
+
+def test_run_keys_fingerprint_the_trainers_closure():
+    """The training stages' and RL's run keys hash exactly their entry module's closure, which
+    includes what the old fixed list missed (loomcore/data/tasks.py, imported by models/mllm.py)."""
+    from loomcore.train.stage_io import code_fingerprint
+
+    train = import_closure("loomcore.train.trainer")
+    assert {"loomcore/data/tasks.py", "loomcore/models/mllm.py", "loomcore/train/ema.py", "loomcore/config.py"} <= train
+    assert "loomcore/rl/nft.py" in import_closure("loomcore.rl.trainer") and "loomcore/rl/nft.py" not in train
+    assert code_fingerprint() != code_fingerprint("loomcore.rl.trainer")
+    assert len(code_fingerprint()) == 16 and code_fingerprint() == code_fingerprint()
