@@ -477,6 +477,7 @@ def test_cli_reads_a_long_source_as_the_release_demo_and_says_what_it_kept(tiny_
     h, w = read_video(out).shape[1:3]
     m = pipe.geometry.height_multiple  # native size, floored to what the model takes (tiny: 4)
     assert read_video(out).shape[0] == 5 and (h, w) == (45 // m * m, 53 // m * m) != (45, 53), printed
+    assert f"source size 53×45 (W×H) → {w}×{h}: resized to cover it and centre-cropped" in printed
 
 
 @pytest.mark.parametrize(

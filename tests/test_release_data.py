@@ -89,6 +89,22 @@ def test_release_layout_curates_to_the_same_rows_as_our_table(shapes, cfg, tmp_p
     assert sum(weights.values()) == pytest.approx(1.0, abs=1e-5)  # rounded to 6 digits each
 
 
+def test_release_layout_from_s3_curates_like_the_local_folder(shapes, cfg, tmp_path, s3_bucket):
+    """Their layout under an s3:// prefix (the config, the JSON folders, the media): mirrored and
+    verified as any S3 source, then read as the local folder is."""
+    from loomcore.storage import upload_dir
+
+    root, ours = shapes
+    uri = f"s3://{s3_bucket}/release"
+    upload_dir(root, uri)
+    s = curate(cfg, uri, tmp_path / "mirror", tmp_path / "s3", progress=False, metadata="dataset.yaml")
+    curate(cfg, str(root / "dataset.yaml"), root, tmp_path / "local", progress=False)
+    assert s["rows_in"] == len(ours) and s["rejected"]["total"] == 0
+    assert s["release"]["task_weights"]["t2i"] > 0
+    for name in ("train.parquet", "eval.parquet"):
+        assert pq.read_table(tmp_path / "s3" / name).to_pylist() == pq.read_table(tmp_path / "local" / name).to_pylist()
+
+
 def test_bad_release_samples_are_rejects_naming_file_and_key(shapes, cfg, tmp_path):
     src, _ = shapes
     root = tmp_path / "root"

@@ -103,6 +103,7 @@ class GenerationPlan:
     source: Optional[torch.Tensor]  # uint8 [F, H, W, 3] at the output size, or None
     references: Tuple[torch.Tensor, ...]  # uint8 [H, W, 3] each, at the output size
     source_cut: Optional[SourceCut] = None  # which frames of a source video were kept, and why
+    source_size: Optional[Tuple[int, int]] = None  # the source's own (height, width), before resizing
     mllm_layout: str = "train"  # the MLLM prompt's segment order (loomcore.models.mllm.LAYOUTS)
 
     @property
@@ -295,6 +296,7 @@ def plan_generation(
         num_inference_steps=int(num_inference_steps), guidance_scale=float(guidance_scale),
         visual_guidance_scale=float(visual_guidance_scale),
         source=None if source is None else resize_center_crop(source[:frames], (w, h)),
+        source_size=None if source is None else (int(source.shape[1]), int(source.shape[2])),
         references=tuple(resize_center_crop(r, (w, h)) for r in refs),
     )
 
@@ -314,6 +316,10 @@ def describe(plan: GenerationPlan) -> List[str]:
         lines.append(plan.source_cut.describe())
     if plan.source is not None:
         lines.append(f"source: {plan.source.shape[0]} frame(s)")
+        if plan.source_size and plan.source_size != (plan.height, plan.width):
+            h0, w0 = plan.source_size
+            lines.append(f"source size {w0}×{h0} (W×H) → {plan.width}×{plan.height}: resized to cover it and "
+                         "centre-cropped (the model takes multiples of its codec factor × patch)")
     if plan.references:
         lines.append(f"references: {len(plan.references)}")
     return lines
