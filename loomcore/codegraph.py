@@ -8,7 +8,8 @@ Imports are read from the source (ast), not executed: every `import` / `from …
 project's packages, at module level or inside a function (a function-level import runs when the
 function does, and a stage's code paths are not known statically — so the closure is a superset
 of what one run executes, never a subset). A package's `__init__.py` counts when any of its
-modules is imported; relative imports are resolved against the importing module.
+modules is imported; relative imports are resolved against the importing module. Empty files
+(bare package markers) are left out: they hold no code, and DVC warns about every empty dep.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ def _closure(module: str, repo: Path) -> Tuple[str, ...]:
             if path is not None and path not in files:
                 files.add(path)
                 todo.extend(_imported(path, prefix))
-    return tuple(sorted(p.relative_to(repo).as_posix() for p in files))
+    return tuple(sorted(p.relative_to(repo).as_posix() for p in files if p.stat().st_size))
 
 
 def import_closure(module: str, repo: Path = REPO) -> FrozenSet[str]:

@@ -30,16 +30,15 @@ def test_stage_deps_cover_the_code_its_command_imports(stage):
 def test_the_closure_follows_relative_and_function_level_imports(tmp_path):
     pkg = tmp_path / "loomcore"
     (pkg / "sub").mkdir(parents=True)
-    (pkg / "__init__.py").write_text("")
-    (pkg / "sub" / "__init__.py").write_text("")
+    (pkg / "__init__.py").write_text("")  # an empty package marker: no code, not a dep
+    (pkg / "sub" / "__init__.py").write_text('"""sub"""\n')
     (pkg / "a.py").write_text("from .sub import b\n\ndef f():\n    from loomcore import c\n")
     (pkg / "sub" / "b.py").write_text("from ..d import x\nimport os\n")
-    (pkg / "c.py").write_text("")
+    (pkg / "c.py").write_text("y = 2\n")
     (pkg / "d.py").write_text("x = 1\n")
     (pkg / "unused.py").write_text("")
     assert import_closure("loomcore.a", repo=tmp_path) == {
-        "loomcore/__init__.py", "loomcore/a.py", "loomcore/sub/__init__.py", "loomcore/sub/b.py",
-        "loomcore/c.py", "loomcore/d.py"}
+        "loomcore/a.py", "loomcore/sub/__init__.py", "loomcore/sub/b.py", "loomcore/c.py", "loomcore/d.py"}
     with pytest.raises(ValueError, match="no project module 'loomcore.nope'"):
         import_closure("loomcore.nope", repo=tmp_path)
 
