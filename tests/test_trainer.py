@@ -149,6 +149,7 @@ def test_euler_sampler_is_exact_on_a_point_mass():
 
 
 def test_flop_formula_matches_torch_flop_counter():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
     from loomcore.models.dit import LoomDiT, PackLayout, loomdit_kwargs
@@ -160,7 +161,9 @@ def test_flop_formula_matches_torch_flop_counter():
     P, N = model.proj_out.out_features, 16 + 16
     x = torch.randn(N, P)
     ctx = torch.randn(cfg.dit.num_layers, 8, cfg.mllm.hidden_size)
-    with FlopCounterMode(display=False) as counter:
+    # the math SDPA path: torch's counter has no formula for the fused CPU kernel
+    # (_scaled_dot_product_flash_attention_for_cpu), which would leave attention uncounted
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         model.forward_packed(x, torch.tensor([500.0, 20.0]), ctx, layout, torch.randn(N, P), torch.randn(4, P))
     measured = counter.get_total_flops()
     d = cfg.dit
