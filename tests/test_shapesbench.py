@@ -185,7 +185,7 @@ def comparison(shapes, tmp_path_factory):
     summary = train_stage(tc, "stage3")
     assert summary["loss_last_10pct"] < 0.75 * summary["loss_first_10pct"]
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the stage does on CPU (train.cpu_threads): OpenMP spinning on shared cores crawls
+    torch.set_num_threads(tc.train.cpu_threads or threads)  # as the evaluate stage does on CPU (train.cpu_threads)
     try:
         scores = {}
         for key, path in (("model", str(out / "out/stage3/model")), ("base", None)):
