@@ -171,6 +171,10 @@ def test_model_card_has_metrics_params_and_lineage(exported, project):
     assert result.metrics == {"vbench.imaging_quality": 0.61, "vbench.subject_consistency": 0.93,
                               "edit.judge.tv2v": 6.5, "recon.mse": 0.012, "overall": 0.7}
     assert "| `vbench.imaging_quality` | 0.61 | higher |" in body and "| `recon.mse` | 0.012 | lower |" in body
+    assert "**Overall 0.7**" in body
+    # the parts table lists the pipeline's components, not model_index.json's own `_class_name`
+    parts = body.split("| folder | class | loads with |", 1)[1].split("## Evaluation", 1)[0]
+    assert "`transformer/`" in parts and "_class_name" not in parts and "_diffusers_version" not in parts
     # params: the composed config's sections, as YAML
     params = yaml.safe_load(body.split("## Parameters", 1)[1].split("```yaml\n", 1)[1].split("```", 1)[0])
     cfg = load_config(profile="tiny")
@@ -470,3 +474,11 @@ def test_stage_command_exports_publishes_and_refuses_an_existing_target(project,
     assert read_latest(f"s3://{s3_bucket}/models-root", "loom-e2e")["version"] == version
     second = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_ROOT, env=env, timeout=180)
     assert second.returncode == 2 and f"export target {out} exists; pass --overwrite" in second.stderr
+
+
+def test_the_card_headline_is_shapesbench_against_the_base_models():
+    from loomcore.export.card import headline
+
+    line = headline({"shapesbench.score": 0.44150, "shapesbench_base.score": 0.02964, "failures": 16.0})
+    assert line.startswith("**ShapesBench score 0.442** (the untrained base models: 0.030)")
+    assert headline({"overall": 0.7}) == "**Overall 0.7**\n" and headline({"failures": 3.0}) == ""

@@ -40,12 +40,26 @@ def _components_section(components: Dict[str, List[str]]) -> str:
     return _table(("folder", "class", "loads with"), rows) + note
 
 
+def headline(metrics: Dict[str, float]) -> str:
+    """The one line a reader looks for: ShapesBench's score against the untrained base models
+    (the tiny profile's benchmark), else an `overall` figure; "" when the metrics have neither."""
+    if "shapesbench.score" in metrics:
+        line = f"**ShapesBench score {metrics['shapesbench.score']:.3f}**"
+        if "shapesbench_base.score" in metrics:
+            line += f" (the untrained base models: {metrics['shapesbench_base.score']:.3f})"
+        return line + ", scored by program from the Shapes ground truth; the evaluation report has every table.\n"
+    if "overall" in metrics:
+        return f"**Overall {metrics['overall']:.6g}**\n"
+    return ""
+
+
 def _metrics_section(metrics: Dict[str, float], lower_patterns: Sequence[str], source: str | None) -> str:
     if not metrics:
         return "_No evaluation metrics were given to this export (export.metrics = null)._\n"
     rows = [(f"`{k}`", f"{v:.6g}", "lower" if lower_is_better(k, lower_patterns) else "higher")
             for k, v in sorted(metrics.items())]
-    return f"From `{source}`.\n\n" + _table(("metric", "value", "better"), rows)
+    top = headline(metrics)
+    return (f"{top}\n" if top else "") + f"From `{source}`.\n\n" + _table(("metric", "value", "better"), rows)
 
 
 def _lineage_section(info: dict) -> str:

@@ -231,7 +231,7 @@ def export_pipeline(cfg: Config, *, out_dir: Optional[Path | str] = None, overwr
         info = {**facts, "version": version, "lineage": lineage}
         (staging / INFO_FILE).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
         components = {k: v for k, v in json.loads((staging / "model_index.json").read_text()).items()
-                      if isinstance(v, list) and len(v) == 2 and v[0] is not None}
+                      if not k.startswith("_") and isinstance(v, list) and len(v) == 2 and v[0] is not None}
         (staging / CARD_FILE).write_text(render_card(info, components, cfg.to_dict(), e.lower_is_better))
         summary = check_export_folder(staging)
         _swap_in(staging, target, overwrite)
