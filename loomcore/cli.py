@@ -90,6 +90,28 @@ def cmd_params(args) -> int:
     return 0
 
 
+def cmd_plots_template(args) -> int:
+    from loomcore.config import REPO_ROOT
+    from loomcore.plots_template import TEMPLATE_PATH, render_template
+
+    out = Path(args.out) if args.out else REPO_ROOT / TEMPLATE_PATH
+    text = render_template()
+    old = out.read_text(encoding="utf8") if out.is_file() else None
+    if args.check:
+        if old == text:
+            print(f"{out}: up to date with the installed vl-convert-python")
+            return 0
+        print(f"{out}: {'missing' if old is None else 'differs from what the installed vl-convert-python builds'}: "
+              "run `loom plots-template`", file=sys.stderr)
+        return 1
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(text, encoding="utf8")
+    os.replace(tmp, out)
+    print(f"{out}: {'unchanged' if old == text else 'written'} ({len(text) // 1024} KiB)")
+    return 0
+
+
 def cmd_init_models(args) -> int:
     from loomcore.models.base_models import check_paper_models, init_models
 
@@ -272,6 +294,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="file to write (default: params.yaml at the repo root)")
     p.add_argument("--check", action="store_true", help="write nothing; exit 1 if the file differs from the composition")
     p.set_defaults(func=cmd_params)
+
+    p = sub.add_parser("plots-template", help="write the offline HTML page `dvc plots show` fills (vega inlined)",
+                       description="Writes .dvc/plots/offline.html: DVC's plot page with vega, vega-lite and "
+                       "vega-embed inlined from the pinned vl-convert-python, so `dvc plots show` draws with no "
+                       "network. .dvc/config's plots.html_template points at it.")
+    p.add_argument("--out", default=None, help="file to write (default: .dvc/plots/offline.html at the repo root)")
+    p.add_argument("--check", action="store_true", help="write nothing; exit 1 if the file differs from the build")
+    p.set_defaults(func=cmd_plots_template)
 
     p = sub.add_parser("init-models", help="build the tiny base models, or check the paper ones are complete")
     _add_config_args(p)
