@@ -20,11 +20,33 @@ def stage_main(flow_fn: Callable, description: str, argv: list[str] | None = Non
     from loomcore.config import ConfigError
 
     try:
-        flow_fn(profile=args.profile, overrides=args.overrides)
+        run_stage_flow(flow_fn, profile=args.profile, overrides=args.overrides)
     except ConfigError as e:
         print(f"{flow_fn.__module__}: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+PARENT_ENV = "LOOM_PARENT_TASK_RUN_ID"  # set by tasks.dvc for the stage commands DVC runs
+
+
+def run_stage_flow(flow_fn: Callable, **parameters):
+    """Call a stage's flow. Started by DVC under the pipeline flow (PARENT_ENV holds the id of the
+    pipeline's `dvc repro <stage>` task run), its flow run is created as a child of that task run —
+    what Prefect does for a subflow called in-process — named after the stage and tagged, so the UI
+    shows one run tree; otherwise a top-level flow run, as before."""
+    parent = os.environ.get(PARENT_ENV)
+    if not parent:
+        return flow_fn(**parameters)
+    from uuid import UUID
+
+    from prefect.client.orchestration import get_client
+    from prefect.flow_engine import run_flow
+
+    with get_client(sync_client=True) as client:
+        run = client.create_flow_run(flow_fn, name=flow_fn.name, parameters=parameters, parent_task_run_id=UUID(parent),
+                                     tags=["loomvideo", "pipeline", f"stage:{flow_fn.name}"])
+    return run_flow(flow_fn, flow_run=run, parameters=parameters)
 
 
 def repo_config(repo: str | Path = ".", overrides: Sequence[str] = (), profile: str | None = None):

@@ -67,6 +67,12 @@ def dvc_env() -> dict:
 
     env.update(get_current_settings().to_environment_variables(exclude_unset=True))
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    from prefect.runtime import task_run
+
+    if task_run.id:  # a stage's flow run becomes a child of this task run (flows.common.PARENT_ENV)
+        env["LOOM_PARENT_TASK_RUN_ID"] = str(task_run.id)
+    else:
+        env.pop("LOOM_PARENT_TASK_RUN_ID", None)
     return env
 
 
@@ -273,7 +279,7 @@ def parse_repro_log(lines: Sequence[str]) -> dict:
     return out
 
 
-@task(name="dvc-repro", retries=2, retry_delay_seconds=15, cache_policy=NO_CACHE)
+@task(name="dvc-repro", task_run_name="dvc repro {stage}", retries=2, retry_delay_seconds=15, cache_policy=NO_CACHE)
 def dvc_repro(stage: str, force: bool = False, repo: str = ".", timeout: Optional[float] = None) -> dict:
     """`dvc repro <stage>` (with its upstream stages, which DVC skips when up to date); `force`
     reruns this one stage only. Returns {"stage", "ran", "skipped", "restored"}."""
@@ -282,7 +288,7 @@ def dvc_repro(stage: str, force: bool = False, repo: str = ".", timeout: Optiona
     return {"stage": stage, **parse_repro_log(lines)}
 
 
-@task(name="dvc-exp-run", retries=1, retry_delay_seconds=15, cache_policy=NO_CACHE)
+@task(name="dvc-exp-run", task_run_name="dvc exp run", retries=1, retry_delay_seconds=15, cache_policy=NO_CACHE)
 def dvc_exp_run(overrides: Sequence[str], targets: Sequence[str] = (), repo: str = ".", timeout: Optional[float] = None,
                 force: bool = False) -> dict:
     """`dvc exp run -S k=v …`: the DAG with parameter overrides, as an experiment (`force`: rerun

@@ -266,3 +266,52 @@ def test_pipeline_summary_shows_the_headline_metrics_as_a_table(tmp_path):
     assert "| shapesbench.score | 0.4051 |" in md and "| failures | 16 |" in md
     assert "motion" not in md and "null" not in md and "```" not in md  # no JSON dump, no nulls
     assert "- report: [outputs/eval/report.md]" in md
+
+
+TOY_STAGE = '''\
+from prefect import flow
+
+from flows.common import stage_main
+
+
+@flow(name="curate")
+def curate(profile=None, overrides=None):
+    open("out.txt", "w").write("ok")
+    return "ok"
+
+
+if __name__ == "__main__":
+    raise SystemExit(stage_main(curate, "a toy stage"))
+'''
+
+
+def test_a_stage_flow_is_a_child_of_the_pipeline_run_named_after_its_stage(prefect_api, tmp_path):
+    """DVC starts the stage's flow in another process; it still appears under the pipeline run
+    (parent: the pipeline's `dvc repro curate` task run), as an in-process subflow would."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, FlowRunFilterParentTaskRunId
+
+    from flows.pipeline import pipeline_flow
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "toy_stage.py").write_text(TOY_STAGE)
+    (repo / "dvc.yaml").write_text("stages:\n  curate:\n    cmd: python toy_stage.py\n    deps: [toy_stage.py]\n"
+                                   "    outs: [out.txt]\n")
+    subprocess.run([DVC, "init", "-q", "--no-scm"], cwd=repo, check=True)
+    state = pipeline_flow(repo=str(repo), return_state=True)
+    assert state.is_completed() and (repo / "out.txt").read_text() == "ok"
+    with get_client(sync_client=True) as client:
+        tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+        repro = [t for t in tasks if t.name == "dvc repro curate"]
+        assert len(repro) == 1, [t.name for t in tasks]
+        children = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            parent_task_run_id=FlowRunFilterParentTaskRunId(any_=[repro[0].id])))
+    assert [c.name for c in children] == ["curate"]
+    assert children[0].state.is_completed() and {"loomvideo", "pipeline", "stage:curate"} <= set(children[0].tags)
+    # run by hand (no pipeline task run above it), the same stage is a top-level flow run
+    env = {k: v for k, v in os.environ.items() if k != "LOOM_PARENT_TASK_RUN_ID"}
+    subprocess.run([sys.executable, "toy_stage.py"], cwd=repo, env=env, check=True, capture_output=True)
+    with get_client(sync_client=True) as client:
+        runs_ = client.read_flow_runs(flow_run_filter=FlowRunFilter(parent_task_run_id=FlowRunFilterParentTaskRunId(is_null_=True)))
+    assert any(r.name != "curate" and r.flow_id == children[0].flow_id for r in runs_)
