@@ -219,7 +219,7 @@ def nightly_eval_flow(overrides: list[str] | None = None, tolerance: float = 0.0
         f"tolerance {tolerance:g} (relative).\n\n"
         + (f"**{len(regressions)} regression(s)**\n\n{markdown_table(regressions)}\n" if regressions else "No regression.\n\n")
         + f"## All metrics\n\n{markdown_table(rows)}\n"
-        + (f"Report: [{report.name}]({report.as_uri()})\n" if report.is_file() else ""),
+        + (f"Report: `{report}`\n" if report.is_file() else ""),
         "The nightly evaluation of the latest model, against the previous night",
     )
     result = {"date": day, "version": model["version"], "previous": previous and previous["date"],

@@ -75,8 +75,9 @@ def reproduce(repo: str, wanted: Sequence[str], *, force: Sequence[str] = (), ov
 
 
 def outputs_links(repo: Path | str) -> str:
-    """Links to what a person looks at after a run (paths from the checkout's params), and the
-    evaluation's metrics. Local files have no URL the UI can load: file:// links, never embedded images."""
+    """Where to look after a run (paths from the checkout's params), and the evaluation's metrics.
+    Local files have no URL the UI can open (a browser refuses file:// links from an http page):
+    each is its absolute path, to copy."""
     from loomcore.config import ConfigError
 
     try:
@@ -93,7 +94,7 @@ def outputs_links(repo: Path | str) -> str:
                        ("cache", Path(cfg.paths.cache) / "cache.json")):
         p = root / rel
         if p.exists():
-            lines.append(f"- {label}: [{rel}]({p.resolve().as_uri()})")
+            lines.append(f"- {label}: `{p.resolve()}`")
     md = "\n".join(lines) or "- (no outputs yet)"
     if not metrics.is_file():
         return md

@@ -265,7 +265,7 @@ def test_pipeline_summary_shows_the_headline_metrics_as_a_table(tmp_path):
     md = outputs_links(str(tmp_path))
     assert "| shapesbench.score | 0.4051 |" in md and "| failures | 16 |" in md
     assert "motion" not in md and "null" not in md and "```" not in md  # no JSON dump, no nulls
-    assert "- report: [outputs/eval/report.md]" in md
+    assert f"- report: `{(ev / 'report.md').resolve()}`" in md and "file://" not in md  # a path to copy: the UI cannot open file:// links
 
 
 TOY_STAGE = '''\
