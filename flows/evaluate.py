@@ -22,8 +22,9 @@ def evaluate_flow(profile: str | None = None, overrides: list[str] | None = None
     for name, rows in summary["tables"].items():
         publish_table(f"eval-{name}", rows, name)
     publish_table("eval-failures", summary["failures"], "Samples without a score, per benchmark, and why")
-    # Local images have no URL the UI can load: link them instead of embedding them.
-    sheets = "\n".join(f"- {name}: `{Path(p).resolve()}`" for name, p in summary["sheets"].items())  # no file:// link: the UI cannot open it
+    # Local images have no URL the UI can load (a browser refuses file:// links from its http page):
+    # their paths, to copy.
+    sheets = "\n".join(f"- {name}: `{Path(p).resolve()}`" for name, p in summary["sheets"].items())
     tables = "\n".join(f"## {name}\n\n{markdown_table(rows)}" for name, rows in summary["tables"].items())
     skipped = "".join(f"- {k}: {v}\n" for k, v in summary["skipped"].items())
     publish_markdown(
