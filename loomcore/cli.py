@@ -83,11 +83,17 @@ def cmd_params(args) -> int:
     if old == text:
         print(f"{out}: unchanged (profile {cfg.profile})")
         return 0
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, out)
+    _replace_text(out, text)
     print(f"{out}: written (profile {cfg.profile}, fingerprint {cfg.fingerprint()})")
     return 0
+
+
+def _replace_text(out: Path, text: str) -> None:
+    """Write a generated file whole or not at all (a temp file renamed over it)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(text, encoding="utf8")
+    os.replace(tmp, out)
 
 
 def cmd_plots_template(args) -> int:
@@ -104,10 +110,8 @@ def cmd_plots_template(args) -> int:
         print(f"{out}: {'missing' if old is None else 'differs from what the installed vl-convert-python builds'}: "
               "run `loom plots-template`", file=sys.stderr)
         return 1
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(text, encoding="utf8")
-    os.replace(tmp, out)
+    if old != text:
+        _replace_text(out, text)
     print(f"{out}: {'unchanged' if old == text else 'written'} ({len(text) // 1024} KiB)")
     return 0
 
