@@ -72,6 +72,7 @@ class DataConfig:
     cache_batch_size: int
     shard_size: int
     max_aspect_ratio: float
+    cache_tasks: Dict[str, List[str]]  # {resolution: task kinds} the cache stage encodes
 
 
 @dataclass(frozen=True)
@@ -701,8 +702,20 @@ def _validate(cfg: Config) -> None:
         check(n >= 1 and (n - 1) % cfg.codec.temporal_factor == 0,
               f"video.frames.{res} = {n}: the codec takes 1 + {cfg.codec.temporal_factor}·k frames")
 
+    for res, kinds in cfg.data.cache_tasks.items():
+        check(res in cfg.buckets and res in cfg.video.frames,
+              f"data.cache_tasks.{res}: no bucket group with a frame count is named {res!r} ({', '.join(cfg.buckets)})")
+        bad = [k for k in kinds if k not in TASK_KINDS]
+        check(not bad, f"data.cache_tasks.{res}: unknown task kind(s) {', '.join(map(str, bad))}; "
+                       f"expected some of {', '.join(TASK_KINDS)}")
     for name in STAGES:
         s = cfg.stage(name)
+        cached = cfg.data.cache_tasks.get(s.resolution, [])
+        missing = [k for k, v in s.sampling.as_dict().items() if v > 0 and k not in cached]
+        check(not missing, f"{name}.sampling: {', '.join(f'{k} = {s.sampling.as_dict()[k]}' for k in missing)} at "
+                           f"{s.resolution}, but data.cache_tasks.{s.resolution} does not list "
+                           f"{'it' if len(missing) == 1 else 'them'} (the cache stage encodes only the kinds listed "
+                           f"there); add {', '.join(missing)} to data.cache_tasks.{s.resolution}")
         check(s.resolution in cfg.buckets,
               f"{name}.resolution = {s.resolution!r} has no bucket; defined: {', '.join(cfg.buckets)}")
         check(s.resolution in cfg.video.frames,
@@ -801,11 +814,10 @@ def _validate(cfg: Config) -> None:
     check(bool(rl.reward), "rl.reward: expected a reward name (loomcore.rl.rewards: pickscore, shapes, …)")
     unknown = [k for k in rl.tasks if k not in TASK_KINDS]
     check(bool(rl.tasks) and not unknown, f"rl.tasks = {rl.tasks}: expected a non-empty list of {', '.join(TASK_KINDS)}")
-    cached = {k for name in STAGES if cfg.stage(name).resolution == rl.resolution
-              for k, v in cfg.stage(name).sampling.as_dict().items() if v > 0}
+    cached = cfg.data.cache_tasks.get(rl.resolution, [])
     missing = [k for k in rl.tasks if k in TASK_KINDS and k not in cached]
     check(not missing, f"rl.tasks / rl.resolution = {rl.resolution!r}: the cache holds no {', '.join(missing)} there "
-                       f"(it caches what stages 1–3 sample at that resolution: {', '.join(sorted(cached)) or 'nothing'})")
+                       f"(data.cache_tasks.{rl.resolution}: {', '.join(cached) or 'nothing'}); add them there")
     for k in ("steps", "prompts_per_step", "sample_steps", "train_timesteps", "gradient_steps", "micro_batch",
               "eval_samples_per_prompt", "eval_steps", "log_every", "checkpoint_every", "keep_last", "nodes"):
         check(getattr(rl, k) >= 1, f"rl.{k} = {getattr(rl, k)}: expected >= 1")

@@ -13,12 +13,19 @@ from loomcore.data.loader import CacheError, PackedLoader, read_index
 from loomcore.models.codec import load_codec
 
 
-def test_plan_follows_the_stage_ratios():
-    from loomcore.config import load_config
+def test_plan_is_data_cache_tasks_and_covers_what_the_stages_sample():
+    from loomcore.config import ConfigError, load_config
 
     p = plan(load_config(profile="paper"))
     assert p["256p"] == ["t2i", "t2v"]  # stage 1 samples only T2I and T2V at 256p
     assert set(p["480p"]) == {"t2i", "t2v", "image_recon", "video_recon", "ti2i", "tv2v", "tir2i", "tvr2v", "mi2i", "mi2v"}
+    # a ratio the cache cannot serve is refused when the config loads, naming both keys
+    with pytest.raises(ConfigError, match=r"stage1\.sampling: image_recon = 0\.1 at 256p, but data\.cache_tasks\.256p"):
+        load_config(["stage1.sampling.t2i=0.4", "stage1.sampling.image_recon=0.1"])
+    with pytest.raises(ConfigError, match=r"data\.cache_tasks\.480p: unknown task kind\(s\) t2x"):
+        load_config(["data.cache_tasks.480p=[t2i,t2x]"])
+    # ratios among cached kinds change nothing the cache does
+    assert plan(load_config(["stage3.sampling.t2i=0.15", "stage3.sampling.tv2v=0.05"])) == plan(load_config())
 
 
 def test_cache_resumes_at_the_first_unfinished_shard(tiny_workspace, tmp_path):

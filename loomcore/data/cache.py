@@ -40,7 +40,7 @@ import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
-from loomcore.config import STAGES, Config
+from loomcore.config import Config
 from loomcore.data import shards
 from loomcore.data.buckets import nearest_size, resize_center_crop
 from loomcore.data.loader import NULL_SHARD, file_sha256, null_record
@@ -53,12 +53,9 @@ MLLM_INPUT_KEYS = ("input_ids", "pixel_values", "image_grid_thw", "pixel_values_
 
 
 def plan(cfg: Config) -> Dict[str, List[str]]:
-    """{resolution: [task kinds]}: what the stages sample at each resolution."""
-    out: Dict[str, set] = defaultdict(set)
-    for name in STAGES:
-        s = cfg.stage(name)
-        out[s.resolution] |= {k for k, v in s.sampling.as_dict().items() if v > 0}
-    return {res: sorted(tasks) for res, tasks in sorted(out.items())}
+    """{resolution: [task kinds]}: what the cache encodes (`data.cache_tasks`; the config check
+    makes sure it covers what the stages and RL sample)."""
+    return {res: sorted(set(tasks)) for res, tasks in sorted(cfg.data.cache_tasks.items()) if tasks}
 
 
 def _to_unit(frames_u8: torch.Tensor) -> torch.Tensor:
