@@ -432,11 +432,20 @@ class Config:
         d.pop("sources")
         return d
 
-    def fingerprint(self, *sections: str) -> str:
-        """A stable hash of the whole config, or of the named top-level sections only."""
+    def fingerprint(self, *keys: str) -> str:
+        """A stable hash of the whole config, or of the named keys only: sections ("dit") or
+        dotted keys ("guidance.steps"), as a DVC stage's `params` names them."""
         d = self.to_dict()
-        if sections:
-            d = {k: d[k] for k in sections}
+        if keys:
+            picked = {}
+            for key in keys:
+                node = d
+                for part in key.split("."):
+                    if not isinstance(node, dict) or part not in node:
+                        raise KeyError(f"config has no key {key!r}")
+                    node = node[part]
+                picked[key] = node
+            d = picked
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -53,3 +53,32 @@ def test_run_keys_fingerprint_the_trainers_closure():
     assert "loomcore/rl/nft.py" in import_closure("loomcore.rl.trainer") and "loomcore/rl/nft.py" not in train
     assert code_fingerprint() != code_fingerprint("loomcore.rl.trainer")
     assert len(code_fingerprint()) == 16 and code_fingerprint() == code_fingerprint()
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_every_params_key_dvc_yaml_lists_exists_in_the_config(stage):
+    from loomcore.config import load_config
+    from loomcore.train.stage_io import stage_params
+
+    keys = stage_params(stage)
+    assert keys == [p for p in STAGES[stage].get("params", []) if isinstance(p, str)]
+    load_config().fingerprint(*keys)  # KeyError names a key the config lacks
+
+
+def test_run_keys_hash_the_params_dvc_yaml_lists_and_nothing_else():
+    """A training run resumes exactly when DVC calls its params unchanged: the run key hashes
+    the stage's dvc.yaml params (dotted keys included), no more, no less."""
+    from loomcore.config import load_config
+    from loomcore.train.stage_io import stage_params
+
+    base = load_config()
+    listed = load_config(["guidance.steps=7"])  # stage 1 lists guidance.steps (its validation grids)
+    unlisted = load_config(["guidance.height=48"])  # ... but not guidance.height (evaluate's)
+    assert "guidance.steps" in stage_params("stage1") and "guidance" not in stage_params("stage1")
+    fp = lambda cfg, stage: cfg.fingerprint(*stage_params(stage))  # noqa: E731
+    assert fp(listed, "stage1") != fp(base, "stage1")
+    assert fp(unlisted, "stage1") == fp(base, "stage1")
+    assert fp(load_config(["stage3.steps=9"]), "stage1") == fp(base, "stage1")
+    assert fp(load_config(["stage3.steps=9"]), "stage3") != fp(base, "stage3")
+    with pytest.raises(KeyError, match="guidance.nope"):
+        base.fingerprint("guidance.nope")

@@ -65,7 +65,7 @@ from loomcore.train.distributed import (
 from loomcore.train.metrics import RunLog, read_steps
 from loomcore.train.optim import build_optimizer, build_scheduler
 from loomcore.train.stage_io import (
-    SHARED_SECTIONS, cache_key_files, code_fingerprint, inputs_fingerprint, stage_out_dir, write_run_record, write_weights,
+    cache_key_files, code_fingerprint, inputs_fingerprint, stage_out_dir, stage_params, write_run_record, write_weights,
 )
 
 STAGE = "rl"
@@ -147,7 +147,7 @@ class RLTrainer:
             inputs = inputs_fingerprint([self.init_path, *cache_key_files(cfg)])
             # only the same params, inputs and code resume a run (as for the training stages)
             code = code_fingerprint("loomcore.rl.trainer")
-            key = run_key(cfg.fingerprint(*SHARED_SECTIONS, "rl"), f"{inputs}-{code}")
+            key = run_key(cfg.fingerprint(*stage_params(STAGE)), f"{inputs}-{code}")
             run_dir = Path(cfg.paths.runs) / STAGE / key
         self.run_dir = Path(broadcast_object(str(run_dir) if run_dir else None))
 

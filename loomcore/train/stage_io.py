@@ -57,8 +57,18 @@ def init_weights(cfg: Config, stage: str) -> Tuple[Path, str]:
     return prev / "model", f"{s.init_from}'s {held} weights ({prev / 'model'})"
 
 
-# The params sections a stage reads besides its own (dvc.yaml lists the same ones).
-SHARED_SECTIONS = ("profile", "seed", "models", "dit", "mllm", "rope", "flow", "guidance", "train")
+def stage_params(stage: str) -> List[str]:
+    """The params keys dvc.yaml lists for `stage`: what the stage reads. One list for two uses —
+    DVC reruns the stage when one of them changes, and the run key fingerprints the same keys,
+    so a run resumes exactly when DVC would call its params unchanged."""
+    import yaml
+
+    from loomcore.codegraph import REPO
+
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    if stage not in stages:
+        raise KeyError(f"{REPO / 'dvc.yaml'}: no stage {stage!r}")
+    return [p for p in stages[stage].get("params", []) if isinstance(p, str)]
 _HASH_FULL_LIMIT = 256 << 20  # files above this are fingerprinted by size + 16 sampled MiB
 
 
@@ -112,7 +122,7 @@ def cache_key_files(cfg: Config) -> List[Path]:
 
 def stage_run_dir(cfg: Config, stage: str, init_path: Path) -> Path:
     inputs = inputs_fingerprint([init_path, *cache_key_files(cfg)])
-    key = run_key(cfg.fingerprint(*SHARED_SECTIONS, stage), f"{inputs}-{code_fingerprint()}")
+    key = run_key(cfg.fingerprint(*stage_params(stage)), f"{inputs}-{code_fingerprint()}")
     return Path(cfg.paths.runs) / stage / key
 
 
