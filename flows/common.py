@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
+from tasks.common import PARENT_TASK_RUN_ENV
+
 
 def stage_main(flow_fn: Callable, description: str, argv: list[str] | None = None) -> int:
     """Parse `--profile` and `key=value` overrides, run the flow, exit non-zero on failure."""
@@ -27,15 +29,14 @@ def stage_main(flow_fn: Callable, description: str, argv: list[str] | None = Non
     return 0
 
 
-PARENT_ENV = "LOOM_PARENT_TASK_RUN_ID"  # set by tasks.dvc for the stage commands DVC runs
 
 
 def run_stage_flow(flow_fn: Callable, **parameters):
-    """Call a stage's flow. Started by DVC under the pipeline flow (PARENT_ENV holds the id of the
+    """Call a stage's flow. Started by DVC under the pipeline flow (PARENT_TASK_RUN_ENV holds the id of the
     pipeline's `dvc repro <stage>` task run), its flow run is created as a child of that task run —
     what Prefect does for a subflow called in-process — named after the stage and tagged, so the UI
     shows one run tree; otherwise a top-level flow run, as before."""
-    parent = os.environ.get(PARENT_ENV)
+    parent = os.environ.get(PARENT_TASK_RUN_ENV)
     if not parent:
         return flow_fn(**parameters)
     from uuid import UUID

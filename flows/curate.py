@@ -4,26 +4,16 @@ world) → data/manifests/{train,eval,rejects}.parquet + curate.json (the whole 
 
 from __future__ import annotations
 
-import json
-import os
-from pathlib import Path
-
 from prefect import flow
 
 from flows.common import stage_main
-from loomcore.data.curate import headline
-from tasks.common import load_stage_config, markdown_table, publish_markdown, publish_table
+from tasks.common import markdown_table, publish_markdown, publish_table
 from tasks.curate import curate_task
 
 
 @flow(name="curate", log_prints=True)
 def curate_flow(profile: str | None = None, overrides: list[str] | None = None) -> dict:
-    summary = curate_task(profile, list(overrides or []))
-    out = Path(load_stage_config(profile, list(overrides or [])).train.out_dir) / "curate" / "metrics.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(headline(summary), indent=2) + "\n")
-    os.replace(tmp, out)
+    summary = curate_task(profile, list(overrides or []))  # writes the manifests and the stage's metrics.json
     rows = [{"task": k, "kept": v} for k, v in sorted(summary["per_task"].items())]
     publish_table("curate-per-task", rows, "Kept rows per task kind")
     rejects = [{"reason": k, "rows": v} for k, v in sorted(summary["rejected"]["by_reason"].items())]

@@ -18,7 +18,11 @@ from prefect.context import FlowRunContext, TaskRunContext
 
 from loomcore.config import Config, load_config
 
-__all__ = ["NO_CACHE", "load_stage_config", "Progress", "artifact_key", "publish_table", "publish_markdown", "logger"]
+__all__ = ["NO_CACHE", "PARENT_TASK_RUN_ENV", "load_stage_config", "Progress", "artifact_key", "publish_table", "publish_markdown", "logger"]
+
+# tasks.dvc puts the id of the pipeline's `dvc repro <stage>` task run here for the stage commands
+# DVC starts; flows.common.run_stage_flow makes the stage's flow run its child
+PARENT_TASK_RUN_ENV = "LOOM_PARENT_TASK_RUN_ID"
 
 
 def load_stage_config(profile: Optional[str] = None, overrides: Sequence[str] = ()) -> Config:

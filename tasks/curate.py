@@ -8,6 +8,8 @@ same way every time, so it is attempted once. Results are never cached by Prefec
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -18,7 +20,7 @@ from tasks.common import NO_CACHE, Progress, load_stage_config, logger, retry_if
 
 @task(name="curate", retries=2, retry_delay_seconds=10, retry_condition_fn=retry_if_transient, cache_policy=NO_CACHE)
 def curate_task(profile: Optional[str] = None, overrides: Sequence[str] = ()) -> dict:
-    from loomcore.data.curate import curate
+    from loomcore.data.curate import curate, headline
     from loomcore.storage import S3Settings
 
     cfg = load_stage_config(profile, overrides)
@@ -29,4 +31,10 @@ def curate_task(profile: Optional[str] = None, overrides: Sequence[str] = ()) ->
         s3_settings=S3Settings.from_config(cfg.s3), on_progress=Progress("curate: rows checked"),
     )
     log.info("kept %s, rejected %s of %s rows", summary["kept"]["total"], summary["rejected"]["total"], summary["rows_in"])
+    # the stage's DVC metric (committed): its headline figures
+    out = Path(cfg.train.out_dir) / "curate" / "metrics.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(headline(summary), indent=2) + "\n")
+    os.replace(tmp, out)
     return summary

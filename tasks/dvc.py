@@ -29,7 +29,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
 from prefect import task
 
-from tasks.common import NO_CACHE, logger
+from tasks.common import NO_CACHE, PARENT_TASK_RUN_ENV, logger
 from tasks.proc import SubprocessFailed, SubprocessTimeout, run_streaming, stop_orphan_group
 
 LOCK_NAME = "loom-pipeline.lock"
@@ -69,10 +69,10 @@ def dvc_env() -> dict:
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     from prefect.runtime import task_run
 
-    if task_run.id:  # a stage's flow run becomes a child of this task run (flows.common.PARENT_ENV)
-        env["LOOM_PARENT_TASK_RUN_ID"] = str(task_run.id)
+    if task_run.id:  # a stage's flow run becomes a child of this task run (flows.common.run_stage_flow)
+        env[PARENT_TASK_RUN_ENV] = str(task_run.id)
     else:
-        env.pop("LOOM_PARENT_TASK_RUN_ID", None)
+        env.pop(PARENT_TASK_RUN_ENV, None)
     return env
 
 

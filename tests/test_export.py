@@ -21,7 +21,6 @@ from loomcore.config import REPO_ROOT, load_config
 from loomcore.export import (COMPLETE, ExportExists, PublishError, check_export_folder, download_version, dvc_md5,
                              export_pipeline, find_pickles, flatten_metrics, list_versions, promotion_gate,
                              publish_export, read_export_info, read_latest, resolve_source, resolve_version)
-from loomcore.export.lineage import params_md5
 from loomcore.storage import S3Settings, s3_client
 
 METRICS = {"vbench": {"imaging_quality": 0.61, "subject_consistency": 0.93}, "edit": {"judge": {"tv2v": 6.5}},
@@ -180,12 +179,14 @@ def test_model_card_has_metrics_params_and_lineage(exported, project):
     cfg = load_config(profile="tiny")
     assert params["dit"]["num_layers"] == cfg.dit.num_layers and params["profile"] == "tiny" and params["stage3"]["steps"] == cfg.stage3.steps
     assert params["export"]["dtype"] == "bfloat16"
-    # lineage: dvc.lock's data, params and code hashes, the weights checked against the lock
+    # lineage: what the weights descend from, with dvc.lock's md5 (oldest first), the weights checked
     lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
-    assert lock["curate"]["outs"][0]["md5"] in body
-    assert params_md5(lock["stage3"]["params"]) in body and params_md5(lock["curate"]["params"]) in body
-    code = params_md5(sorted((d["path"], d.get("md5")) for d in lock["stage3"].get("deps", [])))
-    assert f"| `stage3` | `{params_md5(lock['stage3']['params'])}` | `{code}` |" in body
+    ancestry = body.split("### What the exported weights descend from", 1)[1].split("## Parameters", 1)[0]
+    assert f"| train manifest | `{lock['curate']['outs'][0]['path']}` | `curate` | `{lock['curate']['outs'][0]['md5']}` |" in ancestry
+    assert "| base models |" in ancestry and "| stage1 weights |" in ancestry and "| stage2 weights |" in ancestry
+    assert ancestry.index("stage1 weights") < ancestry.index("stage2 weights") and "stage3 weights" not in ancestry
+    assert "| stage2 weights | `outputs/stage2/model` | – | not in dvc.lock |" in ancestry  # the fixture's lock has none
+    assert "params md5" not in body  # per-stage code/params hashes would go stale (see lineage.py)
     # no clock, commit or machine path: the folder follows from its inputs alone
     above_params = card.split("## Parameters")[0]  # (the params are the config's own values, as given)
     assert str(root) not in above_params and str(REPO_ROOT) not in above_params and "git `" not in card

@@ -18,6 +18,7 @@ import time
 import pytest
 
 from loomcore.config import params_yaml
+from tasks.common import PARENT_TASK_RUN_ENV
 
 from _orchestration import (
     BIN, DVC, OUTS, REPO, alive, copy_checkout, did, kill_group, latest_artifact, make_fake_repo, read_until, runs,
@@ -310,7 +311,7 @@ def test_a_stage_flow_is_a_child_of_the_pipeline_run_named_after_its_stage(prefe
     assert [c.name for c in children] == ["curate"]
     assert children[0].state.is_completed() and {"loomvideo", "pipeline", "stage:curate"} <= set(children[0].tags)
     # run by hand (no pipeline task run above it), the same stage is a top-level flow run
-    env = {k: v for k, v in os.environ.items() if k != "LOOM_PARENT_TASK_RUN_ID"}
+    env = {k: v for k, v in os.environ.items() if k != PARENT_TASK_RUN_ENV}
     subprocess.run([sys.executable, "toy_stage.py"], cwd=repo, env=env, check=True, capture_output=True)
     with get_client(sync_client=True) as client:
         runs_ = client.read_flow_runs(flow_run_filter=FlowRunFilter(parent_task_run_id=FlowRunFilterParentTaskRunId(is_null_=True)))

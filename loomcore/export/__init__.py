@@ -2,7 +2,7 @@
 
     folder.py    export_pipeline(cfg) → the folder (atomic; safetensors only; model card); checks
     card.py      the model card: front matter, loading, metrics, lineage, params
-    lineage.py   git commit + dirty flag; dvc.lock's data / params hashes; DVC-hash checks
+    lineage.py   git commit + dirty flag; the weights' ancestors in dvc.lock; DVC-hash checks
     metrics.py   flatten the evaluate stage's metrics; the promotion gate
     publish.py   publish_export(folder, s3_uri) → models/<name>/<version>/ + _COMPLETE + latest.json;
                  the reader side: resolve_version, download_version, list_versions

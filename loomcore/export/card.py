@@ -64,8 +64,8 @@ def _metrics_section(metrics: Dict[str, float], lower_patterns: Sequence[str], s
 
 def _lineage_section(info: dict) -> str:
     lin, src = info["lineage"], info["source"]
-    lines = ["- **Code**: each stage's code and inputs as dvc.lock hashes them (the stages table below); the "
-             "commit this version was published from is in its publication record"]
+    lines = ["- **Code**: the commit this version was published from is in its publication record; that "
+             "commit's dvc.lock holds every stage's code, params and outs hashes"]
     lines.append(f"- **Weights**: the `{src['stage']}` DiT from `{src['path']}`")
     lines.append(f"- **dvc.lock**: `{lin['lock']}`" if lin.get("lock") else f"- **dvc.lock**: none — {lin.get('note')}")
     for role, c in lin.get("checks", {}).items():
@@ -79,14 +79,10 @@ def _lineage_section(info: dict) -> str:
                          "the lineage below may not describe them")
     if lin.get("lock") is None:
         return "\n".join(lines) + "\n"
-    text = "\n".join(lines) + "\n\n### Data manifests (curate outs)\n\n"
-    data = lin.get("data") or {}
-    text += _table(("path", "md5"), [(f"`{p}`", f"`{m}`") for p, m in sorted(data.items())]) if data else "_none in dvc.lock_\n"
-    text += "\n### Stages (params, code and inputs md5 and outs, from dvc.lock)\n\n"
-    rows = [(f"`{name}`", f"`{s['params_md5']}`", f"`{s['deps_md5']}`",
-             "<br>".join(f"`{p}`: `{m}`" for p, m in sorted(s["outs"].items())))
-            for name, s in lin.get("stages", {}).items()]
-    return text + _table(("stage", "params md5", "code + inputs md5", "outs"), rows)
+    text = "\n".join(lines) + "\n\n### What the exported weights descend from (md5 as dvc.lock records)\n\n"
+    rows = [(role, f"`{a['path']}`", f"`{a['stage']}`" if a["stage"] else "–", f"`{a['md5']}`" if a["md5"] else "not in dvc.lock")
+            for role, a in lin.get("ancestors", {}).items()]
+    return text + (_table(("", "path", "stage", "md5"), rows) if rows else "_none_\n")
 
 
 def render_card(info: dict, components: Dict[str, List[str]], config: dict, lower_patterns: Sequence[str]) -> str:

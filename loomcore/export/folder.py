@@ -11,8 +11,8 @@
       export.json              the same facts, machine-readable (name, version, metrics, lineage)
 
 Everything in the folder follows from what it was built from: the version is a digest of the
-weights, the metrics and the settings (`content_version`), the lineage comes from dvc.lock (each
-stage's params, code and input hashes), paths are relative to the checkout. No clock, commit or
+weights, the metrics and the settings (`content_version`), the lineage comes from dvc.lock (the
+md5 of the train manifest, the base models and each earlier stage's weights), paths are relative to the checkout. No clock, commit or
 machine path goes in, so the same inputs give a byte-identical folder (DVC's hash of it does not
 change on a rerun or in a fresh clone); the commit a version was published from is in its
 publication record (`publish_export`).
@@ -106,6 +106,20 @@ def resolve_source(cfg: Config) -> Tuple[str, Path]:
     looked = ", ".join(str(out / s / "model") for s in candidates)
     raise ValueError(f"export.source = {choice!r}: no trained DiT at {looked} (a LoomDiT.save_pretrained folder "
                      "with config.json); run the training stages first")
+
+
+def _ancestors(cfg: Config, stage: str) -> Dict[str, Path]:
+    """What the `stage` weights descend from: the train manifest, the base models and the
+    weights of every stage before it, oldest first (following each stage's `init_from`)."""
+    out = Path(cfg.train.out_dir)
+    earlier: List[str] = []
+    prev = cfg.rl.init_from if stage == "rl" else cfg.stage(stage).init_from
+    while prev != "base" and prev not in earlier:
+        earlier.insert(0, prev)
+        prev = cfg.stage(prev).init_from
+    chain = {"train manifest": Path(cfg.paths.manifests) / "train.parquet", "base models": Path(cfg.paths.models)}
+    chain.update({f"{s} weights": out / s / "model" for s in earlier})
+    return chain
 
 
 def find_pickles(folder: Path) -> List[str]:
@@ -212,7 +226,8 @@ def export_pipeline(cfg: Config, *, out_dir: Optional[Path | str] = None, overwr
     metrics = load_metrics(e.metrics)
     if version or e.version:
         version = check_name(version or e.version, "export version")
-    lineage = dvc_lineage(dvc_lock, {"weights": source, "metrics": Path(e.metrics) if e.metrics else None})
+    lineage = dvc_lineage(dvc_lock, {"weights": source, "metrics": Path(e.metrics) if e.metrics else None},
+                          ancestors=_ancestors(cfg, stage))
     warnings = [f"{role} {c['path']}: md5 {c['md5']} but dvc.lock records {c['recorded']} (stage {c['stage']})"
                 for role, c in lineage.get("checks", {}).items() if c["matches"] is False]
     for w in warnings:

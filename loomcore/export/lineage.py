@@ -1,11 +1,18 @@
-"""Where an exported model came from: the code (git), the data and params (dvc.lock), the weights.
+"""Where an exported model came from: the code (git), the data and weights it descends from
+(dvc.lock), the weights themselves.
 
-dvc.lock records, per stage, the md5 of every out and the values of the params it read. The
-export copies the md5s of the curate stage's outs (the data manifests), an md5 of each stage's
-params (so two exports can be compared at a glance), and checks the exported weights and metrics
-against the lock by recomputing DVC's own hash: a file's md5, a folder's md5 of its sorted
-[{"md5", "relpath"}] listing + ".dir" (dvc-data's Tree.digest). A mismatch means the files
-changed after the last `dvc repro` / `dvc commit`: the card then says so, loudly.
+dvc.lock records, per stage, the md5 of every out. The export lists the recorded md5 of each
+ancestor of the exported weights — the train manifest, the base models, every earlier stage's
+weights — and checks the exported weights and metrics against the lock by recomputing DVC's own
+hash: a file's md5, a folder's md5 of its sorted [{"md5", "relpath"}] listing + ".dir"
+(dvc-data's Tree.digest). A mismatch means the files changed after the last `dvc repro` / `dvc
+commit`: the card then says so, loudly.
+
+Only ancestors: a change to any of them changes the weights exported, so the export stage reruns
+and the card never describes an older lock. (Per-stage code and params hashes would not hold
+that: a comment change reruns a stage whose outputs stay byte-identical, the export does not
+rerun, and its card would name the old hashes. They are in dvc.lock at the commit the version was
+published from.)
 
 No dvc import here (loomcore imports neither prefect nor dvc): the lock is plain YAML.
 """
@@ -24,8 +31,6 @@ import yaml
 from loomcore.config import REPO_ROOT
 from loomcore.storage import file_digest
 
-EXPORT_STAGE = "export"  # this stage's own entry in dvc.lock is not lineage
-DATA_STAGE = "curate"  # its outs are the data manifests
 
 
 def _git(*args: str, cwd: Path) -> str:
@@ -59,10 +64,6 @@ def dvc_md5(path: Path) -> str:
     return hashlib.md5(json.dumps(entries, sort_keys=True).encode("utf-8")).hexdigest() + ".dir"
 
 
-def params_md5(params: dict) -> str:
-    return hashlib.md5(json.dumps(params, sort_keys=True, default=str).encode("utf-8")).hexdigest()
-
-
 def display_path(path: Path | str) -> str:
     """Relative to the working directory (the checkout) when inside it: no machine paths in a card."""
     p = Path(path)
@@ -72,22 +73,26 @@ def display_path(path: Path | str) -> str:
         return str(path)
 
 
-def _find_out(stages: dict, lock_dir: Path, path: Path) -> Optional[tuple[str, str]]:
-    """(stage, recorded md5) of the dvc.lock out at `path`, if any stage records it."""
+def _find_out(stages: dict, lock_dir: Path, path: Path) -> Optional[tuple[str, str, str]]:
+    """(stage, recorded md5, path as the lock writes it) of the dvc.lock out at `path`, if any
+    stage records it."""
     target = Path(os.path.realpath(path))
     for name, stage in stages.items():
         for out in stage.get("outs", []):
             if Path(os.path.realpath(lock_dir / out["path"])) == target:
-                return name, out.get("md5")
+                return name, out.get("md5"), out["path"]
     return None
 
 
-def dvc_lineage(lock_path: Path | str, checked: Dict[str, Optional[Path]]) -> Dict[str, object]:
+def dvc_lineage(lock_path: Path | str, checked: Dict[str, Optional[Path]],
+                ancestors: Optional[Dict[str, Path]] = None) -> Dict[str, object]:
     """What dvc.lock says about the inputs of this export.
 
     `checked`: {role: path} of files/folders the export used (the source weights, the metrics);
     each is looked up among the lock's outs and its DVC hash recomputed: "matches" True/False, or
-    None when the lock does not record it. Without a dvc.lock: {"lock": None, "note": why}.
+    None when the lock does not record it. `ancestors`: {role: path} of what those weights descend
+    from, reported with the md5 the lock records (not recomputed: they are whole earlier stages'
+    weights). Without a dvc.lock: {"lock": None, "note": why}.
     """
     lock_path = Path(lock_path)
     if not lock_path.is_file():
@@ -98,14 +103,11 @@ def dvc_lineage(lock_path: Path | str, checked: Dict[str, Optional[Path]]) -> Di
     stages = (yaml.safe_load(lock_path.read_text()) or {}).get("stages", {})
     lock_dir = lock_path.parent
     out: Dict[str, object] = {"lock": display_path(lock_path)}
-    data = stages.get(DATA_STAGE, {})
-    out["data"] = {o["path"]: o.get("md5") for o in data.get("outs", [])}
-    out["stages"] = {
-        name: {"params_md5": params_md5(stage.get("params", {})),
-               "deps_md5": params_md5(sorted((d["path"], d.get("md5")) for d in stage.get("deps", []))),
-               "outs": {o["path"]: o.get("md5") for o in stage.get("outs", [])}}
-        for name, stage in stages.items() if name != EXPORT_STAGE
-    }
+    out["ancestors"] = {}
+    for role, path in (ancestors or {}).items():
+        found = _find_out(stages, lock_dir, Path(path))
+        out["ancestors"][role] = ({"path": found[2], "stage": found[0], "md5": found[1]} if found else
+                                  {"path": display_path(path), "stage": None, "md5": None})
     checks = {}
     for role, path in checked.items():
         if path is None:

@@ -19,7 +19,9 @@ is applied as a linear map on these vectors (the Conv3d's weight, permuted).
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -149,6 +151,19 @@ def check_architecture(config: dict, cfg, source: str) -> None:
             f"transformer {source}: its config.json disagrees with the config (params.yaml + overrides) on "
             f"{len(diffs)} architecture value(s): " + "; ".join(diffs)
             + ". Use the config the checkpoint was trained with, or a checkpoint of this config.")
+
+
+def check_folder_architecture(folder, cfg, source: str | None = None) -> dict:
+    """`check_architecture` on a transformer folder's config.json; returns that config. One
+    rule for every loader (the stages, RL, evaluate, export, `loom generate`)."""
+    config_file = Path(folder) / "config.json"
+    if not config_file.is_file():
+        raise ValueError(f"transformer {source or folder}: no config.json (expected a "
+                                "LoomDiT.save_pretrained folder or a diffusers WanTransformer3DModel folder)")
+    config = json.loads(config_file.read_text())
+    if config.get("_class_name") in ("LoomDiT", "WanTransformer3DModel"):
+        check_architecture(config, cfg, source or str(folder))
+    return config
 
 
 def _patch_linear(conv: nn.Conv3d) -> tuple[torch.Tensor, torch.Tensor]:

@@ -103,7 +103,7 @@ def load_transformer(cfg, path: str | None, torch_dtype: torch.dtype):
     """LoomDiT from a trained folder (LoomDiT.save_pretrained), a Wan base transformer (its
     added modules freshly initialised, as stage 1 starts) or a checkpoint of the authors' release
     (its folder or weights file, EMA first, as their `--ckpt_path`; see `read_release`)."""
-    from loomcore.models.dit import LoomDiT, check_architecture, loomdit_kwargs
+    from loomcore.models.dit import LoomDiT, check_folder_architecture, loomdit_kwargs
     from loomcore.models.release import is_release_checkpoint, load_release
 
     uri = path or cfg.models.transformer
@@ -111,14 +111,8 @@ def load_transformer(cfg, path: str | None, torch_dtype: torch.dtype):
     if is_release_checkpoint(folder):
         model, _ = load_release(folder, loomdit_kwargs(cfg), dtype=torch_dtype)
         return model.eval()
-    config_file = folder / "config.json"
-    if not config_file.is_file():
-        raise ValueError(f"transformer {uri}: no config.json (expected a LoomDiT.save_pretrained folder "
-                         "or a diffusers WanTransformer3DModel folder)")
-    config = json.loads(config_file.read_text())
+    config = check_folder_architecture(folder, cfg, uri)
     name = config.get("_class_name")
-    if name in ("LoomDiT", "WanTransformer3DModel"):
-        check_architecture(config, cfg, uri)
     if name == "LoomDiT":
         model = LoomDiT.from_pretrained(str(folder), torch_dtype=torch_dtype)
     elif name == "WanTransformer3DModel":
@@ -126,7 +120,7 @@ def load_transformer(cfg, path: str | None, torch_dtype: torch.dtype):
             "mllm_dim", "projector_mult", "ref_offset", "use_source_embedding", "timestep_scale")}
         model, _ = LoomDiT.from_wan_transformer(folder, dtype=torch_dtype, **own)
     else:
-        raise ValueError(f"transformer {uri}: {config_file} describes {name!r}, expected 'LoomDiT' or 'WanTransformer3DModel'")
+        raise ValueError(f"transformer {uri}: {folder / 'config.json'} describes {name!r}, expected 'LoomDiT' or 'WanTransformer3DModel'")
     return model.eval()
 
 

@@ -127,7 +127,7 @@ class RLTrainer:
 
     def setup(self) -> None:
         from loomcore.models.codec import load_codec
-        from loomcore.models.dit import LoomDiT, check_architecture
+        from loomcore.models.dit import LoomDiT, check_folder_architecture
         from loomcore.models.release import TEXT_PATH_PREFIX
 
         cfg, rl, env = self.cfg, self.rl, self.env
@@ -139,7 +139,7 @@ class RLTrainer:
             raise FileNotFoundError(f"rl.init_from = {rl.init_from}: {prev / 'summary.json'} is missing "
                                     f"(run {rl.init_from} first)")
         self.init_path = prev / "model"
-        check_architecture(json.loads((self.init_path / "config.json").read_text()), cfg, str(self.init_path))
+        check_folder_architecture(self.init_path, cfg)
         held = json.loads((prev / "summary.json").read_text())["model_weights"]
         self.init_desc = f"{rl.init_from}'s {held} weights ({self.init_path})"
         run_dir = None

@@ -12,7 +12,6 @@ only: a 1-process run with A = 2 takes the same steps as 2 processes with A = 1.
 
 from __future__ import annotations
 
-import json
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -71,7 +70,7 @@ class Trainer:
     # -- set-up -------------------------------------------------------------------------------
 
     def setup(self) -> None:
-        from loomcore.models.dit import LoomDiT, check_architecture, loomdit_kwargs
+        from loomcore.models.dit import LoomDiT, check_folder_architecture, loomdit_kwargs
 
         cfg, s, env = self.cfg, self.s, self.env
         if env.local_rank == 0:  # before anything touches the GPUs; "no GPU: running on CPU" on a CPU
@@ -81,7 +80,7 @@ class Trainer:
         run_dir = stage_run_dir(cfg, self.stage, self.init_path) if env.is_main else None
         self.run_dir = Path(broadcast_object(str(run_dir) if run_dir else None))
 
-        check_architecture(json.loads((Path(self.init_path) / "config.json").read_text()), cfg, str(self.init_path))
+        check_folder_architecture(self.init_path, cfg)
         torch.manual_seed(cfg.seed)  # the new modules' initialisation, identical on every rank
         model, report = LoomDiT.from_wan_transformer(self.init_path, **loomdit_kwargs(cfg, s.source_embedding))
         self.new_params = list(report.new)
