@@ -794,7 +794,7 @@ def _validate(cfg: Config) -> None:
     check(len(e.vbench.iqa_prompts) == 2, f"eval.vbench.iqa_prompts = {e.vbench.iqa_prompts}: expected [positive, negative]")
     check(e.vbench.consistency_frames >= 1, f"eval.vbench.consistency_frames = {e.vbench.consistency_frames}: expected >= 1")
     j = e.judge
-    check(j.kind in ("qwen", "openai"), f"eval.judge.kind = {j.kind!r}: expected 'qwen' or 'openai'")
+    check(j.kind in ("qwen", "openai", "shapes"), f"eval.judge.kind = {j.kind!r}: expected 'qwen', 'openai' or 'shapes'")
     check(j.retries >= 0 and j.max_new_tokens >= 1 and j.timeout_s > 0 and j.video_frames >= 2,
           f"eval.judge: retries >= 0, max_new_tokens >= 1, timeout_s > 0, video_frames >= 2 expected "
           f"(got {j.retries}, {j.max_new_tokens}, {j.timeout_s}, {j.video_frames})")

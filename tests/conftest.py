@@ -252,6 +252,7 @@ def tiny_workspace(tmp_path_factory):
         f"paths.runs={root}/runs", f"paths.models={root}/models",
         f"models.transformer={root}/models/tiny/transformer", f"models.vae={root}/models/tiny/vae",
         f"models.scheduler={root}/models/tiny/scheduler", f"models.mllm={root}/models/tiny/mllm",
+        f"eval.vbench.clip={root}/models/tiny/clip", f"eval.vbench.dino={root}/models/tiny/dino",
         "data.synthetic_samples=40", "data.shard_size=8",
     ]
     cfg = load_config(overrides, profile="tiny")

@@ -28,12 +28,15 @@ def built(tiny_cfg, tmp_path_factory):
 
 def test_init_models_builds_every_component(built):
     root, report = built
-    assert set(report) == {"transformer", "vae", "scheduler", "mllm"}
+    # the tiny profile names VBench's backbones too: random CLIP / DINO stand-ins, built alike
+    assert set(report) == {"transformer", "vae", "scheduler", "mllm", "clip", "dino"}
     assert all(v.startswith("built") for v in report.values())
     files = _hashes(root)
     for name in ("transformer/config.json", "transformer/diffusion_pytorch_model.safetensors",
                  "vae/codec_config.json", "scheduler/scheduler_config.json", "mllm/config.json",
-                 "mllm/model.safetensors", "mllm/tokenizer.json", "mllm/chat_template.json"):
+                 "mllm/model.safetensors", "mllm/tokenizer.json", "mllm/chat_template.json",
+                 "clip/config.json", "clip/model.safetensors", "clip/tokenizer.json", "clip/preprocessor_config.json",
+                 "dino/config.json", "dino/model.safetensors", "dino/preprocessor_config.json"):
         assert name in files, name
 
 
@@ -210,7 +213,8 @@ def test_the_stage_record_is_the_same_whether_it_built_or_found_the_models(prefe
 
     overrides = [f"paths.models={tmp_path / 'models'}", f"models.transformer={tmp_path / 'models/transformer'}",
                  f"models.vae={tmp_path / 'models/vae'}", f"models.scheduler={tmp_path / 'models/scheduler'}",
-                 f"models.mllm={tmp_path / 'models/mllm'}"]
+                 f"models.mllm={tmp_path / 'models/mllm'}", f"eval.vbench.clip={tmp_path / 'models/clip'}",
+                 f"eval.vbench.dino={tmp_path / 'models/dino'}"]
     first = base_models_flow(profile="tiny", overrides=overrides)
     record = (tmp_path / "models" / "base_models.json").read_bytes()
     second = base_models_flow(profile="tiny", overrides=overrides)

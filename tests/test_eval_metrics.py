@@ -10,9 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from loomcore.eval.metrics import (
-    VBenchScorer, build_tiny_clip, build_tiny_dino, middle_frame_indices, subject_consistency_from_features,
-)
+from loomcore.eval.metrics import VBenchScorer, middle_frame_indices, subject_consistency_from_features
+from loomcore.models.base_models import build_tiny_clip, build_tiny_dino
 
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
@@ -20,7 +19,8 @@ pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 @pytest.fixture(scope="module")
 def backbones(tmp_path_factory):
     root = tmp_path_factory.mktemp("vbench")
-    return build_tiny_clip(root / "clip"), build_tiny_dino(root / "dino")
+    build_tiny_clip(root / "clip"), build_tiny_dino(root / "dino")
+    return root / "clip", root / "dino"
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,8 @@
     metrics.py      VBench's Imaging Quality (CLIP-IQA stand-in), Subject and Overall Consistency
     judge.py        the VLM judge interface, the 1–5 score parser, retries → failure rows;
                     QwenJudge (local Qwen3-VL) and OpenAICompatibleJudge (hosted)
+    shapes_judge.py the tiny profile's judge: a program rating the Shapes world, served as an
+                    OpenAI-compatible endpoint on 127.0.0.1
     prompts.py      the judge's templates: OpenVE-Bench, RefVIE-Bench, IntelligentVBench, FashionVideoBench
     benchmarks.py   benchmark sets on disk / S3 (<root>/<benchmark>/index.jsonl + media)
     report.py       metrics.json, scores.parquet, contact sheets, report.md

@@ -259,6 +259,21 @@ def _shapes_entries(row: dict, truth: dict, k: int) -> Dict[str, dict]:
     return {}
 
 
+def _round_robin(rows: List[str]) -> List[str]:
+    """Index lines reordered to take the categories in turn (first appearance order), so that
+    the first N (`eval.benchmarks.limit`) cover every category a table has a column for."""
+    by_cat: Dict[str, List[str]] = {}
+    for r in rows:
+        by_cat.setdefault(json.loads(r)["category"], []).append(r)
+    queues = list(by_cat.values())
+    out = []
+    while any(queues):
+        for q in queues:
+            if q:
+                out.append(q.pop(0))
+    return out
+
+
 def write_shapes_benchmarks(manifest: Path, data_root: Path, truth: Dict[str, dict], out_root: Path) -> Dict[str, int]:
     """Every benchmark's index.jsonl + media under `out_root`, from the Shapes eval manifest rows
     (copies of their media). Returns {benchmark: samples}. `out_root` is replaced."""
@@ -280,6 +295,7 @@ def write_shapes_benchmarks(manifest: Path, data_root: Path, truth: Dict[str, di
             }, sort_keys=True))
     counts = {}
     for bench, rows in lines.items():
+        rows = _round_robin(rows)
         (out_root / bench).mkdir(parents=True, exist_ok=True)
         (out_root / bench / INDEX).write_text("".join(r + "\n" for r in rows), encoding="utf-8")
         counts[bench] = len(rows)

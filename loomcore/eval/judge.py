@@ -25,8 +25,9 @@ import socket
 import time
 import urllib.error
 import urllib.request
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Protocol, Sequence
+from typing import Dict, Iterator, List, Optional, Protocol, Sequence
 
 import numpy as np
 
@@ -379,8 +380,27 @@ class OpenAICompatibleJudge:
             raise JudgeTransientError(f"{url}: no choices[0].message.content in the response: {str(body)[:200]}")
 
 
+@contextmanager
+def judge_session(cfg, device: str = "cpu") -> Iterator[Judge]:
+    """`with judge_session(cfg) as judge:` — `make_judge`, or for kind "shapes" (the tiny
+    profile) the program of `loomcore.eval.shapes_judge` served on 127.0.0.1 for the session and
+    asked through `OpenAICompatibleJudge`, the hosted judge's own client."""
+    j = cfg.eval.judge
+    if j.kind != "shapes":
+        yield make_judge(cfg, device)
+        return
+    from loomcore.eval.shapes_judge import MODEL_NAME, ShapesJudgeServer
+    from loomcore.eval.shapesbench import ShapesScoring
+
+    with ShapesJudgeServer(ShapesScoring.from_config(cfg.eval.shapes)) as server:
+        yield OpenAICompatibleJudge(server.url, MODEL_NAME, server.api_key, j.timeout_s, j.max_new_tokens,
+                                    j.video_frames, name=f"{MODEL_NAME} (tiny stand-in: a program that rates the Shapes "
+                                    "world, asked over HTTP through the OpenAI-compatible client)")
+
+
 def make_judge(cfg, device: str = "cpu") -> Judge:
-    """The judge `cfg.eval.judge` asks for: kind "qwen" loads `judge.model` (null: models.mllm)."""
+    """The judge `cfg.eval.judge` asks for: kind "qwen" loads `judge.model` (null: models.mllm);
+    "openai": the endpoint the environment names. ("shapes" needs a server: `judge_session`.)"""
     import torch
 
     j = cfg.eval.judge
@@ -390,4 +410,4 @@ def make_judge(cfg, device: str = "cpu") -> Judge:
                                          device, dtype)
     if j.kind == "openai":
         return OpenAICompatibleJudge.from_env(j.timeout_s, j.max_new_tokens, j.video_frames)
-    raise ValueError(f"eval.judge.kind = {j.kind!r}: expected 'qwen' or 'openai'")
+    raise ValueError(f"eval.judge.kind = {j.kind!r}: expected 'qwen' or 'openai' (or 'shapes' through judge_session)")

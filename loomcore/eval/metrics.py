@@ -32,11 +32,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from loomcore.models.base_models import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD
 from loomcore.storage import materialize
 
 VBENCH_METRICS = ("imaging_quality", "overall_consistency", "subject_consistency")
-CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 DINO_SIZE = 224  # VBench's dino_transform(224): shorter side to 224, no crop
 
 
@@ -202,53 +201,3 @@ class VBenchScorer:
 # --------------------------------------------------------------------------------------------
 # Tiny random backbones (tests, and trying the code path on the tiny profile)
 # --------------------------------------------------------------------------------------------
-
-
-def build_tiny_clip(path: Path | str, seed: int = 0, corpus: str = "") -> Path:
-    """A random CLIP (hidden 32, 2 layers, 32×32 images) with a small BPE tokenizer, saved in the
-    transformers folder layout (config, safetensors, tokenizer, preprocessor config)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
-    from transformers import CLIPConfig, CLIPModel, PreTrainedTokenizerFast
-
-    path = Path(path)
-    specials = ["<|pad|>", "<|startoftext|>", "<|endoftext|>"]
-    bpe = Tokenizer(models.BPE(unk_token=None))
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    text = "good bad photo a red green blue circle square moves left right on background " + corpus
-    bpe.train_from_iterator([text] * 4, trainers.BpeTrainer(vocab_size=300, special_tokens=specials,
-                                                            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                                            show_progress=False))
-    bos, eos = bpe.token_to_id(specials[1]), bpe.token_to_id(specials[2])
-    bpe.post_processor = processors.TemplateProcessing(single=f"{specials[1]} $A {specials[2]}",
-                                                       special_tokens=[(specials[1], bos), (specials[2], eos)])
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token=specials[0], bos_token=specials[1],
-                                  eos_token=specials[2])
-    config = CLIPConfig(
-        text_config=dict(vocab_size=bpe.get_vocab_size(), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, max_position_embeddings=77, pad_token_id=tok.pad_token_id,
-                         bos_token_id=bos, eos_token_id=eos),
-        vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                           num_attention_heads=2),
-        projection_dim=16,
-    )
-    torch.manual_seed(seed)
-    CLIPModel(config).eval().save_pretrained(path)
-    tok.save_pretrained(path)
-    (path / "preprocessor_config.json").write_text(json.dumps(
-        {"image_mean": list(CLIP_MEAN), "image_std": list(CLIP_STD), "crop_size": 32, "size": {"shortest_edge": 32}},
-        indent=2) + "\n")
-    return path
-
-
-def build_tiny_dino(path: Path | str, seed: int = 0) -> Path:
-    """A random DINO-style ViT (ViTModel, hidden 32, 2 layers, patch 16), saved like facebook/dino-vitb16."""
-    from transformers import ViTConfig, ViTModel
-
-    path = Path(path)
-    config = ViTConfig(image_size=224, patch_size=16, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                       num_attention_heads=2, qkv_bias=True)
-    torch.manual_seed(seed)
-    ViTModel(config, add_pooling_layer=False).eval().save_pretrained(path)
-    (path / "preprocessor_config.json").write_text(json.dumps(
-        {"image_mean": list(IMAGENET_MEAN), "image_std": list(IMAGENET_STD)}, indent=2) + "\n")
-    return path

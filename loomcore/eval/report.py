@@ -377,7 +377,14 @@ def write_outputs(cfg, rows: List[dict], sheets: Dict[str, list], *, model_path:
     tabs = tables(metrics, model_name)
     failures = _failure_table(rows)
     md = [f"# Evaluation of `{model_name}`\n", f"Weights: `{model_path}` · profile `{cfg.profile}` · "
-          f"{e.steps} sampling steps · seed {e.seed} · judge: {judge_name or '–'}\n"]
+          f"{e.steps} sampling steps · seed {e.seed} · judge: {judge_name or '–'} · VBench backbones: "
+          f"CLIP `{e.vbench.clip or '–'}`, DINO `{e.vbench.dino or '–'}`\n"]
+    if cfg.profile == "tiny":
+        md.append("Tiny profile: the judged benchmarks and VBench run end to end on **tiny stand-ins** — the judge "
+                  "is a program that rates the Shapes world from the instruction and the pixels "
+                  "(`loomcore/eval/shapes_judge.py`), asked over HTTP like a hosted judge, and VBench's CLIP and "
+                  "DINO are random tiny backbones, so their numbers mean nothing. ShapesBench is the tiny "
+                  "profile's measure.\n")
     for name, trows in tabs.items():
         md += [f"## {name}\n", _md(trows)]
     rl = rl_table(model_path)

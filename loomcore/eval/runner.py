@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import math
 import tempfile
-from collections import Counter
 import zlib
+from collections import Counter
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -31,7 +32,7 @@ from loomcore.data.buckets import nearest_size
 from loomcore.data.synthetic import GROUND_TRUTH_FILE, load_ground_truth
 from loomcore.eval import shapesbench as sb
 from loomcore.eval.benchmarks import BenchmarkSample, read_benchmark, write_shapes_benchmarks
-from loomcore.eval.judge import Judge, JudgeMedia, ask, make_judge
+from loomcore.eval.judge import Judge, JudgeMedia, ask, judge_session
 from loomcore.eval.metrics import VBENCH_METRICS, VBenchScorer
 from loomcore.eval.prompts import TEMPLATES, template_for
 from loomcore.storage import is_s3
@@ -333,13 +334,13 @@ def _run(cfg: Config, scratch: Path, on_progress: Optional[ProgressFn], log: Cal
             sheets[f"shapesbench-{key}"] = sheet
             log(f"shapesbench ({key}): {len(shape_rows)} samples × {e.shapes.seeds} seed(s)")
         del base
-    judge = make_judge(cfg, device) if any(n != "vbench" for n in sets) else None
     scorer = VBenchScorer.from_config(e.vbench, device) if "vbench" in sets else None
-    for name, samples in sets.items():
-        r, sheet = run_benchmark(pipe, cfg, MODEL, samples, judge, scorer, step)
-        rows += r
-        sheets[name] = sheet
-        failed = len({x["sample_id"] for x in r if x["failure"]})
-        log(f"{name}: {len(samples)} samples, {failed} failure(s)")
+    with (judge_session(cfg, device) if any(n != "vbench" for n in sets) else nullcontext()) as judge:
+        for name, samples in sets.items():
+            r, sheet = run_benchmark(pipe, cfg, MODEL, samples, judge, scorer, step)
+            rows += r
+            sheets[name] = sheet
+            failed = len({x["sample_id"] for x in r if x["failure"]})
+            log(f"{name}: {len(samples)} samples, {failed} failure(s)")
     return write_outputs(cfg, rows, sheets, model_path=model_path, model_name=model_name, skipped=skipped,
                          judge_name=getattr(judge, "name", None))

@@ -1,7 +1,8 @@
 """Base models for `loom init-models`: build the tiny ones, check the paper's real ones.
 
     init_models(cfg)         seeded random Wan DiT / codec / UniPC scheduler / Qwen3-VL + processor,
-                             saved in the real folders' layout at cfg.models.* (idempotent)
+                             saved in the real folders' layout at cfg.models.* (idempotent); and
+                             VBench's CLIP / DINO at eval.vbench.* where the profile names them
     check_paper_models(cfg)  every file the real Wan2.2-TI2V-5B-Diffusers and Qwen3-VL-8B-Instruct
                              folders need, and their dims against cfg; a list of problems
 
@@ -24,12 +25,13 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from loomcore.config import Config
+from loomcore.data.synthetic import DIRECTIONS, PALETTE, SHAPES
 from loomcore.data.tasks import TASKS, UNCONDITIONAL_PREFIX
 from loomcore.storage import is_s3, list_objects, materialize, parse_s3_uri, sha256_file
 
 # Bump when a builder changes what it writes: the manifest then no longer matches and
 # `init_models` rebuilds instead of skipping.
-BUILDER_VERSION = 1
+BUILDER_VERSION = 2
 MANIFEST = "manifest.json"
 COMPONENTS = ("transformer", "vae", "scheduler", "mllm")
 # A random init is for tiny profiles; real weights come from their owners (check_paper_models).
@@ -214,15 +216,85 @@ def build_scheduler(cfg: Config, path: Path) -> None:
     ).save_pretrained(str(path))
 
 
+# VBench's backbones (DESIGN §5): tiny random stand-ins of CLIP ViT-L/14 and DINO ViT-B/16, in their
+# folder layout, with their published image normalisation
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+# words the tiny CLIP tokenizer learns (the Shapes world's captions)
+SHAPES_WORDS = " ".join([*PALETTE, *SHAPES, *DIRECTIONS, "moves move on a an the background"])
+
+
+def build_tiny_clip(path: Path | str, seed: int = 0, corpus: str = "") -> int:
+    """A random CLIP (hidden 32, 2 layers, 32×32 images) with a small BPE tokenizer, saved in the
+    transformers folder layout (config, safetensors, tokenizer, preprocessor config). Returns
+    its parameter count."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+    from transformers import CLIPConfig, CLIPModel, PreTrainedTokenizerFast
+
+    path = Path(path)
+    specials = ["<|pad|>", "<|startoftext|>", "<|endoftext|>"]
+    bpe = Tokenizer(models.BPE(unk_token=None))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    text = "good bad photo a red green blue circle square moves left right on background " + corpus
+    bpe.train_from_iterator([text] * 4, trainers.BpeTrainer(vocab_size=300, special_tokens=specials,
+                                                            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                            show_progress=False))
+    bos, eos = bpe.token_to_id(specials[1]), bpe.token_to_id(specials[2])
+    bpe.post_processor = processors.TemplateProcessing(single=f"{specials[1]} $A {specials[2]}",
+                                                       special_tokens=[(specials[1], bos), (specials[2], eos)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token=specials[0], bos_token=specials[1],
+                                  eos_token=specials[2])
+    config = CLIPConfig(
+        text_config=dict(vocab_size=bpe.get_vocab_size(), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, max_position_embeddings=77, pad_token_id=tok.pad_token_id,
+                         bos_token_id=bos, eos_token_id=eos),
+        vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=2),
+        projection_dim=16,
+    )
+    torch.manual_seed(seed)
+    model = CLIPModel(config).eval()
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    (path / "preprocessor_config.json").write_text(json.dumps(
+        {"image_mean": list(CLIP_MEAN), "image_std": list(CLIP_STD), "crop_size": 32, "size": {"shortest_edge": 32}},
+        indent=2) + "\n")
+    return sum(p.numel() for p in model.parameters())
+
+
+def build_tiny_dino(path: Path | str, seed: int = 0) -> int:
+    """A random DINO-style ViT (ViTModel, hidden 32, 2 layers, patch 16), saved like
+    facebook/dino-vitb16. Returns its parameter count."""
+    from transformers import ViTConfig, ViTModel
+
+    path = Path(path)
+    config = ViTConfig(image_size=224, patch_size=16, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=2, qkv_bias=True)
+    torch.manual_seed(seed)
+    model = ViTModel(config, add_pooling_layer=False).eval()
+    model.save_pretrained(path)
+    (path / "preprocessor_config.json").write_text(json.dumps(
+        {"image_mean": list(IMAGENET_MEAN), "image_std": list(IMAGENET_STD)}, indent=2) + "\n")
+    return sum(p.numel() for p in model.parameters())
+
+
 # --------------------------------------------------------------------------------------------
 # init_models: build (tiny) with a manifest, skip when nothing changed
 # --------------------------------------------------------------------------------------------
 
 
+def _eval_backbones(cfg: Config) -> Dict[str, str]:
+    """VBench's CLIP and DINO folders, where the config names them (the tiny profile: random
+    stand-ins built beside the other tiny models; the paper profile's are real checkpoints)."""
+    return {name: path for name, path in (("clip", cfg.eval.vbench.clip), ("dino", cfg.eval.vbench.dino)) if path}
+
+
 def _component_paths(cfg: Config, out_dir: Optional[Path]) -> Dict[str, Path]:
+    names = (*COMPONENTS, *_eval_backbones(cfg))
     if out_dir is not None:
-        return {name: Path(out_dir) / name for name in COMPONENTS}
+        return {name: Path(out_dir) / name for name in names}
     paths = {name: getattr(cfg.models, name) for name in COMPONENTS}
+    paths.update(_eval_backbones(cfg))
     remote = [f"models.{k} = {v}" for k, v in paths.items() if is_s3(v)]
     if remote:
         raise ValueError(f"init_models builds local folders; got s3:// paths ({'; '.join(remote)}): "
@@ -234,7 +306,7 @@ def _fingerprint(cfg: Config) -> str:
     d = cfg.to_dict()
     parts = {"builder": BUILDER_VERSION, "seed": cfg.seed, "dit": d["dit"], "mllm": d["mllm"],
              "codec": d["codec"], "codec_kind": cfg.models.codec, "flow_shift": cfg.guidance.flow_shift,
-             "negative_prompt": cfg.guidance.negative_prompt}
+             "negative_prompt": cfg.guidance.negative_prompt, "eval_backbones": sorted(_eval_backbones(cfg))}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -286,6 +358,8 @@ def init_models(cfg: Config, out_dir: Optional[Path | str] = None, force: bool =
         "scheduler": lambda p: build_scheduler(cfg, p),
         "mllm": lambda p: build_tiny_mllm(p, cfg.mllm.hidden_size, cfg.mllm.num_layers, cfg.seed,
                                           corpus=cfg.guidance.negative_prompt),
+        "clip": lambda p: build_tiny_clip(p, cfg.seed, corpus=SHAPES_WORDS),
+        "dino": lambda p: build_tiny_dino(p, cfg.seed),
     }
     report = {}
     for name, path in paths.items():
