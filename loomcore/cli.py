@@ -206,8 +206,8 @@ exported pipeline):
   images to video         loom generate --ref a.png --ref b.png --prompt "@Figure 1 chases @Figure 2" --out mi2v.mp4
   images to image         loom generate --ref a.png --ref b.png --frames 1 --prompt "@Figure 1 beside @Figure 2" --out mi2i.png
   reconstruct a video     loom generate --source in.mp4 --out recon.mp4
-  a trained DiT           loom generate --transformer outputs/stage3/model --prompt "a blue square" --out out.mp4
-  an exported pipeline    loom generate --model outputs/export/model --prompt "a blue square" --out out.mp4
+  a trained DiT           loom generate --transformer outputs/stage3/model --prompt "a blue square" --out stage3.mp4
+  an exported pipeline    loom generate --model outputs/export/model --prompt "a blue square" --out export.mp4
 
 The task is inferred from the inputs (--task to name it). Sizes and frame counts are checked
 against the model before anything runs: bad input exits with status 2 and says what the model takes.

@@ -551,3 +551,31 @@ def test_a_transformer_folder_of_another_architecture_is_refused_naming_both_val
     with pytest.raises(ArchitectureMismatch, match=r"2 architecture value\(s\): dit.ffn_dim = 256 in the config, "
                                                    r"ffn_dim = 512 in the checkpoint; dit.eps = 1e-05 in the config, eps = 1e-06"):
         load_transformer(wider, None, torch.float32)
+
+
+def test_every_help_example_runs_as_written(tiny_workspace, files, saved_dir, tmp_path, monkeypatch, capsys):
+    """`loom generate --help`'s examples, run verbatim in a checkout-like folder: the profile's base
+    models at models/tiny, a trained DiT at outputs/stage3/model, an exported pipeline at
+    outputs/export/model, and the inputs they name (in.mp4, in.png, a.png, b.png)."""
+    import re
+    import shlex
+
+    from loomcore.cli import build_parser
+
+    cfg, _ = tiny_workspace
+    sub = build_parser()._subparsers._group_actions[0].choices["generate"]
+    examples = re.findall(r"^  [A-Za-z ]+?\s{2,}(loom generate .+)$", sub.format_help(), re.MULTILINE)
+    assert len(examples) == 10, sub.format_help()
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "tiny").symlink_to(Path(cfg.models.transformer).parent)
+    (tmp_path / "outputs" / "stage3").mkdir(parents=True)
+    (tmp_path / "outputs" / "stage3" / "model").symlink_to(cfg.models.transformer)
+    (tmp_path / "outputs" / "export").mkdir()
+    (tmp_path / "outputs" / "export" / "model").symlink_to(saved_dir)
+    for name, src in (("in.mp4", "src.mp4"), ("in.png", "src.png"), ("a.png", "a.png"), ("b.png", "b.png")):
+        shutil.copyfile(files / src, tmp_path / name)
+    monkeypatch.chdir(tmp_path)
+    for example in examples:
+        args = shlex.split(example)
+        assert main(args[1:]) == 0, (example, capsys.readouterr().err)
+        assert (tmp_path / args[args.index("--out") + 1]).is_file(), example
