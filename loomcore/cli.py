@@ -27,6 +27,8 @@ EPILOG = """examples:
   loom import-release checkpoints/LoomVideo out/   # convert the authors' checkpoint to safetensors
   loom pipeline                            # run the whole DAG on the tiny profile (dvc repro)
   loom pipeline stage3.steps=300           # the DAG as an experiment (dvc exp run -S stage3.steps=300)
+  loom deploy                              # prefect deploy --all with the profile's work pools
+  loom plan --profile paper --gpus 8 16 64 # the GPU memory a training rank needs (FSDP2)
 """
 
 
@@ -167,6 +169,60 @@ def pipeline_command(profile: Optional[str], overrides: List[str], targets: List
     if sets:
         return ["dvc", "exp", "run", *(a for o in sets for a in ("-S", o)), *targets]
     return ["dvc", "repro", *targets]
+
+
+def cmd_deploy(args) -> int:
+    """`prefect deploy --all` from this checkout, prefect.yaml's pools filled from the profile
+    (orchestration.cpu_pool / gpu_pool) and LOOM_REPO defaulting to the checkout."""
+    import shutil
+
+    cfg = _load(args)
+    here = Path.cwd()
+    if not (here / "prefect.yaml").is_file():
+        print(f"loom deploy: no prefect.yaml in {here}: run it from the checkout", file=sys.stderr)
+        return 2
+    if not os.environ.get("PREFECT_API_URL"):
+        print("loom deploy: PREFECT_API_URL is not set: export the URL of the Prefect server the workers "
+              "talk to (e.g. http://127.0.0.1:4200/api)", file=sys.stderr)
+        return 2
+    prefect = shutil.which("prefect", path=str(Path(sys.executable).parent)) or "prefect"
+    pools = {"LOOM_CPU_POOL": cfg.orchestration.cpu_pool, "LOOM_GPU_POOL": cfg.orchestration.gpu_pool}
+    env = {**os.environ, **pools, "LOOM_REPO": os.environ.get("LOOM_REPO") or str(here)}
+    missing = [p for p in dict.fromkeys(pools.values())
+               if subprocess.run([prefect, "work-pool", "inspect", p], env=env, capture_output=True).returncode]
+    if missing:
+        print(f"loom deploy: no work pool {', '.join(missing)} on {env['PREFECT_API_URL']}; create "
+              f"{'it' if len(missing) == 1 else 'them'} first: "
+              + "; ".join(f"prefect work-pool create {p} --type process" for p in missing), file=sys.stderr)
+        return 2
+    print(f"deploy: profile {cfg.profile}: CPU deployments on pool {pools['LOOM_CPU_POOL']}, GPU deployments on "
+          f"pool {pools['LOOM_GPU_POOL']}; runs in {env['LOOM_REPO']}", flush=True)
+    return subprocess.run([prefect, "--no-prompt", "deploy", "--all"], cwd=here, env=env).returncode
+
+
+def cmd_plan(args) -> int:
+    """The per-rank memory plan of the training stages (loomcore/train/memory.py)."""
+    from loomcore.train.memory import GPU_MEMORY_GIB, plan_stage, plan_table
+
+    cfg = _load(args)
+    bad = [g for g in args.gpu if g not in GPU_MEMORY_GIB]
+    if bad:
+        print(f"loom plan: unknown GPU {', '.join(bad)}; known: {', '.join(GPU_MEMORY_GIB)}", file=sys.stderr)
+        return 2
+    if any(n < 1 for n in args.gpus):
+        print(f"loom plan: --gpus {args.gpus}: each count must be >= 1", file=sys.stderr)
+        return 2
+    cache: dict = {}
+    plans = [plan_stage(cfg, stage, n, gpu, None if args.checkpointing is None else args.checkpointing == "on",
+                        args.context, cache)
+             for stage in args.stage for gpu in args.gpu for n in args.gpus]
+    p = cache["params"]
+    print(f"plan: profile {cfg.profile}; DiT {p['trainable'] / 1e9:.3f}B trainable + {p['frozen'] / 1e6:.1f}M frozen "
+          f"parameters; {cfg.dit.num_layers} blocks; MLLM features {cfg.mllm.feature_mode}"
+          + (f" ({cache['mllm'][0] / 1e9:.2f}B parameters: {cache['mllm'][1]})" if "mllm" in cache else "")
+          + f"; {args.context} context tokens per pack\n")
+    print(plan_table(plans))
+    return 0
 
 
 def cmd_pipeline(args) -> int:
@@ -328,6 +384,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", dest="targets", action="append", help="only reproduce up to this stage (repeatable)")
     _add_config_args(p)
     p.set_defaults(func=cmd_pipeline)
+
+    p = sub.add_parser("plan", help="the GPU memory one training rank needs, per stage and GPU count (FSDP2)",
+                       description="Builds the DiT on the meta device and reports, per rank: fp32 parameters, "
+                       "gradients, AdamW moments and EMA sharded over the GPUs, the gathered blocks, the "
+                       "activations of one stageN.max_tokens pack (measured on the meta device: what autograd "
+                       "saves, with or without activation checkpointing), the frozen MLLM in the online "
+                       "feature mode, a margin; and whether it fits the GPU. The training stages' GPU "
+                       "preflight asks each GPU for the same per-rank total.",
+                       epilog="example:\n  loom plan --profile paper --gpus 8 16 64 --gpu H20 H200",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--stage", nargs="+", default=["stage1", "stage2", "stage3"], choices=("stage1", "stage2", "stage3"))
+    p.add_argument("--gpus", nargs="+", type=int, default=[8, 16, 64], help="GPU counts (ranks) to plan for")
+    p.add_argument("--gpu", nargs="+", default=["H20"], help="GPU kinds: H20, H200, H100, A100-80GB")
+    p.add_argument("--checkpointing", choices=("on", "off"), default=None,
+                   help="activation checkpointing (default: dit.gradient_checkpointing)")
+    p.add_argument("--context", type=int, default=1024, help="MLLM context tokens per pack (default 1024)")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("deploy", help="prefect deploy --all with the profile's work pools (run from the checkout)",
+                       description="Deploys prefect.yaml's deployments to the Prefect server at PREFECT_API_URL. "
+                       "The CPU deployments go to orchestration.cpu_pool, the GPU ones (cache, stages 1-3, RL, "
+                       "evaluate) to orchestration.gpu_pool: on the tiny profile both are loom-local, one CPU "
+                       "pool with one worker; on the paper profile the GPU pool is h20. The pools must exist; "
+                       "the deployments run in LOOM_REPO (default: this checkout).")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_deploy)
 
     from loomcore.config import TASK_KINDS
 

@@ -246,6 +246,12 @@ class GuidanceConfig:
 
 
 @dataclass(frozen=True)
+class OrchestrationConfig:
+    cpu_pool: str  # Prefect work pool of the CPU deployments
+    gpu_pool: str  # ... and of the GPU ones
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """What the three training stages share (params.yaml `train:`); per-stage numbers are in StageConfig."""
 
@@ -419,6 +425,7 @@ class Config:
     rl: RLConfig
     export: ExportConfig
     eval: EvalConfig
+    orchestration: OrchestrationConfig
     # Where the config came from (filled by load_config, not read from YAML).
     sources: List[str] = field(default_factory=list)
 

@@ -17,11 +17,10 @@ import time
 
 import pytest
 
-from loomcore.config import params_yaml
 from tasks.common import PARENT_TASK_RUN_ENV
 
 from _orchestration import (
-    BIN, DVC, OUTS, REPO, alive, copy_checkout, did, kill_group, latest_artifact, make_fake_repo, read_until, runs,
+    BIN, DVC, OUTS, REPO, alive, did, kill_group, latest_artifact, make_fake_repo, read_until, runs,
     spawn, task_attempts, wait_for,
 )
 
@@ -73,48 +72,7 @@ def test_overrides_run_as_one_dvc_experiment(prefect_api, tmp_path):
     assert len(exps.stdout.split()) == 2  # the forced curate, then the DAG
 
 
-# --------------------------------------------------------------------------------------------
-# (b) a served deployment, triggered through the API as the UI does, runs a real stage
-
-
-def test_a_served_deployment_runs_the_real_curate_stage(prefect_api, tmp_path):
-    from prefect.client.orchestration import get_client
-    from prefect.deployments import run_deployment
-
-    copy = copy_checkout(tmp_path / "checkout")
-    tiny = copy / "conf/profile/tiny.yaml"
-    assert "  synthetic_samples: 2000\n" in tiny.read_text()
-    tiny.write_text(tiny.read_text().replace("  synthetic_samples: 2000\n", "  synthetic_samples: 20\n"))
-    (copy / "params.yaml").write_text(params_yaml(copy / "conf"))  # what `loom params` writes
-    subprocess.run([DVC, "init", "--no-scm", "-q"], cwd=copy, check=True)
-
-    server = subprocess.Popen(
-        [sys.executable, "-c", "from flows.pipeline import pipeline_flow; pipeline_flow.serve(name='served', limit=1)"],
-        cwd=REPO, env={**os.environ, "PREFECT_RUNNER_POLL_FREQUENCY": "1"}, stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        def registered():
-            with get_client(sync_client=True) as client:
-                try:
-                    return client.read_deployment_by_name("pipeline/served")
-                except Exception:  # noqa: BLE001 — not there yet
-                    return None
-
-        wait_for(registered, 90, "the served deployment to register", every=0.5)
-        run = run_deployment("pipeline/served", parameters={"repo": str(copy), "stages": ["curate"]},
-                             timeout=150, poll_interval=1)
-        assert run.state is not None and run.state.is_completed(), run.state
-    finally:
-        kill_group(server)
-    summary = json.loads((copy / "data/manifests/curate.json").read_text())
-    assert summary["rows_in"] == 20 and summary["kept"]["total"] + summary["rejected"]["total"] == 20
-    # the stage's DVC metric: its headline figures only (the whole record stays in curate.json)
-    headline = json.loads((copy / "outputs/curate/metrics.json").read_text())
-    assert headline == {"rows_in": 20, "kept": summary["kept"]["total"], "train": summary["kept"]["train"],
-                        "eval": summary["kept"]["eval"], "rejected": summary["rejected"]["total"],
-                        "bytes_kept": summary["bytes_kept"]}
-    st = subprocess.run([DVC, "status", "curate", "--json"], cwd=copy, check=True, capture_output=True, text=True)
-    assert json.loads(st.stdout) == {}  # dvc.lock records the run: DVC finds curate up to date
+# (b) a deployment triggered through the API runs real stages: tests/test_prefect_readme.py
 
 
 # --------------------------------------------------------------------------------------------

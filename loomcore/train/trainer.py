@@ -75,7 +75,12 @@ class Trainer:
         cfg, s, env = self.cfg, self.s, self.env
         if env.local_rank == 0:  # before anything touches the GPUs; "no GPU: running on CPU" on a CPU
             gpus = 0 if self.device.type == "cpu" else max(1, s.gpus_per_node)
-            print(telemetry.preflight(gpus, cfg.train.preflight_min_free_gib, cfg.train.preflight_gpu_name), flush=True)
+            need = cfg.train.preflight_min_free_gib
+            if gpus:  # the memory plan's per-rank figure at this world size (`loom plan`)
+                from loomcore.train.memory import required_free_gib
+
+                need = required_free_gib(cfg, self.stage, env.world_size)
+            print(telemetry.preflight(gpus, need, cfg.train.preflight_gpu_name), flush=True)
         self.init_path, self.init_desc = init_weights(cfg, self.stage)
         run_dir = stage_run_dir(cfg, self.stage, self.init_path) if env.is_main else None
         self.run_dir = Path(broadcast_object(str(run_dir) if run_dir else None))

@@ -1,0 +1,116 @@
+"""README "Prefect", run as a newcomer would: its tiny-profile commands, line by line, against a
+real local Prefect server, in a copy of the checkout (base models and 20 Shapes samples). Then a
+pipeline run triggered through the API: the run tree the UI shows — the pipeline's `dvc repro
+<stage>` task runs, each stage a child flow run named after it, with its artifacts."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from _orchestration import BIN, DVC, REPO, copy_checkout, kill_group
+from loomcore.config import params_yaml
+
+STAGES = ["base_models", "curate"]
+
+
+def readme_block() -> list[str]:
+    """The first bash block of README's "## Prefect" section, comments stripped."""
+    text = (REPO / "README.md").read_text().split("\n## Prefect\n", 1)[1]
+    block = re.search(r"```bash\n(.*?)```", text, re.DOTALL).group(1)
+    return [line.split("  #")[0].strip() for line in block.splitlines() if line.strip()]
+
+
+def test_readme_block_is_what_this_test_runs():
+    lines = readme_block()
+    assert lines[0] == "prefect server start &" and lines[1].startswith("export PREFECT_API_URL=")
+    assert "loom deploy" in lines and "prefect worker start --pool loom-local &" in lines
+    assert lines[-1] == "prefect deployment run pipeline/pipeline"
+
+
+@pytest.fixture
+def checkout(tmp_path):
+    repo = copy_checkout(tmp_path / "checkout")
+    shutil.copy(REPO / "prefect.yaml", repo / "prefect.yaml")
+    tiny = repo / "conf/profile/tiny.yaml"
+    assert "  synthetic_samples: 2000\n" in tiny.read_text()
+    tiny.write_text(tiny.read_text().replace("  synthetic_samples: 2000\n", "  synthetic_samples: 20\n"))
+    (repo / "params.yaml").write_text(params_yaml(repo / "conf"))  # what `loom params` writes
+    subprocess.run([DVC, "init", "--no-scm", "-q"], cwd=repo, check=True)
+    return repo
+
+
+def test_the_readme_commands_deploy_and_a_triggered_pipeline_shows_one_run_tree(prefect_api, checkout):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, FlowRunFilterId, FlowRunFilterParentTaskRunId,
+    )
+    from prefect.deployments import run_deployment
+
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "PREFECT_API_URL": prefect_api,
+           "PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_WORKER_PREFETCH_SECONDS": "1"}
+    env.pop("LOOM_REPO", None)
+    workers = []
+    try:
+        for line in readme_block()[:-1]:  # the last line triggers the whole DAG: triggered below, two stages only
+            if line.startswith("prefect server start"):
+                continue  # the test's server (prefect_api) stands in
+            if line.startswith("export PREFECT_API_URL="):
+                continue  # … at its own URL, in env
+            if line.endswith("&"):
+                workers.append(subprocess.Popen(["bash", "-c", line[:-1]], cwd=checkout, env=env, start_new_session=True,
+                                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+                continue
+            proc = subprocess.run(["bash", "-c", line], cwd=checkout, env=env, capture_output=True, text=True, timeout=300)
+            assert proc.returncode == 0, (line, proc.stdout[-2000:], proc.stderr[-2000:])
+            if line == "loom deploy":
+                assert "CPU deployments on pool loom-local, GPU deployments on pool loom-local" in proc.stdout
+        with get_client(sync_client=True) as client:
+            deployments = client.read_deployments()
+            assert {d.work_pool_name for d in deployments} == {"loom-local"}  # the tiny profile: one CPU pool
+            assert {"pipeline", "curate", "stage1", "evaluate"} <= {d.name for d in deployments}
+        run = run_deployment("pipeline/pipeline", parameters={"stages": STAGES}, timeout=400, poll_interval=1)
+        assert run.state is not None and run.state.is_completed(), run.state
+    finally:
+        for w in workers:
+            kill_group(w)
+
+    with get_client(sync_client=True) as client:
+        tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])))
+        repro = {t.name: t for t in tasks if t.name.startswith("dvc repro ")}
+        assert set(repro) == {f"dvc repro {s}" for s in STAGES}, [t.name for t in tasks]
+        for stage in STAGES:
+            (child,) = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+                parent_task_run_id=FlowRunFilterParentTaskRunId(any_=[repro[f"dvc repro {stage}"].id])))
+            flow_name = stage.replace("_", "-")  # the stage's flow: base_models' is "base-models"
+            assert child.name == flow_name and child.state.is_completed() and f"stage:{flow_name}" in child.tags
+            artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(
+                flow_run_id=ArtifactFilterFlowRunId(any_=[child.id])))
+            assert artifacts, f"{stage}: no artifacts on its flow run"
+    # what the stages did, in the checkout the deployments run in (LOOM_REPO = where `loom deploy` ran)
+    assert (checkout / "models/tiny/transformer/config.json").is_file()
+    summary = json.loads((checkout / "data/manifests/curate.json").read_text())
+    assert summary["rows_in"] == 20 and summary["kept"]["total"] + summary["rejected"]["total"] == 20
+    headline = json.loads((checkout / "outputs/curate/metrics.json").read_text())  # the stage's DVC metric
+    assert headline == {"rows_in": 20, "kept": summary["kept"]["total"], "train": summary["kept"]["train"],
+                        "eval": summary["kept"]["eval"], "rejected": summary["rejected"]["total"],
+                        "bytes_kept": summary["bytes_kept"]}
+    st = subprocess.run([DVC, "status", *STAGES, "--json"], cwd=checkout, check=True, capture_output=True, text=True)
+    assert json.loads(st.stdout) == {}  # dvc.lock records the runs: DVC finds both up to date
+
+
+def test_loom_deploy_names_what_is_missing(tmp_path, monkeypatch, capsys):
+    from loomcore.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")
+    assert main(["deploy"]) == 2 and "no prefect.yaml in" in capsys.readouterr().err
+    (tmp_path / "prefect.yaml").write_text("deployments: []\n")
+    monkeypatch.delenv("PREFECT_API_URL")
+    assert main(["deploy"]) == 2 and "PREFECT_API_URL is not set" in capsys.readouterr().err
