@@ -444,7 +444,7 @@ def test_sigkill_then_resume_gives_the_same_losses_step_for_step(ws):
     run_dir = next((root / "killed/runs/stage1").iterdir())
     ckpts = sorted(p.name for p in run_dir.glob("step-*"))
     assert ckpts[-1] >= f"step-{killed_at:06d}" and len(ckpts) >= 2
-    newest = run_dir / ckpts[-1] / "model.safetensors"
+    newest = run_dir / ckpts[-1] / "dcp" / "__0_0.distcp"  # the rank's shard of model, optimizer, EMA
     newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # a truncated newest checkpoint
     resumed_from = int(ckpts[-2][-6:])
 

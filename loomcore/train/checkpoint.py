@@ -15,10 +15,12 @@ removes. `latest_valid()` re-hashes each checkpoint (newest first) and skips, wi
 that is incomplete, truncated or corrupted. Nothing is unpickled: safetensors, JSON, and
 `torch.load(weights_only=True)`.
 
-Pieces follow torchtitan's `Stateful` protocol (`state_dict()` / `load_state_dict()`). This
-manager writes from one process: under FSDP2 the trainer passes pieces that return full state
-dicts on the writing rank (torch.distributed.checkpoint.state_dict's `get_model_state_dict` /
-`get_optimizer_state_dict` with `full_state_dict=True, cpu_offload=True`).
+Pieces follow torchtitan's `Stateful` protocol (`state_dict()` / `load_state_dict()`). Under
+FSDP2 the trainer's `distributed.Checkpointer` writes the big pieces (model, optimizer, EMA) as
+per-rank shards with torch.distributed.checkpoint into the same hidden folder first — `dcp/`,
+every rank its own file, each hashed by the rank that wrote it — and this manager (rank 0) adds
+the small pieces and the MANIFEST (`begin` / `finish`); on resume the ranks share the hashing
+(`verify_checkpoint(only=…)`). MANIFEST paths are relative to the checkpoint folder.
 
 Where the run directory lives: see `run_key`.
 """
@@ -34,7 +36,7 @@ import re
 import shutil
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Protocol, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Protocol, Sequence, Tuple
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -43,7 +45,7 @@ from loomcore.storage import pid_alive, sha256_file
 
 MANIFEST = "MANIFEST.json"
 TRAINER_STATE = "trainer_state.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: model, optimizer and EMA as per-rank shards under dcp/ (distributed.Checkpointer)
 STEP_DIR = "step-{:06d}"
 _STEP_RE = re.compile(r"^step-(\d+)$")
 _HIDDEN_RE = re.compile(r"^\.(?:tmp|old|del)-step-\d+-(\d+)$")  # ours, tagged with the writer's pid
@@ -168,6 +170,38 @@ def _is_flat_tensor_dict(sd: Mapping) -> bool:
 
 
 
+def verify_checkpoint(path: Path | str, checksums: bool = True, only: Optional[Sequence[str]] = None) -> dict:
+    """The checkpoint's MANIFEST if every listed file is there with its size (and sha256);
+    else CheckpointError saying which file and why. `only`: check just these files' bytes
+    (the ranks of a sharded checkpoint share the hashing); the MANIFEST itself is always read."""
+    path = Path(path)
+    mpath = path / MANIFEST
+    if not mpath.is_file():
+        raise CheckpointError(f"{path}: no {MANIFEST} (incomplete checkpoint)")
+    try:
+        manifest = json.loads(mpath.read_text())
+        files = {name: (int(entry["bytes"]), str(entry["sha256"])) for name, entry in manifest["files"].items()}
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
+        raise CheckpointError(f"{path}: unreadable {MANIFEST}: {e}") from None
+    if manifest.get("format") != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: checkpoint format {manifest.get('format')}, this trainer reads "
+                              f"{FORMAT_VERSION} (written by an older version; a run starts fresh)")
+    if TRAINER_STATE not in files:
+        raise CheckpointError(f"{path}: {MANIFEST} does not list {TRAINER_STATE}")
+    for name, (expected_bytes, expected_sha) in files.items():
+        if only is not None and name not in only:
+            continue
+        f = path / name
+        if not f.is_file():
+            raise CheckpointError(f"{path}: {name} is missing")
+        size = f.stat().st_size
+        if size != expected_bytes:
+            raise CheckpointError(f"{path}: {name} has {size} bytes, {MANIFEST} says {expected_bytes} (truncated?)")
+        if checksums and sha256_file(f) != expected_sha:
+            raise CheckpointError(f"{path}: {name} does not match its sha256 in {MANIFEST} (corrupted)")
+    return manifest
+
+
 # --------------------------------------------------------------------------------------------
 # Manager
 # --------------------------------------------------------------------------------------------
@@ -213,15 +247,28 @@ class CheckpointManager:
     def save(self, step: int, pieces: Mapping[str, Stateful], extras: Optional[Mapping[str, Any]] = None) -> Path:
         """Write `pieces` (+ JSON-able `extras`, e.g. {"rng": capture_rng(...)}) as checkpoint
         `step`, then prune. Returns the checkpoint's folder."""
+        tmp = self.begin(step)
+        return self.finish(tmp, step, pieces, extras)
+
+    def begin(self, step: int) -> Path:
+        """An empty hidden folder for checkpoint `step` (other writers — the ranks' shards — may
+        add files to it before `finish`)."""
         if step < 0:
             raise ValueError(f"save: step must be >= 0, got {step}")
-        final = self.path_for(step)
-        tmp = self.run_dir / f".tmp-{final.name}-{os.getpid()}"
+        tmp = self.run_dir / f".tmp-{self.path_for(step).name}-{os.getpid()}"
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
+        return tmp
+
+    def finish(self, tmp: Path, step: int, pieces: Mapping[str, Stateful], extras: Optional[Mapping[str, Any]] = None,
+               known: Optional[Mapping[str, Mapping[str, Any]]] = None) -> Path:
+        """Write `pieces` and the MANIFEST into `tmp` (from `begin`), rename it into place as
+        checkpoint `step` and prune. `known`: {relative path: {"sha256", "bytes"}} of files other
+        processes wrote and hashed (each rank its own shards); every other file is hashed here."""
+        final = self.path_for(step)
         try:
-            self._write(tmp, step, pieces, extras or {})
+            self._write(tmp, step, pieces, extras or {}, known or {})
             self._publish(tmp, final)
         finally:
             if tmp.exists():  # the write failed: leave nothing behind
@@ -229,7 +276,8 @@ class CheckpointManager:
         self._prune(step)
         return final
 
-    def _write(self, folder: Path, step: int, pieces: Mapping[str, Stateful], extras: Mapping[str, Any]) -> None:
+    def _write(self, folder: Path, step: int, pieces: Mapping[str, Stateful], extras: Mapping[str, Any],
+               known: Mapping[str, Mapping[str, Any]]) -> None:
         state: Dict[str, Any] = {"format": FORMAT_VERSION, "step": step, "pieces": {}, "extras": {}}
         for name, piece in pieces.items():
             if name in (Path(TRAINER_STATE).stem, Path(MANIFEST).stem) or "/" in name:
@@ -249,9 +297,18 @@ class CheckpointManager:
         (folder / TRAINER_STATE).write_text(json.dumps(state, indent=1))
 
         files = {}
-        for p in sorted(folder.iterdir()):
+        for p in sorted(f for f in folder.rglob("*") if f.is_file()):
+            rel = p.relative_to(folder).as_posix()
+            if rel in known:  # hashed by the rank that wrote it (and fsynced there)
+                files[rel] = {"sha256": str(known[rel]["sha256"]), "bytes": int(known[rel]["bytes"])}
+                continue
             _fsync(p)
-            files[p.name] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+            files[rel] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+        missing = sorted(set(known) - set(files))
+        if missing:
+            raise CheckpointError(f"{folder}: shards reported written are not there: {', '.join(missing)}")
+        for sub in sorted({p.parent for p in folder.rglob("*") if p.is_file()} - {folder}):
+            _fsync(sub)
         manifest = folder / MANIFEST
         manifest.write_text(json.dumps({"format": FORMAT_VERSION, "step": step, "files": files}, indent=1))
         _fsync(manifest)
@@ -291,30 +348,8 @@ class CheckpointManager:
 
     # -- verify / load ------------------------------------------------------------------------
 
-    def verify(self, path: Path | str, checksums: bool = True) -> dict:
-        """The checkpoint's MANIFEST if every listed file is there with its size (and sha256);
-        else CheckpointError saying which file and why."""
-        path = Path(path)
-        mpath = path / MANIFEST
-        if not mpath.is_file():
-            raise CheckpointError(f"{path}: no {MANIFEST} (incomplete checkpoint)")
-        try:
-            manifest = json.loads(mpath.read_text())
-            files = {name: (int(entry["bytes"]), str(entry["sha256"])) for name, entry in manifest["files"].items()}
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
-            raise CheckpointError(f"{path}: unreadable {MANIFEST}: {e}") from None
-        if TRAINER_STATE not in files:
-            raise CheckpointError(f"{path}: {MANIFEST} does not list {TRAINER_STATE}")
-        for name, (expected_bytes, expected_sha) in files.items():
-            f = path / name
-            if not f.is_file():
-                raise CheckpointError(f"{path}: {name} is missing")
-            size = f.stat().st_size
-            if size != expected_bytes:
-                raise CheckpointError(f"{path}: {name} has {size} bytes, {MANIFEST} says {expected_bytes} (truncated?)")
-            if checksums and sha256_file(f) != expected_sha:
-                raise CheckpointError(f"{path}: {name} does not match its sha256 in {MANIFEST} (corrupted)")
-        return manifest
+    def verify(self, path: Path | str, checksums: bool = True, only: Optional[Sequence[str]] = None) -> dict:
+        return verify_checkpoint(path, checksums, only)
 
     def latest_valid(self, checksums: bool = True) -> Optional[Path]:
         """The newest checkpoint that verifies; each newer one that does not is skipped with a
@@ -328,11 +363,12 @@ class CheckpointManager:
             return path
         return None
 
-    def load(self, path: Path | str, pieces: Mapping[str, Stateful]) -> dict:
-        """Verify, then restore `pieces` (exactly the set that was saved). Returns
-        {"step": int, "extras": {...}} with tensors decoded."""
+    def load(self, path: Path | str, pieces: Mapping[str, Stateful], verify: bool = True) -> dict:
+        """Verify (unless the caller just did), then restore `pieces` (exactly the set that was
+        saved). Returns {"step": int, "extras": {...}} with tensors decoded."""
         path = Path(path)
-        self.verify(path)
+        if verify:
+            self.verify(path)
         state = json.loads((path / TRAINER_STATE).read_text())
         if set(state["pieces"]) != set(pieces):
             raise ValueError(f"{path}: checkpoint holds pieces {sorted(state['pieces'])}, "

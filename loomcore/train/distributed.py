@@ -7,11 +7,10 @@ DiT is always wrapped by FSDP2, so the 1-process CPU run exercises the same code
     parallelize(model): activation checkpointing → torch.compile per block → fully_shard per
     block, then the root
 
-Checkpoint pieces (`ModelState`, `OptimizerState`, `EMAState`) follow the Stateful protocol of
-`loomcore.train.checkpoint`: `state_dict()` gathers full CPU tensors on rank 0 (a collective:
-every rank calls it), `load_state_dict()` takes the full state on rank 0 and broadcasts it
-shard by shard. `Checkpointer` runs a `CheckpointManager` (which writes from one process) on
-rank 0 and the matching collectives on the other ranks.
+Checkpoint pieces (`ModelState`, `OptimizerState`, `EMAState`) give this rank's shards
+(`sharded_state_dict`, what `Checkpointer` saves and loads with torch.distributed.checkpoint: every
+rank writes its own) and full CPU tensors (`state_dict`, a collective: the stage's exported weights,
+gathered once at the end).
 """
 
 from __future__ import annotations
@@ -217,6 +216,7 @@ class ModelState:
         self.model = model
 
     def state_dict(self) -> Dict[str, torch.Tensor]:
+        """Full CPU tensors (a collective): the stage's exported weights, gathered once at the end."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -226,6 +226,17 @@ class ModelState:
 
         set_model_state_dict(self.model, dict(state),
                              options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+
+    def sharded_state_dict(self) -> Dict[str, Any]:
+        """This rank's shards (DTensors): what a sharded checkpoint writes and loads into."""
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        return get_model_state_dict(self.model)
+
+    def load_sharded(self, state: Mapping[str, Any]) -> None:
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+        set_model_state_dict(self.model, dict(state))
 
 
 class OptimizerState:
@@ -244,6 +255,18 @@ class OptimizerState:
         set_optimizer_state_dict(self.model, self.optimizer, dict(state),
                                  options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
 
+    def sharded_state_dict(self) -> Dict[str, Any]:
+        """AdamW's moments as this rank's shards, keyed by parameter name (before the first step
+        torch creates the state, so a fresh optimizer is a valid load target)."""
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        return get_optimizer_state_dict(self.model, self.optimizer)
+
+    def load_sharded(self, state: Mapping[str, Any]) -> None:
+        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+        set_optimizer_state_dict(self.model, self.optimizer, dict(state))
+
 
 class EMAState:
     def __init__(self, ema: EMA):
@@ -255,25 +278,61 @@ class EMAState:
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
         self.ema.load_state_dict(dict(state))  # a full tensor per name: distribute_tensor scatters rank 0's
 
-    def placeholder(self) -> Dict[str, torch.Tensor]:
-        """What ranks other than 0 pass to `load_state_dict`: shapes only (rank 0 has the data)."""
-        return {n: torch.empty(tuple(s.shape), dtype=torch.float32) for n, s in zip(self.ema.names, self.ema.shadow)}
+    def sharded_state_dict(self) -> Dict[str, torch.Tensor]:
+        return self.ema.state_dict()  # the shadows themselves: a sharded load fills them in place
+
+    def load_sharded(self, state: Mapping[str, Any]) -> None:
+        pass
 
 
 COLLECTIVE = (ModelState, OptimizerState, EMAState)
+DCP_DIR = "dcp"  # a checkpoint's sharded part: one file per rank + DCP's .metadata
+
+
+def _safe_load_planner():
+    """DCP's default load planner unpickles non-tensor entries (the optimizer's param_groups) with
+    `torch.load(weights_only=False)`; ours reads them with weights_only=True (plain containers and
+    numbers load; anything else is refused)."""
+    import io
+
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+
+    class SafeLoadPlanner(DefaultLoadPlanner):
+        def load_bytes(self, read_item, value: io.BytesIO) -> None:
+            obj = torch.load(value, weights_only=True)
+            if self.flatten_state_dict:
+                from torch.distributed.checkpoint._nested_dict import set_element
+
+                set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+            else:
+                self.state_dict[read_item.dest_index.fqn] = obj
+
+    return SafeLoadPlanner()
+
+
+def all_gather_object(obj: Any) -> List[Any]:
+    out: List[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 class Checkpointer:
-    """`CheckpointManager` on rank 0, the matching collectives everywhere.
+    """Sharded checkpoints (torch.distributed.checkpoint), with `CheckpointManager`'s discipline.
 
-    `pieces` are saved in their dict order; the collective ones (model, optimizer, EMA) gather
-    or broadcast on every rank. The others (scheduler, loader, counters: identical on every
-    rank) are read from rank 0's checkpoint and broadcast as Python objects. The run directory
-    must be on a filesystem rank 0 can write (other ranks never touch it)."""
+    A checkpoint `step-000123/` holds `dcp/` — each rank writes the shards of the model, optimizer
+    and EMA it owns to its own file (`__<rank>_0.distcp`, in parallel; rank 0 adds DCP's
+    `.metadata`) — and, from rank 0, `trainer_state.json` (scheduler, loader, counters, RNG: the
+    same on every rank) and the MANIFEST: every file's size and sha256, each shard hashed by the
+    rank that wrote it. The folder is built hidden and renamed into place; resume verifies the
+    newest checkpoint with the ranks sharing the hashing, falls back past a corrupt one, and loads
+    each rank's shards — resharded by DCP when the world size changed. The run directory must be
+    on storage every rank can write (a shared filesystem across nodes)."""
 
     def __init__(self, run_dir: Path, keep_last: int, interval: int, env: DistEnv, pieces: Mapping[str, Any]):
         self.env = env
         self.pieces = dict(pieces)
+        self.collective = {n: p for n, p in self.pieces.items() if isinstance(p, COLLECTIVE)}
+        self.small = {n: p for n, p in self.pieces.items() if not isinstance(p, COLLECTIVE)}
         self.manager = CheckpointManager(run_dir, keep_last, interval) if env.is_main else None
         self.interval = interval
 
@@ -281,40 +340,65 @@ class Checkpointer:
         return step > 0 and step % self.interval == 0
 
     def save(self, step: int, extras: Mapping[str, Any]) -> Optional[Path]:
+        import torch.distributed.checkpoint as dcp
+
+        from loomcore.storage import sha256_file
+
+        tmp = Path(broadcast_object(str(self.manager.begin(step)) if self.manager is not None else None))
+        folder = tmp / DCP_DIR
+        state = {name: piece.sharded_state_dict() for name, piece in self.collective.items()}
+        dcp.save(state, storage_writer=dcp.FileSystemWriter(str(folder), single_file_per_rank=True, sync_files=True))
+        mine = {f"{DCP_DIR}/{f.name}": {"sha256": sha256_file(f), "bytes": f.stat().st_size}
+                for f in sorted(folder.glob(f"__{self.env.rank}_*.distcp"))}
+        known = {k: v for part in all_gather_object(mine) for k, v in part.items()}
         path = None
         if self.manager is not None:
-            path = self.manager.save(step, self.pieces, extras)
-        else:
-            for piece in self.pieces.values():
-                if isinstance(piece, COLLECTIVE):
-                    piece.state_dict()
+            path = self.manager.finish(tmp, step, self.small, extras, known=known)
         dist.barrier()
         return path
 
+    def _latest_valid(self) -> Optional[str]:
+        """The newest checkpoint every rank's share of the files verifies; newer ones that do not
+        are skipped with a warning (rank 0) naming the file and why."""
+        from loomcore.train.checkpoint import CheckpointError, CheckpointWarning, verify_checkpoint
+
+        candidates = broadcast_object([str(p) for _, p in reversed(self.manager.checkpoints())]
+                                      if self.manager is not None else None)
+        for path in candidates:
+            problem = None
+            try:
+                names = sorted(verify_checkpoint(path, checksums=False, only=())["files"])
+                verify_checkpoint(path, checksums=True, only=names[self.env.rank::self.env.world_size])
+            except CheckpointError as e:
+                problem = str(e)
+            problems = [p for p in all_gather_object(problem) if p]
+            if not problems:
+                return path
+            if self.env.is_main:
+                warnings.warn(f"skipping checkpoint: {problems[0]}", CheckpointWarning)
+        return None
+
     def resume(self) -> Optional[dict]:
-        """Load the newest valid checkpoint (a corrupt newer one is skipped with a warning on rank
-        0); returns {"step", "extras", "path"} or None for a fresh run."""
-        found = self.manager.latest_valid() if self.manager is not None else None
-        path = [str(found) if found is not None else None]
-        dist.broadcast_object_list(path, src=0)
-        if path[0] is None:
+        """Load the newest valid checkpoint; returns {"step", "extras", "path"} or None for a
+        fresh run."""
+        import torch.distributed.checkpoint as dcp
+
+        path = self._latest_valid()
+        if path is None:
             return None
+        state = {name: piece.sharded_state_dict() for name, piece in self.collective.items()}
+        dcp.load(state, storage_reader=dcp.FileSystemReader(str(Path(path) / DCP_DIR)), planner=_safe_load_planner())
+        for name, piece in self.collective.items():
+            piece.load_sharded(state[name])
+        payload = None
         if self.manager is not None:
-            out = self.manager.load(path[0], self.pieces)
-            small = {name: p.state_dict() for name, p in self.pieces.items() if not isinstance(p, COLLECTIVE)}
-            payload = [{"out": out, "small": small}]
-        else:
-            for piece in self.pieces.values():
-                if isinstance(piece, EMAState):
-                    piece.load_state_dict(piece.placeholder())
-                elif isinstance(piece, COLLECTIVE):
-                    piece.load_state_dict({})
-            payload = [None]
-        dist.broadcast_object_list(payload, src=0)
+            out = self.manager.load(path, self.small, verify=False)  # verified above, by every rank
+            payload = {"out": out, "small": {name: p.state_dict() for name, p in self.small.items()}}
+        payload = broadcast_object(payload)
         if self.manager is None:
-            for name, state in payload[0]["small"].items():
-                self.pieces[name].load_state_dict(state)
-        return {**payload[0]["out"], "path": path[0]}
+            for name, st in payload["small"].items():
+                self.small[name].load_state_dict(st)
+        return {**payload["out"], "path": path}
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
