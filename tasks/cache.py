@@ -22,8 +22,34 @@ def cache_task(profile: Optional[str] = None, overrides: Sequence[str] = ()) -> 
     cfg = load_stage_config(profile, overrides)
     log = logger()
     log.info("caching %s into %s (MLLM features: %s)", cfg.paths.manifests, cfg.paths.cache, cfg.mllm.feature_mode)
+    d = cfg.data
+    if d.cache_nodes * d.cache_ranks_per_node > 1:
+        return _cache_ranks(cfg, list(overrides))
     summary = build_cache(cfg, on_progress=Progress("cache: samples encoded"))
     log.info("cached %s samples in %s shards (%s written now, %s resumed, %s rewritten: bytes that no longer "
              "matched their checksum)", summary["samples"], summary["shards"], summary["shards_written"],
              summary["shards_skipped"], len(summary["shards_rewritten"]))
+    return summary
+
+
+def _cache_ranks(cfg, overrides: list) -> dict:
+    """The cache stage under torchrun (`python -m loomcore.data.cache` on every rank): the same
+    launcher, timeout and progress as the training stages; the summary is the out's cache.json."""
+    import json
+    from pathlib import Path
+
+    from tasks.train import launch_torchrun, torchrun_launcher  # the training stages' launcher
+
+    d = cfg.data
+    cmd = torchrun_launcher(d.cache_nodes, d.cache_ranks_per_node, cfg.train.rdzv_endpoint,
+                            f"loomvideo-cache-{cfg.fingerprint('data', 'mllm', 'codec', 'buckets', 'video')}")
+    cmd += ["-m", "loomcore.data.cache", "--profile", cfg.profile, *overrides]
+    from loomcore.data.cache import RUN_RECORD
+
+    record = Path(cfg.paths.runs) / "cache" / RUN_RECORD
+    record.unlink(missing_ok=True)
+    launch_torchrun(cfg, cmd, "cache", "cache: samples encoded (rank 0)")
+    summary = json.loads(record.read_text())
+    logger().info("cached %s samples in %s shards on %s ranks", summary["samples"], summary["shards"],
+                  d.cache_nodes * d.cache_ranks_per_node)
     return summary

@@ -495,3 +495,21 @@ def test_the_curate_task_retries_transient_errors_only(prefect_api, s3_endpoint,
         state.result()
     assert list(task_attempts(state).values()) == [1 + curate_task.retries]
     assert not (tmp_path / "out").exists()
+
+
+def test_threads_give_the_serial_runs_manifests(data, tmp_path, cfg):
+    """The rows are read, probed and hashed by `data.curate_workers` threads and merged in row
+    order: the bad-input corpus (duplicates, path tricks, unreadable media) curated with 1 and 4
+    threads gives the same bytes."""
+    root, good = data
+    bad, extra_good = _bad_rows(root, good, tmp_path)
+    worse, fits = _worse_rows(root, good, cfg)
+    rows = good + [r for _, r in bad + worse] + extra_good + fits + [dict(good[3], id="dup"), dict(good[0])]
+    _write_rows(root / "metadata.csv", rows)
+    outs = {}
+    for workers in (1, 4):
+        c = load_config([f"models.mllm={cfg.models.mllm}", f"data.curate_workers={workers}"], profile="tiny")
+        curate(c, str(root), root, tmp_path / f"w{workers}", progress=False, metadata="metadata.csv")
+        outs[workers] = {n: (tmp_path / f"w{workers}" / n).read_bytes() for n in OUTPUTS}
+    assert outs[1] == outs[4]
+    assert len(_read(tmp_path / "w4", "rejects.parquet")) >= len(bad) + len(worse) + 2

@@ -49,6 +49,7 @@ from loomcore.data.video_io import read_image, read_video
 from loomcore.diffusion.flow import dit_token_count
 
 CACHE_SUMMARY = "cache.json"
+RUN_RECORD = "last_run.json"  # <paths.runs>/cache/: what the last multi-rank run did (not an out)
 MLLM_INPUT_KEYS = ("input_ids", "pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
 
 
@@ -114,21 +115,38 @@ def build_cache(
     on_progress: Optional[Callable[[int, int], None]] = None,
     progress: bool = True,
     stop_after_shards: Optional[int] = None,
+    rank: int = 0,
+    world_size: int = 1,
+    barrier: Optional[Callable[[], None]] = None,
 ) -> dict:
     """Encode every planned (row, resolution) into shards under `out_dir`; returns the summary.
 
     `stop_after_shards` writes at most that many new shards and returns (tests use it to
     interrupt a run at a shard boundary; a real interruption is a kill, which the atomic shard
     writes make equivalent).
+
+    Across ranks (`python -m loomcore.data.cache` under torchrun): rank r encodes shards r, r + W,
+    r + 2W, … of the one shard list every rank builds alike; after `barrier()` rank 0
+    writes the index from every shard in list order — the same bytes as a one-process run — and
+    the others return their share's figures. A resumed run skips the shards already done, whoever
+    wrote them.
     """
     from loomcore.models.codec import load_codec
     from loomcore.models.mllm import MLLMEncoder, MLLMRequest
 
+    if not 0 <= rank < world_size:
+        raise ValueError(f"build_cache: rank {rank} of world size {world_size}")
+    if world_size > 1 and barrier is None:
+        raise ValueError("build_cache: several ranks need a barrier (torch.distributed.barrier)")
+    sync = barrier or (lambda: None)
     t0 = time.monotonic()
     manifests = Path(manifests or cfg.paths.manifests)
     out_dir = Path(out_dir or cfg.paths.cache)
     data_root = Path(data_root or cfg.paths.data_root)
-    stale_temps = shards.remove_stale_temps(out_dir)  # a killed run's; this run has written nothing yet
+    # a killed run's temp files; this run has written nothing yet (rank 0 alone: pids mean nothing
+    # across nodes, and the others wait until it is done)
+    stale_temps = shards.remove_stale_temps(out_dir) if rank == 0 else []
+    sync()
     rows: List[dict] = []
     for split in ("train", "eval"):
         path = manifests / f"{split}.parquet"
@@ -156,11 +174,13 @@ def build_cache(
                 digest = hashlib.sha256((settings + res + "".join(r["id"] + r["checksum"] for r in chunk)).encode()).hexdigest()[:12]
                 work.append((f"{split}-{res}-{i // n:05d}-{digest}.safetensors", res, chunk))
 
-    total = sum(len(w[2]) for w in work)
+    mine = work[rank::world_size]
+    total = sum(len(w[2]) for w in mine)
     done_rows, written, resumed, rewritten = 0, 0, 0, []
     bytes_by_mode = {"cached": 0, "online": 0, "samples": 0}
-    bar = tqdm(total=total, desc="cache", unit="sample", disable=not progress)
-    for name, res, chunk in work:
+    bar = tqdm(total=total, desc="cache" if world_size == 1 else f"cache (rank {rank}/{world_size})", unit="sample",
+               disable=not progress)
+    for name, res, chunk in mine:
         done = shards.shard_done(out_dir, name)
         problem = shards.resume_problem(out_dir, name) if done else None
         if done and problem is None:
@@ -181,10 +201,15 @@ def build_cache(
         if on_progress:
             on_progress(done_rows, total)
     bar.close()
+    sync()  # every rank's shards are in place
+    if rank != 0:
+        return {"rank": rank, "shards": len(mine), "shards_written": written, "shards_skipped": resumed,
+                "shards_rewritten": rewritten, "timing": {"seconds": round(time.monotonic() - t0, 3)}}
     finished = [w[0] for w in work if shards.shard_done(out_dir, w[0])]
     complete = len(finished) == len(work)
     run = {  # what this run did: returned and logged, never written into the out
         "complete": complete,
+        "ranks": world_size,
         "shards": len(work),
         "shards_written": written,  # rewritten ones included
         "shards_skipped": resumed,  # resumed: finished, and their bytes match their digests
@@ -346,3 +371,50 @@ def _encode_chunk(cfg, chunk, res, media, codec, encoder, mode, dtype, MLLMReque
             bytes=_nbytes(own), tensors=shards.tensors_json(entries),
         ))
     return tensors, index_rows, skipped
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """`python -m loomcore.data.cache [--profile P] [key=value …]`: the cache stage as one rank of a
+    torchrun job (RANK / WORLD_SIZE / LOCAL_RANK from torchrun; alone, a one-process run). Rank 0
+    prints the summary as one JSON line."""
+    import argparse
+    import datetime
+    import os
+
+    import torch.distributed as dist
+
+    from loomcore.config import load_config
+
+    p = argparse.ArgumentParser(prog="python -m loomcore.data.cache", description=main.__doc__)
+    p.add_argument("--profile", default=None)
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    args = p.parse_args(argv)
+    cfg = load_config(args.overrides, profile=args.profile)
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1:  # a CPU group for the two barriers: the work itself is split by shard, not by collectives
+        dist.init_process_group("gloo", timeout=datetime.timedelta(hours=cfg.train.timeout_hours))
+    try:
+        summary = build_cache(cfg, progress=rank == 0, rank=rank, world_size=world,
+                              barrier=dist.barrier if world > 1 else None,
+                              on_progress=(lambda d, t: print(f"[progress] {d}/{t}", flush=True)) if rank == 0 else None)
+        parts = [summary]
+        if world > 1:
+            parts = [None] * world
+            dist.all_gather_object(parts, {k: summary[k] for k in ("shards_written", "shards_skipped", "shards_rewritten")})
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
+    if rank == 0:  # what this run did, every rank's share added up: beside the runs, never in the out
+        for k in ("shards_written", "shards_skipped"):
+            summary[k] = sum(p[k] for p in parts)
+        summary["shards_rewritten"] = [r for p in parts for r in p["shards_rewritten"]]
+        record = Path(cfg.paths.runs) / "cache" / RUN_RECORD
+        record.parent.mkdir(parents=True, exist_ok=True)
+        record.write_text(json.dumps(summary, indent=2, sort_keys=True, default=str) + "\n")
+        print(json.dumps({k: summary.get(k) for k in ("complete", "ranks", "samples", "shards", "shards_written",
+                                                       "shards_skipped")}), flush=True)
+    return 0 if summary.get("complete", True) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
