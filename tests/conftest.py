@@ -339,21 +339,75 @@ def dvc_standin_repo(tmp_path):
                                              capture_output=True, text=True).stdout)
 
 
-@pytest.fixture(scope="module")
-def prefect_api(tmp_path_factory):
-    """One temporary Prefect API per test module that asks for it (module scope: its settings
-    must not outlive the module); its URL is exported so that the subprocesses
-    (stage flows under dvc, a served deployment) report to it, as under a worker."""
-    from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
-    from prefect.testing.utilities import prefect_test_harness
+@pytest.fixture(scope="session")
+def _prefect_server(tmp_path_factory):
+    """One Prefect API server (a subprocess on SQLite in a temp folder) for the whole session:
+    starting one costs ~10 s, and six modules ask for one. Only `prefect_api` points code at it,
+    module by module."""
+    import socket
 
-    home = tmp_path_factory.mktemp("prefect-home")
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import PREFECT_HOME, PREFECT_SERVER_DATABASE_CONNECTION_URL, temporary_settings
+
+    home = tmp_path_factory.mktemp("prefect-server")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
     mp = pytest.MonkeyPatch()
     mp.setenv("PREFECT_HOME", str(home))
     mp.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     try:
-        with temporary_settings({PREFECT_HOME: str(home)}), prefect_test_harness(server_startup_timeout=90):
-            mp.setenv("PREFECT_API_URL", PREFECT_API_URL.value())
-            yield PREFECT_API_URL.value()
+        with temporary_settings({PREFECT_HOME: str(home),
+                                 PREFECT_SERVER_DATABASE_CONNECTION_URL: f"sqlite+aiosqlite:///{home / 'prefect.db'}"}):
+            server = SubprocessASGIServer(port=port)
+            server.start(timeout=90)
+    finally:
+        mp.undo()
+    yield server
+    import logging
+
+    logging.disable(logging.INFO)  # its "Stopping temporary server" line would go to pytest's closed capture
+    try:
+        server.stop()
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+@pytest.fixture(scope="module")
+def prefect_api(_prefect_server, tmp_path_factory):
+    """The session's Prefect API for one test module that asks for it (the settings and the
+    exported URL do not outlive the module), so that its subprocesses (stage flows under dvc, a
+    worker) report to it, as under a real server. Modules share the server's database: a test
+    reads back only the runs it started."""
+    import inspect
+
+    import prefect.context
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+    from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
+    from prefect.utilities.asyncutils import run_coro_as_sync
+
+    home = tmp_path_factory.mktemp("prefect-home")
+    url = _prefect_server.api_url
+    mp = pytest.MonkeyPatch()
+    mp.setenv("PREFECT_HOME", str(home))
+    mp.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    mp.setenv("PREFECT_API_URL", url)
+    try:
+        with temporary_settings({PREFECT_HOME: str(home), PREFECT_API_URL: url}), \
+                prefect.context._temporary_global_settings_context(prefect.context.get_settings_context()):
+            # (the global context too, as prefect_test_harness does: threads Prefect started
+            # earlier read it, and without the URL they would start a server of their own)
+            yield url
+
+            async def drain():  # what this module's runs still queue (logs, events) goes out now
+                for result in (APILogWorker.instance().drain(), EventsWorker.drain_all()):
+                    if inspect.isawaitable(result):
+                        await result
+
+            try:
+                run_coro_as_sync(drain())
+            except RuntimeError:  # a worker that never started
+                pass
     finally:
         mp.undo()

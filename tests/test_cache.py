@@ -339,8 +339,8 @@ def test_two_ranks_write_the_one_rank_cache_and_resume_after_a_kill(tiny_workspa
     from loomcore.data.cache import RUN_RECORD
 
     cfg, overrides = tiny_workspace
-    one = tmp_path / "one"
-    build_cache(cfg, out_dir=one, progress=False)
+    one = Path(cfg.paths.cache)
+    build_cache(cfg, progress=False)  # the workspace's one-process cache (a no-op when another test built it)
     two, runs = tmp_path / "two", tmp_path / "runs"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
            "loomcore.data.cache", "--profile", "tiny", *overrides, f"paths.cache={two}", f"paths.runs={runs}"]

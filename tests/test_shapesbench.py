@@ -170,7 +170,7 @@ SEPARATES = tuple(m for m in (*sb.METRICS, "score") if m != "reference")
 @pytest.fixture(scope="module")
 def comparison(shapes, tmp_path_factory):
     """Train stage 3 from the base models on the workspace, generate every sample with it and
-    with the base models (2 seeds each): {model key: {(sample, seed): scores}}."""
+    with the base models (one seed each: the margins hold at n = 40, 20 for motion): {model key: {sample: scores}}."""
     from loomcore.data.cache import build_cache
     from loomcore.eval.runner import run_shapesbench
     from loomcore.pipeline import LoomVideoPipeline
@@ -191,7 +191,7 @@ def comparison(shapes, tmp_path_factory):
         for key, path in (("model", str(out / "out/stage3/model")), ("base", None)):
             pipe = LoomVideoPipeline.from_config_models(tc, transformer_path=path)
             pipe.set_progress_bar_config(disable=True)
-            got, _ = run_shapesbench(pipe, tc, key, rows, truth, seeds=2)
+            got, _ = run_shapesbench(pipe, tc, key, rows, truth, seeds=1)
             by = defaultdict(dict)
             for x in got:
                 by[x["sample_id"]][x["metric"]] = x["score"]
