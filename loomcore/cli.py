@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
+from loomcore.errors import InputError
+
 PIPELINE_STAGES = ("curate", "cache", "stage1", "stage2", "stage3", "rl", "evaluate", "export")
 
 EPILOG = """examples:
@@ -146,7 +148,7 @@ def cmd_import_release(args) -> int:
     try:
         source = materialize(args.checkpoint) if is_s3(args.checkpoint) else Path(args.checkpoint)
         out = import_release(source, Path(args.out_dir), cfg, weights=args.weights)
-    except ValueError as e:  # the file or folder given: a user's mistake, told in one line (exit 2)
+    except InputError as e:  # the file or folder given: a user's mistake, told in one line (exit 2)
         print(f"loom import-release: {e}", file=sys.stderr)
         return 2
     print(f"import-release: wrote {out}")
@@ -283,23 +285,23 @@ def cmd_generate(args) -> int:
     try:
         # 1. What can be checked without a model
         if args.model and args.transformer:
-            raise ValueError("--model (an exported pipeline) and --transformer (a DiT with the profile's other models): give one")
+            raise InputError("--model (an exported pipeline) and --transformer (a DiT with the profile's other models): give one")
         check_output_path(args.out, overwrite=args.overwrite)
         if args.steps is not None and args.steps < 1:
-            raise ValueError(f"--steps {args.steps}: expected >= 1")
+            raise InputError(f"--steps {args.steps}: expected >= 1")
         if args.frames is not None and args.frames < 1:
-            raise ValueError(f"--frames {args.frames}: expected >= 1")
+            raise InputError(f"--frames {args.frames}: expected >= 1")
         for flag, value in (("--guidance", args.guidance), ("--visual-guidance", args.visual_guidance)):
             if value is not None and not value >= 1.0:
-                raise ValueError(f"{flag} {value}: expected >= 1 (1 turns that guidance off)")
+                raise InputError(f"{flag} {value}: expected >= 1 (1 turns that guidance off)")
         check_figure_refs(args.prompt, len(args.ref))
         for flag, path in [("--source", args.source)] * bool(args.source) + [("--ref", r) for r in args.ref]:
             if not Path(path).is_file():
-                raise ValueError(f"{flag} {path}: no such file")
+                raise InputError(f"{flag} {path}: no such file")
         for flag, folder in (("--model", args.model), ("--transformer", args.transformer)):
             if folder and not is_s3(folder) and not Path(folder).is_dir() and not (
                     flag == "--transformer" and Path(folder).is_file()):  # a release weights file
-                raise ValueError(f"{flag} {folder}: no such folder (a trained DiT is <train.out_dir>/<stage>/model, "
+                raise InputError(f"{flag} {folder}: no such folder (a trained DiT is <train.out_dir>/<stage>/model, "
                                  "an exported pipeline export.out_dir; run that stage first)")
 
         # 2. The model
@@ -316,7 +318,7 @@ def cmd_generate(args) -> int:
         )
         check_output_path(args.out, plan.num_frames, overwrite=args.overwrite)
 
-        # 4. Generate (ValueError here is still the input's: e.g. a prompt over mllm.max_length tokens)
+        # 4. Generate (an InputError here is still the input's: e.g. a prompt over mllm.max_length tokens)
         for line in describe(plan):
             print(f"generate: {line}")
         pipe.to(device)
@@ -326,7 +328,7 @@ def cmd_generate(args) -> int:
             mllm_layout=plan.mllm_layout,
             generator=torch.Generator("cpu").manual_seed(args.seed),  # CPU noise: a seed means the same on any device
         )
-    except ValueError as e:  # the project's convention: ValueError is a user mistake (STYLE)
+    except InputError as e:  # a user's mistake (loomcore.errors); anything else is a bug: its traceback shows
         print(f"loom generate: {e}", file=sys.stderr)
         return 2
     path = save_output(out.frames[0], args.out, fps=args.fps or pipe.config.fps, overwrite=True)

@@ -14,6 +14,8 @@ follow in `_validate`.
 
 from __future__ import annotations
 
+from loomcore.errors import InputError
+
 import copy
 import functools
 import hashlib
@@ -45,7 +47,7 @@ CODECS = ("wan", "space_to_depth")
 EVAL_BENCHMARKS = ("vbench", "openve", "refvie", "intelligentvbench", "fashionvideobench")
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A bad params file, profile or override. The message names the key and the source."""
 
 

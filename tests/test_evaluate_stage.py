@@ -267,3 +267,35 @@ def test_stage_command_writes_metrics_scores_sheets_and_report(tiny_workspace, t
         if "(Table" in title and re.search(r"\| \d+(\.\d+)? ", row):
             with_numbers.add(title.split(" (")[0].split(" ")[0].lower().replace("-bench", ""))
     assert with_numbers >= {"vbench", *judged}, with_numbers
+
+
+def test_a_bug_in_the_model_fails_the_evaluation_and_bad_media_is_a_failure_row(tiny_workspace, tmp_path, monkeypatch):
+    """Only input errors (loomcore.errors.InputError: unreadable media, a request the model cannot
+    take) become failure rows; a ValueError from inside the model — a shape check, i.e. a bug of
+    ours — propagates and fails the stage instead of being scored as a judged failure."""
+    from loomcore.data.synthetic import load_ground_truth
+    from loomcore.eval.benchmarks import write_shapes_benchmarks
+    from loomcore.eval.runner import run_benchmark
+    from loomcore.models.dit import LoomDiT
+    from loomcore.pipeline import LoomVideoPipeline
+
+    cfg, _ = tiny_workspace
+    root = tmp_path / "bench"
+    write_shapes_benchmarks(Path(cfg.paths.manifests) / "train.parquet", Path(cfg.paths.data_root),
+                            load_ground_truth(cfg.paths.data_root), root)
+    samples = read_benchmark(str(root), "openve", limit=2)
+    assert len(samples) == 2 and all(s.source for s in samples)
+    pipe = LoomVideoPipeline.from_config_models(cfg)
+    pipe.set_progress_bar_config(disable=True)
+
+    broken = Path(samples[0].source)
+    broken.write_bytes(b"\x00\x00\x00\x18ftypmp42 not really a video")
+    rows, _ = run_benchmark(pipe, cfg, "model", samples[:1], judge=None, scorer=None)
+    assert rows and all(math.isnan(r["score"]) and r["failure"].startswith("generation failed: ") for r in rows)
+
+    def shape_bug(self, *args, **kwargs):
+        raise ValueError("hidden_states: expected 48 features per token, got 47")
+
+    monkeypatch.setattr(LoomDiT, "forward_packed", shape_bug)
+    with pytest.raises(ValueError, match="expected 48 features per token"):
+        run_benchmark(pipe, cfg, "model", samples[1:], judge=None, scorer=None)

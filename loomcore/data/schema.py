@@ -37,6 +37,8 @@ from typing import Any, Dict, List, Optional, Union
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from loomcore.errors import InputError
+
 REQUIRED_COLUMNS = ("id", "task", "media", "caption")
 OPTIONAL_COLUMNS = ("source", "refs")
 METADATA_FORMATS = (".parquet", ".csv", ".jsonl")
@@ -119,11 +121,11 @@ REJECT_REASONS = {
 }
 
 
-class MetadataError(ValueError):
+class MetadataError(InputError):
     """A metadata file that cannot be used as a whole (names the file and the column)."""
 
 
-class RowError(ValueError):
+class RowError(InputError):
     """One row that cannot be used; `reason` is a key of REJECT_REASONS."""
 
     def __init__(self, reason: str, detail: str, file: Optional[str] = None):

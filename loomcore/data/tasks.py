@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional
 
 from loomcore.config import TASK_KINDS
+from loomcore.errors import InputError
 
 
 @dataclass(frozen=True)
@@ -65,7 +66,7 @@ UNCONDITIONAL_PREFIX = "generate an image: "
 
 def task_spec(kind: str) -> TaskSpec:
     if kind not in TASKS:
-        raise ValueError(f"task kind {kind!r}: expected one of {', '.join(TASK_KINDS)}")
+        raise InputError(f"task kind {kind!r}: expected one of {', '.join(TASK_KINDS)}")
     return TASKS[kind]
 
 
@@ -91,13 +92,13 @@ def _count(n: int) -> str:
 
 
 def check_figure_refs(prompt: str, num_refs: int) -> List[int]:
-    """Raise ValueError if the prompt names a reference that is not there; return the names."""
+    """Raise InputError if the prompt names a reference that is not there; return the names."""
     refs = parse_figure_refs(prompt)
     for k in refs:
         if k < 1:
-            raise ValueError(f"prompt names @Figure {k} but references are numbered from 1 (prompt: {prompt!r})")
+            raise InputError(f"prompt names @Figure {k} but references are numbered from 1 (prompt: {prompt!r})")
         if k > num_refs:
-            raise ValueError(f"prompt names @Figure {k} but {_count(num_refs)} (prompt: {prompt!r})")
+            raise InputError(f"prompt names @Figure {k} but {_count(num_refs)} (prompt: {prompt!r})")
     return refs
 
 
@@ -117,12 +118,12 @@ def check_sample(kind: str, text: str, num_refs: int, has_source: bool, text_dro
     if has_source != spec.needs_source:
         want = f"a source {spec.source_kind}" if spec.needs_source else "no source"
         got = "one" if has_source else "none"
-        raise ValueError(f"task {kind}: expected {want}, got {got}")
+        raise InputError(f"task {kind}: expected {want}, got {got}")
     if num_refs < spec.min_refs or (spec.max_refs is not None and num_refs > spec.max_refs):
-        raise ValueError(f"task {kind}: expected {spec.refs_expected()} reference image(s), got {num_refs}")
+        raise InputError(f"task {kind}: expected {spec.refs_expected()} reference image(s), got {num_refs}")
     if spec.needs_text and not text.strip() and not text_dropped:
-        raise ValueError(f"task {kind}: the caption/instruction is empty (only conditioning dropout may blank it)")
+        raise InputError(f"task {kind}: the caption/instruction is empty (only conditioning dropout may blank it)")
     if not spec.needs_text and text.strip():
-        raise ValueError(f"task {kind}: takes no text (its prompt is the fixed {spec.prefix.strip()!r}), got {text!r}")
+        raise InputError(f"task {kind}: takes no text (its prompt is the fixed {spec.prefix.strip()!r}), got {text!r}")
     check_figure_refs(text, num_refs)
     return spec

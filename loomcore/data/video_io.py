@@ -20,6 +20,8 @@ from typing import Optional
 import numpy as np
 import torch
 
+from loomcore.errors import InputError
+
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm", ".avi")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 # Leading bytes of the containers above: a file that starts like one but fails is "truncated",
@@ -27,7 +29,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 _VIDEO_MAGIC = (b"ftyp", b"\x1a\x45\xdf\xa3", b"RIFF")
 
 
-class MediaError(ValueError):
+class MediaError(InputError):
     """A media file that cannot be used. `code` is short and stable (for reject tables):
     missing | empty | not_image | not_video | truncated | undecodable | unsupported_type |
     no_video_stream | too_short."""

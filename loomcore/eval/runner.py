@@ -30,6 +30,7 @@ import torch
 from loomcore.config import Config
 from loomcore.data.buckets import nearest_size
 from loomcore.data.synthetic import GROUND_TRUTH_FILE, load_ground_truth
+from loomcore.errors import InputError
 from loomcore.eval import shapesbench as sb
 from loomcore.eval.benchmarks import BenchmarkSample, read_benchmark, write_shapes_benchmarks
 from loomcore.eval.judge import Judge, JudgeMedia, ask, judge_session
@@ -240,7 +241,7 @@ def run_benchmark(pipe, cfg: Config, model: str, samples: Sequence[BenchmarkSamp
             gen = generate(pipe, prompt=s.prompt, task=s.task, source=src, references=refs, size=size,
                            num_frames=frames, steps=e.steps, seed=sample_seed(e.seed, s.id),
                            negative_prompt=cfg.guidance.negative_prompt, layout=s.layout)
-        except ValueError as err:  # unreadable media, a frame count the model cannot take, …
+        except InputError as err:  # unreadable media, a frame count the model cannot take, … (a bug raises on)
             out += fail(f"generation failed: {err}")
             step()
             continue

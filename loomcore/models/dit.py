@@ -34,6 +34,7 @@ from diffusers.models.normalization import FP32LayerNorm
 from diffusers.models.transformers.transformer_wan import WanTimeTextImageEmbedding
 from torch import nn
 
+from loomcore.errors import InputError
 from .attention import BACKENDS, AttentionSegments, LoomAttention
 from .deepstack import MLLMProjector
 from .packing import (  # re-exported: the packing API has always been imported from here
@@ -128,7 +129,7 @@ ARCHITECTURE_KEYS = {
 }
 
 
-class ArchitectureMismatch(ValueError):
+class ArchitectureMismatch(InputError):
     """A transformer folder's config.json disagrees with the config on an architecture value."""
 
 

@@ -41,6 +41,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from loomcore.errors import InputError
 from loomcore.data.tasks import UNCONDITIONAL_PREFIX, TaskSpec, check_sample, task_spec, to_release_pointers
 from loomcore.storage import materialize
 
@@ -90,11 +91,11 @@ def _to_pil(x: Any, what: str) -> Image.Image:
         return x.convert("RGB")
     a = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
     if a.dtype != np.uint8:
-        raise ValueError(f"{what}: expected a PIL image or uint8 pixels, got dtype {a.dtype}")
+        raise InputError(f"{what}: expected a PIL image or uint8 pixels, got dtype {a.dtype}")
     if a.ndim == 3 and a.shape[-1] != 3 and a.shape[0] == 3:
         a = a.transpose(1, 2, 0)
     if a.ndim != 3 or a.shape[-1] != 3:
-        raise ValueError(f"{what}: expected an RGB image [H, W, 3] or [3, H, W], got shape {a.shape}")
+        raise InputError(f"{what}: expected an RGB image [H, W, 3] or [3, H, W], got shape {a.shape}")
     return Image.fromarray(np.ascontiguousarray(a))
 
 
@@ -107,7 +108,7 @@ def _to_frames(x: Any, what: str) -> List[Image.Image]:
     if a.ndim == 3:
         return [_to_pil(a, what)]
     if a.ndim != 4:
-        raise ValueError(f"{what}: expected frames [T, H, W, 3] or [T, 3, H, W], got shape {tuple(a.shape)}")
+        raise InputError(f"{what}: expected frames [T, H, W, 3] or [T, 3, H, W], got shape {tuple(a.shape)}")
     return [_to_pil(f, f"{what} frame {i}") for i, f in enumerate(a)]
 
 
@@ -238,7 +239,7 @@ class Qwen3VLInputs:
             n = min(max(n, v["min_frames"]), v["max_frames"], len(frames))
             indices = np.linspace(0, len(frames) - 1, n).round().astype(int).tolist()
         if len(indices) < tp:
-            raise ValueError(f"source video: {len(frames)} frame(s); Qwen3-VL needs at least {tp}")
+            raise InputError(f"source video: {len(frames)} frame(s); Qwen3-VL needs at least {tp}")
         w0, h0 = frames[0].size
         h, w = _smart_resize(len(indices), h0, w0, p * m, v["size"]["shortest_edge"], v["size"]["longest_edge"], tp)
         x = torch.stack([torch.from_numpy(np.array(frames[i].resize((w, h), Image.Resampling.BICUBIC)))
@@ -380,7 +381,7 @@ class MLLMEncoder(nn.Module):
     def _checked(self, sample: Dict[str, torch.Tensor], what: str) -> Dict[str, torch.Tensor]:
         n = sample["input_ids"].shape[1]
         if n > self.max_length:
-            raise ValueError(f"{what}: {n} MLLM tokens, more than mllm.max_length = {self.max_length} "
+            raise InputError(f"{what}: {n} MLLM tokens, more than mllm.max_length = {self.max_length} "
                              "(shorten the text, or use fewer/smaller images)")
         return sample
 

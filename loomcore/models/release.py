@@ -25,6 +25,8 @@ Pickles are read with `torch.load(weights_only=True)` only: they come from the i
 
 from __future__ import annotations
 
+from loomcore.errors import InputError
+
 import inspect
 import json
 import os
@@ -65,7 +67,7 @@ class LoadReport:
 def release_key_to_ours(key: str) -> str:
     """A `gen_model.pth` key → the LoomDiT parameter name (see the table at the top)."""
     if not key.startswith(RELEASE_PREFIX):
-        raise ValueError(f"release key {key!r} lacks the {RELEASE_PREFIX!r} prefix")
+        raise InputError(f"release key {key!r} lacks the {RELEASE_PREFIX!r} prefix")
     return key[len(RELEASE_PREFIX):]
 
 
@@ -132,14 +134,14 @@ def read_release(path: str | os.PathLike, config: Mapping, weights: str = "ema")
     wrong layout loads nothing, silently), this raises ValueError naming the file and the key.
     """
     if weights not in ("ema", "model"):
-        raise ValueError(f"weights = {weights!r}: expected 'ema' or 'model'")
+        raise InputError(f"weights = {weights!r}: expected 'ema' or 'model'")
     path = Path(path)
     config = _checked_config(config if isinstance(config, Mapping) else _kwargs(config), "config")
     if not path.exists():
-        raise ValueError(f"checkpoint: {path}: no such file or folder")
+        raise InputError(f"checkpoint: {path}: no such file or folder")
     if path.is_dir():
         if (path / "config.json").exists():
-            raise ValueError(f"checkpoint: {path} holds config.json: a save_pretrained folder, not a release "
+            raise InputError(f"checkpoint: {path} holds config.json: a save_pretrained folder, not a release "
                              "checkpoint (load it as a transformer folder)")
         ema = path / "ema" / "ema.pth"
         if weights == "ema" and ema.is_file():
@@ -149,9 +151,9 @@ def read_release(path: str | os.PathLike, config: Mapping, weights: str = "ema")
                 state, skipped = _dit_keys(_read_tensors(candidate), candidate)
                 return ReleaseWeights(state, f"{candidate} (gen_model component)", skipped)
         expected = "latest/gen_model.pth or gen_model.pth" + ("" if weights == "model" else ", or ema/ema.pth")
-        raise ValueError(f"checkpoint: {path} holds no release weights (expected {expected})")
+        raise InputError(f"checkpoint: {path} holds no release weights (expected {expected})")
     if path.suffix not in RELEASE_FILE_SUFFIXES:
-        raise ValueError(f"checkpoint: {path}: expected a .pth/.pt/.bin or .safetensors file, or a release folder")
+        raise InputError(f"checkpoint: {path}: expected a .pth/.pt/.bin or .safetensors file, or a release folder")
     state, skipped = _dit_keys(_read_tensors(path), path)
     return ReleaseWeights(state, f"{path} (single file)", skipped)
 
@@ -165,15 +167,15 @@ def _kwargs(cfg) -> dict:
 def _read_tensors(path: Path) -> dict:
     """A file's tensors by name; any file that is not a plain tensor dict is refused in one line."""
     if path.stat().st_size == 0:
-        raise ValueError(f"checkpoint: {path} is empty (0 bytes)")
+        raise InputError(f"checkpoint: {path} is empty (0 bytes)")
     if path.suffix == ".safetensors":
         try:
             return load_file(path)
         except Exception as error:  # noqa: BLE001 — safetensors' header errors: the file's fault
-            raise ValueError(f"checkpoint: {path} is not a safetensors file ({type(error).__name__}: {error})") from error
+            raise InputError(f"checkpoint: {path} is not a safetensors file ({type(error).__name__}: {error})") from error
     raw = _torch_load(path)
     if not isinstance(raw, Mapping) or not all(isinstance(v, torch.Tensor) for v in raw.values()):
-        raise ValueError(f"checkpoint: {path} holds {type(raw).__name__}, expected a dict of tensors")
+        raise InputError(f"checkpoint: {path} holds {type(raw).__name__}, expected a dict of tensors")
     return dict(raw)
 
 
@@ -185,11 +187,11 @@ def _torch_load(path: Path):
         text = str(error)
         why = text.split("WeightsUnpickler error:", 1)[1] if "WeightsUnpickler error:" in text else text
         why = " ".join(why.split("Check the documentation")[0].split()) or type(error).__name__
-        raise ValueError(f"checkpoint: {path} is not a plain tensor state dict (refused by weights_only: {why})") from error
+        raise InputError(f"checkpoint: {path} is not a plain tensor state dict (refused by weights_only: {why})") from error
     except Exception as error:  # noqa: BLE001 — whatever torch.load trips on in a user's file (EOFError on a
         # truncated zip, KeyError / RuntimeError on text or another format) is that file's fault: say so
         # in one line rather than a 30-line traceback from the unpickler
-        raise ValueError(f"checkpoint: {path} is not a PyTorch checkpoint torch.load can read "
+        raise InputError(f"checkpoint: {path} is not a PyTorch checkpoint torch.load can read "
                          f"({type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else 'no detail'})") from error
 
 
@@ -202,14 +204,14 @@ def _dit_keys(raw: dict, path: Path) -> tuple[dict, tuple[str, ...]]:
     if prefixed and len(prefixed) != len(keys):  # a mixture: name the odd ones out
         bare = sorted(k for k in keys if not k.startswith(RELEASE_PREFIX))
         if len(bare) <= len(prefixed):
-            raise ValueError(f"checkpoint: {path}: {len(bare)} keys outside {RELEASE_PREFIX!r} in a file whose other "
+            raise InputError(f"checkpoint: {path}: {len(bare)} keys outside {RELEASE_PREFIX!r} in a file whose other "
                              f"{len(prefixed)} keys carry it: {_names(bare)}")
-        raise ValueError(f"checkpoint: {path}: {len(prefixed)} keys with the {RELEASE_PREFIX!r} prefix in a file whose "
+        raise InputError(f"checkpoint: {path}: {len(prefixed)} keys with the {RELEASE_PREFIX!r} prefix in a file whose "
                          f"other {len(bare)} keys have none: {_names(sorted(prefixed))}")
     if not keys:
-        raise ValueError(f"checkpoint: {path} holds no DiT weights (only {_names(skipped)})")
+        raise InputError(f"checkpoint: {path} holds no DiT weights (only {_names(skipped)})")
     if skipped and not prefixed:
-        raise ValueError(f"checkpoint: {path}: keys of other LoomVideo components ({_names(skipped)}) beside "
+        raise InputError(f"checkpoint: {path}: keys of other LoomVideo components ({_names(skipped)}) beside "
                          "unprefixed DiT keys: expected gen_model.* keys in a whole-model file")
     return ({release_key_to_ours(k): raw[k] for k in keys} if prefixed else {k: raw[k] for k in keys}), skipped
 
@@ -218,7 +220,7 @@ def _read_ema(path: Path, config: dict) -> ReleaseWeights:
     raw = _torch_load(path)
     shadow = raw.get("shadow_params") if isinstance(raw, Mapping) else None
     if not isinstance(shadow, (list, tuple)) or not all(isinstance(t, torch.Tensor) for t in shadow):
-        raise ValueError(f"checkpoint: {path}: expected a diffusers EMAModel state (a 'shadow_params' list of tensors), "
+        raise InputError(f"checkpoint: {path}: expected a diffusers EMAModel state (a 'shadow_params' list of tensors), "
                          f"got {type(raw).__name__}" + (f" with keys {_names(sorted(raw))}" if isinstance(raw, Mapping) else ""))
     names = release_parameter_order(config)
     if len(shadow) != len(names):
@@ -227,7 +229,7 @@ def _read_ema(path: Path, config: dict) -> ReleaseWeights:
                 f"source_patch_embedding (weight, bias): use_source_embedding = {not source}?"
                 if abs(len(shadow) - len(names)) == 2 else
                 "; trained with other trainable_modules than {gen_model: all}?")
-        raise ValueError(f"checkpoint: {path}: {len(shadow)} EMA shadow params, but the DiT this config builds "
+        raise InputError(f"checkpoint: {path}: {len(shadow)} EMA shadow params, but the DiT this config builds "
                          f"(use_source_embedding = {source}) has {len(names)} trainable parameters{hint}")
     from .dit import LoomDiT
 
@@ -236,7 +238,7 @@ def _read_ema(path: Path, config: dict) -> ReleaseWeights:
     mismatched = [f"{n} (shadow_params[{i}]: given {tuple(t.shape)}, expected {tuple(expected[n].shape)})"
                   for i, (n, t) in enumerate(zip(names, shadow)) if tuple(t.shape) != tuple(expected[n].shape)]
     if mismatched:
-        raise ValueError(f"checkpoint: {path}: {len(mismatched)} shape mismatches: {_names(mismatched)}")
+        raise InputError(f"checkpoint: {path}: {len(mismatched)} shape mismatches: {_names(mismatched)}")
     step = raw.get("optimization_step")
     return ReleaseWeights(dict(zip(names, shadow)), f"{path} (EMA shadow params" + (f", step {step})" if step is not None else ")"), ())
 
@@ -262,7 +264,7 @@ def import_release(source: str | os.PathLike, out_dir: str | os.PathLike, config
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
-        raise ValueError(f"out_dir: {out_dir} exists and is not empty")
+        raise InputError(f"out_dir: {out_dir} exists and is not empty")
     model, report = load_release(source, config, dtype, weights)
     tmp = out_dir.with_name(out_dir.name + ".importing")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -281,7 +283,7 @@ def load_wan_transformer(source, dtype: torch.dtype | None = torch.float32, **ex
 
     if isinstance(source, ModelMixin):
         if type(source).__name__ not in WAN_CLASS_NAMES:
-            raise ValueError(f"source: expected a WanTransformer3DModel or LoomDiT, got {type(source).__name__}")
+            raise InputError(f"source: expected a WanTransformer3DModel or LoomDiT, got {type(source).__name__}")
         config, name = dict(source.config), type(source).__name__
         state = {k: v.detach().clone() for k, v in source.state_dict().items()}  # never alias the source
     else:
@@ -306,7 +308,7 @@ def build_from_state_dict(config: dict, state: dict, *, allow_new: bool, dtype, 
     expected = model.state_dict()
     unexpected = sorted(set(state) - set(expected))
     if unexpected:
-        raise ValueError(f"{source}: {len(unexpected)} unexpected keys (no such LoomDiT parameter): {_names(unexpected)}")
+        raise InputError(f"{source}: {len(unexpected)} unexpected keys (no such LoomDiT parameter): {_names(unexpected)}")
     missing = sorted(set(expected) - set(state))
     new_modules = []  # added modules absent as a whole: initialised below
     for prefix in LoomDiT.ADDED_PREFIXES if allow_new else ():
@@ -315,10 +317,10 @@ def build_from_state_dict(config: dict, state: dict, *, allow_new: bool, dtype, 
             new_modules.append(prefix.rstrip("."))
     not_new = [k for k in missing if not k.startswith(tuple(m + "." for m in new_modules))]
     if not_new:
-        raise ValueError(f"{source}: {len(not_new)} missing keys: {_names(not_new)}")
+        raise InputError(f"{source}: {len(not_new)} missing keys: {_names(not_new)}")
     mismatched = [f"{k} (given {tuple(v.shape)}, expected {tuple(expected[k].shape)})" for k, v in state.items() if v.shape != expected[k].shape]
     if mismatched:
-        raise ValueError(f"{source}: {len(mismatched)} shape mismatches: {_names(mismatched)}")
+        raise InputError(f"{source}: {len(mismatched)} shape mismatches: {_names(mismatched)}")
 
     new_dtype = dtype or state["patch_embedding.weight"].dtype
     model.load_state_dict({k: v if dtype is None else v.to(dtype) for k, v in state.items()}, strict=False, assign=True)
@@ -339,11 +341,11 @@ def build_from_state_dict(config: dict, state: dict, *, allow_new: bool, dtype, 
 def _read_diffusers_dir(path: Path) -> tuple[dict, dict, str]:
     config_file = path / "config.json"
     if not config_file.is_file():
-        raise ValueError(f"source: {path} has no config.json (expected a diffusers save_pretrained directory)")
+        raise InputError(f"source: {path} has no config.json (expected a diffusers save_pretrained directory)")
     config = json.loads(config_file.read_text())
     name = config.get("_class_name")
     if name not in WAN_CLASS_NAMES:
-        raise ValueError(f"source: {config_file} describes {name!r}, expected one of {WAN_CLASS_NAMES}")
+        raise InputError(f"source: {config_file} describes {name!r}, expected one of {WAN_CLASS_NAMES}")
     single, index = path / "diffusion_pytorch_model.safetensors", path / "diffusion_pytorch_model.safetensors.index.json"
     if single.is_file():
         return config, load_file(single), name
@@ -352,7 +354,7 @@ def _read_diffusers_dir(path: Path) -> tuple[dict, dict, str]:
         for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
             state.update(load_file(path / shard))
         return config, state, name
-    raise ValueError(f"source: {path} has neither {single.name} nor {index.name}")
+    raise InputError(f"source: {path} has neither {single.name} nor {index.name}")
 
 
 def _checked_config(config: Mapping, what: str) -> dict:
@@ -361,7 +363,7 @@ def _checked_config(config: Mapping, what: str) -> dict:
     known = set(inspect.signature(LoomDiT.__init__).parameters) - {"self"}
     unknown = sorted(set(config) - known)
     if unknown:
-        raise ValueError(f"{what}: unknown LoomDiT arguments {unknown}")
+        raise InputError(f"{what}: unknown LoomDiT arguments {unknown}")
     return dict(config)
 
 

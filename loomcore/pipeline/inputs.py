@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from loomcore.errors import InputError
 from loomcore.data.buckets import resize_center_crop
 from loomcore.data.tasks import TaskSpec, check_sample, task_spec
 from loomcore.data.video_io import MediaError, SourceCut, media_kind, read_image, read_video
@@ -75,7 +76,7 @@ class Geometry:
     def check_tokens(self, height: int, width: int, num_frames: int) -> None:
         n = self.tokens(height, width, num_frames)
         if n > self.MAX_TOKENS:
-            raise ValueError(f"{width}×{height} (W×H) × {num_frames} frame(s) is {n:,} DiT tokens, more than one call "
+            raise InputError(f"{width}×{height} (W×H) × {num_frames} frame(s) is {n:,} DiT tokens, more than one call "
                              f"generates ({self.MAX_TOKENS:,}); ask for a smaller size or fewer frames")
 
     def check_size(self, height: int, width: int) -> None:
@@ -83,7 +84,7 @@ class Geometry:
             if value < mult or value % mult:
                 lower, upper = max(value // mult, 1) * mult, (value // mult + 1) * mult
                 near = f"{lower} or {upper}" if lower != upper else str(upper)
-                raise ValueError(f"{name} = {value}: this model takes multiples of {mult} (codec factor "
+                raise InputError(f"{name} = {value}: this model takes multiples of {mult} (codec factor "
                                  f"{self.spatial_factor} × DiT patch {mult // self.spatial_factor}), e.g. {near}")
 
 
@@ -126,18 +127,18 @@ def _array_frames(x: Any, what: str) -> torch.Tensor:
     if a.ndim == 3:
         a = a[None]
     if a.ndim != 4:
-        raise ValueError(f"{what}: expected frames [F, H, W, 3] or an image [H, W, 3], got shape {tuple(a.shape)}")
+        raise InputError(f"{what}: expected frames [F, H, W, 3] or an image [H, W, 3], got shape {tuple(a.shape)}")
     if a.shape[-1] != 3 and a.shape[-3] == 3:  # channels first: [F, 3, H, W]
         a = a.permute(0, 2, 3, 1)
     if a.shape[-1] != 3:
-        raise ValueError(f"{what}: expected 3 colour channels (RGB), got shape {tuple(a.shape)}")
+        raise InputError(f"{what}: expected 3 colour channels (RGB), got shape {tuple(a.shape)}")
     if a.dtype == torch.uint8:
         return a.contiguous()
     if not a.is_floating_point():
-        raise ValueError(f"{what}: expected uint8 pixels or floats in [0, 1], got {a.dtype}")
+        raise InputError(f"{what}: expected uint8 pixels or floats in [0, 1], got {a.dtype}")
     a = a.float()
     if not bool(torch.isfinite(a).all()) or a.min() < 0 or a.max() > 1:
-        raise ValueError(f"{what}: float pixels must lie in [0, 1] (got {a.min().item():.3g}..{a.max().item():.3g})")
+        raise InputError(f"{what}: float pixels must lie in [0, 1] (got {a.min().item():.3g}..{a.max().item():.3g})")
     return (a * 255).round().to(torch.uint8).contiguous()
 
 
@@ -163,12 +164,12 @@ def load_frames(x: Any, what: str, fps: Optional[float] = None, max_frames: Opti
         return torch.from_numpy(np.asarray(x.convert("RGB")).copy())[None]
     if isinstance(x, (list, tuple)):
         if not x:
-            raise ValueError(f"{what}: an empty list of frames")
+            raise InputError(f"{what}: an empty list of frames")
         frames = [load_frames(f, f"{what} frame {i}") for i, f in enumerate(x)]
         if any(f.shape[0] != 1 for f in frames):
-            raise ValueError(f"{what}: a list of frames must hold single images")
+            raise InputError(f"{what}: a list of frames must hold single images")
         if len({tuple(f.shape) for f in frames}) != 1:
-            raise ValueError(f"{what}: frames differ in size: {sorted({tuple(f.shape[1:3]) for f in frames})}")
+            raise InputError(f"{what}: frames differ in size: {sorted({tuple(f.shape[1:3]) for f in frames})}")
         return torch.cat(frames)
     return _array_frames(x, what)
 
@@ -177,7 +178,7 @@ def _floor_size(height: int, width: int, geometry: Geometry, what: str) -> Tuple
     h = height // geometry.height_multiple * geometry.height_multiple
     w = width // geometry.width_multiple * geometry.width_multiple
     if h == 0 or w == 0:
-        raise ValueError(f"{what}: {width}×{height} (W×H) is smaller than the smallest output this model makes "
+        raise InputError(f"{what}: {width}×{height} (W×H) is smaller than the smallest output this model makes "
                          f"({geometry.width_multiple}×{geometry.height_multiple}); pass height and width")
     return h, w
 
@@ -207,30 +208,30 @@ def resolve_frames(spec: TaskSpec, source_frames: Optional[int], num_frames: Opt
     """The output frame count: 1 for an image task; else given, the source's, or the default."""
     rule = geometry.frames_rule()
     if num_frames is not None and num_frames < 1:
-        raise ValueError(f"num_frames = {num_frames}: expected >= 1")
+        raise InputError(f"num_frames = {num_frames}: expected >= 1")
     if spec.output == "image":
         if num_frames not in (None, 1):
-            raise ValueError(f"task {spec.kind} makes an image: num_frames must be 1, got {num_frames}")
+            raise InputError(f"task {spec.kind} makes an image: num_frames must be 1, got {num_frames}")
         if source_frames not in (None, 1):
-            raise ValueError(f"task {spec.kind} edits an image: the source must be one image, got {source_frames} frames")
+            raise InputError(f"task {spec.kind} edits an image: the source must be one image, got {source_frames} frames")
         return 1
     if source_frames == 1:
-        raise ValueError(f"task {spec.kind} edits a video: the source is a single image "
+        raise InputError(f"task {spec.kind} edits a video: the source is a single image "
                          "(an image source makes an image: ti2i, tir2i, image_recon)")
     if num_frames == 1:
-        raise ValueError(f"task {spec.kind} makes a video: num_frames must be > 1 (num_frames 1 is an image task)")
+        raise InputError(f"task {spec.kind} makes a video: num_frames must be > 1 (num_frames 1 is an image task)")
     if num_frames is not None and not geometry.frames_ok(num_frames):
-        raise ValueError(f"num_frames = {num_frames}: this model takes {rule} (e.g. {geometry.frames_around(num_frames)})")
+        raise InputError(f"num_frames = {num_frames}: this model takes {rule} (e.g. {geometry.frames_around(num_frames)})")
     if source_frames is None:
         return num_frames if num_frames is not None else default_frames
     usable = geometry.frames_at_most(source_frames)
     if num_frames is None:
         if not geometry.frames_ok(source_frames):
-            raise ValueError(f"source: {source_frames} frames; this model takes {rule}: pass num_frames = {usable} "
+            raise InputError(f"source: {source_frames} frames; this model takes {rule}: pass num_frames = {usable} "
                              f"(--frames {usable}) to use its first {usable} frames")
         return source_frames
     if num_frames > source_frames:
-        raise ValueError(f"source: {source_frames} frames, fewer than num_frames = {num_frames}; this model takes "
+        raise InputError(f"source: {source_frames} frames, fewer than num_frames = {num_frames}; this model takes "
                          f"{rule}, so at most {usable} from this source")
     return num_frames
 
@@ -275,12 +276,12 @@ def plan_generation(
     from loomcore.diffusion.guidance import check_guidance_scales
 
     if not isinstance(prompt, str):
-        raise ValueError(f"prompt: expected one string, got {type(prompt).__name__} (one sample per call)")
+        raise InputError(f"prompt: expected one string, got {type(prompt).__name__} (one sample per call)")
     if num_inference_steps < 1:
-        raise ValueError(f"num_inference_steps = {num_inference_steps}: expected >= 1")
+        raise InputError(f"num_inference_steps = {num_inference_steps}: expected >= 1")
     for k, ref in enumerate(references, 1):
         if ref.shape[0] != 1:
-            raise ValueError(f"reference {k}: a reference is one image, got {ref.shape[0]} frames")
+            raise InputError(f"reference {k}: a reference is one image, got {ref.shape[0]} frames")
     refs = [r[0] for r in references]
     source_frames = None if source is None else int(source.shape[0])
     kind = task or infer_task(prompt, source_frames, len(refs), num_frames)

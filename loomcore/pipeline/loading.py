@@ -18,6 +18,7 @@ from typing import Dict, List
 
 import torch
 
+from loomcore.errors import InputError
 from loomcore.storage import materialize
 
 CLASS_NAME = "LoomVideoPipeline"
@@ -47,12 +48,12 @@ def uses_pipeline_module(folder: Path) -> bool:
     if name == CLASS_NAME:
         return False
     if name != [PIPELINE_MODULE, CLASS_NAME]:
-        raise ValueError(f"{folder / 'model_index.json'}: _class_name {name!r}, expected {[PIPELINE_MODULE, CLASS_NAME]!r}")
+        raise InputError(f"{folder / 'model_index.json'}: _class_name {name!r}, expected {[PIPELINE_MODULE, CLASS_NAME]!r}")
     module = folder / f"{PIPELINE_MODULE}.py"
     if not module.is_file():
-        raise ValueError(f"{module}: missing (model_index.json names it as the pipeline's module)")
+        raise InputError(f"{module}: missing (model_index.json names it as the pipeline's module)")
     if module.read_text() != PIPELINE_MODULE_TEXT:
-        raise ValueError(f"{module}: not the module loomvideo writes (it was changed); refusing to run it — "
+        raise InputError(f"{module}: not the module loomvideo writes (it was changed); refusing to run it — "
                          "restore it or re-export the folder")
     return True
 
@@ -73,10 +74,10 @@ def check_pipeline_folder(folder: Path | str) -> Path:
     missing component or file."""
     path = Path(materialize(folder))
     if not path.is_dir():
-        raise ValueError(f"{folder}: no such pipeline folder")
+        raise InputError(f"{folder}: no such pipeline folder")
     index = path / "model_index.json"
     if not index.is_file():
-        raise ValueError(f"{folder}: not a pipeline folder (no model_index.json; write one with "
+        raise InputError(f"{folder}: not a pipeline folder (no model_index.json; write one with "
                          "LoomVideoPipeline.save_pretrained)")
     entries = json.loads(index.read_text())
     uses_pipeline_module(path)
@@ -95,7 +96,7 @@ def check_pipeline_folder(folder: Path | str) -> Path:
                 problems.append(f"component {name!r}: missing {sub / alternatives[0]}"
                                 + (f" (or {', '.join(alternatives[1:])})" if len(alternatives) > 1 else ""))
     if problems:
-        raise ValueError(f"{folder}: incomplete pipeline folder:\n  - " + "\n  - ".join(problems))
+        raise InputError(f"{folder}: incomplete pipeline folder:\n  - " + "\n  - ".join(problems))
     return path
 
 
@@ -120,7 +121,7 @@ def load_transformer(cfg, path: str | None, torch_dtype: torch.dtype):
             "mllm_dim", "projector_mult", "ref_offset", "use_source_embedding", "timestep_scale")}
         model, _ = LoomDiT.from_wan_transformer(folder, dtype=torch_dtype, **own)
     else:
-        raise ValueError(f"transformer {uri}: {folder / 'config.json'} describes {name!r}, expected 'LoomDiT' or 'WanTransformer3DModel'")
+        raise InputError(f"transformer {uri}: {folder / 'config.json'} describes {name!r}, expected 'LoomDiT' or 'WanTransformer3DModel'")
     return model.eval()
 
 
@@ -137,7 +138,7 @@ def load_vae(cfg, torch_dtype: torch.dtype = torch.float32):
         from loomcore.models.codec import SpaceToDepth
 
         return SpaceToDepth.from_pretrained(folder)
-    raise ValueError(f"models.codec = {cfg.models.codec!r}: expected 'wan' or 'space_to_depth'")
+    raise InputError(f"models.codec = {cfg.models.codec!r}: expected 'wan' or 'space_to_depth'")
 
 
 def load_scheduler(cfg):
@@ -154,7 +155,7 @@ def load_scheduler(cfg):
                                                        **dynamic)
     if g.scheduler == "euler":
         return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=g.flow_shift, **dynamic)
-    raise ValueError(f"guidance.scheduler = {g.scheduler!r}: expected 'unipc' or 'euler'")
+    raise InputError(f"guidance.scheduler = {g.scheduler!r}: expected 'unipc' or 'euler'")
 
 
 def load_mllm(cfg, torch_dtype: torch.dtype) -> Dict[str, object]:
@@ -170,7 +171,7 @@ def load_mllm(cfg, torch_dtype: torch.dtype) -> Dict[str, object]:
     for key, want, got in (("mllm.num_layers", cfg.mllm.num_layers, text.num_hidden_layers),
                            ("mllm.hidden_size", cfg.mllm.hidden_size, text.hidden_size)):
         if want != got:
-            raise ValueError(f"{key} = {want}, but the MLLM at {cfg.models.mllm} has {got}")
+            raise InputError(f"{key} = {want}, but the MLLM at {cfg.models.mllm} has {got}")
     inputs = Qwen3VLInputs.from_pretrained(folder)
     inputs.tokenizer.chat_template = inputs.chat_template  # saved with the tokenizer from here on
     return {"mllm": model.eval(), "tokenizer": inputs.tokenizer, "image_processor": inputs.image_processor,

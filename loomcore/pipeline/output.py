@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from loomcore.errors import InputError
 from loomcore.data.video_io import IMAGE_SUFFIXES, VIDEO_SUFFIXES, write_image, write_video
 
 OUTPUT_SUFFIXES = VIDEO_SUFFIXES + IMAGE_SUFFIXES
@@ -20,15 +21,15 @@ def check_output_path(path: Path | str, num_frames: int | None = None, overwrite
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in OUTPUT_SUFFIXES:
-        raise ValueError(f"{path}: unsupported output type {suffix or '(none)'!r}; use .mp4 for a video or .png for "
+        raise InputError(f"{path}: unsupported output type {suffix or '(none)'!r}; use .mp4 for a video or .png for "
                          f"an image (any of {', '.join(OUTPUT_SUFFIXES)})")
     if num_frames is not None and num_frames > 1 and suffix in IMAGE_SUFFIXES:
-        raise ValueError(f"{path}: a {suffix} holds one frame, but the output is a video of {num_frames} frames; "
+        raise InputError(f"{path}: a {suffix} holds one frame, but the output is a video of {num_frames} frames; "
                          "write a .mp4")
     if path.exists() and not overwrite:
-        raise ValueError(f"{path}: exists; pass --overwrite (overwrite=True) to replace it")
+        raise InputError(f"{path}: exists; pass --overwrite (overwrite=True) to replace it")
     if path.is_dir():
-        raise ValueError(f"{path}: is a folder, expected a file path")
+        raise InputError(f"{path}: is a folder, expected a file path")
     return path
 
 
@@ -42,22 +43,22 @@ def to_uint8_frames(frames: Any) -> np.ndarray:
         if len(frames) == 1 and isinstance(frames[0], (list, tuple)):
             frames = frames[0]
         if not frames or not all(isinstance(f, Image.Image) for f in frames):
-            raise ValueError("frames: a list must hold PIL images (output_type='pil')")
+            raise InputError("frames: a list must hold PIL images (output_type='pil')")
         return np.stack([np.asarray(f.convert("RGB")) for f in frames])
     a = frames.detach().cpu() if isinstance(frames, torch.Tensor) else torch.from_numpy(np.asarray(frames))
     channels_first = isinstance(frames, torch.Tensor)  # output_type "pt" is [.., F, 3, H, W]
     if a.ndim == 5:
         if a.shape[0] != 1:
-            raise ValueError(f"frames: a batch of {a.shape[0]} samples; save them one at a time")
+            raise InputError(f"frames: a batch of {a.shape[0]} samples; save them one at a time")
         a = a[0]
     if a.ndim == 3:
         a = a[None]
     if a.ndim != 4:
-        raise ValueError(f"frames: expected [F, H, W, 3] (np) or [F, 3, H, W] (pt), got shape {tuple(a.shape)}")
+        raise InputError(f"frames: expected [F, H, W, 3] (np) or [F, 3, H, W] (pt), got shape {tuple(a.shape)}")
     if channels_first and a.shape[1] == 3 and a.shape[-1] != 3:
         a = a.permute(0, 2, 3, 1)
     if a.shape[-1] != 3:
-        raise ValueError(f"frames: expected 3 colour channels, got shape {tuple(a.shape)}")
+        raise InputError(f"frames: expected 3 colour channels, got shape {tuple(a.shape)}")
     if a.dtype != torch.uint8:
         a = (a.float().clamp(0, 1) * 255).round().to(torch.uint8)
     return np.ascontiguousarray(a.numpy())

@@ -34,6 +34,7 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 from diffusers.video_processor import VideoProcessor
 
+from loomcore.errors import InputError
 from loomcore.diffusion.flow import dynamic_shift
 from loomcore.diffusion.guidance import FULL, UNCOND, VISUAL, combine_guidance, guidance_branches, split_branches
 from loomcore.models.codec import SpaceToDepth, WanVAE, latent_shape
@@ -178,7 +179,7 @@ class LoomVideoPipeline(DiffusionPipeline):
     def processor(self) -> Qwen3VLInputs:
         """Chat messages → Qwen3-VL inputs, as the MLLM saw them in training."""
         if not getattr(self.tokenizer, "chat_template", None):
-            raise ValueError("tokenizer: no chat template (build the pipeline with from_config_models, which sets it)")
+            raise InputError("tokenizer: no chat template (build the pipeline with from_config_models, which sets it)")
         return Qwen3VLInputs(self.tokenizer, self.image_processor, dict(self.config.mllm_video_config),
                              self.tokenizer.chat_template)
 
@@ -227,7 +228,7 @@ class LoomVideoPipeline(DiffusionPipeline):
         )
         layout = mllm_layout or c.get("mllm_layout", "demo")
         if layout not in LAYOUTS:
-            raise ValueError(f"mllm_layout = {layout!r}: expected one of {LAYOUTS}")
+            raise InputError(f"mllm_layout = {layout!r}: expected one of {LAYOUTS}")
         return dataclasses.replace(plan, source_cut=cut, mllm_layout=layout)
 
     def encode_contexts(self, plan: GenerationPlan, branches: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -276,7 +277,7 @@ class LoomVideoPipeline(DiffusionPipeline):
             self.scheduler.set_timesteps(steps, device=device)
             return
         if not self.scheduler.config.get("use_dynamic_shifting", False):
-            raise ValueError("the pipeline config has dynamic_shift, but the scheduler was not built with "
+            raise InputError("the pipeline config has dynamic_shift, but the scheduler was not built with "
                              "use_dynamic_shifting=True (it would ignore the shift)")
         self.scheduler.set_timesteps(steps, device=device, mu=math.log(s))
 
@@ -337,10 +338,10 @@ class LoomVideoPipeline(DiffusionPipeline):
             `LoomVideoPipelineOutput` with `frames` (see its docstring), or `(frames,)`.
         """
         if output_type not in ("np", "pt", "pil", "latent"):
-            raise ValueError(f"output_type = {output_type!r}: expected 'np', 'pt', 'pil' or 'latent'")
+            raise InputError(f"output_type = {output_type!r}: expected 'np', 'pt', 'pil' or 'latent'")
         unknown = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
         if unknown:
-            raise ValueError(f"callback_on_step_end_tensor_inputs: {unknown} not in {self._callback_tensor_inputs}")
+            raise InputError(f"callback_on_step_end_tensor_inputs: {unknown} not in {self._callback_tensor_inputs}")
 
         # 1. Check inputs; resolve the task, output size, frame count and guidance scales
         plan = self.resolve_inputs(prompt, negative_prompt, task, source, references, height, width, num_frames,
@@ -372,7 +373,7 @@ class LoomVideoPipeline(DiffusionPipeline):
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
         elif tuple(latents.shape) != shape:
-            raise ValueError(f"latents: shape {tuple(latents.shape)}, expected {shape}")
+            raise InputError(f"latents: shape {tuple(latents.shape)}, expected {shape}")
         latents = latents.to(device, torch.float32)
 
         # 5. Denoising loop: one batched DiT forward over the branches per step; the conditions are
