@@ -284,9 +284,13 @@ def build_tiny_dino(path: Path | str, seed: int = 0) -> int:
 
 
 def _eval_backbones(cfg: Config) -> Dict[str, str]:
-    """VBench's CLIP and DINO folders, where the config names them (the tiny profile: random
-    stand-ins built beside the other tiny models; the paper profile's are real checkpoints)."""
-    return {name: path for name, path in (("clip", cfg.eval.vbench.clip), ("dino", cfg.eval.vbench.dino)) if path}
+    """VBench's CLIP and DINO folders where the config puts them inside `paths.models` (the tiny
+    profile: random stand-ins built beside the other tiny models, in the base_models stage's out).
+    Elsewhere they are real checkpoints, or not wanted by whoever moved the models (a benchmark's
+    temp folder): not built."""
+    root = Path(cfg.paths.models).resolve()
+    return {name: path for name, path in (("clip", cfg.eval.vbench.clip), ("dino", cfg.eval.vbench.dino))
+            if path and not is_s3(path) and Path(path).resolve().is_relative_to(root)}
 
 
 def _component_paths(cfg: Config, out_dir: Optional[Path]) -> Dict[str, Path]:
