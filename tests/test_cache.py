@@ -328,42 +328,28 @@ def test_online_cache_writes_shared_pixel_tensors_as_copies(tiny_workspace, tmp_
 
 
 def test_two_ranks_write_the_one_rank_cache_and_resume_after_a_kill(tiny_workspace, tmp_path):
-    """`python -m loomcore.data.cache` under torchrun with 2 ranks (each encodes every other
-    shard): the same files, byte for byte, as one process — shards, index parts, index and
-    cache.json. Then as after a kill: shards missing, a dead writer's temp file, no index; the
-    next 2-rank run writes only the missing shards and the same cache again."""
-    import subprocess
-    import sys
+    """The cache stage on 2 ranks (its Prefect task launches `python -m loomcore.data.cache` under
+    torchrun; each rank encodes every other shard), resuming a one-process cache as after a kill —
+    three shards missing, a dead writer's temp file, no index: the ranks write only the three, and
+    the folder is the one-process cache again, byte for byte (shards, index parts, index,
+    cache.json)."""
+    import shutil
     from pathlib import Path
 
-    from loomcore.data.cache import RUN_RECORD
+    from tasks.cache import cache_task
 
     cfg, overrides = tiny_workspace
     one = Path(cfg.paths.cache)
     build_cache(cfg, progress=False)  # the workspace's one-process cache (a no-op when another test built it)
     two, runs = tmp_path / "two", tmp_path / "runs"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
-           "loomcore.data.cache", "--profile", "tiny", *overrides, f"paths.cache={two}", f"paths.runs={runs}"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-
-    def run_and_compare() -> dict:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=Path(__file__).parents[1])
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        files = lambda d: {p.name: p.read_bytes() for p in sorted(d.iterdir()) if p.is_file()}  # noqa: E731
-        assert files(two) == files(one)
-        return json.loads((runs / "cache" / RUN_RECORD).read_text())
-
-    record = run_and_compare()
+    shutil.copytree(one, two)
     shards = sorted(p.name for p in two.glob("*.safetensors") if p.name != "null.safetensors")  # + the null context
-    assert record["ranks"] == 2 and record["shards_written"] == record["shards"] == len(shards) >= 4
-    for name in shards[1:4]:  # "killed": three shards never finished, no index, a dead writer's temp file
+    assert len(shards) >= 4
+    for name in shards[1:4]:
         (two / name).unlink()
         (two / f"{name}.index.parquet").unlink()
     (two / "index.parquet").unlink()
     (two / f".{shards[1]}.tmp-999999").write_bytes(b"half a shard")
-    # the stage's own path this time: the Prefect task launches torchrun when the params ask for 2 ranks
-    from tasks.cache import cache_task
-
     again = cache_task.fn("tiny", [*overrides, f"paths.cache={two}", f"paths.runs={runs}", "data.cache_ranks_per_node=2"])
     files = lambda d: {p.name: p.read_bytes() for p in sorted(d.iterdir()) if p.is_file()}  # noqa: E731
     assert files(two) == files(one)
