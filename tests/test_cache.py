@@ -1,7 +1,6 @@
 """The cache stage on real files: latents + MLLM features, shards, resume, and the loader on top."""
 
 import json
-import os
 import re
 
 import pyarrow.parquet as pq
