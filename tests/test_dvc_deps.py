@@ -2,8 +2,6 @@
 module (loomcore.codegraph) — the same closure a training run's key fingerprints. A stage whose
 code can change without DVC noticing reruns nothing and reports stale outputs as current."""
 
-from pathlib import Path
-
 import pytest
 import yaml
 
