@@ -76,6 +76,7 @@ class DataConfig:
     cache_nodes: int
     cache_ranks_per_node: int
     shard_size: int
+    read_ahead_shards: int
     max_aspect_ratio: float
     cache_tasks: Dict[str, List[str]]  # {resolution: task kinds} the cache stage encodes
 
@@ -677,7 +678,8 @@ def _validate(cfg: Config) -> None:
             errors.append(msg)
 
     check(0 <= cfg.data.eval_fraction < 1, f"data.eval_fraction = {cfg.data.eval_fraction}: expected in [0, 1)")
-    for k in ("synthetic_samples", "cache_batch_size", "shard_size", "curate_workers", "cache_nodes", "cache_ranks_per_node"):
+    for k in ("synthetic_samples", "cache_batch_size", "shard_size", "curate_workers", "cache_nodes", "cache_ranks_per_node",
+              "read_ahead_shards"):
         check(getattr(cfg.data, k) >= 1, f"data.{k} = {getattr(cfg.data, k)}: expected >= 1")
     check(cfg.data.max_aspect_ratio >= 1, f"data.max_aspect_ratio = {cfg.data.max_aspect_ratio}: expected >= 1 "
           "(the long side over the short side)")

@@ -172,12 +172,15 @@ def s3_client(settings: Optional[S3Settings] = None):
     return boto3.client("s3", endpoint_url=s.endpoint_url, config=cfg)
 
 
-def _transfer_config(settings: S3Settings):
+def transfer_config(settings: S3Settings):
+    """boto3's transfer settings for every upload and download of ours: multipart (ranged GETs)
+    above `multipart_threshold_mb`. s3transfer re-reads a body cut mid-stream (which botocore
+    cannot retry) on top of botocore's attempts: one more try, not its default four, or a store
+    that stopped answering costs attempts × attempts × read_timeout per object."""
     from boto3.s3.transfer import TransferConfig
 
-    mb = 1024 * 1024
-    return TransferConfig(multipart_threshold=settings.multipart_threshold_mb * mb,
-                          multipart_chunksize=settings.multipart_threshold_mb * mb)
+    chunk = settings.multipart_threshold_mb * 1024 * 1024
+    return TransferConfig(multipart_threshold=chunk, multipart_chunksize=chunk, num_download_attempts=2)
 
 
 def list_objects(uri: str, settings: Optional[S3Settings] = None, client=None) -> Iterator[dict]:
@@ -192,6 +195,13 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("LOOM_CACHE_DIR", Path.home() / ".cache" / "loomvideo")) / "s3"
 
 
+def mirror_dir(uri: str, cache_dir: Optional[Path] = None) -> Path:
+    """The local folder that stands for an s3:// URI: LOOM_CACHE_DIR/s3/<bucket>/<prefix>."""
+    bucket, prefix = parse_s3_uri(uri)
+    root = Path(cache_dir or default_cache_dir()) / bucket
+    return root / prefix.strip("/") if prefix.strip("/") else root
+
+
 def materialize(uri: str | os.PathLike, cache_dir: Optional[Path] = None,
                 settings: Optional[S3Settings] = None) -> Path:
     """A local folder or file for `uri`: the path itself, or a verified local mirror of S3."""
@@ -203,7 +213,7 @@ def materialize(uri: str | os.PathLike, cache_dir: Optional[Path] = None,
     settings = settings or S3Settings.from_env()
     client = s3_client(settings)
     bucket, prefix = parse_s3_uri(str(uri))
-    cache_root = Path(cache_dir or default_cache_dir()) / bucket
+    cache_root = Path(cache_dir or default_cache_dir()) / bucket  # (mirror_dir's bucket folder)
     folder = prefix.rstrip("/") + "/" if prefix.strip("/") else ""
     objects = list(list_objects(str(uri), client=client))
     single = [o for o in objects if o["Key"] == prefix and not prefix.endswith("/")]
@@ -217,7 +227,7 @@ def materialize(uri: str | os.PathLike, cache_dir: Optional[Path] = None,
             continue
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.with_name(dest.name + ".part")
-        client.download_file(bucket, obj["Key"], str(tmp), Config=_transfer_config(settings))
+        client.download_file(bucket, obj["Key"], str(tmp), Config=transfer_config(settings))
         if tmp.stat().st_size != obj["Size"]:
             raise IOError(f"s3://{bucket}/{obj['Key']}: downloaded {tmp.stat().st_size} bytes, expected {obj['Size']}")
         os.replace(tmp, dest)
@@ -260,7 +270,7 @@ def upload_dir(local: Path, uri: str, settings: Optional[S3Settings] = None) -> 
         if not f.is_file():
             continue
         key = f"{prefix}/{f.relative_to(local).as_posix()}" if prefix else f.relative_to(local).as_posix()
-        client.upload_file(str(f), bucket, key, Config=_transfer_config(settings),
+        client.upload_file(str(f), bucket, key, Config=transfer_config(settings),
                            ExtraArgs={"Metadata": {"sha256": sha256_file(f)}})
         n += 1
     return n

@@ -43,10 +43,12 @@ from tqdm import tqdm
 from loomcore.config import Config
 from loomcore.data import shards
 from loomcore.data.buckets import nearest_size, resize_center_crop
-from loomcore.data.loader import NULL_SHARD, file_sha256, null_record
+from loomcore.data.loader import INDEX_FILE, NULL_SHARD, file_sha256, null_record
+from loomcore.data.remote import RemoteCache, mirror_files
 from loomcore.data.tasks import task_spec
 from loomcore.data.video_io import read_image, read_video
 from loomcore.diffusion.flow import dit_token_count
+from loomcore.storage import S3Settings, is_s3
 
 CACHE_SUMMARY = "cache.json"
 RUN_RECORD = "last_run.json"  # <paths.runs>/cache/: what the last multi-rank run did (not an out)
@@ -105,6 +107,60 @@ class CacheWarning(UserWarning):
     """A finished shard was rewritten on resume; the message names it and says why."""
 
 
+class _Destination:
+    """Where the cache goes: a local folder, or an s3:// prefix (loomcore.data.remote) through a
+    local staging folder that holds the index parts and at most the shard being written. On the
+    store a shard is done when its index part is there (pushed after the shard), and kept when
+    the sha256 the part records is the one the store holds for the shard (checked at upload)."""
+
+    def __init__(self, out, settings: S3Settings):
+        self.remote = RemoteCache(str(out), settings) if is_s3(out) else None
+        self.dir = self.remote.local if self.remote else Path(out)
+        self.where = self.remote.uri if self.remote else str(self.dir)
+        self._stored: Dict[str, int] = {}
+
+    def refresh(self) -> None:
+        """List the store again (after a barrier: the other ranks' shards)."""
+        if self.remote is not None:
+            self._stored = self.remote.listing()
+
+    def state(self, name: str) -> Tuple[bool, Optional[str]]:
+        """(done, why it may not be resumed as it is, or None)."""
+        if self.remote is None:
+            done = shards.shard_done(self.dir, name)
+            return done, shards.resume_problem(self.dir, name) if done else None
+        if shards.part_name(name) not in self._stored:
+            return False, None
+        self.remote.fetch(shards.part_name(name))  # into the staging folder, verified
+        recorded, stored = shards.part_sha256(self.dir, name), self.remote.sha256(name)
+        if stored is None:
+            return True, "its index part is on the store, the shard is not"
+        if stored != recorded:
+            return True, f"the store holds it with sha256 {stored}, its index part says {recorded}"
+        return True, None
+
+    def written(self, name: str) -> None:
+        """Shard `name` was just written into `dir`: push it, then its part; drop the staged shard."""
+        if self.remote is not None:
+            self.remote.push(name)
+            self.remote.push(shards.part_name(name))
+            (self.dir / name).unlink()
+
+    def publish(self, names: List[str]) -> None:
+        """Push the finished cache's own files, in order (the index last: it marks a whole cache)."""
+        if self.remote is not None:
+            for name in names:
+                if (self.dir / name).is_file():
+                    self.remote.push(name)
+
+    def remove_stale(self, keep: List[str], keep_null: bool) -> List[str]:
+        removed = shards.remove_stale(self.dir, keep, keep_null)
+        if self.remote is not None:
+            keep_set = set(keep)
+            removed = self.remote.delete([n for n in self.remote.listing() if shards.is_stale(n, keep_set, keep_null)])
+        return removed
+
+
 def build_cache(
     cfg: Config,
     manifests: Optional[Path] = None,
@@ -141,12 +197,14 @@ def build_cache(
     sync = barrier or (lambda: None)
     t0 = time.monotonic()
     manifests = Path(manifests or cfg.paths.manifests)
-    out_dir = Path(out_dir or cfg.paths.cache)
+    dest = _Destination(out_dir or cfg.paths.cache, S3Settings.from_config(cfg.s3))
+    out_dir = dest.dir  # the cache itself, or (s3://) its staging folder
     data_root = Path(data_root or cfg.paths.data_root)
     # a killed run's temp files; this run has written nothing yet (rank 0 alone: pids mean nothing
     # across nodes, and the others wait until it is done)
     stale_temps = shards.remove_stale_temps(out_dir) if rank == 0 else []
     sync()
+    dest.refresh()
     rows: List[dict] = []
     for split in ("train", "eval"):
         path = manifests / f"{split}.parquet"
@@ -181,8 +239,7 @@ def build_cache(
     bar = tqdm(total=total, desc="cache" if world_size == 1 else f"cache (rank {rank}/{world_size})", unit="sample",
                disable=not progress)
     for name, res, chunk in mine:
-        done = shards.shard_done(out_dir, name)
-        problem = shards.resume_problem(out_dir, name) if done else None
+        done, problem = dest.state(name)
         if done and problem is None:
             resumed += 1
         elif stop_after_shards is not None and written >= stop_after_shards:
@@ -190,11 +247,12 @@ def build_cache(
         else:
             if problem is not None:
                 rewritten.append({"shard": name, "reason": problem})
-                warnings.warn(f"cache shard {out_dir / name}: {problem}; rewriting it", CacheWarning, stacklevel=2)
+                warnings.warn(f"cache shard {dest.where}/{name}: {problem}; rewriting it", CacheWarning, stacklevel=2)
             codec = codec or load_codec(cfg.models.codec, cfg.models.vae)
             encoder = encoder or MLLMEncoder.from_config(cfg)
             tensors, index_rows, skipped = _encode_chunk(cfg, chunk, res, media, codec, encoder, mode, dtype, MLLMRequest, bytes_by_mode)
             shards.write_shard(out_dir, name, tensors, index_rows, skipped)
+            dest.written(name)
             written += 1
         done_rows += len(chunk)
         bar.update(len(chunk))
@@ -205,7 +263,8 @@ def build_cache(
     if rank != 0:
         return {"rank": rank, "shards": len(mine), "shards_written": written, "shards_skipped": resumed,
                 "shards_rewritten": rewritten, "timing": {"seconds": round(time.monotonic() - t0, 3)}}
-    finished = [w[0] for w in work if shards.shard_done(out_dir, w[0])]
+    dest.refresh()
+    finished = [w[0] for w in work if dest.state(w[0])[0]]
     complete = len(finished) == len(work)
     run = {  # what this run did: returned and logged, never written into the out
         "complete": complete,
@@ -220,6 +279,8 @@ def build_cache(
     }
     if complete:
         null = None
+        if dest.remote is not None:  # the previous index and null context, to keep the latter if it may be
+            mirror_files(dest.remote, (INDEX_FILE, NULL_SHARD))
         if mode == "cached":
             null, why = _null_context(out_dir, settings_digest)
             if null is None:
@@ -232,9 +293,12 @@ def build_cache(
                 _require_finite(context, "the null context (the empty condition's MLLM features)")
                 null = shards.write_null_context(out_dir, context, settings_digest)
         shards.finalize(out_dir, finished, null)
-        shards.remove_stale(out_dir, finished, keep_null=mode == "cached")
+        if mode != "cached":
+            (out_dir / NULL_SHARD).unlink(missing_ok=True)  # (the store's copy goes with remove_stale)
         content = _describe(cfg, out_dir, finished, len(work))
         (out_dir / CACHE_SUMMARY).write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")
+        dest.publish([NULL_SHARD, CACHE_SUMMARY, INDEX_FILE])
+        dest.remove_stale(finished, keep_null=mode == "cached")
         run.update(content, bytes_per_sample=dict(content.get("bytes_per_sample", {})))
     else:
         run.update(samples=None, per_resolution={}, skipped_rows=shards.skipped_rows(out_dir, finished))

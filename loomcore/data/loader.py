@@ -8,6 +8,10 @@ sorted index is ≡ r mod world_size, so ranks never see the same sample). Draws
 Everything that decides the next batch — the numpy generator's state, the packer's buffer and the
 step count — is in `state_dict()`, so a resumed run gets exactly the batch it would have had.
 
+A cache on S3 (`paths.cache: s3://…`, loomcore.data.remote) reads the same: the index and the
+null context are mirrored locally, shards fetched on first use, and the loader fetches the shards
+of the draws waiting in its packer's buffer ahead of time (`read_ahead` shards kept locally).
+
 Integrity: the index records every shard's sha256 (column `shard_sha256`; the null context's in the
 index's metadata). A process hashes a shard the first time it opens it and refuses one whose bytes
 disagree, naming the file: flipped bytes in a shard would otherwise train silently (safetensors
@@ -28,6 +32,8 @@ import torch
 from safetensors import safe_open
 
 from loomcore.data.packing import BufferedPacker, Item
+from loomcore.data.remote import RemoteCache, ShardFetcher, mirror_files
+from loomcore.storage import is_s3
 from loomcore.storage import sha256_file as file_sha256  # the loader's name for it (tests count its calls)
 
 INDEX_FILE = "index.parquet"
@@ -58,10 +64,18 @@ def verify_shard(path: Path, expected: str) -> None:
     _VERIFIED.add(key)
 
 
+def cache_root(cache_dir: Path | str) -> Path:
+    """The local folder of a cache: `cache_dir` itself, or for an s3:// cache its staging folder
+    with the index and the null context mirrored from the store."""
+    if is_s3(cache_dir):
+        return mirror_files(RemoteCache(str(cache_dir)), (INDEX_FILE, NULL_SHARD), required=INDEX_FILE)
+    return Path(cache_dir)
+
+
 def shard_digests(cache_dir: Path | str) -> Dict[str, str]:
     """{shard name: sha256} from the index. An index without the column is refused: it was written
     by a cache stage older than shard checksums, and its shards cannot be verified."""
-    path = Path(cache_dir) / INDEX_FILE
+    path = cache_root(cache_dir) / INDEX_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no cache index (run the cache stage first)")
     if SHARD_SHA256 not in pq.read_schema(path).names:
@@ -77,7 +91,7 @@ def shard_digests(cache_dir: Path | str) -> Dict[str, str]:
 
 def null_record(cache_dir: Path | str) -> Optional[dict]:
     """The index's record of the null context ({"sha256", "settings"}), or None."""
-    path = Path(cache_dir) / INDEX_FILE
+    path = cache_root(cache_dir) / INDEX_FILE
     if not path.is_file():
         return None
     raw = (pq.read_schema(path).metadata or {}).get(NULL_RECORD_KEY)
@@ -118,26 +132,44 @@ class Batch:
 
 class ShardReader:
     """Reads tensors out of safetensors shards lazily, checking them against the index: a shard's
-    sha256 when it is first opened in this process, each tensor's shape and dtype when read."""
+    sha256 when it is first opened in this process, each tensor's shape and dtype when read.
+    `cache_dir` may be an s3:// cache: shards are fetched (verified) into at most `read_ahead`
+    local files; `prefetch` starts fetching the ones needed next."""
 
-    def __init__(self, root: Path, max_open: int = 8):
-        self.root = Path(root)
-        self.max_open = max_open
+    def __init__(self, cache_dir: Path | str, max_open: int = 8, read_ahead: int = 16):
+        self.remote = RemoteCache(str(cache_dir)) if is_s3(cache_dir) else None
+        self.root = cache_root(cache_dir)
+        self.max_open, self.read_ahead = max_open, read_ahead
         self._open: "OrderedDict[str, object]" = OrderedDict()
         self._digests: Optional[Dict[str, str]] = None  # read from the index on first use
+        self._fetcher: Optional[ShardFetcher] = None
+
+    def _digest_map(self) -> Dict[str, str]:
+        if self._digests is None:
+            self._digests = shard_digests(self.root)
+            if self.remote is not None:
+                self._fetcher = ShardFetcher(self.remote, self._digests, keep=self.read_ahead)
+        return self._digests
+
+    def prefetch(self, shards: List[str]) -> None:
+        """Start fetching `shards` from the store (a local cache: nothing to do)."""
+        if self.remote is not None:
+            self._digest_map()
+            self._fetcher.prefetch(s for s in shards if s not in self._open)
 
     def _handle(self, shard: str):
         if shard in self._open:
             self._open.move_to_end(shard)
             return self._open[shard]
         path = self.root / shard
-        if self._digests is None:
-            self._digests = shard_digests(self.root)
-        if shard not in self._digests:
+        if shard not in self._digest_map():
             raise CacheError(f"cache shard {path}: not listed in {self.root / INDEX_FILE}")
-        if not path.is_file():
+        if self.remote is not None:  # fetched and verified against the index's sha256
+            path = self._fetcher.path(shard)
+        elif not path.is_file():
             raise CacheError(f"cache shard {path} is listed in the index but missing")
-        verify_shard(path, self._digests[shard])
+        else:
+            verify_shard(path, self._digests[shard])
         try:
             h = safe_open(str(path), framework="pt")
         except Exception as e:
@@ -160,7 +192,7 @@ class ShardReader:
 
 
 def read_index(cache_dir: Path | str, split: str, resolution: str) -> List[dict]:
-    path = Path(cache_dir) / INDEX_FILE
+    path = cache_root(cache_dir) / INDEX_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no cache index (run the cache stage first)")
     rows = [r for r in pq.read_table(path).to_pylist() if r["split"] == split and r["resolution"] == resolution]
@@ -186,12 +218,13 @@ def load_sample(reader: ShardReader, row: Mapping) -> Sample:
 def load_null_context(cache_dir: Path | str) -> Optional[torch.Tensor]:
     """The features of the empty condition (all-dropout and the unconditional branch), checked
     against the sha256 the index records for them."""
-    path = Path(cache_dir) / NULL_SHARD
+    root = cache_root(cache_dir)
+    path = root / NULL_SHARD
     if not path.is_file():
         return None
-    record = null_record(cache_dir)
+    record = null_record(root)
     if record is None:
-        raise CacheError(f"cache shard {path}: {Path(cache_dir) / INDEX_FILE} records no checksum for it (left by "
+        raise CacheError(f"cache shard {path}: {root / INDEX_FILE} records no checksum for it (left by "
                          f"an older cache stage or another mllm.feature_mode); rerun the cache stage")
     verify_shard(path, record["sha256"])
     with safe_open(str(path), framework="pt") as h:
@@ -210,12 +243,14 @@ class PackedLoader:
         world_size: int = 1,
         split: str = "train",
         buffer_size: int = 32,
+        read_ahead: int = 16,
     ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank: expected 0 <= rank < world_size ({world_size}), got {rank}")
-        self.cache_dir = Path(cache_dir)
+        self.cache_dir = cache_dir
         self.max_tokens = max_tokens
-        rows = read_index(self.cache_dir, split, resolution)
+        self.reader = ShardReader(cache_dir, read_ahead=read_ahead)
+        rows = read_index(self.reader.root, split, resolution)
         self.rows = rows[rank::world_size]
         self.pools: Dict[str, List[int]] = {}
         for i, r in enumerate(self.rows):
@@ -230,10 +265,9 @@ class PackedLoader:
         p = np.array([ratios[k] for k in self.tasks], dtype=np.float64)
         self.probs = p / p.sum()
         self.rng = np.random.Generator(np.random.PCG64([seed, rank]))
-        self.reader = ShardReader(self.cache_dir)
         self.packer = BufferedPacker(self._draw, max_tokens, buffer_size)
         self.step = 0
-        self.null_context = load_null_context(self.cache_dir)
+        self.null_context = load_null_context(self.reader.root)
 
     def _draw(self) -> Item:
         task = self.tasks[int(self.rng.choice(len(self.tasks), p=self.probs))]
@@ -250,6 +284,8 @@ class PackedLoader:
 
     def __next__(self) -> Batch:
         items = self.next_items()
+        # a remote cache: fetch this pack's shards and those of the draws waiting in the buffer
+        self.reader.prefetch([self.rows[it.key]["shard"] for it in [*items, *self.packer.buffer]])
         samples = [load_sample(self.reader, self.rows[it.key]) for it in items]
         return Batch(samples=samples, tokens=sum(it.cost for it in items), budget=self.max_tokens)
 

@@ -17,18 +17,8 @@ from typing import Dict, Optional, Tuple
 from tqdm import tqdm
 
 from loomcore.storage import (
-    S3Settings, StoreError, StoreUnavailable, classify_s3_error, list_objects, parse_s3_uri, s3_client, sha256_file,
+    S3Settings, StoreError, StoreUnavailable, classify_s3_error, list_objects, parse_s3_uri, s3_client, sha256_file, transfer_config,
 )
-
-
-def _transfer_config(settings: S3Settings):
-    from boto3.s3.transfer import TransferConfig
-
-    chunk = settings.multipart_threshold_mb * 1024 * 1024
-    # ranged GETs above the threshold. s3transfer re-reads a body cut mid-stream (which botocore
-    # cannot retry) on top of botocore's attempts: one more try, not its default four, or a store
-    # that stopped answering costs attempts × attempts × read_timeout per object
-    return TransferConfig(multipart_threshold=chunk, multipart_chunksize=chunk, num_download_attempts=2)
 
 
 def _verify(path: Path, uri: str, size: int, sha256: Optional[str]) -> Optional[str]:
@@ -97,7 +87,7 @@ def fetch_s3(uri: str, root: Path, settings: S3Settings, progress: bool = True) 
     stops answering raises `StoreUnavailable`, one that refuses us `StoreError`, naming the
     endpoint, the bucket and the object; the objects verified so far stay for the next run."""
     client = s3_client(settings)
-    config = _transfer_config(settings)
+    config = transfer_config(settings)
     bucket, prefix = parse_s3_uri(uri)
     folder = prefix.rstrip("/") + "/" if prefix.strip("/") else ""
     bad: Dict[str, Tuple[str, str]] = {}

@@ -85,8 +85,28 @@ def tensor_entry(key: str, t: torch.Tensor) -> list:
     return [key, list(t.shape), str(t.dtype).replace("torch.", "")]
 
 
+def part_name(name: str) -> str:
+    """The index part of shard `name`."""
+    return f"{name}.index.parquet"
+
+
 def _part(root: Path, name: str) -> Path:
-    return root / f"{name}.index.parquet"
+    return root / part_name(name)
+
+
+def part_sha256(root: Path, name: str) -> Optional[str]:
+    """The sha256 the index part of shard `name` records for it (None: it records none)."""
+    recorded = (pq.read_schema(_part(root, name)).metadata or {}).get(PART_SHA256_KEY)
+    return recorded.decode() if recorded is not None else None
+
+
+def is_stale(name: str, keep: set, keep_null: bool) -> bool:
+    """Whether the cache file `name` (a shard or an index part) is a leftover `remove_stale` deletes."""
+    if name.endswith(".safetensors.index.parquet"):
+        return name[: -len(".index.parquet")] not in keep
+    if name.endswith(".safetensors"):
+        return (name == NULL_SHARD and not keep_null) or (name != NULL_SHARD and name not in keep)
+    return False
 
 
 def shard_done(root: Path, name: str) -> bool:
@@ -99,14 +119,14 @@ def resume_problem(root: Path, name: str) -> Optional[str]:
     sha256 its index part records. A shard is written once and trusted on every resume after, so
     a flipped byte there would otherwise reach every run that reads the cache."""
     try:
-        recorded = (pq.read_schema(_part(root, name)).metadata or {}).get(PART_SHA256_KEY)
+        recorded = part_sha256(root, name)
     except pa.ArrowException as e:
         return f"its index part is unreadable ({e})"
     if recorded is None:
         return "its index part records no sha256 (written before shard checksums)"
     actual = file_sha256(root / name)
-    if actual != recorded.decode():
-        return f"sha256 {actual}, its index part says {recorded.decode()}"
+    if actual != recorded:
+        return f"sha256 {actual}, its index part says {recorded}"
     return None
 
 
@@ -189,12 +209,12 @@ def remove_stale(root: Path, keep: Iterable[str], keep_null: bool = True) -> Lis
     keep = set(keep)
     removed = []
     for p in sorted(root.glob("*.safetensors")):
-        if (p.name == NULL_SHARD and not keep_null) or (p.name != NULL_SHARD and p.name not in keep):
+        if is_stale(p.name, keep, keep_null):
             p.unlink()
             _part(root, p.name).unlink(missing_ok=True)
             removed.append(p.name)
     for p in sorted(root.glob("*.safetensors.index.parquet")):
-        if p.name[: -len(".index.parquet")] not in keep:
+        if is_stale(p.name, keep, keep_null):
             p.unlink()
             removed.append(p.name)
     return removed

@@ -37,7 +37,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
-from loomcore.storage import S3Settings, default_cache_dir, parse_s3_uri, s3_client, sha256_file
+from loomcore.storage import S3Settings, default_cache_dir, parse_s3_uri, s3_client, sha256_file, transfer_config
 
 from .folder import check_name, read_export_info
 from .lineage import git_state
@@ -89,13 +89,6 @@ def model_root(s3_uri: str, name: str) -> tuple[str, str]:
 def version_uri(s3_uri: str, name: str, version: str) -> str:
     bucket, root = model_root(s3_uri, name)
     return f"s3://{bucket}/{root}{version}/"
-
-
-def _transfer_config(settings: S3Settings):
-    from boto3.s3.transfer import TransferConfig
-
-    size = settings.multipart_threshold_mb * 1024 * 1024
-    return TransferConfig(multipart_threshold=size, multipart_chunksize=size)
 
 
 def _code(e: Exception) -> str:
@@ -155,7 +148,7 @@ def _upload(client, settings, folder: Path, bucket: str, vprefix: str, manifest:
             kept += 1
         else:
             try:
-                client.upload_file(str(folder / rel), bucket, key, Config=_transfer_config(settings),
+                client.upload_file(str(folder / rel), bucket, key, Config=transfer_config(settings),
                                    ExtraArgs={"Metadata": {"sha256": meta["sha256"]}})
             except Exception as e:  # boto3's transfer errors wrap the cause: name the file
                 raise PublishError(f"uploading {rel} to s3://{bucket}/{key} failed ({type(e).__name__}: {e})") from e
@@ -323,7 +316,7 @@ def download_version(s3_uri: str, name: str, version: str = "latest", dest: Opti
         for rel, meta in record["files"].items():
             local = staging / rel
             local.parent.mkdir(parents=True, exist_ok=True)
-            client.download_file(bucket, f"{root}{record['version']}/{rel}", str(local), Config=_transfer_config(settings))
+            client.download_file(bucket, f"{root}{record['version']}/{rel}", str(local), Config=transfer_config(settings))
             if sha256_file(local) != meta["sha256"]:
                 raise ValueError(f"{record['uri']}{rel}: sha256 differs from its {COMPLETE} record")
         os.rename(staging, dest)

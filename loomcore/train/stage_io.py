@@ -34,7 +34,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from loomcore.config import Config
-from loomcore.data.loader import INDEX_FILE
+from loomcore.data.loader import INDEX_FILE, cache_root
 from loomcore.train.checkpoint import run_key
 
 def stage_out_dir(cfg: Config, stage: str) -> Path:
@@ -117,7 +117,7 @@ def cache_key_files(cfg: Config) -> List[Path]:
     records the sha256 of every shard and of the null context, which the loader verifies, so
     equal indexes mean equal bytes read. Not cache.json, nor any file time: a cache stage rerun
     that resumes every shard must not move a run to a fresh directory (its checkpoints unused)."""
-    return [Path(cfg.paths.cache) / INDEX_FILE]
+    return [cache_root(cfg.paths.cache) / INDEX_FILE]  # (an s3:// cache: its mirrored index)
 
 
 def stage_run_dir(cfg: Config, stage: str, init_path: Path) -> Path:

@@ -105,7 +105,8 @@ class Trainer:
         self.spikes = LossSpikeDetector(cfg.train.spike_k, cfg.train.spike_warmup, cfg.train.spike_window)
         self.counters = _Counters()
         # every rank replays the one global stream of packs (rank 0 of 1): see the module doc
-        self.loader = PackedLoader(cfg.paths.cache, s.sampling.as_dict(), s.max_tokens, s.resolution, cfg.seed)
+        self.loader = PackedLoader(cfg.paths.cache, s.sampling.as_dict(), s.max_tokens, s.resolution, cfg.seed,
+                                  read_ahead=cfg.data.read_ahead_shards)
         self.generators = make_generators()
         self.contexts = context_source(cfg, self.loader.reader, self.loader.null_context, self.device)
         pieces = {"model": ModelState(self.model)}
