@@ -77,6 +77,7 @@ class DataConfig:
     cache_ranks_per_node: int
     shard_size: int
     read_ahead_shards: int
+    cache_device: str
     max_aspect_ratio: float
     cache_tasks: Dict[str, List[str]]  # {resolution: task kinds} the cache stage encodes
 
@@ -677,6 +678,8 @@ def _validate(cfg: Config) -> None:
         if not ok:
             errors.append(msg)
 
+    check(cfg.data.cache_device in ("auto", "cpu", "cuda"),
+          f"data.cache_device = {cfg.data.cache_device!r}: expected auto, cpu or cuda")
     check(0 <= cfg.data.eval_fraction < 1, f"data.eval_fraction = {cfg.data.eval_fraction}: expected in [0, 1)")
     for k in ("synthetic_samples", "cache_batch_size", "shard_size", "curate_workers", "cache_nodes", "cache_ranks_per_node",
               "read_ahead_shards"):

@@ -354,3 +354,41 @@ def test_two_ranks_write_the_one_rank_cache_and_resume_after_a_kill(tiny_workspa
     assert files(two) == files(one)
     assert again["ranks"] == 2 and again["shards_written"] == 3 and again["shards_skipped"] == len(shards) - 3
     assert again["stale_temp_files_removed"] == [f".{shards[1]}.tmp-999999"]
+
+
+def test_cache_device_resolves_and_refuses_a_missing_gpu(tiny_workspace):
+    import dataclasses
+
+    from loomcore.config import ConfigError, load_config
+    from loomcore.data.cache import encode_device
+
+    cfg, _ = tiny_workspace
+    assert load_config(profile="tiny").data.cache_device == "cpu" and load_config(profile="paper").data.cache_device == "auto"
+    with_device = lambda d: dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, cache_device=d))  # noqa: E731
+    assert encode_device(with_device("cpu")).type == "cpu"
+    assert encode_device(with_device("auto")).type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="data.cache_device = 'cuda', but torch sees no CUDA device"):
+            encode_device(with_device("cuda"))
+    with pytest.raises(ConfigError, match="data.cache_device = 'gpu0': expected auto, cpu or cuda"):
+        load_config(["data.cache_device=gpu0"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_cache_encoded_on_a_gpu_matches_the_cpu_one(tiny_workspace, cache_dir, tmp_path):
+    """The codec and the MLLM on cuda in bf16: the same rows and tensor shapes; latents and
+    features within bf16 rounding of the CPU's fp32 encoding."""
+    import dataclasses
+
+    from safetensors.torch import load_file
+
+    cfg, _ = tiny_workspace
+    gpu_cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, cache_device="cuda"))
+    out = tmp_path / "gpu"
+    build_cache(gpu_cfg, out_dir=out, progress=False)
+    cpu_rows, gpu_rows = (pq.read_table(d / "index.parquet").to_pylist() for d in (cache_dir, out))
+    assert [(r["id"], r["tensors"]) for r in cpu_rows] == [(r["id"], r["tensors"]) for r in gpu_rows]
+    cpu = {k: v for r in cpu_rows for k, v in load_file(cache_dir / r["shard"]).items()}
+    gpu = {k: v for r in gpu_rows for k, v in load_file(out / r["shard"]).items()}
+    for k in cpu:
+        torch.testing.assert_close(gpu[k].float(), cpu[k].float(), rtol=0.05, atol=0.05)

@@ -384,8 +384,8 @@ def test_two_process_fsdp2_matches_one_process_and_resumes(ws):
     differ only by fp32 reduction order — the two halves of the gradient are summed in another
     order (accumulation vs reduce-scatter), ~1 ulp (6e-8 relative), which AdamW carries into the
     weights at ~lr·1e-7 per step: loss differences stay orders of magnitude below 1e-5.
-    Then the 2-rank run resumes from its step-2 checkpoint (rank 0 reads it, FSDP2 broadcasts
-    model, EMA and optimizer shards) and repeats steps 3-4 exactly."""
+    Then a 2-rank run killed with SIGKILL after its step-2 checkpoint resumes on 2 ranks from its
+    sharded checkpoint and repeats steps 3-4 exactly."""
     common = ["stage2.init_from=base", "stage2.steps=4", "stage2.log_every=2", "stage2.checkpoint_every=2",
               "stage2.sample_every=100", "train.grad_accum=2"]
     cfg, _, root = ws
@@ -409,12 +409,26 @@ def test_two_process_fsdp2_matches_one_process_and_resumes(ws):
     assert summary["world_size"] == 2 and summary["packs_per_step"] == 2 and summary["model_weights"] == "ema"
     ema = load_file(root / "two/out/stage2/model/diffusion_pytorch_model.safetensors")
 
-    run_dir = next((root / "two/runs/stage2").iterdir())
-    shutil.rmtree(run_dir / "step-000004")
-    proc = _run(cmd(2, "two"), timeout=240)
+    # SIGKILL the whole 2-rank job (torchrun and both ranks) once its step-2 checkpoint is in
+    # place, restart it on 2 ranks: each rank reads its own shard back, and steps 3-4 repeat the
+    # uninterrupted run's bit for bit
+    proc = subprocess.Popen([str(c) for c in cmd(2, "killed")], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    killed = False
+    for line in proc.stdout:  # rank 0 prints each checkpoint once it is in place
+        if "checkpoint " in line and line.strip().endswith("step-000002"):
+            os.killpg(proc.pid, signal.SIGKILL)
+            killed = True
+            break
+    proc.wait(timeout=60)
+    assert killed and proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    run_dir = next((root / "killed/runs/stage2").iterdir())
+    assert sorted(p.name for p in run_dir.glob("step-*")) == ["step-000002"]
+    proc = _run(cmd(2, "killed"), timeout=240)
     assert f"resumed from {run_dir / 'step-000002'} (step 2)" in proc.stdout
-    assert [r["loss"] for r in _steps(root / "two", "stage2")] == [r["loss"] for r in two]
-    again = load_file(root / "two/out/stage2/model/diffusion_pytorch_model.safetensors")
+    assert [r["loss"] for r in _steps(root / "killed", "stage2")] == [r["loss"] for r in two]
+    again = load_file(root / "killed/out/stage2/model/diffusion_pytorch_model.safetensors")
     assert all(torch.equal(ema[k], again[k]) for k in ema)  # the EMA came back shard by shard
 
 

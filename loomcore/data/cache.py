@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 import warnings
 from collections import defaultdict
@@ -40,7 +41,7 @@ import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
-from loomcore.config import Config
+from loomcore.config import Config, ConfigError
 from loomcore.data import shards
 from loomcore.data.buckets import nearest_size, resize_center_crop
 from loomcore.data.loader import INDEX_FILE, NULL_SHARD, file_sha256, null_record
@@ -59,6 +60,20 @@ def plan(cfg: Config) -> Dict[str, List[str]]:
     """{resolution: [task kinds]}: what the cache encodes (`data.cache_tasks`; the config check
     makes sure it covers what the stages and RL sample)."""
     return {res: sorted(set(tasks)) for res, tasks in sorted(cfg.data.cache_tasks.items()) if tasks}
+
+
+def encode_device(cfg: Config) -> torch.device:
+    """Where the cache stage runs its codec and MLLM (`data.cache_device`): auto is this rank's GPU
+    (cuda:LOCAL_RANK, in bf16) when there is one, else the CPU (fp32). What is stored is cast to
+    the cache's dtype on the CPU either way."""
+    want = cfg.data.cache_device
+    if want == "auto":
+        want = "cuda" if torch.cuda.is_available() else "cpu"
+    if want == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("data.cache_device = 'cuda', but torch sees no CUDA device (use auto or cpu)")
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+    return torch.device("cpu")
 
 
 def _to_unit(frames_u8: torch.Tensor) -> torch.Tensor:
@@ -219,8 +234,11 @@ def build_cache(
     # A shard's name carries a digest of everything its bytes depend on (the settings below and
     # its rows' ids + media checksums): a resumed run finds finished shards by name, and a change
     # of params or data never lets a stale shard pass for a fresh one (the out is `persist`).
-    settings = json.dumps([cfg.profile, mode, cfg.models.codec, cfg.models.vae, cfg.models.mllm,
-                           cfg.fingerprint("codec", "video", "buckets", "mllm"), list(cfg.dit.patch_size)])
+    fields = [cfg.profile, mode, cfg.models.codec, cfg.models.vae, cfg.models.mllm,
+              cfg.fingerprint("codec", "video", "buckets", "mllm"), list(cfg.dit.patch_size)]
+    if encode_device(cfg).type != "cpu":  # encoded in bf16 on a GPU: other bytes than the CPU's fp32
+        fields.append(f"{encode_device(cfg).type}-bf16")
+    settings = json.dumps(fields)
     settings_digest = hashlib.sha256(settings.encode()).hexdigest()[:12]
     work: List[Tuple[str, str, List[dict]]] = []  # (shard name, resolution, rows)
     for res, tasks in plan(cfg).items():
@@ -248,8 +266,10 @@ def build_cache(
             if problem is not None:
                 rewritten.append({"shard": name, "reason": problem})
                 warnings.warn(f"cache shard {dest.where}/{name}: {problem}; rewriting it", CacheWarning, stacklevel=2)
-            codec = codec or load_codec(cfg.models.codec, cfg.models.vae)
-            encoder = encoder or MLLMEncoder.from_config(cfg)
+            device = encode_device(cfg)
+            work_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # the encoders' own
+            codec = codec or load_codec(cfg.models.codec, cfg.models.vae, torch_dtype=work_dtype).to(device)
+            encoder = encoder or MLLMEncoder.from_config(cfg, dtype=work_dtype, device=device)
             tensors, index_rows, skipped = _encode_chunk(cfg, chunk, res, media, codec, encoder, mode, dtype, MLLMRequest, bytes_by_mode)
             shards.write_shard(out_dir, name, tensors, index_rows, skipped)
             dest.written(name)
@@ -287,9 +307,11 @@ def build_cache(
                 if why is not None:
                     rewritten.append({"shard": NULL_SHARD, "reason": why})
                     warnings.warn(f"cache shard {out_dir / NULL_SHARD}: {why}; rewriting it", CacheWarning, stacklevel=2)
-                encoder = encoder or MLLMEncoder.from_config(cfg)
+                device = encode_device(cfg)
+                encoder = encoder or MLLMEncoder.from_config(
+                    cfg, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32, device=device)
                 empty = encoder.encode([MLLMRequest(task="t2i", drop="all")])
-                context = empty.hidden_states[0, :, : int(empty.lengths[0])].to(dtype)
+                context = empty.hidden_states[0, :, : int(empty.lengths[0])].to("cpu", dtype)
                 _require_finite(context, "the null context (the empty condition's MLLM features)")
                 null = shards.write_null_context(out_dir, context, settings_digest)
         shards.finalize(out_dir, finished, null)
@@ -393,11 +415,13 @@ def _encode_chunk(cfg, chunk, res, media, codec, encoder, mode, dtype, MLLMReque
             entries[name] = shards.tensor_entry(key, t)
 
         with torch.no_grad():
-            put("target", codec.encode(_to_unit(target)[None])[0].to(dtype))
+            dev = next(codec.buffers()).device  # (every codec has a buffer: its device)
+            latent = lambda frames: codec.encode(_to_unit(frames)[None].to(dev))[0].to("cpu", dtype)  # noqa: E731
+            put("target", latent(target))
             if source is not None:
-                put("source", codec.encode(_to_unit(source)[None])[0].to(dtype))
+                put("source", latent(source))
             for k, r in enumerate(refs):
-                put(f"ref{k}", codec.encode(_to_unit(r)[None])[0].to(dtype))
+                put(f"ref{k}", latent(r))
         # bytes of each MLLM mode, measured on this very sample
         tok = encoder.tokenize(requests[i])
         online_bytes = _nbytes({k: v for k, v in tok.items() if k in MLLM_INPUT_KEYS})
@@ -407,10 +431,10 @@ def _encode_chunk(cfg, chunk, res, media, codec, encoder, mode, dtype, MLLMReque
             online_bytes += _nbytes({k: v for k, v in vis_tok.items() if k in MLLM_INPUT_KEYS})
         if mode == "cached":
             n = int(full.lengths[i])
-            put("context", full.hidden_states[i, :, :n].to(dtype))
+            put("context", full.hidden_states[i, :, :n].to("cpu", dtype))
             if vis is not None and i in vis[0]:
                 j = vis[0].index(i)
-                put("context_visual", vis[1].hidden_states[j, :, : int(vis[1].lengths[j])].to(dtype))
+                put("context_visual", vis[1].hidden_states[j, :, : int(vis[1].lengths[j])].to("cpu", dtype))
             ctx_tokens = n
             cached_bytes = sum(_nbytes({k: v}) for k, v in own.items() if k.endswith(("context", "context_visual")))
         else:
@@ -443,7 +467,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     prints the summary as one JSON line."""
     import argparse
     import datetime
-    import os
 
     import torch.distributed as dist
 
