@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from loomcore.config import STAGES, load_config
-from loomcore.data.cache import build_cache
+from loomcore.train.cache import build_cache
 from loomcore.data.curate import curate
 from loomcore.data.loader import PackedLoader
 from loomcore.data.packing import utilisation

@@ -36,7 +36,7 @@ from loomcore.train.step import build_pack, dit_train_flops, make_generators, pa
 
 
 def _tiny_packs(stage: str, n: int, root: Path):
-    from loomcore.data.cache import build_cache
+    from loomcore.train.cache import build_cache
     from loomcore.data.curate import curate
     from loomcore.data.loader import PackedLoader, load_sample
     from loomcore.models.base_models import init_models

@@ -275,7 +275,7 @@ against the model before anything runs: bad input exits with status 2 and says w
 def cmd_generate(args) -> int:
     import torch
 
-    from loomcore.data.tasks import check_figure_refs
+    from loomcore.task_kinds import check_figure_refs
     from loomcore.pipeline import LoomVideoPipeline, check_output_path, save_output
     from loomcore.pipeline.inputs import describe
     from loomcore.storage import is_s3

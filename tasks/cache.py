@@ -17,7 +17,7 @@ from tasks.common import NO_CACHE, Progress, load_stage_config, logger, retry_if
 
 @task(name="cache", retries=1, retry_delay_seconds=10, retry_condition_fn=retry_if_transient, cache_policy=NO_CACHE)
 def cache_task(profile: Optional[str] = None, overrides: Sequence[str] = ()) -> dict:
-    from loomcore.data.cache import build_cache
+    from loomcore.train.cache import build_cache
 
     cfg = load_stage_config(profile, overrides)
     log = logger()
@@ -33,7 +33,7 @@ def cache_task(profile: Optional[str] = None, overrides: Sequence[str] = ()) -> 
 
 
 def _cache_ranks(cfg, overrides: list) -> dict:
-    """The cache stage under torchrun (`python -m loomcore.data.cache` on every rank): the same
+    """The cache stage under torchrun (`python -m loomcore.train.cache` on every rank): the same
     launcher, timeout and progress as the training stages; the summary is the out's cache.json."""
     import json
     from pathlib import Path
@@ -43,8 +43,8 @@ def _cache_ranks(cfg, overrides: list) -> dict:
     d = cfg.data
     cmd = torchrun_launcher(d.cache_nodes, d.cache_ranks_per_node, cfg.train.rdzv_endpoint,
                             f"loomvideo-cache-{cfg.fingerprint('data', 'mllm', 'codec', 'buckets', 'video')}")
-    cmd += ["-m", "loomcore.data.cache", "--profile", cfg.profile, *overrides]
-    from loomcore.data.cache import RUN_RECORD
+    cmd += ["-m", "loomcore.train.cache", "--profile", cfg.profile, *overrides]
+    from loomcore.train.cache import RUN_RECORD
 
     record = Path(cfg.paths.runs) / "cache" / RUN_RECORD
     record.unlink(missing_ok=True)

@@ -272,7 +272,7 @@ def tiny_online_cache(tiny_workspace):
     import torch
 
     from loomcore.config import load_config
-    from loomcore.data.cache import build_cache
+    from loomcore.train.cache import build_cache
 
     cfg, overrides = tiny_workspace
     path = Path(cfg.paths.cache).parent / "cache-online"

@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from loomcore.data.cache import build_cache, plan
+from loomcore.train.cache import build_cache, plan
 from loomcore.data.loader import CacheError, PackedLoader, read_index
 from loomcore.models.codec import load_codec
 
@@ -169,7 +169,7 @@ def test_a_rerun_that_resumes_every_shard_changes_nothing(tiny_workspace, cache_
 def test_resume_rewrites_a_corrupted_shard_and_null_context(tiny_workspace, cache_dir, tmp_path):
     import shutil
 
-    from loomcore.data.cache import CacheWarning
+    from loomcore.train.cache import CacheWarning
 
     cfg, _ = tiny_workspace
     out = tmp_path / "cache"
@@ -327,7 +327,7 @@ def test_online_cache_writes_shared_pixel_tensors_as_copies(tiny_workspace, tmp_
 
 
 def test_two_ranks_write_the_one_rank_cache_and_resume_after_a_kill(tiny_workspace, tmp_path):
-    """The cache stage on 2 ranks (its Prefect task launches `python -m loomcore.data.cache` under
+    """The cache stage on 2 ranks (its Prefect task launches `python -m loomcore.train.cache` under
     torchrun; each rank encodes every other shard), resuming a one-process cache as after a kill —
     three shards missing, a dead writer's temp file, no index: the ranks write only the three, and
     the folder is the one-process cache again, byte for byte (shards, index parts, index,
@@ -360,7 +360,7 @@ def test_cache_device_resolves_and_refuses_a_missing_gpu(tiny_workspace):
     import dataclasses
 
     from loomcore.config import ConfigError, load_config
-    from loomcore.data.cache import encode_device
+    from loomcore.train.cache import encode_device
 
     cfg, _ = tiny_workspace
     assert load_config(profile="tiny").data.cache_device == "cpu" and load_config(profile="paper").data.cache_device == "auto"

@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 
-from loomcore.data.cache import build_cache
+from loomcore.train.cache import build_cache
 from loomcore.data.loader import PackedLoader, ShardReader, read_index
 from loomcore.storage import s3_client
 
@@ -90,6 +90,11 @@ def test_the_loader_reads_an_s3_cache_as_the_local_one_with_a_bounded_read_ahead
         folder = ours.reader._fetcher.folder
         assert len([p for p in folder.iterdir() if p.suffix == ".safetensors"]) <= 3  # bounded local copies
     assert ours.reader._fetcher.fetched > 3  # it fetched more shards than it keeps: it evicted some
+    (folder / "train-480p-99999-gone.safetensors").write_bytes(b"a shard of an older index")
+    later = PackedLoader(uri, ratios, budget, "480p", seed=6, read_ahead=2)  # the next stage's process
+    next(later)
+    assert len(list(folder.glob("*.safetensors"))) <= 2  # it holds the bound over what it found
+    assert not (folder / "train-480p-99999-gone.safetensors").exists()
 
     # bytes changed on the store after the index recorded them: refused, naming the object
     name = ours.rows[0]["shard"]

@@ -263,7 +263,7 @@ def test_s3_source_survives_a_transient_failure(s3_bucket, s3_flaky_proxy, data,
 def _longest_caption_that_fits(cfg):
     """(longest caption that fits mllm.max_length, one word longer) for t2i, by the MLLM's tokenizer."""
     from loomcore.data.curate import PromptTokens
-    from loomcore.data.tasks import task_spec
+    from loomcore.task_kinds import task_spec
 
     tokens, spec = PromptTokens.from_config(cfg), task_spec("t2i")
     caption = lambda words: "a red square" + " red" * words  # noqa: E731
@@ -364,7 +364,7 @@ def test_a_bad_input_corpus_is_rejected_row_by_row(data, tmp_path, cfg, fmt):
 def test_prompt_tokens_are_counted_as_the_encoder_counts_them(cfg, tiny_mllm_encoder):
     """Curation's count is the encoder's, token for token, less the images' tokens (a lower bound)."""
     from loomcore.data.curate import PromptTokens
-    from loomcore.data.tasks import task_spec
+    from loomcore.task_kinds import task_spec
     from loomcore.models.mllm import MLLMRequest
 
     tokens = PromptTokens.from_config(cfg)

@@ -18,6 +18,7 @@ from loomcore.models.dit import (
     unpack_latents,
     unpatchify,
 )
+from loomcore.models.release import load_wan_transformer
 from loomcore.models.rope import grid_position_ids
 
 WAN_A = dict(
@@ -366,12 +367,12 @@ def test_bad_packed_input_names_the_argument(loom):
 # Loading, saving, checkpointing, compile
 
 
-def test_from_wan_transformer_directory_and_instance(pair_a, tmp_path):
+def test_load_wan_transformer_directory_and_instance(pair_a, tmp_path):
     wan, _ = pair_a
     wan.save_pretrained(tmp_path / "wan", max_shard_size="20KB")  # sharded, like the real 5B folder
     assert (tmp_path / "wan" / "diffusion_pytorch_model.safetensors.index.json").is_file()
     for source in (tmp_path / "wan", wan):
-        model, report = LoomDiT.from_wan_transformer(source, **EXTRA)
+        model, report = load_wan_transformer(source, **EXTRA)
         assert set(report.new) == ADDED
         assert set(report.unused_by_deepstack) == TEXT_KEYS
         assert set(report.loaded) == set(wan.state_dict())
@@ -385,19 +386,19 @@ def test_from_wan_transformer_directory_and_instance(pair_a, tmp_path):
     assert not torch.equal(model.proj_out.weight, wan.proj_out.weight)
 
 
-def test_from_wan_transformer_adds_only_what_is_missing(loom, tmp_path):
+def test_load_wan_transformer_adds_only_what_is_missing(loom, tmp_path):
     stage1 = LoomDiT(**WAN_A, **EXTRA, use_source_embedding=False)
     stage1.load_state_dict({k: v for k, v in loom.state_dict().items() if not k.startswith("source_")})
     stage1.save_pretrained(tmp_path / "stage1")
-    model, report = LoomDiT.from_wan_transformer(tmp_path / "stage1", use_source_embedding=True)
+    model, report = load_wan_transformer(tmp_path / "stage1", use_source_embedding=True)
     assert set(report.new) == {"source_patch_embedding.weight", "source_patch_embedding.bias"}
     assert torch.equal(model.mllm_embedder.linear_2.weight, loom.mllm_embedder.linear_2.weight)
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "config.json").write_text('{"_class_name": "UNet2DModel"}')
     with pytest.raises(ValueError, match="UNet2DModel"):
-        LoomDiT.from_wan_transformer(tmp_path / "other")
+        load_wan_transformer(tmp_path / "other")
     with pytest.raises(ValueError, match="not_an_argument"):
-        LoomDiT.from_wan_transformer(tmp_path / "stage1", not_an_argument=1)
+        load_wan_transformer(tmp_path / "stage1", not_an_argument=1)
 
 
 def test_save_and_load_round_trip(loom, tmp_path):

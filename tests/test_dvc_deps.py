@@ -43,11 +43,11 @@ def test_the_closure_follows_relative_and_function_level_imports(tmp_path):
 
 def test_run_keys_fingerprint_the_trainers_closure():
     """The training stages' and RL's run keys hash exactly their entry module's closure, which
-    includes what the old fixed list missed (loomcore/data/tasks.py, imported by models/mllm.py)."""
+    includes what the old fixed list missed (loomcore/task_kinds.py, imported by models/mllm.py)."""
     from loomcore.train.stage_io import code_fingerprint
 
     train = import_closure("loomcore.train.trainer")
-    assert {"loomcore/data/tasks.py", "loomcore/models/mllm.py", "loomcore/train/ema.py", "loomcore/config.py"} <= train
+    assert {"loomcore/task_kinds.py", "loomcore/models/mllm.py", "loomcore/train/ema.py", "loomcore/config.py"} <= train
     assert "loomcore/rl/nft.py" in import_closure("loomcore.rl.trainer") and "loomcore/rl/nft.py" not in train
     assert code_fingerprint() != code_fingerprint("loomcore.rl.trainer")
     assert len(code_fingerprint()) == 16 and code_fingerprint() == code_fingerprint()

@@ -16,7 +16,7 @@ from loomcore.models.codec import SpaceToDepth
 from loomcore.models.dit import LoomDiT
 from loomcore.pipeline import LoomVideoPipeline, infer_task, save_output
 from loomcore.pipeline.inputs import Geometry, resolve_frames
-from loomcore.data.tasks import task_spec
+from loomcore.task_kinds import task_spec
 
 STEPS = 2
 
@@ -536,10 +536,11 @@ def test_a_transformer_folder_of_another_architecture_is_refused_naming_both_val
     Before, a LoomDiT folder's config.json silently won over params (rope.ref_offset=7 was ignored)."""
     from loomcore.config import load_config
     from loomcore.models.dit import ArchitectureMismatch, loomdit_kwargs
+    from loomcore.models.release import load_wan_transformer
     from loomcore.pipeline.loading import load_transformer
 
     cfg, overrides = tiny_workspace
-    model, _ = LoomDiT.from_wan_transformer(cfg.models.transformer, **loomdit_kwargs(cfg))
+    model, _ = load_wan_transformer(cfg.models.transformer, **loomdit_kwargs(cfg))
     model.save_pretrained(tmp_path / "model")
     assert load_transformer(cfg, str(tmp_path / "model"), torch.float32).config.ref_offset == 10
 

@@ -207,15 +207,16 @@ def test_launcher_builds_torchrun_from_the_rl_params():
 def rl_ws(tiny_workspace, tmp_path_factory):
     """The tiny workspace with its cache and a stage-3 stand-in: the base DiT saved as
     outs/stage3/model (what `rl.init_from` reads), so the test does not depend on training."""
-    from loomcore.data.cache import build_cache
+    from loomcore.train.cache import build_cache
     from loomcore.models.dit import LoomDiT, loomdit_kwargs
+    from loomcore.models.release import load_wan_transformer
 
     cfg, overrides = tiny_workspace
     if not (Path(cfg.paths.cache) / "index.parquet").is_file():
         build_cache(cfg, progress=False)
     root = tmp_path_factory.mktemp("rl")
     torch.manual_seed(0)
-    model, _ = LoomDiT.from_wan_transformer(cfg.models.transformer, **loomdit_kwargs(cfg))
+    model, _ = load_wan_transformer(cfg.models.transformer, **loomdit_kwargs(cfg))
     model.save_pretrained(root / "out" / "stage3" / "model")
     (root / "out" / "stage3" / "summary.json").write_text(json.dumps({"model_weights": "final"}))
     return cfg, [*overrides, f"train.out_dir={root / 'out'}"], root

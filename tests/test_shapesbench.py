@@ -171,7 +171,7 @@ SEPARATES = tuple(m for m in (*sb.METRICS, "score") if m != "reference")
 def comparison(shapes, tmp_path_factory):
     """Train stage 3 from the base models on the workspace, generate every sample with it and
     with the base models (one seed each: the margins hold at n = 40, 20 for motion): {model key: {sample: scores}}."""
-    from loomcore.data.cache import build_cache
+    from loomcore.train.cache import build_cache
     from loomcore.eval.runner import run_shapesbench
     from loomcore.pipeline import LoomVideoPipeline
     from loomcore.train.trainer import train_stage

@@ -10,7 +10,7 @@ import pytest
 from loomcore.config import TASK_KINDS, load_config
 from loomcore.data import synthetic
 from loomcore.data.schema import METADATA_SCHEMA
-from loomcore.data.tasks import check_sample
+from loomcore.task_kinds import check_sample
 from loomcore.data.video_io import read_image, read_video
 
 N = 40

@@ -1,9 +1,9 @@
-"""Task kinds, MLLM prefixes and "@Figure k" pointers (loomcore.data.tasks)."""
+"""Task kinds, MLLM prefixes and "@Figure k" pointers (loomcore.task_kinds)."""
 
 import pytest
 
 from loomcore.config import TASK_KINDS
-from loomcore.data.tasks import (TASKS, UNCONDITIONAL_PREFIX, check_figure_refs, check_sample, parse_figure_refs,
+from loomcore.task_kinds import (TASKS, UNCONDITIONAL_PREFIX, check_figure_refs, check_sample, parse_figure_refs,
                                  task_spec, to_release_pointers)
 
 

@@ -37,7 +37,7 @@ FLOW = FlowConfig(sigma_min=1e-3, timestep_scale=1000.0, logit_normal_mean=0.0, 
 @pytest.fixture(scope="module")
 def ws(tiny_workspace, tmp_path_factory):
     """The tiny workspace with its cache built; outs and runs under a fresh folder per module."""
-    from loomcore.data.cache import build_cache
+    from loomcore.train.cache import build_cache
 
     cfg, overrides = tiny_workspace
     threads = torch.get_num_threads()
@@ -413,16 +413,22 @@ def test_two_process_fsdp2_matches_one_process_and_resumes(ws):
     # place, restart it on 2 ranks: each rank reads its own shard back, and steps 3-4 repeat the
     # uninterrupted run's bit for bit
     proc = subprocess.Popen([str(c) for c in cmd(2, "killed")], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     killed = False
     for line in proc.stdout:  # rank 0 prints each checkpoint once it is in place
         if "checkpoint " in line and line.strip().endswith("step-000002"):
-            os.killpg(proc.pid, signal.SIGKILL)
+            # torchrun starts its ranks in sessions of their own: kill every process of the job
+            for pid in [proc.pid, *_pids_with(str(root / "killed" / "out"))]:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
             killed = True
             break
     proc.wait(timeout=60)
     assert killed and proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    time.sleep(1)
+    assert not _pids_with(str(root / "killed" / "out")), "a rank outlived the kill"
     run_dir = next((root / "killed/runs/stage2").iterdir())
     assert sorted(p.name for p in run_dir.glob("step-*")) == ["step-000002"]
     proc = _run(cmd(2, "killed"), timeout=240)

@@ -40,7 +40,7 @@ from loomcore.config import TASK_KINDS, ConfigError
 from loomcore.data import schema
 from loomcore.data.buckets import nearest_bucket, nearest_sizes
 from loomcore.data.schema import RowError
-from loomcore.data.tasks import TaskSpec, check_figure_refs, task_spec, to_release_pointers
+from loomcore.task_kinds import TaskSpec, check_figure_refs, task_spec, to_release_pointers
 from loomcore.data.mirror import fetch_s3
 from loomcore.data.release_format import REJECT_KEY, RELEASE_CONFIG_SUFFIXES, read_release_config, release_rows, task_weights
 from loomcore.data.video_io import MediaError, MediaInfo, media_kind, probe

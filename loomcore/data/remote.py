@@ -147,25 +147,40 @@ class ShardFetcher:
         self._lock = threading.Lock()
         self._files: "OrderedDict[str, Future]" = OrderedDict()
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="shard-fetch")
-        self.fetched = 0  # downloads started (tests and the read-ahead benchmark read it)
+        self.fetched = 0  # downloads started (tests read it)
+        # copies an earlier process left (another stage, a previous run): this index's shards are
+        # kept as the least recently used (verified again when used), others deleted; then the bound
+        self._unverified = set()  # adopted copies: hashed when first used (`fetch` keeps a good one)
+        for path in sorted(self.folder.glob("*.safetensors"), key=lambda p: p.stat().st_mtime_ns):
+            if path.name in digests:
+                self._files[path.name] = Future()
+                self._files[path.name].set_result(path)
+                self._unverified.add(path.name)
+            else:
+                path.unlink(missing_ok=True)
+        self._evict()
 
     def _future(self, name: str) -> Future:
         with self._lock:
             fut = self._files.get(name)
-            if fut is None:
+            if fut is None or name in self._unverified:
+                self._unverified.discard(name)
                 self.fetched += 1
                 fut = self._pool.submit(self.remote.fetch, name, self.folder / name, self.digests[name])
                 self._files[name] = fut
             self._files.move_to_end(name)
-            while len(self._files) > self.keep:
-                old, f = self._files.popitem(last=False)
-                if f.done() and f.exception() is None:
-                    (self.folder / old).unlink(missing_ok=True)  # an open mmap of it stays valid
-                else:  # still downloading: keep it until it is done
-                    self._files[old] = f
-                    self._files.move_to_end(old, last=False)
-                    break
+            self._evict()
         return fut
+
+    def _evict(self) -> None:
+        while len(self._files) > self.keep:
+            old, f = self._files.popitem(last=False)
+            if f.done():
+                (self.folder / old).unlink(missing_ok=True)  # an open mmap of it stays valid
+            else:  # still downloading: keep it until it is done
+                self._files[old] = f
+                self._files.move_to_end(old, last=False)
+                break
 
     def prefetch(self, names: Iterable[str]) -> None:
         """Start fetching `names` (at most `keep` - 1 of them, so that none evicts the shard in use)."""
@@ -173,8 +188,14 @@ class ShardFetcher:
             self._future(name)
 
     def path(self, name: str) -> Path:
-        """The local, verified copy of shard `name` (waits for its download)."""
-        return self._future(name).result()
+        """The local, verified copy of shard `name` (waits for its download; fetches it again if
+        another reader of the folder evicted it meanwhile)."""
+        path = self._future(name).result()
+        if not path.is_file():
+            with self._lock:
+                self._files.pop(name, None)
+            path = self._future(name).result()
+        return path
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)

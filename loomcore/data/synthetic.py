@@ -43,27 +43,12 @@ import numpy as np
 from loomcore.config import TASK_KINDS
 from loomcore.data.buckets import nearest_size
 from loomcore.data.schema import METADATA_SCHEMA, write_parquet
-from loomcore.data.tasks import task_spec
+from loomcore.task_kinds import task_spec
 from loomcore.data.video_io import write_image, write_video
+from loomcore.shapes_world import DIRECTIONS, OPPOSITE, PALETTE, REF_BACKGROUND, SHAPES
 
 METADATA_FILE = "metadata.parquet"
 GROUND_TRUTH_FILE = "ground_truth.jsonl"
-
-# Far apart in RGB (pairwise distance > 100), so a pixel's nearest named colour is unambiguous.
-PALETTE: Dict[str, Tuple[int, int, int]] = {
-    "red": (220, 30, 30),
-    "green": (30, 170, 50),
-    "blue": (30, 70, 220),
-    "yellow": (240, 220, 20),
-    "purple": (140, 40, 190),
-    "orange": (245, 130, 10),
-    "cyan": (20, 200, 210),
-    "black": (20, 20, 20),
-}
-REF_BACKGROUND = ("white", (255, 255, 255))  # reference images: one shape on plain white
-SHAPES = ("circle", "square", "triangle", "diamond")
-DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
-OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up"}
 
 
 # --------------------------------------------------------------------------------------------

@@ -41,7 +41,7 @@ from typing import Dict, Optional, Tuple
 import numpy as np
 import torch
 
-from loomcore.data.synthetic import DIRECTIONS, PALETTE
+from loomcore.shapes_world import DIRECTIONS, PALETTE
 from loomcore.eval.shapesbench import NAMES, ShapesScoring, median_filter, palette_labels
 
 MODEL_NAME = "shapes-judge"

@@ -40,7 +40,8 @@ import torch
 import torch.nn.functional as F
 
 from loomcore.data.buckets import resize_center_crop
-from loomcore.data.synthetic import DIRECTIONS, PALETTE, render, shape_mask
+from loomcore.data.synthetic import render, shape_mask
+from loomcore.shapes_world import DIRECTIONS, PALETTE
 
 METRICS = ("background", "colour", "count", "motion", "psnr", "ssim", "reference")
 UNIT_METRICS = ("background", "colour", "count", "motion", "ssim", "reference")  # in [0, 1]; psnr is dB

@@ -25,8 +25,8 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from loomcore.config import Config
-from loomcore.data.synthetic import DIRECTIONS, PALETTE, SHAPES
-from loomcore.data.tasks import TASKS, UNCONDITIONAL_PREFIX
+from loomcore.shapes_world import DIRECTIONS, PALETTE, SHAPES
+from loomcore.task_kinds import TASKS, UNCONDITIONAL_PREFIX
 from loomcore.storage import is_s3, list_objects, materialize, parse_s3_uri, sha256_file
 
 # Bump when a builder changes what it writes: the manifest then no longer matches and

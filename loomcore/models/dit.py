@@ -279,17 +279,6 @@ class LoomDiT(ModelMixin, ConfigMixin):
     def reset_attention_backend(self) -> None:
         self.attention_backend = "auto"
 
-    @classmethod
-    def from_wan_transformer(cls, source, **extra) -> tuple["LoomDiT", "LoadReport"]:  # noqa: F821
-        """Build a LoomDiT from a diffusers Wan transformer (a saved directory or an instance).
-
-        Returns (model, report); the report names the new parameters and the loaded ones that
-        only Wan's text path uses. See `release.load_wan_transformer`.
-        """
-        from .release import load_wan_transformer
-
-        return load_wan_transformer(source, **extra)
-
     # ---------------------------------------------------------------------------------------
     # Entry points
 

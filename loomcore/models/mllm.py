@@ -42,7 +42,7 @@ from PIL import Image
 from torch import nn
 
 from loomcore.errors import InputError
-from loomcore.data.tasks import UNCONDITIONAL_PREFIX, TaskSpec, check_sample, task_spec, to_release_pointers
+from loomcore.task_kinds import UNCONDITIONAL_PREFIX, TaskSpec, check_sample, task_spec, to_release_pointers
 from loomcore.storage import materialize
 
 DROP_MODES = ("none", "text", "all")

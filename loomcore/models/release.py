@@ -25,8 +25,6 @@ Pickles are read with `torch.load(weights_only=True)` only: they come from the i
 
 from __future__ import annotations
 
-from loomcore.errors import InputError
-
 import inspect
 import json
 import os
@@ -38,6 +36,9 @@ from typing import Mapping
 
 import torch
 from safetensors.torch import load_file
+
+from loomcore.errors import InputError
+from loomcore.models.dit import LoomDiT, loomdit_kwargs
 
 RELEASE_PREFIX = "gen_model."
 TEXT_PATH_PREFIX = "condition_embedder.text_embedder."  # loaded, used only by Wan's 3-D text path
@@ -159,7 +160,6 @@ def read_release(path: str | os.PathLike, config: Mapping, weights: str = "ema")
 
 
 def _kwargs(cfg) -> dict:
-    from .dit import loomdit_kwargs
 
     return loomdit_kwargs(cfg)
 
@@ -231,7 +231,6 @@ def _read_ema(path: Path, config: dict) -> ReleaseWeights:
                 "; trained with other trainable_modules than {gen_model: all}?")
         raise InputError(f"checkpoint: {path}: {len(shadow)} EMA shadow params, but the DiT this config builds "
                          f"(use_source_embedding = {source}) has {len(names)} trainable parameters{hint}")
-    from .dit import LoomDiT
 
     with torch.device("meta"):
         expected = LoomDiT(**config).state_dict()
@@ -301,7 +300,6 @@ def build_from_state_dict(config: dict, state: dict, *, allow_new: bool, dtype, 
     absent as a whole and is then initialised (zero-init last layers); anything else missing,
     any unknown key and any shape mismatch raises ValueError naming the keys.
     """
-    from .dit import LoomDiT
 
     with torch.device("meta"):
         model = LoomDiT(**config)
@@ -358,7 +356,6 @@ def _read_diffusers_dir(path: Path) -> tuple[dict, dict, str]:
 
 
 def _checked_config(config: Mapping, what: str) -> dict:
-    from .dit import LoomDiT
 
     known = set(inspect.signature(LoomDiT.__init__).parameters) - {"self"}
     unknown = sorted(set(config) - known)

@@ -28,7 +28,7 @@ from PIL import Image
 
 from loomcore.errors import InputError
 from loomcore.data.buckets import resize_center_crop
-from loomcore.data.tasks import TaskSpec, check_sample, task_spec
+from loomcore.task_kinds import TaskSpec, check_sample, task_spec
 from loomcore.data.video_io import MediaError, SourceCut, media_kind, read_image, read_video
 
 

@@ -105,7 +105,7 @@ def load_transformer(cfg, path: str | None, torch_dtype: torch.dtype):
     added modules freshly initialised, as stage 1 starts) or a checkpoint of the authors' release
     (its folder or weights file, EMA first, as their `--ckpt_path`; see `read_release`)."""
     from loomcore.models.dit import LoomDiT, check_folder_architecture, loomdit_kwargs
-    from loomcore.models.release import is_release_checkpoint, load_release
+    from loomcore.models.release import is_release_checkpoint, load_release, load_wan_transformer
 
     uri = path or cfg.models.transformer
     folder = Path(materialize(uri))
@@ -119,7 +119,7 @@ def load_transformer(cfg, path: str | None, torch_dtype: torch.dtype):
     elif name == "WanTransformer3DModel":
         own = {k: v for k, v in loomdit_kwargs(cfg).items() if k in (
             "mllm_dim", "projector_mult", "ref_offset", "use_source_embedding", "timestep_scale")}
-        model, _ = LoomDiT.from_wan_transformer(folder, dtype=torch_dtype, **own)
+        model, _ = load_wan_transformer(folder, dtype=torch_dtype, **own)
     else:
         raise InputError(f"transformer {uri}: {folder / 'config.json'} describes {name!r}, expected 'LoomDiT' or 'WanTransformer3DModel'")
     return model.eval()

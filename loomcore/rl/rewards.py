@@ -27,7 +27,8 @@ from typing import Callable, Dict, List, Mapping, Optional, Protocol, Sequence, 
 import numpy as np
 import torch
 
-from loomcore.data.synthetic import DIRECTIONS, PALETTE, SHAPES, load_ground_truth, shape_mask
+from loomcore.data.synthetic import load_ground_truth, shape_mask
+from loomcore.shapes_world import DIRECTIONS, PALETTE, SHAPES
 
 
 class Reward(Protocol):

@@ -1,7 +1,7 @@
 """What the RL loop samples from and how: prompts from the cache, packed conditions, the
 deterministic Euler sampler over a pack, and decoding to the pixels a reward scores.
 
-A prompt is one cache entry (`loomcore.data.cache`) of the RL resolution: its MLLM context, its
+A prompt is one cache entry (`loomcore.train.cache`) of the RL resolution: its MLLM context, its
 source and reference latents (editing and reference tasks), and its target's latent shape, which
 is the size to generate at. The target latent itself is never used — RL learns from its own
 samples. Prompts are packed like training samples (DESIGN §4): the tokens of all samples on one
@@ -59,7 +59,7 @@ class Prompt:
         return (f // pt) * (h // ph) * (w // pw) + sum((r.shape[2] // ph) * (r.shape[3] // pw) for r in self.refs)
 
 
-# what each feature mode reads from a cache entry (loomcore.data.cache)
+# what each feature mode reads from a cache entry (loomcore.train.cache)
 _MODE_NEEDS = {"cached": ("context", "MLLM features"), "online": ("mllm/input_ids", "MLLM inputs")}
 
 

@@ -71,6 +71,7 @@ class Trainer:
 
     def setup(self) -> None:
         from loomcore.models.dit import LoomDiT, check_folder_architecture, loomdit_kwargs
+        from loomcore.models.release import load_wan_transformer
 
         cfg, s, env = self.cfg, self.s, self.env
         if env.local_rank == 0:  # before anything touches the GPUs; "no GPU: running on CPU" on a CPU
@@ -87,7 +88,7 @@ class Trainer:
 
         check_folder_architecture(self.init_path, cfg)
         torch.manual_seed(cfg.seed)  # the new modules' initialisation, identical on every rank
-        model, report = LoomDiT.from_wan_transformer(self.init_path, **loomdit_kwargs(cfg, s.source_embedding))
+        model, report = load_wan_transformer(self.init_path, **loomdit_kwargs(cfg, s.source_embedding))
         self.new_params = list(report.new)
         model.set_attention_backend(cfg.train.attention_backend)
         model.train().requires_grad_(True)

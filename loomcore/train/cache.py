@@ -46,9 +46,11 @@ from loomcore.data import shards
 from loomcore.data.buckets import nearest_size, resize_center_crop
 from loomcore.data.loader import INDEX_FILE, NULL_SHARD, file_sha256, null_record
 from loomcore.data.remote import RemoteCache, mirror_files
-from loomcore.data.tasks import task_spec
+from loomcore.task_kinds import task_spec
 from loomcore.data.video_io import read_image, read_video
 from loomcore.diffusion.flow import dit_token_count
+from loomcore.models.codec import load_codec
+from loomcore.models.mllm import MLLMEncoder, MLLMRequest
 from loomcore.storage import S3Settings, is_s3
 
 CACHE_SUMMARY = "cache.json"
@@ -196,15 +198,12 @@ def build_cache(
     interrupt a run at a shard boundary; a real interruption is a kill, which the atomic shard
     writes make equivalent).
 
-    Across ranks (`python -m loomcore.data.cache` under torchrun): rank r encodes shards r, r + W,
+    Across ranks (`python -m loomcore.train.cache` under torchrun): rank r encodes shards r, r + W,
     r + 2W, … of the one shard list every rank builds alike; after `barrier()` rank 0
     writes the index from every shard in list order — the same bytes as a one-process run — and
     the others return their share's figures. A resumed run skips the shards already done, whoever
     wrote them.
     """
-    from loomcore.models.codec import load_codec
-    from loomcore.models.mllm import MLLMEncoder, MLLMRequest
-
     if not 0 <= rank < world_size:
         raise ValueError(f"build_cache: rank {rank} of world size {world_size}")
     if world_size > 1 and barrier is None:
@@ -415,7 +414,7 @@ def _encode_chunk(cfg, chunk, res, media, codec, encoder, mode, dtype, MLLMReque
             entries[name] = shards.tensor_entry(key, t)
 
         with torch.no_grad():
-            dev = next(codec.buffers()).device  # (every codec has a buffer: its device)
+            dev = next(iter(codec.buffers()), torch.empty(0)).device if isinstance(codec, torch.nn.Module) else "cpu"
             latent = lambda frames: codec.encode(_to_unit(frames)[None].to(dev))[0].to("cpu", dtype)  # noqa: E731
             put("target", latent(target))
             if source is not None:
@@ -462,7 +461,7 @@ def _encode_chunk(cfg, chunk, res, media, codec, encoder, mode, dtype, MLLMReque
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """`python -m loomcore.data.cache [--profile P] [key=value …]`: the cache stage as one rank of a
+    """`python -m loomcore.train.cache [--profile P] [key=value …]`: the cache stage as one rank of a
     torchrun job (RANK / WORLD_SIZE / LOCAL_RANK from torchrun; alone, a one-process run). Rank 0
     prints the summary as one JSON line."""
     import argparse
@@ -472,7 +471,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     from loomcore.config import load_config
 
-    p = argparse.ArgumentParser(prog="python -m loomcore.data.cache", description=main.__doc__)
+    p = argparse.ArgumentParser(prog="python -m loomcore.train.cache", description=main.__doc__)
     p.add_argument("--profile", default=None)
     p.add_argument("overrides", nargs="*", metavar="key=value")
     args = p.parse_args(argv)
