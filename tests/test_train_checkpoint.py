@@ -190,3 +190,34 @@ def test_a_two_rank_checkpoint_is_sharded_and_resumes_on_one_and_three_ranks(tmp
     proc = _torchrun(2, "resume", run, tmp_path / "fallback.safetensors")
     assert f"skipping checkpoint: {ckpt}: dcp/__1_0.distcp does not match its sha256" in proc.stderr
     assert json.loads((tmp_path / "fallback.safetensors.json").read_text())["resumed_from"] == str(older)
+
+
+_HELPER_THREAD = """
+import contextlib, os, sys, threading, torch
+from loomcore.train.distributed import helper_threads_serial
+torch.set_num_threads(2)
+big = torch.randn(4_000_000)
+big.clone()  # the main thread's OpenMP team
+before = len(os.listdir("/proc/self/task"))
+ready, done = threading.Event(), threading.Event()
+def helper():  # what gloo's worker threads do during a sharded save: copy megabytes
+    big.clone(); ready.set(); done.wait()
+with helper_threads_serial() if sys.argv[1] == "serial" else contextlib.nullcontext():
+    t = threading.Thread(target=helper); t.start(); ready.wait()
+print(len(os.listdir("/proc/self/task")) - before - 1, torch.get_num_threads())
+done.set(); t.join()
+"""
+
+
+@pytest.mark.parametrize("mode, extra_threads", [("plain", 1), ("serial", 0)])
+def test_threads_that_first_compute_during_a_save_start_no_openmp_team(mode, extra_threads):
+    """The cause of the CPU slowdown after a sharded save: a helper thread that copies a large
+    tensor starts an OpenMP team of its own (one more OS thread, for as long as it lives), and
+    libgomp, managing more threads than CPUs, throttles the main loop's kernels. Under
+    `helper_threads_serial` (what Checkpointer.save and resume run DCP in) it starts none, and
+    the main thread keeps its 2 intra-op threads."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _HELPER_THREAD, mode], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == [str(extra_threads), "2"]

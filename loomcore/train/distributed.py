@@ -286,6 +286,27 @@ class EMAState:
 
 
 COLLECTIVE = (ModelState, OptimizerState, EMAState)
+@contextlib.contextmanager
+def helper_threads_serial():
+    """Intra-op threads at 1 while torch.distributed.checkpoint saves or loads, so that threads
+    other than the main one stay single-threaded for good.
+
+    A thread that runs an ATen parallel op gets an OpenMP team of its own, which lives as long as
+    the thread. DCP's collectives make gloo's worker threads (alive as long as the process group)
+    copy megabytes of optimizer state: their teams appear, libgomp then manages more threads than
+    there are CPUs and throttles its spin-wait, and every small parallel kernel of the training
+    loop pays a sleep and a wake-up — on 2 CPU cores, stage 1 ran at 3.4k tokens/s after its first
+    checkpoint instead of 8.2k (BENCHMARKS.md, "A CPU slowdown after the first sharded save").
+    A thread takes its OpenMP thread count from the process-wide setting when it first runs a
+    parallel op; during the save that setting is 1, so those threads never start a team."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 DCP_DIR = "dcp"  # a checkpoint's sharded part: one file per rank + DCP's .metadata
 
 
@@ -346,8 +367,9 @@ class Checkpointer:
 
         tmp = Path(broadcast_object(str(self.manager.begin(step)) if self.manager is not None else None))
         folder = tmp / DCP_DIR
-        state = {name: piece.sharded_state_dict() for name, piece in self.collective.items()}
-        dcp.save(state, storage_writer=dcp.FileSystemWriter(str(folder), single_file_per_rank=True, sync_files=True))
+        with helper_threads_serial():
+            state = {name: piece.sharded_state_dict() for name, piece in self.collective.items()}
+            dcp.save(state, storage_writer=dcp.FileSystemWriter(str(folder), single_file_per_rank=True, sync_files=True))
         mine = {f"{DCP_DIR}/{f.name}": {"sha256": sha256_file(f), "bytes": f.stat().st_size}
                 for f in sorted(folder.glob(f"__{self.env.rank}_*.distcp"))}
         known = {k: v for part in all_gather_object(mine) for k, v in part.items()}
@@ -387,7 +409,8 @@ class Checkpointer:
         if path is None:
             return None
         state = {name: piece.sharded_state_dict() for name, piece in self.collective.items()}
-        dcp.load(state, storage_reader=dcp.FileSystemReader(str(Path(path) / DCP_DIR)), planner=_safe_load_planner())
+        with helper_threads_serial():
+            dcp.load(state, storage_reader=dcp.FileSystemReader(str(Path(path) / DCP_DIR)), planner=_safe_load_planner())
         for name, piece in self.collective.items():
             piece.load_sharded(state[name])
         payload = None
