@@ -1,5 +1,6 @@
-"""What the RL loop samples from and how: prompts from the cache, packed conditions, the
-deterministic Euler sampler over a pack, and decoding to the pixels a reward scores.
+"""What the RL loop samples from: prompts from the cache, with their conditions, and their noise.
+Packing, the sampler and decoding are the ones training and validation use
+(`loomcore.models.packed`).
 
 A prompt is one cache entry (`loomcore.train.cache`) of the RL resolution: its MLLM context, its
 source and reference latents (editing and reference tasks), and its target's latent shape, which
@@ -19,18 +20,14 @@ encode the full condition, once per prompt, on the step's device (a context is L
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from loomcore.data.loader import ShardReader, read_index
-from loomcore.diffusion.flow import timestep_input
-from loomcore.diffusion.sampling import euler_sample
-from loomcore.models.dit import ConditionCache, PackLayout, patchify, unpack_latents
+from loomcore.models.packed import tokens_of
 from loomcore.train.step import DROP_NONE
 
 
@@ -121,92 +118,7 @@ def _read_conditions(reader: ShardReader, row: dict) -> dict:
             "context": get("context")}
 
 
-def item_seed(seed: int, stream: str, *keys) -> int:
-    """A 63-bit seed for one sample's noise, from (seed, stream, keys): the same sample gets the same
-    noise on any rank, in any batch, after a resume."""
-    blob = "/".join(map(str, (seed, stream, *keys))).encode()
-    return int.from_bytes(hashlib.sha256(blob).digest()[:8], "little") >> 1
-
-
-def tokens_of(latent: torch.Tensor, patch_size: Sequence[int]) -> torch.Tensor:
-    return patchify(latent[None].float(), patch_size)[0]  # [C, f, h, w] -> [f'h'w', P]
-
-
-@dataclass
-class ConditionPack:
-    """The DiT conditions of a list of prompts (one entry per sample; a prompt may repeat)."""
-
-    layout: PackLayout
-    context: torch.Tensor  # [L, M, H]
-    source: Optional[torch.Tensor]  # [N, P] (zeros for a sample without a source) or None
-    references: Optional[torch.Tensor]  # [N_ref, P] or None
-    sample_index: torch.Tensor  # [N] the sample of each target token
-    token_shape: Tuple[int, int]  # (N, P) of the target tokens
-
-    def to(self, device) -> "ConditionPack":
-        move = lambda t: None if t is None else t.to(device)  # noqa: E731
-        return ConditionPack(self.layout, move(self.context), move(self.source), move(self.references),
-                             self.sample_index.to(device), self.token_shape)
-
-
-def pack_conditions(prompts: Sequence[Prompt], patch_size: Sequence[int], use_source: bool) -> ConditionPack:
-    pt, ph, pw = patch_size
-    grids = tuple((s[1] // pt, s[2] // ph, s[3] // pw) for s in (p.latent_shape for p in prompts))
-    ref_sizes = tuple(tuple((r.shape[2] // ph, r.shape[3] // pw) for r in p.refs) for p in prompts)
-    layout = PackLayout(grids, tuple(p.context.shape[1] for p in prompts), ref_sizes)
-    P = pt * ph * pw * prompts[0].latent_shape[0]
-    lengths = layout.target_lengths
-    source = None
-    if any(p.source is not None for p in prompts):
-        if not use_source:
-            raise ValueError(f"prompts of tasks {sorted({p.task for p in prompts if p.source is not None})} have a "
-                             "source, but the model has no source_patch_embedding")
-        source = torch.cat([tokens_of(p.source, patch_size) if p.source is not None else torch.zeros(n, P)
-                            for p, n in zip(prompts, lengths)])
-    refs = [tokens_of(r, patch_size) for p in prompts for r in p.refs]
-    sample_index = torch.repeat_interleave(torch.arange(len(prompts)), torch.tensor(lengths))
-    return ConditionPack(layout, torch.cat([p.context for p in prompts], dim=1).float(), source,
-                         torch.cat(refs) if refs else None, sample_index, (sum(lengths), P))
-
-
 def prompt_noise(seeds: Sequence[int], prompts: Sequence[Prompt], patch_size: Sequence[int]) -> torch.Tensor:
     """[N, P] initial noise: sample i's latent-shaped N(0, I) from its own seed, then patchified."""
     return torch.cat([tokens_of(torch.randn(p.latent_shape, generator=torch.Generator().manual_seed(s)), patch_size)
                       for s, p in zip(seeds, prompts)])
-
-
-def velocity(model, pack: ConditionPack, z: torch.Tensor, timestep: torch.Tensor,
-             condition_cache: Optional[ConditionCache] = None) -> torch.Tensor:
-    """The DiT's velocity on a pack: z [N, P], timestep [S] (1000·t); bf16 autocast on a GPU.
-    condition_cache: one per sampling loop (the pack's conditions prepared on its first step)."""
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if z.device.type == "cuda" else nullcontext()
-    with autocast:
-        return model.forward_packed(z, timestep, pack.context, pack.layout, pack.source, pack.references,
-                                    condition_cache=condition_cache).sample
-
-
-@torch.no_grad()
-def sample_pack(model, pack: ConditionPack, noise: torch.Tensor, times: torch.Tensor, timestep_scale: float,
-                device: torch.device) -> torch.Tensor:
-    """Euler-integrate the model's ODE from `noise` along each sample's `times` [K + 1, S] (1 → 0,
-    `SamplingShift.timesteps`): clean tokens [N, P] (float32, on `device`). A collective under
-    FSDP2: every rank calls it equally often."""
-    S = pack.layout.num_samples
-    pack = pack.to(device)
-    cache = ConditionCache()
-
-    def fn(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return velocity(model, pack, z, timestep_input(t, timestep_scale).expand(S), cache).float()
-
-    return euler_sample(fn, pack.token_shape, times, noise=noise, device=device, sample_index=pack.sample_index)
-
-
-@torch.no_grad()
-def decode_videos(codec, tokens: torch.Tensor, layout: PackLayout, patch_size: Sequence[int]) -> List[torch.Tensor]:
-    """Clean tokens [N, P] → one uint8 video [F, H, W, 3] per sample (CPU)."""
-    device = next(codec.parameters(), torch.empty(0)).device
-    videos = []
-    for z in unpack_latents(tokens.float(), layout.grid_sizes, patch_size):
-        pixels = codec.decode(z[None].to(device))[0].float().cpu()  # [3, F, H, W] in [-1, 1]
-        videos.append(((pixels.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0).contiguous())
-    return videos

@@ -51,10 +51,8 @@ from loomcore.diffusion.flow import add_noise, timestep_input
 from loomcore.diffusion.sampling import SamplingShift, sampling_timesteps
 from loomcore.rl import nft
 from loomcore.rl.rewards import build_reward
-from loomcore.rl.rollout import (
-    Prompt, decode_videos, item_seed, load_prompts, pack_conditions, prompt_noise, sample_pack, velocity,
-    with_conditions,
-)
+from loomcore.models.packed import decode_videos, pack_conditions, sample_pack, velocity
+from loomcore.rl.rollout import Prompt, load_prompts, prompt_noise, with_conditions
 from loomcore.train import telemetry
 from loomcore.train.checkpoint import run_key
 from loomcore.train.contexts import context_source
@@ -64,6 +62,7 @@ from loomcore.train.distributed import (
 )
 from loomcore.train.metrics import RunLog, read_steps
 from loomcore.train.optim import build_optimizer, build_scheduler
+from loomcore.train.rng import derive_seed
 from loomcore.train.stage_io import (
     cache_key_files, code_fingerprint, inputs_fingerprint, stage_out_dir, stage_params, write_run_record, write_weights,
 )
@@ -190,7 +189,7 @@ class RLTrainer:
         tokens, rewards = [], []
         for i in range(0, len(prompts), rl.micro_batch):
             chunk = list(prompts[i:i + rl.micro_batch])
-            pack = pack_conditions(chunk, self.patch, self.use_source)
+            pack = pack_conditions(chunk, self.patch, self.use_source, torch.float32)
             noise = prompt_noise(seeds[i:i + rl.micro_batch], chunk, self.patch)
             times = self.shift.timesteps(steps, pack.layout.sequence_lengths)  # [steps + 1, S]
             x = sample_pack(model, pack, noise, times, self.cfg.flow.timestep_scale, self.device)
@@ -203,14 +202,14 @@ class RLTrainer:
         """Step `step`'s G prompts × K samples: this rank's items, their clean tokens, every item's
         prompt group and reward (all ranks)."""
         rl, cfg = self.rl, self.cfg
-        g = torch.Generator().manual_seed(item_seed(cfg.seed, "rl-prompts", step))
+        g = torch.Generator().manual_seed(derive_seed(cfg.seed, "rl-prompts", step))
         chosen = torch.randperm(len(self.train_prompts), generator=g)[: rl.prompts_per_step].tolist()
         items = [(self.train_prompts[i], group) for group, i in enumerate(chosen) for _ in range(rl.samples_per_prompt)]
         mine = rank_slice(len(items), self.env)
         # this rank's items carry their prompts' tensors through the step (≤ G reads / encodings)
         for i, p in zip(mine, with_conditions([items[i][0] for i in mine], self.reader, self.contexts)):
             items[i] = (p, items[i][1])
-        seeds = [item_seed(cfg.seed, "rl-rollout", step, i) for i in mine]
+        seeds = [derive_seed(cfg.seed, "rl-rollout", step, i) for i in mine]
         tokens, local = self._generate(self.old, [items[i][0] for i in mine], seeds, rl.sample_steps)
         rewards = all_gather_rows(local.to(self.device), self.env).cpu()
         groups = torch.tensor([grp for _, grp in items])
@@ -225,7 +224,7 @@ class RLTrainer:
         pad = (-len(items)) % env.world_size  # equal work per rank; padded items are dropped
         padded = items + items[:pad]
         mine = rank_slice(len(padded), env)
-        seeds = [item_seed(self.cfg.seed, "rl-eval", padded[i][0].id, padded[i][1]) for i in mine]
+        seeds = [derive_seed(self.cfg.seed, "rl-eval", padded[i][0].id, padded[i][1]) for i in mine]
         prompts = with_conditions([padded[i][0] for i in mine], self.reader, self.contexts)  # for this evaluation only
         _, local = self._generate(model, prompts, seeds, rl.eval_steps)
         rewards = all_gather_rows(local.to(self.device), env).cpu()[: len(items)]
@@ -238,7 +237,7 @@ class RLTrainer:
 
     def _train_timesteps(self, step: int, item: int, prompt: Prompt) -> torch.Tensor:
         rl = self.rl
-        g = torch.Generator().manual_seed(item_seed(self.cfg.seed, "rl-t", step, item))
+        g = torch.Generator().manual_seed(derive_seed(self.cfg.seed, "rl-t", step, item))
         if rl.t_distribution == "discrete":  # from the grid this prompt's rollout was sampled on
             times = sampling_timesteps(rl.sample_steps, self.shift.shift(prompt.dit_tokens(self.patch)))
             return nft.discrete_train_timesteps(times, rl.train_timesteps, rl.t_range, g)
@@ -252,7 +251,7 @@ class RLTrainer:
         (v_θ − v_old)², count, KL proxy, KL count] over (sample, time) (float64, on the device)."""
         rl, cfg = self.rl, self.cfg
         prompts = [items[mine[j]][0] for j in batch]
-        pack = pack_conditions(prompts, self.patch, self.use_source).to(self.device)
+        pack = pack_conditions(prompts, self.patch, self.use_source, torch.float32).to(self.device)
         x0 = torch.cat([tokens[j] for j in batch]).to(self.device)
         r = r_all[[mine[j] for j in batch]].to(self.device)
         times = torch.stack([self._train_timesteps(step, mine[j], prompts[k]) for k, j in enumerate(batch)], dim=1)  # [T, S]
@@ -260,7 +259,7 @@ class RLTrainer:
         for k in range(rl.train_timesteps):
             t = times[k].to(self.device)
             noise = torch.cat([torch.randn(tokens[j].shape, generator=torch.Generator().manual_seed(
-                item_seed(cfg.seed, "rl-noise", step, mine[j], k))) for j in batch]).to(self.device)
+                derive_seed(cfg.seed, "rl-noise", step, mine[j], k))) for j in batch]).to(self.device)
             z_t = add_noise(x0, noise, t[pack.sample_index], cfg.flow.sigma_min)  # the forward process
             timestep = timestep_input(t, cfg.flow.timestep_scale)
             with torch.no_grad():

@@ -10,6 +10,7 @@ The captured state holds only lists, ints, floats, None and uint8 tensors, so it
 
 from __future__ import annotations
 
+import hashlib
 import random
 from typing import Dict, Mapping, Optional
 
@@ -52,3 +53,11 @@ def restore_rng(state: dict, generators: Optional[Mapping[str, torch.Generator]]
         torch.cuda.set_rng_state_all(cuda_states)
     for name, g in generators.items():
         g.set_state(saved[name])
+
+
+def derive_seed(seed: int, stream: str, *keys) -> int:
+    """A 63-bit seed from (seed, stream, keys) — a hash, so nearby keys get unrelated streams: one
+    pack's dropout / timestep / noise generators (keys: step, global pack index), one RL sample's
+    noise. The same draws on any rank, at any world size, after a resume."""
+    blob = "/".join(map(str, (seed, stream, *keys))).encode()
+    return int.from_bytes(hashlib.sha256(blob).digest()[:8], "little") >> 1

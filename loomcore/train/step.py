@@ -19,7 +19,6 @@ resumed (`seed_generators`).
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -30,7 +29,9 @@ from loomcore.data.loader import Sample
 from loomcore.diffusion.flow import (
     add_noise, dynamic_shift, sample_logit_normal, shift_timesteps, timestep_input, velocity_target,
 )
-from loomcore.models.dit import PackLayout, patchify
+from loomcore.models.dit import PackLayout
+from loomcore.models.packed import PackItem, pack_conditions, tokens_of
+from loomcore.train.rng import derive_seed
 
 DROP_NONE, DROP_TEXT, DROP_ALL = "none", "text", "all"
 GENERATORS = ("dropout", "timesteps", "noise")
@@ -45,15 +46,9 @@ def make_generators() -> Dict[str, torch.Generator]:
     return {name: torch.Generator(device="cpu") for name in GENERATORS}
 
 
-def pack_seed(seed: int, stream: str, step: int, pack: int) -> int:
-    """A 63-bit seed for one generator of one pack (a hash: nearby steps get unrelated streams)."""
-    blob = f"{seed}/{stream}/{step}/{pack}".encode()
-    return int.from_bytes(hashlib.sha256(blob).digest()[:8], "little") >> 1
-
-
 def seed_generators(generators: Dict[str, torch.Generator], seed: int, step: int, pack: int) -> None:
     for name, g in generators.items():
-        g.manual_seed(pack_seed(seed, name, step, pack))
+        g.manual_seed(derive_seed(seed, name, step, pack))
 
 
 # --------------------------------------------------------------------------------------------
@@ -127,10 +122,6 @@ class PackInputs:
                           move(self.shift), self.tasks, self.modes)
 
 
-def _tokens(latent: torch.Tensor, patch_size: Sequence[int]) -> torch.Tensor:
-    return patchify(latent[None].float(), patch_size)[0]  # [C, f, h, w] -> [f'h'w', P]
-
-
 def build_pack(
     samples: Sequence[Sample],
     null_context: Optional[torch.Tensor],
@@ -148,27 +139,15 @@ def build_pack(
     are). `modes`: the dropout modes if the caller drew them already (`draw_modes`, the same draw)."""
     if not samples:
         raise ValueError("build_pack: got an empty pack")
-    pt, ph, pw = patch_size
     # 1. Conditioning dropout: one u per sample
     if modes is None:
         modes = draw_modes(len(samples), generators, text_dropout, all_dropout)
     conds = [apply_dropout(s, m, null_context) for s, m in zip(samples, modes)]
-    if not use_source:
-        with_source = sorted({s.task for s, c in zip(samples, conds) if c.source is not None})
-        if with_source:
-            raise ValueError(f"tasks {', '.join(with_source)} have a source video/image, but this stage's model has "
-                             "no source_patch_embedding (stageN.source_embedding: false)")
-
-    # 2. The layout: target tokens, references, contexts
-    targets = [_tokens(s.target, patch_size) for s in samples]
-    grids = tuple((s.target.shape[1] // pt, s.target.shape[2] // ph, s.target.shape[3] // pw) for s in samples)
-    ref_tokens = [_tokens(r, patch_size) for c in conds for r in c.refs]
-    ref_sizes = tuple(tuple((r.shape[2] // ph, r.shape[3] // pw) for r in c.refs) for c in conds)
-    layout = PackLayout(grids, tuple(c.context.shape[1] for c in conds), ref_sizes)
-    context = torch.cat([c.context for c in conds], dim=1)  # [L, M, H]
-    x = torch.cat(targets)  # [N, P]
-    lengths = torch.tensor(layout.target_lengths)
-    sample_index = torch.repeat_interleave(torch.arange(len(samples)), lengths)  # [N]
+    # 2. The layout: target tokens, references, contexts (one packer for training, validation, RL)
+    pack = pack_conditions([PackItem(tuple(s.target.shape), c.context, c.source, c.refs, s.task)
+                            for c, s in zip(conds, samples)], patch_size, use_source)
+    layout = pack.layout
+    x = torch.cat([tokens_of(s.target, patch_size) for s in samples])  # [N, P]
 
     # 3. Timesteps: logit-normal, then eq. 3's shift from the sample's DiT tokens in this pack
     t = sample_logit_normal(len(samples), flow.logit_normal_mean, flow.logit_normal_std, generators["timesteps"])
@@ -178,20 +157,12 @@ def build_pack(
 
     # 4. Noise and the flow pair (z_t, v)
     noise = torch.randn(x.shape, generator=generators["noise"])
-    noisy = add_noise(x, noise, t[sample_index], flow.sigma_min)
+    noisy = add_noise(x, noise, t[pack.sample_index], flow.sigma_min)
     velocity = velocity_target(x, noise, flow.sigma_min)
-
-    source = None
-    if use_source and any(c.source is not None for c in conds):
-        source = torch.cat([_tokens(c.source, patch_size) if c.source is not None else torch.zeros_like(tok)
-                            for c, tok in zip(conds, targets)])
-        if source.shape != x.shape:
-            raise ValueError(f"source tokens {tuple(source.shape)} do not match the targets' {tuple(x.shape)} "
-                             "(Scale-and-Add needs the source at the target's size)")
     return PackInputs(
-        noisy=noisy, timestep=timestep_input(t, flow.timestep_scale), context=context, layout=layout,
-        source=source, references=torch.cat(ref_tokens) if ref_tokens else None, velocity=velocity,
-        sample_index=sample_index, t=t, shift=shift, tasks=[s.task for s in samples], modes=modes,
+        noisy=noisy, timestep=timestep_input(t, flow.timestep_scale), context=pack.context, layout=layout,
+        source=pack.source, references=pack.references, velocity=velocity,
+        sample_index=pack.sample_index, t=t, shift=shift, tasks=[s.task for s in samples], modes=modes,
     )
 
 

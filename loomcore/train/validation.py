@@ -13,17 +13,18 @@ Every rank runs the sampler (FSDP2's forward is a collective); rank 0 decodes an
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from typing import List, Optional
 
 import numpy as np
 import torch
+from PIL import Image
 
 from loomcore.config import Config, StageConfig
 from loomcore.data.loader import ShardReader, load_sample, read_index
-from loomcore.diffusion.flow import timestep_input
-from loomcore.diffusion.sampling import SamplingShift, euler_sample
-from loomcore.models.dit import ConditionCache, PackLayout, patchify, unpack_latents
+from loomcore.diffusion.sampling import SamplingShift
+from loomcore.models.codec import load_codec
+from loomcore.models.dit import unpack_latents
+from loomcore.models.packed import PackItem, pack_conditions, sample_pack
 
 
 class Validator:
@@ -39,22 +40,12 @@ class Validator:
         reader = ShardReader(cfg.paths.cache)
         samples = [load_sample(reader, r) for r in rows]
         contexts.fill(samples, rows, ["none"] * len(samples))  # the full condition (online: the MLLM runs)
-        tok = lambda z: patchify(z[None].float(), self.patch_size)[0]  # noqa: E731  [C,f,h,w] -> [n, P]
-        pt, ph, pw = self.patch_size
-        grids = tuple((s.target.shape[1] // pt, s.target.shape[2] // ph, s.target.shape[3] // pw) for s in samples)
-        refs = [r for s in samples for r in s.refs]
-        self.layout = PackLayout(grids, tuple(s.context.shape[1] for s in samples),
-                                 tuple(tuple((r.shape[2] // ph, r.shape[3] // pw) for r in s.refs) for s in samples))
-        self.context = torch.cat([s.context for s in samples], dim=1).to(device)
-        self.references = torch.cat([tok(r) for r in refs]).to(device) if refs else None
-        self.source = None
-        if use_source and any(s.source is not None for s in samples):
-            self.source = torch.cat([tok(s.source) if s.source is not None else torch.zeros_like(tok(s.target))
-                                     for s in samples]).to(device)
-        self.shape = (sum(self.layout.target_lengths), tok(samples[0].target).shape[1])
+        # (a stage whose model has no source embedding samples its prompts without their sources)
+        self.pack = pack_conditions([PackItem(tuple(s.target.shape), s.context, s.source if use_source else None,
+                                              list(s.refs), s.task) for s in samples], self.patch_size, use_source)
+        self.layout = self.pack.layout
         self.timesteps = SamplingShift.from_config(cfg.guidance, cfg.flow).timesteps(
             cfg.guidance.steps, self.layout.sequence_lengths)  # [K + 1, S]
-        self.sample_index = torch.repeat_interleave(torch.arange(len(samples)), torch.tensor(self.layout.target_lengths))
         self._codec = None
 
     @property
@@ -63,29 +54,14 @@ class Validator:
 
     @torch.no_grad()
     def sample(self, model) -> List[torch.Tensor]:
-        """Per-prompt latents [C, f, h, w] (CPU, float32). A collective under FSDP2."""
-        S = self.layout.num_samples
-        autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else nullcontext())
-
-        cache = ConditionCache()  # the pack's plan and projected contexts, made on the first step
-
-        def velocity(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            timestep = timestep_input(t, self.cfg.flow.timestep_scale).expand(S)  # t: [S]
-            with autocast:
-                return model.forward_packed(z, timestep, self.context, self.layout, self.source, self.references,
-                                            condition_cache=cache).sample
-
-        g = torch.Generator().manual_seed(self.cfg.seed)
-        z = euler_sample(velocity, self.shape, self.timesteps, generator=g, device=self.device,
-                         sample_index=self.sample_index)
+        """Per-prompt latents [C, f, h, w] (CPU, float32), from the same noise every time. A
+        collective under FSDP2."""
+        noise = torch.randn(self.pack.token_shape, generator=torch.Generator().manual_seed(self.cfg.seed))
+        z = sample_pack(model, self.pack, noise, self.timesteps, self.cfg.flow.timestep_scale, self.device)
         return unpack_latents(z.cpu(), self.layout.grid_sizes, self.patch_size)
 
     def grid(self, latents: List[torch.Tensor]):
         """A PIL image: one row per prompt, up to `validation_frames` decoded frames as columns."""
-        from PIL import Image
-
-        from loomcore.models.codec import load_codec
-
         if self._codec is None:
             self._codec = load_codec(self.cfg.models.codec, self.cfg.models.vae).to(self.device)
         rows = []
