@@ -23,10 +23,8 @@ from loomcore.data.loader import Sample
 from loomcore.diffusion.sampling import euler_sample, sampling_timesteps
 from loomcore.models.dit import patchify
 from loomcore.train.metrics import read_steps
-from loomcore.train.step import (
-    DROP_ALL, DROP_NONE, DROP_TEXT, build_pack, dit_train_flops, dropout_modes, make_generators, pack_loss,
-    seed_generators,
-)
+from loomcore.models.mllm import DROP_ALL, DROP_NONE, DROP_TEXT
+from loomcore.train.step import build_pack, dit_train_flops, dropout_modes, make_generators, pack_loss, seed_generators
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

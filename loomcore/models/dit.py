@@ -41,9 +41,9 @@ from .packing import (  # re-exported: the packing API has always been imported 
     ConditionCache,
     Context,
     PackLayout,
-    _check_packed,
-    _pack_batched,
-    _pack_plan,
+    check_packed,
+    pack_batched,
+    pack_plan,
     pack_latents,
     pack_references,
     patchify,
@@ -315,7 +315,7 @@ class LoomDiT(ModelMixin, ConfigMixin):
         if cached:
             packed = self._repack_step(condition_cache, conditions, hidden_states, timestep)
         else:
-            packed = _pack_batched(
+            packed = pack_batched(
                 self.config, self.patch_size, hidden_states, timestep, encoder_hidden_states,
                 source_latents, reference_latents, encoder_attention_mask,
             )
@@ -354,7 +354,7 @@ class LoomDiT(ModelMixin, ConfigMixin):
         Returns `Transformer2DModelOutput(sample=[N, pt·ph·pw·out_channels])` (target tokens only,
         aligned with hidden_states: the flow loss is per row) or `(sample,)`.
         """
-        deepstack = _check_packed(
+        deepstack = check_packed(
             self.config, self.patch_size, layout, hidden_states, timestep, encoder_hidden_states,
             source_hidden_states, reference_hidden_states,
         )
@@ -410,7 +410,7 @@ class LoomDiT(ModelMixin, ConfigMixin):
                 raise ValueError("condition_cache: filled for other conditions (a new layout, context or "
                                  "timestep shape); use one ConditionCache per sampling loop")
             return cache.plan, cache.rotary, cache.contexts
-        plan = _pack_plan(layout, per_token, self.config.ref_offset, device, self.attention_backend)
+        plan = pack_plan(layout, per_token, self.config.ref_offset, device, self.attention_backend)
         rotary = self.rope(plan.position_ids)
         if not deepstack:
             contexts = [self.condition_embedder.text_embedder(context.to(dtype))] * len(self.blocks)

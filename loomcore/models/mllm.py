@@ -45,7 +45,9 @@ from loomcore.errors import InputError
 from loomcore.task_kinds import UNCONDITIONAL_PREFIX, TaskSpec, check_sample, task_spec, to_release_pointers
 from loomcore.storage import materialize
 
-DROP_MODES = ("none", "text", "all")
+# conditioning dropout (DESIGN §3): keep everything, blank the text (keep the images/video), drop all
+DROP_NONE, DROP_TEXT, DROP_ALL = "none", "text", "all"
+DROP_MODES = (DROP_NONE, DROP_TEXT, DROP_ALL)
 # The release orders a request's segments three ways [R]: its training processors
 # (src/dataset/processors.py), its evaluation processors (same file, the benchmarks) and its demo
 # (scripts/inference/generate.py). `build_messages` writes each; the entry points' defaults are

@@ -3,7 +3,7 @@
 A pack is the tokens of several samples on one axis (DESIGN §4 "Packing"; which samples go
 together is `loomcore.data.packing`'s job, this file only lays out their tensors). Sample s sits
 in the pack as [its target tokens | reference 1 | … | reference K]; `PackLayout` holds the
-host-side shapes and `_pack_plan` turns them into the device-side index tensors the model needs.
+host-side shapes and `pack_plan` turns them into the device-side index tensors the model needs.
 
 Latent ↔ token convention (`patchify`): a token is one (pt, ph, pw) patch flattened with the
 channel last, [pt·ph·pw·C], which is also the layout `proj_out` predicts.
@@ -149,7 +149,7 @@ class _PackPlan:
     cross_segments: AttentionSegments
 
 
-def _pack_plan(layout: PackLayout, per_token: bool, ref_offset: int, device, backend: str) -> _PackPlan:
+def pack_plan(layout: PackLayout, per_token: bool, ref_offset: int, device, backend: str) -> _PackPlan:
     n_target = sum(layout.target_lengths)
     zero_row = n_target if per_token else layout.num_samples
     positions, order, target_index, target_rows = [], [], [], []
@@ -255,7 +255,7 @@ def _check_tokens(given: int, expected: int | None) -> None:
         raise ValueError(f"encoder_hidden_states: expected {expected} context tokens (sum of layout.context_lengths), got {given}")
 
 
-def _check_packed(config, patch, layout, hidden, timestep, context, source, references) -> bool:
+def check_packed(config, patch, layout, hidden, timestep, context, source, references) -> bool:
     width = math.prod(patch) * config.in_channels
     n, n_ref = sum(layout.target_lengths), sum(layout.reference_lengths)
     if hidden.ndim != 2 or hidden.shape != (n, width):
@@ -282,7 +282,7 @@ class _Packed(NamedTuple):  # forward_packed's positional arguments
     references: torch.Tensor | None
 
 
-def _pack_batched(config, patch, hidden, timestep, context, source, references, mask) -> _Packed:
+def pack_batched(config, patch, hidden, timestep, context, source, references, mask) -> _Packed:
     """Check diffusers-style batched inputs and turn them into one pack of B samples."""
     if hidden.ndim != 5:
         raise ValueError(f"hidden_states: expected [B, C, F, H, W], got {tuple(hidden.shape)}")

@@ -27,8 +27,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from loomcore.data.loader import ShardReader, read_index
+from loomcore.models.mllm import DROP_NONE
 from loomcore.models.packed import tokens_of
-from loomcore.train.step import DROP_NONE
 
 
 @dataclass

@@ -60,7 +60,7 @@ from loomcore.train.distributed import (
     Checkpointer, DistEnv, ModelState, OptimizerState, broadcast_object, rank_process,
     parallelize, set_gradient_sync,
 )
-from loomcore.train.metrics import RunLog, read_steps
+from loomcore.train.metrics import RunLog, Sums, read_steps
 from loomcore.train.optim import build_optimizer, build_scheduler
 from loomcore.train.rng import derive_seed
 from loomcore.train.stage_io import (
@@ -68,6 +68,10 @@ from loomcore.train.stage_io import (
 )
 
 STAGE = "rl"
+# what an RL step adds up over its micro-batches and ranks (`Sums`); the losses are divided by
+# `samples` when read, the KL proxy by the samples it was measured on
+RL_SUMS = {"policy_loss": 1, "unweighted_policy_loss": 1, "positive_loss": 1, "negative_loss": 1,
+           "old_deviation": 1, "samples": 1, "kl": 1, "kl_samples": 1}
 
 
 class _Counters:
@@ -245,17 +249,16 @@ class RLTrainer:
                                               self.cfg.flow.logit_normal_mean, self.cfg.flow.logit_normal_std)
 
     def _backward_batch(self, step: int, items, mine, tokens, r_all, batch: List[int], denom: int,
-                        with_ref: bool, last: bool) -> torch.Tensor:
+                        with_ref: bool, last: bool) -> Sums:
         """NFT loss and backward (scaled by 1/denom) of one micro-batch of this rank's samples at
-        each of their training times. Returns the sums [policy loss, unweighted loss, L⁺, L⁻,
-        (v_θ − v_old)², count, KL proxy, KL count] over (sample, time) (float64, on the device)."""
+        each of their training times. Returns its `RL_SUMS` over (sample, time) (on the device)."""
         rl, cfg = self.rl, self.cfg
         prompts = [items[mine[j]][0] for j in batch]
         pack = pack_conditions(prompts, self.patch, self.use_source, torch.float32).to(self.device)
         x0 = torch.cat([tokens[j] for j in batch]).to(self.device)
         r = r_all[[mine[j] for j in batch]].to(self.device)
         times = torch.stack([self._train_timesteps(step, mine[j], prompts[k]) for k, j in enumerate(batch)], dim=1)  # [T, S]
-        sums = torch.zeros(8, dtype=torch.float64, device=self.device)
+        sums = Sums(RL_SUMS, self.device)
         for k in range(rl.train_timesteps):
             t = times[k].to(self.device)
             noise = torch.cat([torch.randn(tokens[j].shape, generator=torch.Generator().manual_seed(
@@ -275,9 +278,12 @@ class RLTrainer:
                 deviation = nft.per_sample_mean((v_theta - v_old).double().pow(2), pack.sample_index, len(batch))
                 count = torch.tensor(float(len(batch)), dtype=torch.float64, device=self.device)
                 kl = (out.kl.double().sum(), count) if out.kl is not None else (count * 0, count * 0)
-                sums += torch.stack([out.policy_loss.double(), out.per_sample.double().sum(),
-                                     out.positive.double().sum(), out.negative.double().sum(), deviation.sum(),
-                                     count, *kl]).detach()
+                for name, value in (("policy_loss", out.policy_loss.double()),
+                                    ("unweighted_policy_loss", out.per_sample.double().sum()),
+                                    ("positive_loss", out.positive.double().sum()),
+                                    ("negative_loss", out.negative.double().sum()), ("old_deviation", deviation.sum()),
+                                    ("samples", count), ("kl", kl[0]), ("kl_samples", kl[1])):
+                    sums[name] += value.detach()
         return sums
 
     def train_step(self, step: int) -> dict:
@@ -287,7 +293,7 @@ class RLTrainer:
         t_rollout = time.perf_counter() - t0
         adv = nft.group_advantages(rewards, groups, rl.global_std)
         r_all = nft.optimality_probability(adv, rl.adv_clip_max).float()
-        sums = torch.zeros(8, dtype=torch.float64, device=self.device)
+        sums = Sums(RL_SUMS, self.device)
         grad_norms = []
         log_step = step % rl.log_every == 0 or step == rl.steps
         local = list(range(len(mine)))  # this rank's samples, split over the step's optimizer steps
@@ -311,15 +317,16 @@ class RLTrainer:
         decay = nft.old_policy_decay(self.counters.optimizer_steps, rl.old_policy.flat_steps,
                                      rl.old_policy.ramp_rate, rl.old_policy.max_decay)
         nft.update_old_policy(self.old.parameters(), self.policy.parameters(), decay)
-        dist.all_reduce(sums)
+        dist.all_reduce(sums.tensor)
         self.counters.samples += len(items)
-        s = sums.tolist()
-        n = s[5]
+        s = sums.read()
+        n = s["samples"]
         zero_std = sum(1 for grp in torch.unique(groups) if float(rewards[groups == grp].std(unbiased=False)) == 0.0)
         row = {
             "step": step, "reward_mean": rewards.mean().item(), "reward_std": rewards.std(unbiased=False).item(),
-            "policy_loss": s[0] / n, "unweighted_policy_loss": s[1] / n, "positive_loss": s[2] / n,
-            "negative_loss": s[3] / n, "old_deviation": s[4] / n, "kl_proxy": s[6] / s[7] if s[7] else None,
+            **{k: s[k] / n for k in ("policy_loss", "unweighted_policy_loss", "positive_loss", "negative_loss",
+                                     "old_deviation")},
+            "kl_proxy": s["kl"] / s["kl_samples"] if s["kl_samples"] else None,
             "adv_abs_mean": adv.abs().mean().item(), "zero_std_ratio": zero_std / rl.prompts_per_step,
             "grad_norm": sum(grad_norms) / len(grad_norms), "lr": self.scheduler.get_last_lr()[0],
             "old_policy_decay": decay, "seconds": time.perf_counter() - t0, "rollout_seconds": t_rollout,

@@ -18,7 +18,7 @@ from typing import List, Mapping, Optional, Sequence
 import torch
 
 from loomcore.data.loader import Sample, ShardReader
-from loomcore.train.step import DROP_ALL, DROP_NONE, DROP_TEXT
+from loomcore.models.mllm import DROP_ALL, DROP_NONE, DROP_TEXT
 
 MLLM_INPUT_KEYS = ("input_ids", "pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
 

@@ -21,7 +21,41 @@ import io
 import json
 import math
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional
+from typing import Dict, Iterable, List, Mapping, Optional
+
+import torch
+
+class Sums:
+    """Named per-step sums in one float64 tensor on the step's device: added to without a host
+    sync, reduced over ranks in one all_reduce (`tensor`), read by name once on the host. A field
+    is a scalar or, with a width, a vector (one slot per task kind)."""
+
+    def __init__(self, fields: Mapping[str, int], device=None):
+        self.slices: Dict[str, slice] = {}
+        at = 0
+        for name, width in fields.items():
+            self.slices[name] = slice(at, at + width)
+            at += width
+        self.tensor = torch.zeros(at, dtype=torch.float64, device=device)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        """The field's slots: a view, so `sums["loss"] += x` and `index_add_` write through."""
+        return self.tensor[self.slices[name]]
+
+    def __setitem__(self, name: str, value) -> None:  # (`sums[name] += x` assigns the view back)
+        self.tensor[self.slices[name]] = value
+
+    def __iadd__(self, other: "Sums") -> "Sums":
+        if other.slices != self.slices:
+            raise ValueError(f"Sums: adding fields {list(other.slices)} to {list(self.slices)}")
+        self.tensor += other.tensor
+        return self
+
+    def read(self) -> Dict[str, object]:
+        """{field: float, or a list for a vector field} (one host sync)."""
+        values = self.tensor.tolist()
+        return {name: values[sl.start] if sl.stop - sl.start == 1 else values[sl] for name, sl in self.slices.items()}
+
 
 STEPS_FILE = "steps.jsonl"
 LIVE_DIR = "dvclive"

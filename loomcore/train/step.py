@@ -30,10 +30,10 @@ from loomcore.diffusion.flow import (
     add_noise, dynamic_shift, sample_logit_normal, shift_timesteps, timestep_input, velocity_target,
 )
 from loomcore.models.dit import PackLayout
+from loomcore.models.mllm import DROP_ALL, DROP_NONE, DROP_TEXT
 from loomcore.models.packed import PackItem, pack_conditions, tokens_of
 from loomcore.train.rng import derive_seed
 
-DROP_NONE, DROP_TEXT, DROP_ALL = "none", "text", "all"
 GENERATORS = ("dropout", "timesteps", "noise")
 
 

@@ -21,6 +21,7 @@ import torch
 
 from loomcore.config import TASK_KINDS, Config
 from loomcore.data.loader import PackedLoader, load_sample
+from loomcore.models.packed import autocast
 from loomcore.train import telemetry
 from loomcore.train.distributed import (
     Checkpointer, DistEnv, EMAState, ModelState, OptimizerState, all_reduce_sum, broadcast_object,
@@ -28,7 +29,7 @@ from loomcore.train.distributed import (
 )
 from loomcore.train.ema import EMA
 from loomcore.train.faults import LossSpikeDetector, NonFiniteGuard
-from loomcore.train.metrics import RunLog, mean_loss, read_steps
+from loomcore.train.metrics import RunLog, Sums, mean_loss, read_steps
 from loomcore.train.optim import build_optimizer, build_scheduler
 from loomcore.train.rng import capture_rng, restore_rng
 from loomcore.train.stage_io import init_weights, stage_out_dir, stage_run_dir, write_stage_outs
@@ -36,6 +37,11 @@ from loomcore.train.contexts import context_source
 from loomcore.train.step import (
     build_pack, dit_train_flops, draw_modes, make_generators, pack_loss, seed_generators,
 )
+
+# what a step adds up over its packs and ranks (`Sums`): the loss, each task kind's loss sum and
+# sample count, the tokens, samples and matmul FLOPs
+STEP_SUMS = {"loss": 1, "task_loss": len(TASK_KINDS), "task_count": len(TASK_KINDS), "dit_tokens": 1,
+             "context_tokens": 1, "samples": 1, "flops": 1}
 
 # --------------------------------------------------------------------------------------------
 # The trainer
@@ -119,10 +125,9 @@ class Trainer:
 
     # -- one step -----------------------------------------------------------------------------
 
-    def _forward_backward(self, step: int, pack_items: list, pack_index: int, last: bool) -> torch.Tensor:
-        """Loss of one pack (this rank's share of the step), backward scaled by 1/A. Returns the
-        stats row [loss, per-task loss sums (K), per-task counts (K), dit tokens, context tokens,
-        samples, flops] (float64, on the device)."""
+    def _forward_backward(self, step: int, pack_items: list, pack_index: int, last: bool) -> Sums:
+        """Loss of one pack (this rank's share of the step), backward scaled by 1/A. Returns its
+        `STEP_SUMS` (on the device)."""
         cfg, s = self.cfg, self.s
         rows = [self.loader.rows[it.key] for it in pack_items]
         samples = [load_sample(self.loader.reader, r) for r in rows]
@@ -132,8 +137,7 @@ class Trainer:
         inputs = build_pack(samples, self.contexts.null_context, self.generators, flow=cfg.flow,
                             shift_scale=s.shift_scale, text_dropout=s.text_dropout, all_dropout=s.all_dropout,
                             patch_size=cfg.dit.patch_size, use_source=s.source_embedding, modes=modes).to(self.device)
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else nullcontext()
-        with autocast:
+        with autocast(self.device):
             pred = self.model.forward_packed(inputs.noisy, inputs.timestep, inputs.context, inputs.layout,
                                              inputs.source, inputs.references).sample
         loss, per_sample = pack_loss(pred, inputs)
@@ -142,17 +146,17 @@ class Trainer:
         set_gradient_sync(self.model, last)
         (loss / self.accum).backward()
 
-        K = len(TASK_KINDS)
         kinds = torch.tensor([self.task_index[t] for t in inputs.tasks], device=self.device)
-        row = torch.zeros(2 * K + 5, dtype=torch.float64, device=self.device)
-        row[0] = loss.detach()
-        row[1:1 + K].index_add_(0, kinds, per_sample.detach().double())
-        row[1 + K:1 + 2 * K].index_add_(0, kinds, torch.ones_like(per_sample, dtype=torch.float64))
+        row = Sums(STEP_SUMS, self.device)
+        row["loss"][0] = loss.detach()
+        row["task_loss"].index_add_(0, kinds, per_sample.detach().double())
+        row["task_count"].index_add_(0, kinds, torch.ones_like(per_sample, dtype=torch.float64))
         d = cfg.dit
         flops = dit_train_flops(inputs.layout, d.inner_dim, d.ffn_dim, d.num_layers,
                                 inputs.noisy.shape[1], cfg.mllm.hidden_size, cfg.mllm.projector_mult)
-        row[1 + 2 * K:] = torch.tensor([inputs.dit_tokens, inputs.context_tokens, len(samples), flops],
-                                       dtype=torch.float64)
+        for name, value in (("dit_tokens", inputs.dit_tokens), ("context_tokens", inputs.context_tokens),
+                            ("samples", len(samples)), ("flops", flops)):
+            row[name][0] = value
         return row
 
     def train_step(self, step: int) -> Dict[str, torch.Tensor]:
@@ -160,10 +164,11 @@ class Trainer:
         packs = [self.loader.next_items() for _ in range(self.packs_per_step)]  # the global batch
         tasks = [self.loader.rows[it.key]["task"] for p in packs for it in p]
         first = self.env.rank * self.accum
-        stats = sum(self._forward_backward(step, packs[first + a], first + a, a == self.accum - 1)
-                    for a in range(self.accum))
-        stats = all_reduce_sum(stats)
-        loss = (stats[0] / self.packs_per_step).float()
+        stats = Sums(STEP_SUMS, self.device)
+        for a in range(self.accum):
+            stats += self._forward_backward(step, packs[first + a], first + a, a == self.accum - 1)
+        all_reduce_sum(stats.tensor)
+        loss = (stats["loss"][0] / self.packs_per_step).float()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.s.grad_clip)
         finite = self.guard.step(loss, grad_norm, step, tasks)
         self.optimizer.zero_grad(set_to_none=True)
@@ -231,19 +236,18 @@ class Trainer:
         return self._finish(start)
 
     def _host_rows(self, device_rows) -> List[dict]:
-        K = len(TASK_KINDS)
         rows = []
         for step, out in device_rows:
-            st = out["stats"].tolist()
-            self.counters.samples += int(st[3 + 2 * K])
-            self.counters.tokens += int(st[1 + 2 * K] + st[2 + 2 * K])
+            st = out["stats"].read()
+            self.counters.samples += int(st["samples"])
+            self.counters.tokens += int(st["dit_tokens"] + st["context_tokens"])
             loss = float(out["loss"])
             rows.append({
                 "step": step, "loss": loss, "grad_norm": float(out["grad_norm"]), "lr": out["lr"],
-                "finite": bool(out["finite"]), "dit_tokens": int(st[1 + 2 * K]), "context_tokens": int(st[2 + 2 * K]),
-                "samples": int(st[3 + 2 * K]), "flops": st[4 + 2 * K],
-                "task_loss": {k: st[1 + i] for i, k in enumerate(TASK_KINDS) if st[1 + K + i]},
-                "task_count": {k: int(st[1 + K + i]) for i, k in enumerate(TASK_KINDS) if st[1 + K + i]},
+                "finite": bool(out["finite"]), "dit_tokens": int(st["dit_tokens"]),
+                "context_tokens": int(st["context_tokens"]), "samples": int(st["samples"]), "flops": st["flops"],
+                "task_loss": {k: st["task_loss"][i] for i, k in enumerate(TASK_KINDS) if st["task_count"][i]},
+                "task_count": {k: int(st["task_count"][i]) for i, k in enumerate(TASK_KINDS) if st["task_count"][i]},
             })
             event = self.spikes.update(step, loss)
             if event is not None:

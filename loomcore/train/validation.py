@@ -24,6 +24,7 @@ from loomcore.data.loader import ShardReader, load_sample, read_index
 from loomcore.diffusion.sampling import SamplingShift
 from loomcore.models.codec import load_codec
 from loomcore.models.dit import unpack_latents
+from loomcore.models.mllm import DROP_NONE
 from loomcore.models.packed import PackItem, pack_conditions, sample_pack
 
 
@@ -39,7 +40,7 @@ class Validator:
             return
         reader = ShardReader(cfg.paths.cache)
         samples = [load_sample(reader, r) for r in rows]
-        contexts.fill(samples, rows, ["none"] * len(samples))  # the full condition (online: the MLLM runs)
+        contexts.fill(samples, rows, [DROP_NONE] * len(samples))  # the full condition (online: the MLLM runs)
         # (a stage whose model has no source embedding samples its prompts without their sources)
         self.pack = pack_conditions([PackItem(tuple(s.target.shape), s.context, s.source if use_source else None,
                                               list(s.refs), s.task) for s in samples], self.patch_size, use_source)
