@@ -1,7 +1,7 @@
 """The Prefect task of the RL stage: launch torchrun for `python -m loomcore.rl` and watch it
 (as `tasks.train` does for the training stages: `tasks.proc.run_streaming` runs it in its own
 process group, stopped on a timeout, a cancel or the parent's exit; output streamed to the Prefect
-log; `[progress] step/total` lines drive a progress artifact).
+log; rank 0's progress file drives a progress artifact: `tasks.train.launch_torchrun`).
 
 Command (from `rl.nodes`, `rl.gpus_per_node`):
     torchrun --nnodes N --nproc-per-node G [--standalone | --rdzv-backend c10d --rdzv-endpoint E

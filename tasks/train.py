@@ -2,8 +2,8 @@
 
 torchrun runs in its own session (process group, tasks.proc.run_streaming) so that the task can
 end ALL of it — the agent and every rank — on a timeout (`train.timeout_hours`) or when the flow
-run is cancelled. Its output is streamed, line by line, to the Prefect log; `[progress] step/total`
-lines drive a progress artifact.
+run is cancelled. Its output is streamed, line by line, to the Prefect log; rank 0 reports its
+progress through a file (`loomcore.train.metrics.report_progress`), which drives a progress artifact.
 
 Command (from the stage's params):
     torchrun --nnodes N --nproc-per-node G [--standalone | --rdzv-backend c10d --rdzv-endpoint E
@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shlex
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import List, Optional, Sequence
@@ -29,7 +30,6 @@ from prefect import task
 from tasks.common import NO_CACHE, Progress, load_stage_config, logger
 from tasks.proc import SubprocessFailed, SubprocessTimeout, run_streaming
 
-PROGRESS_RE = re.compile(r"\[progress\] (\d+)/(\d+)")
 KILL_GRACE_S = 30.0
 
 
@@ -83,25 +83,32 @@ def verified_outs(out_dir: Path, since: float) -> Optional[str]:
 def launch_torchrun(cfg, cmd: Sequence[str], what: str, progress_description: str,
                     out_dir: Optional[Path] = None) -> None:
     """Run a torchrun command in its own process group under `train.timeout_hours`, its lines
-    streamed to the run log and `[progress] s/t` lines to a progress artifact.
+    streamed to the run log and rank 0's progress (the file `PROGRESS_ENV` names, read as lines
+    arrive) to a progress artifact.
 
     A run that fails AFTER its ranks released the process group, with outs in `out_dir` that this
     run wrote and that verify (`verified_outs`), crashed in interpreter teardown: its results stand
     and the stage succeeds, with a warning in the log saying so (issue #19: a gloo thread alive at
     exit could abort a finished run). Any other failure fails the stage."""
     from loomcore.train.distributed import RELEASED
+    from loomcore.train.metrics import PROGRESS_ENV, read_progress
 
     log = logger()
     log.info("launching %s", shlex.join(cmd))
     progress = Progress(progress_description)
     released = []
     started = time.time()
+    progress_file = Path(tempfile.mkdtemp(prefix="loom-progress-")) / "progress.json"
+    last = [None]
+
+    def report() -> None:
+        now = read_progress(progress_file)
+        if now is not None and now != last[0]:
+            last[0] = now
+            progress(*now)
 
     def on_line(line: str) -> None:
-        m = PROGRESS_RE.search(line)
-        if m:
-            progress(int(m.group(1)), int(m.group(2)))
-            return
+        report()
         if RELEASED in line:
             released.append(line)
         if line.strip():
@@ -109,7 +116,8 @@ def launch_torchrun(cfg, cmd: Sequence[str], what: str, progress_description: st
 
     try:
         run_streaming(cmd, log=on_line, timeout=cfg.train.timeout_hours * 3600, grace=KILL_GRACE_S,
-                      env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                      env={**os.environ, "PYTHONUNBUFFERED": "1", PROGRESS_ENV: str(progress_file)})
+        report()
     except SubprocessTimeout as e:
         raise RuntimeError(f"{what}: {e}") from None
     except SubprocessFailed as e:
@@ -121,6 +129,8 @@ def launch_torchrun(cfg, cmd: Sequence[str], what: str, progress_description: st
         log.warning("%s: torchrun exited with code %s AFTER the ranks released their process groups and the "
                     "stage wrote outs that verify (%s): a crash in interpreter teardown, not in training. "
                     "The stage's results stand.", what, e.returncode, out_dir)
+    finally:
+        shutil.rmtree(progress_file.parent, ignore_errors=True)
 
 
 @task(name="train-stage", cache_policy=NO_CACHE)

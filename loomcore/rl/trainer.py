@@ -60,7 +60,7 @@ from loomcore.train.distributed import (
     Checkpointer, DistEnv, ModelState, OptimizerState, broadcast_object, rank_process,
     parallelize, set_gradient_sync,
 )
-from loomcore.train.metrics import RunLog, Sums, read_steps
+from loomcore.train.metrics import RunLog, Sums, read_steps, report_progress
 from loomcore.train.optim import build_optimizer, build_scheduler
 from loomcore.train.rng import derive_seed
 from loomcore.train.stage_io import (
@@ -367,7 +367,7 @@ class RLTrainer:
                     self.log(f"step {step}/{rl.steps} reward {row['reward_mean']:.4f}±{row['reward_std']:.4f} "
                              f"loss {row['policy_loss']:.4f}{kl} decay {row['old_policy_decay']:.3f} "
                              f"{row['seconds']:.1f}s", flush=True)
-                    self.log(f"[progress] {step}/{rl.steps}", flush=True)
+                    report_progress(step, rl.steps)
             if self.checkpointer.should_save(step) or step == rl.steps:
                 path = self.checkpointer.save(step, {})
                 if path is not None:

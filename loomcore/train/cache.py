@@ -52,6 +52,7 @@ from loomcore.diffusion.flow import dit_token_count
 from loomcore.models.codec import load_codec
 from loomcore.models.mllm import MLLMEncoder, MLLMRequest
 from loomcore.storage import S3Settings, is_s3
+from loomcore.train.metrics import report_progress
 
 CACHE_SUMMARY = "cache.json"
 RUN_RECORD = "last_run.json"  # <paths.runs>/cache/: what the last multi-rank run did (not an out)
@@ -482,7 +483,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         summary = build_cache(cfg, progress=rank == 0, rank=rank, world_size=world,
                               barrier=dist.barrier if world > 1 else None,
-                              on_progress=(lambda d, t: print(f"[progress] {d}/{t}", flush=True)) if rank == 0 else None)
+                              on_progress=report_progress if rank == 0 else None)
         parts = [summary]
         if world > 1:
             parts = [None] * world

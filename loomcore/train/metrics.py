@@ -20,8 +20,9 @@ import csv
 import io
 import json
 import math
+import os
 from pathlib import Path
-from typing import Dict, Iterable, List, Mapping, Optional
+from typing import Dict, Iterable, List, Mapping, Optional, Tuple
 
 import torch
 
@@ -55,6 +56,29 @@ class Sums:
         """{field: float, or a list for a vector field} (one host sync)."""
         values = self.tensor.tolist()
         return {name: values[sl.start] if sl.stop - sl.start == 1 else values[sl] for name, sl in self.slices.items()}
+
+
+# Progress for whoever launched the run (the Prefect task's progress artifact): rank 0 writes
+# {"done", "total"} to the file this variable names, atomically; unset (a run from a terminal,
+# which has its log lines), nothing is written.
+PROGRESS_ENV = "LOOM_PROGRESS_FILE"
+
+
+def report_progress(done: int, total: int) -> None:
+    path = os.environ.get(PROGRESS_ENV)
+    if path:
+        tmp = f"{path}.tmp-{os.getpid()}"
+        Path(tmp).write_text(json.dumps({"done": int(done), "total": int(total)}))
+        os.replace(tmp, path)
+
+
+def read_progress(path: Path) -> Optional[Tuple[int, int]]:
+    """(done, total) from a progress file, or None while there is none."""
+    try:
+        record = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        return None
+    return int(record["done"]), int(record["total"])
 
 
 STEPS_FILE = "steps.jsonl"

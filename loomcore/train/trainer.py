@@ -29,7 +29,7 @@ from loomcore.train.distributed import (
 )
 from loomcore.train.ema import EMA
 from loomcore.train.faults import LossSpikeDetector, NonFiniteGuard
-from loomcore.train.metrics import RunLog, Sums, mean_loss, read_steps
+from loomcore.train.metrics import RunLog, Sums, mean_loss, read_steps, report_progress
 from loomcore.train.optim import build_optimizer, build_scheduler
 from loomcore.train.rng import capture_rng, restore_rng
 from loomcore.train.stage_io import init_weights, stage_out_dir, stage_run_dir, write_stage_outs
@@ -288,7 +288,7 @@ class Trainer:
             self.log(f"step {step}/{self.s.steps} loss {m['loss/all']:.4f} lr {m['lr']:.3g} "
                      f"grad_norm {m['grad_norm']:.3f} tokens/s {m['throughput/tokens_per_s']:.0f} "
                      f"skipped {m['faults/skipped_steps']}")
-            self.log(f"[progress] {step}/{self.s.steps}")
+            report_progress(step, self.s.steps)
 
     def _validate(self, step: int) -> None:
         if self.validator is None:
