@@ -678,6 +678,12 @@ def _validate(cfg: Config) -> None:
         if not ok:
             errors.append(msg)
 
+    def check_optimizer(key: str, o) -> None:
+        check(o.name == "adamw", f"{key}.name = {o.name!r}: only 'adamw' is supported")
+        check(o.lr > 0, f"{key}.lr = {o.lr}: the learning rate must be positive")
+        check(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, f"{key}.beta1/beta2 = {o.beta1}/{o.beta2}: expected in [0, 1)")
+        check(o.weight_decay >= 0, f"{key}.weight_decay = {o.weight_decay}: expected >= 0")
+
     check(cfg.data.cache_device in ("auto", "cpu", "cuda"),
           f"data.cache_device = {cfg.data.cache_device!r}: expected auto, cpu or cuda")
     check(0 <= cfg.data.eval_fraction < 1, f"data.eval_fraction = {cfg.data.eval_fraction}: expected in [0, 1)")
@@ -746,11 +752,7 @@ def _validate(cfg: Config) -> None:
               f"{name}.resolution = {s.resolution!r} has no bucket; defined: {', '.join(cfg.buckets)}")
         check(s.resolution in cfg.video.frames,
               f"{name}.resolution = {s.resolution!r} has no entry in video.frames")
-        check(s.optimizer.name == "adamw", f"{name}.optimizer.name = {s.optimizer.name!r}: only 'adamw' is supported")
-        check(s.optimizer.lr > 0, f"{name}.optimizer.lr = {s.optimizer.lr}: the learning rate must be positive")
-        check(0 <= s.optimizer.beta1 < 1 and 0 <= s.optimizer.beta2 < 1,
-              f"{name}.optimizer.beta1/beta2 = {s.optimizer.beta1}/{s.optimizer.beta2}: expected in [0, 1)")
-        check(s.optimizer.weight_decay >= 0, f"{name}.optimizer.weight_decay = {s.optimizer.weight_decay}: expected >= 0")
+        check_optimizer(f"{name}.optimizer", s.optimizer)
         check(s.scheduler.name in ("constant_with_warmup", "cosine"),
               f"{name}.scheduler.name = {s.scheduler.name!r}: expected 'constant_with_warmup' or 'cosine'")
         check(s.scheduler.warmup_steps >= 0, f"{name}.scheduler.warmup_steps = {s.scheduler.warmup_steps}: expected >= 0")
@@ -866,11 +868,7 @@ def _validate(cfg: Config) -> None:
     op = rl.old_policy
     check(op.flat_steps >= 0 and op.ramp_rate >= 0 and 0 <= op.max_decay < 1,
           f"rl.old_policy = {op}: expected flat_steps >= 0, ramp_rate >= 0, 0 <= max_decay < 1")
-    check(rl.optimizer.name == "adamw", f"rl.optimizer.name = {rl.optimizer.name!r}: only 'adamw' is supported")
-    check(rl.optimizer.lr > 0, f"rl.optimizer.lr = {rl.optimizer.lr}: expected > 0")
-    check(0 <= rl.optimizer.beta1 < 1 and 0 <= rl.optimizer.beta2 < 1,
-          f"rl.optimizer.beta1/beta2 = {rl.optimizer.beta1}/{rl.optimizer.beta2}: expected in [0, 1)")
-    check(rl.optimizer.weight_decay >= 0, f"rl.optimizer.weight_decay = {rl.optimizer.weight_decay}: expected >= 0")
+    check_optimizer("rl.optimizer", rl.optimizer)
     check(rl.grad_clip > 0, f"rl.grad_clip = {rl.grad_clip}: expected > 0")
     check(rl.eval_prompts >= 0, f"rl.eval_prompts = {rl.eval_prompts}: expected >= 0 (0: every held-out prompt)")
     check(rl.gpus_per_node >= 0, f"rl.gpus_per_node = {rl.gpus_per_node}: expected >= 0 (0: CPU)")

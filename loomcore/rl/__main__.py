@@ -9,33 +9,22 @@ traceback (non-zero exit).
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 from typing import List, Optional
 
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from loomcore.config import ConfigError, load_config
+from loomcore.train.cli import rank_main
+
+
+def _rl(cfg, args):
+    from loomcore.rl.trainer import train_rl  # (after the config: a bad one fails before torch's imports)
+
+    return train_rl(cfg)
 
 
 @record  # torchrun's failure summary names the rank and the exception
 def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m loomcore.rl", description=__doc__.split("\n\n")[0])
-    p.add_argument("--profile", default=None, help="profile (default: params.yaml's 'profile')")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. rl.steps=10")
-    args = p.parse_args(argv)
-    try:
-        cfg = load_config(args.overrides, profile=args.profile)
-    except ConfigError as e:
-        print(f"loomcore.rl: {e}", file=sys.stderr)
-        return 2
-    from loomcore.rl.trainer import train_rl
-
-    summary = train_rl(cfg)
-    if summary is not None:
-        print("[summary] " + json.dumps(summary), flush=True)
-    return 0
+    return rank_main("python -m loomcore.rl", __doc__.split("\n\n")[0], _rl, argv, example="rl.steps=10")
 
 
 if __name__ == "__main__":

@@ -13,28 +13,40 @@ import argparse
 import json
 import os
 import sys
-from typing import List, Optional
+from typing import Callable, List, Optional, Sequence
 
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from loomcore.config import STAGES, ConfigError, load_config
+from loomcore.config import STAGES, Config, ConfigError, load_config
 
 
-@record  # torchrun's failure summary names the rank and the exception
-def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m loomcore.train", description=__doc__.split("\n\n")[0])
-    p.add_argument("--stage", required=True, choices=STAGES)
+def rank_main(prog: str, description: str, run: Callable[[Config, argparse.Namespace], Optional[dict]],
+              argv: Optional[List[str]] = None, stages: Sequence[str] = (), example: str = "stage1.steps=10") -> int:
+    """What every rank of a torchrun job runs (the training stages, RL): the arguments, the config
+    (a bad one exits 2 in a line), `run`, and rank 0's `[summary]` line."""
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    if stages:
+        p.add_argument("--stage", required=True, choices=stages)
     p.add_argument("--profile", default=None, help="profile (default: params.yaml's 'profile')")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. stage1.steps=10")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help=f"config overrides, e.g. {example}")
     args = p.parse_args(argv)
     try:
         cfg = load_config(args.overrides, profile=args.profile)
     except ConfigError as e:
-        print(f"loomcore.train: {e}", file=sys.stderr)
+        print(f"{prog.split()[-1]}: {e}", file=sys.stderr)
         return 2
-    from loomcore.train.trainer import train_stage
-
-    summary = train_stage(cfg, args.stage)
-    if os.environ.get("RANK", "0") == "0":
+    summary = run(cfg, args)
+    if summary is not None and os.environ.get("RANK", "0") == "0":
         print("[summary] " + json.dumps(summary), flush=True)
     return 0
+
+
+def _train(cfg: Config, args: argparse.Namespace) -> dict:
+    from loomcore.train.trainer import train_stage  # (after the config: a bad one fails before torch's imports)
+
+    return train_stage(cfg, args.stage)
+
+
+@record  # torchrun's failure summary names the rank and the exception
+def main(argv: Optional[List[str]] = None) -> int:
+    return rank_main("python -m loomcore.train", __doc__.split("\n\n")[0], _train, argv, stages=STAGES)
