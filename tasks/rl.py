@@ -29,7 +29,7 @@ def rl_torchrun_command(cfg, overrides: Sequence[str], python: str = sys.executa
 @task(name="rl", cache_policy=NO_CACHE)
 def rl_task(profile: str | None = None, overrides: Sequence[str] = ()) -> dict:
     """Run the RL stage under torchrun; returns its summary.json."""
-    from loomcore.train.stage_io import stage_out_dir
+    from loomcore.train.weights import stage_out_dir
 
     cfg = load_stage_config(profile, overrides)
     out = stage_out_dir(cfg, "rl")

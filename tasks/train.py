@@ -136,7 +136,7 @@ def launch_torchrun(cfg, cmd: Sequence[str], what: str, progress_description: st
 @task(name="train-stage", cache_policy=NO_CACHE)
 def train_stage_task(stage: str, profile: Optional[str] = None, overrides: Sequence[str] = ()) -> dict:
     """Run one training stage under torchrun; returns the stage's summary.json."""
-    from loomcore.train.stage_io import stage_out_dir
+    from loomcore.train.weights import stage_out_dir
 
     cfg = load_stage_config(profile, overrides)
     out = stage_out_dir(cfg, stage)

@@ -264,7 +264,7 @@ def test_source_is_rl_when_it_exists_else_stage3(project, tmp_path):
     cfg = load_config([*overrides, f"train.out_dir={tmp_path}"], profile="tiny")
     assert resolve_source(cfg) == ("rl", tmp_path / "rl" / "model")
     cfg = load_config([*overrides, f"train.out_dir={tmp_path}", "export.source=stage3"], profile="tiny")
-    with pytest.raises(ValueError, match=r"no trained DiT at .*/stage3/model"):
+    with pytest.raises(ValueError, match=r"no trained model at .*/stage3/model"):
         resolve_source(cfg)
 
 

@@ -37,6 +37,7 @@ from loomcore.eval.judge import Judge, JudgeMedia, ask, judge_session
 from loomcore.eval.metrics import VBENCH_METRICS, VBenchScorer
 from loomcore.eval.prompts import TEMPLATES, template_for
 from loomcore.storage import is_s3
+from loomcore.train.weights import resolve_weights
 
 MODEL, BASE = "model", "base"  # the two model keys of metrics.json (stable across runs for `dvc metrics diff`)
 ProgressFn = Callable[[int, int], None]
@@ -48,23 +49,10 @@ ProgressFn = Callable[[int, int], None]
 
 
 def resolve_model(cfg: Config) -> Tuple[str, str]:
-    """(weights folder, name). eval.model: "auto" — the latest trained model of the chain,
-    <train.out_dir>/rl/model if the RL stage wrote it, else <train.out_dir>/stage3/model (as the
-    export's `auto`); a stage name ("rl", "stage1".."stage3"); or a LoomDiT folder / s3:// URI."""
-    m = cfg.eval.model
-    out = Path(cfg.train.out_dir)
-    if m == "auto" or m in ("rl", "stage1", "stage2", "stage3"):
-        candidates = ("rl", "stage3") if m == "auto" else (m,)
-        for stage in candidates:
-            if (out / stage / "model" / "config.json").is_file():
-                return str(out / stage / "model"), stage
-        looked = " or ".join(str(out / s / "model") for s in candidates)
-        raise FileNotFoundError(f"eval.model = {m}: no trained model at {looked} (train it first, "
-                                "or set eval.model to a LoomDiT folder)")
-    if not is_s3(m) and not (Path(m) / "config.json").is_file():
-        raise FileNotFoundError(f"eval.model = {m}: no config.json there (expected a LoomDiT.save_pretrained folder)")
-    folder = Path(m.rstrip("/"))
-    return m, (folder.parent.name if folder.name == "model" else folder.name) or m
+    """(weights folder, name) of eval.model: "auto" (the latest trained model of the chain, as the
+    export's), a stage name, or a LoomDiT folder / s3:// URI (`stage_io.resolve_weights`)."""
+    name, folder, _ = resolve_weights(cfg, cfg.eval.model, "eval.model")
+    return str(folder), name
 
 
 # --------------------------------------------------------------------------------------------

@@ -38,6 +38,7 @@ from typing import Dict, List, Optional, Tuple
 
 from loomcore.config import REPO_ROOT, Config
 from loomcore.storage import pid_alive, sha256_file
+from loomcore.train.weights import resolve_weights
 
 from .card import render_card
 from .lineage import display_path, dvc_lineage
@@ -97,15 +98,8 @@ def resolve_source(cfg: Config) -> Tuple[str, Path]:
     choice = cfg.export.source
     if choice not in SOURCES:
         raise ValueError(f"export.source = {choice!r}: expected one of {', '.join(SOURCES)}")
-    out = Path(cfg.train.out_dir)
-    candidates = ("rl", "stage3") if choice == "auto" else (choice,)
-    for stage in candidates:
-        folder = out / stage / "model"
-        if (folder / "config.json").is_file():
-            return stage, folder
-    looked = ", ".join(str(out / s / "model") for s in candidates)
-    raise ValueError(f"export.source = {choice!r}: no trained DiT at {looked} (a LoomDiT.save_pretrained folder "
-                     "with config.json); run the training stages first")
+    stage, folder, _ = resolve_weights(cfg, choice, "export.source")
+    return stage, folder
 
 
 def _ancestors(cfg: Config, stage: str) -> Dict[str, Path]:

@@ -36,7 +36,6 @@ metrics.json, plots/metrics (dvclive). Run directory: <paths.runs>/rl/<run key>/
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -63,8 +62,9 @@ from loomcore.train.distributed import (
 from loomcore.train.metrics import RunLog, Sums, read_steps, report_progress
 from loomcore.train.optim import build_optimizer, build_scheduler
 from loomcore.train.rng import derive_seed
+from loomcore.train.weights import stage_out_dir
 from loomcore.train.stage_io import (
-    cache_key_files, code_fingerprint, inputs_fingerprint, stage_out_dir, stage_params, write_run_record, write_weights,
+    cache_key_files, code_fingerprint, init_weights, inputs_fingerprint, stage_params, write_run_record, write_weights,
 )
 
 STAGE = "rl"
@@ -137,14 +137,8 @@ class RLTrainer:
         if env.local_rank == 0:
             gpus = 0 if self.device.type == "cpu" else max(1, rl.gpus_per_node)
             print(telemetry.preflight(gpus, cfg.train.preflight_min_free_gib, cfg.train.preflight_gpu_name), flush=True)
-        prev = stage_out_dir(cfg, rl.init_from)
-        if not (prev / "summary.json").is_file():
-            raise FileNotFoundError(f"rl.init_from = {rl.init_from}: {prev / 'summary.json'} is missing "
-                                    f"(run {rl.init_from} first)")
-        self.init_path = prev / "model"
+        self.init_path, self.init_desc = init_weights(cfg, STAGE)
         check_folder_architecture(self.init_path, cfg)
-        held = json.loads((prev / "summary.json").read_text())["model_weights"]
-        self.init_desc = f"{rl.init_from}'s {held} weights ({self.init_path})"
         run_dir = None
         if env.is_main:
             inputs = inputs_fingerprint([self.init_path, *cache_key_files(cfg)])

@@ -36,25 +36,13 @@ import torch
 from loomcore.config import Config
 from loomcore.data.loader import INDEX_FILE, cache_root
 from loomcore.train.checkpoint import run_key
-
-def stage_out_dir(cfg: Config, stage: str) -> Path:
-    return Path(cfg.train.out_dir) / stage
-
+from loomcore.train.weights import resolve_weights
 
 def init_weights(cfg: Config, stage: str) -> Tuple[Path, str]:
-    """(folder, description) of the weights `stage` starts from."""
-    s = cfg.stage(stage)
-    if s.init_from == "base":  # a local folder or s3:// (a verified local mirror)
-        from loomcore.storage import S3Settings, materialize
-
-        path = materialize(cfg.models.transformer, settings=S3Settings.from_config(cfg.s3))
-        return path, f"base model {cfg.models.transformer} (+ a new zero-initialised Deepstack projector)"
-    prev = stage_out_dir(cfg, s.init_from)
-    summary = prev / "summary.json"
-    if not summary.is_file():
-        raise FileNotFoundError(f"{stage}.init_from = {s.init_from}: {summary} is missing (run {s.init_from} first)")
-    held = json.loads(summary.read_text())["model_weights"]
-    return prev / "model", f"{s.init_from}'s {held} weights ({prev / 'model'})"
+    """(folder, description) of the weights `stage` (a training stage or rl) starts from."""
+    init_from = cfg.rl.init_from if stage == "rl" else cfg.stage(stage).init_from
+    _, path, description = resolve_weights(cfg, init_from, f"{stage}.init_from")
+    return path, description
 
 
 def stage_params(stage: str) -> List[str]:

@@ -32,7 +32,8 @@ from loomcore.train.faults import LossSpikeDetector, NonFiniteGuard
 from loomcore.train.metrics import RunLog, Sums, mean_loss, read_steps, report_progress
 from loomcore.train.optim import build_optimizer, build_scheduler
 from loomcore.train.rng import capture_rng, restore_rng
-from loomcore.train.stage_io import init_weights, stage_out_dir, stage_run_dir, write_stage_outs
+from loomcore.train.stage_io import init_weights, stage_run_dir, write_stage_outs
+from loomcore.train.weights import stage_out_dir
 from loomcore.train.contexts import context_source
 from loomcore.train.step import (
     build_pack, dit_train_flops, draw_modes, make_generators, pack_loss, seed_generators,
@@ -76,7 +77,7 @@ class Trainer:
     # -- set-up -------------------------------------------------------------------------------
 
     def setup(self) -> None:
-        from loomcore.models.dit import LoomDiT, check_folder_architecture, loomdit_kwargs
+        from loomcore.models.dit import check_folder_architecture, loomdit_kwargs
         from loomcore.models.release import load_wan_transformer
 
         cfg, s, env = self.cfg, self.s, self.env
