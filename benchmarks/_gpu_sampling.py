@@ -35,7 +35,6 @@ from benchmarks._gpu_models import (
 )
 from benchmarks._gpu_report import figure, gib, put, ratio, set_null, target
 from benchmarks._gpu_timing import NO_CUDA_MEMORY, Bench
-from loomcore.models.dit import ConditionCache
 
 # Prompts in plain words (the small BPE learns them: about one token per word, like Qwen's).
 PROMPT = ("a red ball moves left slowly across a white background while a small blue square rotates "
@@ -172,7 +171,7 @@ def _ours_details(b: Bench, pipe, kwargs: dict, run_: dict) -> None:
     edit_overhead.check_attention(cfg, samples, attention)
     steady, attention = edit_overhead.count(meta, cfg, samples, "meta", steady=True)
     edit_overhead.check_attention(cfg, samples, attention)
-    # the pipeline projects the MLLM contexts on its first step only (ConditionCache)
+    # the pipeline projects the MLLM contexts once per call (LoomDiT.prepare)
     run_["dit_flops_per_step"], run_["dit_flops_first_step_extra"] = steady, first - steady
 
 
@@ -242,18 +241,17 @@ def guidance_batching(b: Bench, pipe, calls: dict) -> dict:
         whole = dict(encoder_hidden_states=context, encoder_attention_mask=mask, source_latents=source)
         per_branch = [dict(encoder_hidden_states=context[i:i + 1], encoder_attention_mask=mask[i:i + 1],
                            source_latents=None if source is None else source[i:i + 1]) for i in range(n)]
-        caches = [ConditionCache() for _ in range(n + 1)]
+        prepared = dit.prepare(latents.expand(n, -1, -1, -1, -1), t, **whole)
+        one_each = [dit.prepare(latents, t[i:i + 1], **per_branch[i]) for i in range(n)]
 
         def batched():
             with torch.no_grad():
-                dit(hidden_states=latents.expand(n, -1, -1, -1, -1), timestep=t, **whole, return_dict=False,
-                    condition_cache=caches[n])
+                dit(hidden_states=latents.expand(n, -1, -1, -1, -1), timestep=t, prepared=prepared, return_dict=False)
 
         def sequential():
             with torch.no_grad():
                 for i in range(n):
-                    dit(hidden_states=latents, timestep=t[i:i + 1], **per_branch[i], return_dict=False,
-                        condition_cache=caches[i])
+                    dit(hidden_states=latents, timestep=t[i:i + 1], prepared=one_each[i], return_dict=False)
 
         tb, ts = b.timer(batched), b.timer(sequential)
         out[name] = {"branches": n, "batched_s": tb.median_s, "sequential_s": ts.median_s,

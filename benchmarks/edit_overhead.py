@@ -35,7 +35,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from loomcore.config import load_config
-from loomcore.models.dit import ConditionCache, LoomDiT, PackLayout, loomdit_kwargs, pack_latents, pack_references
+from loomcore.models.dit import LoomDiT, PackLayout, loomdit_kwargs, pack_latents, pack_references
 
 
 @dataclass(frozen=True)
@@ -173,18 +173,17 @@ def pack_inputs(model: LoomDiT, cfg, samples: list[Sample], device: str) -> dict
 def count(model: LoomDiT, cfg, samples: list[Sample], device: str, steady: bool = False) -> tuple[int, dict]:
     """Counted FLOPs of one forward, and the attention FLOPs (QKᵀ and AV) of all blocks (self, cross).
 
-    steady: count a sampling step after the first instead (a `ConditionCache` filled by a first
-    forward: the Deepstack projector ran there, once per loop)."""
+    steady: count a sampling step with its conditions prepared (`LoomDiT.prepare_packed`: the
+    Deepstack projector ran there, once per loop)."""
     inputs = pack_inputs(model, cfg, samples, device)
-    cache = None
+    prepared = None
     if steady:
-        cache = ConditionCache()
-        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
-            model.forward_packed(**inputs, return_dict=False, condition_cache=cache)
+        with torch.no_grad():
+            prepared = model.prepare_packed(inputs["encoder_hidden_states"], inputs["layout"])
     # math SDPA: the fused CPU kernel (SDPA's pick for 4-D CPU inputs) is invisible to FlopCounterMode;
     # math decomposes into bmm, which it counts. check_attention fails the run if anything escapes.
     with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-        out = model.forward_packed(**inputs, return_dict=False, condition_cache=cache)[0]
+        out = model.forward_packed(**inputs, return_dict=False, prepared=prepared)[0]
     assert out.shape[0] == inputs["hidden_states"].shape[0], "output must hold target tokens only"
     per_module = counter.get_flop_counts()  # keyed by module path; the blocks may share one name
     attention = {

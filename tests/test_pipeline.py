@@ -1,6 +1,7 @@
 """LoomVideoPipeline on the tiny profile's real base models (CPU): every task end to end, seeds,
 one batched guidance forward per step, Scale-and-Add, save/load, input refusals, `loom generate`."""
 
+import inspect
 import shutil
 import subprocess
 import sys
@@ -126,9 +127,20 @@ def test_same_seed_same_output_other_seed_other_output(pipe, media):
 
 
 class _Calls:
+    """The DiT's forward calls (one per step: latents, timestep, the prepared conditions) and the
+    arguments of its `prepare` (the branches' conditions, packed once per call)."""
+
     def __init__(self, module):
-        self.inputs = []
+        self.inputs, self.conditions = [], []
+        self.module = module
         self.handle = module.register_forward_pre_hook(self, with_kwargs=True)
+        prepare = module.prepare
+
+        def recorded(*args, **kwargs):
+            self.conditions.append(inspect.signature(prepare).bind(*args, **kwargs).arguments)
+            return prepare(*args, **kwargs)
+
+        module.prepare = recorded
 
     def __call__(self, module, args, kwargs):
         self.inputs.append(kwargs)
@@ -138,6 +150,7 @@ class _Calls:
 
     def __exit__(self, *exc):
         self.handle.remove()
+        del self.module.prepare  # the class's method again
 
 
 @pytest.mark.parametrize("steps", [1, 3])
@@ -145,10 +158,12 @@ def test_three_branches_run_as_one_forward_per_step(pipe, media, steps):
     with _Calls(pipe.transformer) as calls:
         _run(pipe, prompt="paint the circle like @Figure 1", source=media["video"], references=[media["ref1"]],
              num_inference_steps=steps)
-    assert len(calls.inputs) == steps
+    assert len(calls.inputs) == steps and len(calls.conditions) == 1  # conditions prepared once per call
+    assert all(step["prepared"] is calls.inputs[0]["prepared"] for step in calls.inputs)
     kw = calls.inputs[0]
     assert kw["hidden_states"].shape[0] == 3  # uncond, visual, full
     assert torch.equal(kw["hidden_states"][0], kw["hidden_states"][2])
+    kw = calls.conditions[0]
     src = kw["source_latents"]
     assert not src[0].any() and src[1].abs().sum() > 0 and torch.equal(src[1], src[2])  # zero source for uncond
     refs = kw["reference_latents"]
@@ -163,7 +178,7 @@ def test_requests_without_images_use_two_branches(pipe):
     with _Calls(pipe.transformer) as calls:
         _run(pipe, prompt="a red circle moves left", num_inference_steps=3)
     assert len(calls.inputs) == 3 and all(kw["hidden_states"].shape[0] == 2 for kw in calls.inputs)
-    assert calls.inputs[0]["reference_latents"] is None and calls.inputs[0]["source_latents"] is None
+    assert calls.conditions[0]["reference_latents"] is None and calls.conditions[0]["source_latents"] is None
 
 
 def test_unit_scales_run_the_full_branch_only(pipe, media):

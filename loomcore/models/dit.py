@@ -19,6 +19,7 @@ is applied as a linear map on these vectors (the Conv3d's weight, permuted).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -38,9 +39,10 @@ from loomcore.errors import InputError
 from .attention import BACKENDS, AttentionSegments, LoomAttention
 from .deepstack import MLLMProjector
 from .packing import (  # re-exported: the packing API has always been imported from here
-    ConditionCache,
     Context,
     PackLayout,
+    PreparedConditions,
+    check_context,
     check_packed,
     pack_batched,
     pack_plan,
@@ -53,7 +55,7 @@ from .packing import (  # re-exported: the packing API has always been imported 
 from .rope import RotaryPosEmbed3D
 
 __all__ = [
-    "ConditionCache", "Context", "LoomBlock", "LoomDiT", "PackLayout", "loomdit_kwargs",
+    "Context", "LoomBlock", "LoomDiT", "PackLayout", "PreparedConditions", "loomdit_kwargs",
     "pack_latents", "pack_references", "patchify", "unpack_latents", "unpatchify",
 ]
 
@@ -286,13 +288,13 @@ class LoomDiT(ModelMixin, ConfigMixin):
         self,
         hidden_states: torch.Tensor,
         timestep: torch.Tensor,
-        encoder_hidden_states: Context,
+        encoder_hidden_states: Context | None = None,
         source_latents: torch.Tensor | None = None,
         reference_latents: torch.Tensor | Sequence[torch.Tensor | None] | None = None,
         encoder_attention_mask: torch.Tensor | None = None,
         return_dict: bool = True,
         attention_kwargs: dict | None = None,
-        condition_cache: ConditionCache | None = None,
+        prepared: PreparedConditions | None = None,
     ):
         """Batched, diffusers-style forward.
 
@@ -304,27 +306,60 @@ class LoomDiT(ModelMixin, ConfigMixin):
         source_latents: [B, C, F, H, W] clean source latents (zeros for a sample without one).
         reference_latents: [B, K, C, 1, H_r, W_r], or per sample [K_i, C, 1, H_i, W_i] / None.
         encoder_attention_mask: [B, L], true/1 where a context token is real (padding is not attended).
-        condition_cache: a `ConditionCache` shared by the steps of one sampling loop: the
-            conditions are packed (and projected) on the first step only.
+        prepared: the sampling loop's conditions made once by `prepare` (then the condition
+            arguments above are not read: pass only the latents and the timestep).
         Returns `Transformer2DModelOutput(sample=[B, out_channels, F, H, W])` or `(sample,)`.
         """
         if attention_kwargs:
             raise ValueError(f"attention_kwargs: not supported by LoomDiT, got keys {sorted(attention_kwargs)}")
-        conditions = (encoder_hidden_states, source_latents, reference_latents, encoder_attention_mask)
-        cached = condition_cache is not None and condition_cache.packed is not None
-        if cached:
-            packed = self._repack_step(condition_cache, conditions, hidden_states, timestep)
+        if prepared is not None:
+            packed = self._repack_step(prepared, hidden_states, timestep)
+        elif encoder_hidden_states is None:
+            raise ValueError("encoder_hidden_states: required (or `prepared`, made by `prepare`)")
         else:
             packed = pack_batched(
                 self.config, self.patch_size, hidden_states, timestep, encoder_hidden_states,
                 source_latents, reference_latents, encoder_attention_mask,
             )
-            if condition_cache is not None:
-                condition_cache.conditions, condition_cache.packed = conditions, packed._replace(tokens=None, timestep=None)
-        tokens = self.forward_packed(*packed, return_dict=False, condition_cache=condition_cache)[0]  # [B·F'H'W', P_out]
+        tokens = self.forward_packed(*packed, return_dict=False, prepared=prepared)[0]  # [B·F'H'W', P_out]
         grid = packed.layout.grid_sizes[0]
         sample = unpatchify(tokens.reshape(hidden_states.shape[0], -1, tokens.shape[-1]), grid, self.patch_size)
         return Transformer2DModelOutput(sample=sample) if return_dict else (sample,)
+
+    @torch.no_grad()
+    def prepare(
+        self,
+        hidden_states: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: Context,
+        source_latents: torch.Tensor | None = None,
+        reference_latents: torch.Tensor | Sequence[torch.Tensor | None] | None = None,
+        encoder_attention_mask: torch.Tensor | None = None,
+    ) -> PreparedConditions:
+        """A batched sampling loop's conditions, made once (`forward`'s arguments; the latents and
+        timestep only give the shapes every step will have)."""
+        packed = pack_batched(self.config, self.patch_size, hidden_states, timestep, encoder_hidden_states,
+                              source_latents, reference_latents, encoder_attention_mask)
+        prepared = self.prepare_packed(packed.context, packed.layout, packed.timestep.numel() != packed.layout.num_samples)
+        return dataclasses.replace(prepared, packed=packed._replace(tokens=None, timestep=None))
+
+    @torch.no_grad()
+    def prepare_packed(self, encoder_hidden_states: Context, layout: PackLayout, per_token: bool = False
+                       ) -> PreparedConditions:
+        """A packed sampling loop's conditions, made once: the pack's index tensors, RoPE and each
+        block's projected context (`forward_packed`'s context and layout; per_token: timesteps per
+        target token). Under FSDP2 a forward method (the root's parameters are gathered for it),
+        so every rank calls it."""
+        deepstack = check_context(self.config, encoder_hidden_states, sum(layout.context_lengths), ())
+        device = self.patch_embedding.weight.device
+        plan = pack_plan(layout, per_token, self.config.ref_offset, device, self.attention_backend)
+        if deepstack:
+            weight_dtype = self.mllm_embedder.linear_1.weight.dtype
+            contexts = tuple(self.mllm_embedder(layer.to(weight_dtype)) for layer in encoder_hidden_states)
+        else:
+            dtype = self.patch_embedding.weight.dtype
+            contexts = (self.condition_embedder.text_embedder(encoder_hidden_states.to(dtype)),) * len(self.blocks)
+        return PreparedConditions(layout, per_token, plan, self.rope(plan.position_ids), contexts)
 
     def forward_packed(
         self,
@@ -335,7 +370,7 @@ class LoomDiT(ModelMixin, ConfigMixin):
         source_hidden_states: torch.Tensor | None = None,
         reference_hidden_states: torch.Tensor | None = None,
         return_dict: bool = True,
-        condition_cache: ConditionCache | None = None,
+        prepared: PreparedConditions | None = None,
     ):
         """Forward over one pack of samples with different (F, H, W) and context lengths.
 
@@ -348,9 +383,8 @@ class LoomDiT(ModelMixin, ConfigMixin):
         source_hidden_states: [N, pt·ph·pw·C] clean source tokens aligned with hidden_states
             (zeros for a sample without a source), or None (all zero).
         reference_hidden_states: [N_ref, pt·ph·pw·C] reference tokens (`pack_references`).
-        condition_cache: a `ConditionCache` shared by the steps of one sampling loop (same layout,
-            context, source and references every step): the pack's index tensors, RoPE and the
-            projected contexts are made on the first step and reused.
+        prepared: the sampling loop's conditions made once by `prepare_packed` (same layout and
+            context every step): the pack's index tensors, RoPE and the projected contexts.
         Returns `Transformer2DModelOutput(sample=[N, pt·ph·pw·out_channels])` (target tokens only,
         aligned with hidden_states: the flow loss is per row) or `(sample,)`.
         """
@@ -363,7 +397,7 @@ class LoomDiT(ModelMixin, ConfigMixin):
         per_token = timestep.numel() != layout.num_samples
         dtype = self.patch_embedding.weight.dtype
         plan, rotary, contexts = self._conditions(
-            condition_cache, layout, per_token, encoder_hidden_states, deepstack, hidden_states.device, dtype)
+            prepared, layout, per_token, encoder_hidden_states, deepstack, hidden_states.device, dtype)
 
         # 1. Time embedding: one row per timestep, plus a zero row for reference tokens
         temb, time_rows = self._time_embedding(timestep.reshape(-1), hidden_states.device, dtype)
@@ -397,49 +431,40 @@ class LoomDiT(ModelMixin, ConfigMixin):
     # ---------------------------------------------------------------------------------------
     # Pieces
 
-    def _conditions(self, cache: ConditionCache | None, layout: PackLayout, per_token: bool, context: Context,
+    def _conditions(self, prepared: PreparedConditions | None, layout: PackLayout, per_token: bool, context: Context,
                     deepstack: bool, device, dtype):
-        """(plan, rotary, contexts) of a pack: made here, or taken from `cache` once it is filled.
-        contexts is the per-block projected list, or None when each block projects its own layer
-        in its step (Deepstack without a cache: what training does, to keep memory flat)."""
-        if cache is not None and torch.is_grad_enabled():
-            raise ValueError("condition_cache: for sampling only (call under torch.no_grad()); a cached "
-                             "projection would carry one step's autograd graph into the next")
-        if cache is not None and cache.plan is not None:
-            if cache.layout != layout or cache.per_token != per_token or cache.context is not context:
-                raise ValueError("condition_cache: filled for other conditions (a new layout, context or "
-                                 "timestep shape); use one ConditionCache per sampling loop")
-            return cache.plan, cache.rotary, cache.contexts
+        """(plan, rotary, contexts) of a pack: `prepared`'s, or made here. contexts is the per-block
+        projected list, or None when each block projects its own layer in its step (Deepstack
+        without preparation: what training does, to keep memory flat)."""
+        if prepared is not None:
+            if torch.is_grad_enabled():
+                raise ValueError("prepared: for sampling only (call under torch.no_grad()); its contexts were "
+                                 "projected without gradients, so the projector would get none")
+            if prepared.layout != layout or prepared.per_token != per_token:
+                raise ValueError("prepared: made for another pack (a new layout or timestep shape); prepare the "
+                                 "conditions of each sampling loop")
+            return prepared.plan, prepared.rotary, prepared.contexts
         plan = pack_plan(layout, per_token, self.config.ref_offset, device, self.attention_backend)
         rotary = self.rope(plan.position_ids)
         if not deepstack:
-            contexts = [self.condition_embedder.text_embedder(context.to(dtype))] * len(self.blocks)
-        elif cache is not None:  # projected once for every step: the MLLM states do not change
-            weight_dtype = self.mllm_embedder.linear_1.weight.dtype
-            contexts = [self.mllm_embedder(layer.to(weight_dtype)) for layer in context]
-        else:
-            contexts = None
-        if cache is not None:
-            cache.context, cache.layout, cache.per_token = context, layout, per_token
-            cache.plan, cache.rotary, cache.contexts = plan, rotary, contexts
-        return plan, rotary, contexts
+            return plan, rotary, [self.condition_embedder.text_embedder(context.to(dtype))] * len(self.blocks)
+        return plan, rotary, None
 
-    def _repack_step(self, cache: ConditionCache, conditions: tuple, hidden_states: torch.Tensor,
-                     timestep: torch.Tensor):
-        """This step's batched latents and timesteps on the cached pack of conditions (no host sync)."""
-        if any(a is not b for a, b in zip(conditions, cache.conditions)):
-            raise ValueError("condition_cache: filled for other encoder_hidden_states / source_latents / "
-                             "reference_latents / encoder_attention_mask; use one ConditionCache per sampling loop")
-        layout = cache.packed.layout
+    def _repack_step(self, prepared: PreparedConditions, hidden_states: torch.Tensor, timestep: torch.Tensor):
+        """This step's batched latents and timesteps on the prepared pack of conditions (no host sync)."""
+        if prepared.packed is None:
+            raise ValueError("prepared: made by prepare_packed, for forward_packed; the batched forward takes "
+                             "`prepare`'s")
+        layout = prepared.packed.layout
         b, grid = layout.num_samples, layout.grid_sizes[0]
         expected = (b, self.config.in_channels, *(g * p for g, p in zip(grid, self.patch_size)))
         if tuple(hidden_states.shape) != expected:
-            raise ValueError(f"hidden_states: expected {expected} (the shape the condition_cache was filled with), "
+            raise ValueError(f"hidden_states: expected {expected} (the shape the conditions were prepared for), "
                              f"got {tuple(hidden_states.shape)}")
         if timestep.shape not in ((b,), (b, math.prod(grid))):
             raise ValueError(f"timestep: expected [{b}] or [{b}, {math.prod(grid)}] (per target token), got {tuple(timestep.shape)}")
-        return cache.packed._replace(tokens=patchify(hidden_states, self.patch_size).flatten(0, 1),
-                                     timestep=timestep.reshape(-1))
+        return prepared.packed._replace(tokens=patchify(hidden_states, self.patch_size).flatten(0, 1),
+                                        timestep=timestep.reshape(-1))
 
     def _time_embedding(self, timestep: torch.Tensor, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """timestep [R] → temb [R, D] (output norm) and time rows [R + 1, 6, D] (blocks; last row 0)."""

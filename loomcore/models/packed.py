@@ -20,7 +20,7 @@ import torch
 
 from loomcore.diffusion.flow import timestep_input
 from loomcore.diffusion.sampling import euler_sample
-from loomcore.models.dit import ConditionCache, PackLayout, patchify, unpack_latents
+from loomcore.models.dit import PackLayout, PreparedConditions, patchify, unpack_latents
 
 
 @dataclass
@@ -92,12 +92,12 @@ def autocast(device: torch.device):
 
 
 def velocity(model, pack: PackedConditions, z: torch.Tensor, timestep: torch.Tensor,
-             condition_cache: Optional[ConditionCache] = None) -> torch.Tensor:
-    """The DiT's velocity on a pack: z [N, P], timestep [S] (1000·t). condition_cache: one per
-    sampling loop (the pack's conditions prepared on its first step)."""
+             prepared: Optional[PreparedConditions] = None) -> torch.Tensor:
+    """The DiT's velocity on a pack: z [N, P], timestep [S] (1000·t). prepared: a sampling loop's
+    conditions, made once (`LoomDiT.prepare_packed`)."""
     with autocast(z.device):
         return model.forward_packed(z, timestep, pack.context, pack.layout, pack.source, pack.references,
-                                    condition_cache=condition_cache).sample
+                                    prepared=prepared).sample
 
 
 @torch.no_grad()
@@ -108,10 +108,11 @@ def sample_pack(model, pack: PackedConditions, noise: torch.Tensor, times: torch
     under FSDP2: every rank calls it equally often."""
     S = pack.layout.num_samples
     pack = pack.to(device)
-    cache = ConditionCache()
+    with autocast(device):  # (the projections as the uncached forward makes them)
+        prepared = model.prepare_packed(pack.context, pack.layout)
 
     def fn(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return velocity(model, pack, z, timestep_input(t, timestep_scale).expand(S), cache).float()
+        return velocity(model, pack, z, timestep_input(t, timestep_scale).expand(S), prepared).float()
 
     return euler_sample(fn, pack.token_shape, times, noise=noise, device=device, sample_index=pack.sample_index)
 

@@ -187,40 +187,39 @@ def pack_plan(layout: PackLayout, per_token: bool, ref_offset: int, device, back
     )
 
 
-@dataclass(eq=False)
-class ConditionCache:
-    """What stays the same over the steps of one sampling loop, computed on its first step.
+@dataclass(frozen=True, eq=False)
+class PreparedConditions:
+    """What stays the same over the steps of one sampling loop, made once, before it.
 
     A sampler calls the DiT 50 times with new latents and timesteps but the same conditions.
-    Without this, every step would re-pack the batched conditions (boolean-mask gathers and a
-    `.tolist()`: host syncs on a GPU), rebuild the pack's index tensors on the host and copy
-    them over, recompute RoPE, and run the Deepstack projector on every block's MLLM layer
-    (≈ 3 % of a 480p step's FLOPs). Pass one cache per set of conditions to every step:
+    Made per step, the pack's index tensors would be rebuilt on the host and copied over, RoPE
+    recomputed, the batched conditions re-packed (boolean-mask gathers and a `.tolist()`: host
+    syncs on a GPU) and the Deepstack projector run on every block's MLLM layer (≈ 3 % of a 480p
+    step's FLOPs). `LoomDiT.prepare` (batched) or `LoomDiT.prepare_packed` makes them once; every
+    step then passes the value:
 
-        cache = ConditionCache()
+        prepared = model.prepare(latents, t0, context, source, references, mask)
         for t in timesteps:
-            v = model(latents, t, context, ..., condition_cache=cache).sample
+            v = model(latents, t, prepared=prepared).sample
 
-    The first call fills it; later calls must pass the very same condition tensors (checked by
-    identity; ValueError otherwise). Sampling only: a call with gradients enabled is refused,
-    since the cached projections would carry one step's autograd graph into the next.
+    An immutable value, owned by the caller (nothing is stored in the model or filled by its
+    forward). Sampling only: it is made without gradients, and a forward that is given one with
+    gradients enabled is refused (the projector would get none).
     """
 
-    conditions: tuple | None = None  # forward(): the caller's condition objects the pack was built from
-    packed: "_Packed | None" = None  # forward(): the packed conditions (tokens/timestep are per step)
-    context: object = None  # forward_packed(): the context the projections below were made from
-    layout: PackLayout | None = None
-    per_token: bool | None = None  # timesteps per target token (else per sample)
-    plan: _PackPlan | None = None
-    rotary: tuple[torch.Tensor, torch.Tensor] | None = None
-    contexts: list | None = None  # per block: the projected context [M, D]
+    layout: PackLayout
+    per_token: bool  # timesteps per target token (else per sample)
+    plan: _PackPlan
+    rotary: tuple[torch.Tensor, torch.Tensor]
+    contexts: tuple  # per block: the projected context [M, D]
+    packed: "_Packed | None" = None  # prepare(): the packed conditions (tokens/timestep are per step)
 
 
 # -------------------------------------------------------------------------------------------
 # Input checks (ValueError names the argument, what was given and what was expected)
 
 
-def _check_context(config, context: Context, num_tokens: int | None, leading: tuple[int, ...]) -> bool:
+def check_context(config, context: Context, num_tokens: int | None, leading: tuple[int, ...]) -> bool:
     """Check a context's shape; True for per-layer MLLM states (Deepstack), False for Wan's text path.
 
     leading: () for packed contexts ([M, d] / [layers, M, d]), (B,) for batched ones.
@@ -270,7 +269,7 @@ def check_packed(config, patch, layout, hidden, timestep, context, source, refer
         raise ValueError(f"reference_hidden_states: expected [{n_ref}, {width}] (layout.reference_sizes), got {tuple(references.shape)}")
     if n_ref and patch[0] != 1:
         raise ValueError(f"reference_hidden_states: a reference is one latent frame, which needs patch_size[0] == 1, got {patch}")
-    return _check_context(config, context, sum(layout.context_lengths), ())
+    return check_context(config, context, sum(layout.context_lengths), ())
 
 
 class _Packed(NamedTuple):  # forward_packed's positional arguments
@@ -297,7 +296,7 @@ def pack_batched(config, patch, hidden, timestep, context, source, references, m
     if source is not None and source.shape != hidden.shape:
         raise ValueError(f"source_latents: expected the shape of hidden_states {tuple(hidden.shape)}, got {tuple(source.shape)}")
 
-    deepstack = _check_context(config, context, None, (b,))
+    deepstack = check_context(config, context, None, (b,))
     layers = list(context) if isinstance(context, (list, tuple)) else (context.unbind(1) if deepstack else [context])
     length = layers[0].shape[1]
     if any(layer.shape[1] != length for layer in layers):

@@ -15,7 +15,7 @@ out of cross-attention (the DiT packs only the real tokens).
 
 Latents stay float32 across the loop (the scheduler's arithmetic); the DiT runs in its own
 dtype. The MLLM and the codec run once per call, never per step; the DiT packs the conditions
-and runs the Deepstack projector on the first step only (`ConditionCache`).
+and runs the Deepstack projector once per call (`LoomDiT.prepare`).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from loomcore.errors import InputError
 from loomcore.diffusion.flow import dynamic_shift
 from loomcore.diffusion.guidance import FULL, UNCOND, VISUAL, combine_guidance, guidance_branches, split_branches
 from loomcore.models.codec import SpaceToDepth, WanVAE, latent_shape
-from loomcore.models.dit import ConditionCache, LoomDiT
+from loomcore.models.dit import LoomDiT
 from loomcore.models.mllm import LAYOUTS, MLLMEncoder, MLLMFeatures, MLLMRequest, Qwen3VLInputs
 
 from loomcore.data.video_io import media_kind, read_video_release
@@ -377,16 +377,15 @@ class LoomVideoPipeline(DiffusionPipeline):
         latents = latents.to(device, torch.float32)
 
         # 5. Denoising loop: one batched DiT forward over the branches per step; the conditions are
-        #    packed and projected on the first step only (ConditionCache: no host sync after it)
-        condition_cache = ConditionCache()
+        #    packed and projected once, before it (PreparedConditions: no host sync in a step)
+        prepared = self.transformer.prepare(
+            latents.to(dtype).expand(n, -1, -1, -1, -1), timesteps[0].expand(n), context, source_batch,
+            reference_batch, context_mask)
         with self.progress_bar(total=len(timesteps)) as progress_bar:
             for i, t in enumerate(timesteps):
                 model_input = latents.to(dtype).expand(n, -1, -1, -1, -1)
-                pred = self.transformer(
-                    hidden_states=model_input, timestep=t.expand(n), encoder_hidden_states=context,
-                    encoder_attention_mask=context_mask, source_latents=source_batch,
-                    reference_latents=reference_batch, return_dict=False, condition_cache=condition_cache,
-                )[0]
+                pred = self.transformer(hidden_states=model_input, timestep=t.expand(n), prepared=prepared,
+                                        return_dict=False)[0]
                 v = split_branches(pred, branches)
                 velocity = combine_guidance(v[FULL], v.get(UNCOND), v.get(VISUAL), text_scale=plan.guidance_scale,
                                             visual_scale=plan.visual_guidance_scale)

@@ -179,13 +179,15 @@ def apply_compile(model: nn.Module) -> None:
 def apply_fsdp(model: nn.Module, mesh, reshard_after_forward: bool = True) -> None:
     """FSDP2: each block is its own unit (all-gathered just before it runs), the root holds the
     rest (embeddings, the shared Deepstack projector, the output head). `forward_packed` is
-    LoomDiT's entry point, so the root's hooks are registered on it too."""
+    LoomDiT's entry point and `prepare_packed` projects the contexts of a sampling loop, so the
+    root's hooks are registered on them too."""
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
     for block in model.blocks:
         fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward)
     fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward)
     register_fsdp_forward_method(model, "forward_packed")
+    register_fsdp_forward_method(model, "prepare_packed")  # (it runs the root's Deepstack projector)
 
 
 def parallelize(model: nn.Module, env: DistEnv, *, activation_checkpointing: bool, compile: bool) -> nn.Module:

@@ -1,9 +1,11 @@
-"""ConditionCache: the conditions of a sampling loop are packed and projected once, not per step.
+"""PreparedConditions: the conditions of a sampling loop are packed and projected once, before it,
+as an immutable value the caller owns (`LoomDiT.prepare` / `prepare_packed`), not per step.
 
-Equal outputs to the uncached path, no host-data / boolean-mask ops in a cached step (they sync
-or copy host→device on a GPU), the projector's FLOPs gone from every step after the first, and
-misuse refused by name."""
+Outputs bit-equal to the unprepared path, no host-data / boolean-mask ops in a prepared step (they
+sync or copy host→device on a GPU), the projector's FLOPs gone from every step, and misuse
+refused by name."""
 
+import dataclasses
 from collections import Counter
 
 import pytest
@@ -11,7 +13,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from loomcore.models.dit import ConditionCache, LoomDiT, PackLayout, pack_latents, pack_references
+from loomcore.models.dit import LoomDiT, PackLayout, PreparedConditions, pack_latents, pack_references
 
 TINY = dict(
     patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=24, in_channels=8, out_channels=8,
@@ -69,74 +71,76 @@ class _Ops(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_cached_steps_equal_the_uncached_ones_and_skip_the_condition_work(model, conditions):
-    cache = ConditionCache()
+def test_prepared_steps_equal_the_unprepared_ones_and_skip_the_condition_work(model, conditions):
+    steps = _steps()
     with torch.no_grad():
-        for i, (z, t) in enumerate(_steps()):
-            expected = model(z, t, **conditions).sample
+        z0, t0 = steps[0]
+        with FlopCounterMode(display=False) as prep:
+            prepared = model.prepare(z0, t0, **conditions)
+        # the Deepstack projector runs in prepare, once: 2·M·(H·kD + kD·D) per layer
+        M, H, D, k = int(conditions["encoder_attention_mask"].sum()), 40, 48, 2
+        assert prep.get_total_flops() == LAYERS * 2 * M * (H * k * D + k * D * D)
+        for z, t in steps:
+            with FlopCounterMode(display=False) as plain:
+                expected = model(z, t, **conditions).sample
             with _Ops() as ops, FlopCounterMode(display=False) as flops:
-                got = model(z, t, **conditions, condition_cache=cache).sample
-            if i == 0:
-                first = flops.get_total_flops()
-                assert sum(ops.syncing.values()) > 0  # the first step packs: the counter sees that work
-            else:
-                assert dict(ops.syncing) == {}  # nothing that would sync or copy from the host on a GPU
-                # the Deepstack projector ran once, on the first step: 2·M·(H·kD + kD·D) per layer
-                M, H, D, k = int(conditions["encoder_attention_mask"].sum()), 40, 48, 2
-                assert first - flops.get_total_flops() == LAYERS * 2 * M * (H * k * D + k * D * D)
+                got = model(z, t, prepared=prepared).sample
+            assert dict(ops.syncing) == {}  # nothing that would sync or copy from the host on a GPU
+            assert plain.get_total_flops() - flops.get_total_flops() == prep.get_total_flops()
             assert torch.equal(got, expected)
+    with pytest.raises(dataclasses.FrozenInstanceError):  # a value: nothing in it is reassigned
+        prepared.layout = None
 
 
-def test_a_cached_pack_equals_the_uncached_one(model):
-    """forward_packed (the RL and validation samplers' entry point) with and without the cache."""
+def test_a_prepared_pack_equals_the_unprepared_one(model):
+    """forward_packed (the RL and validation samplers' entry point) with and without preparation."""
     g = torch.Generator().manual_seed(4)
     latents = [torch.randn(8, 3, 4, 6, generator=g), torch.randn(8, 1, 6, 4, generator=g)]
     tokens, grids = pack_latents(latents, model.patch_size)
     refs, ref_sizes = pack_references([None, torch.randn(1, 8, 1, 2, 6, generator=g)], model.patch_size)
     layout = PackLayout(grids, (5, 3), ref_sizes)
     context = torch.randn(LAYERS, 8, 40, generator=g)
-    cache = ConditionCache()
+    prepared = model.prepare_packed(context, layout)
+    assert isinstance(prepared, PreparedConditions) and len(prepared.contexts) == LAYERS and prepared.packed is None
     with torch.no_grad():
         for t in (900.0, 400.0, 10.0):
             z = torch.randn(tokens.shape, generator=g)
             ts = torch.tensor([t, t / 2])
             expected = model.forward_packed(z, ts, context, layout, None, refs).sample
-            assert torch.equal(model.forward_packed(z, ts, context, layout, None, refs, condition_cache=cache).sample,
+            assert torch.equal(model.forward_packed(z, ts, context, layout, None, refs, prepared=prepared).sample,
                                expected)
-    assert cache.plan is not None and len(cache.contexts) == LAYERS
+        other = PackLayout(grids, (4, 4), ref_sizes)
+        with pytest.raises(ValueError, match="prepared: made for another pack"):
+            model.forward_packed(z, ts, context, other, None, refs, prepared=prepared)
+        with pytest.raises(ValueError, match="prepared: made by prepare_packed, for forward_packed"):
+            model(torch.randn(2, 8, 3, 4, 6), torch.tensor([1.0, 1.0]), prepared=prepared)
 
 
-def test_a_cache_is_refused_for_other_conditions_or_with_gradients(model, conditions):
+def test_prepared_conditions_are_refused_for_other_shapes_or_with_gradients(model, conditions):
     (z, t), = _steps(1)
-    cache = ConditionCache()
     with torch.no_grad():
-        model(z, t, **conditions, condition_cache=cache)
-        other = dict(conditions, encoder_hidden_states=conditions["encoder_hidden_states"].clone())
-        with pytest.raises(ValueError, match="condition_cache: filled for other encoder_hidden_states"):
-            model(z, t, **other, condition_cache=cache)
+        prepared = model.prepare(z, t, **conditions)
         with pytest.raises(ValueError, match=r"hidden_states: expected \(3, 8, 3, 4, 6\)"):
-            model(z[:, :, :1], t, **conditions, condition_cache=cache)
-    for fresh in (ConditionCache(), cache):  # filling one, or reusing a filled one, with gradients on
-        with pytest.raises(ValueError, match="condition_cache: for sampling only"):
-            model(z, t, **conditions, condition_cache=fresh)
+            model(z[:, :, :1], t, prepared=prepared)
+    with pytest.raises(ValueError, match="prepared: for sampling only"):  # the projector would get no gradient
+        model(z, t, prepared=prepared)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_a_cached_step_does_not_sync_on_a_gpu(model, conditions):
+def test_a_prepared_step_does_not_sync_on_a_gpu(model, conditions):
     gpu = LoomDiT(**TINY).to("cuda", torch.bfloat16).eval()
     gpu.load_state_dict(model.state_dict())
     cond = {k: (None if v is None else [None if r is None else r.to("cuda", torch.bfloat16) for r in v]
                 if isinstance(v, list) else v.to("cuda", torch.bfloat16 if v.is_floating_point() else v.dtype))
             for k, v in conditions.items()}
-    cache = ConditionCache()
     with torch.no_grad():
-        for i, (z, t) in enumerate(_steps()):
-            z, t = z.to("cuda", torch.bfloat16), t.to("cuda")
+        steps = [(z.to("cuda", torch.bfloat16), t.to("cuda")) for z, t in _steps()]
+        prepared = gpu.prepare(*steps[0], **cond)
+        for z, t in steps:
             torch.cuda.synchronize()
-            if i:
-                torch.cuda.set_sync_debug_mode("error")
+            torch.cuda.set_sync_debug_mode("error")
             try:
-                gpu(z, t, **cond, condition_cache=cache)
+                gpu(z, t, prepared=prepared)
             finally:
                 torch.cuda.set_sync_debug_mode("default")
