@@ -186,8 +186,9 @@ def apply_fsdp(model: nn.Module, mesh, reshard_after_forward: bool = True) -> No
     for block in model.blocks:
         fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward)
     fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward)
-    register_fsdp_forward_method(model, "forward_packed")
-    register_fsdp_forward_method(model, "prepare_packed")  # (it runs the root's Deepstack projector)
+    for method in ("forward_packed", "prepare_packed"):  # (prepare_packed runs the root's Deepstack projector)
+        if hasattr(model, method):
+            register_fsdp_forward_method(model, method)
 
 
 def parallelize(model: nn.Module, env: DistEnv, *, activation_checkpointing: bool, compile: bool) -> nn.Module:
