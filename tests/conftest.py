@@ -262,6 +262,18 @@ def tiny_workspace(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_cache(tiny_workspace, tmp_path_factory):
+    """The tiny workspace's cache (mllm.feature_mode=cached), built once per session into its own
+    folder. Tests that change a cache copy it first."""
+    from loomcore.train.cache import build_cache
+
+    cfg, _ = tiny_workspace
+    out = tmp_path_factory.mktemp("tiny-cache")
+    build_cache(cfg, out_dir=out, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
 def tiny_online_cache(tiny_workspace):
     """The tiny workspace's cache built with mllm.feature_mode=online (the paper profile's: the
     MLLM's processed inputs instead of its features), once per session.

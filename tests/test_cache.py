@@ -50,12 +50,9 @@ def test_cache_resumes_at_the_first_unfinished_shard(tiny_workspace, tmp_path):
     assert not {"shards_written", "shards_skipped", "timing"} & summary.keys()
 
 
-@pytest.fixture(scope="module")
-def cache_dir(tiny_workspace, tmp_path_factory):
-    cfg, _ = tiny_workspace
-    out = tmp_path_factory.mktemp("cache")
-    build_cache(cfg, out_dir=out, progress=False)
-    return out
+@pytest.fixture()
+def cache_dir(tiny_cache):
+    return tiny_cache  # (the session's: tests copy it before they change anything)
 
 
 def test_cached_entries_match_the_codec_and_index(tiny_workspace, cache_dir):

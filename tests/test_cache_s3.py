@@ -22,12 +22,9 @@ def _objects(bucket, prefix="cache/"):
     return out
 
 
-@pytest.fixture(scope="module")
-def local_cache(tiny_workspace, tmp_path_factory):
-    cfg, _ = tiny_workspace
-    out = tmp_path_factory.mktemp("local-cache")
-    build_cache(cfg, out_dir=out, progress=False)
-    return out
+@pytest.fixture()
+def local_cache(tiny_cache):
+    return tiny_cache  # the same workspace cached into a local folder (the session's)
 
 
 def test_an_s3_cache_is_written_shard_by_shard_resumes_and_equals_the_local_one(
