@@ -147,7 +147,7 @@ class ShardFetcher:
         self._lock = threading.Lock()
         self._files: "OrderedDict[str, Future]" = OrderedDict()
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="shard-fetch")
-        self.fetched = 0  # downloads started (tests read it)
+        self.fetched = 0  # fetches started, a verified local copy reused included (tests read it)
         # copies an earlier process left (another stage, a previous run): this index's shards are
         # kept as the least recently used (verified again when used), others deleted; then the bound
         self._unverified = set()  # adopted copies: hashed when first used (`fetch` keeps a good one)
@@ -197,8 +197,6 @@ class ShardFetcher:
             path = self._future(name).result()
         return path
 
-    def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
 
 def mirror_files(remote: RemoteCache, names: Iterable[str], required: Optional[str] = None) -> Path:
     """Mirror the small files `names` of the cache (its index, its null context) into the staging

@@ -236,8 +236,10 @@ def build_cache(
     # of params or data never lets a stale shard pass for a fresh one (the out is `persist`).
     fields = [cfg.profile, mode, cfg.models.codec, cfg.models.vae, cfg.models.mllm,
               cfg.fingerprint("codec", "video", "buckets", "mllm"), list(cfg.dit.patch_size)]
-    if encode_device(cfg).type != "cpu":  # encoded in bf16 on a GPU: other bytes than the CPU's fp32
-        fields.append(f"{encode_device(cfg).type}-bf16")
+    device = encode_device(cfg)
+    work_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # the encoders' own
+    if device.type != "cpu":  # encoded in bf16 on a GPU: other bytes than the CPU's fp32
+        fields.append(f"{device.type}-bf16")
     settings = json.dumps(fields)
     settings_digest = hashlib.sha256(settings.encode()).hexdigest()[:12]
     work: List[Tuple[str, str, List[dict]]] = []  # (shard name, resolution, rows)
@@ -266,11 +268,9 @@ def build_cache(
             if problem is not None:
                 rewritten.append({"shard": name, "reason": problem})
                 warnings.warn(f"cache shard {dest.where}/{name}: {problem}; rewriting it", CacheWarning, stacklevel=2)
-            device = encode_device(cfg)
-            work_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # the encoders' own
             codec = codec or load_codec(cfg.models.codec, cfg.models.vae, torch_dtype=work_dtype).to(device)
             encoder = encoder or MLLMEncoder.from_config(cfg, dtype=work_dtype, device=device)
-            tensors, index_rows, skipped = _encode_chunk(cfg, chunk, res, media, codec, encoder, mode, dtype, MLLMRequest, bytes_by_mode)
+            tensors, index_rows, skipped = _encode_chunk(cfg, chunk, res, media, codec, encoder, mode, dtype, bytes_by_mode)
             shards.write_shard(out_dir, name, tensors, index_rows, skipped)
             dest.written(name)
             written += 1
@@ -307,9 +307,7 @@ def build_cache(
                 if why is not None:
                     rewritten.append({"shard": NULL_SHARD, "reason": why})
                     warnings.warn(f"cache shard {out_dir / NULL_SHARD}: {why}; rewriting it", CacheWarning, stacklevel=2)
-                device = encode_device(cfg)
-                encoder = encoder or MLLMEncoder.from_config(
-                    cfg, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32, device=device)
+                encoder = encoder or MLLMEncoder.from_config(cfg, dtype=work_dtype, device=device)
                 empty = encoder.encode([MLLMRequest(task="t2i", drop="all")])
                 context = empty.hidden_states[0, :, : int(empty.lengths[0])].to("cpu", dtype)
                 _require_finite(context, "the null context (the empty condition's MLLM features)")
@@ -373,7 +371,7 @@ def _describe(cfg: Config, out_dir: Path, finished: List[str], n_shards: int) ->
     return content
 
 
-def _encode_chunk(cfg, chunk, res, media, codec, encoder, mode, dtype, MLLMRequest, bytes_by_mode):
+def _encode_chunk(cfg, chunk, res, media, codec, encoder, mode, dtype, bytes_by_mode):
     tensors: Dict[str, torch.Tensor] = {}
     index_rows: List[dict] = []
     skipped: List[dict] = []
