@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import shutil
 import sys
 from pathlib import Path
@@ -382,6 +383,34 @@ def test_rl_names_a_cache_entry_without_what_its_feature_mode_needs(rl_ws, tiny_
     for mode in ("cached", "online"):
         with pytest.raises(ValueError, match=rf"cache entry {row['id']} .*it has neither MLLM features nor inputs"):
             load_prompts(bad, "train", "480p", ["t2v"], feature_mode=mode)
+
+
+def test_rl_skips_non_finite_steps_like_the_stage_trainer(rl_ws, tmp_path):
+    """One non-finite policy for every trainer (the run harness's NonFiniteGuard): a NaN loss at
+    both RL steps skips both optimizer steps — the policy leaves the stage-3 weights untouched, so
+    the held-out reward after equals the one before on every prompt — and is counted in the
+    summary; with no bad step allowed the run stops naming the step and its task kinds."""
+    from loomcore.models.dit import LoomDiT
+    from loomcore.rl.trainer import train_rl
+    from loomcore.train.faults import NonFiniteLossError
+    from loomcore.train.metrics import read_steps
+
+    cfg = _rl_cfg(rl_ws, "runs-nan", "train.debug_nan_steps=[1,2]", f"train.out_dir={tmp_path}")
+    shutil.copytree(rl_ws[2] / "out" / "stage3", tmp_path / "stage3")
+    summary = train_rl(cfg)
+    assert summary["skipped_steps"] == 2 and summary["optimizer_steps"] == 2
+    rows = read_steps(Path(summary["run_dir"]) / "steps.jsonl")
+    assert [r["step"] for r in rows] == [1, 2] and all(math.isnan(r["grad_norm"]) for r in rows)
+    policy = LoomDiT.from_pretrained(tmp_path / "rl" / "model")
+    base = LoomDiT.from_pretrained(tmp_path / "stage3" / "model")
+    assert all(torch.equal(a, b) for a, b in zip(policy.state_dict().values(), base.state_dict().values()))
+    held = summary["heldout"]
+    assert held["after"]["per_prompt"] == held["before"]["per_prompt"] and summary["reward_gain"] == 0.0
+
+    strict = _rl_cfg(rl_ws, "runs-nan-strict", "train.debug_nan_steps=[1]", "train.nan_max_consecutive=0",
+                     "rl.steps=1", f"train.out_dir={tmp_path}")
+    with pytest.raises(NonFiniteLossError, match=r"exceeded at step 1 \(task kinds in that batch: "):
+        train_rl(strict)
 
 
 def test_rl_refuses_a_stage3_model_of_another_architecture(rl_ws):

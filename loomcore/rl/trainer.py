@@ -29,16 +29,17 @@ paper profile's), encoded by the frozen MLLM on the rank's device (64 held-out p
 252 MB each would be GBs per rank; re-encoding costs a few MLLM forwards). The MLLM is frozen
 and deterministic, so both modes give the same contexts to float tolerance.
 
-Outs (<train.out_dir>/rl/): model/ (LoomDiT.save_pretrained of the final policy θ),
-summary.json (the held-out reward of the reference and of θ: same prompts, same seeds),
-metrics.json, plots/metrics (dvclive). Run directory: <paths.runs>/rl/<run key>/.
+Set-up, loop, checkpoints, the non-finite policy (a NaN/Inf optimizer step is skipped) and the
+outs are the run harness's (`loomcore.train.harness`). Outs (<train.out_dir>/rl/): model/
+(LoomDiT.save_pretrained of the final policy θ), summary.json (the held-out reward of the
+reference and of θ: same prompts, same seeds), metrics.json, plots/metrics (dvclive). Run
+directory: <paths.runs>/rl/<run key>/.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from pathlib import Path
 from typing import Dict, List, Sequence
 
 import torch
@@ -48,44 +49,22 @@ from loomcore.config import Config, SchedulerConfig
 from loomcore.data.loader import ShardReader
 from loomcore.diffusion.flow import add_noise, timestep_input
 from loomcore.diffusion.sampling import SamplingShift, sampling_timesteps
+from loomcore.models.packed import decode_videos, pack_conditions, sample_pack, velocity
 from loomcore.rl import nft
 from loomcore.rl.rewards import build_reward
-from loomcore.models.packed import decode_videos, pack_conditions, sample_pack, velocity
 from loomcore.rl.rollout import Prompt, load_prompts, prompt_noise, with_conditions
-from loomcore.train import telemetry
-from loomcore.train.checkpoint import run_key
 from loomcore.train.contexts import context_source
-from loomcore.train.distributed import (
-    Checkpointer, DistEnv, ModelState, OptimizerState, broadcast_object, rank_process,
-    parallelize, set_gradient_sync,
-)
-from loomcore.train.metrics import RunLog, Sums, read_steps, report_progress
+from loomcore.train.distributed import DistEnv, ModelState, OptimizerState, rank_process, set_gradient_sync
+from loomcore.train.harness import Harness
+from loomcore.train.metrics import Sums
 from loomcore.train.optim import build_optimizer, build_scheduler
 from loomcore.train.rng import derive_seed
-from loomcore.train.weights import stage_out_dir
-from loomcore.train.stage_io import (
-    cache_key_files, code_fingerprint, init_weights, inputs_fingerprint, stage_params, write_run_record, write_weights,
-)
 
 STAGE = "rl"
 # what an RL step adds up over its micro-batches and ranks (`Sums`); the losses are divided by
 # `samples` when read, the KL proxy by the samples it was measured on
 RL_SUMS = {"policy_loss": 1, "unweighted_policy_loss": 1, "positive_loss": 1, "negative_loss": 1,
            "old_deviation": 1, "samples": 1, "kl": 1, "kl_samples": 1}
-
-
-class _Counters:
-    """Host-side counters that go into the checkpoint (JSON)."""
-
-    def __init__(self):
-        self.optimizer_steps = 0
-        self.samples = 0
-
-    def state_dict(self) -> dict:
-        return {"optimizer_steps": self.optimizer_steps, "samples": self.samples}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.optimizer_steps, self.samples = int(state["optimizer_steps"]), int(state["samples"])
 
 
 def rank_slice(n: int, env: DistEnv) -> List[int]:
@@ -115,12 +94,17 @@ def paired_gain(before: Dict[str, float], after: Dict[str, float]) -> dict:
             "prompts_improved": int((d > 0).sum()), "prompts": int(n)}
 
 
-class RLTrainer:
+class RLTrainer(Harness):
+    """DiffusionNFT in the run harness (see the module doc)."""
+
+    code_entry = "loomcore.rl.trainer"
+    counter_names = ("optimizer_steps", "samples")
+    model_weights = "policy"
+
     def __init__(self, cfg: Config, env: DistEnv):
-        self.cfg, self.rl, self.env = cfg, cfg.rl, env
-        self.device = env.device
+        super().__init__(cfg, STAGE, env, cfg.rl)
+        self.rl = cfg.rl
         self.patch = tuple(cfg.dit.patch_size)
-        self.log = print if env.is_main else (lambda *a, **k: None)
         n = self.rl.prompts_per_step * self.rl.samples_per_prompt
         if n % env.world_size:
             raise ValueError(f"rl: prompts_per_step × samples_per_prompt = {n} samples per step do not split over "
@@ -128,42 +112,18 @@ class RLTrainer:
 
     # -- set-up -------------------------------------------------------------------------------
 
-    def setup(self) -> None:
+    def source_embedding(self) -> bool:  # as the weights it starts from (a stage-2/3 model has it)
+        return bool(self.init_config.get("use_source_embedding", False))
+
+    def build(self) -> dict:
         from loomcore.models.codec import load_codec
-        from loomcore.models.dit import LoomDiT, check_folder_architecture
-        from loomcore.models.release import TEXT_PATH_PREFIX
 
-        cfg, rl, env = self.cfg, self.rl, self.env
-        if env.local_rank == 0:
-            gpus = 0 if self.device.type == "cpu" else max(1, rl.gpus_per_node)
-            print(telemetry.preflight(gpus, cfg.train.preflight_min_free_gib, cfg.train.preflight_gpu_name), flush=True)
-        self.init_path, self.init_desc = init_weights(cfg, STAGE)
-        check_folder_architecture(self.init_path, cfg)
-        run_dir = None
-        if env.is_main:
-            inputs = inputs_fingerprint([self.init_path, *cache_key_files(cfg)])
-            # only the same params, inputs and code resume a run (as for the training stages)
-            code = code_fingerprint("loomcore.rl.trainer")
-            key = run_key(cfg.fingerprint(*stage_params(STAGE)), f"{inputs}-{code}")
-            run_dir = Path(cfg.paths.runs) / STAGE / key
-        self.run_dir = Path(broadcast_object(str(run_dir) if run_dir else None))
-
-        def load(trainable: bool):
-            model = LoomDiT.from_pretrained(str(self.init_path), torch_dtype=torch.float32)
-            model.set_attention_backend(cfg.train.attention_backend)
-            model.train(trainable).requires_grad_(trainable)
-            if trainable:  # Wan's T5 text projection never runs on the Deepstack path (as in the stage trainer)
-                for name, p in model.named_parameters():
-                    if name.startswith(TEXT_PATH_PREFIX):
-                        p.requires_grad_(False)
-            return parallelize(model, env, activation_checkpointing=trainable and cfg.dit.gradient_checkpointing,
-                               compile=cfg.train.compile)
-
-        self.policy, self.old, self.ref = load(True), load(False), load(False)
+        cfg, rl = self.cfg, self.rl
+        self.policy, self.old, self.ref = self.load_model(True), self.load_model(False), self.load_model(False)
+        self.model = self.policy
         self.use_source = self.policy.config.use_source_embedding
         self.optimizer = build_optimizer([p for p in self.policy.parameters() if p.requires_grad], rl.optimizer)
         self.scheduler = build_scheduler(self.optimizer, SchedulerConfig("constant_with_warmup", 0))
-        self.counters = _Counters()
         self.reward = build_reward(cfg, device=self.device)
         self.codec = load_codec(cfg.models.codec, cfg.models.vae).to(self.device)
         mode = cfg.mllm.feature_mode
@@ -174,10 +134,14 @@ class RLTrainer:
         self.reader = ShardReader(cfg.paths.cache)
         self.contexts = context_source(cfg, self.reader, None, self.device)
         self.shift = SamplingShift.from_config(cfg.guidance, cfg.flow)  # fixed, or eq. 3 per sample
-        pieces = {"model": ModelState(self.policy), "old": ModelState(self.old),
-                  "optimizer": OptimizerState(self.policy, self.optimizer), "scheduler": self.scheduler,
-                  "counters": self.counters}
-        self.checkpointer = Checkpointer(self.run_dir, rl.keep_last, rl.checkpoint_every, env, pieces)
+        return {"model": ModelState(self.policy), "old": ModelState(self.old),
+                "optimizer": OptimizerState(self.policy, self.optimizer), "scheduler": self.scheduler}
+
+    def describe(self) -> str:
+        rl = self.rl
+        return (f"{rl.prompts_per_step} prompts × {rl.samples_per_prompt} samples per step over "
+                f"{self.env.world_size} rank(s), reward {rl.reward}, {len(self.train_prompts)} train / "
+                f"{len(self.eval_prompts)} held-out prompts")
 
     # -- sampling and scoring -----------------------------------------------------------------
 
@@ -266,8 +230,9 @@ class RLTrainer:
             out = nft.nft_loss(v_theta, v_old, z_t, x0, t, r, pack.sample_index, beta=rl.beta,
                                adv_clip_max=rl.adv_clip_max, sigma_min=cfg.flow.sigma_min, v_ref=v_ref,
                                kl_weight=rl.kl_weight, reduce="sum")
+            loss = out.loss * float("nan") if step in cfg.train.debug_nan_steps else out.loss  # fault injection (tests)
             set_gradient_sync(self.policy, last and k == rl.train_timesteps - 1)
-            (out.loss / denom).backward()
+            (loss / denom).backward()
             with torch.no_grad():  # device tensors only: no host sync per micro-batch on a GPU
                 deviation = nft.per_sample_mean((v_theta - v_old).double().pow(2), pack.sample_index, len(batch))
                 count = torch.tensor(float(len(batch)), dtype=torch.float64, device=self.device)
@@ -294,25 +259,28 @@ class RLTrainer:
         for c, chunk in enumerate(local[k::rl.gradient_steps] for k in range(rl.gradient_steps)):
             denom = len(chunk) * rl.train_timesteps  # the references' mean over samples and times
             batches = [chunk[i:i + rl.micro_batch] for i in range(0, len(chunk), rl.micro_batch)]
+            loss = torch.zeros((), dtype=torch.float64, device=self.device)  # this optimizer step's, for the guard
             for b, batch in enumerate(batches):
                 # the reference runs for the KL term, or once per logged step for the KL proxy
                 with_ref = rl.kl_weight > 0 or (log_step and c == 0 and b == 0)
-                sums += self._backward_batch(step, items, mine, tokens, r_all, batch, denom, with_ref,
-                                             last=b == len(batches) - 1)
+                part = self._backward_batch(step, items, mine, tokens, r_all, batch, denom, with_ref,
+                                            last=b == len(batches) - 1)
+                loss = loss + part["policy_loss"][0]
+                sums += part
             grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), rl.grad_clip)
             grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-            if not torch.isfinite(grad_norm):
-                raise FloatingPointError(f"rl step {step}: non-finite gradient norm ({float(grad_norm)})")
-            self.optimizer.step()
+            # the harness's non-finite policy: a NaN/Inf step is skipped, too many in a row stop the run
+            self.counters["optimizer_steps"] += 1
+            self.guard.step(loss, grad_norm, self.counters["optimizer_steps"],
+                            [items[mine[j]][0].task for j in chunk])
             self.optimizer.zero_grad(set_to_none=True)
             self.scheduler.step()
-            self.counters.optimizer_steps += 1
             grad_norms.append(float(grad_norm))
-        decay = nft.old_policy_decay(self.counters.optimizer_steps, rl.old_policy.flat_steps,
+        decay = nft.old_policy_decay(self.counters["optimizer_steps"], rl.old_policy.flat_steps,
                                      rl.old_policy.ramp_rate, rl.old_policy.max_decay)
         nft.update_old_policy(self.old.parameters(), self.policy.parameters(), decay)
         dist.all_reduce(sums.tensor)
-        self.counters.samples += len(items)
+        self.counters["samples"] += len(items)
         s = sums.read()
         n = s["samples"]
         zero_std = sum(1 for grp in torch.unique(groups) if float(rewards[groups == grp].std(unbiased=False)) == 0.0)
@@ -327,84 +295,54 @@ class RLTrainer:
         }
         return row
 
-    # -- the loop -----------------------------------------------------------------------------
+    # -- the harness's hooks ------------------------------------------------------------------
 
-    def run(self) -> dict:
-        rl, env = self.rl, self.env
-        t_start = time.perf_counter()
-        resumed = self.checkpointer.resume()
-        start = 0
-        if resumed is not None:
-            start = resumed["step"]
-            self.log(f"resumed from {resumed['path']} (step {start})")
-        self.runlog = RunLog(self.run_dir, start) if env.is_main else None
-        self.log(f"rl: steps {start + 1}..{rl.steps}, {rl.prompts_per_step} prompts × {rl.samples_per_prompt} samples "
-                 f"per step over {env.world_size} rank(s) on {self.device}; reward {rl.reward}; "
-                 f"init: {self.init_desc}; "
-                 f"{len(self.train_prompts)} train / {len(self.eval_prompts)} held-out prompts; run dir {self.run_dir}")
-        for step in range(start + 1, rl.steps + 1):
-            row = self.train_step(step)
-            if self.runlog is not None:
-                self.runlog.write_steps([row])
-                if step % rl.log_every == 0 or step == rl.steps:
-                    self.runlog.log_metrics(step, {
-                        "reward/mean": row["reward_mean"], "reward/std": row["reward_std"],
-                        "loss/policy": row["policy_loss"], "loss/unweighted": row["unweighted_policy_loss"],
-                        "loss/positive": row["positive_loss"], "loss/negative": row["negative_loss"],
-                        "kl_proxy/stage_ref": row["kl_proxy"], "old_policy/deviation": row["old_deviation"],
-                        "old_policy/decay": row["old_policy_decay"], "advantage/abs_mean": row["adv_abs_mean"],
-                        "advantage/zero_std_ratio": row["zero_std_ratio"], "grad_norm": row["grad_norm"],
-                        "lr": row["lr"],
-                        "throughput/samples_per_s": rl.prompts_per_step * rl.samples_per_prompt / row["seconds"],
-                    })
-                    kl = f" kl {row['kl_proxy']:.3g}" if row["kl_proxy"] is not None else ""
-                    self.log(f"step {step}/{rl.steps} reward {row['reward_mean']:.4f}±{row['reward_std']:.4f} "
-                             f"loss {row['policy_loss']:.4f}{kl} decay {row['old_policy_decay']:.3f} "
-                             f"{row['seconds']:.1f}s", flush=True)
-                    report_progress(step, rl.steps)
-            if self.checkpointer.should_save(step) or step == rl.steps:
-                path = self.checkpointer.save(step, {})
-                if path is not None:
-                    self.log(f"checkpoint {path}")
-        self.train_wall = time.perf_counter() - t_start
-        before = self.evaluate(self.ref)
-        after = self.evaluate(self.policy)
+    def interval(self, step: int, rows: List[dict]):
+        row = rows[-1]  # one RL step is a batch of G·K rollouts: its own figures, not an interval mean
+        rl = self.rl
+        metrics = {
+            "reward/mean": row["reward_mean"], "reward/std": row["reward_std"],
+            "loss/policy": row["policy_loss"], "loss/unweighted": row["unweighted_policy_loss"],
+            "loss/positive": row["positive_loss"], "loss/negative": row["negative_loss"],
+            "kl_proxy/stage_ref": row["kl_proxy"], "old_policy/deviation": row["old_deviation"],
+            "old_policy/decay": row["old_policy_decay"], "advantage/abs_mean": row["adv_abs_mean"],
+            "advantage/zero_std_ratio": row["zero_std_ratio"], "grad_norm": row["grad_norm"], "lr": row["lr"],
+            "throughput/samples_per_s": rl.prompts_per_step * rl.samples_per_prompt / row["seconds"],
+        }
+        kl = f" kl {row['kl_proxy']:.3g}" if row["kl_proxy"] is not None else ""
+        line = (f"step {step}/{rl.steps} reward {row['reward_mean']:.4f}±{row['reward_std']:.4f} "
+                f"loss {row['policy_loss']:.4f}{kl} decay {row['old_policy_decay']:.3f} {row['seconds']:.1f}s")
+        return metrics, line
+
+    def after_loop(self) -> dict:
+        """The held-out reward of the reference (the starting model) and of the trained policy."""
+        rl = self.rl
+        before, after = self.evaluate(self.ref), self.evaluate(self.policy)
         self.log(f"held-out reward ({len(self.eval_prompts)} prompts × {rl.eval_samples_per_prompt} seeds): "
                  f"{rl.init_from} {before['mean']:.4f} ± {before['std']:.4f} → "
                  f"rl {after['mean']:.4f} ± {after['std']:.4f}")
-        return self._finish(start, before, after, time.perf_counter() - t_start)
+        return {"before": before, "after": after}
 
-    def _finish(self, start: int, before: dict, after: dict, wall: float) -> dict:
-        state = ModelState(self.policy).state_dict()  # a collective
-        summary = None
-        if self.env.is_main:
-            self.runlog.close()
-            rows = read_steps(self.runlog.steps_path)
-            rl = self.rl
-            first = rows[: max(1, len(rows) // 10)]
-            last = rows[-max(1, len(rows) // 10):]
-            summary = {
-                "stage": STAGE, "steps": rl.steps, "reward": rl.reward, "init_weights": self.init_desc,
-                "model_weights": "policy", "resumed_from_step": start, "run_dir": str(self.run_dir),
-                "world_size": self.env.world_size, "optimizer_steps": self.counters.optimizer_steps,
-                "samples_seen": self.counters.samples,
-                "heldout": {"prompts": len(self.eval_prompts), "samples_per_prompt": rl.eval_samples_per_prompt,
-                            "sampler_steps": rl.eval_steps, "tasks": list(rl.tasks),
-                            "before": {"model": rl.init_from, **before}, "after": {"model": "rl", **after}},
-                "reward_before_mean": before["mean"], "reward_before_std": before["std"],
-                "reward_after_mean": after["mean"], "reward_after_std": after["std"],
-                "reward_gain": after["mean"] - before["mean"],
-                **paired_gain(before["per_prompt"], after["per_prompt"]),
-                "train_reward_first_10pct": sum(r["reward_mean"] for r in first) / len(first) if rows else None,
-                "train_reward_last_10pct": sum(r["reward_mean"] for r in last) / len(last) if rows else None,
-                "wall_seconds_this_run": round(wall, 3),
-            }
-            out = stage_out_dir(self.cfg, STAGE)
-            out.mkdir(parents=True, exist_ok=True)
-            write_weights(out, "model", dict(self.policy.config), state)
-            write_run_record(out, self.runlog, summary)
-            self.log(f"rl done: outs in {out}")
-        return broadcast_object(summary)
+    def weights(self) -> dict:
+        return {"model": ModelState(self.policy).state_dict()}
+
+    def summary(self, rows: List[dict], start: int, results: dict) -> dict:
+        rl, before, after = self.rl, results["before"], results["after"]
+        first = rows[: max(1, len(rows) // 10)]
+        last = rows[-max(1, len(rows) // 10):]
+        return {
+            "reward": rl.reward, "optimizer_steps": self.counters["optimizer_steps"],
+            "samples_seen": self.counters["samples"],
+            "heldout": {"prompts": len(self.eval_prompts), "samples_per_prompt": rl.eval_samples_per_prompt,
+                        "sampler_steps": rl.eval_steps, "tasks": list(rl.tasks),
+                        "before": {"model": rl.init_from, **before}, "after": {"model": "rl", **after}},
+            "reward_before_mean": before["mean"], "reward_before_std": before["std"],
+            "reward_after_mean": after["mean"], "reward_after_std": after["std"],
+            "reward_gain": after["mean"] - before["mean"],
+            **paired_gain(before["per_prompt"], after["per_prompt"]),
+            "train_reward_first_10pct": sum(r["reward_mean"] for r in first) / len(first) if rows else None,
+            "train_reward_last_10pct": sum(r["reward_mean"] for r in last) / len(last) if rows else None,
+        }
 
 
 def train_rl(cfg: Config) -> dict:

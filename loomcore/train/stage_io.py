@@ -108,9 +108,11 @@ def cache_key_files(cfg: Config) -> List[Path]:
     return [cache_root(cfg.paths.cache) / INDEX_FILE]  # (an s3:// cache: its mirrored index)
 
 
-def stage_run_dir(cfg: Config, stage: str, init_path: Path) -> Path:
+def stage_run_dir(cfg: Config, stage: str, init_path: Path, code_entry: str = "loomcore.train.trainer") -> Path:
+    """<paths.runs>/<stage>/<run key>: the key of the stage's params, its inputs (the weights it
+    starts from, the cache index) and the code `code_entry` runs."""
     inputs = inputs_fingerprint([init_path, *cache_key_files(cfg)])
-    key = run_key(cfg.fingerprint(*stage_params(stage)), f"{inputs}-{code_fingerprint()}")
+    key = run_key(cfg.fingerprint(*stage_params(stage)), f"{inputs}-{code_fingerprint(code_entry)}")
     return Path(cfg.paths.runs) / stage / key
 
 
@@ -148,13 +150,3 @@ def write_run_record(out: Path, runlog, summary: dict) -> None:
     (out / "summary.json").write_text(json.dumps(record, indent=2) + "\n")
     numbers = {k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     (out / "metrics.json").write_text(json.dumps(numbers, indent=2) + "\n")
-
-
-def write_stage_outs(out: Path, config: dict, final: Dict[str, torch.Tensor], ema: Optional[Dict[str, torch.Tensor]],
-                     runlog, summary: dict) -> None:
-    """The stage's outs (see the module doc). `ema` covers the trained parameters; frozen ones
-    (Wan's unused text projection) come from `final`."""
-    out.mkdir(parents=True, exist_ok=True)
-    write_weights(out, "final", config, final)
-    write_weights(out, "model", config, {**final, **ema} if ema is not None else final)
-    write_run_record(out, runlog, summary)
