@@ -395,7 +395,8 @@ def test_rl_skips_non_finite_steps_like_the_stage_trainer(rl_ws, tmp_path):
     from loomcore.train.faults import NonFiniteLossError
     from loomcore.train.metrics import read_steps
 
-    cfg = _rl_cfg(rl_ws, "runs-nan", "train.debug_nan_steps=[1,2]", f"train.out_dir={tmp_path}")
+    cfg = _rl_cfg(rl_ws, "runs-nan", "train.debug_nan_steps=[1,2]", "rl.eval_prompts=2", "rl.eval_samples_per_prompt=1",
+                  "rl.checkpoint_every=2", f"train.out_dir={tmp_path}")
     shutil.copytree(rl_ws[2] / "out" / "stage3", tmp_path / "stage3")
     summary = train_rl(cfg)
     assert summary["skipped_steps"] == 2 and summary["optimizer_steps"] == 2
