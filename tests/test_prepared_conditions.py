@@ -14,6 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from loomcore.models.dit import LoomDiT, PackLayout, PreparedConditions, pack_latents, pack_references
+from test_dit import _randomize_added  # (tests/ is on the path, as for _orchestration)
 
 TINY = dict(
     patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=24, in_channels=8, out_channels=8,
@@ -25,13 +26,7 @@ B, LAYERS, CTX = 3, 3, 6  # three guidance branches, per-layer MLLM states of up
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    m = LoomDiT(**TINY).eval()
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():  # non-zero projector and source embedding, so that both are visible
-        for name, p in m.named_parameters():
-            if name.startswith(("mllm_embedder.", "source_patch_embedding.")):
-                p.copy_(0.3 * torch.randn(p.shape, generator=g))
-    return m
+    return _randomize_added(LoomDiT(**TINY).eval())  # non-zero projector and source embedding: both visible
 
 
 @pytest.fixture(scope="module")
