@@ -153,6 +153,20 @@ def test_median_filter_invents_no_edge_colour_and_components_are_counted():
     assert sorted(sizes) == [1, 2, 3, 3] and comp[0, 0] == comp[1, 1] and comp[3, 3] != comp[0, 0]
 
 
+def test_read_only_frames_are_scored_without_a_warning():
+    """Decoded media often arrive as read-only arrays (np.frombuffer, a pyarrow column): scoring
+    copies them instead of wrapping them (torch warns about a non-writable array in every
+    evaluate stage's log otherwise)."""
+    import warnings
+
+    img = np.full((1, 8, 8, 3), PALETTE["red"], np.uint8)
+    img.setflags(write=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        labels = sb.palette_labels(img, SCORING)
+    assert set(labels.unique().tolist()) == {sb.NAMES.index("red")}
+
+
 # --------------------------------------------------------------------------------------------
 # trained beats untrained
 

@@ -79,7 +79,7 @@ def median_filter(frames: torch.Tensor, k: int) -> torch.Tensor:
 
 def palette_labels(frames: np.ndarray, scoring: ShapesScoring) -> torch.Tensor:
     """uint8 [F, H, W, 3] → long [F, H, W]: index into NAMES, or −1 (no palette colour near)."""
-    x = median_filter(torch.as_tensor(np.asarray(frames)).float(), scoring.smooth_px)
+    x = median_filter(torch.tensor(np.asarray(frames), dtype=torch.float32), scoring.smooth_px)  # a copy: frames may be read-only
     d = torch.cdist(x.reshape(-1, 3), _RGB)  # (P, K)
     dist, idx = d.min(dim=1)
     idx[dist > scoring.colour_tolerance] = -1
