@@ -7,6 +7,12 @@ sampling shift, each image must show its own prompt's background; with the conte
 one prompt, the backgrounds must follow the rotated prompts: the model reads the text, it does
 not memorise an order. A DiT narrower than its tokens (the old tiny profile: width 48 against
 48-channel 2×2 tokens of 192 values) keeps its samples noisy and fails here.
+
+The same for editing: eight TI2I samples share ONE source and differ only in "change the background
+to X"; after overfitting, sampled with the source (Scale-and-Add) from pure noise, each image must
+show its instruction's background, and with the instructions rotated the rotated ones. The source
+alone cannot decide it, so the instruction must reach the DiT through the MLLM context next to the
+source.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from loomcore.eval.shapesbench import NAMES, ShapesScoring, palette_labels
 from loomcore.models.codec import SpaceToDepth
 from loomcore.models.dit import LoomDiT, PackLayout, loomdit_kwargs, patchify, unpack_latents
 from loomcore.models.mllm import MLLMRequest
+from loomcore.models.packed import PackItem, decode_videos, pack_conditions, sample_pack
 from loomcore.train.step import build_pack, make_generators, pack_loss, seed_generators
 
 SIZE = 32  # the tiny profile's 256p bucket, where stage 1 trains T2I
@@ -123,3 +130,71 @@ def test_a_tiny_dit_overfits_one_pack_and_draws_each_prompts_background(overfit)
     drawn = [_background(f) for f in _sample(cfg, model, rotated, codec, (grid,) * len(scenes))]
     hits = sum(d == w for d, w in zip(drawn, want[1:] + want[:1]))
     assert hits >= 6, f"with rotated contexts: drawn {drawn}, asked for {want[1:] + want[:1]}"
+
+
+EDIT_STEPS = 120  # 8 of 8 at 120, 200, 300 and 600 steps when measured (2026-12-05)
+
+
+@pytest.fixture(scope="module")
+def edit_overfit(tiny_mllm_encoder):
+    """(cfg, model, contexts, source latent, asked backgrounds, codec) after EDIT_STEPS steps on a pack
+    of eight "change the background to X" edits of one source."""
+    cfg = load_config(profile="tiny")
+    codec = SpaceToDepth(cfg.codec.spatial_factor)
+    source = make_scene(np.random.default_rng(0), (SIZE, SIZE), 1, ["square"], ["red"], "blue")
+    names = list(PALETTE)
+    targets = [render({**source, "background": n, "background_rgb": list(PALETTE[n])}) for n in names]
+
+    def latent(frames: np.ndarray) -> torch.Tensor:
+        return codec.encode((torch.from_numpy(frames).float() / 127.5 - 1).permute(3, 0, 1, 2)[None])[0]
+
+    src_pixels = render(source)
+    src = latent(src_pixels)
+    texts = [f"change the background to {n}" for n in names]
+    feats = tiny_mllm_encoder.encode([MLLMRequest("ti2i", t, source=src_pixels[0]) for t in texts])
+    L = cfg.mllm.layers_used
+    contexts = [feats.hidden_states[i][-L:, : int(n)] for i, n in enumerate(feats.lengths)]
+    samples = [Sample(f"e{i}", "ti2i", texts[i], target=latent(targets[i]), source=src, context=contexts[i])
+               for i in range(len(names))]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        torch.manual_seed(0)
+        model = LoomDiT(**loomdit_kwargs(cfg, use_source_embedding=True)).train()
+        o = cfg.stage3.optimizer
+        opt = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=0.0)
+        generators = make_generators()
+        for step in range(EDIT_STEPS):
+            seed_generators(generators, 0, step, 0)
+            inputs = build_pack(samples, None, generators, flow=cfg.flow, shift_scale=cfg.stage3.shift_scale,
+                                text_dropout=0.0, all_dropout=0.0, patch_size=cfg.dit.patch_size, use_source=True)
+            pred = model.forward_packed(inputs.noisy, inputs.timestep, inputs.context, inputs.layout,
+                                        inputs.source, inputs.references).sample
+            pack_loss(pred, inputs)[0].backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.stage3.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    finally:
+        torch.set_num_threads(threads)
+    return cfg, model.eval(), contexts, src, names, codec
+
+
+def _edit_backgrounds(cfg, model, contexts, src, codec) -> list[str]:
+    """Sample each context with the source from pure noise (the packed sampler of validation and RL)."""
+    patch = tuple(cfg.dit.patch_size)
+    pack = pack_conditions([PackItem(tuple(src.shape), c, src, [], "ti2i") for c in contexts], patch, True)
+    times = SamplingShift.from_config(cfg.guidance, cfg.flow).timesteps(cfg.guidance.steps, pack.layout.sequence_lengths)
+    noise = torch.randn(pack.token_shape, generator=torch.Generator().manual_seed(1))
+    tokens = sample_pack(model, pack, noise, times, cfg.flow.timestep_scale, torch.device("cpu"))
+    return [_background(v.numpy()) for v in decode_videos(codec, tokens, pack.layout, patch)]
+
+
+def test_a_tiny_dit_overfits_one_pack_of_edits_and_follows_each_instruction(edit_overfit):
+    cfg, model, contexts, src, names, codec = edit_overfit
+    drawn = _edit_backgrounds(cfg, model, contexts, src, codec)
+    hits = sum(d == w for d, w in zip(drawn, names))
+    assert hits >= 6, f"backgrounds drawn {drawn}, asked for {names} (the source's is blue)"
+    rotated, want = contexts[1:] + contexts[:1], names[1:] + names[:1]
+    drawn = _edit_backgrounds(cfg, model, rotated, src, codec)
+    hits = sum(d == w for d, w in zip(drawn, want))
+    assert hits >= 6, f"with rotated instructions: drawn {drawn}, asked for {want}"
