@@ -54,6 +54,36 @@ def _background(frames: np.ndarray) -> str:
     return NAMES[int(torch.bincount(valid).argmax())] if valid.numel() else "none"
 
 
+def _overfit(cfg, stage, samples, steps: int, use_source: bool):
+    """A fresh DiT of the profile's dims trained `steps` steps on the ONE pack of `samples` through
+    the training path (`build_pack`, `forward_packed`, `pack_loss`) with `stage`'s optimizer, shift
+    and clipping, no dropout. Returns (model, losses)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        torch.manual_seed(0)
+        model = LoomDiT(**loomdit_kwargs(cfg, use_source_embedding=use_source)).train()
+        o = stage.optimizer
+        opt = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=0.0)
+        generators = make_generators()
+        losses = []
+        for step in range(steps):
+            seed_generators(generators, 0, step, 0)
+            inputs = build_pack(samples, None, generators, flow=cfg.flow, shift_scale=stage.shift_scale,
+                                text_dropout=0.0, all_dropout=0.0, patch_size=cfg.dit.patch_size, use_source=use_source)
+            pred = model.forward_packed(inputs.noisy, inputs.timestep, inputs.context, inputs.layout,
+                                        inputs.source, inputs.references).sample
+            loss, _ = pack_loss(pred, inputs)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), stage.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+    finally:
+        torch.set_num_threads(threads)
+    return model, losses
+
+
 @pytest.fixture(scope="module")
 def overfit(tiny_mllm_encoder):
     """(cfg, model, contexts, scenes) after STEPS steps on the pack of eight prompts."""
@@ -67,28 +97,7 @@ def overfit(tiny_mllm_encoder):
     contexts = [feats.hidden_states[i][-L:, : int(n)] for i, n in enumerate(feats.lengths)]  # [L, T_i, H] each
     samples = [Sample(f"p{i}", "t2i", describe(s), target=latents[i], context=contexts[i]) for i, s in enumerate(scenes)]
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        torch.manual_seed(0)
-        model = LoomDiT(**loomdit_kwargs(cfg, use_source_embedding=False)).train()
-        o = cfg.stage1.optimizer
-        opt = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=0.0)
-        generators = make_generators()
-        losses = []
-        for step in range(STEPS):
-            seed_generators(generators, 0, step, 0)
-            inputs = build_pack(samples, None, generators, flow=cfg.flow, shift_scale=cfg.stage1.shift_scale,
-                                text_dropout=0.0, all_dropout=0.0, patch_size=cfg.dit.patch_size, use_source=False)
-            pred = model.forward_packed(inputs.noisy, inputs.timestep, inputs.context, inputs.layout).sample
-            loss, _ = pack_loss(pred, inputs)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.stage1.grad_clip)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            losses.append(loss.item())
-    finally:
-        torch.set_num_threads(threads)
+    model, losses = _overfit(cfg, cfg.stage1, samples, STEPS, use_source=False)
     return cfg, model.eval(), contexts, scenes, codec, losses
 
 
@@ -156,26 +165,7 @@ def edit_overfit(tiny_mllm_encoder):
     contexts = [feats.hidden_states[i][-L:, : int(n)] for i, n in enumerate(feats.lengths)]
     samples = [Sample(f"e{i}", "ti2i", texts[i], target=latent(targets[i]), source=src, context=contexts[i])
                for i in range(len(names))]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        torch.manual_seed(0)
-        model = LoomDiT(**loomdit_kwargs(cfg, use_source_embedding=True)).train()
-        o = cfg.stage3.optimizer
-        opt = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=0.0)
-        generators = make_generators()
-        for step in range(EDIT_STEPS):
-            seed_generators(generators, 0, step, 0)
-            inputs = build_pack(samples, None, generators, flow=cfg.flow, shift_scale=cfg.stage3.shift_scale,
-                                text_dropout=0.0, all_dropout=0.0, patch_size=cfg.dit.patch_size, use_source=True)
-            pred = model.forward_packed(inputs.noisy, inputs.timestep, inputs.context, inputs.layout,
-                                        inputs.source, inputs.references).sample
-            pack_loss(pred, inputs)[0].backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.stage3.grad_clip)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-    finally:
-        torch.set_num_threads(threads)
+    model, _ = _overfit(cfg, cfg.stage3, samples, EDIT_STEPS, use_source=True)
     return cfg, model.eval(), contexts, src, names, codec
 
 
