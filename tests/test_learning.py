@@ -24,11 +24,10 @@ import torch
 from loomcore.config import load_config
 from loomcore.data.loader import Sample
 from loomcore.data.synthetic import PALETTE, describe, make_scene, render
-from loomcore.diffusion.flow import timestep_input
-from loomcore.diffusion.sampling import SamplingShift, euler_sample
+from loomcore.diffusion.sampling import SamplingShift
 from loomcore.eval.shapesbench import NAMES, ShapesScoring, palette_labels
 from loomcore.models.codec import SpaceToDepth
-from loomcore.models.dit import LoomDiT, PackLayout, loomdit_kwargs, patchify, unpack_latents
+from loomcore.models.dit import LoomDiT, loomdit_kwargs
 from loomcore.models.mllm import MLLMRequest
 from loomcore.models.packed import PackItem, decode_videos, pack_conditions, sample_pack
 from loomcore.train.step import build_pack, make_generators, pack_loss, seed_generators
@@ -101,42 +100,33 @@ def overfit(tiny_mllm_encoder):
     return cfg, model.eval(), contexts, scenes, codec, losses
 
 
-def _sample(cfg, model, contexts, codec, grids) -> list[np.ndarray]:
+def _backgrounds(cfg, model, contexts, codec, latent_shape, source=None) -> list[str]:
+    """The background each context draws from pure noise (with `source` for every sample when
+    given), through the packed sampler of validation and RL, the profile's sampling shift and steps."""
     patch = tuple(cfg.dit.patch_size)
-    layout = PackLayout(grids, tuple(c.shape[1] for c in contexts))
-    context = torch.cat(contexts, dim=1)
-    S = layout.num_samples
-    times = SamplingShift.from_config(cfg.guidance, cfg.flow).timesteps(cfg.guidance.steps, layout.sequence_lengths)
-    index = torch.repeat_interleave(torch.arange(S), torch.tensor(layout.target_lengths))
-    P = cfg.codec.latent_channels * patch[0] * patch[1] * patch[2]
-
-    def velocity(z, t):
-        return model.forward_packed(z, timestep_input(t, cfg.flow.timestep_scale), context, layout).sample
-
-    with torch.no_grad():
-        z = euler_sample(velocity, (sum(layout.target_lengths), P), times, generator=torch.Generator().manual_seed(1),
-                         sample_index=index)
-    out = []
-    for lat in unpack_latents(z, grids, patch):
-        px = codec.decode(lat[None])[0].permute(1, 2, 3, 0)  # (F, H, W, 3) in [-1, 1]
-        out.append(((px.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy())
-    return out
+    task = "t2i" if source is None else "ti2i"
+    pack = pack_conditions([PackItem(tuple(latent_shape), c, source, [], task) for c in contexts], patch,
+                           source is not None)
+    times = SamplingShift.from_config(cfg.guidance, cfg.flow).timesteps(cfg.guidance.steps, pack.layout.sequence_lengths)
+    noise = torch.randn(pack.token_shape, generator=torch.Generator().manual_seed(1))
+    tokens = sample_pack(model, pack, noise, times, cfg.flow.timestep_scale, torch.device("cpu"))
+    return [_background(v.numpy()) for v in decode_videos(codec, tokens, pack.layout, patch)]
 
 
 def test_a_tiny_dit_overfits_one_pack_and_draws_each_prompts_background(overfit):
     cfg, model, contexts, scenes, codec, losses = overfit
     assert np.mean(losses[-20:]) < 0.5 * np.mean(losses[:20]), f"loss did not fall: {losses[:3]} … {losses[-3:]}"
-    patch = cfg.dit.patch_size
-    grid = (1, SIZE // cfg.codec.spatial_factor // patch[1], SIZE // cfg.codec.spatial_factor // patch[2])
+    side = SIZE // cfg.codec.spatial_factor
+    shape = (cfg.codec.latent_channels, 1, side, side)
     want = [s["background"] for s in scenes]
 
-    drawn = [_background(f) for f in _sample(cfg, model, contexts, codec, (grid,) * len(scenes))]
+    drawn = _backgrounds(cfg, model, contexts, codec, shape)
     hits = sum(d == w for d, w in zip(drawn, want))
     assert hits >= 6, f"backgrounds drawn {drawn}, asked for {want}"
 
     # the text decides: rotate the contexts by one prompt, the backgrounds follow
     rotated = contexts[1:] + contexts[:1]
-    drawn = [_background(f) for f in _sample(cfg, model, rotated, codec, (grid,) * len(scenes))]
+    drawn = _backgrounds(cfg, model, rotated, codec, shape)
     hits = sum(d == w for d, w in zip(drawn, want[1:] + want[:1]))
     assert hits >= 6, f"with rotated contexts: drawn {drawn}, asked for {want[1:] + want[:1]}"
 
@@ -169,22 +159,12 @@ def edit_overfit(tiny_mllm_encoder):
     return cfg, model.eval(), contexts, src, names, codec
 
 
-def _edit_backgrounds(cfg, model, contexts, src, codec) -> list[str]:
-    """Sample each context with the source from pure noise (the packed sampler of validation and RL)."""
-    patch = tuple(cfg.dit.patch_size)
-    pack = pack_conditions([PackItem(tuple(src.shape), c, src, [], "ti2i") for c in contexts], patch, True)
-    times = SamplingShift.from_config(cfg.guidance, cfg.flow).timesteps(cfg.guidance.steps, pack.layout.sequence_lengths)
-    noise = torch.randn(pack.token_shape, generator=torch.Generator().manual_seed(1))
-    tokens = sample_pack(model, pack, noise, times, cfg.flow.timestep_scale, torch.device("cpu"))
-    return [_background(v.numpy()) for v in decode_videos(codec, tokens, pack.layout, patch)]
-
-
 def test_a_tiny_dit_overfits_one_pack_of_edits_and_follows_each_instruction(edit_overfit):
     cfg, model, contexts, src, names, codec = edit_overfit
-    drawn = _edit_backgrounds(cfg, model, contexts, src, codec)
+    drawn = _backgrounds(cfg, model, contexts, codec, src.shape, src)
     hits = sum(d == w for d, w in zip(drawn, names))
     assert hits >= 6, f"backgrounds drawn {drawn}, asked for {names} (the source's is blue)"
     rotated, want = contexts[1:] + contexts[:1], names[1:] + names[:1]
-    drawn = _edit_backgrounds(cfg, model, rotated, src, codec)
+    drawn = _backgrounds(cfg, model, rotated, codec, src.shape, src)
     hits = sum(d == w for d, w in zip(drawn, want))
     assert hits >= 6, f"with rotated instructions: drawn {drawn}, asked for {want}"
