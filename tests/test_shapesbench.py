@@ -159,12 +159,18 @@ def test_read_only_frames_are_scored_without_a_warning():
     evaluate stage's log otherwise)."""
     import warnings
 
+    from loomcore.eval.metrics import to_float
+
     img = np.full((1, 8, 8, 3), PALETTE["red"], np.uint8)
     img.setflags(write=False)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         labels = sb.palette_labels(img, SCORING)
+        ssim = sb.ssim_map(img, img)
+        pixels = to_float(img)  # the VBench stand-ins' frame tensor
     assert set(labels.unique().tolist()) == {sb.NAMES.index("red")}
+    assert np.allclose(ssim, 1.0) and tuple(pixels.shape) == (1, 3, 8, 8)
+    assert float(pixels[0, 0, 0, 0]) == pytest.approx(PALETTE["red"][0] / 255)
 
 
 # --------------------------------------------------------------------------------------------

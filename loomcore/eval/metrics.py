@@ -83,8 +83,8 @@ def center_crop(x: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def to_float(frames: np.ndarray) -> torch.Tensor:
-    """uint8 [F, H, W, 3] → float [F, 3, H, W] in [0, 1]."""
-    return torch.as_tensor(np.asarray(frames)).permute(0, 3, 1, 2).float() / 255.0
+    """uint8 [F, H, W, 3] → float [F, 3, H, W] in [0, 1] (a copy: decoded frames may be read-only)."""
+    return torch.tensor(np.asarray(frames)).permute(0, 3, 1, 2).float() / 255.0
 
 
 def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:

@@ -189,8 +189,8 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 def ssim_map(a: np.ndarray, b: np.ndarray, window: int = 7, sigma: float = 1.5) -> np.ndarray:
     """SSIM (Wang et al. 2004; Gaussian window, K1 0.01, K2 0.03) per pixel of uint8 frames
     [F, H, W, 3], averaged over channels → [F, H, W]."""
-    x = torch.as_tensor(a).float().permute(0, 3, 1, 2)
-    y = torch.as_tensor(b).float().permute(0, 3, 1, 2)
+    x = torch.tensor(a, dtype=torch.float32).permute(0, 3, 1, 2)  # copies: frames may be read-only
+    y = torch.tensor(b, dtype=torch.float32).permute(0, 3, 1, 2)
     g = torch.exp(-((torch.arange(window) - window // 2) ** 2) / (2 * sigma ** 2))
     g = (g[:, None] * g[None, :]) / g.sum() ** 2
     kernel = g.expand(3, 1, window, window)
