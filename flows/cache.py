@@ -4,7 +4,6 @@ kept manifest row, at every resolution a training stage uses → data/cache/ (sa
 
 from __future__ import annotations
 
-
 from prefect import flow
 
 from flows.common import stage_main
@@ -12,19 +11,19 @@ from tasks.common import markdown_table, publish_markdown
 from tasks.cache import cache_task
 
 
+def _markdown(summary: dict) -> str:
+    rows = [{"resolution": k, "samples": v, "tasks": ", ".join(summary["plan"][k])} for k, v in summary["per_resolution"].items()]
+    sizes = [{"what": k, "bytes/sample": v} for k, v in summary.get("bytes_per_sample", {}).items()]
+    return (f"# Cache\n\nMLLM side: **{summary['feature_mode']}** — {summary['samples']} entries in {summary['shards']} shards "
+            f"({summary['shards_written']} written now, {summary['shards_skipped']} already there)\n\n"
+            f"{markdown_table(rows)}\n## Bytes per sample\n\n{markdown_table(sizes)}\n"
+            f"Rows that could not be cached at a resolution: {len(summary['skipped_rows'])}\n")
+
+
 @flow(name="cache", log_prints=True)
 def cache_flow(profile: str | None = None, overrides: list[str] | None = None) -> dict:
     summary = cache_task(profile, list(overrides or []))
-    rows = [{"resolution": k, "samples": v, "tasks": ", ".join(summary["plan"][k])} for k, v in summary["per_resolution"].items()]
-    sizes = [{"what": k, "bytes/sample": v} for k, v in summary.get("bytes_per_sample", {}).items()]
-    publish_markdown(
-        "cache-summary",
-        f"# Cache\n\nMLLM side: **{summary['feature_mode']}** — {summary['samples']} entries in {summary['shards']} shards "
-        f"({summary['shards_written']} written now, {summary['shards_skipped']} already there)\n\n"
-        f"{markdown_table(rows)}\n## Bytes per sample\n\n{markdown_table(sizes)}\n"
-        f"Rows that could not be cached at a resolution: {len(summary['skipped_rows'])}\n",
-        "What the cache stage did",
-    )
+    publish_markdown("cache-summary", _markdown(summary), "What the cache stage did")
     return summary
 
 

@@ -1,5 +1,6 @@
-"""The stage pattern: every DVC stage's `cmd` is `python -m flows.<stage> [--profile P] [k=v …]`,
-which runs that stage's Prefect flow. This module gives each flow the same command line, the
+"""The stage pattern: every DVC stage's `cmd` is `python -m flows.<stage> [--profile P] [k=v …]`
+(`python -m flows.train <stage> …` for the three training stages, one module), which runs that
+stage's Prefect flow. This module gives each flow the same command line, the
 config of a checkout (`repo_config`), and the deployments' pull step (`enter_checkout`)."""
 
 from __future__ import annotations
@@ -8,27 +9,34 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 from tasks.common import PARENT_TASK_RUN_ENV
 
 
-def stage_main(flow_fn: Callable, description: str, argv: list[str] | None = None) -> int:
-    """Parse `--profile` and `key=value` overrides, run the flow, exit non-zero on failure."""
-    p = argparse.ArgumentParser(prog=f"python -m {flow_fn.__module__}", description=description)
+def stage_main(flows: Callable | Mapping[str, Callable], description: str, argv: list[str] | None = None) -> int:
+    """Parse `--profile` and `key=value` overrides (and the stage, when the module runs several
+    stages' flows: `flows` a {stage: flow} mapping), run the flow, exit non-zero on failure."""
+    many = isinstance(flows, Mapping)
+    module = next(iter(flows.values())).__module__ if many else flows.__module__
+    if module == "__main__":  # run as `python -m flows.x`: its module name, not "__main__"
+        module = getattr(sys.modules["__main__"].__spec__, "name", module)
+    p = argparse.ArgumentParser(prog=f"python -m {module}", description=description,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    if many:
+        p.add_argument("stage", choices=list(flows), help="the stage to run")
     p.add_argument("--profile", default=None, help="profile (default: params.yaml's 'profile')")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. data.synthetic_samples=50")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # `stage1 --profile tiny k=v`: overrides after an option too
+    flow_fn = flows[args.stage] if many else flows
     from loomcore.config import ConfigError
 
     try:
         run_stage_flow(flow_fn, profile=args.profile, overrides=args.overrides)
     except ConfigError as e:
-        print(f"{flow_fn.__module__}: {e}", file=sys.stderr)
+        print(f"{module}: {e}", file=sys.stderr)
         return 2
     return 0
-
-
 
 
 def run_stage_flow(flow_fn: Callable, **parameters):

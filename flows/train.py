@@ -1,9 +1,17 @@
-"""The training stages' shared flow body: run one stage under torchrun (tasks.train), then publish
-its summary as a markdown artifact. `flows.stage1/2/3` are the DVC stages' entry points."""
+"""DVC stages `stage1` → `stage2` → `stage3`: `python -m flows.train <stage> [--profile P] [key=value …]`
+runs that stage's Prefect flow — the stage under torchrun (tasks.train), then its summary published
+as a markdown artifact. Each writes <train.out_dir>/<stage>/{model,final,summary.json,metrics.json,plots}
+(layout: loomcore.train.trainer).
+
+examples:
+  python -m flows.train stage1 --profile tiny
+  python -m flows.train stage3 stage3.steps=100"""
 
 from __future__ import annotations
 
+from prefect import flow
 
+from flows.common import stage_main
 from tasks.common import markdown_table, publish_markdown
 from tasks.train import train_stage_task
 
@@ -23,3 +31,30 @@ def run_stage(stage: str, profile: str | None = None, overrides: list[str] | Non
         f"What {stage} trained",
     )
     return summary
+
+
+@flow(name="stage1", log_prints=True)
+def stage1_flow(profile: str | None = None, overrides: list[str] | None = None) -> dict:
+    """MLLM alignment: the base Wan DiT, with a new zero-initialised Deepstack projector, learns to
+    read Qwen3-VL's last layers on T2I/T2V at 256p (no EMA, no conditioning dropout). Starts from
+    the base models."""
+    return run_stage("stage1", profile, overrides)
+
+
+@flow(name="stage2", log_prints=True)
+def stage2_flow(profile: str | None = None, overrides: list[str] | None = None) -> dict:
+    """Reconstruction and editing at 480p: the source embedding is on, EMA, conditioning dropout.
+    Starts from stage 1's weights."""
+    return run_stage("stage2", profile, overrides)
+
+
+@flow(name="stage3", log_prints=True)
+def stage3_flow(profile: str | None = None, overrides: list[str] | None = None) -> dict:
+    """Multi-task at 480p, all ten task kinds. Starts from stage 2's EMA weights."""
+    return run_stage("stage3", profile, overrides)
+
+
+STAGE_FLOWS = {"stage1": stage1_flow, "stage2": stage2_flow, "stage3": stage3_flow}
+
+if __name__ == "__main__":
+    raise SystemExit(stage_main(STAGE_FLOWS, __doc__))

@@ -313,8 +313,9 @@ def cmd_generate(args) -> int:
 
         # 3. The inputs, as this model takes them
         plan = pipe.resolve_inputs(
-            args.prompt, args.negative_prompt, args.task, args.source, args.ref, args.height, args.width,
-            args.frames, args.steps, args.guidance, args.visual_guidance, args.layout,
+            args.prompt, negative_prompt=args.negative_prompt, task=args.task, source=args.source, references=args.ref,
+            height=args.height, width=args.width, num_frames=args.frames, num_inference_steps=args.steps,
+            guidance_scale=args.guidance, visual_guidance_scale=args.visual_guidance, mllm_layout=args.layout,
         )
         check_output_path(args.out, plan.num_frames, overwrite=args.overwrite)
 
@@ -323,9 +324,7 @@ def cmd_generate(args) -> int:
             print(f"generate: {line}")
         pipe.to(device)
         out = pipe(
-            plan.prompt, plan.negative_prompt, plan.task, plan.source, list(plan.references), plan.height,
-            plan.width, plan.num_frames, plan.num_inference_steps, plan.guidance_scale, plan.visual_guidance_scale,
-            mllm_layout=plan.mllm_layout,
+            plan.prompt, **plan.call_inputs(),
             generator=torch.Generator("cpu").manual_seed(args.seed),  # CPU noise: a seed means the same on any device
         )
     except InputError as e:  # a user's mistake (loomcore.errors); anything else is a bug: its traceback shows
@@ -345,79 +344,79 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    p = sub.add_parser("config", help="print or check the config a stage runs with (params.yaml + overrides)")
-    _add_config_args(p)
-    p.add_argument("--check", action="store_true", help="only validate; print one line")
-    p.set_defaults(func=cmd_config)
+    configured = []
 
-    p = sub.add_parser("params", help="compose conf/ (+ Hydra overrides) into params.yaml, the config DVC tracks")
+    def command(name: str, func, config: bool = True, **kw) -> argparse.ArgumentParser:
+        """A subcommand that runs `func`; with `config`, it takes --profile, --params and key=value
+        overrides (added after its own arguments, so that the overrides' positional comes last)."""
+        p = sub.add_parser(name, **kw)
+        p.set_defaults(func=func)
+        if config:
+            configured.append(p)
+        return p
+
+    p = command("config", cmd_config, help="print or check the config a stage runs with (params.yaml + overrides)")
+    p.add_argument("--check", action="store_true", help="only validate; print one line")
+
+    p = command("params", cmd_params, config=False,
+                help="compose conf/ (+ Hydra overrides) into params.yaml, the config DVC tracks")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="Hydra overrides, e.g. profile=paper stage1.steps=5")
     p.add_argument("--conf", default=None, help="config folder (default: conf/ at the repo root)")
     p.add_argument("--out", default=None, help="file to write (default: params.yaml at the repo root)")
     p.add_argument("--check", action="store_true", help="write nothing; exit 1 if the file differs from the composition")
-    p.set_defaults(func=cmd_params)
 
-    p = sub.add_parser("plots-template", help="write the offline HTML page `dvc plots show` fills (vega inlined)",
-                       description="Writes .dvc/plots/offline.html: DVC's plot page with vega, vega-lite and "
-                       "vega-embed inlined from the pinned vl-convert-python, so `dvc plots show` draws with no "
-                       "network. .dvc/config's plots.html_template points at it.")
+    p = command("plots-template", cmd_plots_template, config=False,
+                help="write the offline HTML page `dvc plots show` fills (vega inlined)",
+                description="Writes .dvc/plots/offline.html: DVC's plot page with vega, vega-lite and "
+                "vega-embed inlined from the pinned vl-convert-python, so `dvc plots show` draws with no "
+                "network. .dvc/config's plots.html_template points at it.")
     p.add_argument("--out", default=None, help="file to write (default: .dvc/plots/offline.html at the repo root)")
     p.add_argument("--check", action="store_true", help="write nothing; exit 1 if the file differs from the build")
-    p.set_defaults(func=cmd_plots_template)
 
-    p = sub.add_parser("init-models", help="build the tiny base models, or check the paper ones are complete")
-    _add_config_args(p)
+    p = command("init-models", cmd_init_models, help="build the tiny base models, or check the paper ones are complete")
     p.add_argument("--force", action="store_true", help="rebuild even if the folders are up to date")
-    p.set_defaults(func=cmd_init_models)
 
-    p = sub.add_parser("import-release", help="convert the authors' released checkpoint into our safetensors folder",
-                       description="Reads every form the release's load_checkpoint reads: the checkpoint folder "
-                       "(ema/ema.pth first, else latest/gen_model.pth, else gen_model.pth) or one .pth/.pt/.safetensors "
-                       "file with keys 'gen_model.*' or unprefixed. Pickles are read with weights_only=True; every "
-                       "key and shape is checked against the profile's DiT.")
+    p = command("import-release", cmd_import_release,
+                help="convert the authors' released checkpoint into our safetensors folder",
+                description="Reads every form the release's load_checkpoint reads: the checkpoint folder "
+                "(ema/ema.pth first, else latest/gen_model.pth, else gen_model.pth) or one .pth/.pt/.safetensors "
+                "file with keys 'gen_model.*' or unprefixed. Pickles are read with weights_only=True; every "
+                "key and shape is checked against the profile's DiT.")
     p.add_argument("checkpoint", help="the release's checkpoint folder (e.g. checkpoints/LoomVideo) or a weights file")
     p.add_argument("--weights", choices=("ema", "model"), default="ema",
                    help="from a folder: the EMA weights when present, as the release loads (default), or the model's")
     p.add_argument("out_dir", help="output folder (LoomDiT.save_pretrained layout)")
-    _add_config_args(p)
-    p.set_defaults(func=cmd_import_release)
 
-    p = sub.add_parser("pipeline", help="run the whole DAG (dvc repro) on a profile")
+    p = command("pipeline", cmd_pipeline, help="run the whole DAG (dvc repro) on a profile")
     p.add_argument("--target", dest="targets", action="append", help="only reproduce up to this stage (repeatable)")
-    _add_config_args(p)
-    p.set_defaults(func=cmd_pipeline)
 
-    p = sub.add_parser("plan", help="the GPU memory one training rank needs, per stage and GPU count (FSDP2)",
-                       description="Builds the DiT on the meta device and reports, per rank: fp32 parameters, "
-                       "gradients, AdamW moments and EMA sharded over the GPUs, the gathered blocks, the "
-                       "activations of one stageN.max_tokens pack (measured on the meta device: what autograd "
-                       "saves, with or without activation checkpointing), the frozen MLLM in the online "
-                       "feature mode, a margin; and whether it fits the GPU. The training stages' GPU "
-                       "preflight asks each GPU for the same per-rank total.",
-                       epilog="example:\n  loom plan --profile paper --gpus 8 16 64 --gpu H20 H200",
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = command("plan", cmd_plan, help="the GPU memory one training rank needs, per stage and GPU count (FSDP2)",
+                description="Builds the DiT on the meta device and reports, per rank: fp32 parameters, "
+                "gradients, AdamW moments and EMA sharded over the GPUs, the gathered blocks, the "
+                "activations of one stageN.max_tokens pack (measured on the meta device: what autograd "
+                "saves, with or without activation checkpointing), the frozen MLLM in the online "
+                "feature mode, a margin; and whether it fits the GPU. The training stages' GPU "
+                "preflight asks each GPU for the same per-rank total.",
+                epilog="example:\n  loom plan --profile paper --gpus 8 16 64 --gpu H20 H200",
+                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stage", nargs="+", default=["stage1", "stage2", "stage3"], choices=("stage1", "stage2", "stage3"))
     p.add_argument("--gpus", nargs="+", type=int, default=[8, 16, 64], help="GPU counts (ranks) to plan for")
     p.add_argument("--gpu", nargs="+", default=["H20"], help="GPU kinds: H20, H200, H100, A100-80GB")
     p.add_argument("--checkpointing", choices=("on", "off"), default=None,
                    help="activation checkpointing (default: dit.gradient_checkpointing)")
     p.add_argument("--context", type=int, default=1024, help="MLLM context tokens per pack (default 1024)")
-    _add_config_args(p)
-    p.set_defaults(func=cmd_plan)
 
-    p = sub.add_parser("deploy", help="prefect deploy --all with the profile's work pools (run from the checkout)",
-                       description="Deploys prefect.yaml's deployments to the Prefect server at PREFECT_API_URL. "
-                       "The CPU deployments go to orchestration.cpu_pool, the GPU ones (cache, stages 1-3, RL, "
-                       "evaluate) to orchestration.gpu_pool: on the tiny profile both are loom-local, one CPU "
-                       "pool with one worker; on the paper profile the GPU pool is h20. The pools must exist; "
-                       "the deployments run in LOOM_REPO (default: this checkout).")
-    _add_config_args(p)
-    p.set_defaults(func=cmd_deploy)
+    p = command("deploy", cmd_deploy, help="prefect deploy --all with the profile's work pools (run from the checkout)",
+                description="Deploys prefect.yaml's deployments to the Prefect server at PREFECT_API_URL. "
+                "The CPU deployments go to orchestration.cpu_pool, the GPU ones (cache, stages 1-3, RL, "
+                "evaluate) to orchestration.gpu_pool: on the tiny profile both are loom-local, one CPU "
+                "pool with one worker; on the paper profile the GPU pool is h20. The pools must exist; "
+                "the deployments run in LOOM_REPO (default: this checkout).")
 
     from loomcore.config import TASK_KINDS
 
-    p = sub.add_parser("generate", help="generate or edit an image/video with a LoomVideo pipeline",
-                       epilog=GENERATE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = command("generate", cmd_generate, help="generate or edit an image/video with a LoomVideo pipeline",
+                epilog=GENERATE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--prompt", default="", help="caption or instruction; '@Figure k' names the k-th --ref")
     p.add_argument("--negative-prompt", default=None,
                    help="default: the pipeline's (params guidance.generate_negative_prompt, else guidance.negative_prompt)")
@@ -442,8 +441,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "with the profile's other base models")
     p.add_argument("--device", help="cpu, cuda, cuda:1 … (default: cuda if available)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), help="DiT/MLLM dtype (default: bfloat16 on cuda, else float32)")
-    _add_config_args(p)
-    p.set_defaults(func=cmd_generate)
+    for p in configured:
+        _add_config_args(p)
     return parser
 
 

@@ -57,7 +57,7 @@ def project(tiny_workspace, tmp_path_factory):
     lock = {"schema": "2.0", "stages": {
         "curate": {"cmd": "python -m flows.curate", "params": {"params.yaml": {"data.source": "synthetic"}},
                    "outs": [{"path": os.path.relpath(manifests / "train.parquet", root), "md5": dvc_md5(manifests / "train.parquet")}]},
-        "stage3": {"cmd": "python -m flows.stage3", "params": {"params.yaml": {"stage3": {"steps": 80}}},
+        "stage3": {"cmd": "python -m flows.train stage3", "params": {"params.yaml": {"stage3": {"steps": 80}}},
                    "outs": [{"path": "outputs/stage3/model", "md5": tree.hash_info.value}]},
     }}
     (root / "dvc.lock").write_text(yaml.safe_dump(lock))

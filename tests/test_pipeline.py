@@ -239,6 +239,21 @@ def test_mllm_layout_defaults_to_the_release_demo_and_reaches_the_contexts(pipe,
         pipe.resolve_inputs("make it blue", source=media["video"], mllm_layout="sideways")
 
 
+def test_resolve_inputs_takes_exactly_the_inputs_of_call(pipe):
+    """`resolve_inputs` takes `__call__`'s inputs by name (CALL_INPUTS, in the signature's order):
+    the tuple cannot drift from the signature, and a misspelt name is refused, not ignored."""
+    import inspect
+
+    from loomcore.pipeline.inputs import CALL_INPUTS
+    from loomcore.pipeline.pipeline_loomvideo import LoomVideoPipeline
+
+    names = list(inspect.signature(LoomVideoPipeline.__call__).parameters)
+    assert names[1] == "prompt" and tuple(names[2:2 + len(CALL_INPUTS)]) == CALL_INPUTS
+    assert names[2 + len(CALL_INPUTS)] == "generator"  # the first argument that is not an input
+    with pytest.raises(TypeError, match=r"unexpected keyword arguments \['heigth'\]"):
+        pipe.resolve_inputs("a red circle", heigth=32)
+
+
 def test_the_paper_pipeline_defaults_to_the_demo_negative_prompt():
     from loomcore.config import load_config
     from loomcore.pipeline.loading import pipeline_settings

@@ -555,7 +555,7 @@ def _pids_with(text: str) -> list:
 
 
 def test_cancelling_the_stage_flow_kills_torchrun_and_its_ranks(ws):
-    """The DVC stage's command (`python -m flows.stage1`) → Prefect flow → task → torchrun. A
+    """The DVC stage's command (`python -m flows.train stage1`) → Prefect flow → task → torchrun. A
     SIGTERM to the flow process (what Prefect's runner sends on cancel) must take torchrun and its
     rank with it: they run in their own process group, which the task kills."""
     import threading
@@ -564,7 +564,7 @@ def test_cancelling_the_stage_flow_kills_torchrun_and_its_ranks(ws):
     marker = str(root / "cancel")
     # its own session: Prefect's temporary API server (a child of the flow process) outlives a
     # SIGTERM-ed flow, and is cleaned up below with the rest of that group
-    proc = subprocess.Popen([sys.executable, "-m", "flows.stage1", "--profile", "tiny",
+    proc = subprocess.Popen([sys.executable, "-m", "flows.train", "stage1", "--profile", "tiny",
                              *_overrides(ws, "cancel", "stage1.steps=100000", "stage1.sample_every=100000")],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)

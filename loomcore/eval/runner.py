@@ -80,9 +80,7 @@ def generate(pipe, *, prompt: str, task: str, source, references: Sequence, size
     plan = pipe.resolve_inputs(prompt=prompt, task=task, source=source, references=list(references),
                                height=size[1], width=size[0], num_frames=num_frames, num_inference_steps=steps,
                                mllm_layout=layout, negative_prompt=negative_prompt)
-    out = pipe(prompt=prompt, negative_prompt=negative_prompt, task=task, source=plan.source, references=list(plan.references), height=plan.height,
-               width=plan.width, num_frames=plan.num_frames, num_inference_steps=steps, output_type="np",
-               generator=torch.Generator().manual_seed(seed), mllm_layout=layout)
+    out = pipe(prompt, **plan.call_inputs(), output_type="np", generator=torch.Generator().manual_seed(seed))
     from loomcore.pipeline import to_uint8_frames
 
     return Generation(to_uint8_frames(out.frames), None if plan.source is None else plan.source.numpy(),

@@ -88,9 +88,16 @@ class Geometry:
                                  f"{self.spatial_factor} × DiT patch {mult // self.spatial_factor}), e.g. {near}")
 
 
+# `LoomVideoPipeline.__call__`'s inputs after the prompt, in its order: what its `resolve_inputs`
+# loads, checks and resolves into a GenerationPlan
+CALL_INPUTS = ("negative_prompt", "task", "source", "references", "height", "width", "num_frames",
+               "num_inference_steps", "guidance_scale", "visual_guidance_scale", "mllm_layout")
+
+
 @dataclass(frozen=True)
 class GenerationPlan:
-    """A call's resolved inputs: everything the denoising loop needs besides the models."""
+    """A call's resolved inputs: everything the denoising loop needs besides the models.
+    `LoomVideoPipeline(plan.prompt, **plan.call_inputs())` makes the call again with them."""
 
     task: str
     prompt: str
@@ -115,6 +122,10 @@ class GenerationPlan:
     def has_visual(self) -> bool:
         """Whether the MLLM input holds an image or video (then the visual-only branch exists)."""
         return self.source is not None or len(self.references) > 0
+
+    def call_inputs(self) -> dict:
+        """The resolved inputs as `LoomVideoPipeline.__call__`'s keyword arguments (CALL_INPUTS)."""
+        return {k: list(self.references) if k == "references" else getattr(self, k) for k in CALL_INPUTS}
 
 
 # --------------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import numpy as np
@@ -43,7 +44,7 @@ from loomcore.models.mllm import LAYOUTS, MLLMEncoder, MLLMFeatures, MLLMRequest
 
 from loomcore.data.video_io import media_kind, read_video_release
 
-from .inputs import GenerationPlan, Geometry, load_frames, plan_generation, to_pixels
+from .inputs import CALL_INPUTS, GenerationPlan, Geometry, load_frames, plan_generation, to_pixels
 from .loading import (check_pipeline_folder, load_mllm, load_scheduler, load_transformer, load_vae, pipeline_settings,
                       uses_pipeline_module, write_pipeline_module)
 
@@ -190,43 +191,35 @@ class LoomVideoPipeline(DiffusionPipeline):
     # ---------------------------------------------------------------------------------------
     # Inputs
 
-    def resolve_inputs(
-        self,
-        prompt: str = "",
-        negative_prompt: Optional[str] = None,
-        task: Optional[str] = None,
-        source: Optional[MediaInput] = None,
-        references: Optional[Sequence[MediaInput]] = None,
-        height: Optional[int] = None,
-        width: Optional[int] = None,
-        num_frames: Optional[int] = None,
-        num_inference_steps: Optional[int] = None,
-        guidance_scale: Optional[float] = None,
-        visual_guidance_scale: Optional[float] = None,
-        mllm_layout: Optional[str] = None,
-    ) -> GenerationPlan:
+    def resolve_inputs(self, prompt: str = "", **inputs) -> GenerationPlan:
         """Load and check a call's inputs; resolve the task, size, frame count and scales
-        (`__call__` starts here; the CLI calls it first to refuse bad input before any work)."""
+        (`__call__` starts here; the CLI calls it first to refuse bad input before any work).
+        `inputs`: `__call__`'s keyword arguments from `negative_prompt` to `mllm_layout`, same
+        names and defaults."""
+        unknown = sorted(set(inputs) - set(CALL_INPUTS))
+        if unknown:
+            raise TypeError(f"resolve_inputs: unexpected keyword arguments {unknown}; expected some of {CALL_INPUTS}")
+        a = SimpleNamespace(**{**dict.fromkeys(CALL_INPUTS), **inputs})
         c = self.config
         cut = None
-        if isinstance(source, (str, Path)) and media_kind(source) == "video":
+        if isinstance(a.source, (str, Path)) and media_kind(a.source) == "video":
             # as the release's demo reads a source: at most max_source_frames (num_frames when
             # given) at fps from the start, the nearest frame each, trimmed to 1 + temporal·k
-            src, cut = read_video_release(source, c.fps, num_frames or c.get("max_source_frames", 121),
+            src, cut = read_video_release(a.source, c.fps, a.num_frames or c.get("max_source_frames", 121),
                                           self.geometry.temporal_factor)
         else:
-            src = None if source is None else load_frames(source, "source", fps=c.fps, max_frames=num_frames)
-        refs = [load_frames(r, f"reference {k}") for k, r in enumerate(references or (), 1)]
+            src = None if a.source is None else load_frames(a.source, "source", fps=c.fps, max_frames=a.num_frames)
+        refs = [load_frames(r, f"reference {k}") for k, r in enumerate(a.references or (), 1)]
         plan = plan_generation(
-            prompt=prompt, task=task, source=src, references=refs, height=height, width=width,
-            num_frames=num_frames,
-            num_inference_steps=c.num_inference_steps if num_inference_steps is None else num_inference_steps,
-            guidance_scale=guidance_scale,
-            visual_guidance_scale=c.visual_guidance_scale if visual_guidance_scale is None else visual_guidance_scale,
-            negative_prompt=c.negative_prompt if negative_prompt is None else negative_prompt,
+            prompt=prompt, task=a.task, source=src, references=refs, height=a.height, width=a.width,
+            num_frames=a.num_frames,
+            num_inference_steps=c.num_inference_steps if a.num_inference_steps is None else a.num_inference_steps,
+            guidance_scale=a.guidance_scale,
+            visual_guidance_scale=c.visual_guidance_scale if a.visual_guidance_scale is None else a.visual_guidance_scale,
+            negative_prompt=c.negative_prompt if a.negative_prompt is None else a.negative_prompt,
             defaults=c, geometry=self.geometry,
         )
-        layout = mllm_layout or c.get("mllm_layout", "demo")
+        layout = a.mllm_layout or c.get("mllm_layout", "demo")
         if layout not in LAYOUTS:
             raise InputError(f"mllm_layout = {layout!r}: expected one of {LAYOUTS}")
         return dataclasses.replace(plan, source_cut=cut, mllm_layout=layout)
@@ -344,8 +337,8 @@ class LoomVideoPipeline(DiffusionPipeline):
             raise InputError(f"callback_on_step_end_tensor_inputs: {unknown} not in {self._callback_tensor_inputs}")
 
         # 1. Check inputs; resolve the task, output size, frame count and guidance scales
-        plan = self.resolve_inputs(prompt, negative_prompt, task, source, references, height, width, num_frames,
-                                   num_inference_steps, guidance_scale, visual_guidance_scale, mllm_layout)
+        given = locals()
+        plan = self.resolve_inputs(prompt, **{k: given[k] for k in CALL_INPUTS})
         branches = guidance_branches(plan.has_visual, plan.guidance_scale, plan.visual_guidance_scale)
         device = self._execution_device
         dtype = self.transformer.dtype
