@@ -134,6 +134,7 @@ class MLLMConfig:
     max_length: int
     feature_mode: str
     projector_mult: int
+    tiny_attention: str  # how `loom init-models` builds a tiny Qwen3-VL's heads: "random" | "previous_token"
 
 
 @dataclass(frozen=True)
@@ -703,6 +704,8 @@ def _validate(cfg: Config) -> None:
     check(cfg.s3.checksum_mode in ("when_supported", "when_required"),
           f"s3.checksum_mode = {cfg.s3.checksum_mode!r}: expected when_supported or when_required")
     check(cfg.models.codec in CODECS, f"models.codec = {cfg.models.codec!r}: expected one of {CODECS}")
+    check(cfg.mllm.tiny_attention in ("random", "previous_token"),
+          f"mllm.tiny_attention = {cfg.mllm.tiny_attention!r}: expected 'random' or 'previous_token'")
     check(cfg.mllm.feature_mode in ("online", "cached"),
           f"mllm.feature_mode = {cfg.mllm.feature_mode!r}: expected 'online' or 'cached'")
     check(0 < cfg.mllm.layers_used <= cfg.mllm.num_layers,

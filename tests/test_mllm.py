@@ -239,6 +239,54 @@ def test_features_are_the_raw_last_layers(tiny_mllm_encoder):
     torch.testing.assert_close(ours[-1], captured[0][0], rtol=0, atol=0)
 
 
+@pytest.fixture(scope="module")
+def ordered_mllm_dir(tmp_path_factory):
+    """The tiny Qwen3-VL built with `mllm.tiny_attention: previous_token`."""
+    from loomcore.models.base_models import build_tiny_mllm
+
+    m = load_config(profile="tiny")
+    path = tmp_path_factory.mktemp("ordered_mllm") / "mllm"
+    build_tiny_mllm(path, m.mllm.hidden_size, m.mllm.num_layers, m.seed, corpus=m.guidance.negative_prompt,
+                    attention="previous_token")
+    return path
+
+
+@pytest.mark.parametrize("kind", ["random", "previous_token"])
+def test_word_order_reaches_the_features_only_with_previous_token_heads(kind, tiny_mllm_dir, ordered_mllm_dir):
+    """`previous_token` heads (base_models.previous_token_heads) put a word into the state of the word
+    after it, so the state of "background" carries its colour, as a trained MLLM's does. The random
+    tiny Qwen3-VL attends almost uniformly, a bag of words: "a blue circle on a red background" gives
+    "background" nearly the state it has in "a red circle on a blue background"."""
+    from transformers import AutoTokenizer, Qwen3VLForConditionalGeneration
+
+    folder = ordered_mllm_dir if kind == "previous_token" else tiny_mllm_dir
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = Qwen3VLForConditionalGeneration.from_pretrained(folder, attn_implementation="eager").eval()
+
+    def run(caption):
+        ids = tok(caption, return_tensors="pt").input_ids
+        with torch.no_grad():
+            return model.model.language_model(input_ids=ids, output_attentions=True, output_hidden_states=True)
+
+    out = run("a red circle and a green square move left on a blue background")
+    on_previous = min(float(torch.diagonal(a[0].mean(0), -1).min()) for a in out.attentions)
+    m = load_config(profile="tiny").mllm
+    used = slice(m.num_layers - m.layers_used + 1, m.num_layers + 1)  # the layers the DiT reads
+
+    def background_state(caption):
+        return torch.cat([h[0, -1] for h in run(caption).hidden_states[used]])
+
+    blue = background_state("a red circle on a blue background")
+    also_blue = background_state("a green square on a blue background")
+    red = background_state("a blue circle on a red background")  # the same words, the colours swapped
+    cos = torch.nn.functional.cosine_similarity
+    same_background, same_words = float(cos(blue, also_blue, dim=0)), float(cos(blue, red, dim=0))
+    if kind == "previous_token":  # every layer, every token after the first: on the one before it
+        assert on_previous > 0.8 and same_background > same_words + 0.1
+    else:
+        assert on_previous < 0.3 and same_words > same_background
+
+
 def test_batching_matches_one_by_one(tiny_mllm_encoder):
     enc = tiny_mllm_encoder
     reqs = _requests()

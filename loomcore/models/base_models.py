@@ -101,10 +101,50 @@ def build_tiny_tokenizer(extra_text: str = "", vocab_size: int = 1024):
     return tok
 
 
-def build_tiny_mllm(path: Path, hidden_size: int, num_layers: int, seed: int, corpus: str = "") -> None:
+# The tiny Qwen3-VL's attention (see previous_token_heads): RoPE base and the q/k norm gain
+TINY_MLLM_ROPE_THETA = 16.0
+TINY_MLLM_QK_GAIN = 3.0
+
+
+def previous_token_heads(model, rope_theta: float, gain: float) -> None:
+    """Make every attention head of a Qwen3-VL text model attend to the previous token, whatever the
+    tokens: q and k come from their biases alone (weights zero), in each RoPE pair q = (1, 0) and
+    k = q rotated by that pair's frequency, so that q_i·k_j ∝ Σ cos(ω (i − j − 1)) peaks at j = i − 1;
+    the q/k norm gains set how sharply. Values and outputs keep their random weights, so each token's
+    state carries the tokens just before it, as a trained LLM's does ("blue" in the state of "blue
+    background"). A randomly initialised one attends almost uniformly (normalised entropy 0.94–0.99
+    over a caption): a bag of words, in which "a red circle on a blue background" and "a blue circle
+    on a red background" are nearly the same features (BENCHMARKS.md "The tiny MLLM stand-in")."""
+    tc = model.config.text_config
+    hd, half = tc.head_dim, tc.head_dim // 2
+    freq = 1.0 / (rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
+    q = torch.zeros(hd, dtype=torch.float64)
+    q[:half] = 1.0
+    k = torch.cat([torch.cos(freq), torch.sin(freq)])  # rotate_half pairs (m, m + hd/2)
+    with torch.no_grad():
+        for layer in model.model.language_model.layers:
+            a = layer.self_attn
+            a.q_proj.weight.zero_()
+            a.k_proj.weight.zero_()
+            a.q_proj.bias.copy_(q.repeat(tc.num_attention_heads))
+            a.k_proj.bias.copy_(k.repeat(tc.num_key_value_heads))
+            a.v_proj.bias.zero_()
+            a.o_proj.bias.zero_()
+            a.q_norm.weight.fill_(gain)
+            a.k_norm.weight.fill_(gain)
+
+
+def build_tiny_mllm(path: Path, hidden_size: int, num_layers: int, seed: int, corpus: str = "",
+                    attention: str = "random") -> None:
     """A tiny Qwen3-VL saved in the Qwen3-VL-8B-Instruct folder layout: config.json +
     model.safetensors, tokenizer files, preprocessor_config.json, video_preprocessor_config.json,
-    chat_template.json. `corpus`: extra text for the tokenizer's merges."""
+    chat_template.json. `corpus`: extra text for the tokenizer's merges. `attention`: "random"
+    (seeded random weights) or "previous_token" (the same, but every head attends to the previous
+    token — `previous_token_heads` — a stand-in for a trained MLLM's word order, which a random one
+    does not encode)."""
+    if attention not in ("random", "previous_token"):
+        raise ValueError(f"attention = {attention!r}: expected 'random' or 'previous_token'")
+    ordered = attention == "previous_token"
     from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
     tok = build_tiny_tokenizer(corpus)
@@ -123,7 +163,8 @@ def build_tiny_mllm(path: Path, hidden_size: int, num_layers: int, seed: int, co
             vocab_size=len(tok), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
             num_hidden_layers=num_layers, num_attention_heads=heads, num_key_value_heads=max(heads // 2, 1),
             head_dim=head_dim, max_position_embeddings=4096, pad_token_id=ids["<|endoftext|>"],
-            rope_parameters={"rope_type": "default", "rope_theta": 5_000_000.0,
+            attention_bias=ordered,  # q and k from their biases: previous_token_heads
+            rope_parameters={"rope_type": "default", "rope_theta": TINY_MLLM_ROPE_THETA if ordered else 5_000_000.0,
                              "mrope_section": mrope, "mrope_interleaved": True},
         ),
         vision_config=dict(
@@ -136,6 +177,8 @@ def build_tiny_mllm(path: Path, hidden_size: int, num_layers: int, seed: int, co
     )
     torch.manual_seed(seed)
     model = Qwen3VLForConditionalGeneration(config).eval()
+    if ordered:
+        previous_token_heads(model, TINY_MLLM_ROPE_THETA, TINY_MLLM_QK_GAIN)
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path, safe_serialization=True)
     tok.save_pretrained(path)
@@ -361,7 +404,7 @@ def init_models(cfg: Config, out_dir: Optional[Path | str] = None, force: bool =
         "vae": lambda p: build_tiny_codec(cfg, p),
         "scheduler": lambda p: build_scheduler(cfg, p),
         "mllm": lambda p: build_tiny_mllm(p, cfg.mllm.hidden_size, cfg.mllm.num_layers, cfg.seed,
-                                          corpus=cfg.guidance.negative_prompt),
+                                          corpus=cfg.guidance.negative_prompt, attention=cfg.mllm.tiny_attention),
         "clip": lambda p: build_tiny_clip(p, cfg.seed, corpus=SHAPES_WORDS),
         "dino": lambda p: build_tiny_dino(p, cfg.seed),
     }
