@@ -125,6 +125,9 @@ class DiTConfig:
         return self.num_attention_heads * self.attention_head_dim
 
 
+TINY_MLLM_ATTENTION = ("random", "previous_token")  # mllm.tiny_attention (base_models.build_tiny_mllm)
+
+
 @dataclass(frozen=True)
 class MLLMConfig:
     hidden_size: int
@@ -134,7 +137,7 @@ class MLLMConfig:
     max_length: int
     feature_mode: str
     projector_mult: int
-    tiny_attention: str  # how `loom init-models` builds a tiny Qwen3-VL's heads: "random" | "previous_token"
+    tiny_attention: str  # how `loom init-models` builds a tiny Qwen3-VL's heads: one of TINY_MLLM_ATTENTION
 
 
 @dataclass(frozen=True)
@@ -704,8 +707,8 @@ def _validate(cfg: Config) -> None:
     check(cfg.s3.checksum_mode in ("when_supported", "when_required"),
           f"s3.checksum_mode = {cfg.s3.checksum_mode!r}: expected when_supported or when_required")
     check(cfg.models.codec in CODECS, f"models.codec = {cfg.models.codec!r}: expected one of {CODECS}")
-    check(cfg.mllm.tiny_attention in ("random", "previous_token"),
-          f"mllm.tiny_attention = {cfg.mllm.tiny_attention!r}: expected 'random' or 'previous_token'")
+    check(cfg.mllm.tiny_attention in TINY_MLLM_ATTENTION,
+          f"mllm.tiny_attention = {cfg.mllm.tiny_attention!r}: expected one of {TINY_MLLM_ATTENTION}")
     check(cfg.mllm.feature_mode in ("online", "cached"),
           f"mllm.feature_mode = {cfg.mllm.feature_mode!r}: expected 'online' or 'cached'")
     check(0 < cfg.mllm.layers_used <= cfg.mllm.num_layers,

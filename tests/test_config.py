@@ -81,6 +81,7 @@ def test_fingerprint_tracks_sections():
         (["video.fps=0"], "video.fps = 0: expected frames per second > 0"),
         (["video.fps=-8"], "video.fps = -8: expected frames per second > 0"),
         (["mllm.layers_used=1"], "must equal dit.num_layers (4)"),
+        (["mllm.tiny_attention=causal"], "mllm.tiny_attention = 'causal': expected one of ('random', 'previous_token')"),
     ],
 )
 def test_refusals_name_key_value_and_expectation(overrides, needle):

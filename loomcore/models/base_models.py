@@ -24,7 +24,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from loomcore.config import Config
+from loomcore.config import TINY_MLLM_ATTENTION, Config
 from loomcore.shapes_world import DIRECTIONS, PALETTE, SHAPES
 from loomcore.task_kinds import TASKS, UNCONDITIONAL_PREFIX
 from loomcore.storage import is_s3, list_objects, materialize, parse_s3_uri, sha256_file
@@ -142,8 +142,8 @@ def build_tiny_mllm(path: Path, hidden_size: int, num_layers: int, seed: int, co
     (seeded random weights) or "previous_token" (the same, but every head attends to the previous
     token — `previous_token_heads` — a stand-in for a trained MLLM's word order, which a random one
     does not encode)."""
-    if attention not in ("random", "previous_token"):
-        raise ValueError(f"attention = {attention!r}: expected 'random' or 'previous_token'")
+    if attention not in TINY_MLLM_ATTENTION:
+        raise ValueError(f"attention = {attention!r}: expected one of {TINY_MLLM_ATTENTION}")
     ordered = attention == "previous_token"
     from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 

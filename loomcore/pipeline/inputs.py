@@ -97,7 +97,7 @@ CALL_INPUTS = ("negative_prompt", "task", "source", "references", "height", "wid
 @dataclass(frozen=True)
 class GenerationPlan:
     """A call's resolved inputs: everything the denoising loop needs besides the models.
-    `LoomVideoPipeline(plan.prompt, **plan.call_inputs())` makes the call again with them."""
+    `pipe(plan.prompt, **plan.call_inputs())` makes the call again with them."""
 
     task: str
     prompt: str
