@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from loomcore.cli import main
+from loomcore.config import load_config
 from loomcore.data.video_io import read_image, read_video, write_image, write_video
 from loomcore.models.codec import SpaceToDepth
 from loomcore.models.dit import LoomDiT
@@ -28,8 +29,10 @@ def _pixels(seed, *shape):
 
 @pytest.fixture(scope="module")
 def pipe(tiny_workspace):
-    cfg, _ = tiny_workspace
-    p = LoomVideoPipeline.from_config_models(cfg)
+    """The tiny workspace's pipeline with the paper's text guidance s_t 5 (the tiny profile
+    generates with s_t 1: one branch), so that the guidance branches are exercised."""
+    _, overrides = tiny_workspace
+    p = LoomVideoPipeline.from_config_models(load_config([*overrides, "guidance.text_scale=5.0"], profile="tiny"))
     p.set_progress_bar_config(disable=True)
     return p
 
@@ -255,7 +258,6 @@ def test_resolve_inputs_takes_exactly_the_inputs_of_call(pipe):
 
 
 def test_the_paper_pipeline_defaults_to_the_demo_negative_prompt():
-    from loomcore.config import load_config
     from loomcore.pipeline.loading import pipeline_settings
 
     paper = load_config([], profile="paper")
@@ -564,7 +566,6 @@ def test_a_transformer_folder_of_another_architecture_is_refused_naming_both_val
     """One rule where a transformer folder meets the config (evaluate, export and `loom generate`
     load through here; the stages and RL check the same way): every architecture value must agree.
     Before, a LoomDiT folder's config.json silently won over params (rope.ref_offset=7 was ignored)."""
-    from loomcore.config import load_config
     from loomcore.models.dit import ArchitectureMismatch, loomdit_kwargs
     from loomcore.models.release import load_wan_transformer
     from loomcore.pipeline.loading import load_transformer
