@@ -221,7 +221,6 @@ class StageConfig:
     optimizer: OptimizerConfig
     scheduler: SchedulerConfig
     grad_clip: float
-    batch_size: int
     steps: int
     ema: EMAConfig
     resolution: str
@@ -540,6 +539,16 @@ def _coerce(t, v, key: str, source: str, partial: bool):
     raise TypeError(f"unsupported annotation {t} for {key}")  # a schema bug, not a user error
 
 
+# Keys that were settings once and are no longer, with the reason: an old command line or params
+# file is refused with it rather than with "unknown key" alone.
+RETIRED = {
+    ("StageConfig", "batch_size"): "samples per step are not a setting: a step takes nodes × GPUs × "
+                                   "train.grad_accum packs of at most max_tokens tokens each; the paper's batch "
+                                   "sizes are the averages its token budget gave [P§3.4], and each step's count "
+                                   "is in the run's steps.jsonl ('samples')",
+}
+
+
 def _build(cls, d: dict, prefix: str, source: str, partial: bool):
     """dict -> dataclass `cls`. Unknown keys are refused (with a suggestion); with `partial`, keys
     may be missing and a plain dict comes back (used to check one layer on its own)."""
@@ -549,6 +558,7 @@ def _build(cls, d: dict, prefix: str, source: str, partial: bool):
         if k not in names:
             near = difflib.get_close_matches(str(k), names, n=1)
             hint = f" (did you mean '{prefix}{near[0]}'?)" if near else ""
+            hint = f" ({RETIRED[cls.__name__, k]})" if (cls.__name__, k) in RETIRED else hint
             raise ConfigError(f"{source}: unknown key '{prefix}{k}'{hint}; "
                               f"known keys here: {', '.join(names)}")
     out = {k: _coerce(hints[k], v, prefix + k, source, partial) for k, v in d.items()}
@@ -764,7 +774,6 @@ def _validate(cfg: Config) -> None:
         check(s.scheduler.warmup_steps >= 0, f"{name}.scheduler.warmup_steps = {s.scheduler.warmup_steps}: expected >= 0")
         check(s.grad_clip > 0, f"{name}.grad_clip = {s.grad_clip}: expected > 0")
         check(s.steps > 0, f"{name}.steps = {s.steps}: expected > 0")
-        check(s.batch_size > 0, f"{name}.batch_size = {s.batch_size}: expected > 0")
         check(s.max_tokens > 0, f"{name}.max_tokens = {s.max_tokens}: expected > 0")
         check(s.ema.decay is None or 0 < s.ema.decay < 1,
               f"{name}.ema.decay = {s.ema.decay}: expected null (no EMA) or a value in (0, 1)")

@@ -22,7 +22,7 @@ def test_help_lists_subcommands():
 def test_config_prints_yaml_section(capsys):
     assert main(["config", "--profile", "paper", "stage1"]) == 0
     d = yaml.safe_load(capsys.readouterr().out)
-    assert d["stage1"]["batch_size"] == 640 and d["stage1"]["sampling"]["t2i"] == 0.8
+    assert d["stage1"]["max_tokens"] == 10240 and d["stage1"]["sampling"]["t2i"] == 0.8
 
 
 def test_config_override_and_refusal(capsys):

@@ -14,8 +14,11 @@ from loomcore.config import REPO_ROOT, TASK_KINDS, ConfigError, load_config, par
 def test_params_yaml_is_the_papers_table_1():
     cfg = load_config(profile="paper")
     s1, s2, s3 = cfg.stage1, cfg.stage2, cfg.stage3
-    assert [s.batch_size for s in (s1, s2, s3)] == [640, 128, 128]
     assert [s.scheduler.warmup_steps for s in (s1, s2, s3)] == [100, 1000, 1000]
+    # Table 1's batch sizes (640 / 128 / 128) are averages under the token budget, not a setting: an
+    # override of one is refused with the reason, never silently ignored
+    with pytest.raises(ConfigError, match=r"unknown key 'stage1\.batch_size' \(samples per step are not a setting.*max_tokens"):
+        load_config(["stage1.batch_size=640"], profile="paper")
     assert [s.steps for s in (s1, s2, s3)] == [50_000, 40_000, 36_000]
     assert [s.ema.decay for s in (s1, s2, s3)] == [None, 0.9999, 0.9999]
     assert [s.ema.interval for s in (s2, s3)] == [1, 1]
@@ -112,10 +115,10 @@ def test_missing_params_key_is_named(tmp_path):
 
 def test_wrong_type_in_a_profile_names_the_file(tmp_path):
     params = _copy_params(tmp_path)
-    (tmp_path / "conf" / "profile" / "broken.yaml").write_text("# @package _global_\nstage1:\n  batch_size: many\n")
+    (tmp_path / "conf" / "profile" / "broken.yaml").write_text("# @package _global_\nstage1:\n  steps: many\n")
     with pytest.raises(ConfigError) as e:
         load_config(profile="broken", params_path=params, conf_dir=tmp_path / "conf")
-    assert "broken.yaml" in str(e.value) and "stage1.batch_size" in str(e.value) and "expected int" in str(e.value)
+    assert "broken.yaml" in str(e.value) and "stage1.steps" in str(e.value) and "expected int" in str(e.value)
 
 
 def test_malformed_yaml_names_the_file(tmp_path):
