@@ -206,7 +206,9 @@ def test_a_broken_release_benchmark_names_the_file_and_key(tmp_path):
 # the DVC stage's command
 
 
-def test_stage_command_writes_metrics_scores_sheets_and_report(tiny_workspace, tmp_path):
+def test_stage_command_writes_metrics_scores_sheets_and_report(tiny_workspace, prefect_api, tmp_path):
+    """The DVC stage's command against the session's Prefect server (as under `loom pipeline`), not
+    a temporary one of its own (~6 s to start and stop)."""
     from loomcore.models.base_models import build_tiny_clip, build_tiny_dino
 
     cfg, overrides = tiny_workspace

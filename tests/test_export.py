@@ -463,7 +463,7 @@ def test_a_complete_version_is_never_overwritten(s3_bucket, tmp_path):
 # The DVC stage's command
 
 
-def test_stage_command_exports_publishes_and_refuses_an_existing_target(project, s3_bucket, tmp_path):
+def test_stage_command_exports_publishes_and_refuses_an_existing_target(project, s3_bucket, prefect_api, tmp_path):
     overrides, _ = project
     out = tmp_path / "stage" / "model"
     cmd = [sys.executable, "-m", "flows.export", "--profile", "tiny", *overrides, f"export.out_dir={out}",

@@ -33,7 +33,7 @@ from loomcore.models.packed import PackItem, decode_videos, pack_conditions, sam
 from loomcore.train.step import build_pack, make_generators, pack_loss, seed_generators
 
 SIZE = 32  # the tiny profile's 256p bucket, where stage 1 trains T2I
-STEPS = 200
+STEPS = 100  # 8 of 8, rotated 7 of 8, at 100 steps when measured (2026-12-05, word-order MLLM; 8 of 8 at 80); the old 48-wide DiT fails
 
 
 def _scenes():

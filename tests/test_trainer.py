@@ -382,41 +382,36 @@ def test_two_process_fsdp2_matches_one_process_and_resumes(ws):
     differ only by fp32 reduction order — the two halves of the gradient are summed in another
     order (accumulation vs reduce-scatter), ~1 ulp (6e-8 relative), which AdamW carries into the
     weights at ~lr·1e-7 per step: loss differences stay orders of magnitude below 1e-5.
-    Then a 2-rank run killed with SIGKILL after its step-2 checkpoint resumes on 2 ranks from its
-    sharded checkpoint and repeats steps 3-4 exactly."""
+    The 2-rank run is killed with SIGKILL after its step-2 checkpoint and resumed on 2 ranks from
+    its sharded checkpoint: steps 3-4 and the EMA still match the one-process run. (That a resumed
+    run repeats an uninterrupted one bit for bit is tested on one process by
+    test_sigkill_then_resume_gives_the_same_losses_step_for_step, and that 2-rank shards restore the
+    model, EMA and AdamW state exactly by test_train_checkpoint.)"""
     common = ["stage2.init_from=base", "stage2.steps=4", "stage2.log_every=2", "stage2.checkpoint_every=2",
               "stage2.sample_every=100", "train.grad_accum=2"]
     cfg, _, root = ws
     cmd = lambda n, name: [BIN / "torchrun", "--standalone", "--nproc-per-node", str(n), "-m", "loomcore.train",  # noqa: E731
                            "--stage", "stage2", "--profile", "tiny", *_overrides(ws, name, *common)]
-    for n, name in ((1, "one"), (2, "two")):
-        proc = _run(cmd(n, name), timeout=240)
+
+    def released(proc, n):
         # every rank let go of its process group: no gloo thread is left for interpreter teardown
         # (fails when torch.distributed.fsdp is first imported after init_process_group, or when
         # DTensor's caches keep the device mesh)
         for rank in range(n):
             assert f"rank {rank}: process group released, no gloo thread left" in proc.stdout, proc.stdout[-2000:]
         assert "gloo thread(s) still alive" not in proc.stdout
-    one, two = _steps(root / "one", "stage2"), _steps(root / "two", "stage2")
-    assert [r["step"] for r in one] == [r["step"] for r in two] == [1, 2, 3, 4]
-    assert [r["samples"] for r in one] == [r["samples"] for r in two]  # the same global batch
-    for a, b in zip(one, two):
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=0)
-        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
-    summary = json.loads((root / "two/out/stage2/summary.json").read_text())
-    assert summary["world_size"] == 2 and summary["packs_per_step"] == 2 and summary["model_weights"] == "ema"
-    ema = load_file(root / "two/out/stage2/model/diffusion_pytorch_model.safetensors")
+
+    released(_run(cmd(1, "one"), timeout=240), 1)
 
     # SIGKILL the whole 2-rank job (torchrun and both ranks) once its step-2 checkpoint is in
-    # place, restart it on 2 ranks: each rank reads its own shard back, and steps 3-4 repeat the
-    # uninterrupted run's bit for bit
-    proc = subprocess.Popen([str(c) for c in cmd(2, "killed")], cwd=REPO, stdout=subprocess.PIPE,
+    # place, restart it on 2 ranks: each rank reads its own shard back
+    proc = subprocess.Popen([str(c) for c in cmd(2, "two")], cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     killed = False
     for line in proc.stdout:  # rank 0 prints each checkpoint once it is in place
         if "checkpoint " in line and line.strip().endswith("step-000002"):
             # torchrun starts its ranks in sessions of their own: kill every process of the job
-            for pid in [proc.pid, *_pids_with(str(root / "killed" / "out"))]:
+            for pid in [proc.pid, *_pids_with(str(root / "two" / "out"))]:
                 try:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
@@ -426,28 +421,41 @@ def test_two_process_fsdp2_matches_one_process_and_resumes(ws):
     proc.wait(timeout=60)
     assert killed and proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
     time.sleep(1)
-    assert not _pids_with(str(root / "killed" / "out")), "a rank outlived the kill"
-    run_dir = next((root / "killed/runs/stage2").iterdir())
+    assert not _pids_with(str(root / "two" / "out")), "a rank outlived the kill"
+    run_dir = next((root / "two/runs/stage2").iterdir())
     assert sorted(p.name for p in run_dir.glob("step-*")) == ["step-000002"]
-    proc = _run(cmd(2, "killed"), timeout=240)
+    proc = _run(cmd(2, "two"), timeout=240)
     assert f"resumed from {run_dir / 'step-000002'} (step 2)" in proc.stdout
-    assert [r["loss"] for r in _steps(root / "killed", "stage2")] == [r["loss"] for r in two]
-    again = load_file(root / "killed/out/stage2/model/diffusion_pytorch_model.safetensors")
-    assert all(torch.equal(ema[k], again[k]) for k in ema)  # the EMA came back shard by shard
+    released(proc, 2)
+
+    one, two = _steps(root / "one", "stage2"), _steps(root / "two", "stage2")
+    assert [r["step"] for r in one] == [r["step"] for r in two] == [1, 2, 3, 4]
+    assert [r["samples"] for r in one] == [r["samples"] for r in two]  # the same global batch
+    for a, b in zip(one, two):  # steps 1-2 before the kill, 3-4 after the resume
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=0)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+    summary = json.loads((root / "two/out/stage2/summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["packs_per_step"] == 2 and summary["model_weights"] == "ema"
+    assert summary["resumed_from_step"] == 2
+    ema_one = load_file(root / "one/out/stage2/model/diffusion_pytorch_model.safetensors")
+    ema_two = load_file(root / "two/out/stage2/model/diffusion_pytorch_model.safetensors")
+    assert set(ema_one) == set(ema_two)
+    for k in ema_one:  # the EMA came back shard by shard and went on as the one-process run's
+        torch.testing.assert_close(ema_two[k], ema_one[k], rtol=1e-4, atol=1e-6, msg=k)
 
 
 def test_sigkill_then_resume_gives_the_same_losses_step_for_step(ws):
     """A real `kill -9` of a training process after its step-8 checkpoint; the newest checkpoint is
     then truncated, so the restart must skip it (with a warning) for the one before, and still
     reproduce the uninterrupted run's losses bit for bit."""
-    common = ["stage1.steps=20", "stage1.checkpoint_every=4", "stage1.keep_last=3", "stage1.log_every=4",
+    common = ["stage1.steps=12", "stage1.checkpoint_every=4", "stage1.keep_last=3", "stage1.log_every=4",
               "stage1.sample_every=100"]
     cfg, _, root = ws
     cmd = lambda name: [sys.executable, "-m", "loomcore.train", "--stage", "stage1", "--profile", "tiny",  # noqa: E731
                         *_overrides(ws, name, *common)]
     _run(cmd("reference"), timeout=240)
     reference = _steps(root / "reference")
-    assert [r["step"] for r in reference] == list(range(1, 21))
+    assert [r["step"] for r in reference] == list(range(1, 13))
 
     proc = subprocess.Popen(cmd("killed"), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -470,7 +478,7 @@ def test_sigkill_then_resume_gives_the_same_losses_step_for_step(ws):
     assert f"skipping checkpoint: {run_dir / ckpts[-1]}" in proc.stderr and "truncated" in proc.stderr
     assert f"resumed from {run_dir / ckpts[-2]} (step {resumed_from})" in proc.stdout
     killed = _steps(root / "killed")
-    assert [r["step"] for r in killed] == list(range(1, 21))
+    assert [r["step"] for r in killed] == list(range(1, 13))
     assert [r["loss"] for r in killed] == [r["loss"] for r in reference]  # bitwise, every step
     assert [r["grad_norm"] for r in killed] == [r["grad_norm"] for r in reference]
     a = load_file(root / "reference/out/stage1/final/diffusion_pytorch_model.safetensors")
@@ -478,7 +486,7 @@ def test_sigkill_then_resume_gives_the_same_losses_step_for_step(ws):
     assert all(torch.equal(a[k], b[k]) for k in a)
     # dvclive resumed its curves instead of restarting them: one row per logged step, in order
     tsv = (root / "killed/out/stage1/plots/metrics/loss/all.tsv").read_text().splitlines()
-    assert [int(r.split("\t")[0]) for r in tsv[1:]] == [4, 8, 12, 16, 20]
+    assert [int(r.split("\t")[0]) for r in tsv[1:]] == [4, 8, 12]
     ref_tsv = (root / "reference/out/stage1/plots/metrics/loss/all.tsv").read_text().splitlines()
     assert tsv == ref_tsv
     assert json.loads((root / "killed/out/stage1/summary.json").read_text())["resumed_from_step"] == resumed_from
@@ -554,7 +562,7 @@ def _pids_with(text: str) -> list:
     return pids
 
 
-def test_cancelling_the_stage_flow_kills_torchrun_and_its_ranks(ws):
+def test_cancelling_the_stage_flow_kills_torchrun_and_its_ranks(ws, prefect_api):
     """The DVC stage's command (`python -m flows.train stage1`) → Prefect flow → task → torchrun. A
     SIGTERM to the flow process (what Prefect's runner sends on cancel) must take torchrun and its
     rank with it: they run in their own process group, which the task kills."""
@@ -562,8 +570,8 @@ def test_cancelling_the_stage_flow_kills_torchrun_and_its_ranks(ws):
 
     cfg, _, root = ws
     marker = str(root / "cancel")
-    # its own session: Prefect's temporary API server (a child of the flow process) outlives a
-    # SIGTERM-ed flow, and is cleaned up below with the rest of that group
+    # the flow reports to the session's Prefect server, as a UI-triggered run does; its own session,
+    # so that whatever it started is cleaned up below with the rest of that group
     proc = subprocess.Popen([sys.executable, "-m", "flows.train", "stage1", "--profile", "tiny",
                              *_overrides(ws, "cancel", "stage1.steps=100000", "stage1.sample_every=100000")],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
