@@ -16,8 +16,11 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 pipeline: setup
 	$(BIN)/loom pipeline
 
+# Two pytest workers, each taking whole test files (module fixtures are built once). Their OpenMP
+# threads sleep while idle: spinning ones from two workers on 2 cores made the suite 15 min instead
+# of 8 (BENCHMARKS.md "The test suite"). `pytest` alone runs the same tests in one process.
 test: setup
-	$(BIN)/python -m pytest -q
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 bench: setup
 	$(BIN)/python -m benchmarks.edit_overhead

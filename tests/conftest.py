@@ -8,6 +8,12 @@ import socket
 
 import pytest
 
+# Under pytest-xdist (`make test` runs two workers) each worker's OpenMP threads must sleep when
+# idle: two workers' spinning threads on 2 cores made the suite ~2× slower. libgomp reads this when
+# torch loads, and nothing has imported torch when a worker loads this file. (`make test` sets it too.)
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 
 def _free_port() -> int:
     with socket.socket() as s:
