@@ -387,8 +387,10 @@ def test_two_process_fsdp2_matches_one_process_and_resumes(ws):
     run repeats an uninterrupted one bit for bit is tested on one process by
     test_sigkill_then_resume_gives_the_same_losses_step_for_step, and that 2-rank shards restore the
     model, EMA and AdamW state exactly by test_train_checkpoint.)"""
+    # no EMA warm-up: the decay is 0.99 from the first update, so the EMA restored at step 2 is ~98 %
+    # of the final one and a resume that rebuilt it instead of loading it would be far off below
     common = ["stage2.init_from=base", "stage2.steps=4", "stage2.log_every=2", "stage2.checkpoint_every=2",
-              "stage2.sample_every=100", "train.grad_accum=2"]
+              "stage2.sample_every=100", "train.grad_accum=2", "stage2.ema.warmup=false"]
     cfg, _, root = ws
     cmd = lambda n, name: [BIN / "torchrun", "--standalone", "--nproc-per-node", str(n), "-m", "loomcore.train",  # noqa: E731
                            "--stage", "stage2", "--profile", "tiny", *_overrides(ws, name, *common)]
@@ -440,15 +442,18 @@ def test_two_process_fsdp2_matches_one_process_and_resumes(ws):
     ema_one = load_file(root / "one/out/stage2/model/diffusion_pytorch_model.safetensors")
     ema_two = load_file(root / "two/out/stage2/model/diffusion_pytorch_model.safetensors")
     assert set(ema_one) == set(ema_two)
-    for k in ema_one:  # the EMA came back shard by shard and went on as the one-process run's
-        torch.testing.assert_close(ema_two[k], ema_one[k], rtol=1e-4, atol=1e-6, msg=k)
+    # the EMA came back shard by shard and went on as the one-process run's: measured max |difference|
+    # 7.5e-9 (reduction order); an EMA rebuilt from the live weights at step 2 would be off by about
+    # their change over two steps (estimated ~1e-4 at these warm-up lrs)
+    for k in ema_one:
+        torch.testing.assert_close(ema_two[k], ema_one[k], rtol=1e-6, atol=1e-7, msg=k)
 
 
 def test_sigkill_then_resume_gives_the_same_losses_step_for_step(ws):
     """A real `kill -9` of a training process after its step-8 checkpoint; the newest checkpoint is
     then truncated, so the restart must skip it (with a warning) for the one before, and still
     reproduce the uninterrupted run's losses bit for bit."""
-    common = ["stage1.steps=12", "stage1.checkpoint_every=4", "stage1.keep_last=3", "stage1.log_every=4",
+    common = ["stage1.steps=12", "stage1.checkpoint_every=4", "stage1.keep_last=2", "stage1.log_every=4",
               "stage1.sample_every=100"]
     cfg, _, root = ws
     cmd = lambda name: [sys.executable, "-m", "loomcore.train", "--stage", "stage1", "--profile", "tiny",  # noqa: E731
