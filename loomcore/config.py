@@ -557,8 +557,8 @@ def _build(cls, d: dict, prefix: str, source: str, partial: bool):
     for k in d:
         if k not in names:
             near = difflib.get_close_matches(str(k), names, n=1)
-            hint = f" (did you mean '{prefix}{near[0]}'?)" if near else ""
-            hint = f" ({RETIRED[cls.__name__, k]})" if (cls.__name__, k) in RETIRED else hint
+            reason = RETIRED.get((cls.__name__, k))
+            hint = f" ({reason})" if reason else f" (did you mean '{prefix}{near[0]}'?)" if near else ""
             raise ConfigError(f"{source}: unknown key '{prefix}{k}'{hint}; "
                               f"known keys here: {', '.join(names)}")
     out = {k: _coerce(hints[k], v, prefix + k, source, partial) for k, v in d.items()}
