@@ -389,3 +389,26 @@ def test_the_cache_encoded_on_a_gpu_matches_the_cpu_one(tiny_workspace, cache_di
     gpu = {k: v for r in gpu_rows for k, v in load_file(out / r["shard"]).items()}
     for k in cpu:
         torch.testing.assert_close(gpu[k].float(), cpu[k].float(), rtol=0.05, atol=0.05)
+
+
+def test_the_cache_encodes_with_the_configured_cpu_threads(tiny_workspace):
+    """Whatever thread count launched it (torchrun gives each rank of a multi-rank job one), a CPU
+    cache encodes with `train.cpu_threads`, then restores the caller's: the bytes must not depend on
+    the rank count, and on some CPUs they depend on the thread count."""
+    import dataclasses
+
+    from loomcore.train.cache import encode_threads
+
+    cfg, _ = tiny_workspace
+    assert cfg.train.cpu_threads == 2 and cfg.data.cache_device == "cpu"
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        with encode_threads(cfg):
+            assert torch.get_num_threads() == 2
+        assert torch.get_num_threads() == 1
+        default = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, cpu_threads=0))
+        with encode_threads(default):  # 0: torch's own count, left alone
+            assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

@@ -28,6 +28,8 @@ logs and publishes.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -35,7 +37,7 @@ import time
 import warnings
 from collections import defaultdict
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import pyarrow.parquet as pq
 import torch
@@ -77,6 +79,35 @@ def encode_device(cfg: Config) -> torch.device:
             raise ConfigError("data.cache_device = 'cuda', but torch sees no CUDA device (use auto or cpu)")
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
     return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def encode_threads(cfg: Config) -> Iterator[None]:
+    """On the CPU, `train.cpu_threads` intra-op threads while the cache encodes (0: torch's own
+    count), whatever launched this rank, then the previous count.
+
+    The cache's bytes must not depend on how many ranks wrote it, and on some CPUs they depend on
+    the thread count: on an AMD EPYC a one-sequence MLLM batch (the null context) encoded on one
+    thread differs in its last bits from the same batch on two. torchrun gives each rank of a
+    multi-rank job one thread; a one-process run has torch's default (the cores). A GPU cache is
+    left alone."""
+    n = cfg.train.cpu_threads if encode_device(cfg).type == "cpu" else 0
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _in_encode_threads(fn: Callable[..., dict]) -> Callable[..., dict]:
+    """`fn(cfg, …)` inside `encode_threads(cfg)`."""
+    @functools.wraps(fn)
+    def run(cfg: Config, *args, **kwargs) -> dict:
+        with encode_threads(cfg):
+            return fn(cfg, *args, **kwargs)
+    return run
 
 
 def _to_unit(frames_u8: torch.Tensor) -> torch.Tensor:
@@ -179,6 +210,7 @@ class _Destination:
         return removed
 
 
+@_in_encode_threads
 def build_cache(
     cfg: Config,
     manifests: Optional[Path] = None,
