@@ -37,6 +37,7 @@ from loomcore.eval.judge import Judge, JudgeMedia, ask, judge_session
 from loomcore.eval.metrics import VBENCH_METRICS, VBenchScorer
 from loomcore.eval.prompts import TEMPLATES, template_for
 from loomcore.storage import is_s3
+from loomcore.train.distributed import intra_op_threads
 from loomcore.train.weights import resolve_weights
 
 MODEL, BASE = "model", "base"  # the two model keys of metrics.json (stable across runs for `dvc metrics diff`)
@@ -271,14 +272,10 @@ def benchmark_root(cfg: Config, scratch: Path) -> str:
 def run_evaluation(cfg: Config, on_progress: Optional[ProgressFn] = None, log: Callable[[str], None] = print) -> dict:
     """Evaluate the model (and the base models on ShapesBench); write the stage's outputs.
     Returns the summary (report.write_outputs)."""
-    threads = torch.get_num_threads()
-    if not torch.cuda.is_available() and cfg.train.cpu_threads:
-        torch.set_num_threads(cfg.train.cpu_threads)  # tiny ops gain nothing from more; spinning threads crawl
-    try:
-        with tempfile.TemporaryDirectory(prefix="loom-benchmarks-") as scratch:
-            return _run(cfg, Path(scratch), on_progress, log)
-    finally:
-        torch.set_num_threads(threads)
+    # on the CPU, train.cpu_threads: tiny ops gain nothing from more; spinning threads crawl
+    with intra_op_threads(0 if torch.cuda.is_available() else cfg.train.cpu_threads), \
+            tempfile.TemporaryDirectory(prefix="loom-benchmarks-") as scratch:
+        return _run(cfg, Path(scratch), on_progress, log)
 
 
 def _run(cfg: Config, scratch: Path, on_progress: Optional[ProgressFn], log: Callable[[str], None]) -> dict:

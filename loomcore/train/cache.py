@@ -37,7 +37,7 @@ import time
 import warnings
 from collections import defaultdict
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import pyarrow.parquet as pq
 import torch
@@ -54,6 +54,7 @@ from loomcore.diffusion.flow import dit_token_count
 from loomcore.models.codec import load_codec
 from loomcore.models.mllm import MLLMEncoder, MLLMRequest
 from loomcore.storage import S3Settings, is_s3
+from loomcore.train.distributed import intra_op_threads
 from loomcore.train.metrics import report_progress
 
 CACHE_SUMMARY = "cache.json"
@@ -81,8 +82,7 @@ def encode_device(cfg: Config) -> torch.device:
     return torch.device("cpu")
 
 
-@contextlib.contextmanager
-def encode_threads(cfg: Config) -> Iterator[None]:
+def encode_threads(cfg: Config) -> contextlib.AbstractContextManager:
     """On the CPU, `train.cpu_threads` intra-op threads while the cache encodes (0: torch's own
     count), whatever launched this rank, then the previous count.
 
@@ -91,14 +91,7 @@ def encode_threads(cfg: Config) -> Iterator[None]:
     thread differs in its last bits from the same batch on two. torchrun gives each rank of a
     multi-rank job one thread; a one-process run has torch's default (the cores). A GPU cache is
     left alone."""
-    n = cfg.train.cpu_threads if encode_device(cfg).type == "cpu" else 0
-    before = torch.get_num_threads()
-    if n:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+    return intra_op_threads(cfg.train.cpu_threads if encode_device(cfg).type == "cpu" else 0)
 
 
 def _in_encode_threads(fn: Callable[..., dict]) -> Callable[..., dict]:

@@ -129,24 +129,35 @@ def destroy_distributed() -> List[str]:
 
 
 @contextlib.contextmanager
+def intra_op_threads(n: int) -> Iterator[None]:
+    """torch's intra-op thread count at `n` for the block (0: left as it is), then the previous count.
+    The one way loomcore pins threads: a training rank, the cache's encoder, DCP's saves, evaluation."""
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@contextlib.contextmanager
 def rank_process(train_cfg, use_gpu: bool) -> Iterator[DistEnv]:
     """One training process's environment, set and restored: on CPU `train.cpu_threads` intra-op
     threads and, with `train.cpu_deterministic`, torch's deterministic algorithms (with two threads
     some CPU backward kernels sum in a run-dependent order: losses differ in the 8th digit from
     run to run, and so do the weights DVC records); then the process group, released on the way
     out (`destroy_distributed`), saying so. The caller must drop its model before leaving."""
-    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
-    if not use_gpu:
-        if train_cfg.cpu_threads:
-            torch.set_num_threads(train_cfg.cpu_threads)
-        torch.use_deterministic_algorithms(train_cfg.cpu_deterministic)
-    env = init_distributed(use_gpu=use_gpu)
-    try:
-        yield env
-    finally:
-        print(release_message(env, destroy_distributed()), flush=True)
-        torch.set_num_threads(threads)
-        torch.use_deterministic_algorithms(deterministic)
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    with intra_op_threads(0 if use_gpu else train_cfg.cpu_threads):
+        if not use_gpu:
+            torch.use_deterministic_algorithms(train_cfg.cpu_deterministic)
+        env = init_distributed(use_gpu=use_gpu)
+        try:
+            yield env
+        finally:
+            print(release_message(env, destroy_distributed()), flush=True)
+            torch.use_deterministic_algorithms(deterministic)
 
 
 RELEASED = "process group released"  # tasks.train reads this in the ranks' output
@@ -289,8 +300,7 @@ class EMAState:
 
 
 COLLECTIVE = (ModelState, OptimizerState, EMAState)
-@contextlib.contextmanager
-def helper_threads_serial():
+def helper_threads_serial() -> contextlib.AbstractContextManager:
     """Intra-op threads at 1 while torch.distributed.checkpoint saves or loads, so that threads
     other than the main one stay single-threaded for good.
 
@@ -302,12 +312,7 @@ def helper_threads_serial():
     checkpoint instead of 8.2k (BENCHMARKS.md, "A CPU slowdown after the first sharded save").
     A thread takes its OpenMP thread count from the process-wide setting when it first runs a
     parallel op; during the save that setting is 1, so those threads never start a team."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+    return intra_op_threads(1)
 
 
 DCP_DIR = "dcp"  # a checkpoint's sharded part: one file per rank + DCP's .metadata
