@@ -37,7 +37,7 @@ from loomcore.eval.judge import Judge, JudgeMedia, ask, judge_session
 from loomcore.eval.metrics import VBENCH_METRICS, VBenchScorer
 from loomcore.eval.prompts import TEMPLATES, template_for
 from loomcore.storage import is_s3
-from loomcore.train.distributed import intra_op_threads
+from loomcore.threads import intra_op_threads
 from loomcore.train.weights import resolve_weights
 
 MODEL, BASE = "model", "base"  # the two model keys of metrics.json (stable across runs for `dvc metrics diff`)

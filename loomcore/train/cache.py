@@ -48,13 +48,13 @@ from loomcore.data import shards
 from loomcore.data.buckets import nearest_size, resize_center_crop
 from loomcore.data.loader import INDEX_FILE, NULL_SHARD, file_sha256, null_record
 from loomcore.data.remote import RemoteCache, mirror_files
+from loomcore.threads import intra_op_threads
 from loomcore.task_kinds import task_spec
 from loomcore.data.video_io import read_image, read_video
 from loomcore.diffusion.flow import dit_token_count
 from loomcore.models.codec import load_codec
 from loomcore.models.mllm import MLLMEncoder, MLLMRequest
 from loomcore.storage import S3Settings, is_s3
-from loomcore.train.distributed import intra_op_threads
 from loomcore.train.metrics import report_progress
 
 CACHE_SUMMARY = "cache.json"

@@ -34,6 +34,7 @@ import torch.distributed as dist
 import torch.distributed.fsdp  # noqa: F401
 from torch import nn
 
+from loomcore.threads import intra_op_threads
 from loomcore.train.checkpoint import CheckpointManager
 from loomcore.train.ema import EMA
 
@@ -126,19 +127,6 @@ def destroy_distributed() -> List[str]:
     dist.destroy_process_group()
     gc.collect()
     return [t for t in native_threads() if "gloo" in t]
-
-
-@contextlib.contextmanager
-def intra_op_threads(n: int) -> Iterator[None]:
-    """torch's intra-op thread count at `n` for the block (0: left as it is), then the previous count.
-    The one way loomcore pins threads: a training rank, the cache's encoder, DCP's saves, evaluation."""
-    before = torch.get_num_threads()
-    if n:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 @contextlib.contextmanager
