@@ -50,6 +50,8 @@ def _load(args) -> "object":
 def cmd_config(args) -> int:
     import yaml
 
+    from loomcore.config import ConfigError
+
     section = None
     if args.overrides and "=" not in args.overrides[0]:
         section, args.overrides = args.overrides[0], args.overrides[1:]
@@ -60,7 +62,7 @@ def cmd_config(args) -> int:
     d = cfg.to_dict()
     if section:
         if section not in d:
-            raise SystemExit(f"loom config: no section {section!r}; sections: {', '.join(d)}")
+            raise ConfigError(f"no section {section!r}; sections: {', '.join(d)}")
         d = {section: d[section]}
     sys.stdout.write(yaml.safe_dump(d, sort_keys=False, width=110))
     return 0
@@ -303,13 +305,22 @@ def cmd_generate(args) -> int:
                     flag == "--transformer" and Path(folder).is_file()):  # a release weights file
                 raise InputError(f"{flag} {folder}: no such folder (a trained DiT is <train.out_dir>/<stage>/model, "
                                  "an exported pipeline export.out_dir; run that stage first)")
+        cfg = None if args.model else _load(args)
+        if cfg is not None:  # the profile's base models (models.*), the DiT unless --transformer replaces it
+            how = ("`loom init-models --profile tiny` (or `make pipeline`) builds them" if cfg.profile == "tiny" else
+                   f"`loom init-models --profile {cfg.profile}` checks them")
+            for key in ("vae", "scheduler", "mllm") + (() if args.transformer else ("transformer",)):
+                folder = getattr(cfg.models, key)
+                if not is_s3(folder) and not Path(folder).is_dir():
+                    raise InputError(f"models.{key} {folder}: no such folder (the {cfg.profile} profile's base models; "
+                                     f"{how})")
 
         # 2. The model
         if args.model:
             dtypes = {"default": dtype, "vae": torch.float32} if dtype != torch.float32 else dtype  # the codec in fp32
             pipe = LoomVideoPipeline.from_pretrained(args.model, dtype=dtypes)
         else:
-            pipe = LoomVideoPipeline.from_config_models(_load(args), args.transformer, dtype=dtype)
+            pipe = LoomVideoPipeline.from_config_models(cfg, args.transformer, dtype=dtype)
 
         # 3. The inputs, as this model takes them
         plan = pipe.resolve_inputs(
@@ -430,8 +441,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--height", type=int, help="output height (default: the source's, else the config's)")
     p.add_argument("--width", type=int, help="output width (default: the source's, else the config's)")
     p.add_argument("--steps", type=int, help="denoising steps (default: guidance.steps)")
-    p.add_argument("--guidance", type=float, help="text guidance s_t (default 5.0, 2.5 with a source)")
-    p.add_argument("--visual-guidance", type=float, help="visual guidance s_v (default 1.5)")
+    p.add_argument("--guidance", type=float, help="text guidance s_t (default: guidance.text_scale, "
+                   "guidance.text_scale_edit with a source — paper 5.0 / 2.5, tiny 1.0 / 2.5)")
+    p.add_argument("--visual-guidance", type=float, help="visual guidance s_v (default: guidance.visual_scale, 1.5)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial noise (default 0)")
     p.add_argument("--out", required=True, metavar="PATH", help="output file: .mp4 (video) or .png (image)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")

@@ -32,6 +32,11 @@ def test_config_override_and_refusal(capsys):
     assert "the learning rate must be positive" in capsys.readouterr().err
 
 
+def test_config_names_the_sections_when_asked_for_an_unknown_one(capsys):
+    assert main(["config", "nosuch"]) == 2  # a user's mistake: one line, exit 2
+    assert "loom config: no section 'nosuch'; sections: profile, seed, paths" in capsys.readouterr().err
+
+
 def test_parser_has_every_command():
     sub = next(a for a in build_parser()._actions if a.dest == "command")
     assert {"config", "init-models", "import-release", "pipeline"} <= set(sub.choices)

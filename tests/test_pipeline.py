@@ -554,6 +554,20 @@ def test_cli_bad_input_exits_2_with_a_message(tiny_workspace, files, saved_dir, 
     assert not (tmp_path / "out.mp4").exists()
 
 
+def test_cli_without_the_base_models_exits_2_naming_the_folder(tiny_workspace, tmp_path, capsys):
+    """The profile's base models not built yet (a fresh checkout before `make pipeline`): one line
+    naming the config key, the folder and how to build it — not a loader's traceback."""
+    _, overrides = tiny_workspace
+    missing = tmp_path / "nowhere"
+    moved = [o for o in overrides if not o.startswith("models.mllm=")] + [f"models.mllm={missing}"]
+    code = main(["generate", "--prompt", "a cat", "--out", str(tmp_path / "o.mp4"), "--profile", "tiny", *moved])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert (f"models.mllm {missing}: no such folder (the tiny profile's base models; "
+            "`loom init-models --profile tiny` (or `make pipeline`) builds them)") in err
+    assert not (tmp_path / "o.mp4").exists()
+
+
 def test_cli_help_shows_an_example_per_task():
     loom = Path(sys.executable).parent / "loom"
     out = subprocess.run([loom, "generate", "--help"], capture_output=True, text=True, check=True).stdout
