@@ -250,7 +250,8 @@ def test_rl_stage_writes_outs_and_resumes_exactly(rl_ws):
     metrics = json.loads((out / "metrics.json").read_text())
     assert {"reward_before_mean", "reward_before_std", "reward_after_mean", "reward_after_std"} <= set(metrics)
     tsv = {p.relative_to(out / "plots" / "metrics").as_posix() for p in (out / "plots" / "metrics").rglob("*.tsv")}
-    assert {"reward/mean.tsv", "reward/std.tsv", "loss/policy.tsv", "kl_proxy/stage_ref.tsv"} <= tsv
+    assert {"reward/mean.tsv", "reward/std.tsv", "loss/policy.tsv", "kl_proxy/stage_ref.tsv",
+            "faults/skipped_steps.tsv"} <= tsv  # the harness plots skipped steps for every trainer
     assert not any(t.startswith("throughput/") for t in tsv) and "wall_seconds_this_run" not in metrics
     assert (out / "timing/metrics/throughput/samples_per_s.tsv").is_file()  # the clock: untracked timing/
     assert json.loads((out / "timing/summary.json").read_text())["wall_seconds_this_run"] > 0
@@ -402,6 +403,8 @@ def test_rl_skips_non_finite_steps_like_the_stage_trainer(rl_ws, tmp_path):
     shutil.copytree(rl_ws[2] / "out" / "stage3", tmp_path / "stage3")
     summary = train_rl(cfg)
     assert summary["skipped_steps"] == 2 and summary["optimizer_steps"] == 2
+    plotted = (tmp_path / "rl/plots/metrics/faults/skipped_steps.tsv").read_text().split()
+    assert plotted[-2:] == ["2", "2.0"], plotted  # and plotted (step, count), as the stage trainer's
     rows = read_steps(Path(summary["run_dir"]) / "steps.jsonl")
     assert [r["step"] for r in rows] == [1, 2] and all(math.isnan(r["grad_norm"]) for r in rows)
     policy = LoomDiT.from_pretrained(tmp_path / "rl" / "model")

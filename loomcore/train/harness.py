@@ -21,7 +21,7 @@ parts plugged in):
     skipped (parameters and optimizer state bit-identical), more than `train.nan_max_consecutive`
     in a row stop the run naming the step and its task kinds;
   - the loop: resume (steps, RNG, pending interval rows), steps.jsonl, dvclive intervals every
-    `log_every` steps, structured progress, the trainer's after-step hook (validation grids),
+    `log_every` steps (the trainer's metrics plus `faults/skipped_steps`), structured progress, the trainer's after-step hook (validation grids),
     checkpoints every `checkpoint_every` steps and at the end;
   - the outs <train.out_dir>/<stage>/: the weights folders, summary.json, metrics.json, plots/
     and the untracked timing/ (`stage_io.write_run_record`).
@@ -204,6 +204,7 @@ class Harness:
                     row["seconds"] = (now - t_interval) / len(fresh)
             if is_log and pending:
                 metrics, line = self.interval(step, pending)
+                metrics["faults/skipped_steps"] = self.guard.metrics()["skipped_steps"]  # every trainer's plots
                 if self.runlog is not None:
                     self.runlog.log_metrics(step, metrics)
                     self.log(line)

@@ -183,7 +183,6 @@ class Trainer(Harness):
             "throughput/dit_tokens_per_s": sum(r["dit_tokens"] for r in rows) / seconds,
             "throughput/samples_per_s": sum(r["samples"] for r in rows) / seconds,
             "throughput/samples_per_step": sum(r["samples"] for r in rows) / len(rows),
-            "faults/skipped_steps": self.guard.metrics()["skipped_steps"],
             "faults/loss_spikes": self.counters["spikes"],
         }
         for k in TASK_KINDS:
@@ -196,7 +195,7 @@ class Trainer(Harness):
             m["memory/max_allocated_gib"] = torch.cuda.max_memory_allocated(self.device) / telemetry.GIB
             m.update({f"system/{k}": v for k, v in telemetry.gpu_metrics().items()})
         line = (f"step {step}/{self.s.steps} loss {m['loss/all']:.4f} lr {m['lr']:.3g} grad_norm {m['grad_norm']:.3f} "
-                f"tokens/s {m['throughput/tokens_per_s']:.0f} skipped {m['faults/skipped_steps']}")
+                f"tokens/s {m['throughput/tokens_per_s']:.0f} skipped {self.guard.metrics()['skipped_steps']}")
         return m, line
 
     def after_step(self, step: int) -> None:
