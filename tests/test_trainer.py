@@ -617,3 +617,25 @@ def test_dvc_sees_a_stage3_ratio_as_a_stage3_change_only(tmp_path, dvc_standin_r
     (tmp_path / "params.yaml").write_text(text)
     changed = status()
     assert "stage3" in changed and not {"cache", "stage1", "stage2"} & set(changed), changed
+
+
+_DESTROY_WITH_DEAD_PROXY = """
+import weakref
+import torch.distributed as dist
+from loomcore.train.distributed import destroy_distributed
+class Thing: pass
+thing = Thing()
+proxies = [weakref.proxy(thing)]  # what torch.compile leaves in the heap: a proxy whose referent died
+del thing
+dist.init_process_group("gloo", init_method="tcp://127.0.0.1:0", rank=0, world_size=1)
+print("left:", destroy_distributed(), dist.is_initialized(), flush=True)
+"""
+
+
+def test_destroy_distributed_survives_dead_weak_proxies_in_the_heap():
+    """Releasing the process group walks the heap for DTensor's caches; a weakref.proxy whose
+    referent is gone (torch.compile leaves them) raised ReferenceError there, failing a compiled
+    run at its very end."""
+    proc = subprocess.run([sys.executable, "-c", _DESTROY_WITH_DEAD_PROXY], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "left: [] False" in proc.stdout

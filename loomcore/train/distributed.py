@@ -110,7 +110,9 @@ def _release_dtensor_caches() -> None:
     with warnings.catch_warnings():  # isinstance() on torch's deprecated aliases warns
         warnings.simplefilter("ignore")
         for obj in gc.get_objects():  # functools caches keyed or valued by meshes (MeshTopoInfo, …)
-            if isinstance(obj, functools._lru_cache_wrapper) and \
+            # type(), not isinstance(): isinstance on a weakref.proxy whose referent is gone raises
+            # ReferenceError (torch.compile leaves such proxies; a compiled run failed here at exit)
+            if type(obj) is functools._lru_cache_wrapper and \
                     (getattr(obj, "__module__", None) or "").startswith("torch.distributed"):
                 obj.cache_clear()
 
