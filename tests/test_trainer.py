@@ -639,3 +639,25 @@ def test_destroy_distributed_survives_dead_weak_proxies_in_the_heap():
     proc = subprocess.run([sys.executable, "-c", _DESTROY_WITH_DEAD_PROXY], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "left: [] False" in proc.stdout
+
+
+def test_rank_process_puts_threads_and_determinism_back_when_joining_the_group_fails(monkeypatch):
+    """A rank whose process group cannot be made (here: WORLD_SIZE 2 without torchrun's
+    MASTER_ADDR) leaves torch's thread count and deterministic-algorithms flag as it found them."""
+    from loomcore.train.distributed import rank_process
+
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    train = load_config(profile="tiny").train
+    assert train.cpu_deterministic and train.cpu_threads == 2
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(False)
+    try:
+        with pytest.raises(RuntimeError, match="WORLD_SIZE=2 without MASTER_ADDR"):
+            with rank_process(train, use_gpu=False):
+                pass
+        assert torch.get_num_threads() == 1 and not torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)

@@ -140,13 +140,15 @@ def rank_process(train_cfg, use_gpu: bool) -> Iterator[DistEnv]:
     out (`destroy_distributed`), saying so. The caller must drop its model before leaving."""
     deterministic = torch.are_deterministic_algorithms_enabled()
     with intra_op_threads(0 if use_gpu else train_cfg.cpu_threads):
-        if not use_gpu:
-            torch.use_deterministic_algorithms(train_cfg.cpu_deterministic)
-        env = init_distributed(use_gpu=use_gpu)
-        try:
-            yield env
+        try:  # the flag comes back however this ends (a failed init or release included)
+            if not use_gpu:
+                torch.use_deterministic_algorithms(train_cfg.cpu_deterministic)
+            env = init_distributed(use_gpu=use_gpu)
+            try:
+                yield env
+            finally:
+                print(release_message(env, destroy_distributed()), flush=True)
         finally:
-            print(release_message(env, destroy_distributed()), flush=True)
             torch.use_deterministic_algorithms(deterministic)
 
 
