@@ -186,6 +186,35 @@ def test_gpu_metrics_and_preflight():
         assert "found no GPU" in str(e.value)
 
 
+def test_ema_update_with_a_device_flag_never_reads_it_on_the_host():
+    """The skipped-step flag stays a tensor through the EMA update: no op reads a tensor's value
+    into Python (aten._local_scalar_dense — what .item() runs, and a device→host sync on a GPU).
+    The averaged weights are the ones a float weight gives."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Reads(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.count += func is torch.ops.aten._local_scalar_dense.default
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 2))
+    ema, plain = EMA(model, 0.9), EMA(model, 0.9)
+    for p in model.parameters():
+        p.data.add_(1.0)
+    with Reads() as reads:
+        ema.update(model, 1, torch.tensor(True))
+    plain.update(model, 1)
+    assert reads.count == 0
+    assert all(torch.equal(a, b) for a, b in zip(ema.shadow, plain.shadow))
+    ema.update(model, 2, torch.tensor(False))  # a skipped step: nothing moves
+    assert all(torch.equal(a, b) for a, b in zip(ema.shadow, plain.shadow))
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_guard_never_syncs_between_checks_on_cuda():

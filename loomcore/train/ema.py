@@ -79,7 +79,9 @@ class EMA:
         if finite is not None:
             weight = finite.to(torch.float32) * weight  # 0-d: 0 on a skipped step
         if all(p.dtype == torch.float32 for p in params):
-            torch._foreach_lerp_(self.shadow, params, weight)
+            # a 0-d tensor weight goes in once per tensor: the one-weight overload takes a Scalar and
+            # would read the tensor with .item() (a host sync every step on a GPU)
+            torch._foreach_lerp_(self.shadow, params, weight if isinstance(weight, float) else [weight] * len(params))
         else:  # bf16/fp16 params: upcast one tensor at a time (no full fp32 copy of the model)
             for s, p in zip(self.shadow, params):
                 s.lerp_(p.to(torch.float32), weight)
