@@ -223,3 +223,62 @@ def test_apply_rotary_keeps_dtype_and_norm():
     out = apply_rotary(x, cos, sin)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float().norm(dim=-1), x.float().norm(dim=-1), atol=5e-2, rtol=1e-2)
+
+
+class _Fp32Norm(torch.nn.Module):
+    """What CUDA's bf16 autocast does to an RMSNorm (rms_norm is on its fp32 list): bf16 in, fp32 out."""
+
+    def __init__(self, norm):
+        super().__init__()
+        self.norm = norm.float()
+
+    def forward(self, x):
+        return self.norm(x.float())
+
+
+def _attention_dtypes(monkeypatch, model, x, rotary, segments):
+    import loomcore.models.attention as attention_module
+
+    seen = []
+
+    def spy(q, k, v, *args, **kwargs):
+        seen.append((q.dtype, k.dtype, v.dtype, resolve_backend(kwargs["backend"], q)))
+        return attention(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(attention_module, "attention", spy)
+    model(x, None, rotary, segments)
+    return seen[0]
+
+
+def test_q_and_k_reach_the_kernel_in_vs_dtype_when_the_norms_run_in_fp32(monkeypatch):
+    """Under CUDA's bf16 autocast the q/k RMSNorms give fp32 while v is bf16; the varlen and
+    flash kernels take one half dtype, and `auto` picked the fp32 fallback (flex) for every
+    training step. q and k go to the kernel in v's dtype. (The CPU's autocast keeps rms_norm in
+    bf16, so the CUDA rule is played here by fp32 norms on a bf16 module.)"""
+    torch.manual_seed(0)
+    dim, heads, n = 48, 2, 6
+    model = LoomAttention(dim, heads, eps=1e-6).to(torch.bfloat16)
+    model.norm_q, model.norm_k = _Fp32Norm(model.norm_q), _Fp32Norm(model.norm_k)
+    rotary = RotaryPosEmbed3D(dim // heads)(grid_position_ids(1, 2, 3))
+    cu = torch.tensor([0, n], dtype=torch.int32)
+    x = torch.randn(n, dim, dtype=torch.bfloat16)
+    q, k, v, _ = _attention_dtypes(monkeypatch, model, x, rotary, AttentionSegments(cu, cu, n, n))
+    assert (q, k, v) == (torch.bfloat16,) * 3
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_autocast_training_forward_takes_the_half_precision_kernel(monkeypatch):
+    """fp32 weights under bf16 autocast (how the trainer runs the DiT): q, k, v in bf16 and
+    `auto` resolves to varlen / flash_attn, never the flex fallback."""
+    torch.manual_seed(0)
+    dim, heads, n = 64, 2, 12
+    model = LoomAttention(dim, heads, eps=1e-6).cuda()
+    rotary = tuple(t.cuda() for t in RotaryPosEmbed3D(dim // heads)(grid_position_ids(1, 3, 4)))
+    cu = torch.tensor([0, n], dtype=torch.int32, device="cuda")
+    x = torch.randn(n, dim, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        q, k, v, backend = _attention_dtypes(monkeypatch, model, x, rotary, AttentionSegments(cu, cu, n, n))
+    assert (q, k, v) == (torch.bfloat16,) * 3
+    if _has_torch_varlen() or _has_flash_attn():
+        assert backend in ("varlen", "flash_attn")

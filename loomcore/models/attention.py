@@ -253,6 +253,10 @@ class LoomAttention(nn.Module):
         v = self.to_v(context).unflatten(-1, (self.heads, -1))
         if rotary is not None:
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+        # Under CUDA's bf16 autocast RMSNorm runs in fp32 (autocast's fp32 list), so q and k come
+        # out fp32 while v is bf16: the varlen/flash kernels take one half dtype (and "auto" would
+        # fall back to flex). The GPU's attention is in v's dtype; a no-op in fp32 or bf16 weights.
+        q, k = q.to(v.dtype), k.to(v.dtype)
         out = attention(
             q, k, v,
             segments.cu_seqlens_q, segments.cu_seqlens_k, segments.max_seqlen_q, segments.max_seqlen_k,
