@@ -278,12 +278,12 @@ def cmd_generate(args) -> int:
     import torch
 
     from loomcore.task_kinds import check_figure_refs
-    from loomcore.pipeline import LoomVideoPipeline, check_output_path, save_output
+    from loomcore.pipeline import LoomVideoPipeline, check_output_path, inference_dtype, save_output
     from loomcore.pipeline.inputs import describe
     from loomcore.storage import is_s3
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")]
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype] if args.dtype else inference_dtype(device)
     try:
         # 1. What can be checked without a model
         if args.model and args.transformer:

@@ -625,3 +625,12 @@ def test_every_help_example_runs_as_written(tiny_workspace, files, saved_dir, tm
         args = shlex.split(example)
         assert main(args[1:]) == 0, (example, capsys.readouterr().err)
         assert (tmp_path / args[args.index("--out") + 1]).is_file(), example
+
+
+def test_inference_runs_in_bf16_on_a_gpu_and_fp32_on_the_cpu():
+    """One rule for `loom generate` and the evaluate stage (which ran the 8B MLLM and the DiT in
+    fp32 on a GPU: twice the memory of generate, other numbers)."""
+    from loomcore.pipeline import inference_dtype
+
+    assert inference_dtype("cpu") is torch.float32
+    assert inference_dtype("cuda") is torch.bfloat16 and inference_dtype(torch.device("cuda", 1)) is torch.bfloat16

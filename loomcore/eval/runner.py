@@ -280,7 +280,7 @@ def run_evaluation(cfg: Config, on_progress: Optional[ProgressFn] = None, log: C
 
 def _run(cfg: Config, scratch: Path, on_progress: Optional[ProgressFn], log: Callable[[str], None]) -> dict:
     from loomcore.eval.report import write_outputs
-    from loomcore.pipeline import LoomVideoPipeline
+    from loomcore.pipeline import LoomVideoPipeline, inference_dtype
 
     e = cfg.eval
     model_path, model_name = resolve_model(cfg)
@@ -307,10 +307,11 @@ def _run(cfg: Config, scratch: Path, on_progress: Optional[ProgressFn], log: Cal
     rows: List[dict] = []
     sheets: Dict[str, List[SheetItem]] = {}
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    pipe = LoomVideoPipeline.from_config_models(cfg, transformer_path=model_path).to(device)
+    dtype = inference_dtype(device)  # bf16 on a GPU, as `loom generate` (fp32 there: twice the memory)
+    pipe = LoomVideoPipeline.from_config_models(cfg, transformer_path=model_path, dtype=dtype).to(device)
     pipe.set_progress_bar_config(disable=True)
     if truth:
-        base = LoomVideoPipeline.from_config_models(cfg).to(device)
+        base = LoomVideoPipeline.from_config_models(cfg, dtype=dtype).to(device)
         base.set_progress_bar_config(disable=True)
         for key, p in ((MODEL, pipe), (BASE, base)):
             r, sheet = run_shapesbench(p, cfg, key, shape_rows, truth, e.shapes.seeds, step)

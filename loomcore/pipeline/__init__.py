@@ -7,10 +7,11 @@
 """
 
 from .inputs import GenerationPlan, Geometry, infer_task, load_frames
+from .loading import inference_dtype
 from .output import check_output_path, save_output, to_uint8_frames
 from .pipeline_loomvideo import LoomVideoPipeline, LoomVideoPipelineOutput
 
 __all__ = [
     "GenerationPlan", "Geometry", "LoomVideoPipeline", "LoomVideoPipelineOutput", "check_output_path",
-    "infer_task", "load_frames", "save_output", "to_uint8_frames",
+    "inference_dtype", "infer_task", "load_frames", "save_output", "to_uint8_frames",
 ]

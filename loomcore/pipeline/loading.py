@@ -100,6 +100,12 @@ def check_pipeline_folder(folder: Path | str) -> Path:
     return path
 
 
+def inference_dtype(device) -> torch.dtype:
+    """The DiT's and the MLLM's precision for inference on `device`: bf16 on a GPU (the release's),
+    fp32 on the CPU. The codec stays fp32 either way (`LoomVideoPipeline.from_config_models`)."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
 def load_transformer(cfg, path: str | None, torch_dtype: torch.dtype):
     """LoomDiT from a trained folder (LoomDiT.save_pretrained), a Wan base transformer (its
     added modules freshly initialised, as stage 1 starts) or a checkpoint of the authors' release
