@@ -200,3 +200,24 @@ def test_rng_capture_restore_reproduces_draws_through_json():
     assert _draws(gen) == first
     with pytest.raises(ValueError, match="generators"):
         restore_rng(restored, {"timesteps": gen})
+    if not torch.cuda.is_available():  # a GPU run's state cannot be put back on a CPU-only process
+        with pytest.raises(ValueError, match="CUDA RNG state .* sees no GPU"):
+            restore_rng({**restored, "torch_cuda": [torch.zeros(16, dtype=torch.uint8)]}, {"noise": gen})
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_rng_state_restores_on_any_number_of_visible_gpus():
+    """The current device's CUDA RNG state is saved and put back; a checkpoint saved where another
+    number of GPUs was visible (older ones held one state per device) restores too."""
+    gen = torch.Generator().manual_seed(0)
+    torch.cuda.manual_seed(5)
+    torch.rand(3, device="cuda")
+    state = capture_rng({"noise": gen})
+    assert len(state["torch_cuda"]) == 1
+    first = torch.rand(3, device="cuda").tolist()
+    restore_rng(state, {"noise": gen})
+    assert torch.rand(3, device="cuda").tolist() == first
+    many = {**state, "torch_cuda": state["torch_cuda"] * (torch.cuda.device_count() + 3)}
+    restore_rng(many, {"noise": gen})
+    assert torch.rand(3, device="cuda").tolist() == first

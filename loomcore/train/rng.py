@@ -19,15 +19,17 @@ import torch
 
 
 def capture_rng(generators: Optional[Mapping[str, torch.Generator]] = None) -> dict:
-    """{"python", "numpy", "torch_cpu", "torch_cuda", "generators": {name: uint8 tensor}}."""
+    """{"python", "numpy", "torch_cpu", "torch_cuda" ([the current device's] or []), "generators": {name: uint8 tensor}}."""
     version, internal, gauss_next = random.getstate()
     kind, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
     return {
         "python": [version, list(internal), gauss_next],
         "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached_gaussian)],
         "torch_cpu": torch.get_rng_state(),  # uint8 [N]
-        # [] when CUDA is not initialised here: nothing to restore, and asking would initialise it.
-        "torch_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
+        # The current device's state only (the one this rank draws on), so that a run resumed on
+        # another number of GPUs per node restores it too; [] when CUDA is not initialised here
+        # (nothing to restore, and asking would initialise it).
+        "torch_cuda": [torch.cuda.get_rng_state()] if torch.cuda.is_initialized() else [],
         "generators": {name: g.get_state() for name, g in (generators or {}).items()},
     }
 
@@ -46,11 +48,9 @@ def restore_rng(state: dict, generators: Optional[Mapping[str, torch.Generator]]
     torch.set_rng_state(state["torch_cpu"])
     cuda_states = state["torch_cuda"]
     if cuda_states:
-        if not torch.cuda.is_available() or torch.cuda.device_count() != len(cuda_states):
-            found = torch.cuda.device_count() if torch.cuda.is_available() else 0
-            raise ValueError(f"restore_rng: checkpoint has CUDA RNG states for {len(cuda_states)} "
-                             f"device(s), this process sees {found}")
-        torch.cuda.set_rng_state_all(cuda_states)
+        if not torch.cuda.is_available():
+            raise ValueError("restore_rng: the checkpoint has a CUDA RNG state (a GPU run's), this process sees no GPU")
+        torch.cuda.set_rng_state(cuda_states[0])  # onto the current device (older checkpoints held every device's)
     for name, g in generators.items():
         g.set_state(saved[name])
 
