@@ -135,7 +135,8 @@ class Harness:
 
     def setup(self) -> None:
         cfg, env = self.cfg, self.env
-        if env.local_rank == 0:  # before anything touches the GPUs; "no GPU: running on CPU" on a CPU
+        if env.local_rank == 0:  # before the model and data reach the GPUs (the process group's CUDA
+            # contexts are up: they count as used); "no GPU: running on CPU" on a CPU
             gpus = 0 if self.device.type == "cpu" else max(1, self.run_cfg.gpus_per_node)
             need = self.preflight_need_gib() if gpus else cfg.train.preflight_min_free_gib
             print(telemetry.preflight(gpus, need, cfg.train.preflight_gpu_name), flush=True)
