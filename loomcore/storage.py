@@ -21,6 +21,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional, Tuple
@@ -226,11 +227,19 @@ def materialize(uri: str | os.PathLike, cache_dir: Optional[Path] = None,
         if dest.is_file() and dest.stat().st_size == obj["Size"]:
             continue
         dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(dest.name + ".part")
-        client.download_file(bucket, obj["Key"], str(tmp), Config=transfer_config(settings))
-        if tmp.stat().st_size != obj["Size"]:
-            raise IOError(f"s3://{bucket}/{obj['Key']}: downloaded {tmp.stat().st_size} bytes, expected {obj['Size']}")
-        os.replace(tmp, dest)
+        # A temp file of this process and thread, beside the mirror (same file system: the rename is
+        # atomic) but outside the folder a caller lists: the ranks of a node mirror the same models
+        # at once, and one rank's rename must not take the file another is still checking.
+        partial = cache_root.parent / ".partial"
+        partial.mkdir(parents=True, exist_ok=True)
+        tmp = partial / f"{os.getpid()}-{threading.get_ident()}-{dest.name}"
+        try:
+            client.download_file(bucket, obj["Key"], str(tmp), Config=transfer_config(settings))
+            if tmp.stat().st_size != obj["Size"]:
+                raise IOError(f"s3://{bucket}/{obj['Key']}: downloaded {tmp.stat().st_size} bytes, expected {obj['Size']}")
+            os.replace(tmp, dest)
+        finally:
+            tmp.unlink(missing_ok=True)
     return cache_root / prefix.rstrip("/") if prefix.strip("/") else cache_root
 
 

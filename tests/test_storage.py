@@ -40,9 +40,38 @@ def test_folder_file_and_sibling_prefixes(s3_bucket, tmp_path, monkeypatch):
     assert one.is_file() and one.read_text() == "{}"
     # a second call reuses the verified mirror (no .part files left behind)
     assert materialize(f"s3://{s3_bucket}/model/") == local
-    assert not list(local.rglob("*.part"))
+    assert not list(local.rglob("*.part*"))
     with pytest.raises(FileNotFoundError, match="no objects under this S3 prefix"):
         materialize(f"s3://{s3_bucket}/nothing-here")
+
+
+_MIRROR = """
+import sys
+from loomcore.storage import materialize
+print(sorted(p.name for p in materialize(sys.argv[1]).iterdir()), flush=True)
+"""
+
+
+def test_ranks_mirroring_the_same_prefix_at_once_all_get_it(s3_bucket, s3_endpoint, tmp_path, monkeypatch):
+    """Every rank of a node materializes the same model folder at the same time; a temp file
+    shared by name let one rank's rename pull the download from under another (FileNotFoundError)."""
+    import subprocess
+    import sys
+
+    monkeypatch.setenv("LOOM_CACHE_DIR", str(tmp_path / "cache"))
+    src = tmp_path / "src"
+    src.mkdir()
+    for k in range(6):
+        (src / f"w{k}.bin").write_bytes(bytes([k]) * 300_000)
+    upload_dir(src, f"s3://{s3_bucket}/model")
+    procs = [subprocess.Popen([sys.executable, "-c", _MIRROR, f"s3://{s3_bucket}/model"], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err[-1500:] for _, err in outs]
+    assert {out.strip() for out, _ in outs} == {str([f"w{k}.bin" for k in range(6)])}
+    local = tmp_path / "cache" / "s3" / s3_bucket / "model"
+    assert all((local / f"w{k}.bin").read_bytes() == bytes([k]) * 300_000 for k in range(6))
+    assert not list(local.glob("*.part*")) and not list((tmp_path / "cache" / "s3" / ".partial").iterdir())
 
 
 def test_settings_are_configuration_not_code(monkeypatch):
