@@ -148,7 +148,8 @@ def test_timeouts_are_retried_and_a_refused_request_is_not():
 @pytest.fixture()
 def chat_server():
     """An OpenAI-compatible /chat/completions on 127.0.0.1 answering from `server.script`: a
-    string (200 with that content), ("sleep", s) (answers after s seconds), or an int (that
+    string (200 with that content), ("sleep", s) (answers after s seconds), ("raw", bytes) (a 200
+    with that body), ("cut", bytes) (that body, a longer Content-Length announced), or an int (that
     HTTP status). Each request body is kept in `server.requests`."""
 
     class Handler(BaseHTTPRequestHandler):
@@ -159,17 +160,21 @@ def chat_server():
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             self.server.requests.append((self.path, self.headers.get("Authorization"), body))
             step = self.server.script.pop(0)
-            if isinstance(step, tuple):
+            length = None
+            if isinstance(step, tuple) and step[0] == "sleep":
                 time.sleep(step[1])
                 step = GOOD
-            if isinstance(step, int):
+            if isinstance(step, tuple):  # ("raw", bytes): a 200 with that body; ("cut", bytes): announced longer
+                payload, status = step[1], 200
+                length = len(payload) + 100 if step[0] == "cut" else None
+            elif isinstance(step, int):
                 payload, status = json.dumps({"error": {"message": "nope"}}).encode(), step
             else:
                 payload, status = json.dumps({"choices": [{"message": {"role": "assistant", "content": step}}]}).encode(), 200
             try:
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(payload)))
+                self.send_header("Content-Length", str(length or len(payload)))
                 self.end_headers()
                 self.wfile.write(payload)
             except (BrokenPipeError, ConnectionResetError):  # the client gave up (timeout)
@@ -219,6 +224,13 @@ def test_hosted_judge_garbage_timeouts_and_errors_become_failures(chat_server):
     chat_server.script = [401]  # a refused request is not
     r = ask(judge, "p", MEDIA, DIMS, attempts=3)
     assert not r.ok and r.attempts == 1 and "HTTP 401" in r.failure
+    # a 200 that is not JSON (a proxy's error page) or a body cut short is asked again, then a failure row
+    chat_server.script = [("raw", b"<html>502 Bad Gateway</html>"), ("cut", json.dumps({"choices": []}).encode()), GOOD]
+    r = ask(judge, "p", MEDIA, DIMS, attempts=3)
+    assert r.ok and r.attempts == 3 and r.scores == EXPECTED
+    chat_server.script = [("raw", b"<html>502 Bad Gateway</html>")] * 2
+    r = ask(judge, "p", MEDIA, DIMS, attempts=2)
+    assert not r.ok and "not JSON" in r.failure
 
 
 def test_hosted_judge_needs_its_environment(monkeypatch):

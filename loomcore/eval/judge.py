@@ -16,6 +16,7 @@ VLM fits `OpenAICompatibleJudge`. Its key is read from the environment only (nev
 from __future__ import annotations
 
 import base64
+import http.client
 import io
 import json
 import math
@@ -360,7 +361,7 @@ class OpenAICompatibleJudge:
                                               "Authorization": f"Bearer {self.api_key}"})
         try:
             with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
-                body = json.loads(resp.read().decode("utf-8"))
+                raw = resp.read()
         except urllib.error.HTTPError as e:
             detail = e.read()[:200].decode("utf-8", "replace")
             if e.code == 429 or e.code >= 500:
@@ -372,8 +373,12 @@ class OpenAICompatibleJudge:
             if isinstance(e.reason, (socket.timeout, TimeoutError)):
                 raise JudgeTimeout(f"no answer from {url} within {self.timeout_s:g} s") from e
             raise JudgeTransientError(f"{url}: {e.reason}") from e
-        except ConnectionError as e:
-            raise JudgeTransientError(f"{url}: {e}") from e
+        except (ConnectionError, http.client.HTTPException) as e:  # reset, or a body cut short (IncompleteRead)
+            raise JudgeTransientError(f"{url}: {e!r}") from e
+        try:
+            body = json.loads(raw.decode("utf-8"))
+        except ValueError as e:  # a 200 that is not JSON (a proxy's HTML page): asked again, then a failure row
+            raise JudgeTransientError(f"{url}: the answer is not JSON ({e}): {raw[:200]!r}") from None
         try:
             return body["choices"][0]["message"]["content"] or ""
         except (KeyError, IndexError, TypeError):
