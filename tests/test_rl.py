@@ -55,6 +55,18 @@ def test_nft_loss_matches_a_hand_computed_value():
     assert v_theta.grad is not None and torch.isfinite(v_theta.grad).all()
 
 
+def test_held_out_items_pad_to_equal_work_on_any_number_of_ranks():
+    """Every rank samples as often (FSDP2's forwards are collectives); with fewer held-out items
+    than the padding needs (1 prompt × 1 seed on 3 ranks) `items + items[:pad]` came out short
+    and the stage failed after all its training."""
+    from loomcore.rl.trainer import pad_to_ranks
+
+    assert pad_to_ranks(["a"], 3) == ["a", "a", "a"]
+    assert pad_to_ranks(["a", "b"], 8) == ["a", "b"] * 4
+    assert pad_to_ranks(list("abcde"), 4) == list("abcdeabc")
+    assert pad_to_ranks(list("abcd"), 4) == list("abcd") and pad_to_ranks(list("abc"), 1) == list("abc")
+
+
 def test_sigma_min_only_changes_the_x0_inversion():
     g = torch.Generator().manual_seed(0)
     v_theta, v_old, z, x = (torch.randn(6, 4, generator=g) for _ in range(4))

@@ -74,6 +74,12 @@ def rank_slice(n: int, env: DistEnv) -> List[int]:
     return list(range(env.rank, n, env.world_size))
 
 
+def pad_to_ranks(items: list, world_size: int) -> list:
+    """`items` repeated from the start up to a multiple of `world_size` (equal work per rank; the
+    caller drops the repeats' results), however few items there are."""
+    return [items[i % len(items)] for i in range(len(items) + (-len(items)) % world_size)]
+
+
 def all_gather_rows(local: torch.Tensor, env: DistEnv) -> torch.Tensor:
     """[n/W, ...] on each rank → [n, ...] in item order (rank r held items r, r + W, …)."""
     parts = [torch.empty_like(local) for _ in range(env.world_size)]
@@ -183,8 +189,7 @@ class RLTrainer(Harness):
         any model), `rl.eval_steps` Euler steps. Per-prompt means, then their mean and std."""
         rl, env = self.rl, self.env
         items = [(p, j) for p in self.eval_prompts for j in range(rl.eval_samples_per_prompt)]
-        pad = (-len(items)) % env.world_size  # equal work per rank; padded items are dropped
-        padded = items + items[:pad]
+        padded = pad_to_ranks(items, env.world_size)  # equal work per rank; the repeats are dropped
         mine = rank_slice(len(padded), env)
         seeds = [derive_seed(self.cfg.seed, "rl-eval", padded[i][0].id, padded[i][1]) for i in mine]
         prompts = with_conditions([padded[i][0] for i in mine], self.reader, self.contexts)  # for this evaluation only
