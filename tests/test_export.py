@@ -210,6 +210,14 @@ def test_the_same_inputs_give_the_same_folder(exported, project, tmp_path):
         os.chdir(REPO_ROOT)
     assert again.version == result.version
     assert dvc_md5(tmp_path / "again") == dvc_md5(folder)
+    # a setting the card shows (README.md) is part of the version: other bytes, another version
+    os.chdir(root)
+    try:
+        other = export_pipeline(load_config([*overrides, "export.promotion_tolerance=0.5"], profile="tiny"),
+                                out_dir=tmp_path / "other", dvc_lock=root / "dvc.lock")
+    finally:
+        os.chdir(REPO_ROOT)
+    assert other.version != result.version
 
 
 def test_lineage_warns_when_the_weights_changed_after_dvc_recorded_them(project, tmp_path):

@@ -40,7 +40,7 @@ from loomcore.config import REPO_ROOT, Config
 from loomcore.storage import pid_alive, sha256_file
 from loomcore.train.weights import resolve_weights
 
-from .card import render_card
+from .card import card_params, render_card
 from .lineage import display_path, dvc_lineage
 from .metrics import load_metrics
 
@@ -236,7 +236,11 @@ def export_pipeline(cfg: Config, *, out_dir: Optional[Path | str] = None, overwr
         del pipe
         facts = {"name": name, "profile": cfg.profile, "dtype": e.dtype, "source": {"stage": stage, "path": display_path(source)},
                  "metrics": metrics, "metrics_source": display_path(e.metrics) if e.metrics else None}
-        version = version or check_name(content_version(staging, facts), "export version")
+        # The version covers every byte published: the pipeline's files, these facts, the lineage and
+        # the settings the card shows — a change to any of them under the same version would be refused
+        # by publish ("already complete with other contents") however often it was exported again.
+        covered = {**facts, "lineage": lineage, "card": card_params(cfg.to_dict()), "lower_is_better": list(e.lower_is_better)}
+        version = version or check_name(content_version(staging, covered), "export version")
         info = {**facts, "version": version, "lineage": lineage}
         (staging / INFO_FILE).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
         components = {k: v for k, v in json.loads((staging / "model_index.json").read_text()).items()
