@@ -7,6 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from loomcore.config import load_config
 from loomcore.train.cache import build_cache, plan
 from loomcore.data.loader import CacheError, PackedLoader, read_index
 from loomcore.models.codec import load_codec
@@ -412,3 +413,17 @@ def test_the_cache_encodes_with_the_configured_cpu_threads(tiny_workspace):
             assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_rows_over_the_mllm_token_limit_are_skipped_with_why(tiny_workspace, tmp_path):
+    """A row's images count towards mllm.max_length too (curation counts its text): a reference or
+    source that takes it over is kept out of the cache with the reason, and the stage goes on —
+    it failed the whole cache before."""
+    cfg, overrides = tiny_workspace
+    tight = load_config([*overrides, "mllm.max_length=60"], profile="tiny")
+    summary = build_cache(tight, out_dir=tmp_path / "cache", progress=False)
+    too_long = [r for r in summary["skipped_rows"] if "more than mllm.max_length = 60" in r["reason"]]
+    assert too_long and all("MLLM tokens" in r["reason"] for r in too_long)
+    assert summary["samples"] > 0  # the rest is cached
+    kept = {r["id"] for r in pq.read_table(next((tmp_path / "cache").glob("*.index.parquet"))).to_pylist()}
+    assert not kept & {r["id"] for r in too_long}

@@ -44,6 +44,7 @@ import torch
 from tqdm import tqdm
 
 from loomcore.config import Config, ConfigError
+from loomcore.errors import InputError
 from loomcore.data import shards
 from loomcore.data.buckets import nearest_size, resize_center_crop
 from loomcore.data.loader import INDEX_FILE, NULL_SHARD, file_sha256, null_record
@@ -414,9 +415,16 @@ def _encode_chunk(cfg, chunk, res, media, codec, encoder, mode, dtype, bytes_by_
             continue
         text = row["caption"] or ""
         req = MLLMRequest(task=row["task"], text=text, references=[r[0] for r in refs], source=source)
+        vis_req = MLLMRequest(task=row["task"], text=text, references=req.references, source=source, drop="text") \
+            if req.has_visual else None
+        try:  # its images count too: a row within curation's text budget can still be too long here
+            tok, vis_tok = encoder.tokenize(req), encoder.tokenize(vis_req) if vis_req is not None else None
+        except InputError as e:  # more MLLM tokens than mllm.max_length: kept out, with why
+            skipped.append({"id": row["id"], "resolution": res, "reason": str(e)})
+            continue
         requests.append(req)
-        visual_requests.append(MLLMRequest(task=row["task"], text=text, references=req.references, source=source, drop="text") if req.has_visual else None)
-        prepared.append((row, target, source, refs))
+        visual_requests.append(vis_req)
+        prepared.append((row, target, source, refs, tok, vis_tok))
 
     # MLLM side, batched
     full = vis = None
@@ -426,7 +434,7 @@ def _encode_chunk(cfg, chunk, res, media, codec, encoder, mode, dtype, bytes_by_
         if with_vis:
             vis = (with_vis, encoder.encode([visual_requests[i] for i in with_vis], batch_size=cfg.data.cache_batch_size))
 
-    for i, (row, target, source, refs) in enumerate(prepared):
+    for i, (row, target, source, refs, tok, vis_tok) in enumerate(prepared):
         sid = row["id"]
         entries: Dict[str, list] = {}
         own: Dict[str, torch.Tensor] = {}
@@ -446,10 +454,8 @@ def _encode_chunk(cfg, chunk, res, media, codec, encoder, mode, dtype, bytes_by_
             for k, r in enumerate(refs):
                 put(f"ref{k}", latent(r))
         # bytes of each MLLM mode, measured on this very sample
-        tok = encoder.tokenize(requests[i])
         online_bytes = _nbytes({k: v for k, v in tok.items() if k in MLLM_INPUT_KEYS})
         # text dropout keeps the images/video: the same drop="text" request in both modes
-        vis_tok = encoder.tokenize(visual_requests[i]) if visual_requests[i] is not None else None
         if vis_tok is not None:
             online_bytes += _nbytes({k: v for k, v in vis_tok.items() if k in MLLM_INPUT_KEYS})
         if mode == "cached":
