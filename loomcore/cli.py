@@ -283,7 +283,8 @@ def cmd_generate(args) -> int:
     from loomcore.storage import is_s3
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype] if args.dtype else inference_dtype(device)
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+    dtype = dtypes[args.dtype] if args.dtype else inference_dtype(device)
     try:
         # 1. What can be checked without a model
         if args.model and args.transformer:

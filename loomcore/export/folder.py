@@ -10,9 +10,10 @@
       README.md                model card (metrics, lineage, params)
       export.json              the same facts, machine-readable (name, version, metrics, lineage)
 
-Everything in the folder follows from what it was built from: the version is a digest of the
-weights, the metrics and the settings (`content_version`), the lineage comes from dvc.lock (the
-md5 of the train manifest, the base models and each earlier stage's weights), paths are relative to the checkout. No clock, commit or
+Everything in the folder follows from what it was built from: the version is a digest of every
+byte published — the weights, the metrics, the settings the card shows and the lineage
+(`content_version`); the lineage comes from dvc.lock (the md5 of the train manifest, the base
+models and each earlier stage's weights), paths are relative to the checkout. No clock, commit or
 machine path goes in, so the same inputs give a byte-identical folder (DVC's hash of it does not
 change on a rerun or in a fresh clone); the commit a version was published from is in its
 publication record (`publish_export`).

@@ -19,7 +19,8 @@ import torch
 
 
 def capture_rng(generators: Optional[Mapping[str, torch.Generator]] = None) -> dict:
-    """{"python", "numpy", "torch_cpu", "torch_cuda" ([the current device's] or []), "generators": {name: uint8 tensor}}."""
+    """{"python", "numpy", "torch_cpu", "torch_cuda" ([the current device's state] or []),
+    "generators": {name: uint8 tensor}}."""
     version, internal, gauss_next = random.getstate()
     kind, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
     return {

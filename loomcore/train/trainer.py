@@ -192,7 +192,8 @@ class Trainer(Harness):
         if self.device.type == "cuda":
             peak = telemetry.peak_flops_for(torch.cuda.get_device_name(self.device))
             m["perf/mfu"] = telemetry.mfu(sum(r["flops"] for r in rows), seconds, peak, self.env.world_size)
-            m["memory/max_allocated_gib"] = torch.cuda.max_memory_allocated(self.device) / telemetry.GIB  # this interval's
+            # this interval's peak (reset after reading), not the whole run's
+            m["memory/max_allocated_gib"] = torch.cuda.max_memory_allocated(self.device) / telemetry.GIB
             torch.cuda.reset_peak_memory_stats(self.device)
             m.update({f"system/{k}": v for k, v in telemetry.gpu_metrics().items()})
         line = (f"step {step}/{self.s.steps} loss {m['loss/all']:.4f} lr {m['lr']:.3g} grad_norm {m['grad_norm']:.3f} "
