@@ -116,6 +116,29 @@ def test_training_timesteps_come_from_the_sampler_grid_stratified():
     assert (high_noise >= 0.7 - 1e-6).all()
 
 
+def test_uniform_training_times_map_to_the_range_then_shift():
+    """[FF] TimeSampler.uniform maps its strata to the fraction range first and shifts that (no
+    clamp); logit_normal_shifted shifts and clamps the unit draw, then maps. With t_range
+    [0, 0.9] and shift 3 the uniform times reach t = 1 − 3·0.9/(1 + 2·0.9) ≈ 0.036 — the order
+    the other way round stopped them at 0.1."""
+    t = torch.cat([nft.continuous_train_timesteps(64, (0.0, 0.9), torch.Generator().manual_seed(s), "uniform", shift=3.0)
+                   for s in range(8)]).double()
+    f = 1 - t
+    unit = (f / (3 - 2 * f)) / 0.9  # undo the shift, then the mapping: the strata in [0, 1)
+    assert t.min() < 0.06 and t.min() >= 1 - 2.7 / 2.8 - 1e-6
+    assert ((unit >= -1e-6) & (unit < 1 + 1e-6)).all()
+    counts = torch.histc(unit[:64], bins=64, min=0.0, max=1.0)  # one draw per stratum
+    assert (counts == 1).all()
+    same = nft.continuous_train_timesteps(4, (0.0, 0.9), torch.Generator().manual_seed(0), "logit_normal", shift=3.0)
+    g = torch.Generator().manual_seed(0)
+    u0 = torch.rand(4, generator=g, dtype=torch.float64)
+    base = (torch.arange(4, dtype=torch.float64) + u0) / 4
+    z = torch.distributions.Normal(0.0, 1.0).icdf(base.clamp(1e-7, 1 - 1e-7))[torch.randperm(4, generator=g)]
+    u = torch.sigmoid(z)
+    expected = 1 - 0.9 * (3 * u / (1 + 2 * u)).clamp(0.01, 1 - 1e-6)
+    assert torch.equal(same, expected.float())
+
+
 # --------------------------------------------------------------------------------------------
 # the direction of the update
 

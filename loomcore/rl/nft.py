@@ -222,20 +222,22 @@ def continuous_train_timesteps(
     count: int, t_range: Sequence[float], generator: torch.Generator, distribution: str,
     shift: float = 1.0, logit_mean: float = 0.0, logit_std: float = 1.0,
 ) -> torch.Tensor:
-    """`count` flow times, stratified ([FF] TimeSampler.uniform / logit_normal_shifted): a unit
-    draw u (uniform strata, or logit-normal strata through the normal's inverse CDF), shifted by
-    u' = s·u / (1 + (s − 1)·u), then mapped to the fraction lo + u'·(hi − lo) along the denoising
-    axis, t = 1 − fraction (u' clamped to [0.01, 1 − 1e-6] as there)."""
+    """`count` flow times, stratified, t = 1 − f for a fraction f along the denoising axis, as
+    [FF] TimeSampler does, each in its own order:
+      logit_normal (`logit_normal_shifted`): logit-normal strata u (the normal's inverse CDF),
+        shifted u' = s·u / (1 + (s − 1)·u), clamped to [0.01, 1 − 1e-6], then f = lo + u'·(hi − lo);
+      uniform (`uniform`): uniform strata mapped first, f = lo + u·(hi − lo), then shifted
+        f' = s·f / (1 + (s − 1)·f) (no clamp)."""
     lo, hi = float(t_range[0]), float(t_range[1])
     u0 = torch.rand(count, generator=generator, dtype=torch.float64)
     base = (torch.arange(count, dtype=torch.float64) + u0) / count
     perm = torch.randperm(count, generator=generator)
+    warp = lambda x: shift * x / (1.0 + (shift - 1.0) * x)  # noqa: E731
     if distribution == "uniform":
-        u = base[perm]
+        f = warp((lo + base * (hi - lo))[perm])
     elif distribution == "logit_normal":
         z = torch.distributions.Normal(0.0, 1.0).icdf(base.clamp(1e-7, 1 - 1e-7))[perm]
-        u = torch.sigmoid(z * logit_std + logit_mean)
+        f = lo + warp(torch.sigmoid(z * logit_std + logit_mean)).clamp(0.01, 1.0 - 1e-6) * (hi - lo)
     else:
         raise ValueError(f"distribution = {distribution!r}: expected 'uniform' or 'logit_normal'")
-    u = (shift * u / (1.0 + (shift - 1.0) * u)).clamp(0.01, 1.0 - 1e-6)  # [FF] the same clamp
-    return (1.0 - (lo + u * (hi - lo))).float()
+    return (1.0 - f).float()
