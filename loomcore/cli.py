@@ -144,11 +144,12 @@ def cmd_init_models(args) -> int:
 def cmd_import_release(args) -> int:
     from loomcore.models.release import import_release
 
-    from loomcore.storage import is_s3, materialize
+    from loomcore.storage import S3Settings, is_s3, materialize
 
     cfg = _load(args)
     try:
-        source = materialize(args.checkpoint) if is_s3(args.checkpoint) else Path(args.checkpoint)
+        source = materialize(args.checkpoint, settings=S3Settings.from_config(cfg.s3)) if is_s3(args.checkpoint) \
+            else Path(args.checkpoint)
         out = import_release(source, Path(args.out_dir), cfg, weights=args.weights)
     except InputError as e:  # the file or folder given: a user's mistake, told in one line (exit 2)
         print(f"loom import-release: {e}", file=sys.stderr)

@@ -97,3 +97,45 @@ def test_the_loader_reads_an_s3_cache_as_the_local_one_with_a_bounded_read_ahead
     shutil.rmtree(folder)  # (a verified local copy would be used as it is)
     with pytest.raises(IOError, match=rf"s3://{s3_bucket}/cache/{name}: downloaded bytes have sha256"):
         ShardReader(uri).get(name, ours.rows[0]["id"] + "/target")
+
+
+def test_params_s3_section_alone_reaches_the_store_for_training_and_loading(
+        tiny_workspace, local_cache, s3_bucket, tmp_path, monkeypatch):
+    """An endpoint set only in params (`s3.endpoint_url`), the environment naming another (dead)
+    one: a training stage reads its cache and base models from the store, validates (the codec
+    from the store), and the pipeline loads every component from it. The readers used to take the
+    environment's endpoint: the cache written to one store was read from another."""
+    import socket
+
+    from loomcore.config import load_config
+    from loomcore.pipeline import LoomVideoPipeline
+    from loomcore.storage import S3Settings, upload_dir
+    from loomcore.train.trainer import train_stage
+
+    cfg, overrides = tiny_workspace
+    live = S3Settings.from_env().endpoint_url
+    uri = f"s3://{s3_bucket}"
+    upload_dir(local_cache, f"{uri}/cache")
+    for name in ("transformer", "vae", "scheduler", "mllm"):
+        upload_dir(getattr(cfg.models, name), f"{uri}/models/{name}")
+    with socket.socket() as s:  # a port nobody answers on
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    monkeypatch.setenv("AWS_ENDPOINT_URL", dead)
+    monkeypatch.setenv("LOOM_CACHE_DIR", str(tmp_path / "mirror"))
+    remote = load_config([*overrides, f"s3.endpoint_url={live}", "s3.max_attempts=1", f"paths.cache={uri}/cache",
+                          *(f"models.{n}={uri}/models/{n}" for n in ("transformer", "vae", "scheduler", "mllm")),
+                          f"paths.runs={tmp_path / 'runs'}", f"train.out_dir={tmp_path / 'out'}",
+                          "stage1.steps=2", "stage1.sample_every=2", "stage1.checkpoint_every=2"], profile="tiny")
+    summary = train_stage(remote, "stage1")
+    assert summary["steps"] == 2 and summary["init_weights"].startswith(f"base model {uri}/models/transformer")
+    assert list((tmp_path / "out" / "stage1" / "plots").rglob("*.png"))  # the validation grid: codec from S3
+    pipe = LoomVideoPipeline.from_config_models(remote, transformer_path=f"{uri}/models/transformer")
+    assert pipe.mllm is not None and pipe.scheduler is not None and pipe.vae is not None
+
+    # and the environment's endpoint is what the same readers would have used: refused there
+    from loomcore.data.loader import ShardReader
+    from loomcore.storage import StoreError
+
+    with pytest.raises(StoreError, match=dead):
+        ShardReader(f"{uri}/cache", settings=S3Settings(endpoint_url=dead, max_attempts=1))

@@ -97,7 +97,7 @@ class PromptTokens:
                 "build or link the base models first (`loom init-models`, the base_models stage)")
         from transformers import AutoTokenizer
 
-        folder = materialize(uri)
+        folder = materialize(uri, settings=S3Settings.from_config(cfg.s3))
         try:
             tokenizer = AutoTokenizer.from_pretrained(folder)
         except (OSError, ValueError) as e:  # transformers' "can't load tokenizer" family

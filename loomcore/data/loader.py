@@ -33,7 +33,7 @@ from safetensors import safe_open
 
 from loomcore.data.packing import BufferedPacker, Item
 from loomcore.data.remote import RemoteCache, ShardFetcher, mirror_files
-from loomcore.storage import is_s3
+from loomcore.storage import S3Settings, is_s3
 from loomcore.storage import sha256_file as file_sha256  # the loader's name for it (tests count its calls)
 
 INDEX_FILE = "index.parquet"
@@ -64,11 +64,12 @@ def verify_shard(path: Path, expected: str) -> None:
     _VERIFIED.add(key)
 
 
-def cache_root(cache_dir: Path | str) -> Path:
+def cache_root(cache_dir: Path | str, settings: Optional[S3Settings] = None) -> Path:
     """The local folder of a cache: `cache_dir` itself, or for an s3:// cache its staging folder
-    with the index and the null context mirrored from the store."""
+    with the index and the null context mirrored from the store (`settings`: how to reach it,
+    params' `s3:` section through `S3Settings.from_config`; None: the environment)."""
     if is_s3(cache_dir):
-        return mirror_files(RemoteCache(str(cache_dir)), (INDEX_FILE, NULL_SHARD), required=INDEX_FILE)
+        return mirror_files(RemoteCache(str(cache_dir), settings), (INDEX_FILE, NULL_SHARD), required=INDEX_FILE)
     return Path(cache_dir)
 
 
@@ -136,9 +137,11 @@ class ShardReader:
     `cache_dir` may be an s3:// cache: shards are fetched (verified) into at most `read_ahead`
     local files; `prefetch` starts fetching the ones needed next."""
 
-    def __init__(self, cache_dir: Path | str, max_open: int = 8, read_ahead: int = 16):
-        self.remote = RemoteCache(str(cache_dir)) if is_s3(cache_dir) else None
-        self.root = cache_root(cache_dir)
+    def __init__(self, cache_dir: Path | str, max_open: int = 8, read_ahead: int = 16,
+                 settings: Optional[S3Settings] = None):
+        self.remote = RemoteCache(str(cache_dir), settings) if is_s3(cache_dir) else None
+        self.root = mirror_files(self.remote, (INDEX_FILE, NULL_SHARD), required=INDEX_FILE) if self.remote \
+            else Path(cache_dir)
         self.max_open, self.read_ahead = max_open, read_ahead
         self._open: "OrderedDict[str, object]" = OrderedDict()
         self._digests: Optional[Dict[str, str]] = None  # read from the index on first use
@@ -191,8 +194,8 @@ class ShardReader:
         return t
 
 
-def read_index(cache_dir: Path | str, split: str, resolution: str) -> List[dict]:
-    path = cache_root(cache_dir) / INDEX_FILE
+def read_index(cache_dir: Path | str, split: str, resolution: str, settings: Optional[S3Settings] = None) -> List[dict]:
+    path = cache_root(cache_dir, settings) / INDEX_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no cache index (run the cache stage first)")
     rows = [r for r in pq.read_table(path).to_pylist() if r["split"] == split and r["resolution"] == resolution]
@@ -244,12 +247,13 @@ class PackedLoader:
         split: str = "train",
         buffer_size: int = 32,
         read_ahead: int = 16,
+        settings: Optional[S3Settings] = None,
     ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank: expected 0 <= rank < world_size ({world_size}), got {rank}")
         self.cache_dir = cache_dir
         self.max_tokens = max_tokens
-        self.reader = ShardReader(cache_dir, read_ahead=read_ahead)
+        self.reader = ShardReader(cache_dir, read_ahead=read_ahead, settings=settings)
         rows = read_index(self.reader.root, split, resolution)
         self.rows = rows[rank::world_size]
         self.pools: Dict[str, List[int]] = {}

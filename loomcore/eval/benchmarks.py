@@ -43,7 +43,7 @@ import pyarrow.parquet as pq
 
 from loomcore.config import EVAL_BENCHMARKS
 from loomcore.eval.prompts import TEMPLATES, TIV2V_CATEGORIES
-from loomcore.storage import is_s3, materialize
+from loomcore.storage import S3Settings, is_s3, materialize
 
 BENCHMARKS = EVAL_BENCHMARKS
 INDEX = "index.jsonl"
@@ -76,7 +76,7 @@ def _row_error(path: Path, line: int, msg: str) -> ValueError:
     return ValueError(f"{path}:{line}: {msg}")
 
 
-def read_benchmark(root: str, name: str, limit: int = 0) -> List[BenchmarkSample]:
+def read_benchmark(root: str, name: str, limit: int = 0, s3_settings: Optional[S3Settings] = None) -> List[BenchmarkSample]:
     """The samples of one benchmark (the first `limit`, 0 = all). An unknown benchmark, a missing
     index or a malformed row raises ValueError / FileNotFoundError naming the file and line."""
     if name not in BENCHMARKS:
@@ -85,7 +85,7 @@ def read_benchmark(root: str, name: str, limit: int = 0) -> List[BenchmarkSample
         return read_release_benchmark(Path(root), name, limit)
     uri = f"{root.rstrip('/')}/{name}" if is_s3(root) else str(Path(root) / name)
     try:
-        folder = Path(materialize(uri))
+        folder = Path(materialize(uri, settings=s3_settings))
     except FileNotFoundError:
         raise FileNotFoundError(f"benchmark {name!r}: nothing at {uri} (expected {uri}/{INDEX} and its media; "
                                 f"layout in loomcore/eval/benchmarks.py, or drop it from eval.benchmarks.names)") from None

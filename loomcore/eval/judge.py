@@ -32,6 +32,8 @@ from typing import Dict, Iterator, List, Optional, Protocol, Sequence
 
 import numpy as np
 
+from loomcore.storage import S3Settings, materialize
+
 # Environment variables of the hosted judge.
 ENV_BASE_URL, ENV_MODEL, ENV_API_KEY = "LOOM_JUDGE_BASE_URL", "LOOM_JUDGE_MODEL", "LOOM_JUDGE_API_KEY"
 SCORE_MIN, SCORE_MAX = 1.0, 5.0
@@ -260,14 +262,14 @@ class QwenJudge:
 
     @classmethod
     def from_pretrained(cls, uri: str, max_new_tokens: int, timeout_s: float, video_frames: int,
-                        device: str = "cpu", dtype=None) -> "QwenJudge":
+                        device: str = "cpu", dtype=None,
+                        s3_settings: Optional[S3Settings] = None) -> "QwenJudge":
         import torch
         from transformers import Qwen3VLForConditionalGeneration
 
         from loomcore.models.mllm import Qwen3VLInputs
-        from loomcore.storage import materialize
 
-        folder = materialize(uri)
+        folder = materialize(uri, settings=s3_settings)
         model = Qwen3VLForConditionalGeneration.from_pretrained(str(folder), dtype=dtype or torch.float32)
         judge = cls(model.to(device).eval(), Qwen3VLInputs.from_pretrained(folder), max_new_tokens, timeout_s,
                     video_frames)
@@ -412,7 +414,7 @@ def make_judge(cfg, device: str = "cpu") -> Judge:
     if j.kind == "qwen":
         dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
         return QwenJudge.from_pretrained(j.model or cfg.models.mllm, j.max_new_tokens, j.timeout_s, j.video_frames,
-                                         device, dtype)
+                                         device, dtype, S3Settings.from_config(cfg.s3))
     if j.kind == "openai":
         return OpenAICompatibleJudge.from_env(j.timeout_s, j.max_new_tokens, j.video_frames)
     raise ValueError(f"eval.judge.kind = {j.kind!r}: expected 'qwen' or 'openai' (or 'shapes' through judge_session)")

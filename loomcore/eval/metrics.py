@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from loomcore.models.base_models import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD
-from loomcore.storage import materialize
+from loomcore.storage import S3Settings, materialize
 
 VBENCH_METRICS = ("imaging_quality", "overall_consistency", "subject_consistency")
 DINO_SIZE = 224  # VBench's dino_transform(224): shorter side to 224, no crop
@@ -113,7 +113,8 @@ class VBenchScorer:
     metrics that need it (their scores come back NaN)."""
 
     def __init__(self, clip: Optional[str], dino: Optional[str], iqa_prompts: Sequence[str] = ("Good photo.", "Bad photo."),
-                 consistency_frames: int = 8, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+                 consistency_frames: int = 8, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                 s3_settings: Optional[S3Settings] = None):
         from transformers import AutoConfig, AutoModel, AutoTokenizer, CLIPModel, ViTModel
 
         if len(iqa_prompts) != 2:
@@ -122,14 +123,14 @@ class VBenchScorer:
         self.iqa_prompts, self.consistency_frames = tuple(iqa_prompts), consistency_frames
         self.clip = self.tokenizer = self.dino = None
         if clip:
-            folder = Path(materialize(clip))
+            folder = Path(materialize(clip, settings=s3_settings))
             self.clip = CLIPModel.from_pretrained(str(folder), dtype=dtype).to(self.device).eval()
             self.tokenizer = AutoTokenizer.from_pretrained(str(folder))
             self.clip_size = self.clip.config.vision_config.image_size
             self.clip_mean, self.clip_std = _processor_stats(folder, CLIP_MEAN, CLIP_STD)
             self._iqa_text = self._text_features(list(self.iqa_prompts))
         if dino:
-            folder = Path(materialize(dino))
+            folder = Path(materialize(dino, settings=s3_settings))
             # facebook/dino-vitb16 is a ViTModel without the (classification) pooler
             vit = AutoConfig.from_pretrained(str(folder)).model_type == "vit"
             load = (lambda f: ViTModel.from_pretrained(f, dtype=dtype, add_pooling_layer=False)) if vit else \
@@ -139,8 +140,8 @@ class VBenchScorer:
             self._dino_interpolate = vit
 
     @classmethod
-    def from_config(cls, vcfg, device: str | torch.device = "cpu") -> "VBenchScorer":
-        return cls(vcfg.clip, vcfg.dino, vcfg.iqa_prompts, vcfg.consistency_frames, device)
+    def from_config(cls, vcfg, device: str | torch.device = "cpu", s3_settings: Optional[S3Settings] = None) -> "VBenchScorer":
+        return cls(vcfg.clip, vcfg.dino, vcfg.iqa_prompts, vcfg.consistency_frames, device, s3_settings=s3_settings)
 
     # -- features --------------------------------------------------------------------------
 

@@ -36,7 +36,7 @@ from loomcore.eval.benchmarks import BenchmarkSample, read_benchmark, write_shap
 from loomcore.eval.judge import Judge, JudgeMedia, ask, judge_session
 from loomcore.eval.metrics import VBENCH_METRICS, VBenchScorer
 from loomcore.eval.prompts import TEMPLATES, template_for
-from loomcore.storage import is_s3
+from loomcore.storage import S3Settings, is_s3
 from loomcore.threads import intra_op_threads
 from loomcore.train.weights import resolve_weights
 
@@ -287,7 +287,8 @@ def _run(cfg: Config, scratch: Path, on_progress: Optional[ProgressFn], log: Cal
     log(f"evaluating {model_name} ({model_path})")
     shape_rows, truth = shapes_rows(cfg)
     root = benchmark_root(cfg, scratch) if e.benchmarks.names else ""
-    sets = {name: read_benchmark(root, name, e.benchmarks.limit) for name in e.benchmarks.names}
+    s3 = S3Settings.from_config(cfg.s3)
+    sets = {name: read_benchmark(root, name, e.benchmarks.limit, s3) for name in e.benchmarks.names}
     skipped: Dict[str, str] = {}
     if "vbench" in sets and not (e.vbench.clip or e.vbench.dino):
         skipped["vbench"] = "no backbones configured (eval.vbench.clip and eval.vbench.dino are null)"
@@ -319,7 +320,7 @@ def _run(cfg: Config, scratch: Path, on_progress: Optional[ProgressFn], log: Cal
             sheets[f"shapesbench-{key}"] = sheet
             log(f"shapesbench ({key}): {len(shape_rows)} samples × {e.shapes.seeds} seed(s)")
         del base
-    scorer = VBenchScorer.from_config(e.vbench, device) if "vbench" in sets else None
+    scorer = VBenchScorer.from_config(e.vbench, device, S3Settings.from_config(cfg.s3)) if "vbench" in sets else None
     with (judge_session(cfg, device) if any(n != "vbench" for n in sets) else nullcontext()) as judge:
         for name, samples in sets.items():
             r, sheet = run_benchmark(pipe, cfg, MODEL, samples, judge, scorer, step)

@@ -27,7 +27,7 @@ import torch
 from loomcore.config import TINY_MLLM_ATTENTION, Config
 from loomcore.shapes_world import DIRECTIONS, PALETTE, SHAPES
 from loomcore.task_kinds import TASKS, UNCONDITIONAL_PREFIX
-from loomcore.storage import is_s3, list_objects, materialize, parse_s3_uri, sha256_file
+from loomcore.storage import S3Settings, is_s3, list_objects, materialize, parse_s3_uri, sha256_file
 
 # Bump when a builder changes what it writes: the manifest then no longer matches and
 # `init_models` rebuilds instead of skipping.
@@ -434,11 +434,11 @@ def init_models(cfg: Config, out_dir: Optional[Path | str] = None, force: bool =
 class _Folder:
     """A model folder, local or s3://, listed once: {relative name: size}."""
 
-    def __init__(self, uri: str):
-        self.uri = uri.rstrip("/")
+    def __init__(self, uri: str, settings: S3Settings):
+        self.uri, self.settings = uri.rstrip("/"), settings
         if is_s3(self.uri):
             _, prefix = parse_s3_uri(self.uri + "/")
-            self.sizes = {o["Key"][len(prefix):]: o["Size"] for o in list_objects(self.uri + "/")}
+            self.sizes = {o["Key"][len(prefix):]: o["Size"] for o in list_objects(self.uri + "/", settings)}
         else:
             root = Path(self.uri)
             self.sizes = ({f.relative_to(root).as_posix(): f.stat().st_size for f in root.rglob("*") if f.is_file()}
@@ -451,7 +451,7 @@ class _Folder:
         return f"empty file {self.uri}/{name}" if self.sizes[name] == 0 else None
 
     def json(self, name: str) -> dict:
-        return json.loads(Path(materialize(f"{self.uri}/{name}")).read_text())
+        return json.loads(Path(materialize(f"{self.uri}/{name}", settings=self.settings)).read_text())
 
 
 def _require(folder: _Folder, names: List[str], what: str, problems: List[str]) -> bool:
@@ -498,7 +498,7 @@ def check_paper_models(cfg: Config) -> List[str]:
     folders = {}
     for what in COMPONENTS:
         uri = getattr(cfg.models, what)
-        folders[what] = _Folder(uri)
+        folders[what] = _Folder(uri, S3Settings.from_config(cfg.s3))
         if not folders[what].sizes:
             problems.append(f"{what}: {uri} is missing or empty (models.{what})")
 

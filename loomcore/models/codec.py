@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin  # by name: diffusers' pipeline loader looks it up in this module
 from torch import nn
 
-from loomcore.storage import materialize
+from loomcore.storage import S3Settings, materialize
 
 PathLike = Union[str, Path]
 
@@ -92,9 +92,9 @@ class SpaceToDepth(ModelMixin, ConfigMixin):
         (path / self.config_name).write_text(json.dumps({"_class_name": "SpaceToDepth", "factor": self.factor}, indent=2) + "\n")
 
     @classmethod
-    def from_pretrained(cls, path: PathLike, **kwargs) -> "SpaceToDepth":
+    def from_pretrained(cls, path: PathLike, s3_settings: Optional[S3Settings] = None, **kwargs) -> "SpaceToDepth":
         """`kwargs` (a pipeline loader's dtype/device options) do not apply to a codec without weights."""
-        cfg_path = materialize(path) / cls.config_name
+        cfg_path = materialize(path, settings=s3_settings) / cls.config_name
         if not cfg_path.is_file():
             raise FileNotFoundError(f"{cfg_path}: missing; not a SpaceToDepth codec folder")
         cfg = json.loads(cfg_path.read_text())
@@ -121,10 +121,12 @@ class WanVAE(nn.Module):
         self.register_buffer("std", torch.tensor(cfg.latents_std, dtype=torch.float32).view(1, -1, 1, 1, 1), persistent=False)
 
     @classmethod
-    def from_pretrained(cls, path: PathLike, torch_dtype: torch.dtype = torch.float32, **kw) -> "WanVAE":
+    def from_pretrained(cls, path: PathLike, torch_dtype: torch.dtype = torch.float32,
+                        s3_settings: Optional[S3Settings] = None, **kw) -> "WanVAE":
         from diffusers import AutoencoderKLWan
 
-        return cls(AutoencoderKLWan.from_pretrained(str(materialize(path)), torch_dtype=torch_dtype), **kw)
+        folder = str(materialize(path, settings=s3_settings))
+        return cls(AutoencoderKLWan.from_pretrained(folder, torch_dtype=torch_dtype), **kw)
 
     def save_pretrained(self, path: PathLike) -> None:
         self.vae.save_pretrained(str(path), safe_serialization=True)
@@ -145,12 +147,13 @@ class WanVAE(nn.Module):
 Codec = Union[SpaceToDepth, WanVAE]
 
 
-def load_codec(kind: str, path: PathLike, **kw) -> Codec:
-    """`kind` is params' models.codec: 'wan' or 'space_to_depth'."""
+def load_codec(kind: str, path: PathLike, s3_settings: Optional[S3Settings] = None, **kw) -> Codec:
+    """`kind` is params' models.codec: 'wan' or 'space_to_depth'; an s3:// `path` is reached with
+    `s3_settings` (None: the environment)."""
     if kind == "wan":
-        return WanVAE.from_pretrained(path, **kw)
+        return WanVAE.from_pretrained(path, s3_settings=s3_settings, **kw)
     if kind == "space_to_depth":
-        return SpaceToDepth.from_pretrained(path)
+        return SpaceToDepth.from_pretrained(path, s3_settings)
     raise ValueError(f"codec kind {kind!r}: expected 'wan' or 'space_to_depth'")
 
 

@@ -43,7 +43,7 @@ from torch import nn
 
 from loomcore.errors import InputError
 from loomcore.task_kinds import UNCONDITIONAL_PREFIX, TaskSpec, check_sample, task_spec, to_release_pointers
-from loomcore.storage import materialize
+from loomcore.storage import S3Settings, materialize
 
 # conditioning dropout (DESIGN §3): keep everything, blank the text (keep the images/video), drop all
 DROP_NONE, DROP_TEXT, DROP_ALL = "none", "text", "all"
@@ -351,11 +351,13 @@ class MLLMEncoder(nn.Module):
     @classmethod
     def from_pretrained(cls, uri: str | os.PathLike, layers_used: int, source_temporal_stride: int,
                         max_length: int, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                        expect_layers: Optional[int] = None, expect_hidden: Optional[int] = None) -> "MLLMEncoder":
-        """Load a Qwen3-VL folder (local or s3://); `expect_*` check its dims against the config."""
+                        expect_layers: Optional[int] = None, expect_hidden: Optional[int] = None,
+                        s3_settings: Optional[S3Settings] = None) -> "MLLMEncoder":
+        """Load a Qwen3-VL folder (local, or s3:// reached with `s3_settings`); `expect_*` check its
+        dims against the config."""
         from transformers import Qwen3VLForConditionalGeneration
 
-        folder = materialize(uri)
+        folder = materialize(uri, settings=s3_settings)
         model = Qwen3VLForConditionalGeneration.from_pretrained(folder, dtype=dtype).to(device)
         text_cfg = model.config.text_config
         for name, want, got in (("mllm.num_layers", expect_layers, text_cfg.num_hidden_layers),
@@ -368,7 +370,8 @@ class MLLMEncoder(nn.Module):
     def from_config(cls, cfg, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> "MLLMEncoder":
         m = cfg.mllm
         return cls.from_pretrained(cfg.models.mllm, m.layers_used, m.source_temporal_stride, m.max_length,
-                                   dtype=dtype, device=device, expect_layers=m.num_layers, expect_hidden=m.hidden_size)
+                                   dtype=dtype, device=device, expect_layers=m.num_layers, expect_hidden=m.hidden_size,
+                                   s3_settings=S3Settings.from_config(cfg.s3))
 
     @property
     def device(self) -> torch.device:

@@ -19,7 +19,7 @@ from typing import Dict, List
 import torch
 
 from loomcore.errors import InputError
-from loomcore.storage import materialize
+from loomcore.storage import S3Settings, materialize
 
 CLASS_NAME = "LoomVideoPipeline"
 PIPELINE_MODULE = "pipeline_loomvideo"  # <folder>/pipeline_loomvideo.py, diffusers' custom-pipeline file
@@ -114,7 +114,7 @@ def load_transformer(cfg, path: str | None, torch_dtype: torch.dtype):
     from loomcore.models.release import is_release_checkpoint, load_release, load_wan_transformer
 
     uri = path or cfg.models.transformer
-    folder = Path(materialize(uri))
+    folder = Path(materialize(uri, settings=S3Settings.from_config(cfg.s3)))
     if is_release_checkpoint(folder):
         model, _ = load_release(folder, loomdit_kwargs(cfg), dtype=torch_dtype)
         return model.eval()
@@ -135,7 +135,7 @@ def load_vae(cfg, torch_dtype: torch.dtype = torch.float32):
     """The codec as a pipeline component: AutoencoderKLWan (the pipeline applies its latent
     mean/std through `WanVAE`) or SpaceToDepth. Kept in float32 by default: the decoder is
     where bf16 rounding shows."""
-    folder = str(materialize(cfg.models.vae))
+    folder = str(materialize(cfg.models.vae, settings=S3Settings.from_config(cfg.s3)))
     if cfg.models.codec == "wan":
         from diffusers import AutoencoderKLWan
 
@@ -157,8 +157,8 @@ def load_scheduler(cfg):
     g = cfg.guidance
     dynamic = {"use_dynamic_shifting": g.dynamic_shift, "time_shift_type": "exponential"}
     if g.scheduler == "unipc":
-        return UniPCMultistepScheduler.from_pretrained(str(materialize(cfg.models.scheduler)), flow_shift=g.flow_shift,
-                                                       **dynamic)
+        folder = str(materialize(cfg.models.scheduler, settings=S3Settings.from_config(cfg.s3)))
+        return UniPCMultistepScheduler.from_pretrained(folder, flow_shift=g.flow_shift, **dynamic)
     if g.scheduler == "euler":
         return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=g.flow_shift, **dynamic)
     raise InputError(f"guidance.scheduler = {g.scheduler!r}: expected 'unipc' or 'euler'")
@@ -171,7 +171,7 @@ def load_mllm(cfg, torch_dtype: torch.dtype) -> Dict[str, object]:
 
     from loomcore.models.mllm import Qwen3VLInputs
 
-    folder = Path(materialize(cfg.models.mllm))
+    folder = Path(materialize(cfg.models.mllm, settings=S3Settings.from_config(cfg.s3)))
     model = Qwen3VLForConditionalGeneration.from_pretrained(folder, dtype=torch_dtype)
     text = model.config.text_config
     for key, want, got in (("mllm.num_layers", cfg.mllm.num_layers, text.num_hidden_layers),

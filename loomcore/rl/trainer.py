@@ -53,6 +53,7 @@ from loomcore.models.packed import decode_videos, pack_conditions, sample_pack, 
 from loomcore.rl import nft
 from loomcore.rl.rewards import build_reward
 from loomcore.rl.rollout import Prompt, load_prompts, prompt_noise, with_conditions
+from loomcore.storage import S3Settings
 from loomcore.train.contexts import context_source
 from loomcore.train.distributed import DistEnv, ModelState, OptimizerState, rank_process, set_gradient_sync
 from loomcore.train.harness import Harness
@@ -131,13 +132,14 @@ class RLTrainer(Harness):
         self.optimizer = build_optimizer([p for p in self.policy.parameters() if p.requires_grad], rl.optimizer)
         self.scheduler = build_scheduler(self.optimizer, SchedulerConfig("constant_with_warmup", 0))
         self.reward = build_reward(cfg, device=self.device)
-        self.codec = load_codec(cfg.models.codec, cfg.models.vae).to(self.device)
-        mode = cfg.mllm.feature_mode
-        self.train_prompts = load_prompts(cfg.paths.cache, "train", rl.resolution, rl.tasks, feature_mode=mode)
-        self.eval_prompts = load_prompts(cfg.paths.cache, "eval", rl.resolution, rl.tasks, rl.eval_prompts, mode)
+        s3 = S3Settings.from_config(cfg.s3)
+        self.codec = load_codec(cfg.models.codec, cfg.models.vae, s3_settings=s3).to(self.device)
         # the prompts' tensors are read when used; online, the frozen MLLM on this rank's device
         # encodes the contexts of this rank's prompts
-        self.reader = ShardReader(cfg.paths.cache)
+        self.reader = ShardReader(cfg.paths.cache, settings=s3)
+        mode = cfg.mllm.feature_mode
+        self.train_prompts = load_prompts(self.reader.root, "train", rl.resolution, rl.tasks, feature_mode=mode)
+        self.eval_prompts = load_prompts(self.reader.root, "eval", rl.resolution, rl.tasks, rl.eval_prompts, mode)
         self.contexts = context_source(cfg, self.reader, None, self.device)
         self.shift = SamplingShift.from_config(cfg.guidance, cfg.flow)  # fixed, or eq. 3 per sample
         return {"model": ModelState(self.policy), "old": ModelState(self.old),

@@ -294,7 +294,8 @@ def build_cache(
             if problem is not None:
                 rewritten.append({"shard": name, "reason": problem})
                 warnings.warn(f"cache shard {dest.where}/{name}: {problem}; rewriting it", CacheWarning, stacklevel=2)
-            codec = codec or load_codec(cfg.models.codec, cfg.models.vae, torch_dtype=work_dtype).to(device)
+            codec = codec or load_codec(cfg.models.codec, cfg.models.vae, S3Settings.from_config(cfg.s3),
+                                        torch_dtype=work_dtype).to(device)
             encoder = encoder or MLLMEncoder.from_config(cfg, dtype=work_dtype, device=device)
             tensors, index_rows, skipped = _encode_chunk(cfg, chunk, res, media, codec, encoder, mode, dtype, bytes_by_mode)
             shards.write_shard(out_dir, name, tensors, index_rows, skipped)

@@ -35,6 +35,7 @@ import torch
 
 from loomcore.config import Config
 from loomcore.data.loader import INDEX_FILE, cache_root
+from loomcore.storage import S3Settings
 from loomcore.train.checkpoint import run_key
 from loomcore.train.weights import resolve_weights
 
@@ -105,7 +106,7 @@ def cache_key_files(cfg: Config) -> List[Path]:
     records the sha256 of every shard and of the null context, which the loader verifies, so
     equal indexes mean equal bytes read. Not cache.json, nor any file time: a cache stage rerun
     that resumes every shard must not move a run to a fresh directory (its checkpoints unused)."""
-    return [cache_root(cfg.paths.cache) / INDEX_FILE]  # (an s3:// cache: its mirrored index)
+    return [cache_root(cfg.paths.cache, S3Settings.from_config(cfg.s3)) / INDEX_FILE]  # (an s3:// cache: its mirrored index)
 
 
 def stage_run_dir(cfg: Config, stage: str, init_path: Path, code_entry: str = "loomcore.train.trainer") -> Path:

@@ -21,6 +21,7 @@ import torch
 from loomcore.config import TASK_KINDS, Config
 from loomcore.data.loader import PackedLoader, load_sample
 from loomcore.models.packed import autocast
+from loomcore.storage import S3Settings
 from loomcore.train import telemetry
 from loomcore.train.contexts import context_source
 from loomcore.train.distributed import (
@@ -76,7 +77,7 @@ class Trainer(Harness):
         self.spikes = LossSpikeDetector(cfg.train.spike_k, cfg.train.spike_warmup, cfg.train.spike_window)
         # every rank replays the one global stream of packs (rank 0 of 1): see the module doc
         self.loader = PackedLoader(cfg.paths.cache, s.sampling.as_dict(), s.max_tokens, s.resolution, cfg.seed,
-                                  read_ahead=cfg.data.read_ahead_shards)
+                                  read_ahead=cfg.data.read_ahead_shards, settings=S3Settings.from_config(cfg.s3))
         self.generators = make_generators()
         self.contexts = context_source(cfg, self.loader.reader, self.loader.null_context, self.device)
         from loomcore.train.validation import maybe_validator

@@ -26,19 +26,20 @@ from loomcore.models.codec import load_codec
 from loomcore.models.dit import unpack_latents
 from loomcore.models.mllm import DROP_NONE
 from loomcore.models.packed import PackItem, pack_conditions, sample_pack
+from loomcore.storage import S3Settings
 
 
 class Validator:
     def __init__(self, cfg: Config, stage: StageConfig, use_source: bool, device: torch.device, contexts):
         self.cfg, self.device = cfg, device
         self.patch_size = tuple(cfg.dit.patch_size)
-        rows = read_index(cfg.paths.cache, "eval", stage.resolution)[: cfg.train.validation_prompts]
+        reader = ShardReader(cfg.paths.cache, settings=S3Settings.from_config(cfg.s3))
+        rows = read_index(reader.root, "eval", stage.resolution)[: cfg.train.validation_prompts]
         self.ids = [r["id"] for r in rows]
         self.tasks = [r["task"] for r in rows]
         if not rows:
             self.layout = None
             return
-        reader = ShardReader(cfg.paths.cache)
         samples = [load_sample(reader, r) for r in rows]
         contexts.fill(samples, rows, [DROP_NONE] * len(samples))  # the full condition (online: the MLLM runs)
         # (a stage whose model has no source embedding samples its prompts without their sources)
@@ -64,7 +65,8 @@ class Validator:
     def grid(self, latents: List[torch.Tensor]):
         """A PIL image: one row per prompt, up to `validation_frames` decoded frames as columns."""
         if self._codec is None:
-            self._codec = load_codec(self.cfg.models.codec, self.cfg.models.vae).to(self.device)
+            self._codec = load_codec(self.cfg.models.codec, self.cfg.models.vae,
+                                     s3_settings=S3Settings.from_config(self.cfg.s3)).to(self.device)
         rows = []
         for z in latents:
             video = self._codec.decode(z[None].to(self.device))[0].float().cpu()  # [3, F, H, W] in [-1, 1]
