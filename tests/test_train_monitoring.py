@@ -173,6 +173,16 @@ def test_peak_flops_table_and_mfu():
     assert telemetry.tokens_per_second_per_device(12_000, 4.0, 8) == 375.0
 
 
+def test_preflight_reads_gpu_names_by_whole_tokens():
+    """params' train.preflight_gpu_name is "H20" for the paper profile: an H200 is not one (the
+    check compared substrings, and "H20" is in "NVIDIA H200")."""
+    m = telemetry.gpu_name_matches
+    assert m("NVIDIA H20", "H20") and m("NVIDIA H20", "h20")
+    assert not m("NVIDIA H200", "H20") and not m("NVIDIA GH200 480GB", "H200")
+    assert m("NVIDIA H100 80GB HBM3", "H100 80GB") and not m("NVIDIA H100 PCIe 80GB", "H100 80GB")
+    assert not m("NVIDIA H100 80GB HBM3", "")
+
+
 def test_gpu_metrics_and_preflight():
     metrics = telemetry.gpu_metrics()
     if not torch.cuda.is_available():

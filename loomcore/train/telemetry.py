@@ -30,11 +30,22 @@ class PreflightError(RuntimeError):
     """The machine does not have the GPUs the profile needs (found vs needed, per GPU)."""
 
 
+def _name_tokens(name: str) -> List[str]:
+    return [t for t in re.split(r"[^A-Z0-9]+", name.upper()) if t]
+
+
+def gpu_name_matches(device_name: str, expected: str) -> bool:
+    """Whether `expected` ("H20", "H100 80GB") names `device_name` ("NVIDIA H100 80GB HBM3"): its
+    name tokens appear there in a row. Whole tokens, so an "NVIDIA H200" is no "H20"."""
+    want, have = _name_tokens(expected), _name_tokens(device_name)
+    return bool(want) and any(have[i:i + len(want)] == want for i in range(len(have) - len(want) + 1))
+
+
 def peak_flops_for(device_name: str) -> Optional[float]:
     """Peak dense bf16 FLOP/s for a device name such as "NVIDIA H100 80GB HBM3"; None when the
     GPU is not in PEAK_FLOPS. Matched by whole name tokens, so "H200" is not read as "H20" and a
     "GH200" is not an "H200"."""
-    tokens = set(re.split(r"[^A-Z0-9]+", device_name.upper()))
+    tokens = set(_name_tokens(device_name))
     for model, peak in PEAK_FLOPS.items():
         if model in tokens:
             return None if tokens & _OTHER_VARIANTS.get(model, set()) else peak
@@ -137,7 +148,8 @@ def gpu_metrics() -> Dict[str, float]:
 
 def preflight(required_gpus: int, min_free_gib: float, expected_name_substr: Optional[str] = None) -> str:
     """Check, before a GPU run, that this process sees `required_gpus` GPUs, each with at least
-    `min_free_gib` free and (if given) a name containing `expected_name_substr`. Returns a
+    `min_free_gib` free and (if given) a name that `expected_name_substr` names
+    (`gpu_name_matches`: whole tokens, "H20" is not an "H200"). Returns a
     one-line summary; raises PreflightError listing found vs needed per GPU."""
     if required_gpus < 0:
         raise ValueError(f"preflight: required_gpus must be >= 0, got {required_gpus}")
@@ -156,7 +168,7 @@ def preflight(required_gpus: int, min_free_gib: float, expected_name_substr: Opt
     lines, ok = [], len(found) >= required_gpus
     for label, name, mem in found[:required_gpus]:  # the run uses the first required_gpus
         problems = []
-        if expected_name_substr and expected_name_substr.lower() not in name.lower():
+        if expected_name_substr and not gpu_name_matches(name, expected_name_substr):
             problems.append(f"name is not {expected_name_substr!r}")
         if mem.free / GIB < min_free_gib:
             problems.append(f"only {mem.free / GIB:.1f} GiB free, need {min_free_gib:g}")
