@@ -139,3 +139,39 @@ def test_params_s3_section_alone_reaches_the_store_for_training_and_loading(
 
     with pytest.raises(StoreError, match=dead):
         ShardReader(f"{uri}/cache", settings=S3Settings(endpoint_url=dead, max_attempts=1))
+
+
+def test_the_stage_trainer_fetches_ahead_what_its_next_packs_read(tiny_workspace, local_cache, s3_bucket, tmp_path,
+                                                                  monkeypatch):
+    """A training step starts fetching the shards of its packs and of the draws waiting in the
+    packer's buffer (the loader's read-ahead), not one shard at a time as each sample is read."""
+    from loomcore.config import load_config
+    from loomcore.train.distributed import init_distributed
+    from loomcore.train.trainer import Trainer
+
+    cfg, overrides = tiny_workspace
+    monkeypatch.setenv("LOOM_CACHE_DIR", str(tmp_path / "mirror"))
+    remote = load_config([*overrides, f"paths.cache=s3://{s3_bucket}/cache", f"paths.runs={tmp_path / 'runs'}",
+                          f"train.out_dir={tmp_path / 'out'}", "stage1.sample_every=1000", "data.read_ahead_shards=64",
+                          "data.shard_size=1", "stage1.max_tokens=512"], profile="tiny")  # a sample a shard, a few a pack
+    build_cache(remote, progress=False)
+    env = init_distributed(use_gpu=False)
+    try:
+        trainer = Trainer(remote, "stage1", env)
+        trainer.setup()
+        loader, drawn = trainer.loader, []
+        next_items = loader.next_items
+
+        def record():
+            items = next_items()
+            drawn.extend(items)
+            return items
+
+        loader.next_items = record
+        trainer.train_step(1)
+        read = {loader.rows[it.key]["shard"] for it in drawn}
+        waiting = {loader.rows[it.key]["shard"] for it in loader.packer.buffer}
+        assert waiting - read  # shards the step did not read ...
+        assert waiting <= set(loader.reader._fetcher._files)  # ... on their way already
+    finally:
+        torch.distributed.destroy_process_group()

@@ -286,10 +286,14 @@ class PackedLoader:
     def __iter__(self):
         return self
 
+    def prefetch(self, items: List[Item]) -> None:
+        """A remote cache: start fetching the shards of `items` (what this rank reads next) and of
+        the draws waiting in the packer's buffer (a local cache: nothing to do)."""
+        self.reader.prefetch([self.rows[it.key]["shard"] for it in [*items, *self.packer.buffer]])
+
     def __next__(self) -> Batch:
         items = self.next_items()
-        # a remote cache: fetch this pack's shards and those of the draws waiting in the buffer
-        self.reader.prefetch([self.rows[it.key]["shard"] for it in [*items, *self.packer.buffer]])
+        self.prefetch(items)
         samples = [load_sample(self.reader, self.rows[it.key]) for it in items]
         return Batch(samples=samples, tokens=sum(it.cost for it in items), budget=self.max_tokens)
 

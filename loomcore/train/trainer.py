@@ -135,6 +135,7 @@ class Trainer(Harness):
         packs = [self.loader.next_items() for _ in range(self.packs_per_step)]  # the global batch
         tasks = [self.loader.rows[it.key]["task"] for p in packs for it in p]
         first = self.env.rank * self.accum
+        self.loader.prefetch([it for p in packs[first:first + self.accum] for it in p])  # an s3:// cache
         stats = Sums(STEP_SUMS, self.device)
         for a in range(self.accum):
             stats += self._forward_backward(step, packs[first + a], first + a, a == self.accum - 1)
