@@ -71,6 +71,7 @@ class DataConfig:
     metadata: str
     eval_fraction: float
     synthetic_samples: int
+    synthetic_shape_radius: List[float]  # (min, max) fraction of the frame's short side
     cache_batch_size: int
     curate_workers: int
     cache_nodes: int
@@ -704,6 +705,9 @@ def _validate(cfg: Config) -> None:
     for k in ("synthetic_samples", "cache_batch_size", "shard_size", "curate_workers", "cache_nodes", "cache_ranks_per_node",
               "read_ahead_shards"):
         check(getattr(cfg.data, k) >= 1, f"data.{k} = {getattr(cfg.data, k)}: expected >= 1")
+    r = list(cfg.data.synthetic_shape_radius)
+    check(len(r) == 2 and 0 < r[0] <= r[1] < 0.5,
+          f"data.synthetic_shape_radius = {r}: expected [min, max] with 0 < min <= max < 0.5 (of the frame's short side)")
     check(cfg.data.max_aspect_ratio >= 1, f"data.max_aspect_ratio = {cfg.data.max_aspect_ratio}: expected >= 1 "
           "(the long side over the short side)")
     widest = max((max(w, h) / min(w, h) for g in cfg.buckets.values() for w, h in g.sizes if min(w, h) > 0), default=1.0)

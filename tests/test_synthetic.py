@@ -140,3 +140,31 @@ def test_captions_name_what_is_drawn(shapes):
                 assert f"{sh['color']} {sh['shape']}" in r["caption"]
             assert r["caption"].endswith(f"{scene['background']} background")
             assert (scene["direction"] or "") in r["caption"]
+
+
+def test_shape_radius_follows_the_config_within_lane_and_path(cfg, shapes):
+    """data.synthetic_shape_radius sets a shape's radius as a fraction of the frame's short side;
+    a scene of n shapes caps it by its lane (short side / n), a moving one by the room its path
+    leaves, so every path stays in the frame. A bad range is refused by name."""
+    lo, hi = cfg.data.synthetic_shape_radius
+    _, _, truth = shapes
+    radii = []
+    for rec in truth.values():
+        for scene in (rec["target"], rec["source"]):
+            if not scene:
+                continue
+            w, h = scene["size"]
+            for s in scene["shapes"]:
+                radii.append(s["radius"] / min(w, h))
+                assert s["radius"] <= round(hi * min(w, h))
+                for x, y in s["centers"]:
+                    assert s["radius"] <= x < w - s["radius"] and s["radius"] <= y < h - s["radius"]
+    assert max(radii) >= lo  # the range is drawn from, not only its caps
+    small = synthetic.make_scene(np.random.default_rng(0), (48, 48), 5, ["circle"], ["red"], "blue", "left",
+                                 radius=(0.05, 0.05))
+    big = synthetic.make_scene(np.random.default_rng(0), (48, 48), 5, ["circle"], ["red"], "blue", "left",
+                               radius=(0.3, 0.4))
+    # 0.3–0.4 of 48 px is 14–19 px; a path of 12 px leaves room for 17
+    assert small["shapes"][0]["radius"] == 2 and 14 <= big["shapes"][0]["radius"] <= 17
+    with pytest.raises(Exception, match=r"data.synthetic_shape_radius = \[0.3, 0.2\]: expected \[min, max\]"):
+        load_config(["data.synthetic_shape_radius=[0.3,0.2]"], profile="tiny")

@@ -102,9 +102,11 @@ def _set_motion(scene: dict) -> None:
 
 def make_scene(rng: np.random.Generator, size: Tuple[int, int], num_frames: int, kinds: List[str],
                colors: List[str], background: str, direction: Optional[str] = None,
-               reversible: bool = False) -> dict:
+               reversible: bool = False, radius: Tuple[float, float] = (0.08, 0.14)) -> dict:
     """Shapes in lanes across the motion; starts drawn so that the whole path stays inside the
-    frame (both ways round when `reversible`, for the change-direction edit)."""
+    frame (both ways round when `reversible`, for the change-direction edit). A shape's radius is
+    drawn from `radius` × the short side (data.synthetic_shape_radius), capped by its lane and by
+    the room its path leaves."""
     w, h = size
     n = len(kinds)
     horizontal = direction in ("left", "right") if direction else bool(rng.integers(2))
@@ -113,8 +115,9 @@ def make_scene(rng: np.random.Generator, size: Tuple[int, int], num_frames: int,
     speed = max(1, round(0.25 * along / max(1, num_frames - 1))) if direction else 0
     travel = speed * (num_frames - 1)
     lane = across // n
-    r_min = max(2, round(0.08 * min(w, h)))
-    r_max = max(r_min, min(round(0.14 * min(w, h)), lane // 2 - 1))
+    room = (along - 2 - travel * (2 if reversible else 1)) // 2
+    r_max = min(round(radius[1] * min(w, h)), lane // 2 - 1, room)
+    r_min = min(max(2, round(radius[0] * min(w, h))), r_max)
     sign = DIRECTIONS[direction][0 if horizontal else 1] if direction else 0
     shapes = []
     for kind, color, lane_idx in zip(kinds, colors, rng.permutation(n)):
@@ -163,8 +166,8 @@ def describe(scene: dict, subjects: Optional[List[str]] = None) -> str:
 
 
 class _Sampler:
-    def __init__(self, rng: np.random.Generator, size, num_frames: int, ref_size):
-        self.rng, self.size, self.num_frames, self.ref_size = rng, size, num_frames, ref_size
+    def __init__(self, rng: np.random.Generator, size, num_frames: int, ref_size, radius: Tuple[float, float]):
+        self.rng, self.size, self.num_frames, self.ref_size, self.radius = rng, size, num_frames, ref_size, radius
 
     def pick(self, seq, k: int) -> list:
         return [seq[i] for i in self.rng.choice(len(seq), size=k, replace=False)]
@@ -175,7 +178,8 @@ class _Sampler:
         kinds = [SHAPES[i] for i in self.rng.integers(len(SHAPES), size=n)]
         direction = self.pick(list(DIRECTIONS), 1)[0] if video else None
         frames = self.num_frames if video else 1
-        scene = make_scene(self.rng, self.size, frames, kinds, names[1:n + 1], names[0], direction, reversible)
+        scene = make_scene(self.rng, self.size, frames, kinds, names[1:n + 1], names[0], direction, reversible,
+                           self.radius)
         return scene, names[n + 1:]
 
     def ref(self, kind: str, color: str) -> dict:
@@ -284,7 +288,8 @@ def generate_shapes_dataset(out_dir, cfg, num_samples: int = 300, seed: int = 0)
         kind = TASK_KINDS[i % len(TASK_KINDS)]
         rng = np.random.default_rng([seed, i])
         size = sizes[int(rng.integers(len(sizes)))]
-        target, source, refs, caption, edit = _generate(_Sampler(rng, size, num_frames, ref_size), kind)
+        sampler = _Sampler(rng, size, num_frames, ref_size, tuple(cfg.data.synthetic_shape_radius))
+        target, source, refs, caption, edit = _generate(sampler, kind)
         sid = f"shapes-s{seed}-{i:05d}"
         rel = Path("samples") / sid
         ext = ".mp4" if task_spec(kind).output == "video" else ".png"
