@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from loomcore.config import STAGES, load_config
+from loomcore.storage import S3Settings
 from loomcore.train.cache import build_cache
 from loomcore.data.curate import curate
 from loomcore.data.loader import PackedLoader
@@ -48,7 +49,8 @@ def main(argv=None) -> dict:
     packs = {}
     for name in STAGES:
         s = cfg.stage(name)
-        loader = PackedLoader(cfg.paths.cache, s.sampling.as_dict(), s.max_tokens, s.resolution, seed=0)
+        loader = PackedLoader(cfg.paths.cache, s.sampling.as_dict(), s.max_tokens, s.resolution, seed=0,
+                              settings=S3Settings.from_config(cfg.s3))
         items = [loader.next_items() for _ in range(args.packs)]
         packs[name] = {"budget": s.max_tokens, "utilisation": round(utilisation(items, s.max_tokens), 4),
                        "samples_per_pack": round(sum(map(len, items)) / len(items), 2)}

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from loomcore.config import load_config
+from loomcore.storage import S3Settings
 from loomcore.data.loader import Sample
 from loomcore.train import telemetry
 from loomcore.train.distributed import destroy_distributed, init_distributed, parallelize
@@ -52,7 +53,8 @@ def _tiny_packs(stage: str, n: int, root: Path):
         curate(cfg, "synthetic", root / "raw", root / "manifests", progress=False)
         build_cache(cfg, progress=False)
     s = cfg.stage(stage)
-    loader = PackedLoader(cfg.paths.cache, s.sampling.as_dict(), s.max_tokens, s.resolution, seed=0)
+    loader = PackedLoader(cfg.paths.cache, s.sampling.as_dict(), s.max_tokens, s.resolution, seed=0,
+                          settings=S3Settings.from_config(cfg.s3))
     packs = [[load_sample(loader.reader, loader.rows[it.key]) for it in loader.next_items()] for _ in range(n)]
     return cfg, packs, loader.null_context
 

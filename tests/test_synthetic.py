@@ -157,6 +157,7 @@ def test_shape_radius_follows_the_config_within_lane_and_path(cfg, shapes):
             for s in scene["shapes"]:
                 radii.append(s["radius"] / min(w, h))
                 assert s["radius"] <= round(hi * min(w, h))
+                assert s["radius"] <= max(w, h) // len(scene["shapes"]) // 2 - 1  # its lane
                 for x, y in s["centers"]:
                     assert s["radius"] <= x < w - s["radius"] and s["radius"] <= y < h - s["radius"]
     assert max(radii) >= lo  # the range is drawn from, not only its caps
@@ -166,5 +167,13 @@ def test_shape_radius_follows_the_config_within_lane_and_path(cfg, shapes):
                                radius=(0.3, 0.4))
     # 0.3–0.4 of 48 px is 14–19 px; a path of 12 px leaves room for 17
     assert small["shapes"][0]["radius"] == 2 and 14 <= big["shapes"][0]["radius"] <= 17
+    capped = synthetic.make_scene(np.random.default_rng(0), (48, 48), 5, ["circle"], ["red"], "blue", "left",
+                                  radius=(0.45, 0.45))
+    assert capped["shapes"][0]["radius"] == 17  # the room its path leaves: (48 − 2 − 12) // 2
+    lanes = synthetic.make_scene(np.random.default_rng(0), (48, 48), 1, ["circle"] * 3, ["red", "green", "cyan"],
+                                 "blue", radius=(0.45, 0.45))
+    assert [s["radius"] for s in lanes["shapes"]] == [7] * 3  # three lanes of 16 px
+    with pytest.raises(ValueError, match=r"frame 24×24 too small for 1 shape\(s\) of radius >= 2 px travelling 15 px"):
+        synthetic.make_scene(np.random.default_rng(0), (24, 24), 16, ["circle"], ["red"], "blue", "left", True)
     with pytest.raises(Exception, match=r"data.synthetic_shape_radius = \[0.3, 0.2\]: expected \[min, max\]"):
         load_config(["data.synthetic_shape_radius=[0.3,0.2]"], profile="tiny")

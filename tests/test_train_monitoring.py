@@ -173,9 +173,24 @@ def test_peak_flops_table_and_mfu():
     assert telemetry.tokens_per_second_per_device(12_000, 4.0, 8) == 375.0
 
 
-def test_preflight_reads_gpu_names_by_whole_tokens():
+def test_preflight_reads_gpu_names_by_whole_tokens(monkeypatch):
     """params' train.preflight_gpu_name is "H20" for the paper profile: an H200 is not one (the
-    check compared substrings, and "H20" is in "NVIDIA H200")."""
+    check compared substrings, and "H20" is in "NVIDIA H200"). The driver is played by a stand-in
+    NVML that reports one H200 with 140 GiB free (no GPU here)."""
+    from types import SimpleNamespace
+
+    class NVML:
+        NVMLError = RuntimeError
+        nvmlDeviceGetCount = staticmethod(lambda: 1)
+        nvmlDeviceGetHandleByIndex = staticmethod(lambda i: i)
+        nvmlDeviceGetName = staticmethod(lambda h: b"NVIDIA H200")
+        nvmlDeviceGetMemoryInfo = staticmethod(lambda h: SimpleNamespace(free=140 * 2**30, total=141 * 2**30))
+
+    monkeypatch.setattr(telemetry, "_nvml", lambda: (NVML, ""))
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    with pytest.raises(telemetry.PreflightError, match=r"gpu0 NVIDIA H200: 140.0/141.0 GiB free -- name is not 'H20'"):
+        telemetry.preflight(1, min_free_gib=80, expected_name_substr="H20")
+    assert "gpu0 NVIDIA H200: 140.0/141.0 GiB free -- ok" in telemetry.preflight(1, 80, "H200")
     m = telemetry.gpu_name_matches
     assert m("NVIDIA H20", "H20") and m("NVIDIA H20", "h20")
     assert not m("NVIDIA H200", "H20") and not m("NVIDIA GH200 480GB", "H200")

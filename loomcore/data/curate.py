@@ -87,8 +87,9 @@ class PromptTokens:
         self.tokenizer, self.chat_template = tokenizer, chat_template
 
     @classmethod
-    def from_config(cls, cfg) -> "PromptTokens":
-        """Only the tokenizer and the chat template of `models.mllm` (a second at most)."""
+    def from_config(cls, cfg, s3_settings: Optional[S3Settings] = None) -> "PromptTokens":
+        """Only the tokenizer and the chat template of `models.mllm` (a second at most); an s3://
+        folder through `s3_settings` (None: params' `s3:` section)."""
         uri = str(cfg.models.mllm)
         if not is_s3(uri) and not Path(uri).is_dir():
             raise ConfigError(
@@ -97,7 +98,7 @@ class PromptTokens:
                 "build or link the base models first (`loom init-models`, the base_models stage)")
         from transformers import AutoTokenizer
 
-        folder = materialize(uri, settings=S3Settings.from_config(cfg.s3))
+        folder = materialize(uri, settings=s3_settings or S3Settings.from_config(cfg.s3))
         try:
             tokenizer = AutoTokenizer.from_pretrained(folder)
         except (OSError, ValueError) as e:  # transformers' "can't load tokenizer" family
@@ -363,7 +364,7 @@ def curate(cfg, source: str, data_root, out_dir, split_eval_fraction: Optional[f
         raise ValueError(f"split_eval_fraction = {fraction}: expected a fraction in [0, 1]")
     if is_s3(data_root):
         raise ValueError(f"curate: data_root {data_root!r} must be a local directory (an s3:// source is mirrored into it)")
-    tokens = PromptTokens.from_config(cfg)  # before any download: a missing MLLM folder fails at once
+    tokens = PromptTokens.from_config(cfg, s3_settings)  # before any download: a missing MLLM folder fails at once
     root = Path(data_root).resolve()
     root.mkdir(parents=True, exist_ok=True)
     out_dir = Path(out_dir)

@@ -117,6 +117,8 @@ def make_scene(rng: np.random.Generator, size: Tuple[int, int], num_frames: int,
     lane = across // n
     room = (along - 2 - travel * (2 if reversible else 1)) // 2
     r_max = min(round(radius[1] * min(w, h)), lane // 2 - 1, room)
+    if r_max < 2:
+        raise ValueError(f"frame {w}×{h} too small for {n} shape(s) of radius >= 2 px travelling {travel} px")
     r_min = min(max(2, round(radius[0] * min(w, h))), r_max)
     sign = DIRECTIONS[direction][0 if horizontal else 1] if direction else 0
     shapes = []
@@ -126,8 +128,6 @@ def make_scene(rng: np.random.Generator, size: Tuple[int, int], num_frames: int,
         c_across = int(rng.integers(lo + r + 1, lo + lane - r))
         a_lo = r + 1 + (travel if sign < 0 or reversible else 0)
         a_hi = along - 1 - r - (travel if sign > 0 or reversible else 0)
-        if a_lo > a_hi:
-            raise ValueError(f"frame {w}×{h} too small for a shape of radius {r} travelling {travel} px")
         c_along = int(rng.integers(a_lo, a_hi + 1))
         start = [c_along, c_across] if horizontal else [c_across, c_along]
         shapes.append({"shape": kind, "color": color, "rgb": list(PALETTE[color]), "radius": r,

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 
@@ -69,10 +69,10 @@ COMPONENT_FILES = {
 }
 
 
-def check_pipeline_folder(folder: Path | str) -> Path:
+def check_pipeline_folder(folder: Path | str, s3_settings: Optional[S3Settings] = None) -> Path:
     """A local copy of an exported pipeline folder (s3:// is fetched); ValueError names every
     missing component or file."""
-    path = Path(materialize(folder))
+    path = Path(materialize(folder, settings=s3_settings))
     if not path.is_dir():
         raise InputError(f"{folder}: no such pipeline folder")
     index = path / "model_index.json"

@@ -155,10 +155,11 @@ class LoomVideoPipeline(DiffusionPipeline):
         )
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> "LoomVideoPipeline":
-        """`DiffusionPipeline.from_pretrained` on a folder written by `save_pretrained` (local or
-        s3://), after checking that every component is there (ValueError names the missing ones)."""
-        folder = check_pipeline_folder(pretrained_model_name_or_path)
+    def from_pretrained(cls, pretrained_model_name_or_path, s3_settings=None, **kwargs) -> "LoomVideoPipeline":
+        """`DiffusionPipeline.from_pretrained` on a folder written by `save_pretrained` (local, or
+        s3:// reached with `s3_settings`: a `loomcore.storage.S3Settings`, None for the
+        environment's), after checking that every component is there (ValueError names the missing ones)."""
+        folder = check_pipeline_folder(pretrained_model_name_or_path, s3_settings)
         if uses_pipeline_module(folder):  # the module was checked to be ours: it only names this class
             kwargs.setdefault("trust_remote_code", True)
         return super().from_pretrained(str(folder), **kwargs)

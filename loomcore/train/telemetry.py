@@ -156,7 +156,7 @@ def preflight(required_gpus: int, min_free_gib: float, expected_name_substr: Opt
     if required_gpus == 0:
         return "no GPU: running on CPU"
     need = f"{required_gpus} GPU(s) with >= {min_free_gib:g} GiB free" + (
-        f" and a name containing {expected_name_substr!r}" if expected_name_substr else "")
+        f" and the name {expected_name_substr!r}" if expected_name_substr else "")
     nv, why = _nvml()
     if nv is None:
         raise PreflightError(f"preflight: need {need}; found no GPU: {why}")
