@@ -318,12 +318,13 @@ def test_generate_loads_a_release_folder_as_the_transformer(release_forms, tmp_p
     """`--transformer checkpoints/LoomVideo` works like the release's `--ckpt_path` (EMA first)."""
     from types import SimpleNamespace as NS
 
+    from loomcore.config import load_config
     from loomcore.pipeline.loading import load_transformer
 
     dit = {k: CONFIG[k] for k in (
         "patch_size", "num_attention_heads", "attention_head_dim", "in_channels", "out_channels", "text_dim",
         "freq_dim", "ffn_dim", "num_layers", "cross_attn_norm", "qk_norm", "eps", "rope_max_seq_len")}
     cfg = NS(dit=NS(**dit), mllm=NS(hidden_size=32, projector_mult=4, layers_used=2), rope=NS(ref_offset=10),
-             flow=NS(timestep_scale=1000.0), models=NS(transformer="unused"))
+             flow=NS(timestep_scale=1000.0), models=NS(transformer="unused"), s3=load_config(profile="tiny").s3)
     model = load_transformer(cfg, str(release_forms["ckpt"]), torch.float32)
     assert all(torch.equal(v, release_forms["ema"][k]) for k, v in model.state_dict().items())

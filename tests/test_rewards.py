@@ -185,7 +185,7 @@ def test_shapes_reward_is_not_fooled_by_a_blotchy_texture_or_a_flooded_frame(wor
         flood = np.empty((1, h, w, 3), np.uint8)
         flood[:] = PALETTE[target.colors[0]]  # the first shape's colour everywhere
         flooded = shapes_score(flood, target)
-        assert flooded["color"] < 0.2 and flooded["background"] < 0.1
+        assert flooded["color"] < 0.2 and flooded["background"] < 0.1 and flooded["count"] == 0.0
 
 
 def test_count_blobs_counts_4_connected_regions_above_a_size():
@@ -199,22 +199,28 @@ def test_count_blobs_counts_4_connected_regions_above_a_size():
     snake[::2, :] = True
     snake[1::4, -1] = snake[3::4, 0] = True  # one long serpentine region
     assert count_blobs(snake, 1) == 1 and count_blobs(np.zeros((5, 5), bool), 1) == 0
+    ell = np.zeros((10, 10), bool)
+    ell[0, :] = ell[:, 0] = True  # 19 pixels sprawling over a 10×10 box: 0.19 of it
+    assert count_blobs(ell, 5) == 1 and count_blobs(ell, 5, min_fill=0.5) == 0 and count_blobs(m, 5, 0.5) == 2
+    assert count_blobs(m, 5, 0.5, max_pixels=9) == 1  # the 10-pixel block is over the bound
 
 
 def test_shapes_target_from_the_prompt_agrees_with_the_ground_truth(world):
+    small = load_config(profile="tiny").data.synthetic_shape_radius[0]  # the world's smallest radius
+    reward = ShapesReward(shape_radius=small)
     for rec in world.values():
         if rec["task"] not in ("t2i", "t2v"):
             continue
         sc = rec["target"]
-        from_prompt = ShapesTarget.from_prompt(rec["caption"], *sc["size"])
+        from_prompt = ShapesTarget.from_prompt(rec["caption"], *sc["size"], small)
         from_truth = ShapesTarget.from_scene(sc)
         assert from_prompt is not None, rec["caption"]
         assert (from_prompt.background, from_prompt.colors, from_prompt.direction) == \
             (from_truth.background, from_truth.colors, from_truth.direction)
         # without ground truth the reward falls back to the prompt, and still rates the truth highly
-        assert ShapesReward()([_render(sc)], [rec["caption"]], [{"id": "unknown"}]).item() > 0.8
+        assert reward([_render(sc)], [rec["caption"]], [{"id": "unknown"}]).item() > 0.8
     with pytest.raises(ValueError, match="does not name its colours"):
-        ShapesReward()([_render(sc)], ["remove the red circle"], [{"id": "unknown"}])
+        reward([_render(sc)], ["remove the red circle"], [{"id": "unknown"}])
 
 
 # --------------------------------------------------------------------------------------------

@@ -155,8 +155,11 @@ class PickScoreReward:
 _NAMES = list(PALETTE)
 _RGB = np.array([PALETTE[n] for n in _NAMES], dtype=np.float32)  # [8, 3]
 UNKNOWN = -1  # a pixel farther than `max_distance` from every palette colour
-SHAPE_RADIUS = 0.09  # the generator draws radii in [0.08, 0.14]·min(w, h) (less with 3 lanes): a prompt
-# alone does not say which, so expect a small one
+# A blob's pixels over its bounding box's: the Shapes world's shapes fill 0.56–1 of theirs (a
+# triangle or diamond ~0.6 once `coherent` has shaved its tips, a square 1); the same-colour clusters
+# of a random texture sprawl (0.33–0.46 for 3×3-pixel blotches of three colours, clusters as large
+# as a shape when the shapes are 16–25 % of the frame)
+MIN_FILL = 0.5
 TRAVEL = 0.25  # the generator moves shapes a quarter of the frame over a clip
 
 
@@ -186,9 +189,11 @@ class ShapesTarget:
         return cls(scene["background"], tuple(s["color"] for s in scene["shapes"]), areas, direction, travel)
 
     @classmethod
-    def from_prompt(cls, prompt: str, width: int, height: int) -> Optional["ShapesTarget"]:
+    def from_prompt(cls, prompt: str, width: int, height: int, radius: float) -> Optional["ShapesTarget"]:
         """From a generation caption in the generator's words ("a red circle and a green square
-        move left on a blue background"); None when the prompt does not name its colours."""
+        move left on a blue background"), each shape `radius` × the short side (a prompt does not say
+        its size: the world's smallest, data.synthetic_shape_radius[0]); None when the prompt does
+        not name its colours."""
         colors = "|".join(_NAMES)
         m = re.fullmatch(rf"(?P<subjects>.+?)(?: (?:moves|move) (?P<dir>{'|'.join(DIRECTIONS)}))? on an? "
                          rf"(?P<bg>{colors}) background", prompt.strip())
@@ -197,7 +202,7 @@ class ShapesTarget:
         items = re.findall(rf"\ban? ({colors}) ({'|'.join(SHAPES)})\b", m.group("subjects"))
         if not items:
             return None
-        r = max(2, round(SHAPE_RADIUS * min(width, height)))
+        r = max(2, round(radius * min(width, height)))
         areas = tuple(float(coherent(shape_mask(kind, width / 2, height / 2, r, height, width)[None]).mean())
                       for _, kind in items)
         return cls(m.group("bg"), tuple(c for c, _ in items), areas, m.group("dir"))
@@ -219,9 +224,10 @@ def coherent(mask: np.ndarray) -> np.ndarray:
     return votes >= 5
 
 
-def count_blobs(mask: np.ndarray, min_pixels: float) -> int:
-    """The 4-connected components of a bool [H, W] mask with at least `min_pixels` pixels (label
-    propagation with pointer jumping: a few vectorised passes on a small frame)."""
+def count_blobs(mask: np.ndarray, min_pixels: float, min_fill: float = 0.0, max_pixels: float = float("inf")) -> int:
+    """The 4-connected components of a bool [H, W] mask with `min_pixels` to `max_pixels` pixels
+    that fill at least `min_fill` of their bounding box (label propagation with pointer jumping: a
+    few vectorised passes on a small frame)."""
     H, W = mask.shape
     if not mask.any():
         return 0
@@ -239,16 +245,24 @@ def count_blobs(mask: np.ndarray, min_pixels: float) -> int:
         if np.array_equal(nb, labels):
             break
         labels = nb
-    _, sizes = np.unique(labels[mask], return_counts=True)
-    return int((sizes >= min_pixels).sum())
+    ys, xs = np.nonzero(mask)
+    _, comp, sizes = np.unique(labels[mask], return_inverse=True, return_counts=True)
+    box = []
+    for coord in (ys, xs):
+        lo, hi = np.full(len(sizes), big), np.full(len(sizes), -1)
+        np.minimum.at(lo, comp, coord)
+        np.maximum.at(hi, comp, coord)
+        box.append(hi - lo + 1)
+    return int(((sizes >= min_pixels) & (sizes <= max_pixels) & (sizes >= min_fill * box[0] * box[1])).sum())
 
 
 def _coverage(share: float, expected: float, slack: float = 2.0) -> float:
-    """share/expected up to 1, 1 up to `slack`·expected, then slack·expected/share: a colour must
-    cover about its shape, not flood the frame."""
+    """share/expected up to 1, 1 up to `slack`·expected, then (slack·expected/share)²: a colour must
+    cover about its shape, not flood the frame (squared: a frame flooded with a colour whose shape
+    is a tenth of it scores 0.04, not 0.2)."""
     if share <= expected:
         return share / expected
-    return 1.0 if share <= slack * expected else slack * expected / share
+    return 1.0 if share <= slack * expected else (slack * expected / share) ** 2
 
 
 def shapes_score(frames: np.ndarray, target: ShapesTarget, max_distance: float = 60.0) -> Dict[str, float]:
@@ -264,7 +278,9 @@ def shapes_score(frames: np.ndarray, target: ShapesTarget, max_distance: float =
                 too little and far too much both lose), averaged
     count       per frame 1 − |n_seen − n_asked| / max(n_seen, n_asked), n_seen the blobs (4-connected
                 coherent regions of one palette colour other than the background, at least half the
-                smallest expected shape) whatever their colour; averaged over frames
+                smallest expected shape and at most four times the largest, filling at least MIN_FILL
+                of their bounding box: a shape, not a sprawling cluster of texture nor a flooded
+                frame) whatever their colour; averaged over frames
     motion      (video with a direction) per requested colour, the displacement of its centroid
                 from the first to the last frame along the asked direction minus the sideways
                 drift, over the expected travel (fractions of the frame; clipped to [0, 1]);
@@ -282,7 +298,9 @@ def shapes_score(frames: np.ndarray, target: ShapesTarget, max_distance: float =
     parts = {"background": min(1.0, soft_bg / expected_bg),
              "color": float(np.mean([_coverage(share[k], a) for k, a in zip(asked, target.areas)]))}
     min_pixels = 0.5 * min(target.areas) * H * W
-    counts = [sum(count_blobs(masks[k][f], min_pixels) for k in range(len(_NAMES)) if k != bg) for f in range(F)]
+    max_pixels = 4 * max(target.areas) * H * W
+    counts = [sum(count_blobs(masks[k][f], min_pixels, MIN_FILL, max_pixels) for k in range(len(_NAMES)) if k != bg)
+              for f in range(F)]
     parts["count"] = float(np.mean([1.0 - abs(n - len(asked)) / max(n, len(asked)) for n in counts]))
     if target.direction is not None and F > 1:
         dx, dy = DIRECTIONS[target.direction]
@@ -308,21 +326,22 @@ class ShapesReward:
     truth when `ground_truth` has its id (every synthetic sample: edits and @Figure prompts do not
     spell their colours out), else from the prompt itself."""
 
-    def __init__(self, ground_truth: Optional[Mapping[str, Mapping]] = None, max_distance: float = 60.0):
+    def __init__(self, ground_truth: Optional[Mapping[str, Mapping]] = None, max_distance: float = 60.0,
+                 shape_radius: float = 0.08):
         self.ground_truth = dict(ground_truth or {})
-        self.max_distance = max_distance
+        self.max_distance, self.shape_radius = max_distance, shape_radius
 
     @classmethod
     def from_config(cls, cfg, device="cpu") -> "ShapesReward":
         root = Path(cfg.paths.data_root)
         truth = load_ground_truth(root) if (root / "ground_truth.jsonl").is_file() else {}
-        return cls(truth, max_distance=cfg.rl.shapes.max_distance)
+        return cls(truth, max_distance=cfg.rl.shapes.max_distance, shape_radius=cfg.data.synthetic_shape_radius[0])
 
     def target(self, prompt: str, meta: Mapping, width: int, height: int) -> ShapesTarget:
         rec = self.ground_truth.get(meta.get("id"))
         if rec is not None:
             return ShapesTarget.from_scene(rec["target"])
-        t = ShapesTarget.from_prompt(prompt, width, height)
+        t = ShapesTarget.from_prompt(prompt, width, height, self.shape_radius)
         if t is None:
             raise ValueError(f"shapes reward: sample {meta.get('id')!r} has no ground truth and its prompt "
                              f"{prompt!r} does not name its colours")
