@@ -143,7 +143,6 @@ def cmd_init_models(args) -> int:
 
 def cmd_import_release(args) -> int:
     from loomcore.models.release import import_release
-
     from loomcore.storage import S3Settings, is_s3, materialize
 
     cfg = _load(args)
@@ -291,10 +290,9 @@ def cmd_generate(args) -> int:
         if args.model and args.transformer:
             raise InputError("--model (an exported pipeline) and --transformer (a DiT with the profile's other models): give one")
         check_output_path(args.out, overwrite=args.overwrite)
-        if args.steps is not None and args.steps < 1:
-            raise InputError(f"--steps {args.steps}: expected >= 1")
-        if args.frames is not None and args.frames < 1:
-            raise InputError(f"--frames {args.frames}: expected >= 1")
+        for flag, value in (("--steps", args.steps), ("--frames", args.frames)):
+            if value is not None and value < 1:
+                raise InputError(f"{flag} {value}: expected >= 1")
         for flag, value in (("--guidance", args.guidance), ("--visual-guidance", args.visual_guidance)):
             if value is not None and not value >= 1.0:
                 raise InputError(f"{flag} {value}: expected >= 1 (1 turns that guidance off)")

@@ -14,23 +14,21 @@ follow in `_validate`.
 
 from __future__ import annotations
 
-from loomcore.errors import InputError
-
 import copy
+import difflib
 import functools
 import hashlib
 import json
 import math
-from dataclasses import asdict, dataclass, field
+import typing
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-import difflib
-import typing
-from dataclasses import fields, is_dataclass
-
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+
+from loomcore.errors import InputError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PARAMS = REPO_ROOT / "params.yaml"
@@ -500,6 +498,9 @@ def _type_name(t) -> str:
     return getattr(t, "__name__", None) or str(t).replace("typing.", "")
 
 
+_SCALARS = {bool: bool, int: int, float: (int, float), str: str}  # annotation -> the YAML values it accepts
+
+
 def _coerce(t, v, key: str, source: str, partial: bool):
     """Check `v` against the annotation `t`; return it converted (dict -> dataclass, int -> float)."""
     origin, args = typing.get_origin(t), typing.get_args(t)
@@ -521,22 +522,10 @@ def _coerce(t, v, key: str, source: str, partial: bool):
         if not isinstance(v, dict):
             raise bad
         return {str(k): _coerce(args[1], x, f"{key}.{k}", source, partial) for k, x in v.items()}
-    if t is bool:
-        if not isinstance(v, bool):
+    if t in _SCALARS:
+        if not isinstance(v, _SCALARS[t]) or (isinstance(v, bool) and t is not bool):  # YAML's true is no number
             raise bad
-        return v
-    if t is int:
-        if isinstance(v, bool) or not isinstance(v, int):
-            raise bad
-        return v
-    if t is float:
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise bad
-        return float(v)
-    if t is str:
-        if not isinstance(v, str):
-            raise bad
-        return v
+        return float(v) if t is float else v
     raise TypeError(f"unsupported annotation {t} for {key}")  # a schema bug, not a user error
 
 
@@ -762,9 +751,10 @@ def _validate(cfg: Config) -> None:
                        f"expected some of {', '.join(TASK_KINDS)}")
     for name in STAGES:
         s = cfg.stage(name)
+        ratios = s.sampling.as_dict()
         cached = cfg.data.cache_tasks.get(s.resolution, [])
-        missing = [k for k, v in s.sampling.as_dict().items() if v > 0 and k not in cached]
-        check(not missing, f"{name}.sampling: {', '.join(f'{k} = {s.sampling.as_dict()[k]}' for k in missing)} at "
+        missing = [k for k, v in ratios.items() if v > 0 and k not in cached]
+        check(not missing, f"{name}.sampling: {', '.join(f'{k} = {ratios[k]}' for k in missing)} at "
                            f"{s.resolution}, but data.cache_tasks.{s.resolution} does not list "
                            f"{'it' if len(missing) == 1 else 'them'} (the cache stage encodes only the kinds listed "
                            f"there); add {', '.join(missing)} to data.cache_tasks.{s.resolution}")
@@ -788,7 +778,6 @@ def _validate(cfg: Config) -> None:
             check(0 <= v <= 1, f"{name}.{k} = {v}: expected a probability in [0, 1]")
         check(s.text_dropout + s.all_dropout <= 1,
               f"{name}: text_dropout + all_dropout = {s.text_dropout + s.all_dropout}: expected <= 1")
-        ratios = s.sampling.as_dict()
         bad = {k: v for k, v in ratios.items() if not (v >= 0 and math.isfinite(v))}
         check(not bad, f"{name}.sampling: negative or non-finite ratios {bad}")
         total = sum(ratios.values())

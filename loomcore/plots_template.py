@@ -52,6 +52,5 @@ def render_template() -> str:
     for placeholder in ("{plot_divs}", "{scripts}", "{refresh_tag}"):
         if placeholder in bundle:  # DVC would substitute inside the library's code
             raise RuntimeError(f"the vega bundle contains DVC's placeholder {placeholder}; the page cannot inline it")
-    page = _PAGE.format(vega=vlc.get_vega_version(), vegalite=vegalite, embed=vlc.get_vega_embed_version(),
+    return _PAGE.format(vega=vlc.get_vega_version(), vegalite=vegalite, embed=vlc.get_vega_embed_version(),
                         vlc=version("vl-convert-python"), bundle=bundle)
-    return page

@@ -135,7 +135,6 @@ class S3Settings:
             read_timeout=float(env.get("LOOM_S3_READ_TIMEOUT", "15")),
         )
 
-
     @classmethod
     def from_config(cls, s3_cfg) -> "S3Settings":
         """params' `s3:` section; null entries fall back to the environment / boto3's chain."""
@@ -274,12 +273,9 @@ def upload_dir(local: Path, uri: str, settings: Optional[S3Settings] = None) -> 
     client = s3_client(settings)
     bucket, prefix = parse_s3_uri(uri)
     prefix = prefix.strip("/")
-    n = 0
-    for f in sorted(Path(local).rglob("*")):
-        if not f.is_file():
-            continue
+    files = [f for f in sorted(Path(local).rglob("*")) if f.is_file()]
+    for f in files:
         key = f"{prefix}/{f.relative_to(local).as_posix()}" if prefix else f.relative_to(local).as_posix()
         client.upload_file(str(f), bucket, key, Config=transfer_config(settings),
                            ExtraArgs={"Metadata": {"sha256": sha256_file(f)}})
-        n += 1
-    return n
+    return len(files)

@@ -77,12 +77,7 @@ _POINTER = re.compile(r"@(Figure|Image)\s*(\d+)", re.IGNORECASE)
 def parse_figure_refs(prompt: str) -> List[int]:
     """The reference numbers a prompt names ("@Figure k" or "@Image k"), unique, in order of
     first appearance: "@Figure 2 and @Image 1, again @Figure 2" -> [2, 1]."""
-    seen: List[int] = []
-    for m in _POINTER.finditer(prompt):
-        k = int(m.group(2))
-        if k not in seen:
-            seen.append(k)
-    return seen
+    return list(dict.fromkeys(int(m.group(2)) for m in _POINTER.finditer(prompt)))
 
 
 def _count(n: int) -> str:

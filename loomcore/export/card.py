@@ -29,9 +29,8 @@ def card_params(config: dict) -> dict:
 
 
 def _components_section(components: Dict[str, List[str]]) -> str:
-    rows = []
-    for name, (library, cls) in components.items():
-        rows.append((f"`{name}/`", f"`{cls}`", f"`{library}.{cls}.from_pretrained(folder / \"{name}\")`"))
+    rows = [(f"`{name}/`", f"`{cls}`", f"`{library}.{cls}.from_pretrained(folder / \"{name}\")`")
+            for name, (library, cls) in components.items()]
     note = ""
     if components.get("vae", ["", ""])[1] == "SpaceToDepth":
         note = ("\nThis export's codec is the tiny profile's lossless `SpaceToDepth` (loomcore's own class, "
@@ -65,9 +64,9 @@ def _metrics_section(metrics: Dict[str, float], lower_patterns: Sequence[str], s
 def _lineage_section(info: dict) -> str:
     lin, src = info["lineage"], info["source"]
     lines = ["- **Code**: the commit this version was published from is in its publication record; that "
-             "commit's dvc.lock holds every stage's code, params and outs hashes"]
-    lines.append(f"- **Weights**: the `{src['stage']}` DiT from `{src['path']}`")
-    lines.append(f"- **dvc.lock**: `{lin['lock']}`" if lin.get("lock") else f"- **dvc.lock**: none — {lin.get('note')}")
+             "commit's dvc.lock holds every stage's code, params and outs hashes",
+             f"- **Weights**: the `{src['stage']}` DiT from `{src['path']}`",
+             f"- **dvc.lock**: `{lin['lock']}`" if lin.get("lock") else f"- **dvc.lock**: none — {lin.get('note')}"]
     for role, c in lin.get("checks", {}).items():
         if c["matches"] is None:
             lines.append(f"- {role} `{c['path']}` (md5 `{c['md5']}`): not recorded in dvc.lock")

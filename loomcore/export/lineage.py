@@ -32,7 +32,6 @@ from loomcore.config import REPO_ROOT
 from loomcore.storage import file_digest
 
 
-
 def _git(*args: str, cwd: Path) -> str:
     return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=True).stdout.strip()
 
@@ -50,16 +49,12 @@ def git_state(repo: Path = REPO_ROOT) -> Dict[str, object]:
     return {"commit": commit, "short": short, "dirty": dirty}
 
 
-def md5_file(path: Path) -> str:
-    return file_digest(path, "md5")
-
-
 def dvc_md5(path: Path) -> str:
     """DVC's hash of a file (its md5) or a folder (md5 of the sorted listing, + ".dir")."""
     path = Path(path)
     if path.is_file():
-        return md5_file(path)
-    entries = sorted(({"md5": md5_file(f), "relpath": f.relative_to(path).as_posix()}
+        return file_digest(path, "md5")
+    entries = sorted(({"md5": file_digest(f, "md5"), "relpath": f.relative_to(path).as_posix()}
                       for f in path.rglob("*") if f.is_file()), key=lambda e: e["relpath"])
     return hashlib.md5(json.dumps(entries, sort_keys=True).encode("utf-8")).hexdigest() + ".dir"
 
@@ -95,29 +90,23 @@ def dvc_lineage(lock_path: Path | str, checked: Dict[str, Optional[Path]],
     weights). Without a dvc.lock: {"lock": None, "note": why}.
     """
     lock_path = Path(lock_path)
-    if not lock_path.is_file():
-        checks = {role: {"path": display_path(p), "md5": dvc_md5(Path(p)), "stage": None, "recorded": None, "matches": None}
-                  for role, p in checked.items() if p is not None}
-        return {"lock": None, "note": f"{lock_path} not found: not run under DVC, so no data/params lineage",
-                "checks": checks}
-    stages = (yaml.safe_load(lock_path.read_text()) or {}).get("stages", {})
-    lock_dir = lock_path.parent
-    out: Dict[str, object] = {"lock": display_path(lock_path)}
-    out["ancestors"] = {}
-    for role, path in (ancestors or {}).items():
-        found = _find_out(stages, lock_dir, Path(path))
-        out["ancestors"][role] = ({"path": found[2], "stage": found[0], "md5": found[1]} if found else
-                                  {"path": display_path(path), "stage": None, "md5": None})
+    locked = lock_path.is_file()
+    stages = (yaml.safe_load(lock_path.read_text()) or {}).get("stages", {}) if locked else {}
     checks = {}
     for role, path in checked.items():
         if path is None:
             continue
-        found = _find_out(stages, lock_dir, Path(path))
+        found = _find_out(stages, lock_path.parent, Path(path))
         actual = dvc_md5(Path(path))
-        if found is None:
-            checks[role] = {"path": display_path(path), "md5": actual, "stage": None, "recorded": None, "matches": None}
-        else:
-            checks[role] = {"path": display_path(path), "md5": actual, "stage": found[0], "recorded": found[1],
-                            "matches": actual == found[1]}
-    out["checks"] = checks
-    return out
+        stage, recorded = found[:2] if found else (None, None)
+        checks[role] = {"path": display_path(path), "md5": actual, "stage": stage, "recorded": recorded,
+                        "matches": None if found is None else actual == recorded}
+    if not locked:
+        return {"lock": None, "note": f"{lock_path} not found: not run under DVC, so no data/params lineage",
+                "checks": checks}
+    descent = {}
+    for role, path in (ancestors or {}).items():
+        found = _find_out(stages, lock_path.parent, Path(path))
+        descent[role] = ({"path": found[2], "stage": found[0], "md5": found[1]} if found else
+                         {"path": display_path(path), "stage": None, "md5": None})
+    return {"lock": display_path(lock_path), "ancestors": descent, "checks": checks}

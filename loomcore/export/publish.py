@@ -37,7 +37,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
-from loomcore.storage import S3Settings, default_cache_dir, parse_s3_uri, s3_client, sha256_file, transfer_config
+from loomcore.storage import (S3Settings, default_cache_dir, list_objects, parse_s3_uri, s3_client, sha256_file,
+                              transfer_config)
 
 from .folder import check_name, read_export_info
 from .lineage import git_state
@@ -113,10 +114,7 @@ def _get_json(client, bucket: str, key: str) -> Optional[tuple[dict, str]]:
 
 
 def _listing(client, bucket: str, prefix: str) -> Dict[str, int]:
-    sizes = {}
-    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-        sizes.update({o["Key"]: o["Size"] for o in page.get("Contents", [])})
-    return sizes
+    return {o["Key"]: o["Size"] for o in list_objects(f"s3://{bucket}/{prefix}", client=client)}
 
 
 def _manifest(folder: Path) -> Dict[str, Dict[str, object]]:
@@ -234,8 +232,7 @@ def publish_export(folder: Path | str, s3_uri: str, *, tolerance: float, lower_p
     if done is not None and done[0].get("files") != manifest:
         raise PublishError(f"{uri} is already complete with other contents; a complete version is never "
                            "overwritten: export again for a new version (or set export.version)")
-    uploaded = kept = 0
-    removed: List[str] = []
+    uploaded, kept, removed = 0, len(manifest), []  # already complete (a retry): every file is there
     if done is None:
         try:
             uploaded, kept, removed = _upload(client, settings, folder, bucket, vprefix, manifest, on_progress)
@@ -248,8 +245,6 @@ def publish_export(folder: Path | str, s3_uri: str, *, tolerance: float, lower_p
                 f"{COMPLETE} (readers ignore it) and {where}. Re-run with the same folder (same version) to resume "
                 "the upload; files already there are kept."
             ) from e
-    else:
-        kept = len(manifest)
     decision, previous, latest = _promote(client, bucket, root, record, tolerance, lower_patterns)
     return Publication(name=name, version=version, uri=uri, files=len(manifest),
                        bytes=sum(m["size"] for m in manifest.values()), uploaded=uploaded, kept=kept,
@@ -271,13 +266,10 @@ def list_versions(s3_uri: str, name: str, settings: Optional[S3Settings] = None)
     """{version: complete?} of every version prefix under models/<name>/."""
     client = s3_client(settings)
     bucket, root = model_root(s3_uri, name)
-    versions: Dict[str, bool] = {}
-    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=root, Delimiter="/"):
-        for p in page.get("CommonPrefixes", []):
-            versions[p["Prefix"][len(root):].rstrip("/")] = False
-    for v in versions:
-        versions[v] = _get_json(client, bucket, f"{root}{v}/{COMPLETE}") is not None
-    return versions
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=root, Delimiter="/")
+    versions = dict.fromkeys(p["Prefix"][len(root):].rstrip("/")
+                             for page in pages for p in page.get("CommonPrefixes", []))
+    return {v: _get_json(client, bucket, f"{root}{v}/{COMPLETE}") is not None for v in versions}
 
 
 def resolve_version(s3_uri: str, name: str, version: str = "latest",

@@ -140,11 +140,9 @@ def load_vae(cfg, torch_dtype: torch.dtype = torch.float32):
         from diffusers import AutoencoderKLWan
 
         return AutoencoderKLWan.from_pretrained(folder, torch_dtype=torch_dtype)
-    if cfg.models.codec == "space_to_depth":
-        from loomcore.models.codec import SpaceToDepth
+    from loomcore.models.codec import SpaceToDepth  # models.codec is "space_to_depth" (config.py checks it)
 
-        return SpaceToDepth.from_pretrained(folder)
-    raise InputError(f"models.codec = {cfg.models.codec!r}: expected 'wan' or 'space_to_depth'")
+    return SpaceToDepth.from_pretrained(folder)
 
 
 def load_scheduler(cfg):
@@ -159,9 +157,7 @@ def load_scheduler(cfg):
     if g.scheduler == "unipc":
         folder = str(materialize(cfg.models.scheduler, settings=S3Settings.from_config(cfg.s3)))
         return UniPCMultistepScheduler.from_pretrained(folder, flow_shift=g.flow_shift, **dynamic)
-    if g.scheduler == "euler":
-        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=g.flow_shift, **dynamic)
-    raise InputError(f"guidance.scheduler = {g.scheduler!r}: expected 'unipc' or 'euler'")
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=g.flow_shift, **dynamic)  # "euler"
 
 
 def load_mllm(cfg, torch_dtype: torch.dtype) -> Dict[str, object]:

@@ -132,8 +132,8 @@ class LoomVideoPipeline(DiffusionPipeline):
             mllm_max_length=mllm_max_length, negative_prompt=negative_prompt, guidance_scale=guidance_scale,
             guidance_scale_edit=guidance_scale_edit, visual_guidance_scale=visual_guidance_scale,
             num_inference_steps=num_inference_steps, height=height, width=width, num_frames=num_frames,
-            max_source_frames=max_source_frames, mllm_layout=mllm_layout, dynamic_shift=dynamic_shift, shift_scale=shift_scale, shift_base_tokens=shift_base_tokens,
-            shift_min=shift_min, shift_max=shift_max,
+            max_source_frames=max_source_frames, mllm_layout=mllm_layout, dynamic_shift=dynamic_shift,
+            shift_scale=shift_scale, shift_base_tokens=shift_base_tokens, shift_min=shift_min, shift_max=shift_max,
         )
         codec = self.codec
         self.geometry = Geometry(codec.spatial_factor, codec.temporal_factor, tuple(transformer.config.patch_size))
@@ -241,12 +241,9 @@ class LoomVideoPipeline(DiffusionPipeline):
         """Codec latents: source [1, C, f, h, w] (or None) and references [K, C, 1, h, w] (or None)."""
         codec = self.codec
         dtype = self.vae.dtype
-        source = None
-        if plan.source is not None:
-            source = codec.encode(to_pixels(plan.source).to(device, dtype)).float()
-        references = None
-        if plan.references:
-            references = torch.cat([codec.encode(to_pixels(r[None]).to(device, dtype)) for r in plan.references]).float()
+        source = None if plan.source is None else codec.encode(to_pixels(plan.source).to(device, dtype)).float()
+        references = (torch.cat([codec.encode(to_pixels(r[None]).to(device, dtype)) for r in plan.references]).float()
+                      if plan.references else None)
         return source, references
 
     # ---------------------------------------------------------------------------------------
