@@ -337,11 +337,9 @@ def _eval_backbones(cfg: Config) -> Dict[str, str]:
 
 
 def _component_paths(cfg: Config, out_dir: Optional[Path]) -> Dict[str, Path]:
-    names = (*COMPONENTS, *_eval_backbones(cfg))
+    paths = {**{name: getattr(cfg.models, name) for name in COMPONENTS}, **_eval_backbones(cfg)}
     if out_dir is not None:
-        return {name: Path(out_dir) / name for name in names}
-    paths = {name: getattr(cfg.models, name) for name in COMPONENTS}
-    paths.update(_eval_backbones(cfg))
+        return {name: Path(out_dir) / name for name in paths}
     remote = [f"models.{k} = {v}" for k, v in paths.items() if is_s3(v)]
     if remote:
         raise ValueError(f"init_models builds local folders; got s3:// paths ({'; '.join(remote)}): "
@@ -456,9 +454,9 @@ class _Folder:
 
 def _require(folder: _Folder, names: List[str], what: str, problems: List[str]) -> bool:
     """Record each of `names` that is missing or empty; True if all are there."""
-    found = [(name, folder.problem(name)) for name in names]
-    problems.extend(f"{what}: {p}" for _, p in found if p)
-    return not any(p for _, p in found)
+    found = [p for p in map(folder.problem, names) if p]
+    problems.extend(f"{what}: {p}" for p in found)
+    return not found
 
 
 def _check_weights(folder: _Folder, stem: str, what: str, problems: List[str]) -> None:
@@ -476,7 +474,9 @@ def _check_weights(folder: _Folder, stem: str, what: str, problems: List[str]) -
 
 
 def _check_dims(what: str, folder: _Folder, name: str, expected: dict, problems: List[str]) -> None:
-    """`expected` maps dotted keys ("text_config.hidden_size") to values; a missing key is a mismatch."""
+    """`name` must exist; `expected` maps dotted keys ("text_config.hidden_size") to values; a missing key mismatches."""
+    if not _require(folder, [name], what, problems):
+        return
     got = folder.json(name)
     for key, want in expected.items():
         have = got
@@ -493,51 +493,45 @@ def check_paper_models(cfg: Config) -> List[str]:
     transformers layout (Qwen3-VL-8B-Instruct); local folders or s3:// prefixes. Every missing or
     empty file is listed, and every config value that disagrees with cfg.
     """
-    problems: List[str] = []
     d, m = cfg.dit, cfg.mllm
-    folders = {}
-    for what in COMPONENTS:
-        uri = getattr(cfg.models, what)
-        folders[what] = _Folder(uri, S3Settings.from_config(cfg.s3))
-        if not folders[what].sizes:
-            problems.append(f"{what}: {uri} is missing or empty (models.{what})")
+    settings = S3Settings.from_config(cfg.s3)
+    folders = {what: _Folder(getattr(cfg.models, what), settings) for what in COMPONENTS}
+    problems = [f"{what}: {getattr(cfg.models, what)} is missing or empty (models.{what})"
+                for what, folder in folders.items() if not folder.sizes]
 
     f = folders["transformer"]
     if f.sizes:
-        if _require(f, ["config.json"], "transformer", problems):
-            _check_dims("transformer", f, "config.json", {
-                "_class_name": "WanTransformer3DModel", "num_layers": d.num_layers,
-                "num_attention_heads": d.num_attention_heads, "attention_head_dim": d.attention_head_dim,
-                "in_channels": d.in_channels, "out_channels": d.out_channels, "patch_size": d.patch_size,
-                "ffn_dim": d.ffn_dim, "freq_dim": d.freq_dim, "text_dim": d.text_dim, "qk_norm": d.qk_norm,
-                "cross_attn_norm": d.cross_attn_norm,
-            }, problems)
+        _check_dims("transformer", f, "config.json", {
+            "_class_name": "WanTransformer3DModel", "num_layers": d.num_layers,
+            "num_attention_heads": d.num_attention_heads, "attention_head_dim": d.attention_head_dim,
+            "in_channels": d.in_channels, "out_channels": d.out_channels, "patch_size": d.patch_size,
+            "ffn_dim": d.ffn_dim, "freq_dim": d.freq_dim, "text_dim": d.text_dim, "qk_norm": d.qk_norm,
+            "cross_attn_norm": d.cross_attn_norm,
+        }, problems)
         _check_weights(f, "diffusion_pytorch_model", "transformer", problems)
 
     f = folders["vae"]
     if f.sizes and cfg.models.codec == "wan":
-        if _require(f, ["config.json"], "vae", problems):
-            _check_dims("vae", f, "config.json", {
-                "_class_name": "AutoencoderKLWan", "z_dim": cfg.codec.latent_channels,
-                "scale_factor_spatial": cfg.codec.spatial_factor, "scale_factor_temporal": cfg.codec.temporal_factor,
-            }, problems)
+        _check_dims("vae", f, "config.json", {
+            "_class_name": "AutoencoderKLWan", "z_dim": cfg.codec.latent_channels,
+            "scale_factor_spatial": cfg.codec.spatial_factor, "scale_factor_temporal": cfg.codec.temporal_factor,
+        }, problems)
         _check_weights(f, "diffusion_pytorch_model", "vae", problems)
     elif f.sizes:
         _require(f, ["codec_config.json"], "vae", problems)
 
     f = folders["scheduler"]
-    if f.sizes and _require(f, ["scheduler_config.json"], "scheduler", problems):
+    if f.sizes:
         _check_dims("scheduler", f, "scheduler_config.json", {
             "prediction_type": "flow_prediction", "use_flow_sigmas": True, "flow_shift": cfg.guidance.flow_shift,
         }, problems)
 
     f = folders["mllm"]
     if f.sizes:
-        if _require(f, ["config.json"], "mllm", problems):
-            _check_dims("mllm", f, "config.json", {
-                "model_type": "qwen3_vl", "text_config.num_hidden_layers": m.num_layers,
-                "text_config.hidden_size": m.hidden_size,
-            }, problems)
+        _check_dims("mllm", f, "config.json", {
+            "model_type": "qwen3_vl", "text_config.num_hidden_layers": m.num_layers,
+            "text_config.hidden_size": m.hidden_size,
+        }, problems)
         _check_weights(f, "model", "mllm", problems)
         _require(f, ["tokenizer.json", "tokenizer_config.json", "preprocessor_config.json",
                      "video_preprocessor_config.json"], "mllm", problems)

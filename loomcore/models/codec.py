@@ -114,11 +114,10 @@ class WanVAE(nn.Module):
         self.spatial_factor = int(cfg.scale_factor_spatial)
         self.temporal_factor = int(cfg.scale_factor_temporal)
         self.latent_channels = int(cfg.z_dim)
-        for key in ("latents_mean", "latents_std"):
+        for key, name in (("latents_mean", "mean"), ("latents_std", "std")):
             if len(getattr(cfg, key)) != cfg.z_dim:
                 raise ValueError(f"vae config {key}: {len(getattr(cfg, key))} values, expected z_dim = {cfg.z_dim}")
-        self.register_buffer("mean", torch.tensor(cfg.latents_mean, dtype=torch.float32).view(1, -1, 1, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(cfg.latents_std, dtype=torch.float32).view(1, -1, 1, 1, 1), persistent=False)
+            self.register_buffer(name, torch.tensor(getattr(cfg, key), dtype=torch.float32).view(1, -1, 1, 1, 1), persistent=False)
 
     @classmethod
     def from_pretrained(cls, path: PathLike, torch_dtype: torch.dtype = torch.float32,

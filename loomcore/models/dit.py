@@ -10,11 +10,9 @@ Everything runs on a pack: the tokens of several samples on one axis (DESIGN §4
 `forward_packed` is the native entry point; `forward` takes diffusers-style batched tensors,
 packs them and unpacks the result. Inside a pack, sample s is laid out as
 [its target tokens | reference 1 | … | reference K]; the output holds target tokens only.
-The pack's layout, latent ↔ token helpers and input checks live in `packing.py` (re-exported here).
-
-Latent ↔ token convention (`patchify`): a token is one (pt, ph, pw) patch flattened with the
-channel last, [pt·ph·pw·C], which is also the layout `proj_out` predicts; the patch embedding
-is applied as a linear map on these vectors (the Conv3d's weight, permuted).
+The pack's layout, latent ↔ token helpers (`patchify`: a token is one patch, channel last, the
+layout `proj_out` predicts) and input checks live in `packing.py` (re-exported here); the patch
+embedding is applied as a linear map on those tokens (the Conv3d's weight, permuted).
 """
 
 from __future__ import annotations
@@ -22,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import operator
 from pathlib import Path
 from typing import Sequence
 
@@ -101,21 +100,6 @@ class LoomBlock(nn.Module):
         return (x.float() + self.ffn(h).float() * c_gate).type_as(x)
 
 
-def loomdit_kwargs(cfg, use_source_embedding: bool = True) -> dict:
-    """LoomDiT constructor kwargs from the project config (`cfg.dit`, `cfg.mllm`, `cfg.rope`, `cfg.flow`)."""
-    if cfg.mllm.layers_used != cfg.dit.num_layers:
-        raise ValueError(f"mllm.layers_used: expected dit.num_layers={cfg.dit.num_layers} (one MLLM layer per block), got {cfg.mllm.layers_used}")
-    dit = {k: getattr(cfg.dit, k) for k in (
-        "patch_size", "num_attention_heads", "attention_head_dim", "in_channels", "out_channels", "text_dim",
-        "freq_dim", "ffn_dim", "num_layers", "cross_attn_norm", "qk_norm", "eps", "rope_max_seq_len",
-    )}
-    return {
-        **dit, "patch_size": tuple(dit["patch_size"]), "mllm_dim": cfg.mllm.hidden_size,
-        "projector_mult": cfg.mllm.projector_mult, "ref_offset": cfg.rope.ref_offset,
-        "use_source_embedding": use_source_embedding, "timestep_scale": cfg.flow.timestep_scale,
-    }
-
-
 # The config values that make a transformer what it is, and the params key that sets each one. One
 # rule wherever a transformer folder meets the config — the training stages, RL, evaluate, export,
 # `loom generate` (`check_architecture`): they must agree; params never silently re-shape a
@@ -129,6 +113,15 @@ ARCHITECTURE_KEYS = {
     "qk_norm": "dit.qk_norm", "eps": "dit.eps", "mllm_dim": "mllm.hidden_size",
     "projector_mult": "mllm.projector_mult", "ref_offset": "rope.ref_offset", "timestep_scale": "flow.timestep_scale",
 }
+
+
+def loomdit_kwargs(cfg, use_source_embedding: bool = True) -> dict:
+    """LoomDiT constructor kwargs from the project config (`cfg.dit`, `cfg.mllm`, `cfg.rope`, `cfg.flow`)."""
+    if cfg.mllm.layers_used != cfg.dit.num_layers:
+        raise ValueError(f"mllm.layers_used: expected dit.num_layers={cfg.dit.num_layers} (one MLLM layer per block), got {cfg.mllm.layers_used}")
+    kwargs = {key: operator.attrgetter(param)(cfg) for key, param in ARCHITECTURE_KEYS.items()}
+    return {**kwargs, "patch_size": tuple(kwargs["patch_size"]), "rope_max_seq_len": cfg.dit.rope_max_seq_len,
+            "use_source_embedding": use_source_embedding}
 
 
 class ArchitectureMismatch(InputError):
@@ -317,10 +310,8 @@ class LoomDiT(ModelMixin, ConfigMixin):
         elif encoder_hidden_states is None:
             raise ValueError("encoder_hidden_states: required (or `prepared`, made by `prepare`)")
         else:
-            packed = pack_batched(
-                self.config, self.patch_size, hidden_states, timestep, encoder_hidden_states,
-                source_latents, reference_latents, encoder_attention_mask,
-            )
+            packed = pack_batched(self.config, self.patch_size, hidden_states, timestep, encoder_hidden_states,
+                                  source_latents, reference_latents, encoder_attention_mask)
         tokens = self.forward_packed(*packed, return_dict=False, prepared=prepared)[0]  # [B·F'H'W', P_out]
         grid = packed.layout.grid_sizes[0]
         sample = unpatchify(tokens.reshape(hidden_states.shape[0], -1, tokens.shape[-1]), grid, self.patch_size)
@@ -351,15 +342,13 @@ class LoomDiT(ModelMixin, ConfigMixin):
         target token). Under FSDP2 a forward method (the root's parameters are gathered for it),
         so every rank calls it."""
         deepstack = check_context(self.config, encoder_hidden_states, sum(layout.context_lengths), ())
-        device = self.patch_embedding.weight.device
-        plan = pack_plan(layout, per_token, self.config.ref_offset, device, self.attention_backend)
+        weight = self.patch_embedding.weight
+        plan, rotary, contexts = self._conditions(None, layout, per_token, encoder_hidden_states, deepstack,
+                                                  weight.device, weight.dtype)
         if deepstack:
             weight_dtype = self.mllm_embedder.linear_1.weight.dtype
-            contexts = tuple(self.mllm_embedder(layer.to(weight_dtype)) for layer in encoder_hidden_states)
-        else:
-            dtype = self.patch_embedding.weight.dtype
-            contexts = (self.condition_embedder.text_embedder(encoder_hidden_states.to(dtype)),) * len(self.blocks)
-        return PreparedConditions(layout, per_token, plan, self.rope(plan.position_ids), contexts)
+            contexts = [self.mllm_embedder(layer.to(weight_dtype)) for layer in encoder_hidden_states]
+        return PreparedConditions(layout, per_token, plan, rotary, tuple(contexts))
 
     def forward_packed(
         self,
@@ -388,10 +377,8 @@ class LoomDiT(ModelMixin, ConfigMixin):
         Returns `Transformer2DModelOutput(sample=[N, pt·ph·pw·out_channels])` (target tokens only,
         aligned with hidden_states: the flow loss is per row) or `(sample,)`.
         """
-        deepstack = check_packed(
-            self.config, self.patch_size, layout, hidden_states, timestep, encoder_hidden_states,
-            source_hidden_states, reference_hidden_states,
-        )
+        deepstack = check_packed(self.config, self.patch_size, layout, hidden_states, timestep, encoder_hidden_states,
+                                 source_hidden_states, reference_hidden_states)
         if source_hidden_states is not None and self.source_patch_embedding is None:
             raise ValueError("source_hidden_states: this model has no source_patch_embedding (use_source_embedding=False)")
         per_token = timestep.numel() != layout.num_samples
@@ -411,8 +398,7 @@ class LoomDiT(ModelMixin, ConfigMixin):
 
         # 3. Blocks: Deepstack gives block i the projected layer i; Wan's path one shared context
         project = contexts is None  # training: each block projects its layer inside its (checkpointed) step
-        if project:
-            contexts = encoder_hidden_states
+        contexts = encoder_hidden_states if project else contexts
         for i, block in enumerate(self.blocks):
             args = (block, x, contexts[i], project, time_rows, plan.time_index, rotary, plan.self_segments, plan.cross_segments)
             if torch.is_grad_enabled() and self.gradient_checkpointing:
@@ -470,8 +456,7 @@ class LoomDiT(ModelMixin, ConfigMixin):
         """timestep [R] → temb [R, D] (output norm) and time rows [R + 1, 6, D] (blocks; last row 0)."""
         ce = self.condition_embedder
         freqs = ce.timesteps_proj(timestep.to(device))  # [R, freq_dim] fp32
-        time_embedder_dtype = ce.time_embedder.linear_1.weight.dtype
-        temb = ce.time_embedder(freqs.to(time_embedder_dtype)).to(dtype)  # [R, D]
+        temb = ce.time_embedder(freqs.to(ce.time_embedder.linear_1.weight.dtype)).to(dtype)  # [R, D]
         rows = ce.time_proj(ce.act_fn(temb)).unflatten(1, (6, -1))  # [R, 6, D]
         # references: a zero time embedding, so their adaLN is scale_shift_table alone (DESIGN §3)
         return temb, torch.cat([rows, rows.new_zeros(1, *rows.shape[1:])])

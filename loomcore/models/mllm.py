@@ -214,10 +214,8 @@ class Qwen3VLInputs:
     def __init__(self, tokenizer, image_processor, video_config: dict, chat_template: str):
         self.tokenizer, self.image_processor, self.chat_template = tokenizer, image_processor, chat_template
         self.video = {**_VIDEO_DEFAULTS, **{k: v for k, v in video_config.items() if k in _VIDEO_DEFAULTS}}
-        ids = {t: tokenizer.convert_tokens_to_ids(t) for t in
-               ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")}
-        self.image_token_id, self.video_token_id = ids["<|image_pad|>"], ids["<|video_pad|>"]
-        self.vision_start_id, self.vision_end_id = ids["<|vision_start|>"], ids["<|vision_end|>"]
+        self.image_token_id, self.video_token_id, self.vision_start_id, self.vision_end_id = (
+            tokenizer.convert_tokens_to_ids(["<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"]))
         self.pad_token_id = tokenizer.pad_token_id
 
     @classmethod
@@ -301,16 +299,12 @@ class Qwen3VLInputs:
         """The visual-only guidance input [R loomvideo.py prepare_qwen_visual_only_prompt]: every
         <|vision_start|>…<|vision_end|> span of the full input, in one otherwise empty user turn;
         the pixels are reused."""
-        ids, spans, i = sample["input_ids"][0].tolist(), [], 0
-        while i < len(ids):
-            if ids[i] == self.vision_start_id:
-                j = i + 1
-                while j < len(ids) and ids[j] != self.vision_end_id:
-                    j += 1
-                spans += ids[i:j + 1]
-                i = j + 1
-            else:
-                i += 1
+        spans, inside = [], False
+        for token in sample["input_ids"][0].tolist():  # each span from its start to its end, both kept
+            inside = inside or token == self.vision_start_id
+            if inside:
+                spans.append(token)
+            inside = inside and token != self.vision_end_id
         enc = lambda s: self.tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
         new = enc("<|im_start|>user\n") + spans + enc("<|im_end|>\n<|im_start|>assistant\n")
         return {**sample, "input_ids": torch.tensor([new])}

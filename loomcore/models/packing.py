@@ -59,14 +59,11 @@ def unpack_latents(tokens: torch.Tensor, grid_sizes, patch_size: Sequence[int]) 
 
 def pack_references(references: Sequence[torch.Tensor | None], patch_size: Sequence[int]):
     """Per-sample references [K, C, 1, H, W] (or None) → (tokens [N_ref, P] or None, reference_sizes)."""
-    tokens, sizes = [], []
-    for refs in references:
-        if refs is None or refs.shape[0] == 0:
-            sizes.append(())
-            continue
-        tokens.append(patchify(refs, patch_size).flatten(0, 1))  # [K·H'·W', P]
-        sizes.append(((refs.shape[3] // patch_size[1], refs.shape[4] // patch_size[2]),) * refs.shape[0])
-    return (torch.cat(tokens) if tokens else None), tuple(sizes)
+    ph, pw = patch_size[1], patch_size[2]
+    tokens = [patchify(refs, patch_size).flatten(0, 1) for refs in references if refs is not None and refs.shape[0]]
+    sizes = tuple(((r.shape[3] // ph, r.shape[4] // pw),) * r.shape[0] if r is not None and r.shape[0] else ()
+                  for r in references)  # one (H', W') per reference
+    return (torch.cat(tokens) if tokens else None), sizes  # tokens: each sample's [K·H'·W', P], concatenated
 
 
 def _host_cumulative(lengths: Sequence[int]) -> tuple[int, ...]:

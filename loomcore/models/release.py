@@ -84,7 +84,7 @@ def release_parameter_order(config: Mapping) -> list[str]:
     """
     from diffusers import WanTransformer3DModel
 
-    config = _checked_config(config, "config")
+    config = _checked_config(config)
     wan_args = set(inspect.signature(WanTransformer3DModel.__init__).parameters) - {"self"}
     with torch.device("meta"):
         wan = WanTransformer3DModel(**{k: v for k, v in config.items() if k in wan_args})
@@ -137,7 +137,7 @@ def read_release(path: str | os.PathLike, config: Mapping, weights: str = "ema")
     if weights not in ("ema", "model"):
         raise InputError(f"weights = {weights!r}: expected 'ema' or 'model'")
     path = Path(path)
-    config = _checked_config(config if isinstance(config, Mapping) else _kwargs(config), "config")
+    config = _checked_config(config)
     if not path.exists():
         raise InputError(f"checkpoint: {path}: no such file or folder")
     if path.is_dir():
@@ -157,11 +157,6 @@ def read_release(path: str | os.PathLike, config: Mapping, weights: str = "ema")
         raise InputError(f"checkpoint: {path}: expected a .pth/.pt/.bin or .safetensors file, or a release folder")
     state, skipped = _dit_keys(_read_tensors(path), path)
     return ReleaseWeights(state, f"{path} (single file)", skipped)
-
-
-def _kwargs(cfg) -> dict:
-
-    return loomdit_kwargs(cfg)
 
 
 def _read_tensors(path: Path) -> dict:
@@ -245,7 +240,7 @@ def _read_ema(path: Path, config: dict) -> ReleaseWeights:
 def load_release(path: str | os.PathLike, config: Mapping, dtype: torch.dtype | None = None, weights: str = "ema"):
     """(LoomDiT, LoadReport) straight from a release checkpoint (`read_release`'s forms): every
     parameter must come from the file, with the shape `config` builds."""
-    config = _checked_config(config if isinstance(config, Mapping) else _kwargs(config), "config")
+    config = _checked_config(config)
     read = read_release(path, config, weights)
     model, report = build_from_state_dict(config, read.state, allow_new=False, dtype=dtype, source=read.source)
     return model, LoadReport(report.source, report.loaded, report.new, report.unused_by_deepstack, read.skipped)
@@ -289,7 +284,7 @@ def load_wan_transformer(source, dtype: torch.dtype | None = torch.float32, **ex
         path = Path(source)
         config, state, name = _read_diffusers_dir(path)
         name = f"{path} ({name})"
-    config = _checked_config({**{k: v for k, v in config.items() if not k.startswith("_")}, **extra}, "config")
+    config = _checked_config({**{k: v for k, v in config.items() if not k.startswith("_")}, **extra})
     return build_from_state_dict(config, state, allow_new=True, dtype=dtype, source=name)
 
 
@@ -300,7 +295,6 @@ def build_from_state_dict(config: dict, state: dict, *, allow_new: bool, dtype, 
     absent as a whole and is then initialised (zero-init last layers); anything else missing,
     any unknown key and any shape mismatch raises ValueError naming the keys.
     """
-
     with torch.device("meta"):
         model = LoomDiT(**config)
     expected = model.state_dict()
@@ -355,13 +349,14 @@ def _read_diffusers_dir(path: Path) -> tuple[dict, dict, str]:
     raise InputError(f"source: {path} has neither {single.name} nor {index.name}")
 
 
-def _checked_config(config: Mapping, what: str) -> dict:
-
+def _checked_config(config) -> dict:
+    """LoomDiT kwargs: a mapping, or the project Config's (`loomdit_kwargs`); unknown keys are refused."""
+    config = dict(config) if isinstance(config, Mapping) else loomdit_kwargs(config)
     known = set(inspect.signature(LoomDiT.__init__).parameters) - {"self"}
     unknown = sorted(set(config) - known)
     if unknown:
-        raise InputError(f"{what}: unknown LoomDiT arguments {unknown}")
-    return dict(config)
+        raise InputError(f"config: unknown LoomDiT arguments {unknown}")
+    return config
 
 
 def _names(keys, limit: int = 12) -> str:

@@ -42,7 +42,6 @@ class RotaryPosEmbed3D(nn.Module):
 
     def __init__(self, head_dim: int, theta: float = 10000.0):
         super().__init__()
-        self.head_dim = head_dim
         self.theta = theta
         self.axis_dims = rope_axis_dims(head_dim)
 

@@ -112,16 +112,16 @@ class PickScoreReward:
         return self.model.logit_scale.device
 
     @staticmethod
-    def _features(out) -> torch.Tensor:
+    def _unit_features(out) -> torch.Tensor:
         # transformers >= 5 returns a model output whose pooler_output is the projected embedding
-        return out.pooler_output if hasattr(out, "pooler_output") else out
+        emb = out.pooler_output if hasattr(out, "pooler_output") else out
+        return emb / emb.norm(p=2, dim=-1, keepdim=True)
 
     @torch.no_grad()
     def text_embeddings(self, prompts: Sequence[str]) -> torch.Tensor:
         inputs = self.processor(text=list(prompts), padding=True, truncation=True, max_length=self.max_length,
                                 return_tensors="pt")
-        emb = self._features(self.model.get_text_features(**{k: v.to(self.device) for k, v in inputs.items()}))
-        return emb / emb.norm(p=2, dim=-1, keepdim=True)
+        return self._unit_features(self.model.get_text_features(**{k: v.to(self.device) for k, v in inputs.items()}))
 
     @torch.no_grad()
     def image_embeddings(self, frames: Sequence[np.ndarray]) -> torch.Tensor:
@@ -130,9 +130,8 @@ class PickScoreReward:
         outs = []
         for i in range(0, len(frames), self.batch_size):
             images = [Image.fromarray(f) for f in frames[i:i + self.batch_size]]
-            pixels = self.processor(images=images, return_tensors="pt")["pixel_values"]
-            emb = self._features(self.model.get_image_features(pixel_values=pixels.to(self.device, self.model.dtype)))
-            outs.append(emb / emb.norm(p=2, dim=-1, keepdim=True))
+            pixels = self.processor(images=images, return_tensors="pt")["pixel_values"].to(self.device, self.model.dtype)
+            outs.append(self._unit_features(self.model.get_image_features(pixel_values=pixels)))
         return torch.cat(outs)
 
     @torch.no_grad()

@@ -74,10 +74,10 @@ def load_prompts(cache_dir, split: str, resolution: str, tasks: Sequence[str], l
         rows = rows[:limit]
     if not rows:
         raise ValueError(f"no {split} prompt in the cache ({cache_dir}) at {resolution} for tasks {list(tasks)}")
+    key, what = _MODE_NEEDS[feature_mode]
     prompts = []
     for r in rows:
         entries = json.loads(r["tensors"])
-        key, what = _MODE_NEEDS[feature_mode]
         if key not in entries:
             other = [f"{w} ({k!r}: the cache was built with mllm.feature_mode={m})"
                      for m, (k, w) in _MODE_NEEDS.items() if k in entries]

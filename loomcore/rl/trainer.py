@@ -291,7 +291,7 @@ class RLTrainer(Harness):
         s = sums.read()
         n = s["samples"]
         zero_std = sum(1 for grp in torch.unique(groups) if float(rewards[groups == grp].std(unbiased=False)) == 0.0)
-        row = {
+        return {
             "step": step, "reward_mean": rewards.mean().item(), "reward_std": rewards.std(unbiased=False).item(),
             **{k: s[k] / n for k in ("policy_loss", "unweighted_policy_loss", "positive_loss", "negative_loss",
                                      "old_deviation")},
@@ -300,7 +300,6 @@ class RLTrainer(Harness):
             "grad_norm": sum(grad_norms) / len(grad_norms), "lr": self.scheduler.get_last_lr()[0],
             "old_policy_decay": decay, "seconds": time.perf_counter() - t0, "rollout_seconds": t_rollout,
         }
-        return row
 
     # -- the harness's hooks ------------------------------------------------------------------
 
