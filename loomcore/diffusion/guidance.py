@@ -32,9 +32,7 @@ def guidance_branches(has_visual: bool, text_scale: float, visual_scale: float) 
     """The branches one denoising step needs, in batch order (uncond first, full last)."""
     check_guidance_scales(text_scale, visual_scale)
     if has_visual:
-        if text_scale == 1.0 and visual_scale == 1.0:
-            return (FULL,)
-        return (UNCOND, VISUAL, FULL)
+        return (FULL,) if text_scale == 1.0 and visual_scale == 1.0 else (UNCOND, VISUAL, FULL)
     # No visual branch: s_v has no term to act on.
     return (FULL,) if text_scale == 1.0 else (UNCOND, FULL)
 

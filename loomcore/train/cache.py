@@ -196,12 +196,11 @@ class _Destination:
                 if (self.dir / name).is_file():
                     self.remote.push(name)
 
-    def remove_stale(self, keep: List[str], keep_null: bool) -> List[str]:
-        removed = shards.remove_stale(self.dir, keep, keep_null)
+    def remove_stale(self, keep: List[str], keep_null: bool) -> None:
+        shards.remove_stale(self.dir, keep, keep_null)
         if self.remote is not None:
             keep_set = set(keep)
-            removed = self.remote.delete([n for n in self.remote.listing() if shards.is_stale(n, keep_set, keep_null)])
-        return removed
+            self.remote.delete([n for n in self.remote.listing() if shards.is_stale(n, keep_set, keep_null)])
 
 
 @_in_encode_threads
@@ -349,13 +348,13 @@ def build_cache(
         run.update(content, bytes_per_sample=dict(content.get("bytes_per_sample", {})))
     else:
         run.update(samples=None, per_resolution={}, skipped_rows=shards.skipped_rows(out_dir, finished))
-    if bytes_by_mode["samples"]:
-        n = bytes_by_mode["samples"]  # measured on the samples encoded by this run
+    n = bytes_by_mode["samples"]  # measured on the samples encoded by this run
+    if n:
         run.setdefault("bytes_per_sample", {}).update(cached_features=bytes_by_mode["cached"] // n, online_inputs=bytes_by_mode["online"] // n)
     seconds = time.monotonic() - t0
     run["timing"] = {"seconds": round(seconds, 3)}
-    if n_encoded := bytes_by_mode["samples"]:
-        run["timing"]["samples_per_s"] = round(n_encoded / max(seconds, 1e-9), 2)
+    if n:
+        run["timing"]["samples_per_s"] = round(n / max(seconds, 1e-9), 2)
     return run
 
 
@@ -402,7 +401,6 @@ def _encode_chunk(cfg, chunk, res, media, codec, encoder, mode, dtype, bytes_by_
     tensors: Dict[str, torch.Tensor] = {}
     index_rows: List[dict] = []
     skipped: List[dict] = []
-    pt, ph, pw = cfg.dit.patch_size
     requests, visual_requests, prepared = [], [], []
     for row in chunk:
         spec = task_spec(row["task"])
@@ -466,7 +464,7 @@ def _encode_chunk(cfg, chunk, res, media, codec, encoder, mode, dtype, bytes_by_
                 j = vis[0].index(i)
                 put("context_visual", vis[1].hidden_states[j, :, : int(vis[1].lengths[j])].to("cpu", dtype))
             ctx_tokens = n
-            cached_bytes = sum(_nbytes({k: v}) for k, v in own.items() if k.endswith(("context", "context_visual")))
+            cached_bytes = _nbytes({k: v for k, v in own.items() if k.endswith(("context", "context_visual"))})
         else:
             for key in MLLM_INPUT_KEYS:
                 if key in tok:  # (write_shard copies any that share memory)
@@ -479,9 +477,9 @@ def _encode_chunk(cfg, chunk, res, media, codec, encoder, mode, dtype, bytes_by_
         bytes_by_mode["cached"] += cached_bytes
         bytes_by_mode["online"] += online_bytes
         bytes_by_mode["samples"] += 1
-        lat = own[f"{sid}/target"]
-        dit = dit_token_count(lat.shape[1], lat.shape[2], lat.shape[3], (pt, ph, pw))
-        dit += sum(dit_token_count(1, own[f"{sid}/ref{k}"].shape[2], own[f"{sid}/ref{k}"].shape[3], (pt, ph, pw)) for k in range(len(refs)))
+        patch = cfg.dit.patch_size
+        dit = dit_token_count(*own[f"{sid}/target"].shape[1:], patch)
+        dit += sum(dit_token_count(1, *own[f"{sid}/ref{k}"].shape[2:], patch) for k in range(len(refs)))
         tensors.update(own)
         index_rows.append(dict(
             id=sid, task=row["task"], caption=row["caption"] or "", split=row["split"], resolution=res,

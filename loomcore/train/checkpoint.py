@@ -136,7 +136,6 @@ def _has_tensor(obj: Any) -> bool:
 # --------------------------------------------------------------------------------------------
 
 
-
 def _fsync(path: Path) -> None:
     """Flush a file or a directory entry to disk (the rename is only durable after this)."""
     fd = os.open(path, os.O_RDONLY)
@@ -167,7 +166,6 @@ def _safetensors_ready(name: str, sd: Mapping[str, torch.Tensor]) -> Dict[str, t
 
 def _is_flat_tensor_dict(sd: Mapping) -> bool:
     return bool(sd) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items())
-
 
 
 def verify_checkpoint(path: Path | str, checksums: bool = True, only: Optional[Sequence[str]] = None) -> dict:
@@ -237,7 +235,7 @@ class CheckpointManager:
         return self.run_dir / STEP_DIR.format(step)
 
     def checkpoints(self) -> List[Tuple[int, Path]]:
-        """Visible checkpoint folders, oldest first (complete or not: see `verify`)."""
+        """Visible checkpoint folders, oldest first (complete or not: see `verify_checkpoint`)."""
         found = [(int(m.group(1)), p) for p in self.run_dir.iterdir()
                  if (m := _STEP_RE.match(p.name)) and p.is_dir()]
         return sorted(found)
@@ -247,8 +245,7 @@ class CheckpointManager:
     def save(self, step: int, pieces: Mapping[str, Stateful], extras: Optional[Mapping[str, Any]] = None) -> Path:
         """Write `pieces` (+ JSON-able `extras`, e.g. {"rng": capture_rng(...)}) as checkpoint
         `step`, then prune. Returns the checkpoint's folder."""
-        tmp = self.begin(step)
-        return self.finish(tmp, step, pieces, extras)
+        return self.finish(self.begin(step), step, pieces, extras)
 
     def begin(self, step: int) -> Path:
         """An empty hidden folder for checkpoint `step` (other writers — the ranks' shards — may
@@ -348,19 +345,15 @@ class CheckpointManager:
 
     # -- verify / load ------------------------------------------------------------------------
 
-    def verify(self, path: Path | str, checksums: bool = True, only: Optional[Sequence[str]] = None) -> dict:
-        return verify_checkpoint(path, checksums, only)
-
     def latest_valid(self, checksums: bool = True) -> Optional[Path]:
         """The newest checkpoint that verifies; each newer one that does not is skipped with a
         CheckpointWarning naming it and the reason. None when there is none."""
         for _, path in reversed(self.checkpoints()):
             try:
-                self.verify(path, checksums)
+                verify_checkpoint(path, checksums)
+                return path
             except CheckpointError as e:
                 warnings.warn(f"skipping checkpoint: {e}", CheckpointWarning)
-                continue
-            return path
         return None
 
     def load(self, path: Path | str, pieces: Mapping[str, Stateful], verify: bool = True) -> dict:
@@ -368,7 +361,7 @@ class CheckpointManager:
         saved). Returns {"step": int, "extras": {...}} with tensors decoded."""
         path = Path(path)
         if verify:
-            self.verify(path)
+            verify_checkpoint(path)
         state = json.loads((path / TRAINER_STATE).read_text())
         if set(state["pieces"]) != set(pieces):
             raise ValueError(f"{path}: checkpoint holds pieces {sorted(state['pieces'])}, "

@@ -217,61 +217,45 @@ def set_gradient_sync(model: nn.Module, sync: bool) -> None:
 # Checkpoint pieces
 
 
-class ModelState:
-    def __init__(self, model: nn.Module):
-        self.model = model
+class _DCPState:
+    """A piece read and written by torch.distributed.checkpoint.state_dict's getter and setter: full
+    CPU tensors or this rank's shards (the module doc)."""
 
-    def state_dict(self) -> Dict[str, torch.Tensor]:
-        """Full CPU tensors (a collective): the stage's exported weights, gathered once at the end."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-        set_model_state_dict(self.model, dict(state),
-                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-
-    def sharded_state_dict(self) -> Dict[str, Any]:
-        """This rank's shards (DTensors): what a sharded checkpoint writes and loads into."""
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict
-
-        return get_model_state_dict(self.model)
-
-    def load_sharded(self, state: Mapping[str, Any]) -> None:
-        from torch.distributed.checkpoint.state_dict import set_model_state_dict
-
-        set_model_state_dict(self.model, dict(state))
-
-
-class OptimizerState:
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer):
-        self.model, self.optimizer = model, optimizer
+    def __init__(self, get, set_, *owners):
+        self._get, self._set, self._owners = get, set_, owners
 
     def state_dict(self) -> Dict[str, Any]:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+        from torch.distributed.checkpoint.state_dict import StateDictOptions
 
-        return get_optimizer_state_dict(self.model, self.optimizer,
-                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return self._get(*self._owners, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        from torch.distributed.checkpoint.state_dict import StateDictOptions
 
-        set_optimizer_state_dict(self.model, self.optimizer, dict(state),
-                                 options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        self._set(*self._owners, dict(state), options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
 
     def sharded_state_dict(self) -> Dict[str, Any]:
-        """AdamW's moments as this rank's shards, keyed by parameter name (before the first step
-        torch creates the state, so a fresh optimizer is a valid load target)."""
-        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-
-        return get_optimizer_state_dict(self.model, self.optimizer)
+        return self._get(*self._owners)
 
     def load_sharded(self, state: Mapping[str, Any]) -> None:
-        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+        self._set(*self._owners, dict(state))
 
-        set_optimizer_state_dict(self.model, self.optimizer, dict(state))
+
+class ModelState(_DCPState):
+    def __init__(self, model: nn.Module):
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+        super().__init__(get_model_state_dict, set_model_state_dict, model)
+
+
+class OptimizerState(_DCPState):
+    """AdamW's moments; sharded, keyed by parameter name (before the first step torch creates the
+    state, so a fresh optimizer is a valid load target)."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer):
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+        super().__init__(get_optimizer_state_dict, set_optimizer_state_dict, model, optimizer)
 
 
 class EMAState:
@@ -291,7 +275,9 @@ class EMAState:
         pass
 
 
-COLLECTIVE = (ModelState, OptimizerState, EMAState)
+COLLECTIVE = (_DCPState, EMAState)
+
+
 def helper_threads_serial() -> contextlib.AbstractContextManager:
     """Intra-op threads at 1 while torch.distributed.checkpoint saves or loads, so that threads
     other than the main one stay single-threaded for good.
@@ -373,9 +359,7 @@ class Checkpointer:
         mine = {f"{DCP_DIR}/{f.name}": {"sha256": sha256_file(f), "bytes": f.stat().st_size}
                 for f in sorted(folder.glob(f"__{self.env.rank}_*.distcp"))}
         known = {k: v for part in all_gather_object(mine) for k, v in part.items()}
-        path = None
-        if self.manager is not None:
-            path = self.manager.finish(tmp, step, self.small, extras, known=known)
+        path = self.manager.finish(tmp, step, self.small, extras, known=known) if self.manager is not None else None
         dist.barrier()
         return path
 

@@ -27,6 +27,12 @@ def _is_dtensor(t: torch.Tensor) -> bool:
     return hasattr(t, "device_mesh") and hasattr(t, "placements")
 
 
+@torch.no_grad()
+def _copy(dst: List[torch.Tensor], src: List[torch.Tensor]) -> None:
+    for d, s in zip(dst, src):  # a loop, not _foreach_copy_: DTensor has no sharding rule for the foreach copy
+        d.copy_(s)
+
+
 class EMA:
     """fp32 shadow copies of `model`'s parameters that require grad, updated every `interval`
     optimizer steps."""
@@ -41,10 +47,7 @@ class EMA:
         self.warmup = warmup
         self.names: List[str] = [n for n, p in model.named_parameters() if p.requires_grad]
         with torch.no_grad():
-            self.shadow: List[torch.Tensor] = [
-                p.detach().clone().to(torch.float32) for p in self._params(model)
-            ]
-        self._stored: Optional[List[torch.Tensor]] = None
+            self.shadow: List[torch.Tensor] = [p.detach().clone().to(torch.float32) for p in self._params(model)]
 
     @classmethod
     def maybe(cls, model: nn.Module, ema_cfg: EMAConfig) -> Optional["EMA"]:
@@ -86,36 +89,17 @@ class EMA:
             for s, p in zip(self.shadow, params):
                 s.lerp_(p.to(torch.float32), weight)
 
-    @torch.no_grad()
-    def copy_to(self, model: nn.Module) -> None:
-        """Write the averaged weights into `model` (cast to the parameters' dtype)."""
-        # A loop, not _foreach_copy_: DTensor has no sharding rule for the foreach copy.
-        for p, s in zip(self._params(model), self.shadow):
-            p.copy_(s)
-
-    @torch.no_grad()
-    def store(self, model: nn.Module) -> None:
-        """Keep a copy of the live weights, for `restore` after an evaluation with the EMA."""
-        assert self._stored is None, "EMA.store called twice without restore"
-        self._stored = [p.clone() for p in self._params(model)]
-
-    @torch.no_grad()
-    def restore(self, model: nn.Module) -> None:
-        assert self._stored is not None, "EMA.restore called without store"
-        for p, saved in zip(self._params(model), self._stored):
-            p.copy_(saved)
-        self._stored = None
-
     @contextlib.contextmanager
     def swapped(self, model: nn.Module) -> Iterator[nn.Module]:
-        """`with ema.swapped(model): evaluate(model)` — the EMA weights inside, the live ones after
-        (also when the body raises)."""
-        self.store(model)
+        """`with ema.swapped(model): evaluate(model)` — the EMA weights inside (cast to the
+        parameters' dtype), the live ones after (also when the body raises)."""
+        with torch.no_grad():
+            live = [p.clone() for p in self._params(model)]
         try:
-            self.copy_to(model)
+            _copy(self._params(model), self.shadow)
             yield model
         finally:
-            self.restore(model)
+            _copy(self._params(model), live)
 
     def state_dict(self) -> Dict[str, torch.Tensor]:
         """{parameter name: fp32 shadow}; the same keys as the model, so ema.safetensors loads

@@ -65,11 +65,11 @@ class NonFiniteGuard:
         self._exceeded_at: Optional[torch.Tensor] = None  # first step with run > max, or -1
         self._tasks: Dict[int, List[str]] = {}  # task kinds per step since the last check
 
-    def _counters(self, device: torch.device) -> None:
-        if self._skipped is None:
-            self._skipped = torch.zeros((), dtype=torch.int64, device=device)
-            self._run = torch.zeros((), dtype=torch.int64, device=device)
-            self._exceeded_at = torch.full((), -1, dtype=torch.int64, device=device)
+    def _reset(self, device: torch.device, skipped: int = 0, run: int = 0) -> None:
+        self._skipped = torch.tensor(skipped, dtype=torch.int64, device=device)
+        self._run = torch.tensor(run, dtype=torch.int64, device=device)
+        self._exceeded_at = torch.full((), -1, dtype=torch.int64, device=device)
+        self._tasks.clear()
 
     def step(self, loss: torch.Tensor, grad_norm: torch.Tensor, step: int, tasks: Sequence[str]) -> torch.Tensor:
         """Take (or skip) optimizer step `step`. Returns `finite`, a 0-d bool device tensor (pass
@@ -87,7 +87,8 @@ class NonFiniteGuard:
         return finite
 
     def _observe(self, finite: torch.Tensor, step: int, tasks: Sequence[str]) -> None:
-        self._counters(finite.device)
+        if self._skipped is None:
+            self._reset(finite.device)
         bad = ~finite
         self._skipped += bad
         self._run = torch.where(bad, self._run + 1, 0)
@@ -119,11 +120,8 @@ class NonFiniteGuard:
         return self.metrics()
 
     def load_state_dict(self, state: Dict[str, int]) -> None:
-        device = self.optimizer.param_groups[0]["params"][0].device
-        self._skipped = torch.tensor(int(state["skipped_steps"]), dtype=torch.int64, device=device)
-        self._run = torch.tensor(int(state["consecutive_bad_steps"]), dtype=torch.int64, device=device)
-        self._exceeded_at = torch.full((), -1, dtype=torch.int64, device=device)
-        self._tasks.clear()
+        self._reset(self.optimizer.param_groups[0]["params"][0].device, int(state["skipped_steps"]),
+                    int(state["consecutive_bad_steps"]))
 
 
 # --------------------------------------------------------------------------------------------
@@ -140,10 +138,6 @@ class SpikeEvent:
     mean: float
     std: float
     threshold: float
-
-    def as_dict(self) -> Dict[str, float]:
-        return {"spike/step": self.step, "spike/loss": self.loss, "spike/mean": self.mean,
-                "spike/std": self.std, "spike/threshold": self.threshold}
 
 
 class LossSpikeDetector:

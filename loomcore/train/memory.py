@@ -27,9 +27,11 @@ H200 measurement (BENCHMARKS.md): 1 rank, 30 layers, a 16,380-token pack, checkp
 
 from __future__ import annotations
 
+import logging
 import math
-from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -46,23 +48,17 @@ MARGIN_FRACTION = 0.05
 QWEN3_VL_8B_PARAMS = 8_767_123_696
 
 
+@contextmanager
 def _quiet():
     """diffusers warns that some LoomDiT modules prefer fp32 when the model is cast with .to(): the
     plan measures a bf16 forward on purpose."""
-    import logging
-    from contextlib import contextmanager
-
-    @contextmanager
-    def ctx():
-        log = logging.getLogger("diffusers.models.modeling_utils")
-        level = log.level
-        log.setLevel(logging.ERROR)
-        try:
-            yield
-        finally:
-            log.setLevel(level)
-
-    return ctx()
+    log = logging.getLogger("diffusers.models.modeling_utils")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
 
 
 @dataclass
@@ -151,8 +147,6 @@ def forward_saved_bytes(cfg: Config, tokens: int, context: int, device: str = "m
 
 
 def _with_layers(cfg: Config, n: int) -> Config:
-    from dataclasses import replace
-
     return replace(cfg, dit=replace(cfg.dit, num_layers=n), mllm=replace(cfg.mllm, layers_used=n))
 
 
@@ -179,8 +173,6 @@ def parameter_counts(cfg: Config) -> Dict[str, int]:
 def mllm_parameters(cfg: Config) -> tuple[int, str]:
     """(parameters, how known) of the frozen MLLM: from its config.json on the meta device when
     the folder is here, else Qwen3-VL-8B's published count."""
-    from pathlib import Path
-
     folder = Path(str(cfg.models.mllm))
     if (folder / "config.json").is_file():
         from transformers import AutoConfig, Qwen3VLForConditionalGeneration
@@ -205,9 +197,6 @@ class RankPlan:
     @property
     def fits(self) -> bool:
         return self.total_gib <= self.gpu_gib
-
-    def as_dict(self) -> dict:
-        return {**asdict(self), "fits": self.fits}
 
 
 def plan_stage(cfg: Config, stage: str, ranks: int, gpu: str = "H20", checkpointing: Optional[bool] = None,

@@ -26,6 +26,7 @@ from typing import Dict, Iterable, List, Mapping, Optional, Tuple
 
 import torch
 
+
 class Sums:
     """Named per-step sums in one float64 tensor on the step's device: added to without a host
     sync, reduced over ranks in one all_reduce (`tensor`), read by name once on the host. A field

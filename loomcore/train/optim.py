@@ -10,16 +10,12 @@ sync. Elsewhere it falls back to the foreach implementation (the guard refuses t
 
 from __future__ import annotations
 
-from typing import Iterable, Union
-
 import math
+from typing import Iterable, Union
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR
-from torch.utils._foreach_utils import (
-    _get_foreach_kernels_supported_devices,
-    _get_fused_kernels_supported_devices,
-)
+from torch.utils._foreach_utils import _get_foreach_kernels_supported_devices, _get_fused_kernels_supported_devices
 
 from loomcore.config import OptimizerConfig, SchedulerConfig
 
@@ -27,12 +23,6 @@ OPTIMIZERS = ("adamw",)
 SCHEDULERS = ("constant_with_warmup", "cosine")
 
 ParamsOrGroups = Union[Iterable[torch.Tensor], Iterable[dict]]
-
-
-def _flat_params(groups: list) -> list:
-    if groups and isinstance(groups[0], dict):
-        return [p for g in groups for p in g["params"]]
-    return groups
 
 
 def build_optimizer(params_or_groups: ParamsOrGroups, optimizer_cfg: OptimizerConfig) -> torch.optim.AdamW:
@@ -44,7 +34,7 @@ def build_optimizer(params_or_groups: ParamsOrGroups, optimizer_cfg: OptimizerCo
         raise ValueError(f"optimizer.name: unknown optimizer {optimizer_cfg.name!r}; "
                          f"known: {', '.join(OPTIMIZERS)}")
     groups = list(params_or_groups)
-    params = _flat_params(groups)
+    params = [p for g in groups for p in g["params"]] if groups and isinstance(groups[0], dict) else groups
     if not params:
         raise ValueError("build_optimizer: got no parameters to optimise")
     devices = {p.device.type for p in params}
@@ -97,16 +87,11 @@ def build_scheduler(optimizer: torch.optim.Optimizer, scheduler_cfg: SchedulerCo
     warmup = scheduler_cfg.warmup_steps
     if warmup < 0:
         raise ValueError(f"scheduler.warmup_steps: must be >= 0, got {warmup}")
-    if scheduler_cfg.name == "cosine":
-        if total_steps is None or total_steps < 1:
-            raise ValueError(f"scheduler cosine: needs the stage's steps (>= 1), got {total_steps}")
-
-        def cosine(step: int) -> float:
-            return cosine_factor(step, warmup, total_steps)
-
-        return LambdaLR(optimizer, cosine)
+    cosine = scheduler_cfg.name == "cosine"
+    if cosine and (total_steps is None or total_steps < 1):
+        raise ValueError(f"scheduler cosine: needs the stage's steps (>= 1), got {total_steps}")
 
     def factor(step: int) -> float:  # a plain function: LambdaLR's state_dict stores None for it
-        return warmup_factor(step, warmup)
+        return cosine_factor(step, warmup, total_steps) if cosine else warmup_factor(step, warmup)
 
     return LambdaLR(optimizer, factor)

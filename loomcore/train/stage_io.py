@@ -39,6 +39,7 @@ from loomcore.storage import S3Settings
 from loomcore.train.checkpoint import run_key
 from loomcore.train.weights import resolve_weights
 
+
 def init_weights(cfg: Config, stage: str) -> Tuple[Path, str]:
     """(folder, description) of the weights `stage` (a training stage or rl) starts from."""
     init_from = cfg.rl.init_from if stage == "rl" else cfg.stage(stage).init_from
@@ -58,6 +59,8 @@ def stage_params(stage: str) -> List[str]:
     if stage not in stages:
         raise KeyError(f"{REPO / 'dvc.yaml'}: no stage {stage!r}")
     return [p for p in stages[stage].get("params", []) if isinstance(p, str)]
+
+
 _HASH_FULL_LIMIT = 256 << 20  # files above this are fingerprinted by size + 16 sampled MiB
 
 

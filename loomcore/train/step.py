@@ -19,7 +19,7 @@ resumed (`seed_generators`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -116,10 +116,9 @@ class PackInputs:
         return sum(self.layout.context_lengths)
 
     def to(self, device: torch.device) -> "PackInputs":
-        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
-        return PackInputs(move(self.noisy), move(self.timestep), move(self.context), self.layout, move(self.source),
-                          move(self.references), move(self.velocity), move(self.sample_index), move(self.t),
-                          move(self.shift), self.tasks, self.modes)
+        """The tensors moved to `device` (non-blocking), the rest as it is."""
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return PackInputs(**{k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in values.items()})
 
 
 def build_pack(

@@ -206,8 +206,7 @@ class Trainer(Harness):
         """The validation grid every `sample_every` steps and at the end (EMA weights when kept)."""
         if self.validator is None or not (step % self.s.sample_every == 0 or step == self.s.steps):
             return
-        ctx = self.ema.swapped(self.model) if self.ema is not None else nullcontext()
-        with ctx:
+        with self.ema.swapped(self.model) if self.ema is not None else nullcontext():
             latents = self.validator.sample(self.model)
         if self.runlog is not None:
             path = self.runlog.log_image(step, f"samples/{step:06d}.png", self.validator.grid(latents))

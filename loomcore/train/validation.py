@@ -50,10 +50,6 @@ class Validator:
             cfg.guidance.steps, self.layout.sequence_lengths)  # [K + 1, S]
         self._codec = None
 
-    @property
-    def enabled(self) -> bool:
-        return self.layout is not None
-
     @torch.no_grad()
     def sample(self, model) -> List[torch.Tensor]:
         """Per-prompt latents [C, f, h, w] (CPU, float32), from the same noise every time. A
@@ -74,9 +70,7 @@ class Validator:
             keep = np.unique(np.linspace(0, F_ - 1, min(F_, self.cfg.train.validation_frames)).round().astype(int))
             frames = ((video[:, keep].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # [3, k, H, W]
             rows.append(frames.permute(1, 2, 3, 0).numpy())  # [k, H, W, 3]
-        H = max(r.shape[1] for r in rows)
-        W = max(r.shape[2] for r in rows)
-        cols = max(r.shape[0] for r in rows)
+        cols, H, W = (max(r.shape[d] for r in rows) for d in range(3))  # the most frames, the tallest, the widest
         canvas = np.zeros((len(rows) * H, cols * W, 3), dtype=np.uint8)
         for i, r in enumerate(rows):
             for j, frame in enumerate(r):
@@ -90,4 +84,4 @@ class Validator:
 def maybe_validator(cfg: Config, stage: StageConfig, use_source: bool, device: torch.device,
                     contexts) -> Optional[Validator]:
     v = Validator(cfg, stage, use_source, device, contexts)
-    return v if v.enabled else None
+    return v if v.layout is not None else None
