@@ -31,14 +31,10 @@ def nearest_size(width: int, height: int, sizes: Iterable[Sequence[int]]) -> Siz
     if width <= 0 or height <= 0:
         raise ValueError(f"nearest_size: width and height must be positive, got {width}×{height}")
     aspect = width / height
-    best, best_diff = None, float("inf")
-    for w, h in sizes:
-        diff = abs(w / h - aspect)
-        if diff < best_diff:
-            best, best_diff = (int(w), int(h)), diff
+    best = min(sizes, key=lambda wh: abs(wh[0] / wh[1] - aspect), default=None)  # min keeps the first tie
     if best is None:
         raise ValueError("nearest_size: no sizes given")
-    return best
+    return int(best[0]), int(best[1])
 
 
 def nearest_bucket(width: int, height: int, buckets: Mapping, allowed: Optional[Iterable[str]] = None) -> Tuple[str, Size]:

@@ -31,6 +31,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
@@ -416,9 +417,7 @@ def curate(cfg, source: str, data_root, out_dir, split_eval_fraction: Optional[f
     if len(raws) != len(train) + len(evals) + len(rejects):  # the stage's invariant: nothing lost
         raise AssertionError(f"curate: {len(raws)} rows in != {len(train)} train + {len(evals)} eval + {len(rejects)} rejected")
 
-    by_reason: Dict[str, int] = {}
-    for r in rejects:
-        by_reason[r["reason"]] = by_reason.get(r["reason"], 0) + 1
+    by_reason = Counter(r["reason"] for r in rejects)
     per_task = {k: {"train": 0, "eval": 0} for k in TASK_KINDS}
     for split, rows in (("train", train), ("eval", evals)):
         for r in rows:

@@ -124,7 +124,6 @@ class Sample:
 class Batch:
     samples: List[Sample]
     tokens: int
-    budget: int
 
     @property
     def tasks(self) -> List[str]:
@@ -251,11 +250,8 @@ class PackedLoader:
     ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank: expected 0 <= rank < world_size ({world_size}), got {rank}")
-        self.cache_dir = cache_dir
-        self.max_tokens = max_tokens
         self.reader = ShardReader(cache_dir, read_ahead=read_ahead, settings=settings)
-        rows = read_index(self.reader.root, split, resolution)
-        self.rows = rows[rank::world_size]
+        self.rows = read_index(self.reader.root, split, resolution)[rank::world_size]
         self.pools: Dict[str, List[int]] = {}
         for i, r in enumerate(self.rows):
             self.pools.setdefault(r["task"], []).append(i)
@@ -263,7 +259,7 @@ class PackedLoader:
         missing = [k for k in self.tasks if k not in self.pools]
         if missing:
             raise ValueError(
-                f"the stage samples task(s) {', '.join(missing)} but the cache ({self.cache_dir}, split {split}, "
+                f"the stage samples task(s) {', '.join(missing)} but the cache ({cache_dir}, split {split}, "
                 f"resolution {resolution}, rank {rank}/{world_size}) has no sample of them"
             )
         p = np.array([ratios[k] for k in self.tasks], dtype=np.float64)
@@ -295,7 +291,7 @@ class PackedLoader:
         items = self.next_items()
         self.prefetch(items)
         samples = [load_sample(self.reader, self.rows[it.key]) for it in items]
-        return Batch(samples=samples, tokens=sum(it.cost for it in items), budget=self.max_tokens)
+        return Batch(samples=samples, tokens=sum(it.cost for it in items))
 
     def state_dict(self) -> dict:
         return {"rng": self.rng.bit_generator.state, "packer": self.packer.state_dict(), "step": self.step}

@@ -68,10 +68,8 @@ def _fetch_one(client, bucket: str, key: str, size: int, dest: Path, config) -> 
                 return None, True
             error = ("checksum_mismatch", msg)
     finally:
-        if tmp.exists():
-            tmp.unlink()
-    if dest.exists():  # never leave an old copy that a row could still use
-        dest.unlink()
+        tmp.unlink(missing_ok=True)
+    dest.unlink(missing_ok=True)  # never leave an old copy that a row could still use
     return error, False
 
 

@@ -14,7 +14,7 @@ same batches.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterator, List, Sequence
+from typing import Callable, List, Sequence
 
 import torch
 
@@ -73,10 +73,6 @@ class BufferedPacker:
                 break
             self._fill()  # keep the look-ahead full while the pack is open
         return pack
-
-    def __iter__(self) -> Iterator[List[Item]]:
-        while True:
-            yield self.next_pack()
 
     def state_dict(self) -> dict:
         return {"buffer": [(it.key, it.cost) for it in self.buffer]}

@@ -143,35 +143,30 @@ def read_release_config(path: Path, root: Path, section: str = "train") -> List[
 
 def release_rows(datasets: List[ReleaseDataset], root: Path) -> List[dict]:
     """Our metadata rows for every sample of every dataset, in config then index order."""
-    rows = []
-    for d in datasets:
-        p = PROCESSORS[d.processor]
-        prefix = d.data_root.relative_to(root)
-        for i in range(d.num_samples):
-            rows.append(_row(d, p, prefix, i, root))
-    return rows
+    return [_row(d, PROCESSORS[d.processor], d.data_root.relative_to(root), i, root)
+            for d in datasets for i in range(d.num_samples)]
 
 
 def _row(d: ReleaseDataset, p: Processor, prefix: Path, i: int, root: Path) -> dict:
     sample_id = f"{d.name}/{i}"
     json_path = d.data_json_dir / f"{i}.json"
     shown = json_path.relative_to(root).as_posix()
+
+    def reject(reason: str, detail: str) -> dict:
+        return {"id": sample_id, REJECT_KEY: (reason, f"{d.name}: {detail}", shown)}
+
     try:
         info = json.loads(json_path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        return {"id": sample_id, REJECT_KEY: ("media_missing", f"{d.name}: sample {i}: {shown} does not exist "
-                                              f"(num_samples = {d.num_samples})", shown)}
+        return reject("media_missing", f"sample {i}: {shown} does not exist (num_samples = {d.num_samples})")
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        return {"id": sample_id, REJECT_KEY: ("bad_row", f"{d.name}: {shown}: not a readable JSON object "
-                                              f"({type(e).__name__}: {e})", shown)}
+        return reject("bad_row", f"{shown}: not a readable JSON object ({type(e).__name__}: {e})")
     if not isinstance(info, dict):
-        return {"id": sample_id, REJECT_KEY: ("bad_row", f"{d.name}: {shown}: holds {type(info).__name__}, "
-                                              "expected a JSON object", shown)}
+        return reject("bad_row", f"{shown}: holds {type(info).__name__}, expected a JSON object")
     needed = [k for k in (p.media, p.caption, p.source, p.refs) if k]
     absent = [k for k in needed if info.get(k) in (None, "")]
     if absent:
-        return {"id": sample_id, REJECT_KEY: ("missing_field", f"{d.name}: {shown}: no {', '.join(map(repr, absent))} "
-                                              f"({d.processor} reads it)", shown)}
+        return reject("missing_field", f"{shown}: no {', '.join(map(repr, absent))} ({d.processor} reads it)")
 
     def rel(value) -> str:
         if not isinstance(value, str):
@@ -180,8 +175,7 @@ def _row(d: ReleaseDataset, p: Processor, prefix: Path, i: int, root: Path) -> d
 
     refs = info.get(p.refs) if p.refs else []
     if p.refs and not (isinstance(refs, list) and all(isinstance(r, str) for r in refs)):
-        return {"id": sample_id, REJECT_KEY: ("bad_refs", f"{d.name}: {shown}: {p.refs!r} must be a list of paths, "
-                                              f"got {refs!r}", shown)}
+        return reject("bad_refs", f"{shown}: {p.refs!r} must be a list of paths, got {refs!r}")
     refs = [rel(r) for r in refs]
     source = rel(info[p.source]) if p.source else None
     if p.source_as_ref:

@@ -37,7 +37,7 @@ SHA256_META = "sha256"  # the object metadata key upload_dir and the mirror use
 class RemoteCache:
     """One s3:// cache prefix: push / fetch / list / delete of its top-level objects by name."""
 
-    def __init__(self, uri: str, settings: Optional[S3Settings] = None, cache_dir: Optional[Path] = None):
+    def __init__(self, uri: str, settings: Optional[S3Settings] = None):
         if not is_s3(uri):
             raise ValueError(f"RemoteCache: not an s3:// URI: {uri!r}")
         self.uri = str(uri).rstrip("/")
@@ -45,7 +45,7 @@ class RemoteCache:
         self.prefix = prefix.strip("/")
         self.settings = settings or S3Settings.from_env()
         self.client = s3_client(self.settings)
-        self.local = mirror_dir(self.uri, cache_dir)
+        self.local = mirror_dir(self.uri)
         self.local.mkdir(parents=True, exist_ok=True)
 
     def key(self, name: str) -> str:

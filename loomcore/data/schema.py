@@ -40,7 +40,6 @@ import pyarrow.parquet as pq
 from loomcore.errors import InputError
 
 REQUIRED_COLUMNS = ("id", "task", "media", "caption")
-OPTIONAL_COLUMNS = ("source", "refs")
 METADATA_FORMATS = (".parquet", ".csv", ".jsonl")
 
 METADATA_SCHEMA = pa.schema([
@@ -229,9 +228,7 @@ def _bad_text(text: str) -> Optional[str]:
 
 def _text(raw: dict, key: str) -> Optional[str]:
     v = raw.get(key)
-    if v is None:
-        return None
-    if isinstance(v, float) and v != v:  # NaN from a pandas-written table
+    if v is None or (isinstance(v, float) and v != v):  # NaN from a pandas-written table
         return None
     return v if isinstance(v, str) else str(v)
 
@@ -280,5 +277,4 @@ def write_parquet(rows: List[dict], schema: pa.Schema, path: Path) -> None:
         pq.write_table(table, tmp, compression="zstd", use_dictionary=True, write_statistics=True)
         os.replace(tmp, path)
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        tmp.unlink(missing_ok=True)

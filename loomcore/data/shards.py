@@ -61,9 +61,7 @@ def _atomic_write(path: Path, write) -> None:
         write(tmp)
         os.replace(tmp, path)
     finally:
-        if tmp.exists():
-            tmp.unlink()
-
+        tmp.unlink(missing_ok=True)
 
 
 def remove_stale_temps(root: Path) -> List[str]:
@@ -148,8 +146,7 @@ def write_shard(root: Path, name: str, tensors: Dict[str, torch.Tensor], rows: L
         _atomic_write(_part(root, name), lambda p: pq.write_table(table, p))
         os.replace(tmp, root / name)  # last: the shard exists only with its index part
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        tmp.unlink(missing_ok=True)
     return digest
 
 

@@ -257,10 +257,6 @@ def _edit(s: _Sampler, video: bool):
 # --------------------------------------------------------------------------------------------
 
 
-def _largest_group(cfg):
-    return max(cfg.buckets.values(), key=lambda g: g.area_side)
-
-
 def _gt_scene(scene: Optional[dict]) -> Optional[dict]:
     if scene is None:
         return None
@@ -279,7 +275,7 @@ def generate_shapes_dataset(out_dir, cfg, num_samples: int = 300, seed: int = 0)
     out_dir = Path(out_dir)
     if (out_dir / "samples").exists():
         shutil.rmtree(out_dir / "samples")
-    group = _largest_group(cfg)
+    group = max(cfg.buckets.values(), key=lambda g: g.area_side)
     sizes = [tuple(wh) for wh in group.sizes]
     ref_size = nearest_size(1, 1, sizes)  # references: the group's squarest size
     num_frames, fps = max(cfg.video.frames.values()), cfg.video.fps

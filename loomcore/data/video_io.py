@@ -35,9 +35,7 @@ class MediaError(InputError):
     no_video_stream | too_short."""
 
     def __init__(self, path, reason: str, code: str = "undecodable"):
-        self.path = str(path)
-        self.reason = reason
-        self.code = code
+        self.path, self.reason, self.code = str(path), reason, code
         super().__init__(f"{path}: {reason}")
 
 
@@ -51,10 +49,11 @@ class MediaInfo:
     duration: Optional[float]  # seconds (num_frames / fps); None for an image
 
     def frames_at(self, fps: float) -> int:
-        """How many frames `read_video(..., fps=fps)` can return (1 for an image)."""
+        """How many frames `read_video(..., fps=fps)` can return (1 for an image): target time
+        k/fps must fall before the end of the last source frame (num_frames / its own fps)."""
         if self.kind == "image":
             return 1
-        return frames_at_fps(self.num_frames, self.fps, fps)
+        return max(0, math.ceil(self.num_frames * fps / self.fps - 1e-6))
 
 
 def media_kind(path) -> str:
@@ -65,12 +64,6 @@ def media_kind(path) -> str:
         return "image"
     raise MediaError(path, f"unsupported file type {suffix or '(none)'!r}; expected one of "
                            f"{', '.join(VIDEO_SUFFIXES + IMAGE_SUFFIXES)}", "unsupported_type")
-
-
-def frames_at_fps(num_frames: int, src_fps: float, fps: float) -> int:
-    """Frames available after resampling `num_frames` at `src_fps` to `fps`: target time k/fps
-    must fall before the end of the last source frame (num_frames / src_fps)."""
-    return max(0, math.ceil(num_frames * fps / src_fps - 1e-6))
 
 
 def _check_file(path: Path) -> None:
@@ -91,6 +84,7 @@ def _av_error(path: Path, e: Exception) -> MediaError:
 def _open_video(path: Path):
     import av
 
+    _check_file(path)
     try:
         container = av.open(str(path))
     except Exception as e:  # av.error.*: say which file and why
@@ -108,16 +102,11 @@ def _stream_fps(stream) -> float:
     return float(rate)
 
 
-def probe(path, decode: bool = True) -> MediaInfo:
-    """Size, frame count, fps and duration of an image or a video.
-
-    With `decode` (the default) every frame is decoded, so a truncated or corrupt stream is found
-    here rather than in training; without it, the container's header is trusted.
-    """
+def probe(path) -> MediaInfo:
+    """Size, frame count, fps and duration of an image or a video. Every frame is decoded, so a
+    truncated or corrupt stream is found here rather than in training."""
     path = Path(path)
-    kind = media_kind(path)
-    _check_file(path)
-    if kind == "image":
+    if media_kind(path) == "image":
         img = _load_pil(path)
         return MediaInfo("image", img.width, img.height, 1, None, None)
 
@@ -127,18 +116,15 @@ def probe(path, decode: bool = True) -> MediaInfo:
         fps = _stream_fps(stream)
         declared = int(stream.frames or 0)
         width, height = stream.codec_context.width, stream.codec_context.height
-        if decode:
-            try:
-                n = 0
-                for frame in container.decode(stream):
-                    n += 1
-                    width, height = frame.width, frame.height
-            except Exception as e:
-                raise _av_error(path, e) from None
-            if declared and n < declared:
-                raise MediaError(path, f"truncated: decoded {n} of {declared} frames", "truncated")
-        else:
-            n = declared
+        try:
+            n = 0
+            for frame in container.decode(stream):
+                n += 1
+                width, height = frame.width, frame.height
+        except Exception as e:
+            raise _av_error(path, e) from None
+        if declared and n < declared:
+            raise MediaError(path, f"truncated: decoded {n} of {declared} frames", "truncated")
     finally:
         container.close()
     if n == 0:
@@ -154,7 +140,6 @@ def read_video(path, num_frames: Optional[int] = None, fps: Optional[float] = No
     when the video has fewer frames than asked for.
     """
     path = Path(path)
-    _check_file(path)
     container = _open_video(path)
     out: list = []
     try:
@@ -192,6 +177,7 @@ def read_video(path, num_frames: Optional[int] = None, fps: Optional[float] = No
 def _load_pil(path: Path):
     from PIL import Image, UnidentifiedImageError
 
+    _check_file(path)
     try:
         img = Image.open(path)
         img.load()  # decode fully: a truncated file fails here, not later
@@ -205,9 +191,7 @@ def _load_pil(path: Path):
 
 def read_image(path) -> torch.Tensor:
     """An image as uint8 [H, W, 3] (RGB; alpha and palettes are converted)."""
-    path = Path(path)
-    _check_file(path)
-    img = _load_pil(path)
+    img = _load_pil(Path(path))
     return torch.from_numpy(np.asarray(img.convert("RGB")).copy())
 
 
@@ -289,8 +273,7 @@ def write_video(path, frames, fps: float) -> None:
             container.mux(stream.encode(None))
         os.replace(tmp, path)
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        tmp.unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -340,7 +323,6 @@ def read_video_release(path, fps: float, max_frames: int, temporal_factor: int) 
     """(uint8 [F, H, W, 3], SourceCut): the frames `release_frame_indices` picks, at native size.
     Decodes at most the frames the rule can reach and keeps only the picked ones."""
     path = Path(path)
-    _check_file(path)
     container = _open_video(path)
     kept: dict = {}
     try:

@@ -45,7 +45,6 @@ from loomcore.config import EVAL_BENCHMARKS
 from loomcore.eval.prompts import TEMPLATES, TIV2V_CATEGORIES
 from loomcore.storage import S3Settings, is_s3, materialize
 
-BENCHMARKS = EVAL_BENCHMARKS
 INDEX = "index.jsonl"
 TASKS = {  # what each benchmark may ask the model to make
     "vbench": ("t2v",),
@@ -79,8 +78,8 @@ def _row_error(path: Path, line: int, msg: str) -> ValueError:
 def read_benchmark(root: str, name: str, limit: int = 0, s3_settings: Optional[S3Settings] = None) -> List[BenchmarkSample]:
     """The samples of one benchmark (the first `limit`, 0 = all). An unknown benchmark, a missing
     index or a malformed row raises ValueError / FileNotFoundError naming the file and line."""
-    if name not in BENCHMARKS:
-        raise ValueError(f"unknown benchmark {name!r}; expected one of {', '.join(BENCHMARKS)}")
+    if name not in EVAL_BENCHMARKS:
+        raise ValueError(f"unknown benchmark {name!r}; expected one of {', '.join(EVAL_BENCHMARKS)}")
     if not is_s3(root) and Path(root).suffix in (".yaml", ".yml"):
         return read_release_benchmark(Path(root), name, limit)
     uri = f"{root.rstrip('/')}/{name}" if is_s3(root) else str(Path(root) / name)
@@ -197,11 +196,9 @@ def read_release_benchmark(config: Path, name: str, limit: int = 0) -> List[Benc
         task, text_key, source_key, refs_key, category_key = RELEASE_EVAL_PROCESSORS[fn]
         if task not in TASKS[name]:
             raise ValueError(f"{where}: {fn} makes {task}; {name} has {', '.join(TASKS[name])}")
-        base = config.parent
-        media_root = Path(entry["data_root"] or ".")
-        media_root = media_root if media_root.is_absolute() else base / media_root
-        json_dir = Path(entry["data_json_dir"])
-        json_dir = json_dir if json_dir.is_absolute() else base / json_dir
+        # relative to the config's folder; an absolute path replaces it (pathlib's `/`)
+        media_root = config.parent / (entry["data_root"] or ".")
+        json_dir = config.parent / entry["data_json_dir"]
         for i in range(int(entry["num_samples"])):
             path = json_dir / f"{i}.json"
             try:
@@ -279,7 +276,7 @@ def write_shapes_benchmarks(manifest: Path, data_root: Path, truth: Dict[str, di
     (copies of their media). Returns {benchmark: samples}. `out_root` is replaced."""
     if out_root.exists():
         shutil.rmtree(out_root)
-    lines: Dict[str, List[str]] = {b: [] for b in BENCHMARKS}
+    lines: Dict[str, List[str]] = {b: [] for b in EVAL_BENCHMARKS}
     for k, row in enumerate(pq.read_table(manifest).to_pylist()):
         for bench, category in _shapes_entries(row, truth[row["id"]], k).items():
             folder = out_root / bench

@@ -346,13 +346,10 @@ class OpenAICompatibleJudge:
     def payload(self, prompt: str, media: Sequence[JudgeMedia]) -> dict:
         content: List[dict] = [{"type": "text", "text": prompt}]
         for m in media:
-            if m.is_video:
-                keep = video_frame_indices(m.frames.shape[0], self.video_frames)
-                content.append({"type": "text", "text": f"This is {m.label}, {len(keep)} frames in order:"})
-                content += [{"type": "image_url", "image_url": {"url": _png_data_url(m.frames[i])}} for i in keep]
-            else:
-                content.append({"type": "text", "text": f"This is {m.label}:"})
-                content.append({"type": "image_url", "image_url": {"url": _png_data_url(m.frames[0])}})
+            keep = video_frame_indices(m.frames.shape[0], self.video_frames) if m.is_video else [0]
+            frames = f", {len(keep)} frames in order" if m.is_video else ""
+            content.append({"type": "text", "text": f"This is {m.label}{frames}:"})
+            content += [{"type": "image_url", "image_url": {"url": _png_data_url(m.frames[i])}} for i in keep]
         return {"model": self.model, "messages": [{"role": "user", "content": content}],
                 "temperature": 0, "max_tokens": self.max_tokens}
 

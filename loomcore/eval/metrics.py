@@ -197,8 +197,3 @@ class VBenchScorer:
         return {"imaging_quality": self.imaging_quality(frames),
                 "overall_consistency": self.overall_consistency(frames, prompt),
                 "subject_consistency": self.subject_consistency(frames)}
-
-
-# --------------------------------------------------------------------------------------------
-# Tiny random backbones (tests, and trying the code path on the tiny profile)
-# --------------------------------------------------------------------------------------------

@@ -47,7 +47,7 @@ def _rubric(dims: Sequence[Tuple[str, Levels]]) -> str:
 
 def _lines_answer(names: Sequence[str]) -> str:
     body = "\n".join(f"{n}: a whole number from 1 to 5" for n in names)
-    return ("Answer in exactly this format:\nReasoning: why, in at most 20 words.\n" + body)
+    return "Answer in exactly this format:\nReasoning: why, in at most 20 words.\n" + body
 
 
 def _json_answer(names: Sequence[str]) -> str:
@@ -252,7 +252,6 @@ TIV2V_CATEGORIES = ("local_change", "back_change", "local_add")
 # --------------------------------------------------------------------------------------------
 
 FASHION_DIMENSIONS = ("Subject Consistency", "Prompt Following", "Video Quality")
-FASHION_TASKS = ("product_edit", "model_edit", "freeform_edit", "pref_edit", "mref_edit", "mi2v")
 
 
 def _fashion(category: str, task: str, subject: str, media: str) -> JudgeTemplate:

@@ -127,14 +127,8 @@ def aggregate(rows: Sequence[dict]) -> dict:
     by_bench: Dict[str, List[dict]] = defaultdict(list)
     for r in rows:
         by_bench[r["benchmark"]].append(r)
-    metrics: dict = {}
-    for bench, mine in by_bench.items():
-        if bench == "shapesbench":
-            metrics[bench] = _shapes(mine)
-        elif bench == "vbench":
-            metrics[bench] = _vbench(mine)
-        else:
-            metrics[bench] = _judged(mine)
+    summary_of = {"shapesbench": _shapes, "vbench": _vbench}  # every other benchmark is judged
+    metrics: dict = {bench: summary_of.get(bench, _judged)(mine) for bench, mine in by_bench.items()}
     metrics["failures"] = len({(r["benchmark"], r["model"], r["sample_id"]) for r in rows if r["failure"]})
     return metrics
 
@@ -197,9 +191,7 @@ def tables(metrics: dict, model_name: str) -> Dict[str, List[dict]]:
         c = metrics["intelligentvbench"]["categories"]
         tiv = [c[k] for k in TIV2V_CATEGORIES if k in c]
         dims = ("Instruction Following", "Detail Preserving", "Overall Visual Quality")
-        row = {"Model": model_name}
-        for d in dims:
-            row[d] = _f(_weighted(tiv, d))
+        row = {"Model": model_name, **{d: _f(_weighted(tiv, d)) for d in dims}}
         out["IntelligentVBench TIV2V (Table 5)"] = [{**row, "Average": _f(_weighted(tiv, "score"))}]
         row = {"Model": model_name}
         for group, label in (("1subject", "1 Subject"), ("2subjects", "2 Subjects"), ("3subjects", "3 Subjects")):

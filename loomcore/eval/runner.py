@@ -232,7 +232,6 @@ def run_benchmark(pipe, cfg: Config, model: str, samples: Sequence[BenchmarkSamp
             out += fail(f"generation failed: {err}")
             step()
             continue
-        note = ""
         if s.benchmark == "vbench":
             scores = scorer.score(gen.frames, s.prompt)
             out += [_row(model, s.benchmark, s.id, s.task, s.category, m, v, s.prompt) for m, v in scores.items()]
@@ -320,7 +319,7 @@ def _run(cfg: Config, scratch: Path, on_progress: Optional[ProgressFn], log: Cal
             sheets[f"shapesbench-{key}"] = sheet
             log(f"shapesbench ({key}): {len(shape_rows)} samples × {e.shapes.seeds} seed(s)")
         del base
-    scorer = VBenchScorer.from_config(e.vbench, device, S3Settings.from_config(cfg.s3)) if "vbench" in sets else None
+    scorer = VBenchScorer.from_config(e.vbench, device, s3) if "vbench" in sets else None
     with (judge_session(cfg, device) if any(n != "vbench" for n in sets) else nullcontext()) as judge:
         for name, samples in sets.items():
             r, sheet = run_benchmark(pipe, cfg, MODEL, samples, judge, scorer, step)

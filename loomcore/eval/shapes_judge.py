@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from loomcore.shapes_world import DIRECTIONS, PALETTE
-from loomcore.eval.shapesbench import NAMES, ShapesScoring, median_filter, palette_labels
+from loomcore.eval.shapesbench import NAMES, ShapesScoring, commonest_colour, median_filter, palette_labels
 
 MODEL_NAME = "shapes-judge"
 _COLOUR = "|".join(PALETTE)
@@ -142,8 +142,7 @@ class _Read:
     def __init__(self, frames: np.ndarray, scoring: ShapesScoring):
         self.frames = frames
         self.labels = palette_labels(frames, scoring)  # [F, H, W], −1 off the palette
-        valid = self.labels[self.labels >= 0]
-        self.background = NAMES[int(torch.bincount(valid).argmax())] if valid.numel() else None
+        self.background = commonest_colour(self.labels)
         f, h, w = self.labels.shape
         self.min_pixels = max(4.0, 0.004 * h * w)
 
@@ -173,9 +172,7 @@ class _Read:
 def _ref_colour(image: np.ndarray, scoring: ShapesScoring) -> Optional[str]:
     """A reference image's shape colour: its commonest palette colour that is not its white
     background (a reference is one shape on white; white is no palette colour)."""
-    lab = palette_labels(image[None], scoring)
-    valid = lab[lab >= 0]
-    return NAMES[int(torch.bincount(valid).argmax())] if valid.numel() else None
+    return commonest_colour(palette_labels(image[None], scoring))
 
 
 def follow(instruction: str, out: _Read, src: Optional[_Read], refs: Dict[int, Optional[str]]) -> float:

@@ -86,6 +86,12 @@ def palette_labels(frames: np.ndarray, scoring: ShapesScoring) -> torch.Tensor:
     return idx.reshape(x.shape[:3])
 
 
+def commonest_colour(labels: torch.Tensor) -> Optional[str]:
+    """The palette colour most labelled pixels take (`palette_labels`), or None when none is on it."""
+    valid = labels[labels >= 0]
+    return NAMES[int(torch.bincount(valid).argmax())] if valid.numel() else None
+
+
 def connected_components(labels: np.ndarray) -> Tuple[np.ndarray, List[int]]:
     """8-connected components of equal labels in an int [H, W] map, ignoring labels < 0.
     Returns (component index per pixel, −1 where ignored; the size of each component)."""
@@ -262,14 +268,9 @@ def score_sample(frames: np.ndarray, truth: Truth, scoring: ShapesScoring) -> Di
     if frames.shape[1:] != truth.target.shape[1:] or frames.shape[0] < truth.target.shape[0]:
         raise ValueError(f"generated frames {frames.shape} do not match the ground truth {truth.target.shape}")
     frames = frames[: truth.target.shape[0]]
-    nan = float("nan")
-    out = dict.fromkeys(METRICS, nan)
+    out = dict.fromkeys(METRICS, float("nan"))
     labels = palette_labels(frames, scoring)
-    valid = labels[labels >= 0]
-    if valid.numel():
-        out["background"] = float(NAMES[int(torch.bincount(valid).argmax())] == truth.background)
-    else:
-        out["background"] = 0.0
+    out["background"] = float(commonest_colour(labels) == truth.background)  # no palette pixel at all: 0
     k = len(truth.colours)
     if k:
         min_pixels = max(2.0, scoring.min_area_frac * min(truth.shape_area))
