@@ -203,8 +203,10 @@ def mirror_dir(uri: str, cache_dir: Optional[Path] = None) -> Path:
 
 
 def materialize(uri: str | os.PathLike, cache_dir: Optional[Path] = None,
-                settings: Optional[S3Settings] = None) -> Path:
-    """A local folder or file for `uri`: the path itself, or a verified local mirror of S3."""
+                settings: Optional[S3Settings] = None, skip_suffixes: Tuple[str, ...] = ()) -> Path:
+    """A local folder or file for `uri`: the path itself, or a verified local mirror of S3 (a
+    folder's objects whose names end in `skip_suffixes` not fetched, e.g. a model's weights when
+    only its tokenizer is wanted)."""
     if not is_s3(uri):
         path = Path(uri)
         if not path.exists():
@@ -221,6 +223,7 @@ def materialize(uri: str | os.PathLike, cache_dir: Optional[Path] = None,
     wanted = single or [o for o in objects if o["Key"].startswith(folder) and not o["Key"].endswith("/")]
     if not wanted:
         raise FileNotFoundError(f"{uri}: no objects under this S3 prefix")
+    wanted = [o for o in wanted if not o["Key"].endswith(skip_suffixes)]  # (endswith(()) is False)
     for obj in wanted:
         dest = cache_root / obj["Key"]
         if dest.is_file() and dest.stat().st_size == obj["Size"]:

@@ -177,3 +177,37 @@ def test_the_stage_trainer_fetches_ahead_what_its_next_packs_read(tiny_workspace
         assert waiting <= set(loader.reader._fetcher._files)  # ... on their way already
     finally:
         torch.distributed.destroy_process_group()
+
+
+def test_the_online_cache_reads_the_mllm_tokenizer_only(tiny_workspace, tiny_online_cache, s3_bucket, tmp_path,
+                                                        monkeypatch, one_cpu_thread):
+    """feature_mode=online caches the MLLM's processed inputs, so the cache stage loads the folder's
+    tokenizer and processor and never the model (8B at paper scale): from S3 it fetches none of its
+    weights, and the shards hold the same tensors as the session's online cache (local MLLM)."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from loomcore.config import load_config
+    from loomcore.storage import upload_dir
+
+    cfg, overrides = tiny_workspace
+    local, online = tiny_online_cache
+    weights = {p.name for p in Path(cfg.models.mllm).glob("*.safetensors")}
+    assert weights  # the tiny Qwen3-VL's
+    upload_dir(cfg.models.mllm, f"s3://{s3_bucket}/mllm")
+    monkeypatch.setenv("LOOM_CACHE_DIR", str(tmp_path / "mirror"))
+    out = tmp_path / "cache"
+    remote = load_config([*overrides, *online, f"paths.cache={out}", f"models.mllm=s3://{s3_bucket}/mllm"],
+                         profile="tiny")
+    assert build_cache(remote, progress=False)["complete"]
+    fetched = {p.name for p in (tmp_path / "mirror").rglob("*") if p.is_file()}
+    assert {"tokenizer_config.json", "config.json"} <= fetched and not fetched & weights
+
+    def shards(folder):  # in shard order (a name ends in a digest of the settings, the MLLM's URI among them)
+        return [load_file(p) for p in sorted(Path(folder).glob("*.safetensors"), key=lambda p: p.name.rsplit("-", 1)[0])]
+
+    mine, theirs = shards(out), shards(local)
+    assert len(mine) == len(theirs) > 0
+    for a, b in zip(mine, theirs):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -325,22 +325,57 @@ class MLLMFeatures:
         return self.attention_mask.sum(-1)
 
 
-class MLLMEncoder(nn.Module):
+class MLLMTokenizer:
+    """Requests -> one request's Qwen3-VL inputs, checked against `mllm.max_length`: what the
+    "online" feature mode caches. Needs the folder's tokenizer and processor files only: the cache
+    stage in that mode loads this, not the 8B model's weights (no host or GPU memory for them, no
+    download of them from S3)."""
+
+    def __init__(self, inputs: "Qwen3VLInputs", source_temporal_stride: int, max_length: int):
+        self.inputs, self.source_temporal_stride, self.max_length = inputs, source_temporal_stride, max_length
+
+    @staticmethod
+    def _check_token_ids(model_config, inputs: "Qwen3VLInputs") -> None:
+        for name, tok_id in (("image_token_id", inputs.image_token_id), ("video_token_id", inputs.video_token_id),
+                             ("vision_start_token_id", inputs.vision_start_id)):
+            if getattr(model_config, name) != tok_id:
+                raise ValueError(f"MLLM config {name} = {getattr(model_config, name)}, but the tokenizer says {tok_id}")
+
+    @classmethod
+    def from_config(cls, cfg) -> "MLLMTokenizer":
+        """The tokenizer of `models.mllm` (local, or s3:// through params' `s3:`), its weights left where they are."""
+        from transformers import AutoConfig
+
+        folder = materialize(cfg.models.mllm, settings=S3Settings.from_config(cfg.s3), skip_suffixes=(".safetensors",))
+        inputs = Qwen3VLInputs.from_pretrained(folder)
+        cls._check_token_ids(AutoConfig.from_pretrained(folder), inputs)
+        return cls(inputs, cfg.mllm.source_temporal_stride, cfg.mllm.max_length)
+
+    def tokenize(self, request: MLLMRequest) -> Dict[str, torch.Tensor]:
+        """One request's model inputs (what the "online" feature mode caches)."""
+        return self._checked(self.inputs(build_messages(request, self.source_temporal_stride)), request.task)
+
+    def _checked(self, sample: Dict[str, torch.Tensor], what: str) -> Dict[str, torch.Tensor]:
+        n = sample["input_ids"].shape[1]
+        if n > self.max_length:
+            raise InputError(f"{what}: {n} MLLM tokens, more than mllm.max_length = {self.max_length} "
+                             "(shorten the text, or use fewer/smaller images)")
+        return sample
+
+
+class MLLMEncoder(MLLMTokenizer, nn.Module):
     """Frozen Qwen3-VL -> per-layer features for Deepstack. No gradients, eval mode, always."""
 
     def __init__(self, model, inputs: Qwen3VLInputs, layers_used: int, source_temporal_stride: int,
                  max_length: int):
-        super().__init__()
+        nn.Module.__init__(self)
+        MLLMTokenizer.__init__(self, inputs, source_temporal_stride, max_length)
         self.model = model.eval().requires_grad_(False)
-        self.inputs = inputs
         self.layers = model.model.language_model.layers
         if not 0 < layers_used <= len(self.layers):
             raise ValueError(f"layers_used = {layers_used}: expected 1..{len(self.layers)} (the MLLM's decoder layers)")
-        for name, tok_id in (("image_token_id", inputs.image_token_id), ("video_token_id", inputs.video_token_id),
-                             ("vision_start_token_id", inputs.vision_start_id)):
-            if getattr(model.config, name) != tok_id:
-                raise ValueError(f"MLLM config {name} = {getattr(model.config, name)}, but the tokenizer says {tok_id}")
-        self.layers_used, self.source_temporal_stride, self.max_length = layers_used, source_temporal_stride, max_length
+        self._check_token_ids(model.config, inputs)
+        self.layers_used = layers_used
 
     @classmethod
     def from_pretrained(cls, uri: str | os.PathLike, layers_used: int, source_temporal_stride: int,
@@ -372,17 +407,6 @@ class MLLMEncoder(nn.Module):
         return next(self.model.parameters()).device
 
     # -- inputs ----------------------------------------------------------------------------
-
-    def tokenize(self, request: MLLMRequest) -> Dict[str, torch.Tensor]:
-        """One request's model inputs (what the "online" feature mode caches)."""
-        return self._checked(self.inputs(build_messages(request, self.source_temporal_stride)), request.task)
-
-    def _checked(self, sample: Dict[str, torch.Tensor], what: str) -> Dict[str, torch.Tensor]:
-        n = sample["input_ids"].shape[1]
-        if n > self.max_length:
-            raise InputError(f"{what}: {n} MLLM tokens, more than mllm.max_length = {self.max_length} "
-                             "(shorten the text, or use fewer/smaller images)")
-        return sample
 
     def _collate(self, samples: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
         T = max(s["input_ids"].shape[1] for s in samples)

@@ -8,7 +8,8 @@ entry holds:
     cached — per-layer features [L, T, H] of the full condition and of the images/video alone
              (what text dropout keeps), plus once the empty condition (all-dropout);
     online — the MLLM's processed inputs (token ids, pixel values, grids) of both variants;
-             the frozen MLLM then runs inside the training step.
+             the frozen MLLM then runs inside the training step (this stage loads only its
+             tokenizer and processor, `MLLMTokenizer`: no weights read, none fetched from S3).
 The default follows the numbers: at paper scale 30 layers × ~500 tokens × 4096 in bf16 are
 ~120 MB a sample (millions of samples fit no store) while the 8B forward is ~2% of a DiT step,
 so paper is `online`; the tiny profile's features are a few KB, so tiny is `cached`.
@@ -54,7 +55,7 @@ from loomcore.task_kinds import task_spec
 from loomcore.data.video_io import read_image, read_video
 from loomcore.diffusion.flow import dit_token_count
 from loomcore.models.codec import load_codec
-from loomcore.models.mllm import MLLMEncoder, MLLMRequest
+from loomcore.models.mllm import MLLMEncoder, MLLMRequest, MLLMTokenizer
 from loomcore.storage import S3Settings, is_s3
 from loomcore.train.metrics import report_progress
 
@@ -295,7 +296,9 @@ def build_cache(
                 warnings.warn(f"cache shard {dest.where}/{name}: {problem}; rewriting it", CacheWarning, stacklevel=2)
             codec = codec or load_codec(cfg.models.codec, cfg.models.vae, S3Settings.from_config(cfg.s3),
                                         torch_dtype=work_dtype).to(device)
-            encoder = encoder or MLLMEncoder.from_config(cfg, dtype=work_dtype, device=device)
+            # online: the processed inputs alone, so the tokenizer alone (the model's weights are the trainer's)
+            encoder = encoder or (MLLMTokenizer.from_config(cfg) if mode == "online"
+                                  else MLLMEncoder.from_config(cfg, dtype=work_dtype, device=device))
             tensors, index_rows, skipped = _encode_chunk(cfg, chunk, res, media, codec, encoder, mode, dtype, bytes_by_mode)
             shards.write_shard(out_dir, name, tensors, index_rows, skipped)
             dest.written(name)
