@@ -31,6 +31,7 @@ EPILOG = """examples:
   loom pipeline stage3.steps=300           # the DAG as an experiment (dvc exp run -S stage3.steps=300)
   loom deploy                              # prefect deploy --all with the profile's work pools
   loom plan --profile paper --gpus 8 16 64 # the GPU memory a training rank needs (FSDP2)
+  loom node stage1 --profile paper train.rdzv_endpoint=10.0.0.5:29400   # on each other node of a multi-node stage
 """
 
 
@@ -229,6 +230,31 @@ def cmd_plan(args) -> int:
     return 0
 
 
+def cmd_node(args) -> int:
+    """Join a multi-node stage from a node other than the first (loomcore/train/launch.py)."""
+    import shlex
+
+    from loomcore.train.launch import check_rendezvous, stage_command, stage_nodes
+
+    if args.params:
+        print("loom node: --params: the ranks read the checkout's params.yaml; pass key=value overrides instead",
+              file=sys.stderr)
+        return 2
+    cfg = _load(args)
+    nodes, procs = stage_nodes(cfg, args.stage)
+    try:
+        if nodes < 2:
+            raise InputError(f"{args.stage} runs on one node (its nodes = 1): there is no run to join")
+        check_rendezvous(cfg, args.stage)
+    except InputError as e:
+        print(f"loom node: {e}", file=sys.stderr)
+        return 2
+    cmd = stage_command(cfg, args.stage, args.overrides, host=False)
+    print(f"node: joining {args.stage} ({nodes} nodes × {procs} process(es)) at {cfg.train.rdzv_endpoint}: "
+          f"{shlex.join(cmd)}", flush=True)
+    return subprocess.run(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"}).returncode
+
+
 def cmd_pipeline(args) -> int:
     cfg = _load(args)  # refuses a bad key or value before DVC starts
     print(f"pipeline: profile {cfg.profile} (config {cfg.fingerprint()})")
@@ -417,6 +443,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="activation checkpointing (default: dit.gradient_checkpointing)")
     p.add_argument("--context", type=int, default=1024, help="MLLM context tokens per pack (default 1024)")
 
+    p = command("node", cmd_node, help="join a multi-node stage from one of its other nodes (torchrun, c10d)",
+                description="A stage with nodes > 1 (stageN.nodes, rl.nodes, data.cache_nodes) runs its first node "
+                "where DVC or its Prefect deployment runs it; that node hosts the rendezvous at "
+                "train.rdzv_endpoint (its address, reachable from the others). Run this on each of the "
+                "other nodes, in the same checkout on storage every node shares, with the same profile and "
+                "overrides: it runs the stage's torchrun command there, which joins the first node's run (the "
+                "rendezvous id is the stage's config fingerprint: only nodes with the same params join).",
+                epilog="examples:\n  loom node stage1 --profile paper train.rdzv_endpoint=10.0.0.5:29400\n"
+                "  srun --nodes 9 --ntasks-per-node 1 loom node stage1 --profile paper train.rdzv_endpoint=10.0.0.5:29400",
+                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("stage", choices=("cache", "stage1", "stage2", "stage3", "rl"), help="the stage to join")
+
     p = command("deploy", cmd_deploy, help="prefect deploy --all with the profile's work pools (run from the checkout)",
                 description="Deploys prefect.yaml's deployments to the Prefect server at PREFECT_API_URL. "
                 "The CPU deployments go to orchestration.cpu_pool, the GPU ones (cache, stages 1-3, RL, "
@@ -461,7 +499,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     from loomcore.config import ConfigError
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides += extra  # key=value after an option that follows a positional: `loom node stage1 --profile p k=v`
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return int(args.func(args) or 0)
     except ConfigError as e:

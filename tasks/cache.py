@@ -38,18 +38,14 @@ def _cache_ranks(cfg, overrides: list) -> dict:
     import json
     from pathlib import Path
 
-    from tasks.train import launch_torchrun, torchrun_launcher  # the training stages' launcher
+    from tasks.train import launch_stage  # the training stages' launcher
 
-    d = cfg.data
-    cmd = torchrun_launcher(d.cache_nodes, d.cache_ranks_per_node, cfg.train.rdzv_endpoint,
-                            f"loomvideo-cache-{cfg.fingerprint('data', 'mllm', 'codec', 'buckets', 'video')}")
-    cmd += ["-m", "loomcore.train.cache", "--profile", cfg.profile, *overrides]
     from loomcore.train.cache import RUN_RECORD
 
     record = Path(cfg.paths.runs) / "cache" / RUN_RECORD
     record.unlink(missing_ok=True)
-    launch_torchrun(cfg, cmd, "cache", "cache: samples encoded (rank 0)")
-    summary = json.loads(record.read_text())
+    launch_stage(cfg, "cache", overrides, "cache: samples encoded (rank 0)")
+    d, summary = cfg.data, json.loads(record.read_text())
     logger().info("cached %s samples in %s shards on %s ranks", summary["samples"], summary["shards"],
                   d.cache_nodes * d.cache_ranks_per_node)
     return summary

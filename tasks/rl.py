@@ -3,9 +3,10 @@
 process group, stopped on a timeout, a cancel or the parent's exit; output streamed to the Prefect
 log; rank 0's progress file drives a progress artifact: `tasks.train.launch_torchrun`).
 
-Command (from `rl.nodes`, `rl.gpus_per_node`):
+Command (from `rl.nodes`, `rl.gpus_per_node`; loomcore.train.launch builds it, and `loom node rl`
+joins the other nodes of a multi-node run):
     torchrun --nnodes N --nproc-per-node G [--standalone | --rdzv-backend c10d --rdzv-endpoint E
-             --rdzv-id ID] -m loomcore.rl --profile P [overrides…]
+             --rdzv-id ID --rdzv-conf is_host=true] -m loomcore.rl --profile P [overrides…]
 """
 
 from __future__ import annotations
@@ -17,13 +18,11 @@ from typing import List, Sequence
 from prefect import task
 
 from tasks.common import NO_CACHE, load_stage_config
-from tasks.train import launch_torchrun, torchrun_launcher
+from tasks.train import launch_stage, torchrun_command
 
 
 def rl_torchrun_command(cfg, overrides: Sequence[str], python: str = sys.executable) -> List[str]:
-    cmd = torchrun_launcher(cfg.rl.nodes, cfg.rl.gpus_per_node, cfg.train.rdzv_endpoint,
-                            f"loomvideo-rl-{cfg.fingerprint('rl')}", python)
-    return cmd + ["-m", "loomcore.rl", "--profile", cfg.profile, *overrides]
+    return torchrun_command(cfg, "rl", overrides, python)
 
 
 @task(name="rl", cache_policy=NO_CACHE)
@@ -33,5 +32,5 @@ def rl_task(profile: str | None = None, overrides: Sequence[str] = ()) -> dict:
 
     cfg = load_stage_config(profile, overrides)
     out = stage_out_dir(cfg, "rl")
-    launch_torchrun(cfg, rl_torchrun_command(cfg, list(overrides)), "rl", "rl: steps", out)
+    launch_stage(cfg, "rl", list(overrides), "rl: steps", out)
     return json.loads((out / "summary.json").read_text())

@@ -5,12 +5,13 @@ end ALL of it — the agent and every rank — on a timeout (`train.timeout_hour
 run is cancelled. Its output is streamed, line by line, to the Prefect log; rank 0 reports its
 progress through a file (`loomcore.train.metrics.report_progress`), which drives a progress artifact.
 
-Command (from the stage's params):
+Command (from the stage's params; loomcore.train.launch builds it):
     torchrun --nnodes N --nproc-per-node G [--standalone | --rdzv-backend c10d --rdzv-endpoint E
-             --rdzv-id ID] -m loomcore.train --stage S --profile P [overrides…]
-G = gpus_per_node, or 1 CPU process when gpus_per_node is 0. With N > 1 every node runs this
-task (one flow run per node on the pool) and torchrun's c10d rendezvous at
-`train.rdzv_endpoint` joins them.
+             --rdzv-id ID --rdzv-conf is_host=true] -m loomcore.train --stage S --profile P [overrides…]
+G = gpus_per_node, or 1 CPU process when gpus_per_node is 0. With N > 1 this task runs the first
+node, whose agent hosts the c10d rendezvous at `train.rdzv_endpoint` (refused when that is a
+loopback address); the other N − 1 nodes join with `loom node <stage>` — started by the operator or
+the cluster's scheduler, in the same checkout on shared storage — and the task's log says so.
 """
 
 from __future__ import annotations
@@ -27,29 +28,30 @@ from typing import List, Optional, Sequence
 
 from prefect import task
 
+from loomcore.train.launch import check_rendezvous, stage_command, stage_nodes
 from tasks.common import NO_CACHE, Progress, load_stage_config, logger
 from tasks.proc import SubprocessFailed, SubprocessTimeout, run_streaming
 
 KILL_GRACE_S = 30.0
 
 
-def torchrun_launcher(nodes: int, gpus_per_node: int, rdzv_endpoint: str, rdzv_id: str,
-                      python: str = sys.executable) -> List[str]:
-    """`torchrun --nnodes N --nproc-per-node G [--standalone | c10d rendezvous]` (G = 1 CPU
-    process when gpus_per_node is 0); the caller appends `-m module …`."""
-    torchrun = Path(python).with_name("torchrun")
-    launcher = [str(torchrun)] if torchrun.is_file() else [python, "-m", "torch.distributed.run"]
-    cmd = [*launcher, "--nnodes", str(nodes), "--nproc-per-node", str(max(1, gpus_per_node))]
-    if nodes == 1:
-        return cmd + ["--standalone"]  # a private rendezvous on a free local port
-    return cmd + ["--rdzv-backend", "c10d", "--rdzv-endpoint", rdzv_endpoint, "--rdzv-id", rdzv_id]
-
-
 def torchrun_command(cfg, stage: str, overrides: Sequence[str], python: str = sys.executable) -> List[str]:
-    s = cfg.stage(stage)
-    cmd = torchrun_launcher(s.nodes, s.gpus_per_node, cfg.train.rdzv_endpoint,
-                            f"loomvideo-{stage}-{cfg.fingerprint(stage)}", python)
-    return cmd + ["-m", "loomcore.train", "--stage", stage, "--profile", cfg.profile, *overrides]
+    """The first node's torchrun command of `stage` ("cache", "stage1"…"stage3", "rl")."""
+    return stage_command(cfg, stage, overrides, host=True, python=python)
+
+
+def launch_stage(cfg, stage: str, overrides: Sequence[str], progress_description: str,
+                 out_dir: Optional[Path] = None) -> None:
+    """Run `stage` under torchrun on this node (`launch_torchrun`). A multi-node stage needs a
+    rendezvous endpoint the other nodes can reach, and those nodes started with `loom node`."""
+    check_rendezvous(cfg, stage)
+    nodes, _ = stage_nodes(cfg, stage)
+    if nodes > 1:
+        logger().info("%s runs on %d nodes: this is the first, hosting the rendezvous at %s; start `%s` on each of "
+                      "the other %d (same checkout and params, storage every node shares)", stage, nodes,
+                      cfg.train.rdzv_endpoint, shlex.join(["loom", "node", stage, "--profile", cfg.profile,
+                                                           *overrides]), nodes - 1)
+    launch_torchrun(cfg, torchrun_command(cfg, stage, overrides), stage, progress_description, out_dir)
 
 
 def verified_outs(out_dir: Path, since: float) -> Optional[str]:
@@ -140,6 +142,6 @@ def train_stage_task(stage: str, profile: Optional[str] = None, overrides: Seque
 
     cfg = load_stage_config(profile, overrides)
     out = stage_out_dir(cfg, stage)
-    launch_torchrun(cfg, torchrun_command(cfg, stage, list(overrides)), stage, f"{stage}: optimizer steps", out)
+    launch_stage(cfg, stage, list(overrides), f"{stage}: optimizer steps", out)
     summary = out / "summary.json"
     return json.loads(summary.read_text())

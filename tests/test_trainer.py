@@ -375,7 +375,34 @@ def _run(cmd, **kw):
     return proc
 
 
-def test_two_process_fsdp2_matches_one_process_and_resumes(ws):
+# stage 2's step (EMA, conditioning dropout, source embedding) with a global batch of 2 packs; no EMA
+# warm-up: the decay is 0.99 from the first update, so the EMA restored at step 2 is ~98 % of the
+# final one and a resume that rebuilt it instead of loading it would be far off below
+STAGE2_COMMON = ["stage2.init_from=base", "stage2.steps=4", "stage2.log_every=2", "stage2.checkpoint_every=2",
+                 "stage2.sample_every=100", "stage2.ema.warmup=false"]
+
+
+def _released(proc, n):
+    # every rank let go of its process group: no gloo thread is left for interpreter teardown
+    # (fails when torch.distributed.fsdp is first imported after init_process_group, or when
+    # DTensor's caches keep the device mesh)
+    for rank in range(n):
+        assert f"rank {rank}: process group released, no gloo thread left" in proc.stdout, proc.stdout[-2000:]
+    assert "gloo thread(s) still alive" not in proc.stdout
+
+
+@pytest.fixture(scope="module")
+def stage2_one_process(ws):
+    """Stage 2 on one process accumulating both packs of its step (train.grad_accum=2): the run the
+    multi-rank runs below must match. Returns its folder."""
+    _, _, root = ws
+    _released(_run([BIN / "torchrun", "--standalone", "--nproc-per-node", "1", "-m", "loomcore.train", "--stage",
+                    "stage2", "--profile", "tiny", *_overrides(ws, "one", *STAGE2_COMMON, "train.grad_accum=2")],
+                   timeout=240), 1)
+    return root / "one"
+
+
+def test_two_process_fsdp2_matches_one_process_and_resumes(ws, stage2_one_process):
     """Stage 2's step (EMA, conditioning dropout, source embedding) with a global batch of 2 packs
     (train.grad_accum=2 in a 1-process config): one process accumulates both, two FSDP2 ranks
     (gloo) take one each. Same packs, same draws (seeded per global pack), so the losses may
@@ -387,23 +414,10 @@ def test_two_process_fsdp2_matches_one_process_and_resumes(ws):
     run repeats an uninterrupted one bit for bit is tested on one process by
     test_sigkill_then_resume_gives_the_same_losses_step_for_step, and that 2-rank shards restore the
     model, EMA and AdamW state exactly by test_train_checkpoint.)"""
-    # no EMA warm-up: the decay is 0.99 from the first update, so the EMA restored at step 2 is ~98 %
-    # of the final one and a resume that rebuilt it instead of loading it would be far off below
-    common = ["stage2.init_from=base", "stage2.steps=4", "stage2.log_every=2", "stage2.checkpoint_every=2",
-              "stage2.sample_every=100", "train.grad_accum=2", "stage2.ema.warmup=false"]
     cfg, _, root = ws
     cmd = lambda n, name: [BIN / "torchrun", "--standalone", "--nproc-per-node", str(n), "-m", "loomcore.train",  # noqa: E731
-                           "--stage", "stage2", "--profile", "tiny", *_overrides(ws, name, *common)]
-
-    def released(proc, n):
-        # every rank let go of its process group: no gloo thread is left for interpreter teardown
-        # (fails when torch.distributed.fsdp is first imported after init_process_group, or when
-        # DTensor's caches keep the device mesh)
-        for rank in range(n):
-            assert f"rank {rank}: process group released, no gloo thread left" in proc.stdout, proc.stdout[-2000:]
-        assert "gloo thread(s) still alive" not in proc.stdout
-
-    released(_run(cmd(1, "one"), timeout=240), 1)
+                           "--stage", "stage2", "--profile", "tiny",
+                           *_overrides(ws, name, *STAGE2_COMMON, "train.grad_accum=2")]
 
     # SIGKILL the whole 2-rank job (torchrun and both ranks) once its step-2 checkpoint is in
     # place, restart it on 2 ranks: each rank reads its own shard back
@@ -428,9 +442,9 @@ def test_two_process_fsdp2_matches_one_process_and_resumes(ws):
     assert sorted(p.name for p in run_dir.glob("step-*")) == ["step-000002"]
     proc = _run(cmd(2, "two"), timeout=240)
     assert f"resumed from {run_dir / 'step-000002'} (step 2)" in proc.stdout
-    released(proc, 2)
+    _released(proc, 2)
 
-    one, two = _steps(root / "one", "stage2"), _steps(root / "two", "stage2")
+    one, two = _steps(stage2_one_process, "stage2"), _steps(root / "two", "stage2")
     assert [r["step"] for r in one] == [r["step"] for r in two] == [1, 2, 3, 4]
     assert [r["samples"] for r in one] == [r["samples"] for r in two]  # the same global batch
     for a, b in zip(one, two):  # steps 1-2 before the kill, 3-4 after the resume
@@ -447,6 +461,68 @@ def test_two_process_fsdp2_matches_one_process_and_resumes(ws):
     # their change over two steps (estimated ~1e-4 at these warm-up lrs)
     for k in ema_one:
         torch.testing.assert_close(ema_two[k], ema_one[k], rtol=1e-6, atol=1e-7, msg=k)
+
+
+def _routable_ipv4() -> str | None:
+    """An address of this machine that is not loopback (the one its route to TEST-NET-1 leaves
+    from; a UDP connect sends nothing), or None."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("192.0.2.1", 9))
+        except OSError:
+            return None
+        ip = s.getsockname()[0]
+    return None if ip.startswith("127.") else ip
+
+
+def test_two_nodes_joined_by_loom_node_match_one_process(ws, stage2_one_process):
+    """A multi-node stage: the first node runs the stage's own torchrun command (what the Prefect
+    task launches; its agent hosts the c10d rendezvous at train.rdzv_endpoint), a second node joins
+    with `loom node stage2` — two "nodes" of one CPU process each on this machine, through its
+    non-loopback address. The run has two ranks and the one-process run's global batch, so its
+    losses match that run's (fp32 reduction order aside, as above). `loom node` refuses the default
+    loopback endpoint and a one-node stage, naming the key."""
+    import socket
+
+    from tasks.train import torchrun_command
+
+    ip = _routable_ipv4()
+    if ip is None:
+        pytest.skip("no non-loopback IPv4 address on this machine")
+    _, _, root = ws
+    with socket.socket() as s:
+        s.bind((ip, 0))
+        port = s.getsockname()[1]
+    overrides = _overrides(ws, "nodes", *STAGE2_COMMON, "stage2.nodes=2", f"train.rdzv_endpoint={ip}:{port}")
+    first = torchrun_command(load_config(overrides, profile="tiny"), "stage2", overrides, python=str(BIN / "python"))
+    assert first[first.index("--rdzv-conf") + 1] == "is_host=true"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    other = subprocess.Popen([str(BIN / "loom"), "node", "stage2", "--profile", "tiny", *overrides], cwd=REPO, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        proc = _run(first, timeout=240, env=env)
+        out, _ = other.communicate(timeout=60)
+    finally:
+        other.kill()
+    assert other.returncode == 0, out[-3000:]
+    assert f"node: joining stage2 (2 nodes × 1 process(es)) at {ip}:{port}" in out and "is_host=false" in out
+    _released(proc, 1)  # the first node's rank; the second node's says so in its own log
+    assert "process group released, no gloo thread left" in out
+
+    one, nodes = _steps(stage2_one_process, "stage2"), _steps(root / "nodes", "stage2")
+    assert [r["step"] for r in nodes] == [1, 2, 3, 4] and [r["samples"] for r in one] == [r["samples"] for r in nodes]
+    for a, b in zip(one, nodes):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=0)
+    summary = json.loads((root / "nodes/out/stage2/summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["packs_per_step"] == 2
+
+    for bad, why in ((["stage2.nodes=2"], "train.rdzv_endpoint = 'localhost:29400' is this machine's loopback"),
+                     ([], "stage2 runs on one node")):
+        refused = subprocess.run([str(BIN / "loom"), "node", "stage2", "--profile", "tiny", *bad], cwd=REPO,
+                                 capture_output=True, text=True, timeout=120)
+        assert refused.returncode == 2 and why in refused.stderr, refused.stderr
 
 
 def test_sigkill_then_resume_gives_the_same_losses_step_for_step(ws):
@@ -507,6 +583,13 @@ def test_launcher_builds_torchrun_from_params_and_kills_its_group_on_timeout(tmp
     assert cmd[-6:] == ["loomcore.train", "--stage", "stage2", "--profile", "tiny", "stage2.nodes=2"]
     cmd = torchrun_command(load_config(profile="tiny"), "stage1", [])
     assert cmd[1:6] == ["--nnodes", "1", "--nproc-per-node", "1", "--standalone"]  # gpus_per_node 0: 1 CPU process
+    # several nodes on the default loopback endpoint: refused before anything starts, naming the keys
+    from loomcore.errors import InputError
+    from tasks.train import launch_stage
+
+    with pytest.raises(InputError, match=r"stage2\.nodes = 2, but train\.rdzv_endpoint = 'localhost:29400' is this "
+                                         r"machine's loopback.*`loom node stage2` on the other 1 node"):
+        launch_stage(cfg, "stage2", ["stage2.nodes=2"], "stage2: optimizer steps")
 
     pid_file = tmp_path / "child.pid"
     script = f"import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)']); " \
