@@ -31,7 +31,7 @@ EPILOG = """examples:
   loom pipeline stage3.steps=300           # the DAG as an experiment (dvc exp run -S stage3.steps=300)
   loom deploy                              # prefect deploy --all with the profile's work pools
   loom plan --profile paper --gpus 8 16 64 # the GPU memory a training rank needs (FSDP2)
-  loom node stage1 --profile paper train.rdzv_endpoint=10.0.0.5:29400   # on each other node of a multi-node stage
+  loom node stage1 --profile paper orchestration.rdzv_endpoint=10.0.0.5:29400   # each other node of a multi-node stage
 """
 
 
@@ -250,7 +250,7 @@ def cmd_node(args) -> int:
         print(f"loom node: {e}", file=sys.stderr)
         return 2
     cmd = stage_command(cfg, args.stage, args.overrides, host=False)
-    print(f"node: joining {args.stage} ({nodes} nodes × {procs} process(es)) at {cfg.train.rdzv_endpoint}: "
+    print(f"node: joining {args.stage} ({nodes} nodes × {procs} process(es)) at {cfg.orchestration.rdzv_endpoint}: "
           f"{shlex.join(cmd)}", flush=True)
     return subprocess.run(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"}).returncode
 
@@ -344,7 +344,14 @@ def cmd_generate(args) -> int:
         # 2. The model
         if args.model:
             dtypes = {"default": dtype, "vae": torch.float32} if dtype != torch.float32 else dtype  # the codec in fp32
-            pipe = LoomVideoPipeline.from_pretrained(args.model, dtype=dtypes)
+            # an exported folder carries no params: an s3:// one is reached as this checkout's `s3:` section
+            # (+ overrides) says when there is a params file, else through the environment (AWS_*)
+            from loomcore.config import DEFAULT_PARAMS
+            from loomcore.storage import S3Settings
+
+            has_params = Path(args.params or DEFAULT_PARAMS).is_file()
+            s3 = S3Settings.from_config(_load(args).s3) if is_s3(args.model) and has_params else None
+            pipe = LoomVideoPipeline.from_pretrained(args.model, dtype=dtypes, s3_settings=s3)
         else:
             pipe = LoomVideoPipeline.from_config_models(cfg, args.transformer, dtype=dtype)
 
@@ -446,12 +453,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("node", cmd_node, help="join a multi-node stage from one of its other nodes (torchrun, c10d)",
                 description="A stage with nodes > 1 (stageN.nodes, rl.nodes, data.cache_nodes) runs its first node "
                 "where DVC or its Prefect deployment runs it; that node hosts the rendezvous at "
-                "train.rdzv_endpoint (its address, reachable from the others). Run this on each of the "
+                "orchestration.rdzv_endpoint (its address, reachable from the others). Run this on each of the "
                 "other nodes, in the same checkout on storage every node shares, with the same profile and "
                 "overrides: it runs the stage's torchrun command there, which joins the first node's run (the "
-                "rendezvous id is the stage's config fingerprint: only nodes with the same params join).",
-                epilog="examples:\n  loom node stage1 --profile paper train.rdzv_endpoint=10.0.0.5:29400\n"
-                "  srun --nodes 9 --ntasks-per-node 1 loom node stage1 --profile paper train.rdzv_endpoint=10.0.0.5:29400",
+                "rendezvous id fingerprints the params dvc.yaml lists for the stage: a node whose params differ "
+                "does not join). The nodes may start up to 15 minutes apart, in either order.",
+                epilog="examples:\n  loom node stage1 --profile paper orchestration.rdzv_endpoint=10.0.0.5:29400\n"
+                "  # from a Slurm job on 10 nodes whose first node (10.0.0.5) runs the stage: the other 9\n"
+                "  srun --nodes 9 --ntasks-per-node 1 --relative 1 loom node stage1 --profile paper "
+                "orchestration.rdzv_endpoint=10.0.0.5:29400",
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("stage", choices=("cache", "stage1", "stage2", "stage3", "rl"), help="the stage to join")
 

@@ -1,4 +1,5 @@
-"""Which of the project's source files a module runs: the closure of its imports.
+"""Which of the project's source files a module runs: the closure of its imports; and which
+params dvc.yaml lists for a stage (`stage_params`).
 
 One answer for two questions that used to be written by hand and drifted: what a DVC stage's
 `deps` must list (a test checks dvc.yaml against `import_closure("flows.<stage>")`), and what a
@@ -17,7 +18,9 @@ from __future__ import annotations
 import ast
 from functools import lru_cache
 from pathlib import Path
-from typing import FrozenSet, Iterable, Tuple
+from typing import FrozenSet, Iterable, List, Tuple
+
+import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 PACKAGES = ("loomcore", "flows", "tasks")
@@ -71,3 +74,13 @@ def import_closure(module: str, repo: Path = REPO) -> FrozenSet[str]:
     if module_file(module, repo) is None:
         raise ValueError(f"import_closure: no project module {module!r} under {repo}")
     return frozenset(_closure(module, repo))
+
+
+def stage_params(stage: str) -> List[str]:
+    """The params keys dvc.yaml lists for `stage`: what the stage reads. One list for two uses —
+    DVC reruns the stage when one of them changes, and the run key fingerprints the same keys,
+    so a run resumes exactly when DVC would call its params unchanged."""
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    if stage not in stages:
+        raise KeyError(f"{REPO / 'dvc.yaml'}: no stage {stage!r}")
+    return [p for p in stages[stage].get("params", []) if isinstance(p, str)]

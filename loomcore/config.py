@@ -258,6 +258,7 @@ class GuidanceConfig:
 class OrchestrationConfig:
     cpu_pool: str  # Prefect work pool of the CPU deployments
     gpu_pool: str  # ... and of the GPU ones
+    rdzv_endpoint: str  # host:port of the first node's c10d rendezvous (stages on nodes > 1)
 
 
 @dataclass(frozen=True)
@@ -278,7 +279,6 @@ class TrainConfig:
     cpu_deterministic: bool
     attention_backend: str
     timeout_hours: float
-    rdzv_endpoint: str
     preflight_min_free_gib: float
     preflight_gpu_name: Optional[str]
     debug_nan_steps: List[int]
@@ -801,7 +801,8 @@ def _validate(cfg: Config) -> None:
           f"train.spike_warmup/spike_window = {t.spike_warmup}/{t.spike_window}: expected 2 <= warmup <= window")
     check(t.timeout_hours > 0, f"train.timeout_hours = {t.timeout_hours}: expected > 0")
     check(t.preflight_min_free_gib >= 0, f"train.preflight_min_free_gib = {t.preflight_min_free_gib}: expected >= 0")
-    check(":" in t.rdzv_endpoint, f"train.rdzv_endpoint = {t.rdzv_endpoint!r}: expected host:port")
+    check(":" in cfg.orchestration.rdzv_endpoint,
+          f"orchestration.rdzv_endpoint = {cfg.orchestration.rdzv_endpoint!r}: expected host:port")
     check(all(s >= 1 for s in t.debug_nan_steps), f"train.debug_nan_steps = {t.debug_nan_steps}: steps are 1-based")
 
     x = cfg.export

@@ -224,6 +224,8 @@ def materialize(uri: str | os.PathLike, cache_dir: Optional[Path] = None,
     if not wanted:
         raise FileNotFoundError(f"{uri}: no objects under this S3 prefix")
     wanted = [o for o in wanted if not o["Key"].endswith(skip_suffixes)]  # (endswith(()) is False)
+    if not wanted:
+        raise FileNotFoundError(f"{uri}: nothing under this S3 prefix but files ending in {', '.join(skip_suffixes)}")
     for obj in wanted:
         dest = cache_root / obj["Key"]
         if dest.is_file() and dest.stat().st_size == obj["Size"]:

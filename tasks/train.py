@@ -9,7 +9,7 @@ Command (from the stage's params; loomcore.train.launch builds it):
     torchrun --nnodes N --nproc-per-node G [--standalone | --rdzv-backend c10d --rdzv-endpoint E
              --rdzv-id ID --rdzv-conf is_host=true] -m loomcore.train --stage S --profile P [overrides…]
 G = gpus_per_node, or 1 CPU process when gpus_per_node is 0. With N > 1 this task runs the first
-node, whose agent hosts the c10d rendezvous at `train.rdzv_endpoint` (refused when that is a
+node, whose agent hosts the c10d rendezvous at `orchestration.rdzv_endpoint` (refused when that is a
 loopback address); the other N − 1 nodes join with `loom node <stage>` — started by the operator or
 the cluster's scheduler, in the same checkout on shared storage — and the task's log says so.
 """
@@ -49,7 +49,7 @@ def launch_stage(cfg, stage: str, overrides: Sequence[str], progress_description
     if nodes > 1:
         logger().info("%s runs on %d nodes: this is the first, hosting the rendezvous at %s; start `%s` on each of "
                       "the other %d (same checkout and params, storage every node shares)", stage, nodes,
-                      cfg.train.rdzv_endpoint, shlex.join(["loom", "node", stage, "--profile", cfg.profile,
+                      cfg.orchestration.rdzv_endpoint, shlex.join(["loom", "node", stage, "--profile", cfg.profile,
                                                            *overrides]), nodes - 1)
     launch_torchrun(cfg, torchrun_command(cfg, stage, overrides), stage, progress_description, out_dir)
 

@@ -135,6 +135,18 @@ def test_params_s3_section_alone_reaches_the_store_for_training_and_loading(
     pipe = LoomVideoPipeline.from_config_models(remote, transformer_path=f"{uri}/models/transformer")
     assert pipe.mllm is not None and pipe.scheduler is not None and pipe.vae is not None
 
+    # `loom generate --model s3://…`: an exported folder carries no params, so the checkout's `s3:`
+    # section (+ overrides, here) reaches the store — it used the environment's (dead) endpoint alone
+    from loomcore.cli import main
+
+    pipe.save_pretrained(tmp_path / "export")
+    upload_dir(tmp_path / "export", f"{uri}/export", S3Settings.from_config(remote.s3))
+    image = tmp_path / "generated.png"
+    assert main(["generate", "--model", f"{uri}/export", "--prompt", "a red square on a blue background",
+                 "--frames", "1", "--steps", "1", "--device", "cpu", "--out", str(image),
+                 f"s3.endpoint_url={live}", "s3.max_attempts=1"]) == 0
+    assert image.is_file() and image.stat().st_size > 0
+
     # the environment's endpoint is what a reader given no settings uses: refused there
     from loomcore.data.loader import ShardReader
     from loomcore.storage import StoreError

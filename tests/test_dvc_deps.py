@@ -56,7 +56,7 @@ def test_run_keys_fingerprint_the_trainers_closure():
 @pytest.mark.parametrize("stage", sorted(STAGES))
 def test_every_params_key_dvc_yaml_lists_exists_in_the_config(stage):
     from loomcore.config import load_config
-    from loomcore.train.stage_io import stage_params
+    from loomcore.codegraph import stage_params
 
     keys = stage_params(stage)
     assert keys == [p for p in STAGES[stage].get("params", []) if isinstance(p, str)]
@@ -67,7 +67,7 @@ def test_run_keys_hash_the_params_dvc_yaml_lists_and_nothing_else():
     """A training run resumes exactly when DVC calls its params unchanged: the run key hashes
     the stage's dvc.yaml params (dotted keys included), no more, no less."""
     from loomcore.config import load_config
-    from loomcore.train.stage_io import stage_params
+    from loomcore.codegraph import stage_params
 
     base = load_config()
     listed = load_config(["guidance.steps=7"])  # stage 1 lists guidance.steps (its validation grids)

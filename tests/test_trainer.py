@@ -479,7 +479,7 @@ def _routable_ipv4() -> str | None:
 
 def test_two_nodes_joined_by_loom_node_match_one_process(ws, stage2_one_process):
     """A multi-node stage: the first node runs the stage's own torchrun command (what the Prefect
-    task launches; its agent hosts the c10d rendezvous at train.rdzv_endpoint), a second node joins
+    task launches; its agent hosts the c10d rendezvous at orchestration.rdzv_endpoint), a second node joins
     with `loom node stage2` — two "nodes" of one CPU process each on this machine, through its
     non-loopback address. The run has two ranks and the one-process run's global batch, so its
     losses match that run's (fp32 reduction order aside, as above). `loom node` refuses the default
@@ -495,9 +495,9 @@ def test_two_nodes_joined_by_loom_node_match_one_process(ws, stage2_one_process)
     with socket.socket() as s:
         s.bind((ip, 0))
         port = s.getsockname()[1]
-    overrides = _overrides(ws, "nodes", *STAGE2_COMMON, "stage2.nodes=2", f"train.rdzv_endpoint={ip}:{port}")
+    overrides = _overrides(ws, "nodes", *STAGE2_COMMON, "stage2.nodes=2", f"orchestration.rdzv_endpoint={ip}:{port}")
     first = torchrun_command(load_config(overrides, profile="tiny"), "stage2", overrides, python=str(BIN / "python"))
-    assert first[first.index("--rdzv-conf") + 1] == "is_host=true"
+    assert first[first.index("--rdzv-conf") + 1].startswith("is_host=true,")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     other = subprocess.Popen([str(BIN / "loom"), "node", "stage2", "--profile", "tiny", *overrides], cwd=REPO, env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -518,7 +518,7 @@ def test_two_nodes_joined_by_loom_node_match_one_process(ws, stage2_one_process)
     summary = json.loads((root / "nodes/out/stage2/summary.json").read_text())
     assert summary["world_size"] == 2 and summary["packs_per_step"] == 2
 
-    for bad, why in ((["stage2.nodes=2"], "train.rdzv_endpoint = 'localhost:29400' is this machine's loopback"),
+    for bad, why in ((["stage2.nodes=2"], "orchestration.rdzv_endpoint = 'localhost:29400' is not an address other"),
                      ([], "stage2 runs on one node")):
         refused = subprocess.run([str(BIN / "loom"), "node", "stage2", "--profile", "tiny", *bad], cwd=REPO,
                                  capture_output=True, text=True, timeout=120)
@@ -587,9 +587,20 @@ def test_launcher_builds_torchrun_from_params_and_kills_its_group_on_timeout(tmp
     from loomcore.errors import InputError
     from tasks.train import launch_stage
 
-    with pytest.raises(InputError, match=r"stage2\.nodes = 2, but train\.rdzv_endpoint = 'localhost:29400' is this "
-                                         r"machine's loopback.*`loom node stage2` on the other 1 node"):
+    with pytest.raises(InputError, match=r"stage2\.nodes = 2, but orchestration\.rdzv_endpoint = 'localhost:29400' is "
+                                         r"not an address.*`loom node stage2` on the other 1 node"):
         launch_stage(cfg, "stage2", ["stage2.nodes=2"], "stage2: optimizer steps")
+    # no name is resolved (a first node's own name may map to 127.0.1.1 there and to its address elsewhere)
+    from loomcore.train.launch import rdzv_id, unreachable_host
+
+    assert all(map(unreachable_host, ["localhost", "127.0.0.1", "127.0.1.1", "[::1]", "::1", "0.0.0.0", "::",
+                                      "::ffff:127.0.0.1"]))
+    assert not any(map(unreachable_host, ["10.0.0.5", "node0", "gpu-7.cluster", "[fd00::2]"]))
+    # nodes meet when the stage's params (dvc.yaml's list, the run key's) agree; where they meet is none of them
+    tiny = load_config(profile="tiny")
+    assert rdzv_id(tiny, "stage1") == rdzv_id(load_config(["orchestration.rdzv_endpoint=10.0.0.5:1"], profile="tiny"), "stage1")
+    assert rdzv_id(tiny, "stage1") != rdzv_id(load_config(["seed=7"], profile="tiny"), "stage1")
+    assert rdzv_id(tiny, "cache") != rdzv_id(load_config(["models.mllm=elsewhere"], profile="tiny"), "cache")
 
     pid_file = tmp_path / "child.pid"
     script = f"import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)']); " \

@@ -117,7 +117,8 @@ class WanVAE(nn.Module):
         for key, name in (("latents_mean", "mean"), ("latents_std", "std")):
             if len(getattr(cfg, key)) != cfg.z_dim:
                 raise ValueError(f"vae config {key}: {len(getattr(cfg, key))} values, expected z_dim = {cfg.z_dim}")
-            self.register_buffer(name, torch.tensor(getattr(cfg, key), dtype=torch.float32).view(1, -1, 1, 1, 1), persistent=False)
+            stats = torch.tensor(getattr(cfg, key), dtype=torch.float32).view(1, -1, 1, 1, 1)
+            self.register_buffer(name, stats, persistent=False)
 
     @classmethod
     def from_pretrained(cls, path: PathLike, torch_dtype: torch.dtype = torch.float32,

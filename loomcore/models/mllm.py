@@ -341,14 +341,23 @@ class MLLMTokenizer:
             if getattr(model_config, name) != tok_id:
                 raise ValueError(f"MLLM config {name} = {getattr(model_config, name)}, but the tokenizer says {tok_id}")
 
+    @staticmethod
+    def _check_dims(text_config, uri, expect_layers: Optional[int], expect_hidden: Optional[int]) -> None:
+        for name, want, got in (("mllm.num_layers", expect_layers, text_config.num_hidden_layers),
+                                ("mllm.hidden_size", expect_hidden, text_config.hidden_size)):
+            if want is not None and want != got:
+                raise ValueError(f"{name} = {want}, but the MLLM at {uri} has {got}")
+
     @classmethod
     def from_config(cls, cfg) -> "MLLMTokenizer":
-        """The tokenizer of `models.mllm` (local, or s3:// through params' `s3:`), its weights left where they are."""
+        """The tokenizer of `models.mllm` (local, or s3:// through params' `s3:`), its weights left
+        where they are; the folder's config.json checked against `mllm` as the encoder checks it."""
         from transformers import AutoConfig
 
         folder = materialize(cfg.models.mllm, settings=S3Settings.from_config(cfg.s3), skip_suffixes=(".safetensors",))
-        inputs = Qwen3VLInputs.from_pretrained(folder)
-        cls._check_token_ids(AutoConfig.from_pretrained(folder), inputs)
+        inputs, config = Qwen3VLInputs.from_pretrained(folder), AutoConfig.from_pretrained(folder)
+        cls._check_dims(config.text_config, cfg.models.mllm, cfg.mllm.num_layers, cfg.mllm.hidden_size)
+        cls._check_token_ids(config, inputs)
         return cls(inputs, cfg.mllm.source_temporal_stride, cfg.mllm.max_length)
 
     def tokenize(self, request: MLLMRequest) -> Dict[str, torch.Tensor]:
@@ -388,11 +397,7 @@ class MLLMEncoder(MLLMTokenizer, nn.Module):
 
         folder = materialize(uri, settings=s3_settings)
         model = Qwen3VLForConditionalGeneration.from_pretrained(folder, dtype=dtype).to(device)
-        text_cfg = model.config.text_config
-        for name, want, got in (("mllm.num_layers", expect_layers, text_cfg.num_hidden_layers),
-                                ("mllm.hidden_size", expect_hidden, text_cfg.hidden_size)):
-            if want is not None and want != got:
-                raise ValueError(f"{name} = {want}, but the MLLM at {uri} has {got}")
+        cls._check_dims(model.config.text_config, uri, expect_layers, expect_hidden)
         return cls(model, Qwen3VLInputs.from_pretrained(folder), layers_used, source_temporal_stride, max_length)
 
     @classmethod

@@ -3,26 +3,30 @@
 — built in one place for both sides of a multi-node run:
 
 - the first node: the stage's Prefect task (tasks/), which DVC or a deployment starts; its torchrun
-  agent hosts the c10d rendezvous store at `train.rdzv_endpoint` (`is_host=true`);
+  agent hosts the c10d rendezvous store at `orchestration.rdzv_endpoint` (`is_host=true`);
 - every other node: `loom node <stage>` (the same command with `is_host=false`), started by the
-  operator or the cluster's scheduler (e.g. `srun --nodes 9 loom node stage1 --profile paper`) in the
-  same checkout — on storage every node shares, with the same params — so that it joins that run:
-  the rendezvous id is the stage's config fingerprint, equal on every node exactly when the params are.
+  operator or the cluster's scheduler in the same checkout — on storage every node shares, with the
+  same params — so that it joins that run: the rendezvous id fingerprints the params dvc.yaml lists
+  for the stage (those its run key hashes), so a node whose params differ waits in another
+  rendezvous instead of joining. The nodes may start up to RDZV_TIMEOUT_S apart, in either order.
 
 A one-node stage gets `--standalone` (a private rendezvous on a free local port)."""
 
 from __future__ import annotations
 
 import ipaddress
-import socket
 import sys
 from pathlib import Path
 from typing import List, Sequence
 
+from loomcore.codegraph import stage_params
 from loomcore.config import STAGES
 from loomcore.errors import InputError
 
 RANKED_STAGES = ("cache", *STAGES, "rl")
+# How long an agent waits for the others: to connect to the first node's store (`read_timeout`, 60 s
+# by default, so a node started early would give up) and for every node to join (`join_timeout`).
+RDZV_TIMEOUT_S = 900
 
 
 def stage_nodes(cfg, stage: str) -> tuple[int, int]:
@@ -34,10 +38,9 @@ def stage_nodes(cfg, stage: str) -> tuple[int, int]:
 
 
 def rdzv_id(cfg, stage: str) -> str:
-    """The rendezvous id: the stage's config fingerprint, so only nodes with the same params join."""
-    if stage == "cache":
-        return f"loomvideo-cache-{cfg.fingerprint('data', 'mllm', 'codec', 'buckets', 'video')}"
-    return f"loomvideo-{stage}-{cfg.fingerprint(stage)}"
+    """The rendezvous id: the fingerprint of the params dvc.yaml lists for the stage, so only nodes
+    with the same params meet."""
+    return f"loomvideo-{stage}-{cfg.fingerprint(*stage_params(stage))}"
 
 
 def torchrun_launcher(nodes: int, procs_per_node: int, rdzv_endpoint: str, rdzv: str, host: bool = True,
@@ -49,8 +52,8 @@ def torchrun_launcher(nodes: int, procs_per_node: int, rdzv_endpoint: str, rdzv:
     cmd = [*launcher, "--nnodes", str(nodes), "--nproc-per-node", str(procs_per_node)]
     if nodes == 1:
         return cmd + ["--standalone"]  # a private rendezvous on a free local port
-    return cmd + ["--rdzv-backend", "c10d", "--rdzv-endpoint", rdzv_endpoint, "--rdzv-id", rdzv,
-                  "--rdzv-conf", f"is_host={str(host).lower()}"]
+    conf = f"is_host={str(host).lower()},read_timeout={RDZV_TIMEOUT_S},join_timeout={RDZV_TIMEOUT_S}"
+    return cmd + ["--rdzv-backend", "c10d", "--rdzv-endpoint", rdzv_endpoint, "--rdzv-id", rdzv, "--rdzv-conf", conf]
 
 
 def stage_command(cfg, stage: str, overrides: Sequence[str], host: bool = True,
@@ -59,30 +62,33 @@ def stage_command(cfg, stage: str, overrides: Sequence[str], host: bool = True,
     if stage not in RANKED_STAGES:
         raise InputError(f"stage {stage!r}: expected one of {', '.join(RANKED_STAGES)}")
     nodes, procs = stage_nodes(cfg, stage)
-    cmd = torchrun_launcher(nodes, procs, cfg.train.rdzv_endpoint, rdzv_id(cfg, stage), host, python)
+    cmd = torchrun_launcher(nodes, procs, cfg.orchestration.rdzv_endpoint, rdzv_id(cfg, stage), host, python)
     module = {"cache": ["loomcore.train.cache"], "rl": ["loomcore.rl"]}.get(stage, ["loomcore.train", "--stage", stage])
     return cmd + ["-m", *module, "--profile", cfg.profile, *overrides]
 
 
-def is_loopback(host: str) -> bool:
-    """Whether `host` (a name or an address) is this machine's loopback only."""
+def unreachable_host(host: str) -> bool:
+    """Whether no other machine can reach `host`: "localhost", or a loopback or unspecified address
+    (127.0.0.1, ::1, 0.0.0.0, ::, an IPv4-mapped one of those). Other names are not resolved: on the
+    first node its own name may map to 127.0.1.1 (/etc/hosts) while the others resolve it by DNS."""
+    if host.lower() in ("localhost", "localhost.localdomain"):
+        return True
     try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
+        ip = ipaddress.ip_address(host.strip("[]"))
     except ValueError:
-        try:
-            return all(ipaddress.ip_address(a[4][0]).is_loopback for a in socket.getaddrinfo(host, None))
-        except socket.gaierror:
-            return False  # not resolvable here: torchrun says so
+        return False
+    ip = getattr(ip, "ipv4_mapped", None) or ip
+    return ip.is_loopback or ip.is_unspecified
 
 
 def check_rendezvous(cfg, stage: str) -> None:
     """Refuse a multi-node stage whose rendezvous endpoint the other nodes cannot reach (the
-    default `localhost:29400`): each node would wait alone until torchrun's join timeout."""
+    default `localhost:29400`): each node would wait alone until the join timeout."""
     nodes, _ = stage_nodes(cfg, stage)
-    host = cfg.train.rdzv_endpoint.rsplit(":", 1)[0]
-    if nodes > 1 and is_loopback(host):
+    endpoint = cfg.orchestration.rdzv_endpoint
+    if nodes > 1 and unreachable_host(endpoint.rsplit(":", 1)[0]):
         key = "data.cache_nodes" if stage == "cache" else f"{stage}.nodes"
         raise InputError(
-            f"{key} = {nodes}, but train.rdzv_endpoint = {cfg.train.rdzv_endpoint!r} is this machine's loopback: "
-            f"the other nodes cannot reach it. Set train.rdzv_endpoint to the first node's address (e.g. "
-            f"train.rdzv_endpoint=10.0.0.5:29400) and run `loom node {stage}` on the other {nodes - 1} node(s)")
+            f"{key} = {nodes}, but orchestration.rdzv_endpoint = {endpoint!r} is not an address other machines "
+            f"reach: set it to the first node's (e.g. orchestration.rdzv_endpoint=10.0.0.5:29400) and run "
+            f"`loom node {stage}` on the other {nodes - 1} node(s)")

@@ -33,6 +33,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from loomcore.codegraph import stage_params
 from loomcore.config import Config
 from loomcore.data.loader import INDEX_FILE, cache_root
 from loomcore.storage import S3Settings
@@ -45,20 +46,6 @@ def init_weights(cfg: Config, stage: str) -> Tuple[Path, str]:
     init_from = cfg.rl.init_from if stage == "rl" else cfg.stage(stage).init_from
     _, path, description = resolve_weights(cfg, init_from, f"{stage}.init_from")
     return path, description
-
-
-def stage_params(stage: str) -> List[str]:
-    """The params keys dvc.yaml lists for `stage`: what the stage reads. One list for two uses —
-    DVC reruns the stage when one of them changes, and the run key fingerprints the same keys,
-    so a run resumes exactly when DVC would call its params unchanged."""
-    import yaml
-
-    from loomcore.codegraph import REPO
-
-    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
-    if stage not in stages:
-        raise KeyError(f"{REPO / 'dvc.yaml'}: no stage {stage!r}")
-    return [p for p in stages[stage].get("params", []) if isinstance(p, str)]
 
 
 _HASH_FULL_LIMIT = 256 << 20  # files above this are fingerprinted by size + 16 sampled MiB
