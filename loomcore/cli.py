@@ -463,7 +463,9 @@ def build_parser() -> argparse.ArgumentParser:
                 "  srun --nodes 9 --ntasks-per-node 1 --relative 1 loom node stage1 --profile paper "
                 "orchestration.rdzv_endpoint=10.0.0.5:29400",
                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("stage", choices=("cache", "stage1", "stage2", "stage3", "rl"), help="the stage to join")
+    from loomcore.train.launch import RANKED_STAGES
+
+    p.add_argument("stage", choices=RANKED_STAGES, help="the stage to join")
 
     p = command("deploy", cmd_deploy, help="prefect deploy --all with the profile's work pools (run from the checkout)",
                 description="Deploys prefect.yaml's deployments to the Prefect server at PREFECT_API_URL. "
