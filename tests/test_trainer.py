@@ -478,15 +478,17 @@ def _routable_ipv4() -> str | None:
 
 
 def test_two_nodes_joined_by_loom_node_match_one_process(ws, stage2_one_process):
-    """A multi-node stage: the first node runs the stage's own torchrun command (what the Prefect
-    task launches; its agent hosts the c10d rendezvous at orchestration.rdzv_endpoint), a second node joins
-    with `loom node stage2` — two "nodes" of one CPU process each on this machine, through its
-    non-loopback address. The run has two ranks and the one-process run's global batch, so its
+    """A multi-node stage: the first node runs through the Prefect task's launcher (`launch_stage`:
+    the endpoint check, the hint for the other nodes, torchrun whose agent hosts the c10d rendezvous
+    at orchestration.rdzv_endpoint, the outs verified), a second node joins with `loom node stage2`
+    — two "nodes" of one CPU process each on this machine, through its non-loopback address. The run has two ranks and the one-process run's global batch, so its
     losses match that run's (fp32 reduction order aside, as above). `loom node` refuses the default
     loopback endpoint and a one-node stage, naming the key."""
     import socket
 
-    from tasks.train import torchrun_command
+    import logging
+
+    from tasks.train import launch_stage, torchrun_command
 
     ip = _routable_ipv4()
     if ip is None:
@@ -501,15 +503,28 @@ def test_two_nodes_joined_by_loom_node_match_one_process(ws, stage2_one_process)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     other = subprocess.Popen([str(BIN / "loom"), "node", "stage2", "--profile", "tiny", *overrides], cwd=REPO, env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    cfg = load_config(overrides, profile="tiny")
+    lines: list = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: lines.append(record.getMessage())
+    log = logging.getLogger("loomvideo")  # the task's logger outside a Prefect run
+    level, log.level = log.level, logging.INFO
+    log.addHandler(handler)
     try:
-        proc = _run(first, timeout=240, env=env)
+        launch_stage(cfg, "stage2", overrides, "stage2: optimizer steps", root / "nodes" / "out" / "stage2")
         out, _ = other.communicate(timeout=60)
     finally:
         other.kill()
+        log.removeHandler(handler)
+        log.setLevel(level)
+    task_log = "\n".join(lines)
     assert other.returncode == 0, out[-3000:]
     assert f"node: joining stage2 (2 nodes × 1 process(es)) at {ip}:{port}" in out and "is_host=false" in out
-    _released(proc, 1)  # the first node's rank; the second node's says so in its own log
-    assert "process group released, no gloo thread left" in out
+    assert f"stage2 runs on 2 nodes: this is the first, hosting the rendezvous at {ip}:{port}; start `loom node " \
+           f"stage2 --profile tiny" in task_log
+    # each node's rank let go of its process group (the first node's log is the task's)
+    assert "rank 0: process group released, no gloo thread left" in task_log
+    assert "rank 1: process group released, no gloo thread left" in out
 
     one, nodes = _steps(stage2_one_process, "stage2"), _steps(root / "nodes", "stage2")
     assert [r["step"] for r in nodes] == [1, 2, 3, 4] and [r["samples"] for r in one] == [r["samples"] for r in nodes]
@@ -575,7 +590,9 @@ def test_sigkill_then_resume_gives_the_same_losses_step_for_step(ws):
 
 def test_launcher_builds_torchrun_from_params_and_kills_its_group_on_timeout(tmp_path):
     from tasks.proc import run_streaming
-    from tasks.train import torchrun_command
+    import logging
+
+    from tasks.train import launch_stage, torchrun_command
 
     cfg = load_config(["stage2.nodes=2", "stage2.gpus_per_node=8"], profile="tiny")
     cmd = torchrun_command(cfg, "stage2", ["stage2.nodes=2"], python=str(BIN / "python"))
