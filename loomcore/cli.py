@@ -514,7 +514,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
-        args.overrides += extra  # key=value after an option that follows a positional: `loom node stage1 --profile p k=v`
+        args.overrides += extra  # k=v after an option that follows a positional: `loom node stage1 --profile p k=v`
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:

@@ -45,7 +45,7 @@ def _cache_ranks(cfg, overrides: list) -> dict:
     record = Path(cfg.paths.runs) / "cache" / RUN_RECORD
     record.unlink(missing_ok=True)
     launch_stage(cfg, "cache", overrides, "cache: samples encoded (rank 0)")
-    d, summary = cfg.data, json.loads(record.read_text())
+    summary = json.loads(record.read_text())
     logger().info("cached %s samples in %s shards on %s ranks", summary["samples"], summary["shards"],
-                  d.cache_nodes * d.cache_ranks_per_node)
+                  cfg.data.cache_nodes * cfg.data.cache_ranks_per_node)
     return summary
