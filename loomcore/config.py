@@ -23,7 +23,7 @@ import math
 import typing
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -448,26 +448,32 @@ class Config:
         d.pop("sources")
         return d
 
+    def pick(self, *keys: str) -> Dict[str, Any]:
+        """{key: value} of the named keys — sections ("dit") or dotted keys ("guidance.steps"), as a
+        DVC stage's `params` names them — as plain dicts and lists."""
+        d, picked = self.to_dict(), {}
+        for key in keys:
+            node = d
+            for part in key.split("."):
+                if not isinstance(node, dict) or part not in node:
+                    raise KeyError(f"config has no key {key!r}")
+                node = node[part]
+            picked[key] = node
+        return picked
+
     def fingerprint(self, *keys: str) -> str:
-        """A stable hash of the whole config, or of the named keys only: sections ("dit") or
-        dotted keys ("guidance.steps"), as a DVC stage's `params` names them."""
-        d = self.to_dict()
-        if keys:
-            picked = {}
-            for key in keys:
-                node = d
-                for part in key.split("."):
-                    if not isinstance(node, dict) or part not in node:
-                        raise KeyError(f"config has no key {key!r}")
-                    node = node[part]
-                picked[key] = node
-            d = picked
-        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+        """A stable hash of the whole config, or of the named keys only (`pick`)."""
+        return fingerprint_dict(self.pick(*keys) if keys else self.to_dict())
 
 
 # --------------------------------------------------------------------------------------------
 # Loading
 # --------------------------------------------------------------------------------------------
+
+
+def fingerprint_dict(d: Dict[str, Any]) -> str:
+    """A stable 16-hex hash of a JSON-able dict (key order ignored)."""
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def available_profiles(conf_dir: Path | str = DEFAULT_CONF_DIR) -> List[str]:

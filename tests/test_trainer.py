@@ -349,6 +349,29 @@ def test_run_dir_key_follows_the_cache_content_not_its_summary(ws, tmp_path):
     assert stage_run_dir(cfg, "stage2", init) != key
 
 
+def test_run_key_follows_what_a_stage_trains_not_where_or_how_it_is_watched():
+    """A requeued paper run that lost a node comes back on fewer nodes with more accumulation, or
+    with a longer timeout: it must find its checkpoints. The run key counts the batch in packs per
+    step and leaves out logging, checkpointing, the timeout and the GPU check; anything that
+    changes what is trained moves it."""
+    from loomcore.train.stage_io import run_key_params
+
+    def key(*overrides, stage="stage2"):
+        return run_key_params(load_config(overrides=list(overrides), profile="tiny"), stage)
+
+    base = key("stage2.nodes=4", "stage2.gpus_per_node=8")
+    assert key("stage2.nodes=2", "stage2.gpus_per_node=8", "train.grad_accum=2") == base
+    assert key("stage2.nodes=4", "stage2.gpus_per_node=8", "stage2.log_every=7", "stage2.checkpoint_every=9",
+               "stage2.keep_last=1", "stage2.sample_every=11", "train.timeout_hours=1",
+               "train.preflight_gpu_name=null", "train.preflight_min_free_gib=1") == base
+    for change in (["stage2.nodes=2", "stage2.gpus_per_node=8"], ["stage2.nodes=4", "stage2.gpus_per_node=8",
+                   "stage2.optimizer.lr=1e-4"], ["stage2.nodes=4", "stage2.gpus_per_node=8", "train.cpu_threads=1"],
+                   ["stage2.nodes=4", "stage2.gpus_per_node=8", "flow.logit_normal_std=1.0"]):
+        assert key(*change) != base, change
+    # RL splits its rollouts by rank: its nodes stay in the key, its log interval does not
+    assert key("rl.nodes=2", stage="rl") != key(stage="rl") == key("rl.log_every=3", stage="rl")
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_stage_runs_in_bf16_with_telemetry(ws):
@@ -410,7 +433,8 @@ def test_two_process_fsdp2_matches_one_process_and_resumes(ws, stage2_one_proces
     order (accumulation vs reduce-scatter), ~1 ulp (6e-8 relative), which AdamW carries into the
     weights at ~lr·1e-7 per step: loss differences stay orders of magnitude below 1e-5.
     The 2-rank run is killed with SIGKILL after its step-2 checkpoint and resumed on 2 ranks from
-    its sharded checkpoint: steps 3-4 and the EMA still match the one-process run. (That a resumed
+    its sharded checkpoint, with the batch given as 2 nodes × 1 pack instead of 1 × 2 (the run key
+    counts packs per step): steps 3-4 and the EMA still match the one-process run. (That a resumed
     run repeats an uninterrupted one bit for bit is tested on one process by
     test_sigkill_then_resume_gives_the_same_losses_step_for_step, and that 2-rank shards restore the
     model, EMA and AdamW state exactly by test_train_checkpoint.)"""
@@ -440,7 +464,11 @@ def test_two_process_fsdp2_matches_one_process_and_resumes(ws, stage2_one_proces
     assert not _pids_with(str(root / "two" / "out")), "a rank outlived the kill"
     run_dir = next((root / "two/runs/stage2").iterdir())
     assert sorted(p.name for p in run_dir.glob("step-*")) == ["step-000002"]
-    proc = _run(cmd(2, "two"), timeout=240)
+    # resumed as a relaunch on "2 nodes" would be: the same global batch of 2 packs from other
+    # factors (nodes 2 × grad_accum 1), other log/checkpoint settings — the same run key
+    resume = [*cmd(2, "two")[:-1], "stage2.nodes=2", "train.grad_accum=1", "stage2.keep_last=5", "train.timeout_hours=1"]
+    assert cmd(2, "two")[-1] == "train.grad_accum=2"
+    proc = _run(resume, timeout=240)
     assert f"resumed from {run_dir / 'step-000002'} (step 2)" in proc.stdout
     _released(proc, 2)
 

@@ -34,7 +34,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from loomcore.codegraph import stage_params
-from loomcore.config import Config
+from loomcore.config import Config, fingerprint_dict
 from loomcore.data.loader import INDEX_FILE, cache_root
 from loomcore.storage import S3Settings
 from loomcore.train.checkpoint import run_key
@@ -99,11 +99,44 @@ def cache_key_files(cfg: Config) -> List[Path]:
     return [cache_root(cfg.paths.cache, S3Settings.from_config(cfg.s3)) / INDEX_FILE]  # (an s3:// cache: its mirrored index)
 
 
+# Params that say where a run trains and how it is watched, not what it trains: out of the run key,
+# so that a run resumes after a change of them — a relaunch on fewer nodes with the same global
+# batch, a longer timeout, another GPU check, another log or checkpoint interval. A training stage's
+# batch enters the key as its packs per step, not as the factors nodes × gpus_per_node × grad_accum.
+UNKEYED_TRAIN = ("grad_accum", "nan_check_every", "spike_k", "spike_warmup", "spike_window", "validation_prompts",
+                 "validation_frames", "timeout_hours", "preflight_min_free_gib", "preflight_gpu_name", "out_dir")
+UNKEYED_STAGE = ("checkpoint_every", "keep_last", "log_every", "sample_every")
+BATCH_FACTORS = ("nodes", "gpus_per_node")
+
+
+def run_key_params(cfg: Config, stage: str) -> str:
+    """The fingerprint of what the stage trains: the params dvc.yaml lists for it, less UNKEYED_*;
+    stages 1–3 count their batch in packs per step (the trainer's global batch, whatever the
+    number of ranks that share it), so a run on 2 nodes × grad_accum 2 resumes one on 4 nodes × 1.
+    RL keeps its nodes: its rollouts are split by rank."""
+    picked = cfg.pick(*stage_params(stage))
+    if "train" in picked:
+        picked["train"] = {k: v for k, v in picked["train"].items() if k not in UNKEYED_TRAIN}
+    if stage in picked:
+        section = {k: v for k, v in picked[stage].items() if k not in UNKEYED_STAGE}
+        if stage != "rl":
+            section = {k: v for k, v in section.items() if k not in BATCH_FACTORS}
+            section["packs_per_step"] = packs_per_step(cfg, stage)
+        picked[stage] = section
+    return fingerprint_dict(picked)
+
+
+def packs_per_step(cfg: Config, stage: str) -> int:
+    """A training stage's global batch in packs: nodes × max(1, gpus_per_node) × train.grad_accum."""
+    s = cfg.stage(stage)
+    return s.nodes * max(1, s.gpus_per_node) * cfg.train.grad_accum
+
+
 def stage_run_dir(cfg: Config, stage: str, init_path: Path, code_entry: str = "loomcore.train.trainer") -> Path:
-    """<paths.runs>/<stage>/<run key>: the key of the stage's params, its inputs (the weights it
-    starts from, the cache index) and the code `code_entry` runs."""
+    """<paths.runs>/<stage>/<run key>: the key of what the stage trains (`run_key_params`), its
+    inputs (the weights it starts from, the cache index) and the code `code_entry` runs."""
     inputs = inputs_fingerprint([init_path, *cache_key_files(cfg)])
-    key = run_key(cfg.fingerprint(*stage_params(stage)), f"{inputs}-{code_fingerprint(code_entry)}")
+    key = run_key(run_key_params(cfg, stage), f"{inputs}-{code_fingerprint(code_entry)}")
     return Path(cfg.paths.runs) / stage / key
 
 

@@ -32,6 +32,7 @@ from loomcore.train.faults import LossSpikeDetector
 from loomcore.train.harness import Harness
 from loomcore.train.metrics import Sums, mean_loss
 from loomcore.train.optim import build_optimizer, build_scheduler
+from loomcore.train.stage_io import packs_per_step
 from loomcore.train.step import (
     build_pack, dit_train_flops, draw_modes, make_generators, pack_loss, seed_generators,
 )
@@ -50,7 +51,7 @@ class Trainer(Harness):
     def __init__(self, cfg: Config, stage: str, env: DistEnv):
         super().__init__(cfg, stage, env, cfg.stage(stage))
         self.s = s = self.run_cfg
-        self.packs_per_step = s.nodes * max(1, s.gpus_per_node) * cfg.train.grad_accum
+        self.packs_per_step = packs_per_step(cfg, stage)
         if self.packs_per_step % env.world_size:
             raise ValueError(f"{stage}: the global batch is {self.packs_per_step} packs (nodes × gpus_per_node × "
                              f"train.grad_accum) and does not split over {env.world_size} ranks")
