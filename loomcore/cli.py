@@ -459,8 +459,8 @@ def build_parser() -> argparse.ArgumentParser:
                 "rendezvous id fingerprints the params dvc.yaml lists for the stage: a node whose params differ "
                 "does not join). The nodes may start up to 15 minutes apart, in either order.",
                 epilog="examples:\n  loom node stage1 --profile paper orchestration.rdzv_endpoint=10.0.0.5:29400\n"
-                "  # from a Slurm job on 10 nodes whose first node (10.0.0.5) runs the stage: the other 9\n"
-                "  srun --nodes 9 --ntasks-per-node 1 --relative 1 loom node stage1 --profile paper "
+                "  # from a Slurm job on 2 nodes whose first node (10.0.0.5) runs the stage: the other one\n"
+                "  srun --nodes 1 --ntasks-per-node 1 --relative 1 loom node stage1 --profile paper "
                 "orchestration.rdzv_endpoint=10.0.0.5:29400",
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     from loomcore.train.launch import RANKED_STAGES
