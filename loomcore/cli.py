@@ -283,15 +283,18 @@ def cmd_pipeline(args) -> int:
 
 
 GENERATE_EPILOG = """examples (the profile's base models; --transformer DIR for a trained DiT, --model DIR for an
-exported pipeline):
+exported pipeline; in.mp4, in.png, a.png, b.png stand for your files — after `make pipeline` the
+tiny profile's Shapes data has some: data/raw/samples/<id>/source.mp4, source.png, ref1.png):
   text to video           loom generate --prompt "a red circle moves left" --out t2v.mp4
   text to image           loom generate --prompt "a red circle" --frames 1 --out t2i.png
   edit a video            loom generate --source in.mp4 --prompt "make the circle blue" --out tv2v.mp4
   edit an image           loom generate --source in.png --prompt "make the circle blue" --out ti2i.png
   edit with a reference   loom generate --source in.mp4 --ref a.png --prompt "paint the circle like @Figure 1" --out tvr2v.mp4
+  … an image              loom generate --source in.png --ref a.png --prompt "replace the circle with the shape in @Figure 1" --out tir2i.png
   images to video         loom generate --ref a.png --ref b.png --prompt "@Figure 1 chases @Figure 2" --out mi2v.mp4
   images to image         loom generate --ref a.png --ref b.png --frames 1 --prompt "@Figure 1 beside @Figure 2" --out mi2i.png
   reconstruct a video     loom generate --source in.mp4 --out recon.mp4
+  reconstruct an image    loom generate --source in.png --out recon.png
   a trained DiT           loom generate --transformer outputs/stage3/model --prompt "a blue square" --out stage3.mp4
   an exported pipeline    loom generate --model outputs/export/model --prompt "a blue square" --out export.mp4
 
@@ -508,6 +511,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The command line's file and folder arguments (of any subcommand)
+PATH_ARGS = ("params", "conf", "out", "checkpoint", "out_dir", "source", "ref", "model", "transformer")
+
+
+def _run_in_checkout(args) -> None:
+    """The paths in params.yaml (models/, data/, outputs/, runs/) are relative to the checkout, as
+    DVC and the flows read them: loom runs there from any folder, the paths given on its command
+    line made absolute first (an s3:// URI stays as it is)."""
+    from loomcore.config import REPO_ROOT
+    from loomcore.storage import is_s3
+
+    if Path.cwd().resolve() == REPO_ROOT.resolve():
+        return
+    absolute = lambda v: v if not v or is_s3(v) or Path(v).is_absolute() else str(Path(v).resolve())  # noqa: E731
+    for name in PATH_ARGS:
+        value = getattr(args, name, None)
+        if isinstance(value, list):
+            setattr(args, name, [absolute(v) for v in value])
+        elif isinstance(value, str):
+            setattr(args, name, absolute(value))
+    os.chdir(REPO_ROOT)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     from loomcore.config import ConfigError
 
@@ -517,6 +543,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         args.overrides += extra  # k=v after an option that follows a positional: `loom node stage1 --profile p k=v`
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    _run_in_checkout(args)
     try:
         return int(args.func(args) or 0)
     except ConfigError as e:

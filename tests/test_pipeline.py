@@ -2,6 +2,7 @@
 one batched guidance forward per step, Scale-and-Add, save/load, input refusals, `loom generate`."""
 
 import inspect
+import os
 import shutil
 import subprocess
 import sys
@@ -474,11 +475,18 @@ def _cli(tiny_workspace, *args):
 
 
 def test_cli_t2v_writes_an_mp4(tiny_workspace, tmp_path):
+    """Run from another folder, as a user would: the output path given relative to that folder,
+    the models' paths (as in params.yaml) relative to the checkout, as DVC reads them."""
+    from loomcore.config import REPO_ROOT
+
     _, overrides = tiny_workspace
+    rooted = [o if not o.startswith("models.") else f"{o.split('=')[0]}={os.path.relpath(o.split('=', 1)[1], REPO_ROOT)}"
+              for o in overrides]
+    assert any(o.startswith("models.vae=..") for o in rooted)
     out = tmp_path / "t2v.mp4"
     loom = Path(sys.executable).parent / "loom"
-    proc = subprocess.run([loom, "generate", "--prompt", "a red circle moves left", "--steps", "2", "--out", out,
-                           "--profile", "tiny", *overrides], capture_output=True, text=True)
+    proc = subprocess.run([loom, "generate", "--prompt", "a red circle moves left", "--steps", "2", "--out", "t2v.mp4",
+                           "--profile", "tiny", *rooted], capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "task t2v: video (5 frames) at 40×40" in proc.stdout and f"wrote {out}" in proc.stdout
     assert read_video(out).shape == (5, 40, 40, 3)
@@ -572,7 +580,8 @@ def test_cli_help_shows_an_example_per_task():
     loom = Path(sys.executable).parent / "loom"
     out = subprocess.run([loom, "generate", "--help"], capture_output=True, text=True, check=True).stdout
     for what in ("text to video", "text to image", "edit a video", "edit an image", "edit with a reference",
-                 "images to video", "images to image", "reconstruct a video", "--transformer", "--model"):
+                 "images to video", "images to image", "reconstruct a video", "reconstruct an image",
+                 "--ref a.png --prompt \"replace the circle", "--transformer", "--model"):
         assert what in out
 
 
