@@ -421,6 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check", action="store_true", help="write nothing; exit 1 if the file differs from the build")
 
     p = command("init-models", cmd_init_models, help="build the tiny base models, or check the paper ones are complete")
+    p.set_defaults(in_checkout=True)  # reads params' folders: runs in the checkout (_run_in_checkout)
     p.add_argument("--force", action="store_true", help="rebuild even if the folders are up to date")
 
     p = command("import-release", cmd_import_release,
@@ -468,6 +469,7 @@ def build_parser() -> argparse.ArgumentParser:
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     from loomcore.train.launch import RANKED_STAGES
 
+    p.set_defaults(in_checkout=True)  # reads params' folders: runs in the checkout (_run_in_checkout)
     p.add_argument("stage", choices=RANKED_STAGES, help="the stage to join")
 
     p = command("deploy", cmd_deploy, help="prefect deploy --all with the profile's work pools (run from the checkout)",
@@ -481,6 +483,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("generate", cmd_generate, help="generate or edit an image/video with a LoomVideo pipeline",
                 epilog=GENERATE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.set_defaults(in_checkout=True)  # reads params' folders: runs in the checkout (_run_in_checkout)
     p.add_argument("--prompt", default="", help="caption or instruction; '@Figure k' names the k-th --ref")
     p.add_argument("--negative-prompt", default=None,
                    help="default: the pipeline's (params guidance.generate_negative_prompt, else guidance.negative_prompt)")
@@ -516,13 +519,17 @@ PATH_ARGS = ("params", "conf", "out", "checkpoint", "out_dir", "source", "ref", 
 
 
 def _run_in_checkout(args) -> None:
-    """The paths in params.yaml (models/, data/, outputs/, runs/) are relative to the checkout, as
-    DVC and the flows read them: loom runs there from any folder, the paths given on its command
-    line made absolute first (an s3:// URI stays as it is)."""
+    """For the subcommands that read or write the folders params names (models/, data/, outputs/,
+    runs/): those paths are relative to the checkout, as DVC and the flows read them. Run in the
+    checkout that holds the current folder (the nearest one with dvc.yaml and params.yaml), else in
+    this package's, the paths given on the command line made absolute first (s3:// URIs as given)."""
     from loomcore.config import REPO_ROOT
     from loomcore.storage import is_s3
 
-    if Path.cwd().resolve() == REPO_ROOT.resolve():
+    here = Path.cwd().resolve()
+    root = next((d for d in (here, *here.parents) if (d / "dvc.yaml").is_file() and (d / "params.yaml").is_file()),
+                REPO_ROOT.resolve())
+    if root == here:
         return
     absolute = lambda v: v if not v or is_s3(v) or Path(v).is_absolute() else str(Path(v).resolve())  # noqa: E731
     for name in PATH_ARGS:
@@ -531,7 +538,7 @@ def _run_in_checkout(args) -> None:
             setattr(args, name, [absolute(v) for v in value])
         elif isinstance(value, str):
             setattr(args, name, absolute(value))
-    os.chdir(REPO_ROOT)
+    os.chdir(root)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -543,7 +550,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         args.overrides += extra  # k=v after an option that follows a positional: `loom node stage1 --profile p k=v`
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    _run_in_checkout(args)
+    if getattr(args, "in_checkout", False):
+        _run_in_checkout(args)
     try:
         return int(args.func(args) or 0)
     except ConfigError as e:
