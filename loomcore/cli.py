@@ -192,7 +192,9 @@ def cmd_deploy(args) -> int:
         return 2
     prefect = shutil.which("prefect", path=str(Path(sys.executable).parent)) or "prefect"
     pools = {"LOOM_CPU_POOL": cfg.orchestration.cpu_pool, "LOOM_GPU_POOL": cfg.orchestration.gpu_pool}
-    env = {**os.environ, **pools, "LOOM_REPO": os.environ.get("LOOM_REPO") or str(here)}
+    nightly = bool(cfg.export.s3_uri)  # nightly-eval evaluates the registry's `latest`: none without one
+    env = {**os.environ, **pools, "LOOM_REPO": os.environ.get("LOOM_REPO") or str(here),
+           "LOOM_NIGHTLY_ACTIVE": "true" if nightly else "false"}
     missing = [p for p in dict.fromkeys(pools.values())
                if subprocess.run([prefect, "work-pool", "inspect", p], env=env, capture_output=True).returncode]
     if missing:
@@ -202,6 +204,9 @@ def cmd_deploy(args) -> int:
         return 2
     print(f"deploy: profile {cfg.profile}: CPU deployments on pool {pools['LOOM_CPU_POOL']}, GPU deployments on "
           f"pool {pools['LOOM_GPU_POOL']}; runs in {env['LOOM_REPO']}", flush=True)
+    print(f"deploy: nightly-retrain and nightly-eval schedules active (model registry {cfg.export.s3_uri})" if nightly
+          else "deploy: nightly-retrain and nightly-eval deployed with their schedules paused: no model registry "
+          "(export.s3_uri is null), so nightly-eval has no `latest` to evaluate; resume them in the UI", flush=True)
     return subprocess.run([prefect, "--no-prompt", "deploy", "--all"], cwd=here, env=env).returncode
 
 

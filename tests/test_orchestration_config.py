@@ -39,7 +39,8 @@ def test_prefect_yaml_deployments_schedules_and_entrypoints(monkeypatch):
     start = datetime(2026, 3, 1, 12, 30, tzinfo=timezone.utc)
     for name, hour in (("nightly-retrain", 1), ("nightly-eval", 6)):
         (sched,) = deployments[name]["schedules"]
-        assert sched["cron"] == f"0 {hour} * * *" and sched["timezone"] == "UTC" and sched["active"] is True
+        assert sched["cron"] == f"0 {hour} * * *" and sched["timezone"] == "UTC"
+        assert sched["active"] == "{{ $LOOM_NIGHTLY_ACTIVE }}"  # `loom deploy`: active with a model registry
         ClientCron(cron=sched["cron"], timezone=sched["timezone"])  # what `prefect deploy` builds
         dates = asyncio.run(CronSchedule(cron=sched["cron"], timezone=sched["timezone"]).get_dates(n=3, start=start))
         assert [(d.day, d.hour, d.minute) for d in dates] == [(2, hour, 0), (3, hour, 0), (4, hour, 0)]

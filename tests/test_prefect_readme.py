@@ -70,10 +70,14 @@ def test_the_readme_commands_deploy_and_a_triggered_pipeline_shows_one_run_tree(
             assert proc.returncode == 0, (line, proc.stdout[-2000:], proc.stderr[-2000:])
             if line == "loom deploy":
                 assert "CPU deployments on pool loom-local, GPU deployments on pool loom-local" in proc.stdout
+                assert "schedules paused: no model registry (export.s3_uri is null)" in proc.stdout
         with get_client(sync_client=True) as client:
             deployments = client.read_deployments()
             assert {d.work_pool_name for d in deployments} == {"loom-local"}  # the tiny profile: one CPU pool
             assert {"pipeline", "curate", "stage1", "evaluate"} <= {d.name for d in deployments}
+            nightly = {d.name: d.schedules for d in deployments if d.name.startswith("nightly-")}
+            assert set(nightly) == {"nightly-retrain", "nightly-eval"}  # deployed, each with its cron, paused
+            assert all(len(s) == 1 and s[0].active is False and s[0].schedule.cron for s in nightly.values()), nightly
         run = run_deployment("pipeline/pipeline", parameters={"stages": STAGES}, timeout=400, poll_interval=1)
         assert run.state is not None and run.state.is_completed(), run.state
     finally:
