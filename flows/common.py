@@ -14,9 +14,11 @@ from typing import Callable, Mapping, Sequence
 from tasks.common import PARENT_TASK_RUN_ENV
 
 
-def stage_main(flows: Callable | Mapping[str, Callable], description: str, argv: list[str] | None = None) -> int:
+def stage_main(flows: Callable | Mapping[str, Callable], description: str, argv: list[str] | None = None,
+               switches: Mapping[str, tuple[str, str]] | None = None) -> int:
     """Parse `--profile` and `key=value` overrides (and the stage, when the module runs several
-    stages' flows: `flows` a {stage: flow} mapping), run the flow, exit non-zero on failure."""
+    stages' flows: `flows` a {stage: flow} mapping), run the flow, exit non-zero on failure.
+    `switches`: {"--flag": (the override it stands for, help)}."""
     many = isinstance(flows, Mapping)
     module = next(iter(flows.values())).__module__ if many else flows.__module__
     if module == "__main__":  # run as `python -m flows.x`: its module name, not "__main__"
@@ -26,13 +28,15 @@ def stage_main(flows: Callable | Mapping[str, Callable], description: str, argv:
     if many:
         p.add_argument("stage", choices=list(flows), help="the stage to run")
     p.add_argument("--profile", default=None, help="profile (default: params.yaml's 'profile')")
+    for flag, (override, text) in (switches or {}).items():
+        p.add_argument(flag, action="append_const", const=override, dest="switched", help=f"{text} (= {override})")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. data.synthetic_samples=50")
     args = p.parse_intermixed_args(argv)  # `stage1 --profile tiny k=v`: overrides after an option too
     flow_fn = flows[args.stage] if many else flows
     from loomcore.config import ConfigError
 
     try:
-        run_stage_flow(flow_fn, profile=args.profile, overrides=args.overrides)
+        run_stage_flow(flow_fn, profile=args.profile, overrides=args.overrides + (getattr(args, "switched", None) or []))
     except ConfigError as e:
         print(f"{module}: {e}", file=sys.stderr)
         return 2

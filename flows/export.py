@@ -86,14 +86,14 @@ def main(argv: list[str] | None = None) -> int:
     from loomcore.export import ExportExists, PublishError
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    if "--overwrite" in argv:
-        argv = [a for a in argv if a != "--overwrite"] + ["export.overwrite=true"]
-    refusal = None if {"-h", "--help"} & set(argv) else _existing_target(argv)
+    overwrite = ("export.overwrite=true", "replace an existing export folder")
+    given = [a for a in argv if a != "--overwrite"] + [overwrite[0]] * ("--overwrite" in argv)
+    refusal = None if {"-h", "--help"} & set(argv) else _existing_target(given)
     if refusal:
         print(f"flows.export: {refusal}", file=sys.stderr)
         return 2
     try:
-        return stage_main(export_flow, __doc__, argv)
+        return stage_main(export_flow, __doc__, argv, switches={"--overwrite": overwrite})
     except (ExportExists, PublishError) as e:
         print(f"flows.export: {e}", file=sys.stderr)
         return 2

@@ -2,7 +2,7 @@
 
 It asks DVC to reproduce each stage in order (`dvc repro <stage>`), so DVC alone decides what is
 stale (a Prefect result cache never hides a stage DVC would rerun: every task here is NO_CACHE).
-With `overrides` (`key=value`, e.g. `stage3.sampling.t2i=0.2` or `profile=paper`) the DAG runs as
+With `overrides` (`key=value`, e.g. `stage3.steps=1200` or `profile=paper`) the DAG runs as
 one `dvc exp run -S …` experiment instead. `force` names stages to rerun although DVC finds them up
 to date: in order, with `dvc repro --force --single-item`; with overrides, each forced stage first
 runs as its own `dvc exp run --force --single-item` (an experiment of its own), then the DAG — which

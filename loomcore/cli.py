@@ -265,6 +265,11 @@ def cmd_pipeline(args) -> int:
     print(f"pipeline: profile {cfg.profile} (config {cfg.fingerprint()})")
     stages = _dvc_stages()
     missing = [s for s in PIPELINE_STAGES if s not in stages]
+    unknown = [t for t in args.targets or [] if t not in stages]
+    if unknown:  # before a Prefect server starts for it
+        print(f"loom pipeline: --target {', '.join(unknown)}: no such stage in dvc.yaml; stages: {', '.join(stages)}",
+              file=sys.stderr)
+        return 2
     if not stages:
         print("pipeline: dvc.yaml has no stages yet; ran what exists (config check, base models).")
     else:
@@ -308,6 +313,23 @@ against the model before anything runs: bad input exits with status 2 and says w
 """
 
 
+def _check_generate_size(cfg, args) -> None:
+    """--height / --width / --frames against the profile's codec and patch before any model loads
+    (the pipeline checks them again, and what a source or reference implies, once it has one)."""
+    from loomcore.pipeline.inputs import Geometry
+
+    given = [(f"--{k}", v) for k, v in (("height", args.height), ("width", args.width), ("frames", args.frames)) if v]
+    if not given or args.source or args.ref:  # with media, the unspecified ones come from it
+        return
+    geo = Geometry(cfg.codec.spatial_factor, cfg.codec.temporal_factor, tuple(cfg.dit.patch_size))
+    g = cfg.guidance
+    try:
+        geo.check_size(args.height or g.height, args.width or g.width)
+        geo.check_tokens(args.height or g.height, args.width or g.width, args.frames or g.frames)
+    except InputError as e:
+        raise InputError(f"{' '.join(f'{k} {v}' for k, v in given)}: {e}") from None
+
+
 def cmd_generate(args) -> int:
     import torch
 
@@ -348,6 +370,7 @@ def cmd_generate(args) -> int:
                 if not is_s3(folder) and not Path(folder).is_dir():
                     raise InputError(f"models.{key} {folder}: no such folder (the {cfg.profile} profile's base models; "
                                      f"{how})")
+            _check_generate_size(cfg, args)
 
         # 2. The model
         if args.model:
@@ -407,7 +430,11 @@ def build_parser() -> argparse.ArgumentParser:
             configured.append(p)
         return p
 
-    p = command("config", cmd_config, help="print or check the config a stage runs with (params.yaml + overrides)")
+    p = command("config", cmd_config, help="print or check the config a stage runs with (params.yaml + overrides)",
+                description="Prints the config as YAML — the whole of it, or one section named first — with the "
+                "key=value overrides applied and checked.",
+                epilog="examples:\n  loom config stage1\n  loom config stage1 stage1.steps=200\n"
+                "  loom config --check --profile paper", formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--check", action="store_true", help="only validate; print one line")
 
     p = command("params", cmd_params, config=False,

@@ -82,3 +82,12 @@ def test_pipeline_overrides_run_as_a_dvc_experiment():
     assert pipeline_command(None, [], ["stage1"]) == ["dvc", "repro", "stage1"]
     assert pipeline_command("paper", ["stage1.steps=5"], ["stage1"]) == [
         "dvc", "exp", "run", "-S", "profile=paper", "-S", "stage1.steps=5", "stage1"]
+
+
+def test_pipeline_refuses_an_unknown_target_before_starting_anything(capsys):
+    """A typo in --target is named with the stages there are, exit 2 — not a Prefect server started
+    for DVC's own "Stage not found" (exit 255)."""
+    code = main(["pipeline", "--target", "stage1", "--target", "nosuchstage"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.startswith("loom pipeline: --target nosuchstage: no such stage in dvc.yaml; stages: base_models, ")

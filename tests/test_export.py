@@ -483,6 +483,11 @@ def test_stage_command_exports_publishes_and_refuses_an_existing_target(project,
     assert read_latest(f"s3://{s3_bucket}/models-root", "loom-e2e")["version"] == version
     second = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_ROOT, env=env, timeout=180)
     assert second.returncode == 2 and f"export target {out} exists; pass --overwrite" in second.stderr
+    (out / "stale.txt").write_text("from an earlier export")
+    local = [c for c in cmd if not c.startswith("export.s3_uri=")] + ["--overwrite"]  # the folder only
+    third = subprocess.run(local, capture_output=True, text=True, cwd=REPO_ROOT, env=env, timeout=180)
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert not (out / "stale.txt").exists() and read_export_info(out)["version"].startswith("v-")  # written anew
 
 
 def test_the_card_headline_is_shapesbench_against_the_base_models():

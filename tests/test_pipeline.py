@@ -513,7 +513,7 @@ def test_cli_reads_a_long_source_as_the_release_demo_and_says_what_it_kept(tiny_
     assert _cli(tiny_workspace, "--source", clip, "--prompt", "make the circle blue", "--out", out) == 0
     printed = capsys.readouterr().out
     assert cfg.video.fps == 8 and max(cfg.video.frames.values()) == 5
-    assert "source long.mp4: 30 fps; kept 5 frames at 8 fps (source frames 0, 4, 8, 11, … 15 of the 16 read" in printed
+    assert "source long.mp4: 30 fps; kept 5 frames at 8 fps (source frames 0, 4, 8, 11, 15 of the 16 read" in printed
     h, w = read_video(out).shape[1:3]
     m = pipe.geometry.height_multiple  # native size, floored to what the model takes (tiny: 4)
     assert read_video(out).shape[0] == 5 and (h, w) == (45 // m * m, 53 // m * m) != (45, 53), printed
@@ -539,8 +539,10 @@ def test_cli_reads_a_long_source_as_the_release_demo_and_says_what_it_kept(tiny_
         (["--prompt", "a cat", "--model", "{tmp}/nope"], "--model {tmp}/nope: no such folder"),
         (["--prompt", "a cat", "--transformer", "{tmp}/nope"], "--transformer {tmp}/nope: no such folder"),
         (["--prompt", "zq " * 200], "more than mllm.max_length = 128 (shorten the text"),
-        (["--prompt", "a cat", "--height", "100000", "--width", "100000"],
-         "100000×100000 (W×H) × 5 frame(s) is 3,125,000,000 DiT tokens, more than one call generates (1,048,576)"),
+        (["--prompt", "a cat", "--height", "100000", "--width", "100000"],  # named, before any model loads
+         "--height 100000 --width 100000: 100000×100000 (W×H) × 5 frame(s) is 3,125,000,000 DiT tokens, more "
+         "than one call generates (1,048,576)"),
+        (["--prompt", "a cat", "--height", "37"], "--height 37: height = 37: this model takes multiples of 4"),
     ],
 )
 def test_cli_bad_input_exits_2_with_a_message(tiny_workspace, files, saved_dir, tmp_path, capsys, args, needle):

@@ -312,7 +312,8 @@ class SourceCut:
     temporal_factor: int
 
     def describe(self) -> str:
-        shown = ", ".join(map(str, self.indices[:4])) + (f", … {self.indices[-1]}" if len(self.indices) > 4 else "")
+        i = self.indices
+        shown = ", ".join(map(str, i)) if len(i) <= 5 else ", ".join(map(str, i[:4])) + f", … {i[-1]}"
         return (f"source {Path(self.path).name}: {self.src_fps:g} fps; kept {len(self.indices)} frames at {self.fps:g} fps "
                 f"(source frames {shown} of the {self.frames_read} read; the release's rule: at most "
                 f"{self.max_frames} frames at {self.fps:g} fps from the start, nearest frame, trimmed to "
