@@ -321,3 +321,32 @@ def test_guidance_branches(tiny_mllm_encoder):
         assert (vis["input_ids"] == pad).sum() == (full["input_ids"] == pad).sum()
     feats = enc.encode_visual_only([req, MLLMRequest("image_recon", source=IMG_A)])
     assert feats.lengths[0].item() == vis["input_ids"].shape[1]
+
+
+def test_the_paper_profile_s_token_cap_holds_its_edit_and_reference_samples(tiny_mllm_dir, tmp_path):
+    """mllm.max_length keeps over-long samples out of the cache; on the paper profile it must not
+    keep out the tasks themselves. With Qwen3-VL-8B's own processor settings (16-pixel patches
+    merged 2×2; its image and video size limits) a 480×832 tvr2v sample is 1227 tokens and mi2v with
+    three references 1217: the former cap of 1024 dropped every one of them."""
+    import json
+    import shutil
+
+    from loomcore.models.mllm import MLLMTokenizer, Qwen3VLInputs
+
+    folder = tmp_path / "qwen3vl_processor"
+    shutil.copytree(tiny_mllm_dir, folder, ignore=shutil.ignore_patterns("*.safetensors"))
+    for name, size in (("preprocessor_config.json", {"longest_edge": 16777216, "shortest_edge": 65536}),
+                       ("video_preprocessor_config.json", {"longest_edge": 25165824, "shortest_edge": 4096})):
+        settings = json.loads((folder / name).read_text())  # Qwen3-VL-8B-Instruct's values
+        (folder / name).write_text(json.dumps({**settings, "patch_size": 16, "merge_size": 2,
+                                               "temporal_patch_size": 2, "size": size}))
+    cfg = load_config(profile="paper")
+    tok = MLLMTokenizer(Qwen3VLInputs.from_pretrained(folder), cfg.mllm.source_temporal_stride, cfg.mllm.max_length)
+    frame = np.zeros((480, 832, 3), np.uint8)
+    video = np.zeros((121, 480, 832, 3), np.uint8)  # the paper's 480p clip length
+    counts = {task: tok.tokenize(MLLMRequest(task, text, **media))["input_ids"].shape[1] for task, text, media in (
+        ("ti2i", "make the red car blue", dict(source=frame)),
+        ("tvr2v", "replace the red car with the car in @Figure 1", dict(source=video, references=[frame])),
+        ("mi2v", "@Figure 1 and @Figure 2 walk past @Figure 3", dict(references=[frame] * 3)))}
+    assert counts["ti2i"] > 396 and counts["tvr2v"] > 1024 and counts["mi2v"] > 1024, counts  # 396 an image
+    assert max(counts.values()) <= cfg.mllm.max_length
