@@ -317,6 +317,30 @@ def test_online_mllm_features_match_the_cached_ones_and_train(ws, tiny_online_ca
             assert s.context_visual is None or torch.allclose(s.context_visual, ref.context_visual, atol=1e-5)
     from loomcore.data.loader import load_null_context
     assert torch.allclose(source.null_context, load_null_context(cfg.paths.cache), atol=1e-5)
+
+    # the step's read: each row's latents and MLLM inputs in one visit to its shard (an s3:// shard
+    # evicted between two visits is fetched twice), and the same contexts as `fill`
+    from loomcore.train.contexts import load_pack
+
+    visits = []
+
+    class Recording(ShardReader):
+        def get(self, shard, *a):
+            if not visits or visits[-1] != shard:
+                visits.append(shard)
+            return super().get(shard, *a)
+
+    mixed = [r for pair in zip(rows[:3], read_index(online.paths.cache, "train", "256p")) for r in pair]
+    modes = ["none", "text", "none", "none", "all", "text"]
+    packed = load_pack(Recording(online.paths.cache), source, mixed, modes)
+    assert len({r["shard"] for r in mixed}) == 2
+    assert visits == [r["shard"] for r in mixed]  # A B A B A B: one visit per row (was 12: latents, then inputs)
+    filled = [load_sample(ShardReader(online.paths.cache), r) for r in mixed]
+    source.fill(filled, mixed, modes)
+    for a, b in zip(packed, filled):
+        for attr in ("context", "context_visual"):
+            x, y = getattr(a, attr), getattr(b, attr)
+            assert (x is None) == (y is None) and (x is None or torch.equal(x, y)), attr
     summary = train_stage(online, "stage3")
     assert summary["steps"] == 2 and summary["skipped_steps"] == 0 and math.isfinite(summary["loss_final"])
 

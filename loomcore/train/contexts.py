@@ -17,21 +17,35 @@ from typing import List, Mapping, Optional, Sequence
 
 import torch
 
-from loomcore.data.loader import Sample, ShardReader
+from loomcore.data.loader import Sample, ShardReader, load_sample
 from loomcore.models.mllm import DROP_ALL, DROP_NONE, DROP_TEXT
 
 MLLM_INPUT_KEYS = ("input_ids", "pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
 
 
-class CachedContexts:
+class _Contexts:
+    """`read` one row's MLLM inputs (while its shard is open: the step reads a sample's latents and
+    them in one pass, so an s3:// shard is fetched once per step, not once for each), then `encode`
+    a pack's reads into its samples; `fill` does both for samples already loaded."""
+
+    def read(self, row: Mapping, mode: str) -> Optional[tuple]:
+        return None
+
+    def encode(self, samples: Sequence[Sample], reads: Sequence[Optional[tuple]]) -> None:
+        pass
+
+    def fill(self, samples: Sequence[Sample], rows: Sequence[Mapping], modes: Sequence[str]) -> None:
+        self.encode(samples, [self.read(r, m) for r, m in zip(rows, modes)])
+
+
+class CachedContexts(_Contexts):
+    """The loader read the features with the sample: nothing to read or encode."""
+
     def __init__(self, null_context: Optional[torch.Tensor]):
         self.null_context = null_context
 
-    def fill(self, samples: Sequence[Sample], rows: Sequence[Mapping], modes: Sequence[str]) -> None:
-        pass  # the loader read them with the sample
 
-
-class OnlineContexts:
+class OnlineContexts(_Contexts):
     def __init__(self, cfg, reader: ShardReader, device: torch.device):
         from loomcore.models.mllm import MLLMEncoder, MLLMRequest
 
@@ -48,25 +62,38 @@ class OnlineContexts:
             return None
         return {k: self.reader.get(row["shard"], *entries[f"{variant}/{k}"]) for k in keys}
 
-    def fill(self, samples: Sequence[Sample], rows: Sequence[Mapping], modes: Sequence[str]) -> None:
-        todo: List[tuple] = []  # (sample, attribute, tokenized inputs)
-        for sample, row, mode in zip(samples, rows, modes):
-            if mode == DROP_NONE:
-                inputs = self._inputs(row, "mllm")
-                if inputs is None:
-                    raise ValueError(f"sample {row['id']}: the cache has no MLLM inputs (built with feature_mode=cached?)")
-                todo.append((sample, "context", inputs))
-            elif mode == DROP_TEXT:
-                inputs = self._inputs(row, "mllm_visual")  # None for a text-only sample: the null context
-                if inputs is not None:
-                    todo.append((sample, "context_visual", inputs))
-            else:
-                assert mode == DROP_ALL, mode
+    def read(self, row: Mapping, mode: str) -> Optional[tuple]:
+        """(the Sample attribute to set, the tokenized inputs) of the variant `mode` needs, or None."""
+        if mode == DROP_NONE:
+            inputs = self._inputs(row, "mllm")
+            if inputs is None:
+                raise ValueError(f"sample {row['id']}: the cache has no MLLM inputs (built with feature_mode=cached?)")
+            return "context", inputs
+        if mode == DROP_TEXT:
+            inputs = self._inputs(row, "mllm_visual")  # None for a text-only sample: the null context
+            return None if inputs is None else ("context_visual", inputs)
+        assert mode == DROP_ALL, mode
+        return None
+
+    def encode(self, samples: Sequence[Sample], reads: Sequence[Optional[tuple]]) -> None:
+        todo = [(sample, *r) for sample, r in zip(samples, reads) if r is not None]  # (sample, attribute, inputs)
         if not todo:
             return
         feats = self.encoder.encode_tokenized([t[2] for t in todo], batch_size=self.batch_size)
         for i, (sample, attr, _) in enumerate(todo):
             setattr(sample, attr, feats.hidden_states[i, :, : int(feats.lengths[i])])  # [L, T_i, H]
+
+
+def load_pack(reader: ShardReader, contexts: _Contexts, rows: Sequence[Mapping], modes: Sequence[str]) -> List[Sample]:
+    """A pack's samples with their contexts: each row's latents and MLLM inputs read in one visit to
+    its shard (a pack of ~50 samples from as many s3:// shards fetched each once, not twice), then
+    the MLLM run once over the pack (online mode)."""
+    samples, reads = [], []
+    for row, mode in zip(rows, modes):
+        samples.append(load_sample(reader, row))
+        reads.append(contexts.read(row, mode))
+    contexts.encode(samples, reads)
+    return samples
 
 
 def context_source(cfg, reader: ShardReader, null_context: Optional[torch.Tensor], device: torch.device):

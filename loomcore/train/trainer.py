@@ -19,11 +19,11 @@ from typing import Dict, List, Optional
 import torch
 
 from loomcore.config import TASK_KINDS, Config
-from loomcore.data.loader import PackedLoader, load_sample
+from loomcore.data.loader import PackedLoader
 from loomcore.models.packed import autocast
 from loomcore.storage import S3Settings
 from loomcore.train import telemetry
-from loomcore.train.contexts import context_source
+from loomcore.train.contexts import context_source, load_pack
 from loomcore.train.distributed import (
     DistEnv, EMAState, ModelState, OptimizerState, all_reduce_sum, rank_process, set_gradient_sync,
 )
@@ -102,10 +102,9 @@ class Trainer(Harness):
         `STEP_SUMS` (on the device)."""
         cfg, s = self.cfg, self.s
         rows = [self.loader.rows[it.key] for it in pack_items]
-        samples = [load_sample(self.loader.reader, r) for r in rows]
         seed_generators(self.generators, cfg.seed, step, pack_index)
-        modes = draw_modes(len(samples), self.generators, s.text_dropout, s.all_dropout)
-        self.contexts.fill(samples, rows, modes)  # online mode: the frozen MLLM runs here
+        modes = draw_modes(len(rows), self.generators, s.text_dropout, s.all_dropout)
+        samples = load_pack(self.loader.reader, self.contexts, rows, modes)  # online mode: the MLLM runs here
         inputs = build_pack(samples, self.contexts.null_context, self.generators, flow=cfg.flow,
                             shift_scale=s.shift_scale, text_dropout=s.text_dropout, all_dropout=s.all_dropout,
                             patch_size=cfg.dit.patch_size, use_source=s.source_embedding, modes=modes).to(self.device)
