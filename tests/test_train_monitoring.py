@@ -144,6 +144,7 @@ def test_ema_and_guard_work_on_fsdp2_dtensor_params(tmp_path):
         full = ema.full_state_dict()
         assert type(full["0.weight"]) is torch.Tensor
         assert torch.equal(full["0.weight"], ema.state_dict()["0.weight"].to_local())  # one rank: whole
+        assert ema.full_state_dict(keep=False) == {}  # a rank that does not write joins the gathers, keeps nothing
         fresh = EMA(model, 0.5)
         fresh.load_state_dict(full)  # a full checkpoint tensor is sharded back like the parameter
         assert torch.equal(fresh.state_dict()["0.weight"].to_local(), full["0.weight"])

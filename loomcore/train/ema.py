@@ -107,10 +107,17 @@ class EMA:
         return dict(zip(self.names, self.shadow))
 
     @torch.no_grad()
-    def full_state_dict(self) -> Dict[str, torch.Tensor]:
+    def full_state_dict(self, keep: bool = True) -> Dict[str, torch.Tensor]:
         """Like `state_dict`, with FSDP2 shards gathered into full CPU tensors — what a single
-        ema.safetensors needs. A collective: every rank must call it."""
-        return {n: (s.full_tensor() if _is_dtensor(s) else s).cpu() for n, s in zip(self.names, self.shadow)}
+        ema.safetensors needs. A collective: every rank must call it; a rank with `keep` False (not
+        the writer) drops each gathered tensor at once and returns {} (eight ranks of a node would
+        otherwise each hold the paper model's 20 GB fp32 EMA in host memory)."""
+        out = {}
+        for n, s in zip(self.names, self.shadow):
+            full = s.full_tensor() if _is_dtensor(s) else s
+            if keep:
+                out[n] = full.cpu()
+        return out
 
     @torch.no_grad()
     def load_state_dict(self, state: Dict[str, torch.Tensor]) -> None:

@@ -217,7 +217,7 @@ class Trainer(Harness):
     def weights(self) -> dict:
         """final/ (the raw weights) and model/ (EMA where kept; frozen parameters from final)."""
         final = ModelState(self.model).state_dict()
-        ema = self.ema.full_state_dict() if self.ema is not None else None
+        ema = self.ema.full_state_dict(keep=self.env.is_main) if self.ema is not None else None  # rank 0 writes
         return {"final": final, "model": {**final, **ema} if ema is not None else final}
 
     def summary(self, rows: List[dict], start: int, results) -> dict:
