@@ -15,8 +15,8 @@ stage-3 model, frozen: the KL proxy, the optional KL term, the "before" evaluati
   4. θ_old ← d·θ_old + (1 − d)·θ, d from the optimizer steps taken so far.
 
 Distributed exactly like the stage trainer (`loomcore.train.distributed`): one process group
-(gloo/nccl), every model FSDP2-wrapped; rank r samples and trains items r, r + W, … of each step
-(G·K must split over the W ranks), rewards are all-gathered so that every rank computes the same
+(gloo/nccl), every model FSDP2-wrapped; rank r samples and trains the r-th contiguous G·K/W items of
+each step — whole prompt groups where K allows (G·K must split over the W ranks), rewards are all-gathered so that every rank computes the same
 advantages. All randomness is derived from (seed, step, item): a resumed run redraws the same
 prompts, noise and timesteps, and the checkpoint holds θ, θ_old, the optimizer and the counters.
 
@@ -69,10 +69,13 @@ RL_SUMS = {"policy_loss": 1, "unweighted_policy_loss": 1, "positive_loss": 1, "n
 
 
 def rank_slice(n: int, env: DistEnv) -> List[int]:
-    """This rank's items of n (r, r + W, …); n must split evenly (FSDP2's forwards are collectives)."""
+    """This rank's items of n: the r-th contiguous n/W of them, so that a rank holds whole prompt
+    groups (K samples of a prompt are neighbours) and reads and encodes about G/W prompts' conditions,
+    not up to all G; n must split evenly (FSDP2's forwards are collectives)."""
     if n % env.world_size:
         raise ValueError(f"{n} items do not split over {env.world_size} ranks")
-    return list(range(env.rank, n, env.world_size))
+    per = n // env.world_size
+    return list(range(env.rank * per, (env.rank + 1) * per))
 
 
 def pad_to_ranks(items: list, world_size: int) -> list:
@@ -82,10 +85,10 @@ def pad_to_ranks(items: list, world_size: int) -> list:
 
 
 def all_gather_rows(local: torch.Tensor, env: DistEnv) -> torch.Tensor:
-    """[n/W, ...] on each rank → [n, ...] in item order (rank r held items r, r + W, …)."""
+    """[n/W, ...] on each rank → [n, ...] in item order (rank r held the r-th n/W, `rank_slice`)."""
     parts = [torch.empty_like(local) for _ in range(env.world_size)]
     dist.all_gather(parts, local.contiguous())
-    return torch.stack(parts, dim=1).flatten(0, 1)  # interleave back: item i = parts[i % W][i // W]
+    return torch.cat(parts)
 
 
 def paired_gain(before: Dict[str, float], after: Dict[str, float]) -> dict:
