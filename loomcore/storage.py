@@ -228,9 +228,15 @@ def materialize(uri: str | os.PathLike, cache_dir: Optional[Path] = None,
         raise FileNotFoundError(f"{uri}: nothing under this S3 prefix but files ending in {', '.join(skip_suffixes)}")
     for obj in wanted:
         dest = cache_root / obj["Key"]
-        if dest.is_file() and dest.stat().st_size == obj["Size"]:
+        # the object's ETag as it was when mirrored, beside the mirror (not in a folder a caller
+        # lists): a copy of the same size is current only if the object has not been replaced since
+        # (an overwritten weights file of the same shape is the same size)
+        etag = cache_root.parent / ".etag" / bucket / obj["Key"]
+        if dest.is_file() and dest.stat().st_size == obj["Size"] and etag.is_file() and \
+                etag.read_text() == obj.get("ETag", ""):
             continue
         dest.parent.mkdir(parents=True, exist_ok=True)
+        etag.parent.mkdir(parents=True, exist_ok=True)
         # A temp file of this process and thread, beside the mirror (same file system: the rename is
         # atomic) but outside the folder a caller lists: the ranks of a node mirror the same models
         # at once, and one rank's rename must not take the file another is still checking.
@@ -242,6 +248,8 @@ def materialize(uri: str | os.PathLike, cache_dir: Optional[Path] = None,
             if tmp.stat().st_size != obj["Size"]:
                 raise IOError(f"s3://{bucket}/{obj['Key']}: downloaded {tmp.stat().st_size} bytes, expected {obj['Size']}")
             os.replace(tmp, dest)
+            tmp.write_text(obj.get("ETag", ""))
+            os.replace(tmp, etag)
         finally:
             tmp.unlink(missing_ok=True)
     return cache_root / prefix.rstrip("/") if prefix.strip("/") else cache_root

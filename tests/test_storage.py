@@ -39,8 +39,13 @@ def test_folder_file_and_sibling_prefixes(s3_bucket, tmp_path, monkeypatch):
     one = materialize(f"s3://{s3_bucket}/model/a.json")
     assert one.is_file() and one.read_text() == "{}"
     # a second call reuses the verified mirror (no .part files left behind)
+    mtime = (local / "sub" / "b.bin").stat().st_mtime_ns
     assert materialize(f"s3://{s3_bucket}/model/") == local
-    assert not list(local.rglob("*.part*"))
+    assert not list(local.rglob("*.part*")) and (local / "sub" / "b.bin").stat().st_mtime_ns == mtime
+    # an object replaced by one of the same size (new weights of the same shapes) is fetched again
+    client.put_object(Bucket=s3_bucket, Key="model/sub/b.bin", Body=b"y" * 1000)
+    assert materialize(f"s3://{s3_bucket}/model") == local and (local / "sub" / "b.bin").read_bytes() == b"y" * 1000
+    assert sorted(p.name for p in local.rglob("*") if p.is_file()) == ["a.json", "b.bin"]  # nothing else in it
     with pytest.raises(FileNotFoundError, match="no objects under this S3 prefix"):
         materialize(f"s3://{s3_bucket}/nothing-here")
 
