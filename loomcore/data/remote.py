@@ -11,8 +11,8 @@ there. The staged shard is deleted once pushed: a node's disk holds a few shards
 
 Readers (`ShardReader`, `read_index`, …) take the same URI. The index, the null context and
 cache.json are mirrored into the staging folder (fetched again when the store's sha256 differs);
-shards are fetched on first use into a folder of the process's own (`.read/<local rank>/`, so
-ranks on one node never evict each other's files), verified against the index's sha256, and
+shards are fetched on first use into a folder of the process's own (`.read/<host>-<local rank>/`,
+so no two ranks evict each other's files, on one node or on nodes sharing LOOM_CACHE_DIR), verified against the index's sha256, and
 evicted least-recently-used past `keep` files. `prefetch(names)` fetches the shards the loader's
 next packs need in background threads, so a step does not wait on the store.
 """
@@ -20,6 +20,7 @@ next packs need in background threads, so a step does not wait on the store.
 from __future__ import annotations
 
 import os
+import socket
 import threading
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -142,7 +143,7 @@ class ShardFetcher:
 
     def __init__(self, remote: RemoteCache, digests: Dict[str, str], keep: int = 16, workers: int = 2):
         self.remote, self.digests, self.keep = remote, digests, max(1, keep)
-        self.folder = remote.local / ".read" / os.environ.get("LOCAL_RANK", "0")
+        self.folder = remote.local / ".read" / f"{socket.gethostname()}-{os.environ.get('LOCAL_RANK', '0')}"
         self.folder.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._files: "OrderedDict[str, Future]" = OrderedDict()
