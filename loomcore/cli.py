@@ -204,6 +204,14 @@ def cmd_deploy(args) -> int:
         return 2
     print(f"deploy: profile {cfg.profile}: CPU deployments on pool {pools['LOOM_CPU_POOL']}, GPU deployments on "
           f"pool {pools['LOOM_GPU_POOL']}; runs in {env['LOOM_REPO']}", flush=True)
+    from loomcore.config import DEFAULT_PARAMS, load_config
+
+    params = Path(args.params or DEFAULT_PARAMS)
+    checkout_profile = load_config(params_path=params).profile if params.is_file() else None
+    if checkout_profile and checkout_profile != cfg.profile:
+        print(f"deploy: note: the runs read {params} (profile {checkout_profile}), not profile {cfg.profile}: run "
+              f"`loom params profile={cfg.profile}` first, or give each run the override profile={cfg.profile}",
+              flush=True)
     print(f"deploy: nightly-retrain and nightly-eval schedules active (model registry {cfg.export.s3_uri})" if nightly
           else "deploy: nightly-retrain and nightly-eval deployed with their schedules paused: no model registry "
           "(export.s3_uri is null), so nightly-eval has no `latest` to evaluate; resume them in the UI", flush=True)
