@@ -19,6 +19,7 @@ or the store refuses us (credentials, permissions, a missing bucket: `StoreError
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import os
 import threading
@@ -232,8 +233,9 @@ def materialize(uri: str | os.PathLike, cache_dir: Optional[Path] = None,
         # lists): a copy of the same size is current only if the object has not been replaced since
         # (an overwritten weights file of the same shape is the same size)
         etag = cache_root.parent / ".etag" / bucket / obj["Key"]
-        if dest.is_file() and dest.stat().st_size == obj["Size"] and etag.is_file() and \
-                etag.read_text() == obj.get("ETag", ""):
+        current = lambda: dest.is_file() and dest.stat().st_size == obj["Size"] and etag.is_file() and \
+            etag.read_text() == obj.get("ETag", "")  # noqa: E731
+        if current():
             continue
         dest.parent.mkdir(parents=True, exist_ok=True)
         etag.parent.mkdir(parents=True, exist_ok=True)
@@ -243,15 +245,22 @@ def materialize(uri: str | os.PathLike, cache_dir: Optional[Path] = None,
         partial = cache_root.parent / ".partial"
         partial.mkdir(parents=True, exist_ok=True)
         tmp = partial / f"{os.getpid()}-{threading.get_ident()}-{dest.name}"
-        try:
-            client.download_file(bucket, obj["Key"], str(tmp), Config=transfer_config(settings))
-            if tmp.stat().st_size != obj["Size"]:
-                raise IOError(f"s3://{bucket}/{obj['Key']}: downloaded {tmp.stat().st_size} bytes, expected {obj['Size']}")
-            os.replace(tmp, dest)
-            tmp.write_text(obj.get("ETag", ""))
-            os.replace(tmp, etag)
-        finally:
-            tmp.unlink(missing_ok=True)
+        # ... and one of them downloads each object while the others wait for it (a lock per object:
+        # eight ranks no longer fetch a 20 GB model eight times)
+        with open(etag.with_name(etag.name + ".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if current():  # fetched by another process while this one waited
+                continue
+            try:
+                client.download_file(bucket, obj["Key"], str(tmp), Config=transfer_config(settings))
+                if tmp.stat().st_size != obj["Size"]:
+                    raise IOError(f"s3://{bucket}/{obj['Key']}: downloaded {tmp.stat().st_size} bytes, "
+                                  f"expected {obj['Size']}")
+                os.replace(tmp, dest)
+                tmp.write_text(obj.get("ETag", ""))
+                os.replace(tmp, etag)
+            finally:
+                tmp.unlink(missing_ok=True)
     return cache_root / prefix.rstrip("/") if prefix.strip("/") else cache_root
 
 

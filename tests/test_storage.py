@@ -52,14 +52,24 @@ def test_folder_file_and_sibling_prefixes(s3_bucket, tmp_path, monkeypatch):
 
 _MIRROR = """
 import sys
-from loomcore.storage import materialize
-print(sorted(p.name for p in materialize(sys.argv[1]).iterdir()), flush=True)
+import loomcore.storage as storage
+fetched = []
+real_client = storage.s3_client
+def counting_client(*a, **k):  # the real client; its downloads counted
+    client = real_client(*a, **k)
+    download = client.download_file
+    client.download_file = lambda bucket, key, *x, **y: (fetched.append(key), download(bucket, key, *x, **y))[1]
+    return client
+storage.s3_client = counting_client
+names = sorted(p.name for p in storage.materialize(sys.argv[1]).iterdir())
+print(names, len(fetched), flush=True)
 """
 
 
 def test_ranks_mirroring_the_same_prefix_at_once_all_get_it(s3_bucket, s3_endpoint, tmp_path, monkeypatch):
     """Every rank of a node materializes the same model folder at the same time; a temp file
-    shared by name let one rank's rename pull the download from under another (FileNotFoundError)."""
+    shared by name let one rank's rename pull the download from under another (FileNotFoundError).
+    One of them downloads each object, the others wait for it and use its copy."""
     import subprocess
     import sys
 
@@ -73,7 +83,8 @@ def test_ranks_mirroring_the_same_prefix_at_once_all_get_it(s3_bucket, s3_endpoi
                               stderr=subprocess.PIPE, text=True) for _ in range(4)]
     outs = [p.communicate(timeout=120) for p in procs]
     assert all(p.returncode == 0 for p in procs), [err[-1500:] for _, err in outs]
-    assert {out.strip() for out, _ in outs} == {str([f"w{k}.bin" for k in range(6)])}
+    assert {out.strip().rsplit(" ", 1)[0] for out, _ in outs} == {str([f"w{k}.bin" for k in range(6)])}
+    assert sum(int(out.split()[-1]) for out, _ in outs) == 6  # each object fetched once, by one of them
     local = tmp_path / "cache" / "s3" / s3_bucket / "model"
     assert all((local / f"w{k}.bin").read_bytes() == bytes([k]) * 300_000 for k in range(6))
     assert not list(local.glob("*.part*")) and not list((tmp_path / "cache" / "s3" / ".partial").iterdir())
