@@ -43,9 +43,14 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def _load(args) -> "object":
-    from loomcore.config import DEFAULT_PARAMS, load_config
+    """params.yaml of the checkout the command runs in (`_run_in_checkout`; else this package's),
+    or --params, + --profile and the overrides."""
+    from loomcore.config import DEFAULT_CONF_DIR, DEFAULT_PARAMS, load_config
 
-    return load_config(args.overrides, profile=args.profile, params_path=args.params or DEFAULT_PARAMS)
+    root = getattr(args, "checkout", None)
+    return load_config(args.overrides, profile=args.profile,
+                       params_path=args.params or (root / "params.yaml" if root else DEFAULT_PARAMS),
+                       conf_dir=root / "conf" if root and (root / "conf").is_dir() else DEFAULT_CONF_DIR)
 
 
 def cmd_config(args) -> int:
@@ -204,9 +209,9 @@ def cmd_deploy(args) -> int:
         return 2
     print(f"deploy: profile {cfg.profile}: CPU deployments on pool {pools['LOOM_CPU_POOL']}, GPU deployments on "
           f"pool {pools['LOOM_GPU_POOL']}; runs in {env['LOOM_REPO']}", flush=True)
-    from loomcore.config import DEFAULT_PARAMS, load_config
+    from loomcore.config import load_config
 
-    params = Path(args.params or DEFAULT_PARAMS)
+    params = Path(env["LOOM_REPO"]) / "params.yaml"  # what the deployed runs read
     checkout_profile = load_config(params_path=params).profile if params.is_file() else None
     if checkout_profile and checkout_profile != cfg.profile:
         print(f"deploy: note: the runs read {params} (profile {checkout_profile}), not profile {cfg.profile}: run "
@@ -476,6 +481,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir", help="output folder (LoomDiT.save_pretrained layout)")
 
     p = command("pipeline", cmd_pipeline, help="run the whole DAG (dvc repro) on a profile")
+    p.set_defaults(in_checkout=True)  # reads dvc.yaml: runs in the checkout (_run_in_checkout)
     p.add_argument("--target", dest="targets", action="append", help="only reproduce up to this stage (repeatable)")
 
     p = command("plan", cmd_plan, help="the GPU memory one training rank needs, per stage and GPU count (FSDP2)",
@@ -554,21 +560,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# The command line's file and folder arguments (of any subcommand)
-PATH_ARGS = ("params", "conf", "out", "checkpoint", "out_dir", "source", "ref", "model", "transformer")
+# The command line's file and folder arguments (of the subcommands that run in the checkout)
+PATH_ARGS = ("params", "out", "source", "ref", "model", "transformer")
 
 
 def _run_in_checkout(args) -> None:
     """For the subcommands that read or write the folders params names (models/, data/, outputs/,
     runs/): those paths are relative to the checkout, as DVC and the flows read them. Run in the
     checkout that holds the current folder (the nearest one with dvc.yaml and params.yaml), else in
-    this package's, the paths given on the command line made absolute first (s3:// URIs as given)."""
+    this package's, with its params.yaml and conf/ (`args.checkout`), the paths given on the command
+    line made absolute first (s3:// URIs as given). `main` goes back to the folder afterwards."""
     from loomcore.config import REPO_ROOT
     from loomcore.storage import is_s3
 
     here = Path.cwd().resolve()
     root = next((d for d in (here, *here.parents) if (d / "dvc.yaml").is_file() and (d / "params.yaml").is_file()),
                 REPO_ROOT.resolve())
+    args.checkout = root
     if root == here:
         return
     absolute = lambda v: v if not v or is_s3(v) or Path(v).is_absolute() else str(Path(v).resolve())  # noqa: E731
@@ -590,6 +598,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         args.overrides += extra  # k=v after an option that follows a positional: `loom node stage1 --profile p k=v`
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    back = os.getcwd()
     if getattr(args, "in_checkout", False):
         _run_in_checkout(args)
     try:
@@ -597,6 +606,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ConfigError as e:
         print(f"loom {args.command}: {e}", file=sys.stderr)
         return 2
+    finally:
+        os.chdir(back)  # (main called in-process: the caller's folder stays its own)
 
 
 if __name__ == "__main__":

@@ -77,9 +77,9 @@ def import_closure(module: str, repo: Path = REPO) -> FrozenSet[str]:
 
 
 def stage_params(stage: str) -> List[str]:
-    """The params keys dvc.yaml lists for `stage`: what the stage reads. One list for two uses —
-    DVC reruns the stage when one of them changes, and the run key fingerprints the same keys,
-    so a run resumes exactly when DVC would call its params unchanged."""
+    """The params keys dvc.yaml lists for `stage`: what the stage reads. DVC reruns the stage when
+    one of them changes; the run key fingerprints them less those that only say where and how a
+    run is watched (`stage_io.run_key_params`), so such a rerun resumes the run's checkpoints."""
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     if stage not in stages:
         raise KeyError(f"{REPO / 'dvc.yaml'}: no stage {stage!r}")

@@ -247,7 +247,9 @@ def materialize(uri: str | os.PathLike, cache_dir: Optional[Path] = None,
         tmp = partial / f"{os.getpid()}-{threading.get_ident()}-{dest.name}"
         # ... and one of them downloads each object while the others wait for it (a lock per object:
         # eight ranks no longer fetch a 20 GB model eight times)
-        with open(etag.with_name(etag.name + ".lock"), "a") as lock:
+        lock_path = cache_root.parent / ".lock" / bucket / obj["Key"]
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(lock_path, "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             if current():  # fetched by another process while this one waited
                 continue

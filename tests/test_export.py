@@ -483,6 +483,9 @@ def test_stage_command_exports_publishes_and_refuses_an_existing_target(project,
     assert read_latest(f"s3://{s3_bucket}/models-root", "loom-e2e")["version"] == version
     second = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_ROOT, env=env, timeout=180)
     assert second.returncode == 2 and f"export target {out} exists; pass --overwrite" in second.stderr
+    usage = subprocess.run([sys.executable, "-m", "flows.export", "--help"], capture_output=True, text=True,
+                           cwd=REPO_ROOT, check=True).stdout
+    assert "--overwrite" in usage.split("options:")[1]  # listed as an option, not only in the text above
     (out / "stale.txt").write_text("from an earlier export")
     local = [c for c in cmd if not c.startswith("export.s3_uri=")] + ["--overwrite"]  # the folder only
     third = subprocess.run(local, capture_output=True, text=True, cwd=REPO_ROOT, env=env, timeout=180)

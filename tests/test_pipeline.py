@@ -618,11 +618,14 @@ def test_every_help_example_runs_as_written(tiny_workspace, files, saved_dir, tm
     import shlex
 
     from loomcore.cli import build_parser
+    from loomcore.config import REPO_ROOT
 
     cfg, _ = tiny_workspace
     sub = build_parser()._subparsers._group_actions[0].choices["generate"]
-    examples = re.findall(r"^  [A-Za-z ]+?\s{2,}(loom generate .+)$", sub.format_help(), re.MULTILINE)
-    assert len(examples) == 10, sub.format_help()
+    examples = re.findall(r"^  [A-Za-z… ]+?\s{2,}(loom generate .+)$", sub.format_help(), re.MULTILINE)
+    assert len(examples) == 12, sub.format_help()
+    for name in ("dvc.yaml", "params.yaml"):  # a checkout: loom reads its params and folders
+        shutil.copyfile(REPO_ROOT / name, tmp_path / name)
     (tmp_path / "models").mkdir()
     (tmp_path / "models" / "tiny").symlink_to(Path(cfg.models.transformer).parent)
     (tmp_path / "outputs" / "stage3").mkdir(parents=True)

@@ -67,6 +67,20 @@ def test_held_out_items_pad_to_equal_work_on_any_number_of_ranks():
     assert pad_to_ranks(list("abcd"), 4) == list("abcd") and pad_to_ranks(list("abc"), 1) == list("abc")
 
 
+def test_each_rank_takes_whole_prompt_groups():
+    """A step's G prompts × K samples are items g·K + k; rank r takes the r-th contiguous share, so
+    on W ranks it reads and encodes the conditions of G/W prompts (every W-th item touched all G)."""
+    from loomcore.rl.trainer import rank_slice
+    from loomcore.train.distributed import DistEnv
+
+    G, K, W = 8, 4, 4
+    shares = [rank_slice(G * K, DistEnv(r, W, r, torch.device("cpu"))) for r in range(W)]
+    assert sorted(i for s in shares for i in s) == list(range(G * K))  # each item once
+    assert [{i // K for i in s} for s in shares] == [{0, 1}, {2, 3}, {4, 5}, {6, 7}]
+    with pytest.raises(ValueError, match="do not split over 3 ranks"):
+        rank_slice(G * K, DistEnv(0, 3, 0, torch.device("cpu")))
+
+
 def test_sigma_min_only_changes_the_x0_inversion():
     g = torch.Generator().manual_seed(0)
     v_theta, v_old, z, x = (torch.randn(6, 4, generator=g) for _ in range(4))

@@ -387,13 +387,17 @@ def test_run_key_follows_what_a_stage_trains_not_where_or_how_it_is_watched():
     assert key("stage2.nodes=2", "stage2.gpus_per_node=8", "train.grad_accum=2") == base
     assert key("stage2.nodes=4", "stage2.gpus_per_node=8", "stage2.log_every=7", "stage2.checkpoint_every=9",
                "stage2.keep_last=1", "stage2.sample_every=11", "train.timeout_hours=1",
-               "train.preflight_gpu_name=null", "train.preflight_min_free_gib=1") == base
+               "train.preflight_gpu_name=null", "train.preflight_min_free_gib=1", "dit.gradient_checkpointing=true",
+               "guidance.steps=3", "guidance.shift_scale=0.9") == base  # (the validation sampler's)
     for change in (["stage2.nodes=2", "stage2.gpus_per_node=8"], ["stage2.nodes=4", "stage2.gpus_per_node=8",
                    "stage2.optimizer.lr=1e-4"], ["stage2.nodes=4", "stage2.gpus_per_node=8", "train.cpu_threads=1"],
-                   ["stage2.nodes=4", "stage2.gpus_per_node=8", "flow.logit_normal_std=1.0"]):
+                   ["stage2.nodes=4", "stage2.gpus_per_node=8", "flow.logit_normal_std=1.0"],
+                   ["stage2.nodes=32", "stage2.gpus_per_node=0"]):  # the same 32 packs on CPUs: fp32, not bf16
         assert key(*change) != base, change
-    # RL splits its rollouts by rank: its nodes stay in the key, its log interval does not
+    # RL splits its rollouts by rank and samples them with `guidance`: both stay in its key; its
+    # log interval does not
     assert key("rl.nodes=2", stage="rl") != key(stage="rl") == key("rl.log_every=3", stage="rl")
+    assert key("guidance.shift_scale=0.9", stage="rl") != key(stage="rl")
 
 
 @pytest.mark.gpu

@@ -107,7 +107,7 @@ class LoomVideoPipeline(DiffusionPipeline):
         mllm_video_config: Optional[Dict[str, Any]] = None,
         fps: float = 24,
         source_temporal_stride: int = 15,
-        mllm_max_length: int = 1024,
+        mllm_max_length: int = 4096,
         negative_prompt: str = "",
         guidance_scale: float = 5.0,
         guidance_scale_edit: float = 2.5,

@@ -14,7 +14,8 @@ whole cache: millions of entries at paper scale, a 480p source latent alone ~6 M
 uses. The context follows `mllm.feature_mode`, as in the stage trainer
 (`loomcore.train.contexts`): `cached` reads it with the entry; `online` has the frozen MLLM
 encode the full condition, once per prompt, on the step's device (a context is L·T·H values:
-30 × ≤ mllm.max_length 1024 × 4096 in bf16, ≤ 252 MB; ~25 MB for a 100-token text prompt).
+30 × ≤ mllm.max_length 4096 × 4096 in bf16, ≤ 1 GB; ~25 MB for a 100-token text prompt, ~300 MB
+for a 480p tvr2v sample's ~1200 tokens).
 """
 
 from __future__ import annotations

@@ -70,8 +70,8 @@ def run_key(params_fingerprint: str, inputs_fingerprint: str) -> str:
     """The name of a stage's run directory: runs/<stage>/<run_key(...)>/.
 
     Only a run with the same params and the same inputs may resume another's checkpoints, so the
-    directory is keyed by a hash of both (e.g. `cfg.fingerprint("stage2", ...)` and the DVC hash
-    of the stage's deps). It must live OUTSIDE the stage's DVC outs: `dvc repro` deletes a stage's
+    directory is keyed by a hash of both (`stage_io.run_key_params`: what the stage trains, and
+    the stage's inputs and code). It must live OUTSIDE the stage's DVC outs: `dvc repro` deletes a stage's
     outs before running it, which would throw away the very checkpoints a resume needs.
     """
     if not params_fingerprint or not inputs_fingerprint:

@@ -101,27 +101,36 @@ def cache_key_files(cfg: Config) -> List[Path]:
 
 # Params that say where a run trains and how it is watched, not what it trains: out of the run key,
 # so that a run resumes after a change of them — a relaunch on fewer nodes with the same global
-# batch, a longer timeout, another GPU check, another log or checkpoint interval. A training stage's
-# batch enters the key as its packs per step, not as the factors nodes × gpus_per_node × grad_accum.
-UNKEYED_TRAIN = ("grad_accum", "nan_check_every", "spike_k", "spike_warmup", "spike_window", "validation_prompts",
-                 "validation_frames", "timeout_hours", "preflight_min_free_gib", "preflight_gpu_name", "out_dir")
+# batch, a longer timeout, another GPU check, another log or checkpoint interval, activation
+# checkpointing for less memory. A training stage's batch enters the key as its packs per step,
+# not as the factors nodes × gpus_per_node × grad_accum, and its device kind (CPU fp32 or GPU bf16
+# autocast) stays in it. The sampler's settings (`guidance.*`) draw stages 1–3's validation grids only.
+UNKEYED_TRAIN = ("grad_accum", "nan_check_every", "nan_max_consecutive", "spike_k", "spike_warmup", "spike_window",
+                 "validation_prompts", "validation_frames", "timeout_hours", "preflight_min_free_gib",
+                 "preflight_gpu_name", "out_dir")
 UNKEYED_STAGE = ("checkpoint_every", "keep_last", "log_every", "sample_every")
+UNKEYED_DIT = ("gradient_checkpointing",)
 BATCH_FACTORS = ("nodes", "gpus_per_node")
 
 
 def run_key_params(cfg: Config, stage: str) -> str:
-    """The fingerprint of what the stage trains: the params dvc.yaml lists for it, less UNKEYED_*;
-    stages 1–3 count their batch in packs per step (the trainer's global batch, whatever the
-    number of ranks that share it), so a run on 2 nodes × grad_accum 2 resumes one on 4 nodes × 1.
-    RL keeps its nodes: its rollouts are split by rank."""
-    picked = cfg.pick(*stage_params(stage))
+    """The fingerprint of what the stage trains: the params dvc.yaml lists for it, less the
+    UNKEYED_* ones; stages 1–3 count their batch in packs per step (the trainer's global batch,
+    whatever the number of ranks that share it), so a run on 2 nodes × grad_accum 2 resumes one on
+    4 nodes × 1, and leave out the validation sampler's `guidance.*`. RL keeps its nodes (its
+    rollouts are split by rank) and its sampler settings (its rollouts use them)."""
+    training = stage != "rl"
+    picked = cfg.pick(*(k for k in stage_params(stage) if not (training and k.startswith("guidance."))))
     if "train" in picked:
         picked["train"] = {k: v for k, v in picked["train"].items() if k not in UNKEYED_TRAIN}
+    if isinstance(picked.get("dit"), dict):
+        picked["dit"] = {k: v for k, v in picked["dit"].items() if k not in UNKEYED_DIT}
     if stage in picked:
         section = {k: v for k, v in picked[stage].items() if k not in UNKEYED_STAGE}
-        if stage != "rl":
+        if training:
             section = {k: v for k, v in section.items() if k not in BATCH_FACTORS}
             section["packs_per_step"] = packs_per_step(cfg, stage)
+            section["device"] = "gpu" if cfg.stage(stage).gpus_per_node > 0 else "cpu"
         picked[stage] = section
     return fingerprint_dict(picked)
 
