@@ -574,8 +574,10 @@ def _run_in_checkout(args) -> None:
     from loomcore.storage import is_s3
 
     here = Path.cwd().resolve()
-    root = next((d for d in (here, *here.parents) if (d / "dvc.yaml").is_file() and (d / "params.yaml").is_file()),
-                REPO_ROOT.resolve())
+    is_checkout = lambda d: (d / "dvc.yaml").is_file() and (d / "params.yaml").is_file()  # noqa: E731
+    root = next((d for d in (here, *here.parents) if is_checkout(d)), REPO_ROOT.resolve())
+    if not is_checkout(root):  # an installed package, no checkout anywhere: paths are the caller's
+        return
     args.checkout = root
     if root == here:
         return
