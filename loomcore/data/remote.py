@@ -12,8 +12,8 @@ there. The staged shard is deleted once pushed: a node's disk holds a few shards
 Readers (`ShardReader`, `read_index`, …) take the same URI. The index, the null context and
 cache.json are mirrored into the staging folder (fetched again when the store's sha256 differs);
 shards are fetched on first use into a folder of the process's own (`.read/<host>-<local rank>/`,
-so no two ranks evict each other's files, on one node or on nodes sharing LOOM_CACHE_DIR), verified against the index's sha256, and
-evicted least-recently-used past `keep` files. `prefetch(names)` fetches the shards the loader's
+so no two ranks evict each other's files, on one node or on nodes sharing LOOM_CACHE_DIR),
+verified against the index's sha256, and evicted least-recently-used past `keep` files. `prefetch(names)` fetches the shards the loader's
 next packs need in background threads, so a step does not wait on the store.
 """
 

@@ -32,6 +32,7 @@ from typing import Dict, Iterator, List, Optional, Protocol, Sequence
 
 import numpy as np
 
+from loomcore.sheets import video_frame_indices
 from loomcore.storage import S3Settings, materialize
 
 # Environment variables of the hosted judge.
@@ -235,13 +236,6 @@ def ask(judge: Judge, prompt: str, media: Sequence[JudgeMedia], dimensions: Sequ
     kinds = sorted({r.split(" (", 1)[0] for r in reasons})
     failure = f"{' / '.join(kinds)} after {n} attempt(s); last: {reasons[-1]}"
     return JudgeResult(dict.fromkeys(dimensions, float("nan")), n, answer, failure, time.monotonic() - t0)
-
-
-def video_frame_indices(num_frames: int, k: int) -> List[int]:
-    """k frames spread evenly over a clip (all of them when it has k or fewer)."""
-    if num_frames <= k:
-        return list(range(num_frames))
-    return np.linspace(0, num_frames - 1, k).round().astype(int).tolist()
 
 
 # --------------------------------------------------------------------------------------------

@@ -33,7 +33,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import textwrap
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
@@ -43,7 +42,7 @@ import pyarrow as pa
 
 from loomcore.data.schema import write_parquet
 from loomcore.eval import shapesbench as sb
-from loomcore.eval.judge import video_frame_indices
+from loomcore.sheets import contact_sheet
 from loomcore.eval.metrics import VBENCH_METRICS
 from loomcore.eval.prompts import FASHION_COLUMNS, FASHION_DIMENSIONS, REFVIE, REFVIE_COLUMNS, TIV2V_CATEGORIES
 from loomcore.storage import is_s3
@@ -218,61 +217,6 @@ def _weighted(entries: List[dict], key: str) -> Optional[float]:
     pairs = [(e[key], e["n"] - e["failures"]) for e in entries if e.get(key) is not None and e["n"] > e["failures"]]
     total = sum(w for _, w in pairs)
     return sum(v * w for v, w in pairs) / total if total else None
-
-
-# --------------------------------------------------------------------------------------------
-# Contact sheets
-# --------------------------------------------------------------------------------------------
-
-ROW_H, TEXT_W, GAP, LABEL_W = 96, 300, 6, 70
-
-
-def _scaled(frame: np.ndarray):
-    from PIL import Image
-
-    h, w = frame.shape[:2]
-    return Image.fromarray(frame).resize((max(1, round(w * ROW_H / h)), ROW_H), Image.Resampling.NEAREST)
-
-
-def contact_sheet(items, path: Path, title: str, frames_per_video: int) -> Path:
-    """One row per item: wrapped prompt and note | source frames | references | generated frames."""
-    from PIL import Image, ImageDraw, ImageFont
-
-    font = ImageFont.load_default()
-    rows = []
-    for it in items:
-        groups = []
-        if it.source is not None:
-            groups.append(("source", [it.source[i] for i in video_frame_indices(len(it.source), frames_per_video)]))
-        if len(it.references):
-            groups.append(("references", list(it.references)))
-        groups.append(("generated", [it.frames[i] for i in video_frame_indices(len(it.frames), frames_per_video)]))
-        tiles = [(label, [_scaled(f) for f in frames]) for label, frames in groups]
-        width = TEXT_W + sum(max(sum(t.width + 2 for t in ts), LABEL_W) + GAP for _, ts in tiles)
-        height = max(ROW_H, max(t.height for _, ts in tiles for t in ts)) + 14
-        row = Image.new("RGB", (width, height), (255, 255, 255))
-        draw = ImageDraw.Draw(row)
-        text = "\n".join(textwrap.wrap(it.prompt, 46)[:6] + [it.note])
-        draw.multiline_text((4, 14), text, fill=(0, 0, 0), font=font, spacing=2)
-        x = TEXT_W
-        for label, ts in tiles:
-            draw.text((x, 1), label, fill=(90, 90, 90), font=font)
-            start = x
-            for t in ts:
-                row.paste(t, (x, 14))
-                x += t.width + 2
-            x = max(x, start + LABEL_W) + GAP
-        rows.append(row)
-    width = max([r.width for r in rows] + [TEXT_W])
-    sheet = Image.new("RGB", (width, 18 + sum(r.height + 4 for r in rows)), (255, 255, 255))
-    ImageDraw.Draw(sheet).text((4, 3), title, fill=(0, 0, 0), font=font)
-    y = 18
-    for r in rows:
-        sheet.paste(r, (0, y))
-        y += r.height + 4
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sheet.save(path)
-    return path
 
 
 # --------------------------------------------------------------------------------------------

@@ -36,6 +36,7 @@ from loomcore.eval.benchmarks import BenchmarkSample, read_benchmark, write_shap
 from loomcore.eval.judge import Judge, JudgeMedia, ask, judge_session
 from loomcore.eval.metrics import VBENCH_METRICS, VBenchScorer
 from loomcore.eval.prompts import TEMPLATES, template_for
+from loomcore.sheets import SheetItem
 from loomcore.storage import S3Settings, is_s3
 from loomcore.threads import intra_op_threads
 from loomcore.train.weights import resolve_weights
@@ -92,17 +93,6 @@ def _row(model, benchmark, sample_id, task, category, metric, score, prompt, fai
     return {"model": model, "benchmark": benchmark, "sample_id": sample_id, "task": task, "category": category,
             "metric": metric, "score": float(score), "failure": failure, "attempts": attempts,
             "answer": None if answer is None else answer[:2000], "prompt": prompt}
-
-
-@dataclass
-class SheetItem:
-    """One row of a contact sheet."""
-
-    prompt: str
-    frames: np.ndarray
-    source: Optional[np.ndarray] = None
-    references: Sequence[np.ndarray] = ()
-    note: str = ""
 
 
 # --------------------------------------------------------------------------------------------

@@ -15,9 +15,9 @@ stage-3 model, frozen: the KL proxy, the optional KL term, the "before" evaluati
   4. θ_old ← d·θ_old + (1 − d)·θ, d from the optimizer steps taken so far.
 
 Distributed exactly like the stage trainer (`loomcore.train.distributed`): one process group
-(gloo/nccl), every model FSDP2-wrapped; rank r samples and trains the r-th contiguous G·K/W items of
-each step — whole prompt groups where K allows (G·K must split over the W ranks), rewards are all-gathered so that every rank computes the same
-advantages. All randomness is derived from (seed, step, item): a resumed run redraws the same
+(gloo/nccl), every model FSDP2-wrapped; rank r samples and trains the r-th contiguous G·K/W items
+of each step — whole prompt groups where K allows (G·K must split over the W ranks); rewards are
+all-gathered so that every rank computes the same advantages. All randomness is derived from (seed, step, item): a resumed run redraws the same
 prompts, noise and timesteps, and the checkpoint holds θ, θ_old, the optimizer and the counters.
 
 Prompts are read lazily (`loomcore.rl.rollout.with_conditions`): set-up reads the cache index

@@ -71,8 +71,8 @@ def run_key(params_fingerprint: str, inputs_fingerprint: str) -> str:
 
     Only a run with the same params and the same inputs may resume another's checkpoints, so the
     directory is keyed by a hash of both (`stage_io.run_key_params`: what the stage trains, and
-    the stage's inputs and code). It must live OUTSIDE the stage's DVC outs: `dvc repro` deletes a stage's
-    outs before running it, which would throw away the very checkpoints a resume needs.
+    the stage's inputs and code). It must live OUTSIDE the stage's DVC outs: `dvc repro` deletes a
+    stage's outs before running it, which would throw away the very checkpoints a resume needs.
     """
     if not params_fingerprint or not inputs_fingerprint:
         raise ValueError("run_key: both the params and the inputs fingerprint are required")

@@ -1,0 +1,83 @@
+"""Contact sheets: rows of a prompt, the source, the references and the frames drawn, as one PNG.
+Shared by evaluation (`outputs/eval/samples/*.png`) and the training stages' validation grids."""
+
+from __future__ import annotations
+
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+
+@dataclass
+class SheetItem:
+    """One row of a contact sheet: frames [F, H, W, 3] uint8 (an image is one frame)."""
+
+    prompt: str
+    frames: np.ndarray
+    source: Optional[np.ndarray] = None
+    references: Sequence[np.ndarray] = ()
+    note: str = ""
+
+
+def video_frame_indices(num_frames: int, k: int) -> List[int]:
+    """k frames spread evenly over a clip (all of them when it has k or fewer)."""
+    if num_frames <= k:
+        return list(range(num_frames))
+    return np.linspace(0, num_frames - 1, k).round().astype(int).tolist()
+
+
+ROW_H, TEXT_W, GAP, LABEL_W = 96, 300, 6, 70
+
+
+def _scaled(frame: np.ndarray) -> "Image.Image":
+    h, w = frame.shape[:2]
+    return Image.fromarray(frame).resize((max(1, round(w * ROW_H / h)), ROW_H), Image.Resampling.NEAREST)
+
+
+def sheet_image(items: Sequence[SheetItem], title: str, frames_per_video: int) -> "Image.Image":
+    """One row per item: wrapped prompt and note | source frames | references | generated frames
+    (each scaled to ROW_H pixels high), under a title."""
+    font = ImageFont.load_default()
+    rows = []
+    for it in items:
+        groups = []
+        if it.source is not None:
+            groups.append(("source", [it.source[i] for i in video_frame_indices(len(it.source), frames_per_video)]))
+        if len(it.references):
+            groups.append(("references", list(it.references)))
+        groups.append(("generated", [it.frames[i] for i in video_frame_indices(len(it.frames), frames_per_video)]))
+        tiles = [(label, [_scaled(f) for f in frames]) for label, frames in groups]
+        width = TEXT_W + sum(max(sum(t.width + 2 for t in ts), LABEL_W) + GAP for _, ts in tiles)
+        height = max(ROW_H, max(t.height for _, ts in tiles for t in ts)) + 14
+        row = Image.new("RGB", (width, height), (255, 255, 255))
+        draw = ImageDraw.Draw(row)
+        text = "\n".join(textwrap.wrap(it.prompt, 46)[:6] + [it.note])
+        draw.multiline_text((4, 14), text, fill=(0, 0, 0), font=font, spacing=2)
+        x = TEXT_W
+        for label, ts in tiles:
+            draw.text((x, 1), label, fill=(90, 90, 90), font=font)
+            start = x
+            for t in ts:
+                row.paste(t, (x, 14))
+                x += t.width + 2
+            x = max(x, start + LABEL_W) + GAP
+        rows.append(row)
+    width = max([r.width for r in rows] + [TEXT_W])
+    sheet = Image.new("RGB", (width, 18 + sum(r.height + 4 for r in rows)), (255, 255, 255))
+    ImageDraw.Draw(sheet).text((4, 3), title, fill=(0, 0, 0), font=font)
+    y = 18
+    for r in rows:
+        sheet.paste(r, (0, y))
+        y += r.height + 4
+    return sheet
+
+
+def contact_sheet(items: Sequence[SheetItem], path: Path, title: str, frames_per_video: int) -> Path:
+    """`sheet_image`, saved as a PNG at `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sheet_image(items, title, frames_per_video).save(path)
+    return path
