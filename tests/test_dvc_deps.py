@@ -80,3 +80,26 @@ def test_run_keys_hash_the_params_dvc_yaml_lists_and_nothing_else():
     assert fp(load_config(["stage3.steps=9"]), "stage3") != fp(base, "stage3")
     with pytest.raises(KeyError, match="guidance.nope"):
         base.fingerprint("guidance.nope")
+
+
+
+def _deps(stage):
+    return [d.split("#")[0].strip() for d in STAGES[stage].get("deps", [])]
+
+
+# the stages whose code reads MLLM contexts through loomcore/train/contexts.py
+CONTEXT_STAGES = sorted(s for s in STAGES if _covered("loomcore/train/contexts.py", _deps(s)))
+
+
+@pytest.mark.parametrize("stage", CONTEXT_STAGES)
+def test_a_stage_that_may_encode_contexts_online_lists_what_the_encoder_reads(stage):
+    """With mllm.feature_mode online, a stage that reads its contexts through
+    loomcore/train/contexts.py runs the frozen MLLM (models.mllm, mllm.*) in batches of
+    data.cache_batch_size: a change to any of them must rerun the stage."""
+    from loomcore.codegraph import stage_params
+
+    assert CONTEXT_STAGES == ["rl", "stage1", "stage2", "stage3"]
+    params = stage_params(stage)
+    read = ("mllm.feature_mode", "models.mllm", "data.cache_batch_size")
+    missing = [k for k in read if not any(k == p or k.startswith(p + ".") for p in params)]
+    assert not missing, f"dvc.yaml stage {stage}: params omit {missing}, which its online contexts read"
