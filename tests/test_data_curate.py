@@ -62,7 +62,7 @@ def _bad_rows(root, good, tmp_path):
     (bad / "cut.mp4").write_bytes(video[: len(video) // 2])
     (bad / "zero.png").write_bytes(b"")
     (bad / "text.png").write_text("this is text, not a png\n")
-    write_video(bad / "short.mp4", np.zeros((3, 48, 64, 3), np.uint8), 8)  # 3 frames < min(video.frames) = 5
+    write_video(bad / "short.mp4", np.zeros((2, 48, 64, 3), np.uint8), 8)  # 2 frames < min(video.frames) = 3
     write_image(tmp_path / "outside.png", np.zeros((48, 64, 3), np.uint8))
     write_image(bad / "inside.png", np.full((48, 64, 3), 9, np.uint8))
     (bad / "link.png").symlink_to(tmp_path / "outside.png")  # inside by name, outside in fact
@@ -123,7 +123,8 @@ def test_bad_inputs_become_reject_rows_with_their_reason(data, tmp_path, cfg):
     rej = {r["id"]: r for r in rejects}
     assert json.loads(rej["dotdot"]["row_json"])["media"] == "../outside.png" and rej["dotdot"]["file"] == "../outside.png"
     assert rows[rej["fig3"]["row_index"]]["id"] == "fig3" and "@Figure 3" in rej["fig3"]["detail"]
-    assert "3 frames at 8 fps" in rej["short"]["detail"] and rej["short"]["file"] == "bad/short.mp4"
+    assert rej["short"]["file"] == "bad/short.mp4"
+    assert "2 frames at 8 fps, the shortest bucket needs 3 (video.frames)" in rej["short"]["detail"]
     assert "0 bytes" in rej["zero"]["detail"] and "not an image" in rej["text"]["detail"]
     assert "truncated" in rej["cut"]["detail"] and "outside the data root" in rej["abs"]["detail"]
     assert "already kept from row 0" in rej[good[0]["id"]]["detail"]

@@ -115,7 +115,7 @@ def test_a_fresh_process_loads_the_folder_and_generates(exported):
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO_ROOT, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = dict(line.split(" ", 1) for line in proc.stdout.splitlines() if " " in line)
-    assert out["frames"] == "(1, 5, 40, 40, 3) True True"  # the tiny profile's default t2v: 5 frames, 40×40
+    assert out["frames"] == "(1, 3, 40, 40, 3) True True"  # the tiny profile's default t2v: 3 frames, 40×40
     assert out["stock"] == "LoomVideoPipeline True"  # diffusers' own loader, through the folder's pipeline module
     assert out["mllm"] == "Qwen3VLForConditionalGeneration" and out["scheduler"] == "UniPCMultistepScheduler"
     assert out["transformer"] == "LoomDiT"

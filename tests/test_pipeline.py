@@ -72,7 +72,7 @@ def _run(pipe, seed=0, **kw):
 
 
 CASES = {  # task: (inputs, (frames, height, width))
-    "t2v": (dict(prompt="a red circle moves left"), (5, 40, 40)),  # guidance's frames and size
+    "t2v": (dict(prompt="a red circle moves left"), (3, 40, 40)),  # guidance's frames and size
     "t2i": (dict(prompt="a red circle", num_frames=1), (1, 40, 40)),
     "video_recon": (dict(source="video"), (9, 32, 32)),
     "image_recon": (dict(source="image"), (1, 32, 32)),
@@ -80,7 +80,7 @@ CASES = {  # task: (inputs, (frames, height, width))
     "ti2i": (dict(prompt="make the circle blue", source="image"), (1, 32, 32)),
     "tvr2v": (dict(prompt="paint the circle like @Figure 1", source="video", references=["ref1"]), (9, 32, 32)),
     "tir2i": (dict(prompt="paint the circle like @Figure 1", source="image", references=["ref1"]), (1, 32, 32)),
-    "mi2v": (dict(prompt="@Figure 1 chases @Figure 2", references=["ref1", "ref2"]), (5, 32, 32)),
+    "mi2v": (dict(prompt="@Figure 1 chases @Figure 2", references=["ref1", "ref2"]), (3, 32, 32)),  # guidance's frames
     "mi2i": (dict(prompt="@Figure 1 beside @Figure 2", references=["ref1", "ref2"], num_frames=1), (1, 32, 32)),
 }
 
@@ -114,7 +114,7 @@ def test_output_types(pipe, media):
     assert len(pil) == 1 and len(pil[0]) == 9 and pil[0][0].size == (32, 32)
     assert _run(pipe, output_type="latent", **kw).shape == (1, 12, 9, 16, 16)  # 2× space-to-depth
     frames, = pipe("a red circle", num_inference_steps=1, return_dict=False)
-    assert frames.shape == (1, 5, 40, 40, 3)  # guidance's frames and size
+    assert frames.shape == (1, 3, 40, 40, 3)  # guidance's frames and size
     with pytest.raises(ValueError, match="output_type = 'gif'"):
         pipe("a red circle", output_type="gif")
 
@@ -407,11 +407,11 @@ def test_save_output_writes_video_and_image(pipe, tmp_path):
     video = _run(pipe, prompt="a red circle moves left")
     path = save_output(video, tmp_path / "v.mp4", fps=8)
     back = read_video(path)
-    assert back.shape == (5, 40, 40, 3)
+    assert back.shape == (3, 40, 40, 3)
     assert np.abs(back.numpy().astype(int) - np.round(video[0] * 255).astype(int)).max() <= 2  # near-lossless codec
     image = _run(pipe, prompt="a red circle", num_frames=1, output_type="pt")
     assert read_image(save_output(image, tmp_path / "i.png", fps=8)).shape == (40, 40, 3)
-    with pytest.raises(ValueError, match="a .png holds one frame, but the output is a video of 5 frames"):
+    with pytest.raises(ValueError, match="a .png holds one frame, but the output is a video of 3 frames"):
         save_output(video, tmp_path / "v.png", fps=8)
     with pytest.raises(ValueError, match="exists; pass --overwrite"):
         save_output(video, tmp_path / "v.mp4", fps=8, overwrite=False)
@@ -488,8 +488,8 @@ def test_cli_t2v_writes_an_mp4(tiny_workspace, tmp_path):
     proc = subprocess.run([loom, "generate", "--prompt", "a red circle moves left", "--steps", "2", "--out", "t2v.mp4",
                            "--profile", "tiny", *rooted], capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert "task t2v: video (5 frames) at 40×40" in proc.stdout and f"wrote {out}" in proc.stdout
-    assert read_video(out).shape == (5, 40, 40, 3)
+    assert "task t2v: video (3 frames) at 40×40" in proc.stdout and f"wrote {out}" in proc.stdout
+    assert read_video(out).shape == (3, 40, 40, 3)
 
 
 def test_cli_edit_with_a_source_writes_the_file(tiny_workspace, files, tmp_path, capsys):
@@ -497,26 +497,27 @@ def test_cli_edit_with_a_source_writes_the_file(tiny_workspace, files, tmp_path,
     assert _cli(tiny_workspace, "--source", files / "src.mp4", "--ref", files / "a.png",
                 "--prompt", "paint the circle like @Figure 1", "--out", out) == 0
     assert "task tvr2v" in capsys.readouterr().out
-    assert read_video(out).shape == (5, 32, 32, 3)  # of its 9: the profile's longest clip (the release's rule)
+    assert read_video(out).shape == (3, 32, 32, 3)  # of its 9: the profile's longest clip (the release's rule)
     image = tmp_path / "edit.png"
     assert _cli(tiny_workspace, "--source", files / "src.png", "--prompt", "make it blue", "--out", image) == 0
     assert read_image(image).shape == (32, 32, 3)
 
 
 def test_cli_reads_a_long_source_as_the_release_demo_and_says_what_it_kept(tiny_workspace, pipe, tmp_path, capsys):
-    """A 10-second 30 fps clip of odd size: the release's rule at the profile's fps and longest
-    clip (tiny: 8 fps, 5 frames) keeps source frames 0, 4, 8, 11, 15 and the output says so."""
+    """A 15-second 20 fps clip of odd size: the release's rule at the profile's fps and longest
+    clip (tiny: 8 fps, 3 frames) keeps source frames 0, 2, 5 (2.5 rounds half to even) and the
+    output says so."""
     cfg, _ = tiny_workspace
     clip = tmp_path / "long.mp4"
-    write_video(clip, _pixels(8, 300, 45, 53, 3).numpy(), fps=30)
+    write_video(clip, _pixels(8, 300, 45, 53, 3).numpy(), fps=20)
     out = tmp_path / "edit.mp4"
     assert _cli(tiny_workspace, "--source", clip, "--prompt", "make the circle blue", "--out", out) == 0
     printed = capsys.readouterr().out
-    assert cfg.video.fps == 8 and max(cfg.video.frames.values()) == 5
-    assert "source long.mp4: 30 fps; kept 5 frames at 8 fps (source frames 0, 4, 8, 11, 15 of the 16 read" in printed
+    assert cfg.video.fps == 8 and max(cfg.video.frames.values()) == 3
+    assert "source long.mp4: 20 fps; kept 3 frames at 8 fps (source frames 0, 2, 5 of the 6 read" in printed
     h, w = read_video(out).shape[1:3]
     m = pipe.geometry.height_multiple  # native size, floored to what the model takes (tiny: 4)
-    assert read_video(out).shape[0] == 5 and (h, w) == (45 // m * m, 53 // m * m) != (45, 53), printed
+    assert read_video(out).shape[0] == 3 and (h, w) == (45 // m * m, 53 // m * m) != (45, 53), printed
     assert f"source size 53×45 (W×H) → {w}×{h}: resized to cover it and centre-cropped" in printed
 
 
@@ -533,14 +534,14 @@ def test_cli_reads_a_long_source_as_the_release_demo_and_says_what_it_kept(tiny_
         (["--prompt", "a cat", "--steps", "0"], "--steps 0: expected >= 1"),
         (["--prompt", "a cat", "--out", "{files}/a.png"], "a.png: exists; pass --overwrite"),
         (["--prompt", "a cat", "--frames", "1", "--out", "{tmp}/x.gif"], "unsupported output type '.gif'"),
-        (["--prompt", "a cat", "--out", "{tmp}/x.png"], "a .png holds one frame, but the output is a video of 5 frames"),
+        (["--prompt", "a cat", "--out", "{tmp}/x.png"], "a .png holds one frame, but the output is a video of 3 frames"),
         (["--prompt", "a cat", "--model", "{broken}"], "component 'vae': missing folder"),
         (["--source", "{files}/nope.mp4", "--prompt", "blue"], "--source {files}/nope.mp4: no such file"),
         (["--prompt", "a cat", "--model", "{tmp}/nope"], "--model {tmp}/nope: no such folder"),
         (["--prompt", "a cat", "--transformer", "{tmp}/nope"], "--transformer {tmp}/nope: no such folder"),
         (["--prompt", "zq " * 200], "more than mllm.max_length = 128 (shorten the text"),
         (["--prompt", "a cat", "--height", "100000", "--width", "100000"],  # named, before any model loads
-         "--height 100000 --width 100000: 100000×100000 (W×H) × 5 frame(s) is 3,125,000,000 DiT tokens, more "
+         "--height 100000 --width 100000: 100000×100000 (W×H) × 3 frame(s) is 1,875,000,000 DiT tokens, more "
          "than one call generates (1,048,576)"),
         (["--prompt", "a cat", "--height", "37"], "--height 37: height = 37: this model takes multiples of 4"),
     ],
