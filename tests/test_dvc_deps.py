@@ -14,11 +14,16 @@ def _covered(path: str, deps) -> bool:
     return any(path == d or path.startswith(d.rstrip("/") + "/") for d in deps)
 
 
+def _deps(stage):
+    """The stage's dvc.yaml deps, comments stripped."""
+    return [d.split("#")[0].strip() for d in STAGES[stage].get("deps", [])]
+
+
 @pytest.mark.parametrize("stage", sorted(STAGES))
 def test_stage_deps_cover_the_code_its_command_imports(stage):
     spec = STAGES[stage]
     module = next(w for w in spec["cmd"].split() if w.startswith("flows."))
-    deps = [d.split("#")[0].strip() for d in spec.get("deps", []) if not d.startswith("$")]
+    deps = [d for d in _deps(stage) if not d.startswith("$")]
     missing = sorted(f for f in import_closure(module) if not _covered(f, deps))
     assert not missing, f"dvc.yaml stage {stage}: deps omit files {module} imports: {', '.join(missing)}"
     absent = [d for d in deps if not (REPO / d).exists()]
@@ -80,11 +85,6 @@ def test_run_keys_hash_the_params_dvc_yaml_lists_and_nothing_else():
     assert fp(load_config(["stage3.steps=9"]), "stage3") != fp(base, "stage3")
     with pytest.raises(KeyError, match="guidance.nope"):
         base.fingerprint("guidance.nope")
-
-
-
-def _deps(stage):
-    return [d.split("#")[0].strip() for d in STAGES[stage].get("deps", [])]
 
 
 # the stages whose code reads MLLM contexts through loomcore/train/contexts.py
