@@ -410,6 +410,23 @@ def test_rl_on_online_mllm_features_matches_the_cached_mode(rl_ws, tiny_online_c
     assert all(p.context is None for p in load_prompts(online_cache, "train", res, tasks, feature_mode="online"))
 
 
+def test_held_out_prompts_are_every_eval_entry_of_the_tasks_or_the_first_n(rl_ws):
+    """rl.eval_prompts 0 (the tiny profile's): RL's held-out measure is every eval entry of rl.tasks
+    at rl.resolution, in id order; N: the first N of them."""
+    import pyarrow.parquet as pq
+    from loomcore.rl.rollout import load_prompts
+
+    assert load_config(profile="tiny").rl.eval_prompts == 0
+    cfg = _rl_cfg(rl_ws, "runs-prompts")
+    res, tasks = cfg.rl.resolution, cfg.rl.tasks
+    index = pq.read_table(Path(cfg.paths.cache) / "index.parquet").to_pylist()
+    held_out = sorted(r["id"] for r in index if r["split"] == "eval" and r["resolution"] == res and r["task"] in tasks)
+    every = load_prompts(cfg.paths.cache, "eval", res, tasks, 0)
+    assert [p.id for p in every] == held_out and len(held_out) > 3
+    assert {p.task for p in every} <= set(tasks) and len({p.task for p in every}) > 1
+    assert [p.id for p in load_prompts(cfg.paths.cache, "eval", res, tasks, 3)] == held_out[:3]
+
+
 def test_rl_names_a_cache_entry_without_what_its_feature_mode_needs(rl_ws, tiny_online_cache, tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
