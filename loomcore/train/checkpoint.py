@@ -293,18 +293,20 @@ class CheckpointManager:
         state["extras"] = _to_json(dict(extras), "extras")
         (folder / TRAINER_STATE).write_text(json.dumps(state, indent=1))
 
-        files = {}
-        for p in sorted(f for f in folder.rglob("*") if f.is_file()):
-            rel = p.relative_to(folder).as_posix()
-            if rel in known:  # hashed by the rank that wrote it (and fsynced there)
-                files[rel] = {"sha256": str(known[rel]["sha256"]), "bytes": int(known[rel]["bytes"])}
-                continue
-            _fsync(p)
-            files[rel] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
-        missing = sorted(set(known) - set(files))
+        # The other ranks' files, hashed (and fsynced) by the rank that wrote each, are looked up by
+        # name, not found by listing: on a network filesystem this node's listing of the folder can
+        # lag behind other nodes' writes for its attribute-cache time, while a lookup asks the server.
+        missing = sorted(rel for rel in known if not (folder / rel).is_file())
         if missing:
             raise CheckpointError(f"{folder}: shards reported written are not there: {', '.join(missing)}")
-        for sub in sorted({p.parent for p in folder.rglob("*") if p.is_file()} - {folder}):
+        files = {rel: {"sha256": str(e["sha256"]), "bytes": int(e["bytes"])} for rel, e in known.items()}
+        for p in (f for f in folder.rglob("*") if f.is_file()):
+            rel = p.relative_to(folder).as_posix()
+            if rel not in files:  # written by this process
+                _fsync(p)
+                files[rel] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+        files = dict(sorted(files.items()))
+        for sub in sorted({(folder / rel).parent for rel in files} - {folder}):
             _fsync(sub)
         manifest = folder / MANIFEST
         manifest.write_text(json.dumps({"format": FORMAT_VERSION, "step": step, "files": files}, indent=1))
