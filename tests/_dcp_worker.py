@@ -5,7 +5,8 @@ checkpointed by `loomcore.train.distributed.Checkpointer` (sharded, torch.distri
 
 save: two optimizer steps, checkpoint step 2. resume: a differently initialised model loads the
 newest checkpoint (any world size), then one more step. Either way rank 0 writes the gathered
-model / EMA / AdamW state to OUT (safetensors) and the losses to OUT.json.
+model / EMA / AdamW state to OUT (safetensors) and the losses to OUT.json. explode: one step, then a
+checkpoint whose rank-0-only part fails; each rank writes the error it got to OUT.rank<r>.
 """
 
 from __future__ import annotations
@@ -36,6 +37,16 @@ class Toy(nn.Module):
         return self.head(x)
 
     forward_packed = forward
+
+
+class Exploding:
+    """A small piece: only rank 0 writes it (`CheckpointManager.finish`), and it fails."""
+
+    def state_dict(self):
+        raise RuntimeError("disk full (simulated)")
+
+    def load_state_dict(self, state):
+        pass
 
 
 class Counter:
@@ -72,6 +83,18 @@ def main(mode: str, run_dir: str, out: str) -> None:
     ema = EMA(model, 0.9)
     counter = Counter()
     pieces = {"model": ModelState(model), "ema": EMAState(ema), "optimizer": OptimizerState(model, opt), "counter": counter}
+    if mode == "explode":
+        step(model, opt, ema, counter, 1)
+        ckpt = Checkpointer(Path(run_dir), keep_last=2, interval=1, env=env, pieces={**pieces, "zz": Exploding()})
+        try:
+            ckpt.save(1, {})
+            error = "none"
+        except Exception as e:
+            error = f"{type(e).__name__}: {e}"
+        Path(f"{out}.rank{env.rank}").write_text(error)
+        del model, opt, ema, pieces, ckpt
+        destroy_distributed()
+        return
     ckpt = Checkpointer(Path(run_dir), keep_last=2, interval=1, env=env, pieces=pieces)
     losses, resumed = [], None
     if mode == "save":

@@ -95,6 +95,36 @@ def test_save_is_atomic_and_a_crash_leaves_the_previous_checkpoint(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["step-000001"]
 
 
+def test_other_ranks_shards_are_looked_up_by_name_not_listed(tmp_path, monkeypatch):
+    """Several nodes on a network filesystem: rank 0's listing of the folder can lag behind the
+    shards other nodes wrote (and hashed) for its attribute-cache time, while a lookup by name asks
+    the server. The manifest takes the reported shards by name; one that is truly absent fails."""
+    import hashlib
+    import pathlib
+    from loomcore.train.checkpoint import verify_checkpoint
+
+    run = Run(seed=0)
+    mgr = CheckpointManager(tmp_path, keep_last=3, interval=1)
+    tmp = mgr.begin(1)
+    (tmp / "dcp").mkdir()
+    shard = (tmp / "dcp" / "__1_0.distcp")
+    shard.write_bytes(b"rank 1's shard")
+    known = {"dcp/__1_0.distcp": {"sha256": hashlib.sha256(b"rank 1's shard").hexdigest(), "bytes": 14}}
+    listing = pathlib.Path.rglob  # this node's stale view: the other node's shard is not listed yet
+    monkeypatch.setattr(pathlib.Path, "rglob",
+                        lambda self, pattern: (p for p in listing(self, pattern) if not p.name.startswith("__1_")))
+    path = mgr.finish(tmp, 1, run.pieces(), known=known)
+    monkeypatch.undo()
+    manifest = verify_checkpoint(path, checksums=True)
+    assert list(manifest["files"]) == sorted(manifest["files"])  # the manifest's order does not follow the listing
+    assert manifest["files"]["dcp/__1_0.distcp"] == known["dcp/__1_0.distcp"]
+
+    tmp = mgr.begin(2)
+    with pytest.raises(CheckpointError, match=r"shards reported written are not there: dcp/__1_0.distcp"):
+        mgr.finish(tmp, 2, run.pieces(), known=known)
+    assert [s for s, _ in mgr.checkpoints()] == [1]
+
+
 @pytest.mark.parametrize("damage, reason", [
     ("truncate", "truncated"), ("flip", "sha256"), ("no_manifest", "incomplete"),
 ])
@@ -147,6 +177,17 @@ def _torchrun(n: int, *args, timeout: float = 180):
                           text=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
+
+
+def test_a_failure_on_rank_0_alone_stops_every_rank_at_once(tmp_path):
+    """Rank 0 writes a checkpoint's own files (trainer state, MANIFEST) while the others wait; when
+    that fails, the others raise at once with rank 0's error (`from_main`) instead of waiting in a
+    collective until the group's 30-minute timeout — on other nodes, which their torchrun does not
+    stop."""
+    _torchrun(2, "explode", tmp_path / "run", tmp_path / "x", timeout=120)
+    assert (tmp_path / "x.rank0").read_text() == "RuntimeError: disk full (simulated)"
+    assert (tmp_path / "x.rank1").read_text() == "MainRankError: rank 0 failed: RuntimeError: disk full (simulated)"
+    assert not [p for p in (tmp_path / "run").iterdir() if p.name.startswith("step-")]
 
 
 def test_a_two_rank_checkpoint_is_sharded_and_resumes_on_one_and_three_ranks(tmp_path):

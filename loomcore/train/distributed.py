@@ -23,7 +23,7 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Mapping, Optional
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional
 
 import torch
 import torch.distributed as dist
@@ -35,7 +35,7 @@ import torch.distributed.fsdp  # noqa: F401
 from torch import nn
 
 from loomcore.threads import intra_op_threads
-from loomcore.train.checkpoint import CheckpointManager
+from loomcore.train.checkpoint import CheckpointError, CheckpointManager, CheckpointWarning, verify_checkpoint
 from loomcore.train.ema import EMA
 
 
@@ -346,36 +346,39 @@ class Checkpointer:
     def should_save(self, step: int) -> bool:
         return step > 0 and step % self.interval == 0
 
-    def save(self, step: int, extras: Mapping[str, Any]) -> Optional[Path]:
+    def save(self, step: int, extras: Mapping[str, Any]) -> Path:
         import torch.distributed.checkpoint as dcp
 
         from loomcore.storage import sha256_file
 
-        tmp = Path(broadcast_object(str(self.manager.begin(step)) if self.manager is not None else None))
+        tmp = Path(from_main(self.env, lambda: str(self.manager.begin(step))))
         folder = tmp / DCP_DIR
         with helper_threads_serial():
             state = {name: piece.sharded_state_dict() for name, piece in self.collective.items()}
             dcp.save(state, storage_writer=dcp.FileSystemWriter(str(folder), single_file_per_rank=True, sync_files=True))
-        mine = {f"{DCP_DIR}/{f.name}": {"sha256": sha256_file(f), "bytes": f.stat().st_size}
-                for f in sorted(folder.glob(f"__{self.env.rank}_*.distcp"))}
-        known = {k: v for part in all_gather_object(mine) for k, v in part.items()}
-        path = self.manager.finish(tmp, step, self.small, extras, known=known) if self.manager is not None else None
-        dist.barrier()
-        return path
+        mine, problem = {}, None
+        try:  # each rank hashes its own shards; a read error here (ESTALE, EIO) stops every rank
+            mine = {f"{DCP_DIR}/{f.name}": {"sha256": sha256_file(f), "bytes": f.stat().st_size}
+                    for f in sorted(folder.glob(f"__{self.env.rank}_*.distcp"))}
+        except OSError as e:
+            problem = f"hashing its shards of {folder}: {e}"
+        parts = all_gather_object((mine, problem))
+        bad = [(r, p) for r, (_, p) in enumerate(parts) if p]
+        if bad:  # every rank stops here, together
+            raise CheckpointError(f"checkpoint {step}: rank {bad[0][0]}: {bad[0][1]}")
+        known = {k: v for part, _ in parts for k, v in part.items()}
+        return Path(from_main(self.env, lambda: str(self.manager.finish(tmp, step, self.small, extras, known=known))))
 
     def _latest_valid(self) -> Optional[str]:
         """The newest checkpoint every rank's share of the files verifies; newer ones that do not
         are skipped with a warning (rank 0) naming the file and why."""
-        from loomcore.train.checkpoint import CheckpointError, CheckpointWarning, verify_checkpoint
-
-        candidates = broadcast_object([str(p) for _, p in reversed(self.manager.checkpoints())]
-                                      if self.manager is not None else None)
+        candidates = from_main(self.env, lambda: [str(p) for _, p in reversed(self.manager.checkpoints())])
         for path in candidates:
             problem = None
             try:
                 names = sorted(verify_checkpoint(path, checksums=False, only=())["files"])
                 verify_checkpoint(path, checksums=True, only=names[self.env.rank::self.env.world_size])
-            except CheckpointError as e:
+            except (CheckpointError, OSError) as e:  # OSError: a file gone or unreadable (ESTALE, EIO)
                 problem = str(e)
             problems = [p for p in all_gather_object(problem) if p]
             if not problems:
@@ -397,11 +400,11 @@ class Checkpointer:
             dcp.load(state, storage_reader=dcp.FileSystemReader(str(Path(path) / DCP_DIR)), planner=_safe_load_planner())
         for name, piece in self.collective.items():
             piece.load_sharded(state[name])
-        payload = None
-        if self.manager is not None:
-            out = self.manager.load(path, self.small, verify=False)  # verified above, by every rank
-            payload = {"out": out, "small": {name: p.state_dict() for name, p in self.small.items()}}
-        payload = broadcast_object(payload)
+        def load_small():  # rank 0; verified above, by every rank
+            out = self.manager.load(path, self.small, verify=False)
+            return {"out": out, "small": {name: p.state_dict() for name, p in self.small.items()}}
+
+        payload = from_main(self.env, load_small)
         if self.manager is None:
             for name, st in payload["small"].items():
                 self.small[name].load_state_dict(st)
@@ -417,3 +420,28 @@ def broadcast_object(obj: Any) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+class MainRankError(RuntimeError):
+    """Rank 0 failed at work it does for every rank (`from_main`); raised on the other ranks."""
+
+
+def from_main(env: DistEnv, fn: Callable[[], Any]) -> Any:
+    """`fn()` on rank 0, its result broadcast to every rank. If it raises there, rank 0 re-raises it
+    and every other rank raises `MainRankError` with its message — rather than waiting in the next
+    collective for a rank that is gone, until the process group's timeout (on other nodes, which
+    their torchrun does not stop)."""
+    result = error = None
+    if env.is_main:
+        try:
+            result = fn()
+        except BaseException as e:  # KeyboardInterrupt too: the others must not wait for it
+            error = e
+    status, value = broadcast_object(("ok", result) if error is None else
+                                     ("failed", f"{type(error).__name__}: {error}"))
+    if error is not None:
+        raise error
+    if status != "ok":
+        raise MainRankError(f"rank 0 failed: {value}")
+    return value
+

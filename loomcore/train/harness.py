@@ -39,7 +39,7 @@ from loomcore.config import Config
 from loomcore.models.dit import check_folder_architecture, loomdit_kwargs
 from loomcore.models.release import load_wan_transformer
 from loomcore.train import telemetry
-from loomcore.train.distributed import Checkpointer, DistEnv, broadcast_object, parallelize
+from loomcore.train.distributed import Checkpointer, DistEnv, from_main, parallelize
 from loomcore.train.faults import NonFiniteGuard
 from loomcore.train.metrics import RunLog, read_steps, report_progress
 from loomcore.train.rng import capture_rng, restore_rng
@@ -142,8 +142,7 @@ class Harness:
             print(telemetry.preflight(gpus, need, cfg.train.preflight_gpu_name), flush=True)
         self.init_path, self.init_desc = init_weights(cfg, self.stage)
         self.init_config = check_folder_architecture(self.init_path, cfg)  # its config.json
-        run_dir = stage_run_dir(cfg, self.stage, self.init_path, self.code_entry) if env.is_main else None
-        self.run_dir = Path(broadcast_object(str(run_dir) if run_dir else None))
+        self.run_dir = Path(from_main(env, lambda: str(stage_run_dir(cfg, self.stage, self.init_path, self.code_entry))))
         pieces = self.build()
         self.guard = NonFiniteGuard(self.optimizer, cfg.train.nan_max_consecutive, cfg.train.nan_check_every)
         pieces.update(guard=self.guard, counters=self.counters)
@@ -216,9 +215,7 @@ class Harness:
                 extras = {"pending": pending}
                 if self.generators is not None:
                     extras["rng"] = capture_rng(self.generators)
-                path = self.checkpointer.save(step, extras)
-                if path is not None:
-                    self.log(f"checkpoint {path}")
+                self.log(f"checkpoint {self.checkpointer.save(step, extras)}")
             if is_log or is_ckpt:
                 t_interval = time.perf_counter()
         results = self.after_loop()
@@ -229,8 +226,8 @@ class Harness:
     def _finish(self, start: int, results: Any, wall: float) -> dict:
         """Write the stage's outs (rank 0; the state gathers are collectives)."""
         weights = self.weights()
-        summary = None
-        if self.env.is_main:
+
+        def write() -> dict:  # rank 0; an error there stops every rank (`from_main`)
             self.runlog.close()
             rows = read_steps(self.runlog.steps_path)
             summary = {
@@ -247,4 +244,6 @@ class Harness:
                 write_weights(out, name, config, state)
             write_run_record(out, self.runlog, summary)
             self.log(f"{self.stage} done: outs in {out}{self.done_note(summary)}")
-        return broadcast_object(summary)
+            return summary
+
+        return from_main(self.env, write)
