@@ -279,7 +279,9 @@ class RLTrainer(Harness):
                 sums += part
             grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), rl.grad_clip)
             grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-            # the harness's non-finite policy: a NaN/Inf step is skipped, too many in a row stop the run
+            # the harness's non-finite policy: a NaN/Inf step is skipped, too many in a row stop the run —
+            # on every rank alike (the loss summed over ranks: one rank's Inf is every rank's, as in the stage trainer)
+            dist.all_reduce(loss)
             self.counters["optimizer_steps"] += 1
             self.guard.step(loss, grad_norm, self.counters["optimizer_steps"],
                             [items[mine[j]][0].task for j in chunk])
