@@ -31,7 +31,7 @@ EPILOG = """examples:
   loom pipeline stage3.steps=300           # the DAG as an experiment (dvc exp run -S stage3.steps=300)
   loom deploy                              # prefect deploy --all with the profile's work pools
   loom plan --profile paper --gpus 8 16 64 # the GPU memory a training rank needs (FSDP2)
-  loom node stage1 --profile paper orchestration.rdzv_endpoint=10.0.0.5:29400   # each other node of a multi-node stage
+  loom node stage1 --node-rank 1 --profile paper orchestration.rdzv_endpoint=10.0.0.5:29400   # each other node of a multi-node stage
 """
 
 
@@ -267,7 +267,11 @@ def cmd_node(args) -> int:
     except InputError as e:
         print(f"loom node: {e}", file=sys.stderr)
         return 2
-    cmd = stage_command(cfg, args.stage, args.overrides, host=False)
+    if not 1 <= args.node_rank < nodes:
+        print(f"loom node: --node-rank {args.node_rank}: expected 1 … {nodes - 1} for a {nodes}-node {args.stage} "
+              f"(0 is the first node's, where DVC or the Prefect deployment runs the stage)", file=sys.stderr)
+        return 2
+    cmd = stage_command(cfg, args.stage, args.overrides, node_rank=args.node_rank)
     print(f"node: joining {args.stage} ({nodes} nodes × {procs} process(es)) at {cfg.orchestration.rdzv_endpoint}: "
           f"{shlex.join(cmd)}", flush=True)
     return subprocess.run(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"}).returncode
@@ -500,23 +504,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="activation checkpointing (default: dit.gradient_checkpointing)")
     p.add_argument("--context", type=int, default=1024, help="MLLM context tokens per pack (default 1024)")
 
-    p = command("node", cmd_node, help="join a multi-node stage from one of its other nodes (torchrun, c10d)",
+    p = command("node", cmd_node, help="join a multi-node stage from one of its other nodes (torchrun)",
                 description="A stage with nodes > 1 (stageN.nodes, rl.nodes, data.cache_nodes) runs its first node "
-                "where DVC or its Prefect deployment runs it; that node hosts the rendezvous at "
+                "(node rank 0) where DVC or its Prefect deployment runs it; that node hosts the rendezvous at "
                 "orchestration.rdzv_endpoint (its address, reachable from the others). Run this on each of the "
-                "other nodes, in the same checkout on storage every node shares, with the same profile and "
-                "overrides: it runs the stage's torchrun command there, which joins the first node's run (the "
-                "rendezvous id fingerprints the params dvc.yaml lists for the stage: a node whose params differ "
-                "does not join). The nodes may start up to 15 minutes apart, in either order.",
-                epilog="examples:\n  loom node stage1 --profile paper orchestration.rdzv_endpoint=10.0.0.5:29400\n"
+                "other nodes with its own --node-rank (1 … nodes − 1), in the same checkout on storage every node "
+                "shares, with the same profile and overrides: it runs the stage's torchrun command there, which "
+                "joins the first node's run (the rendezvous id fingerprints the params dvc.yaml lists for the "
+                "stage: a node whose params differ does not join). The nodes may start up to 15 minutes apart, in "
+                "either order.",
+                epilog="examples:\n  loom node stage1 --node-rank 1 --profile paper orchestration.rdzv_endpoint=10.0.0.5:29400\n"
                 "  # from a Slurm job on 2 nodes whose first node (10.0.0.5) runs the stage: the other one\n"
-                "  srun --nodes 1 --ntasks-per-node 1 --relative 1 loom node stage1 --profile paper "
+                "  srun --nodes 1 --ntasks-per-node 1 --relative 1 loom node stage1 --node-rank 1 --profile paper "
                 "orchestration.rdzv_endpoint=10.0.0.5:29400",
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     from loomcore.train.launch import RANKED_STAGES
 
     p.set_defaults(in_checkout=True)  # reads params' folders: runs in the checkout (_run_in_checkout)
     p.add_argument("stage", choices=RANKED_STAGES, help="the stage to join")
+    p.add_argument("--node-rank", type=int, required=True, metavar="K",
+                   help="this node's rank, 1 … nodes − 1 (each other node its own; the first node is 0)")
 
     p = command("deploy", cmd_deploy, help="prefect deploy --all with the profile's work pools (run from the checkout)",
                 description="Deploys prefect.yaml's deployments to the Prefect server at PREFECT_API_URL. "

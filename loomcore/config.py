@@ -258,7 +258,7 @@ class GuidanceConfig:
 class OrchestrationConfig:
     cpu_pool: str  # Prefect work pool of the CPU deployments
     gpu_pool: str  # ... and of the GPU ones
-    rdzv_endpoint: str  # host:port of the first node's c10d rendezvous (stages on nodes > 1)
+    rdzv_endpoint: str  # host:port of the first node's rendezvous store (stages on nodes > 1)
 
 
 @dataclass(frozen=True)

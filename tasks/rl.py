@@ -5,8 +5,8 @@ log; rank 0's progress file drives a progress artifact: `tasks.train.launch_torc
 
 Command (from `rl.nodes`, `rl.gpus_per_node`; loomcore.train.launch builds it, and `loom node rl`
 joins the other nodes of a multi-node run):
-    torchrun --nnodes N --nproc-per-node G [--standalone | --rdzv-backend c10d --rdzv-endpoint E
-             --rdzv-id ID --rdzv-conf is_host=true] -m loomcore.rl --profile P [overrides…]
+    torchrun --nnodes N --nproc-per-node G [--standalone | --node-rank 0 --rdzv-backend static
+             --rdzv-endpoint E --rdzv-id ID --rdzv-conf timeout=900] -m loomcore.rl --profile P [overrides…]
 """
 
 from __future__ import annotations

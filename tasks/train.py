@@ -6,12 +6,14 @@ run is cancelled. Its output is streamed, line by line, to the Prefect log; rank
 progress through a file (`loomcore.train.metrics.report_progress`), which drives a progress artifact.
 
 Command (from the stage's params; loomcore.train.launch builds it):
-    torchrun --nnodes N --nproc-per-node G [--standalone | --rdzv-backend c10d --rdzv-endpoint E
-             --rdzv-id ID --rdzv-conf is_host=true] -m loomcore.train --stage S --profile P [overrides…]
+    torchrun --nnodes N --nproc-per-node G [--standalone | --node-rank 0 --rdzv-backend static
+             --rdzv-endpoint E --rdzv-id ID --rdzv-conf timeout=900] -m loomcore.train --stage S --profile P [overrides…]
 G = gpus_per_node, or 1 CPU process when gpus_per_node is 0. With N > 1 this task runs the first
-node, whose agent hosts the c10d rendezvous at `orchestration.rdzv_endpoint` (refused when that is a
-loopback address); the other N − 1 nodes join with `loom node <stage>` — started by the operator or
-the cluster's scheduler, in the same checkout on shared storage — and the task's log says so.
+node — node rank 0, so global rank 0 (the one that logs here, reports progress and writes the outs)
+is on it — whose agent hosts the rendezvous store at `orchestration.rdzv_endpoint` (refused when that
+is a loopback address); the other N − 1 nodes join with `loom node <stage> --node-rank k` — started by
+the operator or the cluster's scheduler, in the same checkout on shared storage — and the task's log
+says so.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ KILL_GRACE_S = 30.0
 
 def torchrun_command(cfg, stage: str, overrides: Sequence[str], python: str = sys.executable) -> List[str]:
     """The first node's torchrun command of `stage` ("cache", "stage1"…"stage3", "rl")."""
-    return stage_command(cfg, stage, overrides, host=True, python=python)
+    return stage_command(cfg, stage, overrides, node_rank=0, python=python)
 
 
 def launch_stage(cfg, stage: str, overrides: Sequence[str], progress_description: str,
@@ -47,10 +49,11 @@ def launch_stage(cfg, stage: str, overrides: Sequence[str], progress_description
     check_rendezvous(cfg, stage)
     nodes, _ = stage_nodes(cfg, stage)
     if nodes > 1:
-        logger().info("%s runs on %d nodes: this is the first, hosting the rendezvous at %s; start `%s` on each of "
-                      "the other %d (same checkout and params, storage every node shares)", stage, nodes,
-                      cfg.orchestration.rdzv_endpoint, shlex.join(["loom", "node", stage, "--profile", cfg.profile,
-                                                           *overrides]), nodes - 1)
+        logger().info("%s runs on %d nodes: this is the first (node rank 0), hosting the rendezvous at %s; start "
+                      "`%s` on each of the other %d, k = 1 … %d (same checkout and params, storage every node shares)",
+                      stage, nodes, cfg.orchestration.rdzv_endpoint,
+                      shlex.join(["loom", "node", stage, "--node-rank", "k", "--profile", cfg.profile, *overrides]),
+                      nodes - 1, nodes - 1)
     launch_torchrun(cfg, torchrun_command(cfg, stage, overrides), stage, progress_description, out_dir)
 
 

@@ -535,11 +535,15 @@ def _routable_ipv4() -> str | None:
 
 def test_two_nodes_joined_by_loom_node_match_one_process(ws, stage2_one_process):
     """A multi-node stage: the first node runs through the Prefect task's launcher (`launch_stage`:
-    the endpoint check, the hint for the other nodes, torchrun whose agent hosts the c10d rendezvous
-    at orchestration.rdzv_endpoint, the outs verified), a second node joins with `loom node stage2`
-    — two "nodes" of one CPU process each on this machine, through its non-loopback address. The run has two ranks and the one-process run's global batch, so its
-    losses match that run's (fp32 reduction order aside, as above). `loom node` refuses the default
-    loopback endpoint and a one-node stage, naming the key."""
+    the endpoint check, the hint for the other nodes, torchrun as node rank 0, whose agent hosts the
+    rendezvous at orchestration.rdzv_endpoint, the outs verified), a second node joins with `loom
+    node stage2 --node-rank 1` — two "nodes" of one CPU process each on this machine, through its
+    non-loopback address; the second is started first, so that it also has the lower process id
+    (c10d's dynamic rendezvous, which numbers nodes by host name and then pid, gave it rank 0 — its
+    log, progress and outs away from the task). The run has two ranks and the one-process run's
+    global batch, so its losses match that run's (fp32 reduction order aside, as above). `loom node`
+    refuses the default loopback endpoint, a one-node stage and a node rank out of range, naming the
+    key."""
     import socket
 
     import logging
@@ -555,10 +559,10 @@ def test_two_nodes_joined_by_loom_node_match_one_process(ws, stage2_one_process)
         port = s.getsockname()[1]
     overrides = _overrides(ws, "nodes", *STAGE2_COMMON, "stage2.nodes=2", f"orchestration.rdzv_endpoint={ip}:{port}")
     first = torchrun_command(load_config(overrides, profile="tiny"), "stage2", overrides, python=str(BIN / "python"))
-    assert first[first.index("--rdzv-conf") + 1].startswith("is_host=true,")
+    assert first[first.index("--node-rank") + 1] == "0" and first[first.index("--rdzv-backend") + 1] == "static"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    other = subprocess.Popen([str(BIN / "loom"), "node", "stage2", "--profile", "tiny", *overrides], cwd=REPO, env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    other = subprocess.Popen([str(BIN / "loom"), "node", "stage2", "--node-rank", "1", "--profile", "tiny", *overrides],
+                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     cfg = load_config(overrides, profile="tiny")
     lines: list = []
     handler = logging.Handler(logging.INFO)
@@ -567,17 +571,20 @@ def test_two_nodes_joined_by_loom_node_match_one_process(ws, stage2_one_process)
     level, log.level = log.level, logging.INFO
     log.addHandler(handler)
     try:
+        joining = other.stdout.readline()  # "node: joining …", printed as its torchrun starts
+        time.sleep(1.0)  # that torchrun agent has the lower pid
         launch_stage(cfg, "stage2", overrides, "stage2: optimizer steps", root / "nodes" / "out" / "stage2")
         out, _ = other.communicate(timeout=60)
+        out = joining + out
     finally:
         other.kill()
         log.removeHandler(handler)
         log.setLevel(level)
     task_log = "\n".join(lines)
     assert other.returncode == 0, out[-3000:]
-    assert f"node: joining stage2 (2 nodes × 1 process(es)) at {ip}:{port}" in out and "is_host=false" in out
-    assert f"stage2 runs on 2 nodes: this is the first, hosting the rendezvous at {ip}:{port}; start `loom node " \
-           f"stage2 --profile tiny" in task_log
+    assert f"node: joining stage2 (2 nodes × 1 process(es)) at {ip}:{port}" in out and "--node-rank 1" in out
+    assert f"stage2 runs on 2 nodes: this is the first (node rank 0), hosting the rendezvous at {ip}:{port}; start " \
+           f"`loom node stage2 --node-rank k --profile tiny" in task_log
     # each node's rank let go of its process group (the first node's log is the task's)
     assert "rank 0: process group released, no gloo thread left" in task_log
     assert "rank 1: process group released, no gloo thread left" in out
@@ -589,8 +596,12 @@ def test_two_nodes_joined_by_loom_node_match_one_process(ws, stage2_one_process)
     summary = json.loads((root / "nodes/out/stage2/summary.json").read_text())
     assert summary["world_size"] == 2 and summary["packs_per_step"] == 2
 
-    for bad, why in ((["stage2.nodes=2"], "orchestration.rdzv_endpoint = 'localhost:29400' is not an address other"),
-                     ([], "stage2 runs on one node")):
+    for bad, why in ((["--node-rank", "1", "stage2.nodes=2"],
+                      "orchestration.rdzv_endpoint = 'localhost:29400' is not an address other"),
+                     (["--node-rank", "1"], "stage2 runs on one node"),
+                     (["--node-rank", "0", *overrides], "--node-rank 0: expected 1 … 1 for a 2-node stage2 (0 is the "
+                                                         "first node's"),
+                     ([*overrides], "the following arguments are required: --node-rank")):
         refused = subprocess.run([str(BIN / "loom"), "node", "stage2", "--profile", "tiny", *bad], cwd=REPO,
                                  capture_output=True, text=True, timeout=120)
         assert refused.returncode == 2 and why in refused.stderr, refused.stderr
@@ -661,7 +672,8 @@ def test_launcher_builds_torchrun_from_params_and_kills_its_group_on_timeout(tmp
     from tasks.train import launch_stage
 
     with pytest.raises(InputError, match=r"stage2\.nodes = 2, but orchestration\.rdzv_endpoint = 'localhost:29400' is "
-                                         r"not an address.*`loom node stage2` on the other 1 node"):
+                                         r"not an address.*`loom node stage2 --node-rank k` \(k = 1 … 1\) on the "
+                                         r"other 1 node"):
         launch_stage(cfg, "stage2", ["stage2.nodes=2"], "stage2: optimizer steps")
     # no name is resolved (a first node's own name may map to 127.0.1.1 there and to its address elsewhere)
     from loomcore.train.launch import rdzv_id, unreachable_host

@@ -2,13 +2,18 @@
 `data.cache_ranks_per_node`), the training stages and RL (`<stage>.nodes` × `<stage>.gpus_per_node`)
 — built in one place for both sides of a multi-node run:
 
-- the first node: the stage's Prefect task (tasks/), which DVC or a deployment starts; its torchrun
-  agent hosts the c10d rendezvous store at `orchestration.rdzv_endpoint` (`is_host=true`);
-- every other node: `loom node <stage>` (the same command with `is_host=false`), started by the
-  operator or the cluster's scheduler in the same checkout — on storage every node shares, with the
-  same params — so that it joins that run: the rendezvous id fingerprints the params dvc.yaml lists
-  for the stage (those its run key hashes), so a node whose params differ waits in another
-  rendezvous instead of joining. The nodes may start up to RDZV_TIMEOUT_S apart, in either order.
+- the first node: the stage's Prefect task (tasks/), which DVC or a deployment starts: node rank 0,
+  whose torchrun agent hosts the rendezvous store at `orchestration.rdzv_endpoint`;
+- every other node: `loom node <stage> --node-rank k` (k = 1 … N − 1, the same command with its node
+  rank), started by the operator or the cluster's scheduler in the same checkout — on storage every
+  node shares, with the same params — so that it joins that run: the rendezvous id fingerprints the
+  params dvc.yaml lists for the stage (those its run key hashes), so a node whose params differ
+  waits under another id instead of joining. The nodes may start up to RDZV_TIMEOUT_S apart, in
+  either order.
+
+Static rendezvous (node ranks given), not c10d's dynamic one: c10d numbers the nodes by their sorted
+host names, so global rank 0 — the rank that logs to the Prefect task, reports its progress and
+writes the outs — would land on whichever node's name sorts first, often not the first node.
 
 A one-node stage gets `--standalone` (a private rendezvous on a free local port)."""
 
@@ -24,8 +29,8 @@ from loomcore.config import STAGES
 from loomcore.errors import InputError
 
 RANKED_STAGES = ("cache", *STAGES, "rl")
-# How long an agent waits for the others: to connect to the first node's store (`read_timeout`, 60 s
-# by default, so a node started early would give up) and for every node to join (`join_timeout`).
+# How long an agent waits for the others: to reach the first node's store (a node started early) and
+# for every node to join (the static rendezvous' `timeout`, 600 s by default).
 RDZV_TIMEOUT_S = 900
 
 
@@ -43,26 +48,29 @@ def rdzv_id(cfg, stage: str) -> str:
     return f"loomvideo-{stage}-{cfg.fingerprint(*stage_params(stage))}"
 
 
-def torchrun_launcher(nodes: int, procs_per_node: int, rdzv_endpoint: str, rdzv: str, host: bool = True,
+def torchrun_launcher(nodes: int, procs_per_node: int, rdzv_endpoint: str, rdzv: str, node_rank: int = 0,
                       python: str = sys.executable) -> List[str]:
-    """`torchrun --nnodes N --nproc-per-node G [--standalone | c10d rendezvous]`; the caller appends
-    `-m module …`. `host`: this node's agent hosts the rendezvous store (the first node's)."""
+    """`torchrun --nnodes N --nproc-per-node G [--standalone | static rendezvous as node k]`; the
+    caller appends `-m module …`. Node 0 (the first node) hosts the rendezvous store."""
     torchrun = Path(python).with_name("torchrun")
     launcher = [str(torchrun)] if torchrun.is_file() else [python, "-m", "torch.distributed.run"]
     cmd = [*launcher, "--nnodes", str(nodes), "--nproc-per-node", str(procs_per_node)]
     if nodes == 1:
         return cmd + ["--standalone"]  # a private rendezvous on a free local port
-    conf = f"is_host={str(host).lower()},read_timeout={RDZV_TIMEOUT_S},join_timeout={RDZV_TIMEOUT_S}"
-    return cmd + ["--rdzv-backend", "c10d", "--rdzv-endpoint", rdzv_endpoint, "--rdzv-id", rdzv, "--rdzv-conf", conf]
+    if not 0 <= node_rank < nodes:
+        raise InputError(f"--node-rank {node_rank}: expected 1 … {nodes - 1} on the other nodes of a {nodes}-node "
+                         f"stage (0 is the first node's, where DVC or the Prefect deployment runs it)")
+    return cmd + ["--node-rank", str(node_rank), "--rdzv-backend", "static", "--rdzv-endpoint", rdzv_endpoint,
+                  "--rdzv-id", rdzv, "--rdzv-conf", f"timeout={RDZV_TIMEOUT_S}"]
 
 
-def stage_command(cfg, stage: str, overrides: Sequence[str], host: bool = True,
+def stage_command(cfg, stage: str, overrides: Sequence[str], node_rank: int = 0,
                   python: str = sys.executable) -> List[str]:
-    """The torchrun command of `stage` ("cache", "stage1"…"stage3", "rl") on one node."""
+    """The torchrun command of `stage` ("cache", "stage1"…"stage3", "rl") on node `node_rank`."""
     if stage not in RANKED_STAGES:
         raise InputError(f"stage {stage!r}: expected one of {', '.join(RANKED_STAGES)}")
     nodes, procs = stage_nodes(cfg, stage)
-    cmd = torchrun_launcher(nodes, procs, cfg.orchestration.rdzv_endpoint, rdzv_id(cfg, stage), host, python)
+    cmd = torchrun_launcher(nodes, procs, cfg.orchestration.rdzv_endpoint, rdzv_id(cfg, stage), node_rank, python)
     module = {"cache": ["loomcore.train.cache"], "rl": ["loomcore.rl"]}.get(stage, ["loomcore.train", "--stage", stage])
     return cmd + ["-m", *module, "--profile", cfg.profile, *overrides]
 
@@ -91,4 +99,4 @@ def check_rendezvous(cfg, stage: str) -> None:
         raise InputError(
             f"{key} = {nodes}, but orchestration.rdzv_endpoint = {endpoint!r} is not an address other machines "
             f"reach: set it to the first node's (e.g. orchestration.rdzv_endpoint=10.0.0.5:29400) and run "
-            f"`loom node {stage}` on the other {nodes - 1} node(s)")
+            f"`loom node {stage} --node-rank k` (k = 1 … {nodes - 1}) on the other {nodes - 1} node(s)")
