@@ -540,9 +540,11 @@ def test_cli_reads_a_long_source_as_the_release_demo_and_says_what_it_kept(tiny_
         (["--prompt", "a cat", "--model", "{tmp}/nope"], "--model {tmp}/nope: no such folder"),
         (["--prompt", "a cat", "--transformer", "{tmp}/nope"], "--transformer {tmp}/nope: no such folder"),
         (["--prompt", "zq " * 200], "more than mllm.max_length = 128 (shorten the text"),
-        (["--prompt", "a cat", "--height", "100000", "--width", "100000"],  # named, before any model loads
-         "--height 100000 --width 100000: 100000×100000 (W×H) × 3 frame(s) is 1,875,000,000 DiT tokens, more "
+        (["--prompt", "a cat", "--height", "8192", "--width", "8192"],  # named, before any model loads
+         "--height 8192 --width 8192: 8192×8192 (W×H) × 3 frame(s) is 12,582,912 DiT tokens, more "
          "than one call generates (1,048,576)"),
+        (["--prompt", "a cat", "--height", "100000"],  # 40×100000 × 3 frames would be 0.75M tokens, under the bound
+         "--height 100000: height = 100000: more pixels than one side of an output may have (8192)"),
         (["--prompt", "a cat", "--height", "37"], "--height 37: height = 37: this model takes multiples of 4"),
     ],
 )

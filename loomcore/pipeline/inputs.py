@@ -79,8 +79,15 @@ class Geometry:
             raise InputError(f"{width}×{height} (W×H) × {num_frames} frame(s) is {n:,} DiT tokens, more than one call "
                              f"generates ({self.MAX_TOKENS:,}); ask for a smaller size or fewer frames")
 
+    # One side of an output at most: 8K (7680×4320) fits; a side of 100000 is a typo at any profile
+    # (a tiny model's 4-pixel tokens would keep even 40×100000 under MAX_TOKENS, and sample for hours)
+    MAX_SIDE = 8192
+
     def check_size(self, height: int, width: int) -> None:
         for name, value, mult in (("height", height, self.height_multiple), ("width", width, self.width_multiple)):
+            if value > self.MAX_SIDE:
+                raise InputError(f"{name} = {value}: more pixels than one side of an output may have "
+                                 f"({self.MAX_SIDE}); ask for a smaller size")
             if value < mult or value % mult:
                 lower, upper = max(value // mult, 1) * mult, (value // mult + 1) * mult
                 near = f"{lower} or {upper}" if lower != upper else str(upper)
