@@ -225,7 +225,8 @@ def run_benchmark(pipe, cfg: Config, model: str, samples: Sequence[BenchmarkSamp
         if s.benchmark == "vbench":
             scores = scorer.score(gen.frames, s.prompt)
             out += [_row(model, s.benchmark, s.id, s.task, s.category, m, v, s.prompt) for m, v in scores.items()]
-            note = " · ".join(f"{m.split('_')[0]} {v:.2f}" for m, v in scores.items())
+            # + 0.0 turns a -0.0 (a tiny negative rounded) into 0.0: the sheet says "overall 0.00", not "-0.00"
+            note = " · ".join(f"{m.split('_')[0]} {round(v, 2) + 0.0:.2f}" for m, v in scores.items())
         else:
             template = _template(s)
             result = ask(judge, template.render(s.prompt), _judge_media(s, gen), template.dimensions,
