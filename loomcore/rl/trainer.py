@@ -8,7 +8,8 @@ stage-3 model, frozen: the KL proxy, the optional KL term, the "before" evaluati
 
   1. G prompts from the train split (a seeded draw per step), K samples each from θ_old with the
      deterministic Euler sampler (`rl.sample_steps` steps, the scheduler's flow shift, no CFG:
-     DiffusionNFT is CFG-free), decoded to pixels and scored by the reward;
+     DiffusionNFT is CFG-free, as NVlabs' release trains it; Flow-Factory's Wan2.2 example instead
+     rolls out and trains on CFG-combined velocities), decoded to pixels and scored by the reward;
   2. per-prompt advantages → optimality probabilities r (`loomcore.rl.nft`);
   3. `rl.gradient_steps` optimizer steps over the G·K clean samples, each sample trained at
      `rl.train_timesteps` flow times: z_t from fresh noise, v_θ and v_old at z_t, the NFT loss;
@@ -31,7 +32,8 @@ and deterministic, so both modes give the same contexts to float tolerance.
 
 Set-up, loop, checkpoints, the non-finite policy (a NaN/Inf optimizer step is skipped) and the
 outs are the run harness's (`loomcore.train.harness`). Outs (<train.out_dir>/rl/): model/
-(LoomDiT.save_pretrained of the final policy θ), summary.json (the held-out reward of the
+(LoomDiT.save_pretrained of the final policy θ — θ itself, where NVlabs saves and evaluates an EMA
+of θ (decay up to 0.9) and Flow-Factory θ_old), summary.json (the held-out reward of the
 reference and of θ: same prompts, same seeds), metrics.json, plots/metrics (dvclive). Run
 directory: <paths.runs>/rl/<run key>/.
 """
