@@ -165,3 +165,80 @@ def test_read_video_release_keeps_the_frames_the_rule_names(tmp_path):
     decoded = (torch.round(mean[:, 0] / 8) + 32 * torch.round(mean[:, 1] / 24)).long().tolist()
     assert decoded == list(cut.indices) == _their_indices(30.0, n)
     assert "kept 121 frames at 24 fps (source frames 0, 1, 2, 4, … 150 of the 151 read" in cut.describe()
+
+
+def _remux(src, dst, shift_frames: int = 0, rotation: int = 0):
+    """Copy `src`'s video packets into `dst` unchanged but for their timestamps (shifted back by
+    `shift_frames`: the mp4 muxer then writes an edit list that drops those lead-in frames, as
+    `ffmpeg -ss … -c copy` cuts do) and, optionally, a display rotation (a phone's portrait clip)."""
+    import av
+
+    with av.open(str(src)) as inp, av.open(str(dst), "w") as out:
+        s = inp.streams.video[0]
+        o = out.add_stream_from_template(s)
+        if rotation:
+            o.set_display_rotation(rotation)
+        shift = None
+        for p in inp.demux(s):
+            if p.dts is None:
+                continue
+            shift = shift if shift is not None else int(shift_frames / (s.average_rate * s.time_base))
+            p.pts -= shift
+            p.dts -= shift
+            p.stream = o
+            out.mux(p)
+
+
+def test_a_clip_cut_by_an_edit_list_is_not_truncated(tmp_path):
+    """The container counts the lead-in frames its edit list drops: fewer frames than it declares,
+    but reaching its declared end, is a whole clip; a file cut short still is not."""
+    _counting_video(tmp_path / "v.mp4", 12, 24)
+    _remux(tmp_path / "v.mp4", tmp_path / "cut.mp4", shift_frames=3)
+    import av
+
+    with av.open(str(tmp_path / "cut.mp4")) as c:
+        assert c.streams.video[0].frames == 12  # declared
+    info = probe(tmp_path / "cut.mp4")
+    assert info.num_frames == 9 and info.duration == pytest.approx(9 / 24)
+    assert [int(f[0, 0, 0]) // 10 for f in read_video(tmp_path / "cut.mp4")] == list(range(3, 12))
+
+
+def test_rotation_metadata_and_exif_orientation_are_applied(tmp_path):
+    """A clip stored landscape with a 90° display matrix, and a JPEG with EXIF orientation 6, are
+    read upright — sizes and pixels — as a player or a viewer shows them."""
+    from PIL import Image
+
+    frames = np.zeros((3, 32, 64, 3), np.uint8)
+    frames[:, :, :32] = (255, 0, 0)  # left half red, right half blue
+    frames[:, :, 32:] = (0, 0, 255)
+    write_video(tmp_path / "v.mp4", frames, 24)
+    _remux(tmp_path / "v.mp4", tmp_path / "rot.mp4", rotation=90)  # a quarter turn counter-clockwise
+    info = probe(tmp_path / "rot.mp4")
+    assert (info.width, info.height) == (32, 64)
+    v = read_video(tmp_path / "rot.mp4").int()
+    assert v.shape == (3, 64, 32, 3)
+    top, bottom = v[:, :32].float().mean((0, 1, 2)), v[:, 32:].float().mean((0, 1, 2))
+    assert top[2] > 200 > 50 > top[0] and bottom[0] > 200 > 50 > bottom[2]  # the right side turned up
+
+    img = np.zeros((20, 40, 3), np.uint8)
+    img[:, :20] = (255, 0, 0)  # stored 40 wide: left red, right blue
+    img[:, 20:] = (0, 0, 255)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90° clockwise to view"
+    Image.fromarray(img).save(tmp_path / "phone.jpg", exif=exif, quality=95)
+    info = probe(tmp_path / "phone.jpg")
+    assert (info.width, info.height) == (20, 40)
+    x = read_image(tmp_path / "phone.jpg").int()
+    assert x.shape == (40, 20, 3)
+    assert x[:20, :, 0].float().mean() > 200 and x[20:, :, 2].float().mean() > 200  # left side turned to the top
+
+
+def test_a_16_bit_grey_png_is_scaled_not_clipped(tmp_path):
+    from PIL import Image
+
+    ramp = (np.arange(256 * 4, dtype=np.uint32).reshape(4, 256) * 64).astype(np.uint16)  # 0 … 65472
+    Image.fromarray(ramp).save(tmp_path / "g16.png")
+    assert Image.open(tmp_path / "g16.png").mode.startswith("I")
+    x = read_image(tmp_path / "g16.png")
+    assert x.shape == (4, 256, 3) and torch.equal(x[..., 0], torch.from_numpy((ramp >> 8).astype(np.uint8)))
+    assert torch.equal(x[..., 0], x[..., 2])

@@ -102,9 +102,23 @@ def _stream_fps(stream) -> float:
     return float(rate)
 
 
+def _quarter_turns(frame) -> int:
+    """Counter-clockwise quarter turns that show `frame` upright: its display matrix's rotation (a
+    phone's portrait clip stores landscape pixels and a ±90° matrix), as ffmpeg's autorotate reads it."""
+    return round(frame.rotation / 90) % 4
+
+
+def _rgb(frame) -> np.ndarray:
+    """A decoded frame as uint8 [H, W, 3], upright."""
+    arr = frame.to_ndarray(format="rgb24")
+    k = _quarter_turns(frame)
+    return np.ascontiguousarray(np.rot90(arr, k)) if k else arr
+
+
 def probe(path) -> MediaInfo:
-    """Size, frame count, fps and duration of an image or a video. Every frame is decoded, so a
-    truncated or corrupt stream is found here rather than in training."""
+    """Size (upright: rotation metadata and EXIF orientation applied), frame count, fps and duration
+    of an image or a video. Every frame is decoded, so a truncated or corrupt stream is found here
+    rather than in training."""
     path = Path(path)
     if media_kind(path) == "image":
         img = _load_pil(path)
@@ -116,14 +130,24 @@ def probe(path) -> MediaInfo:
         fps = _stream_fps(stream)
         declared = int(stream.frames or 0)
         width, height = stream.codec_context.width, stream.codec_context.height
+        first_t = last_t = None
         try:
             n = 0
             for frame in container.decode(stream):
                 n += 1
                 width, height = frame.width, frame.height
+                if _quarter_turns(frame) % 2:
+                    width, height = height, width
+                if frame.time is not None:
+                    first_t = frame.time if first_t is None else first_t
+                    last_t = frame.time
         except Exception as e:
             raise _av_error(path, e) from None
-        if declared and n < declared:
+        # Fewer frames than the container counts is a truncated file only if they also end early:
+        # an edit list (a clip cut with `ffmpeg -ss … -c copy`) drops lead-in frames it still counts.
+        declared_s = float(stream.duration * stream.time_base) if stream.duration and stream.time_base else None
+        decoded_s = last_t - first_t + 1.0 / fps if last_t is not None else n / fps
+        if declared and n < declared and (declared_s is None or decoded_s < declared_s - 1.5 / fps):
             raise MediaError(path, f"truncated: decoded {n} of {declared} frames", "truncated")
     finally:
         container.close()
@@ -133,7 +157,8 @@ def probe(path) -> MediaInfo:
 
 
 def read_video(path, num_frames: Optional[int] = None, fps: Optional[float] = None) -> torch.Tensor:
-    """The first `num_frames` frames (all if None) at `fps` (native if None): uint8 [F, H, W, 3].
+    """The first `num_frames` frames (all if None) at `fps` (native if None): uint8 [F, H, W, 3],
+    upright (the stream's rotation metadata applied).
 
     Resampling picks, for target time k / fps, the last source frame shown at or before it
     (frames repeat when upsampling, are skipped when downsampling). Raises MediaError "too_short"
@@ -149,8 +174,8 @@ def read_video(path, num_frames: Optional[int] = None, fps: Optional[float] = No
         want = num_frames if num_frames is not None else math.inf
         prev, prev_t, t0 = None, None, None
         try:
-            for frame in container.decode(stream):
-                t = frame.time if frame.time is not None else (len(out) / src_fps)
+            for i, frame in enumerate(container.decode(stream)):
+                t = frame.time if frame.time is not None else i / src_fps  # no timestamps: the frame's index
                 t0 = t if t0 is None else t0
                 t -= t0
                 # `prev` is the frame on screen at every target time before this frame's time.
@@ -158,7 +183,7 @@ def read_video(path, num_frames: Optional[int] = None, fps: Optional[float] = No
                     out.append(prev)
                 if len(out) >= want:
                     break
-                prev, prev_t = frame.to_ndarray(format="rgb24"), t
+                prev, prev_t = _rgb(frame), t
         except Exception as e:
             raise _av_error(path, e) from None
         if prev is not None:  # the last frame lasts one source frame interval
@@ -175,7 +200,8 @@ def read_video(path, num_frames: Optional[int] = None, fps: Optional[float] = No
 
 
 def _load_pil(path: Path):
-    from PIL import Image, UnidentifiedImageError
+    """The image, decoded, upright (its EXIF orientation applied, as a viewer shows it)."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     _check_file(path)
     try:
@@ -186,12 +212,19 @@ def _load_pil(path: Path):
     except Exception as e:  # OSError, SyntaxError, DecompressionBombError…: one bad file, not a crash
         code = "truncated" if "truncated" in str(e).lower() else "undecodable"
         raise MediaError(path, f"corrupt image ({e})", code) from None
-    return img
+    return ImageOps.exif_transpose(img)
 
 
 def read_image(path) -> torch.Tensor:
-    """An image as uint8 [H, W, 3] (RGB; alpha and palettes are converted)."""
-    img = _load_pil(Path(path))
+    """An image as uint8 [H, W, 3] (RGB; alpha and palettes are converted; 16-bit greys scaled
+    to 8 bits — Pillow's own conversion clips them, turning a 16-bit PNG almost white)."""
+    path = Path(path)
+    img = _load_pil(path)
+    if img.mode.startswith("I;16") or img.mode == "I":
+        grey = (np.clip(np.asarray(img).astype(np.int64), 0, 65535) >> 8).astype(np.uint8)
+        return torch.from_numpy(np.repeat(grey[..., None], 3, axis=-1))
+    if img.mode == "F":
+        raise MediaError(path, "a 32-bit float image: its range is unknown (save it as 8- or 16-bit)", "undecodable")
     return torch.from_numpy(np.asarray(img.convert("RGB")).copy())
 
 
@@ -335,7 +368,7 @@ def read_video_release(path, fps: float, max_frames: int, temporal_factor: int) 
         try:
             for frame in container.decode(stream):
                 if n in wanted:
-                    kept[n] = frame.to_ndarray(format="rgb24")
+                    kept[n] = _rgb(frame)
                 n += 1
                 if n >= reach:
                     break
