@@ -257,6 +257,26 @@ def test_s3_source_survives_a_transient_failure(s3_bucket, s3_flaky_proxy, data,
     assert s2["timing"]["transfer"]["skipped"] == s2["timing"]["transfer"]["objects"] - 1
 
 
+def test_the_mirror_knows_an_object_without_sha256_metadata_by_its_etag(s3_bucket, tmp_path, cfg):
+    """Objects uploaded by another tool carry no sha256 metadata: one replaced in place by bytes
+    of the same size (a caption fixed letter for letter) is downloaded again, not kept stale."""
+    from loomcore.data.mirror import fetch_s3
+    from loomcore.storage import S3Settings
+
+    client, settings = s3_client(), S3Settings.from_config(cfg.s3)
+    for key, body in (("a.jsonl", b'{"caption": "a red circle"}\n'), ("b.txt", b"unchanged")):
+        client.put_object(Bucket=s3_bucket, Key=f"data/{key}", Body=body)
+    root = tmp_path / "mirror"
+    root.mkdir()
+    bad, stats = fetch_s3(f"s3://{s3_bucket}/data", root, settings, progress=False)
+    assert not bad and stats["downloaded"] == 2
+    assert (tmp_path / ".mirror.s3-etags" / "a.jsonl").is_file() and not list(root.rglob("*etag*"))
+    client.put_object(Bucket=s3_bucket, Key="data/a.jsonl", Body=b'{"caption": "a red square"}\n')  # same size
+    bad, stats = fetch_s3(f"s3://{s3_bucket}/data", root, settings, progress=False)
+    assert not bad and (stats["downloaded"], stats["skipped"]) == (1, 1)
+    assert (root / "a.jsonl").read_bytes() == b'{"caption": "a red square"}\n'
+
+
 # --------------------------------------------------------------------------------------------
 # Rows that used to crash curation or slip through it; a store that dies; retries
 

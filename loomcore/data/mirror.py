@@ -2,6 +2,9 @@
 
 Every object is downloaded once, checked against its size and its `sha256` metadata (upload_dir
 writes it), and renamed into place: a file under the root is whole and verified or absent. An
+object without that metadata (uploaded by `aws s3 sync` or another tool: most datasets) is known by
+its ETag, recorded beside the root (`.<root name>.s3-etags/<key>`) when it was mirrored: an object
+replaced by one of the same size is downloaded again, not kept stale. An
 object that is itself bad (bytes that fail their checksum, gone since the listing) is reported
 for its rows to be rejected; a store that stops answering or refuses us raises
 (`StoreUnavailable` / `StoreError`, naming the endpoint, the bucket and the object), so a partial
@@ -41,16 +44,19 @@ def _object_failure(uri: str, e: Exception) -> Tuple[str, str]:
     return "download_failed", f"{uri}: {type(e).__name__}: {e}"
 
 
-def _fetch_one(client, bucket: str, key: str, size: int, dest: Path, config) -> Tuple[Optional[Tuple[str, str]], bool]:
+def _fetch_one(client, bucket: str, key: str, size: int, dest: Path, config, etag: str = "",
+               etag_record: Optional[Path] = None) -> Tuple[Optional[Tuple[str, str]], bool]:
     """Download one object to `dest` unless a verified copy is there. -> (error, downloaded).
     A copy that fails verification is downloaded once more (a corrupted transfer), then reported;
-    the caller never sees a half-written or unverified file."""
+    the caller never sees a half-written or unverified file. Without `sha256` metadata a copy is
+    current only if `etag_record` holds the listing's `etag` (written after each download)."""
     uri = f"s3://{bucket}/{key}"
     try:
         sha256 = client.head_object(Bucket=bucket, Key=key).get("Metadata", {}).get("sha256")
     except Exception as e:  # noqa: BLE001 — sorted by _object_failure, which re-raises all but the object's own
         return _object_failure(uri, e), False
-    if dest.is_file() and _verify(dest, uri, size, sha256) is None:
+    same_object = bool(sha256) or etag_record is None or (etag_record.is_file() and etag_record.read_text() == etag)
+    if same_object and dest.is_file() and _verify(dest, uri, size, sha256) is None:
         return None, False
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.part")
@@ -64,7 +70,12 @@ def _fetch_one(client, bucket: str, key: str, size: int, dest: Path, config) -> 
                 break
             msg = _verify(tmp, uri, size, sha256)
             if msg is None:
+                if etag_record is not None:  # dropped first: a crash in between leaves the copy unknown, not stale
+                    etag_record.unlink(missing_ok=True)
                 os.replace(tmp, dest)
+                if etag_record is not None:
+                    etag_record.parent.mkdir(parents=True, exist_ok=True)
+                    etag_record.write_text(etag)
                 return None, True
             error = ("checksum_mismatch", msg)
     finally:
@@ -92,6 +103,7 @@ def fetch_s3(uri: str, root: Path, settings: S3Settings, progress: bool = True) 
     stats = {"objects": 0, "downloaded": 0, "skipped": 0, "bytes_downloaded": 0, "failed": 0}
     at, done = f"the listing of {uri}", 0
     name_max = os.pathconf(root, "PC_NAME_MAX") - len("..part")  # room for the download's temporary name
+    etags = root.parent / f".{root.name}.s3-etags"  # beside the root, not in it: curation reads the root
     try:
         objects = [o for o in list_objects(uri, client=client) if o["Key"].startswith(folder) and not o["Key"].endswith("/")]
         stats["objects"] = len(objects)
@@ -109,7 +121,8 @@ def fetch_s3(uri: str, root: Path, settings: S3Settings, progress: bool = True) 
                 bad[rel] = ("path_outside_root", f"{at} would be written outside the data root")
                 stats["failed"] += 1
                 continue
-            error, downloaded = _fetch_one(client, bucket, obj["Key"], obj["Size"], dest, config)
+            error, downloaded = _fetch_one(client, bucket, obj["Key"], obj["Size"], dest, config, obj.get("ETag", ""),
+                                           etags / rel)
             if error:
                 bad[rel] = error
                 stats["failed"] += 1

@@ -35,6 +35,7 @@ from typing import Dict, List, Optional, Tuple
 import yaml
 
 from loomcore.data.schema import MetadataError
+from loomcore.storage import is_transient
 
 RELEASE_CONFIG_SUFFIXES = (".yaml", ".yml")
 REJECT_KEY = "_release_reject"  # a row that could not be built: (reason, detail, file)
@@ -160,6 +161,8 @@ def _row(d: ReleaseDataset, p: Processor, prefix: Path, i: int, root: Path) -> d
     except FileNotFoundError:
         return reject("media_missing", f"sample {i}: {shown} does not exist (num_samples = {d.num_samples})")
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        if is_transient(e):  # the network filesystem, not the row: the stage fails (and is retried)
+            raise
         return reject("bad_row", f"{shown}: not a readable JSON object ({type(e).__name__}: {e})")
     if not isinstance(info, dict):
         return reject("bad_row", f"{shown}: holds {type(info).__name__}, expected a JSON object")
