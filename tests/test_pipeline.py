@@ -361,6 +361,8 @@ def test_from_config_models_takes_a_trained_transformer(tiny_workspace, pipe, tm
         (dict(prompt=""), "task t2v: the caption/instruction is empty"),
         (dict(prompt="make it blue", source="speck"), "smaller than the smallest output this model makes (4×4)"),
         (dict(prompt=["a", "b"]), "expected one string"),
+        (dict(prompt="a red circle", generator=[torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)]),
+         "generator: a list of 2, but one call makes one output"),
     ],
 )
 def test_bad_input_is_refused_with_what_the_model_takes(pipe, media, kw, needle):
@@ -373,6 +375,23 @@ def test_bad_input_is_refused_with_what_the_model_takes(pipe, media, kw, needle)
     with pytest.raises(ValueError) as e:
         pipe(**kw)
     assert needle in str(e.value)
+
+
+def test_an_edit_with_a_transformer_without_source_embedding_is_refused_before_any_work(pipe, media):
+    """A stage-1 model (use_source_embedding: false) cannot take a source: refused in
+    resolve_inputs (an InputError, exit 2 from the CLI), not by the DiT's check at the first step."""
+    from loomcore.errors import InputError
+
+    embedding = pipe.transformer.source_patch_embedding
+    pipe.transformer.source_patch_embedding = None
+    try:
+        with pytest.raises(InputError, match="task ti2i edits a source, but this transformer has no source embedding"):
+            pipe.resolve_inputs("make it blue", source=media["image"])
+        pipe.resolve_inputs("a red circle")  # generation needs none
+    finally:
+        pipe.transformer.source_patch_embedding = embedding
+    assert pipe(prompt="a red circle", generator=[torch.Generator().manual_seed(0)], num_inference_steps=1,
+                output_type="latent").frames.shape[0] == 1  # a list of one generator is that generator
 
 
 def test_float_pixels_must_be_in_unit_range(pipe, media):

@@ -109,7 +109,10 @@ class WanVAE(nn.Module):
     def __init__(self, vae, sample: bool = False):
         super().__init__()
         self.vae = vae
-        self.sample = sample  # False: the posterior mode (deterministic), as Wan's pipelines do
+        # False: the posterior mode (deterministic), as diffusers' Wan pipelines do. The authors'
+        # release draws posterior.sample() for the latents it trains on and for the source and
+        # references at inference: `sample=True` (with the call's generator) for that
+        self.sample = sample
         cfg = vae.config
         self.spatial_factor = int(cfg.scale_factor_spatial)
         self.temporal_factor = int(cfg.scale_factor_temporal)

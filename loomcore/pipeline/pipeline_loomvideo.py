@@ -223,6 +223,9 @@ class LoomVideoPipeline(DiffusionPipeline):
         layout = a.mllm_layout or c.get("mllm_layout", "demo")
         if layout not in LAYOUTS:
             raise InputError(f"mllm_layout = {layout!r}: expected one of {LAYOUTS}")
+        if plan.source is not None and getattr(self.transformer, "source_patch_embedding", False) is None:
+            raise InputError(f"source: task {plan.task} edits a source, but this transformer has no source embedding "
+                             "(use_source_embedding: false, a stage-1 model): use a stage-2 or later model")
         return dataclasses.replace(plan, source_cut=cut, mllm_layout=layout)
 
     def encode_contexts(self, plan: GenerationPlan, branches: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -328,6 +331,11 @@ class LoomVideoPipeline(DiffusionPipeline):
         Returns:
             `LoomVideoPipelineOutput` with `frames` (see its docstring), or `(frames,)`.
         """
+        if isinstance(generator, (list, tuple)):  # diffusers' randn_tensor would draw from the first alone
+            if len(generator) != 1:
+                raise InputError(f"generator: a list of {len(generator)}, but one call makes one output; "
+                                 "pass one torch.Generator")
+            generator = generator[0]
         if output_type not in ("np", "pt", "pil", "latent"):
             raise InputError(f"output_type = {output_type!r}: expected 'np', 'pt', 'pil' or 'latent'")
         unknown = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
