@@ -81,3 +81,12 @@ def test_resize_float_and_bad_input():
         resize_center_crop(torch.zeros(2, 3, 48, 80), (40, 24))
     with pytest.raises(ValueError, match="positive"):
         resize_center_crop(x, (0, 24))
+
+
+def test_a_long_clip_is_resized_a_few_frames_at_a_time_to_the_same_pixels():
+    """Frames are resized in groups (a float copy of a whole native-resolution clip would take GBs):
+    each frame comes out as it does alone."""
+    clip = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (21, 67, 91, 3), dtype=np.uint8))
+    whole = resize_center_crop(clip, (40, 32))
+    assert whole.shape == (21, 32, 40, 3) and whole.dtype == torch.uint8
+    assert all(torch.equal(whole[i], resize_center_crop(clip[i], (40, 32))) for i in range(21))

@@ -77,12 +77,14 @@ def resize_center_crop(frames, size: Size) -> torch.Tensor:
     nw, nh = max(tw, round(w * scale)), max(th, round(h * scale))
     if (nw, nh) != (w, h):
         dtype = x.dtype
-        y = x.permute(0, 3, 1, 2).float()  # (F, 3, H, W)
-        y = F.interpolate(y, size=(nh, nw), mode="bilinear", align_corners=False, antialias=True)
-        y = y.permute(0, 2, 3, 1)
-        if dtype == torch.uint8:
-            y = y.round().clamp(0, 255)
-        x = y.to(dtype)
+
+        def resize(part):  # a few frames at a time: a float copy of a whole 4K clip would be ~12 GB
+            y = part.permute(0, 3, 1, 2).float()  # (f, 3, H, W)
+            y = F.interpolate(y, size=(nh, nw), mode="bilinear", align_corners=False, antialias=True)
+            y = y.permute(0, 2, 3, 1)
+            return (y.round().clamp(0, 255) if dtype == torch.uint8 else y).to(dtype)
+
+        x = torch.cat([resize(x[i:i + 8]) for i in range(0, x.shape[0], 8)])
     top, left = (nh - th) // 2, (nw - tw) // 2
     x = x[:, top:top + th, left:left + tw, :]
     return x[0] if single else x

@@ -405,6 +405,12 @@ def _encode_chunk(cfg, chunk, res, media, codec, encoder, mode, dtype, bytes_by_
     index_rows: List[dict] = []
     skipped: List[dict] = []
     requests, visual_requests, prepared = [], [], []
+    dev = next(iter(codec.buffers()), torch.empty(0)).device if isinstance(codec, torch.nn.Module) else "cpu"
+
+    def latent(frames):
+        with torch.no_grad():
+            return codec.encode(_to_unit(frames)[None].to(dev))[0].to("cpu", dtype)
+
     for row in chunk:
         spec = task_spec(row["task"])
         size = media.target_size(row, res)
@@ -426,7 +432,12 @@ def _encode_chunk(cfg, chunk, res, media, codec, encoder, mode, dtype, bytes_by_
             continue
         requests.append(req)
         visual_requests.append(vis_req)
-        prepared.append((row, target, source, refs, tok, vis_tok))
+        # the codec latents now, so that a row's pixels are not all held until the chunk's MLLM batch
+        # (a 121-frame 480p target is 145 MB; a source stays, its request shows it to the MLLM)
+        latents = {"target": latent(target), **({"source": latent(source)} if source is not None else {}),
+                   **{f"ref{k}": latent(r) for k, r in enumerate(refs)}}
+        del target
+        prepared.append((row, latents, len(refs), tok, vis_tok))
 
     # MLLM side, batched
     full = vis = None
@@ -436,7 +447,7 @@ def _encode_chunk(cfg, chunk, res, media, codec, encoder, mode, dtype, bytes_by_
         if with_vis:
             vis = (with_vis, encoder.encode([visual_requests[i] for i in with_vis], batch_size=cfg.data.cache_batch_size))
 
-    for i, (row, target, source, refs, tok, vis_tok) in enumerate(prepared):
+    for i, (row, latents, num_refs, tok, vis_tok) in enumerate(prepared):
         sid = row["id"]
         entries: Dict[str, list] = {}
         own: Dict[str, torch.Tensor] = {}
@@ -447,14 +458,8 @@ def _encode_chunk(cfg, chunk, res, media, codec, encoder, mode, dtype, bytes_by_
             own[key] = t
             entries[name] = shards.tensor_entry(key, t)
 
-        with torch.no_grad():
-            dev = next(iter(codec.buffers()), torch.empty(0)).device if isinstance(codec, torch.nn.Module) else "cpu"
-            latent = lambda frames: codec.encode(_to_unit(frames)[None].to(dev))[0].to("cpu", dtype)  # noqa: E731
-            put("target", latent(target))
-            if source is not None:
-                put("source", latent(source))
-            for k, r in enumerate(refs):
-                put(f"ref{k}", latent(r))
+        for name, z in latents.items():  # target, source, ref0, ref1, …
+            put(name, z)
         # bytes of each MLLM mode, measured on this very sample
         online_bytes = _nbytes({k: v for k, v in tok.items() if k in MLLM_INPUT_KEYS})
         # text dropout keeps the images/video: the same drop="text" request in both modes
@@ -482,11 +487,11 @@ def _encode_chunk(cfg, chunk, res, media, codec, encoder, mode, dtype, bytes_by_
         bytes_by_mode["samples"] += 1
         patch = cfg.dit.patch_size
         dit = dit_token_count(*own[f"{sid}/target"].shape[1:], patch)
-        dit += sum(dit_token_count(1, *own[f"{sid}/ref{k}"].shape[2:], patch) for k in range(len(refs)))
+        dit += sum(dit_token_count(1, *own[f"{sid}/ref{k}"].shape[2:], patch) for k in range(num_refs))
         tensors.update(own)
         index_rows.append(dict(
             id=sid, task=row["task"], caption=row["caption"] or "", split=row["split"], resolution=res,
-            num_refs=len(refs), tokens=dit + ctx_tokens, dit_tokens=dit, context_tokens=ctx_tokens,
+            num_refs=num_refs, tokens=dit + ctx_tokens, dit_tokens=dit, context_tokens=ctx_tokens,
             bytes=_nbytes(own), tensors=shards.tensors_json(entries),
         ))
     return tensors, index_rows, skipped
