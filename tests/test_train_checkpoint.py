@@ -93,6 +93,22 @@ def test_save_is_atomic_and_a_crash_leaves_the_previous_checkpoint(tmp_path):
     (stale / "model.safetensors").write_bytes(b"half")
     CheckpointManager(tmp_path, keep_last=3, interval=1)
     assert sorted(os.listdir(tmp_path)) == ["step-000001"]
+    # tagged with their host: this host's dead writer is reaped; another host's pid cannot be checked
+    # from here, so its folder stays until it has been untouched for hours (a run requeued elsewhere)
+    import socket
+    import time
+
+    from loomcore.train.checkpoint import OTHER_HOST_STALE_S
+
+    here = tmp_path / f".tmp-step-000002-999999999@{socket.gethostname()}"
+    live_elsewhere = tmp_path / ".del-step-000003-1@another-node.example"
+    dead_elsewhere = tmp_path / ".old-step-000004-1@another-node.example"
+    for p in (here, live_elsewhere, dead_elsewhere):
+        p.mkdir()
+    old = time.time() - OTHER_HOST_STALE_S - 60
+    os.utime(dead_elsewhere, (old, old))
+    CheckpointManager(tmp_path, keep_last=3, interval=1)
+    assert sorted(os.listdir(tmp_path)) == [live_elsewhere.name, "step-000001"]
 
 
 def test_other_ranks_shards_are_looked_up_by_name_not_listed(tmp_path, monkeypatch):

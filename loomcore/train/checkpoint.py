@@ -34,6 +34,8 @@ import json
 import os
 import re
 import shutil
+import socket
+import time
 import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Protocol, Sequence, Tuple
@@ -48,7 +50,15 @@ TRAINER_STATE = "trainer_state.json"
 FORMAT_VERSION = 2  # 2: model, optimizer and EMA as per-rank shards under dcp/ (distributed.Checkpointer)
 STEP_DIR = "step-{:06d}"
 _STEP_RE = re.compile(r"^step-(\d+)$")
-_HIDDEN_RE = re.compile(r"^\.(?:tmp|old|del)-step-\d+-(\d+)$")  # ours, tagged with the writer's pid
+# ours, tagged with the writer's pid and host (a pid means nothing on another node; untagged: older)
+_HIDDEN_RE = re.compile(r"^\.(?:tmp|old|del)-step-\d+-(\d+)(?:@(.+))?$")
+# A hidden folder of another host's writer is taken for a dead one's after this long: its pid
+# cannot be checked from here, and no checkpoint takes hours to write, rename or delete.
+OTHER_HOST_STALE_S = 6 * 3600
+
+
+def _writer_tag() -> str:
+    return f"{os.getpid()}@{socket.gethostname()}"
 _TENSOR_TAG = "__tensor__"
 
 
@@ -221,10 +231,18 @@ class CheckpointManager:
         self._remove_stale_hidden()
 
     def _remove_stale_hidden(self) -> None:
-        """Temp/old/deleting folders left by a writer that died (its pid is gone)."""
+        """Temp/old/deleting folders left by a writer that died: its pid gone on this host, or, for
+        another host's writer (a run requeued on other nodes), untouched for OTHER_HOST_STALE_S."""
         for p in self.run_dir.iterdir():
             m = _HIDDEN_RE.match(p.name)
-            if m and p.is_dir() and not pid_alive(int(m.group(1))):
+            if not (m and p.is_dir()):
+                continue
+            host = m.group(2)
+            if host is None or host == socket.gethostname():
+                stale = not pid_alive(int(m.group(1)))
+            else:
+                stale = time.time() - p.stat().st_mtime > OTHER_HOST_STALE_S
+            if stale:
                 shutil.rmtree(p)
 
     def should_save(self, step: int) -> bool:
@@ -252,7 +270,7 @@ class CheckpointManager:
         add files to it before `finish`)."""
         if step < 0:
             raise ValueError(f"save: step must be >= 0, got {step}")
-        tmp = self.run_dir / f".tmp-{self.path_for(step).name}-{os.getpid()}"
+        tmp = self.run_dir / f".tmp-{self.path_for(step).name}-{_writer_tag()}"
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
@@ -318,7 +336,7 @@ class CheckpointManager:
         after a resume) is moved aside first: rename cannot replace a non-empty directory."""
         old = None
         if final.exists():
-            old = self.run_dir / f".old-{final.name}-{os.getpid()}"
+            old = self.run_dir / f".old-{final.name}-{_writer_tag()}"
             os.replace(final, old)
         os.replace(tmp, final)
         _fsync(self.run_dir)
@@ -327,7 +345,7 @@ class CheckpointManager:
 
     def _delete(self, path: Path) -> None:
         """Hide first, then remove: a half-deleted checkpoint is never visible."""
-        hidden = self.run_dir / f".del-{path.name}-{os.getpid()}"
+        hidden = self.run_dir / f".del-{path.name}-{_writer_tag()}"
         os.replace(path, hidden)
         shutil.rmtree(hidden)
 
