@@ -136,7 +136,10 @@ def _release_benchmarks(root: Path) -> Path:
     for name in ("cat.png", "dog.png", "background_beach.png"):
         write_image(root / "media" / "refs" / name, rng.integers(0, 255, (32, 32, 3), dtype=np.uint8))
     sets = {
-        "VBench": ("process_only_text_for_video_data", [{"caption": "a cat runs", "save_path": "a cat runs-0.mp4"}]),
+        "VBench": ("process_only_text_for_video_data", [  # VBench tags each prompt with the dimensions it scores
+            {"caption": "a cat runs", "save_path": "a cat runs-0.mp4"},
+            {"caption": "a dog sits", "data_info": {"dimensions": ["subject_consistency", "motion_smoothness"]}},
+            {"caption": "a car drives", "data_info": {"dimensions": ["motion_smoothness"]}}]),
         "OpenVE-Bench": ("process_only_source_video_data",
                          [{"source_video_path": "clip.mp4", "instruction": "make the sky red", "edited_type": "background_change"},
                           {"source_video_path": "clip.mp4", "instruction": "add a hat", "edited_type": "hat_edit"}]),
@@ -172,7 +175,10 @@ def test_release_benchmark_folders_read_as_their_processors_and_judges_do(tiny_w
     sets = {name: read_benchmark(str(config), name) for name in ("vbench", "openve", "refvie", "intelligentvbench")}
     got = {name: [(s.id, s.task, s.category, s.prompt, s.source, s.refs, s.background_ref, s.unsupported, s.layout)
                   for s in samples] for name, samples in sets.items()}
-    assert got["vbench"] == [("VBench/0", "t2v", "t2v", "a cat runs", None, [], None, None, "eval")]
+    assert got["vbench"][0] == ("VBench/0", "t2v", "t2v", "a cat runs", None, [], None, None, "eval")
+    assert [s.dimensions for s in sets["vbench"]] == [(), ("subject_consistency",), ()]
+    assert sets["vbench"][2].unsupported == ("dimensions ['motion_smoothness']: none of Table 2's (imaging_quality, "
+                                             "overall_consistency, subject_consistency)")
     assert got["openve"][0] == ("OpenVE-Bench/0", "tv2v", "background_change", "make the sky red", media / "clip.mp4",
                                 [], None, None, "eval")
     assert got["openve"][1][7] == "category 'hat_edit' (edited_type): no judge template for it in openve"
@@ -191,6 +197,28 @@ def test_release_benchmark_folders_read_as_their_processors_and_judges_do(tiny_w
     out, _ = run_benchmark(pipe, cfg, "model", [sets["openve"][1]], Scripted("unused"), None)
     assert out and all(math.isnan(r["score"]) and r["failure"].startswith("category 'hat_edit'") for r in out)
 
+    # a VBench prompt is scored on its own dimensions only (VBench's per-prompt tags)
+    from loomcore.eval.metrics import VBenchScorer
+    from loomcore.models.base_models import build_tiny_dino
+
+    build_tiny_dino(tmp_path / "dino")
+    out, _ = run_benchmark(pipe, cfg, "model", sets["vbench"][1:2], None, VBenchScorer(None, str(tmp_path / "dino")))
+    assert [(r["metric"], math.isfinite(r["score"])) for r in out] == [("subject_consistency", True)]
+
+    # a failed sample is recorded under the category and dimensions its score would have had: a
+    # background MI2V failure must not blank Table 6's Consistency for the samples that scored
+    from dataclasses import replace
+
+    from loomcore.eval.report import aggregate, tables
+
+    bg = sets["intelligentvbench"][1]
+    answer = "\n".join(f"{d}: 4" for d in ("Multi-Subject and Background Consistency", "Prompt Following",
+                                             "Overall Visual Quality"))
+    out, _ = run_benchmark(pipe, cfg, "model", [replace(bg, id="Intelligent-VBench-MI2V/gone", missing=["gone.png"]), bg], Scripted(answer), None)
+    assert {r["category"] for r in out} == {"mi2v_2subjects_bg"}
+    row = tables(aggregate(out), "model")["IntelligentVBench MI2V (Table 6)"][0]
+    assert row["2 Subjects: Consistency"] == "4.00" and row["2 Subjects: Avg"] == "4.00"
+
 
 def test_a_broken_release_benchmark_names_the_file_and_key(tmp_path):
     config = _release_benchmarks(tmp_path)
@@ -198,7 +226,7 @@ def test_a_broken_release_benchmark_names_the_file_and_key(tmp_path):
     with pytest.raises(ValueError, match=r"RefVIE-Bench/0\.json: no 'instruction', 'reference_image_paths' \(process_refvie_data"):
         read_benchmark(str(config), "refvie")
     (tmp_path / "single_jsons" / "VBench" / "0.json").unlink()
-    with pytest.raises(FileNotFoundError, match=r"dataset\.VBench: .*VBench/0\.json does not exist \(num_samples = 1\)"):
+    with pytest.raises(FileNotFoundError, match=r"dataset\.VBench: .*VBench/0\.json does not exist \(num_samples = 3\)"):
         read_benchmark(str(config), "vbench")
 
 
@@ -225,11 +253,17 @@ def test_stage_command_writes_metrics_scores_sheets_and_report(tiny_workspace, p
     headline = json.loads((out / "metrics.json").read_text())  # what dvc metrics shows: a dozen figures
     metrics = json.loads((out / "results.json").read_text())  # every aggregate
     leaves = [v for sec in headline.values() for v in (sec.values() if isinstance(sec, dict) else [sec])]
-    assert len(leaves) <= 14 and set(headline["shapesbench"]) == {"score", "background", "colour", "count", "motion",
+    assert len(leaves) <= 15 and set(headline["shapesbench"]) == {"score", "background", "colour", "count", "motion",
                                                                    "reference", "psnr"}
     assert headline["shapesbench"]["score"] == metrics["shapesbench"]["model"]["score"]
     assert headline["shapesbench_base"]["score"] == metrics["shapesbench"]["base"]["score"]
     assert headline["vbench"]["average"] == metrics["vbench"]["average"] and headline["failures"] == metrics["failures"]
+    # IntelligentVBench: Table 5's and Table 6's own averages, not one figure over both datasets
+    ivb = metrics["intelligentvbench"]["categories"]
+    assert set(headline["intelligentvbench"]) == {"tiv2v", "mi2v"}
+    tiv = [ivb[k] for k in ("local_change", "back_change", "local_add") if k in ivb]
+    assert tiv and headline["intelligentvbench"]["tiv2v"] == pytest.approx(
+        sum(c["score"] * c["n"] for c in tiv) / sum(c["n"] for c in tiv))
     sb = metrics["shapesbench"]
     assert set(sb) == {"model", "base"} and sb["model"]["n"] == sb["base"]["n"] > 0
     assert all(0 <= sb[k][m] <= 1 for k in sb for m in ("background", "colour", "score") if sb[k][m] is not None)

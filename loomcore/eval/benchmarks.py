@@ -37,11 +37,12 @@ import json
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import pyarrow.parquet as pq
 
 from loomcore.config import EVAL_BENCHMARKS
+from loomcore.eval.metrics import VBENCH_METRICS
 from loomcore.eval.prompts import TEMPLATES, TIV2V_CATEGORIES
 from loomcore.storage import S3Settings, is_s3, materialize
 
@@ -69,6 +70,7 @@ class BenchmarkSample:
     missing: List[str] = field(default_factory=list)  # media named by the row that do not exist
     unsupported: Optional[str] = None  # why it cannot be scored here (kept: the runner records a failure row)
     layout: str = "train"  # the MLLM layout to generate it in (a release benchmark: their "eval" processors')
+    dimensions: Tuple[str, ...] = ()  # VBench: the metrics this prompt is scored on (VBench's own tags; () = all)
 
 
 def _row_error(path: Path, line: int, msg: str) -> ValueError:
@@ -124,10 +126,13 @@ def read_benchmark(root: str, name: str, limit: int = 0, s3_settings: Optional[S
         outside = [str(p) for p in paths if folder.resolve() not in p.resolve().parents]
         if outside:
             raise _row_error(index, n, f"media outside the benchmark folder: {', '.join(outside)}")
+        dims = row.get("dimensions") or []
+        if name == "vbench" and (not isinstance(dims, list) or not set(dims) <= set(VBENCH_METRICS)):
+            raise _row_error(index, n, f"dimensions: expected a list of {', '.join(VBENCH_METRICS)}, got {dims!r}")
         samples.append(BenchmarkSample(
             benchmark=name, id=str(row["id"]), task=row["task"], category=category, prompt=row["prompt"],
             source=folder / row["source"] if row.get("source") else None, refs=[folder / r for r in refs],
-            background_ref=row.get("background_ref"), num_frames=row.get("num_frames"),
+            background_ref=row.get("background_ref"), num_frames=row.get("num_frames"), dimensions=tuple(dims),
             missing=[str(p) for p in paths if not p.is_file()],
         ))
         if limit and len(samples) >= limit:
@@ -220,11 +225,18 @@ def read_release_benchmark(config: Path, name: str, limit: int = 0) -> List[Benc
             if name in TEMPLATES and category not in TEMPLATES[name] and not unsupported:
                 unsupported = f"category {category!r} ({category_key}): no judge template for it in {name}"
             source = media_root / info[source_key] if source_key else None
+            dims: Tuple[str, ...] = ()
+            if name == "vbench":  # VBench scores each prompt on its own dimensions [R vbench.py: data_info.dimensions]
+                tagged = (info.get("data_info") or {}).get("dimensions") if isinstance(info.get("data_info"), dict) else None
+                if tagged:
+                    dims = tuple(d for d in VBENCH_METRICS if d in tagged)
+                    if not dims and not unsupported:
+                        unsupported = f"dimensions {tagged}: none of Table 2's ({', '.join(VBENCH_METRICS)})"
             samples.append(BenchmarkSample(
                 benchmark=name, id=f"{dataset}/{i}", task=task, category=category, prompt=str(info[text_key]),
                 source=source, refs=refs, background_ref=background,
                 missing=[str(p) for p in ([source] if source else []) + refs if not p.is_file()],
-                unsupported=unsupported, layout="eval"))
+                unsupported=unsupported, layout="eval", dimensions=dims))
             if limit and len(samples) >= limit:
                 return samples
     return samples

@@ -193,7 +193,9 @@ class VBenchScorer:
         video = F.normalize(self._clip_image_features(frames[idx]).mean(dim=0), dim=-1)
         return float(video @ self._text_features([prompt])[0])
 
-    def score(self, frames: np.ndarray, prompt: str) -> Dict[str, float]:
-        return {"imaging_quality": self.imaging_quality(frames),
-                "overall_consistency": self.overall_consistency(frames, prompt),
-                "subject_consistency": self.subject_consistency(frames)}
+    def score(self, frames: np.ndarray, prompt: str, metrics: Sequence[str] = VBENCH_METRICS) -> Dict[str, float]:
+        """The `metrics` of one video (VBench scores a prompt on its own dimensions only)."""
+        fns = {"imaging_quality": lambda: self.imaging_quality(frames),
+               "overall_consistency": lambda: self.overall_consistency(frames, prompt),
+               "subject_consistency": lambda: self.subject_consistency(frames)}
+        return {m: fns[m]() for m in metrics}

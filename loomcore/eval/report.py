@@ -10,7 +10,10 @@ metrics.json (a dozen numbers; null = no value):
 
     {"shapesbench": {"score", "background", "colour", "count", "motion", "reference", "psnr"},
      "shapesbench_base": {"score"},       the untrained base models
-     "vbench": {"average"}, "<judged benchmark>": {"overall"}, "failures": total failure samples}
+     "vbench": {"average"}, "<judged benchmark>": {"overall"},
+     "intelligentvbench": {"tiv2v", "mi2v"}    its two tables' own averages (Tables 5 and 6), not one
+                                               figure over both, which no table has
+     "failures": total failure samples}
 
 results.json:
 
@@ -195,8 +198,8 @@ def tables(metrics: dict, model_name: str) -> Dict[str, List[dict]]:
         row = {"Model": model_name}
         for group, label in (("1subject", "1 Subject"), ("2subjects", "2 Subjects"), ("3subjects", "3 Subjects")):
             entries = [v for k, v in c.items() if k in (f"mi2v_{group}", f"mi2v_{group}_bg")]
-            cons = [{"n": e["n"], "failures": e["failures"], "c": next((v for k, v in e.items() if "Consistency" in k), None)}
-                    for e in entries]
+            cons = [{"n": e["n"], "failures": e["failures"],
+                     "c": next((v for k, v in e.items() if "Consistency" in k and v is not None), None)} for e in entries]
             row[f"{label}: Consistency"] = _f(_weighted(cons, "c"))
             row[f"{label}: PF"] = _f(_weighted(entries, "Prompt Following"))
             row[f"{label}: VQ"] = _f(_weighted(entries, "Overall Visual Quality"))
@@ -248,7 +251,11 @@ def metrics_json(metrics: dict) -> dict:
     if "vbench" in metrics:
         out["vbench"] = {"average": metrics["vbench"]["average"]}
     for bench, entry in sorted(metrics.items()):
-        if bench not in ("shapesbench", "vbench", "failures"):
+        if bench == "intelligentvbench":  # two datasets, two tables: each its own average [R: overall_average per dataset]
+            c = entry["categories"]
+            out[bench] = {"tiv2v": _weighted([c[k] for k in TIV2V_CATEGORIES if k in c], "score"),
+                          "mi2v": _weighted([v for k, v in c.items() if k.startswith("mi2v_")], "score")}
+        elif bench not in ("shapesbench", "vbench", "failures"):
             out[bench] = {"overall": entry["overall"]}
     out["failures"] = metrics.get("failures", 0)
     return out
@@ -315,6 +322,12 @@ def write_outputs(cfg, rows: List[dict], sheets: Dict[str, list], *, model_path:
     md = [f"# Evaluation of `{model_name}`\n", f"Weights: `{model_path}` · profile `{cfg.profile}` · "
           f"{e.steps} sampling steps · seed {e.seed} · judge: {judge_name or '–'} · VBench backbones: "
           f"CLIP `{e.vbench.clip or '–'}`, DINO `{e.vbench.dino or '–'}`\n"]
+    if cfg.profile != "tiny":
+        md.append("VBench here is not the paper's Table 2: Imaging Quality is CLIP-IQA (not MUSIQ) and Overall "
+                  "Consistency a frame-averaged CLIP similarity (not ViCLIP) — `loomcore/eval/metrics.py`; "
+                  "Subject Consistency is VBench's. The judged tables use the configured judge and our "
+                  "paraphrased prompts, not the paper's Gemini 2.5 Pro with the benchmarks' own: compare runs "
+                  "of this pipeline with each other, not with the paper's figures.\n")
     if cfg.profile == "tiny":
         md.append("Tiny profile: the judged benchmarks and VBench run end to end on **tiny stand-ins** — the judge "
                   "is a program that rates the Shapes world from the instruction and the pixels "

@@ -159,7 +159,8 @@ def _size_and_frames(cfg: Config, s: BenchmarkSample) -> Tuple[object, List[np.n
 
     sizes = cfg.buckets[cfg.eval.resolution].sizes
     want = s.num_frames or cfg.guidance.frames
-    src = None if s.source is None else load_frames(s.source, "source", fps=cfg.video.fps).numpy()
+    # no more source frames than the output takes (a long source is not decoded whole into memory)
+    src = None if s.source is None else load_frames(s.source, "source", fps=cfg.video.fps, max_frames=want).numpy()
     refs = [load_frames(r, f"reference {k}").numpy()[0] for k, r in enumerate(s.refs, 1)]
     if src is not None:
         size = nearest_size(src.shape[2], src.shape[1], sizes)
@@ -201,13 +202,15 @@ def run_benchmark(pipe, cfg: Config, model: str, samples: Sequence[BenchmarkSamp
     e = cfg.eval
     out, sheet = [], []
     for s in samples:
+        category = s.category
         if s.benchmark == "vbench":
-            metrics: Sequence[str] = VBENCH_METRICS
+            metrics: Sequence[str] = s.dimensions or VBENCH_METRICS
         elif s.unsupported:  # no template to name its dimensions: one failure row says why
             metrics = ("average",)
-        else:
-            metrics = (*_template(s).dimensions, "average")
-        fail = lambda why: [_row(model, s.benchmark, s.id, s.task, s.category, m, math.nan, s.prompt, why)  # noqa: E731
+        else:  # a failure is recorded under the category and dimensions a score would have been
+            template = _template(s)
+            metrics, category = (*template.dimensions, "average"), template.category
+        fail = lambda why: [_row(model, s.benchmark, s.id, s.task, category, m, math.nan, s.prompt, why)  # noqa: E731
                             for m in metrics]
         if s.unsupported or s.missing:
             out += fail(s.unsupported or f"missing file(s): {', '.join(s.missing)}")
@@ -223,7 +226,7 @@ def run_benchmark(pipe, cfg: Config, model: str, samples: Sequence[BenchmarkSamp
             step()
             continue
         if s.benchmark == "vbench":
-            scores = scorer.score(gen.frames, s.prompt)
+            scores = scorer.score(gen.frames, s.prompt, metrics)
             out += [_row(model, s.benchmark, s.id, s.task, s.category, m, v, s.prompt) for m, v in scores.items()]
             # + 0.0 turns a -0.0 (a tiny negative rounded) into 0.0: the sheet says "overall 0.00", not "-0.00"
             note = " · ".join(f"{m.split('_')[0]} {round(v, 2) + 0.0:.2f}" for m, v in scores.items())
