@@ -251,6 +251,14 @@ def test_tiny_qwen_judge_answers_garbage_which_ends_as_a_failure(tiny_mllm_dir):
     msgs = judge.messages("rate it", media)
     kinds = [c["type"] for c in msgs[0]["content"]]
     assert kinds == ["text", "text", "image", "text", "video"] and len(msgs[0]["content"][4]["video"]) == 4
+    # the judge sees every one of its video_frames, stamped at their times in the clip — not
+    # resampled as if they were a 24 fps clip (8 frames = 1/3 s, of which the processor kept 4)
+    clip = np.random.default_rng(1).integers(0, 255, (81, 32, 48, 3), dtype=np.uint8)
+    eight = QwenJudge(judge.model, judge.inputs, 8, 60, video_frames=8, video_fps=24)
+    batch = eight.inputs(eight.messages("rate it", [JudgeMedia("the generated video", clip)]))
+    assert batch["video_grid_thw"][0, 0].item() == 4  # 8 frames in temporal patches of 2
+    text = eight.inputs.tokenizer.decode(batch["input_ids"][0])
+    assert "<0.2 seconds>" in text and "<3.1 seconds>" in text  # over the clip's 3.3 s, not 8/24 of a second
     answer = judge("rate it", media)
     assert isinstance(answer, str)
     r = ask(judge, TEMPLATES["refvie"]["subject"].render("swap it"), media, TEMPLATES["refvie"]["subject"].dimensions, 2)

@@ -250,14 +250,16 @@ class QwenJudge:
 
     name = "qwen3-vl"
 
-    def __init__(self, model, inputs, max_new_tokens: int, timeout_s: float, video_frames: int):
+    def __init__(self, model, inputs, max_new_tokens: int, timeout_s: float, video_frames: int,
+                 video_fps: float = 24.0):
         self.model, self.inputs = model, inputs
         self.max_new_tokens, self.timeout_s, self.video_frames = max_new_tokens, timeout_s, video_frames
+        self.video_fps = video_fps  # the judged clips' frame rate (video.fps): the shown frames' times
 
     @classmethod
     def from_pretrained(cls, uri: str, max_new_tokens: int, timeout_s: float, video_frames: int,
                         device: str = "cpu", dtype=None,
-                        s3_settings: Optional[S3Settings] = None) -> "QwenJudge":
+                        s3_settings: Optional[S3Settings] = None, video_fps: float = 24.0) -> "QwenJudge":
         import torch
         from transformers import Qwen3VLForConditionalGeneration
 
@@ -266,7 +268,7 @@ class QwenJudge:
         folder = materialize(uri, settings=s3_settings)
         model = Qwen3VLForConditionalGeneration.from_pretrained(str(folder), dtype=dtype or torch.float32)
         judge = cls(model.to(device).eval(), Qwen3VLInputs.from_pretrained(folder), max_new_tokens, timeout_s,
-                    video_frames)
+                    video_frames, video_fps)
         judge.name = f"qwen3-vl ({uri})"
         return judge
 
@@ -276,9 +278,12 @@ class QwenJudge:
         content: List[dict] = [{"type": "text", "text": prompt}]
         for m in media:
             content.append({"type": "text", "text": f"This is {m.label}:"})
-            if m.is_video:
+            if m.is_video:  # `video_frames` of the clip, seen as they are (not resampled as a 24 fps clip
+                # would be: 8 such frames are a third of a second, of which the processor keeps 4)
                 keep = video_frame_indices(m.frames.shape[0], self.video_frames)
-                content.append({"type": "video", "video": [Image.fromarray(m.frames[i]) for i in keep]})
+                span = (keep[-1] - keep[0]) / self.video_fps  # seconds from the first shown frame to the last
+                fps = (len(keep) - 1) / span if span > 0 else self.video_fps
+                content.append({"type": "video", "video": [Image.fromarray(m.frames[i]) for i in keep], "fps": fps})
             else:
                 content.append({"type": "image", "image": Image.fromarray(m.frames[0])})
         return [{"role": "user", "content": content}]
@@ -405,7 +410,7 @@ def make_judge(cfg, device: str = "cpu") -> Judge:
     if j.kind == "qwen":
         dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
         return QwenJudge.from_pretrained(j.model or cfg.models.mllm, j.max_new_tokens, j.timeout_s, j.video_frames,
-                                         device, dtype, S3Settings.from_config(cfg.s3))
+                                         device, dtype, S3Settings.from_config(cfg.s3), cfg.video.fps)
     if j.kind == "openai":
         return OpenAICompatibleJudge.from_env(j.timeout_s, j.max_new_tokens, j.video_frames)
     raise ValueError(f"eval.judge.kind = {j.kind!r}: expected 'qwen' or 'openai' (or 'shapes' through judge_session)")

@@ -229,12 +229,16 @@ class Qwen3VLInputs:
                    json.loads(video_cfg.read_text()) if video_cfg.is_file() else {},
                    _read_chat_template(folder, tokenizer))
 
-    def _video(self, frames: List[Image.Image]):
-        """(pixel patches [N, C·tp·p·p], grid (t, h, w), one timestamp per temporal patch)."""
+    def _video(self, frames: List[Image.Image], fps: Optional[float] = None):
+        """(pixel patches [N, C·tp·p·p], grid (t, h, w), one timestamp per temporal patch).
+        `fps`: the given frames' rate when they are already a sample of a clip (the judge's): kept
+        as they are, stamped at their times; None: a clip at the assumed 24 fps, sampled as the
+        processor samples it (the conditioning path, as the release calls the processor)."""
         v = self.video
         tp, p, m = v["temporal_patch_size"], v["patch_size"], v["merge_size"]
         indices = list(range(len(frames)))
-        if v["do_sample_frames"]:  # the processor's fps sampling, at the assumed 24 fps
+        rate = fps or _UNKNOWN_VIDEO_FPS
+        if v["do_sample_frames"] and fps is None:  # the processor's fps sampling, at the assumed 24 fps
             n = int(len(frames) / _UNKNOWN_VIDEO_FPS * v["fps"])
             n = min(max(n, v["min_frames"]), v["max_frames"], len(frames))
             indices = np.linspace(0, len(frames) - 1, n).round().astype(int).tolist()
@@ -252,7 +256,7 @@ class Qwen3VLInputs:
         gt, gh, gw = x.shape[0] // tp, h // p, w // p
         x = x.view(gt, tp, 3, gh // m, m, p, gw // m, m, p).permute(0, 3, 6, 4, 7, 2, 1, 5, 8)
         patches = x.reshape(gt * gh * gw, 3 * tp * p * p)
-        secs = [i / _UNKNOWN_VIDEO_FPS for i in indices + indices[-1:] * (-len(indices) % tp)]
+        secs = [i / rate for i in indices + indices[-1:] * (-len(indices) % tp)]
         stamps = [(secs[i] + secs[i + tp - 1]) / 2 for i in range(0, len(secs), tp)]
         return patches, (gt, gh, gw), stamps
 
@@ -265,12 +269,12 @@ class Qwen3VLInputs:
         text = prompts[0]
         items = [c for msg in messages if isinstance(msg["content"], list) for c in msg["content"]]
         images = [c["image"] for c in items if c["type"] == "image"]
-        videos = [c["video"] for c in items if c["type"] == "video"]
+        videos = [(c["video"], c.get("fps")) for c in items if c["type"] == "video"]
         out: Dict[str, torch.Tensor] = {}
         if videos:
             pix, grids = [], []
-            for frames in videos:
-                patches, (gt, gh, gw), stamps = self._video(frames)
+            for frames, fps in videos:
+                patches, (gt, gh, gw), stamps = self._video(frames, fps)
                 per_frame = gh * gw // self.video["merge_size"] ** 2
                 # 4.57.3 swaps the template's whole <|vision_start|><|video_pad|><|vision_end|> for
                 # "<t seconds><|vision_start|>pads<|vision_end|>" per temporal patch; a marker keeps
