@@ -30,6 +30,21 @@ def test_stage_deps_cover_the_code_its_command_imports(stage):
     assert not absent, f"dvc.yaml stage {stage}: deps name files that do not exist: {absent}"
 
 
+@pytest.mark.parametrize("stage", ["cache", "stage1", "stage2", "stage3", "rl"])
+def test_stage_deps_cover_the_module_its_torchrun_starts(stage):
+    """A ranked stage's flow launches torchrun on another module (`-m loomcore.rl` …), whose imports
+    the flow's own closure does not reach: the Shapes reward's vocabulary, for one."""
+    from loomcore.config import load_config
+    from loomcore.train.launch import stage_command
+
+    cmd = stage_command(load_config(profile="tiny"), stage, [])
+    module = cmd[cmd.index("-m") + 1]
+    entry = f"{module}.__main__" if (REPO / module.replace(".", "/") / "__main__.py").is_file() else module
+    deps = [d for d in _deps(stage) if not d.startswith("$")]
+    missing = sorted(f for f in import_closure(entry) if not _covered(f, deps))
+    assert not missing, f"dvc.yaml stage {stage}: deps omit files {entry} (torchrun's) imports: {', '.join(missing)}"
+
+
 def test_the_closure_follows_relative_and_function_level_imports(tmp_path):
     pkg = tmp_path / "loomcore"
     (pkg / "sub").mkdir(parents=True)
