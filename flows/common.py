@@ -70,6 +70,31 @@ def repo_config(repo: str | Path = ".", overrides: Sequence[str] = (), profile: 
     return load_config(list(overrides), profile=profile, params_path=root / "params.yaml", conf_dir=root / "conf")
 
 
+def params_drift(repo: str | Path = ".") -> list[str]:
+    """Where the checkout's params.yaml differs from conf/'s composition (`loom params`), one
+    "key = value (conf/: value)" each: what an earlier `dvc exp run -S …` / `loom pipeline k=v` left
+    in the workspace, or `loom params k=v` wrote. A run without overrides reproduces params.yaml as
+    it is, so the pipeline and the nightlies say so. [] when they agree (or there is no conf/)."""
+    import yaml
+
+    from loomcore.config import params_yaml
+
+    root = Path(repo)
+    if not (root / "conf").is_dir() or not (root / "params.yaml").is_file():
+        return []
+
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in (d or {}).items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    have = flat(yaml.safe_load((root / "params.yaml").read_text()))
+    want = flat(yaml.safe_load(params_yaml(root / "conf")))
+    return [f"{k} = {have.get(k, '(absent)')} (conf/: {want.get(k, '(absent)')})"
+            for k in sorted(set(have) | set(want)) if have.get(k) != want.get(k)]
+
+
 def enter_checkout(directory: str) -> dict:
     """prefect.yaml's pull step: run the flow in the checkout `directory` (LOOM_REPO). Prefect renders
     an unset `{{ $LOOM_REPO }}` as an empty string; say so instead of failing in os.chdir('')."""

@@ -43,7 +43,7 @@ from prefect import flow, task
 from prefect.states import Failed
 
 from flows.common import repo_config
-from flows.pipeline import outputs_links, plan_stages, reproduce
+from flows.pipeline import drift_note, outputs_links, plan_stages, reproduce
 from tasks.common import NO_CACHE, logger, markdown_table, publish_markdown, publish_table
 from tasks.dvc import pipeline_lock
 
@@ -102,7 +102,8 @@ def nightly_retrain_flow(overrides: list[str] | None = None, lock_wait_s: float 
         rows = reproduce(repo, wanted, force=[s for s in FORCED if s in wanted], overrides=overrides,
                          timeout=stage_timeout_s)
     gate = gate_report(root) if "export" in wanted else {"decision": "no export stage in dvc.yaml", "rows": []}
-    md = (f"# Nightly retrain\n\n{markdown_table(rows)}\n## Promotion gate\n\n{gate['decision']}\n\n"
+    md = (f"# Nightly retrain\n\n{markdown_table(rows)}\n{drift_note(root, overrides)}"
+          f"## Promotion gate\n\n{gate['decision']}\n\n"
           + (markdown_table(gate["rows"]) + "\n" if gate["rows"] else "")
           + f"## Outputs\n\n{outputs_links(root)}\n")
     publish_markdown("nightly-retrain-summary", md, "What the nightly retrain did, the promotion decision, links")

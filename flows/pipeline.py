@@ -19,7 +19,7 @@ from typing import List, Optional, Sequence
 
 from prefect import flow
 
-from flows.common import repo_config
+from flows.common import params_drift, repo_config
 from tasks.common import logger, markdown_table, publish_markdown
 from tasks.dvc import dvc_exp_run, dvc_repro, dvc_stages, pipeline_lock
 
@@ -27,11 +27,16 @@ PIPELINE_ORDER = ("base_models", "curate", "cache", "stage1", "stage2", "stage3"
 
 
 def plan_stages(repo: Path | str, stages: Optional[Sequence[str]] = None, force: Sequence[str] = ()) -> List[str]:
-    """The stages of dvc.yaml to run, in pipeline order; ValueError for a name dvc.yaml lacks."""
+    """The stages of dvc.yaml to run, in pipeline order; ValueError for a name dvc.yaml lacks, and
+    for a forced stage outside `stages` (it would not run, and nothing would say so)."""
     present = dvc_stages(repo)
     unknown = sorted(set(stages or []) - set(present)) + sorted(set(force or []) - set(present))
     if unknown:
         raise ValueError(f"unknown stage(s) {', '.join(unknown)}; dvc.yaml has {', '.join(present)}")
+    outside = sorted(set(force or []) - set(stages)) if stages else []
+    if outside:
+        raise ValueError(f"force {', '.join(outside)}: not among the stages to run ({', '.join(stages)}); "
+                         "add it to stages, or leave stages empty for the whole DAG")
     return [s for s in PIPELINE_ORDER if s in present and (not stages or s in stages)]
 
 
@@ -59,6 +64,10 @@ def reproduce(repo: str, wanted: Sequence[str], *, force: Sequence[str] = (), ov
         result = call()
         rows.append({"stage": label, "dvc": _what_dvc_did(result, pick), "seconds": round(time.monotonic() - t, 1)})
 
+    if not overrides and (drift := params_drift(repo)):
+        logger().warning("params.yaml is not conf/'s composition (an earlier `dvc exp run -S …` or `loom params k=v` "
+                         "left it so); this run reproduces it as it is — `loom params` restores conf/'s: %s",
+                         "; ".join(drift))
     if overrides:
         sets = " ".join(f"-S {o}" for o in overrides)
         for stage in [s for s in wanted if s in force]:
@@ -72,6 +81,15 @@ def reproduce(repo: str, wanted: Sequence[str], *, force: Sequence[str] = (), ov
             timed(stage + (" (forced)" if forced else ""),
                   lambda s=stage, f=forced: dvc_repro(s, force=f, repo=repo, timeout=timeout), stage)
     return rows
+
+
+def drift_note(repo: Path, overrides) -> str:
+    """The summary's word on a params.yaml that is not conf/'s composition (a run without overrides)."""
+    drift = [] if overrides else params_drift(repo)
+    if not drift:
+        return ""
+    return ("**params.yaml is not conf/'s composition** — this run used it as it is (`loom params` restores "
+            "conf/'s):\n\n" + "\n".join(f"- `{d}`" for d in drift) + "\n\n")
 
 
 def outputs_links(repo: Path | str) -> str:
@@ -125,6 +143,7 @@ def pipeline_flow(
     md = (
         f"# Pipeline run\n\n{markdown_table(rows)}\n"
         + (f"Stages not in dvc.yaml yet: {', '.join(missing)}\n\n" if missing else "")
+        + drift_note(root, overrides)
         + f"## Outputs\n\n{outputs_links(root)}\n"
     )
     publish_markdown("pipeline-summary", md, "What the pipeline run did, with links to its outputs")

@@ -7,7 +7,9 @@ started: a holder killed with SIGKILL leaves its record behind, and the next hol
 orphaned groups (they would otherwise keep DVC's locks and write outs) and checks DVC's own
 `.dvc/tmp/rwlock` before it starts. DVC's repository lock never surfaces as a stack trace: its two
 errors ("Unable to acquire lock", "'…' is busy, it is being blocked by") become DvcLocked, which
-the tasks retry, since another DVC command may just be finishing.
+the tasks retry, since another DVC command may just be finishing. A stage that crashed is retried
+too (a training stage resumes from its checkpoints); one that timed out or refused its config or
+input (exit code 2) is not: it would take as long again, or fail the same way (`retry_dvc_failure`).
 
 Every task here is NO_CACHE: a Prefect result cache must never hide a stage DVC would rerun.
 """
@@ -41,6 +43,7 @@ ORPHAN_GRACE_S = 10.0
 _RAN = re.compile(r"^Running stage '([^']+)':")
 _SKIPPED = re.compile(r"^Stage '([^']+)' didn't change, skipping")
 _RESTORED = re.compile(r"^Stage '([^']+)' is cached - skipping run, checking out outputs")
+_EXITED = re.compile(r"failed to run: .*, exited with (-?\d+)")  # dvc/stage/exceptions.py StageCmdFailedError
 
 
 class PipelineBusy(RuntimeError):
@@ -279,7 +282,26 @@ def parse_repro_log(lines: Sequence[str]) -> dict:
     return out
 
 
-@task(name="dvc-repro", task_run_name="dvc repro {stage}", retries=2, retry_delay_seconds=15, cache_policy=NO_CACHE)
+def retry_dvc_failure(task, task_run, state) -> bool:
+    """Prefect `retry_condition_fn` of the DVC tasks: retry DVC's lock held by another DVC command and
+    a stage that crashed; never a timeout (the retry would take as long again) nor a stage command
+    that exited with 2 — a refused config or input (flows.common.stage_main), the same every time."""
+    try:
+        state.result()
+    except DvcLocked:
+        return True
+    except SubprocessTimeout:
+        return False
+    except SubprocessFailed as e:
+        codes = [int(m.group(1)) for line in e.tail if (m := _EXITED.search(line))]
+        return not (codes and codes[-1] == 2)
+    except Exception:  # noqa: BLE001 — anything else is ours: not retried
+        return False
+    return False
+
+
+@task(name="dvc-repro", task_run_name="dvc repro {stage}", retries=2, retry_delay_seconds=15,
+      retry_condition_fn=retry_dvc_failure, cache_policy=NO_CACHE)
 def dvc_repro(stage: str, force: bool = False, repo: str = ".", timeout: Optional[float] = None) -> dict:
     """`dvc repro <stage>` (with its upstream stages, which DVC skips when up to date); `force`
     reruns this one stage only. Returns {"stage", "ran", "skipped", "restored"}."""
@@ -288,7 +310,8 @@ def dvc_repro(stage: str, force: bool = False, repo: str = ".", timeout: Optiona
     return {"stage": stage, **parse_repro_log(lines)}
 
 
-@task(name="dvc-exp-run", task_run_name="dvc exp run", retries=1, retry_delay_seconds=15, cache_policy=NO_CACHE)
+@task(name="dvc-exp-run", task_run_name="dvc exp run", retries=1, retry_delay_seconds=15,
+      retry_condition_fn=retry_dvc_failure, cache_policy=NO_CACHE)
 def dvc_exp_run(overrides: Sequence[str], targets: Sequence[str] = (), repo: str = ".", timeout: Optional[float] = None,
                 force: bool = False) -> dict:
     """`dvc exp run -S k=v …`: the DAG with parameter overrides, as an experiment (`force`: rerun

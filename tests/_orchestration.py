@@ -34,8 +34,9 @@ DVC = str(BIN / "dvc")
 
 FAKE_STAGE = '''\
 """A fake pipeline stage: reads params.yaml and its input, writes its output. Switches (files in the
-repo, outside DVC's view): fail-once-<stage> fails one run, sleep-<stage> sleeps that many seconds,
-source.txt is curate's "external source"."""
+repo, outside DVC's view): fail-once-<stage> fails one run, refuse-<stage> exits 2 (a refused config,
+as flows.common.stage_main exits), sleep-<stage> sleeps that many seconds, source.txt is curate's
+"external source"."""
 import pathlib, sys, time
 import yaml
 
@@ -47,6 +48,9 @@ fail = pathlib.Path(f"fail-once-{stage}")
 if fail.exists():
     fail.unlink()
     sys.exit(f"{stage}: transient failure")
+if pathlib.Path(f"refuse-{stage}").exists():
+    print(f"{stage}: bad config", file=sys.stderr)
+    sys.exit(2)
 sleep = pathlib.Path(f"sleep-{stage}")
 if sleep.exists():
     time.sleep(float(sleep.read_text()))
@@ -88,7 +92,7 @@ def make_fake_repo(root: Path, git: bool = False) -> Path:
         for cmd in (["git", "init", "-q"], ["git", "config", "user.name", "t"], ["git", "config", "user.email", "t@t"]):
             subprocess.run(cmd, cwd=root, check=True)
     subprocess.run([DVC, "init", "-q", *([] if git else ["--no-scm"])], cwd=root, check=True)
-    (root / ".dvcignore").write_text("runs.log\nsource.txt\nsleep-*\nfail-once-*\n")
+    (root / ".dvcignore").write_text("runs.log\nsource.txt\nsleep-*\nfail-once-*\nrefuse-*\n")
     return root
 
 

@@ -16,6 +16,7 @@ import sys
 import time
 
 import pytest
+import yaml
 
 from tasks.common import PARENT_TASK_RUN_ENV
 
@@ -55,6 +56,8 @@ def test_pipeline_flow_runs_in_order_then_only_what_a_change_touches(prefect_api
 
     with pytest.raises(ValueError, match="unknown stage\\(s\\) rl"):
         pipeline_flow(repo=str(repo), stages=["rl"])
+    with pytest.raises(ValueError, match=r"force curate: not among the stages to run \(stage1\)"):
+        pipeline_flow(repo=str(repo), stages=["stage1"], force=["curate"])  # it would not run, silently
 
 
 def test_overrides_run_as_one_dvc_experiment(prefect_api, tmp_path):
@@ -210,6 +213,47 @@ def test_a_transient_stage_failure_is_retried(prefect_api, tmp_path):
     assert state.result()["ran"] == ["cache"]
     assert list(task_attempts(state).values()) == [2]
     assert runs(repo) == ["curate", "cache", "cache"]  # the failed attempt, then the retry
+
+
+def test_a_refused_config_and_a_timeout_are_not_retried(prefect_api, tmp_path):
+    """A stage command that exits 2 (a config or input it refuses) fails the same way every time, and
+    a timed-out one would take as long again: one attempt each, where a crash gets its retries."""
+    from prefect import flow
+
+    from tasks.dvc import dvc_repro
+
+    repo = make_fake_repo(tmp_path / "repo")
+    (repo / "refuse-cache").write_text("")
+
+    @flow
+    def one_stage(repo: str, timeout=None) -> dict:
+        return dvc_repro.with_options(retry_delay_seconds=0)("cache", repo=repo, timeout=timeout)
+
+    state = one_stage(str(repo), return_state=True)
+    assert state.is_failed() and list(task_attempts(state).values()) == [1]
+    assert runs(repo) == ["curate", "cache"]
+    (repo / "refuse-cache").unlink()
+    (repo / "sleep-cache").write_text("30")
+    state = one_stage(str(repo), timeout=8, return_state=True)
+    assert state.is_failed() and list(task_attempts(state).values()) == [1]
+    assert runs(repo) == ["curate", "cache", "cache"]
+
+
+def test_a_params_yaml_left_by_an_experiment_is_named_in_the_run_summary(tmp_path):
+    """`dvc exp run -S stage3.steps=10` leaves params.yaml so; a later run without overrides (the
+    01:00 nightly) reproduces it as it is — and its summary names the keys, with conf/'s values."""
+    from flows.common import params_drift
+    from flows.pipeline import drift_note
+
+    shutil.copytree(REPO / "conf", tmp_path / "conf")
+    text = (REPO / "params.yaml").read_text()
+    (tmp_path / "params.yaml").write_text(text)
+    assert params_drift(tmp_path) == [] and drift_note(tmp_path, []) == ""
+    steps = yaml.safe_load(text)["stage3"]["steps"]
+    (tmp_path / "params.yaml").write_text(text.replace(f"  steps: {steps}\n  ema", "  steps: 10\n  ema", 1))
+    assert params_drift(tmp_path) == [f"stage3.steps = 10 (conf/: {steps})"]
+    assert f"- `stage3.steps = 10 (conf/: {steps})`" in drift_note(tmp_path, [])
+    assert drift_note(tmp_path, ["stage3.steps=10"]) == ""  # a run with overrides recomposes params.yaml itself
 
 
 def test_pipeline_summary_shows_the_headline_metrics_as_a_table(tmp_path):
