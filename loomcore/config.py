@@ -341,6 +341,7 @@ class EvalConfig:
     out_dir: str
     model: str  # auto | rl | stage3 | a LoomDiT folder / s3:// URI
     resolution: str  # the bucket group samples are generated at
+    frames: Optional[int]  # frames of a generated video (a benchmark row's own num_frames first); null: guidance.frames
     steps: int
     seed: int
     sheet_samples: int  # rows per contact sheet
@@ -851,6 +852,9 @@ def _validate(cfg: Config) -> None:
     check(0 < g.shift_scale <= 2, f"guidance.shift_scale = {g.shift_scale}: expected in (0, 2] (α of eq. 3)")
     check((g.frames - 1) % cfg.codec.temporal_factor == 0,
           f"guidance.frames = {g.frames}: the codec takes 1 + {cfg.codec.temporal_factor}·k frames")
+    f = cfg.eval.frames
+    check(f is None or (f >= 1 and (f - 1) % cfg.codec.temporal_factor == 0),
+          f"eval.frames = {f}: the codec takes 1 + {cfg.codec.temporal_factor}·k frames (or null: guidance.frames)")
 
     rl = cfg.rl
     check(rl.init_from in STAGES, f"rl.init_from = {rl.init_from!r}: expected one of {', '.join(STAGES)}")

@@ -335,3 +335,20 @@ def test_a_bug_in_the_model_fails_the_evaluation_and_bad_media_is_a_failure_row(
     monkeypatch.setattr(LoomDiT, "forward_packed", shape_bug)
     with pytest.raises(ValueError, match="expected 48 features per token"):
         run_benchmark(pipe, cfg, "model", samples[1:], judge=None, scorer=None)
+
+
+def test_generated_benchmark_videos_take_eval_frames_else_guidance_frames():
+    """The paper profile evaluates at the release's 97 frames (its evaluation.yaml; inference's demo
+    makes 81); null falls back to guidance.frames; a count the codec cannot take is refused."""
+    from loomcore.config import ConfigError
+    from loomcore.eval.benchmarks import BenchmarkSample
+    from loomcore.eval.runner import _size_and_frames
+
+    t2v = BenchmarkSample(benchmark="vbench", id="x", task="t2v", category="t2v", prompt="a cat", source=None, refs=[])
+    paper = load_config(profile="paper")
+    assert paper.eval.frames == 97 and _size_and_frames(paper, t2v)[3] == 97
+    tiny = load_config(profile="tiny")
+    assert tiny.eval.frames is None and _size_and_frames(tiny, t2v)[3] == tiny.guidance.frames
+    assert _size_and_frames(load_config(["eval.frames=5"], profile="tiny"), t2v)[3] == 5
+    with pytest.raises(ConfigError, match=r"eval.frames = 96: the codec takes 1 \+ 4·k frames"):
+        load_config(["eval.frames=96"], profile="paper")

@@ -14,7 +14,7 @@ Layout (a local folder or an s3:// prefix, `eval.benchmarks.root`):
      "source": "videos/0001.mp4",      the video to edit (null for t2v / mi2v)
      "refs": ["refs/0001.png"],        reference images in @Figure order ([] if none)
      "background_ref": 2,              optional, MI2V: which reference is the background
-     "num_frames": 81}                 optional: frames to make (default guidance.frames)
+     "num_frames": 81}                 optional: frames to make (default eval.frames, else guidance.frames)
 
 Benchmarks (paper §4.1): vbench (T2V, the three VBench metrics), openve (OpenVE-Bench, TV2V),
 refvie (RefVIE-Bench, TVR2V), intelligentvbench (its TIV2V and MI2V sub-tasks), fashionvideobench

@@ -158,7 +158,7 @@ def _size_and_frames(cfg: Config, s: BenchmarkSample) -> Tuple[object, List[np.n
     from loomcore.pipeline import load_frames
 
     sizes = cfg.buckets[cfg.eval.resolution].sizes
-    want = s.num_frames or cfg.guidance.frames
+    want = s.num_frames or cfg.eval.frames or cfg.guidance.frames
     # no more source frames than the output takes (a long source is not decoded whole into memory)
     src = None if s.source is None else load_frames(s.source, "source", fps=cfg.video.fps, max_frames=want).numpy()
     refs = [load_frames(r, f"reference {k}").numpy()[0] for k, r in enumerate(s.refs, 1)]
