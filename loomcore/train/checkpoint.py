@@ -59,6 +59,8 @@ OTHER_HOST_STALE_S = 6 * 3600
 
 def _writer_tag() -> str:
     return f"{os.getpid()}@{socket.gethostname()}"
+
+
 _TENSOR_TAG = "__tensor__"
 
 

@@ -400,6 +400,7 @@ class Checkpointer:
             dcp.load(state, storage_reader=dcp.FileSystemReader(str(Path(path) / DCP_DIR)), planner=_safe_load_planner())
         for name, piece in self.collective.items():
             piece.load_sharded(state[name])
+
         def load_small():  # rank 0; verified above, by every rank
             out = self.manager.load(path, self.small, verify=False)
             return {"out": out, "small": {name: p.state_dict() for name, p in self.small.items()}}
@@ -444,4 +445,3 @@ def from_main(env: DistEnv, fn: Callable[[], Any]) -> Any:
     if status != "ok":
         raise MainRankError(f"rank 0 failed: {value}")
     return value
-
