@@ -108,3 +108,10 @@ def test_missing_backbones_give_nan_and_s3_backbones_load(backbones, s3_bucket, 
     remote = VBenchScorer(f"s3://{s3_bucket}/eval/clip", f"s3://{s3_bucket}/eval/dino")
     video = _video(7)
     assert remote.score(video, "a blue square") == pytest.approx(scorer.score(video, "a blue square"), abs=1e-6)
+
+
+def test_unique_frames_names_each_distinct_frame_once_in_order():
+    from loomcore.eval.metrics import unique_frames
+
+    a, b, c = (np.full((4, 6, 3), v, np.uint8) for v in (1, 2, 3))
+    assert unique_frames(np.stack([b, a, b, c, a])) == ([0, 1, 3], [0, 1, 0, 2, 1])
