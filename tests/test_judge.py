@@ -12,6 +12,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
+import torch
 import pytest
 
 from loomcore.eval.judge import (
@@ -202,6 +203,8 @@ def test_hosted_judge_sends_media_and_key_and_parses_the_answer(chat_server, mon
              JudgeMedia("the edited video", np.zeros((9, 8, 8, 3), np.uint8))]
     r = ask(judge, "rate it", media, DIMS, attempts=3)
     assert r.ok and r.attempts == 2 and r.scores == EXPECTED
+    # greedy first; the retry sampled (a greedy judge would repeat its unparseable answer word for word)
+    assert [b["temperature"] for _, _, b in chat_server.requests] == [0, 0.7]
     path, auth, body = chat_server.requests[-1]
     assert path == "/v1/chat/completions" and auth == "Bearer sk-test" and body["model"] == "judge-model"
     parts = body["messages"][0]["content"]
@@ -261,5 +264,8 @@ def test_tiny_qwen_judge_answers_garbage_which_ends_as_a_failure(tiny_mllm_dir):
     assert "<0.2 seconds>" in text and "<3.1 seconds>" in text  # over the clip's 3.3 s, not 8/24 of a second
     answer = judge("rate it", media)
     assert isinstance(answer, str)
+    state = torch.random.get_rng_state()
+    assert judge.retry("rate it", media, 2) == judge.retry("rate it", media, 2)  # sampled, seeded by the attempt
+    assert torch.equal(torch.random.get_rng_state(), state)  # ... without touching the process's RNG
     r = ask(judge, TEMPLATES["refvie"]["subject"].render("swap it"), media, TEMPLATES["refvie"]["subject"].dimensions, 2)
     assert not r.ok and r.attempts == 2 and all(math.isnan(v) for v in r.scores.values())

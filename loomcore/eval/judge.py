@@ -53,9 +53,16 @@ class JudgeMedia:
 
 
 class Judge(Protocol):
+    """`judge(prompt, media)` answers greedily; a judge may also have `retry(prompt, media, attempt)`,
+    which `ask` calls for the attempts after the first: sampled, so that it can answer otherwise (a
+    greedy judge repeats an unparseable answer word for word; the release's judges sample at 0.7)."""
+
     name: str
 
     def __call__(self, prompt: str, media: Sequence[JudgeMedia]) -> str: ...
+
+
+RETRY_TEMPERATURE = 0.7  # [R] the release's judges sample at 0.7 (intelligent_vbench.py)
 
 
 class JudgeTimeout(RuntimeError):
@@ -216,9 +223,10 @@ def ask(judge: Judge, prompt: str, media: Sequence[JudgeMedia], dimensions: Sequ
     reasons: List[str] = []
     answer = ""
     t0 = time.monotonic()
+    retry = getattr(judge, "retry", None)
     for i in range(1, attempts + 1):
         try:
-            answer = judge(prompt, media)
+            answer = retry(prompt, media, i) if i > 1 and retry is not None else judge(prompt, media)
             scores = parse_scores(answer, dimensions)
             return JudgeResult(scores, i, answer, seconds=time.monotonic() - t0)
         except ScoreParseError as e:
@@ -289,6 +297,18 @@ class QwenJudge:
         return [{"role": "user", "content": content}]
 
     def __call__(self, prompt: str, media: Sequence[JudgeMedia]) -> str:
+        return self._generate(prompt, media)
+
+    def retry(self, prompt: str, media: Sequence[JudgeMedia], attempt: int) -> str:
+        """Sampled at RETRY_TEMPERATURE, seeded by the attempt (the process's RNG is left as it was)."""
+        import torch
+
+        device = next(self.model.parameters()).device
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(attempt)
+            return self._generate(prompt, media, temperature=RETRY_TEMPERATURE)
+
+    def _generate(self, prompt: str, media: Sequence[JudgeMedia], temperature: float = 0.0) -> str:
         import torch
 
         batch = self.inputs(self.messages(prompt, media))
@@ -300,8 +320,8 @@ class QwenJudge:
         batch = {k: v.to(device) for k, v in batch.items()}
         t0 = time.monotonic()
         with torch.no_grad():
-            out = self.model.generate(**batch, max_new_tokens=self.max_new_tokens, do_sample=False,
-                                      max_time=self.timeout_s)
+            sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
+            out = self.model.generate(**batch, max_new_tokens=self.max_new_tokens, max_time=self.timeout_s, **sampling)
         if time.monotonic() - t0 >= self.timeout_s:
             raise JudgeTimeout(f"no answer within {self.timeout_s:g} s")
         return self.inputs.tokenizer.decode(out[0, batch["input_ids"].shape[1]:], skip_special_tokens=True)
@@ -323,7 +343,8 @@ def _png_data_url(frame: np.ndarray) -> str:
 @dataclass
 class OpenAICompatibleJudge:
     """POST {base_url}/chat/completions with the prompt and the media as PNG data URLs (a video:
-    `video_frames` evenly spaced frames, in order). Greedy (temperature 0)."""
+    `video_frames` evenly spaced frames, in order). Greedy (temperature 0); a retry at
+    RETRY_TEMPERATURE."""
 
     base_url: str
     model: str
@@ -342,7 +363,7 @@ class OpenAICompatibleJudge:
         return cls(os.environ[ENV_BASE_URL], os.environ[ENV_MODEL], os.environ[ENV_API_KEY], timeout_s, max_tokens,
                    video_frames, name=f"openai-compatible ({os.environ[ENV_MODEL]})")
 
-    def payload(self, prompt: str, media: Sequence[JudgeMedia]) -> dict:
+    def payload(self, prompt: str, media: Sequence[JudgeMedia], temperature: float = 0.0) -> dict:
         content: List[dict] = [{"type": "text", "text": prompt}]
         for m in media:
             keep = video_frame_indices(m.frames.shape[0], self.video_frames) if m.is_video else [0]
@@ -350,11 +371,17 @@ class OpenAICompatibleJudge:
             content.append({"type": "text", "text": f"This is {m.label}{frames}:"})
             content += [{"type": "image_url", "image_url": {"url": _png_data_url(m.frames[i])}} for i in keep]
         return {"model": self.model, "messages": [{"role": "user", "content": content}],
-                "temperature": 0, "max_tokens": self.max_tokens}
+                "temperature": temperature, "max_tokens": self.max_tokens}
 
     def __call__(self, prompt: str, media: Sequence[JudgeMedia]) -> str:
+        return self._post(self.payload(prompt, media))
+
+    def retry(self, prompt: str, media: Sequence[JudgeMedia], attempt: int) -> str:
+        return self._post(self.payload(prompt, media, temperature=RETRY_TEMPERATURE))
+
+    def _post(self, payload: dict) -> str:
         url = self.base_url.rstrip("/") + "/chat/completions"
-        req = urllib.request.Request(url, data=json.dumps(self.payload(prompt, media)).encode(), method="POST",
+        req = urllib.request.Request(url, data=json.dumps(payload).encode(), method="POST",
                                      headers={"Content-Type": "application/json",
                                               "Authorization": f"Bearer {self.api_key}"})
         try:
