@@ -352,14 +352,22 @@ class CheckpointManager:
         shutil.rmtree(hidden)
 
     def _prune(self, step: int) -> None:
-        """After `step` is in place: drop checkpoints newer than it (an abandoned timeline — the
-        run resumed from an older one) and all but the newest `keep_last` complete ones."""
+        """After `step` is in place: move checkpoints newer than it aside (an abandoned timeline —
+        the run resumed from an older one) and drop all but the newest `keep_last` complete ones.
+        Aside, not deleted: a newer checkpoint is passed over when it fails to verify, and also when
+        a read of it failed for a moment (a network filesystem): its compute is not thrown away."""
         older = []
         for s, p in self.checkpoints():
             if s > step:
-                warnings.warn(f"removing checkpoint {p}: newer than the step just saved ({step}), "
-                              "left by a run that resumed from an older checkpoint", CheckpointWarning)
-                self._delete(p)
+                aside = self.run_dir / f"abandoned-{p.name}"
+                n = 1
+                while aside.exists():
+                    n += 1
+                    aside = self.run_dir / f"abandoned-{p.name}-{n}"
+                os.replace(p, aside)
+                warnings.warn(f"checkpoint {p} moved aside to {aside}: newer than the step just saved ({step}), "
+                              "left by a run that resumed from an older checkpoint (it did not verify then, or was "
+                              "not read); delete it once this run is known good", CheckpointWarning)
             elif s < step and (p / MANIFEST).is_file():
                 older.append(p)
         for p in older[: max(0, len(older) - (self.keep_last - 1))]:
