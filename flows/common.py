@@ -71,10 +71,11 @@ def repo_config(repo: str | Path = ".", overrides: Sequence[str] = (), profile: 
 
 
 def params_drift(repo: str | Path = ".") -> list[str]:
-    """Where the checkout's params.yaml differs from conf/'s composition (`loom params`), one
-    "key = value (conf/: value)" each: what an earlier `dvc exp run -S …` / `loom pipeline k=v` left
-    in the workspace, or `loom params k=v` wrote. A run without overrides reproduces params.yaml as
-    it is, so the pipeline and the nightlies say so. [] when they agree (or there is no conf/)."""
+    """Where the checkout's params.yaml differs from conf/'s composition for its profile (`loom
+    params profile=<its profile>`), one "key = value (conf/: value)" each: what an earlier `dvc exp
+    run -S …` / `loom pipeline k=v` left in the workspace, or `loom params k=v` wrote. A run without
+    overrides reproduces params.yaml as it is, so the pipeline and the nightlies say so. [] when
+    they agree (or there is no conf/)."""
     import yaml
 
     from loomcore.config import params_yaml
@@ -90,7 +91,8 @@ def params_drift(repo: str | Path = ".") -> list[str]:
         return out
 
     have = flat(yaml.safe_load((root / "params.yaml").read_text()))
-    want = flat(yaml.safe_load(params_yaml(root / "conf")))
+    profile = [f"profile={have['profile']}"] if have.get("profile") else []  # `loom params profile=paper` is no drift
+    want = flat(yaml.safe_load(params_yaml(root / "conf", profile)))
     return [f"{k} = {have.get(k, '(absent)')} (conf/: {want.get(k, '(absent)')})"
             for k in sorted(set(have) | set(want)) if have.get(k) != want.get(k)]
 

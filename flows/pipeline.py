@@ -65,9 +65,9 @@ def reproduce(repo: str, wanted: Sequence[str], *, force: Sequence[str] = (), ov
         rows.append({"stage": label, "dvc": _what_dvc_did(result, pick), "seconds": round(time.monotonic() - t, 1)})
 
     if not overrides and (drift := params_drift(repo)):
-        logger().warning("params.yaml is not conf/'s composition (an earlier `dvc exp run -S …` or `loom params k=v` "
-                         "left it so); this run reproduces it as it is — `loom params` restores conf/'s: %s",
-                         "; ".join(drift))
+        logger().warning("params.yaml is not conf/'s composition for its profile (an earlier `dvc exp run -S …` or "
+                         "`loom params k=v` left it so); this run reproduces it as it is — `loom params profile=<it>` "
+                         "restores conf/'s: %s", "; ".join(drift))
     if overrides:
         sets = " ".join(f"-S {o}" for o in overrides)
         for stage in [s for s in wanted if s in force]:
@@ -88,8 +88,8 @@ def drift_note(repo: Path, overrides) -> str:
     drift = [] if overrides else params_drift(repo)
     if not drift:
         return ""
-    return ("**params.yaml is not conf/'s composition** — this run used it as it is (`loom params` restores "
-            "conf/'s):\n\n" + "\n".join(f"- `{d}`" for d in drift) + "\n\n")
+    return ("**params.yaml is not conf/'s composition** for its profile — this run used it as it is (`loom params "
+            "profile=<it>` restores conf/'s):\n\n" + "\n".join(f"- `{d}`" for d in drift) + "\n\n")
 
 
 def outputs_links(repo: Path | str) -> str:

@@ -254,6 +254,9 @@ def test_a_params_yaml_left_by_an_experiment_is_named_in_the_run_summary(tmp_pat
     assert params_drift(tmp_path) == [f"stage3.steps = 10 (conf/: {steps})"]
     assert f"- `stage3.steps = 10 (conf/: {steps})`" in drift_note(tmp_path, [])
     assert drift_note(tmp_path, ["stage3.steps=10"]) == ""  # a run with overrides recomposes params.yaml itself
+    from loomcore.config import params_yaml  # `loom params profile=paper` (README's paper set-up) is no drift
+    (tmp_path / "params.yaml").write_text(params_yaml(tmp_path / "conf", ["profile=paper"]))
+    assert params_drift(tmp_path) == []
 
 
 def test_pipeline_summary_shows_the_headline_metrics_as_a_table(tmp_path):
