@@ -12,12 +12,12 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
-import torch
 import pytest
+import torch
 
 from loomcore.eval.judge import (
-    ENV_API_KEY, ENV_BASE_URL, ENV_MODEL, JudgeMedia, JudgeRequestError, JudgeTimeout, OpenAICompatibleJudge,
-    QwenJudge, ScoreParseError, ask, parse_scores,
+    ENV_API_KEY, ENV_BASE_URL, ENV_MODEL, JudgeMedia, JudgeRequestError, JudgeTimeout, JudgeTransientError,
+    OpenAICompatibleJudge, QwenJudge, ScoreParseError, ask, parse_scores,
 )
 from loomcore.eval.prompts import TEMPLATES
 
@@ -132,6 +132,25 @@ def test_garbage_every_time_is_a_failure_with_nan_scores_and_a_reason():
     assert not r.ok and judge.calls == 3 and r.attempts == 3
     assert all(math.isnan(v) for v in r.scores.values()) and math.isnan(r.average)
     assert r.failure.startswith("unparseable answer after 3 attempt(s)") and "'nothing'" in r.failure
+
+
+def test_retries_sample_after_an_unparseable_answer_or_a_timeout_not_after_a_transport_error():
+    class Both(Scripted):
+        def __init__(self, *answers):
+            super().__init__(*answers)
+            self.kinds = []
+
+        def __call__(self, prompt, media):
+            self.kinds.append("greedy")
+            return super().__call__(prompt, media)
+
+        def retry(self, prompt, media, attempt):
+            self.kinds.append(f"sampled {attempt}")
+            return super().__call__(prompt, media)
+
+    judge = Both(JudgeTransientError("HTTP 503"), "blah", JudgeTimeout("60 s"), GOOD)
+    r = ask(judge, "p", MEDIA, DIMS, attempts=4)
+    assert r.ok and r.attempts == 4 and judge.kinds == ["greedy", "greedy", "sampled 3", "sampled 4"]
 
 
 def test_timeouts_are_retried_and_a_refused_request_is_not():

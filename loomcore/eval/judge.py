@@ -54,8 +54,9 @@ class JudgeMedia:
 
 class Judge(Protocol):
     """`judge(prompt, media)` answers greedily; a judge may also have `retry(prompt, media, attempt)`,
-    which `ask` calls for the attempts after the first: sampled, so that it can answer otherwise (a
-    greedy judge repeats an unparseable answer word for word; the release's judges sample at 0.7)."""
+    which `ask` calls after an unparseable answer or a timeout: sampled, so that it can answer
+    otherwise (a greedy judge repeats it word for word; the release's judges sample at 0.7). After
+    a transport error (no answer came) the judge is asked greedily again."""
 
     name: str
 
@@ -224,19 +225,23 @@ def ask(judge: Judge, prompt: str, media: Sequence[JudgeMedia], dimensions: Sequ
     answer = ""
     t0 = time.monotonic()
     retry = getattr(judge, "retry", None)
+    sample = False  # after an unparseable answer or a timeout, not after a transport error (no answer came)
     for i in range(1, attempts + 1):
         try:
-            answer = retry(prompt, media, i) if i > 1 and retry is not None else judge(prompt, media)
+            answer = retry(prompt, media, i) if sample and retry is not None else judge(prompt, media)
             scores = parse_scores(answer, dimensions)
             return JudgeResult(scores, i, answer, seconds=time.monotonic() - t0)
         except ScoreParseError as e:
             reasons.append(f"unparseable answer ({e}): {answer[:160]!r}")
+            sample = True
         except JudgeTimeout as e:
             answer = ""
             reasons.append(f"timeout ({e})")
+            sample = True
         except JudgeTransientError as e:
             answer = ""
             reasons.append(f"transport error ({e})")
+            sample = False
         except JudgeRequestError as e:
             reasons.append(f"request refused ({e})")
             break
