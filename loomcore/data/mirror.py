@@ -3,8 +3,9 @@
 Every object is downloaded once, checked against its size and its `sha256` metadata (upload_dir
 writes it), and renamed into place: a file under the root is whole and verified or absent. An
 object without that metadata (uploaded by `aws s3 sync` or another tool: most datasets) is known by
-its ETag, recorded beside the root (`.<root name>.s3-etags/<key>`) when it was mirrored: an object
-replaced by one of the same size is downloaded again, not kept stale. An
+its ETag, recorded in the root (`.s3-etags/<key>`; curation reads only the files rows name) when
+it was mirrored: an object replaced by one of the same size is downloaded again, not kept stale (a
+mirror made before the records downloads such objects once more). An
 object that is itself bad (bytes that fail their checksum, gone since the listing) is reported
 for its rows to be rejected; a store that stops answering or refuses us raises
 (`StoreUnavailable` / `StoreError`, naming the endpoint, the bucket and the object), so a partial
@@ -22,6 +23,9 @@ from tqdm import tqdm
 from loomcore.storage import (
     S3Settings, StoreError, StoreUnavailable, classify_s3_error, list_objects, parse_s3_uri, s3_client, sha256_file, transfer_config,
 )
+
+
+ETAG_DIR = ".s3-etags"  # in the root: {key: the ETag of the object the local copy was downloaded from}
 
 
 def _verify(path: Path, uri: str, size: int, sha256: Optional[str]) -> Optional[str]:
@@ -103,7 +107,7 @@ def fetch_s3(uri: str, root: Path, settings: S3Settings, progress: bool = True) 
     stats = {"objects": 0, "downloaded": 0, "skipped": 0, "bytes_downloaded": 0, "failed": 0}
     at, done = f"the listing of {uri}", 0
     name_max = os.pathconf(root, "PC_NAME_MAX") - len("..part")  # room for the download's temporary name
-    etags = root.parent / f".{root.name}.s3-etags"  # beside the root, not in it: curation reads the root
+    etags = root / ETAG_DIR
     try:
         objects = [o for o in list_objects(uri, client=client) if o["Key"].startswith(folder) and not o["Key"].endswith("/")]
         stats["objects"] = len(objects)
