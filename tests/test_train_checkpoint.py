@@ -100,16 +100,22 @@ def test_save_is_atomic_and_a_crash_leaves_the_previous_checkpoint(tmp_path):
     import socket
     import time
 
-    from loomcore.train.checkpoint import OTHER_HOST_STALE_S
+    from loomcore.train import checkpoint
 
+    dead_elsewhere = tmp_path / ".old-step-000004-1@another-node.example"
+    dead_elsewhere.mkdir()
+    old = time.time() - 3600
+    os.utime(dead_elsewhere, (old, old))  # an old mtime alone is not enough: a rename leaves it, sets the ctime
+    time.sleep(1.5)
     here = tmp_path / f".tmp-step-000002-999999999@{socket.gethostname()}"
     live_elsewhere = tmp_path / ".del-step-000003-1@another-node.example"
-    dead_elsewhere = tmp_path / ".old-step-000004-1@another-node.example"
-    for p in (here, live_elsewhere, dead_elsewhere):
+    for p in (here, live_elsewhere):
         p.mkdir()
-    old = time.time() - OTHER_HOST_STALE_S - 60
-    os.utime(dead_elsewhere, (old, old))
-    CheckpointManager(tmp_path, keep_last=3, interval=1)
+    stale_s, checkpoint.OTHER_HOST_STALE_S = checkpoint.OTHER_HOST_STALE_S, 1.0  # hours, in seconds here
+    try:
+        CheckpointManager(tmp_path, keep_last=3, interval=1)
+    finally:
+        checkpoint.OTHER_HOST_STALE_S = stale_s
     assert sorted(os.listdir(tmp_path)) == [live_elsewhere.name, "step-000001"]
 
 

@@ -9,7 +9,7 @@ A checkpoint is a folder `step-000123/` in the run directory:
                           RNG states, with tensors encoded as {"__tensor__": dtype/shape/base64}
     MANIFEST.json         sha256 and size of every file above — written last
 
-The folder is built under `.tmp-step-000123-<pid>` and renamed into place, so a reader never sees
+The folder is built under `.tmp-step-000123-<pid>@<host>` and renamed into place, so a reader never sees
 a half-written checkpoint; a crash leaves only a hidden temp folder, which the next manager
 removes. `latest_valid()` re-hashes each checkpoint (newest first) and skips, with a warning, one
 that is incomplete, truncated or corrupted. Nothing is unpickled: safetensors, JSON, and
@@ -243,7 +243,8 @@ class CheckpointManager:
             if host is None or host == socket.gethostname():
                 stale = not pid_alive(int(m.group(1)))
             else:
-                stale = time.time() - p.stat().st_mtime > OTHER_HOST_STALE_S
+                st = p.stat()  # a rename (.old-, .del-) updates the ctime, not the mtime
+                stale = time.time() - max(st.st_mtime, st.st_ctime) > OTHER_HOST_STALE_S
             if stale:
                 shutil.rmtree(p)
 
@@ -334,8 +335,9 @@ class CheckpointManager:
         _fsync(folder)
 
     def _publish(self, tmp: Path, final: Path) -> None:
-        """Rename the finished folder into place. An existing folder of the same step (a re-save
-        after a resume) is moved aside first: rename cannot replace a non-empty directory."""
+        """Rename the finished folder into place. An existing folder of the same step (one passed
+        over at resume, now recomputed: training reproduces it bit for bit) is replaced: moved aside
+        first (rename cannot replace a non-empty directory), then removed."""
         old = None
         if final.exists():
             old = self.run_dir / f".old-{final.name}-{_writer_tag()}"
