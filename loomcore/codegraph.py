@@ -3,7 +3,7 @@ params dvc.yaml lists for a stage (`stage_params`).
 
 One answer for two questions that used to be written by hand and drifted: what a DVC stage's
 `deps` must list (a test checks dvc.yaml against `import_closure("flows.<stage>")`), and what a
-training run's key fingerprints (`loomcore.train.stage_io.code_fingerprint`).
+training run's key and the evaluate stage's journal fingerprint (`code_fingerprint`).
 
 Imports are read from the source (ast), not executed: every `import` / `from … import` of the
 project's packages, at module level or inside a function (a function-level import runs when the
@@ -16,6 +16,7 @@ modules is imported; relative imports are resolved against the importing module.
 from __future__ import annotations
 
 import ast
+import hashlib
 from functools import lru_cache
 from pathlib import Path
 from typing import FrozenSet, Iterable, List, Tuple
@@ -84,3 +85,14 @@ def stage_params(stage: str) -> List[str]:
     if stage not in stages:
         raise KeyError(f"{REPO / 'dvc.yaml'}: no stage {stage!r}")
     return [p for p in stages[stage].get("params", []) if isinstance(p, str)]
+
+
+def code_fingerprint(entry: str = "loomcore.train.trainer") -> str:
+    """The code a run executes: every project file `entry` imports (`import_closure`, the same closure
+    dvc.yaml's stage deps are checked against). A run resumes only with the code that wrote
+    its checkpoints, or its steps would not be the same steps. (To carry a long run across a
+    deliberate code change, copy its step-* folders into the new run directory.)"""
+    h = hashlib.sha256()
+    for name in sorted(import_closure(entry)):
+        h.update(f"{name}\n".encode() + (REPO / name).read_bytes())
+    return h.hexdigest()[:16]

@@ -25,7 +25,7 @@ import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional, Tuple
+from typing import Iterator, List, Optional, Tuple
 
 S3_PREFIX = "s3://"
 
@@ -272,6 +272,39 @@ def file_digest(path: Path, algorithm: str = "sha256", chunk: int = 1 << 20) -> 
         for block in iter(lambda: f.read(chunk), b""):
             h.update(block)
     return h.hexdigest()
+
+
+_HASH_FULL_LIMIT = 256 << 20  # files above this are fingerprinted by size + 16 sampled MiB
+
+
+def content_digest(path: Path) -> str:
+    """sha256 of a file's bytes; above 256 MiB, of its size and 16 evenly spaced MiB (fingerprints
+    of weights folders: a retrained file differs everywhere, and a 10 GB file is not read whole)."""
+    h = hashlib.sha256()
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        if size <= _HASH_FULL_LIMIT:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+        else:  # huge weight files: size + 16 evenly spaced MiB (a retrained file differs everywhere)
+            h.update(str(size).encode())
+            for i in range(16):
+                f.seek((size - (1 << 20)) * i // 15)
+                h.update(f.read(1 << 20))
+    return h.hexdigest()
+
+
+def inputs_fingerprint(paths: List[Path]) -> str:
+    """A hash of the files a run reads: every file under each path (name, size, `content_digest`) —
+    the inputs part of a training run's key and of the evaluate stage's journal."""
+    h = hashlib.sha256()
+    for root in paths:
+        files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+        if not files:
+            raise FileNotFoundError(f"{root}: missing or empty")
+        for f in files:
+            h.update(f"{f.relative_to(root) if f != root else f.name}:{f.stat().st_size}:{content_digest(f)}\n".encode())
+    return h.hexdigest()[:16]
 
 
 def pid_alive(pid: int) -> bool:

@@ -1,7 +1,9 @@
 """The Prefect task of the evaluate stage: load the config, run loomcore.eval, report progress.
 
 No Prefect retries: generation is seeded and the judge retries each answer itself (eval.judge.retries);
-a failure that survives those is a failure row in the outputs, not a reason to rerun the stage.
+a failure that survives those is a failure row in the outputs, not a reason to rerun the stage. A
+stage that stopped (a crash, a cancel) resumes at its next run from the journal of the samples it
+scored (loomcore.eval.journal).
 """
 
 from __future__ import annotations

@@ -64,7 +64,7 @@ def test_the_closure_follows_relative_and_function_level_imports(tmp_path):
 def test_run_keys_fingerprint_the_trainers_closure():
     """The training stages' and RL's run keys hash exactly their entry module's closure, which
     includes what the old fixed list missed (loomcore/task_kinds.py, imported by models/mllm.py)."""
-    from loomcore.train.stage_io import code_fingerprint
+    from loomcore.codegraph import code_fingerprint
 
     train = import_closure("loomcore.train.trainer")
     assert {"loomcore/task_kinds.py", "loomcore/models/mllm.py", "loomcore/train/ema.py", "loomcore/config.py"} <= train

@@ -352,3 +352,61 @@ def test_generated_benchmark_videos_take_eval_frames_else_guidance_frames():
     assert _size_and_frames(load_config(["eval.frames=5"], profile="tiny"), t2v)[3] == 5
     with pytest.raises(ConfigError, match=r"eval.frames = 96: the codec takes 1 \+ 4·k frames"):
         load_config(["eval.frames=96"], profile="paper")
+
+
+def test_a_stopped_evaluation_resumes_from_its_journal(tiny_workspace, tmp_path, monkeypatch):
+    """The evaluate stage keeps each sample's scores as it goes (loomcore.eval.journal): stopped
+    after five samples (a KeyboardInterrupt from the progress callback: Ctrl-C, a preempted node),
+    a rerun generates only the samples left — the journal's last line, cut short here as a kill in
+    mid-write leaves it, is dropped and that sample generated again — and writes the same outputs,
+    byte for byte, as an evaluation that never stopped. A finished evaluation leaves no journal."""
+    from loomcore.config import load_config
+    from loomcore.eval.runner import run_evaluation
+    from loomcore.pipeline import LoomVideoPipeline
+
+    cfg, overrides = tiny_workspace
+    calls = []
+    original = LoomVideoPipeline.__call__
+
+    def counted(self, *args, **kwargs):
+        calls.append(args[0] if args else kwargs.get("prompt"))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(LoomVideoPipeline, "__call__", counted)
+
+    def config(name):
+        return load_config([*overrides, f"eval.model={cfg.models.transformer}", f"eval.out_dir={tmp_path / name}",
+                            f"paths.runs={tmp_path / name}-runs", "eval.shapes.per_task=1", "eval.steps=2",
+                            "eval.benchmarks.names=[openve,vbench]", "eval.benchmarks.limit=1",
+                            "eval.sheet_samples=3"], profile="tiny")
+
+    run_evaluation(config("whole"), log=lambda m: None)
+    total = len(calls)
+    assert total >= 8 and not list((tmp_path / "whole-runs").rglob("samples.jsonl"))
+
+    def stop_after_five(done, _total):
+        if done == 5:
+            raise KeyboardInterrupt
+
+    calls.clear()
+    logs = []
+    with pytest.raises(KeyboardInterrupt):
+        run_evaluation(config("resumed"), on_progress=stop_after_five, log=logs.append)
+    assert len(calls) == 5 and not (tmp_path / "resumed").exists()
+    (journal,) = (tmp_path / "resumed-runs" / "evaluate").glob("*/samples.jsonl")
+    lines = journal.read_bytes().splitlines(keepends=True)
+    assert len(lines) == 5 and any("scored sample(s) kept in" in m for m in logs)
+    journal.write_bytes(b"".join(lines[:4]) + lines[4][: len(lines[4]) // 2])  # killed while writing the fifth
+
+    calls.clear()
+    logs.clear()
+    run_evaluation(config("resumed"), log=logs.append)
+    assert len(calls) == total - 4, (len(calls), total)
+    assert any("the last line was cut short" in m for m in logs)
+    assert any(m.startswith(f"4 of {total} samples came from the journal") for m in logs), logs
+    assert not journal.parent.exists()  # finished: removed
+    for name in ("metrics.json", "results.json", "report.md", "samples/shapesbench-model.png",
+                 "samples/shapesbench-base.png", "samples/openve.png", "samples/vbench.png"):
+        want, got = (tmp_path / "whole" / name).read_bytes(), (tmp_path / "resumed" / name).read_bytes()
+        assert got == want.replace(str(tmp_path / "whole").encode(), str(tmp_path / "resumed").encode()), name
+    assert pq.read_table(tmp_path / "resumed" / "scores.parquet").equals(pq.read_table(tmp_path / "whole" / "scores.parquet"))

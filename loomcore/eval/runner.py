@@ -9,7 +9,8 @@ the outputs (`report.write_outputs`).
 
 Every score is one row of a long table: (model, benchmark, sample_id, task, category, metric,
 score, failure, attempts, answer, prompt); `report.py` aggregates it. Generation is seeded per
-sample (eval.seed and the sample id), so a rerun reproduces the same frames.
+sample (eval.seed and the sample id), so a rerun reproduces the same frames; each sample's rows are
+journaled as it is scored (`journal.py`), so a stopped evaluation resumes with the samples left.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from loomcore.data.synthetic import GROUND_TRUTH_FILE, load_ground_truth
 from loomcore.errors import InputError
 from loomcore.eval import shapesbench as sb
 from loomcore.eval.benchmarks import BenchmarkSample, read_benchmark, write_shapes_benchmarks
+from loomcore.eval.journal import Journal, benchmark_fingerprint, sample_fingerprint
 from loomcore.eval.judge import Judge, JudgeMedia, ask, judge_session
 from loomcore.eval.metrics import VBENCH_METRICS, VBenchScorer
 from loomcore.eval.prompts import TEMPLATES, template_for
@@ -118,31 +120,45 @@ def shapes_rows(cfg: Config) -> Tuple[List[dict], Dict[str, dict]]:
 
 
 def run_shapesbench(pipe, cfg: Config, model: str, rows: Sequence[dict], truth: Dict[str, dict],
-                    seeds: int, step: Callable[[], None] = lambda: None) -> Tuple[List[dict], List[SheetItem]]:
+                    seeds: int, step: Callable[[], None] = lambda: None, journal: Optional[Journal] = None
+                    ) -> Tuple[List[dict], List[SheetItem]]:
     """Generate each Shapes eval row `seeds` times at its eval.resolution bucket size and score it
-    against its ground truth (shapesbench.score_sample)."""
+    against its ground truth (shapesbench.score_sample); a sample the `journal` holds is not
+    generated again."""
     e, res = cfg.eval, cfg.eval.resolution
+    journal = journal or Journal(None)
     scoring = sb.ShapesScoring.from_config(e.shapes)
     root = Path(cfg.paths.data_root)
     out, sheet = [], []
     for r in rows:
         w, h = next((b["width"], b["height"]) for b in r["bucket_sizes"] if b["res"] == res)
         frames = 1 if r["output"] == "image" else cfg.video.frames[res]
-        t = sb.ground_truth(truth[r["id"]], (w, h), frames)
+        source, refs = root / r["source"] if r["source"] else None, [root / p for p in r["refs"]]
         for k in range(seeds):
-            gen = generate(pipe, prompt=r["caption"], task=r["task"], source=root / r["source"] if r["source"] else None,
-                           references=[root / p for p in r["refs"]], size=(w, h), num_frames=t.target.shape[0],
-                           steps=e.steps, seed=sample_seed(e.seed, r["id"], k), negative_prompt=cfg.guidance.negative_prompt)
-            if gen.source is not None:
-                t.source = gen.source  # compare with what the model was given
-            scores = sb.score_sample(gen.frames, t, scoring)
-            scores["score"] = sb.unit_mean(scores)
             sid = r["id"] if seeds == 1 else f"{r['id']}#{k}"
-            out += [_row(model, "shapesbench", sid, r["task"], r["task"], m, v, r["caption"])
-                    for m, v in scores.items() if not math.isnan(v)]
-            if k == 0 and len(sheet) < e.sheet_samples:
-                sheet.append(SheetItem(r["caption"] or "(reconstruct)", gen.frames, gen.source, gen.references,
-                                       f"{r['task']} · score {scores['score']:.2f}"))
+            wants_sheet = k == 0 and len(sheet) < e.sheet_samples
+
+            def score() -> Tuple[List[dict], Optional[SheetItem]]:
+                t = sb.ground_truth(truth[r["id"]], (w, h), frames)
+                gen = generate(pipe, prompt=r["caption"], task=r["task"], source=source, references=refs,
+                               size=(w, h), num_frames=t.target.shape[0], steps=e.steps,
+                               seed=sample_seed(e.seed, r["id"], k), negative_prompt=cfg.guidance.negative_prompt)
+                if gen.source is not None:
+                    t.source = gen.source  # compare with what the model was given
+                scores = sb.score_sample(gen.frames, t, scoring)
+                scores["score"] = sb.unit_mean(scores)
+                scored = [_row(model, "shapesbench", sid, r["task"], r["task"], m, v, r["caption"])
+                          for m, v in scores.items() if not math.isnan(v)]
+                item = SheetItem(r["caption"] or "(reconstruct)", gen.frames, gen.source, gen.references,
+                                 f"{r['task']} · score {scores['score']:.2f}") if wants_sheet else None
+                return scored, item
+
+            fingerprint = sample_fingerprint({"row": r, "truth": truth[r["id"]], "size": [w, h], "seed": k},
+                                             [source, *refs])
+            scored, item = journal.scored((model, "shapesbench", sid), fingerprint, score)
+            out += scored
+            if item is not None:
+                sheet.append(item)
             step()
     return out, sheet
 
@@ -196,10 +212,12 @@ def _template(s: BenchmarkSample):
 
 
 def run_benchmark(pipe, cfg: Config, model: str, samples: Sequence[BenchmarkSample], judge: Optional[Judge],
-                  scorer: Optional[VBenchScorer], step: Callable[[], None] = lambda: None
-                  ) -> Tuple[List[dict], List[SheetItem]]:
-    """Generate and score one benchmark's samples: VBench metrics (vbench) or the judge."""
+                  scorer: Optional[VBenchScorer], step: Callable[[], None] = lambda: None,
+                  journal: Optional[Journal] = None) -> Tuple[List[dict], List[SheetItem]]:
+    """Generate and score one benchmark's samples: VBench metrics (vbench) or the judge; a sample
+    the `journal` holds is not generated again."""
     e = cfg.eval
+    journal = journal or Journal(None)
     out, sheet = [], []
     for s in samples:
         category = s.category
@@ -216,30 +234,37 @@ def run_benchmark(pipe, cfg: Config, model: str, samples: Sequence[BenchmarkSamp
             out += fail(s.unsupported or f"missing file(s): {', '.join(s.missing)}")
             step()
             continue
-        try:
-            src, refs, size, frames = _size_and_frames(cfg, s)
-            gen = generate(pipe, prompt=s.prompt, task=s.task, source=src, references=refs, size=size,
-                           num_frames=frames, steps=e.steps, seed=sample_seed(e.seed, s.id),
-                           negative_prompt=cfg.guidance.negative_prompt, layout=s.layout)
-        except InputError as err:  # unreadable media, a frame count the model cannot take, … (a bug raises on)
-            out += fail(f"generation failed: {err}")
-            step()
-            continue
-        if s.benchmark == "vbench":
-            scores = scorer.score(gen.frames, s.prompt, metrics)
-            out += [_row(model, s.benchmark, s.id, s.task, s.category, m, v, s.prompt) for m, v in scores.items()]
-            # + 0.0 turns a -0.0 (a tiny negative rounded) into 0.0: the sheet says "overall 0.00", not "-0.00"
-            note = " · ".join(f"{m.split('_')[0]} {round(v, 2) + 0.0:.2f}" for m, v in scores.items())
-        else:
-            template = _template(s)
-            result = ask(judge, template.render(s.prompt), _judge_media(s, gen), template.dimensions,
-                         e.judge.retries + 1)
-            values = {**result.scores, "average": result.average}
-            out += [_row(model, s.benchmark, s.id, s.task, template.category, m, v, s.prompt, result.failure,
-                         result.attempts, result.answer) for m, v in values.items()]
-            note = f"judge: {result.average:.2f}" if result.ok else "judge: FAILED"
-        if len(sheet) < e.sheet_samples:
-            sheet.append(SheetItem(s.prompt, gen.frames, gen.source, gen.references, f"{s.category} · {note}"))
+        wants_sheet = len(sheet) < e.sheet_samples
+
+        def score() -> Tuple[List[dict], Optional[SheetItem]]:
+            try:
+                src, refs, size, frames = _size_and_frames(cfg, s)
+                gen = generate(pipe, prompt=s.prompt, task=s.task, source=src, references=refs, size=size,
+                               num_frames=frames, steps=e.steps, seed=sample_seed(e.seed, s.id),
+                               negative_prompt=cfg.guidance.negative_prompt, layout=s.layout)
+            except InputError as err:  # unreadable media, a frame count the model cannot take, … (a bug raises on)
+                return fail(f"generation failed: {err}"), None
+            if s.benchmark == "vbench":
+                scores = scorer.score(gen.frames, s.prompt, metrics)
+                rows = [_row(model, s.benchmark, s.id, s.task, s.category, m, v, s.prompt) for m, v in scores.items()]
+                # + 0.0 turns a -0.0 (a tiny negative rounded) into 0.0: the sheet says "overall 0.00", not "-0.00"
+                note = " · ".join(f"{m.split('_')[0]} {round(v, 2) + 0.0:.2f}" for m, v in scores.items())
+            else:
+                template = _template(s)
+                result = ask(judge, template.render(s.prompt), _judge_media(s, gen), template.dimensions,
+                             e.judge.retries + 1)
+                values = {**result.scores, "average": result.average}
+                rows = [_row(model, s.benchmark, s.id, s.task, template.category, m, v, s.prompt, result.failure,
+                             result.attempts, result.answer) for m, v in values.items()]
+                note = f"judge: {result.average:.2f}" if result.ok else "judge: FAILED"
+            item = SheetItem(s.prompt, gen.frames, gen.source, gen.references, f"{s.category} · {note}") \
+                if wants_sheet else None
+            return rows, item
+
+        rows, item = journal.scored((model, s.benchmark, s.id), benchmark_fingerprint(s), score)
+        out += rows
+        if item is not None:
+            sheet.append(item)
         step()
     return out, sheet
 
@@ -304,22 +329,31 @@ def _run(cfg: Config, scratch: Path, on_progress: Optional[ProgressFn], log: Cal
     dtype = inference_dtype(device)  # bf16 on a GPU, as `loom generate` (fp32 there: twice the memory)
     pipe = LoomVideoPipeline.from_config_models(cfg, transformer_path=model_path, dtype=dtype).to(device)
     pipe.set_progress_bar_config(disable=True)
-    if truth:
-        base = LoomVideoPipeline.from_config_models(cfg, dtype=dtype).to(device)
-        base.set_progress_bar_config(disable=True)
-        for key, p in ((MODEL, pipe), (BASE, base)):
-            r, sheet = run_shapesbench(p, cfg, key, shape_rows, truth, e.shapes.seeds, step)
-            rows += r
-            sheets[f"shapesbench-{key}"] = sheet
-            log(f"shapesbench ({key}): {len(shape_rows)} samples × {e.shapes.seeds} seed(s)")
-        del base
-    scorer = VBenchScorer.from_config(e.vbench, device, s3) if "vbench" in sets else None
-    with (judge_session(cfg, device) if any(n != "vbench" for n in sets) else nullcontext()) as judge:
-        for name, samples in sets.items():
-            r, sheet = run_benchmark(pipe, cfg, MODEL, samples, judge, scorer, step)
-            rows += r
-            sheets[name] = sheet
-            failed = len({x["sample_id"] for x in r if x["failure"]})
-            log(f"{name}: {len(samples)} samples, {failed} failure(s)")
-    return write_outputs(cfg, rows, sheets, model_path=model_path, model_name=model_name, skipped=skipped,
-                         judge_name=getattr(judge, "name", None))
+    journal = Journal.open(cfg, Path(model_path), log)
+    finished = False
+    try:
+        if truth:
+            base = LoomVideoPipeline.from_config_models(cfg, dtype=dtype).to(device)
+            base.set_progress_bar_config(disable=True)
+            for key, p in ((MODEL, pipe), (BASE, base)):
+                r, sheet = run_shapesbench(p, cfg, key, shape_rows, truth, e.shapes.seeds, step, journal)
+                rows += r
+                sheets[f"shapesbench-{key}"] = sheet
+                log(f"shapesbench ({key}): {len(shape_rows)} samples × {e.shapes.seeds} seed(s)")
+            del base
+        scorer = VBenchScorer.from_config(e.vbench, device, s3) if "vbench" in sets else None
+        with (judge_session(cfg, device) if any(n != "vbench" for n in sets) else nullcontext()) as judge:
+            for name, samples in sets.items():
+                r, sheet = run_benchmark(pipe, cfg, MODEL, samples, judge, scorer, step, journal)
+                rows += r
+                sheets[name] = sheet
+                failed = len({x["sample_id"] for x in r if x["failure"]})
+                log(f"{name}: {len(samples)} samples, {failed} failure(s)")
+        if journal.reused:
+            log(f"{journal.reused} of {done} samples came from the journal of a stopped run")
+        summary = write_outputs(cfg, rows, sheets, model_path=model_path, model_name=model_name, skipped=skipped,
+                                judge_name=getattr(judge, "name", None))
+        finished = True
+        return summary
+    finally:
+        journal.close(finished)

@@ -24,19 +24,18 @@ stage outs     <train.out_dir>/<stage>/
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
 import torch
 
-from loomcore.codegraph import stage_params
+from loomcore.codegraph import code_fingerprint, stage_params
 from loomcore.config import Config, fingerprint_dict
 from loomcore.data.loader import INDEX_FILE, cache_root
-from loomcore.storage import S3Settings
+from loomcore.storage import S3Settings, inputs_fingerprint
 from loomcore.train.checkpoint import run_key
 from loomcore.train.weights import resolve_weights
 
@@ -46,49 +45,6 @@ def init_weights(cfg: Config, stage: str) -> Tuple[Path, str]:
     init_from = cfg.rl.init_from if stage == "rl" else cfg.stage(stage).init_from
     _, path, description = resolve_weights(cfg, init_from, f"{stage}.init_from")
     return path, description
-
-
-_HASH_FULL_LIMIT = 256 << 20  # files above this are fingerprinted by size + 16 sampled MiB
-
-
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        if size <= _HASH_FULL_LIMIT:
-            while chunk := f.read(1 << 20):
-                h.update(chunk)
-        else:  # huge weight files: size + 16 evenly spaced MiB (a retrained file differs everywhere)
-            h.update(str(size).encode())
-            for i in range(16):
-                f.seek((size - (1 << 20)) * i // 15)
-                h.update(f.read(1 << 20))
-    return h.hexdigest()
-
-
-def inputs_fingerprint(paths: List[Path]) -> str:
-    """A hash of the files a run reads: every file under each path (name, size, content)."""
-    h = hashlib.sha256()
-    for root in paths:
-        files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
-        if not files:
-            raise FileNotFoundError(f"{root}: missing or empty")
-        for f in files:
-            h.update(f"{f.relative_to(root) if f != root else f.name}:{f.stat().st_size}:{_file_digest(f)}\n".encode())
-    return h.hexdigest()[:16]
-
-
-def code_fingerprint(entry: str = "loomcore.train.trainer") -> str:
-    """The code a run executes: every project file `entry` imports (`loomcore.codegraph`, the same
-    closure dvc.yaml's stage deps are checked against). A run resumes only with the code that wrote
-    its checkpoints, or its steps would not be the same steps. (To carry a long run across a
-    deliberate code change, copy its step-* folders into the new run directory.)"""
-    from loomcore.codegraph import REPO, import_closure
-
-    h = hashlib.sha256()
-    for name in sorted(import_closure(entry)):
-        h.update(f"{name}\n".encode() + (REPO / name).read_bytes())
-    return h.hexdigest()[:16]
 
 
 def cache_key_files(cfg: Config) -> List[Path]:
