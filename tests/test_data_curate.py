@@ -214,6 +214,46 @@ def test_split_is_a_deterministic_function_of_the_id(data, tmp_path, cfg):
     assert not any(is_eval(i, 0.0) for i in ids) and all(is_eval(i, 1.0) for i in ids)
 
 
+def test_rows_that_share_a_video_land_on_one_side_of_the_split(data, tmp_path, cfg):
+    """A clip held out for evaluation must not be trained on under another id: rows whose media or
+    source are the same bytes (here a copy of a T2V row's clip, reconstructed, and the same clip as
+    an edit's source) land on the side of the smallest id among them, each row otherwise on its
+    own id's; a reference image shared with another row links nothing."""
+    from loomcore.data.video_io import read_image
+
+    root, good = data
+    fraction = 0.5
+    t2v, tir2i = next(r for r in good if r["task"] == "t2v"), next(r for r in good if r["task"] == "tir2i")
+    tv2v = next(r for r in good if r["task"] == "tv2v")
+    other = not is_eval(t2v["id"], fraction)
+    ids = (f"{k}-{i}" for k in ("copy", "edit", "refmate") for i in range(100))
+    opposite = [i for i in ids if is_eval(i, fraction) == other]  # ids whose own side is not the T2V row's
+    copy_id = next(i for i in opposite if i.startswith("copy"))
+    edit_id = next(i for i in opposite if i.startswith("edit"))
+    mate_id = next(i for i in opposite if i.startswith("refmate"))
+    shutil.copy(root / t2v["media"], root / "copy.mp4")
+    h, w = read_image(root / tir2i["media"]).shape[:2]
+    rng = np.random.default_rng(0)
+    for name in ("mate-source.png", "mate-target.png"):
+        write_image(root / name, rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+    extra = [dict(id=copy_id, task="video_recon", media="copy.mp4", source="copy.mp4", caption=""),
+             dict(id=edit_id, task="tv2v", media=tv2v["media"], source=t2v["media"], caption=tv2v["caption"]),
+             dict(id=mate_id, task="tir2i", media="mate-target.png", source="mate-source.png", refs=tir2i["refs"],
+                  caption=tir2i["caption"])]
+    schema.write_parquet(good + extra, schema.METADATA_SCHEMA, root / "shared.parquet")
+    s = curate(cfg, str(root), root, tmp_path / "out", split_eval_fraction=fraction, progress=False,
+               metadata="shared.parquet")
+    assert s["rejected"]["total"] == 0, _read(tmp_path / "out", "rejects.parquet")
+    evals = {r["id"] for r in _read(tmp_path / "out", "eval.parquet")}
+    side = is_eval(min(t2v["id"], copy_id, edit_id, tv2v["id"]), fraction)  # the edit's target is tv2v's too
+    group = {t2v["id"], copy_id, edit_id, tv2v["id"]}
+    assert all((i in evals) == side for i in group)
+    assert (mate_id in evals) == is_eval(mate_id, fraction) and (tir2i["id"] in evals) == is_eval(tir2i["id"], fraction)
+    rest = [g["id"] for g in good if g["id"] not in group]
+    assert all((i in evals) == is_eval(i, fraction) for i in rest)
+    assert s["split_moved"] == sum(is_eval(i, fraction) != side for i in group) > 0
+
+
 def test_synthetic_source(tmp_path, cfg):
     s = curate(cfg, "synthetic", tmp_path / "raw", tmp_path / "out", progress=False, synthetic_samples=30)
     assert s["rows_in"] == 30 and s["rejected"]["total"] == 0

@@ -5,6 +5,7 @@
          verified; the Shapes generator writes here)
           └─ per row: parse → task rules → caption length in MLLM tokens → paths inside the
              root → decode/probe → length → aspect ratio and size → bucket → checksum → duplicates
+             → the split (by id; rows that share a media or source file's bytes on one side)
               └─ out_dir/train.parquet, eval.parquet, rejects.parquet, curate.json
 
 Every metadata row ends in exactly one of the manifests or in rejects (one reason, the first
@@ -33,7 +34,7 @@ import tempfile
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 from tqdm import tqdm
 
@@ -67,10 +68,42 @@ def _printable(text: Optional[str]) -> Optional[str]:
 
 
 def is_eval(sample_id: str, fraction: float) -> bool:
-    """The split: the first 8 bytes of sha256(id) as a fraction of 2⁶⁴, below `fraction` → eval.
-    Depends on the id alone, so a sample keeps its split when others come or go."""
+    """A sample's side of the split: the first 8 bytes of sha256(id) as a fraction of 2⁶⁴, below
+    `fraction` → eval. Depends on the id alone, so a sample keeps its split when others come or go
+    (`split_rows` moves it only to join rows that share its media)."""
     x = int.from_bytes(hashlib.sha256(sample_id.encode()).digest()[:8], "big") / 2**64
     return x < fraction
+
+
+def split_rows(rows: List[dict], digests: Callable[[dict], Iterable[str]], fraction: float) -> Tuple[List[dict], List[dict], int]:
+    """(train, eval, moved): rows whose `digests` — the sha256 of the files they generate or edit,
+    their media and source — meet, directly or through other rows, land on one side, that of the
+    smallest id among them (`is_eval`); otherwise a video held out for evaluation would be trained
+    on under another id, as the target of a T2V row or the source of a reconstruction. `moved`
+    counts the rows not on their own id's side. Reference images are shared conditioning (one
+    product photo, one face) and do not link rows."""
+    parent = list(range(len(rows)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    first: Dict[str, int] = {}
+    for i, r in enumerate(rows):
+        for d in digests(r):
+            j = first.setdefault(d, i)
+            a, b = root(i), root(j)
+            if a != b:
+                parent[max(a, b)] = min(a, b)
+    smallest: Dict[int, str] = {}
+    for i, r in enumerate(rows):
+        g = root(i)
+        smallest[g] = min(smallest.get(g, r["id"]), r["id"])
+    side = [is_eval(smallest[root(i)], fraction) for i in range(len(rows))]
+    moved = sum(s != is_eval(r["id"], fraction) for s, r in zip(side, rows))
+    return [r for r, s in zip(rows, side) if not s], [r for r, s in zip(rows, side) if s], moved
 
 
 class PromptTokens:
@@ -412,8 +445,8 @@ def curate(cfg, source: str, data_root, out_dir, split_eval_fraction: Optional[f
         if on_progress:
             on_progress(index + 1, len(raws))
 
-    train = [r for r in kept if not is_eval(r["id"], fraction)]
-    evals = [r for r in kept if is_eval(r["id"], fraction)]
+    train, evals, moved = split_rows(kept, lambda r: [checker._hash[root / f][0] for f in (r["media"], r["source"]) if f],
+                                fraction)
     if len(raws) != len(train) + len(evals) + len(rejects):  # the stage's invariant: nothing lost
         raise AssertionError(f"curate: {len(raws)} rows in != {len(train)} train + {len(evals)} eval + {len(rejects)} rejected")
 
@@ -436,6 +469,8 @@ def curate(cfg, source: str, data_root, out_dir, split_eval_fraction: Optional[f
         "per_task": per_task,
         "bytes_kept": sum(checker._hash[root / f][1] for f in kept_files),
         "eval_fraction": fraction,
+        # rows on the split side of rows they share a media or source file with, not their own id's
+        "split_moved": moved,
         "video": {"fps": cfg.video.fps, "min_frames": checker.min_frames},
         "config_fingerprint": cfg.fingerprint("video", "buckets"),
         **({"release": release} if release else {}),
