@@ -3,13 +3,14 @@
 import json
 import re
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
 
 from loomcore.config import load_config
 from loomcore.train.cache import build_cache, plan
-from loomcore.data.loader import CacheError, PackedLoader, read_index
+from loomcore.data.loader import CacheError, PackedLoader, ShardReader, load_sample, read_index
 from loomcore.models.codec import load_codec
 
 
@@ -427,3 +428,51 @@ def test_rows_over_the_mllm_token_limit_are_skipped_with_why(tiny_workspace, tmp
     assert summary["samples"] > 0  # the rest is cached
     kept = {r["id"] for r in pq.read_table(next((tmp_path / "cache").glob("*.index.parquet"))).to_pylist()}
     assert not kept & {r["id"] for r in too_long}
+
+
+def test_a_long_clip_is_cut_where_its_id_says_source_and_target_alike(tiny_workspace, tmp_path):
+    """A clip longer than video.frames gives the cache a window at a fraction of its room drawn
+    from the sample's id (the release draws it per read), not always its opening frames; an edit's
+    source and target share the fraction, each over its own length. Frame k of each clip here is
+    one grey level, so the cached latents (a lossless codec) say which frames were taken."""
+    from loomcore.data.curate import curate
+    from loomcore.data.video_io import write_video
+    from loomcore.train.cache import clip_start
+
+    cfg, overrides = tiny_workspace
+    need = cfg.video.frames["256p"]
+    root = tmp_path / "raw"
+    root.mkdir()
+    lengths = {"target.mp4": 20, "source.mp4": 14}
+    for name, n in lengths.items():
+        write_video(root / name, np.stack([np.full((32, 32, 3), 10 + 12 * k, np.uint8) for k in range(n)]),
+                    cfg.video.fps)
+    # ids whose windows start neither at the opening frame nor at the end
+    ids = [f"long-{i}" for i in range(200) if 0 < clip_start(f"long-{i}", 14, need) < 14 - need]
+    rows = [dict(id=ids[0], task="tv2v", media="target.mp4", source="source.mp4",
+                 caption="change the background to red"),
+            dict(id=ids[1], task="video_recon", media="target.mp4", source="target.mp4", caption="")]
+    (root / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    long = load_config([*overrides, f"paths.data_root={root}", f"paths.manifests={tmp_path / 'manifests'}"],
+                       profile="tiny")
+    curate(long, str(root), root, tmp_path / "manifests", split_eval_fraction=0.0, progress=False,
+           metadata="metadata.jsonl")
+    manifest = {r["id"]: r for r in pq.read_table(tmp_path / "manifests" / "train.parquet").to_pylist()}
+    assert manifest[ids[0]]["frames_at_fps"] == 20 and manifest[ids[0]]["source_frames_at_fps"] == 14
+    build_cache(long, out_dir=tmp_path / "cache", progress=False)
+
+    codec = load_codec(cfg.models.codec, cfg.models.vae)
+    reader = ShardReader(tmp_path / "cache")
+    index = [r for res in cfg.buckets for r in read_index(tmp_path / "cache", "train", res)]
+    assert index
+    seen = set()
+    for r in index:
+        sample = load_sample(reader, r)
+        for part, length in (("target", 20), ("source", 14 if r["task"] == "tv2v" else 20)):
+            video = codec.decode(getattr(sample, part)[None])[0]  # [3, F, h, w] in [-1, 1]
+            levels = ((video.mean(dim=(0, 2, 3)) + 1) * 127.5).tolist()
+            start = clip_start(r["id"], length, need)
+            assert 0 < start and levels == pytest.approx([10 + 12 * k for k in range(start, start + need)], abs=3), \
+                (r["id"], part, levels, start)
+            seen.add((r["task"], part))
+    assert seen == {("tv2v", "target"), ("tv2v", "source"), ("video_recon", "target"), ("video_recon", "source")}

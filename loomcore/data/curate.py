@@ -284,9 +284,9 @@ class _RowChecker:
 
         media, info, sha, size = self.media(row["media"], "media", spec.output)
         parts, files = [("media", sha)], {media: size}
-        src = None
+        src, s_info = None, None
         if source is not None:
-            src, _, s_sha, s_bytes = self.media(source, "source", spec.output)
+            src, s_info, s_sha, s_bytes = self.media(source, "source", spec.output)
             parts.append(("source", s_sha))
             files[src] = s_bytes
         ref_rels = []
@@ -300,7 +300,8 @@ class _RowChecker:
             "id": row["id"], "task": spec.kind, "output": spec.output, "media": media, "caption": caption,
             "source": src, "refs": ref_rels, "width": info.width, "height": info.height,
             "num_frames": info.num_frames, "fps": info.fps, "duration": info.duration,
-            "frames_at_fps": info.frames_at(self.fps), "bucket": bucket, "bucket_width": bw, "bucket_height": bh,
+            "frames_at_fps": info.frames_at(self.fps),
+            "source_frames_at_fps": s_info.frames_at(self.fps) if s_info is not None else None, "bucket": bucket, "bucket_width": bw, "bucket_height": bh,
             "bucket_sizes": [{"res": k, "width": w, "height": h}
                              for k, (w, h) in nearest_sizes(info.width, info.height, self.cfg.buckets).items()],
             "checksum": row_checksum(parts), "bytes": sum(files.values()), "row_index": index,

@@ -67,6 +67,7 @@ MANIFEST_SCHEMA = pa.schema([
     ("fps", pa.float64()),  # native; null for an image
     ("duration", pa.float64()),  # seconds; null for an image
     ("frames_at_fps", pa.int32()),  # frames available at video.fps (1 for an image)
+    ("source_frames_at_fps", pa.int32()),  # the source's (null without a source): where its clip may start
     ("bucket", pa.string()),  # nearest resolution group by area (e.g. "256p")
     ("bucket_width", pa.int32()),  # nearest aspect-ratio size in that group
     ("bucket_height", pa.int32()),

@@ -156,46 +156,58 @@ def probe(path) -> MediaInfo:
     return MediaInfo("video", int(width), int(height), n, fps, n / fps)
 
 
-def read_video(path, num_frames: Optional[int] = None, fps: Optional[float] = None) -> torch.Tensor:
-    """The first `num_frames` frames (all if None) at `fps` (native if None): uint8 [F, H, W, 3],
-    upright (the stream's rotation metadata applied).
+def read_video(path, num_frames: Optional[int] = None, fps: Optional[float] = None, start: int = 0) -> torch.Tensor:
+    """`num_frames` frames (all if None) at `fps` (native if None) from target frame `start` (time
+    start / fps): uint8 [F, H, W, 3], upright (the stream's rotation metadata applied).
 
     Resampling picks, for target time k / fps, the last source frame shown at or before it
-    (frames repeat when upsampling, are skipped when downsampling). Raises MediaError "too_short"
-    when the video has fewer frames than asked for.
+    (frames repeat when upsampling, are skipped when downsampling); frames before `start` are
+    decoded, not kept. Raises MediaError "too_short" when the video has fewer frames than asked for.
     """
     path = Path(path)
     container = _open_video(path)
     out: list = []
+    k = 0  # target frames passed, those before `start` included
     try:
         stream = container.streams.video[0]
         src_fps = _stream_fps(stream)
         step = 1.0 / (fps or src_fps)
-        want = num_frames if num_frames is not None else math.inf
-        prev, prev_t, t0 = None, None, None
+        want = start + num_frames if num_frames is not None else math.inf
+        prev, prev_rgb, prev_t, t0 = None, None, None, None  # the frame on screen, converted once kept
+
+        def emit() -> None:
+            nonlocal k, prev_rgb
+            if k >= start:
+                prev_rgb = _rgb(prev) if prev_rgb is None else prev_rgb
+                out.append(prev_rgb)
+            k += 1
+
         try:
             for i, frame in enumerate(container.decode(stream)):
                 t = frame.time if frame.time is not None else i / src_fps  # no timestamps: the frame's index
                 t0 = t if t0 is None else t0
                 t -= t0
                 # `prev` is the frame on screen at every target time before this frame's time.
-                while prev is not None and len(out) < want and len(out) * step < t - 1e-6:
-                    out.append(prev)
-                if len(out) >= want:
+                while prev is not None and k < want and k * step < t - 1e-6:
+                    emit()
+                if k >= want:
                     break
-                prev, prev_t = _rgb(frame), t
+                prev, prev_rgb, prev_t = frame, None, t
+            if prev is not None:  # the last frame lasts one source frame interval
+                while k < want and k * step < prev_t + 1.0 / src_fps - 1e-6:
+                    emit()
         except Exception as e:
             raise _av_error(path, e) from None
-        if prev is not None:  # the last frame lasts one source frame interval
-            while len(out) < want and len(out) * step < prev_t + 1.0 / src_fps - 1e-6:
-                out.append(prev)
     finally:
         container.close()
     if not out:
+        if num_frames is not None and k > 0:
+            raise MediaError(path, f"too short: no frame from frame {start} on, {num_frames} requested", "too_short")
         raise MediaError(path, "video has no frames", "undecodable")
     if num_frames is not None and len(out) < num_frames:
         at = f" at {fps:g} fps" if fps else ""
-        raise MediaError(path, f"too short: {len(out)} frames{at}, {num_frames} requested", "too_short")
+        frm = f" from frame {start}" if start else ""
+        raise MediaError(path, f"too short: {len(out)} frames{at}{frm}, {num_frames} requested", "too_short")
     return torch.from_numpy(np.stack(out))
 
 

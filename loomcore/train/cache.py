@@ -110,6 +110,18 @@ def _to_unit(frames_u8: torch.Tensor) -> torch.Tensor:
     return frames_u8.permute(3, 0, 1, 2).float().div(127.5).sub(1.0)
 
 
+def clip_start(sample_id: str, available: int, need: int) -> int:
+    """The first of the `need` frames a clip of `available` frames (at video.fps) gives the cache:
+    at a fraction of the room it has (available − need) drawn from the sample's id, so a long clip
+    is not always cut to its opening seconds. The release draws the fraction at random at each read
+    [R src/dataset/dataset.py `_read_video`, `clip_start_ratio`], one for a source and its target
+    alike; the cache encodes each sample once, so the draw is the id's (the same on every rerun),
+    and the source and the target of a row share it, each over its own length."""
+    room = max(0, available - need)
+    ratio = int.from_bytes(hashlib.sha256(f"clip-start:{sample_id}".encode()).digest()[:8], "big") / 2 ** 64
+    return min(round(ratio * room), room)
+
+
 class _Media:
     """Reads a manifest row's media at one resolution, as uint8 frames and codec inputs."""
 
@@ -122,12 +134,15 @@ class _Media:
                 return int(b["width"]), int(b["height"])
         raise ValueError(f"manifest row {row['id']}: no bucket size for resolution {res}")
 
-    def frames(self, rel: str, output: str, res: str, size: Tuple[int, int]) -> torch.Tensor:
+    def frames(self, rel: str, output: str, res: str, size: Tuple[int, int], sample_id: str,
+               available: Optional[int]) -> torch.Tensor:
+        """A row's image, or the `video.frames[res]` frames of its clip from `clip_start`."""
         path = self.root / rel
         if output == "image":
             x = read_image(path)[None]
         else:
-            x = read_video(path, self.cfg.video.frames[res], self.cfg.video.fps)
+            need = self.cfg.video.frames[res]
+            x = read_video(path, need, self.cfg.video.fps, start=clip_start(sample_id, available or need, need))
         return resize_center_crop(x, size)
 
     def reference(self, rel: str, res: str) -> torch.Tensor:
@@ -415,8 +430,9 @@ def _encode_chunk(cfg, chunk, res, media, codec, encoder, mode, dtype, bytes_by_
         spec = task_spec(row["task"])
         size = media.target_size(row, res)
         try:
-            target = media.frames(row["media"], spec.output, res, size)
-            source = media.frames(row["source"], spec.output, res, size) if row["source"] else None
+            target = media.frames(row["media"], spec.output, res, size, row["id"], row["frames_at_fps"])
+            source = media.frames(row["source"], spec.output, res, size, row["id"],
+                                  row.get("source_frames_at_fps")) if row["source"] else None
             refs = [media.reference(r, res) for r in row["refs"]]
         except ValueError as e:  # e.g. a video too short for this resolution's frame count
             skipped.append({"id": row["id"], "resolution": res, "reason": str(e)})
