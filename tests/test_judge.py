@@ -81,6 +81,20 @@ def test_parser_refuses_what_it_cannot_read(answer, why):
         parse_scores(answer, DIMS)
 
 
+def test_intelligentvbench_scores_out_of_range_are_clamped_as_the_release_does():
+    """The release's IntelligentVBench clamps a JSON score into 1..5 (intelligent_vbench.py); its
+    OpenVE and RefVIE drop such a sample: with `clamp` only the first, and NaN stays an error."""
+    answer = '{"Prompt Compliance": 0, "Temporal & Visual Coherence": 6, "Physical & Detail Coherence": 4.5}'
+    assert parse_scores(answer, DIMS, clamp=True) == dict(zip(DIMS, (1.0, 5.0, 4.5)))
+    with pytest.raises(ScoreParseError, match="outside 1..5"):
+        parse_scores(answer, DIMS)
+    with pytest.raises(ScoreParseError):
+        parse_scores('{"Prompt Compliance": NaN, "Temporal & Visual Coherence": 3, "Physical & Detail Coherence": 4}',
+                     DIMS, clamp=True)
+    result = ask(lambda prompt, media: answer, "rate", [], DIMS, attempts=1, clamp=True)
+    assert result.ok and result.average == pytest.approx((1 + 5 + 4.5) / 3)
+
+
 def test_every_template_parses_an_answer_in_its_own_format():
     for bench, templates in TEMPLATES.items():
         for cat, t in templates.items():

@@ -144,14 +144,16 @@ def _to_number(v: object) -> Optional[float]:
     return None
 
 
-def _checked(scores: Dict[str, float]) -> Dict[str, float]:
+def _checked(scores: Dict[str, float], clamp: bool) -> Dict[str, float]:
+    if clamp:
+        scores = {k: v if math.isnan(v) else min(SCORE_MAX, max(SCORE_MIN, v)) for k, v in scores.items()}
     bad = {k: v for k, v in scores.items() if not (SCORE_MIN <= v <= SCORE_MAX) or math.isnan(v)}
     if bad:
         raise ScoreParseError("score(s) outside 1..5: " + ", ".join(f"{k} = {v:g}" for k, v in bad.items()))
     return scores
 
 
-def parse_scores(text: str, dimensions: Sequence[str]) -> Dict[str, float]:
+def parse_scores(text: str, dimensions: Sequence[str], clamp: bool = False) -> Dict[str, float]:
     """{dimension: score in [1, 5]} from a judge's answer, or ScoreParseError saying why not.
 
     Read in this order: a JSON object whose keys name the dimensions (any case or punctuation,
@@ -159,7 +161,8 @@ def parse_scores(text: str, dimensions: Sequence[str]) -> Dict[str, float]:
     the last mention wins, so reasoning before the verdict does not count); and, when no
     dimension is named at all, generic scores ("Score: 4", "4/5") taken in order — only if there
     are exactly as many as dimensions (a bare number answers a single dimension). A score
-    outside 1..5 is an error, not clamped.
+    outside 1..5 is an error, or with `clamp` (IntelligentVBench's: the release clamps its JSON
+    scores [R intelligent_vbench.py]) moved to the nearest end; NaN is an error either way.
     """
     if not isinstance(text, str) or not text.strip():
         raise ScoreParseError("empty answer")
@@ -171,7 +174,7 @@ def parse_scores(text: str, dimensions: Sequence[str]) -> Dict[str, float]:
             if d is not None and (n := _to_number(v)) is not None:
                 found[d] = n
         if len(found) == len(dimensions):
-            return _checked({d: found[d] for d in dimensions})
+            return _checked({d: found[d] for d in dimensions}, clamp)
 
     named = {}
     for d in dimensions:
@@ -182,14 +185,14 @@ def parse_scores(text: str, dimensions: Sequence[str]) -> Dict[str, float]:
         missing = [d for d in dimensions if d not in named]
         if missing:
             raise ScoreParseError(f"no score for {', '.join(repr(m) for m in missing)}")
-        return _checked(named)
+        return _checked(named, clamp)
 
     generic = [float(a or b) for a, b in _GENERIC.findall(text)]
     if not generic and len(dimensions) == 1:
         m = re.fullmatch(r"\s*[*_`\"']*" + _NUMBER + r"[*_`\"'.]*\s*", text)
         generic = [float(m.group(1))] if m else []
     if len(generic) == len(dimensions):
-        return _checked(dict(zip(dimensions, generic)))
+        return _checked(dict(zip(dimensions, generic)), clamp)
     raise ScoreParseError(f"found {len(generic)} unnamed score(s) and no dimension name, "
                           f"expected {len(dimensions)} ({', '.join(dimensions)})")
 
@@ -217,8 +220,8 @@ class JudgeResult:
 
 
 def ask(judge: Judge, prompt: str, media: Sequence[JudgeMedia], dimensions: Sequence[str],
-        attempts: int) -> JudgeResult:
-    """Ask up to `attempts` times until the answer parses (module docstring)."""
+        attempts: int, clamp: bool = False) -> JudgeResult:
+    """Ask up to `attempts` times until the answer parses (module docstring; `clamp`: parse_scores')."""
     if attempts < 1:
         raise ValueError(f"attempts = {attempts}: expected >= 1")
     reasons: List[str] = []
@@ -229,7 +232,7 @@ def ask(judge: Judge, prompt: str, media: Sequence[JudgeMedia], dimensions: Sequ
     for i in range(1, attempts + 1):
         try:
             answer = retry(prompt, media, i) if sample and retry is not None else judge(prompt, media)
-            scores = parse_scores(answer, dimensions)
+            scores = parse_scores(answer, dimensions, clamp)
             return JudgeResult(scores, i, answer, seconds=time.monotonic() - t0)
         except ScoreParseError as e:
             reasons.append(f"unparseable answer ({e}): {answer[:160]!r}")

@@ -252,7 +252,7 @@ def run_benchmark(pipe, cfg: Config, model: str, samples: Sequence[BenchmarkSamp
             else:
                 template = _template(s)
                 result = ask(judge, template.render(s.prompt), _judge_media(s, gen), template.dimensions,
-                             e.judge.retries + 1)
+                             e.judge.retries + 1, clamp=s.benchmark == "intelligentvbench")
                 values = {**result.scores, "average": result.average}
                 rows = [_row(model, s.benchmark, s.id, s.task, template.category, m, v, s.prompt, result.failure,
                              result.attempts, result.answer) for m, v in values.items()]
