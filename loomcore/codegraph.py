@@ -87,12 +87,12 @@ def stage_params(stage: str) -> List[str]:
     return [p for p in stages[stage].get("params", []) if isinstance(p, str)]
 
 
-def code_fingerprint(entry: str = "loomcore.train.trainer") -> str:
+def code_fingerprint(entry: str = "loomcore.train.trainer", leave_out: Iterable[str] = ()) -> str:
     """The code a run executes: every project file `entry` imports (`import_closure`, the same closure
-    dvc.yaml's stage deps are checked against). A run resumes only with the code that wrote
-    its checkpoints, or its steps would not be the same steps. (To carry a long run across a
-    deliberate code change, copy its step-* folders into the new run directory.)"""
+    dvc.yaml's stage deps are checked against), less the files `leave_out` names. A run resumes only
+    with the code that wrote its checkpoints, or its steps would not be the same steps. (To carry a
+    long run across a deliberate code change, copy its step-* folders into the new run directory.)"""
     h = hashlib.sha256()
-    for name in sorted(import_closure(entry)):
+    for name in sorted(import_closure(entry) - frozenset(leave_out)):
         h.update(f"{name}\n".encode() + (REPO / name).read_bytes())
     return h.hexdigest()[:16]

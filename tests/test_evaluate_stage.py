@@ -356,10 +356,10 @@ def test_generated_benchmark_videos_take_eval_frames_else_guidance_frames():
 
 def test_a_stopped_evaluation_resumes_from_its_journal(tiny_workspace, tmp_path, monkeypatch):
     """The evaluate stage keeps each sample's scores as it goes (loomcore.eval.journal): stopped
-    after five samples (a KeyboardInterrupt from the progress callback: Ctrl-C, a preempted node),
-    a rerun generates only the samples left — the journal's last line, cut short here as a kill in
-    mid-write leaves it, is dropped and that sample generated again — and writes the same outputs,
-    byte for byte, as an evaluation that never stopped. A finished evaluation leaves no journal."""
+    before its last sample (a KeyboardInterrupt from the progress callback: Ctrl-C, a preempted
+    node), a rerun generates only that sample — a line cut short by a kill in mid-write is dropped
+    — and writes the same outputs, byte for byte, as an evaluation that never stopped. A finished
+    evaluation leaves no journal."""
     from loomcore.config import load_config
     from loomcore.eval.runner import run_evaluation
     from loomcore.pipeline import LoomVideoPipeline
@@ -384,29 +384,72 @@ def test_a_stopped_evaluation_resumes_from_its_journal(tiny_workspace, tmp_path,
     total = len(calls)
     assert total >= 8 and not list((tmp_path / "whole-runs").rglob("samples.jsonl"))
 
-    def stop_after_five(done, _total):
-        if done == 5:
+    def stop_before_the_last(done, _total):
+        if done == total - 1:
             raise KeyboardInterrupt
 
     calls.clear()
     logs = []
     with pytest.raises(KeyboardInterrupt):
-        run_evaluation(config("resumed"), on_progress=stop_after_five, log=logs.append)
-    assert len(calls) == 5 and not (tmp_path / "resumed").exists()
+        run_evaluation(config("resumed"), on_progress=stop_before_the_last, log=logs.append)
+    assert len(calls) == total - 1 and not (tmp_path / "resumed").exists()
     (journal,) = (tmp_path / "resumed-runs" / "evaluate").glob("*/samples.jsonl")
     lines = journal.read_bytes().splitlines(keepends=True)
-    assert len(lines) == 5 and any("scored sample(s) kept in" in m for m in logs)
-    journal.write_bytes(b"".join(lines[:4]) + lines[4][: len(lines[4]) // 2])  # killed while writing the fifth
+    assert len(lines) == total - 1 and any("scored sample(s) kept in" in m for m in logs)
+    journal.write_bytes(b"".join(lines) + lines[0][:40])  # as a kill while writing the next line leaves it
 
     calls.clear()
     logs.clear()
     run_evaluation(config("resumed"), log=logs.append)
-    assert len(calls) == total - 4, (len(calls), total)
+    # only the last sample: the openve one, its media written to a new temporary folder each run, too
+    assert len(calls) == 1, (len(calls), total)
     assert any("the last line was cut short" in m for m in logs)
-    assert any(m.startswith(f"4 of {total} samples came from the journal") for m in logs), logs
+    assert any(m.startswith(f"{total - 1} of {total} samples came from the journal") for m in logs), logs
     assert not journal.parent.exists()  # finished: removed
     for name in ("metrics.json", "results.json", "report.md", "samples/shapesbench-model.png",
                  "samples/shapesbench-base.png", "samples/openve.png", "samples/vbench.png"):
         want, got = (tmp_path / "whole" / name).read_bytes(), (tmp_path / "resumed" / name).read_bytes()
         assert got == want.replace(str(tmp_path / "whole").encode(), str(tmp_path / "resumed").encode()), name
     assert pq.read_table(tmp_path / "resumed" / "scores.parquet").equals(pq.read_table(tmp_path / "whole" / "scores.parquet"))
+
+
+def test_the_journal_keeps_what_a_rerun_may_reuse(tmp_path):
+    """A journaled sample is reused only with its fingerprint and a contact-sheet decision it can
+    serve (whether a sample is a sheet row depends on the samples before it); a sample the judge
+    failed on (a timeout, an endpoint down) is not kept, so the rerun asks again."""
+    from loomcore.eval.journal import Journal
+    from loomcore.sheets import SheetItem
+
+    def row(failure=None, attempts=None):
+        return {"model": "model", "score": 3.0, "failure": failure, "attempts": attempts}
+
+    item = SheetItem("a prompt", np.full((2, 4, 4, 3), 7, np.uint8), None, [np.zeros((4, 4, 3), np.uint8)], "note")
+    computed = []
+
+    def compute(rows, sheet=None):
+        def run():
+            computed.append(rows)
+            return rows, sheet
+        return run
+
+    folder = tmp_path / "evaluate" / "key"
+    j = Journal(folder, log=lambda m: None)
+    j.scored(("model", "openve", "a"), "fp-a", True, compute([row(attempts=1)], item))
+    j.scored(("model", "openve", "b"), "fp-b", False, compute([row(attempts=1)]))
+    j.scored(("model", "openve", "c"), "fp-c", False, compute([row("timeout (…) after 3 attempt(s)", 3)]))
+    j.scored(("model", "openve", "d"), "fp-d", True, compute([row("generation failed: unreadable", None)]))
+    j.close(finished=False)
+    assert len(computed) == 4 and (folder.parent / "key.lock").is_file()
+
+    computed.clear()
+    j = Journal(folder, log=lambda m: None)
+    rows, sheet = j.scored(("model", "openve", "a"), "fp-a", True, compute([]))
+    assert rows == [row(attempts=1)] and sheet.prompt == "a prompt" and np.array_equal(sheet.frames, item.frames)
+    assert j.scored(("model", "openve", "a"), "fp-a", False, compute([]))[1] is None  # no longer a sheet row
+    j.scored(("model", "openve", "b"), "fp-b", True, compute([row(attempts=1)], item))  # now a sheet row: again
+    j.scored(("model", "openve", "c"), "fp-c", False, compute([row(attempts=1)]))  # the judge failed: asked again
+    assert j.scored(("model", "openve", "d"), "fp-d", True, compute([]))[0][0]["failure"].startswith("generation")
+    j.scored(("model", "openve", "a"), "fp-a2", False, compute([row(attempts=1)]))  # its inputs changed
+    assert len(computed) == 3 and j.reused == 3
+    j.close(finished=True)
+    assert not folder.exists()

@@ -8,16 +8,19 @@ generating (and judging) hours of samples again.
                           seed index), a fingerprint of its inputs, its score rows, and whether it
                           is a contact-sheet row
         sheets/<n>.npz    those contact-sheet rows' pictures (frames, source, references)
-        .lock             held while a stage writes the journal
+    <paths.runs>/evaluate/<key>.lock   held while a stage writes the journal
 
 The key fingerprints what decides every score, as a training run's directory does (DESIGN §5):
 the evaluate stage's params (dvc.yaml's list, less where the outputs go), the files of the
-weights evaluated and of every local base-model, VBench-backbone and judge folder
-(`storage.inputs_fingerprint`), a hosted judge's address and model, and the code the stage runs
-(`codegraph.code_fingerprint`). A sample is taken from the journal only when its own fingerprint
-matches too — its manifest row or benchmark entry, the bytes of the media it is given — so an
-edited benchmark regenerates just the samples that changed. A line cut short by the stop is
-dropped, and that sample generated again.
+weights evaluated and of every base-model, VBench-backbone and judge folder (an s3:// one by its
+verified mirror; `storage.inputs_fingerprint`), a hosted judge's address and model, the code that
+computes the scores (`codegraph.code_fingerprint`, less OUTPUT_ONLY: a fix to the report writer
+keeps the journal), and where the numbers are computed (device, dtype, torch / diffusers /
+transformers versions). A sample is taken from the journal only when its own fingerprint matches
+too — its manifest row or benchmark entry, the bytes of the media it is given — and it was made
+for the same contact-sheet decision, so an edited benchmark regenerates just the samples that
+changed. A sample the judge failed on (a timeout, an endpoint down, a refused key) is not kept: the
+rerun asks again. A line cut short by the stop is dropped, and that sample generated again.
 
 The journal lives outside the stage's outs (`dvc repro` deletes those before a run) and is
 removed once the outs are written: it recovers a stopped evaluation, never replays a finished
@@ -29,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import fcntl
 import hashlib
+import importlib.metadata
 import json
 import os
 import shutil
@@ -36,29 +40,41 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+import torch
 
 from loomcore.codegraph import code_fingerprint, stage_params
 from loomcore.config import Config, fingerprint_dict
 from loomcore.eval.judge import ENV_BASE_URL, ENV_MODEL
 from loomcore.sheets import SheetItem
-from loomcore.storage import inputs_fingerprint, is_s3, sha256_file
+from loomcore.storage import S3Settings, inputs_fingerprint, is_s3, materialize, sha256_file
 
 JOURNAL_FILE = "samples.jsonl"
 Scored = Tuple[List[dict], Optional[SheetItem]]  # a sample's score rows and its contact-sheet row, if any
 
 
-def journal_key(cfg: Config, model_path: Path) -> str:
-    """What decides every score of an evaluation: params, weights and base models, code."""
+# Modules that write the outputs from the journaled rows, not the rows: a fix to one of them (the
+# likeliest crash after hours of scoring is in writing the report) keeps the journal usable.
+OUTPUT_ONLY = ("loomcore/eval/report.py", "loomcore/eval/journal.py", "loomcore/sheets.py")
+
+
+def journal_key(cfg: Config, model_path: Path, device: str, dtype: torch.dtype) -> str:
+    """What decides every score of an evaluation: params, weights, base models and backbones,
+    the judge, the code, and where the numbers are computed (device, dtype, library versions)."""
     # where the outputs go is not what they are (the weights' own bytes stand for train.out_dir)
     picked = cfg.pick(*(k for k in stage_params("evaluate") if k != "train.out_dir"))
     picked["eval"] = {k: v for k, v in picked["eval"].items() if k != "out_dir"}
     e = cfg.eval
-    named = [*dataclasses.asdict(cfg.models).values(), e.vbench.clip, e.vbench.dino, e.judge.model]
-    folders = [Path(model_path), *sorted({Path(str(v)) for v in named if v and not is_s3(str(v)) and Path(str(v)).exists()})]
+    named = {str(v) for v in [*dataclasses.asdict(cfg.models).values(), e.vbench.clip, e.vbench.dino, e.judge.model] if v}
+    settings = S3Settings.from_config(cfg.s3)
+    # an s3:// folder by its mirror (what the stage loads; `materialize` verified it against the store)
+    folders = [Path(model_path), *sorted({materialize(v, settings=settings) if is_s3(v) else Path(v)
+                                          for v in named if is_s3(v) or Path(v).exists()})]
     # a hosted judge is named by the environment (judge.ENV_*), not by params: which one answered counts
     hosted = [os.environ.get(ENV_BASE_URL), os.environ.get(ENV_MODEL)] if e.judge.kind == "openai" else []
-    blob = json.dumps([fingerprint_dict(picked), inputs_fingerprint(folders), code_fingerprint("loomcore.eval.runner"),
-                       hosted])
+    where = [device, torch.cuda.get_device_name() if device == "cuda" else "", str(dtype),
+             *(importlib.metadata.version(m) for m in ("torch", "diffusers", "transformers"))]
+    blob = json.dumps([fingerprint_dict(picked), inputs_fingerprint(folders),
+                       code_fingerprint("loomcore.eval.runner", leave_out=OUTPUT_ONLY), hosted, where])
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -73,13 +89,17 @@ def sample_fingerprint(definition: dict, media: Sequence[Optional[Path]]) -> str
 
 
 def benchmark_fingerprint(sample) -> str:
-    """`sample_fingerprint` of a `benchmarks.BenchmarkSample`."""
-    return sample_fingerprint(dataclasses.asdict(sample), [sample.source, *sample.refs])
+    """`sample_fingerprint` of a `benchmarks.BenchmarkSample`: its media by name and bytes, not by
+    absolute path (a synthetic or s3:// benchmark is written to a new local folder on each run)."""
+    definition = dataclasses.asdict(sample)
+    definition.update(source=sample.source and Path(sample.source).name, refs=[Path(r).name for r in sample.refs],
+                      missing=[Path(m).name for m in sample.missing])
+    return sample_fingerprint(definition, [sample.source, *sample.refs])
 
 
 class Journal:
-    """Open with `Journal.open(cfg, model_path, log)`; `scored(place, fingerprint, compute)` returns
-    a sample's (rows, sheet row) from the journal, or computes and records them; `close(done)`
+    """Open with `Journal.open(...)`; `scored(place, fingerprint, wants_sheet, compute)` returns a
+    sample's (rows, sheet row) from the journal, or computes and records them; `close(finished)`
     removes the journal when the evaluation finished, else keeps it for the next run."""
 
     def __init__(self, folder: Optional[Path], log: Callable[[str], None] = print):
@@ -89,20 +109,23 @@ class Journal:
         self._file = self._lock = None
         if folder is None:  # no journal: every sample is computed (tests, callers of one benchmark)
             return
-        (folder / "sheets").mkdir(parents=True, exist_ok=True)
-        self._lock = open(folder / ".lock", "a+")
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        # beside the folder, not in it: the folder is removed while the lock is held
+        self._lock = open(folder.with_name(f"{folder.name}.lock"), "a+")
         try:
             fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             self._lock.close()
             raise RuntimeError(f"another evaluation with the same params, weights and code is writing {folder} "
                                "right now: wait for it, or stop it first") from None
+        (folder / "sheets").mkdir(parents=True, exist_ok=True)
         self._read()
         self._file = open(folder / JOURNAL_FILE, "a", encoding="utf-8")
 
     @classmethod
-    def open(cls, cfg: Config, model_path: Path, log: Callable[[str], None] = print) -> "Journal":
-        folder = Path(cfg.paths.runs) / "evaluate" / journal_key(cfg, model_path)
+    def open(cls, cfg: Config, model_path: Path, device: str, dtype: torch.dtype,
+             log: Callable[[str], None] = print) -> "Journal":
+        folder = Path(cfg.paths.runs) / "evaluate" / journal_key(cfg, model_path, device, dtype)
         journal = cls(folder, log)
         if journal.entries:
             log(f"evaluation journal {folder}: {len(journal.entries)} sample(s) scored by a run that stopped "
@@ -124,30 +147,36 @@ class Journal:
         for number, line in enumerate(data.decode("utf-8").splitlines(), 1):
             try:
                 entry = json.loads(line)
-                place, fingerprint, rows = entry["place"], entry["fingerprint"], entry["rows"]
+                place, _, _, _ = entry["place"], entry["fingerprint"], entry["rows"], entry["wants_sheet"]
             except (ValueError, KeyError, TypeError) as e:
                 self.log(f"{path}:{number}: not a journal entry ({e}); that sample is generated again")
                 continue
             self.entries[place] = entry
 
-    def scored(self, place: Sequence[object], fingerprint: str, compute: Callable[[], Scored]) -> Scored:
+    def scored(self, place: Sequence[object], fingerprint: str, wants_sheet: bool,
+               compute: Callable[[], Scored]) -> Scored:
+        """The sample at `place` (model, benchmark, id[, seed]): from the journal when an entry has
+        its fingerprint and was made for the same sheet decision (whether the sample is a contact-
+        sheet row depends on the samples before it), else `compute()` (and recorded)."""
         key = json.dumps(list(place))
         entry = self.entries.get(key)
-        if entry is not None and entry["fingerprint"] == fingerprint:
-            sheet = self._load_sheet(entry) if entry.get("sheet") else None
-            if not entry.get("sheet") or sheet is not None:
+        if entry is not None and entry["fingerprint"] == fingerprint and (entry["wants_sheet"] or not wants_sheet):
+            sheet = self._load_sheet(entry) if wants_sheet and entry["sheet"] else None
+            if not (wants_sheet and entry["sheet"]) or sheet is not None:
                 self.reused += 1
                 return entry["rows"], sheet
         rows, sheet = compute()
-        if self._file is not None:
-            self._record(key, fingerprint, rows, sheet)
+        if self._file is not None and not any(r["failure"] and r["attempts"] for r in rows):
+            # (a sample the judge failed on — a timeout, an endpoint down, a refused key — is asked again)
+            self._record(key, fingerprint, wants_sheet, rows, sheet)
         return rows, sheet
 
     def _sheet_path(self, key: str) -> Path:
         return self.folder / "sheets" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.npz"
 
-    def _record(self, key: str, fingerprint: str, rows: List[dict], sheet: Optional[SheetItem]) -> None:
-        entry = {"place": key, "fingerprint": fingerprint, "rows": rows, "sheet": None}
+    def _record(self, key: str, fingerprint: str, wants_sheet: bool, rows: List[dict],
+                sheet: Optional[SheetItem]) -> None:
+        entry = {"place": key, "fingerprint": fingerprint, "wants_sheet": wants_sheet, "rows": rows, "sheet": None}
         if sheet is not None:  # the pictures first: a line names only a sheet file that is whole
             path = self._sheet_path(key)
             arrays = {"frames": sheet.frames, **({"source": sheet.source} if sheet.source is not None else {}),
@@ -180,7 +209,8 @@ class Journal:
             self._file = None
         if self._lock is not None:
             if finished:
-                shutil.rmtree(self.folder, ignore_errors=True)
+                shutil.rmtree(self.folder, ignore_errors=True)  # (the empty <key>.lock stays: unlinked, a
+                # waiting process could lock the old file while a third locked a new one)
             else:
                 self.log(f"evaluation stopped: {len(self.entries)} scored sample(s) kept in {self.folder}; "
                          "a rerun with the same params, weights and code resumes from them")

@@ -155,7 +155,7 @@ def run_shapesbench(pipe, cfg: Config, model: str, rows: Sequence[dict], truth: 
 
             fingerprint = sample_fingerprint({"row": r, "truth": truth[r["id"]], "size": [w, h], "seed": k},
                                              [source, *refs])
-            scored, item = journal.scored((model, "shapesbench", sid), fingerprint, score)
+            scored, item = journal.scored((model, "shapesbench", sid), fingerprint, wants_sheet, score)
             out += scored
             if item is not None:
                 sheet.append(item)
@@ -261,7 +261,7 @@ def run_benchmark(pipe, cfg: Config, model: str, samples: Sequence[BenchmarkSamp
                 if wants_sheet else None
             return rows, item
 
-        rows, item = journal.scored((model, s.benchmark, s.id), benchmark_fingerprint(s), score)
+        rows, item = journal.scored((model, s.benchmark, s.id), benchmark_fingerprint(s), wants_sheet, score)
         out += rows
         if item is not None:
             sheet.append(item)
@@ -329,7 +329,7 @@ def _run(cfg: Config, scratch: Path, on_progress: Optional[ProgressFn], log: Cal
     dtype = inference_dtype(device)  # bf16 on a GPU, as `loom generate` (fp32 there: twice the memory)
     pipe = LoomVideoPipeline.from_config_models(cfg, transformer_path=model_path, dtype=dtype).to(device)
     pipe.set_progress_bar_config(disable=True)
-    journal = Journal.open(cfg, Path(model_path), log)
+    journal = Journal.open(cfg, Path(model_path), device, dtype, log)
     finished = False
     try:
         if truth:
