@@ -77,20 +77,27 @@ def cmd_config(args) -> int:
 def cmd_params(args) -> int:
     import tempfile
 
+    import yaml
+
     from loomcore.config import DEFAULT_CONF_DIR, DEFAULT_PARAMS, load_config, params_yaml
 
     out = Path(args.out) if args.out else DEFAULT_PARAMS
-    text = params_yaml(args.conf or DEFAULT_CONF_DIR, args.overrides)
+    old = out.read_text() if out.is_file() else None
+    overrides = list(args.overrides)
+    if args.check and not overrides and old is not None:  # checked against the composition for its own profile:
+        own = (yaml.safe_load(old) or {}).get("profile")   # after `loom params profile=paper`, paper's
+        overrides = [f"profile={own}"] if isinstance(own, str) else []
+    text = params_yaml(args.conf or DEFAULT_CONF_DIR, overrides)
     with tempfile.TemporaryDirectory() as d:  # the composition must be a whole, valid config
         (Path(d) / "params.yaml").write_text(text)
         cfg = load_config(params_path=Path(d) / "params.yaml")
-    old = out.read_text() if out.is_file() else None
     if args.check:
         if old == text:
             print(f"{out}: up to date with {args.conf or DEFAULT_CONF_DIR} (profile {cfg.profile})")
             return 0
         print(f"{out}: differs from the composition of {args.conf or DEFAULT_CONF_DIR}"
-              f"{' with ' + ' '.join(args.overrides) if args.overrides else ''}: run `loom params`", file=sys.stderr)
+              f"{' with ' + ' '.join(overrides) if overrides else ''}: run `loom params{''.join(' ' + o for o in overrides)}`",
+              file=sys.stderr)
         return 1
     if old == text:
         print(f"{out}: unchanged (profile {cfg.profile})")

@@ -158,6 +158,13 @@ def test_a_key_the_profile_sets_can_be_overridden_through_params_yaml(tmp_path, 
     assert loom(["params", "--conf", str(tmp_path / "conf"), "--out", str(params), "profile=paper"]) == 0
     cfg = load_config(params_path=params, conf_dir=tmp_path / "conf")
     assert cfg.profile == "paper" and cfg.stage1.steps == 50_000 and cfg.models.codec == "wan"
+    # --check compares it with its own profile's composition (not the default's, whose fix would undo it)
+    capsys.readouterr()
+    assert loom(["params", "--check", "--conf", str(tmp_path / "conf"), "--out", str(params)]) == 0
+    assert "up to date" in (said := capsys.readouterr().out) and "(profile paper)" in said
+    loom(["params", "--conf", str(tmp_path / "conf"), "--out", str(params), "profile=paper", "stage1.steps=7"])
+    assert loom(["params", "--check", "--conf", str(tmp_path / "conf"), "--out", str(params)]) == 1
+    assert "run `loom params profile=paper`" in capsys.readouterr().err
     # asking for another profile than params.yaml's composes conf/ with it
     assert load_config(profile="tiny", params_path=params, conf_dir=tmp_path / "conf").stage1.steps == 1000
 
