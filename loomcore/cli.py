@@ -535,7 +535,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("deploy", cmd_deploy, help="prefect deploy --all with the profile's work pools (run from the checkout)",
                 description="Deploys prefect.yaml's deployments to the Prefect server at PREFECT_API_URL. "
                 "The CPU deployments go to orchestration.cpu_pool, the GPU ones (cache, stages 1-3, RL, "
-                "evaluate) to orchestration.gpu_pool: on the tiny profile both are loom-local, one CPU "
+                "evaluate, and the pipeline and nightlies, whose dvc repro runs those stages on the worker's "
+                "machine) to orchestration.gpu_pool: on the tiny profile both are loom-local, one CPU "
                 "pool with one worker; on the paper profile the GPU pool is h20. The pools must exist; "
                 "the deployments run in LOOM_REPO (default: this checkout).")
 

@@ -44,10 +44,11 @@ def test_prefect_yaml_deployments_schedules_and_entrypoints(monkeypatch):
         ClientCron(cron=sched["cron"], timezone=sched["timezone"])  # what `prefect deploy` builds
         dates = asyncio.run(CronSchedule(cron=sched["cron"], timezone=sched["timezone"]).get_dates(n=3, start=start))
         assert [(d.day, d.hour, d.minute) for d in dates] == [(2, hour, 0), (3, hour, 0), (4, hour, 0)]
-    for name in ("cache", "stage1", "stage2", "stage3", "rl", "evaluate"):  # the GPU pool, one at a time
+    # the GPU pool, one at a time: the GPU stages, and the flows whose `dvc repro` runs them in-process
+    for name in ("cache", "stage1", "stage2", "stage3", "rl", "evaluate", "pipeline", "nightly-retrain", "nightly-eval"):
         assert deployments[name]["work_pool"]["name"] == "{{ $LOOM_GPU_POOL }}"  # `loom deploy` fills it in
         assert deployments[name]["concurrency_limit"]["limit"] == 1
-    for name in ("pipeline", "nightly-retrain", "nightly-eval", "curate", "export"):
+    for name in ("base-models", "curate", "export"):
         assert deployments[name]["work_pool"]["name"] == "{{ $LOOM_CPU_POOL }}"
 
     for name, d in deployments.items():  # the entrypoint names a real flow that takes the parameters
