@@ -227,7 +227,12 @@ def cmd_deploy(args) -> int:
     print(f"deploy: nightly-retrain and nightly-eval schedules active (model registry {cfg.export.s3_uri})" if nightly
           else "deploy: nightly-retrain and nightly-eval deployed with their schedules paused: no model registry "
           "(export.s3_uri is null), so nightly-eval has no `latest` to evaluate; resume them in the UI", flush=True)
-    return subprocess.run([prefect, "--no-prompt", "deploy", "--all"], cwd=here, env=env).returncode
+    rc = subprocess.run([prefect, "--no-prompt", "deploy", "--all"], cwd=here, env=env).returncode
+    if rc:
+        return rc
+    # the automation that marks runs whose heartbeats stopped Crashed (flows/automations.py: the
+    # model package stays free of prefect imports, so it runs as the flows' module)
+    return subprocess.run([sys.executable, "-m", "flows.automations"], cwd=here, env=env).returncode
 
 
 def cmd_plan(args) -> int:
@@ -538,7 +543,9 @@ def build_parser() -> argparse.ArgumentParser:
                 "evaluate, and the pipeline and nightlies, whose dvc repro runs those stages on the worker's "
                 "machine) to orchestration.gpu_pool: on the tiny profile both are loom-local, one CPU "
                 "pool with one worker; on the paper profile the GPU pool is h20. The pools must exist; "
-                "the deployments run in LOOM_REPO (default: this checkout).")
+                "the deployments run in LOOM_REPO (default: this checkout). Then the automation that marks "
+                "a run whose heartbeats stopped (a killed process) Crashed is created or updated "
+                "(flows/automations.py).")
 
     from loomcore.config import TASK_KINDS
 

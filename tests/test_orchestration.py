@@ -321,3 +321,56 @@ def test_a_stage_flow_is_a_child_of_the_pipeline_run_named_after_its_stage(prefe
     with get_client(sync_client=True) as client:
         runs_ = client.read_flow_runs(flow_run_filter=FlowRunFilter(parent_task_run_id=FlowRunFilterParentTaskRunId(is_null_=True)))
     assert any(r.name != "curate" and r.flow_id == children[0].flow_id for r in runs_)
+
+
+# --------------------------------------------------------------------------------------------
+# (g) a run whose process is killed outright is marked Crashed (flows/automations.py)
+
+
+def test_a_run_killed_outright_is_marked_crashed_when_its_heartbeats_stop(prefect_api, tmp_path, monkeypatch):
+    """SIGKILL (the OOM killer, a lost node) leaves a flow run no chance to report: without the
+    automation `loom deploy` creates, it stays Running for good and holds its deployment's slot.
+    A run that sends heartbeats (as prefect.yaml's job variables make the deployments' runs do)
+    and is then killed is set Crashed once they stop; a second `ensure` updates, not duplicates."""
+    import httpx
+    from prefect.client.orchestration import get_client
+
+    from flows.automations import ensure, unresponsive_runs
+
+    name = "test: mark unresponsive runs crashed"
+    assert [line.split(": ")[-1] for line in ensure([unresponsive_runs(40, name=name)] * 2)] == ["created", "updated"]
+    proc = None
+    try:
+        with get_client(sync_client=True) as client:
+            assert len(client.read_automations_by_name(name=name)) == 1
+        monkeypatch.setenv("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "30")  # Prefect's minimum
+        proc = spawn("""
+            import time
+            from prefect import flow
+            from prefect.runtime import flow_run
+
+            @flow(name="killed-outright")
+            def sleeper():
+                print("RUN", flow_run.id, flush=True)
+                time.sleep(600)
+
+            sleeper()
+        """, tmp_path)
+        line = next(line for line in proc.stdout if line.startswith("RUN "))
+        run_id = line.split()[1]
+        beat = {"event": {"name": ["prefect.flow-run.heartbeat"]},
+                "any_resource": {"id": [f"prefect.flow-run.{run_id}"]}}
+        wait_for(lambda: httpx.post(f"{prefect_api}/events/filter", json={"filter": beat, "limit": 1}).json()["events"],
+                 60, "the run's first heartbeat at the server", every=0.5)
+        kill_group(proc)
+        with get_client(sync_client=True) as client:
+            assert client.read_flow_run(run_id).state.type.value == "RUNNING"  # what the UI showed for good
+            state = wait_for(lambda: (s := client.read_flow_run(run_id).state).type.value == "CRASHED" and s,
+                             150, "the automation to mark the killed run Crashed", every=2)
+        assert "no heartbeat for 40 s" in state.message
+    finally:
+        if proc is not None:
+            kill_group(proc)
+        with get_client(sync_client=True) as client:
+            for a in client.read_automations_by_name(name=name):
+                client.delete_automation(a.id)

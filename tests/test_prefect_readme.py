@@ -11,9 +11,11 @@ import re
 import shutil
 import subprocess
 
+import httpx
 import pytest
 
-from _orchestration import BIN, DVC, REPO, copy_checkout, kill_group
+from _orchestration import BIN, DVC, REPO, copy_checkout, kill_group, wait_for
+from flows.automations import MISSED_AFTER_S, UNRESPONSIVE
 from loomcore.config import params_yaml
 
 STAGES = ["base_models", "curate"]
@@ -71,6 +73,7 @@ def test_the_readme_commands_deploy_and_a_triggered_pipeline_shows_one_run_tree(
             if line == "loom deploy":
                 assert "CPU deployments on pool loom-local, GPU deployments on pool loom-local" in proc.stdout
                 assert "schedules paused: no model registry (export.s3_uri is null)" in proc.stdout
+                assert f"automation {UNRESPONSIVE!r}: created" in proc.stdout
         with get_client(sync_client=True) as client:
             deployments = client.read_deployments()
             assert {d.work_pool_name for d in deployments} == {"loom-local"}  # the tiny profile: one CPU pool
@@ -78,6 +81,8 @@ def test_the_readme_commands_deploy_and_a_triggered_pipeline_shows_one_run_tree(
             nightly = {d.name: d.schedules for d in deployments if d.name.startswith("nightly-")}
             assert set(nightly) == {"nightly-retrain", "nightly-eval"}  # deployed, each with its cron, paused
             assert all(len(s) == 1 and s[0].active is False and s[0].schedule.cron for s in nightly.values()), nightly
+            (watch,) = client.read_automations_by_name(name=UNRESPONSIVE)  # runs whose heartbeats stop: Crashed
+            assert watch.trigger.within.total_seconds() == MISSED_AFTER_S and watch.enabled
         run = run_deployment("pipeline/pipeline", parameters={"stages": STAGES}, timeout=400, poll_interval=1)
         assert run.state is not None and run.state.is_completed(), run.state
     finally:
@@ -88,14 +93,20 @@ def test_the_readme_commands_deploy_and_a_triggered_pipeline_shows_one_run_tree(
         tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])))
         repro = {t.name: t for t in tasks if t.name.startswith("dvc repro ")}
         assert set(repro) == {f"dvc repro {s}" for s in STAGES}, [t.name for t in tasks]
+        children = []
         for stage in STAGES:
             (child,) = client.read_flow_runs(flow_run_filter=FlowRunFilter(
                 parent_task_run_id=FlowRunFilterParentTaskRunId(any_=[repro[f"dvc repro {stage}"].id])))
             flow_name = stage.replace("_", "-")  # the stage's flow: base_models' is "base-models"
             assert child.name == flow_name and child.state.is_completed() and f"stage:{flow_name}" in child.tags
+            children.append(child)
             artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(
                 flow_run_id=ArtifactFilterFlowRunId(any_=[child.id])))
             assert artifacts, f"{stage}: no artifacts on its flow run"
+        for r in (run, *children):  # the deployment's run and the stage runs its dvc repro started send heartbeats
+            beat = {"event": {"name": ["prefect.flow-run.heartbeat"]}, "any_resource": {"id": [f"prefect.flow-run.{r.id}"]}}
+            wait_for(lambda: httpx.post(f"{prefect_api}/events/filter", json={"filter": beat, "limit": 1}).json()["events"],
+                     20, f"a heartbeat of flow run {r.name}", every=0.5)
     # what the stages did, in the checkout the deployments run in (LOOM_REPO = where `loom deploy` ran)
     assert (checkout / "models/tiny/transformer/config.json").is_file()
     summary = json.loads((checkout / "data/manifests/curate.json").read_text())
