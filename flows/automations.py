@@ -3,12 +3,15 @@ runs `python -m flows.automations` after `prefect deploy --all`.
 
 Unresponsive runs. A flow run whose process is killed outright — the OOM killer's SIGKILL, a
 GPU node lost, a worker machine rebooted — reports no final state: the UI shows it Running for
-good, and a `pipeline` or nightly run left so holds its deployment's concurrency slot (limit 1),
-so every later run of it waits in the queue behind a dead one. The deployments' runs send a
-heartbeat event every HEARTBEAT_S seconds (`PREFECT_FLOWS_HEARTBEAT_FREQUENCY` in prefect.yaml's
-job variables; the stage runs that `dvc repro` starts inherit it), and this automation marks a run
-Crashed when no heartbeat or final state follows its last heartbeat within MISSED_AFTER_S — the
-remedy of Prefect's guide "How to detect and respond to zombie flows".
+good, and a work pool counts Running runs against its concurrency limit, so a dead run on the
+paper profile's GPU pool (limit 1) would queue every later GPU run behind it. (A deployment's own
+concurrency slot is a lease that the server frees when the process stops renewing it.) Every flow
+run sends a heartbeat event, every HEARTBEAT_S seconds by Prefect's default
+(`PREFECT_FLOWS_HEARTBEAT_FREQUENCY`), from a thread of its own, so a run busy in a long step still
+beats; this automation marks a run Crashed when no further event of it follows a heartbeat within
+MISSED_AFTER_S — the remedy of Prefect's guide "How to detect and respond to zombie flows". It
+watches every flow run on the server (a stage run by hand too). Crashed does not stop a process: a
+run cut off from the server for longer than that, yet alive, is marked Crashed all the same.
 """
 
 from __future__ import annotations
@@ -16,8 +19,8 @@ from __future__ import annotations
 import sys
 from typing import List
 
-HEARTBEAT_S = 60  # prefect.yaml's PREFECT_FLOWS_HEARTBEAT_FREQUENCY (Prefect's minimum is 30)
-MISSED_AFTER_S = 300  # five heartbeats missed: a run busy in a long step still beats (a thread of its own)
+HEARTBEAT_S = 180  # Prefect's default PREFECT_FLOWS_HEARTBEAT_FREQUENCY (3.9; its minimum is 30)
+MISSED_AFTER_S = 600  # more than three heartbeats missed: a late one on a loaded machine is not a dead run
 UNRESPONSIVE = "loomvideo: mark unresponsive runs crashed"
 
 
@@ -29,13 +32,13 @@ def unresponsive_runs(missed_after_s: float = MISSED_AFTER_S, name: str = UNRESP
 
     return AutomationCore(
         name=name,
-        description=f"A flow run whose heartbeats (every {HEARTBEAT_S} s) stopped for {missed_after_s:g} s without a "
-                    "final state: its process was killed (OOM, a lost node). Marked Crashed, which frees its "
-                    "deployment's concurrency slot. Created by `loom deploy` (flows/automations.py).",
+        description=f"A flow run whose heartbeats (every {HEARTBEAT_S} s by default) stopped for {missed_after_s:g} s "
+                    "without a final state: its process was killed (OOM, a lost node). Marked Crashed, so that it "
+                    "no longer counts against its work pool's concurrency limit. Created by `loom deploy` "
+                    "(flows/automations.py).",
         trigger=EventTrigger(
             after={"prefect.flow-run.heartbeat"},
-            expect={"prefect.flow-run.heartbeat", "prefect.flow-run.Completed", "prefect.flow-run.Failed",
-                    "prefect.flow-run.Cancelled", "prefect.flow-run.Crashed"},
+            expect={"prefect.flow-run.*"},  # another heartbeat, or any state change: a final one included
             match={"prefect.resource.id": ["prefect.flow-run.*"]},
             for_each={"prefect.resource.id"},
             posture=Posture.Proactive,
@@ -58,10 +61,12 @@ def ensure(automations) -> List[str]:
         for automation in automations:
             existing = client.read_automations_by_name(name=automation.name)
             if existing:
+                # (the update keeps `enabled` as it is: one switched off in the UI stays off, and is named so)
                 client.update_automation(automation_id=existing[0].id, automation=automation)
                 for extra in existing[1:]:  # (left by an older create; one is enough)
                     client.delete_automation(extra.id)
-                done.append(f"automation {automation.name!r}: updated")
+                done.append(f"automation {automation.name!r}: updated"
+                            + ("" if existing[0].enabled else " (left disabled, as it was switched off)"))
             else:
                 client.create_automation(automation=automation)
                 done.append(f"automation {automation.name!r}: created")

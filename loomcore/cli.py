@@ -84,9 +84,14 @@ def cmd_params(args) -> int:
     out = Path(args.out) if args.out else DEFAULT_PARAMS
     old = out.read_text() if out.is_file() else None
     overrides = list(args.overrides)
-    if args.check and not overrides and old is not None:  # checked against the composition for its own profile:
-        own = (yaml.safe_load(old) or {}).get("profile")   # after `loom params profile=paper`, paper's
-        overrides = [f"profile={own}"] if isinstance(own, str) else []
+    if args.check and old is not None and not any(o.split("=", 1)[0].lstrip("+~") == "profile" for o in overrides):
+        # checked against the composition for its own profile (after `loom params profile=paper`, paper's)
+        try:
+            own = yaml.safe_load(old)
+        except yaml.YAMLError:  # not YAML: it differs, whatever the composition (the message says how to fix it)
+            own = None
+        own = own.get("profile") if isinstance(own, dict) else None
+        overrides = ([f"profile={own}"] if isinstance(own, str) else []) + overrides
     text = params_yaml(args.conf or DEFAULT_CONF_DIR, overrides)
     with tempfile.TemporaryDirectory() as d:  # the composition must be a whole, valid config
         (Path(d) / "params.yaml").write_text(text)

@@ -165,8 +165,12 @@ def test_a_key_the_profile_sets_can_be_overridden_through_params_yaml(tmp_path, 
     loom(["params", "--conf", str(tmp_path / "conf"), "--out", str(params), "profile=paper", "stage1.steps=7"])
     assert loom(["params", "--check", "--conf", str(tmp_path / "conf"), "--out", str(params)]) == 1
     assert "run `loom params profile=paper`" in capsys.readouterr().err
+    assert loom(["params", "--check", "--conf", str(tmp_path / "conf"), "--out", str(params), "stage1.steps=7"]) == 0
     # asking for another profile than params.yaml's composes conf/ with it
     assert load_config(profile="tiny", params_path=params, conf_dir=tmp_path / "conf").stage1.steps == 1000
+    params.write_text("stage1: [unclosed\n")  # not YAML: it differs, said as such, no traceback
+    assert loom(["params", "--check", "--conf", str(tmp_path / "conf"), "--out", str(params)]) == 1
+    assert "differs from the composition" in capsys.readouterr().err
 
 
 def test_composition_refuses_an_unknown_key_and_a_bad_profile(tmp_path):

@@ -50,11 +50,12 @@ def test_prefect_yaml_deployments_schedules_and_entrypoints(monkeypatch):
         assert deployments[name]["concurrency_limit"]["limit"] == 1
     for name in ("base-models", "curate", "export"):
         assert deployments[name]["work_pool"]["name"] == "{{ $LOOM_CPU_POOL }}"
+    from prefect.settings import get_current_settings
+
     from flows.automations import HEARTBEAT_S, MISSED_AFTER_S
 
-    for name, d in deployments.items():  # heartbeats, which the automation `loom deploy` creates watches
-        assert d["job_variables"]["env"]["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] == str(HEARTBEAT_S), name
-    assert MISSED_AFTER_S >= 3 * HEARTBEAT_S  # a late heartbeat or two is not a dead run
+    # the automation `loom deploy` creates waits for more than three of the installed Prefect's heartbeats
+    assert get_current_settings().flows.heartbeat_frequency == HEARTBEAT_S and MISSED_AFTER_S > 3 * HEARTBEAT_S
 
     for name, d in deployments.items():  # the entrypoint names a real flow that takes the parameters
         path, func = d["entrypoint"].split(":")
