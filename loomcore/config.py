@@ -279,6 +279,7 @@ class TrainConfig:
     cpu_deterministic: bool
     attention_backend: str
     timeout_hours: float
+    peer_timeout_s: float
     preflight_min_free_gib: float
     preflight_gpu_name: Optional[str]
     debug_nan_steps: List[int]
@@ -807,6 +808,7 @@ def _validate(cfg: Config) -> None:
     check(2 <= t.spike_warmup <= t.spike_window,
           f"train.spike_warmup/spike_window = {t.spike_warmup}/{t.spike_window}: expected 2 <= warmup <= window")
     check(t.timeout_hours > 0, f"train.timeout_hours = {t.timeout_hours}: expected > 0")
+    check(t.peer_timeout_s > 0, f"train.peer_timeout_s = {t.peer_timeout_s}: expected > 0")
     check(t.preflight_min_free_gib >= 0, f"train.preflight_min_free_gib = {t.preflight_min_free_gib}: expected >= 0")
     check(":" in cfg.orchestration.rdzv_endpoint,
           f"orchestration.rdzv_endpoint = {cfg.orchestration.rdzv_endpoint!r}: expected host:port")

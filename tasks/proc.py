@@ -44,36 +44,73 @@ class SubprocessTimeout(SubprocessFailed, TimeoutError):
 def stop_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
     """SIGTERM the process group, wait up to `grace` seconds for its leader, then SIGKILL what is
     left of the group — also when the leader has already exited (ranks or a stage command may
-    outlive it; the kernel keeps the group id reserved while any member lives)."""
+    outlive it; the kernel keeps the group id reserved while any member lives) — and what is left
+    of the processes below it that live in groups of their own: torchrun starts each rank in a
+    session of its own, and SIGKILL of the agent alone would leave the ranks running (training,
+    holding their GPUs). Those are found before the SIGTERM, while they are still the group's
+    children, and killed only if the same process (pid and start time) is still there."""
+    below = outside_descendants(proc.pid)
     try:
         os.killpg(proc.pid, signal.SIGTERM)
     except ProcessLookupError:  # no member left
         proc.poll()
-        return
-    try:
-        proc.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait()
+    else:
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+    table = _process_table()
+    for pid, started in below:
+        if pid in table and table[pid][3] == started and table[pid][0] != "Z":
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
-def group_members(pgid: int) -> List[int]:
-    """Live (non-zombie) processes of process group `pgid`, from /proc (Linux)."""
-    members = []
+def _process_table() -> Dict[int, tuple]:
+    """pid → (state, parent pid, process group, start time) of every process, from /proc (Linux)."""
+    table = {}
     for d in Path("/proc").iterdir():
         if not d.name.isdigit():
             continue
         try:
-            fields = (d / "stat").read_text().rsplit(")", 1)[1].split()  # state ppid pgrp session …
+            fields = (d / "stat").read_text().rsplit(")", 1)[1].split()  # state ppid pgrp session … starttime
         except OSError:
             continue
-        if fields[0] != "Z" and int(fields[2]) == pgid:
-            members.append(int(d.name))
-    return members
+        table[int(d.name)] = (fields[0], int(fields[1]), int(fields[2]), fields[19])
+    return table
+
+
+def group_members(pgid: int) -> List[int]:
+    """Live (non-zombie) processes of process group `pgid`, from /proc (Linux)."""
+    return [pid for pid, (state, _, group, _) in _process_table().items() if state != "Z" and group == pgid]
+
+
+def outside_descendants(pgid: int) -> List[tuple]:
+    """(pid, start time) of the live processes below the members of group `pgid` that are in
+    other groups (torchrun's ranks), from /proc."""
+    table = _process_table()
+    children: Dict[int, List[int]] = {}
+    for pid, (_, parent, _, _) in table.items():
+        children.setdefault(parent, []).append(pid)
+    todo = [pid for pid, (_, _, group, _) in table.items() if group == pgid]
+    seen, found = set(todo), []
+    while todo:
+        for child in children.get(todo.pop(), ()):
+            state, _, group, started = table[child]
+            if child in seen:
+                continue
+            seen.add(child)
+            todo.append(child)
+            if group != pgid and state != "Z":
+                found.append((child, started))
+    return found
 
 
 def _cwd_inside(pid: int, root: Path) -> bool:

@@ -1,8 +1,9 @@
 """The Prefect task of the training stages: launch torchrun for one stage and watch it.
 
 torchrun runs in its own session (process group, tasks.proc.run_streaming) so that the task can
-end ALL of it — the agent and every rank — on a timeout (`train.timeout_hours`) or when the flow
-run is cancelled. Its output is streamed, line by line, to the Prefect log; rank 0 reports its
+end ALL of it on a timeout (`train.timeout_hours`) or when the flow run is cancelled: the agent,
+and every rank (torchrun starts them in sessions of their own; `stop_group` finds them below it).
+The ranks of the other nodes end by themselves (`loomcore.train.peers`). Its output is streamed, line by line, to the Prefect log; rank 0 reports its
 progress through a file (`loomcore.train.metrics.report_progress`), which drives a progress artifact.
 
 Command (from the stage's params; loomcore.train.launch builds it):

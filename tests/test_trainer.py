@@ -24,6 +24,7 @@ from loomcore.diffusion.sampling import euler_sample, sampling_timesteps
 from loomcore.models.dit import patchify
 from loomcore.train.metrics import read_steps
 from loomcore.models.mllm import DROP_ALL, DROP_NONE, DROP_TEXT
+from tasks.proc import outside_descendants, stop_group
 from loomcore.train.step import build_pack, dit_train_flops, dropout_modes, make_generators, pack_loss, seed_generators
 
 REPO = Path(__file__).resolve().parents[1]
@@ -144,6 +145,28 @@ def test_euler_sampler_is_exact_on_a_point_mass():
     assert ts[0] == 1 and ts[-1] == 0 and (ts[1:] < ts[:-1]).all()
     z = euler_sample(lambda z, t: (z - x0) / t, x0.shape, ts, generator=torch.Generator().manual_seed(0))
     assert torch.allclose(z, x0, atol=1e-5)
+
+
+def test_peer_watch_ends_a_rank_for_a_silent_peer_not_a_finished_one():
+    """Three ranks beat through one store: rank 1 finishes (marks itself done) and rank 2 fails
+    (stops beating without the mark). Rank 0's judge names rank 2 — and only rank 2 — once it
+    has been silent for the limit; nothing is reported while all three beat."""
+    import torch.distributed as dist
+
+    from loomcore.train.peers import PeerWatch
+
+    store, lost = dist.HashStore(), []
+    watches = [PeerWatch(store, r, 3, silence_s=1.0, prefix="t", on_lost=lost.append).start() for r in range(3)]
+    time.sleep(1.8)
+    assert lost == []
+    watches[1].stop(finished=True)
+    watches[2].stop(finished=False)
+    deadline = time.monotonic() + 10
+    while not lost and time.monotonic() < deadline:
+        time.sleep(0.1)
+    watches[0].stop(finished=True)
+    assert lost and "no heartbeat from rank(s) [2] for over 1 s" in lost[0], lost
+    assert watches[0].silent(time.monotonic() + 5).startswith("the rendezvous store has not answered for")
 
 
 def test_flop_formula_matches_torch_flop_counter():
@@ -607,6 +630,88 @@ def test_two_nodes_joined_by_loom_node_match_one_process(ws, stage2_one_process)
         assert refused.returncode == 2 and why in refused.stderr, refused.stderr
 
 
+def test_a_frozen_first_node_ends_the_other_nodes_ranks(ws):
+    """A two-node stage whose first node stops answering mid-training (SIGSTOP of its torchrun's whole
+    process group: a hung or cut-off machine, sockets open): the second node's rank would wait in
+    its next collective until the process group's 30-minute timeout. With the heartbeats
+    (`loomcore.train.peers`, train.peer_timeout_s = 12) it ends within the silence and a round,
+    saying why, and `loom node` exits with an error."""
+    import socket
+
+    from tasks.train import torchrun_command
+
+    ip = _routable_ipv4()
+    if ip is None:
+        pytest.skip("no non-loopback IPv4 address on this machine")
+    with socket.socket() as s:
+        s.bind((ip, 0))
+        port = s.getsockname()[1]
+    silence = 12
+    overrides = _overrides(ws, "frozen", *STAGE2_COMMON, "stage2.steps=2000", "stage2.log_every=1",
+                           "stage2.checkpoint_every=1000", "stage2.nodes=2", f"orchestration.rdzv_endpoint={ip}:{port}",
+                           f"train.peer_timeout_s={silence}")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    first = subprocess.Popen(torchrun_command(load_config(overrides, profile="tiny"), "stage2", overrides,
+                                              python=str(BIN / "python")),
+                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             start_new_session=True)
+    other = subprocess.Popen([str(BIN / "loom"), "node", "stage2", "--node-rank", "1", "--profile", "tiny", *overrides],
+                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             start_new_session=True)
+    try:
+        for line in first.stdout:  # training is under way on both nodes
+            if line.startswith("step 3/"):
+                break
+        else:
+            pytest.fail("the first node ended before its third step")
+        ranks = [pid for pid, _ in outside_descendants(first.pid)]  # torchrun's rank: a session of its own
+        assert len(ranks) == 1
+        for group in (first.pid, *ranks):  # the whole node: its agent (the store's host) and its rank
+            os.killpg(group, signal.SIGSTOP)
+        stopped = time.monotonic()
+        out, _ = other.communicate(timeout=silence + 90)
+        waited = time.monotonic() - stopped
+    finally:
+        for p in (first, other):
+            stop_group(p, grace=0)
+    assert other.returncode != 0, out[-3000:]
+    assert "rank 1: stopping: " in out and "exit code 75" in out, out
+    assert ("no heartbeat from rank(s) [0]" in out or f"the rendezvous store at {ip}:{port} has not answered" in out), \
+        out[-3000:]
+    assert silence - 2 < waited < silence + 60, waited  # the last beat came up to a round (1.2 s) before the stop
+
+
+def test_a_rank_whose_torchrun_was_killed_ends_itself(ws):
+    """torchrun starts its ranks in sessions of their own: SIGKILL of the agent alone (the OOM
+    killer, a `kill -9` of the launcher) leaves the rank training, on a GPU that nobody frees. The
+    rank's heartbeat finds the agent's store gone and ends it within train.peer_timeout_s."""
+    from tasks.train import torchrun_command
+
+    silence = 10
+    overrides = _overrides(ws, "orphan", *STAGE2_COMMON, "stage2.steps=2000", "stage2.log_every=1",
+                           "stage2.checkpoint_every=1000", f"train.peer_timeout_s={silence}")
+    agent = subprocess.Popen(torchrun_command(load_config(overrides, profile="tiny"), "stage2", overrides,
+                                              python=str(BIN / "python")),
+                             cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        for line in agent.stdout:
+            if line.startswith("step 2/"):
+                break
+        ranks = outside_descendants(agent.pid)
+        assert len(ranks) == 1
+        rank = ranks[0][0]
+        os.kill(agent.pid, signal.SIGKILL)
+        killed = time.monotonic()
+        rest = agent.stdout.read()  # the rank holds the pipe until it ends
+        waited = time.monotonic() - killed
+    finally:
+        stop_group(agent, grace=0)
+    assert not Path(f"/proc/{rank}").exists() or Path(f"/proc/{rank}/stat").read_text().split(")")[1].split()[0] == "Z"
+    assert "rank 0: stopping: the rendezvous store at " in rest and "has not answered for" in rest, rest[-3000:]
+    assert silence - 2 < waited < silence + 30, waited
+
+
 def test_sigkill_then_resume_gives_the_same_losses_step_for_step(ws):
     """A real `kill -9` of a training process after its step-8 checkpoint; the newest checkpoint is
     then truncated, so the restart must skip it (with a warning) for the one before, and still
@@ -688,17 +793,22 @@ def test_launcher_builds_torchrun_from_params_and_kills_its_group_on_timeout(tmp
     assert rdzv_id(tiny, "cache") != rdzv_id(load_config(["models.mllm=elsewhere"], profile="tiny"), "cache")
 
     pid_file = tmp_path / "child.pid"
-    script = f"import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)']); " \
-             f"open({str(pid_file)!r}, 'w').write(str(p.pid)); print('started', flush=True); time.sleep(600)"
+    # a child in the group, and one in a session of its own that ignores SIGTERM (as torchrun starts
+    # its ranks; the timeout's SIGKILL of the group alone would leave it running)
+    script = f"import subprocess, sys, time; sleep = 'import time; time.sleep(600)'; " \
+             f"p = subprocess.Popen([sys.executable, '-c', sleep]); " \
+             f"q = subprocess.Popen([sys.executable, '-c', 'import signal; signal.signal(signal.SIGTERM, " \
+             f"signal.SIG_IGN); ' + sleep], start_new_session=True); time.sleep(1); " \
+             f"open({str(pid_file)!r}, 'w').write(f'{{p.pid}} {{q.pid}}'); print('started', flush=True); time.sleep(600)"
     lines = []
     t0 = time.monotonic()
     with pytest.raises(TimeoutError, match="timed out after 3 s and was stopped \\(whole process group\\)"):
         run_streaming([sys.executable, "-c", script], timeout=3.0, log=lines.append, grace=5.0)
     assert lines == ["started"] and time.monotonic() - t0 < 30
-    child = int(pid_file.read_text())
     time.sleep(0.2)
-    stat = Path(f"/proc/{child}/stat")
-    assert not stat.exists() or stat.read_text().split(")")[-1].split()[0] == "Z"  # the grandchild died with the group
+    for child in map(int, pid_file.read_text().split()):  # both grandchildren died with the group
+        stat = Path(f"/proc/{child}/stat")
+        assert not stat.exists() or stat.read_text().split(")")[-1].split()[0] == "Z", child
 
 
 _FINISHED_THEN_ABORT = """

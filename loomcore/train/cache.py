@@ -58,6 +58,7 @@ from loomcore.models.codec import load_codec
 from loomcore.models.mllm import MLLMEncoder, MLLMRequest, MLLMTokenizer
 from loomcore.storage import S3Settings, is_s3
 from loomcore.train.metrics import report_progress
+from loomcore.train.peers import watch_peers
 
 CACHE_SUMMARY = "cache.json"
 RUN_RECORD = "last_run.json"  # <paths.runs>/cache/: what the last multi-rank run did (not an out)
@@ -533,13 +534,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     if world > 1:  # a CPU group for the two barriers: the work itself is split by shard, not by collectives
         dist.init_process_group("gloo", timeout=datetime.timedelta(hours=cfg.train.timeout_hours))
     try:
-        summary = build_cache(cfg, progress=rank == 0, rank=rank, world_size=world,
-                              barrier=dist.barrier if world > 1 else None,
-                              on_progress=report_progress if rank == 0 else None)
-        parts = [summary]
-        if world > 1:
-            parts = [None] * world
-            dist.all_gather_object(parts, {k: summary[k] for k in ("shards_written", "shards_skipped", "shards_rewritten")})
+        with watch_peers(cfg.train.peer_timeout_s):  # across nodes: a silent peer ends this rank, not the barrier's timeout
+            summary = build_cache(cfg, progress=rank == 0, rank=rank, world_size=world,
+                                  barrier=dist.barrier if world > 1 else None,
+                                  on_progress=report_progress if rank == 0 else None)
+            parts = [summary]
+            if world > 1:
+                parts = [None] * world
+                dist.all_gather_object(parts, {k: summary[k] for k in ("shards_written", "shards_skipped",
+                                                                       "shards_rewritten")})
     finally:
         if world > 1:
             dist.destroy_process_group()

@@ -37,6 +37,7 @@ from torch import nn
 from loomcore.threads import intra_op_threads
 from loomcore.train.checkpoint import CheckpointError, CheckpointManager, CheckpointWarning, verify_checkpoint
 from loomcore.train.ema import EMA
+from loomcore.train.peers import watch_peers
 
 
 @dataclass(frozen=True)
@@ -137,7 +138,8 @@ def rank_process(train_cfg, use_gpu: bool) -> Iterator[DistEnv]:
     threads and, with `train.cpu_deterministic`, torch's deterministic algorithms (with two threads
     some CPU backward kernels sum in a run-dependent order: losses differ in the 8th digit from
     run to run, and so do the weights DVC records); then the process group, released on the way
-    out (`destroy_distributed`), saying so. The caller must drop its model before leaving."""
+    out (`destroy_distributed`), saying so; a rank of a multi-node run beats and watches the others
+    meanwhile (`loomcore.train.peers`). The caller must drop its model before leaving."""
     deterministic = torch.are_deterministic_algorithms_enabled()
     with intra_op_threads(0 if use_gpu else train_cfg.cpu_threads):
         try:  # the flag comes back however this ends (a failed init or release included)
@@ -145,7 +147,8 @@ def rank_process(train_cfg, use_gpu: bool) -> Iterator[DistEnv]:
                 torch.use_deterministic_algorithms(train_cfg.cpu_deterministic)
             env = init_distributed(use_gpu=use_gpu)
             try:
-                yield env
+                with watch_peers(train_cfg.peer_timeout_s):  # across nodes: a silent peer ends this rank
+                    yield env
             finally:
                 print(release_message(env, destroy_distributed()), flush=True)
         finally:

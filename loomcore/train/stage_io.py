@@ -62,7 +62,7 @@ def cache_key_files(cfg: Config) -> List[Path]:
 # not as the factors nodes × gpus_per_node × grad_accum, and its device kind (CPU fp32 or GPU bf16
 # autocast) stays in it. The sampler's settings (`guidance.*`) draw stages 1–3's validation grids only.
 UNKEYED_TRAIN = ("grad_accum", "nan_check_every", "nan_max_consecutive", "spike_k", "spike_warmup", "spike_window",
-                 "validation_prompts", "validation_frames", "timeout_hours", "preflight_min_free_gib",
+                 "validation_prompts", "validation_frames", "timeout_hours", "peer_timeout_s", "preflight_min_free_gib",
                  "preflight_gpu_name", "out_dir")
 UNKEYED_STAGE = ("checkpoint_every", "keep_last", "log_every", "sample_every")
 UNKEYED_DIT = ("gradient_checkpointing",)
