@@ -64,8 +64,13 @@ def stop_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
         except ProcessLookupError:
             pass
         proc.wait()
+    kill_if_alive(below)
+
+
+def kill_if_alive(processes: Sequence[tuple]) -> None:
+    """SIGKILL each (pid, start time) that is still that process and not a zombie."""
     table = _process_table()
-    for pid, started in below:
+    for pid, started in processes:
         if pid in table and table[pid][3] == started and table[pid][0] != "Z":
             try:
                 os.kill(pid, signal.SIGKILL)
@@ -122,7 +127,8 @@ def _cwd_inside(pid: int, root: Path) -> bool:
 
 def stop_orphan_group(pgid: int, grace: float = 10.0, cwd: Optional[Path] = None) -> List[int]:
     """Stop a process group that this process did not start (the group of a run that was killed
-    before it could stop it): SIGTERM, up to `grace` seconds, SIGKILL. Returns the members found.
+    before it could stop it): SIGTERM, up to `grace` seconds, SIGKILL, and SIGKILL of what is left
+    of the processes below it in groups of their own. Returns the processes found.
     A pid may have been reused since it was recorded, so only a group that run_streaming could
     have started is touched: its leader made a session of it, and (with `cwd`) one of its members
     works inside `cwd`."""
@@ -135,6 +141,7 @@ def stop_orphan_group(pgid: int, grace: float = 10.0, cwd: Optional[Path] = None
         return []
     if sid != pgid or (cwd is not None and not any(_cwd_inside(m, Path(cwd).resolve()) for m in members)):
         return []
+    below = outside_descendants(pgid)  # a stage's torchrun and its ranks: sessions of their own
     for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
             os.killpg(pgid, sig)
@@ -145,6 +152,8 @@ def stop_orphan_group(pgid: int, grace: float = 10.0, cwd: Optional[Path] = None
             time.sleep(0.1)
         if not group_members(pgid):
             break
+    kill_if_alive(below)  # what the group's SIGTERM did not end (the stage task stops its torchrun on it)
+    members += [pid for pid, _ in below]
     # Dead orphans stay zombies until init reaps them, and a zombie's pid still "exists" for DVC's
     # stale-lock check (psutil.pid_exists): wait, briefly, until they are gone.
     deadline = time.monotonic() + REAP_WAIT_S

@@ -811,6 +811,30 @@ def test_launcher_builds_torchrun_from_params_and_kills_its_group_on_timeout(tmp
         assert not stat.exists() or stat.read_text().split(")")[-1].split()[0] == "Z", child
 
 
+def test_stopping_an_orphaned_group_ends_what_runs_below_it_in_sessions_of_its_own(tmp_path):
+    """The pipeline lock's recovery stops the dvc group of a run that was killed (`stop_orphan_group`);
+    a stage's torchrun and its ranks run in sessions of their own below it: they end too, also
+    one that ignores SIGTERM."""
+    import threading
+
+    from tasks.proc import stop_orphan_group
+
+    pid_file = tmp_path / "below.pid"
+    script = f"import subprocess, sys, time; q = subprocess.Popen([sys.executable, '-c', 'import signal, time; " \
+             f"signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)'], start_new_session=True); " \
+             f"time.sleep(0.5); open({str(pid_file)!r}, 'w').write(str(q.pid)); time.sleep(600)"
+    leader = subprocess.Popen([sys.executable, "-c", script], start_new_session=True)
+    threading.Thread(target=leader.wait, daemon=True).start()  # reap it as init would reap an orphan
+    deadline = time.monotonic() + 30
+    while not pid_file.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    below = int(pid_file.read_text())
+    found = stop_orphan_group(leader.pid, grace=2.0)
+    assert leader.pid in found and below in found
+    stat = Path(f"/proc/{below}/stat")
+    assert not stat.exists() or stat.read_text().split(")")[-1].split()[0] == "Z"
+
+
 _FINISHED_THEN_ABORT = """
 import json, os, sys, torch
 from pathlib import Path
