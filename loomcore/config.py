@@ -863,6 +863,10 @@ def _validate(cfg: Config) -> None:
     check(bool(rl.reward), "rl.reward: expected a reward name (loomcore.rl.rewards: pickscore, shapes, …)")
     unknown = [k for k in rl.tasks if k not in TASK_KINDS]
     check(bool(rl.tasks) and not unknown, f"rl.tasks = {rl.tasks}: expected a non-empty list of {', '.join(TASK_KINDS)}")
+    recon = [k for k in rl.tasks if k in ("image_recon", "video_recon")]
+    check(rl.reward != "pickscore" or not recon,
+          f"rl.tasks = {rl.tasks} with rl.reward = pickscore: {', '.join(recon)} rows have no caption, and PickScore "
+          "scores an image against its text (of an empty one: CLIP's taste, not the copy of the source); drop them")
     cached = cfg.data.cache_tasks.get(rl.resolution, [])
     missing = [k for k in rl.tasks if k in TASK_KINDS and k not in cached]
     check(not missing, f"rl.tasks / rl.resolution = {rl.resolution!r}: the cache holds no {', '.join(missing)} there "

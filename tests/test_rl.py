@@ -223,6 +223,7 @@ def test_equal_rewards_give_no_gradient_at_the_old_policy():
     ("rl.t_range=[0.5,0.2]", "rl.t_range"),
     ("rl.gpus_per_node=3", "split over"),
     ("rl.init_from=stage9", "rl.init_from"),
+    ("rl.reward=pickscore", "with rl.reward = pickscore: image_recon, video_recon rows have no caption"),
     ("rl.old_policy.max_decay=1.0", "rl.old_policy"),
 ])
 def test_bad_rl_params_are_refused_by_name(override, key):
@@ -237,6 +238,7 @@ def test_paper_profile_rl_matches_flow_factory_wan22_nft():
     assert (rl.old_policy.flat_steps, rl.old_policy.ramp_rate, rl.old_policy.max_decay) == (0, 0.001, 0.5)
     assert (rl.optimizer.lr, rl.optimizer.beta2, rl.optimizer.weight_decay, rl.grad_clip) == (1e-5, 0.999, 1e-4, 1.0)
     assert rl.reward == "pickscore" and rl.pickscore.scale == 26.0
+    assert rl.tasks == ["t2i", "t2v", "ti2i", "tv2v", "tir2i", "tvr2v", "mi2i", "mi2v"]  # no caption-less reconstruction
 
 
 def test_launcher_builds_torchrun_from_the_rl_params():

@@ -68,11 +68,10 @@ def _printable(text: Optional[str]) -> Optional[str]:
 
 
 def is_eval(sample_id: str, fraction: float) -> bool:
-    """A sample's side of the split: the first 8 bytes of sha256(id) as a fraction of 2⁶⁴, below
-    `fraction` → eval. Depends on the id alone, so a sample keeps its split when others come or go
-    (`split_rows` moves it only to join rows that share its media)."""
-    x = int.from_bytes(hashlib.sha256(sample_id.encode()).digest()[:8], "big") / 2**64
-    return x < fraction
+    """A sample's side of the split: `schema.id_fraction(id)` below `fraction` → eval. Depends on the id
+    alone, so a sample keeps its split when others come or go (`split_rows` moves it only to join
+    rows that share its media)."""
+    return schema.id_fraction(sample_id) < fraction
 
 
 def split_rows(rows: List[dict], digests: Callable[[dict], Iterable[str]], fraction: float) -> Tuple[List[dict], List[dict], int]:

@@ -29,6 +29,7 @@ reason from `REJECT_REASONS` (the first check that failed).
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -198,6 +199,13 @@ def read_metadata(path: Path) -> List[Raw]:
         raise
     except (OSError, UnicodeDecodeError, pa.ArrowException, csv.Error) as e:
         raise MetadataError(f"{path}: unreadable {suffix[1:]} metadata ({type(e).__name__}: {e})") from None
+
+
+def id_fraction(text: str) -> float:
+    """A number in [0, 1) drawn from `text` (a sample id, with a purpose prefixed) alone: the first
+    8 bytes of its sha256 over 2⁶⁴ — the same on every machine and rerun (a sample's side of the
+    split, the start of its clip window)."""
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") / 2**64
 
 
 def printable(text: str) -> str:

@@ -48,6 +48,7 @@ from loomcore.config import Config, ConfigError
 from loomcore.errors import InputError
 from loomcore.data import shards
 from loomcore.data.buckets import nearest_size, resize_center_crop
+from loomcore.data.schema import id_fraction
 from loomcore.data.loader import INDEX_FILE, NULL_SHARD, file_sha256, null_record
 from loomcore.data.remote import RemoteCache, mirror_files
 from loomcore.threads import intra_op_threads
@@ -119,8 +120,7 @@ def clip_start(sample_id: str, available: int, need: int) -> int:
     alike; the cache encodes each sample once, so the draw is the id's (the same on every rerun),
     and the source and the target of a row share it, each over its own length."""
     room = max(0, available - need)
-    ratio = int.from_bytes(hashlib.sha256(f"clip-start:{sample_id}".encode()).digest()[:8], "big") / 2 ** 64
-    return min(round(ratio * room), room)
+    return min(round(id_fraction(f"clip-start:{sample_id}") * room), room)
 
 
 class _Media:
