@@ -48,6 +48,7 @@ INDEX_SCHEMA = pa.schema(
 # index part metadata: the shard's sha256 (also for a shard without rows) and its skipped rows
 PART_SHA256_KEY = b"loom.shard_sha256"
 PART_SKIPPED_KEY = b"loom.skipped_rows"
+SKIPPED_BY_SHARD_KEY = b"loom.skipped_by_shard"  # index metadata: JSON {shard: [ids it could not cache]}
 _TEMP_RE = re.compile(r"^\..+\.tmp-(\d+)$")  # `_temp_path`'s names: .<name>.tmp-<pid>
 
 
@@ -180,13 +181,63 @@ def write_null_context(root: Path, context: torch.Tensor, settings: str = "") ->
 
 def finalize(root: Path, shard_names: Iterable[str], null_context: Optional[dict] = None) -> Tuple[int, Path]:
     """Concatenate the index parts of `shard_names` (in that order) into index.parquet, with the
-    null context's record (from `write_null_context`) in its metadata."""
+    null context's record (from `write_null_context`) and the ids of the rows each shard could not
+    cache (those that have any: with the index's rows, every shard's rows — `previous_layout`) in
+    its metadata."""
+    shard_names = list(shard_names)
     tables = [pq.read_table(_part(root, n)) for n in shard_names]
     table = pa.concat_tables(tables) if tables else INDEX_SCHEMA.empty_table()
-    meta = {NULL_RECORD_KEY: json.dumps(null_context, sort_keys=True)} if null_context else None
-    table = table.replace_schema_metadata(meta)  # (the parts' own metadata describes one shard)
+    meta = {NULL_RECORD_KEY: json.dumps(null_context, sort_keys=True)} if null_context else {}
+    skipped = {n: ids for n, t in zip(shard_names, tables)
+               if (ids := [r["id"] for r in json.loads((t.schema.metadata or {}).get(PART_SKIPPED_KEY) or "[]")])}
+    if skipped:
+        meta[SKIPPED_BY_SHARD_KEY] = json.dumps(skipped, sort_keys=True)
+    table = table.replace_schema_metadata(meta or None)  # (the parts' own metadata describes one shard)
     _atomic_write(root / INDEX_FILE, lambda p: pq.write_table(table, p))
     return table.num_rows, root / INDEX_FILE
+
+
+def shard_name(split: str, resolution: str, number: int, digest: str) -> str:
+    return f"{split}-{resolution}-{number:05d}-{digest}.safetensors"
+
+
+def previous_layout(root: Path) -> Dict[Tuple[str, str], List[Tuple[int, List[str]]]]:
+    """The shards of the cache's last complete index, by (split, resolution): [(number, the ids
+    of its rows, cached or not, sorted)] — {} without an index. `layout_chunks` keeps them."""
+    path = root / INDEX_FILE
+    if not path.is_file():
+        return {}
+    table = pq.read_table(path, columns=["id", "shard"])
+    rows: Dict[str, List[str]] = defaultdict(list)
+    for sid, shard in zip(table.column("id").to_pylist(), table.column("shard").to_pylist()):
+        rows[shard].append(sid)
+    raw = (table.schema.metadata or {}).get(SKIPPED_BY_SHARD_KEY)
+    for shard, ids in (json.loads(raw) if raw else {}).items():
+        rows[shard] += ids
+    layout: Dict[Tuple[str, str], List[Tuple[int, List[str]]]] = defaultdict(list)
+    for shard, ids in rows.items():
+        split, rest = shard.split("-", 1)
+        resolution, number, _ = rest[: -len(".safetensors")].rsplit("-", 2)
+        layout[split, resolution].append((int(number), sorted(ids)))
+    return {k: sorted(v) for k, v in layout.items()}
+
+
+def layout_chunks(rows: List[dict], previous: Sequence[Tuple[int, List[str]]], size: int) -> List[Tuple[int, List[dict]]]:
+    """`rows` (sorted by id) in shards of `size`: [(number, rows)]. Every full shard of the
+    `previous` layout whose rows are all still among `rows` keeps its number and its rows, so data
+    added or removed re-encodes only the shards it touches, not every shard after it (chunking by
+    position alone would shift them all); the other rows follow, in id order, numbered after the
+    last kept shard. Without a previous layout: the rows in order, shards 0, 1, … A row that
+    changed keeps its place: its shard's name (a digest of its rows' checksums) is then new."""
+    by_id = {r["id"]: r for r in rows}
+    kept, used = [], set()
+    for number, ids in previous:
+        if len(ids) == size and all(i in by_id and i not in used for i in ids):
+            kept.append((number, [by_id[i] for i in ids]))
+            used.update(ids)
+    rest = [r for r in rows if r["id"] not in used]
+    first = max((n for n, _ in kept), default=-1) + 1
+    return kept + [(first + k, rest[i:i + size]) for k, i in enumerate(range(0, len(rest), size))]
 
 
 def skipped_rows(root: Path, shard_names: Iterable[str]) -> List[dict]:

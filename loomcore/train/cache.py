@@ -284,15 +284,18 @@ def build_cache(
         fields.append(f"{device.type}-bf16")
     settings = json.dumps(fields)
     settings_digest = hashlib.sha256(settings.encode()).hexdigest()[:12]
+    # The shards of the last complete cache keep their rows (`shards.layout_chunks`): added data is
+    # encoded into shards of its own, not into every shard after the first new id
+    if dest.remote is not None:
+        mirror_files(dest.remote, (INDEX_FILE,))
+    previous = shards.previous_layout(out_dir)
     work: List[Tuple[str, str, List[dict]]] = []  # (shard name, resolution, rows)
     for res, tasks in plan(cfg).items():
         for split in ("train", "eval"):
             todo = [r for r in rows if r["split"] == split and r["task"] in tasks]
-            n = cfg.data.shard_size
-            for i in range(0, len(todo), n):
-                chunk = todo[i:i + n]
+            for number, chunk in shards.layout_chunks(todo, previous.get((split, res), []), cfg.data.shard_size):
                 digest = hashlib.sha256((settings + res + "".join(r["id"] + r["checksum"] for r in chunk)).encode()).hexdigest()[:12]
-                work.append((f"{split}-{res}-{i // n:05d}-{digest}.safetensors", res, chunk))
+                work.append((shards.shard_name(split, res, number, digest), res, chunk))
 
     mine = work[rank::world_size]
     total = sum(len(w[2]) for w in mine)
