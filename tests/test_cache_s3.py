@@ -29,7 +29,7 @@ def local_cache(tiny_cache):
 
 def test_an_s3_cache_is_written_shard_by_shard_resumes_and_equals_the_local_one(
         tiny_workspace, local_cache, s3_bucket, tmp_path, monkeypatch):
-    cfg, _ = tiny_workspace
+    cfg, overrides = tiny_workspace
     monkeypatch.setenv("LOOM_CACHE_DIR", str(tmp_path / "mirror"))
     uri = f"s3://{s3_bucket}/cache"
     first = build_cache(cfg, out_dir=uri, progress=False, stop_after_shards=2)  # "killed" after 2 shards
@@ -59,6 +59,22 @@ def test_an_s3_cache_is_written_shard_by_shard_resumes_and_equals_the_local_one(
         fourth = build_cache(cfg, out_dir=uri, progress=False)
     assert fourth["shards_written"] == 1 and fourth["shards_skipped"] == fourth["shards"] - 1
     assert _objects(s3_bucket) == stored
+
+    # a row added near the start of the order, the staging folder gone: the layout comes from the
+    # store's index, and only the shards of the rows left over are written (not every one after it)
+    import pyarrow.parquet as pq
+
+    from loomcore.config import load_config
+    from loomcore.data.schema import MANIFEST_SCHEMA, write_parquet
+
+    manifests = tmp_path / "manifests"
+    shutil.copytree(cfg.paths.manifests, manifests)
+    train = sorted(pq.read_table(manifests / "train.parquet").to_pylist(), key=lambda r: r["id"])
+    write_parquet(train + [dict(train[1], id=train[1]["id"] + "-copy")], MANIFEST_SCHEMA, manifests / "train.parquet")
+    shutil.rmtree(staging)
+    grown = build_cache(load_config([*overrides, f"paths.manifests={manifests}"], profile="tiny"), out_dir=uri,
+                        progress=False)
+    assert grown["complete"] and 1 <= grown["shards_written"] <= 2 < grown["shards_skipped"], grown
 
 
 def test_the_loader_reads_an_s3_cache_as_the_local_one_with_a_bounded_read_ahead(
