@@ -808,7 +808,8 @@ def _validate(cfg: Config) -> None:
     check(2 <= t.spike_warmup <= t.spike_window,
           f"train.spike_warmup/spike_window = {t.spike_warmup}/{t.spike_window}: expected 2 <= warmup <= window")
     check(t.timeout_hours > 0, f"train.timeout_hours = {t.timeout_hours}: expected > 0")
-    check(t.peer_timeout_s > 0, f"train.peer_timeout_s = {t.peer_timeout_s}: expected > 0")
+    check(10 <= t.peer_timeout_s < 1800, f"train.peer_timeout_s = {t.peer_timeout_s}: expected 10 … 1800 s (a beat "
+          "every tenth of it, on the one store; below the collectives' 30-minute timeout, which it stands in for)")
     check(t.preflight_min_free_gib >= 0, f"train.preflight_min_free_gib = {t.preflight_min_free_gib}: expected >= 0")
     check(":" in cfg.orchestration.rdzv_endpoint,
           f"orchestration.rdzv_endpoint = {cfg.orchestration.rdzv_endpoint!r}: expected host:port")

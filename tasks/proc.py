@@ -59,6 +59,7 @@ def stop_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
             proc.wait(timeout=grace)
         except subprocess.TimeoutExpired:
             pass
+        below = list(dict.fromkeys(below + outside_descendants(proc.pid)))  # (ranks started since)
         try:
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
@@ -153,13 +154,17 @@ def stop_orphan_group(pgid: int, grace: float = 10.0, cwd: Optional[Path] = None
         if not group_members(pgid):
             break
     kill_if_alive(below)  # what the group's SIGTERM did not end (the stage task stops its torchrun on it)
-    members += [pid for pid, _ in below]
     # Dead orphans stay zombies until init reaps them, and a zombie's pid still "exists" for DVC's
-    # stale-lock check (psutil.pid_exists): wait, briefly, until they are gone.
+    # stale-lock check (psutil.pid_exists): wait, briefly, until they are gone (a pid of `below`
+    # counts while it is still that process: it may have been reused since).
     deadline = time.monotonic() + REAP_WAIT_S
-    while any(Path(f"/proc/{m}").exists() for m in members) and time.monotonic() < deadline:
+    while time.monotonic() < deadline:
+        table = _process_table()
+        if not any(m in table for m in members) and not any(table.get(pid, (0, 0, 0, None))[3] == started
+                                                              for pid, started in below):
+            break
         time.sleep(0.1)
-    return members
+    return members + [pid for pid, _ in below]
 
 
 def _stop_all(*_args) -> None:

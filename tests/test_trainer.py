@@ -166,7 +166,35 @@ def test_peer_watch_ends_a_rank_for_a_silent_peer_not_a_finished_one():
         time.sleep(0.1)
     watches[0].stop(finished=True)
     assert lost and "no heartbeat from rank(s) [2] for over 1 s" in lost[0], lost
-    assert watches[0].silent(time.monotonic() + 5).startswith("the rendezvous store has not answered for")
+    assert watches[0].verdict(quiet=5.0).startswith("the rendezvous store has not answered for 5 s")
+
+
+_PAUSED_WATCH = """
+import sys, time
+import torch.distributed as dist
+from loomcore.train.peers import PeerWatch
+store, lost = dist.HashStore(), []
+watches = [PeerWatch(store, r, 2, silence_s=2.0, prefix="p", on_lost=lost.append).start() for r in range(2)]
+print("ready", flush=True)
+time.sleep(8)
+for w in watches:
+    w.stop(finished=True)
+print("lost:", lost, flush=True)
+"""
+
+
+def test_peer_watch_does_not_blame_a_peer_or_the_store_for_its_own_pause():
+    """The whole process stopped (a suspended job, a frozen cgroup) for twice the silence, then
+    resumed: nothing was silent but itself, and no one is blamed (the judge used to wake first and
+    call the store silent)."""
+    proc = subprocess.Popen([sys.executable, "-c", _PAUSED_WATCH], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    time.sleep(1.0)
+    os.kill(proc.pid, signal.SIGSTOP)
+    time.sleep(4.0)
+    os.kill(proc.pid, signal.SIGCONT)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and out.strip() == "lost: []", out
 
 
 def test_flop_formula_matches_torch_flop_counter():
@@ -678,13 +706,13 @@ def test_a_frozen_first_node_ends_the_other_nodes_ranks(ws):
     assert "rank 1: stopping: " in out and "exit code 75" in out, out
     assert ("no heartbeat from rank(s) [0]" in out or f"the rendezvous store at {ip}:{port} has not answered" in out), \
         out[-3000:]
-    assert silence - 2 < waited < silence + 60, waited  # the last beat came up to a round (1.2 s) before the stop
+    assert silence / 2 < waited < silence + 60, waited  # (the last beat came up to a round before the stop)
 
 
 def test_a_rank_whose_torchrun_was_killed_ends_itself(ws):
     """torchrun starts its ranks in sessions of their own: SIGKILL of the agent alone (the OOM
     killer, a `kill -9` of the launcher) leaves the rank training, on a GPU that nobody frees. The
-    rank's heartbeat finds the agent's store gone and ends it within train.peer_timeout_s."""
+    rank's judge finds its parent gone (it was reparented) and ends it within a beat's interval."""
     from tasks.train import torchrun_command
 
     silence = 10
@@ -703,13 +731,13 @@ def test_a_rank_whose_torchrun_was_killed_ends_itself(ws):
         rank = ranks[0][0]
         os.kill(agent.pid, signal.SIGKILL)
         killed = time.monotonic()
-        rest = agent.stdout.read()  # the rank holds the pipe until it ends
+        rest, _ = agent.communicate(timeout=120)  # the rank holds the pipe until it ends
         waited = time.monotonic() - killed
     finally:
         stop_group(agent, grace=0)
     assert not Path(f"/proc/{rank}").exists() or Path(f"/proc/{rank}/stat").read_text().split(")")[1].split()[0] == "Z"
-    assert "rank 0: stopping: the rendezvous store at " in rest and "has not answered for" in rest, rest[-3000:]
-    assert silence - 2 < waited < silence + 30, waited
+    assert f"rank 0: stopping: its torchrun agent (pid {agent.pid}) is gone" in rest, rest[-3000:]
+    assert waited < silence, waited  # its parent is watched: no need to wait for the store's silence
 
 
 def test_sigkill_then_resume_gives_the_same_losses_step_for_step(ws):
