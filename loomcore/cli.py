@@ -11,6 +11,7 @@ import argparse
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import List, Optional
 
@@ -75,8 +76,6 @@ def cmd_config(args) -> int:
 
 
 def cmd_params(args) -> int:
-    import tempfile
-
     import yaml
 
     from loomcore.config import DEFAULT_CONF_DIR, DEFAULT_PARAMS, load_config, params_yaml
@@ -232,7 +231,13 @@ def cmd_deploy(args) -> int:
     print(f"deploy: nightly-retrain and nightly-eval schedules active (model registry {cfg.export.s3_uri})" if nightly
           else "deploy: nightly-retrain and nightly-eval deployed with their schedules paused: no model registry "
           "(export.s3_uri is null), so nightly-eval has no `latest` to evaluate; resume them in the UI", flush=True)
-    rc = subprocess.run([prefect, "--no-prompt", "deploy", "--all"], cwd=here, env=env).returncode
+    # the server's pause switches and schedule states, kept across `prefect deploy` (flows/deploy_states.py)
+    with tempfile.TemporaryDirectory(prefix="loom-deploy-") as tmp:
+        states = str(Path(tmp) / "states.json")
+        rc = subprocess.run([sys.executable, "-m", "flows.deploy_states", "save", states], cwd=here, env=env).returncode
+        rc = rc or subprocess.run([prefect, "--no-prompt", "deploy", "--all"], cwd=here, env=env).returncode
+        rc = rc or subprocess.run([sys.executable, "-m", "flows.deploy_states", "restore", states], cwd=here,
+                                  env=env).returncode
     if rc:
         return rc
     # the automation that marks runs whose heartbeats stopped Crashed (flows/automations.py: the

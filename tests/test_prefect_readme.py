@@ -83,6 +83,21 @@ def test_the_readme_commands_deploy_and_a_triggered_pipeline_shows_one_run_tree(
             assert all(len(s) == 1 and s[0].active is False and s[0].schedule.cron for s in nightly.values()), nightly
             (watch,) = client.read_automations_by_name(name=UNRESPONSIVE)  # runs whose heartbeats stop: Crashed
             assert watch.trigger.within.total_seconds() == MISSED_AFTER_S and watch.enabled
+            # what a user switched in the UI survives the next `loom deploy` (prefect deploy alone resets it)
+            by_name = {d.name: d for d in deployments}
+            client.pause_deployment(by_name["export"].id)
+            (schedule,) = by_name["nightly-eval"].schedules
+            client.update_deployment_schedule(by_name["nightly-eval"].id, schedule.id, active=True)
+        again = subprocess.run(["bash", "-c", "loom deploy"], cwd=checkout, env=env, capture_output=True, text=True,
+                               timeout=300)
+        assert again.returncode == 0, again.stderr[-2000:]
+        assert "deploy: export: kept paused, as it was on the server" in again.stdout, again.stdout
+        assert "deploy: nightly-eval: its schedule kept active, as it was on the server" in again.stdout
+        with get_client(sync_client=True) as client:
+            now = {d.name: d for d in client.read_deployments()}
+            assert now["export"].paused and not now["stage1"].paused
+            assert now["nightly-eval"].schedules[0].active and not now["nightly-retrain"].schedules[0].active
+            client.resume_deployment(now["export"].id)
         run = run_deployment("pipeline/pipeline", parameters={"stages": STAGES}, timeout=400, poll_interval=1)
         assert run.state is not None and run.state.is_completed(), run.state
     finally:
