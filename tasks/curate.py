@@ -20,7 +20,7 @@ from tasks.common import NO_CACHE, Progress, load_stage_config, logger, retry_if
 
 @task(name="curate", retries=2, retry_delay_seconds=10, retry_condition_fn=retry_if_transient, cache_policy=NO_CACHE)
 def curate_task(profile: Optional[str] = None, overrides: Sequence[str] = ()) -> dict:
-    from loomcore.data.curate import curate, headline
+    from loomcore.data.curate import FACTS_FILE, curate, headline
     from loomcore.storage import S3Settings
 
     cfg = load_stage_config(profile, overrides)
@@ -29,6 +29,7 @@ def curate_task(profile: Optional[str] = None, overrides: Sequence[str] = ()) ->
     summary = curate(
         cfg, cfg.data.source, Path(cfg.paths.data_root), Path(cfg.paths.manifests),
         s3_settings=S3Settings.from_config(cfg.s3), on_progress=Progress("curate: rows checked"),
+        facts=Path(cfg.paths.runs) / "curate" / FACTS_FILE,
     )
     log.info("kept %s, rejected %s of %s rows", summary["kept"]["total"], summary["rejected"]["total"], summary["rows_in"])
     # the stage's DVC metric (committed): its headline figures

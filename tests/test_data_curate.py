@@ -13,7 +13,7 @@ from loomcore.config import TASK_KINDS, load_config
 from loomcore.data import schema
 from loomcore.data.curate import curate, is_eval
 from loomcore.data.synthetic import generate_shapes_dataset
-from loomcore.data.video_io import write_image, write_video
+from loomcore.data.video_io import read_image, write_image, write_video
 from loomcore.storage import s3_client, upload_dir
 
 N = 20
@@ -576,3 +576,48 @@ def test_threads_give_the_serial_runs_manifests(data, tmp_path, cfg):
         outs[workers] = {n: (tmp_path / f"w{workers}" / n).read_bytes() for n in OUTPUTS}
     assert outs[1] == outs[4]
     assert len(_read(tmp_path / "w4", "rejects.parquet")) >= len(bad) + len(worse) + 2
+
+
+def test_a_rerun_decodes_and_hashes_only_new_and_changed_files(data, tmp_path, cfg):
+    """Curation decodes every frame of every video and hashes every file: at the paper's scale,
+    hours, every night. With a file of facts (the stage's: <paths.runs>/curate/file_facts.jsonl)
+    a rerun reuses the probe and sha256 of each file whose size, mtime and inode are unchanged, and
+    writes the same manifests; a file rewritten is decoded and hashed again (its checksum follows),
+    a line cut short by a kill costs only its file's facts, and a removed file's facts are dropped."""
+    import os
+
+    from loomcore.data.curate import FileFacts
+
+    root, good = data
+    facts = tmp_path / "runs" / "file_facts.jsonl"
+    first = curate(cfg, str(root), root, tmp_path / "a", progress=False, facts=facts)
+    files = len({f for r in good for f in [r["media"], r["source"], *(r["refs"] or [])] if f})
+    assert first["timing"]["files"] == {"probe_computed": files, "sha256_computed": files}
+    second = curate(cfg, str(root), root, tmp_path / "b", progress=False, facts=facts)
+    assert second["timing"]["files"] == {"probe_reused": files, "sha256_reused": files}
+    for name in OUTPUTS:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+
+    image = next(r for r in good if r["task"] == "t2i")
+    path = root / image["media"]
+    pixels = read_image(path).numpy().copy()
+    pixels[0, 0] = 255 - pixels[0, 0]
+    write_image(path, pixels)  # another file at that path (new bytes, mtime and inode)
+    lines = facts.read_text().splitlines()
+    facts.write_text("\n".join(lines[:-1] + [lines[-1][:20]]) + "\n")  # the last line cut short by a kill
+    last = json.loads(lines[-1])["file"]
+    third = curate(cfg, str(root), root, tmp_path / "c", progress=False, facts=facts)
+    redone = 1 + (last != str(path.resolve()))
+    assert third["timing"]["files"] == {"probe_computed": redone, "probe_reused": files - redone,
+                                        "sha256_computed": redone, "sha256_reused": files - redone}
+    checksum = {r["id"]: r["checksum"] for r in _read(tmp_path / "c", "train.parquet") + _read(tmp_path / "c", "eval.parquet")}
+    before = {r["id"]: r["checksum"] for r in _read(tmp_path / "a", "train.parquet") + _read(tmp_path / "a", "eval.parquet")}
+    assert checksum[image["id"]] != before[image["id"]]
+    assert {k: v for k, v in checksum.items() if k != image["id"]} == {k: v for k, v in before.items() if k != image["id"]}
+
+    (root / "metadata.parquet").unlink()  # fewer rows: their files' facts go
+    schema.write_parquet([r for r in good if r["id"] != image["id"]], schema.METADATA_SCHEMA, root / "metadata.parquet")
+    curate(cfg, str(root), root, tmp_path / "d", progress=False, facts=facts)
+    kept = {json.loads(line)["file"] for line in facts.read_text().splitlines()}
+    assert str(path.resolve()) not in kept and len(kept) == files - 1
+    assert FileFacts(facts).get(path.resolve(), os.stat(path), "sha256") is None

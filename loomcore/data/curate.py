@@ -26,11 +26,13 @@ dataset must never pass for the whole one. Outputs are written only at the end, 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import shutil
 import tempfile
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -162,11 +164,73 @@ def _smallest_size(width: int, height: int, buckets) -> Tuple[str, Tuple[int, in
     return min(nearest_sizes(width, height, buckets).items(), key=lambda kv: kv[1][0] * kv[1][1])
 
 
+FACTS_FILE = "file_facts.jsonl"  # under <paths.runs>/curate/: what curation learned of each media file
+
+
+class FileFacts:
+    """What curation learned of each media file — its probe (every frame decoded) and its sha256 —
+    kept between runs in a JSON-lines file (outside the stage's outs) and reused for a file whose
+    path, size, modification time and inode are those it had then (the test DVC's own state
+    database makes before it hashes a file again). A nightly rerun over a corpus that grew by a
+    little decodes and hashes the new and changed files only, not every video again. A file
+    rewritten in place with the same size and modification time (forced, e.g. `touch -r`) would
+    keep its old facts: remove the file of facts to check everything. `path` None: nothing kept."""
+
+    def __init__(self, path: Optional[Path]):
+        self.path = None if path is None else Path(path)
+        self._old: Dict[str, dict] = {}
+        self._now: Dict[str, dict] = {}
+        self._lock = threading.Lock()
+        self.counts: Counter = Counter()  # "probe reused", "sha256 computed", …
+        if self.path is not None and self.path.is_file():
+            for line in self.path.read_text().splitlines():
+                try:
+                    entry = json.loads(line)
+                    self._old[entry["file"]] = entry
+                except (ValueError, KeyError, TypeError):  # a line cut short by a kill: its file is checked again
+                    continue
+
+    @staticmethod
+    def _stat(st: os.stat_result) -> list:
+        return [st.st_size, st.st_mtime_ns, st.st_ino]
+
+    def get(self, real: Path, st: os.stat_result, what: str):
+        """The recorded `what` ("probe" or "sha256") of `real` as it is (`st`), or None."""
+        entry = self._old.get(str(real))
+        if entry is None or entry.get("stat") != self._stat(st) or what not in entry:
+            return None
+        with self._lock:
+            self.counts[f"{what} reused"] += 1
+            self._now.setdefault(str(real), {"file": str(real), "stat": entry["stat"]})[what] = entry[what]
+        return entry[what]
+
+    def put(self, real: Path, st: os.stat_result, what: str, value) -> None:
+        with self._lock:
+            self.counts[f"{what} computed"] += 1
+            entry = self._now.setdefault(str(real), {"file": str(real), "stat": self._stat(st)})
+            if entry["stat"] != self._stat(st):
+                entry.clear()
+                entry.update(file=str(real), stat=self._stat(st))
+            entry[what] = value
+
+    def save(self) -> None:
+        """Write the facts of the files this run looked at (the others are dropped), atomically."""
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        with self._lock:
+            tmp.write_text("".join(json.dumps(e, sort_keys=True) + "\n" for _, e in sorted(self._now.items())))
+        os.replace(tmp, self.path)
+
+
 class _RowChecker:
     """The per-row checks; caches probes and hashes by file (recon rows share one file)."""
 
-    def __init__(self, cfg, root: Path, bad_objects: Dict[str, Tuple[str, str]], tokens: PromptTokens):
+    def __init__(self, cfg, root: Path, bad_objects: Dict[str, Tuple[str, str]], tokens: PromptTokens,
+                 facts: Optional[FileFacts] = None):
         self.cfg, self.root, self.bad_objects, self.tokens = cfg, root, bad_objects, tokens
+        self.facts = facts or FileFacts(None)
         self.min_frames = min(cfg.video.frames.values())
         self.fps = cfg.video.fps
         self.max_length = cfg.mllm.max_length
@@ -213,12 +277,12 @@ class _RowChecker:
             reason, detail = self.bad_objects[rel]
             raise RowError(reason, f"{role} {written!r}: {detail}", written)
         try:
-            exists = real.is_file()
+            st = real.stat() if real.is_file() else None
         except OSError as e:  # a name too long for the file system (ENAMETOOLONG): the row's path
             if is_transient(e):
                 raise
             raise RowError("bad_path", f"{role} {written!r}: {type(e).__name__}: {e}", written) from None
-        if not exists:
+        if st is None:
             raise RowError("media_missing", f"{role} {written!r}: no such file under the data root", written)
         try:
             kind = media_kind(real)
@@ -227,9 +291,12 @@ class _RowChecker:
         if kind != want:
             raise RowError("wrong_media_kind", f"{role} {written!r} is {'a video' if kind == 'video' else 'an image'}, "
                                                f"the task needs {'a video' if want == 'video' else 'an image'}", written)
+        if real not in self._probe and (known := self.facts.get(real, st, "probe")) is not None:
+            self._probe[real] = MediaInfo(**known)
         if real not in self._probe:
             try:
                 self._probe[real] = probe(real)
+                self.facts.put(real, st, "probe", dataclasses.asdict(self._probe[real]))
             except MediaError as e:
                 self._probe[real] = e
             except OSError as e:  # the file's own I/O (permissions, a read error); a network hiccup is not the row's
@@ -243,9 +310,12 @@ class _RowChecker:
             raise RowError("video_too_short", f"{role} {written!r}: {info.frames_at(self.fps)} frames at {self.fps} fps, "
                                               f"the shortest bucket needs {self.min_frames} (video.frames)", written)
         self.shape(info, role, written)
+        if real not in self._hash and (known := self.facts.get(real, st, "sha256")) is not None:
+            self._hash[real] = (known, st.st_size)
         if real not in self._hash:
             try:
-                self._hash[real] = (sha256_file(real), real.stat().st_size)
+                self._hash[real] = (sha256_file(real), st.st_size)
+                self.facts.put(real, st, "sha256", self._hash[real][0])
             except OSError as e:  # as above: this file's read, unless the error is the network's
                 if is_transient(e):
                     raise
@@ -382,7 +452,7 @@ def _checked_rows(checker: "_RowChecker", raws: list, workers: int) -> Iterator[
 def curate(cfg, source: str, data_root, out_dir, split_eval_fraction: Optional[float] = None,
            progress: bool = True, *, metadata: Optional[str] = None, synthetic_samples: Optional[int] = None,
            s3_settings: Optional[S3Settings] = None,
-           on_progress: Optional[Callable[[int, int], None]] = None) -> dict:
+           on_progress: Optional[Callable[[int, int], None]] = None, facts: Optional[Path] = None) -> dict:
     """Curate `source` into `out_dir`; return the curate.json summary.
 
     source: a local directory holding `metadata` (default `cfg.data.metadata`), a metadata file
@@ -390,7 +460,9 @@ def curate(cfg, source: str, data_root, out_dir, split_eval_fraction: Optional[f
     loomcore.data.release_format), an s3://bucket/prefix (mirrored into data_root, S3 settings from `cfg.s3`), or "synthetic"
     (Shapes, `synthetic_samples` default `cfg.data.synthetic_samples`, written to data_root).
     Paths in the metadata are relative to `data_root`. `split_eval_fraction` defaults to
-    `cfg.data.eval_fraction`. `on_progress(done, total)` is called after each row.
+    `cfg.data.eval_fraction`. `on_progress(done, total)` is called after each row. `facts`: the
+    file that keeps each media file's probe and sha256 between runs (`FileFacts`; the stage's is
+    `<paths.runs>/curate/file_facts.jsonl`), None to check every file afresh.
     """
     t0 = time.perf_counter()
     fraction = cfg.data.eval_fraction if split_eval_fraction is None else split_eval_fraction
@@ -414,36 +486,40 @@ def curate(cfg, source: str, data_root, out_dir, split_eval_fraction: Optional[f
         raws = schema.read_metadata(meta_path)
     t_fetch = time.perf_counter() - t0
 
-    checker = _RowChecker(cfg, root, bad_objects, tokens)
+    file_facts = FileFacts(facts)
+    checker = _RowChecker(cfg, root, bad_objects, tokens, file_facts)
     kept: List[dict] = []
     rejects: List[dict] = []
     kept_ids: Dict[str, int] = {}
     kept_content: Dict[Tuple[str, str, str], int] = {}
-    checked = _checked_rows(checker, raws, cfg.data.curate_workers)
-    for index, (raw, row, rec) in enumerate(tqdm(checked, total=len(raws), desc="curate", unit="row", disable=not progress)):
-        sample_id = None
-        try:
-            if isinstance(row, RowError):
-                raise row
-            sample_id = row["id"]
-            if sample_id in kept_ids:
-                raise RowError("duplicate_id", f"id {sample_id!r} was already kept from row {kept_ids[sample_id]}")
-            if isinstance(rec, RowError):
-                raise rec
-            key = (rec["checksum"], rec["task"], rec["caption"])
-            if key in kept_content:
-                raise RowError("duplicate_content", f"same media, task and caption as row {kept_content[key]} (checksum {rec['checksum'][:16]}…)")
-            kept_ids[sample_id], kept_content[key] = index, index
-            kept.append(rec)
-        except RowError as e:  # only RowError: any other exception here is a bug of ours, and must fail the stage
-            if sample_id is None and isinstance(raw, dict) and raw.get("id") is not None:
-                sample_id = str(raw["id"])
-            # messages from PyAV & co. quote absolute paths: keep the table independent of where the root is
-            detail = e.detail.replace(f"{root}{os.sep}", "")
-            rejects.append({"row_index": index, "id": _printable(sample_id), "reason": e.reason, "detail": _printable(detail),
-                            "file": _printable(e.file), "row_json": schema.row_json(raw)})
-        if on_progress:
-            on_progress(index + 1, len(raws))
+    try:
+        checked = _checked_rows(checker, raws, cfg.data.curate_workers)
+        for index, (raw, row, rec) in enumerate(tqdm(checked, total=len(raws), desc="curate", unit="row", disable=not progress)):
+            sample_id = None
+            try:
+                if isinstance(row, RowError):
+                    raise row
+                sample_id = row["id"]
+                if sample_id in kept_ids:
+                    raise RowError("duplicate_id", f"id {sample_id!r} was already kept from row {kept_ids[sample_id]}")
+                if isinstance(rec, RowError):
+                    raise rec
+                key = (rec["checksum"], rec["task"], rec["caption"])
+                if key in kept_content:
+                    raise RowError("duplicate_content", f"same media, task and caption as row {kept_content[key]} (checksum {rec['checksum'][:16]}…)")
+                kept_ids[sample_id], kept_content[key] = index, index
+                kept.append(rec)
+            except RowError as e:  # only RowError: any other exception here is a bug of ours, and must fail the stage
+                if sample_id is None and isinstance(raw, dict) and raw.get("id") is not None:
+                    sample_id = str(raw["id"])
+                # messages from PyAV & co. quote absolute paths: keep the table independent of where the root is
+                detail = e.detail.replace(f"{root}{os.sep}", "")
+                rejects.append({"row_index": index, "id": _printable(sample_id), "reason": e.reason, "detail": _printable(detail),
+                                "file": _printable(e.file), "row_json": schema.row_json(raw)})
+            if on_progress:
+                on_progress(index + 1, len(raws))
+    finally:  # what this run learned of the files stands even if the stage fails after it
+        file_facts.save()
 
     train, evals, moved = split_rows(kept, lambda r: [checker._hash[root / f][0] for f in (r["media"], r["source"]) if f],
                                 fraction)
@@ -476,7 +552,9 @@ def curate(cfg, source: str, data_root, out_dir, split_eval_fraction: Optional[f
         **({"release": release} if release else {}),
         # volatile: differs between runs of the same input
         "timing": {"seconds": round(seconds, 3), "fetch_seconds": round(t_fetch, 3),
-                   "rows_per_s": round(len(raws) / max(seconds - t_fetch, 1e-9), 1), "transfer": transfer},
+                   "rows_per_s": round(len(raws) / max(seconds - t_fetch, 1e-9), 1), "transfer": transfer,
+                   # media files decoded and hashed by this run, and those whose facts it reused (FileFacts)
+                   "files": {k.replace(" ", "_"): v for k, v in sorted(file_facts.counts.items())}},
     }
     _publish(out_dir, train, evals, rejects, summary)
     return summary
