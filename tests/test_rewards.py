@@ -79,7 +79,7 @@ def test_pickscore_loads_a_saved_clip_and_scores_by_the_formula(clip_dir):
     from transformers import CLIPModel, CLIPProcessor
 
     cfg = load_config(["rl.reward=pickscore", f"rl.pickscore.model={clip_dir}", f"rl.pickscore.processor={clip_dir}",
-                       "rl.pickscore.batch_size=2"], profile="tiny")
+                       "rl.pickscore.batch_size=2", "rl.tasks=[t2i,t2v,ti2i]"], profile="tiny")
     reward = build_reward(cfg)  # the params path: from_config → from_pretrained → materialize
     assert isinstance(reward, PickScoreReward) and reward.scale == 26.0
     videos, prompts = _videos(0), ["a red circle moves left", "a blue square"]
