@@ -231,13 +231,20 @@ def cmd_deploy(args) -> int:
     print(f"deploy: nightly-retrain and nightly-eval schedules active (model registry {cfg.export.s3_uri})" if nightly
           else "deploy: nightly-retrain and nightly-eval deployed with their schedules paused: no model registry "
           "(export.s3_uri is null), so nightly-eval has no `latest` to evaluate; resume them in the UI", flush=True)
-    # the server's pause switches and schedule states, kept across `prefect deploy` (flows/deploy_states.py)
-    with tempfile.TemporaryDirectory(prefix="loom-deploy-") as tmp:
-        states = str(Path(tmp) / "states.json")
-        rc = subprocess.run([sys.executable, "-m", "flows.deploy_states", "save", states], cwd=here, env=env).returncode
-        rc = rc or subprocess.run([prefect, "--no-prompt", "deploy", "--all"], cwd=here, env=env).returncode
-        rc = rc or subprocess.run([sys.executable, "-m", "flows.deploy_states", "restore", states], cwd=here,
+    # the server's pause switches and schedule states, kept across `prefect deploy` (flows/deploy_states.py);
+    # put back also when the deploy fails part-way (the deployments it reached were reset)
+    tmp = Path(tempfile.mkdtemp(prefix="loom-deploy-"))
+    states = tmp / "states.json"
+    rc = subprocess.run([sys.executable, "-m", "flows.deploy_states", "save", str(states)], cwd=here, env=env).returncode
+    if rc == 0:
+        rc = subprocess.run([prefect, "--no-prompt", "deploy", "--all"], cwd=here, env=env).returncode
+        restored = subprocess.run([sys.executable, "-m", "flows.deploy_states", "restore", str(states)], cwd=here,
                                   env=env).returncode
+        if restored:
+            print(f"loom deploy: the deployments' pause and schedule states before this deploy are kept in {states}; "
+                  f"put them back with `python -m flows.deploy_states restore {states}`", file=sys.stderr)
+            return restored
+    shutil.rmtree(tmp, ignore_errors=True)
     if rc:
         return rc
     # the automation that marks runs whose heartbeats stopped Crashed (flows/automations.py: the
@@ -553,7 +560,10 @@ def build_parser() -> argparse.ArgumentParser:
                 "evaluate, and the pipeline and nightlies, whose dvc repro runs those stages on the worker's "
                 "machine) to orchestration.gpu_pool: on the tiny profile both are loom-local, one CPU "
                 "pool with one worker; on the paper profile the GPU pool is h20. The pools must exist; "
-                "the deployments run in LOOM_REPO (default: this checkout). Then the automation that marks "
+                "the deployments run in LOOM_REPO (default: this checkout). A deployment already on the "
+                "server keeps its pause switch and its schedules' states as the UI left them (a nightly "
+                "schedule follows the model registry, export.s3_uri, when that changed since the last "
+                "deploy; flows/deploy_states.py). Then the automation that marks "
                 "a run whose heartbeats stopped (a killed process) Crashed is created or updated "
                 "(flows/automations.py).")
 

@@ -98,6 +98,17 @@ def test_the_readme_commands_deploy_and_a_triggered_pipeline_shows_one_run_tree(
             assert now["export"].paused and not now["stage1"].paused
             assert now["nightly-eval"].schedules[0].active and not now["nightly-retrain"].schedules[0].active
             client.resume_deployment(now["export"].id)
+        # a model registry configured since: the nightly schedules follow it (active), not the kept switches
+        third = subprocess.run(["bash", "-c", "loom deploy export.s3_uri=s3://registry/models"], cwd=checkout, env=env,
+                               capture_output=True, text=True, timeout=300)
+        assert third.returncode == 0, third.stderr[-2000:]
+        assert "deploy: nightly-retrain: its schedule active, as prefect.yaml says (the model registry changed" \
+               in third.stdout, third.stdout
+        with get_client(sync_client=True) as client:
+            now = {d.name: d for d in client.read_deployments()}
+            assert now["nightly-eval"].schedules[0].active and now["nightly-retrain"].schedules[0].active
+            for name in ("nightly-retrain", "nightly-eval"):  # as the tiny profile deploys them, for what follows
+                client.update_deployment_schedule(now[name].id, now[name].schedules[0].id, active=False)
         run = run_deployment("pipeline/pipeline", parameters={"stages": STAGES}, timeout=400, poll_interval=1)
         assert run.state is not None and run.state.is_completed(), run.state
     finally:
