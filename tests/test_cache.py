@@ -496,7 +496,7 @@ def test_added_and_removed_rows_re_encode_only_the_shards_they_touch(tiny_worksp
     shutil.copytree(cache_dir, out)
     shutil.copytree(cfg.paths.manifests, manifests)
     before = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.glob("*-*.safetensors")}
-    layout = shards.previous_layout(out)
+    layout = shards.previous_layout(out, json.loads(pq.read_schema(out / "index.parquet").metadata[shards.LAYOUT_KEY]))
     train = pq.read_table(manifests / "train.parquet").to_pylist()
     train.sort(key=lambda r: r["id"])
     removed = train[len(train) // 2]
@@ -530,3 +530,36 @@ def test_added_and_removed_rows_re_encode_only_the_shards_they_touch(tiny_worksp
 
     again = build_cache(grown, out_dir=out, progress=False)
     assert again["shards_written"] == 0 and again["shards_skipped"] == again["shards"]
+    # shards cut for other settings or another size are not kept: a fresh build's layout then
+    recorded = json.loads(pq.read_schema(out / "index.parquet").metadata[shards.LAYOUT_KEY])
+    assert shards.previous_layout(out, recorded) and recorded["shard_size"] == n
+    assert shards.previous_layout(out, dict(recorded, shard_size=n + 1)) == {}
+    assert shards.previous_layout(out, dict(recorded, settings="0" * 12)) == {}
+
+
+def test_a_caption_edited_in_the_manifest_re_encodes_its_shard(tiny_workspace, cache_dir, tmp_path):
+    """A shard's name digests its rows' ids and media checksums, not their captions: a caption
+    fixed in the metadata kept the old caption's MLLM features in the cache. Now a finished shard
+    whose index part disagrees with its rows' task or caption is rewritten, with a warning naming
+    the row; the rest resume."""
+    import shutil
+
+    from loomcore.data.schema import MANIFEST_SCHEMA, write_parquet
+    from loomcore.train.cache import CacheWarning
+
+    cfg, overrides = tiny_workspace
+    out, manifests = tmp_path / "cache", tmp_path / "manifests"
+    shutil.copytree(cache_dir, out)
+    shutil.copytree(cfg.paths.manifests, manifests)
+    train = pq.read_table(manifests / "train.parquet").to_pylist()
+    edited = next(r for r in train if r["task"] == "t2i")
+    edited["caption"] = "a yellow triangle on a black background"
+    write_parquet(train, MANIFEST_SCHEMA, manifests / "train.parquet")
+    fixed = load_config([*overrides, f"paths.manifests={manifests}"], profile="tiny")
+    with pytest.warns(CacheWarning, match=rf"row '{edited['id']}' has another task or caption now; rewriting it"):
+        summary = build_cache(fixed, out_dir=out, progress=False)
+    holding = sum(edited["task"] in tasks for tasks in plan(cfg).values())  # a shard at each resolution
+    assert holding >= 1 and summary["shards_written"] == holding
+    assert summary["shards_skipped"] == summary["shards"] - holding
+    index = [r for r in pq.read_table(out / "index.parquet").to_pylist() if r["id"] == edited["id"]]
+    assert len(index) == holding and all(r["caption"] == edited["caption"] for r in index)

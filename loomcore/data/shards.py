@@ -49,6 +49,8 @@ INDEX_SCHEMA = pa.schema(
 PART_SHA256_KEY = b"loom.shard_sha256"
 PART_SKIPPED_KEY = b"loom.skipped_rows"
 SKIPPED_BY_SHARD_KEY = b"loom.skipped_by_shard"  # index metadata: JSON {shard: [ids it could not cache]}
+LAYOUT_KEY = b"loom.layout"  # index metadata: JSON {"settings", "shard_size"} the shards were cut for
+_SHARD_RE = re.compile(r"^(train|eval)-(.+)-(\d{5,})-([0-9a-f]{12})\.safetensors$")  # `shard_name`'s
 _TEMP_RE = re.compile(r"^\..+\.tmp-(\d+)$")  # `_temp_path`'s names: .<name>.tmp-<pid>
 
 
@@ -179,15 +181,19 @@ def write_null_context(root: Path, context: torch.Tensor, settings: str = "") ->
     return {"sha256": file_sha256(root / NULL_SHARD), "settings": settings}
 
 
-def finalize(root: Path, shard_names: Iterable[str], null_context: Optional[dict] = None) -> Tuple[int, Path]:
+def finalize(root: Path, shard_names: Iterable[str], null_context: Optional[dict] = None,
+             layout: Optional[dict] = None) -> Tuple[int, Path]:
     """Concatenate the index parts of `shard_names` (in that order) into index.parquet, with the
-    null context's record (from `write_null_context`) and the ids of the rows each shard could not
+    null context's record (from `write_null_context`), what the shards were cut for (`layout`:
+    the encoding settings' digest and the shard size) and the ids of the rows each shard could not
     cache (those that have any: with the index's rows, every shard's rows — `previous_layout`) in
     its metadata."""
     shard_names = list(shard_names)
     tables = [pq.read_table(_part(root, n)) for n in shard_names]
     table = pa.concat_tables(tables) if tables else INDEX_SCHEMA.empty_table()
     meta = {NULL_RECORD_KEY: json.dumps(null_context, sort_keys=True)} if null_context else {}
+    if layout:
+        meta[LAYOUT_KEY] = json.dumps(layout, sort_keys=True)
     skipped = {n: ids for n, t in zip(shard_names, tables)
                if (ids := [r["id"] for r in json.loads((t.schema.metadata or {}).get(PART_SKIPPED_KEY) or "[]")])}
     if skipped:
@@ -201,25 +207,49 @@ def shard_name(split: str, resolution: str, number: int, digest: str) -> str:
     return f"{split}-{resolution}-{number:05d}-{digest}.safetensors"
 
 
-def previous_layout(root: Path) -> Dict[Tuple[str, str], List[Tuple[int, List[str]]]]:
+def previous_layout(root: Path, layout: dict) -> Dict[Tuple[str, str], List[Tuple[int, List[str]]]]:
     """The shards of the cache's last complete index, by (split, resolution): [(number, the ids
-    of its rows, cached or not, sorted)] — {} without an index. `layout_chunks` keeps them."""
+    of its rows, cached or not, sorted)] — {} without an index, or when its shards were cut for
+    another `layout` (other encoding settings or shard size: a fresh build's layout then, not the
+    old one's). `layout_chunks` keeps them."""
     path = root / INDEX_FILE
     if not path.is_file():
         return {}
     table = pq.read_table(path, columns=["id", "shard"])
+    recorded = (table.schema.metadata or {}).get(LAYOUT_KEY)
+    if recorded is None or json.loads(recorded) != layout:
+        return {}
     rows: Dict[str, List[str]] = defaultdict(list)
     for sid, shard in zip(table.column("id").to_pylist(), table.column("shard").to_pylist()):
         rows[shard].append(sid)
     raw = (table.schema.metadata or {}).get(SKIPPED_BY_SHARD_KEY)
     for shard, ids in (json.loads(raw) if raw else {}).items():
         rows[shard] += ids
-    layout: Dict[Tuple[str, str], List[Tuple[int, List[str]]]] = defaultdict(list)
+    shards: Dict[Tuple[str, str], List[Tuple[int, List[str]]]] = defaultdict(list)
     for shard, ids in rows.items():
-        split, rest = shard.split("-", 1)
-        resolution, number, _ = rest[: -len(".safetensors")].rsplit("-", 2)
-        layout[split, resolution].append((int(number), sorted(ids)))
-    return {k: sorted(v) for k, v in layout.items()}
+        m = _SHARD_RE.match(shard)
+        if m is None:  # not a name this code writes: a fresh build's layout
+            return {}
+        shards[m[1], m[2]].append((int(m[3]), sorted(ids)))
+    return {k: sorted(v) for k, v in shards.items()}
+
+
+def rows_problem(root: Path, name: str, rows: Sequence[dict]) -> Optional[str]:
+    """Why the finished shard `name` does not hold `rows` as they are now, or None: its index part
+    must hold each of them (cached, or skipped with why) with the task and caption the row has.
+    The shard's name digests the rows' ids and media checksums only, so a caption edited in the
+    metadata would otherwise keep the features of the old caption."""
+    part = pq.read_table(_part(root, name), columns=["id", "task", "caption"])
+    held = {r["id"]: (r["task"], r["caption"]) for r in part.to_pylist()}
+    skipped = {r["id"] for r in json.loads((part.schema.metadata or {}).get(PART_SKIPPED_KEY) or "[]")}
+    for r in rows:
+        if r["id"] in skipped:
+            continue
+        if r["id"] not in held:
+            return f"it does not hold row {r['id']!r}"
+        if held[r["id"]] != (r["task"], r["caption"] or ""):
+            return f"row {r['id']!r} has another task or caption now"
+    return None
 
 
 def layout_chunks(rows: List[dict], previous: Sequence[Tuple[int, List[str]]], size: int) -> List[Tuple[int, List[dict]]]:

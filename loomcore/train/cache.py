@@ -288,7 +288,8 @@ def build_cache(
     # encoded into shards of its own, not into every shard after the first new id
     if dest.remote is not None:
         mirror_files(dest.remote, (INDEX_FILE,))
-    previous = shards.previous_layout(out_dir)
+    layout = {"settings": settings_digest, "shard_size": cfg.data.shard_size}
+    previous = shards.previous_layout(out_dir, layout)
     work: List[Tuple[str, str, List[dict]]] = []  # (shard name, resolution, rows)
     for res, tasks in plan(cfg).items():
         for split in ("train", "eval"):
@@ -305,6 +306,8 @@ def build_cache(
                disable=not progress)
     for name, res, chunk in mine:
         done, problem = dest.state(name)
+        if done and problem is None:
+            problem = shards.rows_problem(out_dir, name, chunk)
         if done and problem is None:
             resumed += 1
         elif stop_after_shards is not None and written >= stop_after_shards:
@@ -360,7 +363,7 @@ def build_cache(
                 context = empty.hidden_states[0, :, : int(empty.lengths[0])].to("cpu", dtype)
                 _require_finite(context, "the null context (the empty condition's MLLM features)")
                 null = shards.write_null_context(out_dir, context, settings_digest)
-        shards.finalize(out_dir, finished, null)
+        shards.finalize(out_dir, finished, null, layout)
         if mode != "cached":
             (out_dir / NULL_SHARD).unlink(missing_ok=True)  # (the store's copy goes with remove_stale)
         content = _describe(cfg, out_dir, finished, len(work))
