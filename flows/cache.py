@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from prefect import flow
 
-from flows.common import stage_main
+from flows.common import checkout_locked, stage_main
 from tasks.common import markdown_table, publish_markdown
 from tasks.cache import cache_task
 
@@ -21,6 +21,7 @@ def _markdown(summary: dict) -> str:
 
 
 @flow(name="cache", log_prints=True)
+@checkout_locked
 def cache_flow(profile: str | None = None, overrides: list[str] | None = None) -> dict:
     summary = cache_task(profile, list(overrides or []))
     publish_markdown("cache-summary", _markdown(summary), "What the cache stage did")

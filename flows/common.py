@@ -6,12 +6,16 @@ config of a checkout (`repo_config`), and the deployments' pull step (`enter_che
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
+from prefect.context import FlowRunContext
+
 from tasks.common import PARENT_TASK_RUN_ENV
+from tasks.dvc import pipeline_lock
 
 
 def stage_main(flows: Callable | Mapping[str, Callable], description: str, argv: list[str] | None = None,
@@ -41,6 +45,26 @@ def stage_main(flows: Callable | Mapping[str, Callable], description: str, argv:
         print(f"{module}: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def checkout_locked(flow_fn: Callable) -> Callable:
+    """Under `@flow`: a stage flow started by its deployment (the UI, the API) holds the
+    checkout's pipeline lock for its run, as the pipeline and nightly flows do — a stage run from
+    the UI while the pipeline or a nightly works in the same checkout would otherwise write the
+    outs that run reads or writes (on the paper profile curate, base-models and export are on the
+    CPU pool, beside the GPU pool's pipeline). It fails at once if the lock is held, naming the
+    holder. Started any other way — by DVC under the pipeline (which holds the lock), by hand — it
+    takes none."""
+
+    @functools.wraps(flow_fn)
+    def run(*args, **kwargs):
+        ctx = FlowRunContext.get()
+        if ctx is None or ctx.flow_run is None or ctx.flow_run.deployment_id is None:
+            return flow_fn(*args, **kwargs)
+        with pipeline_lock(Path.cwd()):
+            return flow_fn(*args, **kwargs)
+
+    return run
 
 
 def run_stage_flow(flow_fn: Callable, **parameters):

@@ -109,6 +109,14 @@ def test_the_readme_commands_deploy_and_a_triggered_pipeline_shows_one_run_tree(
             assert now["nightly-eval"].schedules[0].active and now["nightly-retrain"].schedules[0].active
             for name in ("nightly-retrain", "nightly-eval"):  # as the tiny profile deploys them, for what follows
                 client.update_deployment_schedule(now[name].id, now[name].schedules[0].id, active=False)
+        # a stage triggered from the UI while a pipeline holds the checkout: refused at once, naming the holder
+        # (it would write the outs that run works on); the pipeline's own stages take no lock (no deadlock)
+        from tasks.dvc import pipeline_lock
+
+        with pipeline_lock(checkout):
+            busy = run_deployment("curate/curate", timeout=300, poll_interval=1)
+        assert busy.state is not None and busy.state.is_failed(), busy.state
+        assert "another pipeline run holds" in (busy.state.message or ""), busy.state.message
         run = run_deployment("pipeline/pipeline", parameters={"stages": STAGES}, timeout=400, poll_interval=1)
         assert run.state is not None and run.state.is_completed(), run.state
     finally:
