@@ -728,14 +728,25 @@ def test_a_rank_whose_torchrun_was_killed_ends_itself(ws):
                 break
         ranks = outside_descendants(agent.pid)
         assert len(ranks) == 1
-        rank = ranks[0][0]
+        (rank, started), = ranks
         os.kill(agent.pid, signal.SIGKILL)
         killed = time.monotonic()
         rest, _ = agent.communicate(timeout=120)  # the rank holds the pipe until it ends
         waited = time.monotonic() - killed
     finally:
         stop_group(agent, grace=0)
-    assert not Path(f"/proc/{rank}").exists() or Path(f"/proc/{rank}/stat").read_text().split(")")[1].split()[0] == "Z"
+
+    def alive() -> bool:  # the rank itself (pid and start time), not yet a zombie; its pipe closes as it exits
+        try:
+            fields = Path(f"/proc/{rank}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return False
+        return fields[19] == started and fields[0] != "Z"
+
+    deadline = time.monotonic() + 10
+    while alive() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not alive()
     assert f"rank 0: stopping: its torchrun agent (pid {agent.pid}) is gone" in rest, rest[-3000:]
     assert waited < silence, waited  # its parent is watched: no need to wait for the store's silence
 
