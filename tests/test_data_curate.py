@@ -615,9 +615,24 @@ def test_a_rerun_decodes_and_hashes_only_new_and_changed_files(data, tmp_path, c
     assert checksum[image["id"]] != before[image["id"]]
     assert {k: v for k, v in checksum.items() if k != image["id"]} == {k: v for k, v in before.items() if k != image["id"]}
 
-    (root / "metadata.parquet").unlink()  # fewer rows: their files' facts go
+    (root / "metadata.parquet").unlink()  # a smaller run keeps the facts of the files it skips while they exist
     schema.write_parquet([r for r in good if r["id"] != image["id"]], schema.METADATA_SCHEMA, root / "metadata.parquet")
     curate(cfg, str(root), root, tmp_path / "d", progress=False, facts=facts)
     kept = {json.loads(line)["file"] for line in facts.read_text().splitlines()}
+    assert str(path.resolve()) in kept and len(kept) == files
+    assert FileFacts(facts).get(path.resolve(), os.stat(path), "sha256") is not None
+    path.unlink()  # … and drops them once the file is gone
+    curate(cfg, str(root), root, tmp_path / "e", progress=False, facts=facts)
+    kept = {json.loads(line)["file"] for line in facts.read_text().splitlines()}
     assert str(path.resolve()) not in kept and len(kept) == files - 1
-    assert FileFacts(facts).get(path.resolve(), os.stat(path), "sha256") is None
+
+    # facts made by other probing code (or an older layout) are not trusted: everything is checked again
+    facts.write_text("".join(json.dumps(dict(json.loads(line), version="0-older")) + "\n"
+                             for line in facts.read_text().splitlines()))
+    again = curate(cfg, str(root), root, tmp_path / "f", progress=False, facts=facts)
+    assert again["timing"]["files"] == {"probe_computed": files - 1, "sha256_computed": files - 1}
+    # a chmod moves the file's ctime: its facts are not reused (it may no longer be readable)
+    other = next(r for r in good if r["id"] != image["id"] and r["task"] == "t2i")
+    os.chmod(root / other["media"], 0o644)
+    assert curate(cfg, str(root), root, tmp_path / "g", progress=False, facts=facts)["timing"]["files"] == \
+        {"probe_computed": 1, "probe_reused": files - 2, "sha256_computed": 1, "sha256_reused": files - 2}

@@ -41,7 +41,7 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 from tqdm import tqdm
 
 from loomcore.config import TASK_KINDS, ConfigError
-from loomcore.data import schema
+from loomcore.data import schema, video_io
 from loomcore.data.buckets import nearest_bucket, nearest_sizes
 from loomcore.data.schema import RowError
 from loomcore.task_kinds import TaskSpec, check_figure_refs, task_spec, to_release_pointers
@@ -165,16 +165,26 @@ def _smallest_size(width: int, height: int, buckets) -> Tuple[str, Tuple[int, in
 
 
 FACTS_FILE = "file_facts.jsonl"  # under <paths.runs>/curate/: what curation learned of each media file
+FACTS_FORMAT = 1  # the entries' layout
+
+
+def _facts_version() -> str:
+    """What a file's facts depend on besides its bytes: the probing code (video_io.py) and the
+    entries' layout. Facts made by other code are checked afresh."""
+    return f"{FACTS_FORMAT}-{hashlib.sha256(Path(video_io.__file__).read_bytes()).hexdigest()[:16]}"
 
 
 class FileFacts:
     """What curation learned of each media file — its probe (every frame decoded) and its sha256 —
     kept between runs in a JSON-lines file (outside the stage's outs) and reused for a file whose
     path, size, modification time and inode are those it had then (the test DVC's own state
-    database makes before it hashes a file again). A nightly rerun over a corpus that grew by a
-    little decodes and hashes the new and changed files only, not every video again. A file
-    rewritten in place with the same size and modification time (forced, e.g. `touch -r`) would
-    keep its old facts: remove the file of facts to check everything. `path` None: nothing kept."""
+    database makes before it hashes a file again; and its ctime, which a chmod moves too), made by
+    the same probing code (`_facts_version`). A nightly rerun over a corpus that grew by a little
+    decodes and hashes the new and changed files only, not every video again. A file rewritten in
+    place with the same size and times (forced, e.g. `touch -r` and a reset clock) would keep its
+    old facts: remove the file of facts to check everything. The facts of files a run did not look
+    at are kept while the file exists (a smaller run does not cost the next full one its facts).
+    `path` None: nothing kept."""
 
     def __init__(self, path: Optional[Path]):
         self.path = None if path is None else Path(path)
@@ -182,17 +192,19 @@ class FileFacts:
         self._now: Dict[str, dict] = {}
         self._lock = threading.Lock()
         self.counts: Counter = Counter()  # "probe reused", "sha256 computed", …
+        self.version = _facts_version()
         if self.path is not None and self.path.is_file():
             for line in self.path.read_text().splitlines():
                 try:
                     entry = json.loads(line)
-                    self._old[entry["file"]] = entry
+                    if entry["version"] == self.version:
+                        self._old[entry["file"]] = entry
                 except (ValueError, KeyError, TypeError):  # a line cut short by a kill: its file is checked again
                     continue
 
     @staticmethod
     def _stat(st: os.stat_result) -> list:
-        return [st.st_size, st.st_mtime_ns, st.st_ino]
+        return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
 
     def get(self, real: Path, st: os.stat_result, what: str):
         """The recorded `what` ("probe" or "sha256") of `real` as it is (`st`), or None."""
@@ -201,26 +213,29 @@ class FileFacts:
             return None
         with self._lock:
             self.counts[f"{what} reused"] += 1
-            self._now.setdefault(str(real), {"file": str(real), "stat": entry["stat"]})[what] = entry[what]
+            self._now.setdefault(str(real), {"file": str(real), "stat": entry["stat"], "version": self.version})[what] = \
+                entry[what]
         return entry[what]
 
     def put(self, real: Path, st: os.stat_result, what: str, value) -> None:
         with self._lock:
             self.counts[f"{what} computed"] += 1
-            entry = self._now.setdefault(str(real), {"file": str(real), "stat": self._stat(st)})
+            entry = self._now.setdefault(str(real), {"file": str(real), "stat": self._stat(st), "version": self.version})
             if entry["stat"] != self._stat(st):
                 entry.clear()
-                entry.update(file=str(real), stat=self._stat(st))
+                entry.update(file=str(real), stat=self._stat(st), version=self.version)
             entry[what] = value
 
     def save(self) -> None:
-        """Write the facts of the files this run looked at (the others are dropped), atomically."""
+        """Write the facts of the files this run looked at, and the others' while their file
+        exists, atomically."""
         if self.path is None:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
         with self._lock:
-            tmp.write_text("".join(json.dumps(e, sort_keys=True) + "\n" for _, e in sorted(self._now.items())))
+            kept = {**{f: e for f, e in self._old.items() if f not in self._now and os.path.exists(f)}, **self._now}
+            tmp.write_text("".join(json.dumps(e, sort_keys=True) + "\n" for _, e in sorted(kept.items())))
         os.replace(tmp, self.path)
 
 
