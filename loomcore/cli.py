@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
 import tempfile
+import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import List, Optional
 
@@ -306,6 +309,88 @@ def cmd_node(args) -> int:
     return subprocess.run(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"}).returncode
 
 
+class StoppedBySignal(Exception):
+    """`loom pipeline` was sent SIGINT, SIGTERM or SIGHUP; `code` is the shell's 128 + signal."""
+
+    def __init__(self, signum: int, detail: str = ""):
+        self.code = 128 + signum
+        super().__init__(f"stopped by {signal.Signals(signum).name}{detail}")
+
+
+class _SignalledRun:
+    """Runs one command in a session of its own and passes the signals `loom pipeline` gets on to
+    its whole process group (`stopped_by_signals`)."""
+
+    GRACE_S = 60.0  # for the group to end after the signal: a stage stops its torchrun (tasks.proc), DVC its lock
+
+    def __init__(self):
+        self.proc: Optional[subprocess.Popen] = None
+        self.starting = False
+        self.signals: List[int] = []
+
+    def on_signal(self, signum, frame) -> None:
+        self.signals.append(signum)
+        if self.proc is None:
+            if self.starting:
+                return
+            raise StoppedBySignal(signum, " before the DAG started")  # (the server's `finally` stops it)
+        if len(self.signals) == 1:
+            print(f"loom pipeline: {signal.Signals(signum).name}: stopping the DAG (passed on to DVC and "
+                  f"the running stage; up to {self.GRACE_S:.0f} s, a second signal stops it at once)",
+                  file=sys.stderr, flush=True)
+            self._signal_group(signum)
+        else:
+            self._signal_group(signal.SIGKILL)
+
+    def _signal_group(self, signum: int) -> None:
+        try:
+            os.killpg(self.proc.pid, signum)
+        except ProcessLookupError:
+            pass
+
+    def _group_alive(self) -> bool:
+        from loomcore.processes import group_members  # (zombies do not count: an init may not reap)
+
+        return bool(group_members(self.proc.pid))
+
+    def run(self, cmd: List[str], env) -> int:
+        """The command's exit code; StoppedBySignal once it and every process of its group ended
+        after a signal (SIGKILL to what is left after GRACE_S)."""
+        self.starting = True  # a signal until `proc` is known is passed on just after
+        self.proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+        if self.signals:
+            self._signal_group(self.signals[0])
+        rc = self.proc.wait()
+        if not self.signals:
+            return rc
+        deadline = time.monotonic() + self.GRACE_S  # DVC may end first (it dies on SIGTERM): its stage goes on stopping
+        while self._group_alive() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        left = self._group_alive()
+        if left:
+            self._signal_group(signal.SIGKILL)
+        raise StoppedBySignal(self.signals[0], f"; DVC exited with {rc}"
+                              + (f", its group killed after {self.GRACE_S:.0f} s" if left else ""))
+
+
+@contextmanager
+def stopped_by_signals():
+    """A `_SignalledRun` whose command stops with `loom pipeline`. DVC runs in a session of its own,
+    so a signal sent to loom alone — `kill`, `timeout`, a closed terminal, a service manager's stop
+    — used to end loom at once (SIGTERM's default) and leave DVC, the stage and the Prefect server
+    running; now loom passes SIGINT, SIGTERM and SIGHUP on to DVC's group (the stage in it stops its
+    own torchrun group), waits for the group to end, then stops the server. A terminal's Ctrl-C,
+    which reached DVC and the stage directly before, reaches them through loom."""
+    run = _SignalledRun()
+    handled = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {s: signal.signal(s, run.on_signal) for s in handled}
+    try:
+        yield run
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
 def cmd_pipeline(args) -> int:
     cfg = _load(args)  # refuses a bad key or value before DVC starts
     print(f"pipeline: profile {cfg.profile} (config {cfg.fingerprint()})")
@@ -326,11 +411,15 @@ def cmd_pipeline(args) -> int:
         env = dict(os.environ)  # stage cmds run `python -m flows.…`: this environment's python
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
         try:
-            with prefect_server(env) as run_env:  # one server for every stage (loomcore.local_server)
-                rc = subprocess.call(cmd, env=run_env)
+            with stopped_by_signals() as dvc:
+                with prefect_server(env) as run_env:  # one server for every stage (loomcore.local_server)
+                    rc = dvc.run(cmd, run_env)
         except ServerStartError as e:
             print(f"loom pipeline: {e}", file=sys.stderr)
             return 1
+        except StoppedBySignal as e:
+            print(f"loom pipeline: {e}", file=sys.stderr)
+            return e.code
         if rc:
             return rc
     if missing:

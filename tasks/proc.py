@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 from typing import Callable, Dict, List, Mapping, Optional, Sequence
 
+from loomcore.processes import group_members, process_table
+
 REAP_WAIT_S = 10.0  # how long stop_orphan_group waits for init to reap what it killed
 
 _live: Dict[int, subprocess.Popen] = {}
@@ -70,7 +72,7 @@ def stop_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
 
 def kill_if_alive(processes: Sequence[tuple]) -> None:
     """SIGKILL each (pid, start time) that is still that process and not a zombie."""
-    table = _process_table()
+    table = process_table()
     for pid, started in processes:
         if pid in table and table[pid][3] == started and table[pid][0] != "Z":
             try:
@@ -79,29 +81,10 @@ def kill_if_alive(processes: Sequence[tuple]) -> None:
                 pass
 
 
-def _process_table() -> Dict[int, tuple]:
-    """pid → (state, parent pid, process group, start time) of every process, from /proc (Linux)."""
-    table = {}
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            fields = (d / "stat").read_text().rsplit(")", 1)[1].split()  # state ppid pgrp session … starttime
-        except OSError:
-            continue
-        table[int(d.name)] = (fields[0], int(fields[1]), int(fields[2]), fields[19])
-    return table
-
-
-def group_members(pgid: int) -> List[int]:
-    """Live (non-zombie) processes of process group `pgid`, from /proc (Linux)."""
-    return [pid for pid, (state, _, group, _) in _process_table().items() if state != "Z" and group == pgid]
-
-
 def outside_descendants(pgid: int) -> List[tuple]:
     """(pid, start time) of the live processes below the members of group `pgid` that are in
     other groups (torchrun's ranks), from /proc."""
-    table = _process_table()
+    table = process_table()
     children: Dict[int, List[int]] = {}
     for pid, (_, parent, _, _) in table.items():
         children.setdefault(parent, []).append(pid)
@@ -159,7 +142,7 @@ def stop_orphan_group(pgid: int, grace: float = 10.0, cwd: Optional[Path] = None
     # counts while it is still that process: it may have been reused since).
     deadline = time.monotonic() + REAP_WAIT_S
     while time.monotonic() < deadline:
-        table = _process_table()
+        table = process_table()
         if not any(m in table for m in members) and not any(table.get(pid, (0, 0, 0, None))[3] == started
                                                               for pid, started in below):
             break

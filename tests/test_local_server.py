@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -64,3 +66,70 @@ def test_a_server_that_cannot_start_is_a_clear_error(tmp_path):
     with pytest.raises(ServerStartError, match=r"prefect server start.*(exited|did not answer)"):
         with prefect_server(env, startup_timeout=60, log=lambda _: None):
             pass
+
+
+PROBE_STAGE = """
+import os, signal, sys, time
+from pathlib import Path
+
+def stop(signum, frame):
+    Path("stopped").write_text(signal.Signals(signum).name)
+    sys.exit(1)
+
+signal.signal(signal.SIGTERM, stop)
+Path("started").write_text(str(os.getpid()))
+time.sleep(600)
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_a_signal_to_loom_pipeline_stops_dvc_the_stage_and_the_server(tmp_path):
+    """`kill <loom pipeline>` (or `timeout`, a closed terminal, a service manager's stop) used to end
+    loom alone, at once: DVC and its stage ran on, and the Prefect server started for the run was
+    left listening. Now the signal reaches the stage through DVC's group, loom waits for it, stops
+    the server and exits 128 + 15."""
+    import shutil
+    import signal
+    import time
+
+    from loomcore.config import REPO_ROOT
+
+    repo = tmp_path / "checkout"
+    repo.mkdir()
+    shutil.copy(REPO_ROOT / "params.yaml", repo / "params.yaml")
+    (repo / "probe.py").write_text(PROBE_STAGE)
+    (repo / "dvc.yaml").write_text("stages:\n  probe:\n    cmd: python probe.py\n    deps: [probe.py]\n")
+    dvc = str(Path(sys.executable).parent / "dvc")
+    subprocess.run([dvc, "init", "--no-scm", "-q"], cwd=repo, check=True)
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env["PREFECT_HOME"] = str(tmp_path / "home")
+    out = open(tmp_path / "loom.log", "w")
+    loom = subprocess.Popen([sys.executable, "-m", "loomcore.cli", "pipeline"], cwd=repo, env=env, stdout=out,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not (repo / "started").exists() and loom.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        log = (tmp_path / "loom.log").read_text()
+        assert (repo / "started").exists(), log
+        stage = int((repo / "started").read_text())
+        api = re.search(r"Prefect server for this run at (http://127\.0\.0\.1:\d+)", log).group(1) + "/api"
+        assert healthy(api) and _alive(stage)
+        loom.send_signal(signal.SIGTERM)
+        code = loom.wait(120)
+    finally:
+        if loom.poll() is None:
+            loom.kill()
+        out.close()
+    log = (tmp_path / "loom.log").read_text()
+    assert code == 128 + signal.SIGTERM, log
+    assert "loom pipeline: stopped by SIGTERM; DVC exited with" in log and "killed" not in log, log
+    assert (repo / "stopped").read_text() == "SIGTERM"  # the stage got the signal and ran its handler
+    assert not _alive(stage)
+    assert not healthy(api)  # the run's Prefect server is stopped too
