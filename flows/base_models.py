@@ -11,15 +11,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from prefect import flow
 
-from flows.common import checkout_locked, stage_main
+from flows.common import stage_flow, stage_main
 from tasks.common import load_stage_config, publish_markdown
 from tasks.models import init_base_models
 
 
-@flow(name="base-models", log_prints=True)
-@checkout_locked
+@stage_flow("base-models")
 def base_models_flow(profile: str | None = None, overrides: list[str] | None = None) -> dict:
     overrides = list(overrides or [])
     cfg = load_stage_config(profile, overrides)

@@ -4,9 +4,8 @@ kept manifest row, at every resolution a training stage uses → data/cache/ (sa
 
 from __future__ import annotations
 
-from prefect import flow
 
-from flows.common import checkout_locked, stage_main
+from flows.common import stage_flow, stage_main
 from tasks.common import markdown_table, publish_markdown
 from tasks.cache import cache_task
 
@@ -20,8 +19,7 @@ def _markdown(summary: dict) -> str:
             f"Rows that could not be cached at a resolution: {len(summary['skipped_rows'])}\n")
 
 
-@flow(name="cache", log_prints=True)
-@checkout_locked
+@stage_flow("cache")
 def cache_flow(profile: str | None = None, overrides: list[str] | None = None) -> dict:
     summary = cache_task(profile, list(overrides or []))
     publish_markdown("cache-summary", _markdown(summary), "What the cache stage did")

@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import argparse
 import functools
+import inspect
 import os
 import sys
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
+from prefect import Flow, flow
 from prefect.context import FlowRunContext
+from prefect.utilities.hashing import file_hash
 
 from tasks.common import PARENT_TASK_RUN_ENV
 from tasks.dvc import pipeline_lock
@@ -47,24 +50,30 @@ def stage_main(flows: Callable | Mapping[str, Callable], description: str, argv:
     return 0
 
 
-def checkout_locked(flow_fn: Callable) -> Callable:
-    """Under `@flow`: a stage flow started by its deployment (the UI, the API) holds the
-    checkout's pipeline lock for its run, as the pipeline and nightly flows do — a stage run from
-    the UI while the pipeline or a nightly works in the same checkout would otherwise write the
-    outs that run reads or writes (on the paper profile curate, base-models and export are on the
-    CPU pool, beside the GPU pool's pipeline). It fails at once if the lock is held, naming the
-    holder. Started any other way — by DVC under the pipeline (which holds the lock), by hand — it
-    takes none."""
+def stage_flow(name: str) -> Callable[[Callable], Flow]:
+    """`@flow(name=name, log_prints=True)` for a stage's flow, which
 
-    @functools.wraps(flow_fn)
-    def run(*args, **kwargs):
-        ctx = FlowRunContext.get()
-        if ctx is None or ctx.flow_run is None or ctx.flow_run.deployment_id is None:
-            return flow_fn(*args, **kwargs)
-        with pipeline_lock(Path.cwd()):
-            return flow_fn(*args, **kwargs)
+    - holds the checkout's pipeline lock when its deployment started it (the UI, the API), as the
+      pipeline and nightly flows do — a stage run from the UI while the pipeline or a nightly works
+      in the same checkout would otherwise write the outs that run reads or writes (on the paper
+      profile curate, base-models and export are on the CPU pool, beside the GPU pool's pipeline).
+      It fails at once if the lock is held, naming the holder. Started any other way — by DVC
+      under the pipeline (which holds the lock), by hand — it takes none;
+    - reports its own module's hash as its version, as a plain `@flow` does (Prefect hashes the
+      file of the function it wraps: here that would be this file's lock wrapper)."""
 
-    return run
+    def decorate(flow_fn: Callable) -> Flow:
+        @functools.wraps(flow_fn)
+        def run(*args, **kwargs):
+            ctx = FlowRunContext.get()
+            if ctx is None or ctx.flow_run is None or ctx.flow_run.deployment_id is None:
+                return flow_fn(*args, **kwargs)
+            with pipeline_lock(Path.cwd()):
+                return flow_fn(*args, **kwargs)
+
+        return flow(name=name, log_prints=True, version=file_hash(inspect.getsourcefile(flow_fn)))(run)
+
+    return decorate
 
 
 def run_stage_flow(flow_fn: Callable, **parameters):

@@ -4,15 +4,13 @@ world) → data/manifests/{train,eval,rejects}.parquet + curate.json (the whole 
 
 from __future__ import annotations
 
-from prefect import flow
 
-from flows.common import checkout_locked, stage_main
+from flows.common import stage_flow, stage_main
 from tasks.common import markdown_table, publish_markdown, publish_table
 from tasks.curate import curate_task
 
 
-@flow(name="curate", log_prints=True)
-@checkout_locked
+@stage_flow("curate")
 def curate_flow(profile: str | None = None, overrides: list[str] | None = None) -> dict:
     summary = curate_task(profile, list(overrides or []))  # writes the manifests and the stage's metrics.json
     rows = [{"task": k, "kept": v} for k, v in sorted(summary["per_task"].items())]

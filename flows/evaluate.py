@@ -6,15 +6,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prefect import flow
 
-from flows.common import checkout_locked, stage_main
+from flows.common import stage_flow, stage_main
 from tasks.common import markdown_table, publish_markdown, publish_table
 from tasks.evaluate import evaluate_task
 
 
-@flow(name="evaluate", log_prints=True)
-@checkout_locked
+@stage_flow("evaluate")
 def evaluate_flow(profile: str | None = None, overrides: list[str] | None = None,
                   model: str | None = None) -> dict:
     """`model`: a weights folder or s3:// URI to evaluate instead of eval.model."""

@@ -12,9 +12,8 @@ from __future__ import annotations
 import sys
 from typing import List, Optional
 
-from prefect import flow
 
-from flows.common import checkout_locked, stage_main
+from flows.common import stage_flow, stage_main
 from tasks.common import load_stage_config, markdown_table, publish_markdown
 from tasks.export import export_folder_task, publish_export_task
 
@@ -54,8 +53,7 @@ def export_report(exported: dict, published: Optional[dict]) -> str:
     return "\n".join(lines)
 
 
-@flow(name="export", log_prints=True)
-@checkout_locked
+@stage_flow("export")
 def export_flow(profile: str | None = None, overrides: list[str] | None = None) -> dict:
     overrides = list(overrides or [])
     cfg = load_stage_config(profile, overrides)

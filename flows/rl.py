@@ -5,15 +5,13 @@ Runs under torchrun (tasks.rl); writes <train.out_dir>/rl/{model,summary.json,me
 from __future__ import annotations
 
 
-from prefect import flow
 
-from flows.common import checkout_locked, stage_main
+from flows.common import stage_flow, stage_main
 from tasks.common import markdown_table, publish_markdown
 from tasks.rl import rl_task
 
 
-@flow(name="rl", log_prints=True)
-@checkout_locked
+@stage_flow("rl")
 def rl_flow(profile: str | None = None, overrides: list[str] | None = None) -> dict:
     summary = rl_task(profile, list(overrides or []))
     held = summary["heldout"]

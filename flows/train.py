@@ -9,9 +9,8 @@ examples:
 
 from __future__ import annotations
 
-from prefect import flow
 
-from flows.common import checkout_locked, stage_main
+from flows.common import stage_flow, stage_main
 from tasks.common import markdown_table, publish_markdown
 from tasks.train import train_stage_task
 
@@ -33,8 +32,7 @@ def run_stage(stage: str, profile: str | None = None, overrides: list[str] | Non
     return summary
 
 
-@flow(name="stage1", log_prints=True)
-@checkout_locked
+@stage_flow("stage1")
 def stage1_flow(profile: str | None = None, overrides: list[str] | None = None) -> dict:
     """MLLM alignment: the base Wan DiT, with a new zero-initialised Deepstack projector, learns to
     read Qwen3-VL's last layers on T2I/T2V at 256p (no EMA, no conditioning dropout). Starts from
@@ -42,16 +40,14 @@ def stage1_flow(profile: str | None = None, overrides: list[str] | None = None) 
     return run_stage("stage1", profile, overrides)
 
 
-@flow(name="stage2", log_prints=True)
-@checkout_locked
+@stage_flow("stage2")
 def stage2_flow(profile: str | None = None, overrides: list[str] | None = None) -> dict:
     """Reconstruction and editing at 480p: the source embedding is on, EMA, conditioning dropout.
     Starts from stage 1's weights."""
     return run_stage("stage2", profile, overrides)
 
 
-@flow(name="stage3", log_prints=True)
-@checkout_locked
+@stage_flow("stage3")
 def stage3_flow(profile: str | None = None, overrides: list[str] | None = None) -> dict:
     """Multi-task at 480p, all ten task kinds. Starts from stage 2's EMA weights."""
     return run_stage("stage3", profile, overrides)

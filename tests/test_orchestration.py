@@ -7,6 +7,7 @@ task cache policies, param dependencies, the S3 remote) is in test_orchestration
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import shutil
@@ -374,3 +375,28 @@ def test_a_run_killed_outright_is_marked_crashed_when_its_heartbeats_stop(prefec
         with get_client(sync_client=True) as client:
             for a in client.read_automations_by_name(name=name):
                 client.delete_automation(a.id)
+
+
+def test_each_stage_flow_reports_its_own_module_as_its_version():
+    """Prefect versions a flow by the hash of its function's file; under the checkout-lock wrapper
+    every stage reported flows/common.py's hash, so the UI showed one version for all of them and
+    none changed when a stage's own flow did."""
+    from prefect.utilities.hashing import file_hash
+
+    import flows.base_models
+    import flows.cache
+    import flows.curate
+    import flows.evaluate
+    import flows.export
+    import flows.rl
+    import flows.train
+
+    stage_flows = [(flows.base_models, flows.base_models.base_models_flow), (flows.cache, flows.cache.cache_flow),
+                   (flows.curate, flows.curate.curate_flow), (flows.evaluate, flows.evaluate.evaluate_flow),
+                   (flows.export, flows.export.export_flow), (flows.rl, flows.rl.rl_flow),
+                   *((flows.train, f) for f in (flows.train.stage1_flow, flows.train.stage2_flow,
+                                                flows.train.stage3_flow))]
+    for module, fl in stage_flows:
+        assert fl.version == file_hash(module.__file__), fl.name
+        assert fl.description == inspect.getdoc(inspect.unwrap(fl.fn)) and "profile" in fl.parameters.properties, fl.name
+    assert len({fl.version for _, fl in stage_flows}) == 7
