@@ -440,9 +440,11 @@ tiny profile's Shapes data has some: data/raw/samples/<id>/source.mp4, source.pn
   images to image         loom generate --ref a.png --ref b.png --frames 1 --prompt "@Figure 1 beside @Figure 2" --out mi2i.png
   reconstruct a video     loom generate --source in.mp4 --out recon.mp4
   reconstruct an image    loom generate --source in.png --out recon.png
+  four seeds in a batch   loom generate --prompt "a red circle" --frames 1 --num-outputs 4 --out t2i.png
   a trained DiT           loom generate --transformer outputs/stage3/model --prompt "a blue square" --out stage3.mp4
   an exported pipeline    loom generate --model outputs/export/model --prompt "a blue square" --out export.mp4
 
+--num-outputs 4 writes t2i-0.png … t2i-3.png (seeds 0–3), each the image --seed <that seed> alone gives.
 The task is inferred from the inputs (--task to name it). Sizes and frame counts are checked
 against the model before anything runs: bad input exits with status 2 and says what the model takes.
 """
@@ -480,7 +482,13 @@ def cmd_generate(args) -> int:
         # 1. What can be checked without a model
         if args.model and args.transformer:
             raise InputError("--model (an exported pipeline) and --transformer (a DiT with the profile's other models): give one")
-        check_output_path(args.out, overwrite=args.overwrite)
+        if args.num_outputs < 1:
+            raise InputError(f"--num-outputs {args.num_outputs}: expected >= 1")
+        seeds = list(range(args.seed, args.seed + args.num_outputs))
+        outs = [Path(args.out)] if len(seeds) == 1 else [
+            Path(args.out).with_name(f"{Path(args.out).stem}-{s}{Path(args.out).suffix}") for s in seeds]
+        for out_path in outs:
+            check_output_path(out_path, overwrite=args.overwrite)
         for flag, value in (("--steps", args.steps), ("--frames", args.frames)):
             if value is not None and value < 1:
                 raise InputError(f"{flag} {value}: expected >= 1")
@@ -527,21 +535,23 @@ def cmd_generate(args) -> int:
             height=args.height, width=args.width, num_frames=args.frames, num_inference_steps=args.steps,
             guidance_scale=args.guidance, visual_guidance_scale=args.visual_guidance, mllm_layout=args.layout,
         )
-        check_output_path(args.out, plan.num_frames, overwrite=args.overwrite)
+        for out_path in outs:
+            check_output_path(out_path, plan.num_frames, overwrite=args.overwrite)
 
         # 4. Generate (an InputError here is still the input's: e.g. a prompt over mllm.max_length tokens)
         for line in describe(plan):
             print(f"generate: {line}")
         pipe.to(device)
         out = pipe(
-            plan.prompt, **plan.call_inputs(),
-            generator=torch.Generator("cpu").manual_seed(args.seed),  # CPU noise: a seed means the same on any device
+            plan.prompt, **plan.call_inputs(), num_videos_per_prompt=len(seeds),
+            generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],  # CPU noise: a seed means the same on any device
         )
     except InputError as e:  # a user's mistake (loomcore.errors); anything else is a bug: its traceback shows
         print(f"loom generate: {e}", file=sys.stderr)
         return 2
-    path = save_output(out.frames[0], args.out, fps=args.fps or pipe.config.fps, overwrite=True)
-    print(f"generate: wrote {path}")
+    for frames, out_path in zip(out.frames, outs):
+        path = save_output(frames, out_path, fps=args.fps or pipe.config.fps, overwrite=True)
+        print(f"generate: wrote {path}")
     return 0
 
 
@@ -678,6 +688,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "guidance.text_scale_edit with a source — paper 5.0 / 2.5, tiny 1.0 / 2.5)")
     p.add_argument("--visual-guidance", type=float, help="visual guidance s_v (default: guidance.visual_scale, 1.5)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial noise (default 0)")
+    p.add_argument("--num-outputs", type=int, default=1, metavar="N",
+                   help="N outputs in one batch, seeds --seed … --seed+N-1, written to <out>-<seed>.<ext>; each is "
+                   "what --seed <that seed> alone writes (default 1: --out itself)")
     p.add_argument("--out", required=True, metavar="PATH", help="output file: .mp4 (video) or .png (image)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--fps", type=float, help="output frame rate (default: the pipeline's, video.fps)")

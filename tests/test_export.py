@@ -499,3 +499,21 @@ def test_the_card_headline_is_shapesbench_against_the_base_models():
     line = headline({"shapesbench.score": 0.44150, "shapesbench_base.score": 0.02964, "failures": 16.0})
     assert line.startswith("**ShapesBench score 0.442** (the untrained base models: 0.030)")
     assert headline({"overall": 0.7}) == "**Overall 0.7**\n" and headline({"failures": 3.0}) == ""
+
+
+def test_the_cards_usage_runs_as_written_on_the_export(exported):
+    """The model card's Python blocks, run with `folder` the exported folder: what a user copies works."""
+    import numpy as np
+
+    folder, _ = exported
+    card = (folder / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", card, re.S)
+    assert len(blocks) == 2 and "num_videos_per_prompt=4" in blocks[0]
+    first = {"folder": str(folder)}
+    exec(blocks[0], first)  # noqa: S102 — our own card's snippet
+    frames, videos = first["frames"], first["videos"]
+    assert frames.ndim == 4 and frames.shape[-1] == 3 and videos.shape == (4, *frames.shape)
+    assert np.isfinite(videos).all() and not np.allclose(videos[0], videos[1])
+    second = {"folder": str(folder)}
+    exec(blocks[1], second)  # noqa: S102
+    assert type(second["pipe"]).__name__ == "LoomVideoPipeline"

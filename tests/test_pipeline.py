@@ -126,6 +126,36 @@ def test_same_seed_same_output_other_seed_other_output(pipe, media):
     assert not np.allclose(a, c)
 
 
+
+@pytest.mark.parametrize("kind", ["edit_with_reference", "t2i"])
+def test_num_videos_per_prompt_samples_each_output_as_its_own_call(pipe, media, kind):
+    """num_videos_per_prompt = 3 with one generator per output: one batched loop whose k-th output
+    is the call with generator k alone (the MLLM and the codec encode the inputs once)."""
+    kw = (dict(prompt="paint the circle like @Figure 1", source=media["video"], references=[media["ref1"]])
+          if kind == "edit_with_reference" else dict(prompt="a red circle", num_frames=1))
+    seeds = [7, 8, 9]
+    batch = pipe(num_inference_steps=STEPS, num_videos_per_prompt=3,
+                 generator=[torch.Generator().manual_seed(s) for s in seeds], **kw).frames
+    alone = np.concatenate([_run(pipe, s, **kw) for s in seeds])
+    assert batch.shape == alone.shape and batch.shape[0] == 3
+    np.testing.assert_allclose(batch, alone, atol=2e-5, rtol=0)
+    assert not np.allclose(batch[0], batch[1], atol=1e-3)  # other noise, other outputs
+    with _Calls(pipe.transformer) as calls:
+        pipe(num_inference_steps=1, num_videos_per_prompt=3, output_type="latent", **kw)
+    assert len(calls.inputs) == 1 and calls.inputs[0]["hidden_states"].shape[0] == 3 * (2 if kind == "t2i" else 3)
+    pil = pipe(num_inference_steps=1, num_videos_per_prompt=2, output_type="pil", **kw).frames
+    assert len(pil) == 2 and all(len(v) == batch.shape[1] for v in pil)
+
+
+def test_num_videos_per_prompt_and_generators_must_agree(pipe):
+    with pytest.raises(ValueError, match=r"generator: a list of 2, but num_videos_per_prompt is 3"):
+        pipe("a red circle", num_videos_per_prompt=3, generator=[torch.Generator(), torch.Generator()])
+    with pytest.raises(ValueError, match=r"num_videos_per_prompt = 0: expected a whole number"):
+        pipe("a red circle", num_videos_per_prompt=0)
+    with pytest.raises(ValueError, match=r"latents: shape \(1, "):
+        pipe("a red circle", num_videos_per_prompt=2, latents=torch.zeros(1, 12, 2, 20, 20))
+
+
 # --------------------------------------------------------------------------------------------
 # Guidance: one batched forward per step, the branches' inputs
 
@@ -253,7 +283,7 @@ def test_resolve_inputs_takes_exactly_the_inputs_of_call(pipe):
 
     names = list(inspect.signature(LoomVideoPipeline.__call__).parameters)
     assert names[1] == "prompt" and tuple(names[2:2 + len(CALL_INPUTS)]) == CALL_INPUTS
-    assert names[2 + len(CALL_INPUTS)] == "generator"  # the first argument that is not an input
+    assert names[2 + len(CALL_INPUTS)] == "num_videos_per_prompt"  # the first argument that is not an input
     with pytest.raises(TypeError, match=r"unexpected keyword arguments \['heigth'\]"):
         pipe.resolve_inputs("a red circle", heigth=32)
 
@@ -362,7 +392,7 @@ def test_from_config_models_takes_a_trained_transformer(tiny_workspace, pipe, tm
         (dict(prompt="make it blue", source="speck"), "smaller than the smallest output this model makes (4×4)"),
         (dict(prompt=["a", "b"]), "expected one string"),
         (dict(prompt="a red circle", generator=[torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)]),
-         "generator: a list of 2, but one call makes one output"),
+         "generator: a list of 2, but num_videos_per_prompt is 1"),
     ],
 )
 def test_bad_input_is_refused_with_what_the_model_takes(pipe, media, kw, needle):
@@ -491,6 +521,23 @@ def test_gpu_bf16_generation(tiny_workspace, media):
 def _cli(tiny_workspace, *args):
     _, overrides = tiny_workspace
     return main(["generate", *map(str, args), "--steps", str(STEPS), "--profile", "tiny", *overrides])
+
+
+def test_cli_num_outputs_writes_each_seed_as_its_own_run_does(tiny_workspace, tmp_path):
+    """--num-outputs 3 --seed 5: one batched call, files <out>-5/6/7.png, each the image of
+    `--seed k` alone (the same noise; the batch changes the float sums by ~1e-6, the PNGs' bytes
+    by at most one level)."""
+    from loomcore.data.video_io import read_image
+
+    base = ["--prompt", "a red circle", "--frames", "1"]
+    assert _cli(tiny_workspace, *base, "--num-outputs", "3", "--seed", "5", "--out", str(tmp_path / "t2i.png")) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t2i-5.png", "t2i-6.png", "t2i-7.png"]
+    for k in (5, 7):
+        assert _cli(tiny_workspace, *base, "--seed", str(k), "--out", str(tmp_path / f"alone-{k}.png")) == 0
+        batch, alone = read_image(tmp_path / f"t2i-{k}.png").int(), read_image(tmp_path / f"alone-{k}.png").int()
+        assert (batch - alone).abs().max() <= 1
+    assert not torch.equal(read_image(tmp_path / "t2i-5.png"), read_image(tmp_path / "t2i-6.png"))
+    assert _cli(tiny_workspace, *base, "--num-outputs", "0", "--out", str(tmp_path / "x.png")) == 2
 
 
 def test_cli_t2v_writes_an_mp4(tiny_workspace, tmp_path):
@@ -645,7 +692,7 @@ def test_every_help_example_runs_as_written(tiny_workspace, files, saved_dir, tm
     cfg, _ = tiny_workspace
     sub = build_parser()._subparsers._group_actions[0].choices["generate"]
     examples = re.findall(r"^  [A-Za-z… ]+?\s{2,}(loom generate .+)$", sub.format_help(), re.MULTILINE)
-    assert len(examples) == 12, sub.format_help()
+    assert len(examples) == 13, sub.format_help()
     for name in ("dvc.yaml", "params.yaml"):  # a checkout: loom reads its params and folders
         shutil.copyfile(REPO_ROOT / name, tmp_path / name)
     (tmp_path / "models").mkdir()
@@ -660,7 +707,13 @@ def test_every_help_example_runs_as_written(tiny_workspace, files, saved_dir, tm
     for example in examples:
         args = shlex.split(example)
         assert main(args[1:]) == 0, (example, capsys.readouterr().err)
-        assert (tmp_path / args[args.index("--out") + 1]).is_file(), example
+        out = Path(args[args.index("--out") + 1])
+        if "--num-outputs" in args:  # <out>-<seed>.<ext>, seeds 0 … N-1
+            n = int(args[args.index("--num-outputs") + 1])
+            assert sorted(p.name for p in tmp_path.glob(f"{out.stem}-*{out.suffix}")) == [
+                f"{out.stem}-{k}{out.suffix}" for k in range(n)], example
+        else:
+            assert (tmp_path / out).is_file(), example
 
 
 def test_inference_runs_in_bf16_on_a_gpu_and_fp32_on_the_cpu():

@@ -99,7 +99,10 @@ def render_card(info: dict, components: Dict[str, List[str]], config: dict, lowe
         "## Usage\n",
         "```python\nimport torch\nfrom loomcore.pipeline import LoomVideoPipeline\n\n"
         "pipe = LoomVideoPipeline.from_pretrained(folder, dtype={\"default\": torch.bfloat16, \"vae\": torch.float32})\n"
-        "frames = pipe(\"a red circle moves left\").frames[0]  # [F, H, W, 3] in [0, 1]\n```\n",
+        "frames = pipe(\"a red circle moves left\").frames[0]  # [F, H, W, 3] in [0, 1]\n"
+        "# four outputs of one prompt in one batch, each the output of a call with its own seed alone\n"
+        "videos = pipe(\"a red circle moves left\", num_videos_per_prompt=4,\n"
+        "              generator=[torch.Generator().manual_seed(s) for s in range(4)]).frames  # [4, F, H, W, 3]\n```\n",
         "With stock diffusers (the folder's `pipeline_loomvideo.py` names loomcore's class; the loomvideo "
         "package must be installed):\n",
         "```python\nfrom diffusers import DiffusionPipeline\n\n"

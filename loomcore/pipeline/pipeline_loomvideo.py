@@ -54,8 +54,9 @@ MediaInput = Any
 
 @dataclass
 class LoomVideoPipelineOutput(BaseOutput):
-    """frames: output_type "np" [1, F, H, W, 3] floats in [0, 1]; "pt" [1, F, 3, H, W]; "pil"
-    [[F PIL images]]; "latent" [1, C, f, h, w]. An image task gives F = 1."""
+    """frames: output_type "np" [B, F, H, W, 3] floats in [0, 1]; "pt" [B, F, 3, H, W]; "pil"
+    B lists of F PIL images; "latent" [B, C, f, h, w]. B: the call's num_videos_per_prompt (1 by
+    default); an image task gives F = 1."""
 
     frames: Union[np.ndarray, torch.Tensor, List[List[PIL.Image.Image]]]
 
@@ -294,14 +295,15 @@ class LoomVideoPipeline(DiffusionPipeline):
         guidance_scale: Optional[float] = None,
         visual_guidance_scale: Optional[float] = None,
         mllm_layout: Optional[str] = None,
-        generator: Optional[torch.Generator] = None,
+        num_videos_per_prompt: int = 1,
+        generator: Optional[Union[torch.Generator, List[torch.Generator]]] = None,
         latents: Optional[torch.Tensor] = None,
         output_type: str = "np",
         return_dict: bool = True,
         callback_on_step_end: Optional[Callable[["LoomVideoPipeline", int, torch.Tensor, Dict], Dict]] = None,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
     ):
-        r"""Generate or edit one image or video.
+        r"""Generate or edit an image or a video (`num_videos_per_prompt` of them: other noise, the same inputs).
 
         Args:
             prompt: the caption or instruction; "@Figure k" (or "@Image k") names reference k.
@@ -321,8 +323,12 @@ class LoomVideoPipeline(DiffusionPipeline):
             mllm_layout: the order of text, source and references in the MLLM prompt: "demo" (the
                 release's inference demo; the config's default), "train" (its training processors,
                 what our evaluation uses) or "eval" (its benchmark processors). See `build_messages`.
-            generator: a seeded `torch.Generator` for the initial noise (same seed → same output).
-            latents: initial noise [1, C, f, h, w] instead of drawing it.
+            num_videos_per_prompt: outputs of the inputs, each from its own noise, sampled as one
+                batch (the MLLM and the codec encode the inputs once).
+            generator: a seeded `torch.Generator` for the initial noise (same seed → same output),
+                or a list of `num_videos_per_prompt` of them, one per output: output k is then the
+                output of a call with `generator[k]` alone.
+            latents: initial noise [num_videos_per_prompt, C, f, h, w] instead of drawing it.
             output_type: "np", "pt", "pil" or "latent".
             return_dict: return a `LoomVideoPipelineOutput` (else a tuple).
             callback_on_step_end: called after each step as fn(pipe, i, t, {name: tensor}); may
@@ -331,11 +337,14 @@ class LoomVideoPipeline(DiffusionPipeline):
         Returns:
             `LoomVideoPipelineOutput` with `frames` (see its docstring), or `(frames,)`.
         """
+        m = num_videos_per_prompt
+        if isinstance(m, bool) or not isinstance(m, int) or m < 1:
+            raise InputError(f"num_videos_per_prompt = {m!r}: expected a whole number ≥ 1")
         if isinstance(generator, (list, tuple)):  # diffusers' randn_tensor would draw from the first alone
-            if len(generator) != 1:
-                raise InputError(f"generator: a list of {len(generator)}, but one call makes one output; "
-                                 "pass one torch.Generator")
-            generator = generator[0]
+            if len(generator) != m:
+                raise InputError(f"generator: a list of {len(generator)}, but num_videos_per_prompt is {m}; "
+                                 "pass one torch.Generator per output, or one for all")
+            generator = generator[0] if m == 1 else list(generator)
         if output_type not in ("np", "pt", "pil", "latent"):
             raise InputError(f"output_type = {output_type!r}: expected 'np', 'pt', 'pil' or 'latent'")
         unknown = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
@@ -349,23 +358,23 @@ class LoomVideoPipeline(DiffusionPipeline):
         device = self._execution_device
         dtype = self.transformer.dtype
 
-        # 2. MLLM contexts of the guidance branches, one padded batch
+        # 2. MLLM contexts of the guidance branches, one padded batch (branch-major: m outputs each)
         context, context_mask = self.encode_contexts(plan, branches)
-        context, context_mask = context.to(device), context_mask.to(device)
+        context, context_mask = context.repeat_interleave(m, 0).to(device), context_mask.repeat_interleave(m, 0).to(device)
 
         # 3. Codec latents of the source (Scale-and-Add, eq. 2) and the references
         source_latents, reference_latents = self.encode_media(plan, device)
-        n = len(branches)
+        n = len(branches) * m
         source_batch = None
         if source_latents is not None:  # the unconditional branch sees a zero source
             source_batch = torch.cat([torch.zeros_like(source_latents) if b == UNCOND else source_latents
-                                      for b in branches]).to(dtype)
+                                      for b in branches for _ in range(m)]).to(dtype)
         reference_batch = None
         if reference_latents is not None:  # ... and no references
-            reference_batch = [None if b == UNCOND else reference_latents.to(dtype) for b in branches]
+            reference_batch = [None if b == UNCOND else reference_latents.to(dtype) for b in branches for _ in range(m)]
 
         # 4. Timesteps (the fixed or the dynamic shift) and initial noise (float32)
-        shape = (1, *latent_shape(self.codec, plan.num_frames, plan.height, plan.width))
+        shape = (m, *latent_shape(self.codec, plan.num_frames, plan.height, plan.width))
         self.set_timesteps(plan.num_inference_steps, shape, reference_latents, device)
         timesteps = self.scheduler.timesteps
         self._num_timesteps = len(timesteps)
@@ -377,13 +386,15 @@ class LoomVideoPipeline(DiffusionPipeline):
 
         # 5. Denoising loop: one batched DiT forward over the branches per step; the conditions are
         #    packed and projected once, before it (PreparedConditions: no host sync in a step)
-        prepared = self.transformer.prepare(
-            latents.to(dtype).expand(n, -1, -1, -1, -1), timesteps[0].expand(n), context, source_batch,
-            reference_batch, context_mask)
+        def model_input():  # [branches · m, …]: each branch's m outputs
+            x = latents.to(dtype)
+            return x.expand(n, -1, -1, -1, -1) if m == 1 else x.repeat(n // m, 1, 1, 1, 1)
+
+        prepared = self.transformer.prepare(model_input(), timesteps[0].expand(n), context, source_batch,
+                                            reference_batch, context_mask)
         with self.progress_bar(total=len(timesteps)) as progress_bar:
             for i, t in enumerate(timesteps):
-                model_input = latents.to(dtype).expand(n, -1, -1, -1, -1)
-                pred = self.transformer(hidden_states=model_input, timestep=t.expand(n), prepared=prepared,
+                pred = self.transformer(hidden_states=model_input(), timestep=t.expand(n), prepared=prepared,
                                         return_dict=False)[0]
                 v = split_branches(pred, branches)
                 velocity = combine_guidance(v[FULL], v.get(UNCOND), v.get(VISUAL), text_scale=plan.guidance_scale,
@@ -400,7 +411,7 @@ class LoomVideoPipeline(DiffusionPipeline):
         if output_type == "latent":
             frames = latents
         else:
-            video = self.codec.decode(latents.to(self.vae.dtype))  # [1, 3, F, H, W] in [-1, 1]
+            video = self.codec.decode(latents.to(self.vae.dtype))  # [m, 3, F, H, W] in [-1, 1]
             frames = self.video_processor.postprocess_video(video.float(), output_type=output_type)
         self.maybe_free_model_hooks()
         return LoomVideoPipelineOutput(frames=frames) if return_dict else (frames,)
