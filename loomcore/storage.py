@@ -323,6 +323,12 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return file_digest(path, "sha256", chunk)
 
 
+def file_state(st: os.stat_result) -> list:
+    """What says a local file is unchanged since it was checked (the test DVC's own state database
+    makes): size, mtime, ctime (a chmod, a rewrite that kept the mtime) and inode (replaced)."""
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+
+
 def upload_dir(local: Path, uri: str, settings: Optional[S3Settings] = None) -> int:
     """Upload every file under `local` to the s3:// prefix `uri`; returns the file count.
     Each object carries its sha256 in metadata so a reader can verify it."""

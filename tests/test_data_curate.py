@@ -310,11 +310,73 @@ def test_the_mirror_knows_an_object_without_sha256_metadata_by_its_etag(s3_bucke
     root.mkdir()
     bad, stats = fetch_s3(f"s3://{s3_bucket}/data", root, settings, progress=False)
     assert not bad and stats["downloaded"] == 2
-    assert (root / ".s3-etags" / "a.jsonl").read_text() == client.head_object(Bucket=s3_bucket, Key="data/a.jsonl")["ETag"]
+    assert json.loads((root / ".s3-etags" / "a.jsonl").read_text())["etag"] == client.head_object(
+        Bucket=s3_bucket, Key="data/a.jsonl")["ETag"]
     client.put_object(Bucket=s3_bucket, Key="data/a.jsonl", Body=b'{"caption": "a red square"}\n')  # same size
     bad, stats = fetch_s3(f"s3://{s3_bucket}/data", root, settings, progress=False)
     assert not bad and (stats["downloaded"], stats["skipped"]) == (1, 1)
     assert (root / "a.jsonl").read_bytes() == b'{"caption": "a red square"}\n'
+
+
+
+def test_a_rerun_keeps_unchanged_copies_without_a_request_or_a_hash(s3_bucket, s3_flaky_proxy, tmp_path, cfg,
+                                                                      monkeypatch):
+    """A nightly curation of an S3 dataset used to ask for every object's metadata (a HEAD each)
+    and read every byte of the mirror to hash it, all unchanged. Now a copy whose record holds the
+    listed ETag and size and the copy's file state is kept as it is; a copy touched, rewritten or
+    with a record of the older layout is checked as before (and a bad one downloaded again)."""
+    import dataclasses
+    import os
+
+    from loomcore.data import mirror
+    from loomcore.storage import S3Settings, sha256_file
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("a.bin", "b.bin", "c.bin"):
+        (src / name).write_bytes(name.encode() * 1000)
+    uri = f"s3://{s3_bucket}/data"
+    upload_dir(src, uri)  # each object with its sha256 in metadata
+    settings = dataclasses.replace(S3Settings.from_config(cfg.s3), endpoint_url=s3_flaky_proxy.url)
+    hashed = []
+    monkeypatch.setattr(mirror, "sha256_file", lambda path: hashed.append(path.name.removeprefix(".").removesuffix(".part")) or sha256_file(path))
+    root = tmp_path / "mirror"
+    root.mkdir()
+
+    def fetch():
+        s3_flaky_proxy.requests.clear()
+        hashed.clear()
+        bad, stats = mirror.fetch_s3(uri, root, settings, progress=False)
+        assert not bad
+        heads = sorted({p.rsplit("/", 1)[1] for m, p in s3_flaky_proxy.requests if m == "HEAD"})  # (a download HEADs too)
+        gets = sorted(p.rsplit("/", 1)[1] for m, p in s3_flaky_proxy.requests if m == "GET" and "list-type" not in p)
+        return stats, heads, gets, sorted(hashed)
+
+    stats, heads, gets, hashes = fetch()
+    assert stats["downloaded"] == 3 and heads == gets == hashes == ["a.bin", "b.bin", "c.bin"]
+    record = json.loads((root / ".s3-etags" / "a.bin").read_text())
+    assert record["size"] == 5000 and record["etag"] == s3_client().head_object(Bucket=s3_bucket, Key="data/a.bin")["ETag"]
+
+    stats, heads, gets, hashes = fetch()  # nothing changed: the listing alone
+    assert (stats["skipped"], stats["unchanged"], heads, gets, hashes) == (3, 3, [], [], [])
+
+    os.utime(root / "a.bin", ns=(1, 1))  # a copy touched: checked (HEAD + hash), kept
+    (root / "b.bin").write_bytes(b"x" * 5000)  # a copy rewritten, same size: checked, downloaded again
+    etag_c = s3_client().head_object(Bucket=s3_bucket, Key="data/c.bin")["ETag"]
+    (root / ".s3-etags" / "c.bin").write_text(etag_c)  # a record of the older layout: the ETag alone
+    stats, heads, gets, hashes = fetch()
+    assert (stats["downloaded"], stats["skipped"], stats["unchanged"]) == (1, 2, 0)
+    assert heads == ["a.bin", "b.bin", "c.bin"] and gets == ["b.bin"] and (root / "b.bin").read_bytes() == b"b.bin" * 1000
+    assert json.loads((root / ".s3-etags" / "c.bin").read_text())["local"]  # the record is brought up to date
+    stats, heads, gets, hashes = fetch()
+    assert (stats["unchanged"], heads, gets, hashes) == (3, [], [], [])
+
+    (src / "c.bin").write_bytes(b"new " * 1000)  # the object replaced in the store: another ETag
+    s3_client().put_object(Bucket=s3_bucket, Key="data/c.bin", Body=(src / "c.bin").read_bytes(),
+                           Metadata={"sha256": sha256_file(src / "c.bin")})
+    stats, heads, gets, hashes = fetch()
+    assert (stats["downloaded"], stats["unchanged"], gets) == (1, 2, ["c.bin"])
+    assert (root / "c.bin").read_bytes() == b"new " * 1000
 
 
 # --------------------------------------------------------------------------------------------

@@ -48,7 +48,7 @@ from loomcore.task_kinds import TaskSpec, check_figure_refs, task_spec, to_relea
 from loomcore.data.mirror import fetch_s3
 from loomcore.data.release_format import REJECT_KEY, RELEASE_CONFIG_SUFFIXES, read_release_config, release_rows, task_weights
 from loomcore.data.video_io import MediaError, MediaInfo, media_kind, probe
-from loomcore.storage import S3Settings, is_s3, is_transient, materialize, sha256_file
+from loomcore.storage import S3Settings, file_state, is_s3, is_transient, materialize, sha256_file
 
 SYNTHETIC = "synthetic"
 # Reconstruction takes no text (tasks.py); the paper's literal prompt is accepted and dropped.
@@ -202,14 +202,10 @@ class FileFacts:
                 except (ValueError, KeyError, TypeError):  # a line cut short by a kill: its file is checked again
                     continue
 
-    @staticmethod
-    def _stat(st: os.stat_result) -> list:
-        return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
-
     def get(self, real: Path, st: os.stat_result, what: str):
         """The recorded `what` ("probe" or "sha256") of `real` as it is (`st`), or None."""
         entry = self._old.get(str(real))
-        if entry is None or entry.get("stat") != self._stat(st) or what not in entry:
+        if entry is None or entry.get("stat") != file_state(st) or what not in entry:
             return None
         with self._lock:
             self.counts[f"{what} reused"] += 1
@@ -220,10 +216,10 @@ class FileFacts:
     def put(self, real: Path, st: os.stat_result, what: str, value) -> None:
         with self._lock:
             self.counts[f"{what} computed"] += 1
-            entry = self._now.setdefault(str(real), {"file": str(real), "stat": self._stat(st), "version": self.version})
-            if entry["stat"] != self._stat(st):
+            entry = self._now.setdefault(str(real), {"file": str(real), "stat": file_state(st), "version": self.version})
+            if entry["stat"] != file_state(st):
                 entry.clear()
-                entry.update(file=str(real), stat=self._stat(st), version=self.version)
+                entry.update(file=str(real), stat=file_state(st), version=self.version)
             entry[what] = value
 
     def save(self) -> None:

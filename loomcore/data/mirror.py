@@ -1,11 +1,15 @@
 """Mirroring an s3:// prefix into the local data root, verified (curation's S3 source).
 
 Every object is downloaded once, checked against its size and its `sha256` metadata (upload_dir
-writes it), and renamed into place: a file under the root is whole and verified or absent. An
-object without that metadata (uploaded by `aws s3 sync` or another tool: most datasets) is known by
-its ETag, recorded in the root (`.s3-etags/<key>`; curation reads only the files rows name) when
-it was mirrored: an object replaced by one of the same size is downloaded again, not kept stale (a
-mirror made before the records downloads such objects once more). An
+writes it), and renamed into place: a file under the root is whole and verified or absent. Each
+verified copy has a record in the root (`.s3-etags/<key>`; curation reads only the files rows
+name): the object's ETag and size as listed, and the copy's file state (size, mtime, ctime, inode).
+A later run that lists the same ETag and size and finds the copy in the same state keeps it with
+no request and no hashing — at the paper's scale a nightly run otherwise asks for every object's
+metadata and reads every byte of the mirror again. Anything else is checked as a first run would:
+an object without sha256 metadata (uploaded by `aws s3 sync` or another tool: most datasets) is
+known by its ETag, so one replaced by bytes of the same size is downloaded again, not kept stale
+(a record of an older layout, the ETag alone, still counts for that). An
 object that is itself bad (bytes that fail their checksum, gone since the listing) is reported
 for its rows to be rejected; a store that stops answering or refuses us raises
 (`StoreUnavailable` / `StoreError`, naming the endpoint, the bucket and the object), so a partial
@@ -14,6 +18,7 @@ mirror never passes for the whole dataset.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Dict, Optional, Tuple
@@ -21,11 +26,33 @@ from typing import Dict, Optional, Tuple
 from tqdm import tqdm
 
 from loomcore.storage import (
-    S3Settings, StoreError, StoreUnavailable, classify_s3_error, list_objects, parse_s3_uri, s3_client, sha256_file, transfer_config,
+    S3Settings, StoreError, StoreUnavailable, classify_s3_error, file_state, list_objects, parse_s3_uri, s3_client,
+    sha256_file, transfer_config,
 )
 
 
-ETAG_DIR = ".s3-etags"  # in the root: {key: the ETag of the object the local copy was downloaded from}
+ETAG_DIR = ".s3-etags"  # in the root: {key: the object a verified local copy is of, and the copy's state}
+
+
+def _read_record(path: Path) -> dict:
+    """A copy's record ({"etag", "size", "local"}), {} when there is none. A record of the older
+    layout holds the ETag alone."""
+    try:
+        text = path.read_text()
+    except (FileNotFoundError, NotADirectoryError):
+        return {}
+    try:
+        record = json.loads(text)
+    except ValueError:
+        record = None
+    return record if isinstance(record, dict) else {"etag": text}
+
+
+def _write_record(path: Path, etag: str, size: int, copy: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps({"etag": etag, "size": size, "local": file_state(copy.stat())}))
+    os.replace(tmp, path)
 
 
 def _verify(path: Path, uri: str, size: int, sha256: Optional[str]) -> Optional[str]:
@@ -53,13 +80,13 @@ def _fetch_one(client, bucket: str, key: str, size: int, dest: Path, config, eta
     """Download one object to `dest` unless a verified copy is there. -> (error, downloaded).
     A copy that fails verification is downloaded once more (a corrupted transfer), then reported;
     the caller never sees a half-written or unverified file. Without `sha256` metadata a copy is
-    current only if `etag_record` holds the listing's `etag` (written after each download)."""
+    current only if `etag_record` holds the listing's `etag` (fetch_s3 writes it after each verified copy)."""
     uri = f"s3://{bucket}/{key}"
     try:
         sha256 = client.head_object(Bucket=bucket, Key=key).get("Metadata", {}).get("sha256")
     except Exception as e:  # noqa: BLE001 — sorted by _object_failure, which re-raises all but the object's own
         return _object_failure(uri, e), False
-    same_object = bool(sha256) or etag_record is None or (etag_record.is_file() and etag_record.read_text() == etag)
+    same_object = bool(sha256) or etag_record is None or _read_record(etag_record).get("etag") == etag
     if same_object and dest.is_file() and _verify(dest, uri, size, sha256) is None:
         return None, False
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -77,9 +104,6 @@ def _fetch_one(client, bucket: str, key: str, size: int, dest: Path, config, eta
                 if etag_record is not None:  # dropped first: a crash in between leaves the copy unknown, not stale
                     etag_record.unlink(missing_ok=True)
                 os.replace(tmp, dest)
-                if etag_record is not None:
-                    etag_record.parent.mkdir(parents=True, exist_ok=True)
-                    etag_record.write_text(etag)
                 return None, True
             error = ("checksum_mismatch", msg)
     finally:
@@ -91,7 +115,8 @@ def _fetch_one(client, bucket: str, key: str, size: int, dest: Path, config, eta
 def fetch_s3(uri: str, root: Path, settings: S3Settings, progress: bool = True) -> Tuple[Dict[str, Tuple[str, str]], dict]:
     """Mirror every object under the s3:// prefix into `root`, verified: the bytes' sha256
     against the object's `sha256` metadata when present (upload_dir writes it), and the size.
-    Objects already there and verified are skipped. Returns ({relative path: (reason, detail)}
+    Objects already there and verified are skipped — without a request or a hash when the listing
+    and the copy match its record. Returns ({relative path: (reason, detail)}
     of the objects that failed, transfer stats). Listing is paginated; retries with backoff are
     botocore's (standard mode, s3.max_attempts, s3.connect_timeout / read_timeout); large
     objects download in ranged parts.
@@ -104,7 +129,8 @@ def fetch_s3(uri: str, root: Path, settings: S3Settings, progress: bool = True) 
     bucket, prefix = parse_s3_uri(uri)
     folder = prefix.rstrip("/") + "/" if prefix.strip("/") else ""
     bad: Dict[str, Tuple[str, str]] = {}
-    stats = {"objects": 0, "downloaded": 0, "skipped": 0, "bytes_downloaded": 0, "failed": 0}
+    stats = {"objects": 0, "downloaded": 0, "skipped": 0, "bytes_downloaded": 0, "failed": 0,
+             "unchanged": 0}  # unchanged: skipped by their record alone
     at, done = f"the listing of {uri}", 0
     name_max = os.pathconf(root, "PC_NAME_MAX") - len("..part")  # room for the download's temporary name
     etags = root / ETAG_DIR
@@ -125,8 +151,16 @@ def fetch_s3(uri: str, root: Path, settings: S3Settings, progress: bool = True) 
                 bad[rel] = ("path_outside_root", f"{at} would be written outside the data root")
                 stats["failed"] += 1
                 continue
-            error, downloaded = _fetch_one(client, bucket, obj["Key"], obj["Size"], dest, config, obj.get("ETag", ""),
-                                           etags / rel)
+            etag, record = obj.get("ETag", ""), etags / rel
+            kept = _read_record(record)
+            if (etag and kept.get("etag") == etag and kept.get("size") == obj["Size"] and "local" in kept
+                    and dest.is_file() and kept["local"] == file_state(dest.stat())):
+                stats["skipped"] += 1
+                stats["unchanged"] += 1
+                continue
+            error, downloaded = _fetch_one(client, bucket, obj["Key"], obj["Size"], dest, config, etag, record)
+            if not error:
+                _write_record(record, etag, obj["Size"], dest)
             if error:
                 bad[rel] = error
                 stats["failed"] += 1
