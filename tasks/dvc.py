@@ -2,9 +2,10 @@
 
 A repository-level lock (`.dvc/tmp/loom-pipeline.lock`, an flock that the OS releases when its
 holder dies) makes a second pipeline run on the same checkout wait — up to `wait_s` — or fail with
-PipelineBusy naming the holder. The lock file records the holder and the `dvc` process groups it
-started: a holder killed with SIGKILL leaves its record behind, and the next holder stops those
-orphaned groups (they would otherwise keep DVC's locks and write outs) and checks DVC's own
+PipelineBusy naming the holder. The lock file records the holder and the process groups it
+started while holding it (`tasks.proc.groups_recorded`: a pipeline's `dvc` commands, a stage
+deployment's torchrun): a holder killed with SIGKILL leaves its record behind, and the next holder
+stops those orphaned groups (they would otherwise keep DVC's locks, the GPUs, and write outs) and checks DVC's own
 `.dvc/tmp/rwlock` before it starts. DVC's repository lock never surfaces as a stack trace: its two
 errors ("Unable to acquire lock", "'…' is busy, it is being blocked by") become DvcLocked, which
 the tasks retry, since another DVC command may just be finishing. A stage that crashed is retried
@@ -32,7 +33,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence
 from prefect import task
 
 from tasks.common import NO_CACHE, PARENT_TASK_RUN_ENV, logger
-from tasks.proc import SubprocessFailed, SubprocessTimeout, run_streaming, stop_orphan_group
+from tasks.proc import SubprocessFailed, SubprocessTimeout, groups_recorded, run_streaming, stop_orphan_group
 
 LOCK_NAME = "loom-pipeline.lock"
 DVC_LOCK_MESSAGE = "Unable to acquire lock"  # the repository lock (.dvc/tmp/lock)
@@ -140,7 +141,7 @@ def _holder_info() -> dict:
 
 def _recover(repo: Path, previous: Optional[dict]) -> None:
     """After acquiring: a record left behind means its holder died without releasing (a clean
-    release empties the file). Stop the dvc process groups it started, then look at DVC's rwlock."""
+    release empties the file). Stop the process groups it started, then look at DVC's rwlock."""
     log = logger()
     if previous:
         log.warning("the previous run on %s did not release its lock cleanly (%s): it was killed or crashed",
@@ -148,7 +149,7 @@ def _recover(repo: Path, previous: Optional[dict]) -> None:
         for pgid in previous.get("groups") or []:
             members = stop_orphan_group(int(pgid), grace=ORPHAN_GRACE_S, cwd=repo)
             if members:
-                log.warning("stopped its orphaned dvc process group %s (%d process(es) still running)", pgid,
+                log.warning("stopped its orphaned process group %s (%d process(es) still running)", pgid,
                             len(members))
     check_dvc_rwlock(repo)
 
@@ -210,7 +211,8 @@ def pipeline_lock(repo: Path | str = ".", wait_s: float = 0.0, poll_s: float = 1
         holder.write()
         _held[root] = holder
         try:
-            yield path
+            with groups_recorded(holder):  # every group this process starts meanwhile: dvc, a deployment's torchrun
+                yield path
         finally:
             _held.pop(root, None)
             os.ftruncate(fd, 0)  # a clean release leaves no record
@@ -240,21 +242,13 @@ def run_dvc(args: Sequence[str], repo: Path | str = ".", timeout: Optional[float
     log = logger()
     cmd = [_dvc_exe(), *args]
     log.info("$ %s", " ".join(["dvc", *args]))
-    holder = _held.get(Path(repo).resolve())
-    started: List[int] = []
-
-    def on_start(proc) -> None:
-        started.append(proc.pid)
-        if holder is not None:  # recorded, so that the next holder can stop it if this process is killed
-            holder.add_group(proc.pid)
-
     def line(text: str) -> None:
         log.info(text)
         if on_line is not None:
             on_line(text)
 
     try:
-        return run_streaming(cmd, log=line, timeout=timeout, cwd=str(repo), env=dvc_env(), on_start=on_start)
+        return run_streaming(cmd, log=line, timeout=timeout, cwd=str(repo), env=dvc_env())  # (its group is in the lock's record)
     except SubprocessFailed as e:
         why = None if isinstance(e, SubprocessTimeout) else _lock_error(e.tail)
         if why:
@@ -263,10 +257,6 @@ def run_dvc(args: Sequence[str], repo: Path | str = ".", timeout: Optional[float
                 f"in this checkout); retry when it is done. DVC said:\n{why}"
             ) from None
         raise
-    finally:
-        if holder is not None:
-            for pgid in started:
-                holder.remove_group(pgid)
 
 
 def parse_repro_log(lines: Sequence[str]) -> dict:

@@ -13,13 +13,14 @@ them (`stop_orphan_group`) before it does anything else.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import signal
 import subprocess
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Mapping, Optional, Sequence
+from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence
 
 from loomcore.processes import group_members, process_table
 
@@ -28,6 +29,22 @@ REAP_WAIT_S = 10.0  # how long stop_orphan_group waits for init to reap what it 
 _live: Dict[int, subprocess.Popen] = {}
 _lock = threading.Lock()
 _handlers_installed = False
+_recorders: List = []  # what records this process's groups while it lives (the pipeline locks it holds)
+
+
+@contextlib.contextmanager
+def groups_recorded(recorder) -> Iterator[None]:
+    """While inside: every group run_streaming starts in this process, in any thread, is passed to
+    `recorder.add_group(pgid)` when it starts and `recorder.remove_group(pgid)` when it ends — the
+    pipeline lock's record (tasks.dvc), so that a run killed outright leaves the next holder the
+    groups to stop: a pipeline's `dvc`, a stage deployment's torchrun."""
+    with _lock:
+        _recorders.append(recorder)
+    try:
+        yield
+    finally:
+        with _lock:
+            _recorders.remove(recorder)
 
 
 class SubprocessFailed(RuntimeError):
@@ -201,15 +218,20 @@ def run_streaming(
     )
     with _lock:
         _live[proc.pid] = proc
+        recorders = list(_recorders)
     tail: List[str] = []
-    if on_start is not None:
-        try:
+    try:
+        for recorder in recorders:
+            recorder.add_group(proc.pid)
+        if on_start is not None:
             on_start(proc)
-        except BaseException:
-            stop_group(proc, grace)
-            with _lock:
-                _live.pop(proc.pid, None)
-            raise
+    except BaseException:
+        stop_group(proc, grace)
+        with _lock:
+            _live.pop(proc.pid, None)
+        for recorder in recorders:
+            recorder.remove_group(proc.pid)
+        raise
 
     def pump():
         assert proc.stdout is not None
@@ -236,6 +258,8 @@ def run_streaming(
     finally:
         with _lock:
             _live.pop(proc.pid, None)
+        for recorder in recorders:
+            recorder.remove_group(proc.pid)
     if check and proc.returncode != 0:
         raise SubprocessFailed(cmd, proc.returncode, tail)
     return proc.returncode

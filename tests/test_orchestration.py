@@ -7,6 +7,7 @@ task cache policies, param dependencies, the S3 remote) is in test_orchestration
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import os
@@ -150,6 +151,42 @@ def test_a_killed_run_leaves_nothing_that_blocks_the_next(prefect_api, tmp_path)
     finally:
         kill_group(holder)
 
+
+def test_a_stage_deployment_killed_outright_leaves_its_torchrun_to_the_next_holder(tmp_path):
+    """A stage flow started by its deployment holds the checkout lock and runs torchrun in a
+    session of its own (tasks.proc.run_streaming). Killed outright (SIGKILL: a worker lost, the OOM
+    killer), it released the lock while its torchrun trained on, writing the outs, and the next run
+    did not know of it: only the pipeline's `dvc` groups were recorded. Now every group the holder
+    starts is in the lock's record, and the next holder stops it."""
+    from tasks.dvc import pipeline_lock
+    from tasks.proc import group_members
+
+    repo = make_fake_repo(tmp_path / "repo")
+    holder = spawn("""
+        import sys
+        from tasks.dvc import pipeline_lock
+        from tasks.proc import run_streaming
+        with pipeline_lock("."):  # as flows.common.stage_flow holds it for a deployment's run
+            run_streaming([sys.executable, "-c", "import os, time; open('training-pid', 'w').write(str(os.getpid())); "
+                           "open('training', 'w').close(); time.sleep(300)"],
+                          log=print)
+    """, repo)
+    try:
+        wait_for(lambda: (repo / "training").exists(), 60, "the stand-in torchrun to start")
+        record = json.loads((repo / ".dvc/tmp/loom-pipeline.lock").read_text())
+        assert record["pid"] == holder.pid and len(record["groups"]) == 1
+        (pgid,) = record["groups"]
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait()
+        assert group_members(pgid)  # the orphan trains on
+        with pipeline_lock(repo):
+            assert not group_members(pgid)  # the next holder stopped it before anything else
+            assert json.loads((repo / ".dvc/tmp/loom-pipeline.lock").read_text())["groups"] == []
+    finally:
+        kill_group(holder)
+        for pid in [int(p) for p in (repo / "training-pid").read_text().split()] if (repo / "training-pid").exists() else []:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)  # (a failed run leaves no stand-in behind)
 
 def test_dvc_lock_errors_are_reported_as_dvclocked(prefect_api, tmp_path):
     from tasks.dvc import DvcLocked, pipeline_lock, run_dvc
