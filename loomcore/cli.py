@@ -319,58 +319,84 @@ class StoppedBySignal(Exception):
 
 class _SignalledRun:
     """Runs one command in a session of its own and passes the signals `loom pipeline` gets on to
-    its whole process group (`stopped_by_signals`)."""
+    its whole process group (`stopped_by_signals`). The handler only records and forwards: what
+    raises is the code it interrupts, at points where nothing is half started."""
 
-    GRACE_S = 60.0  # for the group to end after the signal: a stage stops its torchrun (tasks.proc), DVC its lock
+    GRACE_S = 60.0  # from the first signal: the stage stops its torchrun (tasks.proc), DVC records the failure
 
     def __init__(self):
         self.proc: Optional[subprocess.Popen] = None
-        self.starting = False
         self.signals: List[int] = []
+        self.deadline: Optional[float] = None
+        self.below: List[tuple] = []  # (pid, start time) below the group in sessions of their own: torchrun, ranks
 
     def on_signal(self, signum, frame) -> None:
         self.signals.append(signum)
-        if self.proc is None:
-            if self.starting:
-                return
-            raise StoppedBySignal(signum, " before the DAG started")  # (the server's `finally` stops it)
-        if len(self.signals) == 1:
-            print(f"loom pipeline: {signal.Signals(signum).name}: stopping the DAG (passed on to DVC and "
-                  f"the running stage; up to {self.GRACE_S:.0f} s, a second signal stops it at once)",
-                  file=sys.stderr, flush=True)
-            self._signal_group(signum)
+        if self.proc is None:  # the Prefect server's start-up: `stop_requested` ends it
+            return
+        if self.deadline is None:
+            self._first_signal()
         else:
-            self._signal_group(signal.SIGKILL)
+            self._kill_all()
 
-    def _signal_group(self, signum: int) -> None:
-        try:
-            os.killpg(self.proc.pid, signum)
+    def stop_requested(self) -> bool:
+        return bool(self.signals)
+
+    def _first_signal(self) -> None:
+        from loomcore.processes import outside_descendants
+
+        if self.deadline is not None:  # (a signal while the process was being made: passed on once)
+            return
+        print(f"loom pipeline: {signal.Signals(self.signals[0]).name}: stopping the DAG (passed on to DVC and the "
+              f"running stage; up to {self.GRACE_S:.0f} s, a second signal stops it at once)", file=sys.stderr, flush=True)
+        self.deadline = time.monotonic() + self.GRACE_S
+        self.below = outside_descendants(self.proc.pid)  # found now, while they are still below the group
+        try:  # SIGINT whatever loom got: DVC stops cleanly on it (it waits for the stage, which stops its torchrun)
+            os.killpg(self.proc.pid, signal.SIGINT)
         except ProcessLookupError:
             pass
 
-    def _group_alive(self) -> bool:
-        from loomcore.processes import group_members  # (zombies do not count: an init may not reap)
+    def _kill_all(self) -> None:
+        from loomcore.processes import kill_if_alive, outside_descendants
 
-        return bool(group_members(self.proc.pid))
+        below = list(dict.fromkeys(self.below + outside_descendants(self.proc.pid)))
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        kill_if_alive(below)
+
+    def _alive(self) -> bool:
+        from loomcore.processes import group_members, process_table  # (zombies do not count: an init may not reap)
+
+        table = process_table()
+        return bool(group_members(self.proc.pid)) or any(
+            pid in table and table[pid][3] == started and table[pid][0] != "Z" for pid, started in self.below)
 
     def run(self, cmd: List[str], env) -> int:
-        """The command's exit code; StoppedBySignal once it and every process of its group ended
-        after a signal (SIGKILL to what is left after GRACE_S)."""
-        self.starting = True  # a signal until `proc` is known is passed on just after
-        self.proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+        """The command's exit code; StoppedBySignal once it and everything below it ended after a
+        signal (SIGKILL to what is left GRACE_S after the first)."""
         if self.signals:
-            self._signal_group(self.signals[0])
-        rc = self.proc.wait()
+            raise StoppedBySignal(self.signals[0], " before the DAG started")
+        self.proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+        if self.signals:  # one that came while the process was being made
+            self._first_signal()
+        while True:
+            try:
+                rc = self.proc.wait(timeout=0.5)
+                break
+            except subprocess.TimeoutExpired:
+                if self.deadline is not None and time.monotonic() > self.deadline:
+                    self._kill_all()
         if not self.signals:
             return rc
-        deadline = time.monotonic() + self.GRACE_S  # DVC may end first (it dies on SIGTERM): its stage goes on stopping
-        while self._group_alive() and time.monotonic() < deadline:
+        while self._alive() and time.monotonic() < self.deadline:  # DVC may end first: its stage goes on stopping
             time.sleep(0.2)
-        left = self._group_alive()
+        left = self._alive()
         if left:
-            self._signal_group(signal.SIGKILL)
+            self._kill_all()
         raise StoppedBySignal(self.signals[0], f"; DVC exited with {rc}"
-                              + (f", its group killed after {self.GRACE_S:.0f} s" if left else ""))
+                              + (f", what was left killed {self.GRACE_S:.0f} s after the signal" if left else ""))
 
 
 @contextmanager
@@ -378,11 +404,12 @@ def stopped_by_signals():
     """A `_SignalledRun` whose command stops with `loom pipeline`. DVC runs in a session of its own,
     so a signal sent to loom alone — `kill`, `timeout`, a closed terminal, a service manager's stop
     — used to end loom at once (SIGTERM's default) and leave DVC, the stage and the Prefect server
-    running; now loom passes SIGINT, SIGTERM and SIGHUP on to DVC's group (the stage in it stops its
-    own torchrun group), waits for the group to end, then stops the server. A terminal's Ctrl-C,
-    which reached DVC and the stage directly before, reaches them through loom."""
+    running; now loom passes SIGINT, SIGTERM and SIGHUP on to DVC's group (as SIGINT, which DVC
+    handles by waiting for the stage), waits for it and what it started below, then stops the
+    server. A terminal's Ctrl-C, which reached DVC and the stage directly before, reaches them
+    through loom. A signal loom was started ignoring (`nohup`: SIGHUP) stays ignored."""
     run = _SignalledRun()
-    handled = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    handled = [s for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP) if signal.getsignal(s) is not signal.SIG_IGN]
     previous = {s: signal.signal(s, run.on_signal) for s in handled}
     try:
         yield run
@@ -406,14 +433,19 @@ def cmd_pipeline(args) -> int:
     else:
         cmd = pipeline_command(args.profile, args.overrides, args.targets or [])
         print(f"pipeline: {' '.join(cmd)}", flush=True)
-        from loomcore.local_server import ServerStartError, prefect_server
+        from loomcore.local_server import ServerStartError, ServerStartStopped, prefect_server
 
         env = dict(os.environ)  # stage cmds run `python -m flows.…`: this environment's python
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
         try:
             with stopped_by_signals() as dvc:
-                with prefect_server(env) as run_env:  # one server for every stage (loomcore.local_server)
-                    rc = dvc.run(cmd, run_env)
+                try:  # one server for every stage (loomcore.local_server)
+                    with prefect_server(env, stop_requested=dvc.stop_requested) as run_env:
+                        rc = dvc.run(cmd, run_env)
+                except ServerStartStopped:
+                    raise StoppedBySignal(dvc.signals[0], " before the DAG started") from None
+                if dvc.signals:  # one that came after DVC had ended, while the server stopped
+                    raise StoppedBySignal(dvc.signals[0], f"; DVC had exited with {rc}")
         except ServerStartError as e:
             print(f"loom pipeline: {e}", file=sys.stderr)
             return 1
@@ -444,7 +476,8 @@ tiny profile's Shapes data has some: data/raw/samples/<id>/source.mp4, source.pn
   a trained DiT           loom generate --transformer outputs/stage3/model --prompt "a blue square" --out stage3.mp4
   an exported pipeline    loom generate --model outputs/export/model --prompt "a blue square" --out export.mp4
 
---num-outputs 4 writes t2i-0.png … t2i-3.png (seeds 0–3), each the image --seed <that seed> alone gives.
+--num-outputs 4 writes t2i-0.png … t2i-3.png (seeds 0–3), each the image --seed <that seed> alone gives
+(to within one 8-bit level).
 The task is inferred from the inputs (--task to name it). Sizes and frame counts are checked
 against the model before anything runs: bad input exits with status 2 and says what the model takes.
 """
@@ -690,7 +723,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the initial noise (default 0)")
     p.add_argument("--num-outputs", type=int, default=1, metavar="N",
                    help="N outputs in one batch, seeds --seed … --seed+N-1, written to <out>-<seed>.<ext>; each is "
-                   "what --seed <that seed> alone writes (default 1: --out itself)")
+                   "what --seed <that seed> alone writes, to within one 8-bit level (default 1: --out itself)")
     p.add_argument("--out", required=True, metavar="PATH", help="output file: .mp4 (video) or .png (image)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--fps", type=float, help="output frame rate (default: the pipeline's, video.fps)")

@@ -22,13 +22,17 @@ import urllib.error
 import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Dict, Iterator, Mapping, Optional
+from typing import Callable, Dict, Iterator, Mapping, Optional
 
 STARTUP_TIMEOUT_S = 180.0  # as tasks/__init__.py allows Prefect's temporary server on a busy 2-core machine
 
 
 class ServerStartError(RuntimeError):
     """The local Prefect server did not answer its health check in time, or exited."""
+
+
+class ServerStartStopped(RuntimeError):
+    """`stop_requested` said to stop while the server was starting (it was stopped)."""
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -53,10 +57,12 @@ def _tail(path: Path, lines: int = 15) -> str:
 @contextmanager
 def prefect_server(env: Optional[Mapping[str, str]] = None, *, host: str = "127.0.0.1",
                    startup_timeout: float = STARTUP_TIMEOUT_S,
-                   log=print) -> Iterator[Dict[str, str]]:
+                   log=print, stop_requested: Callable[[], bool] = lambda: False) -> Iterator[Dict[str, str]]:
     """Yield the environment the stages run with: `env` itself when it sets PREFECT_API_URL, else
     `env` plus the URL of a server started here (stopped, with its worker processes, on exit).
-    ServerStartError names the command and shows the end of the server's log if it never answers."""
+    ServerStartError names the command and shows the end of the server's log if it never answers;
+    ServerStartStopped when `stop_requested()` turns true while it starts (a signal's handler
+    sets it: raising in the handler could land between the server's start and its `try`)."""
     env = dict(os.environ if env is None else env)
     if env.get("PREFECT_API_URL"):
         log(f"pipeline: Prefect server {env['PREFECT_API_URL']} (PREFECT_API_URL)")
@@ -74,6 +80,8 @@ def prefect_server(env: Optional[Mapping[str, str]] = None, *, host: str = "127.
         try:
             t0 = time.monotonic()
             while not healthy(api_url):
+                if stop_requested():
+                    raise ServerStartStopped(f"stopped while the Prefect server at {api_url} was starting")
                 if proc.poll() is not None:
                     raise ServerStartError(f"`{' '.join(cmd)}` exited with code {proc.returncode} before answering; "
                                            f"its log ends:\n{_tail(log_path)}")

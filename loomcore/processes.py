@@ -4,8 +4,10 @@ init does not reap, an orphan that ended stays one."""
 
 from __future__ import annotations
 
+import os
+import signal
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Sequence
 
 
 def process_table() -> Dict[int, tuple]:
@@ -25,3 +27,35 @@ def process_table() -> Dict[int, tuple]:
 def group_members(pgid: int) -> List[int]:
     """Live (non-zombie) processes of process group `pgid`."""
     return [pid for pid, (state, _, group, _) in process_table().items() if state != "Z" and group == pgid]
+
+
+def kill_if_alive(processes: Sequence[tuple]) -> None:
+    """SIGKILL each (pid, start time) that is still that process and not a zombie."""
+    table = process_table()
+    for pid, started in processes:
+        if pid in table and table[pid][3] == started and table[pid][0] != "Z":
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def outside_descendants(pgid: int) -> List[tuple]:
+    """(pid, start time) of the live processes below the members of group `pgid` that are in
+    other groups (torchrun's ranks), from /proc."""
+    table = process_table()
+    children: Dict[int, List[int]] = {}
+    for pid, (_, parent, _, _) in table.items():
+        children.setdefault(parent, []).append(pid)
+    todo = [pid for pid, (_, _, group, _) in table.items() if group == pgid]
+    seen, found = set(todo), []
+    while todo:
+        for child in children.get(todo.pop(), ()):
+            state, _, group, started = table[child]
+            if child in seen:
+                continue
+            seen.add(child)
+            todo.append(child)
+            if group != pgid and state != "Z":
+                found.append((child, started))
+    return found

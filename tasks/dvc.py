@@ -90,6 +90,7 @@ class _Holder:
     def __init__(self, fd: int, info: dict):
         self.fd, self.info, self.thread = fd, info, threading.get_ident()
         self._mutex = threading.Lock()
+        self._released = False
 
     def write(self) -> None:
         data = json.dumps(self.info).encode()
@@ -98,14 +99,23 @@ class _Holder:
 
     def add_group(self, pgid: int) -> None:
         with self._mutex:
-            self.info["groups"].append(pgid)
-            self.write()
+            if not self._released:
+                self.info["groups"].append(pgid)
+                self.write()
 
     def remove_group(self, pgid: int) -> None:
         with self._mutex:
-            if pgid in self.info["groups"]:
+            if not self._released and pgid in self.info["groups"]:
                 self.info["groups"].remove(pgid)
                 self.write()
+
+    def release(self) -> None:
+        """Empty the record (a clean release leaves none). A group that ends later — started
+        while the lock was held, by a thread that outlived it — writes nothing: the file
+        descriptor is about to be closed, and its number reused for another file."""
+        with self._mutex:
+            self._released = True
+            os.ftruncate(self.fd, 0)
 
 
 _held: Dict[Path, _Holder] = {}
@@ -215,7 +225,7 @@ def pipeline_lock(repo: Path | str = ".", wait_s: float = 0.0, poll_s: float = 1
                 yield path
         finally:
             _held.pop(root, None)
-            os.ftruncate(fd, 0)  # a clean release leaves no record
+            holder.release()
     finally:
         with contextlib.suppress(OSError):
             fcntl.flock(fd, fcntl.LOCK_UN)

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence
 
-from loomcore.processes import group_members, process_table
+from loomcore.processes import group_members, kill_if_alive, outside_descendants, process_table
 
 REAP_WAIT_S = 10.0  # how long stop_orphan_group waits for init to reap what it killed
 
@@ -85,38 +85,6 @@ def stop_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
             pass
         proc.wait()
     kill_if_alive(below)
-
-
-def kill_if_alive(processes: Sequence[tuple]) -> None:
-    """SIGKILL each (pid, start time) that is still that process and not a zombie."""
-    table = process_table()
-    for pid, started in processes:
-        if pid in table and table[pid][3] == started and table[pid][0] != "Z":
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-
-
-def outside_descendants(pgid: int) -> List[tuple]:
-    """(pid, start time) of the live processes below the members of group `pgid` that are in
-    other groups (torchrun's ranks), from /proc."""
-    table = process_table()
-    children: Dict[int, List[int]] = {}
-    for pid, (_, parent, _, _) in table.items():
-        children.setdefault(parent, []).append(pid)
-    todo = [pid for pid, (_, _, group, _) in table.items() if group == pgid]
-    seen, found = set(todo), []
-    while todo:
-        for child in children.get(todo.pop(), ()):
-            state, _, group, started = table[child]
-            if child in seen:
-                continue
-            seen.add(child)
-            todo.append(child)
-            if group != pgid and state != "Z":
-                found.append((child, started))
-    return found
 
 
 def _cwd_inside(pid: int, root: Path) -> bool:
@@ -230,7 +198,8 @@ def run_streaming(
         with _lock:
             _live.pop(proc.pid, None)
         for recorder in recorders:
-            recorder.remove_group(proc.pid)
+            with contextlib.suppress(OSError):
+                recorder.remove_group(proc.pid)
         raise
 
     def pump():
@@ -259,7 +228,10 @@ def run_streaming(
         with _lock:
             _live.pop(proc.pid, None)
         for recorder in recorders:
-            recorder.remove_group(proc.pid)
+            try:
+                recorder.remove_group(proc.pid)
+            except OSError as e:  # (a full disk): the next holder finds the group gone; the run's own result stands
+                log(f"could not update the pipeline lock's record after group {proc.pid} ended: {e}")
     if check and proc.returncode != 0:
         raise SubprocessFailed(cmd, proc.returncode, tail)
     return proc.returncode

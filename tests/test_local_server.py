@@ -69,16 +69,25 @@ def test_a_server_that_cannot_start_is_a_clear_error(tmp_path):
 
 
 PROBE_STAGE = """
-import os, signal, sys, time
+import os, signal, subprocess, sys, time
 from pathlib import Path
+
+STUCK = Path("stuck").exists()
 
 def stop(signum, frame):
     Path("stopped").write_text(signal.Signals(signum).name)
-    sys.exit(1)
 
+signal.signal(signal.SIGINT, stop)
 signal.signal(signal.SIGTERM, stop)
+below = subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+                          "signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"], start_new_session=True)
+Path("below").write_text(str(below.pid))  # a stand-in torchrun: a session of its own
 Path("started").write_text(str(os.getpid()))
-time.sleep(600)
+while True:
+    time.sleep(0.1)
+    if not STUCK and Path("stopped").exists():
+        below.kill()  # (the stage stops its torchrun: tasks.proc)
+        sys.exit(1)
 """
 
 
@@ -89,11 +98,14 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def test_a_signal_to_loom_pipeline_stops_dvc_the_stage_and_the_server(tmp_path):
+@pytest.mark.parametrize("stage", ["stops", "stuck"])
+def test_a_signal_to_loom_pipeline_stops_dvc_the_stage_and_the_server(tmp_path, stage):
     """`kill <loom pipeline>` (or `timeout`, a closed terminal, a service manager's stop) used to end
     loom alone, at once: DVC and its stage ran on, and the Prefect server started for the run was
-    left listening. Now the signal reaches the stage through DVC's group, loom waits for it, stops
-    the server and exits 128 + 15."""
+    left listening. Now the signal reaches the stage through DVC's group (as SIGINT, which DVC
+    handles by waiting for the stage), loom waits for it, stops the server and exits 128 + 15. A
+    stage that does not stop is killed at a second signal, with what it started in sessions of its
+    own (torchrun's ranks)."""
     import shutil
     import signal
     import time
@@ -104,6 +116,8 @@ def test_a_signal_to_loom_pipeline_stops_dvc_the_stage_and_the_server(tmp_path):
     repo.mkdir()
     shutil.copy(REPO_ROOT / "params.yaml", repo / "params.yaml")
     (repo / "probe.py").write_text(PROBE_STAGE)
+    if stage == "stuck":
+        (repo / "stuck").touch()
     (repo / "dvc.yaml").write_text("stages:\n  probe:\n    cmd: python probe.py\n    deps: [probe.py]\n")
     dvc = str(Path(sys.executable).parent / "dvc")
     subprocess.run([dvc, "init", "--no-scm", "-q"], cwd=repo, check=True)
@@ -112,24 +126,51 @@ def test_a_signal_to_loom_pipeline_stops_dvc_the_stage_and_the_server(tmp_path):
     out = open(tmp_path / "loom.log", "w")
     loom = subprocess.Popen([sys.executable, "-m", "loomcore.cli", "pipeline"], cwd=repo, env=env, stdout=out,
                             stderr=subprocess.STDOUT, text=True)
+    below = None
     try:
         deadline = time.monotonic() + 240
         while not (repo / "started").exists() and loom.poll() is None and time.monotonic() < deadline:
             time.sleep(0.2)
         log = (tmp_path / "loom.log").read_text()
         assert (repo / "started").exists(), log
-        stage = int((repo / "started").read_text())
+        probe, below = int((repo / "started").read_text()), int((repo / "below").read_text())
         api = re.search(r"Prefect server for this run at (http://127\.0\.0\.1:\d+)", log).group(1) + "/api"
-        assert healthy(api) and _alive(stage)
+        assert healthy(api) and _alive(probe) and _alive(below)
+        t = time.monotonic()
         loom.send_signal(signal.SIGTERM)
+        if stage == "stuck":
+            while not (repo / "stopped").exists() and time.monotonic() - t < 30:
+                time.sleep(0.2)
+            time.sleep(1)
+            assert loom.poll() is None  # it waits for the stage
+            loom.send_signal(signal.SIGTERM)  # a second signal: everything now
         code = loom.wait(120)
+        assert time.monotonic() - t < 40
     finally:
         if loom.poll() is None:
             loom.kill()
         out.close()
+        for pid in [below] if below else []:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
     log = (tmp_path / "loom.log").read_text()
     assert code == 128 + signal.SIGTERM, log
-    assert "loom pipeline: stopped by SIGTERM; DVC exited with" in log and "killed" not in log, log
-    assert (repo / "stopped").read_text() == "SIGTERM"  # the stage got the signal and ran its handler
-    assert not _alive(stage)
+    assert "loom pipeline: stopped by SIGTERM; DVC exited with" in log, log
+    assert (repo / "stopped").read_text() == "SIGINT"  # the stage got the signal (as SIGINT) and ran its handler
+    assert not _alive(probe) and not _alive(below)  # the stage and its session's process: stopped or killed
     assert not healthy(api)  # the run's Prefect server is stopped too
+
+
+def test_a_signal_loom_was_started_ignoring_stays_ignored():
+    """`nohup loom pipeline`: SIGHUP stays ignored (by loom, and so by DVC, which inherits it)."""
+    import signal
+
+    from loomcore.cli import stopped_by_signals
+
+    before = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        with stopped_by_signals():
+            assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_IGN, signal.SIG_DFL)
+    finally:
+        signal.signal(signal.SIGHUP, before)

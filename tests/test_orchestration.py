@@ -125,7 +125,7 @@ def test_a_killed_run_leaves_nothing_that_blocks_the_next(prefect_api, tmp_path)
     drops the flock, the dvc process group lives on as an orphan (holding DVC's rwlock). The next
     run stops that group, and DVC drops the dead entries from its rwlock: the run succeeds."""
     from flows.pipeline import pipeline_flow
-    from tasks.proc import group_members
+    from loomcore.processes import group_members
 
     repo = make_fake_repo(tmp_path / "repo")
     (repo / "sleep-cache").write_text("300")
@@ -159,7 +159,7 @@ def test_a_stage_deployment_killed_outright_leaves_its_torchrun_to_the_next_hold
     did not know of it: only the pipeline's `dvc` groups were recorded. Now every group the holder
     starts is in the lock's record, and the next holder stops it."""
     from tasks.dvc import pipeline_lock
-    from tasks.proc import group_members
+    from loomcore.processes import group_members
 
     repo = make_fake_repo(tmp_path / "repo")
     holder = spawn("""
@@ -187,6 +187,31 @@ def test_a_stage_deployment_killed_outright_leaves_its_torchrun_to_the_next_hold
         for pid in [int(p) for p in (repo / "training-pid").read_text().split()] if (repo / "training-pid").exists() else []:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)  # (a failed run leaves no stand-in behind)
+
+def test_a_group_that_outlives_the_lock_writes_nothing_after_its_release(tmp_path):
+    """A group started while the lock was held, by a thread that outlives the lock, ends after the
+    release: its record update must not write to the lock's closed descriptor — whose number the
+    next file opened gets (a review found the record written over that file)."""
+    import threading
+
+    from tasks.dvc import pipeline_lock
+    from tasks.proc import run_streaming
+
+    repo = make_fake_repo(tmp_path / "repo")
+    started, done = threading.Event(), []
+    with pipeline_lock(repo):
+        thread = threading.Thread(target=lambda: done.append(run_streaming(
+            [sys.executable, "-c", "import time; time.sleep(2)"], log=lambda _: None, on_start=lambda _: started.set())))
+        thread.start()
+        assert started.wait(30)
+        assert len(json.loads((repo / ".dvc/tmp/loom-pipeline.lock").read_text())["groups"]) == 1
+    victim = tmp_path / "victim.txt"
+    with open(victim, "w+") as f:  # likely the lock's descriptor number, now free
+        f.write("precious data")
+        f.flush()
+        thread.join(30)
+    assert done == [0] and victim.read_text() == "precious data"
+    assert (repo / ".dvc/tmp/loom-pipeline.lock").read_text() == ""  # the clean release's empty record
 
 def test_dvc_lock_errors_are_reported_as_dvclocked(prefect_api, tmp_path):
     from tasks.dvc import DvcLocked, pipeline_lock, run_dvc

@@ -152,6 +152,9 @@ def test_num_videos_per_prompt_and_generators_must_agree(pipe):
         pipe("a red circle", num_videos_per_prompt=3, generator=[torch.Generator(), torch.Generator()])
     with pytest.raises(ValueError, match=r"num_videos_per_prompt = 0: expected a whole number"):
         pipe("a red circle", num_videos_per_prompt=0)
+    with pytest.raises(ValueError, match=r"num_videos_per_prompt = 2.0: expected a whole number"):
+        pipe("a red circle", num_videos_per_prompt=2.0)
+    assert pipe("a red circle", num_inference_steps=1, num_videos_per_prompt=np.int64(2)).frames.shape[0] == 2
     with pytest.raises(ValueError, match=r"latents: shape \(1, "):
         pipe("a red circle", num_videos_per_prompt=2, latents=torch.zeros(1, 12, 2, 20, 20))
 

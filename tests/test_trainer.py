@@ -24,7 +24,8 @@ from loomcore.diffusion.sampling import euler_sample, sampling_timesteps
 from loomcore.models.dit import patchify
 from loomcore.train.metrics import read_steps
 from loomcore.models.mllm import DROP_ALL, DROP_NONE, DROP_TEXT
-from tasks.proc import outside_descendants, stop_group
+from loomcore.processes import outside_descendants
+from tasks.proc import stop_group
 from loomcore.train.step import build_pack, dit_train_flops, dropout_modes, make_generators, pack_loss, seed_generators
 
 REPO = Path(__file__).resolve().parents[1]

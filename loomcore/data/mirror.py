@@ -50,7 +50,7 @@ def _read_record(path: Path) -> dict:
 
 def _write_record(path: Path, etag: str, size: int, copy: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps({"etag": etag, "size": size, "local": file_state(copy.stat())}))
     os.replace(tmp, path)
 
@@ -158,8 +158,9 @@ def fetch_s3(uri: str, root: Path, settings: S3Settings, progress: bool = True) 
                 stats["skipped"] += 1
                 stats["unchanged"] += 1
                 continue
+            state = file_state(dest.stat()) if dest.is_file() else None
             error, downloaded = _fetch_one(client, bucket, obj["Key"], obj["Size"], dest, config, etag, record)
-            if not error:
+            if not error and (downloaded or file_state(dest.stat()) == state):  # (not written to while checked)
                 _write_record(record, etag, obj["Size"], dest)
             if error:
                 bad[rel] = error

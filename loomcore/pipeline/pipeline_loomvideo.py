@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -337,9 +338,12 @@ class LoomVideoPipeline(DiffusionPipeline):
         Returns:
             `LoomVideoPipelineOutput` with `frames` (see its docstring), or `(frames,)`.
         """
-        m = num_videos_per_prompt
-        if isinstance(m, bool) or not isinstance(m, int) or m < 1:
-            raise InputError(f"num_videos_per_prompt = {m!r}: expected a whole number ≥ 1")
+        try:
+            m = operator.index(num_videos_per_prompt)  # an int, numpy's too; not a float or a bool
+        except TypeError:
+            m = None
+        if m is None or isinstance(num_videos_per_prompt, bool) or m < 1:
+            raise InputError(f"num_videos_per_prompt = {num_videos_per_prompt!r}: expected a whole number ≥ 1")
         if isinstance(generator, (list, tuple)):  # diffusers' randn_tensor would draw from the first alone
             if len(generator) != m:
                 raise InputError(f"generator: a list of {len(generator)}, but num_videos_per_prompt is {m}; "
