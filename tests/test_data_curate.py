@@ -640,6 +640,27 @@ def test_threads_give_the_serial_runs_manifests(data, tmp_path, cfg):
     assert len(_read(tmp_path / "w4", "rejects.parquet")) >= len(bad) + len(worse) + 2
 
 
+def test_threads_probe_and_hash_a_shared_file_once(data, tmp_path, cfg, monkeypatch):
+    """Rows that share a file (an edit's source, a reconstruction's video, a reference) checked by
+    two threads at once each decoded and hashed it; the second now waits for the first's probe and
+    reuses it. The probe is slowed (the real one, after a pause) so that the rows overlap."""
+    import time
+
+    from loomcore.data import curate as curate_module
+
+    root, good = data
+    edit = next(r for r in good if r["task"] == "tv2v")  # one source, several instructions: rows side by side
+    rows = [r for r in good if r is not edit] + [dict(edit, id=f"{edit['id']}-v{k}", caption=f"{edit['caption']} (take {k})")
+                                                 for k in range(6)]  # (its files first met by these rows)
+    schema.write_parquet(rows, schema.METADATA_SCHEMA, root / "metadata.parquet")
+    real_probe = curate_module.probe
+    monkeypatch.setattr(curate_module, "probe", lambda path: time.sleep(0.05) or real_probe(path))
+    files = {f for r in rows for f in [r["media"], r["source"], *(r["refs"] or [])] if f}
+    c = load_config([f"models.mllm={cfg.models.mllm}", "data.curate_workers=4"], profile="tiny")
+    s = curate(c, str(root), root, tmp_path / "out", progress=False, facts=tmp_path / "facts.jsonl")
+    assert s["rows_in"] == len(rows) and s["rejected"]["total"] == 0
+    assert s["timing"]["files"] == {"probe_computed": len(files), "sha256_computed": len(files)}
+
 def test_a_rerun_decodes_and_hashes_only_new_and_changed_files(data, tmp_path, cfg):
     """Curation decodes every frame of every video and hashes every file: at the paper's scale,
     hours, every night. With a file of facts (the stage's: <paths.runs>/curate/file_facts.jsonl)

@@ -248,6 +248,12 @@ class _RowChecker:
         self.max_aspect = cfg.data.max_aspect_ratio
         self._probe: Dict[Path, object] = {}
         self._hash: Dict[Path, Tuple[str, int]] = {}
+        self._file_locks: Dict[Path, threading.Lock] = {}  # one per file: rows sharing it probe and hash it once
+        self._locks_lock = threading.Lock()
+
+    def _file_lock(self, real: Path) -> threading.Lock:
+        with self._locks_lock:
+            return self._file_locks.setdefault(real, threading.Lock())
 
     def resolve(self, written: str, role: str) -> Path:
         """The real path of `written` (relative to the root, or absolute), refused unless it
@@ -302,18 +308,19 @@ class _RowChecker:
         if kind != want:
             raise RowError("wrong_media_kind", f"{role} {written!r} is {'a video' if kind == 'video' else 'an image'}, "
                                                f"the task needs {'a video' if want == 'video' else 'an image'}", written)
-        if real not in self._probe and (known := self.facts.get(real, st, "probe")) is not None:
-            self._probe[real] = MediaInfo(**known)
-        if real not in self._probe:
-            try:
-                self._probe[real] = probe(real)
-                self.facts.put(real, st, "probe", dataclasses.asdict(self._probe[real]))
-            except MediaError as e:
-                self._probe[real] = e
-            except OSError as e:  # the file's own I/O (permissions, a read error); a network hiccup is not the row's
-                if is_transient(e):
-                    raise
-                self._probe[real] = MediaError(real, f"cannot be read ({type(e).__name__}: {e})", "unreadable")
+        with self._file_lock(real):  # another thread's row with this file waits for its probe, then reuses it
+            if real not in self._probe and (known := self.facts.get(real, st, "probe")) is not None:
+                self._probe[real] = MediaInfo(**known)
+            if real not in self._probe:
+                try:
+                    self._probe[real] = probe(real)
+                    self.facts.put(real, st, "probe", dataclasses.asdict(self._probe[real]))
+                except MediaError as e:
+                    self._probe[real] = e
+                except OSError as e:  # the file's own I/O (permissions, a read error); a network hiccup is not the row's
+                    if is_transient(e):
+                        raise
+                    self._probe[real] = MediaError(real, f"cannot be read ({type(e).__name__}: {e})", "unreadable")
         info = self._probe[real]
         if isinstance(info, MediaError):
             raise RowError(f"media_{info.code}", f"{role} {written!r}: {info.reason}", written)
@@ -321,16 +328,18 @@ class _RowChecker:
             raise RowError("video_too_short", f"{role} {written!r}: {info.frames_at(self.fps)} frames at {self.fps} fps, "
                                               f"the shortest bucket needs {self.min_frames} (video.frames)", written)
         self.shape(info, role, written)
-        if real not in self._hash and (known := self.facts.get(real, st, "sha256")) is not None:
-            self._hash[real] = (known, st.st_size)
-        if real not in self._hash:
-            try:
-                self._hash[real] = (sha256_file(real), st.st_size)
-                self.facts.put(real, st, "sha256", self._hash[real][0])
-            except OSError as e:  # as above: this file's read, unless the error is the network's
-                if is_transient(e):
-                    raise
-                raise RowError("media_unreadable", f"{role} {written!r}: cannot be read ({type(e).__name__}: {e})", written) from None
+        with self._file_lock(real):
+            if real not in self._hash and (known := self.facts.get(real, st, "sha256")) is not None:
+                self._hash[real] = (known, st.st_size)
+            if real not in self._hash:
+                try:
+                    self._hash[real] = (sha256_file(real), st.st_size)
+                    self.facts.put(real, st, "sha256", self._hash[real][0])
+                except OSError as e:  # as above: this file's read, unless the error is the network's
+                    if is_transient(e):
+                        raise
+                    raise RowError("media_unreadable", f"{role} {written!r}: cannot be read ({type(e).__name__}: {e})",
+                                   written) from None
         return (rel, info, *self._hash[real])
 
     def check(self, index: int, row: dict) -> dict:
