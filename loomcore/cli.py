@@ -30,7 +30,7 @@ EPILOG = """examples:
   loom params --check                      # exit 1 if params.yaml is not conf/'s composition
   loom init-models --profile tiny          # build the tiny base models under models/tiny/
   loom init-models --profile paper         # check the real Wan2.2 / Qwen3-VL folders are complete
-  loom import-release checkpoints/LoomVideo out/   # convert the authors' checkpoint to safetensors
+  loom import-release checkpoints/LoomVideo out/ --profile paper   # the authors' checkpoint → safetensors
   loom pipeline                            # run the whole DAG on the tiny profile (dvc repro)
   loom pipeline stage3.steps=300           # the DAG as an experiment (dvc exp run -S stage3.steps=300)
   loom deploy                              # prefect deploy --all with the profile's work pools
@@ -616,7 +616,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check", action="store_true", help="only validate; print one line")
 
     p = command("params", cmd_params, config=False,
-                help="compose conf/ (+ Hydra overrides) into params.yaml, the config DVC tracks")
+                help="compose conf/ (+ Hydra overrides) into params.yaml, the config DVC tracks",
+                description="Composes conf/ (the profile's file and every section) with Hydra into params.yaml, "
+                "the one file DVC tracks and every stage reads. Run it after editing conf/; `dvc exp run -S k=v` "
+                "composes the same way for one experiment.",
+                epilog="examples:\n  loom params\n  loom params --check\n  loom params profile=paper --out /tmp/paper.yaml",
+                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("overrides", nargs="*", metavar="key=value", help="Hydra overrides, e.g. profile=paper stage1.steps=5")
     p.add_argument("--conf", default=None, help="config folder (default: conf/ at the repo root)")
     p.add_argument("--out", default=None, help="file to write (default: params.yaml at the repo root)")

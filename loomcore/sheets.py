@@ -31,6 +31,7 @@ def video_frame_indices(num_frames: int, k: int) -> List[int]:
 
 
 ROW_H, TEXT_W, GAP, LABEL_W = 96, 300, 6, 70
+FONT_SIZE = 12  # Pillow's own FreeType font: at its default 10 px, hinting ran words together ("rightona cyan")
 
 
 def _scaled(frame: np.ndarray) -> "Image.Image":
@@ -41,7 +42,7 @@ def _scaled(frame: np.ndarray) -> "Image.Image":
 def sheet_image(items: Sequence[SheetItem], title: str, frames_per_video: int) -> "Image.Image":
     """One row per item: wrapped prompt and note | source frames | references | generated frames
     (each scaled to ROW_H pixels high), under a title."""
-    font = ImageFont.load_default()
+    font = ImageFont.load_default(size=FONT_SIZE)
     rows = []
     for it in items:
         groups = []
@@ -52,24 +53,25 @@ def sheet_image(items: Sequence[SheetItem], title: str, frames_per_video: int) -
         groups.append(("generated", [it.frames[i] for i in video_frame_indices(len(it.frames), frames_per_video)]))
         tiles = [(label, [_scaled(f) for f in frames]) for label, frames in groups]
         width = TEXT_W + sum(max(sum(t.width + 2 for t in ts), LABEL_W) + GAP for _, ts in tiles)
-        height = max(ROW_H, max(t.height for _, ts in tiles for t in ts)) + 14
+        text = "\n".join(textwrap.wrap(it.prompt, 46)[:6] + [it.note])
+        text_h = ImageDraw.Draw(Image.new("RGB", (1, 1))).multiline_textbbox((0, 0), text, font=font, spacing=2)[3]
+        height = max(ROW_H, text_h, max(t.height for _, ts in tiles for t in ts)) + 16
         row = Image.new("RGB", (width, height), (255, 255, 255))
         draw = ImageDraw.Draw(row)
-        text = "\n".join(textwrap.wrap(it.prompt, 46)[:6] + [it.note])
-        draw.multiline_text((4, 14), text, fill=(0, 0, 0), font=font, spacing=2)
+        draw.multiline_text((4, 16), text, fill=(0, 0, 0), font=font, spacing=2)
         x = TEXT_W
         for label, ts in tiles:
             draw.text((x, 1), label, fill=(90, 90, 90), font=font)
             start = x
             for t in ts:
-                row.paste(t, (x, 14))
+                row.paste(t, (x, 16))
                 x += t.width + 2
             x = max(x, start + LABEL_W) + GAP
         rows.append(row)
     width = max([r.width for r in rows] + [TEXT_W])
-    sheet = Image.new("RGB", (width, 18 + sum(r.height + 4 for r in rows)), (255, 255, 255))
+    sheet = Image.new("RGB", (width, 20 + sum(r.height + 4 for r in rows)), (255, 255, 255))
     ImageDraw.Draw(sheet).text((4, 3), title, fill=(0, 0, 0), font=font)
-    y = 18
+    y = 20
     for r in rows:
         sheet.paste(r, (0, y))
         y += r.height + 4

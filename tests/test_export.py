@@ -501,19 +501,34 @@ def test_the_card_headline_is_shapesbench_against_the_base_models():
     assert headline({"overall": 0.7}) == "**Overall 0.7**\n" and headline({"failures": 3.0}) == ""
 
 
-def test_the_cards_usage_runs_as_written_on_the_export(exported):
-    """The model card's Python blocks, run with `folder` the exported folder: what a user copies works."""
+def test_the_cards_usage_runs_as_written_on_the_export(exported, tmp_path, monkeypatch):
+    """The model card's Python blocks, run one after the other as written from a checkout whose
+    outputs/export/model is the export (a newcomer found `folder` undefined in an earlier card, and
+    the components table's `folder / "vae"` failing on a str): what a user copies works."""
+    import importlib
+
     import numpy as np
 
     folder, _ = exported
     card = (folder / "README.md").read_text()
     blocks = re.findall(r"```python\n(.*?)```", card, re.S)
     assert len(blocks) == 2 and "num_videos_per_prompt=4" in blocks[0]
-    first = {"folder": str(folder)}
-    exec(blocks[0], first)  # noqa: S102 — our own card's snippet
-    frames, videos = first["frames"], first["videos"]
+    (tmp_path / "outputs" / "export").mkdir(parents=True)
+    (tmp_path / "outputs" / "export" / "model").symlink_to(folder)
+    monkeypatch.chdir(tmp_path)
+    names = {}
+    exec(blocks[0], names)  # noqa: S102 — our own card's snippet
+    frames, videos = names["frames"], names["videos"]
     assert frames.ndim == 4 and frames.shape[-1] == 3 and videos.shape == (4, *frames.shape)
     assert np.isfinite(videos).all() and not np.allclose(videos[0], videos[1])
-    second = {"folder": str(folder)}
-    exec(blocks[1], second)  # noqa: S102
-    assert type(second["pipe"]).__name__ == "LoomVideoPipeline"
+    exec(blocks[1], names)  # noqa: S102
+    assert type(names["pipe"]).__name__ == "LoomVideoPipeline"
+    calls = [c for line in card.splitlines() for c in re.findall(r"`(\w+(?:\.\w+)*\.from_pretrained\(folder / \"\w+\"\))`", line)]
+    assert len(calls) == 6, calls  # every component of the tiny export
+    for line in card.splitlines():  # the components table's loading code, on that `folder`
+        for call in re.findall(r"`(\w+(?:\.\w+)*\.from_pretrained\(folder / \"\w+\"\))`", line):
+            dotted, _, rest = call.partition(".from_pretrained")
+            module, _, cls = dotted.rpartition(".")
+            loaded = getattr(importlib.import_module(module), cls).from_pretrained(
+                names["folder"] / rest[len("(folder / \""):-len("\")")])
+            assert type(loaded).__name__ == cls, call

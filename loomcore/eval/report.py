@@ -336,8 +336,10 @@ def write_outputs(cfg, rows: List[dict], sheets: Dict[str, list], *, model_path:
         md.append("Tiny profile: the judged benchmarks and VBench run end to end on **tiny stand-ins** — the judge "
                   "is a program that rates the Shapes world from the instruction and the pixels "
                   "(`loomcore/eval/shapes_judge.py`), asked over HTTP like a hosted judge, and VBench's CLIP and "
-                  "DINO are random tiny backbones, so their numbers mean nothing. ShapesBench is the tiny "
-                  "profile's measure.\n")
+                  "DINO are random tiny backbones, so VBench's numbers mean nothing. The judge rates colours "
+                  "read through the Shapes palette, not shapes: a sample with the right colours in blurred "
+                  "blocks rates well (each dimension scores 1 + 4 × a measure in [0, 1]) — its tables test the "
+                  "judged path, not the pictures. ShapesBench is the tiny profile's measure.\n")
     for name, trows in tabs.items():
         md += [f"## {name}\n", _md(trows)]
     rl = rl_table(model_path)

@@ -97,16 +97,17 @@ def render_card(info: dict, components: Dict[str, List[str]], config: dict, lowe
         f"reference images at negative temporal RoPE positions. Profile `{info['profile']}`, exported "
         f"from the `{info['source']['stage']}` weights.\n",
         "## Usage\n",
-        "```python\nimport torch\nfrom loomcore.pipeline import LoomVideoPipeline\n\n"
+        "```python\nfrom pathlib import Path\n\nimport torch\nfrom loomcore.pipeline import LoomVideoPipeline\n\n"
+        "folder = Path(\"outputs/export/model\")  # this folder: a local path, or an s3:// URI as a str\n"
         "pipe = LoomVideoPipeline.from_pretrained(folder, dtype={\"default\": torch.bfloat16, \"vae\": torch.float32})\n"
         "frames = pipe(\"a red circle moves left\").frames[0]  # [F, H, W, 3] in [0, 1]\n"
-        "# four outputs of one prompt in one batch, each the output of a call with its own seed alone\n"
+        "# four outputs of one prompt in one batch, each drawn from its own seed's noise\n"
         "videos = pipe(\"a red circle moves left\", num_videos_per_prompt=4,\n"
         "              generator=[torch.Generator().manual_seed(s) for s in range(4)]).frames  # [4, F, H, W, 3]\n```\n",
         "With stock diffusers (the folder's `pipeline_loomvideo.py` names loomcore's class; the loomvideo "
         "package must be installed):\n",
         "```python\nfrom diffusers import DiffusionPipeline\n\n"
-        "pipe = DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)  # a LoomVideoPipeline\n```\n",
+        "pipe = DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)  # a LoomVideoPipeline, in float32\n```\n",
         "Every part is a `save_pretrained` folder in safetensors (no pickles); the stock ones load with the "
         "plain library classes:\n",
         _components_section(components),
