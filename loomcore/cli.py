@@ -8,13 +8,13 @@ subcommand.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
 from pathlib import Path
 from typing import List, Optional
 
@@ -347,14 +347,16 @@ class _SignalledRun:
 
         if self.deadline is not None:  # (a signal while the process was being made: passed on once)
             return
-        print(f"loom pipeline: {signal.Signals(self.signals[0]).name}: stopping the DAG (passed on to DVC and the "
-              f"running stage; up to {self.GRACE_S:.0f} s, a second signal stops it at once)", file=sys.stderr, flush=True)
         self.deadline = time.monotonic() + self.GRACE_S
         self.below = outside_descendants(self.proc.pid)  # found now, while they are still below the group
         try:  # SIGINT whatever loom got: DVC stops cleanly on it (it waits for the stage, which stops its torchrun)
             os.killpg(self.proc.pid, signal.SIGINT)
         except ProcessLookupError:
             pass
+        with contextlib.suppress(Exception):  # last, and never raising: a closed terminal, a `| tee` Ctrl-C killed
+            print(f"loom pipeline: {signal.Signals(self.signals[0]).name}: stopping the DAG (passed on to DVC and the "
+                  f"running stage; up to {self.GRACE_S:.0f} s, a second signal stops it at once)", file=sys.stderr,
+                  flush=True)
 
     def _kill_all(self) -> None:
         from loomcore.processes import kill_if_alive, outside_descendants
@@ -399,7 +401,7 @@ class _SignalledRun:
                               + (f", what was left killed {self.GRACE_S:.0f} s after the signal" if left else ""))
 
 
-@contextmanager
+@contextlib.contextmanager
 def stopped_by_signals():
     """A `_SignalledRun` whose command stops with `loom pipeline`. DVC runs in a session of its own,
     so a signal sent to loom alone — `kill`, `timeout`, a closed terminal, a service manager's stop
@@ -407,10 +409,16 @@ def stopped_by_signals():
     running; now loom passes SIGINT, SIGTERM and SIGHUP on to DVC's group (as SIGINT, which DVC
     handles by waiting for the stage), waits for it and what it started below, then stops the
     server. A terminal's Ctrl-C, which reached DVC and the stage directly before, reaches them
-    through loom. A signal loom was started ignoring (`nohup`: SIGHUP) stays ignored."""
+    through loom. SIGHUP that loom was started ignoring (`nohup`) stays ignored, by DVC too. SIGINT or
+    SIGTERM started ignored (a script's `loom pipeline &`) stays ignored by loom, but not by DVC and
+    the stage — the signal loom passes on is a SIGINT — : a handler that does nothing is reset to the
+    default across exec, where an ignored signal stays ignored."""
     run = _SignalledRun()
-    handled = [s for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP) if signal.getsignal(s) is not signal.SIG_IGN]
-    previous = {s: signal.signal(s, run.on_signal) for s in handled}
+    previous = {}
+    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        ignored = signal.getsignal(s) is signal.SIG_IGN
+        if not (ignored and s == signal.SIGHUP):
+            previous[s] = signal.signal(s, (lambda *_: None) if ignored else run.on_signal)
     try:
         yield run
     finally:

@@ -3,7 +3,6 @@ Shared by evaluation (`outputs/eval/samples/*.png`) and the training stages' val
 
 from __future__ import annotations
 
-import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence
@@ -39,6 +38,17 @@ def _scaled(frame: np.ndarray) -> "Image.Image":
     return Image.fromarray(frame).resize((max(1, round(w * ROW_H / h)), ROW_H), Image.Resampling.NEAREST)
 
 
+def _wrap(text: str, font, width: int) -> List[str]:
+    """`text` in lines of at most `width` pixels in `font` (a word longer than that on its own line)."""
+    lines: List[str] = []
+    for word in text.split():
+        if lines and font.getlength(f"{lines[-1]} {word}") <= width:
+            lines[-1] += f" {word}"
+        else:
+            lines.append(word)
+    return lines
+
+
 def sheet_image(items: Sequence[SheetItem], title: str, frames_per_video: int) -> "Image.Image":
     """One row per item: wrapped prompt and note | source frames | references | generated frames
     (each scaled to ROW_H pixels high), under a title."""
@@ -53,7 +63,7 @@ def sheet_image(items: Sequence[SheetItem], title: str, frames_per_video: int) -
         groups.append(("generated", [it.frames[i] for i in video_frame_indices(len(it.frames), frames_per_video)]))
         tiles = [(label, [_scaled(f) for f in frames]) for label, frames in groups]
         width = TEXT_W + sum(max(sum(t.width + 2 for t in ts), LABEL_W) + GAP for _, ts in tiles)
-        text = "\n".join(textwrap.wrap(it.prompt, 46)[:6] + [it.note])
+        text = "\n".join(_wrap(it.prompt, font, TEXT_W - 12)[:6] + [it.note])
         text_h = ImageDraw.Draw(Image.new("RGB", (1, 1))).multiline_textbbox((0, 0), text, font=font, spacing=2)[3]
         height = max(ROW_H, text_h, max(t.height for _, ts in tiles for t in ts)) + 16
         row = Image.new("RGB", (width, height), (255, 255, 255))

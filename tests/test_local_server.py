@@ -162,15 +162,46 @@ def test_a_signal_to_loom_pipeline_stops_dvc_the_stage_and_the_server(tmp_path, 
 
 
 def test_a_signal_loom_was_started_ignoring_stays_ignored():
-    """`nohup loom pipeline`: SIGHUP stays ignored (by loom, and so by DVC, which inherits it)."""
+    """`nohup loom pipeline`: SIGHUP stays ignored (by loom, and so by DVC, which inherits it). A
+    script's `loom pipeline &` starts loom with SIGINT ignored: loom keeps ignoring it, but DVC and
+    the stage must not inherit that — loom passes its stop on as a SIGINT (a review found everything
+    then ignored it until the 60 s SIGKILL)."""
     import signal
 
     from loomcore.cli import stopped_by_signals
 
-    before = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    probe = [sys.executable, "-c", "import signal; print(signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGHUP))"]
+    before = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGHUP, signal.SIGINT)}
     try:
         with stopped_by_signals():
             assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
             assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_IGN, signal.SIG_DFL)
+            assert callable(signal.getsignal(signal.SIGINT))  # loom: a handler that does nothing
+            child = subprocess.run(probe, capture_output=True, text=True, check=True).stdout.split()
+        assert child == ["<built-in", "function", "default_int_handler>", "1"], child  # (SIG_IGN prints as 1)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN  # put back
     finally:
-        signal.signal(signal.SIGHUP, before)
+        for s, h in before.items():
+            signal.signal(s, h)
+
+
+def test_the_handler_passes_the_signal_on_when_stderr_is_gone(monkeypatch):
+    """`loom pipeline 2>&1 | tee log` and a Ctrl-C that killed `tee`: the handler's message cannot be
+    written (BrokenPipeError). It used to raise before the signal was passed on, leaving DVC running
+    with no server; now the message comes last and cannot raise, and a second signal still kills."""
+    import signal
+
+    from loomcore.cli import _SignalledRun
+
+    run = _SignalledRun()
+    run.proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+    try:
+        r, w = os.pipe()
+        os.close(r)
+        monkeypatch.setattr(sys, "stderr", os.fdopen(w, "w"))
+        run.on_signal(signal.SIGTERM, None)  # no exception
+        assert run.proc.wait(10) != 0  # the SIGINT reached it (KeyboardInterrupt)
+        assert run.deadline is not None and run.signals == [signal.SIGTERM]
+    finally:
+        if run.proc.poll() is None:
+            run.proc.kill()

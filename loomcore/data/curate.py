@@ -36,7 +36,7 @@ import threading
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
 from tqdm import tqdm
 
@@ -51,6 +51,7 @@ from loomcore.data.video_io import MediaError, MediaInfo, media_kind, probe
 from loomcore.storage import S3Settings, file_state, is_s3, is_transient, materialize, sha256_file
 
 SYNTHETIC = "synthetic"
+FILE_LOCK_STRIPES = 256
 # Reconstruction takes no text (tasks.py); the paper's literal prompt is accepted and dropped.
 _RECON_PROMPTS = {"reconstruct this image", "reconstruct this video"}
 
@@ -247,13 +248,14 @@ class _RowChecker:
         self.max_length = cfg.mllm.max_length
         self.max_aspect = cfg.data.max_aspect_ratio
         self._probe: Dict[Path, object] = {}
-        self._hash: Dict[Path, Tuple[str, int]] = {}
-        self._file_locks: Dict[Path, threading.Lock] = {}  # one per file: rows sharing it probe and hash it once
-        self._locks_lock = threading.Lock()
+        self._hash: Dict[Path, Union[Tuple[str, int], OSError]] = {}  # (sha256, bytes), or why it could not be read
+        # Rows sharing a file probe and hash it once: a row waits for the file's lock, then reuses what
+        # the first found. Striped (a fixed set, not one per file: millions of files on the paper's data);
+        # no thread ever holds two, so no deadlock.
+        self._file_locks = [threading.Lock() for _ in range(FILE_LOCK_STRIPES)]
 
     def _file_lock(self, real: Path) -> threading.Lock:
-        with self._locks_lock:
-            return self._file_locks.setdefault(real, threading.Lock())
+        return self._file_locks[hash(real) % FILE_LOCK_STRIPES]
 
     def resolve(self, written: str, role: str) -> Path:
         """The real path of `written` (relative to the root, or absolute), refused unless it
@@ -338,9 +340,12 @@ class _RowChecker:
                 except OSError as e:  # as above: this file's read, unless the error is the network's
                     if is_transient(e):
                         raise
-                    raise RowError("media_unreadable", f"{role} {written!r}: cannot be read ({type(e).__name__}: {e})",
-                                   written) from None
-        return (rel, info, *self._hash[real])
+                    self._hash[real] = e  # (the rows sharing the file are refused without reading it again)
+        hashed = self._hash[real]
+        if isinstance(hashed, OSError):
+            raise RowError("media_unreadable", f"{role} {written!r}: cannot be read ({type(hashed).__name__}: {hashed})",
+                           written)
+        return (rel, info, *hashed)
 
     def check(self, index: int, row: dict) -> dict:
         try:

@@ -48,10 +48,11 @@ def _read_record(path: Path) -> dict:
     return record if isinstance(record, dict) else {"etag": text}
 
 
-def _write_record(path: Path, etag: str, size: int, copy: Path) -> None:
+def _write_record(path: Path, etag: str, size: int, state: list) -> None:
+    """`state`: the copy's file state when it was verified (`file_state`)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps({"etag": etag, "size": size, "local": file_state(copy.stat())}))
+    tmp.write_text(json.dumps({"etag": etag, "size": size, "local": state}))
     os.replace(tmp, path)
 
 
@@ -158,10 +159,11 @@ def fetch_s3(uri: str, root: Path, settings: S3Settings, progress: bool = True) 
                 stats["skipped"] += 1
                 stats["unchanged"] += 1
                 continue
-            state = file_state(dest.stat()) if dest.is_file() else None
+            before = file_state(dest.stat()) if dest.is_file() else None
             error, downloaded = _fetch_one(client, bucket, obj["Key"], obj["Size"], dest, config, etag, record)
-            if not error and (downloaded or file_state(dest.stat()) == state):  # (not written to while checked)
-                _write_record(record, etag, obj["Size"], dest)
+            after = file_state(dest.stat()) if not error and dest.is_file() else None
+            if after is not None and (downloaded or after == before):  # (a kept copy not written to while checked)
+                _write_record(record, etag, obj["Size"], after)
             if error:
                 bad[rel] = error
                 stats["failed"] += 1
