@@ -369,11 +369,9 @@ class _SignalledRun:
         kill_if_alive(below)
 
     def _alive(self) -> bool:
-        from loomcore.processes import group_members, process_table  # (zombies do not count: an init may not reap)
+        from loomcore.processes import group_members, still_running  # (zombies do not count: an init may not reap)
 
-        table = process_table()
-        return bool(group_members(self.proc.pid)) or any(
-            pid in table and table[pid][3] == started and table[pid][0] != "Z" for pid, started in self.below)
+        return bool(group_members(self.proc.pid) or still_running(self.below))
 
     def run(self, cmd: List[str], env) -> int:
         """The command's exit code; StoppedBySignal once it and everything below it ended after a

@@ -29,15 +29,20 @@ def group_members(pgid: int) -> List[int]:
     return [pid for pid, (state, _, group, _) in process_table().items() if state != "Z" and group == pgid]
 
 
+def still_running(processes: Sequence[tuple]) -> List[int]:
+    """The pids of `processes` — (pid, start time) pairs — that are still that process (a pid may
+    have been reused since) and not a zombie."""
+    table = process_table()
+    return [pid for pid, started in processes if pid in table and table[pid][3] == started and table[pid][0] != "Z"]
+
+
 def kill_if_alive(processes: Sequence[tuple]) -> None:
     """SIGKILL each (pid, start time) that is still that process and not a zombie."""
-    table = process_table()
-    for pid, started in processes:
-        if pid in table and table[pid][3] == started and table[pid][0] != "Z":
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+    for pid in still_running(processes):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def outside_descendants(pgid: int) -> List[tuple]:

@@ -154,12 +154,12 @@ def fetch_s3(uri: str, root: Path, settings: S3Settings, progress: bool = True) 
                 continue
             etag, record = obj.get("ETag", ""), etags / rel
             kept = _read_record(record)
-            if (etag and kept.get("etag") == etag and kept.get("size") == obj["Size"] and "local" in kept
-                    and dest.is_file() and kept["local"] == file_state(dest.stat())):
+            before = file_state(dest.stat()) if dest.is_file() else None
+            if etag and before is not None and (kept.get("etag"), kept.get("size"), kept.get("local")) == (
+                    etag, obj["Size"], before):
                 stats["skipped"] += 1
                 stats["unchanged"] += 1
                 continue
-            before = file_state(dest.stat()) if dest.is_file() else None
             error, downloaded = _fetch_one(client, bucket, obj["Key"], obj["Size"], dest, config, etag, record)
             after = file_state(dest.stat()) if not error and dest.is_file() else None
             if after is not None and (downloaded or after == before):  # (a kept copy not written to while checked)
