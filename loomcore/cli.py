@@ -339,6 +339,33 @@ class _SignalledRun:
         else:
             self._kill_all()
 
+    def on_pause(self, signum, frame) -> None:
+        """Ctrl-Z: the terminal's SIGTSTP reaches loom alone (DVC's session is not the terminal's).
+        DVC's group and what is below it get SIGSTOP — a group in a session of its own is orphaned,
+        and the kernel drops a SIGTSTP sent there — then loom stops itself as it would have; `fg` or
+        `bg` continues loom here, and loom continues them. Paused time does not count towards the
+        grace after a stop signal."""
+        from loomcore.processes import kill_if_alive, outside_descendants
+
+        below = []
+        if self.proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGSTOP)
+            below = list(dict.fromkeys(self.below + outside_descendants(self.proc.pid)))
+            kill_if_alive(below, signal.SIGSTOP)
+        paused = time.monotonic()
+        signal.signal(signal.SIGTSTP, signal.SIG_DFL)
+        try:
+            os.kill(os.getpid(), signal.SIGTSTP)  # stopped here until SIGCONT
+        finally:
+            signal.signal(signal.SIGTSTP, self.on_pause)
+            if self.deadline is not None:
+                self.deadline += time.monotonic() - paused
+            if self.proc is not None:
+                kill_if_alive(below, signal.SIGCONT)
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.proc.pid, signal.SIGCONT)
+
     def stop_requested(self) -> bool:
         return bool(self.signals)
 
@@ -410,13 +437,16 @@ def stopped_by_signals():
     through loom. SIGHUP that loom was started ignoring (`nohup`) stays ignored, by DVC too. SIGINT or
     SIGTERM started ignored (a script's `loom pipeline &`) stays ignored by loom, but not by DVC and
     the stage — the signal loom passes on is a SIGINT — : a handler that does nothing is reset to the
-    default across exec, where an ignored signal stays ignored."""
+    default across exec, where an ignored signal stays ignored. Ctrl-Z (SIGTSTP) pauses DVC's group
+    and what is below it with loom, `fg`/`bg` continues them (`_SignalledRun.on_pause`)."""
     run = _SignalledRun()
     previous = {}
     for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         ignored = signal.getsignal(s) is signal.SIG_IGN
         if not (ignored and s == signal.SIGHUP):
             previous[s] = signal.signal(s, (lambda *_: None) if ignored else run.on_signal)
+    if signal.getsignal(signal.SIGTSTP) is not signal.SIG_IGN:
+        previous[signal.SIGTSTP] = signal.signal(signal.SIGTSTP, run.on_pause)
     try:
         yield run
     finally:

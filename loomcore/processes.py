@@ -36,11 +36,11 @@ def still_running(processes: Sequence[tuple]) -> List[int]:
     return [pid for pid, started in processes if pid in table and table[pid][3] == started and table[pid][0] != "Z"]
 
 
-def kill_if_alive(processes: Sequence[tuple]) -> None:
-    """SIGKILL each (pid, start time) that is still that process and not a zombie."""
+def kill_if_alive(processes: Sequence[tuple], signum: int = signal.SIGKILL) -> None:
+    """Send `signum` (SIGKILL) to each (pid, start time) that is still that process and not a zombie."""
     for pid in still_running(processes):
         try:
-            os.kill(pid, signal.SIGKILL)
+            os.kill(pid, signum)
         except ProcessLookupError:
             pass
 

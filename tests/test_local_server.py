@@ -91,21 +91,35 @@ while True:
 """
 
 
-def _alive(pid: int) -> bool:
+def _state(pid: int) -> str:
     try:
-        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
     except FileNotFoundError:
-        return False
+        return "gone"
 
 
-@pytest.mark.parametrize("stage", ["stops", "stuck"])
+def _alive(pid: int) -> bool:
+    return _state(pid) not in ("Z", "gone")
+
+
+def _until(check, timeout: float = 30.0) -> bool:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not check() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return check()
+
+
+@pytest.mark.parametrize("stage", ["stops", "stuck", "paused"])
 def test_a_signal_to_loom_pipeline_stops_dvc_the_stage_and_the_server(tmp_path, stage):
     """`kill <loom pipeline>` (or `timeout`, a closed terminal, a service manager's stop) used to end
     loom alone, at once: DVC and its stage ran on, and the Prefect server started for the run was
     left listening. Now the signal reaches the stage through DVC's group (as SIGINT, which DVC
     handles by waiting for the stage), loom waits for it, stops the server and exits 128 + 15. A
     stage that does not stop is killed at a second signal, with what it started in sessions of its
-    own (torchrun's ranks)."""
+    own (torchrun's ranks). "paused": Ctrl-Z (SIGTSTP) used to stop loom alone, the stage training
+    on; now the stage and its torchrun pause with loom and continue with it, then stop as above."""
     import shutil
     import signal
     import time
@@ -124,8 +138,9 @@ def test_a_signal_to_loom_pipeline_stops_dvc_the_stage_and_the_server(tmp_path, 
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     env["PREFECT_HOME"] = str(tmp_path / "home")
     out = open(tmp_path / "loom.log", "w")
+    # (a group of its own in this session, as a shell's job is: the kernel drops a SIGTSTP sent to an orphaned group)
     loom = subprocess.Popen([sys.executable, "-m", "loomcore.cli", "pipeline"], cwd=repo, env=env, stdout=out,
-                            stderr=subprocess.STDOUT, text=True)
+                            stderr=subprocess.STDOUT, text=True, process_group=0)
     below = None
     try:
         deadline = time.monotonic() + 240
@@ -136,6 +151,13 @@ def test_a_signal_to_loom_pipeline_stops_dvc_the_stage_and_the_server(tmp_path, 
         probe, below = int((repo / "started").read_text()), int((repo / "below").read_text())
         api = re.search(r"Prefect server for this run at (http://127\.0\.0\.1:\d+)", log).group(1) + "/api"
         assert healthy(api) and _alive(probe) and _alive(below)
+        if stage == "paused":
+            loom.send_signal(signal.SIGTSTP)
+            trio = (loom.pid, probe, below)
+            assert _until(lambda: [_state(p) for p in trio] == ["T"] * 3), [_state(p) for p in trio]
+            loom.send_signal(signal.SIGCONT)  # the shell's fg
+            assert _until(lambda: "T" not in [_state(p) for p in trio]), [_state(p) for p in trio]
+            assert all(_alive(p) for p in trio) and not (repo / "stopped").exists()
         t = time.monotonic()
         loom.send_signal(signal.SIGTERM)
         if stage == "stuck":
