@@ -53,12 +53,13 @@ def stage_main(flows: Callable | Mapping[str, Callable], description: str, argv:
 def stage_flow(name: str) -> Callable[[Callable], Flow]:
     """`@flow(name=name, log_prints=True)` for a stage's flow, which
 
-    - holds the checkout's pipeline lock when its deployment started it (the UI, the API), as the
-      pipeline and nightly flows do — a stage run from the UI while the pipeline or a nightly works
-      in the same checkout would otherwise write the outs that run reads or writes (on the paper
-      profile curate, base-models and export are on the CPU pool, beside the GPU pool's pipeline).
-      It fails at once if the lock is held, naming the holder. Started any other way — by DVC
-      under the pipeline (which holds the lock), by hand — it takes none;
+    - holds the checkout's pipeline lock when its deployment started it (the UI, the API), as
+      `loom pipeline` and the pipeline and nightly flows do: a stage run from the UI while one of
+      those, or a user's `dvc repro`, works in the same checkout would otherwise write the outs that
+      run reads or writes (on the paper profile curate, base-models and export are on the CPU pool,
+      beside the GPU pool's pipeline). It fails at once, naming the holder or the running `dvc`.
+      Started any other way — by DVC, by hand (often with outs of its own: `eval.out_dir=…`), as
+      nightly-eval's subflow — it takes none;
     - reports its own module's hash as its version, as a plain `@flow` does (Prefect hashes the
       file of the function it wraps: here that would be this file's lock wrapper)."""
 
@@ -68,7 +69,7 @@ def stage_flow(name: str) -> Callable[[Callable], Flow]:
             ctx = FlowRunContext.get()
             if ctx is None or ctx.flow_run is None or ctx.flow_run.deployment_id is None:
                 return flow_fn(*args, **kwargs)
-            with pipeline_lock(Path.cwd()):
+            with pipeline_lock(Path.cwd(), dvc_running_is_busy=True):
                 return flow_fn(*args, **kwargs)
 
         return flow(name=name, log_prints=True, version=file_hash(inspect.getsourcefile(flow_fn)))(run)

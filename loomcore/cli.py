@@ -16,7 +16,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 from loomcore.errors import InputError
 
@@ -400,12 +400,14 @@ class _SignalledRun:
 
         return bool(group_members(self.proc.pid) or still_running(self.below))
 
-    def run(self, cmd: List[str], env) -> int:
+    def run(self, cmd: List[str], env, on_start: Callable[[int], None] = lambda pgid: None) -> int:
         """The command's exit code; StoppedBySignal once it and everything below it ended after a
-        signal (SIGKILL to what is left GRACE_S after the first)."""
+        signal (SIGKILL to what is left GRACE_S after the first). `on_start(pgid)`: its group, as
+        it starts."""
         if self.signals:
             raise StoppedBySignal(self.signals[0], " before the DAG started")
         self.proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+        on_start(self.proc.pid)
         if self.signals:  # one that came while the process was being made
             self._first_signal()
         while True:
@@ -464,25 +466,32 @@ def cmd_pipeline(args) -> int:
         print(f"loom pipeline: --target {', '.join(unknown)}: no such stage in dvc.yaml; stages: {', '.join(stages)}",
               file=sys.stderr)
         return 2
+    if stages and not Path(".dvc").is_dir():
+        print(f"loom pipeline: {Path.cwd()} has dvc.yaml but no .dvc/: not a DVC repository (`dvc init` makes one)",
+              file=sys.stderr)
+        return 2
     if not stages:
         print("pipeline: dvc.yaml has no stages yet; ran what exists (config check, base models).")
     else:
         cmd = pipeline_command(args.profile, args.overrides, args.targets or [])
         print(f"pipeline: {' '.join(cmd)}", flush=True)
+        from loomcore.checkout_lock import PipelineBusy, checkout_lock, holder_info
         from loomcore.local_server import ServerStartError, ServerStartStopped, prefect_server
 
         env = dict(os.environ)  # stage cmds run `python -m flows.…`: this environment's python
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-        try:
-            with stopped_by_signals() as dvc:
+        try:  # the checkout's lock, as the pipeline and nightly flows and a stage's own run hold it
+            with checkout_lock(Path.cwd(), holder_info("loom pipeline"),
+                               warn=lambda m: print(f"pipeline: {m}", file=sys.stderr, flush=True)) as lock, \
+                    stopped_by_signals() as dvc:
                 try:  # one server for every stage (loomcore.local_server)
-                    with prefect_server(env, stop_requested=dvc.stop_requested) as run_env:
-                        rc = dvc.run(cmd, run_env)
+                    with prefect_server(env, stop_requested=dvc.stop_requested, on_start=lock.add_group) as run_env:
+                        rc = dvc.run(cmd, run_env, on_start=lock.add_group)
                 except ServerStartStopped:
                     raise StoppedBySignal(dvc.signals[0], " before the DAG started") from None
                 if dvc.signals:  # one that came after DVC had ended, while the server stopped
                     raise StoppedBySignal(dvc.signals[0], f"; DVC had exited with {rc}")
-        except ServerStartError as e:
+        except (ServerStartError, PipelineBusy) as e:
             print(f"loom pipeline: {e}", file=sys.stderr)
             return 1
         except StoppedBySignal as e:

@@ -57,12 +57,14 @@ def _tail(path: Path, lines: int = 15) -> str:
 @contextmanager
 def prefect_server(env: Optional[Mapping[str, str]] = None, *, host: str = "127.0.0.1",
                    startup_timeout: float = STARTUP_TIMEOUT_S,
-                   log=print, stop_requested: Callable[[], bool] = lambda: False) -> Iterator[Dict[str, str]]:
+                   log=print, stop_requested: Callable[[], bool] = lambda: False,
+                   on_start: Callable[[int], None] = lambda pgid: None) -> Iterator[Dict[str, str]]:
     """Yield the environment the stages run with: `env` itself when it sets PREFECT_API_URL, else
     `env` plus the URL of a server started here (stopped, with its worker processes, on exit).
     ServerStartError names the command and shows the end of the server's log if it never answers;
     ServerStartStopped when `stop_requested()` turns true while it starts (a signal's handler
-    sets it: raising in the handler could land between the server's start and its `try`)."""
+    sets it: raising in the handler could land between the server's start and its `try`).
+    `on_start(pgid)` is given the server's process group as it starts (the checkout lock's record)."""
     env = dict(os.environ if env is None else env)
     if env.get("PREFECT_API_URL"):
         log(f"pipeline: Prefect server {env['PREFECT_API_URL']} (PREFECT_API_URL)")
@@ -78,6 +80,7 @@ def prefect_server(env: Optional[Mapping[str, str]] = None, *, host: str = "127.
             proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                     start_new_session=True)
         try:
+            on_start(proc.pid)
             t0 = time.monotonic()
             while not healthy(api_url):
                 if stop_requested():

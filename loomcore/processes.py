@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
+
+REAP_WAIT_S = 10.0  # how long stop_orphan_group waits for init to reap what it killed
 
 
 def process_table() -> Dict[int, tuple]:
@@ -64,3 +67,51 @@ def outside_descendants(pgid: int) -> List[tuple]:
             if group != pgid and state != "Z":
                 found.append((child, started))
     return found
+
+
+def _cwd_inside(pid: int, root: Path) -> bool:
+    try:
+        return Path(os.readlink(f"/proc/{pid}/cwd")).is_relative_to(root)
+    except OSError:
+        return False
+
+
+def stop_orphan_group(pgid: int, grace: float = 10.0, cwd: Optional[Path] = None) -> List[int]:
+    """Stop a process group that this process did not start (the group of a run that was killed
+    before it could stop it): SIGTERM, up to `grace` seconds, SIGKILL, and SIGKILL of what is left
+    of the processes below it in groups of their own. Returns the processes found.
+    A pid may have been reused since it was recorded, so only a group that run_streaming could
+    (or `loom pipeline`) could have started is touched: its leader made a session of it, and (with `cwd`) one of its members
+    works inside `cwd`."""
+    members = group_members(pgid)
+    if not members:
+        return []
+    try:
+        sid = int(Path(f"/proc/{members[0]}/stat").read_text().rsplit(")", 1)[1].split()[3])
+    except (OSError, IndexError, ValueError):
+        return []
+    if sid != pgid or (cwd is not None and not any(_cwd_inside(m, Path(cwd).resolve()) for m in members)):
+        return []
+    below = outside_descendants(pgid)  # a stage's torchrun and its ranks: sessions of their own
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            break
+        deadline = time.monotonic() + (grace if sig == signal.SIGTERM else 5.0)
+        while group_members(pgid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if not group_members(pgid):
+            break
+    kill_if_alive(below)  # what the group's SIGTERM did not end (the stage task stops its torchrun on it)
+    # Dead orphans stay zombies until init reaps them, and a zombie's pid still "exists" for DVC's
+    # stale-lock check (psutil.pid_exists): wait, briefly, until they are gone (a pid of `below`
+    # counts while it is still that process: it may have been reused since).
+    deadline = time.monotonic() + REAP_WAIT_S
+    while time.monotonic() < deadline:
+        table = process_table()
+        if not any(m in table for m in members) and not any(table.get(pid, (0, 0, 0, None))[3] == started
+                                                              for pid, started in below):
+            break
+        time.sleep(0.1)
+    return members + [pid for pid, _ in below]

@@ -1,12 +1,11 @@
 """Prefect tasks that drive DVC: DVC alone decides what is stale; we ask it per stage.
 
-A repository-level lock (`.dvc/tmp/loom-pipeline.lock`, an flock that the OS releases when its
-holder dies) makes a second pipeline run on the same checkout wait — up to `wait_s` — or fail with
-PipelineBusy naming the holder. The lock file records the holder and the process groups it
-started while holding it (`tasks.proc.groups_recorded`: a pipeline's `dvc` commands, a stage
-deployment's torchrun): a holder killed with SIGKILL leaves its record behind, and the next holder
-stops those orphaned groups (they would otherwise keep DVC's locks, the GPUs, and write outs) and checks DVC's own
-`.dvc/tmp/rwlock` before it starts. DVC's repository lock never surfaces as a stack trace: its two
+The checkout's lock (loomcore.checkout_lock, held by `loom pipeline` too) makes a second pipeline
+run on the same checkout wait — up to `wait_s` — or fail with PipelineBusy naming the holder. Its
+record lists the process groups the holder started (`tasks.proc.groups_recorded`: a pipeline's
+`dvc` commands, a stage deployment's torchrun): a holder killed with SIGKILL leaves its record
+behind, and the next holder stops those orphaned groups (they would otherwise keep DVC's locks, the
+GPUs, and write outs) and checks DVC's own `.dvc/tmp/rwlock` before it starts. DVC's repository lock never surfaces as a stack trace: its two
 errors ("Unable to acquire lock", "'…' is busy, it is being blocked by") become DvcLocked, which
 the tasks retry, since another DVC command may just be finishing. A stage that crashed is retried
 too (a training stage resumes from its checkpoints); one that timed out or refused its config or
@@ -18,37 +17,29 @@ Every task here is NO_CACHE: a Prefect result cache must never hide a stage DVC 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import re
 import shutil
-import socket
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
 from prefect import task
 
+from loomcore.checkout_lock import PipelineBusy, checkout_lock, holder_info
 from tasks.common import NO_CACHE, PARENT_TASK_RUN_ENV, logger
-from tasks.proc import SubprocessFailed, SubprocessTimeout, groups_recorded, run_streaming, stop_orphan_group
+from tasks.proc import SubprocessFailed, SubprocessTimeout, groups_recorded, run_streaming
 
-LOCK_NAME = "loom-pipeline.lock"
 DVC_LOCK_MESSAGE = "Unable to acquire lock"  # the repository lock (.dvc/tmp/lock)
 DVC_BUSY_MESSAGE = "is busy, it is being blocked by"  # a stage's deps/outs in .dvc/tmp/rwlock
-ORPHAN_GRACE_S = 10.0
 
 # DVC's per-stage messages (dvc/stage/run.py, dvc/stage/__init__.py, dvc/stage/cache.py)
 _RAN = re.compile(r"^Running stage '([^']+)':")
 _SKIPPED = re.compile(r"^Stage '([^']+)' didn't change, skipping")
 _RESTORED = re.compile(r"^Stage '([^']+)' is cached - skipping run, checking out outputs")
 _EXITED = re.compile(r"failed to run: .*, exited with (-?\d+)")  # dvc/stage/exceptions.py StageCmdFailedError
-
-
-class PipelineBusy(RuntimeError):
-    """Another pipeline run holds this checkout."""
 
 
 class DvcLocked(RuntimeError):
@@ -81,63 +72,7 @@ def dvc_env() -> dict:
 
 
 # --------------------------------------------------------------------------------------------
-# The checkout's pipeline lock
-
-
-class _Holder:
-    """The lock this process holds on one checkout, and the record in its file."""
-
-    def __init__(self, fd: int, info: dict):
-        self.fd, self.info, self.thread = fd, info, threading.get_ident()
-        self._mutex = threading.Lock()
-        self._released = False
-
-    def write(self) -> None:
-        data = json.dumps(self.info).encode()
-        os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, data, 0)
-
-    def add_group(self, pgid: int) -> None:
-        with self._mutex:
-            if not self._released:
-                self.info["groups"].append(pgid)
-                self.write()
-
-    def remove_group(self, pgid: int) -> None:
-        with self._mutex:
-            if not self._released and pgid in self.info["groups"]:
-                self.info["groups"].remove(pgid)
-                self.write()
-
-    def release(self) -> None:
-        """Empty the record (a clean release leaves none). A group that ends later — started
-        while the lock was held, by a thread that outlived it — writes nothing: the file
-        descriptor is about to be closed, and its number reused for another file."""
-        with self._mutex:
-            self._released = True
-            os.ftruncate(self.fd, 0)
-
-
-_held: Dict[Path, _Holder] = {}
-
-
-def _read_record(fd: int) -> Optional[dict]:
-    data = os.pread(fd, 1 << 16, 0)
-    if not data.strip():
-        return None
-    try:
-        return json.loads(data)
-    except json.JSONDecodeError:
-        return {"raw": data.decode(errors="replace")[:200]}
-
-
-def describe_holder(record: Optional[dict]) -> str:
-    if not record:
-        return "holder unknown"
-    if "pid" not in record:
-        return record.get("raw", "holder unknown")
-    run = f"flow run {record['flow_run']!r}, " if record.get("flow_run") else ""
-    return f"{run}pid {record['pid']} on {record.get('host', '?')} since {record.get('since', '?')}"
+# The checkout's pipeline lock (loomcore.checkout_lock), from Prefect
 
 
 def _holder_info() -> dict:
@@ -145,23 +80,7 @@ def _holder_info() -> dict:
 
     ctx = FlowRunContext.get()
     run = ctx.flow_run if ctx is not None else None
-    return {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "flow_run": run.name if run else None, "flow_run_id": str(run.id) if run else None, "groups": []}
-
-
-def _recover(repo: Path, previous: Optional[dict]) -> None:
-    """After acquiring: a record left behind means its holder died without releasing (a clean
-    release empties the file). Stop the process groups it started, then look at DVC's rwlock."""
-    log = logger()
-    if previous:
-        log.warning("the previous run on %s did not release its lock cleanly (%s): it was killed or crashed",
-                    repo, describe_holder(previous))
-        for pgid in previous.get("groups") or []:
-            members = stop_orphan_group(int(pgid), grace=ORPHAN_GRACE_S, cwd=repo)
-            if members:
-                log.warning("stopped its orphaned process group %s (%d process(es) still running)", pgid,
-                            len(members))
-    check_dvc_rwlock(repo)
+    return holder_info(None, run.name if run else None, str(run.id) if run else None)
 
 
 def check_dvc_rwlock(repo: Path | str) -> List[str]:
@@ -194,42 +113,23 @@ def check_dvc_rwlock(repo: Path | str) -> List[str]:
 
 
 @contextlib.contextmanager
-def pipeline_lock(repo: Path | str = ".", wait_s: float = 0.0, poll_s: float = 1.0) -> Iterator[Path]:
-    """Hold the checkout's pipeline lock; wait up to `wait_s` for it, then raise PipelineBusy."""
+def pipeline_lock(repo: Path | str = ".", wait_s: float = 0.0, poll_s: float = 1.0, *,
+                  dvc_running_is_busy: bool = False) -> Iterator[Path]:
+    """Hold the checkout's pipeline lock (loomcore.checkout_lock) as this flow run; wait up to `wait_s`
+    for it, then raise PipelineBusy. Then look at DVC's rwlock: a `dvc` command running in the
+    checkout outside the lock (a user's `dvc repro`) is logged — the pipeline's own DVC commands
+    wait for it (DvcLocked) — or, with `dvc_running_is_busy` (a stage's flow, which writes its outs
+    without DVC), is PipelineBusy too."""
     root = Path(repo).resolve()
-    path = root / ".dvc" / "tmp" / LOCK_NAME
-    mine = _held.get(root)
-    if mine is not None and mine.thread == threading.get_ident():
-        raise RuntimeError(f"pipeline_lock({root}) is already held by this thread; it is not reentrant")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    deadline = time.monotonic() + wait_s
-    try:
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    raise PipelineBusy(
-                        f"another pipeline run holds {root} ({describe_holder(_read_record(fd))}); waited "
-                        f"{wait_s:g} s. Let it finish, or start this run with a longer lock wait (lock_wait_s)."
-                    ) from None
-                time.sleep(poll_s)
-        _recover(root, _read_record(fd))
-        holder = _Holder(fd, _holder_info())
-        holder.write()
-        _held[root] = holder
-        try:
-            with groups_recorded(holder):  # every group this process starts meanwhile: dvc, a deployment's torchrun
-                yield path
-        finally:
-            _held.pop(root, None)
-            holder.release()
-    finally:
-        with contextlib.suppress(OSError):
-            fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
+    log = logger()
+    with checkout_lock(root, _holder_info(), wait_s=wait_s, poll_s=poll_s, warn=log.warning,
+                       busy_hint="Let it finish, or start this run with a longer lock wait (lock_wait_s).") as holder:
+        live = check_dvc_rwlock(root)
+        if live and dvc_running_is_busy:
+            raise PipelineBusy(f"DVC runs in {root} ({'; '.join(live)}): this run would write the outs it reads or "
+                               "writes. Let it finish.")
+        with groups_recorded(holder):  # every group this process starts meanwhile: dvc, a deployment's torchrun
+            yield holder.path
 
 
 # --------------------------------------------------------------------------------------------

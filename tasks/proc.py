@@ -7,7 +7,7 @@ or when the parent exits. Nothing is left running that could hold a GPU or DVC's
 
 A parent killed with SIGKILL runs no handler, so its groups live on as orphans; the pipeline lock
 (tasks.dvc.pipeline_lock) records the groups a run starts, and the next run on the checkout stops
-them (`stop_orphan_group`) before it does anything else.
+them (`loomcore.processes.stop_orphan_group`) before it does anything else.
 """
 
 from __future__ import annotations
@@ -22,9 +22,7 @@ import time
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence
 
-from loomcore.processes import group_members, kill_if_alive, outside_descendants, process_table
-
-REAP_WAIT_S = 10.0  # how long stop_orphan_group waits for init to reap what it killed
+from loomcore.processes import kill_if_alive, outside_descendants
 
 _live: Dict[int, subprocess.Popen] = {}
 _lock = threading.Lock()
@@ -85,54 +83,6 @@ def stop_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
             pass
         proc.wait()
     kill_if_alive(below)
-
-
-def _cwd_inside(pid: int, root: Path) -> bool:
-    try:
-        return Path(os.readlink(f"/proc/{pid}/cwd")).is_relative_to(root)
-    except OSError:
-        return False
-
-
-def stop_orphan_group(pgid: int, grace: float = 10.0, cwd: Optional[Path] = None) -> List[int]:
-    """Stop a process group that this process did not start (the group of a run that was killed
-    before it could stop it): SIGTERM, up to `grace` seconds, SIGKILL, and SIGKILL of what is left
-    of the processes below it in groups of their own. Returns the processes found.
-    A pid may have been reused since it was recorded, so only a group that run_streaming could
-    have started is touched: its leader made a session of it, and (with `cwd`) one of its members
-    works inside `cwd`."""
-    members = group_members(pgid)
-    if not members:
-        return []
-    try:
-        sid = int(Path(f"/proc/{members[0]}/stat").read_text().rsplit(")", 1)[1].split()[3])
-    except (OSError, IndexError, ValueError):
-        return []
-    if sid != pgid or (cwd is not None and not any(_cwd_inside(m, Path(cwd).resolve()) for m in members)):
-        return []
-    below = outside_descendants(pgid)  # a stage's torchrun and its ranks: sessions of their own
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(pgid, sig)
-        except ProcessLookupError:
-            break
-        deadline = time.monotonic() + (grace if sig == signal.SIGTERM else 5.0)
-        while group_members(pgid) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        if not group_members(pgid):
-            break
-    kill_if_alive(below)  # what the group's SIGTERM did not end (the stage task stops its torchrun on it)
-    # Dead orphans stay zombies until init reaps them, and a zombie's pid still "exists" for DVC's
-    # stale-lock check (psutil.pid_exists): wait, briefly, until they are gone (a pid of `below`
-    # counts while it is still that process: it may have been reused since).
-    deadline = time.monotonic() + REAP_WAIT_S
-    while time.monotonic() < deadline:
-        table = process_table()
-        if not any(m in table for m in members) and not any(table.get(pid, (0, 0, 0, None))[3] == started
-                                                              for pid, started in below):
-            break
-        time.sleep(0.1)
-    return members + [pid for pid, _ in below]
 
 
 def _stop_all(*_args) -> None:

@@ -2,11 +2,24 @@
 
 from __future__ import annotations
 
+import atexit
 import http.client
 import os
+import shutil
 import socket
+import tempfile
 
 import pytest
+
+# Never the user's Prefect. A flow run that a test's subprocess reports (a stage under `dvc exp run`,
+# `python -m flows.…`) used to land in ~/.prefect's history — the UI then showed the suite's failed
+# base-models runs as the flow's last run — or on the team server a PREFECT_API_URL names. Each test
+# process drops the PREFECT_* it inherited and gets a Prefect home of its own, here, before any test
+# module copies os.environ; the fixtures that start an API (`prefect_api`) point code at theirs.
+for _key in [k for k in os.environ if k.startswith("PREFECT_")]:
+    del os.environ[_key]
+os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="loom-tests-prefect-")
+atexit.register(shutil.rmtree, os.environ["PREFECT_HOME"], True)
 
 # Under pytest-xdist (`make test` runs two workers) each worker's OpenMP threads must sleep when
 # idle: two workers' spinning threads on 2 cores made the suite ~2× slower. libgomp reads this when

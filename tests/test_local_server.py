@@ -111,17 +111,11 @@ def _until(check, timeout: float = 30.0) -> bool:
     return check()
 
 
-@pytest.mark.parametrize("stage", ["stops", "stuck", "paused"])
-def test_a_signal_to_loom_pipeline_stops_dvc_the_stage_and_the_server(tmp_path, stage):
-    """`kill <loom pipeline>` (or `timeout`, a closed terminal, a service manager's stop) used to end
-    loom alone, at once: DVC and its stage ran on, and the Prefect server started for the run was
-    left listening. Now the signal reaches the stage through DVC's group (as SIGINT, which DVC
-    handles by waiting for the stage), loom waits for it, stops the server and exits 128 + 15. A
-    stage that does not stop is killed at a second signal, with what it started in sessions of its
-    own (torchrun's ranks). "paused": Ctrl-Z (SIGTSTP) used to stop loom alone, the stage training
-    on; now the stage and its torchrun pause with loom and continue with it, then stop as above."""
+def _loom_on_a_probe_stage(tmp_path, stuck: bool = False):
+    """`loom pipeline` (a group of its own in this session, as a shell's job is) in a checkout whose one
+    stage is PROBE_STAGE; returns once the stage runs: (repo, loom, log file, stage pid, its child's pid,
+    the server's API URL)."""
     import shutil
-    import signal
     import time
 
     from loomcore.config import REPO_ROOT
@@ -130,7 +124,7 @@ def test_a_signal_to_loom_pipeline_stops_dvc_the_stage_and_the_server(tmp_path, 
     repo.mkdir()
     shutil.copy(REPO_ROOT / "params.yaml", repo / "params.yaml")
     (repo / "probe.py").write_text(PROBE_STAGE)
-    if stage == "stuck":
+    if stuck:
         (repo / "stuck").touch()
     (repo / "dvc.yaml").write_text("stages:\n  probe:\n    cmd: python probe.py\n    deps: [probe.py]\n")
     dvc = str(Path(sys.executable).parent / "dvc")
@@ -138,10 +132,9 @@ def test_a_signal_to_loom_pipeline_stops_dvc_the_stage_and_the_server(tmp_path, 
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     env["PREFECT_HOME"] = str(tmp_path / "home")
     out = open(tmp_path / "loom.log", "w")
-    # (a group of its own in this session, as a shell's job is: the kernel drops a SIGTSTP sent to an orphaned group)
+    # (the kernel drops a SIGTSTP sent to an orphaned group: a group of its own in this session is not one)
     loom = subprocess.Popen([sys.executable, "-m", "loomcore.cli", "pipeline"], cwd=repo, env=env, stdout=out,
                             stderr=subprocess.STDOUT, text=True, process_group=0)
-    below = None
     try:
         deadline = time.monotonic() + 240
         while not (repo / "started").exists() and loom.poll() is None and time.monotonic() < deadline:
@@ -151,6 +144,27 @@ def test_a_signal_to_loom_pipeline_stops_dvc_the_stage_and_the_server(tmp_path, 
         probe, below = int((repo / "started").read_text()), int((repo / "below").read_text())
         api = re.search(r"Prefect server for this run at (http://127\.0\.0\.1:\d+)", log).group(1) + "/api"
         assert healthy(api) and _alive(probe) and _alive(below)
+    except BaseException:
+        loom.kill()
+        out.close()
+        raise
+    return repo, loom, out, probe, below, api
+
+
+@pytest.mark.parametrize("stage", ["stops", "stuck", "paused"])
+def test_a_signal_to_loom_pipeline_stops_dvc_the_stage_and_the_server(tmp_path, stage):
+    """`kill <loom pipeline>` (or `timeout`, a closed terminal, a service manager's stop) used to end
+    loom alone, at once: DVC and its stage ran on, and the Prefect server started for the run was
+    left listening. Now the signal reaches the stage through DVC's group (as SIGINT, which DVC
+    handles by waiting for the stage), loom waits for it, stops the server and exits 128 + 15. A
+    stage that does not stop is killed at a second signal, with what it started in sessions of its
+    own (torchrun's ranks). "paused": Ctrl-Z (SIGTSTP) used to stop loom alone, the stage training
+    on; now the stage and its torchrun pause with loom and continue with it, then stop as above."""
+    import signal
+    import time
+
+    repo, loom, out, probe, below, api = _loom_on_a_probe_stage(tmp_path, stuck=stage == "stuck")
+    try:
         if stage == "paused":
             loom.send_signal(signal.SIGTSTP)
             trio = (loom.pid, probe, below)
@@ -172,15 +186,51 @@ def test_a_signal_to_loom_pipeline_stops_dvc_the_stage_and_the_server(tmp_path, 
         if loom.poll() is None:
             loom.kill()
         out.close()
-        for pid in [below] if below else []:
-            if _alive(pid):
-                os.kill(pid, signal.SIGKILL)
+        if _alive(below):
+            os.kill(below, signal.SIGKILL)
     log = (tmp_path / "loom.log").read_text()
     assert code == 128 + signal.SIGTERM, log
     assert "loom pipeline: stopped by SIGTERM; DVC exited with" in log, log
     assert (repo / "stopped").read_text() == "SIGINT"  # the stage got the signal (as SIGINT) and ran its handler
     assert not _alive(probe) and not _alive(below)  # the stage and its session's process: stopped or killed
     assert not healthy(api)  # the run's Prefect server is stopped too
+
+
+def test_loom_pipeline_holds_the_checkout_and_what_a_sigkill_leaves_is_stopped_by_the_next_holder(tmp_path):
+    """`loom pipeline` holds the checkout's lock as the Prefect pipeline flow does: a stage's
+    deployment run, a stage run by hand, a second `loom pipeline` fail at once naming it, instead of
+    writing the outs its DVC writes (before, it held none). Its record lists DVC's group and the
+    Prefect server's: a `kill -9` of loom passes nothing on — DVC, the stage, its torchrun and the
+    server run on — and the next holder stops them all before it starts."""
+    import signal
+    import time
+
+    from loomcore.checkout_lock import PipelineBusy, checkout_lock, holder_info
+
+    repo, loom, out, probe, below, api = _loom_on_a_probe_stage(tmp_path)
+    try:
+        with pytest.raises(PipelineBusy, match=f"another pipeline run holds .* \\(loom pipeline, pid {loom.pid} on "):
+            with checkout_lock(repo, holder_info("a test")):
+                pass
+        again = subprocess.run([sys.executable, "-m", "loomcore.cli", "pipeline"], cwd=repo, capture_output=True,
+                               text=True, env={**os.environ, "PREFECT_API_URL": api})
+        assert again.returncode == 1 and f"(loom pipeline, pid {loom.pid} on " in again.stderr, again.stderr
+        loom.kill()
+        loom.wait(10)
+        time.sleep(1)
+        assert _alive(probe) and _alive(below) and healthy(api)  # nothing was passed on
+        warnings = []
+        t = time.monotonic()
+        with checkout_lock(repo, holder_info("the next run"), warn=warnings.append):
+            assert not _alive(probe) and not _alive(below) and not healthy(api)
+        assert time.monotonic() - t < 30
+    finally:
+        out.close()
+        for pid in (probe, below):
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+    assert "did not release its lock cleanly (loom pipeline, pid" in warnings[0], warnings
+    assert len([w for w in warnings if w.startswith("stopped its orphaned process group")]) == 2, warnings
 
 
 def test_a_signal_loom_was_started_ignoring_stays_ignored():

@@ -120,6 +120,58 @@ def test_a_second_run_fails_fast_naming_the_holder_or_waits_for_it(prefect_api, 
         kill_group(holder)
 
 
+def test_a_stage_deployment_run_refuses_a_checkout_that_a_pipeline_or_dvc_works_in(prefect_api, tmp_path, monkeypatch):
+    """A stage's deployment run (the UI) holds the checkout lock, and fails at once naming the
+    holder: a pipeline flow's run, `loom pipeline` (which took no lock before:
+    test_local_server.py), or — holding no lock — a user's `dvc repro` running in the checkout
+    (before, it was logged and the run wrote the outs that dvc writes). Run by hand it takes none."""
+    from pathlib import Path
+
+    from prefect.client.orchestration import get_client
+    from prefect.flow_engine import run_flow
+
+    from flows.common import stage_flow
+    from tasks.dvc import PipelineBusy
+
+    @stage_flow("probe-stage")
+    def probe_stage() -> int:
+        (Path.cwd() / "wrote").touch()
+        return 7
+
+    repo = make_fake_repo(tmp_path / "repo")
+    monkeypatch.chdir(repo)
+    with get_client(sync_client=True) as client:
+        deployment = client.create_deployment(flow_id=client.create_flow(probe_stage), name="probe")
+
+        def deployment_run():
+            return run_flow(probe_stage, flow_run=client.create_flow_run_from_deployment(deployment),
+                            return_type="state")
+
+        holder = spawn(HOLD_LOCK, repo)  # a pipeline run
+        try:
+            read_until(holder, "held")
+            state = deployment_run()
+            assert state.is_failed() and not (repo / "wrote").exists()
+            with pytest.raises(PipelineBusy, match=f"another pipeline run holds .* \\(pid {holder.pid} on "):
+                state.result()
+            assert probe_stage() == 7 and (repo / "wrote").exists()  # by hand: no lock
+        finally:
+            (repo / "release").touch()
+            holder.wait(30)
+            kill_group(holder)
+        (repo / "wrote").unlink()
+        rwlock = repo / ".dvc" / "tmp" / "rwlock"  # a user's `dvc repro` running a stage (this process stands in)
+        rwlock.write_text(json.dumps({"write": {str(repo / "out"): {"pid": os.getpid(), "cmd": "dvc repro"}},
+                                      "read": {}}))
+        state = deployment_run()
+        with pytest.raises(PipelineBusy, match=f"DVC runs in .*\\(PID {os.getpid()}\\): dvc repro"):
+            state.result()
+        assert not (repo / "wrote").exists()
+        rwlock.unlink()
+        assert deployment_run().result() == 7 and (repo / "wrote").exists()
+    assert (repo / ".dvc" / "tmp" / "loom-pipeline.lock").read_text() == ""  # released cleanly
+
+
 def test_a_killed_run_leaves_nothing_that_blocks_the_next(prefect_api, tmp_path):
     """SIGKILL the process that holds the pipeline lock while its `dvc repro` runs a stage: the OS
     drops the flock, the dvc process group lives on as an orphan (holding DVC's rwlock). The next

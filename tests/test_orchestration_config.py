@@ -12,6 +12,7 @@ import os
 import pkgutil
 import shutil
 import subprocess
+import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -146,3 +147,16 @@ def test_dvc_remote_on_s3_push_then_pull_restores_the_outs(s3_endpoint, s3_bucke
     dvc("pull")
     assert {o: (repo / o).read_text() for o in OUTS} == contents
     assert json.loads(dvc("status", "--json").stdout) == {}
+
+
+def test_the_suite_never_reports_to_the_users_prefect():
+    """A stage a test runs in a subprocess reports to the Prefect home conftest made for this test
+    process, never to ~/.prefect nor to a server the user's PREFECT_API_URL names."""
+    import tempfile
+    from pathlib import Path
+
+    probe = "from prefect.settings import get_current_settings as s; c = s(); print(c.home, c.api.url)"
+    home, url = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
+                               env=dict(os.environ)).stdout.split()
+    assert Path(home).parent == Path(tempfile.gettempdir()) and Path(home).name.startswith("loom-tests-prefect-")
+    assert Path(home) != Path.home() / ".prefect" and url == "None"

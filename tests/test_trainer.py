@@ -857,7 +857,7 @@ def test_stopping_an_orphaned_group_ends_what_runs_below_it_in_sessions_of_its_o
     one that ignores SIGTERM."""
     import threading
 
-    from tasks.proc import stop_orphan_group
+    from loomcore.processes import stop_orphan_group
 
     pid_file = tmp_path / "below.pid"
     script = f"import subprocess, sys, time; q = subprocess.Popen([sys.executable, '-c', 'import signal, time; " \
