@@ -19,6 +19,10 @@ from tasks.models import init_base_models
 
 @stage_flow("base-models")
 def base_models_flow(profile: str | None = None, overrides: list[str] | None = None) -> dict:
+    """The starting weights of stage 1 under `paths.models`: on the tiny profile built
+    deterministically (a Wan-layout DiT, a Qwen3-VL with its processor, the codec, the scheduler);
+    on the paper profile, Wan2.2-TI2V-5B and Qwen3-VL-8B-Instruct checked complete (local or
+    s3://), naming what is missing."""
     overrides = list(overrides or [])
     cfg = load_stage_config(profile, overrides)
     report = init_base_models(cfg.profile, overrides)

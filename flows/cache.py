@@ -21,6 +21,9 @@ def _markdown(summary: dict) -> str:
 
 @stage_flow("cache")
 def cache_flow(profile: str | None = None, overrides: list[str] | None = None) -> dict:
+    """Codec latents and the MLLM's side of every kept manifest row, at every resolution a
+    training stage uses → data/cache/ (safetensors shards, index.parquet, cache.json). Resumes
+    shard by shard; a grown manifest encodes only the shards it touches."""
     summary = cache_task(profile, list(overrides or []))
     publish_markdown("cache-summary", _markdown(summary), "What the cache stage did")
     return summary

@@ -50,6 +50,10 @@ def stage_main(flows: Callable | Mapping[str, Callable], description: str, argv:
     return 0
 
 
+STAGE_ARGS = """    profile: the profile, `tiny` or `paper` (default: params.yaml's `profile`).
+    overrides: config overrides on top of it, `key=value` each (e.g. `stage1.steps=200`)."""
+
+
 def stage_flow(name: str) -> Callable[[Callable], Flow]:
     """`@flow(name=name, log_prints=True)` for a stage's flow, which
 
@@ -61,9 +65,14 @@ def stage_flow(name: str) -> Callable[[Callable], Flow]:
       Started any other way — by DVC, by hand (often with outs of its own: `eval.out_dir=…`), as
       nightly-eval's subflow — it takes none;
     - reports its own module's hash as its version, as a plain `@flow` does (Prefect hashes the
-      file of the function it wraps: here that would be this file's lock wrapper)."""
+      file of the function it wraps: here that would be this file's lock wrapper);
+    - documents `profile` and `overrides` in its docstring's Args (STAGE_ARGS): the deployment's
+      description and run form in the UI show them."""
 
     def decorate(flow_fn: Callable) -> Flow:
+        doc = inspect.cleandoc(flow_fn.__doc__ or "")  # the UI's description and its parameters' help
+        flow_fn.__doc__ = doc + ("\n" if "\nArgs:\n" in doc else "\n\nArgs:\n") + STAGE_ARGS
+
         @functools.wraps(flow_fn)
         def run(*args, **kwargs):
             ctx = FlowRunContext.get()

@@ -12,6 +12,9 @@ from tasks.curate import curate_task
 
 @stage_flow("curate")
 def curate_flow(profile: str | None = None, overrides: list[str] | None = None) -> dict:
+    """Raw media and metadata (a local folder, an s3:// prefix, or the synthetic Shapes world) →
+    data/manifests/{train,eval,rejects}.parquet: every row checked (media readable, sizes, task
+    fields), rejected rows kept with their reason, a held-out eval split."""
     summary = curate_task(profile, list(overrides or []))  # writes the manifests and the stage's metrics.json
     rows = [{"task": k, "kept": v} for k, v in sorted(summary["per_task"].items())]
     publish_table("curate-per-task", rows, "Kept rows per task kind")

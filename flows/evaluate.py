@@ -15,7 +15,12 @@ from tasks.evaluate import evaluate_task
 @stage_flow("evaluate")
 def evaluate_flow(profile: str | None = None, overrides: list[str] | None = None,
                   model: str | None = None) -> dict:
-    """`model`: a weights folder or s3:// URI to evaluate instead of eval.model."""
+    """The latest trained model (`eval.model`: auto → RL's, else stage 3's) on ShapesBench (against
+    the base models too), VBench and the judged benchmarks → metrics.json, scores.parquet, the
+    contact sheets and report.md under `eval.out_dir`. Resumes from the journal of a stopped run.
+
+    Args:
+        model: a weights folder or s3:// URI to evaluate instead of `eval.model`."""
     overrides = list(overrides or []) + ([f"eval.model={model}"] if model else [])
     summary = evaluate_task(profile, overrides)
     for name, rows in summary["tables"].items():

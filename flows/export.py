@@ -55,6 +55,10 @@ def export_report(exported: dict, published: Optional[dict]) -> str:
 
 @stage_flow("export")
 def export_flow(profile: str | None = None, overrides: list[str] | None = None) -> dict:
+    """The trained DiT (RL's when it exists, else stage 3's) and the frozen base parts → a
+    diffusers pipeline folder at `export.out_dir` (safetensors, a model card with metrics and
+    lineage); with `export.s3_uri`, a published version that replaces `latest` only if the
+    promotion gate passes."""
     overrides = list(overrides or [])
     cfg = load_stage_config(profile, overrides)
     exported = export_folder_task(profile, overrides)

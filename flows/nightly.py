@@ -93,7 +93,15 @@ def gate_report(repo: Path | str, overrides: Sequence[str] = ()) -> dict:
 @flow(name="nightly-retrain", log_prints=True)
 def nightly_retrain_flow(overrides: list[str] | None = None, lock_wait_s: float = 7200.0, repo: str = ".",
                          stage_timeout_s: float | None = None) -> dict:
-    """Curate (forced), then every stage as DVC decides, export through the promotion gate."""
+    """Curate (forced: the source may have grown), then every stage as DVC decides, export through
+    the promotion gate; waits for a run that holds the checkout.
+
+    Args:
+        overrides: `key=value` config overrides: the night runs as one `dvc exp run -S …` experiment.
+        lock_wait_s: how long to wait for a run that holds the checkout before failing.
+        repo: the checkout, relative to the worker's working directory.
+        stage_timeout_s: stop a stage that runs longer (empty: no limit).
+    """
     log = logger()
     root = Path(repo)
     overrides = list(overrides or [])
@@ -184,8 +192,17 @@ def _utc_date() -> str:
 @flow(name="nightly-eval", log_prints=True)
 def nightly_eval_flow(overrides: list[str] | None = None, tolerance: float = 0.01, repo: str = ".",
                       profile: str | None = None, date: str | None = None, out_dir: str = "outputs/nightly-eval"):
-    """`profile`: null → the model's own (its export.json); `date`: the night (UTC, YYYY-MM-DD;
-    null → today); `out_dir`: relative to the checkout."""
+    """The `latest` published model on every benchmark, the night recorded in the history; the run
+    fails (a regression) when a metric is worse than the night before by more than `tolerance`.
+
+    Args:
+        overrides: `key=value` config overrides for the evaluation.
+        tolerance: the loss relative to last night's value that counts as a regression (0.01: 1 %).
+        repo: the checkout, relative to the worker's working directory.
+        profile: empty: the model's own (its export.json).
+        date: the night, UTC, YYYY-MM-DD (empty: today).
+        out_dir: where the night's evaluation goes, relative to the checkout.
+    """
     from loomcore.export import load_metrics, read_export_info
 
     log = logger()

@@ -131,6 +131,18 @@ def pipeline_flow(
     lock_wait_s: float = 0.0,
     stage_timeout_s: float | None = None,
 ) -> dict:
+    """The DAG through DVC — base-models, curate, cache, stage1–3, rl, evaluate, export — each stage
+    a child flow run; DVC reruns only what changed. One run per checkout at a time.
+
+    Args:
+        overrides: `key=value` config overrides (e.g. `stage3.steps=1200`, `profile=paper`): the DAG
+            runs as one `dvc exp run -S …` experiment.
+        force: stages to rerun although DVC finds them up to date.
+        stages: only these stages (in DAG order); empty: all.
+        repo: the checkout, relative to the worker's working directory.
+        lock_wait_s: how long to wait for a run that holds the checkout before failing.
+        stage_timeout_s: stop a stage that runs longer (empty: no limit).
+    """
     # Builtin generics in a flow's signature: a served flow runs from a by-value pickle whose globals
     # hold only the names its code uses, so `Optional`/`List` in (string) annotations would not resolve.
     log = logger()

@@ -13,6 +13,8 @@ from tasks.rl import rl_task
 
 @stage_flow("rl")
 def rl_flow(profile: str | None = None, overrides: list[str] | None = None) -> dict:
+    """DiffusionNFT post-training from stage 3's weights under torchrun; the held-out reward
+    before and after, per prompt, in `rl/summary.json` and the `rl-summary` artifact."""
     summary = rl_task(profile, list(overrides or []))
     held = summary["heldout"]
     rows = [{"model": held[k]["model"], "reward mean": f"{held[k]['mean']:.4f}",

@@ -66,6 +66,10 @@ def test_prefect_yaml_deployments_schedules_and_entrypoints(monkeypatch):
         assert isinstance(fl, Flow), f"{name}: {d['entrypoint']} is not a flow"
         unknown = set(d.get("parameters") or {}) - set(fl.parameters.properties)
         assert not unknown, f"{name}: {sorted(unknown)} are not parameters of {d['entrypoint']}"
+        # what the UI shows on the deployment's page and run form (five read "None" before)
+        assert (d.get("description") or fl.description or "").strip() not in ("", "None"), name
+        undocumented = [k for k, v in fl.parameters.properties.items() if not v.get("description")]
+        assert not undocumented, f"{name}: parameters without a description in the run form: {undocumented}"
 
     (pull,) = spec["pull"]
     (fqn, kwargs), = pull.items()
