@@ -10,8 +10,10 @@ examples:
 from __future__ import annotations
 
 
+from pathlib import Path
+
 from flows.common import stage_flow, stage_main
-from tasks.common import markdown_table, publish_markdown
+from tasks.common import load_stage_config, markdown_table, publish_markdown
 from tasks.train import train_stage_task
 
 
@@ -22,11 +24,16 @@ def _fmt(v) -> str:
 def run_stage(stage: str, profile: str | None = None, overrides: list[str] | None = None) -> dict:
     summary = train_stage_task(stage, profile, list(overrides or []))
     rows = [{"what": k, "value": _fmt(v)} for k, v in summary.items() if not isinstance(v, (list, dict))]
+    grids = sorted((Path(load_stage_config(profile, overrides).train.out_dir) / stage / "plots" / "images"
+                    / "samples").glob("*.png"))  # <step>.png (loomcore.train.stage_io)
     publish_markdown(
         f"{stage}-summary",
         f"# {stage}\n\nStarted from **{summary['init_weights']}**; `model/` holds the **{summary['model_weights']}** "
         f"weights. Loss {_fmt(summary['loss_first_10pct'])} (first 10% of steps) → {_fmt(summary['loss_last_10pct'])} "
-        f"(last 10%).\n\n{markdown_table(rows)}",
+        f"(last 10%).\n\n{markdown_table(rows)}\n## Validation grids (on the worker's disk)\n\n"
+        + ("\n".join(f"- step {int(g.stem) if g.stem.isdigit() else g.stem}: `{g.resolve()}`" for g in grids)
+           or "_(none: `sample_every` > steps)_")
+        + "\n",
         f"What {stage} trained",
     )
     return summary

@@ -957,6 +957,20 @@ def test_cancelling_the_stage_flow_kills_torchrun_and_its_ranks(ws, prefect_api)
             pass
 
 
+def test_the_stage_summary_in_the_ui_lists_its_validation_grids(ws, prefect_api):
+    """The stage's `stageN-summary` artifact names each validation grid it wrote (the README promises
+    their paths in the UI; a UI walk found them only in the logs)."""
+    from _orchestration import latest_artifact
+    from flows.train import stage1_flow
+
+    cfg, _, root = ws
+    stage1_flow(profile="tiny", overrides=_overrides(ws, "grids", "stage1.steps=4", "stage1.sample_every=2"))
+    grids = sorted((root / "grids" / "out" / "stage1" / "plots" / "images" / "samples").glob("*.png"))
+    assert [g.name for g in grids] == ["000002.png", "000004.png"]
+    summary = latest_artifact("stage1-summary")
+    assert f"- step 2: `{grids[0].resolve()}`" in summary and f"- step 4: `{grids[1].resolve()}`" in summary, summary
+
+
 def test_dvc_sees_a_stage3_ratio_as_a_stage3_change_only(tmp_path, dvc_standin_repo):
     """`dvc status` in a copy of the project (stand-in files for data and weights, recorded with
     `dvc commit`): editing stage3.sampling makes stage 3 and what follows it stale, never the
