@@ -16,8 +16,8 @@ def curate_flow(profile: str | None = None, overrides: list[str] | None = None) 
     data/manifests/{train,eval,rejects}.parquet: every row checked (media readable, sizes, task
     fields), rejected rows kept with their reason, a held-out eval split."""
     summary = curate_task(profile, list(overrides or []))  # writes the manifests and the stage's metrics.json
-    rows = [{"task": k, "kept": v} for k, v in sorted(summary["per_task"].items())]
-    publish_table("curate-per-task", rows, "Kept rows per task kind")
+    rows = [{"task": k, "train": v["train"], "eval": v["eval"]} for k, v in sorted(summary["per_task"].items())]
+    publish_table("curate-per-task", rows, "Kept rows per task kind, train and held-out eval")
     rejects = [{"reason": k, "rows": v} for k, v in sorted(summary["rejected"]["by_reason"].items())]
     publish_markdown(
         "curate-summary",

@@ -14,7 +14,7 @@ import subprocess
 import httpx
 import pytest
 
-from _orchestration import BIN, DVC, REPO, copy_checkout, kill_group, wait_for
+from _orchestration import BIN, DVC, REPO, copy_checkout, kill_group, latest_artifact, wait_for
 from flows.automations import MISSED_AFTER_S, UNRESPONSIVE
 from loomcore.config import params_yaml
 
@@ -149,6 +149,10 @@ def test_the_readme_commands_deploy_and_a_triggered_pipeline_shows_one_run_tree(
     assert headline == {"rows_in": 20, "kept": summary["kept"]["total"], "train": summary["kept"]["train"],
                         "eval": summary["kept"]["eval"], "rejected": summary["rejected"]["total"],
                         "bytes_kept": summary["bytes_kept"]}
+    per_task = json.loads(latest_artifact("curate-per-task"))  # the UI's table: numbers per split, not dicts
+    assert {r["task"] for r in per_task} == set(summary["per_task"])
+    assert sum(r["train"] for r in per_task) == summary["kept"]["train"] and \
+        sum(r["eval"] for r in per_task) == summary["kept"]["eval"], per_task
     st = subprocess.run([DVC, "status", *STAGES, "--json"], cwd=checkout, check=True, capture_output=True, text=True)
     assert json.loads(st.stdout) == {}  # dvc.lock records the runs: DVC finds both up to date
 
