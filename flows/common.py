@@ -90,10 +90,15 @@ def run_stage_flow(flow_fn: Callable, **parameters):
     """Call a stage's flow. Started by DVC under the pipeline flow (PARENT_TASK_RUN_ENV holds the id of the
     pipeline's `dvc repro <stage>` task run), its flow run is created as a child of that task run —
     what Prefect does for a subflow called in-process — named after the stage and tagged, so the UI
-    shows one run tree; otherwise a top-level flow run, as before."""
+    shows one run tree; otherwise (`make pipeline`'s stages, a stage by hand) a top-level flow run,
+    named and tagged the same way, and tagged with the checkout it ran in: a UI showing several
+    checkouts' runs (a team's server) tells them apart."""
     parent = os.environ.get(PARENT_TASK_RUN_ENV)
     if not parent:
-        return flow_fn(**parameters)
+        from prefect import tags
+
+        with tags("loomvideo", f"stage:{flow_fn.name}", f"checkout:{Path.cwd()}"):
+            return flow_fn.with_options(flow_run_name=flow_fn.name)(**parameters)
     from uuid import UUID
 
     from prefect.client.orchestration import get_client

@@ -442,6 +442,29 @@ def test_a_stage_flow_is_a_child_of_the_pipeline_run_named_after_its_stage(prefe
 # (g) a run whose process is killed outright is marked Crashed (flows/automations.py)
 
 
+def test_a_stage_run_outside_a_pipeline_deployment_is_named_and_tagged_with_its_stage_and_checkout(
+        prefect_api, tmp_path, monkeypatch):
+    """`make pipeline`'s stages and a stage by hand are top-level runs: they had random names and no
+    tags, so a UI holding several checkouts' runs could not tell them apart (a UI walk)."""
+    from prefect.client.orchestration import get_client
+
+    from flows.common import run_stage_flow, stage_flow
+
+    @stage_flow("probe-stage")
+    def probe_stage(profile: str | None = None) -> int:
+        from prefect.runtime import flow_run
+
+        return flow_run.id
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv(PARENT_TASK_RUN_ENV, raising=False)
+    run_id = run_stage_flow(probe_stage, profile="tiny")
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_run(run_id)
+    assert run.name == "probe-stage" and run.parameters == {"profile": "tiny"}
+    assert {"loomvideo", "stage:probe-stage", f"checkout:{tmp_path}"} <= set(run.tags), run.tags
+
+
 def test_a_run_killed_outright_is_marked_crashed_when_its_heartbeats_stop(prefect_api, tmp_path, monkeypatch):
     """SIGKILL (the OOM killer, a lost node) leaves a flow run no chance to report: without the
     automation `loom deploy` creates, it stays Running for good and holds its deployment's slot.
