@@ -30,7 +30,7 @@ from prefect import task
 
 from loomcore.checkout_lock import PipelineBusy, checkout_lock, holder_info
 from tasks.common import NO_CACHE, PARENT_TASK_RUN_ENV, logger
-from tasks.proc import SubprocessFailed, SubprocessTimeout, groups_recorded, run_streaming
+from tasks.proc import LineLevels, SubprocessFailed, SubprocessTimeout, groups_recorded, run_streaming
 
 DVC_LOCK_MESSAGE = "Unable to acquire lock"  # the repository lock (.dvc/tmp/lock)
 DVC_BUSY_MESSAGE = "is busy, it is being blocked by"  # a stage's deps/outs in .dvc/tmp/rwlock
@@ -152,8 +152,10 @@ def run_dvc(args: Sequence[str], repo: Path | str = ".", timeout: Optional[float
     log = logger()
     cmd = [_dvc_exe(), *args]
     log.info("$ %s", " ".join(["dvc", *args]))
+    level = LineLevels()
+
     def line(text: str) -> None:
-        log.info(text)
+        log.log(level(text), text)
         if on_line is not None:
             on_line(text)
 

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import logging
 import os
+import re
 import signal
 import subprocess
 import threading
@@ -43,6 +45,46 @@ def groups_recorded(recorder) -> Iterator[None]:
     finally:
         with _lock:
             _recorders.remove(recorder)
+
+
+class LineLevels:
+    """The log level of each line a subprocess prints, so that a UI filtered to warnings and errors
+    shows a crashed rank's traceback: a Python traceback, from its first line to the exception's
+    (chained ones too), is ERROR; torch's glog lines (`W1206 16:11:05.123 …`, E, F), Python's
+    warnings, DVC's `ERROR:` / `WARNING:` and a Prefect console line (`… | WARNING | …`, a stage's
+    under DVC) keep their level; DVC's closing `dvc push` hint is DEBUG; the rest INFO. A rank's
+    `[rank0]:` / `[default0]:` prefix is looked through. One instance per stream (tracebacks span lines)."""
+
+    _PREFIX = re.compile(r"^\[(?:rank|default)\d+\]:\s?")
+    _GLOG = re.compile(r"^([IWEF])\d{4} \d\d:\d\d:\d\d")
+    _PREFECT = re.compile(r"^\d\d:\d\d:\d\d\.\d{3} \| (DEBUG|INFO|WARNING|ERROR|CRITICAL)\s*\|")
+    _WARNING = re.compile(r"^\S.*\b\w*Warning: ")
+    _CHAINED = ("During handling of the above exception", "The above exception was the direct cause")
+    _LEVELS = {"I": logging.INFO, "W": logging.WARNING, "E": logging.ERROR, "F": logging.CRITICAL,
+               "ERROR": logging.ERROR, "WARNING": logging.WARNING}
+
+    def __init__(self):
+        self.in_traceback = False
+
+    def __call__(self, line: str) -> int:
+        body = self._PREFIX.sub("", line.rstrip("\n"))
+        if body.startswith("Traceback (most recent call last):") or body.startswith(self._CHAINED):
+            self.in_traceback = True
+            return logging.ERROR
+        if self.in_traceback:
+            self.in_traceback = body[:1].isspace() or not body  # the exception's line ends it
+            return logging.ERROR
+        if m := self._PREFECT.match(body):
+            return logging.getLevelName(m.group(1))
+        if m := self._GLOG.match(body):
+            return self._LEVELS[m.group(1)]
+        if body.startswith(("ERROR:", "WARNING:")):
+            return self._LEVELS[body.split(":", 1)[0]]
+        if self._WARNING.match(body):
+            return logging.WARNING
+        if body.startswith("Use `dvc push` to send your updates"):
+            return logging.DEBUG
+        return logging.INFO
 
 
 class SubprocessFailed(RuntimeError):

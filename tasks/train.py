@@ -33,7 +33,7 @@ from prefect import task
 
 from loomcore.train.launch import check_rendezvous, stage_command, stage_nodes
 from tasks.common import NO_CACHE, Progress, load_stage_config, logger
-from tasks.proc import SubprocessFailed, SubprocessTimeout, run_streaming
+from tasks.proc import LineLevels, SubprocessFailed, SubprocessTimeout, run_streaming
 
 KILL_GRACE_S = 30.0
 
@@ -113,12 +113,14 @@ def launch_torchrun(cfg, cmd: Sequence[str], what: str, progress_description: st
             last[0] = now
             progress(*now)
 
+    level = LineLevels()
+
     def on_line(line: str) -> None:
         report()
         if RELEASED in line:
             released.append(line)
         if line.strip():
-            log.info(line)
+            log.log(level(line), line)
 
     try:
         run_streaming(cmd, log=on_line, timeout=cfg.train.timeout_hours * 3600, grace=KILL_GRACE_S,
@@ -139,7 +141,7 @@ def launch_torchrun(cfg, cmd: Sequence[str], what: str, progress_description: st
         shutil.rmtree(progress_file.parent, ignore_errors=True)
 
 
-@task(name="train-stage", cache_policy=NO_CACHE)
+@task(name="train-stage", task_run_name="train {stage}", cache_policy=NO_CACHE)
 def train_stage_task(stage: str, profile: Optional[str] = None, overrides: Sequence[str] = ()) -> dict:
     """Run one training stage under torchrun; returns the stage's summary.json."""
     from loomcore.train.weights import stage_out_dir

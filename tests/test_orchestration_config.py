@@ -164,3 +164,43 @@ def test_the_suite_never_reports_to_the_users_prefect():
                                env=dict(os.environ)).stdout.split()
     assert Path(home).parent == Path(tempfile.gettempdir()) and Path(home).name.startswith("loom-tests-prefect-")
     assert Path(home) != Path.home() / ".prefect" and url == "None"
+
+
+CRASH = r'''
+import sys, warnings
+print("step 1/10 loss 0.5", flush=True)
+print("W1206 16:11:05.123000 123 torch/distributed/elastic/x.py:1] a torch warning", flush=True)
+warnings.warn("a python warning")
+sys.stderr.flush()
+print("16:09:10.369 | WARNING | Task run 'x' - a stage's console line", flush=True)
+print("Use `dvc push` to send your updates to remote storage.", flush=True)
+def inner():
+    raise KeyError("inner")
+try:
+    inner()
+except KeyError as e:
+    raise ValueError("boom") from e
+'''
+
+
+def test_a_crashed_processs_traceback_and_warnings_keep_their_level_in_the_log():
+    """Every line a stage's torchrun printed was logged INFO: a UI filtered to errors missed a crashed
+    rank's traceback (a UI walk). Run a real process that warns and crashes with a chained traceback."""
+    import logging
+
+    from tasks.proc import LineLevels, SubprocessFailed, run_streaming
+
+    level, logged = LineLevels(), []
+    with pytest.raises(SubprocessFailed):
+        run_streaming([sys.executable, "-c", CRASH], log=lambda line: logged.append((level(line), line.strip())),
+                      timeout=60)
+    levels = {text: lv for lv, text in logged if text}
+    assert levels["step 1/10 loss 0.5"] == logging.INFO
+    assert levels["W1206 16:11:05.123000 123 torch/distributed/elastic/x.py:1] a torch warning"] == logging.WARNING
+    assert [lv for text, lv in levels.items() if "UserWarning: a python warning" in text] == [logging.WARNING]
+    assert levels["16:09:10.369 | WARNING | Task run 'x' - a stage's console line"] == logging.WARNING
+    assert levels["Use `dvc push` to send your updates to remote storage."] == logging.DEBUG
+    start = next(i for i, (_, text) in enumerate(logged) if text.startswith("Traceback"))
+    tail = [(lv, text) for lv, text in logged[start:] if text]
+    assert tail[-1] == (logging.ERROR, "ValueError: boom") and "KeyError: 'inner'" in [t for _, t in tail]
+    assert all(lv == logging.ERROR for lv, _ in tail), [t for lv, t in tail if lv != logging.ERROR]
