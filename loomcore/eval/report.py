@@ -319,7 +319,10 @@ def write_outputs(cfg, rows: List[dict], sheets: Dict[str, list], *, model_path:
     sheet_paths = {}
     for name, items in sheets.items():
         if items:
-            title = f"{name}: {model_name if not name.endswith('-base') else 'base models'} ({len(items)} samples)"
+            bench, key = ("shapesbench", name.split("-", 1)[1]) if name.startswith("shapesbench-") else (name, "model")
+            n = len({r["sample_id"] for r in rows if r["benchmark"] == bench and r["model"] == key})
+            title = (f"{name}: {model_name if not name.endswith('-base') else 'base models'} "
+                     f"({len(items)} of {n} samples)")
             sheet_paths[name] = contact_sheet(items, samples / f"{name}.png", title, e.sheet_frames)
     tabs = tables(metrics, model_name)
     failures = _failure_table(rows)
