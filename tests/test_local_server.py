@@ -145,10 +145,22 @@ def _loom_on_a_probe_stage(tmp_path, stuck: bool = False):
         api = re.search(r"Prefect server for this run at (http://127\.0\.0\.1:\d+)", log).group(1) + "/api"
         assert healthy(api) and _alive(probe) and _alive(below)
     except BaseException:
-        loom.kill()
+        _stop_what_loom_left(repo, loom)
         out.close()
         raise
     return repo, loom, out, probe, below, api
+
+
+def _stop_what_loom_left(repo: Path, loom: subprocess.Popen) -> None:
+    """A failed test's clean-up: kill loom; the next holder of the checkout's lock stops what it
+    left running (DVC, the stage, the Prefect server), as the next `loom pipeline` would."""
+    from loomcore.checkout_lock import checkout_lock, holder_info
+
+    if loom.poll() is None:
+        loom.kill()
+        loom.wait()
+    with checkout_lock(repo, holder_info("the test's clean-up"), wait_s=30):  # (a clean exit left no record)
+        pass
 
 
 @pytest.mark.parametrize("stage", ["stops", "stuck", "paused"])
@@ -183,8 +195,7 @@ def test_a_signal_to_loom_pipeline_stops_dvc_the_stage_and_the_server(tmp_path, 
         code = loom.wait(120)
         assert time.monotonic() - t < 40
     finally:
-        if loom.poll() is None:
-            loom.kill()
+        _stop_what_loom_left(repo, loom)
         out.close()
         if _alive(below):
             os.kill(below, signal.SIGKILL)
@@ -225,6 +236,7 @@ def test_loom_pipeline_holds_the_checkout_and_what_a_sigkill_leaves_is_stopped_b
             assert not _alive(probe) and not _alive(below) and not healthy(api)
         assert time.monotonic() - t < 30
     finally:
+        _stop_what_loom_left(repo, loom)
         out.close()
         for pid in (probe, below):
             if _alive(pid):
