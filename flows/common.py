@@ -92,12 +92,13 @@ def run_stage_flow(flow_fn: Callable, **parameters):
     what Prefect does for a subflow called in-process — named after the stage and tagged, so the UI
     shows one run tree; otherwise (`make pipeline`'s stages, a stage by hand) a top-level flow run,
     named and tagged the same way, and tagged with the checkout it ran in: a UI showing several
-    checkouts' runs (a team's server) tells them apart."""
+    checkouts' runs (a team's server) tells them apart. Both are tagged with the profile they run."""
     parent = os.environ.get(PARENT_TASK_RUN_ENV)
+    labels = ["loomvideo", f"stage:{flow_fn.name}", f"profile:{parameters.get('profile') or _params_profile()}"]
     if not parent:
         from prefect import tags
 
-        with tags("loomvideo", f"stage:{flow_fn.name}", f"checkout:{Path.cwd()}"):
+        with tags(*labels, f"checkout:{Path.cwd()}"):
             return flow_fn.with_options(flow_run_name=flow_fn.name)(**parameters)
     from uuid import UUID
 
@@ -106,8 +107,17 @@ def run_stage_flow(flow_fn: Callable, **parameters):
 
     with get_client(sync_client=True) as client:
         run = client.create_flow_run(flow_fn, name=flow_fn.name, parameters=parameters, parent_task_run_id=UUID(parent),
-                                     tags=["loomvideo", "pipeline", f"stage:{flow_fn.name}"])
+                                     tags=[*labels, "pipeline"])
     return run_flow(flow_fn, flow_run=run, parameters=parameters)
+
+
+def _params_profile() -> str:
+    """params.yaml's `profile` (what a run without --profile uses: under `dvc exp run -S profile=paper`
+    its parameters say `profile: null`), '?' without one."""
+    import yaml
+
+    path = Path("params.yaml")
+    return str((yaml.safe_load(path.read_text()) or {}).get("profile", "?")) if path.is_file() else "?"
 
 
 def repo_config(repo: str | Path = ".", overrides: Sequence[str] = (), profile: str | None = None):

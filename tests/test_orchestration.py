@@ -435,7 +435,7 @@ def test_a_stage_flow_is_a_child_of_the_pipeline_run_named_after_its_stage(prefe
     subprocess.run([sys.executable, "toy_stage.py"], cwd=repo, env=env, check=True, capture_output=True)
     with get_client(sync_client=True) as client:
         runs_ = client.read_flow_runs(flow_run_filter=FlowRunFilter(parent_task_run_id=FlowRunFilterParentTaskRunId(is_null_=True)))
-    assert any(r.name != "curate" and r.flow_id == children[0].flow_id for r in runs_)
+    assert any(r.id != children[0].id and r.name == "curate" and r.flow_id == children[0].flow_id for r in runs_)
 
 
 # --------------------------------------------------------------------------------------------
@@ -445,7 +445,8 @@ def test_a_stage_flow_is_a_child_of_the_pipeline_run_named_after_its_stage(prefe
 def test_a_stage_run_outside_a_pipeline_deployment_is_named_and_tagged_with_its_stage_and_checkout(
         prefect_api, tmp_path, monkeypatch):
     """`make pipeline`'s stages and a stage by hand are top-level runs: they had random names and no
-    tags, so a UI holding several checkouts' runs could not tell them apart (a UI walk)."""
+    tags, so a UI holding several checkouts' runs could not tell them apart (a UI walk); and a run
+    of the paper profile through params.yaml showed `profile: null` alone."""
     from prefect.client.orchestration import get_client
 
     from flows.common import run_stage_flow, stage_flow
@@ -458,11 +459,13 @@ def test_a_stage_run_outside_a_pipeline_deployment_is_named_and_tagged_with_its_
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv(PARENT_TASK_RUN_ENV, raising=False)
-    run_id = run_stage_flow(probe_stage, profile="tiny")
+    (tmp_path / "params.yaml").write_text("profile: paper\n")  # as `dvc exp run -S profile=paper` leaves it
     with get_client(sync_client=True) as client:
-        run = client.read_flow_run(run_id)
-    assert run.name == "probe-stage" and run.parameters == {"profile": "tiny"}
-    assert {"loomvideo", "stage:probe-stage", f"checkout:{tmp_path}"} <= set(run.tags), run.tags
+        run = client.read_flow_run(run_stage_flow(probe_stage, profile="tiny"))
+        assert run.name == "probe-stage" and run.parameters == {"profile": "tiny"}
+        assert {"loomvideo", "stage:probe-stage", f"checkout:{tmp_path}", "profile:tiny"} <= set(run.tags), run.tags
+        run = client.read_flow_run(run_stage_flow(probe_stage))
+        assert run.parameters == {"profile": None} and "profile:paper" in run.tags, run.tags
 
 
 def test_a_run_killed_outright_is_marked_crashed_when_its_heartbeats_stop(prefect_api, tmp_path, monkeypatch):
