@@ -25,6 +25,13 @@ from loomcore.processes import stop_orphan_group
 
 LOCK_NAME = "loom-pipeline.lock"
 ORPHAN_GRACE_S = 10.0
+PIPELINE_PID_ENV = "LOOM_PIPELINE_PID"  # `loom pipeline`'s pid, in its stages' environment: their runs' tag
+
+
+def pipeline_tag(pid: int | str) -> str:
+    """The tag of the flow runs a `loom pipeline` started (flows.common.run_stage_flow): the next one
+    marks them Crashed when that one was killed and left them running."""
+    return f"loom-pipeline:{pid}"
 
 
 class PipelineBusy(RuntimeError):
@@ -34,8 +41,9 @@ class PipelineBusy(RuntimeError):
 class Holder:
     """The lock this process holds on one checkout, and the record in its file."""
 
-    def __init__(self, fd: int, path: Path, info: dict):
+    def __init__(self, fd: int, path: Path, info: dict, previous: Optional[dict] = None):
         self.fd, self.path, self.info, self.thread = fd, path, info, threading.get_ident()
+        self.previous = previous  # the record a holder that died left (None after a clean release)
         self._mutex = threading.Lock()
         self._released = False
 
@@ -101,7 +109,8 @@ def stop_what_it_left(root: Path, previous: Optional[dict], warn: Callable[[str]
         return
     warn(f"the previous run on {root} did not release its lock cleanly ({describe_holder(previous)}): it was "
          "killed or crashed")
-    for pgid in previous.get("groups") or []:
+    for pgid in reversed(previous.get("groups") or []):  # last started first: DVC before the Prefect
+        # server it reports to, so that a stage's run stopped by SIGTERM can still report itself Crashed
         members = stop_orphan_group(int(pgid), grace=ORPHAN_GRACE_S, cwd=root)
         if members:
             warn(f"stopped its orphaned process group {pgid} ({len(members)} process(es) still running)")
@@ -131,8 +140,9 @@ def checkout_lock(repo: Path | str, info: dict, *, wait_s: float = 0.0, poll_s: 
                     raise PipelineBusy(f"another pipeline run holds {root} ({describe_holder(read_record(fd))}); "
                                        f"waited {wait_s:g} s. {busy_hint}") from None
                 time.sleep(poll_s)
-        stop_what_it_left(root, read_record(fd), warn)
-        holder = Holder(fd, path, info)
+        previous = read_record(fd)
+        stop_what_it_left(root, previous, warn)
+        holder = Holder(fd, path, info, previous)
         holder.write()
         _held[root] = holder
         try:

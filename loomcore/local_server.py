@@ -12,6 +12,7 @@ The server is a subprocess: loomcore never imports prefect.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -22,7 +23,7 @@ import urllib.error
 import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Dict, Iterator, Mapping, Optional
+from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence
 
 STARTUP_TIMEOUT_S = 180.0  # as tasks/__init__.py allows Prefect's temporary server on a busy 2-core machine
 
@@ -47,6 +48,26 @@ def healthy(api_url: str, timeout: float = 2.0) -> bool:
             return r.status == 200
     except (urllib.error.URLError, OSError):
         return False
+
+
+def _post(url: str, body: dict, timeout: float = 10.0):
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=timeout) as r:
+        data = r.read()
+    return json.loads(data) if data else None
+
+
+def crash_runs_left(api_url: str, tags: Sequence[str], why: str) -> List[str]:
+    """Mark Crashed the flow runs carrying every one of `tags` that are still Pending, Running or
+    Paused — those of a `loom pipeline` killed outright, which nothing else would end: under its own
+    server no heartbeat automation watches them, and the UI shows them running for good. Returns
+    their names. (Prefect's REST API, as the UI calls it: loomcore does not import Prefect.)"""
+    runs = _post(f"{api_url}/flow_runs/filter", {"flow_runs": {"tags": {"all_": list(tags)}, "state": {
+        "type": {"any_": ["PENDING", "RUNNING", "PAUSED"]}}}, "limit": 200}) or []
+    for run in runs:
+        _post(f"{api_url}/flow_runs/{run['id']}/set_state",
+              {"state": {"type": "CRASHED", "name": "Crashed", "message": why}, "force": True})
+    return [run["name"] for run in runs]
 
 
 def _tail(path: Path, lines: int = 15) -> str:

@@ -289,3 +289,65 @@ def test_the_handler_passes_the_signal_on_when_stderr_is_gone(monkeypatch):
     finally:
         if run.proc.poll() is None:
             run.proc.kill()
+
+
+PROBE_FLOW = """
+import os, time
+from pathlib import Path
+from flows.common import run_stage_flow, stage_flow
+
+@stage_flow("probe-flow")
+def probe_flow() -> None:
+    if Path("quick").exists():
+        return
+    Path("started").write_text(str(os.getpid()))
+    while True:
+        time.sleep(0.2)
+
+run_stage_flow(probe_flow)
+"""
+
+
+def test_the_runs_a_killed_loom_pipeline_left_running_are_marked_crashed_by_the_next(tmp_path, prefect_api):
+    """A `loom pipeline` killed outright with its stage (a reboot, the OOM killer) left the stage's
+    flow run Running in Prefect for good (a UI walk found one 7 hours on). Its stage runs carry its
+    pid's tag; the next `loom pipeline` on the checkout marks them Crashed, saying why, then runs the
+    DAG (here against a user's server)."""
+    import shutil
+    import signal
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
+
+    from loomcore.config import REPO_ROOT
+
+    repo = tmp_path / "checkout"
+    repo.mkdir()
+    shutil.copy(REPO_ROOT / "params.yaml", repo / "params.yaml")
+    (repo / "probe.py").write_text(PROBE_FLOW)
+    (repo / "dvc.yaml").write_text("stages:\n  probe:\n    cmd: python probe.py\n    deps: [probe.py]\n")
+    subprocess.run([str(Path(sys.executable).parent / "dvc"), "init", "--no-scm", "-q"], cwd=repo, check=True)
+    env = {**os.environ, "PREFECT_API_URL": prefect_api}
+    loom = subprocess.Popen([sys.executable, "-m", "loomcore.cli", "pipeline"], cwd=repo, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert _until(lambda: (repo / "started").exists() or loom.poll() is not None, 120) and loom.poll() is None
+        loom.kill()  # and the stage's process with it, as a reboot or the OOM killer would: nothing reports
+        loom.wait()
+        os.kill(int((repo / "started").read_text()), signal.SIGKILL)
+        with get_client(sync_client=True) as client:
+            (left,) = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+                tags=FlowRunFilterTags(all_=[f"loom-pipeline:{loom.pid}", f"checkout:{repo}"])))
+            assert left.name == "probe-flow" and left.state.is_running()
+        (repo / "quick").touch()
+        (repo / "probe.py").write_text(PROBE_FLOW + "\n")  # (DVC reruns the stage)
+        again = subprocess.run([sys.executable, "-m", "loomcore.cli", "pipeline"], cwd=repo, env=env,
+                               capture_output=True, text=True, timeout=300)
+        assert again.returncode == 0, again.stderr[-3000:]
+        assert "marked Crashed the 1 run(s) the killed loom pipeline left running: probe-flow" in again.stderr, \
+            again.stderr[:3000]
+        with get_client(sync_client=True) as client:
+            state = client.read_flow_run(left.id).state
+        assert state.is_crashed() and f"its `loom pipeline` (pid {loom.pid}," in state.message, state
+    finally:
+        _stop_what_loom_left(repo, loom)
