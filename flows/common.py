@@ -17,7 +17,7 @@ from prefect import Flow, flow
 from prefect.context import FlowRunContext
 from prefect.utilities.hashing import file_hash
 
-from loomcore.checkout_lock import PIPELINE_PID_ENV, pipeline_tag
+from loomcore.checkout_lock import PIPELINE_RUN_ENV, pipeline_tag
 from tasks.common import PARENT_TASK_RUN_ENV
 from tasks.dvc import pipeline_lock
 
@@ -96,8 +96,8 @@ def run_stage_flow(flow_fn: Callable, **parameters):
     checkouts' runs (a team's server) tells them apart. Both are tagged with the profile they run."""
     parent = os.environ.get(PARENT_TASK_RUN_ENV)
     labels = ["loomvideo", f"stage:{flow_fn.name}", f"profile:{parameters.get('profile') or _params_profile()}"]
-    if os.environ.get(PIPELINE_PID_ENV):  # under `loom pipeline`
-        labels.append(pipeline_tag(os.environ[PIPELINE_PID_ENV]))
+    if os.environ.get(PIPELINE_RUN_ENV):  # under `loom pipeline`
+        labels.append(pipeline_tag(os.environ[PIPELINE_RUN_ENV]))
     if not parent:
         from prefect import tags
 

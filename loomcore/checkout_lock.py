@@ -18,6 +18,7 @@ import os
 import socket
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Callable, Dict, Iterator, Optional
 
@@ -25,13 +26,22 @@ from loomcore.processes import stop_orphan_group
 
 LOCK_NAME = "loom-pipeline.lock"
 ORPHAN_GRACE_S = 10.0
-PIPELINE_PID_ENV = "LOOM_PIPELINE_PID"  # `loom pipeline`'s pid, in its stages' environment: their runs' tag
+PIPELINE_RUN_ENV = "LOOM_PIPELINE_RUN"  # a `loom pipeline`'s run id, in its stages' environment: their runs' tag
 
 
-def pipeline_tag(pid: int | str) -> str:
+def pipeline_tag(run_id: str) -> str:
     """The tag of the flow runs a `loom pipeline` started (flows.common.run_stage_flow): the next one
-    marks them Crashed when that one was killed and left them running."""
-    return f"loom-pipeline:{pid}"
+    marks them Crashed when that one was killed and left them running. The holder's random run id,
+    not its pid: containers that share a server and a checkout path reuse pids."""
+    return f"loom-pipeline:{run_id}"
+
+
+def boot_id() -> str:
+    """This boot's id (Linux): a record from before a restart names process groups of nothing."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return "?"
 
 
 class PipelineBusy(RuntimeError):
@@ -49,8 +59,8 @@ class Holder:
 
     def write(self) -> None:
         data = json.dumps(self.info).encode()
-        os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, data, 0)
+        os.pwrite(self.fd, data, 0)  # then cut what a longer record left: never an empty file between
+        os.ftruncate(self.fd, len(data))
 
     def add_group(self, pgid: int) -> None:
         with self._mutex:
@@ -98,9 +108,11 @@ def describe_holder(record: Optional[dict]) -> str:
 
 def holder_info(what: Optional[str] = None, flow_run_name: Optional[str] = None,
                 flow_run_id: Optional[str] = None) -> dict:
-    """The record of this process as a holder: `what` it is (`loom pipeline`), its flow run."""
+    """The record of this process as a holder: `what` it is (`loom pipeline`), its flow run, a
+    random run id, the boot it runs in."""
     return {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "what": what, "flow_run": flow_run_name, "flow_run_id": flow_run_id, "groups": []}
+            "what": what, "flow_run": flow_run_name, "flow_run_id": flow_run_id, "run_id": uuid.uuid4().hex[:16],
+            "boot_id": boot_id(), "groups": []}
 
 
 def stop_what_it_left(root: Path, previous: Optional[dict], warn: Callable[[str], None]) -> None:
@@ -109,6 +121,9 @@ def stop_what_it_left(root: Path, previous: Optional[dict], warn: Callable[[str]
         return
     warn(f"the previous run on {root} did not release its lock cleanly ({describe_holder(previous)}): it was "
          "killed or crashed")
+    if previous.get("boot_id", boot_id()) != boot_id():  # (a record without one: from before they were kept)
+        warn("the machine has restarted since: nothing it started runs, its process group ids are others' now")
+        return
     for pgid in reversed(previous.get("groups") or []):  # last started first: DVC before the Prefect
         # server it reports to, so that a stage's run stopped by SIGTERM can still report itself Crashed
         members = stop_orphan_group(int(pgid), grace=ORPHAN_GRACE_S, cwd=root)

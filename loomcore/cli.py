@@ -456,19 +456,21 @@ def stopped_by_signals():
             signal.signal(s, h)
 
 
-def _crash_runs_a_killed_pipeline_left(api_url: str, previous: Optional[dict]) -> None:
+def _crash_runs_a_killed_pipeline_left(api_url: str, previous: Optional[dict], env) -> None:
     """A `loom pipeline` killed outright (its lock's record left behind) left its stages' flow runs
     Running in Prefect for good: mark them Crashed (loomcore.local_server.crash_runs_left)."""
+    import http.client
+
     from loomcore.checkout_lock import pipeline_tag
     from loomcore.local_server import crash_runs_left
 
-    if not previous or previous.get("what") != "loom pipeline":
+    if not previous or previous.get("what") != "loom pipeline" or not previous.get("run_id"):
         return
-    why = (f"its `loom pipeline` (pid {previous['pid']}, since {previous.get('since', '?')}) was killed; "
-           "marked by the next one on the checkout")
+    why = (f"its `loom pipeline` (pid {previous['pid']} on {previous.get('host', '?')}, since "
+           f"{previous.get('since', '?')}) was killed; marked by the next one on the checkout")
     try:
-        names = crash_runs_left(api_url, [f"checkout:{Path.cwd()}", pipeline_tag(previous["pid"])], why)
-    except (OSError, ValueError) as e:  # bookkeeping: the run goes on
+        names = crash_runs_left(api_url, [f"checkout:{Path.cwd()}", pipeline_tag(previous["run_id"])], why, env)
+    except (OSError, ValueError, http.client.HTTPException) as e:  # bookkeeping: the run goes on
         print(f"pipeline: could not mark the runs the killed loom pipeline left as Crashed: {e}", file=sys.stderr)
         return
     if names:
@@ -495,19 +497,19 @@ def cmd_pipeline(args) -> int:
     else:
         cmd = pipeline_command(args.profile, args.overrides, args.targets or [])
         print(f"pipeline: {' '.join(cmd)}", flush=True)
-        from loomcore.checkout_lock import PIPELINE_PID_ENV, PipelineBusy, checkout_lock, holder_info
+        from loomcore.checkout_lock import PIPELINE_RUN_ENV, PipelineBusy, checkout_lock, holder_info
         from loomcore.local_server import ServerStartError, ServerStartStopped, prefect_server
 
         env = dict(os.environ)  # stage cmds run `python -m flows.…`: this environment's python
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-        env[PIPELINE_PID_ENV] = str(os.getpid())  # its stages' runs are tagged with it (flows.common)
         try:  # the checkout's lock, as the pipeline and nightly flows and a stage's own run hold it
             with checkout_lock(Path.cwd(), holder_info("loom pipeline"),
                                warn=lambda m: print(f"pipeline: {m}", file=sys.stderr, flush=True)) as lock, \
                     stopped_by_signals() as dvc:
+                env[PIPELINE_RUN_ENV] = lock.info["run_id"]  # its stages' runs are tagged with it (flows.common)
                 try:  # one server for every stage (loomcore.local_server)
                     with prefect_server(env, stop_requested=dvc.stop_requested, on_start=lock.add_group) as run_env:
-                        _crash_runs_a_killed_pipeline_left(run_env["PREFECT_API_URL"], lock.previous)
+                        _crash_runs_a_killed_pipeline_left(run_env["PREFECT_API_URL"], lock.previous, run_env)
                         rc = dvc.run(cmd, run_env, on_start=lock.add_group)
                 except ServerStartStopped:
                     raise StoppedBySignal(dvc.signals[0], " before the DAG started") from None

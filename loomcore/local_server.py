@@ -12,6 +12,7 @@ The server is a subprocess: loomcore never imports prefect.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import socket
@@ -50,23 +51,30 @@ def healthy(api_url: str, timeout: float = 2.0) -> bool:
         return False
 
 
-def _post(url: str, body: dict, timeout: float = 10.0):
-    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+def _post(url: str, body: dict, env: Mapping[str, str], timeout: float = 10.0):
+    """POST JSON to Prefect's REST API with the credentials its client would send (Cloud's API key,
+    a self-hosted server's basic auth string)."""
+    headers = {"Content-Type": "application/json"}
+    if env.get("PREFECT_API_KEY"):
+        headers["Authorization"] = f"Bearer {env['PREFECT_API_KEY']}"
+    elif env.get("PREFECT_API_AUTH_STRING"):
+        headers["Authorization"] = "Basic " + base64.b64encode(env["PREFECT_API_AUTH_STRING"].encode()).decode()
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers=headers)
     with urllib.request.urlopen(request, timeout=timeout) as r:
         data = r.read()
     return json.loads(data) if data else None
 
 
-def crash_runs_left(api_url: str, tags: Sequence[str], why: str) -> List[str]:
+def crash_runs_left(api_url: str, tags: Sequence[str], why: str, env: Mapping[str, str] = os.environ) -> List[str]:
     """Mark Crashed the flow runs carrying every one of `tags` that are still Pending, Running or
     Paused — those of a `loom pipeline` killed outright, which nothing else would end: under its own
     server no heartbeat automation watches them, and the UI shows them running for good. Returns
     their names. (Prefect's REST API, as the UI calls it: loomcore does not import Prefect.)"""
     runs = _post(f"{api_url}/flow_runs/filter", {"flow_runs": {"tags": {"all_": list(tags)}, "state": {
-        "type": {"any_": ["PENDING", "RUNNING", "PAUSED"]}}}, "limit": 200}) or []
+        "type": {"any_": ["PENDING", "RUNNING", "PAUSED"]}}}}, env) or []  # (the server's page: a DAG's runs)
     for run in runs:
         _post(f"{api_url}/flow_runs/{run['id']}/set_state",
-              {"state": {"type": "CRASHED", "name": "Crashed", "message": why}, "force": True})
+              {"state": {"type": "CRASHED", "name": "Crashed", "message": why}, "force": True}, env)
     return [run["name"] for run in runs]
 
 

@@ -96,6 +96,9 @@ def stop_orphan_group(pgid: int, grace: float = 10.0, cwd: Optional[Path] = None
     for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
             os.killpg(pgid, sig)
+            if sig == signal.SIGTERM:  # a group paused by Ctrl-Z (loom pipeline) acts on it once continued
+                os.killpg(pgid, signal.SIGCONT)
+                kill_if_alive(below, signal.SIGCONT)
         except ProcessLookupError:
             break
         deadline = time.monotonic() + (grace if sig == signal.SIGTERM else 5.0)

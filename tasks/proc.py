@@ -64,15 +64,18 @@ class LineLevels:
                "ERROR": logging.ERROR, "WARNING": logging.WARNING}
 
     def __init__(self):
-        self.in_traceback = False
+        self.open = 0  # tracebacks begun and not ended: ranks without a prefix crash together
 
     def __call__(self, line: str) -> int:
         body = self._PREFIX.sub("", line.rstrip("\n"))
-        if body.startswith("Traceback (most recent call last):") or body.startswith(self._CHAINED):
-            self.in_traceback = True
+        if body.startswith("Traceback (most recent call last):"):
+            self.open += 1
             return logging.ERROR
-        if self.in_traceback:
-            self.in_traceback = body[:1].isspace() or not body  # the exception's line ends it
+        if body.startswith(self._CHAINED):
+            return logging.ERROR
+        if self.open:
+            if body and not body[:1].isspace():  # an exception's line ends one
+                self.open -= 1
             return logging.ERROR
         if m := self._PREFECT.match(body):
             return logging.getLevelName(m.group(1))

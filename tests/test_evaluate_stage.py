@@ -294,7 +294,7 @@ def test_stage_command_writes_metrics_scores_sheets_and_report(tiny_workspace, p
     for title in ("## ShapesBench", "## VBench (Table 2)", "## Failures", "## Contact sheets",
                   "(samples/shapesbench-model.png)"):
         assert title in report, title
-    assert "| base models (untrained) |" in report and "Imaging Quality | Overall Consistency" in report
+    assert "| base models (untrained) |" in report and "Imaging Quality (%) | Overall Consistency (%)" in report
     assert "tiny stand-ins" in report and "shapes-judge (tiny stand-in" in report
     with_numbers = set()  # benchmark tables with a number in the model's row
     for section in report.split("\n## ")[1:]:

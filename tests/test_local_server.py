@@ -234,7 +234,7 @@ def test_loom_pipeline_holds_the_checkout_and_what_a_sigkill_leaves_is_stopped_b
         t = time.monotonic()
         with checkout_lock(repo, holder_info("the next run"), warn=warnings.append):
             assert not _alive(probe) and not _alive(below) and not healthy(api)
-        assert time.monotonic() - t < 30
+        assert time.monotonic() - t < 60  # (two groups, each waited for until reaped: up to 10 s)
     finally:
         _stop_what_loom_left(repo, loom)
         out.close()
@@ -311,13 +311,16 @@ run_stage_flow(probe_flow)
 def test_the_runs_a_killed_loom_pipeline_left_running_are_marked_crashed_by_the_next(tmp_path, prefect_api):
     """A `loom pipeline` killed outright with its stage (a reboot, the OOM killer) left the stage's
     flow run Running in Prefect for good (a UI walk found one 7 hours on). Its stage runs carry its
-    pid's tag; the next `loom pipeline` on the checkout marks them Crashed, saying why, then runs the
-    DAG (here against a user's server)."""
+    run id's tag (random: not its pid, which containers sharing a server reuse); the next `loom
+    pipeline` on the checkout marks them Crashed, saying why, then runs the DAG (here against a
+    user's server). Another machine's live run with the same checkout path is left alone."""
     import shutil
     import signal
 
+    from prefect import flow
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
+    from prefect.states import Running
 
     from loomcore.config import REPO_ROOT
 
@@ -335,10 +338,14 @@ def test_the_runs_a_killed_loom_pipeline_left_running_are_marked_crashed_by_the_
         loom.kill()  # and the stage's process with it, as a reboot or the OOM killer would: nothing reports
         loom.wait()
         os.kill(int((repo / "started").read_text()), signal.SIGKILL)
+        run_id = json.loads((repo / ".dvc" / "tmp" / "loom-pipeline.lock").read_text())["run_id"]  # its record
         with get_client(sync_client=True) as client:
             (left,) = client.read_flow_runs(flow_run_filter=FlowRunFilter(
-                tags=FlowRunFilterTags(all_=[f"loom-pipeline:{loom.pid}", f"checkout:{repo}"])))
+                tags=FlowRunFilterTags(all_=[f"loom-pipeline:{run_id}", f"checkout:{repo}"])))
             assert left.name == "probe-flow" and left.state.is_running()
+            # another machine's live run on the same server, checkout path and (in a container) pid: kept
+            other = client.create_flow_run(flow(name="probe-flow")(lambda: None), name="probe-flow", state=Running(),
+                                           tags=["loomvideo", f"checkout:{repo}", "loom-pipeline:0123456789abcdef"])
         (repo / "quick").touch()
         (repo / "probe.py").write_text(PROBE_FLOW + "\n")  # (DVC reruns the stage)
         again = subprocess.run([sys.executable, "-m", "loomcore.cli", "pipeline"], cwd=repo, env=env,
@@ -348,6 +355,55 @@ def test_the_runs_a_killed_loom_pipeline_left_running_are_marked_crashed_by_the_
             again.stderr[:3000]
         with get_client(sync_client=True) as client:
             state = client.read_flow_run(left.id).state
-        assert state.is_crashed() and f"its `loom pipeline` (pid {loom.pid}," in state.message, state
+            assert client.read_flow_run(other.id).state.is_running()
+        assert state.is_crashed() and f"its `loom pipeline` (pid {loom.pid} on " in state.message, state
     finally:
         _stop_what_loom_left(repo, loom)
+
+
+STAND_IN = """
+import signal, sys, time
+from pathlib import Path
+signal.signal(signal.SIGTERM, lambda *_: (Path("stopped").write_text("SIGTERM"), sys.exit(0)))
+Path("ready").touch()
+while True:
+    time.sleep(0.1)
+"""
+
+
+def test_what_a_dead_holder_left_is_stopped_even_paused_and_never_after_a_restart(tmp_path):
+    """The next holder stops a dead holder's groups with SIGTERM, which a group paused by Ctrl-Z
+    (`loom pipeline`'s) acts on only once continued: it used to sit out the grace and be SIGKILLed.
+    A record from before the machine restarted names groups that are others' now: nothing is touched."""
+    import json
+    import signal
+    import threading
+
+    from loomcore.checkout_lock import LOCK_NAME, checkout_lock, holder_info
+
+    (tmp_path / ".dvc" / "tmp").mkdir(parents=True)
+    record = tmp_path / ".dvc" / "tmp" / LOCK_NAME
+    for restarted in (True, False):
+        for f in ("ready", "stopped"):
+            (tmp_path / f).unlink(missing_ok=True)
+        group = subprocess.Popen([sys.executable, "-c", STAND_IN], cwd=tmp_path, start_new_session=True)
+        try:
+            assert _until(lambda: (tmp_path / "ready").exists())
+            os.killpg(group.pid, signal.SIGSTOP)  # Ctrl-Z
+            dead = {**holder_info("loom pipeline"), "pid": 1, "groups": [group.pid]}
+            if restarted:
+                dead["boot_id"] = "another-boot"
+            record.write_text(json.dumps(dead))
+            warnings = []
+            reaped = threading.Thread(target=group.wait, daemon=True)  # (as init would, at once)
+            reaped.start()
+            with checkout_lock(tmp_path, holder_info("next"), warn=warnings.append):
+                pass
+            if restarted:
+                assert "the machine has restarted since" in warnings[1] and _state(group.pid) == "T"
+            else:
+                reaped.join(10)
+                assert group.returncode == 0 and (tmp_path / "stopped").read_text() == "SIGTERM", warnings
+        finally:
+            os.killpg(group.pid, signal.SIGKILL) if group.poll() is None else None
+            group.wait()

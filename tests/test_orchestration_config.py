@@ -204,3 +204,8 @@ def test_a_crashed_processs_traceback_and_warnings_keep_their_level_in_the_log()
     tail = [(lv, text) for lv, text in logged[start:] if text]
     assert tail[-1] == (logging.ERROR, "ValueError: boom") and "KeyError: 'inner'" in [t for _, t in tail]
     assert all(lv == logging.ERROR for lv, _ in tail), [t for lv, t in tail if lv != logging.ERROR]
+    # two ranks (no prefix) crashing at once: both exception lines are errors, the next line is not
+    two = ["Traceback (most recent call last):", "Traceback (most recent call last):", '  File "a.py", line 1',
+           '  File "a.py", line 1', "ValueError: boom", "ValueError: boom", "step 2/10 loss 0.4"]
+    level = LineLevels()
+    assert [level(x) for x in two] == [logging.ERROR] * 6 + [logging.INFO]

@@ -174,10 +174,10 @@ def tables(metrics: dict, model_name: str) -> Dict[str, List[dict]]:
             for key, m in metrics["shapesbench"].items()]
     if "vbench" in metrics:  # Table 2, in percent
         v = metrics["vbench"]
-        out["VBench (Table 2), in % (metrics.json: fractions)"] = [{"Model": model_name, "Imaging Quality": _f(v["imaging_quality"], 100),
-                                    "Overall Consistency": _f(v["overall_consistency"], 100),
-                                    "Subject Consistency": _f(v["subject_consistency"], 100),
-                                    "Average": _f(v["average"], 100)}]
+        out["VBench (Table 2)"] = [{"Model": model_name, "Imaging Quality (%)": _f(v["imaging_quality"], 100),
+                                    "Overall Consistency (%)": _f(v["overall_consistency"], 100),
+                                    "Subject Consistency (%)": _f(v["subject_consistency"], 100),
+                                    "Average (%)": _f(v["average"], 100)}]  # (metrics.json: fractions)
     if "openve" in metrics:  # Table 3
         c = metrics["openve"]["categories"]
         row = {"Model": model_name, **{col: _f(c.get(cat, {}).get("score")) for cat, col in OPENVE_COLUMNS.items()
