@@ -13,7 +13,7 @@ from pathlib import Path
 
 
 from flows.common import stage_flow, stage_main
-from tasks.common import load_stage_config, publish_markdown
+from tasks.common import load_stage_config, markdown_table, publish_markdown
 from tasks.models import init_base_models
 
 
@@ -32,7 +32,10 @@ def base_models_flow(profile: str | None = None, overrides: list[str] | None = N
     # to date (a forced rerun would change the out's hash and rerun every stage after it)
     record = {"profile": cfg.profile, "models": {k: getattr(cfg.models, k) for k in ("transformer", "vae", "scheduler", "mllm")}}
     (out / "base_models.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-    publish_markdown("base-models", f"# Base models ({cfg.profile})\n\n```json\n{json.dumps(report, indent=2, default=str)}\n```\n")
+    rows = ([{"component": k, "state": v} for k, v in report["built"].items()] if "built" in report
+            else [{"component": p, "state": "complete"} for p in report["checked"]])
+    publish_markdown("base-models", f"# Base models ({cfg.profile})\n\n{markdown_table(rows)}",
+                     "The base models: built (tiny profile) or checked complete (paper profile)")
     return report
 
 

@@ -52,7 +52,7 @@ def stage_main(flows: Callable | Mapping[str, Callable], description: str, argv:
 
 
 STAGE_ARGS = """    profile: the profile, `tiny` or `paper` (default: params.yaml's `profile`).
-    overrides: config overrides on top of it, `key=value` each (e.g. `stage1.steps=200`)."""
+    overrides: config overrides on top of it, `key=value` each (`loom params --help` lists the keys)."""
 
 
 def stage_flow(name: str) -> Callable[[Callable], Flow]:
@@ -65,6 +65,7 @@ def stage_flow(name: str) -> Callable[[Callable], Flow]:
       beside the GPU pool's pipeline). It fails at once, naming the holder or the running `dvc`.
       Started any other way — by DVC, by hand (often with outs of its own: `eval.out_dir=…`), as
       nightly-eval's subflow — it takes none;
+    - names its runs after the stage, however started (a deployment's run, by hand, under DVC);
     - reports its own module's hash as its version, as a plain `@flow` does (Prefect hashes the
       file of the function it wraps: here that would be this file's lock wrapper);
     - documents `profile` and `overrides` in its docstring's Args (STAGE_ARGS): the deployment's
@@ -82,7 +83,7 @@ def stage_flow(name: str) -> Callable[[Callable], Flow]:
             with pipeline_lock(Path.cwd(), dvc_running_is_busy=True):
                 return flow_fn(*args, **kwargs)
 
-        return flow(name=name, log_prints=True, version=file_hash(inspect.getsourcefile(flow_fn)))(run)
+        return flow(name=name, flow_run_name=name, log_prints=True, version=file_hash(inspect.getsourcefile(flow_fn)))(run)
 
     return decorate
 
@@ -102,7 +103,7 @@ def run_stage_flow(flow_fn: Callable, **parameters):
         from prefect import tags
 
         with tags(*labels, f"checkout:{Path.cwd()}"):
-            return flow_fn.with_options(flow_run_name=flow_fn.name)(**parameters)
+            return flow_fn(**parameters)
     from uuid import UUID
 
     from prefect.client.orchestration import get_client

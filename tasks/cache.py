@@ -15,7 +15,7 @@ from prefect import task
 from tasks.common import NO_CACHE, Progress, load_stage_config, logger, retry_if_transient
 
 
-@task(name="cache", retries=1, retry_delay_seconds=10, retry_condition_fn=retry_if_transient, cache_policy=NO_CACHE)
+@task(name="cache", task_run_name="cache", retries=1, retry_delay_seconds=10, retry_condition_fn=retry_if_transient, cache_policy=NO_CACHE)
 def cache_task(profile: Optional[str] = None, overrides: Sequence[str] = ()) -> dict:
     from loomcore.train.cache import build_cache
 

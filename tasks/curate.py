@@ -18,7 +18,7 @@ from prefect import task
 from tasks.common import NO_CACHE, Progress, load_stage_config, logger, retry_if_transient
 
 
-@task(name="curate", retries=2, retry_delay_seconds=10, retry_condition_fn=retry_if_transient, cache_policy=NO_CACHE)
+@task(name="curate", task_run_name="curate", retries=2, retry_delay_seconds=10, retry_condition_fn=retry_if_transient, cache_policy=NO_CACHE)
 def curate_task(profile: Optional[str] = None, overrides: Sequence[str] = ()) -> dict:
     from loomcore.data.curate import FACTS_FILE, curate, headline
     from loomcore.storage import S3Settings

@@ -15,7 +15,7 @@ from prefect import task
 from tasks.common import NO_CACHE, Progress, load_stage_config, logger
 
 
-@task(name="evaluate", cache_policy=NO_CACHE)
+@task(name="evaluate", task_run_name="evaluate", cache_policy=NO_CACHE)
 def evaluate_task(profile: Optional[str] = None, overrides: Sequence[str] = ()) -> dict:
     from loomcore.eval.runner import run_evaluation
 

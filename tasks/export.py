@@ -16,7 +16,7 @@ from prefect import task
 from tasks.common import NO_CACHE, Progress, load_stage_config, logger
 
 
-@task(name="export-folder", cache_policy=NO_CACHE)
+@task(name="export-folder", task_run_name="export folder", cache_policy=NO_CACHE)
 def export_folder_task(profile: Optional[str] = None, overrides: Sequence[str] = ()) -> dict:
     from loomcore.export import export_pipeline
 
@@ -31,7 +31,7 @@ def export_folder_task(profile: Optional[str] = None, overrides: Sequence[str] =
     return result.to_dict()
 
 
-@task(name="publish-export", retries=2, retry_delay_seconds=10, cache_policy=NO_CACHE)
+@task(name="publish-export", task_run_name="publish export", retries=2, retry_delay_seconds=10, cache_policy=NO_CACHE)
 def publish_export_task(folder: str, profile: Optional[str] = None, overrides: Sequence[str] = ()) -> dict:
     from loomcore.export import publish_export
     from loomcore.storage import S3Settings

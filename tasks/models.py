@@ -9,7 +9,7 @@ from prefect import task
 from tasks.common import NO_CACHE, load_stage_config, logger
 
 
-@task(name="init-base-models", cache_policy=NO_CACHE)
+@task(name="init-base-models", task_run_name="base models", cache_policy=NO_CACHE)
 def init_base_models(profile: Optional[str] = None, overrides: Sequence[str] = ()) -> dict:
     from loomcore.models.base_models import check_paper_models, init_models
 

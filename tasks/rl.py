@@ -25,7 +25,7 @@ def rl_torchrun_command(cfg, overrides: Sequence[str], python: str = sys.executa
     return torchrun_command(cfg, "rl", overrides, python)
 
 
-@task(name="rl", cache_policy=NO_CACHE)
+@task(name="rl", task_run_name="rl", cache_policy=NO_CACHE)
 def rl_task(profile: str | None = None, overrides: Sequence[str] = ()) -> dict:
     """Run the RL stage under torchrun; returns its summary.json."""
     from loomcore.train.weights import stage_out_dir

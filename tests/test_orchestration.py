@@ -168,7 +168,9 @@ def test_a_stage_deployment_run_refuses_a_checkout_that_a_pipeline_or_dvc_works_
             state.result()
         assert not (repo / "wrote").exists()
         rwlock.unlink()
-        assert deployment_run().result() == 7 and (repo / "wrote").exists()
+        state = deployment_run()
+        assert state.result() == 7 and (repo / "wrote").exists()
+        assert client.read_flow_run(state.state_details.flow_run_id).name == "probe-stage"  # not a random name
     assert (repo / ".dvc" / "tmp" / "loom-pipeline.lock").read_text() == ""  # released cleanly
 
 
@@ -390,12 +392,10 @@ def test_pipeline_summary_shows_the_headline_metrics_as_a_table(tmp_path):
 
 
 TOY_STAGE = '''\
-from prefect import flow
-
-from flows.common import stage_main
+from flows.common import stage_flow, stage_main
 
 
-@flow(name="curate")
+@stage_flow("curate")
 def curate(profile=None, overrides=None):
     open("out.txt", "w").write("ok")
     return "ok"

@@ -58,6 +58,7 @@ def test_prefect_yaml_deployments_schedules_and_entrypoints(monkeypatch):
     # the automation `loom deploy` creates waits for more than three of the installed Prefect's heartbeats
     assert get_current_settings().flows.heartbeat_frequency == HEARTBEAT_S and MISSED_AFTER_S > 3 * HEARTBEAT_S
 
+    stage_names = ("base-models", "curate", "cache", "stage1", "stage2", "stage3", "rl", "evaluate", "export")
     for name, d in deployments.items():  # the entrypoint names a real flow that takes the parameters
         path, func = d["entrypoint"].split(":")
         assert (REPO / path).is_file(), path
@@ -66,6 +67,7 @@ def test_prefect_yaml_deployments_schedules_and_entrypoints(monkeypatch):
         assert isinstance(fl, Flow), f"{name}: {d['entrypoint']} is not a flow"
         unknown = set(d.get("parameters") or {}) - set(fl.parameters.properties)
         assert not unknown, f"{name}: {sorted(unknown)} are not parameters of {d['entrypoint']}"
+        assert "loomvideo" in d["tags"] and (name not in stage_names or f"stage:{name}" in d["tags"]), name
         # what the UI shows on the deployment's page and run form (five read "None" before)
         assert (d.get("description") or fl.description or "").strip() not in ("", "None"), name
         undocumented = [k for k, v in fl.parameters.properties.items() if not v.get("description")]
@@ -174,6 +176,7 @@ warnings.warn("a python warning")
 sys.stderr.flush()
 print("16:09:10.369 | WARNING | Task run 'x' - a stage's console line", flush=True)
 print("Use `dvc push` to send your updates to remote storage.", flush=True)
+print('[summary] {"stage": "stage1"}', flush=True)
 def inner():
     raise KeyError("inner")
 try:
@@ -200,6 +203,7 @@ def test_a_crashed_processs_traceback_and_warnings_keep_their_level_in_the_log()
     assert [lv for text, lv in levels.items() if "UserWarning: a python warning" in text] == [logging.WARNING]
     assert levels["16:09:10.369 | WARNING | Task run 'x' - a stage's console line"] == logging.WARNING
     assert levels["Use `dvc push` to send your updates to remote storage."] == logging.DEBUG
+    assert levels['[summary] {"stage": "stage1"}'] == logging.DEBUG
     start = next(i for i, (_, text) in enumerate(logged) if text.startswith("Traceback"))
     tail = [(lv, text) for lv, text in logged[start:] if text]
     assert tail[-1] == (logging.ERROR, "ValueError: boom") and "KeyError: 'inner'" in [t for _, t in tail]

@@ -330,6 +330,8 @@ class RLTrainer(Harness):
     def after_loop(self) -> dict:
         """The held-out reward of the reference (the starting model) and of the trained policy."""
         rl = self.rl
+        self.log(f"held-out reward: sampling {len(self.eval_prompts)} prompts × {rl.eval_samples_per_prompt} seeds "
+                 f"with {rl.init_from}, then with the trained policy")  # (a minute or two on the tiny profile)
         before, after = self.evaluate(self.ref), self.evaluate(self.policy)
         self.log(f"held-out reward ({len(self.eval_prompts)} prompts × {rl.eval_samples_per_prompt} seeds): "
                  f"{rl.init_from} {before['mean']:.4f} ± {before['std']:.4f} → "
