@@ -719,7 +719,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="from a folder: the EMA weights when present, as the release loads (default), or the model's")
     p.add_argument("out_dir", help="output folder (LoomDiT.save_pretrained layout)")
 
-    p = command("pipeline", cmd_pipeline, help="run the whole DAG (dvc repro) on a profile")
+    p = command("pipeline", cmd_pipeline, help="run the whole DAG (dvc repro) on a profile",
+                description="Runs the DAG through DVC (`dvc repro`; with overrides or another profile, one "
+                "`dvc exp run -S …` experiment), every stage reporting to one Prefect server started for the "
+                "run (or yours, with PREFECT_API_URL). It holds the checkout's lock: a second run, a stage's "
+                "deployment run or a pipeline flow on this checkout fails at once naming it, a nightly waits. "
+                "Ctrl-C, `kill`, a closed terminal: DVC and the running stage stop cleanly (up to 60 s; a second "
+                "signal kills them), exit 128 + the signal. Ctrl-Z pauses them with loom, `fg`/`bg` continues "
+                "them. After a `kill -9` of loom, the next run stops what it left and marks its Prefect runs "
+                "Crashed.",
+                epilog="examples:\n  loom pipeline                          # the DAG on params.yaml (make pipeline)\n"
+                "  loom pipeline --target stage1          # up to stage 1\n"
+                "  loom pipeline stage3.steps=1200        # one experiment: dvc exp show lists it\n"
+                "  loom pipeline --profile paper          # the paper profile, composed from conf/",
+                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.set_defaults(in_checkout=True)  # reads dvc.yaml: runs in the checkout (_run_in_checkout)
     p.add_argument("--target", dest="targets", action="append", help="only reproduce up to this stage (repeatable)")
 

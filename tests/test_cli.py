@@ -19,6 +19,19 @@ def test_help_lists_subcommands():
     assert "examples:" in out
 
 
+def test_pipeline_help_says_what_it_runs_holds_and_does_on_a_signal_and_its_examples_parse(capsys):
+    out = subprocess.run([Path(sys.executable).parent / "loom", "pipeline", "--help"], capture_output=True, text=True,
+                         check=True).stdout
+    text = " ".join(out.split())
+    for said in ("dvc exp run -S", "checkout's lock", "Ctrl-Z pauses", "exit 128 + the signal", "kill -9"):
+        assert said in text, said
+    examples = [line.split("#")[0].split()[2:] for line in out.split("examples:")[1].splitlines() if "loom pipeline" in line]
+    assert len(examples) == 4
+    for args in examples:  # each parses, and its config loads (what `loom pipeline` checks before DVC starts)
+        ns = build_parser().parse_args(["pipeline", *args])
+        assert main(["config", "--check", *(["--profile", ns.profile] if ns.profile else []), *ns.overrides]) == 0, args
+
+
 def test_config_prints_yaml_section(capsys):
     assert main(["config", "--profile", "paper", "stage1"]) == 0
     d = yaml.safe_load(capsys.readouterr().out)
