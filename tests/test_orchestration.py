@@ -142,35 +142,37 @@ def test_a_stage_deployment_run_refuses_a_checkout_that_a_pipeline_or_dvc_works_
     monkeypatch.chdir(repo)
     with get_client(sync_client=True) as client:
         deployment = client.create_deployment(flow_id=client.create_flow(probe_stage), name="probe")
+        try:  # (its server is the session's, shared with other modules: the deployment goes at the end)
+            def deployment_run():
+                return run_flow(probe_stage, flow_run=client.create_flow_run_from_deployment(deployment),
+                                return_type="state")
 
-        def deployment_run():
-            return run_flow(probe_stage, flow_run=client.create_flow_run_from_deployment(deployment),
-                            return_type="state")
-
-        holder = spawn(HOLD_LOCK, repo)  # a pipeline run
-        try:
-            read_until(holder, "held")
+            holder = spawn(HOLD_LOCK, repo)  # a pipeline run
+            try:
+                read_until(holder, "held")
+                state = deployment_run()
+                assert state.is_failed() and not (repo / "wrote").exists()
+                with pytest.raises(PipelineBusy, match=f"another pipeline run holds .* \\(pid {holder.pid} on "):
+                    state.result()
+                assert probe_stage() == 7 and (repo / "wrote").exists()  # by hand: no lock
+            finally:
+                (repo / "release").touch()
+                holder.wait(30)
+                kill_group(holder)
+            (repo / "wrote").unlink()
+            rwlock = repo / ".dvc" / "tmp" / "rwlock"  # a user's `dvc repro` running a stage (this process stands in)
+            rwlock.write_text(json.dumps({"write": {str(repo / "out"): {"pid": os.getpid(), "cmd": "dvc repro"}},
+                                          "read": {}}))
             state = deployment_run()
-            assert state.is_failed() and not (repo / "wrote").exists()
-            with pytest.raises(PipelineBusy, match=f"another pipeline run holds .* \\(pid {holder.pid} on "):
+            with pytest.raises(PipelineBusy, match=f"DVC runs in .*\\(PID {os.getpid()}\\): dvc repro"):
                 state.result()
-            assert probe_stage() == 7 and (repo / "wrote").exists()  # by hand: no lock
+            assert not (repo / "wrote").exists()
+            rwlock.unlink()
+            state = deployment_run()
+            assert state.result() == 7 and (repo / "wrote").exists()
+            assert client.read_flow_run(state.state_details.flow_run_id).name == "probe-stage"  # not a random name
         finally:
-            (repo / "release").touch()
-            holder.wait(30)
-            kill_group(holder)
-        (repo / "wrote").unlink()
-        rwlock = repo / ".dvc" / "tmp" / "rwlock"  # a user's `dvc repro` running a stage (this process stands in)
-        rwlock.write_text(json.dumps({"write": {str(repo / "out"): {"pid": os.getpid(), "cmd": "dvc repro"}},
-                                      "read": {}}))
-        state = deployment_run()
-        with pytest.raises(PipelineBusy, match=f"DVC runs in .*\\(PID {os.getpid()}\\): dvc repro"):
-            state.result()
-        assert not (repo / "wrote").exists()
-        rwlock.unlink()
-        state = deployment_run()
-        assert state.result() == 7 and (repo / "wrote").exists()
-        assert client.read_flow_run(state.state_details.flow_run_id).name == "probe-stage"  # not a random name
+            client.delete_deployment(deployment)
     assert (repo / ".dvc" / "tmp" / "loom-pipeline.lock").read_text() == ""  # released cleanly
 
 
