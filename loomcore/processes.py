@@ -80,9 +80,9 @@ def stop_orphan_group(pgid: int, grace: float = 10.0, cwd: Optional[Path] = None
     """Stop a process group that this process did not start (the group of a run that was killed
     before it could stop it): SIGTERM, up to `grace` seconds, SIGKILL, and SIGKILL of what is left
     of the processes below it in groups of their own. Returns the processes found.
-    A pid may have been reused since it was recorded, so only a group that run_streaming could
-    (or `loom pipeline`) could have started is touched: its leader made a session of it, and (with `cwd`) one of its members
-    works inside `cwd`."""
+    A pid may have been reused since it was recorded, so only a group that tasks.proc.run_streaming
+    or `loom pipeline` could have started is touched: its leader made a session of it, and (with
+    `cwd`) one of its members works inside `cwd`."""
     members = group_members(pgid)
     if not members:
         return []

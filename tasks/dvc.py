@@ -80,7 +80,7 @@ def _holder_info() -> dict:
 
     ctx = FlowRunContext.get()
     run = ctx.flow_run if ctx is not None else None
-    return holder_info(None, run.name if run else None, str(run.id) if run else None)
+    return holder_info(flow_run_name=run.name if run else None, flow_run_id=str(run.id) if run else None)
 
 
 def check_dvc_rwlock(repo: Path | str) -> List[str]:
