@@ -391,6 +391,8 @@ def test_what_a_dead_holder_left_is_stopped_even_paused_and_never_after_a_restar
         try:
             assert _until(lambda: (tmp_path / "ready").exists())
             os.killpg(group.pid, signal.SIGSTOP)  # Ctrl-Z
+            # (a stop is delivered when the process is next scheduled: on a busy machine it reads "R" a while)
+            assert _until(lambda: _state(group.pid) == "T"), _state(group.pid)
             dead = {**holder_info("loom pipeline"), "pid": 1, "groups": [group.pid]}
             if restarted:
                 dead["boot_id"] = "another-boot"
