@@ -65,17 +65,26 @@ def _post(url: str, body: dict, env: Mapping[str, str], timeout: float = 10.0):
     return json.loads(data) if data else None
 
 
-def crash_runs_left(api_url: str, tags: Sequence[str], why: str, env: Mapping[str, str] = os.environ) -> List[str]:
+def crash_runs_left(api_url: str, tags: Sequence[str], why: str, env: Mapping[str, str] = os.environ,
+                    page: Optional[int] = None) -> List[str]:
     """Mark Crashed the flow runs carrying every one of `tags` that are still Pending, Running or
     Paused — those of a `loom pipeline` killed outright, which nothing else would end: under its own
     server no heartbeat automation watches them, and the UI shows them running for good. Returns
-    their names. (Prefect's REST API, as the UI calls it: loomcore does not import Prefect.)"""
-    runs = _post(f"{api_url}/flow_runs/filter", {"flow_runs": {"tags": {"all_": list(tags)}, "state": {
-        "type": {"any_": ["PENDING", "RUNNING", "PAUSED"]}}}}, env) or []  # (the server's page: a DAG's runs)
-    for run in runs:
-        _post(f"{api_url}/flow_runs/{run['id']}/set_state",
-              {"state": {"type": "CRASHED", "name": "Crashed", "message": why}, "force": True}, env)
-    return [run["name"] for run in runs]
+    their names, read `page` runs at a time (None: the server's limit, 200 by default).
+    (Prefect's REST API, as the UI calls it: loomcore does not import Prefect.)"""
+    query = {"flow_runs": {"tags": {"all_": list(tags)},
+                           "state": {"type": {"any_": ["PENDING", "RUNNING", "PAUSED"]}}}}
+    crashed: Dict[str, str] = {}
+    while True:  # a crashed run leaves the filter: the next page is the next runs
+        left = [run for run in _post(f"{api_url}/flow_runs/filter",
+                                     {**query, **({"limit": page} if page else {})}, env) or []
+                if run["id"] not in crashed]
+        if not left:
+            return list(crashed.values())
+        for run in left:
+            _post(f"{api_url}/flow_runs/{run['id']}/set_state",
+                  {"state": {"type": "CRASHED", "name": "Crashed", "message": why}, "force": True}, env)
+            crashed[run["id"]] = run["name"]
 
 
 def _tail(path: Path, lines: int = 15) -> str:

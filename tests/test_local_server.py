@@ -362,6 +362,36 @@ def test_the_runs_a_killed_loom_pipeline_left_running_are_marked_crashed_by_the_
         _stop_what_loom_left(repo, loom)
 
 
+def test_crash_runs_left_marks_every_page_of_runs(prefect_api):
+    """The server answers a filter a page at a time (200 runs by default): a killed pipeline that
+    left more has every one of them marked, not the first page alone (a page of 4 here)."""
+    import uuid
+
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
+    from prefect.states import Running
+
+    from loomcore.local_server import crash_runs_left
+
+    page = 4
+    tag = f"loom-pipeline:{uuid.uuid4().hex[:16]}"
+    probe = flow(name="probe-flow")(lambda: None)
+    with get_client(sync_client=True) as client:
+        ids = [client.create_flow_run(probe, name=f"left-{i}", state=Running(), tags=["loomvideo", tag]).id
+               for i in range(2 * page + 1)]
+        try:
+            names = crash_runs_left(prefect_api, ["loomvideo", tag], "its loom pipeline was killed", page=page)
+            states = [r.state for r in client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[tag])))]
+        finally:
+            for run_id in ids:  # (the session's server is shared with other modules)
+                client.delete_flow_run(run_id)
+    assert sorted(names) == sorted(f"left-{i}" for i in range(2 * page + 1))
+    assert len(states) == 2 * page + 1 and all(s.is_crashed() and s.message == "its loom pipeline was killed"
+                                           for s in states)
+
+
 STAND_IN = """
 import signal, sys, time
 from pathlib import Path
