@@ -94,9 +94,14 @@ def run_stage_flow(flow_fn: Callable, **parameters):
     what Prefect does for a subflow called in-process — named after the stage and tagged, so the UI
     shows one run tree; otherwise (`make pipeline`'s stages, a stage by hand) a top-level flow run,
     named and tagged the same way, and tagged with the checkout it ran in: a UI showing several
-    checkouts' runs (a team's server) tells them apart. Both are tagged with the profile they run."""
+    checkouts' runs (a team's server) tells them apart. Both are tagged with the profile they run,
+    which their parameters name too (the UI's Parameters tab used to say `profile: null` for
+    "params.yaml's")."""
     parent = os.environ.get(PARENT_TASK_RUN_ENV)
-    labels = ["loomvideo", f"stage:{flow_fn.name}", f"profile:{parameters.get('profile') or _params_profile()}"]
+    profile = _run_profile(parameters.get("profile"), parameters.get("overrides") or ())
+    if profile and "profile" in parameters:
+        parameters["profile"] = profile
+    labels = ["loomvideo", f"stage:{flow_fn.name}", f"profile:{profile or '?'}"]
     if os.environ.get(PIPELINE_RUN_ENV):  # under `loom pipeline`
         labels.append(pipeline_tag(os.environ[PIPELINE_RUN_ENV]))
     if not parent:
@@ -115,13 +120,18 @@ def run_stage_flow(flow_fn: Callable, **parameters):
     return run_flow(flow_fn, flow_run=run, parameters=parameters)
 
 
-def _params_profile() -> str:
-    """params.yaml's `profile` (what a run without --profile uses: under `dvc exp run -S profile=paper`
-    its parameters say `profile: null`), '?' without one."""
+def _run_profile(profile: str | None, overrides: Sequence[str]) -> str | None:
+    """The profile a stage runs, as load_config picks it: `--profile`, else the last `profile=`
+    override, else params.yaml's (`dvc exp run -S profile=paper` writes it there); None when none
+    says (load_config then names what is missing)."""
     import yaml
 
+    chosen = [o.split("=", 1)[1].strip() for o in overrides if o.split("=", 1)[0].strip() == "profile"]
+    if profile or chosen:
+        return profile or chosen[-1]
     path = Path("params.yaml")
-    return str((yaml.safe_load(path.read_text()) or {}).get("profile", "?")) if path.is_file() else "?"
+    found = (yaml.safe_load(path.read_text()) or {}).get("profile") if path.is_file() else None
+    return str(found) if found else None
 
 
 def repo_config(repo: str | Path = ".", overrides: Sequence[str] = (), profile: str | None = None):

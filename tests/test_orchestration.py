@@ -448,13 +448,14 @@ def test_a_stage_run_outside_a_pipeline_deployment_is_named_and_tagged_with_its_
         prefect_api, tmp_path, monkeypatch):
     """`make pipeline`'s stages and a stage by hand are top-level runs: they had random names and no
     tags, so a UI holding several checkouts' runs could not tell them apart (a UI walk); and a run
-    of the paper profile through params.yaml showed `profile: null` alone."""
+    of the paper profile through params.yaml showed `profile: null` alone, in its tags and still in
+    its parameters (the UI's Parameters tab)."""
     from prefect.client.orchestration import get_client
 
     from flows.common import run_stage_flow, stage_flow
 
     @stage_flow("probe-stage")
-    def probe_stage(profile: str | None = None) -> int:
+    def probe_stage(profile: str | None = None, overrides: list | None = None) -> int:
         from prefect.runtime import flow_run
 
         return flow_run.id
@@ -464,10 +465,13 @@ def test_a_stage_run_outside_a_pipeline_deployment_is_named_and_tagged_with_its_
     (tmp_path / "params.yaml").write_text("profile: paper\n")  # as `dvc exp run -S profile=paper` leaves it
     with get_client(sync_client=True) as client:
         run = client.read_flow_run(run_stage_flow(probe_stage, profile="tiny"))
-        assert run.name == "probe-stage" and run.parameters == {"profile": "tiny"}
+        assert run.name == "probe-stage" and run.parameters == {"profile": "tiny", "overrides": None}
         assert {"loomvideo", "stage:probe-stage", f"checkout:{tmp_path}", "profile:tiny"} <= set(run.tags), run.tags
-        run = client.read_flow_run(run_stage_flow(probe_stage))
-        assert run.parameters == {"profile": None} and "profile:paper" in run.tags, run.tags
+        run = client.read_flow_run(run_stage_flow(probe_stage, profile=None))
+        assert run.parameters == {"profile": "paper", "overrides": None} and "profile:paper" in run.tags, run.tags
+        run = client.read_flow_run(run_stage_flow(probe_stage, profile=None, overrides=["a.b=1", "profile=tiny"]))
+        assert run.parameters == {"profile": "tiny", "overrides": ["a.b=1", "profile=tiny"]}, run.parameters
+        assert "profile:tiny" in run.tags, run.tags
 
 
 def test_a_run_killed_outright_is_marked_crashed_when_its_heartbeats_stop(prefect_api, tmp_path, monkeypatch):
