@@ -247,14 +247,18 @@ def test_hosted_judge_sends_media_and_key_and_parses_the_answer(chat_server, mon
 
 
 def test_hosted_judge_garbage_timeouts_and_errors_become_failures(chat_server):
-    judge = OpenAICompatibleJudge(chat_server.url, "m", "k", timeout_s=0.5, max_tokens=16)
+    # the answers that come at once are given a busy machine's time (a 0.5 s limit took a pause of
+    # the test process — which the server's thread shares — for a timeout); the timeouts their own
+    judge = OpenAICompatibleJudge(chat_server.url, "m", "k", timeout_s=30, max_tokens=16)
     chat_server.script = ["no idea", "still no idea"]
     r = ask(judge, "p", MEDIA, DIMS, attempts=2)
     assert not r.ok and r.failure.startswith("unparseable answer after 2 attempt(s)")
-    chat_server.script = [("sleep", 1.5), ("sleep", 1.5)]
+    impatient = OpenAICompatibleJudge(chat_server.url, "m", "k", timeout_s=0.5, max_tokens=16)
+    chat_server.script = [("sleep", 3.0), ("sleep", 3.0)]
     t0 = time.monotonic()
-    r = ask(judge, "p", MEDIA, DIMS, attempts=2)
-    assert not r.ok and r.failure.startswith("timeout after 2 attempt(s)") and time.monotonic() - t0 < 2.5
+    r = ask(impatient, "p", MEDIA, DIMS, attempts=2)
+    # two 0.5 s waits (the two 3 s answers would take 6 s)
+    assert not r.ok and r.failure.startswith("timeout after 2 attempt(s)") and time.monotonic() - t0 < 5
     chat_server.script = [503, GOOD]  # a transient 5xx is retried
     assert ask(judge, "p", MEDIA, DIMS, attempts=2).scores == EXPECTED
     chat_server.script = [401]  # a refused request is not

@@ -131,6 +131,8 @@ def _loom_on_a_probe_stage(tmp_path, stuck: bool = False):
     subprocess.run([dvc, "init", "--no-scm", "-q"], cwd=repo, check=True)
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     env["PREFECT_HOME"] = str(tmp_path / "home")
+    # (loom prints the server's URL without a flush: read from a file, it is there only unbuffered)
+    env["PYTHONUNBUFFERED"] = "1"
     out = open(tmp_path / "loom.log", "w")
     # (the kernel drops a SIGTSTP sent to an orphaned group: a group of its own in this session is not one)
     loom = subprocess.Popen([sys.executable, "-m", "loomcore.cli", "pipeline"], cwd=repo, env=env, stdout=out,
@@ -143,7 +145,8 @@ def _loom_on_a_probe_stage(tmp_path, stuck: bool = False):
         assert (repo / "started").exists(), log
         probe, below = int((repo / "started").read_text()), int((repo / "below").read_text())
         api = re.search(r"Prefect server for this run at (http://127\.0\.0\.1:\d+)", log).group(1) + "/api"
-        assert healthy(api) and _alive(probe) and _alive(below)
+        # (a generous answer time: the server shares a busy machine's CPUs; `healthy`'s own is 2 s)
+        assert healthy(api, timeout=30) and _alive(probe) and _alive(below)
     except BaseException:
         _stop_what_loom_left(repo, loom)
         out.close()
@@ -229,7 +232,7 @@ def test_loom_pipeline_holds_the_checkout_and_what_a_sigkill_leaves_is_stopped_b
         loom.kill()
         loom.wait(10)
         time.sleep(1)
-        assert _alive(probe) and _alive(below) and healthy(api)  # nothing was passed on
+        assert _alive(probe) and _alive(below) and healthy(api, timeout=30)  # nothing was passed on
         warnings = []
         t = time.monotonic()
         with checkout_lock(repo, holder_info("the next run"), warn=warnings.append):

@@ -139,8 +139,9 @@ def test_the_readme_commands_deploy_and_a_triggered_pipeline_shows_one_run_tree(
             assert artifacts, f"{stage}: no artifacts on its flow run"
         for r in (run, *children):  # the deployment's run and the stage runs its dvc repro started send heartbeats
             beat = {"event": {"name": ["prefect.flow-run.heartbeat"]}, "any_resource": {"id": [f"prefect.flow-run.{r.id}"]}}
-            wait_for(lambda: httpx.post(f"{prefect_api}/events/filter", json={"filter": beat, "limit": 1}).json()["events"],
-                     20, f"a heartbeat of flow run {r.name}", every=0.5)
+            wait_for(lambda: httpx.post(f"{prefect_api}/events/filter", json={"filter": beat, "limit": 1},
+                                        timeout=30).json()["events"],  # (httpx's own 5 s: a busy server's answer)
+                     60, f"a heartbeat of flow run {r.name}", every=0.5)  # (the server stores events in batches)
     # what the stages did, in the checkout the deployments run in (LOOM_REPO = where `loom deploy` ran)
     assert (checkout / "models/tiny/transformer/config.json").is_file()
     summary = json.loads((checkout / "data/manifests/curate.json").read_text())
