@@ -90,7 +90,15 @@ def gate_report(repo: Path | str, overrides: Sequence[str] = ()) -> dict:
             "rows": rows}
 
 
-@flow(name="nightly-retrain", log_prints=True)
+def _night_run_name() -> str:
+    """The flow's name and the night's date ("nightly-eval-2026-12-06", the date it evaluates):
+    a night's run is found by its date in the runs list (Prefect's names are random)."""
+    from prefect.runtime import flow_run
+
+    return f"{flow_run.flow_name}-{(flow_run.parameters or {}).get('date') or _utc_date()}"
+
+
+@flow(name="nightly-retrain", flow_run_name=_night_run_name, log_prints=True)
 def nightly_retrain_flow(overrides: list[str] | None = None, lock_wait_s: float = 7200.0, repo: str = ".",
                          stage_timeout_s: float | None = None) -> dict:
     """Curate (forced: the source may have grown), then every stage as DVC decides, export through
@@ -189,7 +197,7 @@ def _utc_date() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%d")
 
 
-@flow(name="nightly-eval", log_prints=True)
+@flow(name="nightly-eval", flow_run_name=_night_run_name, log_prints=True)
 def nightly_eval_flow(overrides: list[str] | None = None, tolerance: float = 0.01, repo: str = ".",
                       profile: str | None = None, date: str | None = None, out_dir: str = "outputs/nightly-eval"):
     """The `latest` published model on every benchmark, the night recorded in the history; the run

@@ -122,7 +122,16 @@ def outputs_links(repo: Path | str) -> str:
     return md + "\n\n## Headline metrics (metrics.json; benchmarks without a value are left out)\n\n" + markdown_table(rows)
 
 
-@flow(name="pipeline", log_prints=True)
+def _pipeline_run_name() -> str:
+    """"pipeline", or "pipeline: stage1, stage2" for some stages: the runs list reads at a glance
+    (Prefect's random names did not say what a run ran)."""
+    from prefect.runtime import flow_run
+
+    stages = (flow_run.parameters or {}).get("stages")
+    return f"pipeline: {', '.join(stages)}" if stages else "pipeline"
+
+
+@flow(name="pipeline", flow_run_name=_pipeline_run_name, log_prints=True)
 def pipeline_flow(
     overrides: list[str] | None = None,
     force: list[str] | None = None,

@@ -20,8 +20,17 @@ def test_nightly_retrain_forces_curate_and_dvc_decides_the_rest(prefect_api, tmp
     from flows.nightly import nightly_retrain_flow
 
     repo = make_fake_repo(tmp_path / "repo")
-    out = nightly_retrain_flow(repo=str(repo), lock_wait_s=0)
+    from prefect.client.orchestration import get_client
+
+    from flows.nightly import _utc_date
+
+    night = _utc_date()
+    state = nightly_retrain_flow(repo=str(repo), lock_wait_s=0, return_state=True)
+    out = state.result()
     assert did(out) == [("curate (forced)", "ran"), ("cache", "ran"), ("stage1", "ran")]
+    with get_client(sync_client=True) as client:  # named after its night (Prefect's names are random)
+        name = client.read_flow_run(state.state_details.flow_run_id).name
+    assert name in {f"nightly-retrain-{night}", f"nightly-retrain-{_utc_date()}"}, name  # (midnight between)
     mtimes = {o: (repo / o).stat().st_mtime_ns for o in OUTS[1:]}
 
     # no new data: curate reruns (DVC cannot see the source), writes the same bytes, nothing downstream runs
@@ -113,6 +122,10 @@ def test_nightly_eval_compares_with_the_previous_night_and_fails_on_a_regression
     tonight.update({"vbench": {"imaging": 0.47, "subject": 0.95}, "fvd": 110.0})  # −5%; fvd +9% (lower is better)
     third = run("2026-01-03")
     assert third.is_failed()
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:  # a night's run is found by its date
+        assert client.read_flow_run(third.state_details.flow_run_id).name == "nightly-eval-2026-01-03"
     assert third.message.startswith("regression in 2 metric(s) of loomvideo v1 against 2026-01-02 (v1), tolerance 0.01: ")
     assert "fvd 100.9 → 110 (worse)" in third.message and "vbench.imaging 0.496 → 0.47 (worse)" in third.message
     assert "subject" not in third.message

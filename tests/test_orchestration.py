@@ -432,6 +432,11 @@ def test_a_stage_flow_is_a_child_of_the_pipeline_run_named_after_its_stage(prefe
             parent_task_run_id=FlowRunFilterParentTaskRunId(any_=[repro[0].id])))
     assert [c.name for c in children] == ["curate"]
     assert children[0].state.is_completed() and {"loomvideo", "pipeline", "stage:curate"} <= set(children[0].tags)
+    # the pipeline's run says what it ran (its names were Prefect's random ones)
+    some = pipeline_flow(repo=str(repo), stages=["curate"], return_state=True)
+    with get_client(sync_client=True) as client:
+        assert [client.read_flow_run(s.state_details.flow_run_id).name for s in (state, some)] == [
+            "pipeline", "pipeline: curate"]
     # run by hand (no pipeline task run above it), the same stage is a top-level flow run
     env = {k: v for k, v in os.environ.items() if k != PARENT_TASK_RUN_ENV}
     subprocess.run([sys.executable, "toy_stage.py"], cwd=repo, env=env, check=True, capture_output=True)
