@@ -93,21 +93,21 @@ def run_stage_flow(flow_fn: Callable, **parameters):
     pipeline's `dvc repro <stage>` task run), its flow run is created as a child of that task run —
     what Prefect does for a subflow called in-process — named after the stage and tagged, so the UI
     shows one run tree; otherwise (`make pipeline`'s stages, a stage by hand) a top-level flow run,
-    named and tagged the same way, and tagged with the checkout it ran in: a UI showing several
-    checkouts' runs (a team's server) tells them apart. Both are tagged with the profile they run,
+    named and tagged the same way. Both are tagged with the checkout they ran in — a UI showing
+    several checkouts' runs (a team's server) tells them apart — and with the profile they run,
     which their parameters name too (the UI's Parameters tab used to say `profile: null` for
     "params.yaml's")."""
     parent = os.environ.get(PARENT_TASK_RUN_ENV)
     profile = _run_profile(parameters.get("profile"), parameters.get("overrides") or ())
     if profile and "profile" in parameters:
         parameters["profile"] = profile
-    labels = ["loomvideo", f"stage:{flow_fn.name}", f"profile:{profile or '?'}"]
+    labels = ["loomvideo", f"stage:{flow_fn.name}", f"profile:{profile or '?'}", f"checkout:{Path.cwd()}"]
     if os.environ.get(PIPELINE_RUN_ENV):  # under `loom pipeline`
         labels.append(pipeline_tag(os.environ[PIPELINE_RUN_ENV]))
     if not parent:
         from prefect import tags
 
-        with tags(*labels, f"checkout:{Path.cwd()}"):
+        with tags(*labels):
             return flow_fn(**parameters)
     from uuid import UUID
 

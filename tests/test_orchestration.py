@@ -431,7 +431,8 @@ def test_a_stage_flow_is_a_child_of_the_pipeline_run_named_after_its_stage(prefe
         children = client.read_flow_runs(flow_run_filter=FlowRunFilter(
             parent_task_run_id=FlowRunFilterParentTaskRunId(any_=[repro[0].id])))
     assert [c.name for c in children] == ["curate"]
-    assert children[0].state.is_completed() and {"loomvideo", "pipeline", "stage:curate"} <= set(children[0].tags)
+    assert children[0].state.is_completed() and {"loomvideo", "pipeline", "stage:curate",
+                                                 f"checkout:{repo}"} <= set(children[0].tags), children[0].tags
     # the pipeline's run says what it ran (its names were Prefect's random ones)
     some = pipeline_flow(repo=str(repo), stages=["curate"], return_state=True)
     with get_client(sync_client=True) as client:
