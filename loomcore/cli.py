@@ -858,6 +858,8 @@ def _run_in_checkout(args) -> None:
 def main(argv: Optional[List[str]] = None) -> int:
     from loomcore.config import ConfigError
 
+    if hasattr(sys.stdout, "reconfigure"):  # a line as it is printed, also into `> file` or `| tee`:
+        sys.stdout.reconfigure(line_buffering=True)  # not after DVC's, in blocks, when loom ends
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):

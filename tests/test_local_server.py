@@ -131,8 +131,7 @@ def _loom_on_a_probe_stage(tmp_path, stuck: bool = False):
     subprocess.run([dvc, "init", "--no-scm", "-q"], cwd=repo, check=True)
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     env["PREFECT_HOME"] = str(tmp_path / "home")
-    # (loom prints the server's URL without a flush: read from a file, it is there only unbuffered)
-    env["PYTHONUNBUFFERED"] = "1"
+    env.pop("PYTHONUNBUFFERED", None)  # loom's lines reach a file as printed (they came in blocks, at its end)
     out = open(tmp_path / "loom.log", "w")
     # (the kernel drops a SIGTSTP sent to an orphaned group: a group of its own in this session is not one)
     loom = subprocess.Popen([sys.executable, "-m", "loomcore.cli", "pipeline"], cwd=repo, env=env, stdout=out,
