@@ -280,8 +280,11 @@ def test_the_handler_passes_the_signal_on_when_stderr_is_gone(monkeypatch):
     from loomcore.cli import _SignalledRun
 
     run = _SignalledRun()
-    run.proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+    run.proc = subprocess.Popen([sys.executable, "-c", "import time; print('up', flush=True); time.sleep(60)"],
+                                start_new_session=True, stdout=subprocess.PIPE, text=True)
     try:
+        # (a SIGINT in Python's start-up, before its handler is set, is dropped: on a busy machine it came there)
+        assert run.proc.stdout.readline() == "up\n"
         r, w = os.pipe()
         os.close(r)
         monkeypatch.setattr(sys, "stderr", os.fdopen(w, "w"))
@@ -291,6 +294,8 @@ def test_the_handler_passes_the_signal_on_when_stderr_is_gone(monkeypatch):
     finally:
         if run.proc.poll() is None:
             run.proc.kill()
+        run.proc.wait()
+        run.proc.stdout.close()
 
 
 PROBE_FLOW = """
