@@ -65,7 +65,8 @@ def stage_flow(name: str) -> Callable[[Callable], Flow]:
       beside the GPU pool's pipeline). It fails at once, naming the holder or the running `dvc`.
       Started any other way — by DVC, by hand (often with outs of its own: `eval.out_dir=…`), as
       nightly-eval's subflow — it takes none;
-    - names its runs after the stage, however started (a deployment's run, by hand, under DVC);
+    - names its runs after the stage, however started (a deployment's run, by hand, under DVC), and
+      labels a deployment's run as run_stage_flow labels the others (tags, the profile it runs);
     - reports its own module's hash as its version, as a plain `@flow` does (Prefect hashes the
       file of the function it wraps: here that would be this file's lock wrapper);
     - documents `profile` and `overrides` in its docstring's Args (STAGE_ARGS): the deployment's
@@ -80,8 +81,16 @@ def stage_flow(name: str) -> Callable[[Callable], Flow]:
             ctx = FlowRunContext.get()
             if ctx is None or ctx.flow_run is None or ctx.flow_run.deployment_id is None:
                 return flow_fn(*args, **kwargs)
+            # the server made this run with the deployment's tags and parameters (`profile: null`):
+            # it is labelled as a run through DVC is (run_stage_flow)
+            takes = inspect.signature(flow_fn)
+            given = takes.bind(*args, **kwargs).arguments
+            profile = run_profile(given.get("profile"), given.get("overrides") or ())
+            if profile and "profile" in takes.parameters:
+                given["profile"] = profile
+            label_this_run(run_labels(f"stage:{name}", profile), profile=profile)
             with pipeline_lock(Path.cwd(), dvc_running_is_busy=True):
-                return flow_fn(*args, **kwargs)
+                return flow_fn(**given)
 
         return flow(name=name, flow_run_name=name, log_prints=True, version=file_hash(inspect.getsourcefile(flow_fn)))(run)
 
@@ -98,10 +107,10 @@ def run_stage_flow(flow_fn: Callable, **parameters):
     which their parameters name too (the UI's Parameters tab used to say `profile: null` for
     "params.yaml's")."""
     parent = os.environ.get(PARENT_TASK_RUN_ENV)
-    profile = _run_profile(parameters.get("profile"), parameters.get("overrides") or ())
+    profile = run_profile(parameters.get("profile"), parameters.get("overrides") or ())
     if profile and "profile" in parameters:
         parameters["profile"] = profile
-    labels = ["loomvideo", f"stage:{flow_fn.name}", f"profile:{profile or '?'}", f"checkout:{Path.cwd()}"]
+    labels = run_labels(f"stage:{flow_fn.name}", profile)
     if os.environ.get(PIPELINE_RUN_ENV):  # under `loom pipeline`
         labels.append(pipeline_tag(os.environ[PIPELINE_RUN_ENV]))
     if not parent:
@@ -120,8 +129,29 @@ def run_stage_flow(flow_fn: Callable, **parameters):
     return run_flow(flow_fn, flow_run=run, parameters=parameters)
 
 
-def _run_profile(profile: str | None, overrides: Sequence[str]) -> str | None:
-    """The profile a stage runs, as load_config picks it: `--profile`, else the last `profile=`
+def run_labels(kind: str, profile: str | None, root: Path | str = ".") -> list[str]:
+    """A run's tags: `loomvideo`, what it runs (`stage:<name>`, `pipeline`, the nightly's name), the
+    profile and the checkout — a UI showing several checkouts' runs (a team's server) tells them apart."""
+    return ["loomvideo", kind, *([f"profile:{profile}"] if profile else []), f"checkout:{Path(root).resolve()}"]
+
+
+def label_this_run(tags: Sequence[str], **parameters) -> None:
+    """Add `tags` to the running flow run and record `parameters` (those not None) in its Parameters
+    tab: a deployment's run is made by the server, with the deployment's tags and defaults, before
+    the flow knows its checkout or which profile `null` means."""
+    ctx = FlowRunContext.get()
+    if ctx is None or ctx.flow_run is None:
+        return
+    from prefect.client.orchestration import get_client
+
+    given = {k: v for k, v in parameters.items() if v is not None and k in (ctx.flow_run.parameters or {})}
+    with get_client(sync_client=True) as client:
+        client.update_flow_run(ctx.flow_run.id, tags=list(dict.fromkeys([*ctx.flow_run.tags, *tags])),
+                               parameters={**ctx.flow_run.parameters, **given} if given else None)
+
+
+def run_profile(profile: str | None, overrides: Sequence[str], root: Path | str = ".") -> str | None:
+    """The profile a run uses, as load_config picks it: `--profile`, else the last `profile=`
     override, else params.yaml's (`dvc exp run -S profile=paper` writes it there); None when none
     says (load_config then names what is missing)."""
     import yaml
@@ -129,7 +159,7 @@ def _run_profile(profile: str | None, overrides: Sequence[str]) -> str | None:
     chosen = [o.split("=", 1)[1].strip() for o in overrides if o.split("=", 1)[0].strip() == "profile"]
     if profile or chosen:
         return profile or chosen[-1]
-    path = Path("params.yaml")
+    path = Path(root) / "params.yaml"
     found = (yaml.safe_load(path.read_text()) or {}).get("profile") if path.is_file() else None
     return str(found) if found else None
 

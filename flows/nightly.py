@@ -42,7 +42,7 @@ from typing import Dict, List, Optional, Sequence
 from prefect import flow, task
 from prefect.states import Failed
 
-from flows.common import repo_config
+from flows.common import label_this_run, repo_config, run_labels, run_profile
 from flows.pipeline import drift_note, outputs_links, plan_stages, reproduce
 from tasks.common import NO_CACHE, logger, markdown_table, publish_markdown, publish_table
 from tasks.dvc import pipeline_lock
@@ -113,6 +113,7 @@ def nightly_retrain_flow(overrides: list[str] | None = None, lock_wait_s: float 
     log = logger()
     root = Path(repo)
     overrides = list(overrides or [])
+    label_this_run(run_labels("nightly", run_profile(None, overrides, root), root))
     wanted = plan_stages(root)
     with pipeline_lock(root, wait_s=lock_wait_s):
         rows = reproduce(repo, wanted, force=[s for s in FORCED if s in wanted], overrides=overrides,
@@ -121,7 +122,7 @@ def nightly_retrain_flow(overrides: list[str] | None = None, lock_wait_s: float 
     md = (f"# Nightly retrain\n\n{markdown_table(rows)}\n{drift_note(root, overrides)}"
           f"## Promotion gate\n\n{gate['decision']}\n\n"
           + (markdown_table(gate["rows"]) + "\n" if gate["rows"] else "")
-          + f"## Outputs\n\n{outputs_links(root)}\n")
+          + f"## Outputs in the checkout (each as the last run of its stage left it)\n\n{outputs_links(root)}\n")
     publish_markdown("nightly-retrain-summary", md, "What the nightly retrain did, the promotion decision, links")
     log.info("nightly retrain done; gate: %s", gate["decision"])
     return {"stages": rows, "gate": gate}
@@ -226,6 +227,7 @@ def nightly_eval_flow(overrides: list[str] | None = None, tolerance: float = 0.0
         raise ValueError("export.s3_uri is null: there is no model registry to take `latest` from")
     model = fetch_latest_model(e.s3_uri, e.name, cfg.s3)
     info = read_export_info(model["folder"])
+    label_this_run(run_labels("nightly", profile or info.get("profile"), root))
     night_dir = (root / out_dir / day).resolve()
     metrics = load_metrics(evaluate_model(Path(model["folder"]), night_dir, profile or info.get("profile"), overrides))
 

@@ -19,7 +19,7 @@ from typing import List, Optional, Sequence
 
 from prefect import flow
 
-from flows.common import params_drift, repo_config
+from flows.common import label_this_run, params_drift, repo_config, run_labels, run_profile
 from tasks.common import logger, markdown_table, publish_markdown
 from tasks.dvc import dvc_exp_run, dvc_repro, dvc_stages, pipeline_lock
 
@@ -147,7 +147,7 @@ def pipeline_flow(
         overrides: `key=value` config overrides (e.g. `stage3.steps=1200`, `profile=paper`): the DAG
             runs as one `dvc exp run -S …` experiment.
         force: stages to rerun although DVC finds them up to date.
-        stages: only these stages (in DAG order); empty: all.
+        stages: only these stages (in DAG order); empty or null: all.
         repo: the checkout, relative to the worker's working directory.
         lock_wait_s: how long to wait for a run that holds the checkout before failing.
         stage_timeout_s: stop a stage that runs longer (empty: no limit).
@@ -156,6 +156,7 @@ def pipeline_flow(
     # hold only the names its code uses, so `Optional`/`List` in (string) annotations would not resolve.
     log = logger()
     root = Path(repo)
+    label_this_run(run_labels("pipeline", run_profile(None, overrides or [], root), root))
     wanted = plan_stages(root, stages, force or [])
     with pipeline_lock(root, wait_s=lock_wait_s):
         rows = reproduce(repo, wanted, force=force or [], overrides=overrides or [], partial=bool(stages),
@@ -165,7 +166,7 @@ def pipeline_flow(
         f"# Pipeline run\n\n{markdown_table(rows)}\n"
         + (f"Stages not in dvc.yaml yet: {', '.join(missing)}\n\n" if missing else "")
         + drift_note(root, overrides)
-        + f"## Outputs\n\n{outputs_links(root)}\n"
+        + f"## Outputs in the checkout (each as the last run of its stage left it)\n\n{outputs_links(root)}\n"
     )
     publish_markdown("pipeline-summary", md, "What the pipeline run did, with links to its outputs")
     log.info("pipeline done: %s", json.dumps(rows))

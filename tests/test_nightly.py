@@ -124,8 +124,10 @@ def test_nightly_eval_compares_with_the_previous_night_and_fails_on_a_regression
     assert third.is_failed()
     from prefect.client.orchestration import get_client
 
-    with get_client(sync_client=True) as client:  # a night's run is found by its date
-        assert client.read_flow_run(third.state_details.flow_run_id).name == "nightly-eval-2026-01-03"
+    with get_client(sync_client=True) as client:  # a night's run is found by its date, its checkout and profile
+        night = client.read_flow_run(third.state_details.flow_run_id)
+    assert night.name == "nightly-eval-2026-01-03"
+    assert {"loomvideo", "nightly", f"checkout:{checkout.resolve()}", "profile:tiny"} <= set(night.tags), night.tags
     assert third.message.startswith("regression in 2 metric(s) of loomvideo v1 against 2026-01-02 (v1), tolerance 0.01: ")
     assert "fvd 100.9 → 110 (worse)" in third.message and "vbench.imaging 0.496 → 0.47 (worse)" in third.message
     assert "subject" not in third.message

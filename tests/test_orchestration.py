@@ -134,14 +134,16 @@ def test_a_stage_deployment_run_refuses_a_checkout_that_a_pipeline_or_dvc_works_
     from tasks.dvc import PipelineBusy
 
     @stage_flow("probe-stage")
-    def probe_stage() -> int:
-        (Path.cwd() / "wrote").touch()
+    def probe_stage(profile: str | None = None) -> int:
+        (Path.cwd() / "wrote").write_text(str(profile))
         return 7
 
     repo = make_fake_repo(tmp_path / "repo")
+    (repo / "params.yaml").write_text("profile: paper\n" + (repo / "params.yaml").read_text())
     monkeypatch.chdir(repo)
     with get_client(sync_client=True) as client:
-        deployment = client.create_deployment(flow_id=client.create_flow(probe_stage), name="probe")
+        deployment = client.create_deployment(flow_id=client.create_flow(probe_stage), name="probe",
+                                              parameters={"profile": None}, tags=["loomvideo", "stage:probe-stage"])
         try:  # (its server is the session's, shared with other modules: the deployment goes at the end)
             def deployment_run():
                 return run_flow(probe_stage, flow_run=client.create_flow_run_from_deployment(deployment),
@@ -169,8 +171,12 @@ def test_a_stage_deployment_run_refuses_a_checkout_that_a_pipeline_or_dvc_works_
             assert not (repo / "wrote").exists()
             rwlock.unlink()
             state = deployment_run()
-            assert state.result() == 7 and (repo / "wrote").exists()
-            assert client.read_flow_run(state.state_details.flow_run_id).name == "probe-stage"  # not a random name
+            assert state.result() == 7 and (repo / "wrote").read_text() == "paper"  # params.yaml's, named
+            run = client.read_flow_run(state.state_details.flow_run_id)
+            assert run.name == "probe-stage"  # not a random name
+            # labelled as a run through DVC is (its deployment's `profile: null` and two tags were all it had)
+            assert run.parameters == {"profile": "paper"}, run.parameters
+            assert sorted(run.tags) == sorted(["loomvideo", "stage:probe-stage", "profile:paper", f"checkout:{repo}"])
         finally:
             client.delete_deployment(deployment)
     assert (repo / ".dvc" / "tmp" / "loom-pipeline.lock").read_text() == ""  # released cleanly
@@ -433,11 +439,15 @@ def test_a_stage_flow_is_a_child_of_the_pipeline_run_named_after_its_stage(prefe
     assert [c.name for c in children] == ["curate"]
     assert children[0].state.is_completed() and {"loomvideo", "pipeline", "stage:curate",
                                                  f"checkout:{repo}"} <= set(children[0].tags), children[0].tags
-    # the pipeline's run says what it ran (its names were Prefect's random ones)
+    # the pipeline's run says what it ran (its names were Prefect's random ones), and where
+    (repo / "params.yaml").write_text("profile: paper\n")
     some = pipeline_flow(repo=str(repo), stages=["curate"], return_state=True)
+    assert some.is_completed()
     with get_client(sync_client=True) as client:
-        assert [client.read_flow_run(s.state_details.flow_run_id).name for s in (state, some)] == [
-            "pipeline", "pipeline: curate"]
+        ran = [client.read_flow_run(s.state_details.flow_run_id) for s in (state, some)]
+    assert [r.name for r in ran] == ["pipeline", "pipeline: curate"]
+    assert [sorted(r.tags) for r in ran] == [sorted(["loomvideo", "pipeline", f"checkout:{repo}"]),  # (no params.yaml)
+                                             sorted(["loomvideo", "pipeline", f"checkout:{repo}", "profile:paper"])]
     # run by hand (no pipeline task run above it), the same stage is a top-level flow run
     env = {k: v for k, v in os.environ.items() if k != PARENT_TASK_RUN_ENV}
     subprocess.run([sys.executable, "toy_stage.py"], cwd=repo, env=env, check=True, capture_output=True)
