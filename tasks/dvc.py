@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -152,7 +153,7 @@ def run_dvc(args: Sequence[str], repo: Path | str = ".", timeout: Optional[float
     log = logger()
     cmd = [_dvc_exe(), *args]
     log.info("$ %s", " ".join(["dvc", *args]))
-    level = LineLevels()
+    level = LineLevels(prefect_info=logging.DEBUG)  # (a stage's own lines: its flow run has them)
 
     def line(text: str) -> None:
         log.log(level(text), text)

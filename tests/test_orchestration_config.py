@@ -213,3 +213,30 @@ def test_a_crashed_processs_traceback_and_warnings_keep_their_level_in_the_log()
            '  File "a.py", line 1', "ValueError: boom", "ValueError: boom", "step 2/10 loss 0.4"]
     level = LineLevels()
     assert [level(x) for x in two] == [logging.ERROR] * 6 + [logging.INFO]
+
+
+def test_a_progress_bar_is_logged_at_its_start_its_end_and_a_line_a_while_between():
+    """A stage's tqdm bar, relayed by the pipeline's `dvc repro` task, was a log line per redraw (a UI
+    walk: 37 of 57 lines for 4 s of curation); and the stage's own Prefect lines, which its flow run
+    shows, were logged there again. A real tqdm in a real process."""
+    import logging
+
+    from tasks.proc import LineLevels, run_streaming
+
+    bar = ("import time\nfrom tqdm import tqdm\nfor _ in tqdm(range(40), desc='curate', unit='row', mininterval=0):\n"
+           "    time.sleep(0.005)\nprint('12:00:00.000 | INFO    | Flow run \\'curate\\' - curated')\n"
+           "print('12:00:01.000 | WARNING | Flow run \\'curate\\' - 3 rows rejected')\n")
+    now = [0.0]
+    level, logged = LineLevels(prefect_info=logging.DEBUG, bar_every_s=30, clock=lambda: now[0]), []
+
+    def log(line):
+        now[0] += 1.0  # a second a line: the 40 redraws span 40 s
+        logged.append((level(line), line.strip()))
+
+    run_streaming([sys.executable, "-c", bar], log=log, timeout=60)
+    redraws = [(lv, text) for lv, text in logged if "row/s]" in text or "?row/s]" in text]
+    shown = [text.split("|")[0].strip() for lv, text in redraws if lv == logging.INFO]
+    assert len(redraws) > 30 and shown == ["curate:   0%", "curate:  75%", "curate: 100%"], shown
+    assert [lv for lv, text in logged if " | INFO " in text] == [logging.DEBUG]  # (the stage's run has it)
+    assert [lv for lv, text in logged if " | WARNING " in text] == [logging.WARNING]
+    assert LineLevels()("12:00:00.000 | INFO    | Flow run 'x' - y") == logging.INFO  # the default keeps it
