@@ -130,7 +130,7 @@ def run_stage_flow(flow_fn: Callable, **parameters):
 
 
 def run_labels(kind: str, profile: str | None, root: Path | str = ".") -> list[str]:
-    """A run's tags: `loomvideo`, what it runs (`stage:<name>`, `pipeline`, the nightly's name), the
+    """A run's tags: `loomvideo`, what it runs (`stage:<name>`, `pipeline`, `nightly`), the
     profile and the checkout — a UI showing several checkouts' runs (a team's server) tells them apart."""
     return ["loomvideo", kind, *([f"profile:{profile}"] if profile else []), f"checkout:{Path(root).resolve()}"]
 

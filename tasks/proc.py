@@ -103,7 +103,6 @@ class LineLevels:
             return logging.DEBUG
         return logging.INFO
 
-
     def _bar(self, desc: str, pct: int) -> int:
         now, last = self.clock(), self.bars.get(desc)
         if pct == 100:  # its end, once (tqdm draws it again as it closes); a bar of that name later starts afresh
