@@ -549,6 +549,7 @@ tiny profile's Shapes data has some: data/raw/samples/<id>/source.mp4, source.pn
 (to within one 8-bit level).
 The task is inferred from the inputs (--task to name it). Sizes and frame counts are checked
 against the model before anything runs: bad input exits with status 2 and says what the model takes.
+On a GPU that does not hold the paper profile's MLLM and DiT together, add --cpu-offload.
 """
 
 
@@ -586,6 +587,9 @@ def cmd_generate(args) -> int:
             raise InputError("--model (an exported pipeline) and --transformer (a DiT with the profile's other models): give one")
         if args.num_outputs < 1:
             raise InputError(f"--num-outputs {args.num_outputs}: expected >= 1")
+        if args.cpu_offload and torch.device(device).type == "cpu":
+            raise InputError(f"--cpu-offload: keeps the models in CPU memory and moves each to the GPU while it runs, "
+                             f"but the device is {device} (no GPU here, or --device cpu)")
         seeds = list(range(args.seed, args.seed + args.num_outputs))
         outs = [Path(args.out)] if len(seeds) == 1 else [
             Path(args.out).with_name(f"{Path(args.out).stem}-{s}{Path(args.out).suffix}") for s in seeds]
@@ -643,7 +647,10 @@ def cmd_generate(args) -> int:
         # 4. Generate (an InputError here is still the input's: e.g. a prompt over mllm.max_length tokens)
         for line in describe(plan):
             print(f"generate: {line}")
-        pipe.to(device)
+        if args.cpu_offload:  # one model in GPU memory at a time: the MLLM, then the DiT, then the codec
+            pipe.enable_model_cpu_offload(device=device)
+        else:
+            pipe.to(device)
         out = pipe(
             plan.prompt, **plan.call_inputs(), num_videos_per_prompt=len(seeds),
             generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],  # CPU noise: a seed means the same on any device
@@ -819,6 +826,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "with the profile's other base models")
     p.add_argument("--device", help="cpu, cuda, cuda:1 … (default: cuda if available)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), help="DiT/MLLM dtype (default: bfloat16 on cuda, else float32)")
+    p.add_argument("--cpu-offload", action="store_true",
+                   help="keep the models in CPU memory and move each to the GPU while it runs (diffusers' "
+                   "enable_model_cpu_offload): the paper profile's MLLM and DiT need not fit the GPU together")
     for p in configured:
         _add_config_args(p)
     return parser

@@ -506,6 +506,123 @@ def test_wan_vae_and_euler_scheduler_pipeline(pipe, media, tmp_path):
     assert torch.equal(latents, _run(loaded, output_type="latent", **kw))
 
 
+# --------------------------------------------------------------------------------------------
+# Model CPU offload
+
+
+def _record_hooks(p, events):
+    """After `enable_model_cpu_offload` (the hooks are new after each call): append
+    `hook:<name>` to `events` whenever a model's offload hook fires (the real hook runs)."""
+    for name, module in (("mllm", p.mllm), ("transformer", p.transformer), ("vae", p.vae)):
+        hook = getattr(module, "_hf_hook", None)
+        if hook is not None:  # a model without weights (SpaceToDepth) gets none
+            hook.pre_forward = (lambda pre, n: lambda *a, **k: events.append(f"hook:{n}") or pre(*a, **k))(
+                hook.pre_forward, name)
+
+
+def _record_runs(runs, events):
+    """Append `run:<name>` to `events` whenever the submodule `runs[name]` (one that runs first in
+    its model) starts a forward."""
+    for name, sub in runs.items():
+        sub.register_forward_pre_hook((lambda n: lambda *a: events.append(f"run:{n}"))(name))
+
+
+def _first(events, kind):
+    """The models in the order of their first `kind` event ("hook" or "run")."""
+    seen = [e.split(":")[1] for e in events if e.startswith(kind + ":")]
+    return sorted(set(seen), key=seen.index)
+
+
+def test_model_cpu_offload_moves_each_model_before_it_runs(tiny_workspace, media):
+    """diffusers' `enable_model_cpu_offload` (here with the CPU as the execution device: the hooks
+    are the ones a GPU gets): each model's hook fires before that model computes anything — the
+    MLLM's (its encoder calls the model, not its decoder), the DiT's in `prepare` (before its first
+    forward), the codec's in encode/decode — in the order mllm → vae (the source) → transformer →
+    vae (decoding; the tiny profile's SpaceToDepth has no weights and no hook); the output is the
+    output without offload, bit for bit, call after call."""
+    from diffusers import AutoencoderKLWan
+
+    cfg, _ = tiny_workspace
+    plain = LoomVideoPipeline.from_config_models(cfg)
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(
+        base_dim=8, decoder_base_dim=8, z_dim=plain.transformer.config.in_channels, dim_mult=[1, 1, 1, 1],
+        num_res_blocks=1, temperal_downsample=[False, True, True], is_residual=True, in_channels=12, out_channels=12,
+        patch_size=2, scale_factor_spatial=16, scale_factor_temporal=4,
+        latents_mean=torch.linspace(-1, 1, plain.transformer.config.in_channels).tolist(),
+        latents_std=torch.linspace(0.5, 3, plain.transformer.config.in_channels).tolist(),
+    )
+    settings = {k: v for k, v in plain.config.items() if not k.startswith("_") and k not in plain.components}
+    kw = dict(prompt="paint the circle like @Figure 1", source=media["video"][:5], references=[media["ref1"]],
+              guidance_scale=5.0)
+    for codec, runs_on in ((plain.vae, None), (vae, "decoder")):  # the tiny profile's SpaceToDepth; Wan's VAE
+        parts = {k: v for k, v in plain.components.items() if k != "vae"}
+        base = LoomVideoPipeline(**parts, vae=codec, **settings)
+        base.set_progress_bar_config(disable=True)
+        expected = _run(base, 3, output_type="pt", **kw)
+        try:
+            base.enable_model_cpu_offload(device="cpu")
+            runs = {"mllm": base.mllm.model.language_model.layers[0], "transformer": base.transformer.mllm_embedder}
+            if runs_on:
+                runs["vae"] = getattr(base.vae, runs_on)
+            events = []
+            _record_runs(runs, events)
+            for _ in range(2):  # the hooks are set again after each call (maybe_free_model_hooks)
+                del events[:]
+                _record_hooks(base, events)
+                out = _run(base, 3, output_type="pt", **kw)
+                assert torch.equal(out, expected)
+                if runs_on:
+                    assert _first(events, "hook") == ["mllm", "vae", "transformer"], events
+                    last = max(i for i, e in enumerate(events) if e == "hook:transformer")  # the last step
+                    assert events[last + 1:last + 3] == ["hook:vae", "run:vae"], events[last:]  # decoding
+                    assert set(events[last + 3:]) <= {"run:vae"}, events[last:]  # the decoder's chunks
+                else:
+                    assert _first(events, "hook") == ["mllm", "transformer"] and not hasattr(base.vae, "_hf_hook"), events
+                for name in runs:
+                    assert events.index(f"hook:{name}") < events.index(f"run:{name}"), (name, events[:12])
+        finally:
+            base.remove_all_hooks()
+
+
+def test_cli_cpu_offload_needs_a_gpu(tiny_workspace, tmp_path, capsys):
+    code = _cli(tiny_workspace, "--prompt", "a cat", "--cpu-offload", "--device", "cpu", "--out", tmp_path / "x.mp4")
+    err = capsys.readouterr().err
+    assert code == 2 and "--cpu-offload: keeps the models in CPU memory" in err and "the device is cpu" in err, err
+    assert not (tmp_path / "x.mp4").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_model_cpu_offload(tiny_workspace, media, tmp_path):
+    """On a GPU: with offload, the MLLM is back in CPU memory while the DiT samples, both are there
+    after the call, and the output is the output of the pipeline moved to the GPU whole; `loom
+    generate --cpu-offload` writes its file."""
+    cfg, _ = tiny_workspace
+    whole = LoomVideoPipeline.from_config_models(cfg).to("cuda")
+    whole.set_progress_bar_config(disable=True)
+    kw = dict(prompt="paint the circle like @Figure 1", source=media["video"], references=[media["ref1"]])
+    expected = _run(whole, 1, **kw)
+    del whole
+    p = LoomVideoPipeline.from_config_models(cfg)
+    p.set_progress_bar_config(disable=True)
+    p.enable_model_cpu_offload()
+    placement = []
+
+    def record(pipe, i, t, tensors):
+        placement.append((pipe.mllm.device.type, pipe.transformer.device.type, tensors["latents"].device.type))
+        return tensors
+
+    out = _run(p, 1, callback_on_step_end=record, **kw)
+    assert placement == [("cpu", "cuda", "cuda")] * STEPS
+    assert p.mllm.device.type == "cpu" and p.transformer.device.type == "cpu"
+    assert p.vae.device.type == "cuda"  # SpaceToDepth: no weights to offload, it stays where it runs
+    assert np.allclose(out, expected, atol=1 / 255), np.abs(out - expected).max()
+    _, overrides = tiny_workspace
+    code = main(["generate", "--prompt", "a red circle", "--frames", "1", "--cpu-offload", "--steps", str(STEPS),
+                 "--out", str(tmp_path / "t2i.png"), "--profile", "tiny", *overrides])
+    assert code == 0 and (tmp_path / "t2i.png").is_file()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_bf16_generation(tiny_workspace, media):
     cfg, _ = tiny_workspace

@@ -137,12 +137,12 @@ class WanVAE(nn.Module):
     def encode(self, video: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         _check_video(video, self.temporal_factor, self.spatial_factor)
         dist = self.vae.encode(video.to(self.vae.dtype)).latent_dist
-        z = dist.sample(generator) if self.sample else dist.mode()
-        return ((z.float() - self.mean) / self.std).to(video.dtype)
+        z = dist.sample(generator) if self.sample else dist.mode()  # on the vae's device (offload may have moved it)
+        return ((z.float() - self.mean.to(z.device)) / self.std.to(z.device)).to(video.dtype)
 
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
         _check_latent(latent, self.latent_channels)
-        z = latent.float() * self.std + self.mean
+        z = latent.float() * self.std.to(latent.device) + self.mean.to(latent.device)
         video = self.vae.decode(z.to(self.vae.dtype), return_dict=False)[0]
         return video.clamp(-1, 1).to(latent.dtype)
 

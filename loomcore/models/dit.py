@@ -32,6 +32,7 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.normalization import FP32LayerNorm
 from diffusers.models.transformers.transformer_wan import WanTimeTextImageEmbedding
+from diffusers.utils.accelerate_utils import apply_forward_hook
 from torch import nn
 
 from loomcore.errors import InputError
@@ -317,6 +318,7 @@ class LoomDiT(ModelMixin, ConfigMixin):
         sample = unpatchify(tokens.reshape(hidden_states.shape[0], -1, tokens.shape[-1]), grid, self.patch_size)
         return Transformer2DModelOutput(sample=sample) if return_dict else (sample,)
 
+    @apply_forward_hook  # a pipeline's model CPU offload brings the DiT to its device here, before the first forward
     @torch.no_grad()
     def prepare(
         self,

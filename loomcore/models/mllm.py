@@ -447,11 +447,14 @@ class MLLMEncoder(MLLMTokenizer, nn.Module):
             self.model.model.rope_deltas = None  # a stale cache from another batch must not leak in
             dev = self.device
             batch = {k: v.to(dev, self.model.dtype) if v.is_floating_point() else v.to(dev) for k, v in batch.items()}
-            self.model.model(**batch, use_cache=False)
+            # The model itself, not its decoder (`model.model`): hooks on it fire (accelerate's CPU
+            # offload moves it to its device and the inputs with it; a device_map dispatches).
+            # One token's logits: the head's cost is nil, the hidden states are the decoder's.
+            self.model(**batch, use_cache=False, logits_to_keep=1)
         finally:
             for h in handles:
                 h.remove()
-        mask = batch["attention_mask"].bool()
+        mask = batch["attention_mask"].bool().to(captured[J - 1].device)
         hidden = torch.stack([captured[i] for i in range(J - L, J)], dim=1)  # (B, L, T, H)
         # Zero the padding, so a sample's features never depend on what it was batched with.
         return MLLMFeatures(hidden.masked_fill(~mask[:, None, :, None], 0), mask)

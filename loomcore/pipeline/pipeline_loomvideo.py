@@ -93,9 +93,10 @@ class LoomVideoPipeline(DiffusionPipeline):
     mu = log(s) (its `use_dynamic_shifting`).
     """
 
-    # No `model_cpu_offload_seq`: the MLLM encoder calls Qwen3-VL's inner model and the Wan codec
-    # wrapper keeps its latent statistics on the vae's device, so offload hooks would not fire where
-    # needed; `enable_model_cpu_offload` refuses rather than half-works.
+    # `enable_model_cpu_offload()`: the models go to the GPU in this order, each when it is first
+    # called (the MLLM's forward, the DiT's `prepare` or forward, the codec's encode or decode), and
+    # each sends the previous one back; the codec that encoded a source stays through the loop.
+    model_cpu_offload_seq = "mllm->transformer->vae"
     _callback_tensor_inputs = ["latents"]
 
     def __init__(
@@ -190,6 +191,16 @@ class LoomVideoPipeline(DiffusionPipeline):
     def mllm_encoder(self) -> MLLMEncoder:
         return MLLMEncoder(self.mllm, self.processor, self.transformer.config.num_layers,
                            self.config.source_temporal_stride, self.config.mllm_max_length)
+
+    def enable_model_cpu_offload(self, gpu_id: Optional[int] = None, device: Union[torch.device, str, None] = None):
+        """diffusers' model CPU offload over the models with weights: a model without any (the tiny
+        profile's SpaceToDepth codec) has nothing to move, and accelerate's hook needs a weight to
+        find where a model is; it goes to the device once."""
+        weightless = [name for name, m in self.components.items()
+                      if isinstance(m, torch.nn.Module) and next(m.parameters(), None) is None]
+        self._exclude_from_cpu_offload = weightless  # this instance's, over the class's []
+        self.model_cpu_offload_seq = "->".join(n for n in type(self).model_cpu_offload_seq.split("->") if n not in weightless)
+        super().enable_model_cpu_offload(gpu_id=gpu_id, device=device)
 
     # ---------------------------------------------------------------------------------------
     # Inputs
