@@ -99,7 +99,10 @@ def render_card(info: dict, components: Dict[str, List[str]], config: dict, lowe
         "## Usage\n",
         "```python\nfrom pathlib import Path\n\nimport torch\nfrom loomcore.pipeline import LoomVideoPipeline\n\n"
         "folder = Path(\"outputs/export/model\")  # this folder: a local path, or an s3:// URI as a str\n"
-        "pipe = LoomVideoPipeline.from_pretrained(folder, dtype={\"default\": torch.bfloat16, \"vae\": torch.float32})\n"
+        "device = \"cuda\" if torch.cuda.is_available() else \"cpu\"\n"
+        "dtype = torch.bfloat16 if device == \"cuda\" else torch.float32  # the codec stays in float32\n"
+        "pipe = LoomVideoPipeline.from_pretrained(folder, dtype={\"default\": dtype, \"vae\": torch.float32})\n"
+        "pipe.to(device)  # on a GPU that does not hold every model at once: pipe.enable_model_cpu_offload()\n"
         "frames = pipe(\"a red circle moves left\").frames[0]  # [F, H, W, 3] in [0, 1]\n"
         "# four outputs of one prompt in one batch, each drawn from its own seed's noise\n"
         "videos = pipe(\"a red circle moves left\", num_videos_per_prompt=4,\n"
