@@ -15,7 +15,7 @@ pipelines' `callback_on_step_end`) and at its return, each stamp after a device 
     after_loop_s    codec decode + postprocessing to numpy
     dit_and_decode_s = denoise_s + after_loop_s: what the targets compare
 The MLLM encode is also timed on its own (`encode_contexts`, same plan), and the source's codec
-encode (`encode_media`). FLOP bound: steps × (counted FLOPs of one guided step: all branches) +
+encode (`encode_media`); the TV2V call once more under `enable_model_cpu_offload` (`offload`). FLOP bound: steps × (counted FLOPs of one guided step: all branches) +
 the decode's counted FLOPs, over the matmul rate measured in this run.
 """
 
@@ -97,8 +97,29 @@ def run(b: Bench) -> dict:
 
     if b.options.get("compile"):
         part["compiled"] = compiled_runs(b, ours, wan, calls, steps, part)
+    part["offload"] = offload_run(b, ours, wan, calls["ours_tv2v"][1], steps, part["runs"]["ours_tv2v"])
     _ratios(part)
     return part
+
+
+def offload_run(b: Bench, ours, wan, kwargs: dict, steps: int, whole: dict) -> dict:
+    """The TV2V call again under `enable_model_cpu_offload` (`loom generate --cpu-offload`): the
+    models in CPU memory, each moved to the device while it runs. diffusers' models go to the CPU
+    first, so that the peak is this pipeline's alone; against it, the bytes of its models' weights
+    (what the whole pipeline keeps on the device) and the call's time over the whole pipeline's."""
+    for module in (wan.transformer, wan.text_encoder):
+        module.to("cpu")
+    weights = sum(p.numel() * p.element_size() for m in (ours.mllm, ours.transformer, ours.vae) for p in m.parameters())
+    ours.enable_model_cpu_offload(device=b.device)
+    try:
+        run_ = sample(b, ours, kwargs, steps)
+    finally:
+        ours.remove_all_hooks()
+    out = {"call_s": run_["call_s"], "step_s": run_["step_s"], "weights_bytes": weights,
+           "over_whole_call": run_["call_s"] / whole["call_s"]}
+    for key in ("peak_memory_bytes", "peak_above_weights_bytes"):
+        put(out, key, run_.get(key), NO_CUDA_MEMORY)
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -336,6 +357,10 @@ def rows(part: dict) -> List[tuple]:
          f"DiT + decode; per step {part['ours_over_diffusers_t2v_step']:.3f}"),
         ("TV2V / T2V per branch", f"{part['edit_over_t2v_per_branch']:.3f}", "step time / branches"),
     ]
+    off = part["offload"]
+    out.append(("ours TV2V, model CPU offload: peak memory", gib(off, "peak_memory_bytes"),
+                f"its models' weights {off['weights_bytes'] / 2**30:.1f} GiB (the whole pipeline keeps them on the "
+                f"device); call {figure(off, 'call_s', 's')}, {off['over_whole_call']:.3f}× the whole pipeline's"))
     for name, g in part["guidance_batching"].items():
         out.append((f"{LABELS[name]}: one step, sequential / batched", f"{g['sequential_over_batched']:.3f}",
                     f"{g['branches']} branches: {g['batched_s']:.4g} s batched, {g['sequential_s']:.4g} s one by one"))

@@ -17,8 +17,9 @@ Parts (`--train --attention --edit --sampling`, or `--all`):
              (edit_overhead's baseline): time ratios.
   sampling   the whole 50-step guided T2V and TV2V through LoomVideoPipeline (DiT + Wan VAE decode;
              the MLLM encode timed apart) beside diffusers' WanPipeline on the same dims, against
-             the FLOP bound at the measured matmul rate; batched vs sequential guidance; with
-             `--compile`, the same calls with compiled DiT blocks.
+             the FLOP bound at the measured matmul rate; batched vs sequential guidance; TV2V
+             under model CPU offload (peak memory, time); with `--compile`, the same calls
+             with compiled DiT blocks.
 Every part reports its peak memory (torch.cuda.max_memory_allocated, reset between parts).
 
 GPU timing: CUDA events, warm-up, median of N. CPU: time.perf_counter. A figure that was not

@@ -92,6 +92,10 @@ def test_sampling_part(run):
     assert s["runs"]["ours_t2v"]["media_encode_s"] is None
     assert set(s["guidance_batching"]) == {"ours_t2v", "ours_tv2v"}
     assert "compiled" not in s  # --compile not given
+    off = s["offload"]  # TV2V under enable_model_cpu_offload (the CPU as the execution device here)
+    assert off["call_s"] > 0 and off["over_whole_call"] == off["call_s"] / s["runs"]["ours_tv2v"]["call_s"]
+    assert off["weights_bytes"] > 4 * 10**5  # the tiny DiT alone is ~0.1M float32 parameters
+    assert off["peak_memory_bytes"] is None and "CUDA" in off["null_reasons"]["peak_memory_bytes"]
 
 
 def test_markdown_renders(run):
