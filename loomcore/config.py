@@ -347,6 +347,7 @@ class EvalConfig:
     seed: int
     sheet_samples: int  # rows per contact sheet
     sheet_frames: int  # frames per video in a contact sheet
+    cpu_offload: bool  # the generating pipelines under enable_model_cpu_offload
     vbench: VBenchConfig
     judge: JudgeConfig
     shapes: ShapesBenchConfig

@@ -358,27 +358,29 @@ def test_a_stopped_evaluation_resumes_from_its_journal(tiny_workspace, tmp_path,
     """The evaluate stage keeps each sample's scores as it goes (loomcore.eval.journal): stopped
     before its last sample (a KeyboardInterrupt from the progress callback: Ctrl-C, a preempted
     node), a rerun generates only that sample — a line cut short by a kill in mid-write is dropped
-    — and writes the same outputs, byte for byte, as an evaluation that never stopped. A finished
-    evaluation leaves no journal."""
+    — and writes the same outputs, byte for byte, as an evaluation that never stopped; the rerun
+    may move its models to the device only while they run (`eval.cpu_offload`, what one does after
+    an out-of-memory kill). A finished evaluation leaves no journal."""
     from loomcore.config import load_config
     from loomcore.eval.runner import run_evaluation
     from loomcore.pipeline import LoomVideoPipeline
 
     cfg, overrides = tiny_workspace
-    calls = []
+    calls, offloaded = [], []
     original = LoomVideoPipeline.__call__
 
     def counted(self, *args, **kwargs):
         calls.append(args[0] if args else kwargs.get("prompt"))
+        offloaded.append(hasattr(self.transformer, "_hf_hook"))  # under enable_model_cpu_offload
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(LoomVideoPipeline, "__call__", counted)
 
-    def config(name):
+    def config(name, *more):
         return load_config([*overrides, f"eval.model={cfg.models.transformer}", f"eval.out_dir={tmp_path / name}",
                             f"paths.runs={tmp_path / name}-runs", "eval.shapes.per_task=1", "eval.steps=2",
                             "eval.benchmarks.names=[openve,vbench]", "eval.benchmarks.limit=1",
-                            "eval.sheet_samples=3"], profile="tiny")
+                            "eval.sheet_samples=3", *more], profile="tiny")
 
     run_evaluation(config("whole"), log=lambda m: None)
     total = len(calls)
@@ -400,17 +402,24 @@ def test_a_stopped_evaluation_resumes_from_its_journal(tiny_workspace, tmp_path,
 
     calls.clear()
     logs.clear()
-    run_evaluation(config("resumed"), log=logs.append)
+    offloaded.clear()
+    # resumed with the models offloaded to the CPU between uses (after an out-of-memory kill): the
+    # same journal (eval.cpu_offload is not in its key), the same samples
+    run_evaluation(config("resumed", "eval.cpu_offload=true"), log=logs.append)
     # only the last sample: the openve one, its media written to a new temporary folder each run, too
-    assert len(calls) == 1, (len(calls), total)
+    assert len(calls) == 1 and offloaded == [True], (len(calls), total, offloaded)
     assert any("the last line was cut short" in m for m in logs)
     assert any(m.startswith(f"{total - 1} of {total} samples came from the journal") for m in logs), logs
     assert not journal.parent.exists()  # finished: removed
-    for name in ("metrics.json", "results.json", "report.md", "samples/shapesbench-model.png",
-                 "samples/shapesbench-base.png", "samples/openve.png", "samples/vbench.png"):
-        want, got = (tmp_path / "whole" / name).read_bytes(), (tmp_path / "resumed" / name).read_bytes()
-        assert got == want.replace(str(tmp_path / "whole").encode(), str(tmp_path / "resumed").encode()), name
-    assert pq.read_table(tmp_path / "resumed" / "scores.parquet").equals(pq.read_table(tmp_path / "whole" / "scores.parquet"))
+    offloaded.clear()
+    run_evaluation(config("offloaded", "eval.cpu_offload=true"), log=lambda m: None)  # every sample offloaded
+    assert len(offloaded) == total and all(offloaded)
+    for run in ("resumed", "offloaded"):
+        for name in ("metrics.json", "results.json", "report.md", "samples/shapesbench-model.png",
+                     "samples/shapesbench-base.png", "samples/openve.png", "samples/vbench.png"):
+            want, got = (tmp_path / "whole" / name).read_bytes(), (tmp_path / run / name).read_bytes()
+            assert got == want.replace(str(tmp_path / "whole").encode(), str(tmp_path / run).encode()), (run, name)
+        assert pq.read_table(tmp_path / run / "scores.parquet").equals(pq.read_table(tmp_path / "whole" / "scores.parquet"))
 
 
 def test_the_journal_keeps_what_a_rerun_may_reuse(tmp_path):

@@ -11,9 +11,10 @@ generating (and judging) hours of samples again.
     <paths.runs>/evaluate/<key>.lock   held while a stage writes the journal
 
 The key fingerprints what decides every score, as a training run's directory does (DESIGN §5):
-the evaluate stage's params (dvc.yaml's list, less where the outputs go), the files of the
-weights evaluated and of every base-model, VBench-backbone and judge folder (an s3:// one by its
-verified mirror; `storage.inputs_fingerprint`), a hosted judge's address and model, the code that
+the evaluate stage's params (dvc.yaml's list, less where the outputs go and `eval.cpu_offload`,
+which changes no sample), the files of the weights evaluated and of every base-model,
+VBench-backbone and judge folder (an s3:// one by its verified mirror;
+`storage.inputs_fingerprint`), a hosted judge's address and model, the code that
 computes the scores (`codegraph.code_fingerprint`, less OUTPUT_ONLY: a fix to the report writer
 keeps the journal), and where the numbers are computed (device, dtype, torch / diffusers /
 transformers versions). A sample is taken from the journal only when its own fingerprint matches
@@ -60,9 +61,10 @@ OUTPUT_ONLY = ("loomcore/eval/report.py", "loomcore/eval/journal.py", "loomcore/
 def journal_key(cfg: Config, model_path: Path, device: str, dtype: torch.dtype) -> str:
     """What decides every score of an evaluation: params, weights, base models and backbones,
     the judge, the code, and where the numbers are computed (device, dtype, library versions)."""
-    # where the outputs go is not what they are (the weights' own bytes stand for train.out_dir)
+    # where the outputs go is not what they are (the weights' own bytes stand for train.out_dir), nor
+    # where the models wait between uses: a run stopped by an out-of-memory kill resumes with cpu_offload
     picked = cfg.pick(*(k for k in stage_params("evaluate") if k != "train.out_dir"))
-    picked["eval"] = {k: v for k, v in picked["eval"].items() if k != "out_dir"}
+    picked["eval"] = {k: v for k, v in picked["eval"].items() if k not in ("out_dir", "cpu_offload")}
     e = cfg.eval
     named = {str(v) for v in [*dataclasses.asdict(cfg.models).values(), e.vbench.clip, e.vbench.dino, e.judge.model] if v}
     settings = S3Settings.from_config(cfg.s3)

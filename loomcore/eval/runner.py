@@ -327,14 +327,21 @@ def _run(cfg: Config, scratch: Path, on_progress: Optional[ProgressFn], log: Cal
     sheets: Dict[str, List[SheetItem]] = {}
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = inference_dtype(device)  # bf16 on a GPU, as `loom generate` (fp32 there: twice the memory)
-    pipe = LoomVideoPipeline.from_config_models(cfg, transformer_path=model_path, dtype=dtype).to(device)
-    pipe.set_progress_bar_config(disable=True)
+
+    def on_device(p: LoomVideoPipeline) -> LoomVideoPipeline:
+        if e.cpu_offload:  # each model moved to the device while it runs (on a CPU: hooks that move nothing)
+            p.enable_model_cpu_offload(device=device)
+        else:
+            p.to(device)
+        p.set_progress_bar_config(disable=True)
+        return p
+
+    pipe = on_device(LoomVideoPipeline.from_config_models(cfg, transformer_path=model_path, dtype=dtype))
     journal = Journal.open(cfg, Path(model_path), device, dtype, log)
     finished = False
     try:
         if truth:
-            base = LoomVideoPipeline.from_config_models(cfg, dtype=dtype).to(device)
-            base.set_progress_bar_config(disable=True)
+            base = on_device(LoomVideoPipeline.from_config_models(cfg, dtype=dtype))
             for key, p in ((MODEL, pipe), (BASE, base)):
                 r, sheet = run_shapesbench(p, cfg, key, shape_rows, truth, e.shapes.seeds, step, journal)
                 rows += r
