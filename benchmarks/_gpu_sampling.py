@@ -97,28 +97,38 @@ def run(b: Bench) -> dict:
 
     if b.options.get("compile"):
         part["compiled"] = compiled_runs(b, ours, wan, calls, steps, part)
-    part["offload"] = offload_run(b, ours, wan, calls["ours_tv2v"][1], steps, part["runs"]["ours_tv2v"])
+    # last: it sends every model to the CPU (and times eager blocks only without --compile)
+    part["offload"] = offload_run(b, ours, wan, calls["ours_tv2v"][1], steps, part)
     _ratios(part)
     return part
 
 
-def offload_run(b: Bench, ours, wan, kwargs: dict, steps: int, whole: dict) -> dict:
+def offload_run(b: Bench, ours, wan, kwargs: dict, steps: int, part: dict) -> dict:
     """The TV2V call again under `enable_model_cpu_offload` (`loom generate --cpu-offload`): the
     models in CPU memory, each moved to the device while it runs. diffusers' models go to the CPU
     first, so that the peak is this pipeline's alone; against it, the bytes of its models' weights
-    (what the whole pipeline keeps on the device) and the call's time over the whole pipeline's."""
-    for module in (wan.transformer, wan.text_encoder):
-        module.to("cpu")
+    (what the whole pipeline keeps on the device) and the call's time over the whole pipeline's
+    (its compiled run's with --compile: the blocks are compiled in place by then). A failure is
+    recorded (and makes the run exit non-zero), the other figures stay."""
+    whole = part.get("compiled", {}).get("ours_tv2v") if b.options.get("compile") else part["runs"]["ours_tv2v"]
     weights = sum(p.numel() * p.element_size() for m in (ours.mllm, ours.transformer, ours.vae) for p in m.parameters())
-    ours.enable_model_cpu_offload(device=b.device)
+    out: dict = {"weights_bytes": weights}
     try:
-        run_ = sample(b, ours, kwargs, steps)
-    finally:
-        ours.remove_all_hooks()
-    out = {"call_s": run_["call_s"], "step_s": run_["step_s"], "weights_bytes": weights,
-           "over_whole_call": run_["call_s"] / whole["call_s"]}
-    for key in ("peak_memory_bytes", "peak_above_weights_bytes"):
-        put(out, key, run_.get(key), NO_CUDA_MEMORY)
+        for module in (wan.transformer, wan.text_encoder):
+            module.to("cpu")
+        ours.enable_model_cpu_offload(device=b.device)
+        try:
+            run_ = sample(b, ours, kwargs, steps)
+        finally:
+            ours.remove_all_hooks()
+    except Exception as e:  # noqa: BLE001 — recorded with its message, never swallowed
+        for key in ("call_s", "step_s", "over_whole_call", "peak_memory_bytes"):
+            set_null(out, key, f"offloaded call failed: {type(e).__name__}: {str(e).splitlines()[0]}")
+        part.setdefault("errors", []).append(f"sampling offload: {type(e).__name__}: {e}")
+        return out
+    out.update(call_s=run_["call_s"], step_s=run_["step_s"])
+    put(out, "over_whole_call", ratio(run_["call_s"], (whole or {}).get("call_s")), "the compiled TV2V call failed")
+    put(out, "peak_memory_bytes", run_.get("peak_memory_bytes"), NO_CUDA_MEMORY)  # every byte the call moved there
     return out
 
 
@@ -360,7 +370,7 @@ def rows(part: dict) -> List[tuple]:
     off = part["offload"]
     out.append(("ours TV2V, model CPU offload: peak memory", gib(off, "peak_memory_bytes"),
                 f"its models' weights {off['weights_bytes'] / 2**30:.1f} GiB (the whole pipeline keeps them on the "
-                f"device); call {figure(off, 'call_s', 's')}, {off['over_whole_call']:.3f}× the whole pipeline's"))
+                f"device); call {figure(off, 'call_s', 's')}, {figure(off, 'over_whole_call')}× the whole pipeline's"))
     for name, g in part["guidance_batching"].items():
         out.append((f"{LABELS[name]}: one step, sequential / batched", f"{g['sequential_over_batched']:.3f}",
                     f"{g['branches']} branches: {g['batched_s']:.4g} s batched, {g['sequential_s']:.4g} s one by one"))

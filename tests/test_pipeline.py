@@ -512,12 +512,16 @@ def test_wan_vae_and_euler_scheduler_pipeline(pipe, media, tmp_path):
 
 def _record_hooks(p, events):
     """After `enable_model_cpu_offload` (the hooks are new after each call): append
-    `hook:<name>` to `events` whenever a model's offload hook fires (the real hook runs)."""
+    `hook:<name>` to `events` whenever a model's offload hook fires, `back:<name>` whenever it is
+    sent back to the CPU (the real hooks run)."""
+    names = {id(p.mllm): "mllm", id(p.transformer): "transformer", id(p.vae): "vae"}
     for name, module in (("mllm", p.mllm), ("transformer", p.transformer), ("vae", p.vae)):
         hook = getattr(module, "_hf_hook", None)
         if hook is not None:  # a model without weights (SpaceToDepth) gets none
             hook.pre_forward = (lambda pre, n: lambda *a, **k: events.append(f"hook:{n}") or pre(*a, **k))(
                 hook.pre_forward, name)
+    for user in p._all_hooks:
+        user.offload = (lambda off, n: lambda: events.append(f"back:{n}") or off())(user.offload, names[id(user.model)])
 
 
 def _record_runs(runs, events):
@@ -572,6 +576,9 @@ def test_model_cpu_offload_moves_each_model_before_it_runs(tiny_workspace, media
                 _record_hooks(base, events)
                 out = _run(base, 3, output_type="pt", **kw)
                 assert torch.equal(out, expected)
+                # the MLLM back to the CPU once its contexts are made, before the codec or the DiT runs
+                back = events.index("back:mllm")
+                assert "run:mllm" not in events[back:] and not {"run:vae", "run:transformer"} & set(events[:back])
                 if runs_on:
                     assert _first(events, "hook") == ["mllm", "vae", "transformer"], events
                     last = max(i for i, e in enumerate(events) if e == "hook:transformer")  # the last step

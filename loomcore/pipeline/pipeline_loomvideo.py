@@ -95,7 +95,8 @@ class LoomVideoPipeline(DiffusionPipeline):
 
     # `enable_model_cpu_offload()`: the models go to the GPU in this order, each when it is first
     # called (the MLLM's forward, the DiT's `prepare` or forward, the codec's encode or decode), and
-    # each sends the previous one back; the codec that encoded a source stays through the loop.
+    # each sends the previous one back; the MLLM goes back once the contexts are made (before the
+    # codec encodes a source), and a codec that encoded a source stays through the loop.
     model_cpu_offload_seq = "mllm->transformer->vae"
     _callback_tensor_inputs = ["latents"]
 
@@ -201,6 +202,13 @@ class LoomVideoPipeline(DiffusionPipeline):
         self._exclude_from_cpu_offload = weightless  # this instance's, over the class's []
         self.model_cpu_offload_seq = "->".join(n for n in type(self).model_cpu_offload_seq.split("->") if n not in weightless)
         super().enable_model_cpu_offload(gpu_id=gpu_id, device=device)
+
+    def _send_back(self, module: torch.nn.Module) -> None:
+        """Under `enable_model_cpu_offload`: `module` back to CPU memory now (its hook would send it
+        back only when the next model of `model_cpu_offload_seq` runs: the DiT, after the codec)."""
+        for hook in getattr(self, "_all_hooks", None) or ():
+            if hook.model is module:
+                hook.offload()
 
     # ---------------------------------------------------------------------------------------
     # Inputs
@@ -373,8 +381,10 @@ class LoomVideoPipeline(DiffusionPipeline):
         device = self._execution_device
         dtype = self.transformer.dtype
 
-        # 2. MLLM contexts of the guidance branches, one padded batch (branch-major: m outputs each)
+        # 2. MLLM contexts of the guidance branches, one padded batch (branch-major: m outputs each);
+        #    under model CPU offload the MLLM then leaves the GPU before the codec encodes a source
         context, context_mask = self.encode_contexts(plan, branches)
+        self._send_back(self.mllm)
         context, context_mask = context.repeat_interleave(m, 0).to(device), context_mask.repeat_interleave(m, 0).to(device)
 
         # 3. Codec latents of the source (Scale-and-Add, eq. 2) and the references
