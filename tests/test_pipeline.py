@@ -592,6 +592,14 @@ def test_model_cpu_offload_moves_each_model_before_it_runs(tiny_workspace, media
             base.remove_all_hooks()
 
 
+def test_sequential_cpu_offload_is_refused_naming_model_offload(pipe):
+    """diffusers' sequential offload would send the MLLM's inputs to the meta device (its weights
+    wait there): refused before it installs a hook, naming what works."""
+    with pytest.raises(NotImplementedError, match=r"use enable_model_cpu_offload\(\)"):
+        pipe.enable_sequential_cpu_offload(device="cpu")
+    assert not hasattr(pipe.mllm, "_hf_hook") and pipe.mllm.device.type == "cpu"
+
+
 def test_cli_cpu_offload_needs_a_gpu(tiny_workspace, tmp_path, capsys):
     code = _cli(tiny_workspace, "--prompt", "a cat", "--cpu-offload", "--device", "cpu", "--out", tmp_path / "x.mp4")
     err = capsys.readouterr().err

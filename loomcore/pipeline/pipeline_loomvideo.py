@@ -203,6 +203,13 @@ class LoomVideoPipeline(DiffusionPipeline):
         self.model_cpu_offload_seq = "->".join(n for n in type(self).model_cpu_offload_seq.split("->") if n not in weightless)
         super().enable_model_cpu_offload(gpu_id=gpu_id, device=device)
 
+    def enable_sequential_cpu_offload(self, *args, **kwargs):
+        """Not supported: it leaves every weight on the meta device between its submodule's forwards,
+        and the MLLM encoder places its inputs, the DiT its conditions, where their weights are."""
+        raise NotImplementedError("LoomVideoPipeline: enable_sequential_cpu_offload is not supported (the MLLM's "
+                                  "inputs would go to the meta device); use enable_model_cpu_offload(), which "
+                                  "moves one whole model at a time")
+
     def _send_back(self, module: torch.nn.Module) -> None:
         """Under `enable_model_cpu_offload`: `module` back to CPU memory now (its hook would send it
         back only when the next model of `model_cpu_offload_seq` runs: the DiT, after the codec)."""
