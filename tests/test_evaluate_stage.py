@@ -462,3 +462,53 @@ def test_the_journal_keeps_what_a_rerun_may_reuse(tmp_path):
     assert len(computed) == 3 and j.reused == 3
     j.close(finished=True)
     assert not folder.exists()
+
+
+def test_a_qwen_judge_of_the_pipelines_mllm_asks_that_copy(tiny_workspace, tmp_path, monkeypatch):
+    """The paper profile's judge is models.mllm (eval.judge.model null): the evaluate stage asks the
+    generating pipeline's own Qwen3-VL — one copy of the 8B model in memory, not two — with the
+    answers a separately loaded judge gives, the pipeline's calls between them and its model CPU
+    offload notwithstanding; another judge folder is loaded on its own."""
+    import shutil
+
+    from loomcore.eval.judge import QwenJudge, make_judge
+    from loomcore.eval.runner import run_evaluation
+    from loomcore.pipeline import LoomVideoPipeline
+
+    cfg, overrides = tiny_workspace
+    qwen = load_config([*overrides, "eval.judge.kind=qwen", "eval.judge.model=null", "eval.judge.max_new_tokens=6"],
+                       profile="tiny")
+    pipe = LoomVideoPipeline.from_config_models(qwen)
+    pipe.set_progress_bar_config(disable=True)
+    media = [JudgeMedia("the edited video", np.random.default_rng(0).integers(0, 255, (3, 40, 40, 3), dtype=np.uint8))]
+    own = make_judge(qwen, "cpu")
+    shared = make_judge(qwen, "cpu", pipe.mllm)
+    assert shared.model is pipe.mllm and own.model is not pipe.mllm and shared.name == own.name
+    want = own("rate it", media)
+    assert shared("rate it", media) == want
+    pipe("a red circle", num_frames=1, num_inference_steps=1)  # the encoder's calls leave no state behind
+    assert shared("rate it", media) == want
+    pipe.enable_model_cpu_offload(device="cpu")
+    try:
+        fired = []
+        hook = pipe.mllm._hf_hook
+        hook.pre_forward = (lambda pre: lambda *a, **k: fired.append(1) or pre(*a, **k))(hook.pre_forward)
+        assert shared("rate it", media) == want and fired  # the offload hook moved it for the judge
+    finally:
+        pipe.remove_all_hooks()
+    other = tmp_path / "judge"
+    shutil.copytree(qwen.models.mllm, other)
+    elsewhere = load_config([*overrides, "eval.judge.kind=qwen", f"eval.judge.model={other}"], profile="tiny")
+    assert make_judge(elsewhere, "cpu", pipe.mllm).model is not pipe.mllm
+
+    loaded = []
+    original = QwenJudge.from_pretrained.__func__
+    monkeypatch.setattr(QwenJudge, "from_pretrained",
+                        classmethod(lambda cls, *a, **k: loaded.append(a[0]) or original(cls, *a, **k)))
+    run_evaluation(load_config([*overrides, "eval.judge.kind=qwen", "eval.judge.model=null",
+                                "eval.judge.max_new_tokens=4", f"eval.model={cfg.models.transformer}",
+                                f"eval.out_dir={tmp_path / 'eval'}", f"paths.runs={tmp_path / 'runs'}",
+                                "eval.shapes.per_task=1", "eval.steps=1", "eval.benchmarks.names=[openve]",
+                                "eval.benchmarks.limit=1"], profile="tiny"), log=lambda m: None)
+    results = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert loaded == [] and results["openve"]["n"] >= 1, results.get("openve")  # judged, by the pipeline's copy

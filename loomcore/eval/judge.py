@@ -311,7 +311,9 @@ class QwenJudge:
         """Sampled at RETRY_TEMPERATURE, seeded by the attempt (the process's RNG is left as it was)."""
         import torch
 
-        device = next(self.model.parameters()).device
+        from loomcore.models.mllm import execution_device
+
+        device = execution_device(self.model)
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(attempt)
             return self._generate(prompt, media, temperature=RETRY_TEMPERATURE)
@@ -324,8 +326,11 @@ class QwenJudge:
         batch["attention_mask"] = torch.ones_like(ids)
         # which tokens are image / video placeholders: Qwen3-VL's M-RoPE positions need them
         batch["mm_token_type_ids"] = (ids == self.inputs.image_token_id).int() + 2 * (ids == self.inputs.video_token_id).int()
-        device = next(self.model.parameters()).device
-        batch = {k: v.to(device) for k, v in batch.items()}
+        from loomcore.models.mllm import execution_device
+
+        # where the model runs (a generating pipeline's MLLM under CPU offload: the device its hook moves it to)
+        batch = {k: v.to(execution_device(self.model)) for k, v in batch.items()}
+        self.model.model.rope_deltas = None  # the model may be the pipeline's MLLM: no position cache of its calls
         t0 = time.monotonic()
         with torch.no_grad():
             sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
@@ -419,13 +424,13 @@ class OpenAICompatibleJudge:
 
 
 @contextmanager
-def judge_session(cfg, device: str = "cpu") -> Iterator[Judge]:
+def judge_session(cfg, device: str = "cpu", mllm=None) -> Iterator[Judge]:
     """`with judge_session(cfg) as judge:` — `make_judge`, or for kind "shapes" (the tiny
     profile) the program of `loomcore.eval.shapes_judge` served on 127.0.0.1 for the session and
     asked through `OpenAICompatibleJudge`, the hosted judge's own client."""
     j = cfg.eval.judge
     if j.kind != "shapes":
-        yield make_judge(cfg, device)
+        yield make_judge(cfg, device, mllm)
         return
     from loomcore.eval.shapes_judge import MODEL_NAME, ShapesJudgeServer
     from loomcore.eval.shapesbench import ShapesScoring
@@ -436,16 +441,26 @@ def judge_session(cfg, device: str = "cpu") -> Iterator[Judge]:
                                     "world, asked over HTTP through the OpenAI-compatible client)")
 
 
-def make_judge(cfg, device: str = "cpu") -> Judge:
-    """The judge `cfg.eval.judge` asks for: kind "qwen" loads `judge.model` (null: models.mllm);
+def make_judge(cfg, device: str = "cpu", mllm=None) -> Judge:
+    """The judge `cfg.eval.judge` asks for: kind "qwen" loads `judge.model` (null: models.mllm) —
+    or, when that is models.mllm and `mllm` (the generating pipeline's Qwen3-VL, loaded from it in
+    the judge's dtype) is given, asks that one: one copy of the 8B model in memory, not two;
     "openai": the endpoint the environment names. ("shapes" needs a server: `judge_session`.)"""
     import torch
 
     j = cfg.eval.judge
     if j.kind == "qwen":
         dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
-        return QwenJudge.from_pretrained(j.model or cfg.models.mllm, j.max_new_tokens, j.timeout_s, j.video_frames,
-                                         device, dtype, S3Settings.from_config(cfg.s3), cfg.video.fps)
+        uri, settings = j.model or cfg.models.mllm, S3Settings.from_config(cfg.s3)
+        if mllm is not None and uri == cfg.models.mllm and mllm.dtype == dtype:
+            from loomcore.models.mllm import Qwen3VLInputs
+
+            judge = QwenJudge(mllm, Qwen3VLInputs.from_pretrained(materialize(uri, settings=settings)), j.max_new_tokens,
+                              j.timeout_s, j.video_frames, cfg.video.fps)
+            judge.name = f"qwen3-vl ({uri})"  # as from_pretrained names it: the same weights
+            return judge
+        return QwenJudge.from_pretrained(uri, j.max_new_tokens, j.timeout_s, j.video_frames,
+                                         device, dtype, settings, cfg.video.fps)
     if j.kind == "openai":
         return OpenAICompatibleJudge.from_env(j.timeout_s, j.max_new_tokens, j.video_frames)
     raise ValueError(f"eval.judge.kind = {j.kind!r}: expected 'qwen' or 'openai' (or 'shapes' through judge_session)")

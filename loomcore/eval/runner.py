@@ -349,7 +349,8 @@ def _run(cfg: Config, scratch: Path, on_progress: Optional[ProgressFn], log: Cal
                 log(f"shapesbench ({key}): {len(shape_rows)} samples × {e.shapes.seeds} seed(s)")
             del base
         scorer = VBenchScorer.from_config(e.vbench, device, s3) if "vbench" in sets else None
-        with (judge_session(cfg, device) if any(n != "vbench" for n in sets) else nullcontext()) as judge:
+        # a local Qwen3-VL judge of models.mllm asks the pipeline's own copy (one 8B model in memory)
+        with (judge_session(cfg, device, pipe.mllm) if any(n != "vbench" for n in sets) else nullcontext()) as judge:
             for name, samples in sets.items():
                 r, sheet = run_benchmark(pipe, cfg, MODEL, samples, judge, scorer, step, journal)
                 rows += r

@@ -376,6 +376,13 @@ class MLLMTokenizer:
         return sample
 
 
+def execution_device(model: nn.Module) -> torch.device:
+    """Where `model` runs: under accelerate's hook (a pipeline's model CPU offload) the hook's
+    execution device — its weights wait in CPU memory until it is called — else its weights'."""
+    device = getattr(getattr(model, "_hf_hook", None), "execution_device", None)
+    return torch.device(device) if device is not None else next(model.parameters()).device
+
+
 class MLLMEncoder(MLLMTokenizer, nn.Module):
     """Frozen Qwen3-VL -> per-layer features for Deepstack. No gradients, eval mode, always."""
 
@@ -413,7 +420,7 @@ class MLLMEncoder(MLLMTokenizer, nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        return execution_device(self.model)
 
     # -- inputs ----------------------------------------------------------------------------
 
