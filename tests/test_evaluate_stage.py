@@ -490,10 +490,13 @@ def test_a_qwen_judge_of_the_pipelines_mllm_asks_that_copy(tiny_workspace, tmp_p
     assert shared("rate it", media) == want
     pipe.enable_model_cpu_offload(device="cpu")
     try:
-        fired = []
-        hook = pipe.mllm._hf_hook
-        hook.pre_forward = (lambda pre: lambda *a, **k: fired.append(1) or pre(*a, **k))(hook.pre_forward)
-        assert shared("rate it", media) == want and fired  # the offload hook moved it for the judge
+        events = []  # the offload hook must move the model before generate runs its vision tower
+        hook, visual = pipe.mllm._hf_hook, pipe.mllm.model.visual
+        hook.pre_forward = (lambda pre: lambda *a, **k: events.append("hook") or pre(*a, **k))(hook.pre_forward)
+        visual.forward = (lambda fwd: lambda *a, **k: events.append("visual") or fwd(*a, **k))(visual.forward)
+        assert shared("rate it", media) == want
+        assert events[0] == "hook" and "visual" in events, events[:4]
+        del visual.forward  # the class's again
     finally:
         pipe.remove_all_hooks()
     other = tmp_path / "judge"

@@ -328,9 +328,12 @@ class QwenJudge:
         batch["mm_token_type_ids"] = (ids == self.inputs.image_token_id).int() + 2 * (ids == self.inputs.video_token_id).int()
         from loomcore.models.mllm import execution_device
 
-        # where the model runs (a generating pipeline's MLLM under CPU offload: the device its hook moves it to)
+        # A generating pipeline's MLLM under its CPU offload: onto the device its hook names before
+        # `generate`, which runs the vision tower itself before the first forward (the hook's trigger)
+        hook = getattr(self.model, "_hf_hook", None)
+        if hook is not None:
+            hook.pre_forward(self.model)
         batch = {k: v.to(execution_device(self.model)) for k, v in batch.items()}
-        self.model.model.rope_deltas = None  # the model may be the pipeline's MLLM: no position cache of its calls
         t0 = time.monotonic()
         with torch.no_grad():
             sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
