@@ -15,8 +15,9 @@ pipelines' `callback_on_step_end`) and at its return, each stamp after a device 
     after_loop_s    codec decode + postprocessing to numpy
     dit_and_decode_s = denoise_s + after_loop_s: what the targets compare
 The MLLM encode is also timed on its own (`encode_contexts`, same plan), and the source's codec
-encode (`encode_media`); the TV2V call once more under `enable_model_cpu_offload` (`offload`). FLOP bound: steps × (counted FLOPs of one guided step: all branches) +
-the decode's counted FLOPs, over the matmul rate measured in this run.
+encode (`encode_media`); the TV2V call once more under `enable_model_cpu_offload` (`offload`).
+FLOP bound: steps × (counted FLOPs of one guided step: all branches) + the decode's counted
+FLOPs, over the matmul rate measured in this run.
 """
 
 from __future__ import annotations
