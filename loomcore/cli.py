@@ -542,11 +542,13 @@ tiny profile's Shapes data has some: data/raw/samples/<id>/source.mp4, source.pn
   reconstruct a video     loom generate --source in.mp4 --out recon.mp4
   reconstruct an image    loom generate --source in.png --out recon.png
   four seeds in a batch   loom generate --prompt "a red circle" --frames 1 --num-outputs 4 --out t2i.png
+  a file of prompts       loom generate --prompts prompts.txt --frames 1 --out t2i.png
   a trained DiT           loom generate --transformer outputs/stage3/model --prompt "a blue square" --out stage3.mp4
   an exported pipeline    loom generate --model outputs/export/model --prompt "a blue square" --out export.mp4
 
 --num-outputs 4 writes t2i-0.png … t2i-3.png (seeds 0–3), each the image --seed <that seed> alone gives
-(to within one 8-bit level).
+(to within one 8-bit level). --prompts writes t2i-1.png, t2i-2.png … (t2i-1-0.png … with --num-outputs),
+one per prompt of the file, each what --prompt with that line gives; every prompt is checked first.
 The task is inferred from the inputs (--task to name it). Sizes and frame counts are checked
 against the model before anything runs: bad input exits with status 2 and says what the model takes.
 On a GPU that does not hold the paper profile's MLLM and DiT together, add --cpu-offload.
@@ -570,10 +572,27 @@ def _check_generate_size(cfg, args) -> None:
         raise InputError(f"{' '.join(f'{k} {v}' for k, v in given)}: {e}") from None
 
 
+def read_prompts(path: str) -> List[tuple]:
+    """`--prompts FILE`: one prompt a line; blank lines and lines starting with # are skipped.
+    [(line number, prompt)]; InputError for a missing or empty file."""
+    file = Path(path)
+    if not file.is_file():
+        raise InputError(f"--prompts {path}: no such file")
+    try:
+        lines = file.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise InputError(f"--prompts {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    prompts = [(n, line.strip()) for n, line in enumerate(lines, 1) if line.strip() and not line.lstrip().startswith("#")]
+    if not prompts:
+        raise InputError(f"--prompts {path}: no prompt in it (one a line; blank and # lines are skipped)")
+    return prompts
+
+
 def cmd_generate(args) -> int:
     import torch
 
     from loomcore.task_kinds import check_figure_refs
+    from loomcore.models.mllm import MLLMRequest
     from loomcore.pipeline import LoomVideoPipeline, check_output_path, inference_dtype, save_output
     from loomcore.pipeline.inputs import describe
     from loomcore.storage import is_s3
@@ -585,15 +604,24 @@ def cmd_generate(args) -> int:
         # 1. What can be checked without a model
         if args.model and args.transformer:
             raise InputError("--model (an exported pipeline) and --transformer (a DiT with the profile's other models): give one")
+        if args.prompts and args.prompt:
+            raise InputError("--prompt and --prompts (a file of them): give one")
         if args.num_outputs < 1:
             raise InputError(f"--num-outputs {args.num_outputs}: expected >= 1")
         if args.cpu_offload and torch.device(device).type == "cpu":
             raise InputError(f"--cpu-offload: keeps the models in CPU memory and moves each to the GPU while it runs, "
                              f"but the device is {device} (no GPU here, or --device cpu)")
+        # (where a prompt came from, for messages; its text): the file's lines, else --prompt
+        prompts = ([(f"--prompts {args.prompts} line {n}", text) for n, text in read_prompts(args.prompts)]
+                   if args.prompts else [("", args.prompt)])
         seeds = list(range(args.seed, args.seed + args.num_outputs))
-        outs = [Path(args.out)] if len(seeds) == 1 else [
-            Path(args.out).with_name(f"{Path(args.out).stem}-{s}{Path(args.out).suffix}") for s in seeds]
-        for out_path in outs:
+        out = Path(args.out)
+        outs = []  # per prompt, per seed: <out>, <out>-<seed>, with a file of prompts <out>-<k>[-<seed>] (k from 1)
+        for k in range(1, len(prompts) + 1):
+            stem = f"{out.stem}-{k}" if args.prompts else out.stem
+            outs.append([out.with_name(f"{stem}{out.suffix}")] if len(seeds) == 1 else
+                        [out.with_name(f"{stem}-{s}{out.suffix}") for s in seeds])
+        for out_path in (p for per_prompt in outs for p in per_prompt):
             check_output_path(out_path, overwrite=args.overwrite)
         for flag, value in (("--steps", args.steps), ("--frames", args.frames)):
             if value is not None and value < 1:
@@ -601,7 +629,11 @@ def cmd_generate(args) -> int:
         for flag, value in (("--guidance", args.guidance), ("--visual-guidance", args.visual_guidance)):
             if value is not None and not value >= 1.0:
                 raise InputError(f"{flag} {value}: expected >= 1 (1 turns that guidance off)")
-        check_figure_refs(args.prompt, len(args.ref))
+        for where, text in prompts:
+            try:
+                check_figure_refs(text, len(args.ref))
+            except InputError as e:
+                raise InputError(f"{where}: {e}" if where else str(e)) from None
         for flag, path in [("--source", args.source)] * bool(args.source) + [("--ref", r) for r in args.ref]:
             if not Path(path).is_file():
                 raise InputError(f"{flag} {path}: no such file")
@@ -635,32 +667,46 @@ def cmd_generate(args) -> int:
         else:
             pipe = LoomVideoPipeline.from_config_models(cfg, args.transformer, dtype=dtype)
 
-        # 3. The inputs, as this model takes them
-        plan = pipe.resolve_inputs(
-            args.prompt, negative_prompt=args.negative_prompt, task=args.task, source=args.source, references=args.ref,
-            height=args.height, width=args.width, num_frames=args.frames, num_inference_steps=args.steps,
-            guidance_scale=args.guidance, visual_guidance_scale=args.visual_guidance, mllm_layout=args.layout,
-        )
-        for out_path in outs:
-            check_output_path(out_path, plan.num_frames, overwrite=args.overwrite)
-
-        # 4. Generate (an InputError here is still the input's: e.g. a prompt over mllm.max_length tokens)
-        for line in describe(plan):
-            print(f"generate: {line}")
+        # 3. The inputs, as this model takes them — every prompt's before any is generated (with a
+        #    file of them, the MLLM's token limit too: the tokenizer's check, without the model)
+        plans = []
+        for (where, text), per_prompt in zip(prompts, outs):
+            try:
+                plan = pipe.resolve_inputs(
+                    text, negative_prompt=args.negative_prompt, task=args.task, source=args.source, references=args.ref,
+                    height=args.height, width=args.width, num_frames=args.frames, num_inference_steps=args.steps,
+                    guidance_scale=args.guidance, visual_guidance_scale=args.visual_guidance, mllm_layout=args.layout,
+                )
+                if args.prompts:
+                    pipe.mllm_encoder().tokenize(MLLMRequest(plan.task, plan.prompt, references=list(plan.references),
+                                                             source=plan.source, layout=plan.mllm_layout))
+            except InputError as e:
+                raise InputError(f"{where}: {e}" if where else str(e)) from None
+            for out_path in per_prompt:
+                check_output_path(out_path, plan.num_frames, overwrite=args.overwrite)
+            plans.append(plan)
         if args.cpu_offload:  # one model in GPU memory at a time: the MLLM, then the DiT, then the codec
             pipe.enable_model_cpu_offload(device=device)
         else:
             pipe.to(device)
-        out = pipe(
-            plan.prompt, **plan.call_inputs(), num_videos_per_prompt=len(seeds),
-            generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],  # CPU noise: a seed means the same on any device
-        )
+
+        # 4. Generate, each prompt's outputs written as they come (an InputError here is still the
+        #    input's: e.g. a prompt over mllm.max_length tokens)
+        for (where, _), plan, per_prompt in zip(prompts, plans, outs):
+            if where:
+                print(f"generate: {where}")
+            for line in describe(plan):
+                print(f"generate: {line}")
+            result = pipe(
+                plan.prompt, **plan.call_inputs(), num_videos_per_prompt=len(seeds),
+                generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],  # CPU noise: a seed means the same on any device
+            )
+            for frames, out_path in zip(result.frames, per_prompt):
+                path = save_output(frames, out_path, fps=args.fps or pipe.config.fps, overwrite=True)
+                print(f"generate: wrote {path}")
     except InputError as e:  # a user's mistake (loomcore.errors); anything else is a bug: its traceback shows
         print(f"loom generate: {e}", file=sys.stderr)
         return 2
-    for frames, out_path in zip(out.frames, outs):
-        path = save_output(frames, out_path, fps=args.fps or pipe.config.fps, overwrite=True)
-        print(f"generate: wrote {path}")
     return 0
 
 
@@ -799,6 +845,9 @@ def build_parser() -> argparse.ArgumentParser:
                 epilog=GENERATE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.set_defaults(in_checkout=True)  # reads params' folders: runs in the checkout (_run_in_checkout)
     p.add_argument("--prompt", default="", help="caption or instruction; '@Figure k' names the k-th --ref")
+    p.add_argument("--prompts", metavar="FILE",
+                   help="a text file of prompts, one a line (blank and # lines skipped), each generated with the "
+                   "other flags as given, the models loaded once: <out>-1, <out>-2 … in the file's order")
     p.add_argument("--negative-prompt", default=None,
                    help="default: the pipeline's (params guidance.generate_negative_prompt, else guidance.negative_prompt)")
     p.add_argument("--layout", choices=("demo", "train", "eval"), default=None,
@@ -835,7 +884,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # The command line's file and folder arguments (of the subcommands that run in the checkout)
-PATH_ARGS = ("params", "out", "source", "ref", "model", "transformer")
+PATH_ARGS = ("params", "out", "source", "ref", "model", "transformer", "prompts")
 
 
 def _run_in_checkout(args) -> None:

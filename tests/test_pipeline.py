@@ -675,6 +675,47 @@ def test_cli_num_outputs_writes_each_seed_as_its_own_run_does(tiny_workspace, tm
     assert _cli(tiny_workspace, *base, "--num-outputs", "0", "--out", str(tmp_path / "x.png")) == 2
 
 
+def test_cli_prompts_file_writes_one_output_per_prompt_as_each_prompt_alone(tiny_workspace, tmp_path, capsys):
+    """--prompts FILE: the models loaded once, <out>-1, <out>-2 … in the file's order (blank and #
+    lines skipped), each byte for byte what --prompt with that line writes; with --num-outputs
+    <out>-<k>-<seed>. Every prompt is checked before any is generated: a bad line is named and
+    nothing is written."""
+    from loomcore.data.video_io import read_image
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# shapes for the review\na red circle\n\n  a blue square on a green background  \n")
+    out = tmp_path / "out"
+    out.mkdir()
+    assert _cli(tiny_workspace, "--prompts", prompts, "--frames", "1", "--out", out / "t2i.png") == 0
+    assert sorted(p.name for p in out.iterdir()) == ["t2i-1.png", "t2i-2.png"]
+    assert "generate: --prompts " in capsys.readouterr().out
+    for k, text in ((1, "a red circle"), (2, "a blue square on a green background")):
+        assert _cli(tiny_workspace, "--prompt", text, "--frames", "1", "--out", tmp_path / f"alone-{k}.png") == 0
+        assert torch.equal(read_image(out / f"t2i-{k}.png"), read_image(tmp_path / f"alone-{k}.png"))
+    assert _cli(tiny_workspace, "--prompts", prompts, "--frames", "1", "--num-outputs", "2", "--seed", "3",
+                "--out", tmp_path / "many" / "t2i.png") == 0
+    assert sorted(p.name for p in (tmp_path / "many").iterdir()) == ["t2i-1-3.png", "t2i-1-4.png", "t2i-2-3.png",
+                                                                     "t2i-2-4.png"]
+
+    capsys.readouterr()
+    bad = tmp_path / "bad.txt"
+    bad.write_text("a red circle\n\nmake it like @Figure 2\n" + "zq " * 200 + "\n")
+    assert _cli(tiny_workspace, "--prompts", bad, "--frames", "1", "--out", tmp_path / "bad" / "x.png") == 2
+    err = capsys.readouterr().err
+    assert f"--prompts {bad} line 3: prompt names @Figure 2 but no reference images were given" in err, err
+    bad.write_text("a red circle\n" + "zq " * 200 + "\n")
+    assert _cli(tiny_workspace, "--prompts", bad, "--frames", "1", "--out", tmp_path / "bad" / "x.png") == 2
+    err = capsys.readouterr().err
+    assert f"--prompts {bad} line 2: " in err and "more than mllm.max_length = 128" in err, err
+    assert not (tmp_path / "bad").exists()  # nothing generated: the first line's file not written either
+    empty = tmp_path / "empty.txt"
+    empty.write_text("# nothing yet\n\n")
+    for args, needle in ((["--prompts", empty], "no prompt in it"), (["--prompts", tmp_path / "nope.txt"], "no such file"),
+                         (["--prompts", prompts, "--prompt", "a cat"], "--prompt and --prompts (a file of them): give one")):
+        assert _cli(tiny_workspace, *args, "--frames", "1", "--out", tmp_path / "e.png") == 2
+        assert needle in capsys.readouterr().err, args
+
+
 def test_cli_t2v_writes_an_mp4(tiny_workspace, tmp_path):
     """Run from another folder, as a user would: the output path given relative to that folder,
     the models' paths (as in params.yaml) relative to the checkout, as DVC reads them."""
@@ -827,7 +868,7 @@ def test_every_help_example_runs_as_written(tiny_workspace, files, saved_dir, tm
     cfg, _ = tiny_workspace
     sub = build_parser()._subparsers._group_actions[0].choices["generate"]
     examples = re.findall(r"^  [A-Za-z… ]+?\s{2,}(loom generate .+)$", sub.format_help(), re.MULTILINE)
-    assert len(examples) == 13, sub.format_help()
+    assert len(examples) == 14, sub.format_help()
     for name in ("dvc.yaml", "params.yaml"):  # a checkout: loom reads its params and folders
         shutil.copyfile(REPO_ROOT / name, tmp_path / name)
     (tmp_path / "models").mkdir()
@@ -838,6 +879,7 @@ def test_every_help_example_runs_as_written(tiny_workspace, files, saved_dir, tm
     (tmp_path / "outputs" / "export" / "model").symlink_to(saved_dir)
     for name, src in (("in.mp4", "src.mp4"), ("in.png", "src.png"), ("a.png", "a.png"), ("b.png", "b.png")):
         shutil.copyfile(files / src, tmp_path / name)
+    (tmp_path / "prompts.txt").write_text("a red circle\na blue square\n")
     monkeypatch.chdir(tmp_path)
     for example in examples:
         args = shlex.split(example)
@@ -847,6 +889,10 @@ def test_every_help_example_runs_as_written(tiny_workspace, files, saved_dir, tm
             n = int(args[args.index("--num-outputs") + 1])
             assert sorted(p.name for p in tmp_path.glob(f"{out.stem}-*{out.suffix}")) == [
                 f"{out.stem}-{k}{out.suffix}" for k in range(n)], example
+            for p in tmp_path.glob(f"{out.stem}-*{out.suffix}"):
+                p.unlink()  # the next example may name the same --out
+        elif "--prompts" in args:  # <out>-<k>.<ext>, one per prompt of the file
+            assert all((tmp_path / f"{out.stem}-{k}{out.suffix}").is_file() for k in (1, 2)), example
         else:
             assert (tmp_path / out).is_file(), example
 
