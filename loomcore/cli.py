@@ -588,6 +588,15 @@ def read_prompts(path: str) -> List[tuple]:
     return prompts
 
 
+@contextlib.contextmanager
+def _named(where: str):
+    """An InputError inside says where its input came from (`--prompts FILE line N: …`); "": as it is."""
+    try:
+        yield
+    except InputError as e:
+        raise (InputError(f"{where}: {e}") if where else e) from None
+
+
 def cmd_generate(args) -> int:
     import torch
 
@@ -630,10 +639,8 @@ def cmd_generate(args) -> int:
             if value is not None and not value >= 1.0:
                 raise InputError(f"{flag} {value}: expected >= 1 (1 turns that guidance off)")
         for where, text in prompts:
-            try:
+            with _named(where):
                 check_figure_refs(text, len(args.ref))
-            except InputError as e:
-                raise InputError(f"{where}: {e}" if where else str(e)) from None
         for flag, path in [("--source", args.source)] * bool(args.source) + [("--ref", r) for r in args.ref]:
             if not Path(path).is_file():
                 raise InputError(f"{flag} {path}: no such file")
@@ -671,7 +678,7 @@ def cmd_generate(args) -> int:
         #    file of them, the MLLM's token limit too: the tokenizer's check, without the model)
         plans = []
         for (where, text), per_prompt in zip(prompts, outs):
-            try:
+            with _named(where):
                 plan = pipe.resolve_inputs(
                     text, negative_prompt=args.negative_prompt, task=args.task, source=args.source, references=args.ref,
                     height=args.height, width=args.width, num_frames=args.frames, num_inference_steps=args.steps,
@@ -680,8 +687,6 @@ def cmd_generate(args) -> int:
                 if args.prompts:
                     pipe.mllm_encoder().tokenize(MLLMRequest(plan.task, plan.prompt, references=list(plan.references),
                                                              source=plan.source, layout=plan.mllm_layout))
-            except InputError as e:
-                raise InputError(f"{where}: {e}" if where else str(e)) from None
             for out_path in per_prompt:
                 check_output_path(out_path, plan.num_frames, overwrite=args.overwrite)
             plans.append(plan)
@@ -692,9 +697,9 @@ def cmd_generate(args) -> int:
 
         # 4. Generate, each prompt's outputs written as they come (an InputError here is still the
         #    input's: e.g. a prompt over mllm.max_length tokens)
-        for (where, _), plan, per_prompt in zip(prompts, plans, outs):
+        for (where, text), plan, per_prompt in zip(prompts, plans, outs):
             if where:
-                print(f"generate: {where}")
+                print(f"generate: {where}: {text}")
             for line in describe(plan):
                 print(f"generate: {line}")
             result = pipe(
