@@ -16,11 +16,14 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 pipeline: setup
 	$(BIN)/loom pipeline
 
-# Two pytest workers, each taking whole test files (module fixtures are built once). Their OpenMP
-# threads sleep while idle: spinning ones from two workers on 2 cores made the suite 15 min instead
-# of 8 (BENCHMARKS.md "The test suite"). `pytest` alone runs the same tests in one process.
+# Three pytest workers on the 2 cores, each taking whole test files (module fixtures are built once),
+# the longest files first (tests/conftest.py SLOW_FILES): much of the suite waits on subprocesses,
+# servers and heartbeats, and a third worker fills those waits (8 min 44 s against 9 min 18 s for two
+# in one hour). Their OpenMP threads sleep while idle: spinning ones from two workers on 2 cores made
+# the suite 15 min instead of 8 (BENCHMARKS.md "The test suite"). `pytest` alone runs the same tests
+# in one process.
 test: setup
-	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest -q -n 2 --dist loadfile
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest -q -n 3 --dist loadfile --no-loadscope-reorder
 
 bench: setup
 	$(BIN)/python -m benchmarks.edit_overhead

@@ -21,11 +21,26 @@ for _key in [k for k in os.environ if k.startswith("PREFECT_")]:
 os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="loom-tests-prefect-")
 atexit.register(shutil.rmtree, os.environ["PREFECT_HOME"], True)
 
-# Under pytest-xdist (`make test` runs two workers) each worker's OpenMP threads must sleep when
+# Under pytest-xdist (`make test` runs three workers) each worker's OpenMP threads must sleep when
 # idle: two workers' spinning threads on 2 cores made the suite ~2× slower. libgomp reads this when
 # torch loads, and nothing has imported torch when a worker loads this file. (`make test` sets it too.)
 if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+# The files that take longest, longest first (seconds of one worker's time under `make test`: 271,
+# 185, 118, 97, 74, 72, 65, 55, 51, 45, 44, 43, 37, 35 — BENCHMARKS.md "The test suite"). They are
+# collected first and `make test` hands whole files to its workers in collection order
+# (--no-loadscope-reorder): a long file handed out last left the other workers idle while it ran
+# (xdist's own order, by the number of tests in a file, put the 72 s one-test README file last).
+SLOW_FILES = ("test_trainer.py", "test_orchestration.py", "test_shapesbench.py", "test_local_server.py",
+              "test_params_dvc.py", "test_prefect_readme.py", "test_rl.py", "test_export.py", "test_evaluate_stage.py",
+              "test_data_curate.py", "test_train_checkpoint.py", "test_learning.py", "test_cache_s3.py",
+              "test_pipeline.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: k for k, name in enumerate(SLOW_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FILES)))  # stable: a file's own order kept
 
 
 def _free_port() -> int:
