@@ -45,6 +45,14 @@ def parse_s3_uri(uri: str) -> Tuple[str, str]:
     return bucket, key
 
 
+def same_location(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether two model locations name the same folder: "dir", "dir/" and "./dir" alike (a local
+    path resolved, links followed), "s3://b/m" and "s3://b/m/" alike."""
+    if is_s3(a) or is_s3(b):
+        return is_s3(a) and is_s3(b) and mirror_dir(str(a), Path("/")) == mirror_dir(str(b), Path("/"))
+    return Path(a).resolve() == Path(b).resolve()
+
+
 class StoreError(Exception):
     """The store refused a request in a way that is not about one object (credentials,
     permissions, a missing bucket). The message names the endpoint, the bucket and the object."""

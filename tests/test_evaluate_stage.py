@@ -503,6 +503,9 @@ def test_a_qwen_judge_of_the_pipelines_mllm_asks_that_copy(tiny_workspace, tmp_p
     shutil.copytree(qwen.models.mllm, other)
     elsewhere = load_config([*overrides, "eval.judge.kind=qwen", f"eval.judge.model={other}"], profile="tiny")
     assert make_judge(elsewhere, "cpu", pipe.mllm).model is not pipe.mllm
+    for spelled in (f"{qwen.models.mllm}/", os.path.relpath(qwen.models.mllm)):  # models.mllm spelled otherwise
+        same = load_config([*overrides, "eval.judge.kind=qwen", f"eval.judge.model={spelled}"], profile="tiny")
+        assert make_judge(same, "cpu", pipe.mllm).model is pipe.mllm, spelled
 
     loaded = []
     original = QwenJudge.from_pretrained.__func__

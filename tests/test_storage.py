@@ -2,7 +2,7 @@
 
 import pytest
 
-from loomcore.storage import S3Settings, materialize, parse_s3_uri, s3_client, upload_dir
+from loomcore.storage import S3Settings, materialize, parse_s3_uri, s3_client, same_location, upload_dir
 
 
 def test_parse_uri():
@@ -12,6 +12,20 @@ def test_parse_uri():
         parse_s3_uri("s3:///x")
     with pytest.raises(ValueError, match="not an s3:// URI"):
         parse_s3_uri("/tmp/x")
+
+
+def test_same_location_reads_one_folder_however_it_is_spelled(tmp_path, monkeypatch):
+    """The evaluate stage shares the pipeline's Qwen3-VL with a judge of the same folder: a second
+    8B copy loaded because of a trailing slash would not fit a GPU that holds one."""
+    (tmp_path / "m").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "m")
+    monkeypatch.chdir(tmp_path)
+    for spelled in ("m/", "./m", str(tmp_path / "m"), "link", "n/../m"):
+        assert same_location("m", spelled), spelled
+    assert not same_location("m", "m2") and not same_location("m", "s3://m")
+    assert same_location("s3://b/models/qwen", "s3://b/models/qwen/")
+    assert not same_location("s3://b/models/qwen", "s3://b/models/qwen2")
+    assert not same_location("s3://b/models/qwen", "s3://c/models/qwen")
 
 
 def test_local_paths_pass_through(tmp_path):

@@ -33,7 +33,7 @@ from typing import Dict, Iterator, List, Optional, Protocol, Sequence
 import numpy as np
 
 from loomcore.sheets import video_frame_indices
-from loomcore.storage import S3Settings, materialize
+from loomcore.storage import S3Settings, materialize, same_location
 
 # Environment variables of the hosted judge.
 ENV_BASE_URL, ENV_MODEL, ENV_API_KEY = "LOOM_JUDGE_BASE_URL", "LOOM_JUDGE_MODEL", "LOOM_JUDGE_API_KEY"
@@ -455,7 +455,7 @@ def make_judge(cfg, device: str = "cpu", mllm=None) -> Judge:
     if j.kind == "qwen":
         dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
         uri, settings = j.model or cfg.models.mllm, S3Settings.from_config(cfg.s3)
-        if mllm is not None and uri == cfg.models.mllm and mllm.dtype == dtype:
+        if mllm is not None and same_location(uri, cfg.models.mllm) and mllm.dtype == dtype:
             from loomcore.models.mllm import Qwen3VLInputs
 
             judge = QwenJudge(mllm, Qwen3VLInputs.from_pretrained(materialize(uri, settings=settings)), j.max_new_tokens,
