@@ -678,8 +678,8 @@ def cmd_generate(args) -> int:
         #    file of them, the MLLM's token limit too: the tokenizer's check, without the model)
         plans = []
         for (where, text), per_prompt in zip(prompts, outs):
-            with _named(where):
-                plan = pipe.resolve_inputs(
+            with _named(where):  # the media read once: the file's later prompts share the first plan's frames
+                plan = plans[0].with_prompt(text) if plans else pipe.resolve_inputs(
                     text, negative_prompt=args.negative_prompt, task=args.task, source=args.source, references=args.ref,
                     height=args.height, width=args.width, num_frames=args.frames, num_inference_steps=args.steps,
                     guidance_scale=args.guidance, visual_guidance_scale=args.visual_guidance, mllm_layout=args.layout,

@@ -14,7 +14,7 @@ import torch
 
 from loomcore.cli import main
 from loomcore.config import load_config
-from loomcore.data.video_io import read_image, read_video, write_image, write_video
+from loomcore.data.video_io import read_image, read_video, read_video_release, write_image, write_video
 from loomcore.models.codec import SpaceToDepth
 from loomcore.models.dit import LoomDiT
 from loomcore.pipeline import LoomVideoPipeline, infer_task, save_output
@@ -675,11 +675,14 @@ def test_cli_num_outputs_writes_each_seed_as_its_own_run_does(tiny_workspace, tm
     assert _cli(tiny_workspace, *base, "--num-outputs", "0", "--out", str(tmp_path / "x.png")) == 2
 
 
-def test_cli_prompts_file_writes_one_output_per_prompt_as_each_prompt_alone(tiny_workspace, tmp_path, capsys):
+def test_cli_prompts_file_writes_one_output_per_prompt_as_each_prompt_alone(tiny_workspace, files, tmp_path, capsys,
+                                                                             monkeypatch):
     """--prompts FILE: the models loaded once, <out>-1, <out>-2 … in the file's order (blank and #
     lines skipped), each byte for byte what --prompt with that line writes; with --num-outputs
-    <out>-<k>-<seed>. Every prompt is checked before any is generated: a bad line is named and
-    nothing is written."""
+    <out>-<k>-<seed>; with --source the source read once for the file, not once a prompt (a
+    paper-size source is ~330 MB of frames). Every prompt is checked before any is generated: a
+    bad line is named and nothing is written."""
+    import loomcore.pipeline.pipeline_loomvideo as module
     from loomcore.data.video_io import read_image
 
     prompts = tmp_path / "prompts.txt"
@@ -696,6 +699,17 @@ def test_cli_prompts_file_writes_one_output_per_prompt_as_each_prompt_alone(tiny
                 "--out", tmp_path / "many" / "t2i.png") == 0
     assert sorted(p.name for p in (tmp_path / "many").iterdir()) == ["t2i-1-3.png", "t2i-1-4.png", "t2i-2-3.png",
                                                                      "t2i-2-4.png"]
+    edits = tmp_path / "edits.txt"
+    edits.write_text("paint the circle like @Figure 1\nmake the square the colour of @Figure 1\n")
+    reads = []
+    monkeypatch.setattr(module, "read_video_release", lambda *a, **k: reads.append(a[0]) or read_video_release(*a, **k))
+    media = ("--source", files / "src.mp4", "--ref", files / "a.png")
+    assert _cli(tiny_workspace, "--prompts", edits, *media, "--out", tmp_path / "edits" / "e.mp4") == 0
+    assert reads == [str(files / "src.mp4")], reads  # once for the file
+    assert capsys.readouterr().out.count("source src.mp4: ") == 2  # what was kept of it, said for each prompt
+    for k, text in enumerate(edits.read_text().splitlines(), 1):
+        assert _cli(tiny_workspace, "--prompt", text, *media, "--out", tmp_path / f"edit-{k}.mp4") == 0
+        assert torch.equal(read_video(tmp_path / "edits" / f"e-{k}.mp4"), read_video(tmp_path / f"edit-{k}.mp4"))
 
     capsys.readouterr()
     bad = tmp_path / "bad.txt"
@@ -714,6 +728,21 @@ def test_cli_prompts_file_writes_one_output_per_prompt_as_each_prompt_alone(tiny
                          (["--prompts", prompts, "--prompt", "a cat"], "--prompt and --prompts (a file of them): give one")):
         assert _cli(tiny_workspace, *args, "--frames", "1", "--out", tmp_path / "e.png") == 2
         assert needle in capsys.readouterr().err, args
+
+
+def test_a_plan_for_another_prompt_shares_its_media_and_checks_the_prompt(pipe, files):
+    from loomcore.errors import InputError
+
+    plan = pipe.resolve_inputs("make the circle blue", source=files / "src.png")
+    other = plan.with_prompt("make it green")
+    assert other.source is plan.source and other.task == plan.task == "ti2i" and other.prompt == "make it green"
+    fresh = pipe.resolve_inputs("make it green", source=files / "src.png")  # what resolving it anew gives
+    assert torch.equal(fresh.source, other.source)
+    assert {k: v for k, v in vars(fresh).items() if k != "source"} == {k: v for k, v in vars(other).items() if k != "source"}
+    with pytest.raises(InputError, match="non-empty string for task ti2i"):
+        plan.with_prompt("  ")  # would be a reconstruction
+    with pytest.raises(InputError, match="@Figure 1"):
+        plan.with_prompt("paint it like @Figure 1")  # no references
 
 
 def test_cli_t2v_writes_an_mp4(tiny_workspace, tmp_path):

@@ -18,7 +18,7 @@ its first frames to use.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, List, Optional, Sequence, Tuple
 
@@ -129,6 +129,16 @@ class GenerationPlan:
     def has_visual(self) -> bool:
         """Whether the MLLM input holds an image or video (then the visual-only branch exists)."""
         return self.source is not None or len(self.references) > 0
+
+    def with_prompt(self, prompt: str) -> "GenerationPlan":
+        """This plan for another prompt (a file of prompts over one source): the same task, size,
+        scales and media — the source read and resized once, its frames shared, not held once a
+        prompt. The prompt is checked as `plan_generation` checks it; an empty one, which would
+        make an edit a reconstruction, is refused."""
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise InputError(f"prompt: expected a non-empty string for task {self.task}, got {prompt!r}")
+        check_sample(self.task, prompt, len(self.references), self.source is not None)
+        return replace(self, prompt=prompt)
 
     def call_inputs(self) -> dict:
         """The resolved inputs as `LoomVideoPipeline.__call__`'s keyword arguments (CALL_INPUTS)."""
