@@ -3,6 +3,7 @@ one batched guidance forward per step, Scale-and-Add, save/load, input refusals,
 
 import inspect
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -728,6 +729,52 @@ def test_cli_prompts_file_writes_one_output_per_prompt_as_each_prompt_alone(tiny
                          (["--prompts", prompts, "--prompt", "a cat"], "--prompt and --prompts (a file of them): give one")):
         assert _cli(tiny_workspace, *args, "--frames", "1", "--out", tmp_path / "e.png") == 2
         assert needle in capsys.readouterr().err, args
+
+
+def test_prompt_embeds_made_once_serve_other_seeds_and_scales_and_refuse_other_inputs(pipe, files, monkeypatch):
+    """encode_prompt runs the MLLM once for every guidance branch; calls with prompt_embeds give,
+    bit for bit, what the same calls without them give — other seeds, guidance scales (one, two or
+    three branches) — and do not run the MLLM; embeddings of other inputs are refused, naming what
+    differs."""
+    from loomcore.errors import InputError
+    from loomcore.pipeline import PromptEmbeds
+
+    edit = dict(source=files / "src.png", references=[files / "a.png"], num_inference_steps=2)
+    t2i = dict(num_frames=1, num_inference_steps=2)
+    embeds = {"edit": pipe.encode_prompt("paint the circle like @Figure 1", **edit),
+              "t2i": pipe.encode_prompt("a red circle", **t2i)}
+    assert isinstance(embeds["edit"], PromptEmbeds)
+    assert set(embeds["edit"].features) == {"uncond", "visual", "full"} and set(embeds["t2i"].features) == {"uncond", "full"}
+    calls = [("edit", "paint the circle like @Figure 1", edit, dict(guidance_scale=2.5, visual_guidance_scale=1.5)),
+             ("edit", "paint the circle like @Figure 1", edit, dict(guidance_scale=1.0, visual_guidance_scale=1.0)),
+             ("t2i", "a red circle", t2i, dict(guidance_scale=5.0)),
+             ("t2i", "a red circle", t2i, dict(guidance_scale=1.0))]
+    want = [[pipe(text, **inputs, **scales, generator=torch.Generator().manual_seed(seed), output_type="pt").frames
+             for seed in (0, 1)] for _, text, inputs, scales in calls]
+    ran = []
+    monkeypatch.setattr(type(pipe.mllm), "forward", lambda *a, **k: ran.append(1) / 0)  # the MLLM must not run
+    for (key, text, inputs, scales), expected in zip(calls, want):
+        for seed, frames in zip((0, 1), expected):
+            got = pipe(**inputs, **scales, prompt_embeds=embeds[key], generator=torch.Generator().manual_seed(seed),
+                       output_type="pt").frames
+            assert torch.equal(got, frames), (key, scales, seed)
+    assert ran == []
+    assert torch.equal(pipe("a red circle", **t2i, prompt_embeds=embeds["t2i"], output_type="pt",  # the prompt given too
+                            generator=torch.Generator().manual_seed(0)).frames, want[2][0])
+    for kwargs, needle in (
+            (dict(prompt="a blue square", **t2i), "prompt 'a red circle' there, 'a blue square' here"),
+            (dict(negative_prompt="blurry", **t2i), "negative_prompt"),
+            (dict(num_frames=1, height=48, width=48, num_inference_steps=2), None),  # t2i at another size: no media
+            (dict(**{**edit, "source": files / "b.png"}), "the source or reference frames"),
+            (dict(**edit, mllm_layout="eval"), "mllm_layout 'demo' there, 'eval' here")):
+        key = "edit" if "source" in kwargs else "t2i"
+        if needle is None:  # a text-only input's contexts do not depend on the size
+            pipe(**kwargs, prompt_embeds=embeds[key])
+            continue
+        with pytest.raises(InputError, match=re.escape(needle)):
+            pipe(**kwargs, prompt_embeds=embeds[key])
+    with pytest.raises(InputError, match="expected the PromptEmbeds that pipe.encode_prompt returns"):
+        pipe("a red circle", **t2i, prompt_embeds=torch.zeros(1))
 
 
 def test_a_plan_for_another_prompt_shares_its_media_and_checks_the_prompt(pipe, files):

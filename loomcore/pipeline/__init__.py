@@ -9,9 +9,9 @@
 from .inputs import GenerationPlan, Geometry, infer_task, load_frames
 from .loading import inference_dtype
 from .output import check_output_path, save_output, to_uint8_frames
-from .pipeline_loomvideo import LoomVideoPipeline, LoomVideoPipelineOutput
+from .pipeline_loomvideo import LoomVideoPipeline, LoomVideoPipelineOutput, PromptEmbeds
 
 __all__ = [
     "GenerationPlan", "Geometry", "LoomVideoPipeline", "LoomVideoPipelineOutput", "check_output_path",
-    "inference_dtype", "infer_task", "load_frames", "save_output", "to_uint8_frames",
+    "inference_dtype", "infer_task", "load_frames", "PromptEmbeds", "save_output", "to_uint8_frames",
 ]

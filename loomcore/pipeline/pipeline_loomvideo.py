@@ -71,6 +71,31 @@ def pad_contexts(features: Sequence[MLLMFeatures]) -> tuple[torch.Tensor, torch.
     return hidden, mask.bool()
 
 
+@dataclass(frozen=True)
+class PromptEmbeds:
+    """The MLLM contexts of one call's inputs, for every guidance branch they can have (what
+    `encode_prompt` returns): `pipe(prompt_embeds=…)` uses them instead of running the MLLM —
+    several seeds, step counts or guidance scales of one input with the encoder (Qwen3-VL-8B on
+    the paper profile) run once. `inputs` records what they were made from: the task, the
+    prompts, the MLLM layout and a digest of the source and reference frames as the MLLM saw them;
+    a call whose inputs differ is refused."""
+
+    features: Dict[str, MLLMFeatures]  # branch (FULL, UNCOND, VISUAL when the inputs hold an image) → features
+    inputs: Dict[str, str]
+
+
+def context_inputs(plan: GenerationPlan) -> Dict[str, str]:
+    """What a plan's MLLM contexts depend on (PromptEmbeds.inputs)."""
+    import hashlib
+
+    media = hashlib.blake2b(digest_size=16)
+    for frames in ([] if plan.source is None else [plan.source]) + list(plan.references):
+        media.update(str(tuple(frames.shape)).encode())
+        media.update(frames.contiguous().numpy().tobytes())
+    return {"task": plan.task, "prompt": plan.prompt, "negative_prompt": plan.negative_prompt,
+            "mllm_layout": plan.mllm_layout, "media": media.hexdigest()}
+
+
 class LoomVideoPipeline(DiffusionPipeline):
     r"""LoomVideo generation and editing: T2I, T2V, instruction image/video editing, reference-guided
     editing, multi-image to image/video, reconstruction.
@@ -256,8 +281,8 @@ class LoomVideoPipeline(DiffusionPipeline):
                              "(use_source_embedding: false, a stage-1 model): use a stage-2 or later model")
         return dataclasses.replace(plan, source_cut=cut, mllm_layout=layout)
 
-    def encode_contexts(self, plan: GenerationPlan, branches: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The MLLM contexts of the branches, padded: hidden [B, L, T, H], mask [B, T]."""
+    def encode_branches(self, plan: GenerationPlan, branches: Sequence[str]) -> Dict[str, MLLMFeatures]:
+        """The MLLM features of the branches: {branch: features}."""
         encoder = self.mllm_encoder()
         request = MLLMRequest(plan.task, plan.prompt, references=list(plan.references), source=plan.source,
                               layout=plan.mllm_layout)
@@ -266,7 +291,36 @@ class LoomVideoPipeline(DiffusionPipeline):
             features[UNCOND] = encoder.encode_unconditional(plan.negative_prompt)
         if VISUAL in branches:
             features[VISUAL] = encoder.encode_visual_only([request])
+        return features
+
+    def encode_contexts(self, plan: GenerationPlan, branches: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The MLLM contexts of the branches, padded: hidden [B, L, T, H], mask [B, T]."""
+        features = self.encode_branches(plan, branches)
         return pad_contexts([features[b] for b in branches])
+
+    @torch.no_grad()
+    def encode_prompt(self, prompt: str = "", **inputs) -> PromptEmbeds:
+        """The MLLM contexts of a call's inputs, every guidance branch (`PromptEmbeds`): pass them
+        as `prompt_embeds` to calls with these inputs — other seeds, steps or guidance scales — and
+        the MLLM does not run again. `inputs`: `__call__`'s, as `resolve_inputs` takes them (the
+        source and references too: the MLLM sees them)."""
+        plan = self.resolve_inputs(prompt, **inputs)
+        features = self.encode_branches(plan, (UNCOND, VISUAL, FULL) if plan.has_visual else (UNCOND, FULL))
+        self._send_back(self.mllm)  # under model CPU offload the MLLM goes back to the CPU
+        return PromptEmbeds(features=features, inputs=context_inputs(plan))
+
+    def check_prompt_embeds(self, embeds: PromptEmbeds, plan: GenerationPlan) -> None:
+        """Refuses embeddings made from other inputs than the call's, naming what differs."""
+        if not isinstance(embeds, PromptEmbeds):
+            raise InputError(f"prompt_embeds: expected the PromptEmbeds that pipe.encode_prompt returns, "
+                             f"got {type(embeds).__name__}")
+        made, now = embeds.inputs, context_inputs(plan)
+        differ = [k for k in now if made.get(k) != now[k]]
+        if differ:
+            said = {"media": "the source or reference frames (as resized for this call)"}
+            raise InputError("prompt_embeds: made from other inputs than this call's — "
+                             + "; ".join(said.get(k, f"{k} {made.get(k)!r} there, {now[k]!r} here") for k in differ)
+                             + " (encode_prompt with this call's inputs)")
 
     def encode_media(self, plan: GenerationPlan, device: torch.device):
         """Codec latents: source [1, C, f, h, w] (or None) and references [K, C, 1, h, w] (or None)."""
@@ -329,6 +383,7 @@ class LoomVideoPipeline(DiffusionPipeline):
         return_dict: bool = True,
         callback_on_step_end: Optional[Callable[["LoomVideoPipeline", int, torch.Tensor, Dict], Dict]] = None,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+        prompt_embeds: Optional[PromptEmbeds] = None,
     ):
         r"""Generate or edit an image or a video (`num_videos_per_prompt` of them: other noise, the same inputs).
 
@@ -360,6 +415,9 @@ class LoomVideoPipeline(DiffusionPipeline):
             return_dict: return a `LoomVideoPipelineOutput` (else a tuple).
             callback_on_step_end: called after each step as fn(pipe, i, t, {name: tensor}); may
                 return replacements for the tensors named in `callback_on_step_end_tensor_inputs`.
+            prompt_embeds: the MLLM contexts `encode_prompt` made of these inputs (the prompt, the
+                negative prompt, the task, the media, the layout): the MLLM does not run. `prompt`,
+                `negative_prompt` and `mllm_layout` may be left out: they come from the embeddings.
 
         Returns:
             `LoomVideoPipelineOutput` with `frames` (see its docstring), or `(frames,)`.
@@ -383,6 +441,11 @@ class LoomVideoPipeline(DiffusionPipeline):
 
         # 1. Check inputs; resolve the task, output size, frame count and guidance scales
         given = locals()
+        if prompt_embeds is not None and isinstance(prompt_embeds, PromptEmbeds):  # the texts they were made of
+            made = prompt_embeds.inputs
+            prompt = prompt or made["prompt"]
+            for k in ("negative_prompt", "mllm_layout"):
+                given[k] = made[k] if given[k] is None else given[k]
         plan = self.resolve_inputs(prompt, **{k: given[k] for k in CALL_INPUTS})
         branches = guidance_branches(plan.has_visual, plan.guidance_scale, plan.visual_guidance_scale)
         device = self._execution_device
@@ -390,8 +453,12 @@ class LoomVideoPipeline(DiffusionPipeline):
 
         # 2. MLLM contexts of the guidance branches, one padded batch (branch-major: m outputs each);
         #    under model CPU offload the MLLM then leaves the GPU before the codec encodes a source
-        context, context_mask = self.encode_contexts(plan, branches)
-        self._send_back(self.mllm)
+        if prompt_embeds is None:
+            context, context_mask = self.encode_contexts(plan, branches)
+            self._send_back(self.mllm)
+        else:
+            self.check_prompt_embeds(prompt_embeds, plan)
+            context, context_mask = pad_contexts([prompt_embeds.features[b] for b in branches])
         context, context_mask = context.repeat_interleave(m, 0).to(device), context_mask.repeat_interleave(m, 0).to(device)
 
         # 3. Codec latents of the source (Scale-and-Add, eq. 2) and the references
