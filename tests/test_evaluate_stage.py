@@ -22,7 +22,7 @@ from PIL import Image
 from loomcore.config import load_config
 from loomcore.eval.benchmarks import read_benchmark
 from loomcore.eval.judge import JudgeMedia
-from loomcore.eval.runner import resolve_model, run_benchmark
+from loomcore.eval.runner import resolve_model, run_benchmark, run_evaluation
 from loomcore.eval.report import SCORES_SCHEMA
 
 REPO = Path(__file__).resolve().parents[1]
@@ -462,6 +462,32 @@ def test_the_journal_keeps_what_a_rerun_may_reuse(tmp_path):
     assert len(computed) == 3 and j.reused == 3
     j.close(finished=True)
     assert not folder.exists()
+
+
+def test_the_base_models_pipeline_is_freed_before_the_benchmarks_run(tiny_workspace, tmp_path, monkeypatch):
+    """ShapesBench's second pipeline (the untrained base models, the tiny profile's comparison) is
+    gone before the judged benchmarks start — offloaded too, whose hooks and models refer to each
+    other — not left to the garbage collector's next run while the benchmarks hold their own."""
+    import weakref
+
+    import loomcore.eval.runner as runner
+    from loomcore.pipeline import LoomVideoPipeline
+
+    cfg, overrides = tiny_workspace
+    made, alive = [], []
+    build = LoomVideoPipeline.from_config_models.__func__
+    monkeypatch.setattr(LoomVideoPipeline, "from_config_models",
+                        classmethod(lambda cls, *a, **k: (lambda p: made.append(weakref.ref(p)) or p)(build(cls, *a, **k))))
+    bench = runner.run_benchmark
+    monkeypatch.setattr(runner, "run_benchmark", lambda *a, **k: alive.append([r() is not None for r in made]) or bench(*a, **k))
+    for offload in ("false", "true"):
+        made.clear()
+        run_evaluation(load_config([*overrides, f"eval.cpu_offload={offload}", f"eval.model={cfg.models.transformer}",
+                                    f"eval.out_dir={tmp_path / offload}", f"paths.runs={tmp_path / 'runs' / offload}",
+                                    "eval.shapes.per_task=1", "eval.shapes.seeds=1", "eval.steps=1",
+                                    "eval.benchmarks.names=[openve]", "eval.benchmarks.limit=1"], profile="tiny"),
+                       log=lambda m: None)
+        assert alive[-1] == [True, False], (offload, alive)  # the model's pipeline, then the base models' (freed)
 
 
 def test_a_qwen_judge_of_the_pipelines_mllm_asks_that_copy(tiny_workspace, tmp_path, monkeypatch):

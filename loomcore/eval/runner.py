@@ -15,6 +15,7 @@ journaled as it is scored (`journal.py`), so a stopped evaluation resumes with t
 
 from __future__ import annotations
 
+import gc
 import math
 import tempfile
 import zlib
@@ -347,7 +348,11 @@ def _run(cfg: Config, scratch: Path, on_progress: Optional[ProgressFn], log: Cal
                 rows += r
                 sheets[f"shapesbench-{key}"] = sheet
                 log(f"shapesbench ({key}): {len(shape_rows)} samples × {e.shapes.seeds} seed(s)")
-            del base
+            base.remove_all_hooks()  # offload hooks and models refer to each other: a cycle the
+            del base, p              # garbage collector would free only at its next run
+            gc.collect()
+            if device == "cuda":
+                torch.cuda.empty_cache()
         scorer = VBenchScorer.from_config(e.vbench, device, s3) if "vbench" in sets else None
         # a local Qwen3-VL judge of models.mllm asks the pipeline's own copy (one 8B model in memory)
         with (judge_session(cfg, device, pipe.mllm) if any(n != "vbench" for n in sets) else nullcontext()) as judge:
