@@ -48,8 +48,11 @@ def parse_s3_uri(uri: str) -> Tuple[str, str]:
 def same_location(a: str | os.PathLike, b: str | os.PathLike) -> bool:
     """Whether two model locations name the same folder: "dir", "dir/" and "./dir" alike (a local
     path resolved, links followed), "s3://b/m" and "s3://b/m/" alike."""
+    if is_s3(a) and is_s3(b):
+        (bucket_a, key_a), (bucket_b, key_b) = parse_s3_uri(str(a)), parse_s3_uri(str(b))
+        return bucket_a == bucket_b and key_a.strip("/") == key_b.strip("/")  # as S3 has them: "m//x" is not "m/x"
     if is_s3(a) or is_s3(b):
-        return is_s3(a) and is_s3(b) and mirror_dir(str(a), Path("/")) == mirror_dir(str(b), Path("/"))
+        return False
     return Path(a).resolve() == Path(b).resolve()
 
 

@@ -731,14 +731,23 @@ def test_cli_prompts_file_writes_one_output_per_prompt_as_each_prompt_alone(tiny
         assert needle in capsys.readouterr().err, args
 
 
-def test_prompt_embeds_made_once_serve_other_seeds_and_scales_and_refuse_other_inputs(pipe, files, monkeypatch):
+def test_prompt_embeds_made_once_serve_other_seeds_and_scales_and_refuse_other_inputs(tiny_workspace, files,
+                                                                                       monkeypatch):
     """encode_prompt runs the MLLM once for every guidance branch; calls with prompt_embeds give,
     bit for bit, what the same calls without them give — other seeds, guidance scales (one, two or
-    three branches) — and do not run the MLLM; embeddings of other inputs are refused, naming what
-    differs."""
+    three branches) — and do not run the MLLM; embeddings of other inputs, or of another
+    pipeline's MLLM, are refused, naming what differs."""
+    import dataclasses
+
     from loomcore.errors import InputError
     from loomcore.pipeline import PromptEmbeds
 
+    _, overrides = tiny_workspace
+    cfg = load_config([*overrides, "guidance.text_scale=5.0"], profile="tiny")
+    pipe = LoomVideoPipeline.from_config_models(cfg)
+    pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():  # the base DiT's zero-initialised projector would make the output blind to the contexts
+        pipe.transformer.mllm_embedder.linear_2.weight.normal_(0, 0.05, generator=torch.Generator().manual_seed(0))
     edit = dict(source=files / "src.png", references=[files / "a.png"], num_inference_steps=2)
     t2i = dict(num_frames=1, num_inference_steps=2)
     embeds = {"edit": pipe.encode_prompt("paint the circle like @Figure 1", **edit),
@@ -759,6 +768,10 @@ def test_prompt_embeds_made_once_serve_other_seeds_and_scales_and_refuse_other_i
                        output_type="pt").frames
             assert torch.equal(got, frames), (key, scales, seed)
     assert ran == []
+    swapped = dataclasses.replace(embeds["t2i"], features={"full": embeds["t2i"].features["uncond"],
+                                                           "uncond": embeds["t2i"].features["full"]})
+    assert not torch.equal(pipe(**t2i, **calls[2][3], prompt_embeds=swapped, output_type="pt",  # the contexts matter
+                                generator=torch.Generator().manual_seed(0)).frames, want[2][0])
     assert torch.equal(pipe("a red circle", **t2i, prompt_embeds=embeds["t2i"], output_type="pt",  # the prompt given too
                             generator=torch.Generator().manual_seed(0)).frames, want[2][0])
     for kwargs, needle in (
@@ -773,8 +786,12 @@ def test_prompt_embeds_made_once_serve_other_seeds_and_scales_and_refuse_other_i
             continue
         with pytest.raises(InputError, match=re.escape(needle)):
             pipe(**kwargs, prompt_embeds=embeds[key])
-    with pytest.raises(InputError, match="expected the PromptEmbeds that pipe.encode_prompt returns"):
-        pipe("a red circle", **t2i, prompt_embeds=torch.zeros(1))
+    for prompt in ("a red circle", ""):
+        with pytest.raises(InputError, match="expected the PromptEmbeds that pipe.encode_prompt returns"):
+            pipe(prompt, **t2i, prompt_embeds=torch.zeros(1))
+    other = LoomVideoPipeline.from_config_models(cfg)  # the same folders, another MLLM in memory
+    with pytest.raises(InputError, match="made by another MLLM or encoder settings"):
+        other(**t2i, prompt_embeds=embeds["t2i"])
 
 
 def test_a_plan_for_another_prompt_shares_its_media_and_checks_the_prompt(pipe, files):

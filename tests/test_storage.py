@@ -25,6 +25,7 @@ def test_same_location_reads_one_folder_however_it_is_spelled(tmp_path, monkeypa
     assert not same_location("m", "m2") and not same_location("m", "s3://m")
     assert same_location("s3://b/models/qwen", "s3://b/models/qwen/")
     assert not same_location("s3://b/models/qwen", "s3://b/models/qwen2")
+    assert not same_location("s3://b/models/qwen", "s3://b/models//qwen")  # another key in S3
     assert not same_location("s3://b/models/qwen", "s3://c/models/qwen")
 
 

@@ -77,23 +77,26 @@ class PromptEmbeds:
     `encode_prompt` returns): `pipe(prompt_embeds=…)` uses them instead of running the MLLM —
     several seeds, step counts or guidance scales of one input with the encoder (Qwen3-VL-8B on
     the paper profile) run once. `inputs` records what they were made from: the task, the
-    prompts, the MLLM layout and a digest of the source and reference frames as the MLLM saw them;
-    a call whose inputs differ is refused."""
+    prompts, the MLLM layout, a digest of the source and reference frames as the MLLM saw them, and
+    the pipeline's MLLM (that model object, its dtype and the encoder's settings); a call whose
+    inputs differ, or another pipeline's call, is refused."""
 
     features: Dict[str, MLLMFeatures]  # branch (FULL, UNCOND, VISUAL when the inputs hold an image) → features
     inputs: Dict[str, str]
 
 
-def context_inputs(plan: GenerationPlan) -> Dict[str, str]:
+def context_inputs(plan: GenerationPlan, encoder: "MLLMEncoder") -> Dict[str, str]:
     """What a plan's MLLM contexts depend on (PromptEmbeds.inputs)."""
     import hashlib
 
     media = hashlib.blake2b(digest_size=16)
     for frames in ([] if plan.source is None else [plan.source]) + list(plan.references):
         media.update(str(tuple(frames.shape)).encode())
-        media.update(frames.contiguous().numpy().tobytes())
+        media.update(frames.contiguous().numpy().data)  # the buffer itself: no copy of a long video
     return {"task": plan.task, "prompt": plan.prompt, "negative_prompt": plan.negative_prompt,
-            "mllm_layout": plan.mllm_layout, "media": media.hexdigest()}
+            "mllm_layout": plan.mllm_layout, "media": media.hexdigest(),
+            "encoder": f"model {id(encoder.model):#x} ({encoder.model.dtype}), its last {encoder.layers_used} layers, "
+                       f"source stride {encoder.source_temporal_stride}, max_length {encoder.max_length}"}
 
 
 class LoomVideoPipeline(DiffusionPipeline):
@@ -307,17 +310,17 @@ class LoomVideoPipeline(DiffusionPipeline):
         plan = self.resolve_inputs(prompt, **inputs)
         features = self.encode_branches(plan, (UNCOND, VISUAL, FULL) if plan.has_visual else (UNCOND, FULL))
         self._send_back(self.mllm)  # under model CPU offload the MLLM goes back to the CPU
-        return PromptEmbeds(features=features, inputs=context_inputs(plan))
+        return PromptEmbeds(features=features, inputs=context_inputs(plan, self.mllm_encoder()))
 
     def check_prompt_embeds(self, embeds: PromptEmbeds, plan: GenerationPlan) -> None:
-        """Refuses embeddings made from other inputs than the call's, naming what differs."""
-        if not isinstance(embeds, PromptEmbeds):
-            raise InputError(f"prompt_embeds: expected the PromptEmbeds that pipe.encode_prompt returns, "
-                             f"got {type(embeds).__name__}")
-        made, now = embeds.inputs, context_inputs(plan)
+        """Refuses embeddings made from other inputs than the call's, or by another pipeline's
+        MLLM, naming what differs."""
+        made, now = embeds.inputs, context_inputs(plan, self.mllm_encoder())
         differ = [k for k in now if made.get(k) != now[k]]
         if differ:
-            said = {"media": "the source or reference frames (as resized for this call)"}
+            said = {"media": "the source or reference frames (as resized for this call)",
+                    "encoder": f"made by another MLLM or encoder settings ({made.get('encoder')}; this pipeline's: "
+                               f"{now['encoder']})"}
             raise InputError("prompt_embeds: made from other inputs than this call's — "
                              + "; ".join(said.get(k, f"{k} {made.get(k)!r} there, {now[k]!r} here") for k in differ)
                              + " (encode_prompt with this call's inputs)")
@@ -440,8 +443,11 @@ class LoomVideoPipeline(DiffusionPipeline):
             raise InputError(f"callback_on_step_end_tensor_inputs: {unknown} not in {self._callback_tensor_inputs}")
 
         # 1. Check inputs; resolve the task, output size, frame count and guidance scales
-        given = locals()
-        if prompt_embeds is not None and isinstance(prompt_embeds, PromptEmbeds):  # the texts they were made of
+        given = dict(locals())
+        if prompt_embeds is not None:  # the texts they were made of
+            if not isinstance(prompt_embeds, PromptEmbeds):
+                raise InputError(f"prompt_embeds: expected the PromptEmbeds that pipe.encode_prompt returns, "
+                                 f"got {type(prompt_embeds).__name__}")
             made = prompt_embeds.inputs
             prompt = prompt or made["prompt"]
             for k in ("negative_prompt", "mllm_layout"):
