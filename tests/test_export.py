@@ -331,6 +331,21 @@ def test_gate_directions_tolerance_and_missing_metrics():
     assert not promotion_gate({**latest, "vbench.quality": math.nan}, latest, 0.01, LOWER).promote
     with pytest.raises(ValueError, match="promotion_tolerance"):
         promotion_gate(latest, latest, -0.1, LOWER)
+    # the untrained base models' figures are there to compare with: they never block, whichever way they move
+    base = promotion_gate({**latest, "shapesbench_base.score": 0.01}, {**latest, "shapesbench_base.score": 0.05}, 0.01,
+                          LOWER, "v1")
+    assert base.promote and {c.key: c.verdict for c in base.comparisons}["shapesbench_base.score"] == "reference"
+    assert not promotion_gate({**latest, "shapesbench.score": 0.01}, {**latest, "shapesbench.score": 0.05}, 0.01,
+                              LOWER).promote  # the model's own score does
+
+
+def test_the_card_marks_the_base_models_figures_as_a_reference():
+    from loomcore.export.card import _metrics_section
+
+    body = _metrics_section({"shapesbench.score": 0.55, "shapesbench_base.score": 0.02, "recon.mse": 0.01}, LOWER,
+                            "outputs/eval/metrics.json")
+    assert "| `shapesbench.score` | 0.55 | higher |" in body and "| `recon.mse` | 0.01 | lower |" in body
+    assert "| `shapesbench_base.score` | 0.02 | – (the untrained base models, to compare with) |" in body
 
 
 # --------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ from typing import Dict, List, Sequence
 
 import yaml
 
-from .metrics import lower_is_better
+from .metrics import is_reference, lower_is_better
 
 PIPELINE_TAG = "text-to-video"
 TAGS = ("loomvideo", "text-to-video", "video-to-video", "image-to-video", "text-to-image", "video-editing",
@@ -55,8 +55,8 @@ def headline(metrics: Dict[str, float]) -> str:
 def _metrics_section(metrics: Dict[str, float], lower_patterns: Sequence[str], source: str | None) -> str:
     if not metrics:
         return "_No evaluation metrics were given to this export (export.metrics = null)._\n"
-    rows = [(f"`{k}`", f"{v:.6g}", "lower" if lower_is_better(k, lower_patterns) else "higher")
-            for k, v in sorted(metrics.items())]
+    rows = [(f"`{k}`", f"{v:.6g}", "– (the untrained base models, to compare with)" if is_reference(k) else
+             "lower" if lower_is_better(k, lower_patterns) else "higher") for k, v in sorted(metrics.items())]
     top = headline(metrics)
     return (f"{top}\n" if top else "") + f"From `{source}`.\n\n" + _table(("metric", "value", "better"), rows)
 

@@ -14,6 +14,9 @@ one absolute number cannot fit them all. Consequences, on purpose:
 - a metric of the latest that the new version lacks (or reports as NaN/inf) blocks promotion:
   "no worse" cannot be shown;
 - metrics only the new version has are reported, never blocking;
+- the untrained base models' figures (the evaluate stage's "<benchmark>_base" sections, e.g.
+  `shapesbench_base.score`) are there to compare with, not the exported model's: reported as
+  "reference", never blocking (a change to the evaluation set moves them, not the model);
 - with no current latest, the first complete version is promoted.
 """
 
@@ -75,6 +78,11 @@ def lower_is_better(key: str, patterns: Sequence[str]) -> bool:
     return any(fnmatch.fnmatchcase(w, p.lower()) for p in patterns for w in words)
 
 
+def is_reference(key: str) -> bool:
+    """A figure of the untrained base models ("shapesbench_base.score"), not the exported model's."""
+    return key.split(".", 1)[0].endswith("_base")
+
+
 @dataclass(frozen=True)
 class MetricComparison:
     key: str
@@ -83,7 +91,7 @@ class MetricComparison:
     direction: str  # "higher" | "lower" (is better)
     loss: Optional[float]  # how much worse the new value is (> 0: worse), None when not comparable
     allowed: Optional[float]  # tolerance · |latest|
-    verdict: str  # "better", "same", "within tolerance", "worse", "missing", "not finite", "new"
+    verdict: str  # "better", "same", "within tolerance", "worse", "missing", "not finite", "new", "reference"
 
 
 @dataclass(frozen=True)
@@ -112,6 +120,9 @@ def promotion_gate(new: Dict[str, float], latest: Optional[Dict[str, float]], to
     for key in sorted(set(latest) | set(new)):
         direction = "lower" if lower_is_better(key, lower_patterns) else "higher"
         old, cur = latest.get(key), new.get(key)
+        if is_reference(key):
+            rows.append(MetricComparison(key, old, cur, direction, None, None, "reference"))
+            continue
         if old is None:
             rows.append(MetricComparison(key, None, cur, direction, None, None, "new"))
             continue
