@@ -631,7 +631,7 @@ def cmd_generate(args) -> int:
             outs.append([out.with_name(f"{stem}{out.suffix}")] if len(seeds) == 1 else
                         [out.with_name(f"{stem}-{s}{out.suffix}") for s in seeds])
         for out_path in (p for per_prompt in outs for p in per_prompt):
-            check_output_path(out_path, overwrite=args.overwrite)
+            check_output_path(out_path, overwrite=args.overwrite, how_to_overwrite="--overwrite")
         for flag, value in (("--steps", args.steps), ("--frames", args.frames)):
             if value is not None and value < 1:
                 raise InputError(f"{flag} {value}: expected >= 1")
@@ -688,7 +688,7 @@ def cmd_generate(args) -> int:
                     pipe.mllm_encoder().tokenize(MLLMRequest(plan.task, plan.prompt, references=list(plan.references),
                                                              source=plan.source, layout=plan.mllm_layout))
             for out_path in per_prompt:
-                check_output_path(out_path, plan.num_frames, overwrite=args.overwrite)
+                check_output_path(out_path, plan.num_frames, overwrite=args.overwrite, how_to_overwrite="--overwrite")
             plans.append(plan)
         if args.cpu_offload:  # one model in GPU memory at a time: the MLLM, then the DiT, then the codec
             pipe.enable_model_cpu_offload(device=device)

@@ -466,7 +466,7 @@ def test_save_output_writes_video_and_image(pipe, tmp_path):
     assert read_image(save_output(image, tmp_path / "i.png", fps=8)).shape == (40, 40, 3)
     with pytest.raises(ValueError, match="a .png holds one frame, but the output is a video of 3 frames"):
         save_output(video, tmp_path / "v.png", fps=8)
-    with pytest.raises(ValueError, match="exists; pass --overwrite"):
+    with pytest.raises(ValueError, match=r"v.mp4: exists; pass overwrite=True to replace it$"):  # Python's words
         save_output(video, tmp_path / "v.mp4", fps=8, overwrite=False)
 
 
@@ -867,7 +867,7 @@ def test_cli_reads_a_long_source_as_the_release_demo_and_says_what_it_kept(tiny_
         (["--prompt", "a cat", "--guidance", "0.5"], "--guidance 0.5: expected >= 1"),
         (["--prompt", "a cat", "--visual-guidance", "0"], "--visual-guidance 0.0: expected >= 1"),
         (["--prompt", "a cat", "--steps", "0"], "--steps 0: expected >= 1"),
-        (["--prompt", "a cat", "--out", "{files}/a.png"], "a.png: exists; pass --overwrite"),
+        (["--prompt", "a cat", "--out", "{files}/a.png"], "a.png: exists; pass --overwrite to replace it\n"),
         (["--prompt", "a cat", "--frames", "1", "--out", "{tmp}/x.gif"], "unsupported output type '.gif'"),
         (["--prompt", "a cat", "--out", "{tmp}/x.png"], "a .png holds one frame, but the output is a video of 3 frames"),
         (["--prompt", "a cat", "--model", "{broken}"], "component 'vae': missing folder"),

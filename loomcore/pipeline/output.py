@@ -15,9 +15,11 @@ from loomcore.data.video_io import IMAGE_SUFFIXES, VIDEO_SUFFIXES, write_image, 
 OUTPUT_SUFFIXES = VIDEO_SUFFIXES + IMAGE_SUFFIXES
 
 
-def check_output_path(path: Path | str, num_frames: int | None = None, overwrite: bool = False) -> Path:
+def check_output_path(path: Path | str, num_frames: int | None = None, overwrite: bool = False,
+                      how_to_overwrite: str = "overwrite=True") -> Path:
     """Refuse an output path that cannot hold the result: an unknown suffix, several frames into
-    an image file, or an existing file without `overwrite`."""
+    an image file, or an existing file without `overwrite` (the message names `how_to_overwrite`:
+    the argument in Python, the CLI's flag there)."""
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in OUTPUT_SUFFIXES:
@@ -27,7 +29,7 @@ def check_output_path(path: Path | str, num_frames: int | None = None, overwrite
         raise InputError(f"{path}: a {suffix} holds one frame, but the output is a video of {num_frames} frames; "
                          "write a .mp4")
     if path.exists() and not overwrite:
-        raise InputError(f"{path}: exists; pass --overwrite (overwrite=True) to replace it")
+        raise InputError(f"{path}: exists; pass {how_to_overwrite} to replace it")
     if path.is_dir():
         raise InputError(f"{path}: is a folder, expected a file path")
     return path
