@@ -673,6 +673,14 @@ def cmd_generate(args) -> int:
             pipe = LoomVideoPipeline.from_pretrained(args.model, dtype=dtypes, s3_settings=s3)
         else:
             pipe = LoomVideoPipeline.from_config_models(cfg, args.transformer, dtype=dtype)
+        if args.model:
+            print(f"generate: the exported pipeline {args.model}")
+        elif args.transformer:
+            print(f"generate: the DiT {args.transformer} with the {cfg.profile} profile's other models")
+        else:  # the tiny profile's base DiT is a fresh init; the paper profile's the release's weights
+            print(f"generate: the {cfg.profile} profile's base models (models.transformer {cfg.models.transformer}"
+                  + ("; untrained: it draws noise — --transformer outputs/rl/model for the trained DiT)"
+                     if cfg.profile == "tiny" else ")"))
 
         # 3. The inputs, as this model takes them — every prompt's before any is generated (with a
         #    file of them, the MLLM's token limit too: the tokenizer's check, without the model)

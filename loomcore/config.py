@@ -30,6 +30,9 @@ from omegaconf.errors import OmegaConfBaseException
 
 from loomcore.errors import InputError
 
+# The MLLM prompt orders (loomcore.models.mllm.LAYOUTS, which this module may not import: models sit above it)
+LAYOUTS = ("train", "eval", "demo")
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PARAMS = REPO_ROOT / "params.yaml"
 DEFAULT_CONF_DIR = REPO_ROOT / "conf"
@@ -252,6 +255,7 @@ class GuidanceConfig:
     frames: int
     negative_prompt: str  # evaluation's (the release's evaluation config)
     generate_negative_prompt: Optional[str]  # the pipeline's default (loom generate, exports); None: negative_prompt
+    mllm_layout: str  # the pipeline's default MLLM prompt order (loom generate, exports): demo | train | eval
 
 
 @dataclass(frozen=True)
@@ -852,6 +856,7 @@ def _validate(cfg: Config) -> None:
           f"guidance scales must be >= 1 (got text {g.text_scale}, edit {g.text_scale_edit}, visual {g.visual_scale})")
     check(g.steps >= 1, f"guidance.steps = {g.steps}: expected >= 1")
     check(g.scheduler in ("unipc", "euler"), f"guidance.scheduler = {g.scheduler!r}: expected 'unipc' or 'euler'")
+    check(g.mllm_layout in LAYOUTS, f"guidance.mllm_layout = {g.mllm_layout!r}: expected one of {', '.join(LAYOUTS)}")
     check(g.flow_shift > 0, f"guidance.flow_shift = {g.flow_shift}: expected > 0")
     check(0 < g.shift_scale <= 2, f"guidance.shift_scale = {g.shift_scale}: expected in (0, 2] (α of eq. 3)")
     check((g.frames - 1) % cfg.codec.temporal_factor == 0,

@@ -263,18 +263,35 @@ def test_default_scales_follow_the_task(pipe, media):
 # Scale-and-Add
 
 
-def test_mllm_layout_defaults_to_the_release_demo_and_reaches_the_contexts(pipe, media):
-    """The pipeline's default is the release demo's order (loom generate); evaluation asks for
-    the training order; the contexts differ with the order the MLLM reads."""
+def test_mllm_layout_defaults_to_the_profiles_order_and_reaches_the_contexts(pipe, media):
+    """The pipeline's default order is the profile's `guidance.mllm_layout` (loom generate, exports):
+    the paper profile's is the release demo's, the tiny profile's the training order its model
+    learned (its word-order MLLM stand-in reads another order as another input); a folder saved
+    without the key (an earlier export) reads the demo's. The contexts differ with the order."""
+    from loomcore.config import LAYOUTS
+    from loomcore.models.mllm import LAYOUTS as MLLM_LAYOUTS
+    from loomcore.pipeline.loading import pipeline_settings
+
+    assert LAYOUTS == MLLM_LAYOUTS  # config.py's copy (it may not import models)
+    assert pipeline_settings(load_config(profile="paper"))["mllm_layout"] == "demo"
     edit = pipe.resolve_inputs("make it blue", source=media["video"])
-    assert edit.mllm_layout == pipe.config.mllm_layout == "demo"
-    train = pipe.resolve_inputs("make it blue", source=media["video"], mllm_layout="train")
-    assert train.mllm_layout == "train"
-    demo_ctx, _ = pipe.encode_contexts(edit, ["full"])
-    train_ctx, _ = pipe.encode_contexts(train, ["full"])
+    assert edit.mllm_layout == pipe.config.mllm_layout == load_config(profile="tiny").guidance.mllm_layout == "train"
+    demo = pipe.resolve_inputs("make it blue", source=media["video"], mllm_layout="demo")
+    assert demo.mllm_layout == "demo"
+    demo_ctx, _ = pipe.encode_contexts(demo, ["full"])
+    train_ctx, _ = pipe.encode_contexts(edit, ["full"])
     assert demo_ctx.shape != train_ctx.shape or not torch.equal(demo_ctx, train_ctx)
     with pytest.raises(ValueError, match="mllm_layout = 'sideways'"):
         pipe.resolve_inputs("make it blue", source=media["video"], mllm_layout="sideways")
+    older = dict(pipe.config)
+    del older["mllm_layout"]
+    pipe._internal_dict = type(pipe.config)(older)  # as an earlier export's model_index.json loads
+    try:
+        assert pipe.resolve_inputs("make it blue", source=media["video"]).mllm_layout == "demo"
+    finally:
+        pipe._internal_dict = type(pipe.config)({**older, "mllm_layout": "train"})
+    with pytest.raises(ValueError, match="guidance.mllm_layout = 'sideways'"):
+        load_config(["guidance.mllm_layout=sideways"], profile="tiny")
 
 
 def test_resolve_inputs_takes_exactly_the_inputs_of_call(pipe):
@@ -705,9 +722,12 @@ def test_cli_prompts_file_writes_one_output_per_prompt_as_each_prompt_alone(tiny
     reads = []
     monkeypatch.setattr(module, "read_video_release", lambda *a, **k: reads.append(a[0]) or read_video_release(*a, **k))
     media = ("--source", files / "src.mp4", "--ref", files / "a.png")
-    assert _cli(tiny_workspace, "--prompts", edits, *media, "--out", tmp_path / "edits" / "e.mp4") == 0
+    assert _cli(tiny_workspace, "--prompts", edits, *media, "--out", tmp_path / "edits" / "e.mp4",
+                "--transformer", tiny_workspace[0].models.transformer) == 0
     assert reads == [str(files / "src.mp4")], reads  # once for the file
-    assert capsys.readouterr().out.count("source src.mp4: ") == 2  # what was kept of it, said for each prompt
+    printed = capsys.readouterr().out
+    assert f"generate: the DiT {tiny_workspace[0].models.transformer} with the tiny profile's other models" in printed
+    assert printed.count("source src.mp4: ") == 2  # what was kept of it, said for each prompt
     for k, text in enumerate(edits.read_text().splitlines(), 1):
         assert _cli(tiny_workspace, "--prompt", text, *media, "--out", tmp_path / f"edit-{k}.mp4") == 0
         assert torch.equal(read_video(tmp_path / "edits" / f"e-{k}.mp4"), read_video(tmp_path / f"edit-{k}.mp4"))
@@ -779,7 +799,7 @@ def test_prompt_embeds_made_once_serve_other_seeds_and_scales_and_refuse_other_i
             (dict(negative_prompt="blurry", **t2i), "negative_prompt"),
             (dict(num_frames=1, height=48, width=48, num_inference_steps=2), None),  # t2i at another size: no media
             (dict(**{**edit, "source": files / "b.png"}), "the source or reference frames"),
-            (dict(**edit, mllm_layout="eval"), "mllm_layout 'demo' there, 'eval' here")):
+            (dict(**edit, mllm_layout="eval"), "mllm_layout 'train' there, 'eval' here")):
         key = "edit" if "source" in kwargs else "t2i"
         if needle is None:  # a text-only input's contexts do not depend on the size
             pipe(**kwargs, prompt_embeds=embeds[key])
@@ -824,6 +844,8 @@ def test_cli_t2v_writes_an_mp4(tiny_workspace, tmp_path):
                            "--profile", "tiny", *rooted], capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "task t2v: video (3 frames) at 40×40" in proc.stdout and f"wrote {out}" in proc.stdout
+    assert "generate: the tiny profile's base models (models.transformer " in proc.stdout  # which weights drew it
+    assert "untrained: it draws noise — --transformer outputs/rl/model for the trained DiT" in proc.stdout
     assert read_video(out).shape == (3, 40, 40, 3)
 
 

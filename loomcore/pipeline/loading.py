@@ -187,6 +187,7 @@ def pipeline_settings(cfg) -> Dict[str, object]:
         "fps": float(cfg.video.fps), "source_temporal_stride": cfg.mllm.source_temporal_stride,
         "mllm_max_length": cfg.mllm.max_length,
         "negative_prompt": g.negative_prompt if g.generate_negative_prompt is None else g.generate_negative_prompt,
+        "mllm_layout": g.mllm_layout,
         "guidance_scale": g.text_scale, "guidance_scale_edit": g.text_scale_edit,
         "visual_guidance_scale": g.visual_scale, "num_inference_steps": g.steps,
         "height": g.height, "width": g.width, "num_frames": g.frames,
