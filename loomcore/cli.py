@@ -648,7 +648,8 @@ def cmd_generate(args) -> int:
             if folder and not is_s3(folder) and not Path(folder).is_dir() and not (
                     flag == "--transformer" and Path(folder).is_file()):  # a release weights file
                 raise InputError(f"{flag} {folder}: no such folder (a trained DiT is <train.out_dir>/<stage>/model, "
-                                 "an exported pipeline export.out_dir; run that stage first)")
+                                 "an exported pipeline export.out_dir; run that stage first — a relative path on the "
+                                 f"command line is taken from the current folder, {Path.cwd()})")
         cfg = None if args.model else _load(args)
         if cfg is not None:  # the profile's base models (models.*), the DiT unless --transformer replaces it
             how = ("`loom init-models --profile tiny` (or `make pipeline`) builds them" if cfg.profile == "tiny" else
