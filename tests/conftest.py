@@ -8,6 +8,7 @@ import os
 import shutil
 import socket
 import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -24,8 +25,13 @@ atexit.register(shutil.rmtree, os.environ["PREFECT_HOME"], True)
 # Under pytest-xdist (`make test` runs three workers) each worker's OpenMP threads must sleep when
 # idle: two workers' spinning threads on 2 cores made the suite ~2× slower. libgomp reads this when
 # torch loads, and nothing has imported torch when a worker loads this file. (`make test` sets it too.)
+# And one intra-op thread each (what torch starts with here, and what the processes a test starts
+# inherit unless they set theirs): three workers share 2 cores, the suite is CPU-bound, and tiny ops
+# on two sleeping-when-idle threads cost more CPU than on one (a 128-wide MLP's training steps: +27 %
+# CPU for 14 % less wall time; BENCHMARKS.md "The test suite").
 if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 # The files that take longest, longest first (seconds of one worker's time under `make test`: 271,
 # 185, 118, 97, 74, 72, 65, 55, 51, 45, 44, 43, 37, 35 — BENCHMARKS.md "The test suite"). They are
@@ -39,6 +45,9 @@ SLOW_FILES = ("test_trainer.py", "test_orchestration.py", "test_shapesbench.py",
 
 
 def pytest_collection_modifyitems(config, items):
+    missing = [name for name in SLOW_FILES if not (Path(__file__).parent / name).is_file()]
+    if missing:  # a renamed file would lose its place silently, and a long one handed out last costs minutes
+        raise pytest.UsageError(f"tests/conftest.py SLOW_FILES names {missing}, not in tests/: rename them there too")
     rank = {name: k for k, name in enumerate(SLOW_FILES)}
     items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FILES)))  # stable: a file's own order kept
 
@@ -288,6 +297,7 @@ def tiny_workspace(tmp_path_factory):
         f"models.scheduler={root}/models/tiny/scheduler", f"models.mllm={root}/models/tiny/mllm",
         f"eval.vbench.clip={root}/models/tiny/clip", f"eval.vbench.dino={root}/models/tiny/dino",
         "data.synthetic_samples=40", "data.shard_size=8",
+        "train.cpu_threads=1",  # (the profile's 2 threads cost more CPU on tiny ops; see the top)
     ]
     cfg = load_config(overrides, profile="tiny")
     init_models(cfg)
@@ -386,7 +396,40 @@ def dvc_standin_repo(tmp_path):
 
 
 @pytest.fixture(scope="session")
-def _prefect_server(tmp_path_factory):
+def prefect_home(tmp_path_factory, worker_id):
+    """`prefect_home(path)` makes `path` a PREFECT_HOME whose database is already at this Prefect's
+    schema (a copy of one migrated once per run, the xdist workers sharing it under a file lock), and
+    returns it: a server started on a fresh home spends ~8 of its ~12 s of CPU migrating an empty
+    database, and the suite starts seven of them."""
+    import subprocess
+    import sys
+
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    root = root if worker_id == "master" else root.parent  # (the workers' folders share their parent)
+    template = root / "prefect-template"
+    with FileLock(str(root / "prefect-template.lock")):
+        if not (template / "prefect.db").is_file():
+            template.mkdir(exist_ok=True)
+            env = {**os.environ, "PREFECT_HOME": str(template), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+            env.pop("PREFECT_API_URL", None)
+            env.pop("PREFECT_SERVER_DATABASE_CONNECTION_URL", None)
+            subprocess.run([sys.executable, "-m", "prefect", "server", "database", "upgrade", "-y"], env=env,
+                           check=True, capture_output=True, timeout=300)
+        files = sorted(template.glob("prefect.db*"))
+
+    def make(path: Path) -> Path:
+        path.mkdir(parents=True, exist_ok=True)
+        for f in files:
+            shutil.copyfile(f, path / f.name)
+        return path
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def _prefect_server(tmp_path_factory, prefect_home):
     """One Prefect API server (a subprocess on SQLite in a temp folder) for the whole session:
     starting one costs ~10 s, and six modules ask for one. Only `prefect_api` points code at it,
     module by module."""
@@ -395,7 +438,7 @@ def _prefect_server(tmp_path_factory):
     from prefect.server.api.server import SubprocessASGIServer
     from prefect.settings import PREFECT_HOME, PREFECT_SERVER_DATABASE_CONNECTION_URL, temporary_settings
 
-    home = tmp_path_factory.mktemp("prefect-server")
+    home = prefect_home(tmp_path_factory.mktemp("prefect-server"))
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]

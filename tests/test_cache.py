@@ -401,7 +401,8 @@ def test_the_cache_encodes_with_the_configured_cpu_threads(tiny_workspace):
 
     from loomcore.train.cache import encode_threads
 
-    cfg, _ = tiny_workspace
+    cfg = load_config(tiny_workspace[1][:-1], profile="tiny")  # the workspace without its one-thread override
+    assert tiny_workspace[1][-1] == "train.cpu_threads=1"
     assert cfg.train.cpu_threads == 2 and cfg.data.cache_device == "cpu"
     before = torch.get_num_threads()
     try:

@@ -58,7 +58,7 @@ def _overfit(cfg, stage, samples, steps: int, use_source: bool):
     the training path (`build_pack`, `forward_packed`, `pack_loss`) with `stage`'s optimizer, shift
     and clipping, no dropout. Returns (model, losses)."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)  # (tiny ops: two threads cost more CPU, and the suite is CPU-bound)
     try:
         torch.manual_seed(0)
         model = LoomDiT(**loomdit_kwargs(cfg, use_source_embedding=use_source)).train()

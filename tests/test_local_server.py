@@ -34,6 +34,8 @@ def _flow_runs(api_url: str, name: str) -> list:
 
 
 def test_one_server_serves_a_stage_process_and_stops(tmp_path):
+    """On a PREFECT_HOME that does not exist yet, as a user's first `loom pipeline` (the server
+    creates and migrates its database; the other tests here start on a migrated copy)."""
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     env["PREFECT_HOME"] = str(tmp_path / "home")
     lines = []
@@ -111,7 +113,7 @@ def _until(check, timeout: float = 30.0) -> bool:
     return check()
 
 
-def _loom_on_a_probe_stage(tmp_path, stuck: bool = False):
+def _loom_on_a_probe_stage(tmp_path, prefect_home, stuck: bool = False):
     """`loom pipeline` (a group of its own in this session, as a shell's job is) in a checkout whose one
     stage is PROBE_STAGE; returns once the stage runs: (repo, loom, log file, stage pid, its child's pid,
     the server's API URL)."""
@@ -130,7 +132,7 @@ def _loom_on_a_probe_stage(tmp_path, stuck: bool = False):
     dvc = str(Path(sys.executable).parent / "dvc")
     subprocess.run([dvc, "init", "--no-scm", "-q"], cwd=repo, check=True)
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
-    env["PREFECT_HOME"] = str(tmp_path / "home")
+    env["PREFECT_HOME"] = str(prefect_home(tmp_path / "home"))
     env.pop("PYTHONUNBUFFERED", None)  # loom's lines reach a file as printed (they came in blocks, at its end)
     out = open(tmp_path / "loom.log", "w")
     # (the kernel drops a SIGTSTP sent to an orphaned group: a group of its own in this session is not one)
@@ -166,7 +168,7 @@ def _stop_what_loom_left(repo: Path, loom: subprocess.Popen) -> None:
 
 
 @pytest.mark.parametrize("stage", ["stops", "stuck", "paused"])
-def test_a_signal_to_loom_pipeline_stops_dvc_the_stage_and_the_server(tmp_path, stage):
+def test_a_signal_to_loom_pipeline_stops_dvc_the_stage_and_the_server(tmp_path, stage, prefect_home):
     """`kill <loom pipeline>` (or `timeout`, a closed terminal, a service manager's stop) used to end
     loom alone, at once: DVC and its stage ran on, and the Prefect server started for the run was
     left listening. Now the signal reaches the stage through DVC's group (as SIGINT, which DVC
@@ -177,7 +179,7 @@ def test_a_signal_to_loom_pipeline_stops_dvc_the_stage_and_the_server(tmp_path, 
     import signal
     import time
 
-    repo, loom, out, probe, below, api = _loom_on_a_probe_stage(tmp_path, stuck=stage == "stuck")
+    repo, loom, out, probe, below, api = _loom_on_a_probe_stage(tmp_path, prefect_home, stuck=stage == "stuck")
     try:
         if stage == "paused":
             loom.send_signal(signal.SIGTSTP)
@@ -209,7 +211,7 @@ def test_a_signal_to_loom_pipeline_stops_dvc_the_stage_and_the_server(tmp_path, 
     assert not healthy(api)  # the run's Prefect server is stopped too
 
 
-def test_loom_pipeline_holds_the_checkout_and_what_a_sigkill_leaves_is_stopped_by_the_next_holder(tmp_path):
+def test_loom_pipeline_holds_the_checkout_and_what_a_sigkill_leaves_is_stopped_by_the_next_holder(tmp_path, prefect_home):
     """`loom pipeline` holds the checkout's lock as the Prefect pipeline flow does: a stage's
     deployment run, a stage run by hand, a second `loom pipeline` fail at once naming it, instead of
     writing the outs its DVC writes (before, it held none). Its record lists DVC's group and the
@@ -220,7 +222,7 @@ def test_loom_pipeline_holds_the_checkout_and_what_a_sigkill_leaves_is_stopped_b
 
     from loomcore.checkout_lock import PipelineBusy, checkout_lock, holder_info
 
-    repo, loom, out, probe, below, api = _loom_on_a_probe_stage(tmp_path)
+    repo, loom, out, probe, below, api = _loom_on_a_probe_stage(tmp_path, prefect_home)
     try:
         with pytest.raises(PipelineBusy, match=f"another pipeline run holds .* \\(loom pipeline, pid {loom.pid} on "):
             with checkout_lock(repo, holder_info("a test")):

@@ -970,46 +970,93 @@ def test_a_transformer_folder_of_another_architecture_is_refused_naming_both_val
         load_transformer(wider, None, torch.float32)
 
 
+def _checkout_like(root: Path, cfg, files: Path, saved_dir: Path) -> Path:
+    """A folder laid out as a checkout after `make pipeline`: its params, the profile's base models at
+    models/tiny, a DiT at outputs/stage3/model and outputs/rl/model, an exported pipeline at
+    outputs/export/model, a Shapes source at data/raw/samples/shapes-s0-00005/source.mp4 and the
+    help's inputs (in.mp4, in.png, a.png, b.png)."""
+    from loomcore.config import REPO_ROOT
+
+    for name in ("dvc.yaml", "params.yaml"):  # a checkout: loom reads its params and folders
+        shutil.copyfile(REPO_ROOT / name, root / name)
+    (root / "models").mkdir()
+    (root / "models" / "tiny").symlink_to(Path(cfg.models.transformer).parent)
+    for stage in ("stage3", "rl"):
+        (root / "outputs" / stage).mkdir(parents=True)
+        (root / "outputs" / stage / "model").symlink_to(cfg.models.transformer)
+    (root / "outputs" / "export").mkdir()
+    (root / "outputs" / "export" / "model").symlink_to(saved_dir)
+    sample = root / "data" / "raw" / "samples" / "shapes-s0-00005"
+    sample.mkdir(parents=True)
+    shutil.copyfile(files / "src.mp4", sample / "source.mp4")
+    for name, src in (("in.mp4", "src.mp4"), ("in.png", "src.png"), ("a.png", "a.png"), ("b.png", "b.png")):
+        shutil.copyfile(files / src, root / name)
+    return root
+
+
+def _check_generate_outputs(root: Path, example: str, args: list) -> None:
+    out = Path(args[args.index("--out") + 1])
+    if "--num-outputs" in args:  # <out>-<seed>.<ext>, seeds 0 … N-1
+        n = int(args[args.index("--num-outputs") + 1])
+        assert sorted(p.name for p in root.glob(f"{out.stem}-*{out.suffix}")) == [
+            f"{out.stem}-{k}{out.suffix}" for k in range(n)], example
+        for p in root.glob(f"{out.stem}-*{out.suffix}"):
+            p.unlink()  # the next example may name the same --out
+    elif "--prompts" in args:  # <out>-<k>.<ext>, one per prompt of the file
+        assert all((root / f"{out.stem}-{k}{out.suffix}").is_file() for k in (1, 2)), example
+    else:
+        assert (root / out).is_file(), example
+
+
 def test_every_help_example_runs_as_written(tiny_workspace, files, saved_dir, tmp_path, monkeypatch, capsys):
-    """`loom generate --help`'s examples, run verbatim in a checkout-like folder: the profile's base
-    models at models/tiny, a trained DiT at outputs/stage3/model, an exported pipeline at
-    outputs/export/model, and the inputs they name (in.mp4, in.png, a.png, b.png)."""
-    import re
+    """`loom generate --help`'s examples, run verbatim in a checkout-like folder (`_checkout_like`)."""
     import shlex
 
     from loomcore.cli import build_parser
-    from loomcore.config import REPO_ROOT
 
     cfg, _ = tiny_workspace
     sub = build_parser()._subparsers._group_actions[0].choices["generate"]
     examples = re.findall(r"^  [A-Za-z… ]+?\s{2,}(loom generate .+)$", sub.format_help(), re.MULTILINE)
     assert len(examples) == 14, sub.format_help()
-    for name in ("dvc.yaml", "params.yaml"):  # a checkout: loom reads its params and folders
-        shutil.copyfile(REPO_ROOT / name, tmp_path / name)
-    (tmp_path / "models").mkdir()
-    (tmp_path / "models" / "tiny").symlink_to(Path(cfg.models.transformer).parent)
-    (tmp_path / "outputs" / "stage3").mkdir(parents=True)
-    (tmp_path / "outputs" / "stage3" / "model").symlink_to(cfg.models.transformer)
-    (tmp_path / "outputs" / "export").mkdir()
-    (tmp_path / "outputs" / "export" / "model").symlink_to(saved_dir)
-    for name, src in (("in.mp4", "src.mp4"), ("in.png", "src.png"), ("a.png", "a.png"), ("b.png", "b.png")):
-        shutil.copyfile(files / src, tmp_path / name)
+    _checkout_like(tmp_path, cfg, files, saved_dir)
     (tmp_path / "prompts.txt").write_text("a red circle\na blue square\n")
     monkeypatch.chdir(tmp_path)
     for example in examples:
         args = shlex.split(example)
         assert main(args[1:]) == 0, (example, capsys.readouterr().err)
-        out = Path(args[args.index("--out") + 1])
-        if "--num-outputs" in args:  # <out>-<seed>.<ext>, seeds 0 … N-1
-            n = int(args[args.index("--num-outputs") + 1])
-            assert sorted(p.name for p in tmp_path.glob(f"{out.stem}-*{out.suffix}")) == [
-                f"{out.stem}-{k}{out.suffix}" for k in range(n)], example
-            for p in tmp_path.glob(f"{out.stem}-*{out.suffix}"):
-                p.unlink()  # the next example may name the same --out
-        elif "--prompts" in args:  # <out>-<k>.<ext>, one per prompt of the file
-            assert all((tmp_path / f"{out.stem}-{k}{out.suffix}").is_file() for k in (1, 2)), example
-        else:
-            assert (tmp_path / out).is_file(), example
+        _check_generate_outputs(tmp_path, example, args)
+
+
+def test_the_readmes_generate_examples_run_as_written(tiny_workspace, files, saved_dir, tmp_path, monkeypatch,
+                                                      capsys):
+    """README's inference examples, verbatim, in a checkout-like folder: the `loom generate` block
+    (its `printf` through bash), then its Python blocks in one namespace, as a reader pastes them
+    one after the other. Each writes the files it names: an image, a video of the source's frames."""
+    import shlex
+
+    cfg, _ = tiny_workspace
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    (shell,) = [b for b in re.findall(r"```bash\n(.*?)```", text, re.DOTALL) if "loom generate --prompt" in b]
+    lines = [line.split("   #")[0].strip() for line in shell.splitlines() if line.strip()]
+    python = re.findall(r"```python\n(.*?)```", text, re.DOTALL)
+    assert len(lines) >= 4 and any("--num-outputs" in line for line in lines) and len(python) == 2, (lines, python)
+    _checkout_like(tmp_path, cfg, files, saved_dir)
+    monkeypatch.chdir(tmp_path)
+    for line in lines:
+        args = shlex.split(line)
+        if args[0] != "loom":
+            subprocess.run(["bash", "-c", line], cwd=tmp_path, check=True)
+            continue
+        assert main(args[1:]) == 0, (line, capsys.readouterr().err)
+        _check_generate_outputs(tmp_path, line, args)
+    namespace: dict = {}
+    for block in python:
+        exec(compile(block, "README.md", "exec"), namespace)
+    source_frames = read_video(tmp_path / "data/raw/samples/shapes-s0-00005/source.mp4").shape[0]
+    assert read_image(tmp_path / "py-t2i.png").ndim == 3
+    edits = {name: read_video(tmp_path / name) for name in ("py-edit.mp4", "py-edit-2.0.mp4", "py-edit-3.0.mp4")}
+    assert all(1 < v.shape[0] <= source_frames for v in edits.values()), {k: v.shape for k, v in edits.items()}
+    assert not torch.equal(edits["py-edit-2.0.mp4"], edits["py-edit-3.0.mp4"])  # the scale reaches the output
 
 
 def test_inference_runs_in_bf16_on_a_gpu_and_fp32_on_the_cpu():
