@@ -37,6 +37,9 @@ class ServerStartStopped(RuntimeError):
     """`stop_requested` said to stop while the server was starting (it was stopped)."""
 
 
+PORT_ATTEMPTS = 3  # starts of the server, each on a port found free, before a taken port is an error
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
@@ -102,39 +105,57 @@ def prefect_server(env: Optional[Mapping[str, str]] = None, *, host: str = "127.
     ServerStartError names the command and shows the end of the server's log if it never answers;
     ServerStartStopped when `stop_requested()` turns true while it starts (a signal's handler
     sets it: raising in the handler could land between the server's start and its `try`).
-    `on_start(pgid)` is given the server's process group as it starts (the checkout lock's record)."""
+    `on_start(pgid)` is given the server's process group as it starts (the checkout lock's record).
+    A port that another process took between `free_port` and the server's start: the server is
+    started again on another, up to PORT_ATTEMPTS starts."""
     env = dict(os.environ if env is None else env)
     if env.get("PREFECT_API_URL"):
         log(f"pipeline: Prefect server {env['PREFECT_API_URL']} (PREFECT_API_URL)")
         yield env
         return
-    port = free_port(host)
-    api_url = f"http://{host}:{port}/api"
-    cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port),
-           "--no-scheduler", "--no-late-runs", "--analytics-off"]
     with tempfile.TemporaryDirectory(prefix="loom-prefect-") as tmp:
         log_path = Path(tmp) / "server.log"
-        with open(log_path, "wb") as out:
-            proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    start_new_session=True)
-        try:
-            on_start(proc.pid)
-            t0 = time.monotonic()
-            while not healthy(api_url):
-                if stop_requested():
-                    raise ServerStartStopped(f"stopped while the Prefect server at {api_url} was starting")
-                if proc.poll() is not None:
-                    raise ServerStartError(f"`{' '.join(cmd)}` exited with code {proc.returncode} before answering; "
-                                           f"its log ends:\n{_tail(log_path)}")
-                if time.monotonic() - t0 > startup_timeout:
-                    raise ServerStartError(f"`{' '.join(cmd)}` did not answer {api_url}/health within "
-                                           f"{startup_timeout:.0f} s; its log ends:\n{_tail(log_path)}")
-                time.sleep(0.2)
-            log(f"pipeline: Prefect server for this run at http://{host}:{port} (UI; started in "
-                f"{time.monotonic() - t0:.1f} s, stopped when the run ends)")
-            yield {**env, "PREFECT_API_URL": api_url}
-        finally:
-            _stop(proc)
+        for attempt in range(1, PORT_ATTEMPTS + 1):
+            # free when asked, but another process may bind it before the server does: then it exits
+            # saying so, and it starts again on another port
+            port = free_port(host)
+            api_url = f"http://{host}:{port}/api"
+            cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port),
+                   "--no-scheduler", "--no-late-runs", "--analytics-off"]
+            with open(log_path, "wb") as out:
+                proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                        stdin=subprocess.DEVNULL, start_new_session=True)
+            try:
+                on_start(proc.pid)
+                t0 = time.monotonic()
+                while not (proc.poll() is None and healthy(api_url)):  # (an answer while ours runs)
+                    if stop_requested():
+                        raise ServerStartStopped(f"stopped while the Prefect server at {api_url} was starting")
+                    if proc.poll() is not None:
+                        if _port_taken(log_path) and attempt < PORT_ATTEMPTS:
+                            log(f"pipeline: port {port} was taken before the Prefect server could listen on it; "
+                                f"starting it on another")
+                            break
+                        raise ServerStartError(f"`{' '.join(cmd)}` exited with code {proc.returncode} before "
+                                               f"answering; its log ends:\n{_tail(log_path)}")
+                    if time.monotonic() - t0 > startup_timeout:
+                        raise ServerStartError(f"`{' '.join(cmd)}` did not answer {api_url}/health within "
+                                               f"{startup_timeout:.0f} s; its log ends:\n{_tail(log_path)}")
+                    time.sleep(0.2)
+                else:
+                    log(f"pipeline: Prefect server for this run at http://{host}:{port} (UI; started in "
+                        f"{time.monotonic() - t0:.1f} s, stopped when the run ends)")
+                    yield {**env, "PREFECT_API_URL": api_url}
+                    return
+            finally:
+                _stop(proc)
+
+
+def _port_taken(log_path: Path) -> bool:
+    """The server's log says its port was in use: `prefect server start`'s own check ("Port N is
+    already in use"), or uvicorn's bind error when the port was taken after that check."""
+    text = log_path.read_text(errors="replace").lower() if log_path.is_file() else ""
+    return "is already in use" in text or "address already in use" in text
 
 
 def _stop(proc: subprocess.Popen, grace: float = 15.0) -> None:

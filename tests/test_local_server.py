@@ -70,6 +70,41 @@ def test_a_server_that_cannot_start_is_a_clear_error(tmp_path):
             pass
 
 
+
+def test_a_port_taken_before_the_server_listens_is_left_for_another(tmp_path, prefect_home, monkeypatch):
+    """The port is found free, then the server binds it seconds later: a process that took it in
+    between made the server exit ("address already in use") and `loom pipeline` fail. Now it
+    starts again on another port; a server whose every port was taken is still an error."""
+    import socket
+
+    import loomcore.local_server as local_server
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()  # (listening, answering nothing: not a server the health check would take)
+    port = taken.getsockname()[1]
+    found = iter([port])
+    free = local_server.free_port
+    monkeypatch.setattr(local_server, "free_port", lambda host: next(found, None) or free(host))
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env["PREFECT_HOME"] = str(prefect_home(tmp_path / "home"))
+    lines = []
+    try:
+        with prefect_server(env, log=lines.append) as run_env:
+            api = run_env["PREFECT_API_URL"]
+            assert healthy(api) and f":{port}/" not in api
+        assert lines[0] == f"pipeline: port {port} was taken before the Prefect server could listen on it; " \
+                           "starting it on another", lines
+        assert not healthy(api)
+        monkeypatch.setattr(local_server, "free_port", lambda host: port)  # every start: the taken port
+        with pytest.raises(ServerStartError, match="exited with code .* before answering"):
+            with prefect_server(env, log=lines.append):
+                pass
+        assert sum("was taken" in line for line in lines) == 1 + local_server.PORT_ATTEMPTS - 1
+    finally:
+        taken.close()
+
+
 PROBE_STAGE = """
 import os, signal, subprocess, sys, time
 from pathlib import Path
