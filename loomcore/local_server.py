@@ -132,7 +132,7 @@ def prefect_server(env: Optional[Mapping[str, str]] = None, *, host: str = "127.
                     if stop_requested():
                         raise ServerStartStopped(f"stopped while the Prefect server at {api_url} was starting")
                     if proc.poll() is not None:
-                        if _port_taken(log_path) and attempt < PORT_ATTEMPTS:
+                        if _port_taken(log_path, port) and attempt < PORT_ATTEMPTS:
                             log(f"pipeline: port {port} was taken before the Prefect server could listen on it; "
                                 f"starting it on another")
                             break
@@ -151,11 +151,11 @@ def prefect_server(env: Optional[Mapping[str, str]] = None, *, host: str = "127.
                 _stop(proc)
 
 
-def _port_taken(log_path: Path) -> bool:
+def _port_taken(log_path: Path, port: int) -> bool:
     """The server's log says its port was in use: `prefect server start`'s own check ("Port N is
     already in use"), or uvicorn's bind error when the port was taken after that check."""
     text = log_path.read_text(errors="replace").lower() if log_path.is_file() else ""
-    return "is already in use" in text or "address already in use" in text
+    return f"port {port} is already in use" in text or "address already in use" in text
 
 
 def _stop(proc: subprocess.Popen, grace: float = 15.0) -> None:

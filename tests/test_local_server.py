@@ -73,7 +73,7 @@ def test_a_server_that_cannot_start_is_a_clear_error(tmp_path):
 
 def test_a_port_taken_before_the_server_listens_is_left_for_another(tmp_path, prefect_home, monkeypatch):
     """The port is found free, then the server binds it seconds later: a process that took it in
-    between made the server exit ("address already in use") and `loom pipeline` fail. Now it
+    between made the server exit ("Port N is already in use") and `loom pipeline` fail. Now it
     starts again on another port; a server whose every port was taken is still an error."""
     import socket
 
