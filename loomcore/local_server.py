@@ -122,13 +122,18 @@ def prefect_server(env: Optional[Mapping[str, str]] = None, *, host: str = "127.
             api_url = f"http://{host}:{port}/api"
             cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port),
                    "--no-scheduler", "--no-late-runs", "--analytics-off"]
+            # the UI this server serves calls this server: Prefect's UI otherwise calls port 4200 (its
+            # default), which shows another server's runs or "Can't connect to Server API"
+            ui = {name: api_url for name in ("PREFECT_UI_API_URL", "PREFECT_SERVER_UI_API_URL")}
             with open(log_path, "wb") as out:
-                proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT,
+                proc = subprocess.Popen(cmd, env={**env, **ui}, stdout=out, stderr=subprocess.STDOUT,
                                         stdin=subprocess.DEVNULL, start_new_session=True)
             try:
                 on_start(proc.pid)
                 t0 = time.monotonic()
-                while not (proc.poll() is None and healthy(api_url)):  # (an answer while ours runs)
+                # up: ours runs, the port answers, and the answer is ours (another server that took the
+                # port first answers too, until ours exits on finding it taken)
+                while not (proc.poll() is None and healthy(api_url) and _listens(proc.pid, port)):
                     if stop_requested():
                         raise ServerStartStopped(f"stopped while the Prefect server at {api_url} was starting")
                     if proc.poll() is not None:
@@ -149,6 +154,25 @@ def prefect_server(env: Optional[Mapping[str, str]] = None, *, host: str = "127.
                     return
             finally:
                 _stop(proc)
+
+
+def _listens(pid: int, port: int) -> bool:
+    """Whether the process `pid` (uvicorn runs in `prefect server start`'s own process) or one below
+    it holds the socket listening on `port`. True where the system does not say (psutil's AccessDenied):
+    then the health check alone decides, as before."""
+    import psutil  # (a dependency of DVC's too; imported here: the check runs only while a server starts)
+
+    try:
+        root = psutil.Process(pid)
+        for p in (root, *root.children(recursive=True)):
+            if any(c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port
+                   for c in p.net_connections("tcp")):
+                return True
+    except psutil.AccessDenied:
+        return True
+    except psutil.NoSuchProcess:
+        pass
+    return False
 
 
 def _port_taken(log_path: Path, port: int) -> bool:

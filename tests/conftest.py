@@ -396,7 +396,7 @@ def dvc_standin_repo(tmp_path):
 
 
 @pytest.fixture(scope="session")
-def prefect_home(tmp_path_factory, worker_id):
+def prefect_home(tmp_path_factory):
     """`prefect_home(path)` makes `path` a PREFECT_HOME whose database is already at this Prefect's
     schema (a copy of one migrated once per run, the xdist workers sharing it under a file lock), and
     returns it: a server started on a fresh home spends ~8 of its ~12 s of CPU migrating an empty
@@ -406,8 +406,10 @@ def prefect_home(tmp_path_factory, worker_id):
 
     from filelock import FileLock
 
+    # the xdist workers' folders share their parent (read from the environment, not xdist's `worker_id`
+    # fixture, which `-p no:xdist` removes)
     root = tmp_path_factory.getbasetemp()
-    root = root if worker_id == "master" else root.parent  # (the workers' folders share their parent)
+    root = root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root
     template = root / "prefect-template"
     with FileLock(str(root / "prefect-template.lock")):
         if not (template / "prefect.db").is_file():

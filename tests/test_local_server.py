@@ -105,6 +105,54 @@ def test_a_port_taken_before_the_server_listens_is_left_for_another(tmp_path, pr
         taken.close()
 
 
+def test_a_server_of_someone_elses_on_the_port_is_not_taken_for_ours_and_our_ui_calls_ours(tmp_path, prefect_home,
+                                                                                             monkeypatch):
+    """Another server took the port first and answers the health check (another checkout's `loom
+    pipeline` given the same free port, say) while ours is still starting, until ours exits on finding
+    the port taken: it was taken for ours, and the stages reported to it. Now a server is ours only
+    when its own process listens on the port; ours starts again on another. And the UI ours serves
+    calls ours: Prefect's UI calls port 4200 unless told otherwise (before: the link `loom pipeline`
+    prints showed "Can't connect to Server API", or another server's runs)."""
+    import json
+    import threading
+    import urllib.request
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    import loomcore.local_server as local_server
+
+    class Healthy(BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"true")
+
+        def log_message(self, *args):
+            pass
+
+    foreign = ThreadingHTTPServer(("127.0.0.1", 0), Healthy)
+    threading.Thread(target=foreign.serve_forever, daemon=True).start()
+    port = foreign.server_address[1]
+    assert healthy(f"http://127.0.0.1:{port}/api")
+    found = iter([port])
+    free = local_server.free_port
+    monkeypatch.setattr(local_server, "free_port", lambda host: next(found, None) or free(host))
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env["PREFECT_HOME"] = str(prefect_home(tmp_path / "home"))
+    lines = []
+    try:
+        with prefect_server(env, log=lines.append) as run_env:
+            api = run_env["PREFECT_API_URL"]
+            assert f":{port}/" not in api and healthy(api)
+            ui = api.removesuffix("/api")
+            with urllib.request.urlopen(f"{ui}/ui-settings", timeout=10) as r:
+                assert json.load(r)["api_url"] == api
+        assert lines[0] == f"pipeline: port {port} was taken before the Prefect server could listen on it; " \
+                           "starting it on another", lines
+    finally:
+        foreign.shutdown()
+        foreign.server_close()
+
+
 PROBE_STAGE = """
 import os, signal, subprocess, sys, time
 from pathlib import Path
