@@ -45,12 +45,8 @@ def test_parameters_and_the_plan_of_the_tiny_profile(tiny):
     model = LoomDiT(**loomdit_kwargs(tiny))
     assert counts["trainable"] + counts["frozen"] == sum(p.numel() for p in model.parameters())
     assert counts["per_block"] == sum(p.numel() for p in model.blocks[0].parameters())
-    one = memory.plan_stage(tiny, "stage3", 1, "H20")
-    two = memory.plan_stage(tiny, "stage3", 2, "H20")
-    shard = "AdamW moments (fp32, sharded)"
-    assert one.gib[shard] == pytest.approx(8 * counts["trainable"] / memory.GIB, abs=0.01)
-    assert two.gib[shard] == pytest.approx(one.gib[shard] / 2, abs=0.01) and one.fits
-    assert memory.plan_stage(tiny, "stage1", 1).gib["EMA (fp32, sharded)"] == 0  # stage 1 keeps no EMA
+    # (the plan's GiB are rounded to 0.01: the tiny model's state, ~0.01 GiB, is checked on the paper profile below)
+    assert memory.plan_stage(tiny, "stage3", 1, "H20").fits
     with pytest.raises(ValueError, match="gpu = 'X1'"):
         memory.plan_stage(tiny, "stage3", 1, "X1")
 
@@ -67,5 +63,10 @@ def test_the_paper_profile_plan_reads_the_20_bytes_per_parameter_and_the_online_
     assert not p.fits  # one H20 cannot hold the 20 bytes per parameter plus the online MLLM
     eight = memory.plan_stage(paper, "stage2", 8, "H20", context=1024, _cache=cache)
     assert eight.fits and eight.total_gib < p.total_gib / 2  # the state shards, the MLLM and activations do not
+    shard, ema = "AdamW moments (fp32, sharded)", "EMA (fp32, sharded)"
+    assert p.gib[shard] == pytest.approx(8 * trainable / memory.GIB, rel=0.01)
+    assert eight.gib[shard] == pytest.approx(p.gib[shard] / 8, rel=0.01)
+    assert p.gib[ema] == pytest.approx(4 * trainable / memory.GIB, rel=0.01)  # stage 2 keeps an EMA
+    assert memory.plan_stage(paper, "stage1", 1, "H20", context=1024, _cache=cache).gib[ema] == 0  # stage 1 none
     text = memory.plan_table([p, eight])
     assert "| stage2 | 8 | 16,384 |" in text and "| **no** |" in text

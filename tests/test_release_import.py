@@ -77,6 +77,8 @@ def test_import_round_trip(release, tmp_path):
 def test_import_can_cast(release, tmp_path):
     _, _, path = release
     import_release(path, tmp_path / "fp32", CONFIG, dtype=torch.float32)
+    written = load_file(tmp_path / "fp32" / "diffusion_pytorch_model.safetensors")  # (from_pretrained would cast)
+    assert written and all(v.dtype == torch.float32 for v in written.values())
     loaded = LoomDiT.from_pretrained(tmp_path / "fp32")
     assert all(p.dtype == torch.float32 for p in loaded.parameters())
 
@@ -139,7 +141,10 @@ def test_pickled_code_is_refused_not_run(tmp_path, monkeypatch):
 
 
 def test_project_config_is_accepted(release, tmp_path):
-    """The CLI passes the project Config; its dit/mllm/rope/flow sections give LoomDiT's kwargs."""
+    """The CLI passes the project Config; its dit/mllm/rope/flow sections give LoomDiT's kwargs (the
+    RoPE offset and timestep scale at values other than CONFIG's: they reach the written config)."""
+    import json
+
     from types import SimpleNamespace as NS
 
     _, _, path = release
@@ -149,10 +154,14 @@ def test_project_config_is_accepted(release, tmp_path):
     )}
     cfg = NS(
         dit=NS(**dit, gradient_checkpointing=True), mllm=NS(hidden_size=32, projector_mult=4, layers_used=2),
-        rope=NS(ref_offset=10), flow=NS(timestep_scale=1000.0),
+        rope=NS(ref_offset=7), flow=NS(timestep_scale=500.0),
     )
     report = import_release(path, tmp_path / "out", cfg)
-    assert "loaded" in str(report)
+    assert report.new == ()
+    written = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert {k: written[k] for k in dit} == {**dit, "patch_size": list(dit["patch_size"])}
+    assert (written["mllm_dim"], written["projector_mult"], written["ref_offset"], written["timestep_scale"]) == \
+        (32, 4, 7, 500.0)
 
 
 # --------------------------------------------------------------------------------------------

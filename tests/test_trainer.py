@@ -219,9 +219,10 @@ def test_flop_formula_matches_torch_flop_counter():
     d = cfg.dit
     formula = dit_train_flops(layout, d.inner_dim, d.ffn_dim, d.num_layers, P, cfg.mllm.hidden_size,
                               cfg.mllm.projector_mult, backward=False)
-    # the formula leaves out the time embedding and Scale-and-Add's source projection (O(S·D²), O(N·P·D))
-    assert formula == pytest.approx(measured, rel=0.2)
-    assert formula <= measured
+    # the formula leaves out the time embedding and Scale-and-Add's source projection (O(S·D²), O(N·P·D)):
+    # 1.2 % of this pack's count (exact, integer FLOPs); leaving out attention's scores and values
+    # would make it 3.3 %, the Deepstack projector 8 %
+    assert measured * 0.98 < formula <= measured, (formula, measured)
 
 
 # --------------------------------------------------------------------------------------------
