@@ -414,17 +414,25 @@ def test_save_and_load_round_trip(loom, tmp_path):
 
 
 def test_activation_checkpointing_gives_the_same_gradients(loom):
+    """The same gradients, and the blocks are recomputed in the backward (a block runs twice per
+    step with checkpointing, once without: else it would not be checkpointing at all)."""
     x, ts, states = torch.randn(1, 8, 2, 4, 4), torch.tensor([700.0]), _states(1, 3)
     refs = torch.randn(1, 1, 8, 1, 2, 2)
-    grads = []
-    for checkpointing in (False, True):
-        loom.zero_grad()
-        if checkpointing:
-            loom.enable_gradient_checkpointing()
-        loom.train()
-        loom(x, ts, states, source_latents=x, reference_latents=refs).sample.square().mean().backward()
-        grads.append({n: p.grad.clone() for n, p in loom.named_parameters() if p.grad is not None})
-        assert {n for n, p in loom.named_parameters() if p.grad is None} == TEXT_KEYS  # Wan's text path only
+    grads, calls = [], []
+    hook = loom.blocks[0].register_forward_pre_hook(lambda module, args: calls.append(1))
+    try:
+        for checkpointing in (False, True):
+            loom.zero_grad()
+            calls.clear()
+            if checkpointing:
+                loom.enable_gradient_checkpointing()
+            loom.train()
+            loom(x, ts, states, source_latents=x, reference_latents=refs).sample.square().mean().backward()
+            assert len(calls) == (2 if checkpointing else 1), (checkpointing, len(calls))
+            grads.append({n: p.grad.clone() for n, p in loom.named_parameters() if p.grad is not None})
+            assert {n for n, p in loom.named_parameters() if p.grad is None} == TEXT_KEYS  # Wan's text path only
+    finally:
+        hook.remove()
     loom.disable_gradient_checkpointing()
     loom.eval()
     loom.zero_grad()

@@ -302,7 +302,9 @@ def test_tiny_qwen_judge_answers_garbage_which_ends_as_a_failure(tiny_mllm_dir):
     answer = judge("rate it", media)
     assert isinstance(answer, str)
     state = torch.random.get_rng_state()
-    assert judge.retry("rate it", media, 2) == judge.retry("rate it", media, 2)  # sampled, seeded by the attempt
+    again = judge.retry("rate it", media, 2)
+    assert again == judge.retry("rate it", media, 2)  # sampled, seeded by the attempt:
+    assert again != answer and judge.retry("rate it", media, 3) != again  # ... not greedy, another attempt another draw
     assert torch.equal(torch.random.get_rng_state(), state)  # ... without touching the process's RNG
     r = ask(judge, TEMPLATES["refvie"]["subject"].render("swap it"), media, TEMPLATES["refvie"]["subject"].dimensions, 2)
     assert not r.ok and r.attempts == 2 and all(math.isnan(v) for v in r.scores.values())

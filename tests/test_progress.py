@@ -16,8 +16,25 @@ for s in range(1, 6):
 
 
 def test_report_progress_writes_nothing_without_a_launcher(tmp_path, monkeypatch):
-    monkeypatch.delenv("LOOM_PROGRESS_FILE", raising=False)
-    report_progress(3, 5)  # a run from a terminal: its log lines are its progress
+    import os
+    from pathlib import Path
+
+    def spied(env: dict) -> list:
+        """The files report_progress(3, 5) writes (through Path.write_text and os.replace, its way of
+        writing), run in an empty folder under `env`; nothing is written for real."""
+        writes = []
+        with monkeypatch.context() as m:
+            for k, v in env.items():
+                m.setenv(k, v) if v else m.delenv(k, raising=False)
+            m.chdir(tmp_path)
+            m.setattr(Path, "write_text", lambda self, *a, **k: writes.append(str(self)))
+            m.setattr(os, "replace", lambda src, dst: writes.append(str(dst)))
+            report_progress(3, 5)
+        return writes
+
+    # a run from a terminal: its log lines are its progress
+    assert spied({"LOOM_PROGRESS_FILE": ""}) == [] and not any(tmp_path.iterdir())
+    assert str(tmp_path / "p.json") in spied({"LOOM_PROGRESS_FILE": str(tmp_path / "p.json")})  # (the spy sees a write)
     monkeypatch.setenv("LOOM_PROGRESS_FILE", str(tmp_path / "p.json"))
     assert read_progress(tmp_path / "p.json") is None
     report_progress(3, 5)

@@ -148,19 +148,20 @@ def test_shape_radius_follows_the_config_within_lane_and_path(cfg, shapes):
     leaves, so every path stays in the frame. A bad range is refused by name."""
     lo, hi = cfg.data.synthetic_shape_radius
     _, _, truth = shapes
-    radii = []
+    radii, mixed = [], 0
     for rec in truth.values():
         for scene in (rec["target"], rec["source"]):
             if not scene:
                 continue
             w, h = scene["size"]
+            mixed += len({s["radius"] for s in scene["shapes"]}) > 1  # one scene's caps are its shapes' caps
             for s in scene["shapes"]:
                 radii.append(s["radius"] / min(w, h))
                 assert s["radius"] <= round(hi * min(w, h))
                 assert s["radius"] <= max(w, h) // len(scene["shapes"]) // 2 - 1  # its lane
                 for x, y in s["centers"]:
                     assert s["radius"] <= x < w - s["radius"] and s["radius"] <= y < h - s["radius"]
-    assert max(radii) >= lo  # the range is drawn from, not only its caps
+    assert max(radii) >= lo and mixed > 0, mixed  # the range is drawn from, not only its caps
     small = synthetic.make_scene(np.random.default_rng(0), (48, 48), 5, ["circle"], ["red"], "blue", "left",
                                  radius=(0.05, 0.05))
     big = synthetic.make_scene(np.random.default_rng(0), (48, 48), 5, ["circle"], ["red"], "blue", "left",
