@@ -883,6 +883,7 @@ def test_stopping_an_orphaned_group_ends_what_runs_below_it_in_sessions_of_its_o
     below = int(pid_file.read_text())
     found = stop_orphan_group(leader.pid, grace=2.0)
     assert leader.pid in found and below in found
+    assert leader.wait(timeout=10) is not None  # the group's leader itself (it sleeps 600 s unless stopped)
     stat = Path(f"/proc/{below}/stat")
     assert not stat.exists() or stat.read_text().split(")")[-1].split()[0] == "Z"
 
@@ -891,31 +892,50 @@ _FINISHED_THEN_ABORT = """
 import json, os, sys, torch
 from pathlib import Path
 from safetensors.torch import save_file
-out = Path(sys.argv[1]); (out / "model").mkdir(parents=True, exist_ok=True)
-save_file({"w": torch.ones(4)}, str(out / "model" / "diffusion_pytorch_model.safetensors"))
-if sys.argv[2] == "truncated":
-    f = out / "model" / "diffusion_pytorch_model.safetensors"; f.write_bytes(f.read_bytes()[:-3])
-(out / "summary.json").write_text(json.dumps({"loss_final": 0.5}))
-print("rank 0: process group released, no gloo thread left", flush=True)
+out, how = Path(sys.argv[1]), sys.argv[2]
+if how != "stale":  # (stale: the outs are an earlier run's)
+    (out / "model").mkdir(parents=True, exist_ok=True)
+    save_file({"w": torch.ones(4)}, str(out / "model" / "diffusion_pytorch_model.safetensors"))
+    if how == "truncated":
+        f = out / "model" / "diffusion_pytorch_model.safetensors"; f.write_bytes(f.read_bytes()[:-3])
+    (out / "summary.json").write_text(json.dumps({"loss_final": 0.5}))
+if how != "unreleased":
+    print("rank 0: process group released, no gloo thread left", flush=True)
 os.abort()  # what a gloo thread touching Python state during finalisation does
 """
 
 
-@pytest.mark.parametrize("outs", ["complete", "truncated"])
-def test_a_crash_in_teardown_after_verified_outs_does_not_fail_the_stage(tmp_path, outs):
+@pytest.mark.parametrize("outs", ["complete", "truncated", "stale", "unreleased"])
+def test_a_crash_in_teardown_after_verified_outs_does_not_fail_the_stage(tmp_path, outs, caplog):
     """A rank that wrote its outs, released its process group and then aborted at exit (SIGABRT):
     the stage stands, with a warning, when the outs this run wrote verify; a truncated weights
-    file fails it."""
+    file fails it, so do complete outs an earlier run wrote (this one aborted before writing), and
+    outs written by ranks that never said they released their process group."""
+    import logging
+
     from tasks.train import launch_torchrun
 
     cfg = load_config(profile="tiny")
     out = tmp_path / "out"
+    if outs == "stale":  # a finished earlier run's outs, an hour old
+        subprocess.run([sys.executable, "-c", _FINISHED_THEN_ABORT, str(out), "complete"], capture_output=True)
+        for f in out.rglob("*"):
+            os.utime(f, (time.time() - 3600,) * 2)
     cmd = [sys.executable, "-c", _FINISHED_THEN_ABORT, str(out), outs]
+    failure = {"truncated": "its header describes", "stale": "summary.json was not written by this run",
+               "unreleased": ""}
     if outs == "complete":
-        launch_torchrun(cfg, cmd, "stage1", "stage1: steps", out)
-    else:
-        with pytest.raises(RuntimeError, match="(?s)stage1: .* exited with code -6.*its header describes"):
+        log = logging.getLogger("loomvideo")  # tasks.common.logger outside a run (caplog's root handler
+        log.addHandler(caplog.handler)        # does not see it here: attached to it directly)
+        try:
             launch_torchrun(cfg, cmd, "stage1", "stage1: steps", out)
+        finally:
+            log.removeHandler(caplog.handler)
+        assert "a crash in interpreter teardown, not in training" in caplog.text
+    else:
+        with pytest.raises(RuntimeError, match=f"(?s)stage1: .* exited with code -6.*{failure[outs]}") as e:
+            launch_torchrun(cfg, cmd, "stage1", "stage1: steps", out)
+        assert ("the ranks released their process group" in str(e.value)) == (outs != "unreleased")
     with pytest.raises(RuntimeError, match="exited with code"):  # without outs to verify: a failure
         launch_torchrun(cfg, cmd, "stage1", "stage1: steps", None)
 
