@@ -112,6 +112,8 @@ def main(mode: str, run_dir: str, out: str) -> None:
         state.update({f"optim.{name}.{k}": torch.as_tensor(v).clone() for k, v in entry.items()})
     if mode == "resume":
         losses = [step(model, opt, ema, counter, 3)]  # and it trains on
+    if resumed is not None:  # every rank's own (the tests check that all ranks resumed from the same one)
+        Path(f"{out}.rank{env.rank}.resumed").write_text(resumed["path"])
     if env.is_main:
         save_file({k: v.contiguous() for k, v in state.items()}, out)
         Path(out + ".json").write_text(json.dumps({"losses": losses, "world_size": env.world_size,

@@ -241,7 +241,8 @@ def test_a_two_rank_checkpoint_is_sharded_and_resumes_on_one_and_three_ranks(tmp
         assert len(losses) == 1 and np.isfinite(losses[0])
 
     # The ranks share the hashing: a flipped byte in rank 1's shard of the newest checkpoint is found
-    # (by rank 1) and every rank resumes from the one before (here: the same state under step 1).
+    # (by whichever rank hashes that file) and every rank resumes from the one before (here: the same
+    # state under step 1) — rank 1 too, which reads that shard.
     import shutil
 
     older = run / "step-000001"
@@ -255,6 +256,9 @@ def test_a_two_rank_checkpoint_is_sharded_and_resumes_on_one_and_three_ranks(tmp
     proc = _torchrun(2, "resume", run, tmp_path / "fallback.safetensors")
     assert f"skipping checkpoint: {ckpt}: dcp/__1_0.distcp does not match its sha256" in proc.stderr
     assert json.loads((tmp_path / "fallback.safetensors.json").read_text())["resumed_from"] == str(older)
+    assert [(tmp_path / f"fallback.safetensors.rank{r}.resumed").read_text() for r in (0, 1)] == [str(older)] * 2
+    again = load_file(tmp_path / "fallback.safetensors")
+    assert set(again) == set(saved) and all(torch.equal(again[k], saved[k]) for k in saved)
 
 
 _HELPER_THREAD = """
