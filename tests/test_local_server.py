@@ -379,6 +379,18 @@ def test_the_handler_passes_the_signal_on_when_stderr_is_gone(monkeypatch):
         run.on_signal(signal.SIGTERM, None)  # no exception
         assert run.proc.wait(10) != 0  # the SIGINT reached it (KeyboardInterrupt)
         assert run.deadline is not None and run.signals == [signal.SIGTERM]
+        # a DVC that does not stop on the SIGINT: the second signal kills its group, stderr still gone
+        run.proc.stdout.close()
+        run = _SignalledRun()
+        run.proc = subprocess.Popen([sys.executable, "-c", stand_in.replace("signal.default_int_handler",
+                                                                            "signal.SIG_IGN")],
+                                    start_new_session=True, stdout=subprocess.PIPE, text=True)
+        assert run.proc.stdout.readline() == "up\n"
+        run.on_signal(signal.SIGTERM, None)
+        with pytest.raises(subprocess.TimeoutExpired):
+            run.proc.wait(1)  # (it ignores SIGINT)
+        run.on_signal(signal.SIGTERM, None)  # no exception
+        assert run.proc.wait(10) == -signal.SIGKILL
     finally:
         if run.proc.poll() is None:
             run.proc.kill()
