@@ -103,6 +103,9 @@ def test_every_task_runs_end_to_end(pipe, media, task):
     out = _run(pipe, **kw)
     assert out.shape == (1, frames, height, width, 3) and out.dtype == np.float32
     assert out.min() >= 0 and out.max() <= 1 and np.isfinite(out).all()
+    # (diffusers' postprocess clamps to [0, 1]: a decode off in scale saturates, it does not leave the
+    # range; the untrained tiny models leave 61 % of values inside, a decode 3× too strong under half)
+    assert ((out > 0) & (out < 1)).mean() > 0.5, ((out == 0).mean(), (out == 1).mean())
     named = _run(pipe, task=task, **kw)  # naming the task gives the same call
     assert np.array_equal(out, named)
 
