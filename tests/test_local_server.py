@@ -73,46 +73,13 @@ def test_a_server_that_cannot_start_is_a_clear_error(tmp_path):
 
 def test_a_port_taken_before_the_server_listens_is_left_for_another(tmp_path, prefect_home, monkeypatch):
     """The port is found free, then the server binds it seconds later: a process that took it in
-    between made the server exit ("Port N is already in use") and `loom pipeline` fail. Now it
-    starts again on another port; a server whose every port was taken is still an error."""
-    import socket
-
-    import loomcore.local_server as local_server
-
-    taken = socket.socket()
-    taken.bind(("127.0.0.1", 0))
-    taken.listen()  # (listening, answering nothing: not a server the health check would take)
-    port = taken.getsockname()[1]
-    found = iter([port])
-    free = local_server.free_port
-    monkeypatch.setattr(local_server, "free_port", lambda host: next(found, None) or free(host))
-    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
-    env["PREFECT_HOME"] = str(prefect_home(tmp_path / "home"))
-    lines = []
-    try:
-        with prefect_server(env, log=lines.append) as run_env:
-            api = run_env["PREFECT_API_URL"]
-            assert healthy(api) and f":{port}/" not in api
-        assert lines[0] == f"pipeline: port {port} was taken before the Prefect server could listen on it; " \
-                           "starting it on another", lines
-        assert not healthy(api)
-        monkeypatch.setattr(local_server, "free_port", lambda host: port)  # every start: the taken port
-        with pytest.raises(ServerStartError, match="exited with code .* before answering"):
-            with prefect_server(env, log=lines.append):
-                pass
-        assert sum("was taken" in line for line in lines) == 1 + local_server.PORT_ATTEMPTS - 1
-    finally:
-        taken.close()
-
-
-def test_a_server_of_someone_elses_on_the_port_is_not_taken_for_ours_and_our_ui_calls_ours(tmp_path, prefect_home,
-                                                                                             monkeypatch):
-    """Another server took the port first and answers the health check (another checkout's `loom
-    pipeline` given the same free port, say) while ours is still starting, until ours exits on finding
-    the port taken: it was taken for ours, and the stages reported to it. Now a server is ours only
-    when its own process listens on the port; ours starts again on another. And the UI ours serves
-    calls ours: Prefect's UI calls port 4200 unless told otherwise (before: the link `loom pipeline`
-    prints showed "Can't connect to Server API", or another server's runs)."""
+    between made the server exit ("Port N is already in use") and `loom pipeline` fail; now it starts
+    again on another port, and a server whose every port was taken is still an error. The taker here
+    answers the health check (another checkout's `loom pipeline` given the same port, say), as it did
+    while ours was still starting, and was taken for ours: a server is ours now only when its own
+    process listens on the port. And the UI ours serves calls ours: Prefect's UI calls port 4200 unless
+    told otherwise (the link `loom pipeline` printed showed "Can't connect to Server API", or another
+    server's runs)."""
     import json
     import threading
     import urllib.request
@@ -129,9 +96,9 @@ def test_a_server_of_someone_elses_on_the_port_is_not_taken_for_ours_and_our_ui_
         def log_message(self, *args):
             pass
 
-    foreign = ThreadingHTTPServer(("127.0.0.1", 0), Healthy)
-    threading.Thread(target=foreign.serve_forever, daemon=True).start()
-    port = foreign.server_address[1]
+    taken = ThreadingHTTPServer(("127.0.0.1", 0), Healthy)
+    threading.Thread(target=taken.serve_forever, daemon=True).start()
+    port = taken.server_address[1]
     assert healthy(f"http://127.0.0.1:{port}/api")
     found = iter([port])
     free = local_server.free_port
@@ -142,15 +109,20 @@ def test_a_server_of_someone_elses_on_the_port_is_not_taken_for_ours_and_our_ui_
     try:
         with prefect_server(env, log=lines.append) as run_env:
             api = run_env["PREFECT_API_URL"]
-            assert f":{port}/" not in api and healthy(api)
-            ui = api.removesuffix("/api")
-            with urllib.request.urlopen(f"{ui}/ui-settings", timeout=10) as r:
+            assert healthy(api) and f":{port}/" not in api
+            with urllib.request.urlopen(f"{api.removesuffix('/api')}/ui-settings", timeout=10) as r:
                 assert json.load(r)["api_url"] == api
         assert lines[0] == f"pipeline: port {port} was taken before the Prefect server could listen on it; " \
                            "starting it on another", lines
+        assert not healthy(api)
+        monkeypatch.setattr(local_server, "free_port", lambda host: port)  # every start: the taken port
+        with pytest.raises(ServerStartError, match="exited with code .* before answering"):
+            with prefect_server(env, log=lines.append):
+                pass
+        assert sum("was taken" in line for line in lines) == 1 + local_server.PORT_ATTEMPTS - 1
     finally:
-        foreign.shutdown()
-        foreign.server_close()
+        taken.shutdown()
+        taken.server_close()
 
 
 PROBE_STAGE = """
