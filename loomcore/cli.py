@@ -541,13 +541,13 @@ tiny profile's Shapes data has some: data/raw/samples/<id>/source.mp4, source.pn
   images to image         loom generate --ref a.png --ref b.png --frames 1 --prompt "@Figure 1 beside @Figure 2" --out mi2i.png
   reconstruct a video     loom generate --source in.mp4 --out recon.mp4
   reconstruct an image    loom generate --source in.png --out recon.png
-  four seeds in a batch   loom generate --prompt "a red circle" --frames 1 --num-outputs 4 --out t2i.png
-  a file of prompts       loom generate --prompts prompts.txt --frames 1 --out t2i.png
+  four seeds in a batch   loom generate --prompt "a red circle" --frames 1 --num-outputs 4 --out seeds.png
+  a file of prompts       loom generate --prompts prompts.txt --frames 1 --out prompts.png
   a trained DiT           loom generate --transformer outputs/stage3/model --prompt "a blue square" --out stage3.mp4
   an exported pipeline    loom generate --model outputs/export/model --prompt "a blue square" --out export.mp4
 
---num-outputs 4 writes t2i-0.png … t2i-3.png (seeds 0–3), each the image --seed <that seed> alone gives
-(to within one 8-bit level). --prompts writes t2i-1.png, t2i-2.png … (t2i-1-0.png … with --num-outputs),
+--num-outputs 4 writes seeds-0.png … seeds-3.png (seeds 0–3), each the image --seed <that seed> alone gives
+(to within one 8-bit level). --prompts writes prompts-1.png, prompts-2.png … (prompts-1-0.png … with --num-outputs),
 one per prompt of the file, each what --prompt with that line gives; every prompt is checked first.
 The task is inferred from the inputs (--task to name it). Sizes and frame counts are checked
 against the model before anything runs: bad input exits with status 2 and says what the model takes.

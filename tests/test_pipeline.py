@@ -1003,24 +1003,28 @@ def _check_generate_outputs(root: Path, example: str, args: list) -> None:
         n = int(args[args.index("--num-outputs") + 1])
         assert sorted(p.name for p in root.glob(f"{out.stem}-*{out.suffix}")) == [
             f"{out.stem}-{k}{out.suffix}" for k in range(n)], example
-        for p in root.glob(f"{out.stem}-*{out.suffix}"):
-            p.unlink()  # the next example may name the same --out
     elif "--prompts" in args:  # <out>-<k>.<ext>, one per prompt of the file
         assert all((root / f"{out.stem}-{k}{out.suffix}").is_file() for k in (1, 2)), example
     else:
         assert (root / out).is_file(), example
 
 
-def test_every_help_example_runs_as_written(tiny_workspace, files, saved_dir, tmp_path, monkeypatch, capsys):
-    """`loom generate --help`'s examples, run verbatim in a checkout-like folder (`_checkout_like`)."""
-    import shlex
-
+def _help_examples() -> list:
     from loomcore.cli import build_parser
 
-    cfg, _ = tiny_workspace
     sub = build_parser()._subparsers._group_actions[0].choices["generate"]
     examples = re.findall(r"^  [A-Za-z… ]+?\s{2,}(loom generate .+)$", sub.format_help(), re.MULTILINE)
     assert len(examples) == 14, sub.format_help()
+    return examples
+
+
+def test_every_help_example_runs_as_written(tiny_workspace, files, saved_dir, tmp_path, monkeypatch, capsys):
+    """`loom generate --help`'s examples, run verbatim in a checkout-like folder (`_checkout_like`),
+    one after the other: none finds a file an earlier one wrote (it would refuse: "exists")."""
+    import shlex
+
+    cfg, _ = tiny_workspace
+    examples = _help_examples()
     _checkout_like(tmp_path, cfg, files, saved_dir)
     (tmp_path / "prompts.txt").write_text("a red circle\na blue square\n")
     monkeypatch.chdir(tmp_path)
@@ -1043,6 +1047,9 @@ def test_the_readmes_generate_examples_run_as_written(tiny_workspace, files, sav
     lines = [line.split("   #")[0].strip() for line in shell.splitlines() if line.strip()]
     python = re.findall(r"```python\n(.*?)```", text, re.DOTALL)
     assert len(lines) >= 4 and any("--num-outputs" in line for line in lines) and len(python) == 2, (lines, python)
+    # a reader who runs these and the --help's examples in one checkout meets no "exists" refusal
+    outs = lambda cmds: {Path(a[a.index("--out") + 1]).stem for a in map(shlex.split, cmds) if "--out" in a}  # noqa: E731
+    assert not outs(lines) & outs(_help_examples()), outs(lines) & outs(_help_examples())
     _checkout_like(tmp_path, cfg, files, saved_dir)
     monkeypatch.chdir(tmp_path)
     for line in lines:
