@@ -925,8 +925,8 @@ def test_a_crash_in_teardown_after_verified_outs_does_not_fail_the_stage(tmp_pat
     failure = {"truncated": "its header describes", "stale": "summary.json was not written by this run",
                "unreleased": ""}
     if outs == "complete":
-        log = logging.getLogger("loomvideo")  # tasks.common.logger outside a run (caplog's root handler
-        log.addHandler(caplog.handler)        # does not see it here: attached to it directly)
+        log = logging.getLogger("loomvideo")  # tasks.common.logger outside a run; attached to it directly:
+        log.addHandler(caplog.handler)        # Prefect's logging set-up, on its first import, replaces the root's handlers
         try:
             launch_torchrun(cfg, cmd, "stage1", "stage1: steps", out)
         finally:
