@@ -66,13 +66,13 @@ def cmd_config(args) -> int:
     if args.overrides and "=" not in args.overrides[0]:
         section, args.overrides = args.overrides[0], args.overrides[1:]
     cfg = _load(args)
+    d = cfg.to_dict()
+    if section and section not in d:  # (with --check too: `stage1.steps 10 --check` is no check of 10)
+        raise ConfigError(f"no section {section!r}; sections: {', '.join(d)}")
     if args.check:
         print(f"config OK (profile {cfg.profile}; {' + '.join(cfg.sources)}; fingerprint {cfg.fingerprint()})")
         return 0
-    d = cfg.to_dict()
     if section:
-        if section not in d:
-            raise ConfigError(f"no section {section!r}; sections: {', '.join(d)}")
         d = {section: d[section]}
     sys.stdout.write(yaml.safe_dump(d, sort_keys=False, width=110))
     return 0
@@ -209,6 +209,10 @@ def cmd_deploy(args) -> int:
         print("loom deploy: PREFECT_API_URL is not set: export the URL of the Prefect server the workers "
               "talk to (e.g. http://127.0.0.1:4200/api)", file=sys.stderr)
         return 2
+    if not _reachable(os.environ["PREFECT_API_URL"]):
+        print(f"loom deploy: nothing answers at PREFECT_API_URL={os.environ['PREFECT_API_URL']}: start the server "
+              "(`prefect server start`) or export its URL", file=sys.stderr)
+        return 1
     prefect = shutil.which("prefect", path=str(Path(sys.executable).parent)) or "prefect"
     pools = {"LOOM_CPU_POOL": cfg.orchestration.cpu_pool, "LOOM_GPU_POOL": cfg.orchestration.gpu_pool}
     nightly = bool(cfg.export.s3_uri)  # nightly-eval evaluates the registry's `latest`: none without one
@@ -253,6 +257,20 @@ def cmd_deploy(args) -> int:
     # the automation that marks runs whose heartbeats stopped Crashed (flows/automations.py: the
     # model package stays free of prefect imports, so it runs as the flows' module)
     return subprocess.run([sys.executable, "-m", "flows.automations"], cwd=here, env=env).returncode
+
+
+def _reachable(api_url: str, timeout: float = 10.0) -> bool:
+    """Something answers HTTP at `api_url` (any status: a server that wants credentials answers too)."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(f"{api_url.rstrip('/')}/health", timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return True
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+    return True
 
 
 def cmd_plan(args) -> int:
@@ -597,6 +615,29 @@ def _named(where: str):
         raise (InputError(f"{where}: {e}") if where else e) from None
 
 
+def _check_device(device: str) -> None:
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise InputError(f"--device {device}: expected cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"--device {device}: no CUDA device here (use --device cpu)")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise InputError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+
+
+def _check_out_folder(path: Path) -> None:
+    """The folder an output goes to exists or can be made (before minutes of generation, not after)."""
+    folder = path.parent
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir():
+        raise InputError(f"--out {path}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(f"--out {path}: {existing} is not writable")
+
+
 def cmd_generate(args) -> int:
     import torch
 
@@ -607,16 +648,21 @@ def cmd_generate(args) -> int:
     from loomcore.storage import is_s3
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-    dtype = dtypes[args.dtype] if args.dtype else inference_dtype(device)
     try:
         # 1. What can be checked without a model
+        _check_device(device)
+        dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+        dtype = dtypes[args.dtype] if args.dtype else inference_dtype(device)
         if args.model and args.transformer:
             raise InputError("--model (an exported pipeline) and --transformer (a DiT with the profile's other models): give one")
         if args.prompts and args.prompt:
             raise InputError("--prompt and --prompts (a file of them): give one")
         if args.num_outputs < 1:
             raise InputError(f"--num-outputs {args.num_outputs}: expected >= 1")
+        if not 0 <= args.seed <= 2 ** 63 - args.num_outputs:  # (torch's seeds; one per output from --seed on)
+            raise InputError(f"--seed {args.seed}: expected 0 … {2 ** 63 - args.num_outputs}")
+        if args.fps is not None and not args.fps > 0:
+            raise InputError(f"--fps {args.fps}: expected > 0")
         if args.cpu_offload and torch.device(device).type == "cpu":
             raise InputError(f"--cpu-offload: keeps the models in CPU memory and moves each to the GPU while it runs, "
                              f"but the device is {device} (no GPU here, or --device cpu)")
@@ -632,7 +678,9 @@ def cmd_generate(args) -> int:
                         [out.with_name(f"{stem}-{s}{out.suffix}") for s in seeds])
         for out_path in (p for per_prompt in outs for p in per_prompt):
             check_output_path(out_path, overwrite=args.overwrite, how_to_overwrite="--overwrite")
-        for flag, value in (("--steps", args.steps), ("--frames", args.frames)):
+            _check_out_folder(out_path)
+        for flag, value in (("--steps", args.steps), ("--frames", args.frames), ("--height", args.height),
+                            ("--width", args.width)):
             if value is not None and value < 1:
                 raise InputError(f"{flag} {value}: expected >= 1")
         for flag, value in (("--guidance", args.guidance), ("--visual-guidance", args.visual_guidance)):
@@ -650,6 +698,14 @@ def cmd_generate(args) -> int:
                 raise InputError(f"{flag} {folder}: no such folder (a trained DiT is <train.out_dir>/<stage>/model, "
                                  "an exported pipeline export.out_dir; run that stage first — a relative path on the "
                                  f"command line is taken from the current folder, {Path.cwd()})")
+        if args.transformer and not is_s3(args.transformer) and Path(args.transformer).is_dir():
+            folder = Path(args.transformer)
+            if (folder / "model_index.json").is_file():
+                raise InputError(f"--transformer {folder}: an exported pipeline (it has model_index.json): give it "
+                                 "as --model")
+            if not (folder / "config.json").is_file():
+                raise InputError(f"--transformer {folder}: no config.json (a trained DiT's folder, "
+                                 "<train.out_dir>/<stage>/model, or a diffusers Wan transformer's)")
         cfg = None if args.model else _load(args)
         if cfg is not None:  # the profile's base models (models.*), the DiT unless --transformer replaces it
             how = ("`loom init-models --profile tiny` (or `make pipeline`) builds them" if cfg.profile == "tiny" else

@@ -104,3 +104,48 @@ def test_pipeline_refuses_an_unknown_target_before_starting_anything(capsys):
     err = capsys.readouterr().err
     assert code == 2, err
     assert err.startswith("loom pipeline: --target nosuchstage: no such stage in dvc.yaml; stages: base_models, ")
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--fps", "-3"], "--fps -3.0: expected > 0"),
+    (["--fps", "0"], "--fps 0.0: expected > 0"),  # (was taken as "the default")
+    (["--device", "bogus"], "--device bogus: expected cpu, cuda or cuda:N"),
+    (["--seed", "-1"], "--seed -1: expected 0 …"),
+    (["--seed", str(2 ** 63)], f"--seed {2 ** 63}: expected 0 …"),
+    (["--height", "-8"], "--height -8: expected >= 1"),
+    (["--out-under-a-file"], "is a file, not a folder"),
+    (["--transformer", "PIPELINE"], "an exported pipeline (it has model_index.json): give it as --model"),
+    (["--transformer", "EMPTY"], "no config.json"),
+] + ([(["--device", "cuda"], "--device cuda: no CUDA device here")] if not __import__("torch").cuda.is_available() else []))
+def test_generate_refuses_bad_flags_before_any_model_loads(tmp_path, capsys, argv, needle):
+    """Mistakes found by a newcomer's probe, each a traceback before (some after the whole generation,
+    writing the file): now one line naming the flag, exit 2, before a model loads."""
+    out = tmp_path / "a.mp4"
+    if argv == ["--out-under-a-file"]:
+        (tmp_path / "afile").write_text("x")
+        out, argv = tmp_path / "afile" / "a.mp4", []
+    (tmp_path / "PIPELINE").mkdir()
+    (tmp_path / "PIPELINE" / "model_index.json").write_text("{}")
+    (tmp_path / "EMPTY").mkdir()
+    argv = [str(tmp_path / a) if a in ("PIPELINE", "EMPTY") else a for a in argv]
+    assert main(["generate", "--prompt", "x", "--out", str(out), *argv]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err, err
+
+
+def test_config_check_refuses_an_unknown_section_as_printing_does(capsys):
+    """`loom config stage1.steps 10 --check` (the = forgotten) said "config OK"."""
+    assert main(["config", "stage9", "--check"]) == 2
+    assert "no section 'stage9'" in capsys.readouterr().err
+
+
+def test_deploy_says_when_nothing_answers_at_the_api_url(monkeypatch, capsys):
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    monkeypatch.setenv("PREFECT_API_URL", f"http://127.0.0.1:{port}/api")
+    assert main(["deploy"]) == 1
+    assert f"nothing answers at PREFECT_API_URL=http://127.0.0.1:{port}/api" in capsys.readouterr().err
