@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -81,9 +82,14 @@ def cmd_config(args) -> int:
 def cmd_params(args) -> int:
     import yaml
 
-    from loomcore.config import DEFAULT_CONF_DIR, DEFAULT_PARAMS, load_config, params_yaml
+    from loomcore.config import DEFAULT_CONF_DIR, DEFAULT_PARAMS, ConfigError, load_config, params_yaml
 
     out = Path(args.out) if args.out else DEFAULT_PARAMS
+    if out.is_dir():
+        raise ConfigError(f"--out {out}: a folder; give the file to write (params.yaml)")
+    bad = [o for o in args.overrides if not re.match(r"^[+~]{0,2}[A-Za-z_][\w.]*=", o)]
+    if bad:  # (Hydra's own message for `=3` is a traceback)
+        raise ConfigError(f"override {bad[0]!r}: expected key=value (e.g. stage1.steps=10)")
     old = out.read_text() if out.is_file() else None
     overrides = list(args.overrides)
     if args.check and old is not None and not any(o.split("=", 1)[0].lstrip("+~") == "profile" for o in overrides):
@@ -97,7 +103,11 @@ def cmd_params(args) -> int:
     text = params_yaml(args.conf or DEFAULT_CONF_DIR, overrides)
     with tempfile.TemporaryDirectory() as d:  # the composition must be a whole, valid config
         (Path(d) / "params.yaml").write_text(text)
-        cfg = load_config(params_path=Path(d) / "params.yaml")
+        try:
+            cfg = load_config(params_path=Path(d) / "params.yaml")
+        except ConfigError as e:  # named as the user wrote it, not by the temporary file
+            where = f"{args.conf or DEFAULT_CONF_DIR}{''.join(' + ' + o for o in overrides)}"
+            raise ConfigError(str(e).replace(str(Path(d) / "params.yaml"), where)) from None
     if args.check:
         if old == text:
             print(f"{out}: up to date with {args.conf or DEFAULT_CONF_DIR} (profile {cfg.profile})")
@@ -166,14 +176,19 @@ def cmd_import_release(args) -> int:
     from loomcore.storage import S3Settings, is_s3, materialize
 
     cfg = _load(args)
+    out_dir = Path(args.out_dir)
     try:
+        existing = next(p for p in (out_dir, *out_dir.parents) if p.exists())
+        if not existing.is_dir():  # e.g. out.safetensors given for the folder
+            raise InputError(f"out_dir {out_dir}: {existing} is a file; give the folder to write (config.json + "
+                             "diffusion_pytorch_model.safetensors)")
         source = materialize(args.checkpoint, settings=S3Settings.from_config(cfg.s3)) if is_s3(args.checkpoint) \
             else Path(args.checkpoint)
-        out = import_release(source, Path(args.out_dir), cfg, weights=args.weights)
+        out = import_release(source, out_dir, cfg, weights=args.weights)
     except InputError as e:  # the file or folder given: a user's mistake, told in one line (exit 2)
         print(f"loom import-release: {e}", file=sys.stderr)
         return 2
-    print(f"import-release: wrote {out}")
+    print(f"import-release: wrote {out_dir}: {out}")
     return 0
 
 
@@ -284,6 +299,9 @@ def cmd_plan(args) -> int:
         return 2
     if any(n < 1 for n in args.gpus):
         print(f"loom plan: --gpus {args.gpus}: each count must be >= 1", file=sys.stderr)
+        return 2
+    if args.context < 1:
+        print(f"loom plan: --context {args.context}: expected >= 1 (MLLM tokens per sample)", file=sys.stderr)
         return 2
     cache: dict = {}
     plans = [plan_stage(cfg, stage, n, gpu, None if args.checkpointing is None else args.checkpointing == "on",

@@ -149,3 +149,26 @@ def test_deploy_says_when_nothing_answers_at_the_api_url(monkeypatch, capsys):
     monkeypatch.setenv("PREFECT_API_URL", f"http://127.0.0.1:{port}/api")
     assert main(["deploy"]) == 1
     assert f"nothing answers at PREFECT_API_URL=http://127.0.0.1:{port}/api" in capsys.readouterr().err
+
+
+def test_plan_refuses_a_context_below_one(capsys):
+    assert main(["plan", "--context", "0"]) == 2  # (a traceback from the memory model before)
+    assert "--context 0: expected >= 1" in capsys.readouterr().err
+
+
+def test_import_release_refuses_a_file_for_its_output_folder(tmp_path, capsys):
+    given = tmp_path / "out.safetensors"  # the likely mistake: a file name where the folder goes
+    given.write_text("x")
+    assert main(["import-release", str(tmp_path / "release.safetensors"), str(given)]) == 2
+    assert f"out_dir {given}: {given} is a file" in capsys.readouterr().err
+
+
+def test_params_refuses_a_bare_value_and_a_folder_and_names_a_bad_override(tmp_path, capsys):
+    assert main(["params", "=3", "--out", str(tmp_path / "p.yaml")]) == 2  # (Hydra's traceback before)
+    assert "override '=3': expected key=value" in capsys.readouterr().err
+    assert main(["params", "--out", str(tmp_path)]) == 2  # (IsADirectoryError, and a .tmp left beside it)
+    assert f"--out {tmp_path}: a folder" in capsys.readouterr().err and not list(tmp_path.parent.glob("*.tmp"))
+    assert main(["params", "stage1.steps=[1,2]", "--out", str(tmp_path / "p.yaml")]) == 2
+    err = capsys.readouterr().err  # named by the override, not by the temporary file it was checked in
+    assert "+ stage1.steps=[1,2]: " in err and "params.yaml" not in err, err
+    assert not (tmp_path / "p.yaml").exists()
