@@ -178,10 +178,7 @@ def cmd_import_release(args) -> int:
     cfg = _load(args)
     out_dir = Path(args.out_dir)
     try:
-        existing = next(p for p in (out_dir, *out_dir.parents) if p.exists())
-        if not existing.is_dir():  # e.g. out.safetensors given for the folder
-            raise InputError(f"out_dir {out_dir}: {existing} is a file; give the folder to write (config.json + "
-                             "diffusion_pytorch_model.safetensors)")
+        _check_folder_for(out_dir, f"out_dir {out_dir}")  # e.g. out.safetensors given for the folder
         source = materialize(args.checkpoint, settings=S3Settings.from_config(cfg.s3)) if is_s3(args.checkpoint) \
             else Path(args.checkpoint)
         out = import_release(source, out_dir, cfg, weights=args.weights)
@@ -646,14 +643,14 @@ def _check_device(device: str) -> None:
         raise InputError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
 
 
-def _check_out_folder(path: Path) -> None:
-    """The folder an output goes to exists or can be made (before minutes of generation, not after)."""
-    folder = path.parent
+def _check_folder_for(folder: Path, what: str) -> None:
+    """`folder` exists or can be made: its nearest existing ancestor is a writable folder, not a file
+    (checked before the work that writes into it, not after). `what` names the argument."""
     existing = next(p for p in (folder, *folder.parents) if p.exists())
     if not existing.is_dir():
-        raise InputError(f"--out {path}: {existing} is a file, not a folder")
+        raise InputError(f"{what}: {existing} is a file, not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise InputError(f"--out {path}: {existing} is not writable")
+        raise InputError(f"{what}: {existing} is not writable")
 
 
 def cmd_generate(args) -> int:
@@ -696,7 +693,7 @@ def cmd_generate(args) -> int:
                         [out.with_name(f"{stem}-{s}{out.suffix}") for s in seeds])
         for out_path in (p for per_prompt in outs for p in per_prompt):
             check_output_path(out_path, overwrite=args.overwrite, how_to_overwrite="--overwrite")
-            _check_out_folder(out_path)
+            _check_folder_for(out_path.parent, f"--out {out_path}")
         for flag, value in (("--steps", args.steps), ("--frames", args.frames), ("--height", args.height),
                             ("--width", args.width)):
             if value is not None and value < 1:

@@ -160,7 +160,7 @@ def test_import_release_refuses_a_file_for_its_output_folder(tmp_path, capsys):
     given = tmp_path / "out.safetensors"  # the likely mistake: a file name where the folder goes
     given.write_text("x")
     assert main(["import-release", str(tmp_path / "release.safetensors"), str(given)]) == 2
-    assert f"out_dir {given}: {given} is a file" in capsys.readouterr().err
+    assert f"out_dir {given}: {given} is a file, not a folder" in capsys.readouterr().err
 
 
 def test_params_refuses_a_bare_value_and_a_folder_and_names_a_bad_override(tmp_path, capsys):
