@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import re
 import signal
@@ -605,12 +606,19 @@ def _check_generate_size(cfg, args) -> None:
         raise InputError(f"{' '.join(f'{k} {v}' for k, v in given)}: {e}") from None
 
 
+def _check_file(flag: str, path: str) -> None:
+    """`flag path` names a file: InputError if it is missing or a folder."""
+    if Path(path).is_dir():
+        raise InputError(f"{flag} {path}: a folder, not a file")
+    if not Path(path).is_file():
+        raise InputError(f"{flag} {path}: no such file")
+
+
 def read_prompts(path: str) -> List[tuple]:
     """`--prompts FILE`: one prompt a line; blank lines and lines starting with # are skipped.
     [(line number, prompt)]; InputError for a missing or empty file."""
+    _check_file("--prompts", path)
     file = Path(path)
-    if not file.is_file():
-        raise InputError(f"--prompts {path}: no such file")
     try:
         lines = file.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError as e:
@@ -651,6 +659,47 @@ def _check_folder_for(folder: Path, what: str) -> None:
         raise InputError(f"{what}: {existing} is a file, not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise InputError(f"{what}: {existing} is not writable")
+
+
+def _check_weights_folder(flag: str, folder: Path) -> None:
+    """The JSON and safetensors files of a local model folder (and of its component folders, for
+    an exported pipeline) parse, read before a model is built from them: a broken file is named
+    with the reason here, not in a loader's traceback after the other models have loaded."""
+    from safetensors import SafetensorError, safe_open
+
+    for file in sorted([*folder.glob("*.json"), *folder.glob("*/*.json")]):
+        try:
+            json.loads(file.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            where = f" at line {e.lineno} column {e.colno}" if isinstance(e, json.JSONDecodeError) else ""
+            raise InputError(f"{flag} {folder}: {file} is not valid JSON ({getattr(e, 'msg', e)}{where})") from None
+    for file in sorted([*folder.glob("*.safetensors"), *folder.glob("*/*.safetensors")]):
+        try:
+            with safe_open(str(file), "pt") as weights:
+                weights.keys()
+        except (SafetensorError, OSError) as e:
+            raise InputError(f"{flag} {folder}: {file} is not a readable safetensors file ({e})") from None
+
+
+# The pipeline's messages name its call's arguments; the CLI's name the flags that set them.
+_CALL_ARGUMENT_FLAGS = ((r"\bnum_frames = (\d+)", r"--frames \1"), (r"\bnum_frames\b", "--frames"),
+                        (r"\bnum_inference_steps = (-?\d+)", r"--steps \1"), (r"\bmllm_layout = ", "--layout "),
+                        (r"(^|: )(height|width) = (-?\d+)", r"\1--\2 \3"),
+                        (r"\bpass height and width\b", "pass --height and --width"),
+                        (r"(--frames (\d+)) \(--frames \2\)", r"\1"))
+
+
+def _as_flags(message: str, args) -> str:
+    """A pipeline InputError in the CLI's terms: `num_frames = 9` → `--frames 9`, `source:` →
+    `--source PATH:`, `reference k:` → `--ref PATH:`."""
+    for pattern, flag in _CALL_ARGUMENT_FLAGS:
+        message = re.sub(pattern, flag, message)
+    if args.source:
+        message = re.sub(r"(^|: )source: ", lambda m: f"{m.group(1)}--source {args.source}: ", message)
+    message = re.sub(r"(^|: )reference (\d+): ",
+                     lambda m: (f"{m.group(1)}--ref {args.ref[int(m.group(2)) - 1]}: "
+                                if 0 < int(m.group(2)) <= len(args.ref) else m.group(0)), message)
+    return re.sub(r"^(--[\w-]+ -?\d+): \1: ", r"\1: ", message)  # `--height 37: --height 37: …` said once
 
 
 def cmd_generate(args) -> int:
@@ -705,8 +754,10 @@ def cmd_generate(args) -> int:
             with _named(where):
                 check_figure_refs(text, len(args.ref))
         for flag, path in [("--source", args.source)] * bool(args.source) + [("--ref", r) for r in args.ref]:
-            if not Path(path).is_file():
-                raise InputError(f"{flag} {path}: no such file")
+            _check_file(flag, path)
+        if args.model and not is_s3(args.model) and Path(args.model).is_file():
+            raise InputError(f"--model {args.model}: a file; an exported pipeline is a folder (export.out_dir, "
+                             "with model_index.json)")
         for flag, folder in (("--model", args.model), ("--transformer", args.transformer)):
             if folder and not is_s3(folder) and not Path(folder).is_dir() and not (
                     flag == "--transformer" and Path(folder).is_file()):  # a release weights file
@@ -721,6 +772,14 @@ def cmd_generate(args) -> int:
             if not (folder / "config.json").is_file():
                 raise InputError(f"--transformer {folder}: no config.json (a trained DiT's folder, "
                                  "<train.out_dir>/<stage>/model, or a diffusers Wan transformer's)")
+            _check_weights_folder("--transformer", folder)
+        if args.model and not is_s3(args.model):
+            folder = Path(args.model)
+            if not (folder / "model_index.json").is_file():
+                raise InputError(f"--model {folder}: no model_index.json (an exported pipeline's folder, export.out_dir"
+                                 + ("; a DiT's folder is given as --transformer)" if (folder / "config.json").is_file()
+                                    else ")"))
+            _check_weights_folder("--model", folder)
         cfg = None if args.model else _load(args)
         if cfg is not None:  # the profile's base models (models.*), the DiT unless --transformer replaces it
             how = ("`loom init-models --profile tiny` (or `make pipeline`) builds them" if cfg.profile == "tiny" else
@@ -770,6 +829,12 @@ def cmd_generate(args) -> int:
             for out_path in per_prompt:
                 check_output_path(out_path, plan.num_frames, overwrite=args.overwrite, how_to_overwrite="--overwrite")
             plans.append(plan)
+        size, default = plans[0].height * plans[0].width, pipe.config.height * pipe.config.width
+        if args.height is None and args.width is None and size > 4 * default:  # taken from --source / --ref
+            print(f"generate: the output is {plans[0].width}×{plans[0].height} (W×H), the size of "
+                  f"{'--source' if args.source else '--ref 1'}: {size / default:,.0f}× the pixels of this model's "
+                  f"default {pipe.config.width}×{pipe.config.height}, and at least as many times slower (--height "
+                  "and --width set the size)")
         if args.cpu_offload:  # one model in GPU memory at a time: the MLLM, then the DiT, then the codec
             pipe.enable_model_cpu_offload(device=device)
         else:
@@ -790,7 +855,7 @@ def cmd_generate(args) -> int:
                 path = save_output(frames, out_path, fps=args.fps or pipe.config.fps, overwrite=True)
                 print(f"generate: wrote {path}")
     except InputError as e:  # a user's mistake (loomcore.errors); anything else is a bug: its traceback shows
-        print(f"loom generate: {e}", file=sys.stderr)
+        print(f"loom generate: {_as_flags(str(e), args)}", file=sys.stderr)
         return 2
     return 0
 

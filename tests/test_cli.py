@@ -116,19 +116,39 @@ def test_pipeline_refuses_an_unknown_target_before_starting_anything(capsys):
     (["--out-under-a-file"], "is a file, not a folder"),
     (["--transformer", "PIPELINE"], "an exported pipeline (it has model_index.json): give it as --model"),
     (["--transformer", "EMPTY"], "no config.json"),
+    (["--source", "EMPTY"], "EMPTY: a folder, not a file"),  # was "no such file"
+    (["--prompts", "EMPTY"], "EMPTY: a folder, not a file"),
+    (["--model", "AFILE"], "AFILE: a file; an exported pipeline is a folder"),  # was "no such folder"
+    (["--model", "EMPTY"], "EMPTY: no model_index.json (an exported pipeline's folder, export.out_dir)\n"),
+    (["--model", "DIT"], "no model_index.json (an exported pipeline's folder, export.out_dir; a DiT's folder is "
+                         "given as --transformer)"),
+    # a broken file inside a model folder, named (diffusers' JSONDecodeError / OSError tracebacks before)
+    (["--transformer", "BADJSON"], "BADJSON/config.json is not valid JSON (Expecting property name enclosed in "
+                                   "double quotes at line 1 column 2)"),
+    (["--transformer", "BADWEIGHTS"], "BADWEIGHTS/diffusion_pytorch_model.safetensors is not a readable "
+                                      "safetensors file (Error while deserializing header"),
+    (["--model", "BADPIPE"], "BADPIPE/transformer/config.json is not valid JSON"),
 ] + ([(["--device", "cuda"], "--device cuda: no CUDA device here")] if not __import__("torch").cuda.is_available() else []))
 def test_generate_refuses_bad_flags_before_any_model_loads(tmp_path, capsys, argv, needle):
     """Mistakes found by a newcomer's probe, each a traceback before (some after the whole generation,
-    writing the file): now one line naming the flag, exit 2, before a model loads."""
+    writing the file) or a message naming the wrong thing: now one line naming the flag, exit 2,
+    before a model loads."""
     out = tmp_path / "a.mp4"
     if argv == ["--out-under-a-file"]:
         (tmp_path / "afile").write_text("x")
         out, argv = tmp_path / "afile" / "a.mp4", []
-    (tmp_path / "PIPELINE").mkdir()
-    (tmp_path / "PIPELINE" / "model_index.json").write_text("{}")
-    (tmp_path / "EMPTY").mkdir()
-    argv = [str(tmp_path / a) if a in ("PIPELINE", "EMPTY") else a for a in argv]
-    assert main(["generate", "--prompt", "x", "--out", str(out), *argv]) == 2
+    for folder, files in {"PIPELINE": {"model_index.json": "{}"}, "EMPTY": {}, "DIT": {"config.json": "{}"},
+                          "BADJSON": {"config.json": "{'single': 'quotes'}"},
+                          "BADWEIGHTS": {"config.json": "{}", "diffusion_pytorch_model.safetensors": "x" * 64},
+                          "BADPIPE": {"model_index.json": "{}", "transformer/config.json": '{"a": 1,'}}.items():
+        (tmp_path / folder).mkdir()
+        for name, text in files.items():
+            (tmp_path / folder / name).parent.mkdir(exist_ok=True)
+            (tmp_path / folder / name).write_text(text)
+    (tmp_path / "AFILE").write_text("x")
+    argv = [str(tmp_path / a) if a.isupper() else a for a in argv]
+    prompt = [] if "--prompts" in argv else ["--prompt", "x"]
+    assert main(["generate", *prompt, "--out", str(out), *argv]) == 2
     err = capsys.readouterr().err
     assert needle in err and "Traceback" not in err, err
 

@@ -861,6 +861,22 @@ def test_cli_edit_with_a_source_writes_the_file(tiny_workspace, files, tmp_path,
     image = tmp_path / "edit.png"
     assert _cli(tiny_workspace, "--source", files / "src.png", "--prompt", "make it blue", "--out", image) == 0
     assert read_image(image).shape == (32, 32, 3)
+    assert "the output is" not in capsys.readouterr().out  # the source's size, not over 4× the default's
+
+
+def test_cli_says_when_a_large_source_sets_a_large_output(tiny_workspace, tmp_path, capsys):
+    """A source many times the model's size is generated at its size (a newcomer's 4000×3000 photo ran
+    for minutes without a word): the CLI says so, and how to ask for less."""
+    big = tmp_path / "big.png"
+    write_image(big, _pixels(5, 1, 88, 96, 3)[0].numpy())
+    out = tmp_path / "big-edit.png"
+    assert _cli(tiny_workspace, "--source", big, "--prompt", "make it blue", "--out", out) == 0
+    assert ("generate: the output is 96×88 (W×H), the size of --source: 5× the pixels of this model's default 40×40, "
+            "and at least as many times slower (--height and --width set the size)\n") in capsys.readouterr().out
+    assert read_image(out).shape == (88, 96, 3)
+    assert _cli(tiny_workspace, "--source", big, "--prompt", "make it blue", "--height", "40", "--width", "40",
+                "--out", tmp_path / "asked.png") == 0
+    assert "the output is" not in capsys.readouterr().out
 
 
 def test_cli_reads_a_long_source_as_the_release_demo_and_says_what_it_kept(tiny_workspace, pipe, tmp_path, capsys):
@@ -885,8 +901,10 @@ def test_cli_reads_a_long_source_as_the_release_demo_and_says_what_it_kept(tiny_
     "args, needle",
     [
         (["--source", "{files}/src6.mp4", "--frames", "9", "--prompt", "blue"],
-         "source: 6 frames, fewer than num_frames = 9; this model takes 1 + 1·k frames, so at most 6"),
-        (["--source", "{files}/speck.png", "--prompt", "blue"], "smaller than the smallest output this model makes"),
+         "--source {files}/src6.mp4: 6 frames, fewer than --frames 9; this model takes 1 + 1·k frames, so at most 6"),
+        (["--source", "{files}/speck.png", "--prompt", "blue"],  # the pipeline's terms (height) in the CLI's
+         "--source {files}/speck.png: 3×3 (W×H) is smaller than the smallest output this model makes (4×4); "
+         "pass --height and --width\n"),
         (["--prompt", "@Figure 3 meets @Figure 1", "--ref", "{files}/a.png", "--ref", "{files}/b.png"],
          "prompt names @Figure 3 but only 2 reference images were given"),
         (["--prompt", "a cat", "--guidance", "0.5"], "--guidance 0.5: expected >= 1"),
@@ -904,8 +922,8 @@ def test_cli_reads_a_long_source_as_the_release_demo_and_says_what_it_kept(tiny_
          "--height 8192 --width 8192: 8192×8192 (W×H) × 3 frame(s) is 12,582,912 DiT tokens, more "
          "than one call generates (1,048,576)"),
         (["--prompt", "a cat", "--height", "100000"],  # 40×100000 × 3 frames would be 0.75M tokens, under the bound
-         "--height 100000: height = 100000: more pixels than one side of an output may have (8192)"),
-        (["--prompt", "a cat", "--height", "37"], "--height 37: height = 37: this model takes multiples of 4"),
+         "generate: --height 100000: more pixels than one side of an output may have (8192)"),
+        (["--prompt", "a cat", "--height", "37"], "generate: --height 37: this model takes multiples of 4"),
     ],
 )
 def test_cli_bad_input_exits_2_with_a_message(tiny_workspace, files, saved_dir, tmp_path, capsys, args, needle):
