@@ -286,6 +286,11 @@ def _reachable(api_url: str, timeout: float = 10.0) -> bool:
     return True
 
 
+# `loom plan`'s largest pack: 2²⁴ tokens (the paper profile packs 16,384) traced in ~1.3 GB of host
+# memory; a mistyped 10⁹ grew past 14 GB before answering
+PLAN_MAX_TOKENS = 1 << 24
+
+
 def cmd_plan(args) -> int:
     """The per-rank memory plan of the training stages (loomcore/train/memory.py)."""
     from loomcore.train.memory import GPU_MEMORY_GIB, plan_stage, plan_table
@@ -301,6 +306,12 @@ def cmd_plan(args) -> int:
     if args.context < 1:
         print(f"loom plan: --context {args.context}: expected >= 1 (MLLM tokens per sample)", file=sys.stderr)
         return 2
+    for stage in args.stage:  # the plan traces one pack's forward: its host memory grows with the tokens
+        if cfg.stage(stage).max_tokens > PLAN_MAX_TOKENS:
+            print(f"loom plan: {stage}.max_tokens = {cfg.stage(stage).max_tokens:,}: more than the plan traces "
+                  f"({PLAN_MAX_TOKENS:,} tokens a pack, ~1.3 GB of host memory; its activations alone would fill "
+                  "a hundred 96 GB GPUs)", file=sys.stderr)
+            return 2
     cache: dict = {}
     plans = [plan_stage(cfg, stage, n, gpu, None if args.checkpointing is None else args.checkpointing == "on",
                         args.context, cache)

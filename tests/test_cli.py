@@ -171,6 +171,13 @@ def test_deploy_says_when_nothing_answers_at_the_api_url(monkeypatch, capsys):
     assert f"nothing answers at PREFECT_API_URL=http://127.0.0.1:{port}/api" in capsys.readouterr().err
 
 
+def test_plan_refuses_a_pack_larger_than_it_traces_before_tracing_it(capsys):
+    """stage1.max_tokens=10⁹ (a typo) grew the plan's host memory past 14 GB before answering."""
+    assert main(["plan", "--profile", "paper", "stage2.max_tokens=1000000000", "--stage", "stage1", "stage2"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("loom plan: stage2.max_tokens = 1,000,000,000: more than the plan traces (16,777,216 tokens")
+
+
 def test_plan_refuses_a_context_below_one(capsys):
     assert main(["plan", "--context", "0"]) == 2  # (a traceback from the memory model before)
     assert "--context 0: expected >= 1" in capsys.readouterr().err
