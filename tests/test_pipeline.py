@@ -907,6 +907,8 @@ def test_cli_reads_a_long_source_as_the_release_demo_and_says_what_it_kept(tiny_
          "pass --height and --width\n"),
         (["--prompt", "@Figure 3 meets @Figure 1", "--ref", "{files}/a.png", "--ref", "{files}/b.png"],
          "prompt names @Figure 3 but only 2 reference images were given"),
+        (["--prompt", "like @Figure 1", "--ref", "{files}/src.mp4"],
+         "--ref {files}/src.mp4: a reference is one image, got 9 frames"),  # (the pipeline's "reference 1:")
         (["--prompt", "a cat", "--guidance", "0.5"], "--guidance 0.5: expected >= 1"),
         (["--prompt", "a cat", "--visual-guidance", "0"], "--visual-guidance 0.0: expected >= 1"),
         (["--prompt", "a cat", "--steps", "0"], "--steps 0: expected >= 1"),
