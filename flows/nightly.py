@@ -95,7 +95,11 @@ def _night_run_name() -> str:
     a night's run is found by its date in the runs list (Prefect's names are random)."""
     from prefect.runtime import flow_run
 
-    return f"{flow_run.flow_name}-{(flow_run.parameters or {}).get('date') or _utc_date()}"
+    date = (flow_run.parameters or {}).get("date")
+    try:
+        return f"{flow_run.flow_name}-{night_of(date)}"
+    except ValueError:  # the flow itself refuses it, naming `date`
+        return f"{flow_run.flow_name}-{date}"
 
 
 @flow(name="nightly-retrain", flow_run_name=_night_run_name, log_prints=True)
@@ -198,6 +202,17 @@ def _utc_date() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%d")
 
 
+def night_of(date: str | None) -> str:
+    """The night `date` names, as the history keys it: YYYY-MM-DD (`2026-1-5` is 2026-01-05, which
+    sorts and replaces as that night); empty: today, UTC. ValueError naming `date` otherwise."""
+    if not date:
+        return _utc_date()
+    try:
+        return datetime.strptime(date, "%Y-%m-%d").strftime("%Y-%m-%d")
+    except ValueError:
+        raise ValueError(f"date = {date!r}: expected a day as YYYY-MM-DD") from None
+
+
 @flow(name="nightly-eval", flow_run_name=_night_run_name, log_prints=True)
 def nightly_eval_flow(overrides: list[str] | None = None, tolerance: float = 0.01, repo: str = ".",
                       profile: str | None = None, date: str | None = None, out_dir: str = "outputs/nightly-eval"):
@@ -219,8 +234,7 @@ def nightly_eval_flow(overrides: list[str] | None = None, tolerance: float = 0.0
     overrides = list(overrides or [])
     if tolerance < 0:
         raise ValueError(f"tolerance = {tolerance}: expected >= 0 (relative to last night's value)")
-    day = date or _utc_date()
-    datetime.strptime(day, "%Y-%m-%d")  # ValueError for anything else
+    day = night_of(date)
     cfg = repo_config(root, overrides, profile)
     e = cfg.export
     if not e.s3_uri:
@@ -258,12 +272,23 @@ def nightly_eval_flow(overrides: list[str] | None = None, tolerance: float = 0.0
         message = (f"regression in {len(regressions)} metric(s) of {e.name} {model['version']} against "
                    f"{against}, tolerance {tolerance:g}: {named}")
         log.error(message)
-        return Failed(message=message, data=result)
+        # (no data: a Failed state's data must be an exception or nothing — a dict made `state.result()`,
+        # hence a run called without return_state and a deployment's run, end in a TypeError)
+        return Failed(message=message)
     log.info("nightly eval %s: %s metrics, no regression against %s", day, len(metrics), against)
     return result
 
 
 # --------------------------------------------------------------------------------------------
+
+
+def _date_argument(text: str) -> str:
+    import argparse
+
+    try:
+        return night_of(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -280,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     v = sub.add_parser("eval", help="the nightly eval of the latest model")
     v.add_argument("overrides", nargs="*", metavar="key=value")
     v.add_argument("--tolerance", type=float, default=0.01)
-    v.add_argument("--date", default=None, help="the night, YYYY-MM-DD (default: today, UTC)")
+    v.add_argument("--date", default=None, type=_date_argument, help="the night, YYYY-MM-DD (default: today, UTC)")
     a = p.parse_args(argv)
     if a.which == "retrain":
         nightly_retrain_flow(overrides=a.overrides, lock_wait_s=a.lock_wait)

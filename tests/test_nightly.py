@@ -89,7 +89,7 @@ def test_gate_report_reads_the_decision_from_the_registry(checkout, s3_bucket):
 
 
 def test_nightly_eval_compares_with_the_previous_night_and_fails_on_a_regression(
-        prefect_api, checkout, s3_bucket, tmp_path, monkeypatch):
+        prefect_api, checkout, s3_bucket, tmp_path, monkeypatch, capsys):
     import flows.nightly as nightly
     from flows.evaluate import evaluate_flow
 
@@ -138,3 +138,18 @@ def test_nightly_eval_compares_with_the_previous_night_and_fails_on_a_regression
     assert [(h["date"], h["version"], h["regressions"]) for h in history] == [
         ("2026-01-01", "v1", []), ("2026-01-02", "v1", []), ("2026-01-03", "v1", ["fvd", "vbench.imaging"])]
     assert history[2]["metrics"] == {"vbench.imaging": 0.47, "vbench.subject": 0.95, "fvd": 110.0}
+
+    # as `python -m flows.nightly eval` runs it (and a deployment: no return_state): a regression is
+    # one line and exit 1 (the Failed state carried the result dict: a TypeError traceback); the
+    # date as the history keys a night (an unpadded 2026-1-4 was its own key, sorted after 2026-01-…)
+    monkeypatch.chdir(checkout)
+    tonight.update({"vbench": {"imaging": 0.40, "subject": 0.95}, "fvd": 110.0})
+    capsys.readouterr()
+    assert nightly.main(["eval", "--date", "2026-1-4"]) == 1
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[-1].startswith("flows.nightly: regression in 1 metric(s) of loomvideo v1 against 2026-01-03 (v1)")
+    history = [json.loads(line) for line in (checkout / "outputs/nightly-eval/history.jsonl").read_text().splitlines()]
+    assert [h["date"] for h in history] == ["2026-01-01", "2026-01-02", "2026-01-03", "2026-01-04"]
+    with pytest.raises(SystemExit) as refused:
+        nightly.main(["eval", "--date", "2026-13-01"])
+    assert refused.value.code == 2 and "--date: date = '2026-13-01': expected a day as YYYY-MM-DD" in capsys.readouterr().err
