@@ -57,9 +57,12 @@ def save() -> dict:
     return {"deployments": deployments, "nightly_active": Variable.get(NIGHTLY_VARIABLE, default=None)}
 
 
-def restore(saved: dict, nightly_active: Optional[str] = None) -> List[str]:
+def restore(saved: dict, nightly_active: Optional[str] = None, deployed: bool = True) -> List[str]:
     """Put back what `save` saw where the deploy changed it; returns what was kept, a line each.
-    `nightly_active`: the LOOM_NIGHTLY_ACTIVE this deploy applied (remembered for the next)."""
+    `nightly_active`: the LOOM_NIGHTLY_ACTIVE this deploy applied, remembered for the next — only
+    when it `deployed` (a deploy that failed before it reached the nightlies applied nothing: had
+    the value been remembered, the next deploy would not see the registry's change and keep the
+    nightlies' old schedules for good)."""
     from prefect.client.orchestration import get_client
     from prefect.exceptions import ObjectNotFound
     from prefect.variables import Variable
@@ -92,20 +95,25 @@ def restore(saved: dict, nightly_active: Optional[str] = None) -> List[str]:
             time.sleep(SCHEDULER_LOOP_S)
             for call in again:
                 call()
-    if nightly_active is not None:
+    if nightly_active is not None and deployed:
         Variable.set(NIGHTLY_VARIABLE, nightly_active, overwrite=True)
     return done
 
 
+USAGE = "usage: python -m flows.deploy_states save FILE | restore FILE [--deploy-failed]"
+
+
 def main(argv: List[str]) -> int:
-    if len(argv) != 2 or argv[0] not in ("save", "restore"):
-        print("usage: python -m flows.deploy_states save|restore FILE", file=sys.stderr)
+    if not (argv[:1] == ["save"] and len(argv) == 2 or argv[:1] == ["restore"] and len(argv) == 2
+            or argv[:1] == ["restore"] and argv[2:] == ["--deploy-failed"]):
+        print(USAGE, file=sys.stderr)
         return 2
     path = Path(argv[1])
     if argv[0] == "save":
         path.write_text(json.dumps(save(), indent=1, sort_keys=True))
         return 0
-    for line in restore(json.loads(path.read_text()), os.environ.get("LOOM_NIGHTLY_ACTIVE")):
+    for line in restore(json.loads(path.read_text()), os.environ.get("LOOM_NIGHTLY_ACTIVE"),
+                        deployed="--deploy-failed" not in argv):
         print(f"deploy: {line}", flush=True)
     return 0
 

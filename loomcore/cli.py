@@ -258,8 +258,8 @@ def cmd_deploy(args) -> int:
     rc = subprocess.run([sys.executable, "-m", "flows.deploy_states", "save", str(states)], cwd=here, env=env).returncode
     if rc == 0:
         rc = subprocess.run([prefect, "--no-prompt", "deploy", "--all"], cwd=here, env=env).returncode
-        restored = subprocess.run([sys.executable, "-m", "flows.deploy_states", "restore", str(states)], cwd=here,
-                                  env=env).returncode
+        restored = subprocess.run([sys.executable, "-m", "flows.deploy_states", "restore", str(states),
+                                   *(["--deploy-failed"] if rc else [])], cwd=here, env=env).returncode
         if restored:
             print(f"loom deploy: the deployments' pause and schedule states before this deploy are kept in {states}; "
                   f"put them back with `python -m flows.deploy_states restore {states}`", file=sys.stderr)

@@ -13,6 +13,7 @@ The server is a subprocess: loomcore never imports prefect.
 from __future__ import annotations
 
 import base64
+import http.client
 import json
 import os
 import socket
@@ -47,10 +48,12 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def healthy(api_url: str, timeout: float = 2.0) -> bool:
+    """The API answers its health check. Anything else on the port (not HTTP at all: another
+    program took it while ours starts) is no answer, not an error."""
     try:
         with urllib.request.urlopen(f"{api_url}/health", timeout=timeout) as r:
             return r.status == 200
-    except (urllib.error.URLError, OSError):
+    except (urllib.error.URLError, OSError, http.client.HTTPException):
         return False
 
 

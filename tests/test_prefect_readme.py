@@ -167,3 +167,26 @@ def test_loom_deploy_names_what_is_missing(tmp_path, monkeypatch, capsys):
     (tmp_path / "prefect.yaml").write_text("deployments: []\n")
     monkeypatch.delenv("PREFECT_API_URL")
     assert main(["deploy"]) == 2 and "PREFECT_API_URL is not set" in capsys.readouterr().err
+
+
+def test_a_failed_deploy_leaves_the_remembered_registry_setting_as_it_was(prefect_api, tmp_path, monkeypatch):
+    """`loom deploy` puts the switches back also after a failed `prefect deploy`, but remembers the
+    LOOM_NIGHTLY_ACTIVE it meant to apply only when the deploy ran: remembered after a failure (which
+    may not have reached the nightlies), the next deploy would not see that the registry changed and
+    keep the nightlies' old schedules for good."""
+    from prefect.variables import Variable
+
+    from flows.deploy_states import NIGHTLY_VARIABLE, main
+
+    states = tmp_path / "states.json"
+    states.write_text(json.dumps({"deployments": {}, "nightly_active": "false"}))
+    Variable.set(NIGHTLY_VARIABLE, "false", overwrite=True)
+    monkeypatch.setenv("LOOM_NIGHTLY_ACTIVE", "true")  # a model registry configured since the last deploy
+    try:
+        assert main(["restore", str(states), "--deploy-failed"]) == 0
+        assert Variable.get(NIGHTLY_VARIABLE) == "false"
+        assert main(["restore", str(states)]) == 0
+        assert Variable.get(NIGHTLY_VARIABLE) == "true"
+        assert main(["restore", str(states), "--deploy-failed", "x"]) == 2
+    finally:
+        Variable.unset(NIGHTLY_VARIABLE)
