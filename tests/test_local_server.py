@@ -61,6 +61,25 @@ def test_a_users_server_is_used_as_it_is():
     assert lines == ["pipeline: Prefect server http://prefect.example:4200/api (PREFECT_API_URL)"]
 
 
+def test_a_port_answered_by_something_other_than_http_is_no_answer():
+    """While our server starts, another program that took its port may answer in anything but HTTP
+    (an SSH banner here): no answer, so the server is started again on another port — it was an
+    uncaught http.client.BadStatusLine that ended `loom pipeline`."""
+    import socket
+    import threading
+    import time
+
+    with socket.create_server(("127.0.0.1", 0)) as taker:
+        def answer():
+            conn, _ = taker.accept()
+            conn.sendall(b"SSH-2.0-OpenSSH_9.6\r\n")
+            time.sleep(1.0)
+            conn.close()
+
+        threading.Thread(target=answer, daemon=True).start()
+        assert healthy(f"http://127.0.0.1:{taker.getsockname()[1]}/api") is False
+
+
 def test_a_server_that_cannot_start_is_a_clear_error(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     env["PREFECT_HOME"] = str(tmp_path / "home")
