@@ -218,18 +218,25 @@ def cmd_deploy(args) -> int:
     if not (here / "prefect.yaml").is_file():
         print(f"loom deploy: no prefect.yaml in {here}: run it from the checkout", file=sys.stderr)
         return 2
-    if not os.environ.get("PREFECT_API_URL"):
-        print("loom deploy: PREFECT_API_URL is not set: export the URL of the Prefect server the workers "
-              "talk to (e.g. http://127.0.0.1:4200/api)", file=sys.stderr)
+    from loomcore.local_server import ServerStartError, configured_api
+
+    try:  # the environment's, else the active Prefect profile's (`prefect config set PREFECT_API_URL=…`)
+        api = configured_api(os.environ)
+    except ServerStartError as e:
+        print(f"loom deploy: {e}", file=sys.stderr)
         return 2
-    if not _reachable(os.environ["PREFECT_API_URL"]):
-        print(f"loom deploy: nothing answers at PREFECT_API_URL={os.environ['PREFECT_API_URL']}: start the server "
+    if not api:
+        print("loom deploy: PREFECT_API_URL is not set (in the environment or Prefect's profile): export the URL of "
+              "the Prefect server the workers talk to (e.g. http://127.0.0.1:4200/api)", file=sys.stderr)
+        return 2
+    if not _reachable(api["PREFECT_API_URL"]):
+        print(f"loom deploy: nothing answers at PREFECT_API_URL={api['PREFECT_API_URL']}: start the server "
               "(`prefect server start`) or export its URL", file=sys.stderr)
         return 1
     prefect = shutil.which("prefect", path=str(Path(sys.executable).parent)) or "prefect"
     pools = {"LOOM_CPU_POOL": cfg.orchestration.cpu_pool, "LOOM_GPU_POOL": cfg.orchestration.gpu_pool}
     nightly = bool(cfg.export.s3_uri)  # nightly-eval evaluates the registry's `latest`: none without one
-    env = {**os.environ, **pools, "LOOM_REPO": os.environ.get("LOOM_REPO") or str(here),
+    env = {**os.environ, **api, **pools, "LOOM_REPO": os.environ.get("LOOM_REPO") or str(here),
            "LOOM_NIGHTLY_ACTIVE": "true" if nightly else "false"}
     missing = [p for p in dict.fromkeys(pools.values())
                if subprocess.run([prefect, "work-pool", "inspect", p], env=env, capture_output=True).returncode]

@@ -5,7 +5,8 @@ starts Prefect's temporary server (10–15 s apiece on 2 cores, and a warning li
 log). `loom pipeline` instead starts one `prefect server start` on a free 127.0.0.1 port before
 `dvc repro`, hands its URL to the stages through `PREFECT_API_URL`, and stops it when the DAG ends.
 It stores runs where Prefect's temporary servers do (PREFECT_HOME's database), so a later
-`prefect server start` shows them. A user's own server (`PREFECT_API_URL` set) is used as it is.
+`prefect server start` shows them. A user's own server (`PREFECT_API_URL` set, in the environment
+or in Prefect's profile) is used as it is.
 
 The server is a subprocess: loomcore never imports prefect.
 """
@@ -57,6 +58,34 @@ def healthy(api_url: str, timeout: float = 2.0) -> bool:
         return False
 
 
+# The settings through which a Prefect client reaches its server
+API_SETTINGS = ("PREFECT_API_URL", "PREFECT_API_KEY", "PREFECT_API_AUTH_STRING")
+_READ_API_SETTINGS = """
+import json
+from prefect.settings import get_current_settings
+api = get_current_settings().api
+secret = lambda value: value.get_secret_value() if value is not None else None
+print(json.dumps({"PREFECT_API_URL": api.url, "PREFECT_API_KEY": secret(api.key),
+                  "PREFECT_API_AUTH_STRING": secret(api.auth_string)}))
+"""
+
+
+def configured_api(env: Mapping[str, str]) -> Dict[str, str]:
+    """The API settings (`API_SETTINGS`, those set) of a Prefect client started with `env` in this
+    folder: the environment's PREFECT_API_URL, else what Prefect resolves — the active profile
+    (`prefect config set PREFECT_API_URL=…`, `prefect cloud login`), prefect.toml, .env. {}: no
+    server configured. Asked of Prefect in a subprocess (~1 s; loomcore does not import it)."""
+    if env.get("PREFECT_API_URL"):
+        return {k: env[k] for k in API_SETTINGS if env.get(k)}
+    proc = subprocess.run([sys.executable, "-c", _READ_API_SETTINGS], env=dict(env), capture_output=True, text=True,
+                          timeout=STARTUP_TIMEOUT_S)
+    if proc.returncode:
+        last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise ServerStartError(f"could not read Prefect's settings for its API URL: {last}")
+    found = {k: v for k, v in json.loads(proc.stdout.strip().splitlines()[-1]).items() if v}
+    return found if found.get("PREFECT_API_URL") else {}
+
+
 def _post(url: str, body: dict, env: Mapping[str, str], timeout: float = 10.0):
     """POST JSON to Prefect's REST API with the credentials its client would send (Cloud's API key,
     a self-hosted server's basic auth string)."""
@@ -103,8 +132,9 @@ def prefect_server(env: Optional[Mapping[str, str]] = None, *, host: str = "127.
                    startup_timeout: float = STARTUP_TIMEOUT_S,
                    log=print, stop_requested: Callable[[], bool] = lambda: False,
                    on_start: Callable[[int], None] = lambda pgid: None) -> Iterator[Dict[str, str]]:
-    """Yield the environment the stages run with: `env` itself when it sets PREFECT_API_URL, else
-    `env` plus the URL of a server started here (stopped, with its worker processes, on exit).
+    """Yield the environment the stages run with: `env` itself when it sets PREFECT_API_URL, `env`
+    plus the server Prefect's own settings name (a profile's PREFECT_API_URL: `configured_api`),
+    else `env` plus the URL of a server started here (stopped, with its worker processes, on exit).
     ServerStartError names the command and shows the end of the server's log if it never answers;
     ServerStartStopped when `stop_requested()` turns true while it starts (a signal's handler
     sets it: raising in the handler could land between the server's start and its `try`).
@@ -115,6 +145,12 @@ def prefect_server(env: Optional[Mapping[str, str]] = None, *, host: str = "127.
     if env.get("PREFECT_API_URL"):
         log(f"pipeline: Prefect server {env['PREFECT_API_URL']} (PREFECT_API_URL)")
         yield env
+        return
+    configured = configured_api(env)
+    if configured:  # exported to the stages as it is (a stage would read the same profile)
+        log(f"pipeline: Prefect server {configured['PREFECT_API_URL']} (PREFECT_API_URL of Prefect's settings: "
+            "the active profile, prefect.toml or .env)")
+        yield {**env, **configured}
         return
     with tempfile.TemporaryDirectory(prefix="loom-prefect-") as tmp:
         log_path = Path(tmp) / "server.log"

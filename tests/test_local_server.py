@@ -61,6 +61,28 @@ def test_a_users_server_is_used_as_it_is():
     assert lines == ["pipeline: Prefect server http://prefect.example:4200/api (PREFECT_API_URL)"]
 
 
+def test_a_server_named_by_the_users_prefect_profile_is_used_as_it_is(tmp_path):
+    """A user who set their server as Prefect documents it (`prefect config set PREFECT_API_URL=…`,
+    `prefect cloud login`: the profile, not the environment) got a private server instead, and the
+    stages were pointed at it (the exported URL overrides their profile)."""
+    home = tmp_path / "prefect-home"
+    home.mkdir()
+    (home / "profiles.toml").write_text('active = "team"\n\n[profiles.team]\n'
+                                        'PREFECT_API_URL = "http://prefect.example:4200/api"\n'
+                                        'PREFECT_API_KEY = "pnu_example"\n')
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env["PREFECT_HOME"] = str(home)
+    lines = []
+    with prefect_server(env, log=lines.append) as run_env:
+        assert run_env == {**env, "PREFECT_API_URL": "http://prefect.example:4200/api", "PREFECT_API_KEY": "pnu_example"}
+    assert lines == ["pipeline: Prefect server http://prefect.example:4200/api (PREFECT_API_URL of Prefect's settings: "
+                     "the active profile, prefect.toml or .env)"]
+    (home / "profiles.toml").write_text('active = "team"\n\n[profiles.team]\nPREFECT_API_URL = 3 +\n')
+    with pytest.raises(ServerStartError, match="could not read Prefect's settings for its API URL: "):
+        with prefect_server(env, log=lines.append):
+            pass
+
+
 def test_a_port_answered_by_something_other_than_http_is_no_answer():
     """While our server starts, another program that took its port may answer in anything but HTTP
     (an SSH banner here): no answer, so the server is started again on another port — it was an

@@ -167,6 +167,13 @@ def test_loom_deploy_names_what_is_missing(tmp_path, monkeypatch, capsys):
     (tmp_path / "prefect.yaml").write_text("deployments: []\n")
     monkeypatch.delenv("PREFECT_API_URL")
     assert main(["deploy"]) == 2 and "PREFECT_API_URL is not set" in capsys.readouterr().err
+    # the server of the user's Prefect profile (`prefect config set PREFECT_API_URL=…`), as Prefect reads it
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "profiles.toml").write_text('active = "team"\n[profiles.team]\nPREFECT_API_URL = "http://127.0.0.1:9/api"\n')
+    monkeypatch.setenv("PREFECT_HOME", str(home))
+    assert main(["deploy"]) == 1
+    assert "nothing answers at PREFECT_API_URL=http://127.0.0.1:9/api" in capsys.readouterr().err
 
 
 def test_a_failed_deploy_leaves_the_remembered_registry_setting_as_it_was(prefect_api, tmp_path, monkeypatch):
