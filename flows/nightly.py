@@ -43,7 +43,7 @@ from prefect import flow, task
 from prefect.states import Failed
 
 from flows.common import label_this_run, repo_config, run_labels, run_profile
-from flows.pipeline import drift_note, outputs_links, plan_stages, reproduce
+from flows.pipeline import check_overrides, drift_note, outputs_links, plan_stages, reproduce
 from tasks.common import NO_CACHE, logger, markdown_table, publish_markdown, publish_table
 from tasks.dvc import pipeline_lock
 
@@ -112,12 +112,14 @@ def nightly_retrain_flow(overrides: list[str] | None = None, lock_wait_s: float 
         overrides: `key=value` config overrides: the night runs as one `dvc exp run -S …` experiment.
         lock_wait_s: how long to wait for a run that holds the checkout before failing.
         repo: the checkout, relative to the worker's working directory.
-        stage_timeout_s: stop a stage that runs longer (empty: no limit).
+        stage_timeout_s: stop a stage that runs longer (empty: no limit); with overrides, the one
+            `dvc exp run` is stopped after this × the number of stages.
     """
     log = logger()
     root = Path(repo)
     overrides = list(overrides or [])
     label_this_run(run_labels("nightly", run_profile(None, overrides, root), root))
+    check_overrides(root, overrides)
     wanted = plan_stages(root)
     with pipeline_lock(root, wait_s=lock_wait_s):
         rows = reproduce(repo, wanted, force=[s for s in FORCED if s in wanted], overrides=overrides,

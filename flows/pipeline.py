@@ -53,10 +53,22 @@ def _what_dvc_did(result: dict, stage: str | None = None) -> str:
     return "; ".join(parts) or "?"
 
 
+def check_overrides(repo: Path | str, overrides: Sequence[str]) -> None:
+    """Compose the checkout's config with `overrides` (a loomvideo checkout: conf/ beside
+    params.yaml): a bad key or value is a ConfigError naming it before the run takes the checkout.
+    (Passed on to `dvc exp run -S`, DVC's Hydra error came back as a failed DVC command, retried
+    as a crash with the lock held.)"""
+    if overrides and (Path(repo) / "conf").is_dir():
+        repo_config(repo, overrides)
+
+
 def reproduce(repo: str, wanted: Sequence[str], *, force: Sequence[str] = (), overrides: Sequence[str] = (),
               partial: bool = False, timeout: float | None = None) -> List[dict]:
     """Run `wanted` through DVC (module docstring); one summary row per DVC command. Call it
-    under the checkout's pipeline_lock."""
+    under the checkout's pipeline_lock. `timeout`: a stage's limit, in seconds; with overrides
+    the DAG is one `dvc exp run`, limited to `timeout` × the stages it runs (a limit of each
+    stage's time cannot be told apart in one DVC command: the sum never stops a DAG whose every
+    stage keeps to the limit, where `timeout` alone stopped the whole DAG after one stage's time)."""
     rows = []
 
     def timed(label: str, call, pick: str | None = None) -> None:
@@ -74,7 +86,7 @@ def reproduce(repo: str, wanted: Sequence[str], *, force: Sequence[str] = (), ov
             timed(f"{stage} (forced; dvc exp run {sets})",
                   lambda s=stage: dvc_exp_run(list(overrides), [s], repo=repo, timeout=timeout, force=True), stage)
         timed(f"dvc exp run {sets}", lambda: dvc_exp_run(list(overrides), list(wanted) if partial else [], repo=repo,
-                                                         timeout=timeout))
+                                                         timeout=timeout and timeout * len(wanted)))
     else:
         for stage in wanted:
             forced = stage in force
@@ -150,13 +162,15 @@ def pipeline_flow(
         stages: only these stages (in DAG order); empty or null: all.
         repo: the checkout, relative to the worker's working directory.
         lock_wait_s: how long to wait for a run that holds the checkout before failing.
-        stage_timeout_s: stop a stage that runs longer (empty: no limit).
+        stage_timeout_s: stop a stage that runs longer (empty: no limit); with overrides, the one
+            `dvc exp run` is stopped after this × the number of stages.
     """
     # Builtin generics in a flow's signature: a served flow runs from a by-value pickle whose globals
     # hold only the names its code uses, so `Optional`/`List` in (string) annotations would not resolve.
     log = logger()
     root = Path(repo)
     label_this_run(run_labels("pipeline", run_profile(None, overrides or [], root), root))
+    check_overrides(root, overrides or [])
     wanted = plan_stages(root, stages, force or [])
     with pipeline_lock(root, wait_s=lock_wait_s):
         rows = reproduce(repo, wanted, force=force or [], overrides=overrides or [], partial=bool(stages),

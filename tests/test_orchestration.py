@@ -23,7 +23,7 @@ import yaml
 from tasks.common import PARENT_TASK_RUN_ENV
 
 from _orchestration import (
-    BIN, DVC, OUTS, REPO, alive, did, kill_group, latest_artifact, make_fake_repo, read_until, runs,
+    BIN, DVC, OUTS, REPO, alive, copy_checkout, did, kill_group, latest_artifact, make_fake_repo, read_until, runs,
     spawn, task_attempts, wait_for,
 )
 
@@ -62,19 +62,37 @@ def test_pipeline_flow_runs_in_order_then_only_what_a_change_touches(prefect_api
         pipeline_flow(repo=str(repo), stages=["stage1"], force=["curate"])  # it would not run, silently
 
 
-def test_overrides_run_as_one_dvc_experiment(prefect_api, tmp_path):
-    from flows.pipeline import pipeline_flow
+def test_overrides_run_as_one_dvc_experiment(prefect_api, tmp_path, monkeypatch):
+    import flows.pipeline as pipeline
 
     repo = make_fake_repo(tmp_path / "repo", git=True)
     subprocess.run([DVC, "repro", "-q"], cwd=repo, check=True, env={**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"})
     subprocess.run(["git", "add", "-A"], cwd=repo, check=True)
     subprocess.run(["git", "commit", "-qm", "baseline"], cwd=repo, check=True)
-    out = pipeline_flow(repo=str(repo), overrides=["stage1.steps=9"], force=["curate"])
+    limits, exp_run = [], pipeline.dvc_exp_run  # (the real DVC command, its time limit recorded)
+    monkeypatch.setattr(pipeline, "dvc_exp_run", lambda *a, **kw: (limits.append(kw["timeout"]), exp_run(*a, **kw))[1])
+    out = pipeline.pipeline_flow(repo=str(repo), overrides=["stage1.steps=9"], force=["curate"], stage_timeout_s=600)
     assert did(out) == [("curate (forced; dvc exp run -S stage1.steps=9)", "ran"),
                         ("dvc exp run -S stage1.steps=9", "ran: stage1; up to date: curate, cache")]
+    # a stage's limit: the forced stage's own experiment has it; the DAG's one `dvc exp run` its three
+    # stages' (it had one stage's: a DAG of stages each within the limit was stopped)
+    assert limits == [600, 1800]
     assert (repo / "out/stage1.txt").read_text().endswith("stage1={'steps': 9}")
     exps = subprocess.run([DVC, "exp", "list", "--name-only"], cwd=repo, check=True, capture_output=True, text=True)
     assert len(exps.stdout.split()) == 2  # the forced curate, then the DAG
+
+
+def test_a_bad_override_is_refused_naming_it_before_the_run_takes_the_checkout(prefect_api, tmp_path):
+    """A typo in a run's overrides (the UI's run form) is named at once; passed on to `dvc exp run -S`
+    it came back as DVC's Hydra error, taken for a crash and retried with the checkout held."""
+    from flows.pipeline import pipeline_flow
+    from loomcore.config import ConfigError
+
+    repo = copy_checkout(tmp_path / "checkout")  # conf/, params.yaml and dvc.yaml; no DVC repository
+    state = pipeline_flow(repo=str(repo), overrides=["stage3.stpes=100"], return_state=True)
+    assert state.is_failed()
+    error = state.result(raise_on_failure=False)
+    assert isinstance(error, ConfigError) and "unknown key 'stage3.stpes' (did you mean 'stage3.steps'?)" in str(error)
 
 
 # (b) a deployment triggered through the API runs real stages: tests/test_prefect_readme.py
