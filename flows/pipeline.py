@@ -41,8 +41,9 @@ def plan_stages(repo: Path | str, stages: Optional[Sequence[str]] = None, force:
 
 
 def _what_dvc_did(result: dict, stage: str | None = None) -> str:
-    """'ran', 'up to date', 'restored from run cache' for one stage; a list for a whole DAG."""
-    if stage is not None:
+    """'ran', 'up to date', 'restored from run cache' for one stage; a list for a whole DAG, and
+    for one stage's command that also reran a stage it depends on (stale: a run of some `stages`)."""
+    if stage is not None and not [s for s in result["ran"] + result["restored"] if s != stage]:
         if stage in result["ran"]:
             return "ran"
         if stage in result["restored"]:
@@ -159,7 +160,8 @@ def pipeline_flow(
         overrides: `key=value` config overrides (e.g. `stage3.steps=1200`, `profile=paper`): the DAG
             runs as one `dvc exp run -S …` experiment.
         force: stages to rerun although DVC finds them up to date.
-        stages: only these stages (in DAG order); empty or null: all.
+        stages: only these stages (in DAG order); empty or null: all. DVC also reruns a stale stage
+            they depend on (the summary names it); a forced one reruns alone, on its inputs as they are.
         repo: the checkout, relative to the worker's working directory.
         lock_wait_s: how long to wait for a run that holds the checkout before failing.
         stage_timeout_s: stop a stage that runs longer (empty: no limit); with overrides, the one

@@ -55,6 +55,9 @@ def test_pipeline_flow_runs_in_order_then_only_what_a_change_touches(prefect_api
     (repo / "params.yaml").write_text("curate: {n: 1}\ncache: {scale: 5}\nstage1: {steps: 4}\n")
     assert did(pipeline_flow(repo=str(repo))) == [("curate", "up to date"), ("cache", "up to date"), ("stage1", "ran")]
     assert runs(repo) == ["curate", "cache", "stage1", "cache", "stage1", "stage1"]
+    # only stage1, with its input stale: DVC reruns cache first, and the row says so (it said "ran")
+    (repo / "params.yaml").write_text("curate: {n: 1}\ncache: {scale: 6}\nstage1: {steps: 4}\n")
+    assert did(pipeline_flow(repo=str(repo), stages=["stage1"])) == [("stage1", "ran: cache, stage1; up to date: curate")]
 
     with pytest.raises(ValueError, match="unknown stage\\(s\\) rl"):
         pipeline_flow(repo=str(repo), stages=["rl"])
