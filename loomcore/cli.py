@@ -22,6 +22,8 @@ from typing import Callable, List, Optional
 
 from loomcore.errors import InputError
 
+OVERRIDE = re.compile(r"^[+~]{0,2}[A-Za-z_][\w.]*=")  # a key=value override (Hydra's +key=, ~key= too)
+
 PIPELINE_STAGES = ("curate", "cache", "stage1", "stage2", "stage3", "rl", "evaluate", "export")
 
 EPILOG = """examples:
@@ -85,13 +87,16 @@ def cmd_params(args) -> int:
 
     from loomcore.config import DEFAULT_CONF_DIR, DEFAULT_PARAMS, ConfigError, load_config, params_yaml
 
-    out = Path(args.out) if args.out else DEFAULT_PARAMS
+    root = getattr(args, "checkout", None)  # the checkout the command runs in (_run_in_checkout)
+    out = Path(args.out) if args.out else (root / "params.yaml" if root else DEFAULT_PARAMS)
+    conf = args.conf or (root / "conf" if root and (root / "conf").is_dir() else DEFAULT_CONF_DIR)
     if out.is_dir():
         raise ConfigError(f"--out {out}: a folder; give the file to write (params.yaml)")
-    bad = [o for o in args.overrides if not re.match(r"^[+~]{0,2}[A-Za-z_][\w.]*=", o)]
+    _check_folder_for(out.parent, f"--out {out}")
+    bad = [o for o in args.overrides if not OVERRIDE.match(o)]
     if bad:  # (Hydra's own message for `=3` is a traceback)
         raise ConfigError(f"override {bad[0]!r}: expected key=value (e.g. stage1.steps=10)")
-    old = out.read_text() if out.is_file() else None
+    old = out.read_bytes().decode("utf-8", "replace") if out.is_file() else None  # (not text: it differs)
     overrides = list(args.overrides)
     if args.check and old is not None and not any(o.split("=", 1)[0].lstrip("+~") == "profile" for o in overrides):
         # checked against the composition for its own profile (after `loom params profile=paper`, paper's)
@@ -101,20 +106,21 @@ def cmd_params(args) -> int:
             own = None
         own = own.get("profile") if isinstance(own, dict) else None
         overrides = ([f"profile={own}"] if isinstance(own, str) else []) + overrides
-    text = params_yaml(args.conf or DEFAULT_CONF_DIR, overrides)
+    text = params_yaml(conf, overrides)
     with tempfile.TemporaryDirectory() as d:  # the composition must be a whole, valid config
         (Path(d) / "params.yaml").write_text(text)
         try:
             cfg = load_config(params_path=Path(d) / "params.yaml")
         except ConfigError as e:  # named as the user wrote it, not by the temporary file
-            where = f"{args.conf or DEFAULT_CONF_DIR}{''.join(' + ' + o for o in overrides)}"
+            where = f"{conf}{''.join(' + ' + o for o in overrides)}"
             raise ConfigError(str(e).replace(str(Path(d) / "params.yaml"), where)) from None
     if args.check:
         if old == text:
-            print(f"{out}: up to date with {args.conf or DEFAULT_CONF_DIR} (profile {cfg.profile})")
+            print(f"{out}: up to date with {conf} (profile {cfg.profile})")
             return 0
-        print(f"{out}: differs from the composition of {args.conf or DEFAULT_CONF_DIR}"
-              f"{' with ' + ' '.join(overrides) if overrides else ''}: run `loom params{''.join(' ' + o for o in overrides)}`",
+        again = [*(["--conf", args.conf] if args.conf else []), *(["--out", args.out] if args.out else []), *overrides]
+        print(f"{out}: differs from the composition of {conf}"
+              f"{' with ' + ' '.join(overrides) if overrides else ''}: run `loom params{''.join(' ' + a for a in again)}`",
               file=sys.stderr)
         return 1
     if old == text:
@@ -137,15 +143,18 @@ def cmd_plots_template(args) -> int:
     from loomcore.config import REPO_ROOT
     from loomcore.plots_template import TEMPLATE_PATH, render_template
 
-    out = Path(args.out) if args.out else REPO_ROOT / TEMPLATE_PATH
+    out = Path(args.out) if args.out else (getattr(args, "checkout", None) or REPO_ROOT) / TEMPLATE_PATH
+    if out.is_dir():
+        raise InputError(f"--out {out}: a folder; give the file to write (offline.html)")
+    _check_folder_for(out.parent, f"--out {out}")
     text = render_template()
-    old = out.read_text(encoding="utf8") if out.is_file() else None
+    old = out.read_bytes().decode("utf-8", "replace") if out.is_file() else None  # (not text: it differs)
     if args.check:
         if old == text:
             print(f"{out}: up to date with the installed vl-convert-python")
             return 0
         print(f"{out}: {'missing' if old is None else 'differs from what the installed vl-convert-python builds'}: "
-              "run `loom plots-template`", file=sys.stderr)
+              f"run `loom plots-template{' --out ' + args.out if args.out else ''}`", file=sys.stderr)
         return 1
     if old != text:
         _replace_text(out, text)
@@ -180,8 +189,9 @@ def cmd_import_release(args) -> int:
     out_dir = Path(args.out_dir)
     try:
         _check_folder_for(out_dir, f"out_dir {out_dir}")  # e.g. out.safetensors given for the folder
-        source = materialize(args.checkpoint, settings=S3Settings.from_config(cfg.s3)) if is_s3(args.checkpoint) \
-            else Path(args.checkpoint)
+        with _s3_errors(args.checkpoint):
+            source = materialize(args.checkpoint, settings=S3Settings.from_config(cfg.s3)) if is_s3(args.checkpoint) \
+                else Path(args.checkpoint)
         out = import_release(source, out_dir, cfg, weights=args.weights)
     except InputError as e:  # the file or folder given: a user's mistake, told in one line (exit 2)
         print(f"loom import-release: {e}", file=sys.stderr)
@@ -193,10 +203,16 @@ def cmd_import_release(args) -> int:
 def _dvc_stages() -> List[str]:
     import yaml
 
+    from loomcore.config import ConfigError
+
     path = Path("dvc.yaml")
     if not path.is_file():
         return []
-    return list((yaml.safe_load(path.read_text()) or {}).get("stages", {}) or {})
+    try:
+        dag = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path.resolve()}: not valid YAML ({' '.join(str(e).split())})") from None
+    return list((dag.get("stages", {}) if isinstance(dag, dict) else {}) or {})
 
 
 def pipeline_command(profile: Optional[str], overrides: List[str], targets: List[str]) -> List[str]:
@@ -405,13 +421,13 @@ class _SignalledRun:
                 os.killpg(self.proc.pid, signal.SIGSTOP)
             below = list(dict.fromkeys(self.below + outside_descendants(self.proc.pid)))
             kill_if_alive(below, signal.SIGSTOP)
-        paused = time.monotonic()
+        paused, deadline_before = time.monotonic(), self.deadline
         signal.signal(signal.SIGTSTP, signal.SIG_DFL)
         try:
             os.kill(os.getpid(), signal.SIGTSTP)  # stopped here until SIGCONT
         finally:
             signal.signal(signal.SIGTSTP, self.on_pause)
-            if self.deadline is not None:
+            if deadline_before is not None:  # (not one set by a signal handled as loom continued: SIGHUP, `kill %1`)
                 self.deadline += time.monotonic() - paused
             if self.proc is not None:
                 kill_if_alive(below, signal.SIGCONT)
@@ -531,13 +547,17 @@ def _crash_runs_a_killed_pipeline_left(api_url: str, previous: Optional[dict], e
 
 
 def cmd_pipeline(args) -> int:
+    if args.params:  # DVC runs the checkout's params.yaml (composed again with the overrides)
+        print("loom pipeline: --params: DVC runs the checkout's params.yaml; pass key=value overrides (a DVC "
+              "experiment) or --profile instead", file=sys.stderr)
+        return 2
     cfg = _load(args)  # refuses a bad key or value before DVC starts
     print(f"pipeline: profile {cfg.profile} (config {cfg.fingerprint()})")
     stages = _dvc_stages()
     missing = [s for s in PIPELINE_STAGES if s not in stages]
     unknown = [t for t in args.targets or [] if t not in stages]
     if unknown:  # before a Prefect server starts for it
-        print(f"loom pipeline: --target {', '.join(unknown)}: no such stage in dvc.yaml; stages: {', '.join(stages)}",
+        print(f"loom pipeline: --target {', '.join(unknown)}: no such stage in dvc.yaml; stages: {', '.join(stages) or '(none)'}",
               file=sys.stderr)
         return 2
     if stages and not Path(".dvc").is_dir():
@@ -545,7 +565,7 @@ def cmd_pipeline(args) -> int:
               file=sys.stderr)
         return 2
     if not stages:
-        print("pipeline: dvc.yaml has no stages yet; ran what exists (config check, base models).")
+        print("pipeline: dvc.yaml has no stages yet; the config checked, nothing to run.")
     else:
         cmd = pipeline_command(args.profile, args.overrides, args.targets or [])
         print(f"pipeline: {' '.join(cmd)}", flush=True)
@@ -573,6 +593,9 @@ def cmd_pipeline(args) -> int:
         except StoppedBySignal as e:
             print(f"loom pipeline: {e}", file=sys.stderr)
             return e.code
+        if rc < 0:  # DVC killed by a signal that did not come through loom (the OOM killer, a kill -9)
+            print(f"loom pipeline: DVC was killed by {signal.Signals(-rc).name}", file=sys.stderr)
+            return 128 - rc
         if rc:
             return rc
     if missing:
@@ -663,6 +686,8 @@ def _check_device(device: str) -> None:
         dev = torch.device(device)
     except RuntimeError:
         raise InputError(f"--device {device}: expected cpu, cuda or cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):  # (mps, meta, xpu …: errors after the models load)
+        raise InputError(f"--device {device}: expected cpu, cuda or cuda:N")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise InputError(f"--device {device}: no CUDA device here (use --device cpu)")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
@@ -720,11 +745,27 @@ def _as_flags(message: str, args) -> str:
     return re.sub(r"^(--[\w-]+ -?\d+): \1: ", r"\1: ", message)  # `--height 37: --height 37: …` said once
 
 
+MAX_FPS = 1000  # frames per second an output may be written at
+
+
+@contextlib.contextmanager
+def _s3_errors(what: str):
+    """S3 failures reaching an s3:// input (no credentials, no endpoint, no bucket, refused) are the
+    input's: one line naming it (`what`), not botocore's traceback."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        yield
+    except (BotoCoreError, ClientError) as e:
+        raise InputError(f"{what}: {e}") from None
+
+
 def cmd_generate(args) -> int:
     import torch
 
     from loomcore.task_kinds import check_figure_refs
     from loomcore.models.mllm import MLLMRequest
+    from loomcore.models.release import RELEASE_FILE_SUFFIXES, is_release_checkpoint
     from loomcore.pipeline import LoomVideoPipeline, check_output_path, inference_dtype, save_output
     from loomcore.pipeline.inputs import describe
     from loomcore.storage import is_s3
@@ -743,8 +784,8 @@ def cmd_generate(args) -> int:
             raise InputError(f"--num-outputs {args.num_outputs}: expected >= 1")
         if not 0 <= args.seed <= 2 ** 63 - args.num_outputs:  # (torch's seeds; one per output from --seed on)
             raise InputError(f"--seed {args.seed}: expected 0 … {2 ** 63 - args.num_outputs}")
-        if args.fps is not None and not args.fps > 0:
-            raise InputError(f"--fps {args.fps}: expected > 0")
+        if args.fps is not None and not 0 < args.fps <= MAX_FPS:  # (inf, 1e12: av's OverflowError after generating)
+            raise InputError(f"--fps {args.fps}: expected > 0 and at most {MAX_FPS}")
         if args.cpu_offload and torch.device(device).type == "cpu":
             raise InputError(f"--cpu-offload: keeps the models in CPU memory and moves each to the GPU while it runs, "
                              f"but the device is {device} (no GPU here, or --device cpu)")
@@ -776,13 +817,24 @@ def cmd_generate(args) -> int:
         if args.model and not is_s3(args.model) and Path(args.model).is_file():
             raise InputError(f"--model {args.model}: a file; an exported pipeline is a folder (export.out_dir, "
                              "with model_index.json)")
+        if args.model and (args.profile or [o for o in args.overrides if not o.startswith("s3.")]):
+            given = " ".join([*(["--profile " + args.profile] if args.profile else []), *args.overrides])
+            raise InputError(f"--model {args.model}: an exported pipeline carries its own config, so {given} would not "
+                             "apply (key=value overrides of s3.* only, to reach an s3:// folder): give generation "
+                             "settings as flags (--steps, --guidance, --height …)")
+        if args.transformer and not is_s3(args.transformer) and Path(args.transformer).is_file() \
+                and not is_release_checkpoint(args.transformer):
+            raise InputError(f"--transformer {args.transformer}: a file, but not a release weights file "
+                             f"({', '.join(RELEASE_FILE_SUFFIXES)}); a trained DiT is a folder "
+                             "(<train.out_dir>/<stage>/model)")
         for flag, folder in (("--model", args.model), ("--transformer", args.transformer)):
             if folder and not is_s3(folder) and not Path(folder).is_dir() and not (
                     flag == "--transformer" and Path(folder).is_file()):  # a release weights file
                 raise InputError(f"{flag} {folder}: no such folder (a trained DiT is <train.out_dir>/<stage>/model, "
                                  "an exported pipeline export.out_dir; run that stage first — a relative path on the "
                                  f"command line is taken from the current folder, {Path.cwd()})")
-        if args.transformer and not is_s3(args.transformer) and Path(args.transformer).is_dir():
+        if args.transformer and not is_s3(args.transformer) and Path(args.transformer).is_dir() \
+                and not is_release_checkpoint(args.transformer):  # (the release's folder: ema/ema.pth …, no config)
             folder = Path(args.transformer)
             if (folder / "model_index.json").is_file():
                 raise InputError(f"--transformer {folder}: an exported pipeline (it has model_index.json): give it "
@@ -819,9 +871,12 @@ def cmd_generate(args) -> int:
 
             has_params = Path(args.params or DEFAULT_PARAMS).is_file()
             s3 = S3Settings.from_config(_load(args).s3) if is_s3(args.model) and has_params else None
-            pipe = LoomVideoPipeline.from_pretrained(args.model, dtype=dtypes, s3_settings=s3)
+            with _s3_errors(f"--model {args.model}"):
+                pipe = LoomVideoPipeline.from_pretrained(args.model, dtype=dtypes, s3_settings=s3)
         else:
-            pipe = LoomVideoPipeline.from_config_models(cfg, args.transformer, dtype=dtype)
+            with _s3_errors(f"--transformer {args.transformer}" if is_s3(args.transformer or "") else
+                            "the profile's models (models.*)"):
+                pipe = LoomVideoPipeline.from_config_models(cfg, args.transformer, dtype=dtype)
         if args.model:
             print(f"generate: the exported pipeline {args.model}")
         elif args.transformer:
@@ -926,7 +981,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check", action="store_true", help="write nothing; exit 1 if the file differs from the build")
 
     p = command("init-models", cmd_init_models, help="build the tiny base models, or check the paper ones are complete")
-    p.set_defaults(in_checkout=True)  # reads params' folders: runs in the checkout (_run_in_checkout)
     p.add_argument("--force", action="store_true", help="rebuild even if the folders are up to date")
 
     p = command("import-release", cmd_import_release,
@@ -954,7 +1008,6 @@ def build_parser() -> argparse.ArgumentParser:
                 "  loom pipeline stage3.steps=1200        # one experiment: dvc exp show lists it\n"
                 "  loom pipeline --profile paper          # the paper profile, composed from conf/",
                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.set_defaults(in_checkout=True)  # reads dvc.yaml: runs in the checkout (_run_in_checkout)
     p.add_argument("--target", dest="targets", action="append", help="only reproduce up to this stage (repeatable)")
 
     p = command("plan", cmd_plan, help="the GPU memory one training rank needs, per stage and GPU count (FSDP2)",
@@ -989,7 +1042,6 @@ def build_parser() -> argparse.ArgumentParser:
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     from loomcore.train.launch import RANKED_STAGES
 
-    p.set_defaults(in_checkout=True)  # reads params' folders: runs in the checkout (_run_in_checkout)
     p.add_argument("stage", choices=RANKED_STAGES, help="the stage to join")
     p.add_argument("--node-rank", type=int, required=True, metavar="K",
                    help="this node's rank, 1 … nodes − 1 (each other node its own; the first node is 0)")
@@ -1011,7 +1063,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("generate", cmd_generate, help="generate or edit an image/video with a LoomVideo pipeline",
                 epilog=GENERATE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.set_defaults(in_checkout=True)  # reads params' folders: runs in the checkout (_run_in_checkout)
     p.add_argument("--prompt", default="", help="caption or instruction; '@Figure k' names the k-th --ref")
     p.add_argument("--prompts", metavar="FILE",
                    help="a text file of prompts, one a line (blank and # lines skipped), each generated with the "
@@ -1019,14 +1070,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--negative-prompt", default=None,
                    help="default: the pipeline's (params guidance.generate_negative_prompt, else guidance.negative_prompt)")
     p.add_argument("--layout", choices=("demo", "train", "eval"), default=None,
-                   help="order of text, source and references in the MLLM prompt: the release's inference demo "
-                   "(the pipeline's default), its training processors, or its benchmark processors")
+                   help="order of text, source and references in the MLLM prompt: the release's inference demo, its "
+                   "training processors, or its benchmark processors (default: the pipeline's, guidance.mllm_layout: "
+                   "demo on the paper profile, train on tiny)")
     p.add_argument("--task", default=None, choices=TASK_KINDS, help="default: inferred from the inputs")
     p.add_argument("--ref", action="append", default=[], metavar="IMAGE", help="a reference image (repeatable, in @Figure order)")
     p.add_argument("--source", metavar="VIDEO|IMAGE", help="the video or image to edit / reconstruct")
     p.add_argument("--frames", type=int, help="output frames, 1 + temporal_factor·k (1: an image)")
-    p.add_argument("--height", type=int, help="output height (default: the source's, else the config's)")
-    p.add_argument("--width", type=int, help="output width (default: the source's, else the config's)")
+    p.add_argument("--height", type=int, help="output height (default: the source's, else the first --ref's, else the "
+                   "config's)")
+    p.add_argument("--width", type=int, help="output width (default: the source's, else the first --ref's, else the "
+                   "config's)")
     p.add_argument("--steps", type=int, help="denoising steps (default: guidance.steps)")
     p.add_argument("--guidance", type=float, help="text guidance s_t (default: guidance.text_scale, "
                    "guidance.text_scale_edit with a source — paper 5.0 / 2.5, tiny 1.0 / 2.5)")
@@ -1052,7 +1106,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # The command line's file and folder arguments (of the subcommands that run in the checkout)
-PATH_ARGS = ("params", "out", "source", "ref", "model", "transformer", "prompts")
+PATH_ARGS = ("params", "out", "source", "ref", "model", "transformer", "prompts", "conf", "checkpoint", "out_dir")
 
 
 def _run_in_checkout(args) -> None:
@@ -1088,17 +1142,22 @@ def main(argv: Optional[List[str]] = None) -> int:
     if hasattr(sys.stdout, "reconfigure"):  # a line as it is printed, also into `> file` or `| tee`:
         sys.stdout.reconfigure(line_buffering=True)  # not after DVC's, in blocks, when loom ends
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["plan"]:  # its list options (--gpu H20 …) would take a key=value after them for one of theirs
+        overrides = [a for a in argv[1:] if OVERRIDE.match(a)]
+        argv = ["plan", *overrides, *(a for a in argv[1:] if not OVERRIDE.match(a))]
     args, extra = parser.parse_known_args(argv)
     if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
         args.overrides += extra  # k=v after an option that follows a positional: `loom node stage1 --profile p k=v`
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     back = os.getcwd()
-    if getattr(args, "in_checkout", False):
-        _run_in_checkout(args)
+    # every subcommand runs in the checkout that holds the current folder: its params.yaml and conf/,
+    # and the folders params names, are the ones DVC and the flows use
+    _run_in_checkout(args)
     try:
         return int(args.func(args) or 0)
-    except ConfigError as e:
+    except (ConfigError, InputError) as e:  # a user's mistake: one line
         print(f"loom {args.command}: {e}", file=sys.stderr)
         return 2
     finally:

@@ -128,8 +128,14 @@ def test_pipeline_refuses_an_unknown_target_before_starting_anything(capsys):
     (["--transformer", "BADWEIGHTS"], "BADWEIGHTS/diffusion_pytorch_model.safetensors is not a readable "
                                       "safetensors file (Error while deserializing header"),
     (["--model", "BADPIPE"], "BADPIPE/transformer/config.json is not valid JSON"),
+    (["--fps", "inf"], "--fps inf: expected > 0 and at most 1000"),  # (av's OverflowError after generating)
+    (["--device", "meta"], "--device meta: expected cpu, cuda or cuda:N"),  # (mps, meta: after the models load)
+    (["--transformer", "AFILE"], "AFILE: a file, but not a release weights file (.pth, .pt, .bin, .safetensors)"),
+    (["--model", "PIPELINE", "guidance.steps=3"], "an exported pipeline carries its own config, so guidance.steps=3 "
+                                                  "would not apply"),  # (was ignored, an invalid key too)
+    (["--model", "s3://loom-no-bucket/model"], "--model s3://loom-no-bucket/model: Unable to locate credentials"),
 ] + ([(["--device", "cuda"], "--device cuda: no CUDA device here")] if not __import__("torch").cuda.is_available() else []))
-def test_generate_refuses_bad_flags_before_any_model_loads(tmp_path, capsys, argv, needle):
+def test_generate_refuses_bad_flags_before_any_model_loads(tmp_path, capsys, monkeypatch, argv, needle):
     """Mistakes found by a newcomer's probe, each a traceback before (some after the whole generation,
     writing the file) or a message naming the wrong thing: now one line naming the flag, exit 2,
     before a model loads."""
@@ -147,6 +153,11 @@ def test_generate_refuses_bad_flags_before_any_model_loads(tmp_path, capsys, arg
             (tmp_path / folder / name).write_text(text)
     (tmp_path / "AFILE").write_text("x")
     argv = [str(tmp_path / a) if a.isupper() else a for a in argv]
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # (no credentials anywhere: the s3:// case)
     prompt = [] if "--prompts" in argv else ["--prompt", "x"]
     assert main(["generate", *prompt, "--out", str(out), *argv]) == 2
     err = capsys.readouterr().err
@@ -199,3 +210,51 @@ def test_params_refuses_a_bare_value_and_a_folder_and_names_a_bad_override(tmp_p
     err = capsys.readouterr().err  # named by the override, not by the temporary file it was checked in
     assert "+ stage1.steps=[1,2]: " in err and "params.yaml" not in err, err
     assert not (tmp_path / "p.yaml").exists()
+
+
+def test_every_command_runs_in_the_checkout_it_is_started_in(tmp_path, monkeypatch, capsys):
+    """`loom config`, `params`, `plan` … read the params.yaml and conf/ of the checkout that holds the
+    current folder, as `loom pipeline` and DVC do (they read the installed package's: `loom config
+    --check` passed a file other than the one the DAG runs)."""
+    import shutil
+
+    checkout = tmp_path / "checkout"
+    (checkout / "sub").mkdir(parents=True)
+    shutil.copytree(REPO / "conf", checkout / "conf")
+    shutil.copy(REPO / "dvc.yaml", checkout / "dvc.yaml")
+    params = (REPO / "params.yaml").read_text()
+    assert "\n  steps: 1000\n" in params
+    (checkout / "params.yaml").write_text(params.replace("\n  steps: 1000\n", "\n  steps: 7777\n", 1))
+    monkeypatch.chdir(checkout / "sub")
+    assert main(["config", "stage1"]) == 0 and "steps: 7777" in capsys.readouterr().out
+    assert main(["params", "--check"]) == 1  # its own params.yaml, against its own conf/
+    err = capsys.readouterr().err
+    assert err.startswith(f"{checkout / 'params.yaml'}: differs from the composition of {checkout / 'conf'}"), err
+    assert main(["params", "--check", "--out", "../params.yaml"]) == 1  # the advice repeats --out
+    assert f"run `loom params --out {checkout / 'params.yaml'} profile=tiny`" in capsys.readouterr().err
+    (checkout / "dvc.yaml").write_text("stages:\n  a: [\n")
+    assert main(["pipeline"]) == 2  # (yaml's ScannerError traceback)
+    assert f"loom pipeline: {checkout / 'dvc.yaml'}: not valid YAML" in capsys.readouterr().err
+
+
+def test_plan_takes_an_override_after_its_list_options(capsys):
+    """`loom plan --gpu H20 stage1.max_tokens=2048` took the override for a GPU name ("unknown GPU")."""
+    assert main(["plan", "--profile", "paper", "--stage", "stage1", "--gpus", "8", "stage1.max_tokens=2048"]) == 0
+    assert "| stage1 | 8 | 2,048 |" in capsys.readouterr().out
+
+
+def test_params_and_plots_template_refuse_an_out_they_cannot_write(tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    assert main(["params", "--out", str(tmp_path / "afile" / "p.yaml")]) == 2
+    assert "--out " in (err := capsys.readouterr().err) and "is a file, not a folder" in err and "Traceback" not in err
+    assert main(["plots-template", "--out", str(tmp_path)]) == 2  # (IsADirectoryError, and a stray .tmp beside)
+    assert "a folder; give the file to write" in capsys.readouterr().err and not list(tmp_path.parent.glob("*.tmp"))
+    binary = tmp_path / "w.bin"
+    binary.write_bytes(bytes(range(256)))
+    assert main(["params", "--check", "--out", str(binary)]) == 1  # (UnicodeDecodeError)
+    assert "differs from the composition" in capsys.readouterr().err
+
+
+def test_pipeline_refuses_params_dvc_would_not_run(capsys):
+    assert main(["pipeline", "--params", "other.yaml"]) == 2
+    assert "loom pipeline: --params: DVC runs the checkout's params.yaml" in capsys.readouterr().err

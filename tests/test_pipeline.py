@@ -919,6 +919,8 @@ def test_cli_reads_a_long_source_as_the_release_demo_and_says_what_it_kept(tiny_
         (["--source", "{files}/nope.mp4", "--prompt", "blue"], "--source {files}/nope.mp4: no such file"),
         (["--prompt", "a cat", "--model", "{tmp}/nope"], "--model {tmp}/nope: no such folder"),
         (["--prompt", "a cat", "--transformer", "{tmp}/nope"], "--transformer {tmp}/nope: no such folder"),
+        # the release's own checkpoint folder (no config.json) is what --transformer takes: read, not refused
+        (["--prompt", "a cat", "--transformer", "{tmp}/release"], "checkpoint: {tmp}/release/gen_model.pth is not "),
         (["--prompt", "zq " * 200], "more than mllm.max_length = 128 (shorten the text"),
         (["--prompt", "a cat", "--height", "8192", "--width", "8192"],  # named, before any model loads
          "--height 8192 --width 8192: 8192×8192 (W×H) × 3 frame(s) is 12,582,912 DiT tokens, more "
@@ -929,6 +931,8 @@ def test_cli_reads_a_long_source_as_the_release_demo_and_says_what_it_kept(tiny_
     ],
 )
 def test_cli_bad_input_exits_2_with_a_message(tiny_workspace, files, saved_dir, tmp_path, capsys, args, needle):
+    (tmp_path / "release").mkdir()
+    (tmp_path / "release" / "gen_model.pth").write_text("not a checkpoint")
     broken = tmp_path / "broken"
     shutil.copytree(saved_dir, broken)
     shutil.rmtree(broken / "vae")
@@ -936,7 +940,9 @@ def test_cli_bad_input_exits_2_with_a_message(tiny_workspace, files, saved_dir, 
     args = [a.format(**fill) for a in args]
     if "--out" not in args:
         args += ["--out", str(tmp_path / "out.mp4")]
-    if "--steps" in args:  # the test's own --steps comes after and would win
+    if "--model" in args:  # an exported pipeline: no profile, no overrides (they would not apply)
+        code = main(["generate", *args, "--steps", str(STEPS)])
+    elif "--steps" in args:  # the test's own --steps comes after and would win
         _, overrides = tiny_workspace
         code = main(["generate", *args, "--profile", "tiny", *overrides])
     else:
