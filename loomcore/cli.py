@@ -378,7 +378,7 @@ def cmd_node(args) -> int:
 
 
 class StoppedBySignal(Exception):
-    """`loom pipeline` was sent SIGINT, SIGTERM or SIGHUP; `code` is the shell's 128 + signal."""
+    """`loom pipeline` was sent SIGINT, SIGTERM, SIGHUP or SIGQUIT; `code` is the shell's 128 + signal."""
 
     def __init__(self, signum: int, detail: str = ""):
         self.code = 128 + signum
@@ -501,7 +501,7 @@ def stopped_by_signals():
     """A `_SignalledRun` whose command stops with `loom pipeline`. DVC runs in a session of its own,
     so a signal sent to loom alone — `kill`, `timeout`, a closed terminal, a service manager's stop
     — used to end loom at once (SIGTERM's default) and leave DVC, the stage and the Prefect server
-    running; now loom passes SIGINT, SIGTERM and SIGHUP on to DVC's group (as SIGINT, which DVC
+    running; now loom passes SIGINT, SIGTERM, SIGHUP and SIGQUIT (Ctrl-\\) on to DVC's group (as SIGINT, which DVC
     handles by waiting for the stage), waits for it and what it started below, then stops the
     server. A terminal's Ctrl-C, which reached DVC and the stage directly before, reaches them
     through loom. SIGHUP that loom was started ignoring (`nohup`) stays ignored, by DVC too. SIGINT or
@@ -511,7 +511,7 @@ def stopped_by_signals():
     and what is below it with loom, `fg`/`bg` continues them (`_SignalledRun.on_pause`)."""
     run = _SignalledRun()
     previous = {}
-    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
         ignored = signal.getsignal(s) is signal.SIG_IGN
         if not (ignored and s == signal.SIGHUP):
             previous[s] = signal.signal(s, (lambda *_: None) if ignored else run.on_signal)
@@ -999,7 +999,7 @@ def build_parser() -> argparse.ArgumentParser:
                 "`dvc exp run -S …` experiment), every stage reporting to one Prefect server started for the "
                 "run (or yours, with PREFECT_API_URL). It holds the checkout's lock: a second run, a stage's "
                 "deployment run or a pipeline flow on this checkout fails at once naming it, a nightly waits. "
-                "Ctrl-C, `kill`, a closed terminal: DVC and the running stage stop cleanly (up to 60 s; a second "
+                "Ctrl-C, Ctrl-\\, `kill`, a closed terminal: DVC and the running stage stop cleanly (up to 60 s; a second "
                 "signal kills them), exit 128 + the signal. Ctrl-Z pauses them with loom, `fg`/`bg` continues "
                 "them. After a `kill -9` of loom, the next run stops what it left and marks its Prefect runs "
                 "Crashed.",

@@ -369,6 +369,58 @@ def test_a_signal_loom_was_started_ignoring_stays_ignored():
             signal.signal(s, h)
 
 
+PAUSED_THEN_SIGNALLED = """
+import os, signal, subprocess, sys, time
+from loomcore.cli import _SignalledRun
+run = _SignalledRun()
+run.proc = subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+                             "time.sleep(60)"], start_new_session=True)
+signal.signal(signal.SIGTSTP, run.on_pause)
+signal.signal(signal.SIGHUP, run.on_signal)
+print("ready", flush=True)
+while not run.signals:
+    time.sleep(0.05)
+time.sleep(0.2)
+print(round(run.deadline - time.monotonic(), 1), flush=True)
+os.killpg(run.proc.pid, signal.SIGKILL)
+"""
+
+
+def test_ctrl_backslash_stops_the_dag_as_ctrl_c_does():
+    """SIGQUIT (Ctrl-\\) reaches loom alone, DVC being in a session of its own: its default ended
+    loom at once and left DVC, the stage and the server running. It is passed on as the others are."""
+    import signal
+
+    from loomcore.cli import stopped_by_signals
+
+    before = signal.getsignal(signal.SIGQUIT)
+    with stopped_by_signals() as run:
+        assert signal.getsignal(signal.SIGQUIT) == run.on_signal
+    assert signal.getsignal(signal.SIGQUIT) == before
+
+
+def test_a_signal_that_ends_a_pause_gets_the_grace_not_the_grace_and_the_pause():
+    """`kill %1` on a stopped `loom pipeline` (or a hangup while it is stopped: SIGHUP, then SIGCONT)
+    is handled as loom continues; its grace of 60 s used to be stretched by the whole pause (an hour
+    of Ctrl-Z: an hour's grace)."""
+    import signal
+    import time
+
+    child = subprocess.Popen([sys.executable, "-c", PAUSED_THEN_SIGNALLED], stdout=subprocess.PIPE,
+                             stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert child.stdout.readline() == "ready\n"
+        child.send_signal(signal.SIGTSTP)
+        time.sleep(3)  # paused (the stand-in DVC too)
+        child.send_signal(signal.SIGHUP)
+        child.send_signal(signal.SIGCONT)
+        left = float(child.stdout.readline())
+        assert 55 < left <= 60, left  # (63 before: the 3 s pause added)
+    finally:
+        child.kill()
+        child.wait()
+
+
 def test_the_handler_passes_the_signal_on_when_stderr_is_gone(monkeypatch):
     """`loom pipeline 2>&1 | tee log` and a Ctrl-C that killed `tee`: the handler's message cannot be
     written (BrokenPipeError). It used to raise before the signal was passed on, leaving DVC running
