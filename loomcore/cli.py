@@ -739,6 +739,11 @@ def _as_flags(message: str, args) -> str:
         message = re.sub(pattern, flag, message)
     if args.source:
         message = re.sub(r"(^|: )source: ", lambda m: f"{m.group(1)}--source {args.source}: ", message)
+    for flag, path in [("--source", args.source), *(("--ref", r) for r in args.ref)]:
+        if path and message.startswith(f"{path}: "):  # the media reader names the file: `in.md: unsupported …`
+            return f"{flag} {message}"
+    if args.transformer and message.startswith("checkpoint: "):  # the release reader's
+        return f"--transformer {args.transformer}: {message}"
     message = re.sub(r"(^|: )reference (\d+): ",
                      lambda m: (f"{m.group(1)}--ref {args.ref[int(m.group(2)) - 1]}: "
                                 if 0 < int(m.group(2)) <= len(args.ref) else m.group(0)), message)

@@ -920,7 +920,10 @@ def test_cli_reads_a_long_source_as_the_release_demo_and_says_what_it_kept(tiny_
         (["--prompt", "a cat", "--model", "{tmp}/nope"], "--model {tmp}/nope: no such folder"),
         (["--prompt", "a cat", "--transformer", "{tmp}/nope"], "--transformer {tmp}/nope: no such folder"),
         # the release's own checkpoint folder (no config.json) is what --transformer takes: read, not refused
-        (["--prompt", "a cat", "--transformer", "{tmp}/release"], "checkpoint: {tmp}/release/gen_model.pth is not "),
+        (["--prompt", "a cat", "--transformer", "{tmp}/release"],
+         "--transformer {tmp}/release: checkpoint: {tmp}/release/gen_model.pth is not "),
+        (["--source", "{tmp}/notes.txt", "--prompt", "blue"], "--source {tmp}/notes.txt: unsupported file type '.txt'"),
+        (["--ref", "{tmp}/notes.txt", "--prompt", "like @Figure 1"], "--ref {tmp}/notes.txt: unsupported file type"),
         (["--prompt", "zq " * 200], "more than mllm.max_length = 128 (shorten the text"),
         (["--prompt", "a cat", "--height", "8192", "--width", "8192"],  # named, before any model loads
          "--height 8192 --width 8192: 8192×8192 (W×H) × 3 frame(s) is 12,582,912 DiT tokens, more "
@@ -933,6 +936,7 @@ def test_cli_reads_a_long_source_as_the_release_demo_and_says_what_it_kept(tiny_
 def test_cli_bad_input_exits_2_with_a_message(tiny_workspace, files, saved_dir, tmp_path, capsys, args, needle):
     (tmp_path / "release").mkdir()
     (tmp_path / "release" / "gen_model.pth").write_text("not a checkpoint")
+    (tmp_path / "notes.txt").write_text("not a picture")
     broken = tmp_path / "broken"
     shutil.copytree(saved_dir, broken)
     shutil.rmtree(broken / "vae")
