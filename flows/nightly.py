@@ -113,7 +113,7 @@ def nightly_retrain_flow(overrides: list[str] | None = None, lock_wait_s: float 
         lock_wait_s: how long to wait for a run that holds the checkout before failing.
         repo: the checkout, relative to the worker's working directory.
         stage_timeout_s: stop a stage that runs longer (empty: no limit); with overrides, the one
-            `dvc exp run` is stopped after this × the number of stages.
+            `dvc exp run` is stopped after this × the stages up to the last it runs.
     """
     log = logger()
     root = Path(repo)

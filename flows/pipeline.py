@@ -13,6 +13,7 @@ the run (tasks.dvc.pipeline_lock): a second run waits `lock_wait_s`, then fails 
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 from typing import List, Optional, Sequence
@@ -60,7 +61,10 @@ def check_overrides(repo: Path | str, overrides: Sequence[str]) -> None:
     (Passed on to `dvc exp run -S`, DVC's Hydra error came back as a failed DVC command, retried
     as a crash with the lock held.)"""
     if overrides and (Path(repo) / "conf").is_dir():
-        repo_config(repo, overrides)
+        # as DVC's -S takes them: Hydra's ++key= (set or add) checked as key=, ~key (delete) left to Hydra,
+        # params.yaml:key= as key= (another file's keys are not this config's)
+        keys = [o.lstrip("+").removeprefix("params.yaml:") for o in overrides if not o.startswith("~")]
+        repo_config(repo, [k for k in keys if not re.match(r"^[\w./-]+\.\w+:", k)])
 
 
 def reproduce(repo: str, wanted: Sequence[str], *, force: Sequence[str] = (), overrides: Sequence[str] = (),
@@ -86,8 +90,11 @@ def reproduce(repo: str, wanted: Sequence[str], *, force: Sequence[str] = (), ov
         for stage in [s for s in wanted if s in force]:
             timed(f"{stage} (forced; dvc exp run {sets})",
                   lambda s=stage: dvc_exp_run(list(overrides), [s], repo=repo, timeout=timeout, force=True), stage)
+        # (DVC reruns a stale stage the wanted ones depend on too: every stage up to the last wanted counts)
+        present = [s for s in PIPELINE_ORDER if s in dvc_stages(repo)]
+        upto = present[:present.index(wanted[-1]) + 1] if wanted else present
         timed(f"dvc exp run {sets}", lambda: dvc_exp_run(list(overrides), list(wanted) if partial else [], repo=repo,
-                                                         timeout=timeout and timeout * len(wanted)))
+                                                         timeout=timeout and timeout * len(upto)))
     else:
         for stage in wanted:
             forced = stage in force
@@ -165,7 +172,7 @@ def pipeline_flow(
         repo: the checkout, relative to the worker's working directory.
         lock_wait_s: how long to wait for a run that holds the checkout before failing.
         stage_timeout_s: stop a stage that runs longer (empty: no limit); with overrides, the one
-            `dvc exp run` is stopped after this × the number of stages.
+            `dvc exp run` is stopped after this × the stages up to the last it runs.
     """
     # Builtin generics in a flow's signature: a served flow runs from a by-value pickle whose globals
     # hold only the names its code uses, so `Optional`/`List` in (string) annotations would not resolve.

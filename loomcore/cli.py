@@ -88,11 +88,15 @@ def cmd_params(args) -> int:
     from loomcore.config import DEFAULT_CONF_DIR, DEFAULT_PARAMS, ConfigError, load_config, params_yaml
 
     root = getattr(args, "checkout", None)  # the checkout the command runs in (_run_in_checkout)
+    if root and not (root / "conf").is_dir() and not (args.conf and args.out):  # another DVC project's folder
+        raise ConfigError(f"{root} has dvc.yaml and params.yaml but no conf/: not a loomvideo checkout (its "
+                          "params.yaml is not this composition's to write); give --conf and --out")
     out = Path(args.out) if args.out else (root / "params.yaml" if root else DEFAULT_PARAMS)
-    conf = args.conf or (root / "conf" if root and (root / "conf").is_dir() else DEFAULT_CONF_DIR)
+    conf = args.conf or (root / "conf" if root else DEFAULT_CONF_DIR)
     if out.is_dir():
         raise ConfigError(f"--out {out}: a folder; give the file to write (params.yaml)")
-    _check_folder_for(out.parent, f"--out {out}")
+    if not args.check:  # (a check writes nothing: a read-only checkout is checked as well)
+        _check_folder_for(out.parent, f"--out {out}")
     bad = [o for o in args.overrides if not OVERRIDE.match(o)]
     if bad:  # (Hydra's own message for `=3` is a traceback)
         raise ConfigError(f"override {bad[0]!r}: expected key=value (e.g. stage1.steps=10)")
@@ -146,7 +150,8 @@ def cmd_plots_template(args) -> int:
     out = Path(args.out) if args.out else (getattr(args, "checkout", None) or REPO_ROOT) / TEMPLATE_PATH
     if out.is_dir():
         raise InputError(f"--out {out}: a folder; give the file to write (offline.html)")
-    _check_folder_for(out.parent, f"--out {out}")
+    if not args.check:  # (a check writes nothing)
+        _check_folder_for(out.parent, f"--out {out}")
     text = render_template()
     old = out.read_bytes().decode("utf-8", "replace") if out.is_file() else None  # (not text: it differs)
     if args.check:
@@ -297,6 +302,7 @@ def cmd_deploy(args) -> int:
 
 def _reachable(api_url: str, timeout: float = 10.0) -> bool:
     """Something answers HTTP at `api_url` (any status: a server that wants credentials answers too)."""
+    import http.client
     import urllib.error
     import urllib.request
 
@@ -304,7 +310,7 @@ def _reachable(api_url: str, timeout: float = 10.0) -> bool:
         urllib.request.urlopen(f"{api_url.rstrip('/')}/health", timeout=timeout).close()
     except urllib.error.HTTPError:
         return True
-    except (urllib.error.URLError, OSError, ValueError):
+    except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException):  # (not HTTP: no answer)
         return False
     return True
 
@@ -725,8 +731,10 @@ def _check_weights_folder(flag: str, folder: Path) -> None:
 
 
 # The pipeline's messages name its call's arguments; the CLI's name the flags that set them.
-_CALL_ARGUMENT_FLAGS = ((r"\bnum_frames = (\d+)", r"--frames \1"), (r"\bnum_frames\b", "--frames"),
-                        (r"\bnum_inference_steps = (-?\d+)", r"--steps \1"), (r"\bmllm_layout = ", "--layout "),
+_ARGUMENT = r"(?<![\w./~-])"  # a call argument's name as a word of the message, not inside a path or a key
+_CALL_ARGUMENT_FLAGS = ((_ARGUMENT + r"num_frames = (\d+)", r"--frames \1"), (_ARGUMENT + r"num_frames\b", "--frames"),
+                        (_ARGUMENT + r"num_inference_steps = (-?\d+)", r"--steps \1"),
+                        (_ARGUMENT + r"mllm_layout = ", "--layout "),
                         (r"(^|: )(height|width) = (-?\d+)", r"\1--\2 \3"),
                         (r"\bpass height and width\b", "pass --height and --width"),
                         (r"(--frames (\d+)) \(--frames \2\)", r"\1"))
@@ -822,10 +830,12 @@ def cmd_generate(args) -> int:
         if args.model and not is_s3(args.model) and Path(args.model).is_file():
             raise InputError(f"--model {args.model}: a file; an exported pipeline is a folder (export.out_dir, "
                              "with model_index.json)")
-        if args.model and (args.profile or [o for o in args.overrides if not o.startswith("s3.")]):
-            given = " ".join([*(["--profile " + args.profile] if args.profile else []), *args.overrides])
+        s3_model = bool(args.model) and is_s3(args.model)  # reached as the checkout's s3: section (+ its profile) says
+        not_s3 = [o for o in args.overrides if not o.lstrip("+~").startswith("s3.")]
+        if args.model and (args.profile and not s3_model or not_s3):
+            given = " ".join([*(["--profile " + args.profile] if args.profile and not s3_model else []), *not_s3])
             raise InputError(f"--model {args.model}: an exported pipeline carries its own config, so {given} would not "
-                             "apply (key=value overrides of s3.* only, to reach an s3:// folder): give generation "
+                             "apply (s3.* overrides and --profile only, to reach an s3:// folder): give generation "
                              "settings as flags (--steps, --guidance, --height …)")
         if args.transformer and not is_s3(args.transformer) and Path(args.transformer).is_file() \
                 and not is_release_checkpoint(args.transformer):
@@ -933,7 +943,10 @@ def cmd_generate(args) -> int:
                 path = save_output(frames, out_path, fps=args.fps or pipe.config.fps, overwrite=True)
                 print(f"generate: wrote {path}")
     except InputError as e:  # a user's mistake (loomcore.errors); anything else is a bug: its traceback shows
-        print(f"loom generate: {_as_flags(str(e), args)}", file=sys.stderr)
+        from loomcore.config import ConfigError
+
+        # (the pipeline's messages name its call's arguments; a config error names its keys as they are)
+        print(f"loom generate: {e if isinstance(e, ConfigError) else _as_flags(str(e), args)}", file=sys.stderr)
         return 2
     return 0
 
@@ -1063,6 +1076,7 @@ def build_parser() -> argparse.ArgumentParser:
                 "deploy; flows/deploy_states.py). Then the automation that marks "
                 "a run whose heartbeats stopped (a killed process) Crashed is created or updated "
                 "(flows/automations.py).")
+    p.set_defaults(own_checkout_only=True)  # outside a checkout: refused, not the installed package's deployed
 
     from loomcore.config import TASK_KINDS
 
@@ -1125,7 +1139,10 @@ def _run_in_checkout(args) -> None:
 
     here = Path.cwd().resolve()
     is_checkout = lambda d: (d / "dvc.yaml").is_file() and (d / "params.yaml").is_file()  # noqa: E731
-    root = next((d for d in (here, *here.parents) if is_checkout(d)), REPO_ROOT.resolve())
+    found = next((d for d in (here, *here.parents) if is_checkout(d)), None)
+    if found is None and getattr(args, "own_checkout_only", False):  # deploy: what it deploys is where it runs
+        return
+    root = found or REPO_ROOT.resolve()
     if not is_checkout(root):  # an installed package, no checkout anywhere: paths are the caller's
         return
     args.checkout = root

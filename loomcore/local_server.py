@@ -77,8 +77,11 @@ def configured_api(env: Mapping[str, str]) -> Dict[str, str]:
     server configured. Asked of Prefect in a subprocess (~1 s; loomcore does not import it)."""
     if env.get("PREFECT_API_URL"):
         return {k: env[k] for k in API_SETTINGS if env.get(k)}
-    proc = subprocess.run([sys.executable, "-c", _READ_API_SETTINGS], env=dict(env), capture_output=True, text=True,
-                          timeout=STARTUP_TIMEOUT_S)
+    try:  # (a session of its own: a terminal's Ctrl-C reaches loom, which stops after it, not this read)
+        proc = subprocess.run([sys.executable, "-c", _READ_API_SETTINGS], env=dict(env), capture_output=True, text=True,
+                              timeout=STARTUP_TIMEOUT_S, start_new_session=True)
+    except subprocess.TimeoutExpired:
+        raise ServerStartError(f"reading Prefect's settings for its API URL took over {STARTUP_TIMEOUT_S:.0f} s") from None
     if proc.returncode:
         last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
         raise ServerStartError(f"could not read Prefect's settings for its API URL: {last}")
@@ -147,6 +150,8 @@ def prefect_server(env: Optional[Mapping[str, str]] = None, *, host: str = "127.
         yield env
         return
     configured = configured_api(env)
+    if stop_requested():
+        raise ServerStartStopped("stopped while Prefect's settings were read")
     if configured:  # exported to the stages as it is (a stage would read the same profile)
         log(f"pipeline: Prefect server {configured['PREFECT_API_URL']} (PREFECT_API_URL of Prefect's settings: "
             "the active profile, prefect.toml or .env)")

@@ -258,3 +258,26 @@ def test_params_and_plots_template_refuse_an_out_they_cannot_write(tmp_path, cap
 def test_pipeline_refuses_params_dvc_would_not_run(capsys):
     assert main(["pipeline", "--params", "other.yaml"]) == 2
     assert "loom pipeline: --params: DVC runs the checkout's params.yaml" in capsys.readouterr().err
+
+
+def test_generate_leaves_config_keys_and_paths_as_they_are(tmp_path, capsys):
+    """The pipeline's argument names are put in the CLI's terms (num_frames → --frames), but not inside
+    a config key or a path: `guidance.mllm_layout=foo` was told as `guidance.--layout`, an --out under
+    a folder num_frames/ as `--frames/`."""
+    assert main(["generate", "--prompt", "x", "--out", str(tmp_path / "a.png"), "guidance.mllm_layout=foo"]) == 2
+    assert "guidance.mllm_layout" in (err := capsys.readouterr().err) and "--layout" not in err, err
+    (tmp_path / "num_frames").mkdir()
+    (tmp_path / "num_frames" / "x.png").write_bytes(b"")
+    assert main(["generate", "--prompt", "x", "--frames", "1", "--out", str(tmp_path / "num_frames" / "x.png")]) == 2
+    assert f"{tmp_path}/num_frames/x.png: exists" in capsys.readouterr().err
+
+
+def test_params_leaves_another_dvc_projects_params_alone(tmp_path, monkeypatch, capsys):
+    """A folder with dvc.yaml and params.yaml but no conf/ is another DVC project: `loom params` there
+    would have replaced its params.yaml with this composition."""
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    (tmp_path / "params.yaml").write_text("lr: 0.1\n")
+    monkeypatch.chdir(tmp_path)
+    assert main(["params"]) == 2
+    assert "has dvc.yaml and params.yaml but no conf/: not a loomvideo checkout" in capsys.readouterr().err
+    assert (tmp_path / "params.yaml").read_text() == "lr: 0.1\n"

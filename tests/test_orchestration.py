@@ -83,12 +83,15 @@ def test_overrides_run_as_one_dvc_experiment(prefect_api, tmp_path, monkeypatch)
     assert (repo / "out/stage1.txt").read_text().endswith("stage1={'steps': 9}")
     exps = subprocess.run([DVC, "exp", "list", "--name-only"], cwd=repo, check=True, capture_output=True, text=True)
     assert len(exps.stdout.split()) == 2  # the forced curate, then the DAG
+    # some stages: every stage up to the last (DVC reruns a stale one they depend on in the same command)
+    pipeline.pipeline_flow(repo=str(repo), overrides=["stage1.steps=9"], stages=["cache"], stage_timeout_s=600)
+    assert limits[2:] == [1200]
 
 
 def test_a_bad_override_is_refused_naming_it_before_the_run_takes_the_checkout(prefect_api, tmp_path):
     """A typo in a run's overrides (the UI's run form) is named at once; passed on to `dvc exp run -S`
     it came back as DVC's Hydra error, taken for a crash and retried with the checkout held."""
-    from flows.pipeline import pipeline_flow
+    from flows.pipeline import check_overrides, pipeline_flow
     from loomcore.config import ConfigError
 
     repo = copy_checkout(tmp_path / "checkout")  # conf/, params.yaml and dvc.yaml; no DVC repository
@@ -96,6 +99,10 @@ def test_a_bad_override_is_refused_naming_it_before_the_run_takes_the_checkout(p
     assert state.is_failed()
     error = state.result(raise_on_failure=False)
     assert isinstance(error, ConfigError) and "unknown key 'stage3.stpes' (did you mean 'stage3.steps'?)" in str(error)
+    # what DVC's -S takes besides key=value passes: Hydra's ++key= and ~key, params.yaml:key=
+    check_overrides(repo, ["++stage1.steps=3", "~stage1.ema", "params.yaml:stage1.steps=4"])
+    with pytest.raises(ConfigError, match="unknown key 'stage1.stpes'"):
+        check_overrides(repo, ["++stage1.stpes=3"])
 
 
 # (b) a deployment triggered through the API runs real stages: tests/test_prefect_readme.py
