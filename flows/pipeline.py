@@ -71,7 +71,7 @@ def reproduce(repo: str, wanted: Sequence[str], *, force: Sequence[str] = (), ov
               partial: bool = False, timeout: float | None = None) -> List[dict]:
     """Run `wanted` through DVC (module docstring); one summary row per DVC command. Call it
     under the checkout's pipeline_lock. `timeout`: a stage's limit, in seconds; with overrides
-    the DAG is one `dvc exp run`, limited to `timeout` × the stages it runs (a limit of each
+    the DAG is one `dvc exp run`, limited to `timeout` × the stages up to the last it runs (a limit of each
     stage's time cannot be told apart in one DVC command: the sum never stops a DAG whose every
     stage keeps to the limit, where `timeout` alone stopped the whole DAG after one stage's time)."""
     rows = []
