@@ -847,7 +847,7 @@ def cmd_generate(args) -> int:
                     flag == "--transformer" and Path(folder).is_file()):  # a release weights file
                 raise InputError(f"{flag} {folder}: no such folder (a trained DiT is <train.out_dir>/<stage>/model, "
                                  "an exported pipeline export.out_dir; run that stage first — a relative path on the "
-                                 f"command line is taken from the current folder, {Path.cwd()})")
+                                 f"command line is taken from the current folder, {args.started_in})")
         if args.transformer and not is_s3(args.transformer) and Path(args.transformer).is_dir() \
                 and not is_release_checkpoint(args.transformer):  # (the release's folder: ema/ema.pth …, no config)
             folder = Path(args.transformer)
@@ -1137,7 +1137,7 @@ def _run_in_checkout(args) -> None:
     from loomcore.config import REPO_ROOT
     from loomcore.storage import is_s3
 
-    here = Path.cwd().resolve()
+    here = args.started_in = Path.cwd().resolve()
     is_checkout = lambda d: (d / "dvc.yaml").is_file() and (d / "params.yaml").is_file()  # noqa: E731
     found = next((d for d in (here, *here.parents) if is_checkout(d)), None)
     if found is None and getattr(args, "own_checkout_only", False):  # deploy: what it deploys is where it runs

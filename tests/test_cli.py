@@ -281,3 +281,13 @@ def test_params_leaves_another_dvc_projects_params_alone(tmp_path, monkeypatch, 
     assert main(["params"]) == 2
     assert "has dvc.yaml and params.yaml but no conf/: not a loomvideo checkout" in capsys.readouterr().err
     assert (tmp_path / "params.yaml").read_text() == "lr: 0.1\n"
+
+
+def test_generate_names_the_folder_a_relative_path_was_taken_from(tmp_path, monkeypatch, capsys):
+    """Outside a checkout the command runs in the package's; its message named that folder as the one
+    a relative path is taken from, not the user's."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["generate", "--prompt", "x", "--transformer", "nope", "--out", "a.png"]) == 2
+    err = capsys.readouterr().err
+    assert f"--transformer {tmp_path}/nope: no such folder" in err, err
+    assert f"taken from the current folder, {tmp_path})" in err, err

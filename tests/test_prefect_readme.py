@@ -31,6 +31,9 @@ def readme_block() -> list[str]:
 def test_readme_block_is_what_this_test_runs():
     lines = readme_block()
     assert lines[0] == "prefect server start &" and lines[1].startswith("export PREFECT_API_URL=")
+    # pasted as one block, the commands after the server's start wait until it answers (they failed with
+    # "All connection attempts failed": the test's server, already up, had hidden it)
+    assert lines[2] == 'until curl -sf "$PREFECT_API_URL/health" > /dev/null; do sleep 1; done'
     assert "loom deploy" in lines and "prefect worker start --pool loom-local &" in lines
     assert lines[-1] == "prefect deployment run pipeline/pipeline"
 
