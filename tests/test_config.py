@@ -164,7 +164,7 @@ def test_a_key_the_profile_sets_can_be_overridden_through_params_yaml(tmp_path, 
     assert "up to date" in (said := capsys.readouterr().out) and "(profile paper)" in said
     loom(["params", "--conf", str(tmp_path / "conf"), "--out", str(params), "profile=paper", "stage1.steps=7"])
     assert loom(["params", "--check", "--conf", str(tmp_path / "conf"), "--out", str(params)]) == 1
-    assert "run `loom params profile=paper`" in capsys.readouterr().err
+    assert f"run `loom params --conf {tmp_path / 'conf'} --out {params} profile=paper`" in capsys.readouterr().err
     assert loom(["params", "--check", "--conf", str(tmp_path / "conf"), "--out", str(params), "stage1.steps=7"]) == 0
     # asking for another profile than params.yaml's composes conf/ with it
     assert load_config(profile="tiny", params_path=params, conf_dir=tmp_path / "conf").stage1.steps == 1000
