@@ -469,6 +469,26 @@ class _SignalledRun:
             pass
         kill_if_alive(below)
 
+    def stop_what_is_left(self) -> bool:
+        """After the command died of a signal that did not come through loom (DVC killed by the OOM
+        killer, a `kill -9`): the rest of its group — the stage it ran — and what is below it run on,
+        unsupervised, and no lock record would name them once loom exits. They are stopped as a stop
+        signal would stop them: SIGINT to the group, SIGKILL to what is left GRACE_S after. True if
+        anything was left."""
+        from loomcore.processes import outside_descendants
+
+        if not self._alive():
+            return False
+        self.deadline = time.monotonic() + self.GRACE_S
+        self.below = list(dict.fromkeys(self.below + outside_descendants(self.proc.pid)))
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGINT)
+        while self._alive() and time.monotonic() < self.deadline:
+            time.sleep(0.2)
+        if self._alive():
+            self._kill_all()
+        return True
+
     def _alive(self) -> bool:
         from loomcore.processes import group_members, still_running  # (zombies do not count: an init may not reap)
 
@@ -589,6 +609,7 @@ def cmd_pipeline(args) -> int:
                     with prefect_server(env, stop_requested=dvc.stop_requested, on_start=lock.add_group) as run_env:
                         _crash_runs_a_killed_pipeline_left(run_env["PREFECT_API_URL"], lock.previous, run_env)
                         rc = dvc.run(cmd, run_env, on_start=lock.add_group)
+                        stage_left = rc < 0 and dvc.stop_what_is_left()  # (reporting to the server still)
                 except ServerStartStopped:
                     raise StoppedBySignal(dvc.signals[0], " before the DAG started") from None
                 if dvc.signals:  # one that came after DVC had ended, while the server stopped
@@ -600,7 +621,8 @@ def cmd_pipeline(args) -> int:
             print(f"loom pipeline: {e}", file=sys.stderr)
             return e.code
         if rc < 0:  # DVC killed by a signal that did not come through loom (the OOM killer, a kill -9)
-            print(f"loom pipeline: DVC was killed by {signal.Signals(-rc).name}", file=sys.stderr)
+            print(f"loom pipeline: DVC was killed by {signal.Signals(-rc).name}"
+                  + ("; the stage it was running, stopped" if stage_left else ""), file=sys.stderr)
             return 128 - rc
         if rc:
             return rc

@@ -307,6 +307,31 @@ def test_a_signal_to_loom_pipeline_stops_dvc_the_stage_and_the_server(tmp_path, 
     assert not healthy(api)  # the run's Prefect server is stopped too
 
 
+def test_a_dvc_killed_outright_has_its_stage_stopped_by_loom(tmp_path, prefect_home):
+    """DVC killed by a signal that did not come through loom (the OOM killer, a `kill -9`): its
+    stage ran on, unsupervised, and loom released the checkout as if the DAG had ended — no record
+    left for the next run to stop it. loom now stops it (SIGINT, as a stop signal) and says so."""
+    import signal
+
+    import psutil
+
+    repo, loom, out, probe, below, api = _loom_on_a_probe_stage(tmp_path, prefect_home)
+    try:
+        (dvc,) = [p for p in psutil.Process(loom.pid).children() if "dvc" in " ".join(p.cmdline())]
+        dvc.send_signal(signal.SIGKILL)
+        assert loom.wait(120) == 128 + signal.SIGKILL
+        assert not _alive(probe) and not _alive(below)
+        assert (repo / "stopped").read_text() == "SIGINT" and not healthy(api)
+        assert "loom pipeline: DVC was killed by SIGKILL; the stage it was running, stopped" in \
+            (tmp_path / "loom.log").read_text()
+    finally:
+        _stop_what_loom_left(repo, loom)
+        out.close()
+        for pid in (probe, below):
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
 def test_loom_pipeline_holds_the_checkout_and_what_a_sigkill_leaves_is_stopped_by_the_next_holder(tmp_path, prefect_home):
     """`loom pipeline` holds the checkout's lock as the Prefect pipeline flow does: a stage's
     deployment run, a stage run by hand, a second `loom pipeline` fail at once naming it, instead of
