@@ -383,6 +383,11 @@ def cmd_node(args) -> int:
     return subprocess.run(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"}).returncode
 
 
+def _dvc_ended(rc: int) -> str:
+    """How DVC's process ended, for a message: its exit code, or the signal that killed it."""
+    return f"DVC was killed by {signal.Signals(-rc).name}" if rc < 0 else f"DVC exited with {rc}"
+
+
 class StoppedBySignal(Exception):
     """`loom pipeline` was sent SIGINT, SIGTERM, SIGHUP or SIGQUIT; `code` is the shell's 128 + signal."""
 
@@ -403,6 +408,7 @@ class _SignalledRun:
         self.signals: List[int] = []
         self.deadline: Optional[float] = None
         self.below: List[tuple] = []  # (pid, start time) below the group in sessions of their own: torchrun, ranks
+        self.stopping_left = False  # stop_what_is_left is stopping what DVC, killed, left
 
     def on_signal(self, signum, frame) -> None:
         self.signals.append(signum)
@@ -410,6 +416,8 @@ class _SignalledRun:
             return
         if self.deadline is None:
             self._first_signal()
+        elif self.stopping_left and len(self.signals) == 1:
+            pass  # (already stopping what a killed DVC left, as the first signal would: the next one kills)
         else:
             self._kill_all()
 
@@ -479,10 +487,11 @@ class _SignalledRun:
 
         if not self._alive():
             return False
-        self.deadline = time.monotonic() + self.GRACE_S
         self.below = list(dict.fromkeys(self.below + outside_descendants(self.proc.pid)))
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGINT)
+        if self.deadline is None:  # (else a signal's stop is under way: its SIGINT sent, its deadline kept)
+            self.stopping_left, self.deadline = True, time.monotonic() + self.GRACE_S
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGINT)
         while self._alive() and time.monotonic() < self.deadline:
             time.sleep(0.2)
         if self._alive():
@@ -518,7 +527,7 @@ class _SignalledRun:
         left = self._alive()
         if left:
             self._kill_all()
-        raise StoppedBySignal(self.signals[0], f"; DVC exited with {rc}"
+        raise StoppedBySignal(self.signals[0], f"; {_dvc_ended(rc)}"
                               + (f", what was left killed {self.GRACE_S:.0f} s after the signal" if left else ""))
 
 
@@ -613,7 +622,8 @@ def cmd_pipeline(args) -> int:
                 except ServerStartStopped:
                     raise StoppedBySignal(dvc.signals[0], " before the DAG started") from None
                 if dvc.signals:  # one that came after DVC had ended, while the server stopped
-                    raise StoppedBySignal(dvc.signals[0], f"; DVC had exited with {rc}")
+                    raise StoppedBySignal(dvc.signals[0], f"; {_dvc_ended(rc)}"
+                                          + ("; the stage it was running, stopped" if stage_left else ""))
         except (ServerStartError, PipelineBusy) as e:
             print(f"loom pipeline: {e}", file=sys.stderr)
             return 1
@@ -621,7 +631,7 @@ def cmd_pipeline(args) -> int:
             print(f"loom pipeline: {e}", file=sys.stderr)
             return e.code
         if rc < 0:  # DVC killed by a signal that did not come through loom (the OOM killer, a kill -9)
-            print(f"loom pipeline: DVC was killed by {signal.Signals(-rc).name}"
+            print(f"loom pipeline: {_dvc_ended(rc)}"
                   + ("; the stage it was running, stopped" if stage_left else ""), file=sys.stderr)
             return 128 - rc
         if rc:

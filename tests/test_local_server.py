@@ -301,7 +301,9 @@ def test_a_signal_to_loom_pipeline_stops_dvc_the_stage_and_the_server(tmp_path, 
             os.kill(below, signal.SIGKILL)
     log = (tmp_path / "loom.log").read_text()
     assert code == 128 + signal.SIGTERM, log
-    assert "loom pipeline: stopped by SIGTERM; DVC exited with" in log, log
+    # (a stuck stage: DVC killed with it at the second signal, and said so — it read "exited with -9")
+    assert ("loom pipeline: stopped by SIGTERM; DVC was killed by SIGKILL" if stage == "stuck" else
+            "loom pipeline: stopped by SIGTERM; DVC exited with") in log, log
     assert (repo / "stopped").read_text() == "SIGINT"  # the stage got the signal (as SIGINT) and ran its handler
     assert not _alive(probe) and not _alive(below)  # the stage and its session's process: stopped or killed
     assert not healthy(api)  # the run's Prefect server is stopped too
@@ -330,6 +332,33 @@ def test_a_dvc_killed_outright_has_its_stage_stopped_by_loom(tmp_path, prefect_h
         for pid in (probe, below):
             if _alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+KILLED_LEADER = """
+import os, signal, subprocess, sys
+member = subprocess.Popen([sys.executable, "-c", "import pathlib, signal, sys, time\\n"
+                           "def stop(*_):\\n    time.sleep(2); pathlib.Path(sys.argv[1]).write_text('clean'); sys.exit(1)\\n"
+                           "signal.signal(signal.SIGINT, stop); print('up', flush=True); time.sleep(60)", sys.argv[1]],
+                          stdout=subprocess.PIPE, text=True)
+assert member.stdout.readline() == "up\\n"
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_first_signal_while_loom_stops_what_a_killed_dvc_left_lets_it_stop_cleanly(tmp_path):
+    """While loom stops the stage a killed DVC left (SIGINT, up to 60 s), the user's first Ctrl-C is
+    that same stop, asked for: it used to be taken as a second signal, SIGKILLing the stage at once."""
+    import signal
+    import threading
+
+    from loomcore.cli import _SignalledRun
+
+    run = _SignalledRun()
+    run.proc = subprocess.Popen([sys.executable, "-c", KILLED_LEADER, str(tmp_path / "clean")], start_new_session=True)
+    assert run.proc.wait(30) == -signal.SIGKILL  # DVC's stand-in, killed; its group's other member runs on
+    threading.Timer(0.5, run.on_signal, (signal.SIGINT, None)).start()  # (the handler, as a Ctrl-C would call it)
+    assert run.stop_what_is_left()
+    assert (tmp_path / "clean").read_text() == "clean" and run.signals == [signal.SIGINT]
 
 
 def test_loom_pipeline_holds_the_checkout_and_what_a_sigkill_leaves_is_stopped_by_the_next_holder(tmp_path, prefect_home):

@@ -11,6 +11,7 @@ import contextlib
 import inspect
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -100,9 +101,12 @@ def test_a_bad_override_is_refused_naming_it_before_the_run_takes_the_checkout(p
     error = state.result(raise_on_failure=False)
     assert isinstance(error, ConfigError) and "unknown key 'stage3.stpes' (did you mean 'stage3.steps'?)" in str(error)
     # what DVC's -S takes besides key=value passes: Hydra's ++key= and ~key, params.yaml:key=
-    check_overrides(repo, ["++stage1.steps=3", "~stage1.ema", "params.yaml:stage1.steps=4"])
-    with pytest.raises(ConfigError, match="unknown key 'stage1.stpes'"):
-        check_overrides(repo, ["++stage1.stpes=3"])
+    check_overrides(repo, ["++stage1.steps=3", "~stage1.ema", "params.yaml:stage1.steps=4", "params.yaml:++stage1.steps=5",
+                           "./params.yaml:~stage1.ema", "other.yaml:anything=1"])
+    for bad, said in (("++stage1.stpes=3", "unknown key 'stage1.stpes'"), ("./params.yaml:stage1.stpes=3", "unknown key"),
+                      ("+stage1.steps=3", "`+` adds a key, and stage1.steps exists")):  # (DVC refuses the last)
+        with pytest.raises(ConfigError, match=re.escape(said)):
+            check_overrides(repo, [bad])
 
 
 # (b) a deployment triggered through the API runs real stages: tests/test_prefect_readme.py
