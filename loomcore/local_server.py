@@ -13,10 +13,12 @@ The server is a subprocess: loomcore never imports prefect.
 
 from __future__ import annotations
 
+import ast
 import base64
 import http.client
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -60,32 +62,30 @@ def healthy(api_url: str, timeout: float = 2.0) -> bool:
 
 # The settings through which a Prefect client reaches its server
 API_SETTINGS = ("PREFECT_API_URL", "PREFECT_API_KEY", "PREFECT_API_AUTH_STRING")
-_READ_API_SETTINGS = """
-import json
-from prefect.settings import get_current_settings
-api = get_current_settings().api
-secret = lambda value: value.get_secret_value() if value is not None else None
-print(json.dumps({"PREFECT_API_URL": api.url, "PREFECT_API_KEY": secret(api.key),
-                  "PREFECT_API_AUTH_STRING": secret(api.auth_string)}))
-"""
 
 
 def configured_api(env: Mapping[str, str]) -> Dict[str, str]:
     """The API settings (`API_SETTINGS`, those set) of a Prefect client started with `env` in this
     folder: the environment's PREFECT_API_URL, else what Prefect resolves — the active profile
     (`prefect config set PREFECT_API_URL=…`, `prefect cloud login`), prefect.toml, .env. {}: no
-    server configured. Asked of Prefect in a subprocess (~1 s; loomcore does not import it)."""
+    server configured. Asked of Prefect's CLI (`prefect config view`, ~1 s), as the server is
+    started through it: loomcore does not import Prefect."""
     if env.get("PREFECT_API_URL"):
         return {k: env[k] for k in API_SETTINGS if env.get(k)}
+    cmd = [sys.executable, "-m", "prefect", "config", "view", "--show-secrets"]
     try:  # (a session of its own: a terminal's Ctrl-C reaches loom, which stops after it, not this read)
-        proc = subprocess.run([sys.executable, "-c", _READ_API_SETTINGS], env=dict(env), capture_output=True, text=True,
-                              timeout=STARTUP_TIMEOUT_S, start_new_session=True)
+        proc = subprocess.run(cmd, env=dict(env), capture_output=True, text=True, timeout=STARTUP_TIMEOUT_S,
+                              start_new_session=True)
     except subprocess.TimeoutExpired:
-        raise ServerStartError(f"reading Prefect's settings for its API URL took over {STARTUP_TIMEOUT_S:.0f} s") from None
+        raise ServerStartError(f"`prefect config view` took over {STARTUP_TIMEOUT_S:.0f} s") from None
     if proc.returncode:
-        last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
-        raise ServerStartError(f"could not read Prefect's settings for its API URL: {last}")
-    found = {k: v for k, v in json.loads(proc.stdout.strip().splitlines()[-1]).items() if v}
+        last = ((proc.stderr or proc.stdout).strip().splitlines() or ["(no output)"])[-1]
+        raise ServerStartError(f"could not read Prefect's settings for its API URL (`prefect config view`): {last}")
+    found = {}
+    for line in proc.stdout.splitlines():  # NAME='value' (from profile)
+        m = re.match(r"^(PREFECT_API_URL|PREFECT_API_KEY|PREFECT_API_AUTH_STRING)=(.*) \(from [^)]*\)$", line.strip())
+        if m:
+            found[m.group(1)] = str(ast.literal_eval(m.group(2)))
     return found if found.get("PREFECT_API_URL") else {}
 
 

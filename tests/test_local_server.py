@@ -78,7 +78,8 @@ def test_a_server_named_by_the_users_prefect_profile_is_used_as_it_is(tmp_path):
     assert lines == ["pipeline: Prefect server http://prefect.example:4200/api (PREFECT_API_URL of Prefect's settings: "
                      "the active profile, prefect.toml or .env)"]
     (home / "profiles.toml").write_text('active = "team"\n\n[profiles.team]\nPREFECT_API_URL = 3 +\n')
-    with pytest.raises(ServerStartError, match="could not read Prefect's settings for its API URL: "):
+    with pytest.raises(ServerStartError, match=r"could not read Prefect's settings for its API URL \(`prefect config "
+                                               r"view`\): .*TOMLDecodeError"):
         with prefect_server(env, log=lines.append):
             pass
 
@@ -251,6 +252,17 @@ def _loom_on_a_probe_stage(tmp_path, prefect_home, stuck: bool = False):
     return repo, loom, out, probe, below, api
 
 
+def _clean_up(repo: Path, loom: subprocess.Popen, out, *pids: int) -> None:
+    """A test's end: what loom left stopped (`_stop_what_loom_left`), its log closed, `pids` killed."""
+    import signal
+
+    _stop_what_loom_left(repo, loom)
+    out.close()
+    for pid in pids:
+        if _alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
 def _stop_what_loom_left(repo: Path, loom: subprocess.Popen) -> None:
     """A failed test's clean-up: kill loom; the next holder of the checkout's lock stops what it
     left running (DVC, the stage, the Prefect server), as the next `loom pipeline` would."""
@@ -295,10 +307,7 @@ def test_a_signal_to_loom_pipeline_stops_dvc_the_stage_and_the_server(tmp_path, 
         code = loom.wait(120)
         assert time.monotonic() - t < 40
     finally:
-        _stop_what_loom_left(repo, loom)
-        out.close()
-        if _alive(below):
-            os.kill(below, signal.SIGKILL)
+        _clean_up(repo, loom, out, below)
     log = (tmp_path / "loom.log").read_text()
     assert code == 128 + signal.SIGTERM, log
     # (a stuck stage: DVC killed with it at the second signal, and said so — it read "exited with -9")
@@ -327,11 +336,7 @@ def test_a_dvc_killed_outright_has_its_stage_stopped_by_loom(tmp_path, prefect_h
         assert "loom pipeline: DVC was killed by SIGKILL; the stage it was running, stopped" in \
             (tmp_path / "loom.log").read_text()
     finally:
-        _stop_what_loom_left(repo, loom)
-        out.close()
-        for pid in (probe, below):
-            if _alive(pid):
-                os.kill(pid, signal.SIGKILL)
+        _clean_up(repo, loom, out, probe, below)
 
 
 KILLED_LEADER = """
@@ -390,11 +395,7 @@ def test_loom_pipeline_holds_the_checkout_and_what_a_sigkill_leaves_is_stopped_b
             assert not _alive(probe) and not _alive(below) and not healthy(api)
         assert time.monotonic() - t < 60  # (two groups, each waited for until reaped: up to 10 s)
     finally:
-        _stop_what_loom_left(repo, loom)
-        out.close()
-        for pid in (probe, below):
-            if _alive(pid):
-                os.kill(pid, signal.SIGKILL)
+        _clean_up(repo, loom, out, probe, below)
     assert "did not release its lock cleanly (loom pipeline, pid" in warnings[0], warnings
     assert len([w for w in warnings if w.startswith("stopped its orphaned process group")]) == 2, warnings
 
