@@ -71,7 +71,17 @@ def configured_api(env: Mapping[str, str]) -> Dict[str, str]:
     server configured. Asked of Prefect's CLI (`prefect config view`, ~1 s), as the server is
     started through it: loomcore does not import Prefect."""
     if env.get("PREFECT_API_URL"):
-        return {k: env[k] for k in API_SETTINGS if env.get(k)}
+        found = {k: env[k] for k in API_SETTINGS if env.get(k)}
+    else:
+        found = _api_of_prefects_settings(env)
+    url = found.get("PREFECT_API_URL")
+    if url and not re.match(r"^https?://", url):  # (urllib: "unknown url type"; told as "nothing answers")
+        raise ServerStartError(f"PREFECT_API_URL={url}: expected an http:// or https:// URL, e.g. "
+                               "http://127.0.0.1:4200/api")
+    return found
+
+
+def _api_of_prefects_settings(env: Mapping[str, str]) -> Dict[str, str]:
     cmd = [sys.executable, "-m", "prefect", "config", "view", "--show-secrets"]
     try:  # (a session of its own: a terminal's Ctrl-C reaches loom, which stops after it, not this read)
         proc = subprocess.run(cmd, env=dict(env), capture_output=True, text=True, timeout=STARTUP_TIMEOUT_S,
@@ -145,11 +155,11 @@ def prefect_server(env: Optional[Mapping[str, str]] = None, *, host: str = "127.
     A port that another process took between `free_port` and the server's start: the server is
     started again on another, up to PORT_ATTEMPTS starts."""
     env = dict(os.environ if env is None else env)
+    configured = configured_api(env)  # (a URL without http:// refused here)
     if env.get("PREFECT_API_URL"):
         log(f"pipeline: Prefect server {env['PREFECT_API_URL']} (PREFECT_API_URL)")
         yield env
         return
-    configured = configured_api(env)
     if stop_requested():
         raise ServerStartStopped("stopped while Prefect's settings were read")
     if configured:  # exported to the stages as it is (a stage would read the same profile)

@@ -59,6 +59,10 @@ def test_a_users_server_is_used_as_it_is():
     with prefect_server(env, log=lines.append) as run_env:
         assert run_env == env
     assert lines == ["pipeline: Prefect server http://prefect.example:4200/api (PREFECT_API_URL)"]
+    # without its scheme: urllib's "unknown url type", which `loom deploy` told as "nothing answers"
+    with pytest.raises(ServerStartError, match=r"PREFECT_API_URL=localhost:4200/api: expected an http:// or https://"):
+        with prefect_server({**env, "PREFECT_API_URL": "localhost:4200/api"}, log=lines.append):
+            pass
 
 
 def test_a_server_named_by_the_users_prefect_profile_is_used_as_it_is(tmp_path):

@@ -168,6 +168,9 @@ def test_loom_deploy_names_what_is_missing(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")
     assert main(["deploy"]) == 2 and "no prefect.yaml in" in capsys.readouterr().err
     (tmp_path / "prefect.yaml").write_text("deployments: []\n")
+    monkeypatch.setenv("PREFECT_API_URL", "localhost:4200/api")  # (told as "nothing answers at …")
+    assert main(["deploy"]) == 2
+    assert "loom deploy: PREFECT_API_URL=localhost:4200/api: expected an http:// or https:// URL" in capsys.readouterr().err
     monkeypatch.delenv("PREFECT_API_URL")
     assert main(["deploy"]) == 2 and "PREFECT_API_URL is not set" in capsys.readouterr().err
     # the server of the user's Prefect profile (`prefect config set PREFECT_API_URL=…`), as Prefect reads it
