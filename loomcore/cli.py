@@ -93,14 +93,10 @@ def cmd_params(args) -> int:
                           "params.yaml is not this composition's to write); give --conf and --out")
     out = Path(args.out) if args.out else (root / "params.yaml" if root else DEFAULT_PARAMS)
     conf = args.conf or (root / "conf" if root else DEFAULT_CONF_DIR)
-    if out.is_dir():
-        raise ConfigError(f"--out {out}: a folder; give the file to write (params.yaml)")
-    if not args.check:  # (a check writes nothing: a read-only checkout is checked as well)
-        _check_folder_for(out.parent, f"--out {out}")
+    old = _generated_file(out, args.check, "params.yaml")
     bad = [o for o in args.overrides if not OVERRIDE.match(o)]
     if bad:  # (Hydra's own message for `=3` is a traceback)
         raise ConfigError(f"override {bad[0]!r}: expected key=value (e.g. stage1.steps=10)")
-    old = out.read_bytes().decode("utf-8", "replace") if out.is_file() else None  # (not text: it differs)
     overrides = list(args.overrides)
     if args.check and old is not None and not any(o.split("=", 1)[0].lstrip("+~") == "profile" for o in overrides):
         # checked against the composition for its own profile (after `loom params profile=paper`, paper's)
@@ -135,6 +131,17 @@ def cmd_params(args) -> int:
     return 0
 
 
+def _generated_file(out: Path, check: bool, name: str) -> Optional[str]:
+    """The file a generating command (`params`, `plots-template`) writes, or only checks: refused
+    if a folder, or — when it will be written — if its folder cannot be made; its text now (None:
+    absent; a file that is not text reads as text that differs)."""
+    if out.is_dir():
+        raise InputError(f"--out {out}: a folder; give the file to write ({name})")
+    if not check:  # (a check writes nothing: a read-only checkout is checked as well)
+        _check_folder_for(out.parent, f"--out {out}")
+    return out.read_bytes().decode("utf-8", "replace") if out.is_file() else None
+
+
 def _replace_text(out: Path, text: str) -> None:
     """Write a generated file whole or not at all (a temp file renamed over it)."""
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -148,12 +155,8 @@ def cmd_plots_template(args) -> int:
     from loomcore.plots_template import TEMPLATE_PATH, render_template
 
     out = Path(args.out) if args.out else (getattr(args, "checkout", None) or REPO_ROOT) / TEMPLATE_PATH
-    if out.is_dir():
-        raise InputError(f"--out {out}: a folder; give the file to write (offline.html)")
-    if not args.check:  # (a check writes nothing)
-        _check_folder_for(out.parent, f"--out {out}")
+    old = _generated_file(out, args.check, "offline.html")
     text = render_template()
-    old = out.read_bytes().decode("utf-8", "replace") if out.is_file() else None  # (not text: it differs)
     if args.check:
         if old == text:
             print(f"{out}: up to date with the installed vl-convert-python")
