@@ -60,24 +60,10 @@ def check_overrides(repo: Path | str, overrides: Sequence[str]) -> None:
     params.yaml): a bad key or value is a ConfigError naming it before the run takes the checkout.
     (Passed on to `dvc exp run -S`, DVC's Hydra error came back as a failed DVC command, retried
     as a crash with the lock held.)"""
-    from loomcore.config import ConfigError
+    from loomcore.cli import check_dvc_sets
 
-    if not overrides or not (Path(repo) / "conf").is_dir():
-        return
-    keys = []
-    for override in overrides:  # as DVC's -S takes them: [params.yaml:] then Hydra's key=, ++key=, +key=, ~key
-        body = re.sub(r"^(\./)?params\.yaml:", "", override)
-        if re.match(r"^[\w./-]+\.\w+:", body) or body.startswith("~"):
-            continue  # another file's key; a deletion (Hydra's to check)
-        if body.startswith("++"):  # set, or add
-            keys.append(body[2:])
-        elif body.startswith("+"):  # add: refused by DVC for a key that exists, and every valid key exists
-            repo_config(repo, [body[1:]])  # (an unknown key: named as such)
-            raise ConfigError(f"override {override!r}: `+` adds a key, and {body[1:].split('=', 1)[0]} exists "
-                              f"(DVC refuses it): give {body[1:]!r}")
-        else:
-            keys.append(body)
-    repo_config(repo, keys)
+    if overrides and (Path(repo) / "conf").is_dir():
+        check_dvc_sets(overrides, lambda keys: repo_config(repo, keys))
 
 
 def reproduce(repo: str, wanted: Sequence[str], *, force: Sequence[str] = (), overrides: Sequence[str] = (),

@@ -18,7 +18,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Sequence
 
 from loomcore.errors import InputError
 
@@ -221,6 +221,38 @@ def _dvc_stages() -> List[str]:
     except yaml.YAMLError as e:
         raise ConfigError(f"{path.resolve()}: not valid YAML ({' '.join(str(e).split())})") from None
     return list((dag.get("stages", {}) if isinstance(dag, dict) else {}) or {})
+
+
+def check_dvc_sets(overrides: Sequence[str], compose: Callable[[List[str]], object]) -> object:
+    """Check `dvc exp run -S` values as DVC passes them to Hydra, through `compose` (the config
+    composed with key=value overrides; a ConfigError names a bad one); returns what it returns.
+    `[./]params.yaml:` is dropped (the DAG's only params file), Hydra's `++key=` (set or add) is read
+    as `key=`; another file's key and a `~key` deletion are not the config's to check; `+key=` is
+    refused: DVC refuses to add a key that exists, and every valid key exists."""
+    from loomcore.config import ConfigError
+
+    keys = []
+    for override in overrides:
+        body = re.sub(r"^(\./)?params\.yaml:", "", override)
+        if re.match(r"^[\w./-]+\.\w+:", body) or body.startswith("~"):
+            continue
+        if body.startswith("++"):
+            keys.append(body[2:])
+        elif body.startswith("+"):
+            compose([body[1:]])  # (an unknown key: named as such)
+            raise ConfigError(f"override {override!r}: `+` adds a key, and {body[1:].split('=', 1)[0]} exists "
+                              f"(DVC refuses it): give {body[1:]!r}")
+        else:
+            keys.append(body)
+    return compose(keys)
+
+
+def _dvc_target_stage(target: str) -> Optional[str]:
+    """The stage a `dvc repro` target names: `NAME` or `[./]dvc.yaml:NAME`; None for the whole
+    `[./]dvc.yaml`."""
+    if target in ("dvc.yaml", "./dvc.yaml"):
+        return None
+    return re.sub(r"^(\./)?dvc\.yaml:", "", target)
 
 
 def pipeline_command(profile: Optional[str], overrides: List[str], targets: List[str]) -> List[str]:
@@ -589,11 +621,12 @@ def cmd_pipeline(args) -> int:
         print("loom pipeline: --params: DVC runs the checkout's params.yaml; pass key=value overrides (a DVC "
               "experiment) or --profile instead", file=sys.stderr)
         return 2
-    cfg = _load(args)  # refuses a bad key or value before DVC starts
+    # a bad key or value refused before DVC starts, the overrides read as DVC's -S reads them
+    cfg = check_dvc_sets(args.overrides, lambda keys: _load(argparse.Namespace(**{**vars(args), "overrides": keys})))
     print(f"pipeline: profile {cfg.profile} (config {cfg.fingerprint()})")
     stages = _dvc_stages()
     missing = [s for s in PIPELINE_STAGES if s not in stages]
-    unknown = [t for t in args.targets or [] if t not in stages]
+    unknown = [t for t in args.targets or [] if _dvc_target_stage(t) not in [None, *stages]]
     if unknown:  # before a Prefect server starts for it
         print(f"loom pipeline: --target {', '.join(unknown)}: no such stage in dvc.yaml; stages: {', '.join(stages) or '(none)'}",
               file=sys.stderr)
@@ -633,6 +666,11 @@ def cmd_pipeline(args) -> int:
         except StoppedBySignal as e:
             print(f"loom pipeline: {e}", file=sys.stderr)
             return e.code
+        except KeyboardInterrupt:  # Ctrl-C before loom's own handler: while it took the checkout, stopping
+            # what a killed run left there (its record stays: the next run stops the rest)
+            print("loom pipeline: stopped by SIGINT while taking the checkout; nothing of the DAG ran",
+                  file=sys.stderr)
+            return 128 + signal.SIGINT
         if rc < 0:  # DVC killed by a signal that did not come through loom (the OOM killer, a kill -9)
             print(f"loom pipeline: {_dvc_ended(rc)}"
                   + ("; the stage it was running, stopped" if stage_left else ""), file=sys.stderr)

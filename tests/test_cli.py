@@ -107,6 +107,25 @@ def test_pipeline_refuses_an_unknown_target_before_starting_anything(capsys):
 
 
 @pytest.mark.parametrize("argv, needle", [
+    # DVC's own target syntax (`dvc repro dvc.yaml:stage1`) was refused as "no such stage"; the
+    # unknown target after it shows it passed (the targets are checked together, before anything runs)
+    (["--target", "dvc.yaml:stage1", "--target", "./dvc.yaml", "--target", "nosuch"], "--target nosuch: no such stage"),
+    (["--target", "dvc.yaml:nosuch"], "--target dvc.yaml:nosuch: no such stage"),
+    # overrides as `dvc exp run -S` takes them (the Prefect pipeline flow's check reads them so):
+    # Hydra's ++key= and DVC's params.yaml: prefix were refused as unknown keys '++stage1' / 'params'
+    (["++stage1.steps=5", "params.yaml:stage1.log_every=2", "./params.yaml:++seed=3", "--target", "nosuch"],
+     "--target nosuch: no such stage"),
+    (["++stage1.stepz=5"], "override 'stage1.stepz=5': unknown key"),
+    (["params.yaml:stage1.steps=x"], "stage1.steps"),
+    (["+stage1.steps=5"], "override '+stage1.steps=5': `+` adds a key, and stage1.steps exists (DVC refuses it)"),
+])
+def test_pipeline_reads_targets_and_overrides_as_dvc_does(capsys, argv, needle):
+    code = main(["pipeline", *argv])
+    err = capsys.readouterr().err
+    assert code == 2 and needle in err, err
+
+
+@pytest.mark.parametrize("argv, needle", [
     (["--fps", "-3"], "--fps -3.0: expected > 0"),
     (["--fps", "0"], "--fps 0.0: expected > 0"),  # (was taken as "the default")
     (["--device", "bogus"], "--device bogus: expected cpu, cuda or cuda:N"),

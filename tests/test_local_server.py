@@ -633,6 +633,48 @@ while True:
 """
 
 
+def test_ctrl_c_while_loom_pipeline_stops_what_a_killed_run_left_ends_it_in_one_line(tmp_path):
+    """Ctrl-C while `loom pipeline` stops what a killed run left on the checkout (SIGTERM, then up to
+    10 s a group) came before loom's own signal handling: a KeyboardInterrupt traceback. Now one line
+    and exit 130; the dead run's record stays, so that the next run stops what is left."""
+    import shutil
+    import signal
+
+    from loomcore.checkout_lock import LOCK_NAME, holder_info
+    from loomcore.config import REPO_ROOT
+
+    repo = tmp_path / "checkout"
+    repo.mkdir()
+    shutil.copy(REPO_ROOT / "params.yaml", repo / "params.yaml")
+    (repo / "dvc.yaml").write_text("stages:\n  probe:\n    cmd: python -c pass\n")
+    subprocess.run([str(Path(sys.executable).parent / "dvc"), "init", "--no-scm", "-q"], cwd=repo, check=True)
+    stubborn = subprocess.Popen([sys.executable, "-c", "import pathlib, signal, time\n"
+                                 "signal.signal(signal.SIGTERM, signal.SIG_IGN); pathlib.Path('ready').touch(); "
+                                 "time.sleep(120)"], cwd=repo, start_new_session=True)
+    loom = None
+    try:
+        assert _until(lambda: (repo / "ready").exists())
+        record = repo / ".dvc" / "tmp" / LOCK_NAME
+        record.parent.mkdir(exist_ok=True)
+        record.write_text(json.dumps({**holder_info("loom pipeline"), "pid": 1, "groups": [stubborn.pid]}))
+        log = tmp_path / "loom.log"
+        with open(log, "w") as out:
+            loom = subprocess.Popen([sys.executable, "-m", "loomcore.cli", "pipeline"], cwd=repo, stdout=out,
+                                    stderr=subprocess.STDOUT, env={**os.environ, "PREFECT_HOME": str(tmp_path / "home")})
+        assert _until(lambda: "did not release its lock cleanly" in log.read_text()), log.read_text()
+        loom.send_signal(signal.SIGINT)  # (within the 10 s loom waits for the group that ignores SIGTERM)
+        code = loom.wait(30)
+        text = log.read_text()
+        assert code == 128 + signal.SIGINT and "Traceback" not in text, text
+        assert text.rstrip().endswith("loom pipeline: stopped by SIGINT while taking the checkout; nothing of the DAG ran")
+        assert _alive(stubborn.pid) and json.loads(record.read_text())["groups"] == [stubborn.pid]
+    finally:
+        if loom is not None and loom.poll() is None:
+            loom.kill()
+        stubborn.kill()
+        stubborn.wait()
+
+
 def test_what_a_dead_holder_left_is_stopped_even_paused_and_never_after_a_restart(tmp_path):
     """The next holder stops a dead holder's groups with SIGTERM, which a group paused by Ctrl-Z
     (`loom pipeline`'s) acts on only once continued: it used to sit out the grace and be SIGKILLed.
