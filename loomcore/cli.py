@@ -651,7 +651,8 @@ def cmd_pipeline(args) -> int:
                     stopped_by_signals() as dvc:
                 env[PIPELINE_RUN_ENV] = lock.info["run_id"]  # its stages' runs are tagged with it (flows.common)
                 try:  # one server for every stage (loomcore.local_server)
-                    with prefect_server(env, stop_requested=dvc.stop_requested, on_start=lock.add_group) as run_env:
+                    with prefect_server(env, stop_requested=dvc.stop_requested, on_start=lock.add_group,
+                                        on_stop=lock.remove_group) as run_env:
                         _crash_runs_a_killed_pipeline_left(run_env["PREFECT_API_URL"], lock.previous, run_env)
                         rc = dvc.run(cmd, run_env, on_start=lock.add_group)
                         stage_left = rc < 0 and dvc.stop_what_is_left()  # (reporting to the server still)

@@ -144,14 +144,16 @@ def _tail(path: Path, lines: int = 15) -> str:
 def prefect_server(env: Optional[Mapping[str, str]] = None, *, host: str = "127.0.0.1",
                    startup_timeout: float = STARTUP_TIMEOUT_S,
                    log=print, stop_requested: Callable[[], bool] = lambda: False,
-                   on_start: Callable[[int], None] = lambda pgid: None) -> Iterator[Dict[str, str]]:
+                   on_start: Callable[[int], None] = lambda pgid: None,
+                   on_stop: Callable[[int], None] = lambda pgid: None) -> Iterator[Dict[str, str]]:
     """Yield the environment the stages run with: `env` itself when it sets PREFECT_API_URL, `env`
     plus the server Prefect's own settings name (a profile's PREFECT_API_URL: `configured_api`),
     else `env` plus the URL of a server started here (stopped, with its worker processes, on exit).
     ServerStartError names the command and shows the end of the server's log if it never answers;
     ServerStartStopped when `stop_requested()` turns true while it starts (a signal's handler
     sets it: raising in the handler could land between the server's start and its `try`).
-    `on_start(pgid)` is given the server's process group as it starts (the checkout lock's record).
+    `on_start(pgid)` is given the server's process group as it starts, `on_stop(pgid)` once it has
+    ended (the checkout lock's record: a start that lost its port leaves no group there).
     A port that another process took between `free_port` and the server's start: the server is
     started again on another, up to PORT_ATTEMPTS starts."""
     env = dict(os.environ if env is None else env)
@@ -208,6 +210,7 @@ def prefect_server(env: Optional[Mapping[str, str]] = None, *, host: str = "127.
                     return
             finally:
                 _stop(proc)
+                on_stop(proc.pid)
 
 
 def _listens(pid: int, port: int) -> bool:

@@ -151,16 +151,17 @@ def test_a_port_taken_before_the_server_listens_is_left_for_another(tmp_path, pr
     monkeypatch.setattr(local_server, "free_port", lambda host: next(found, None) or free(host))
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     env["PREFECT_HOME"] = str(prefect_home(tmp_path / "home"))
-    lines = []
+    lines, groups = [], []  # (the groups as the checkout lock's record has them: `loom pipeline`'s)
     try:
-        with prefect_server(env, log=lines.append) as run_env:
+        with prefect_server(env, log=lines.append, on_start=groups.append, on_stop=groups.remove) as run_env:
             api = run_env["PREFECT_API_URL"]
             assert healthy(api) and f":{port}/" not in api
+            assert len(groups) == 1  # the start that lost its port is not left in the record
             with urllib.request.urlopen(f"{api.removesuffix('/api')}/ui-settings", timeout=10) as r:
                 assert json.load(r)["api_url"] == api
         assert lines[0] == f"pipeline: port {port} was taken before the Prefect server could listen on it; " \
                            "starting it on another", lines
-        assert not healthy(api)
+        assert not healthy(api) and groups == []
         monkeypatch.setattr(local_server, "free_port", lambda host: port)  # every start: the taken port
         with pytest.raises(ServerStartError, match="exited with code .* before answering"):
             with prefect_server(env, log=lines.append):
