@@ -172,6 +172,30 @@ def test_a_port_taken_before_the_server_listens_is_left_for_another(tmp_path, pr
         taken.server_close()
 
 
+def test_a_server_whose_leader_died_has_the_rest_of_its_group_stopped():
+    """`prefect server start` exits, a process it started in its group runs on (a worker): stopping
+    the server used to look at the leader alone, leave the worker running, and the group was then
+    dropped from the checkout lock's record (nothing would stop it after a crash). Now what is left
+    of the group is stopped; a group whose every process has ended is not signalled (its id may be
+    another's once the leader is reaped)."""
+    import signal
+
+    from loomcore.local_server import _stop
+
+    leader = subprocess.Popen([sys.executable, "-c", "import subprocess, sys\n"
+                               "w = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])\n"
+                               "print(w.pid, flush=True)"], stdout=subprocess.PIPE, text=True, start_new_session=True)
+    worker = int(leader.stdout.readline())
+    try:
+        assert leader.wait(30) == 0 and _alive(worker)  # the leader exited, its worker runs on in the group
+        _stop(leader, grace=5)
+        assert _until(lambda: not _alive(worker), timeout=10)
+        _stop(leader)  # nothing left: returns at once, signals nothing
+    finally:
+        if _alive(worker):
+            os.kill(worker, signal.SIGKILL)
+
+
 PROBE_STAGE = """
 import os, signal, subprocess, sys, time
 from pathlib import Path
