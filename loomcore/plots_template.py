@@ -28,6 +28,17 @@ _PAGE = """<!DOCTYPE html>
 {bundle}
 }})();
     </script>
+    <script type="text/javascript">
+// every plot's numbers in their shortest form to 6 digits (d3's ".6~g"): vega picks a tick's digits from the tick
+// step, and drew a constant learning rate of 3e-5 as "0", a deviation of 2.5e-9 as 0.0000000025
+(function () {{
+    var embed = window.vegaEmbed;
+    window.vegaEmbed = function (el, spec, opt) {{
+        spec.config = Object.assign({{numberFormat: ".6~g"}}, spec.config);
+        return embed(el, spec, opt);
+    }};
+}})();
+    </script>
     <style>
         table {{
             border-spacing: 15px;

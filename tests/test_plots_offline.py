@@ -68,10 +68,14 @@ def test_dvc_plots_show_draws_offline_in_chromium(tmp_path):
     shutil.copy(REPO_ROOT / TEMPLATE_PATH, repo / TEMPLATE_PATH)
     run(*dvc, "config", "plots.html_template", "plots/offline.html")  # as this repository's .dvc/config
     (repo / "loss.tsv").write_text("step\tloss\n" + "".join(f"{i}\t{1.0 / (i + 1):.4f}\n" for i in range(20)))
+    (repo / "lr.tsv").write_text("step\tlr\n" + "".join(f"{i}\t3e-05\n" for i in range(20)))  # RL's constant lr
 
-    run(*dvc, "plots", "show", "loss.tsv", "-o", "ours")
+    run(*dvc, "plots", "show", "loss.tsv", "lr.tsv", "-o", "ours")
     dom = _offline_dom(repo / "ours" / "index.html")
-    assert dom.count('class="mark-line') >= 1 and "role-axis" in dom, dom[-3000:]
+    assert dom.count('class="mark-line') >= 2 and "role-axis" in dom, dom[-3000:]
+    # the page's number format: vega took a tick's digits from the tick step, and a constant 3e-5
+    # read "0" on its axis (a user took it for an RL stage that never trained)
+    assert ">0.00003</text>" in dom, dom[-3000:]
 
     run(*dvc, "config", "--unset", "plots.html_template")  # DVC's own page: vega from a CDN
     run(*dvc, "plots", "show", "loss.tsv", "-o", "stock")
