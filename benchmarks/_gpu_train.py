@@ -217,11 +217,19 @@ def limits(part: dict, b: Bench) -> List[str]:
     return out
 
 
+def step_note(part: dict) -> str:
+    """How the step ran, from the run's own settings (the tiny profile checkpoints no activations)."""
+    used = ["FSDP2 (1 rank)" + (" + activation checkpointing" if part["activation_checkpointing"] else "")]
+    used += [part["optimizer"]] if part.get("optimizer") else []
+    used += ["EMA"] if part.get("ema") else []
+    return "median; " + ", ".join(used)
+
+
 def rows(part: dict):
     out = rows_from(part, [
         ("layers", "layers", "", "of %d in the profile%s" % (part["layers_in_profile"], " (reduced with --layers)" if part["layers_reduced"] else "")),
         ("pack", "dit_tokens_per_pack", "", f"{part['samples_per_pack']} videos; + {part['context_tokens_per_pack']} MLLM tokens"),
-        ("step time", "step_s", "s", "median; FSDP2 (1 rank) + activation checkpointing, AdamW, EMA"),
+        ("step time", "step_s", "s", step_note(part)),
         ("DiT tokens/s", "dit_tokens_per_s", "", ""),
         ("model FLOPs / step", "model_flops_per_step", "", "FlopCounterMode on meta, × 3"),
         ("achieved", "achieved_tflops_per_s", "TFLOP/s", ""),

@@ -6,12 +6,11 @@ The profile's DiT (random weights) wrapped by FSDP2 as the trainer wraps it, Ada
 one optimizer step so that AdamW has its moments; then `--repeats` saves of a checkpoint and as many
 resumes of it (every rank verifies its share of the files and loads its shards), timed on rank 0
 after a barrier. Bytes per rank come from the checkpoint's MANIFEST (the rank's `.distcp` file).
-Rank 0 prints one JSON line; only what was measured.
+Rank 0 prints one JSON line (with the CPU model, and the GPU on CUDA); only what was measured.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import tempfile
@@ -21,7 +20,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from loomcore.config import load_config
+from benchmarks import at_least, cpu_name, parser
+from loomcore.config import available_profiles, load_config
 from loomcore.train.distributed import (
     Checkpointer, EMAState, ModelState, OptimizerState, destroy_distributed, init_distributed, parallelize,
 )
@@ -29,9 +29,9 @@ from loomcore.train.ema import EMA
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--profile", default="tiny")
-    p.add_argument("--repeats", type=int, default=3)
+    p = parser("checkpoint_io", __doc__)
+    p.add_argument("--profile", choices=available_profiles(), default="tiny", help="whose DiT (default tiny)")
+    p.add_argument("--repeats", type=at_least(1), default=3, help="saves and as many resumes, timed (default 3)")
     p.add_argument("--dir", default=None, help="run directory (default: a temp folder)")
     args = p.parse_args(argv)
     from loomcore.models.dit import LoomDiT, loomdit_kwargs
@@ -66,7 +66,9 @@ def main(argv=None) -> dict:
         manifest = json.loads((path / "MANIFEST.json").read_text())
         shards = {n: e["bytes"] for n, e in manifest["files"].items() if n.endswith(".distcp")}
         trainable = sum(prm.numel() for prm in model.parameters())
-        out = {"profile": cfg.profile, "ranks": env.world_size, "parameters": trainable,
+        out = {"profile": cfg.profile, "ranks": env.world_size, "cpu": cpu_name(),
+               **({"gpu": torch.cuda.get_device_name(env.device)} if env.device.type == "cuda" else {}),
+               "parameters": trainable,
                "save_s_median": round(statistics.median(saves), 4), "resume_s_median": round(statistics.median(loads), 4),
                "bytes_per_rank": sorted(shards.values()), "bytes_total": sum(shards.values()),
                "bytes_per_parameter": round(sum(shards.values()) / trainable, 2),

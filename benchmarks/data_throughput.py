@@ -7,12 +7,13 @@ utilisation (tokens used / budget) on the synthetic set at each stage's budget.
 
 from __future__ import annotations
 
-import argparse
 import json
-import platform
+import os
 import tempfile
 import time
 from pathlib import Path
+
+from benchmarks import at_least, cpu_name, output_file, parser
 
 from loomcore.config import STAGES, load_config
 from loomcore.storage import S3Settings
@@ -24,12 +25,23 @@ from loomcore.models.base_models import init_models
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--samples", type=int, default=300)
-    p.add_argument("--packs", type=int, default=400, help="packs drawn per stage for utilisation")
-    p.add_argument("--out", type=Path, default=None)
+    p = parser("data_throughput", __doc__)
+    p.add_argument("--samples", type=at_least(1), default=300, help="synthetic samples to curate and cache (default 300)")
+    p.add_argument("--packs", type=at_least(1), default=400, help="packs drawn per stage for utilisation (default 400)")
+    p.add_argument("--out", type=output_file, default=None, help="also write the results here as JSON")
     args = p.parse_args(argv)
-    root = Path(tempfile.mkdtemp(prefix="loom-bench-"))
+    with tempfile.TemporaryDirectory(prefix="loom-bench-") as tmp:  # raw videos, models, cache: removed however the run ends
+        result = _measure(args, Path(tmp))
+    print(json.dumps(result, indent=2))
+    print("\n| stage | budget | utilisation | samples/pack |\n|---|---|---|---|")
+    for name, v in result["packing"].items():
+        print(f"| {name} | {v['budget']} | {v['utilisation']:.3f} | {v['samples_per_pack']} |")
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def _measure(args, root: Path) -> dict:
     cfg = load_config([
         f"paths.data_root={root}/raw", f"paths.manifests={root}/manifests", f"paths.cache={root}/cache",
         f"paths.models={root}/models", f"models.transformer={root}/models/tiny/transformer",
@@ -54,8 +66,8 @@ def main(argv=None) -> dict:
         items = [loader.next_items() for _ in range(args.packs)]
         packs[name] = {"budget": s.max_tokens, "utilisation": round(utilisation(items, s.max_tokens), 4),
                        "samples_per_pack": round(sum(map(len, items)) / len(items), 2)}
-    result = {
-        "machine": f"{platform.processor() or platform.machine()}, {__import__('os').cpu_count()} cores",
+    return {
+        "machine": f"{cpu_name()}, {os.cpu_count()} cores",
         "rows": cur2["rows_in"],
         "curate_rows_per_s": round(cur2["rows_in"] / t_cur, 1),
         "generate_and_curate_s": round(t_gen_cur, 2),
@@ -64,13 +76,6 @@ def main(argv=None) -> dict:
         "bytes_per_sample": cache["bytes_per_sample"],
         "packing": packs,
     }
-    print(json.dumps(result, indent=2))
-    print("\n| stage | budget | utilisation | samples/pack |\n|---|---|---|---|")
-    for name, v in packs.items():
-        print(f"| {name} | {v['budget']} | {v['utilisation']:.3f} | {v['samples_per_pack']} |")
-    if args.out:
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
-    return result
 
 
 if __name__ == "__main__":

@@ -15,25 +15,25 @@ reporting a cheap forward.
     python -m benchmarks.edit_overhead [--tiny] [--json PATH]
 
 --tiny: the same cases with the tiny profile's model on real CPU tensors (a test of this file).
-The tiny geometry keeps the 21 latent frames, at a resolution the tiny codec maps to ~5k tokens:
-Scale-and-Add's relative cost is 2·P·D per token against the whole forward's, which stays under
-1% only where the sequence (or the model) is large, as at paper scale.
+The tiny geometry keeps the paper's 21 latent frames at 24×40 pixels, which the tiny codec (2×,
+no temporal compression) and patch (1, 2, 2) map to 1,260 tokens per video. Scale-and-Add's
+relative cost is 2·P·D FLOPs per target token against the whole forward's per-token cost, which
+grows with the model's width and depth and, through attention, with the sequence: the tiny run
+counts ≈ 1.0026× T2V, the paper's geometry ≈ 1.0001× (BENCHMARKS.md) — under 1% at both.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
-import platform
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from benchmarks import cpu_name, output_file, parser
 from loomcore.config import load_config
 from loomcore.models.dit import LoomDiT, PackLayout, loomdit_kwargs, pack_latents, pack_references
 
@@ -239,7 +239,7 @@ def run(profile: str, geometry: Geometry, device: str) -> dict:
     return {
         "profile": profile,
         "device": device,
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
+        "machine": f"{cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}",
         "geometry": {"video": geometry.video, "image": geometry.image, "short_video": geometry.short_video},
         "cases": results,
         "ratios": {
@@ -288,9 +288,9 @@ def table(report: dict) -> str:
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser("edit_overhead", __doc__)
     p.add_argument("--tiny", action="store_true", help="tiny profile, real CPU tensors (fast; for tests)")
-    p.add_argument("--json", type=Path, default=None, help="also write the report here")
+    p.add_argument("--json", type=output_file, default=None, help="also write the report here")
     args = p.parse_args(argv)
     report = run("tiny", TINY, "cpu") if args.tiny else run("paper", PAPER, "meta")
     print(table(report))

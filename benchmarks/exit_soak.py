@@ -15,7 +15,6 @@ outputs/ are not touched), one intra-op thread per rank.
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
@@ -24,6 +23,9 @@ import time
 from pathlib import Path
 
 from tqdm import tqdm
+
+from benchmarks import at_least, output_file, parser
+from loomcore.config import STAGES
 
 RELEASED = "process group released, no gloo thread left"
 
@@ -42,14 +44,34 @@ def one_run(stage: str, nproc: int, steps: int, root: Path) -> dict:
             "tail": "" if proc.returncode == 0 else text[-2000:]}
 
 
+def missing_prerequisites(stage: str) -> list:
+    """What the runs would each fail on, checked once: the tiny profile's base model and cache
+    (relative paths, as torchrun's runs resolve them from here)."""
+    from loomcore.config import load_config
+    from loomcore.data.loader import INDEX_FILE
+    from loomcore.storage import is_s3
+
+    cfg = load_config(profile="tiny")
+    init = cfg.stage(stage).init_from
+    if init != "base":  # each run trains into a fresh temp folder: no earlier stage's weights there
+        return [f"--stage {stage} starts from {init}'s weights, which no soak run has (use a stage that starts from base)"]
+    wanted = [] if is_s3(cfg.models.transformer) else [Path(cfg.models.transformer) / "config.json"]
+    wanted += [] if is_s3(cfg.paths.cache) else [Path(cfg.paths.cache) / INDEX_FILE]
+    missing = [str(path) for path in wanted if not path.is_file()]
+    return [f"no {', '.join(missing)}: run `dvc repro cache` (the tiny base models and cache) first"] if missing else []
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.exit_soak", description=__doc__.split("\n\n")[0])
-    p.add_argument("--runs", type=int, default=20)
-    p.add_argument("--nproc", type=int, default=2, help="ranks per run (gloo on CPU)")
-    p.add_argument("--steps", type=int, default=2)
-    p.add_argument("--stage", default="stage1")
-    p.add_argument("--json", type=Path, help="write the per-run results here")
+    p = parser("exit_soak", __doc__)
+    p.add_argument("--runs", type=at_least(1), default=20, help="trainings in a row (default 20)")
+    p.add_argument("--nproc", type=at_least(1), default=2, help="ranks per run, gloo on CPU (default 2)")
+    p.add_argument("--steps", type=at_least(1), default=2, help="training steps per run (default 2)")
+    p.add_argument("--stage", choices=STAGES, default="stage1", help="the stage trained (default stage1; it starts from base)")
+    p.add_argument("--json", type=output_file, help="write the per-run results here")
     args = p.parse_args(argv)
+    problems = missing_prerequisites(args.stage)
+    if problems:
+        raise SystemExit(f"exit_soak: {problems[0]}")
     results = []
     for _ in tqdm(range(args.runs), desc="runs", unit="run"):
         with tempfile.TemporaryDirectory(prefix="exit-soak-") as tmp:

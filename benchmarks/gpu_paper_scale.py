@@ -49,10 +49,10 @@ from typing import Dict, List, Optional
 
 import torch
 
-from benchmarks import _gpu_attention, _gpu_edit, _gpu_sampling, _gpu_train, edit_overhead
+from benchmarks import _gpu_attention, _gpu_edit, _gpu_sampling, _gpu_train, at_least, cpu_name, edit_overhead, output_file, parser
 from benchmarks._gpu_report import PARTS, check_report, markdown, not_run, put
 from benchmarks._gpu_timing import NO_CUDA_MEMORY, Bench, PeakMemory, Timer, matmul_rate, release
-from loomcore.config import load_config
+from loomcore.config import ConfigError, load_config
 
 MODULES = {"train": _gpu_train, "attention": _gpu_attention, "edit": _gpu_edit, "sampling": _gpu_sampling}
 TINY_GEOMETRY = edit_overhead.Geometry(video=(9, 64, 96), image=(64, 96), short_video=(5, 32, 32), context=32,
@@ -67,37 +67,58 @@ DEFAULTS = {  # per scale: timing and sizes
 }
 
 
+def video_dims(text: str) -> tuple:
+    """An argparse type: FxHxW, three positive integers (the profile's codec checks the rest)."""
+    try:
+        dims = tuple(int(x) for x in text.lower().split("x"))
+    except ValueError:
+        dims = ()
+    if len(dims) != 3 or min(dims) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected FxHxW, three positive integers, e.g. 81x480x832")
+    return dims
+
+
 def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser("gpu_paper_scale", __doc__)
     for name in PARTS:
         p.add_argument(f"--{name}", action="store_true", help=f"run the {name} part")
     p.add_argument("--all", action="store_true", help="run every part")
     p.add_argument("--tiny", action="store_true", help="tiny profile dims and frame counts (CPU; the test)")
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
                    help="auto: CUDA if present; paper scale refuses a CPU unless asked for by name")
-    p.add_argument("--layers", type=int, default=None, help="train: DiT blocks (default: the profile's 30)")
-    p.add_argument("--train-videos", type=int, default=2, help="train: 81-frame videos per pack")
-    p.add_argument("--steps", type=int, default=None, help="sampling: denoising steps (default 50; tiny 2)")
-    p.add_argument("--sampling-repeats", type=int, default=1, help="sampling: timed calls per pipeline")
-    p.add_argument("--warmup", type=int, default=None, help="untimed calls before each timing")
-    p.add_argument("--repeats", type=int, default=None, help="timed calls (the median is reported)")
-    p.add_argument("--matmul-size", type=int, default=None, help="n of the n×n×n bf16 matmul rate (default 8192)")
+    p.add_argument("--layers", type=at_least(1), default=None, help="train: DiT blocks (default: the profile's 30)")
+    p.add_argument("--train-videos", type=at_least(1), default=2, help="train: 81-frame videos per pack")
+    p.add_argument("--steps", type=at_least(1), default=None, help="sampling: denoising steps (default 50; tiny 2)")
+    p.add_argument("--sampling-repeats", type=at_least(1), default=1, help="sampling: timed calls per pipeline")
+    p.add_argument("--warmup", type=at_least(0), default=None, help="untimed calls before each timing")
+    p.add_argument("--repeats", type=at_least(1), default=None, help="timed calls (the median is reported)")
+    p.add_argument("--matmul-size", type=at_least(1), default=None, help="n of the n×n×n bf16 matmul rate (default 8192)")
     p.add_argument("--compile", action="store_true", help="train and sampling: also time torch.compile'd DiT blocks")
-    p.add_argument("--video", default=None, help="FxHxW instead of the default video (81x480x832; tiny 9x64x96)")
+    p.add_argument("--video", type=video_dims, default=None,
+                   help="FxHxW instead of the default video (81x480x832; tiny 9x64x96)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides (load_config)")
     p.add_argument("--workdir", type=Path, default=None, help="where tiny model folders go (default: a temp dir)")
-    p.add_argument("--json", type=Path, default=None, help="write the report here")
-    p.add_argument("--md", type=Path, default=None, help="write the markdown table here")
+    p.add_argument("--json", type=output_file, default=None, help="write the report here")
+    p.add_argument("--md", type=output_file, default=None, help="write the markdown table here")
     args = p.parse_args(argv)
     args.parts = [n for n in PARTS if args.all or getattr(args, n)]
     if not args.parts:
         p.error("choose the parts to run: --train, --attention, --edit, --sampling, or --all")
-    for flag in ("layers", "train_videos", "steps", "sampling_repeats", "repeats", "matmul_size"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            p.error(f"--{flag.replace('_', '-')} = {value}: expected >= 1")
-    if args.warmup is not None and args.warmup < 0:
-        p.error(f"--warmup = {args.warmup}: expected >= 0")
+    # what needs the config, checked before a model is built (the parts would fail deep inside)
+    try:
+        cfg = load_config([*(TINY_OVERRIDES if args.tiny else ()), *args.set], profile="tiny" if args.tiny else "paper")
+    except ConfigError as e:  # one line: the problems, not the list of sources that precedes them
+        lines = str(e).splitlines()
+        problems = [line.strip()[2:] for line in lines[1:] if line.strip().startswith("- ")]
+        p.error(f"--set: {'; '.join(problems) or ' '.join(line.strip() for line in lines)}")
+    if args.layers is not None and args.layers > cfg.dit.num_layers:
+        p.error(f"--layers {args.layers}: expected 1..{cfg.dit.num_layers} (the profile's DiT blocks)")
+    if args.video:
+        f, h, w = args.video
+        tf, size = cfg.codec.temporal_factor, cfg.codec.spatial_factor * max(cfg.dit.patch_size[1:])
+        if (f - 1) % tf or h % size or w % size:
+            p.error(f"--video {'x'.join(map(str, args.video))}: expected 1 + {tf}·k frames and a height and width "
+                    f"divisible by {size} (codec.spatial_factor × patch)")
     return args
 
 
@@ -119,7 +140,7 @@ def machine(device: torch.device) -> Dict[str, object]:
     import transformers
 
     info: Dict[str, object] = {
-        "cpu": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads",
+        "cpu": f"{cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads",
         "torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__,
         "python": platform.python_version(),
     }
@@ -138,10 +159,7 @@ def geometry_for(args) -> edit_overhead.Geometry:
     geometry = TINY_GEOMETRY if args.tiny else edit_overhead.PAPER
     if not args.video:
         return geometry
-    try:
-        f, h, w = (int(x) for x in args.video.lower().split("x"))
-    except ValueError:
-        raise SystemExit(f"--video {args.video!r}: expected FxHxW, e.g. 81x480x832") from None
+    f, h, w = args.video  # checked against the codec by parse_args
     return edit_overhead.Geometry(video=(f, h, w), image=(h, w), short_video=geometry.short_video,
                                   context=geometry.context, pack_contexts=geometry.pack_contexts)
 
@@ -167,23 +185,23 @@ def make_bench(args, workdir: Path) -> Bench:
 def main(argv: Optional[List[str]] = None) -> dict:
     """Run the selected parts; returns the report (also written to --json / --md, and printed)."""
     args = parse_args(argv)
-    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="loom-gpu-bench-"))
-    bench = make_bench(args, workdir)
     threads = torch.get_num_threads()
-    if not bench.cuda and bench.cfg.train.cpu_threads:  # as the CPU trainer: spinning threads crawl on shared cores
-        torch.set_num_threads(bench.cfg.train.cpu_threads)
-    try:
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="loom-gpu-bench-"))
+    try:  # from the folder's creation: make_bench refuses a machine without CUDA
+        bench = make_bench(args, workdir)
+        if not bench.cuda and bench.cfg.train.cpu_threads:  # as the CPU trainer: spinning threads crawl on shared cores
+            torch.set_num_threads(bench.cfg.train.cpu_threads)
         report = run(bench, args.parts, argv)
     finally:
         torch.set_num_threads(threads)
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
     table = markdown(report, {name: module.rows for name, module in MODULES.items()})
+    print(table)  # before the files: a write that fails still leaves the figures on screen
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
     if args.md:
         args.md.write_text(table)
-    print(table)
     problems = check_report(report)
     if problems:
         raise RuntimeError("malformed report (a harness bug):\n  " + "\n  ".join(problems))

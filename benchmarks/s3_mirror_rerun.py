@@ -11,21 +11,22 @@ twice with the records (the listing alone). Seconds, HEAD and GET requests, byte
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
-import platform
+import shutil
 import socket
 import tempfile
 import time
 from pathlib import Path
 
+from benchmarks import at_least, cpu_name, parser
+
 
 def main(argv=None) -> list:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--objects", type=int, default=400)
-    p.add_argument("--kib", type=int, default=256)
+    p = parser("s3_mirror_rerun", __doc__)
+    p.add_argument("--objects", type=at_least(1), default=400, help="objects in the store (default 400)")
+    p.add_argument("--kib", type=at_least(1), default=256, help="KiB per object (default 256)")
     args = p.parse_args(argv)
     from moto.server import ThreadedMotoServer
 
@@ -33,15 +34,33 @@ def main(argv=None) -> list:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    from loomcore.data import mirror
+
+    real_hash, real_client = mirror.sha256_file, mirror.s3_client  # _measure counts through both
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
-    os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1",
-                      AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}")
-    from loomcore.data import mirror
+    work = Path(tempfile.mkdtemp(prefix="loom-bench-mirror-"))  # objects × KiB twice over: never left behind
+    try:
+        os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1",
+                          AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}")
+        rows = _measure(args, work, mirror)
+    finally:
+        mirror.sha256_file, mirror.s3_client = real_hash, real_client
+        server.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"{args.objects} objects × {args.kib} KiB; {cpu_name()}, {os.cpu_count()} CPUs")
+    print("| run | seconds | HeadObject | GetObject | MiB hashed | downloaded | kept by record |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['run']} | {r['seconds']} | {r['HeadObject']} | {r['GetObject']} | {r['MiB hashed']} | "
+              f"{r['downloaded']} | {r['unchanged']} |")
+    return rows
+
+
+def _measure(args, work: Path, mirror) -> list:
     from loomcore.storage import S3Settings, s3_client, upload_dir
 
     settings = S3Settings.from_env()
-    work = Path(tempfile.mkdtemp(prefix="loom-bench-mirror-"))
     src, root = work / "src", work / "mirror"
     for k in range(args.objects):
         f = src / f"clips/{k // 100:03d}/{k:06d}.mp4"
@@ -74,13 +93,6 @@ def main(argv=None) -> list:
         rows.append({"run": run, "seconds": round(seconds, 2), "HeadObject": requests.count("HeadObject"),
                      "GetObject": requests.count("GetObject"), "MiB hashed": round(hashed[0] / 2**20, 1),
                      "downloaded": stats["downloaded"], "unchanged": stats["unchanged"]})
-    server.stop()
-    print(f"{args.objects} objects × {args.kib} KiB; {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs")
-    print("| run | seconds | HeadObject | GetObject | MiB hashed | downloaded | kept by record |")
-    print("|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['run']} | {r['seconds']} | {r['HeadObject']} | {r['GetObject']} | {r['MiB hashed']} | "
-              f"{r['downloaded']} | {r['unchanged']} |")
     return rows
 
 

@@ -16,10 +16,9 @@ Only what was measured is printed.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import platform
+import shutil
 import tempfile
 import time
 from contextlib import nullcontext
@@ -27,7 +26,8 @@ from pathlib import Path
 
 import torch
 
-from loomcore.config import load_config
+from benchmarks import at_least, cpu_name, output_file, parser
+from loomcore.config import STAGES, load_config
 from loomcore.storage import S3Settings
 from loomcore.data.loader import Sample
 from loomcore.train import telemetry
@@ -80,24 +80,27 @@ def _paper_packs(layers: int, n: int, context_tokens: int):
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--paper-layers", type=int, default=0, help="GPU: paper dims with this many DiT blocks")
-    p.add_argument("--stages", nargs="*", default=["stage1", "stage3"], help="CPU: whose packs to time")
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--context-tokens", type=int, default=256, help="GPU: MLLM tokens per synthetic sample")
+    p = parser("train_throughput", __doc__)
+    p.add_argument("--paper-layers", type=at_least(1), default=None, help="GPU: paper dims with this many DiT blocks")
+    p.add_argument("--stages", nargs="+", choices=STAGES, default=["stage1", "stage3"], help="CPU: whose packs to time")
+    p.add_argument("--warmup", type=at_least(0), default=3, help="untimed steps first (default 3)")
+    p.add_argument("--steps", type=at_least(1), default=10, help="timed steps, averaged (default 10)")
+    p.add_argument("--context-tokens", type=at_least(1), default=256, help="GPU: MLLM tokens per synthetic sample")
     p.add_argument("--compile", action="store_true", help="GPU: torch.compile each block (train.compile)")
-    p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--out", type=output_file, default=None, help="also write the results here as JSON")
     args = p.parse_args(argv)
-    gpu = args.paper_layers > 0
+    twice = sorted({s for s in args.stages if args.stages.count(s) > 1})
+    if twice:  # the results are keyed by stage
+        p.error(f"--stages: {', '.join(twice)} given more than once")
+    gpu = args.paper_layers is not None
     if gpu and not torch.cuda.is_available():
         raise SystemExit("--paper-layers needs a CUDA GPU")
     if not gpu:
         torch.set_num_threads(load_config(profile="tiny").train.cpu_threads or torch.get_num_threads())
     env = init_distributed(use_gpu=gpu)
     result = {"device": torch.cuda.get_device_name(env.device) if gpu else
-              f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} thread(s))"}
-    root = Path(tempfile.mkdtemp(prefix="loom-train-bench-"))
+              f"CPU ({cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} thread(s))"}
+    root = Path(tempfile.mkdtemp(prefix="loom-train-bench-"))  # the CPU runs' models and cache
     try:
         runs = [("paper", None)] if gpu else [(stage, stage) for stage in args.stages]
         for name, stage in runs:
@@ -106,6 +109,7 @@ def main(argv=None) -> dict:
             result[name] = _measure(cfg, stage or "stage2", packs, null, env, args)
     finally:
         destroy_distributed()
+        shutil.rmtree(root, ignore_errors=True)
     for name, r in result.items():
         print(f"{name}: {r}" if isinstance(r, str) else f"{name}: " + ", ".join(f"{k} {v}" for k, v in r.items()))
     if args.out:

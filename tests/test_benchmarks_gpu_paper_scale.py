@@ -58,6 +58,9 @@ def test_train_part(run):
     # the counted FLOPs agree with the trainer's formula (which leaves out the time embedding)
     assert train["formula_flops_per_step"] == pytest.approx(train["model_flops_per_step"], rel=0.01)
     assert train["limits"] and not train["layers_reduced"]
+    # the step-time note says what ran: the tiny profile checkpoints no activations
+    note = next(row[-1] for row in MODULES["train"].rows(train) if row[0] == "step time")
+    assert ("activation checkpointing" in note) == train["activation_checkpointing"] and "EMA" in note
 
 
 def test_attention_part(run):
