@@ -30,6 +30,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence
 
+from loomcore.processes import group_members
+
 STARTUP_TIMEOUT_S = 180.0  # as tasks/__init__.py allows Prefect's temporary server on a busy 2-core machine
 
 
@@ -245,13 +247,7 @@ def _stop(proc: subprocess.Popen, grace: float = 15.0) -> None:
     worker). A group with a live member is still this one (its id is not reused while it has any),
     so an empty one whose leader was reaped is left alone: its number may be another's now."""
     def left() -> bool:
-        if proc.poll() is None:
-            return True
-        try:
-            os.killpg(proc.pid, 0)  # (signal 0: whether the group has a process, of ours)
-        except (ProcessLookupError, PermissionError):
-            return False
-        return True
+        return proc.poll() is None or bool(group_members(proc.pid))  # (zombies not counted: init reaps them)
 
     if not left():
         return

@@ -18,9 +18,8 @@ from loomcore.codegraph import REPO
 # Groups of one rank may not import each other: models and data are independent.
 LAYERS: Dict[str, int] = {
     "loomcore.errors": 0, "loomcore.shapes_world": 0, "loomcore.codegraph": 0, "loomcore.plots_template": 0,
-    "loomcore.storage": 0, "loomcore.local_server": 0, "loomcore.threads": 0, "loomcore.sheets": 0,
-    "loomcore.processes": 0,
-    "loomcore.config": 1, "loomcore.checkout_lock": 1,
+    "loomcore.storage": 0, "loomcore.threads": 0, "loomcore.sheets": 0, "loomcore.processes": 0,
+    "loomcore.config": 1, "loomcore.checkout_lock": 1, "loomcore.local_server": 1,
     "loomcore.task_kinds": 2,
     "loomcore.diffusion": 3,
     "loomcore.models": 4, "loomcore.data": 4,
