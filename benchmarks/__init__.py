@@ -51,7 +51,6 @@ def at_least(n: int) -> Callable[[str], int]:
             raise argparse.ArgumentTypeError(f"expected an integer >= {n}, got {text!r}")
         return value
 
-    parse.__name__ = f"integer >= {n}"
     return parse
 
 

@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 from benchmarks import at_least, cpu_name, output_file, parser
-
 from loomcore.config import STAGES, load_config
 from loomcore.storage import S3Settings
 from loomcore.train.cache import build_cache

@@ -13,7 +13,6 @@ the run (tasks.dvc.pipeline_lock): a second run waits `lock_wait_s`, then fails 
 from __future__ import annotations
 
 import json
-import re
 import time
 from pathlib import Path
 from typing import List, Optional, Sequence

@@ -224,27 +224,43 @@ def _dvc_stages() -> List[str]:
 
 
 def check_dvc_sets(overrides: Sequence[str], compose: Callable[[List[str]], object]) -> object:
-    """Check `dvc exp run -S` values as DVC passes them to Hydra, through `compose` (the config
-    composed with key=value overrides; a ConfigError names a bad one); returns what it returns.
-    `[./]params.yaml:` is dropped (the DAG's only params file), Hydra's `++key=` (set or add) is read
-    as `key=`; another file's key and a `~key` deletion are not the config's to check; `+key=` is
-    refused: DVC refuses to add a key that exists, and every valid key exists."""
+    """Check `dvc exp run -S` values as DVC applies them, through `compose` (the config composed
+    with key=value overrides; a ConfigError names a bad one, as the user wrote it); returns what it
+    returns. DVC composes `params.yaml:`-prefixed and bare values with Hydra (`++key=`, set or add,
+    read here as `key=`). Refused, each a run that would fail or differ from what loom reports:
+    `+key=` (DVC refuses to add a key that exists, and every valid key exists), `++profile=` (Hydra
+    cannot force-add a config group), `~key` (the stages would read a params.yaml without it),
+    another file's key (the DAG reads params.yaml alone), `./params.yaml:` (DVC edits the file
+    in place then, not through Hydra: another profile's values never come, and a Hydra override
+    given with it rewrites the file over the edit)."""
     from loomcore.config import ConfigError
 
-    keys = []
+    keys, given = [], {}
     for override in overrides:
-        body = re.sub(r"^(\./)?params\.yaml:", "", override)
-        if re.match(r"^[\w./-]+\.\w+:", body) or body.startswith("~"):
-            continue
-        if body.startswith("++"):
-            keys.append(body[2:])
-        elif body.startswith("+"):
+        body = re.sub(r"^params\.yaml:", "", override)
+        why = None
+        if body.startswith("./params.yaml:"):
+            why = f"DVC edits ./params.yaml in place, outside Hydra's composition: give {body[2:]!r}"
+        elif re.match(r"^[\w./-]+\.\w+:", body):
+            why = "the DAG reads params.yaml alone"
+        elif body.startswith("~"):
+            why = "a key deleted from params.yaml fails every stage that reads it"
+        elif body.startswith("++profile="):
+            why = f"Hydra cannot force-add the config group profile: give {body[2:]!r}"
+        elif body.startswith("+") and not body.startswith("++"):
             compose([body[1:]])  # (an unknown key: named as such)
-            raise ConfigError(f"override {override!r}: `+` adds a key, and {body[1:].split('=', 1)[0]} exists "
-                              f"(DVC refuses it): give {body[1:]!r}")
-        else:
-            keys.append(body)
-    return compose(keys)
+            why = f"`+` adds a key, and {body[1:].split('=', 1)[0]} exists (DVC refuses it): give {body[1:]!r}"
+        if why:
+            raise ConfigError(f"override {override!r}: {why}")
+        keys.append(body[2:] if body.startswith("++") else body)
+        given[keys[-1]] = override
+    try:
+        return compose(keys)
+    except ConfigError as e:  # named as the user wrote it
+        message = str(e)
+        for key, override in given.items():
+            message = message.replace(repr(key), repr(override))
+        raise ConfigError(message) from None
 
 
 def _dvc_target_stage(target: str) -> Optional[str]:
@@ -645,6 +661,7 @@ def cmd_pipeline(args) -> int:
 
         env = dict(os.environ)  # stage cmds run `python -m flows.…`: this environment's python
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+        rc = None
         try:  # the checkout's lock, as the pipeline and nightly flows and a stage's own run hold it
             with checkout_lock(Path.cwd(), holder_info("loom pipeline"),
                                warn=lambda m: print(f"pipeline: {m}", file=sys.stderr, flush=True)) as lock, \
@@ -667,11 +684,13 @@ def cmd_pipeline(args) -> int:
         except StoppedBySignal as e:
             print(f"loom pipeline: {e}", file=sys.stderr)
             return e.code
-        except KeyboardInterrupt:  # Ctrl-C before loom's own handler: while it took the checkout, stopping
-            # what a killed run left there (its record stays: the next run stops the rest)
-            print("loom pipeline: stopped by SIGINT while taking the checkout; nothing of the DAG ran",
-                  file=sys.stderr)
-            return 128 + signal.SIGINT
+        except KeyboardInterrupt:  # Ctrl-C outside loom's own handler: while it took the checkout, stopping
+            # what a killed run left there (its record stays: the next run stops the rest), or while
+            # it released the checkout after DVC had ended (DVC's result stands)
+            if rc is None:
+                print("loom pipeline: stopped by SIGINT while taking the checkout; nothing of the DAG ran",
+                      file=sys.stderr)
+                return 128 + signal.SIGINT
         if rc < 0:  # DVC killed by a signal that did not come through loom (the OOM killer, a kill -9)
             print(f"loom pipeline: {_dvc_ended(rc)}"
                   + ("; the stage it was running, stopped" if stage_left else ""), file=sys.stderr)

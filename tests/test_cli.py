@@ -113,11 +113,16 @@ def test_pipeline_refuses_an_unknown_target_before_starting_anything(capsys):
     (["--target", "dvc.yaml:nosuch"], "--target dvc.yaml:nosuch: no such stage"),
     # overrides as `dvc exp run -S` takes them (the Prefect pipeline flow's check reads them so):
     # Hydra's ++key= and DVC's params.yaml: prefix were refused as unknown keys '++stage1' / 'params'
-    (["++stage1.steps=5", "params.yaml:stage1.log_every=2", "./params.yaml:++seed=3", "--target", "nosuch"],
+    (["++stage1.steps=5", "params.yaml:stage1.log_every=2", "params.yaml:++seed=3", "--target", "nosuch"],
      "--target nosuch: no such stage"),
-    (["++stage1.stepz=5"], "override 'stage1.stepz=5': unknown key"),
-    (["params.yaml:stage1.steps=x"], "stage1.steps"),
+    (["++stage1.stepz=5"], "override '++stage1.stepz=5': unknown key"),  # (named as written)
+    (["params.yaml:stage1.steps=x"], "override 'params.yaml:stage1.steps=x'"),
     (["+stage1.steps=5"], "override '+stage1.steps=5': `+` adds a key, and stage1.steps exists (DVC refuses it)"),
+    # what DVC would run otherwise than loom reports (its header named a config DVC did not compose)
+    (["++profile=paper"], "override '++profile=paper': Hydra cannot force-add the config group profile"),
+    (["./params.yaml:profile=paper"], "DVC edits ./params.yaml in place, outside Hydra's composition"),
+    (["~stage1.steps"], "override '~stage1.steps': a key deleted from params.yaml fails every stage"),
+    (["dvc.yaml:seed=3"], "override 'dvc.yaml:seed=3': the DAG reads params.yaml alone"),
 ])
 def test_pipeline_reads_targets_and_overrides_as_dvc_does(capsys, argv, needle):
     code = main(["pipeline", *argv])

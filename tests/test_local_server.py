@@ -172,7 +172,7 @@ def test_a_port_taken_before_the_server_listens_is_left_for_another(tmp_path, pr
         taken.server_close()
 
 
-def test_a_server_whose_leader_died_has_the_rest_of_its_group_stopped():
+def test_a_server_whose_leader_died_has_the_rest_of_its_group_stopped(monkeypatch):
     """`prefect server start` exits, a process it started in its group runs on (a worker): stopping
     the server used to look at the leader alone, leave the worker running, and the group was then
     dropped from the checkout lock's record (nothing would stop it after a crash). Now what is left
@@ -190,7 +190,10 @@ def test_a_server_whose_leader_died_has_the_rest_of_its_group_stopped():
         assert leader.wait(30) == 0 and _alive(worker)  # the leader exited, its worker runs on in the group
         _stop(leader, grace=5)
         assert _until(lambda: not _alive(worker), timeout=10)
-        _stop(leader)  # nothing left: returns at once, signals nothing
+        signalled = []
+        monkeypatch.setattr(os, "killpg", lambda *a: signalled.append(a))
+        _stop(leader)  # nothing left of the group: its id is not signalled (it may be another's by now)
+        assert signalled == []
     finally:
         if _alive(worker):
             os.kill(worker, signal.SIGKILL)

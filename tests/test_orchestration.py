@@ -100,11 +100,15 @@ def test_a_bad_override_is_refused_naming_it_before_the_run_takes_the_checkout(p
     assert state.is_failed()
     error = state.result(raise_on_failure=False)
     assert isinstance(error, ConfigError) and "unknown key 'stage3.stpes' (did you mean 'stage3.steps'?)" in str(error)
-    # what DVC's -S takes besides key=value passes: Hydra's ++key= and ~key, params.yaml:key=
-    check_overrides(repo, ["++stage1.steps=3", "~stage1.ema", "params.yaml:stage1.steps=4", "params.yaml:++stage1.steps=5",
-                           "./params.yaml:~stage1.ema", "other.yaml:anything=1"])
-    for bad, said in (("++stage1.stpes=3", "unknown key 'stage1.stpes'"), ("./params.yaml:stage1.stpes=3", "unknown key"),
-                      ("+stage1.steps=3", "`+` adds a key, and stage1.steps exists")):  # (DVC refuses the last)
+    # what DVC's -S composes with Hydra besides key=value passes: ++key=, params.yaml:key=
+    check_overrides(repo, ["++stage1.steps=3", "params.yaml:stage1.steps=4", "params.yaml:++stage1.steps=5"])
+    for bad, said in (("++stage1.stpes=3", "override '++stage1.stpes=3': unknown key 'stage1.stpes'"),
+                      ("params.yaml:stage1.stpes=3", "override 'params.yaml:stage1.stpes=3': unknown key"),
+                      ("+stage1.steps=3", "`+` adds a key, and stage1.steps exists"),  # (DVC refuses it)
+                      ("++profile=paper", "cannot force-add the config group profile"),  # (Hydra refuses it)
+                      # DVC edits ./params.yaml in place, outside Hydra: profile=paper would keep tiny's values
+                      ("./params.yaml:profile=paper", "give 'params.yaml:profile=paper'"),
+                      ("~stage1.ema", "a key deleted from params.yaml"), ("other.yaml:anything=1", "params.yaml alone")):
         with pytest.raises(ConfigError, match=re.escape(said)):
             check_overrides(repo, [bad])
 

@@ -309,11 +309,12 @@ def test_three_stages_chain_weights_ema_and_outs(ws):
         assert tsv[0] == "step\tall" and int(tsv[-1].split("\t")[0]) == s["steps"]
     assert (out / "stage1/plots/images/samples/000002.png").is_file()  # validation grids (sample_every)
     assert (out / "stage2/plots/metrics/lr.tsv").is_file() and (out / "stage2/plots/metrics/grad_norm.tsv").is_file()
-    readme = (REPO_ROOT / "README.md").read_text()  # its list of what each curve is names every one
+    readme = (REPO_ROOT / "README.md").read_text()  # its list of what each curve is: the stages' entry names every one
+    entry = readme[readme.index("  - stages 1–3 (x: the optimizer step)"):].split("\n  - RL", 1)[0]
     curves = {re.sub(r"^loss/(?!all$).*", "loss/<task kind>", p.relative_to(out / stage / "plots/metrics").with_suffix("").as_posix())
               for stage in ("stage1", "stage2", "stage3") for p in (out / stage / "plots/metrics").rglob("*.tsv")}
     assert {"loss/all", "loss/<task kind>", "faults/loss_spikes"} <= curves
-    assert not [c for c in curves if f"`{c}`" not in readme], sorted(curves)
+    assert not [c for c in curves if f"`{c}`" not in entry], sorted(curves)
     # what the clock measured lives in timing/ (untracked), never in the tracked record
     assert not (out / "stage2/plots/metrics/throughput").exists()
     assert (out / "stage2/timing/metrics/throughput/tokens_per_s.tsv").is_file()
