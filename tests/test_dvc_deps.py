@@ -130,3 +130,18 @@ def test_a_stage_that_may_encode_contexts_online_lists_what_the_encoder_reads(st
     read = ("mllm.feature_mode", "models.mllm", "data.cache_batch_size")
     missing = [k for k in read if not any(k == p or k.startswith(p + ".") for p in params)]
     assert not missing, f"dvc.yaml stage {stage}: params omit {missing}, which its online contexts read"
+
+
+def test_the_headline_plots_read_curves_a_stage_writes_and_tracks():
+    """dvc.yaml's titled top-level plots (first on `dvc plots show`'s page) name curve files inside
+    a stage's tracked outs — so `dvc plots diff <rev>` finds them in a revision (not the untracked
+    timing/ curves, which exist only in the workspace)."""
+    dag = yaml.safe_load((REPO / "dvc.yaml").read_text())
+    titled = [next(iter(p.items())) for p in dag["plots"] if isinstance(p, dict) and isinstance(next(iter(p.values())), dict)
+              and isinstance(next(iter(p.values())).get("y"), dict)]
+    assert titled, "no titled plot first in dvc.yaml"
+    folders = {o if isinstance(o, str) else next(iter(o)) for spec in STAGES.values() for o in spec.get("outs", [])}
+    folders |= {o if isinstance(o, str) else next(iter(o)) for spec in STAGES.values() for o in spec.get("plots", [])}
+    for title, spec in titled:
+        for path in spec["y"]:
+            assert any(path.startswith(f.rstrip("/") + "/") for f in folders), f"{title}: {path} is in no stage's outs"
