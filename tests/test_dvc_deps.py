@@ -142,6 +142,7 @@ def test_the_headline_plots_read_curves_a_stage_writes_and_tracks():
     assert titled, "no titled plot first in dvc.yaml"
     folders = {o if isinstance(o, str) else next(iter(o)) for spec in STAGES.values() for o in spec.get("outs", [])}
     folders |= {o if isinstance(o, str) else next(iter(o)) for spec in STAGES.values() for o in spec.get("plots", [])}
-    for title, spec in titled:
+    for title, spec in titled:  # (DVC writes the title into the page's script unescaped: a quote broke it)
+        assert not set("'\"\\") & set(title), f"{title}: a quote or backslash in a plot title stops the page's script"
         for path in spec["y"]:
             assert any(path.startswith(f.rstrip("/") + "/") for f in folders), f"{title}: {path} is in no stage's outs"
