@@ -230,14 +230,30 @@ def check_dvc_sets(overrides: Sequence[str], compose: Callable[[List[str]], obje
     read here as `key=`). Refused, each a run that would fail or differ from what loom reports:
     `+key=` (DVC refuses to add a key that exists, and every valid key exists), `++profile=` (Hydra
     cannot force-add a config group), `~key` (the stages would read a params.yaml without it),
-    another file's key (the DAG reads params.yaml alone), `./params.yaml:` (DVC edits the file
-    in place then, not through Hydra: another profile's values never come, and a Hydra override
-    given with it rewrites the file over the edit)."""
+    another file's key (the DAG reads params.yaml alone), `./params.yaml:` (DVC edits the file in
+    place then, outside Hydra, and its Hydra composition of params.yaml, which follows, drops the
+    edit unless a Hydra override came first), a sweep `key=a,b` (one run has one value; DVC refuses
+    it)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
     from loomcore.config import ConfigError
 
+    def as_written(call, *args):
+        try:
+            return call(*args)
+        except ConfigError as e:  # named as the user wrote it
+            message = str(e)
+            for key, override in given.items():
+                message = message.replace(repr(key), repr(override))
+            raise ConfigError(message) from None
+
+    parser = OverridesParser.create()
     keys, given = [], {}
     for override in overrides:
         body = re.sub(r"^params\.yaml:", "", override)
+        key = body[2:] if body.startswith("++") else body[1:] if body.startswith("+") else body
+        given[key] = override
         why = None
         if body.startswith("./params.yaml:"):
             why = f"DVC edits ./params.yaml in place, outside Hydra's composition: give {body[2:]!r}"
@@ -248,19 +264,19 @@ def check_dvc_sets(overrides: Sequence[str], compose: Callable[[List[str]], obje
         elif body.startswith("++profile="):
             why = f"Hydra cannot force-add the config group profile: give {body[2:]!r}"
         elif body.startswith("+") and not body.startswith("++"):
-            compose([body[1:]])  # (an unknown key: named as such)
-            why = f"`+` adds a key, and {body[1:].split('=', 1)[0]} exists (DVC refuses it): give {body[1:]!r}"
+            as_written(compose, [key])  # (an unknown key: named as such)
+            why = f"`+` adds a key, and {key.split('=', 1)[0]} exists (DVC refuses it): give {key!r}"
+        else:
+            try:
+                sweep = parser.parse_overrides([key])[0].is_sweep_override()
+            except HydraException as e:
+                why = f"not a Hydra override DVC can apply ({' '.join(str(e).split())})"
+            else:
+                why = "a sweep: one run takes one value (quote a value that holds a comma)" if sweep else None
         if why:
             raise ConfigError(f"override {override!r}: {why}")
-        keys.append(body[2:] if body.startswith("++") else body)
-        given[keys[-1]] = override
-    try:
-        return compose(keys)
-    except ConfigError as e:  # named as the user wrote it
-        message = str(e)
-        for key, override in given.items():
-            message = message.replace(repr(key), repr(override))
-        raise ConfigError(message) from None
+        keys.append(key)
+    return as_written(compose, keys)
 
 
 def _dvc_target_stage(target: str) -> Optional[str]:

@@ -123,6 +123,8 @@ def test_pipeline_refuses_an_unknown_target_before_starting_anything(capsys):
     (["./params.yaml:profile=paper"], "DVC edits ./params.yaml in place, outside Hydra's composition"),
     (["~stage1.steps"], "override '~stage1.steps': a key deleted from params.yaml fails every stage"),
     (["dvc.yaml:seed=3"], "override 'dvc.yaml:seed=3': the DAG reads params.yaml alone"),
+    (["data.source=a,b"], "override 'data.source=a,b': a sweep: one run takes one value"),  # (DVC refuses it)
+    (["params.yaml:+stage1.stepz=1"], "override 'params.yaml:+stage1.stepz=1': unknown key"),
 ])
 def test_pipeline_reads_targets_and_overrides_as_dvc_does(capsys, argv, needle):
     code = main(["pipeline", *argv])

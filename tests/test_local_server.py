@@ -179,6 +179,7 @@ def test_a_server_whose_leader_died_has_the_rest_of_its_group_stopped(monkeypatc
     of the group is stopped; a group whose every process has ended is not signalled (its id may be
     another's once the leader is reaped)."""
     import signal
+    import time
 
     from loomcore.local_server import _stop
 
@@ -191,12 +192,19 @@ def test_a_server_whose_leader_died_has_the_rest_of_its_group_stopped(monkeypatc
         _stop(leader, grace=5)
         assert _until(lambda: not _alive(worker), timeout=10)
         signalled = []
-        monkeypatch.setattr(os, "killpg", lambda *a: signalled.append(a))
-        _stop(leader)  # nothing left of the group: its id is not signalled (it may be another's by now)
+        with monkeypatch.context() as m:
+            m.setattr(os, "killpg", lambda *a: signalled.append(a))
+            _stop(leader)  # nothing left of the group: its id is not signalled (it may be another's by now)
         assert signalled == []
     finally:
         if _alive(worker):
             os.kill(worker, signal.SIGKILL)
+    # a live server stops as soon as its group has ended: its leader is ours, reaped at once (a stop
+    # through processes.stop_orphan_group waited 10 s more for init to reap it, on every loom pipeline)
+    server = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], start_new_session=True)
+    t = time.monotonic()
+    _stop(server)
+    assert server.returncode == -signal.SIGTERM and time.monotonic() - t < 5
 
 
 PROBE_STAGE = """
