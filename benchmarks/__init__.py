@@ -66,3 +66,10 @@ def output_file(text: str) -> Path:
     if not os.access(folder, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
         raise argparse.ArgumentTypeError(f"{text}: not writable")
     return path
+
+
+def refuse_repeats(p: argparse.ArgumentParser, flag: str, values) -> None:
+    """A list option whose results are keyed by value: a value given twice would drop one run."""
+    twice = sorted({v for v in values if list(values).count(v) > 1})
+    if twice:
+        p.error(f"{flag}: {', '.join(twice)} given more than once")

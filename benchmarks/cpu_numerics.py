@@ -33,7 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks import at_least, cpuinfo, cpu_name, output_file, parser
+from benchmarks import at_least, cpu_name, cpuinfo, output_file, parser, refuse_repeats
 
 
 def _machine() -> dict:
@@ -146,9 +146,7 @@ def main(argv=None) -> dict:
     if args.child:
         print(json.dumps(_child(args.steps, args.warmup, args.repeats)))
         return {}
-    twice = sorted({s for s in args.settings if args.settings.count(s) > 1})
-    if twice:
-        p.error(f"--settings: {', '.join(twice)} given more than once")
+    refuse_repeats(p, "--settings", args.settings)  # (the results are keyed by it)
     vendor = cpuinfo("vendor_id")
     isa = [s for s in args.settings if s.split(",")[0] not in ("default", "AUTO", "COMPATIBLE")]
     if vendor and vendor != "GenuineIntel" and isa:

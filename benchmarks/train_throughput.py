@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import at_least, cpu_name, output_file, parser
+from benchmarks import at_least, cpu_name, output_file, parser, refuse_repeats
 from loomcore.config import STAGES, load_config
 from loomcore.storage import S3Settings
 from loomcore.data.loader import Sample
@@ -89,9 +89,7 @@ def main(argv=None) -> dict:
     p.add_argument("--compile", action="store_true", help="GPU: torch.compile each block (train.compile)")
     p.add_argument("--out", type=output_file, default=None, help="also write the results here as JSON")
     args = p.parse_args(argv)
-    twice = sorted({s for s in args.stages if args.stages.count(s) > 1})
-    if twice:  # the results are keyed by stage
-        p.error(f"--stages: {', '.join(twice)} given more than once")
+    refuse_repeats(p, "--stages", args.stages)  # (the results are keyed by it)
     gpu = args.paper_layers is not None
     if gpu and not torch.cuda.is_available():
         raise SystemExit("--paper-layers needs a CUDA GPU")
