@@ -5,7 +5,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
+
+import re
+from collections import defaultdict
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -20,6 +23,19 @@ class SheetItem:
     source: Optional[np.ndarray] = None
     references: Sequence[np.ndarray] = ()
     note: str = ""
+
+
+def one_of_each_first(kinds: Sequence[str], n: int) -> List[int]:
+    """Indices of the rows a sheet of `n` rows shows, given each row's kind (task kind, category):
+    round robin over the kinds in order of first appearance, so that every kind has a row before
+    any has two (the first `n` rows of a manifest are whatever kinds it happens to start with)."""
+    by_kind = defaultdict(list)
+    for i, kind in enumerate(kinds):
+        by_kind[kind].append(i)
+    picks: List[int] = []
+    for depth in range(max(map(len, by_kind.values()), default=0)):
+        picks += [rows[depth] for rows in by_kind.values() if depth < len(rows)]
+    return picks[:n]
 
 
 def video_frame_indices(num_frames: int, k: int) -> List[int]:
@@ -38,10 +54,15 @@ def _scaled(frame: np.ndarray) -> "Image.Image":
     return Image.fromarray(frame).resize((max(1, round(w * ROW_H / h)), ROW_H), Image.Resampling.NEAREST)
 
 
+MAX_PROMPT_LINES = 6
+
+
 def _wrap(text: str, font, width: int) -> List[str]:
-    """`text` in lines of at most `width` pixels in `font` (a word longer than that on its own line)."""
+    """`text` in lines of at most `width` pixels in `font` (a word longer than that on its own line;
+    "@Figure 2" is one word: a reference's tag is not split over two lines)."""
     lines: List[str] = []
-    for word in text.split():
+    for word in re.findall(r"@Figure\s+\d+\S*|\S+", text):
+        word = " ".join(word.split())
         if lines and font.getlength(f"{lines[-1]} {word}") <= width:
             lines[-1] += f" {word}"
         else:
@@ -49,21 +70,36 @@ def _wrap(text: str, font, width: int) -> List[str]:
     return lines
 
 
+def _prompt_lines(text: str, font, width: int) -> List[str]:
+    """The wrapped prompt, cut at MAX_PROMPT_LINES lines with an ellipsis saying it was cut."""
+    lines = _wrap(text, font, width)
+    if len(lines) > MAX_PROMPT_LINES:
+        lines = lines[:MAX_PROMPT_LINES]
+        lines[-1] += " …"
+    return lines
+
+
+def _tiles_of(it: SheetItem, frames_per_video: int) -> List[Tuple[str, List[np.ndarray]]]:
+    """A row's labelled groups of frames: the source, each reference as the prompt names it
+    ("@Figure 1" → "Figure 1"), what was generated."""
+    groups = []
+    if it.source is not None:
+        groups.append(("source", [it.source[i] for i in video_frame_indices(len(it.source), frames_per_video)]))
+    groups += [(f"Figure {k}", [ref]) for k, ref in enumerate(it.references, 1)]
+    groups.append(("generated", [it.frames[i] for i in video_frame_indices(len(it.frames), frames_per_video)]))
+    return groups
+
+
 def sheet_image(items: Sequence[SheetItem], title: str, frames_per_video: int) -> "Image.Image":
-    """One row per item: wrapped prompt and note | source frames | references | generated frames
-    (each scaled to ROW_H pixels high), under a title."""
+    """One row per item: wrapped prompt and note | source frames | references, each labelled as
+    the prompt names it ("Figure 1", …) | generated frames (each scaled to ROW_H pixels high),
+    under a title (lines split at newlines)."""
     font = ImageFont.load_default(size=FONT_SIZE)
     rows = []
     for it in items:
-        groups = []
-        if it.source is not None:
-            groups.append(("source", [it.source[i] for i in video_frame_indices(len(it.source), frames_per_video)]))
-        if len(it.references):
-            groups.append(("references", list(it.references)))
-        groups.append(("generated", [it.frames[i] for i in video_frame_indices(len(it.frames), frames_per_video)]))
-        tiles = [(label, [_scaled(f) for f in frames]) for label, frames in groups]
+        tiles = [(label, [_scaled(f) for f in frames]) for label, frames in _tiles_of(it, frames_per_video)]
         width = TEXT_W + sum(max(sum(t.width + 2 for t in ts), LABEL_W) + GAP for _, ts in tiles)
-        text = "\n".join(_wrap(it.prompt, font, TEXT_W - 12)[:6] + [it.note])
+        text = "\n".join(_prompt_lines(it.prompt, font, TEXT_W - 12) + [it.note])
         text_h = ImageDraw.Draw(Image.new("RGB", (1, 1))).multiline_textbbox((0, 0), text, font=font, spacing=2)[3]
         height = max(ROW_H, text_h, max(t.height for _, ts in tiles for t in ts)) + 16
         row = Image.new("RGB", (width, height), (255, 255, 255))
@@ -78,10 +114,11 @@ def sheet_image(items: Sequence[SheetItem], title: str, frames_per_video: int) -
                 x += t.width + 2
             x = max(x, start + LABEL_W) + GAP
         rows.append(row)
+    title_h = ImageDraw.Draw(Image.new("RGB", (1, 1))).multiline_textbbox((0, 0), title, font=font, spacing=2)[3]
     width = max([r.width for r in rows] + [TEXT_W])
-    sheet = Image.new("RGB", (width, 20 + sum(r.height + 4 for r in rows)), (255, 255, 255))
-    ImageDraw.Draw(sheet).text((4, 3), title, fill=(0, 0, 0), font=font)
-    y = 20
+    sheet = Image.new("RGB", (width, title_h + 8 + sum(r.height + 4 for r in rows)), (255, 255, 255))
+    ImageDraw.Draw(sheet).multiline_text((4, 3), title, fill=(0, 0, 0), font=font, spacing=2)
+    y = title_h + 8
     for r in rows:
         sheet.paste(r, (0, y))
         y += r.height + 4

@@ -282,7 +282,8 @@ def test_a_stage_refuses_weights_of_another_architecture(ws):
         torch.distributed.destroy_process_group()
 
 
-def test_three_stages_chain_weights_ema_and_outs(ws):
+def test_three_stages_chain_weights_ema_and_outs(ws, capsys):
+    from loomcore.data.loader import read_index
     from loomcore.train.trainer import train_stage
 
     o = _overrides(ws, "chain", "stage1.steps=4", "stage2.steps=3", "stage3.steps=3",
@@ -308,6 +309,19 @@ def test_three_stages_chain_weights_ema_and_outs(ws):
         tsv = (out / stage / "plots/metrics/loss/all.tsv").read_text().splitlines()
         assert tsv[0] == "step\tall" and int(tsv[-1].split("\t")[0]) == s["steps"]
     assert (out / "stage1/plots/images/samples/000002.png").is_file()  # validation grids (sample_every)
+    # each grid: one of each task kind the stage trains (the first eval entries were whatever kinds came first)
+    grids = re.findall(r"(stage\d): .*|validation grid .*?; (.*)\)$", capsys.readouterr().out, re.M)
+    drawn, stage = {}, None
+    for name, caption in grids:
+        stage = name or stage
+        if caption:
+            drawn.setdefault(stage, []).append(sorted(set(re.findall(r"\((\w+)\)", caption))))
+    for stage in ("stage1", "stage2", "stage3"):
+        s = getattr(cfg, stage)
+        trained = {k for k, w in s.sampling.as_dict().items() if w > 0}
+        present = {r["task"] for r in read_index(cfg.paths.cache, "eval", s.resolution)} & trained
+        assert (len(present) > 1 or stage == "stage1") and drawn[stage] and all(kinds == sorted(present) for kinds in drawn[stage]), \
+            (stage, drawn.get(stage), present)
     assert (out / "stage2/plots/metrics/lr.tsv").is_file() and (out / "stage2/plots/metrics/grad_norm.tsv").is_file()
     readme = (REPO_ROOT / "README.md").read_text()  # its list of what each curve is: the stages' entry names every one
     entry = readme[readme.index("  - stages 1–3 (x: the optimizer step)"):].split("\n  - RL", 1)[0]

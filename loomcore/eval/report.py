@@ -19,7 +19,7 @@ metrics.json (a dozen numbers; null = no value):
 results.json:
 
     {"shapesbench": {"model": {"score", "background", "colour", "count", "motion", "reference",
-                               "psnr", "ssim", "n", "per_task": {task: {metric: …}}},
+                               "psnr", "ssim", "n", "per_task": {task: {metric: …, "n"}}},
                      "base": {… same …}},
      "vbench": {"imaging_quality", "overall_consistency", "subject_consistency", "average", "n", "failures"},
      "<judged benchmark>": {"overall", "n", "failures",
@@ -67,6 +67,7 @@ SCORES_SCHEMA = pa.schema([
 OPENVE_COLUMNS = {"global_style": "Global Style", "background_change": "Background Change",
                   "local_change": "Local Change", "local_remove": "Local Remove", "local_add": "Local Add",
                   "subtitle_edit": "Subtitle Edit", "creative_edit": "Creative Edit", "camera_edit": "Camera Edit"}
+SCHEDULERS = {"unipc": "UniPC", "euler": "Euler"}  # guidance.scheduler, as a sheet's title names it
 SHAPES_COLUMNS = {"background": "Background", "colour": "Colour", "count": "Count", "motion": "Motion",
                   "reference": "Reference", "psnr": "PSNR (dB)", "ssim": "SSIM", "score": "Score"}
 
@@ -97,7 +98,8 @@ def _shapes(rows: List[dict]) -> dict:
         per_task = defaultdict(list)
         for s in by_sample.values():
             per_task[s["_task"]].append(s)
-        entry["per_task"] = {t: {m: v["mean"] for m, v in sb.summarize(ss).items()} for t, ss in sorted(per_task.items())}
+        entry["per_task"] = {t: {**{m: v["mean"] for m, v in sb.summarize(ss).items()}, "n": len(ss)}
+                             for t, ss in sorted(per_task.items())}
         out[key] = entry
     return out
 
@@ -172,30 +174,34 @@ def tables(metrics: dict, model_name: str) -> Dict[str, List[dict]]:
             {"Model": model_name if key == "model" else "base", **{t: _f(m["per_task"].get(t, {}).get("score"), 1, 3)
                                                                 for t in tasks}}
             for key, m in metrics["shapesbench"].items()]
+        counts = next(iter(metrics["shapesbench"].values()))["per_task"]
+        out["ShapesBench per task (score)"].append({"Model": "n (samples per model)",
+                                                    **{t: counts.get(t, {}).get("n", 0) for t in tasks}})
     if "vbench" in metrics:  # Table 2, in percent
         v = metrics["vbench"]
         out["VBench (Table 2)"] = [{"Model": model_name, "Imaging Quality (%)": _f(v["imaging_quality"], 100),
                                     "Overall Consistency (%)": _f(v["overall_consistency"], 100),
                                     "Subject Consistency (%)": _f(v["subject_consistency"], 100),
-                                    "Average (%)": _f(v["average"], 100)}]  # (metrics.json: fractions)
+                                    "Average (%)": _f(v["average"], 100), "n": v["n"]}]  # (metrics.json: fractions)
     if "openve" in metrics:  # Table 3
         c = metrics["openve"]["categories"]
         row = {"Model": model_name, **{col: _f(c.get(cat, {}).get("score")) for cat, col in OPENVE_COLUMNS.items()
                                        if cat != "camera_edit" or cat in c}}
-        out["OpenVE-Bench (Table 3)"] = [{**row, "Overall": _f(metrics["openve"]["overall"])}]
+        out["OpenVE-Bench (Table 3)"] = [{**row, "Overall": _f(metrics["openve"]["overall"]), "n": metrics["openve"]["n"]}]
     if "refvie" in metrics:  # Table 4
         c = metrics["refvie"]["categories"]
         row = {"Model": model_name}
         for cat in ("subject", "background"):
             for dim in REFVIE[cat].dimensions:
                 row[REFVIE_COLUMNS[dim]] = _f(c.get(cat, {}).get(dim))
-        out["RefVIE-Bench (Table 4)"] = [{**row, "Overall": _f(metrics["refvie"]["overall"])}]
+        out["RefVIE-Bench (Table 4)"] = [{**row, "Overall": _f(metrics["refvie"]["overall"]), "n": metrics["refvie"]["n"]}]
     if "intelligentvbench" in metrics:  # Tables 5 and 6
         c = metrics["intelligentvbench"]["categories"]
         tiv = [c[k] for k in TIV2V_CATEGORIES if k in c]
         dims = ("Instruction Following", "Detail Preserving", "Overall Visual Quality")
         row = {"Model": model_name, **{d: _f(_weighted(tiv, d)) for d in dims}}
-        out["IntelligentVBench TIV2V (Table 5)"] = [{**row, "Average": _f(_weighted(tiv, "score"))}]
+        out["IntelligentVBench TIV2V (Table 5)"] = [{**row, "Average": _f(_weighted(tiv, "score")),
+                                                      "n": sum(e["n"] for e in tiv)}]
         row = {"Model": model_name}
         for group, label in (("1subject", "1 Subject"), ("2subjects", "2 Subjects"), ("3subjects", "3 Subjects")):
             entries = [v for k, v in c.items() if k in (f"mi2v_{group}", f"mi2v_{group}_bg")]
@@ -205,6 +211,7 @@ def tables(metrics: dict, model_name: str) -> Dict[str, List[dict]]:
             row[f"{label}: PF"] = _f(_weighted(entries, "Prompt Following"))
             row[f"{label}: VQ"] = _f(_weighted(entries, "Overall Visual Quality"))
             row[f"{label}: Avg"] = _f(_weighted(entries, "score"))
+        row["n"] = sum(v["n"] for k, v in c.items() if k.startswith("mi2v_"))
         out["IntelligentVBench MI2V (Table 6)"] = [row]
     if "fashionvideobench" in metrics:  # Table 7
         c = metrics["fashionvideobench"]["categories"]
@@ -212,8 +219,25 @@ def tables(metrics: dict, model_name: str) -> Dict[str, List[dict]]:
         for dim, short in zip(FASHION_DIMENSIONS, ("SC", "PF", "VQ")):
             row[short] = _f(_weighted(list(c.values()), dim))
         row.update({col: _f(c.get(cat, {}).get("score")) for cat, col in FASHION_COLUMNS.items()})
-        out["FashionVideoBench (Table 7)"] = [{**row, "Overall": _f(metrics["fashionvideobench"]["overall"])}]
+        out["FashionVideoBench (Table 7)"] = [{**row, "Overall": _f(metrics["fashionvideobench"]["overall"]),
+                                               "n": metrics["fashionvideobench"]["n"]}]
     return out
+
+
+SHAPES_NOTE = (
+    "Scored by program against the Shapes ground truth (`loomcore/eval/shapesbench.py`); each column is the "
+    "mean ± standard deviation over the samples it applies to. Background: 1 when the frame's most common colour "
+    "is the one asked for. Colour, Reference: the fraction of the asked-for (referenced) shapes' colours found. "
+    "Count: 1 − |found − asked| / asked. Motion: 1 when the shapes move the asked way (videos whose shapes "
+    "move). PSNR, SSIM: the region an edit or reconstruction must keep, against its source. **Score**: a "
+    "sample's mean of its measures in [0, 1] (all but PSNR), so 0 to 1, higher is better. n: samples (eval "
+    "rows × seeds). In scores.parquet the evaluated model is `model`, the base models `base`.\n")
+TABLE_NOTES = {
+    "ShapesBench": SHAPES_NOTE,
+    "ShapesBench per task (score)": "Each task kind's mean Score (0 to 1) over its samples; the last row counts them.\n",
+    "VBench (Table 2)": "In percent; n: the samples scored.\n",
+}
+JUDGED_NOTE = "Judged 1 to 5 per dimension; n: the samples asked (failures included, see Failures).\n"
 
 
 def _weighted(entries: List[dict], key: str) -> Optional[float]:
@@ -305,6 +329,26 @@ def rl_table(model_path: str) -> List[dict]:
              "prompts improved": f"{s['prompts_improved']} / {s['prompts']}"}]
 
 
+def sampler_note(cfg) -> str:
+    """How evaluation samples: steps, scheduler, guidance scales and the sampling shift."""
+    g = cfg.guidance
+    shift = f"shift eq. 3 at each sample's size (alpha {g.shift_scale:g})" if g.dynamic_shift else f"shift {g.flow_shift:g}"
+    return (f"{cfg.eval.steps} {SCHEDULERS.get(g.scheduler, g.scheduler)} steps · guidance: text {g.text_scale:g}, "
+            f"an edit's text {g.text_scale_edit:g} and visual {g.visual_scale:g} · {shift}")
+
+
+def _sheet_title(cfg, name: str, model_name: str, shown: int, n: int) -> str:
+    """A contact sheet's title: what it shows, how it was sampled, what its scores are."""
+    who = "base models (untrained)" if name.endswith("-base") else model_name
+    kind = "task kind" if name.startswith("shapesbench") else "category"
+    lines = [f"{name}: {who} · {shown} of {n} samples, one of each {kind} first", sampler_note(cfg)]
+    if cfg.profile == "tiny" and name == "vbench":
+        lines.append("scores: VBench on random tiny backbones (stand-ins): they mean nothing")
+    elif cfg.profile == "tiny" and not name.startswith("shapesbench"):
+        lines.append("judge: the tiny stand-in program (1 to 5, colours read through the Shapes palette), not a VLM")
+    return "\n".join(lines)
+
+
 def write_outputs(cfg, rows: List[dict], sheets: Dict[str, list], *, model_path: str, model_name: str,
                   skipped: Dict[str, str], judge_name: Optional[str]) -> dict:
     e = cfg.eval
@@ -321,13 +365,12 @@ def write_outputs(cfg, rows: List[dict], sheets: Dict[str, list], *, model_path:
         if items:
             bench, key = ("shapesbench", name.split("-", 1)[1]) if name.startswith("shapesbench-") else (name, "model")
             n = len({r["sample_id"] for r in rows if r["benchmark"] == bench and r["model"] == key})
-            title = (f"{name}: {model_name if not name.endswith('-base') else 'base models'} "
-                     f"({len(items)} of {n} samples)")
+            title = _sheet_title(cfg, name, model_name, len(items), n)
             sheet_paths[name] = contact_sheet(items, samples / f"{name}.png", title, e.sheet_frames)
     tabs = tables(metrics, model_name)
     failures = _failure_table(rows)
     md = [f"# Evaluation of `{model_name}`\n", f"Weights: `{model_path}` · profile `{cfg.profile}` · "
-          f"{e.steps} sampling steps · seed {e.seed} · judge: {judge_name or '–'} · VBench backbones: "
+          f"{sampler_note(cfg)} · seed {e.seed} · judge: {judge_name or '–'} · VBench backbones: "
           f"CLIP `{e.vbench.clip or '–'}`, DINO `{e.vbench.dino or '–'}`\n"]
     if cfg.profile != "tiny":
         md.append("VBench here is not the paper's Table 2: Imaging Quality is CLIP-IQA (not MUSIQ) and Overall "
@@ -343,8 +386,9 @@ def write_outputs(cfg, rows: List[dict], sheets: Dict[str, list], *, model_path:
                   "read through the Shapes palette, not shapes: a sample with the right colours in blurred "
                   "blocks rates well (each dimension scores 1 + 4 × a measure in [0, 1]) — its tables test the "
                   "judged path, not the pictures. ShapesBench is the tiny profile's measure.\n")
+    md.append("In every table, – means not measured: no sample asks for it, or each one failed (Failures).\n")
     for name, trows in tabs.items():
-        md += [f"## {name}\n", _md(trows)]
+        md += [f"## {name}\n", TABLE_NOTES.get(name, JUDGED_NOTE), _md(trows)]
     rl = rl_table(model_path)
     if rl:
         md += ["## RL: held-out reward (from the RL stage's summary.json)\n", _md(rl)]

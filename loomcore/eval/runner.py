@@ -39,7 +39,7 @@ from loomcore.eval.journal import Journal, benchmark_fingerprint, sample_fingerp
 from loomcore.eval.judge import Judge, JudgeMedia, ask, judge_session
 from loomcore.eval.metrics import VBENCH_METRICS, VBenchScorer
 from loomcore.eval.prompts import TEMPLATES, template_for
-from loomcore.sheets import SheetItem
+from loomcore.sheets import SheetItem, one_of_each_first
 from loomcore.storage import S3Settings, is_s3
 from loomcore.threads import intra_op_threads
 from loomcore.train.weights import resolve_weights
@@ -130,14 +130,15 @@ def run_shapesbench(pipe, cfg: Config, model: str, rows: Sequence[dict], truth: 
     journal = journal or Journal(None)
     scoring = sb.ShapesScoring.from_config(e.shapes)
     root = Path(cfg.paths.data_root)
-    out, sheet = [], []
-    for r in rows:
+    out, sheet = [], {}
+    on_sheet = {j: rank for rank, j in enumerate(one_of_each_first([r["task"] for r in rows], e.sheet_samples))}
+    for j, r in enumerate(rows):
         w, h = next((b["width"], b["height"]) for b in r["bucket_sizes"] if b["res"] == res)
         frames = 1 if r["output"] == "image" else cfg.video.frames[res]
         source, refs = root / r["source"] if r["source"] else None, [root / p for p in r["refs"]]
         for k in range(seeds):
             sid = r["id"] if seeds == 1 else f"{r['id']}#{k}"
-            wants_sheet = k == 0 and len(sheet) < e.sheet_samples
+            wants_sheet = k == 0 and j in on_sheet
 
             def score() -> Tuple[List[dict], Optional[SheetItem]]:
                 t = sb.ground_truth(truth[r["id"]], (w, h), frames)
@@ -151,7 +152,7 @@ def run_shapesbench(pipe, cfg: Config, model: str, rows: Sequence[dict], truth: 
                 scored = [_row(model, "shapesbench", sid, r["task"], r["task"], m, v, r["caption"])
                           for m, v in scores.items() if not math.isnan(v)]
                 item = SheetItem(r["caption"] or "(reconstruct)", gen.frames, gen.source, gen.references,
-                                 f"{r['task']} · score {scores['score']:.2f}") if wants_sheet else None
+                                 f"{sid} · {r['task']} · score {scores['score']:.2f}") if wants_sheet else None
                 return scored, item
 
             fingerprint = sample_fingerprint({"row": r, "truth": truth[r["id"]], "size": [w, h], "seed": k},
@@ -159,9 +160,9 @@ def run_shapesbench(pipe, cfg: Config, model: str, rows: Sequence[dict], truth: 
             scored, item = journal.scored((model, "shapesbench", sid), fingerprint, wants_sheet, score)
             out += scored
             if item is not None:
-                sheet.append(item)
+                sheet[on_sheet[j]] = item
             step()
-    return out, sheet
+    return out, [sheet[rank] for rank in sorted(sheet)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -219,8 +220,9 @@ def run_benchmark(pipe, cfg: Config, model: str, samples: Sequence[BenchmarkSamp
     the `journal` holds is not generated again."""
     e = cfg.eval
     journal = journal or Journal(None)
-    out, sheet = [], []
-    for s in samples:
+    out, sheet = [], {}
+    on_sheet = {j: rank for rank, j in enumerate(one_of_each_first([s.category for s in samples], e.sheet_samples))}
+    for j, s in enumerate(samples):
         category = s.category
         if s.benchmark == "vbench":
             metrics: Sequence[str] = s.dimensions or VBENCH_METRICS
@@ -235,7 +237,7 @@ def run_benchmark(pipe, cfg: Config, model: str, samples: Sequence[BenchmarkSamp
             out += fail(s.unsupported or f"missing file(s): {', '.join(s.missing)}")
             step()
             continue
-        wants_sheet = len(sheet) < e.sheet_samples
+        wants_sheet = j in on_sheet
 
         def score() -> Tuple[List[dict], Optional[SheetItem]]:
             try:
@@ -258,16 +260,16 @@ def run_benchmark(pipe, cfg: Config, model: str, samples: Sequence[BenchmarkSamp
                 rows = [_row(model, s.benchmark, s.id, s.task, template.category, m, v, s.prompt, result.failure,
                              result.attempts, result.answer) for m, v in values.items()]
                 note = f"judge: {result.average:.2f}" if result.ok else "judge: FAILED"
-            item = SheetItem(s.prompt, gen.frames, gen.source, gen.references, f"{s.category} · {note}") \
+            item = SheetItem(s.prompt, gen.frames, gen.source, gen.references, f"{s.id} · {s.category} · {note}") \
                 if wants_sheet else None
             return rows, item
 
         rows, item = journal.scored((model, s.benchmark, s.id), benchmark_fingerprint(s), wants_sheet, score)
         out += rows
         if item is not None:
-            sheet.append(item)
+            sheet[on_sheet[j]] = item
         step()
-    return out, sheet
+    return out, [sheet[rank] for rank in sorted(sheet)]
 
 
 # --------------------------------------------------------------------------------------------

@@ -83,7 +83,7 @@ class Trainer(Harness):
         self.contexts = context_source(cfg, self.loader.reader, self.loader.null_context, self.device)
         from loomcore.train.validation import maybe_validator
 
-        self.validator = maybe_validator(cfg, s, s.source_embedding, self.device, self.contexts)  # every rank samples
+        self.validator = maybe_validator(cfg, self.stage, s, s.source_embedding, self.device, self.contexts)  # every rank samples
         pieces = {"model": ModelState(self.model)}
         if self.ema is not None:
             pieces["ema"] = EMAState(self.ema)
@@ -209,8 +209,9 @@ class Trainer(Harness):
         with self.ema.swapped(self.model) if self.ema is not None else nullcontext():
             latents = self.validator.sample(self.model)
         if self.runlog is not None:
-            path = self.runlog.log_image(step, f"samples/{step:06d}.png", self.validator.grid(latents))
-            self.log(f"validation grid {path} ({'EMA' if self.ema else 'live'} weights; {self.validator.caption()})")
+            weights = "EMA" if self.ema is not None else "live"
+            path = self.runlog.log_image(step, f"samples/{step:06d}.png", self.validator.grid(latents, step, weights))
+            self.log(f"validation grid {path} ({weights} weights; {self.validator.caption()})")
 
     # -- outputs ------------------------------------------------------------------------------
 

@@ -1,12 +1,16 @@
 """Validation samples during training: a few fixed prompts, Euler-sampled and decoded to a PNG grid.
 
-The prompts are the first `train.validation_prompts` eval entries of the stage's resolution in
-the cache (their full MLLM condition — cached, or encoded once in the online mode — sources and
-references, no dropout), packed into one sequence and sampled together from the same seeded noise
-every time, so that grids from different steps compare like for like. Sampling uses `guidance.steps`
+The prompts are eval entries of the stage's resolution in the cache, one of each task kind the
+stage trains before any kind has two (`loomcore.sheets.one_of_each_first`), `train.validation_prompts`
+of them or one per trained kind if that is more: a grid of the first entries showed whatever kinds
+the manifest starts with (stage 3's references were never drawn). Their full MLLM condition —
+cached, or encoded once in the online mode — sources and references, no dropout, packed into one
+sequence and sampled together from the same seeded noise every time, so that grids from different
+steps compare like for like. Sampling uses `guidance.steps`
 Euler steps with the sampling shift of `guidance` (fixed, or eq. 3 per sample: `SamplingShift`),
 no guidance. The grid is a contact sheet (`loomcore.sheets`, as evaluation's): a row per prompt with
-its id and task, its source, and its frames (at most `train.validation_frames`, evenly spaced).
+its id and task, its source and references, and its frames (at most `train.validation_frames`,
+evenly spaced), under a title naming the stage, the step and the weights.
 
 Every rank runs the sampler (FSDP2's forward is a collective); rank 0 decodes and draws.
 """
@@ -24,16 +28,19 @@ from loomcore.models.codec import load_codec
 from loomcore.models.dit import unpack_latents
 from loomcore.models.mllm import DROP_NONE
 from loomcore.models.packed import PackItem, pack_conditions, sample_pack
-from loomcore.sheets import SheetItem, sheet_image
+from loomcore.sheets import SheetItem, one_of_each_first, sheet_image
 from loomcore.storage import S3Settings
 
 
 class Validator:
-    def __init__(self, cfg: Config, stage: StageConfig, use_source: bool, device: torch.device, contexts):
-        self.cfg, self.device = cfg, device
+    def __init__(self, cfg: Config, name: str, stage: StageConfig, use_source: bool, device: torch.device, contexts):
+        self.cfg, self.name, self.device = cfg, name, device
         self.patch_size = tuple(cfg.dit.patch_size)
         reader = ShardReader(cfg.paths.cache, settings=S3Settings.from_config(cfg.s3))
-        rows = read_index(reader.root, "eval", stage.resolution)[: cfg.train.validation_prompts]
+        trained = {k for k, w in stage.sampling.as_dict().items() if w > 0}
+        rows = [r for r in read_index(reader.root, "eval", stage.resolution) if r["task"] in trained]
+        rows = [rows[j] for j in one_of_each_first([r["task"] for r in rows],
+                                                   max(cfg.train.validation_prompts, len(trained)))]
         self.ids = [r["id"] for r in rows]
         self.tasks = [r["task"] for r in rows]
         self.prompts = [r["caption"] or "(reconstruct)" for r in rows]
@@ -61,9 +68,10 @@ class Validator:
         z = sample_pack(model, self.pack, noise, self.timesteps, self.cfg.flow.timestep_scale, self.device)
         return unpack_latents(z.cpu(), self.layout.grid_sizes, self.patch_size)
 
-    def grid(self, latents: List[torch.Tensor]):
+    def grid(self, latents: List[torch.Tensor], step: int, weights: str):
         """A contact sheet (PIL image, `loomcore.sheets`): one row per prompt — its prompt, id and
-        task, the source it edits, up to `validation_frames` decoded frames."""
+        task, the source it edits, its references, up to `validation_frames` decoded frames —
+        titled with the stage, the `step` and the `weights` sampled ("EMA" or "live")."""
         if self._codec is None:
             self._codec = load_codec(self.cfg.models.codec, self.cfg.models.vae,
                                      s3_settings=S3Settings.from_config(self.cfg.s3)).to(self.device)
@@ -75,14 +83,15 @@ class Validator:
         rows = zip(latents, self.sources, self.refs, self.prompts, self.ids, self.tasks)
         items = [SheetItem(prompt, frames_of(z), None if src is None else frames_of(src),
                            [frames_of(r)[0] for r in refs], f"{i} · {task}") for z, src, refs, prompt, i, task in rows]
-        title = f"validation: {len(items)} fixed held-out prompts, {self.cfg.guidance.steps} Euler steps, no guidance"
+        title = (f"{self.name} validation · step {step} · {weights} weights\n{len(items)} fixed held-out prompts, "
+                 f"one of each task kind the stage trains first · {self.cfg.guidance.steps} Euler steps, no guidance")
         return sheet_image(items, title, self.cfg.train.validation_frames)
 
     def caption(self) -> str:
         return ", ".join(f"{i} ({t})" for i, t in zip(self.ids, self.tasks))
 
 
-def maybe_validator(cfg: Config, stage: StageConfig, use_source: bool, device: torch.device,
+def maybe_validator(cfg: Config, name: str, stage: StageConfig, use_source: bool, device: torch.device,
                     contexts) -> Optional[Validator]:
-    v = Validator(cfg, stage, use_source, device, contexts)
+    v = Validator(cfg, name, stage, use_source, device, contexts)
     return v if v.layout is not None else None

@@ -1,0 +1,89 @@
+"""Contact sheets (`loomcore.sheets`) and which rows they show: evaluation's sheets
+(`outputs/eval/samples/*.png`) and the training stages' validation grids."""
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import ImageFont
+
+from loomcore.sheets import FONT_SIZE, TEXT_W, SheetItem, _prompt_lines, _tiles_of, _wrap, one_of_each_first, sheet_image
+
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
+
+
+def test_one_of_each_kind_before_any_kind_twice():
+    kinds = ["t2v", "t2v", "ti2i", "t2v", "t2i", "ti2i"]
+    assert one_of_each_first(kinds, 3) == [0, 2, 4]  # the first 3 rows would be t2v, t2v, ti2i
+    assert one_of_each_first(kinds, 5) == [0, 2, 4, 1, 5]
+    assert sorted(one_of_each_first(kinds, 99)) == list(range(6))
+    assert one_of_each_first([], 4) == []
+
+
+def test_a_reference_tag_is_never_split_over_two_lines():
+    font = ImageFont.load_default(size=FONT_SIZE)
+    text = "replace the black diamond with the shape in @Figure 1 and the circle with @Figure 2"
+    splits = 0
+    for width in range(60, 400, 4):
+        lines = _wrap(text, font, width)
+        assert " ".join(lines) == text
+        assert not any(line.endswith("@Figure") for line in lines), (width, lines)
+        splits += any(line.startswith("@Figure") for line in lines)
+    assert splits  # some widths do put a tag at a line's start (so the check above was exercised)
+
+
+def test_a_cut_prompt_ends_in_an_ellipsis():
+    font = ImageFont.load_default(size=FONT_SIZE)
+    short = "a red circle on a blue background"
+    assert _prompt_lines(short, font, TEXT_W - 12) == [short]
+    long = " ".join(["a red circle moves left"] * 20)
+    lines = _prompt_lines(long, font, TEXT_W - 12)
+    assert len(lines) == 6 and lines[-1].endswith(" …") and not lines[-2].endswith("…")
+
+
+def test_references_are_labelled_as_the_prompt_names_them_and_titles_have_lines():
+    frame = np.zeros((2, 8, 8, 3), np.uint8)
+    item = SheetItem("put @Figure 1 and @Figure 2 in", frame, source=frame, references=[frame[0], frame[0]])
+    assert [label for label, _ in _tiles_of(item, 4)] == ["source", "Figure 1", "Figure 2", "generated"]
+    assert [label for label, _ in _tiles_of(SheetItem("a prompt", frame), 4)] == ["generated"]
+    one, two = sheet_image([item], "a title", 4), sheet_image([item], "a title\nits second line", 4)
+    assert two.height > one.height and two.width == one.width
+
+
+def test_the_evaluation_sheet_shows_one_of_each_task_kind(tiny_workspace):
+    """With room for 2 rows, the sheet of rows [a, a, b] (a, b task kinds) shows an a and the b
+    (it showed the first two rows: both a); each row names its sample."""
+    from loomcore.eval.runner import run_shapesbench, shapes_rows
+    from loomcore.pipeline import LoomVideoPipeline
+
+    cfg, _ = tiny_workspace
+    cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, sheet_samples=2, steps=2))
+    rows, truth = shapes_rows(cfg)
+    by_task = {}
+    for r in rows:
+        by_task.setdefault(r["task"], []).append(r)
+    a = next(t for t, rs in by_task.items() if len(rs) >= 2)
+    b = next(t for t in by_task if t != a)
+    chosen = by_task[a][:2] + by_task[b][:1]
+    pipe = LoomVideoPipeline.from_config_models(cfg)
+    pipe.set_progress_bar_config(disable=True)
+    out, sheet = run_shapesbench(pipe, cfg, "model", chosen, truth, 1)
+    assert len({r["sample_id"] for r in out}) == 3  # every row scored, on the sheet or not
+    assert [it.note.split(" · ")[:2] for it in sheet] == [[chosen[0]["id"], a], [chosen[2]["id"], b]]
+
+
+def test_sheet_titles_use_only_letters_the_sheet_font_draws():
+    """Pillow's built-in font has no α, en dash or ×: each drew as a box in a title."""
+    from loomcore.config import load_config
+    from loomcore.eval.report import _sheet_title
+
+    font = ImageFont.load_default(size=FONT_SIZE)
+    missing = np.asarray(font.getmask("\uffff")).tobytes()
+    for profile in ("tiny", "paper"):
+        cfg = load_config([], profile=profile)
+        for name in ("shapesbench-model", "shapesbench-base", "vbench", "openve"):
+            title = _sheet_title(cfg, name, "rl", 10, 120)
+            drawn_as_box = {c for c in title if not c.isspace() and np.asarray(font.getmask(c)).tobytes() == missing}
+            assert not drawn_as_box, (profile, name, title)
