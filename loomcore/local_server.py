@@ -30,7 +30,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence
 
-from loomcore.processes import group_members
+from loomcore.processes import stop_own_group
 
 STARTUP_TIMEOUT_S = 180.0  # as tasks/__init__.py allows Prefect's temporary server on a busy 2-core machine
 
@@ -211,7 +211,7 @@ def prefect_server(env: Optional[Mapping[str, str]] = None, *, host: str = "127.
                     yield {**env, "PREFECT_API_URL": api_url}
                     return
             finally:
-                _stop(proc)
+                stop_own_group(proc, grace=15.0)
                 on_stop(proc.pid)
 
 
@@ -239,31 +239,3 @@ def _port_taken(log_path: Path, port: int) -> bool:
     already in use"), or uvicorn's bind error when the port was taken after that check."""
     text = log_path.read_text(errors="replace").lower() if log_path.is_file() else ""
     return f"port {port} is already in use" in text or "address already in use" in text
-
-
-def _stop(proc: subprocess.Popen, grace: float = 15.0) -> None:
-    """SIGTERM to the server's process group (uvicorn and its services), SIGKILL after `grace`:
-    what is left of the group too when its leader has already exited (a server that died leaving a
-    worker). A group with a live member is still this one (its id is not reused while it has any),
-    so an emptied one is never signalled: its number may be another's once the leader is reaped.
-    (Not `processes.stop_orphan_group`: that stops groups of processes this one did not start, whose
-    zombies only init reaps, and waits up to 10 s for it; the leader here is ours to reap, at once.)"""
-
-    def left() -> bool:
-        return proc.poll() is None or bool(group_members(proc.pid))  # (poll reaps our leader)
-
-    if not left():
-        return
-    try:
-        os.killpg(proc.pid, 15)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + grace
-    while left() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    if left():
-        try:
-            os.killpg(proc.pid, 9)
-        except ProcessLookupError:
-            pass
-        proc.wait()

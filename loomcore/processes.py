@@ -1,6 +1,6 @@
-"""The process table, read from /proc (Linux): what `loom pipeline` (loomcore.cli) and the tasks
-that stop process groups (tasks.proc) look at. A zombie counts as gone: in a container whose
-init does not reap, an orphan that ended stays one."""
+"""The process table, read from /proc (Linux), and stopping process groups by it: what `loom
+pipeline` (loomcore.cli), its Prefect server (loomcore.local_server) and the tasks (tasks.proc)
+use. A zombie counts as gone: in a container whose init does not reap, an orphan that ended stays one."""
 
 from __future__ import annotations
 
@@ -67,6 +67,44 @@ def outside_descendants(pgid: int) -> List[tuple]:
             if group != pgid and state != "Z":
                 found.append((child, started))
     return found
+
+
+def stop_own_group(proc, grace: float = 10.0) -> bool:
+    """Stop the process group of `proc`, a session leader this process started (a subprocess.Popen
+    with start_new_session): SIGTERM to the group, SIGKILL to what is left of it after `grace`
+    seconds — also when the leader has already exited (a server's worker, a stage command's
+    children may outlive it) — and SIGKILL to what is left of the processes below it in groups of
+    their own (torchrun starts each rank in a session of its own; SIGKILL of the agent alone would
+    leave them training). Those are found while they are still below the group, and killed only if
+    the same process (pid and start time) is still there. A group with a live member is still this
+    one (its id is not reused while it has any), so an emptied one is never signalled: its number
+    may be another's once the leader is reaped. True if anything was left to stop.
+    (Not `stop_orphan_group`: that stops groups of processes this one did not start, whose zombies
+    only init reaps, and waits up to 10 s for it; the leader here is ours to reap, at once.)"""
+
+    def left() -> bool:
+        return proc.poll() is None or bool(group_members(proc.pid))  # (poll reaps our leader)
+
+    if not left():
+        return False
+    below = outside_descendants(proc.pid)
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:  # (its last member ended since)
+        pass
+    else:
+        deadline = time.monotonic() + grace
+        while left() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        below = list(dict.fromkeys(below + outside_descendants(proc.pid)))  # (ranks started since)
+        if left():
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait()
+    kill_if_alive(below)
+    return True
 
 
 def _cwd_inside(pid: int, root: Path) -> bool:

@@ -3,7 +3,8 @@
 Each runs in its own process group (a new session), its output streamed line by line to the run's
 log, under a timeout. The whole group is stopped — SIGTERM, then SIGKILL after a grace period —
 when the timeout passes, when the task is cancelled (Prefect sends the flow-run process SIGTERM),
-or when the parent exits. Nothing is left running that could hold a GPU or DVC's lock.
+when the parent exits, and what is left of it when its leader exits (killed, say, with processes
+it started still running). Nothing is left running that could hold a GPU or DVC's lock.
 
 A parent killed with SIGKILL runs no handler, so its groups live on as orphans; the pipeline lock
 (tasks.dvc.pipeline_lock) records the groups a run starts, and the next run on the checkout stops
@@ -15,7 +16,6 @@ from __future__ import annotations
 import atexit
 import contextlib
 import logging
-import os
 import re
 import signal
 import subprocess
@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence
 
-from loomcore.processes import kill_if_alive, outside_descendants
+from loomcore.processes import stop_own_group as stop_group  # (SIGTERM, grace, SIGKILL; torchrun's ranks too)
 
 _live: Dict[int, subprocess.Popen] = {}
 _lock = threading.Lock()
@@ -127,33 +127,6 @@ class SubprocessTimeout(SubprocessFailed, TimeoutError):
         self.args = (f"`{' '.join(cmd)}` timed out after {timeout:g} s and was stopped (whole process group)",)
 
 
-def stop_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
-    """SIGTERM the process group, wait up to `grace` seconds for its leader, then SIGKILL what is
-    left of the group — also when the leader has already exited (ranks or a stage command may
-    outlive it; the kernel keeps the group id reserved while any member lives) — and what is left
-    of the processes below it that live in groups of their own: torchrun starts each rank in a
-    session of its own, and SIGKILL of the agent alone would leave the ranks running (training,
-    holding their GPUs). Those are found before the SIGTERM, while they are still the group's
-    children, and killed only if the same process (pid and start time) is still there."""
-    below = outside_descendants(proc.pid)
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-    except ProcessLookupError:  # no member left
-        proc.poll()
-    else:
-        try:
-            proc.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            pass
-        below = list(dict.fromkeys(below + outside_descendants(proc.pid)))  # (ranks started since)
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait()
-    kill_if_alive(below)
-
-
 def _stop_all(*_args) -> None:
     with _lock:
         procs = list(_live.values())
@@ -239,6 +212,10 @@ def run_streaming(
                 reader.join(timeout=5)
                 raise SubprocessTimeout(cmd, timeout, tail)
             time.sleep(0.1)
+        # The leader is gone; what it started in its group (DVC's stage, torchrun's workers) would run
+        # on, no longer in the lock's record once the group is dropped from it below.
+        if stop_group(proc, grace):
+            log(f"`{' '.join(cmd)}` exited ({proc.returncode}) leaving processes in its group: stopped them")
         reader.join(timeout=5)
     except BaseException:  # cancellation, KeyboardInterrupt, timeout: never leave the group running
         stop_group(proc, grace)

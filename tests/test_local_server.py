@@ -181,7 +181,7 @@ def test_a_server_whose_leader_died_has_the_rest_of_its_group_stopped(monkeypatc
     import signal
     import time
 
-    from loomcore.local_server import _stop
+    from loomcore.processes import stop_own_group as _stop
 
     leader = subprocess.Popen([sys.executable, "-c", "import subprocess, sys\n"
                                "w = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])\n"

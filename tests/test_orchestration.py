@@ -286,6 +286,42 @@ def test_a_stage_deployment_killed_outright_leaves_its_torchrun_to_the_next_hold
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)  # (a failed run leaves no stand-in behind)
 
+def test_a_leader_killed_outright_has_the_rest_of_its_group_stopped_before_the_record_drops_it(tmp_path):
+    """`dvc` or torchrun's agent dies of a signal (the OOM killer, a `kill -9`) while a process it
+    started in its group runs on: run_streaming saw its leader end and dropped the group from the
+    lock's record, the child running on with nothing to name it. Now what is left of the group is
+    stopped first. A real leader that forks a sleeper and SIGKILLs itself."""
+    from loomcore.processes import group_members
+    from tasks.proc import SubprocessFailed, groups_recorded, run_streaming
+
+    class Record:  # the pipeline lock's side of groups_recorded; notes what of a group lived as it was dropped
+        def __init__(self):
+            self.groups, self.alive_when_dropped = [], None
+
+        def add_group(self, pgid):
+            self.groups.append(pgid)
+
+        def remove_group(self, pgid):
+            self.alive_when_dropped = group_members(pgid)
+            self.groups.remove(pgid)
+
+    record, child_pid = Record(), tmp_path / "child-pid"
+    leader = ("import os, signal, subprocess, sys\n"
+              "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)'])\n"
+              f"open({str(child_pid)!r}, 'w').write(str(child.pid))\n"
+              "os.kill(os.getpid(), signal.SIGKILL)\n")
+    try:
+        with groups_recorded(record), pytest.raises(SubprocessFailed) as err:
+            run_streaming([sys.executable, "-c", leader], log=lambda _: None, timeout=60, grace=5)
+        assert err.value.returncode == -signal.SIGKILL
+        child = int(child_pid.read_text())
+        assert record.groups == [] and record.alive_when_dropped == []
+        wait_for(lambda: not alive(child), 2, "the leader's child to end")
+    finally:
+        if child_pid.exists() and alive(int(child_pid.read_text())):
+            os.kill(int(child_pid.read_text()), signal.SIGKILL)
+
+
 def test_a_group_that_outlives_the_lock_writes_nothing_after_its_release(tmp_path):
     """A group started while the lock was held, by a thread that outlives the lock, ends after the
     release: its record update must not write to the lock's closed descriptor — whose number the
