@@ -18,13 +18,16 @@ import copy
 import difflib
 import functools
 import hashlib
+import ipaddress
 import json
 import math
+import re
 import typing
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -647,6 +650,8 @@ def load_config(
             layer = OmegaConf.to_container(OmegaConf.from_dotlist([ov]))
         except OmegaConfBaseException as e:
             raise ConfigError(f"override {ov!r}: {_describe(e)}") from None
+        except yaml.YAMLError:  # (e.g. an IPv6 endpoint, `[::1]:29500`, which YAML reads as a list)
+            raise ConfigError(f"override {ov!r}: its value is not valid YAML; quote it: key='value'") from None
         ov_layers.append((f"override {ov!r}", layer))
     prof_ov = [layer["profile"] for _, layer in ov_layers if "profile" in layer]
     ov_layers = [(src, layer) for src, layer in ov_layers if "profile" not in layer]
@@ -686,6 +691,28 @@ def load_config(
 # --------------------------------------------------------------------------------------------
 # Semantic checks
 # --------------------------------------------------------------------------------------------
+
+
+def _endpoint_problem(endpoint: str) -> Optional[str]:
+    """Why `endpoint` is not a host:port that torchrun's rendezvous parses, or None."""
+    host, sep, port = endpoint.rpartition(":")
+    if not sep:
+        return "no port"
+    if not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
+        return f"port {port!r} is not an integer 1–65535"
+    if host.startswith("[") and host.endswith("]"):
+        try:
+            ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            return f"{host} is not an IPv6 address"
+        return None
+    if not host:
+        return "no host"
+    if ":" in host:
+        return f"the IPv6 host {host!r} is not in brackets"
+    if not re.fullmatch(r"[\w.-]+", host):  # (torchrun's rule)
+        return f"host {host!r} is not a name or an address"
+    return None
 
 
 def _validate(cfg: Config) -> None:
@@ -733,6 +760,10 @@ def _validate(cfg: Config) -> None:
           f"mllm.layers_used = {cfg.mllm.layers_used}: Deepstack feeds one MLLM layer to each DiT "
           f"block, so it must equal dit.num_layers ({cfg.dit.num_layers})")
     check(len(cfg.dit.patch_size) == 3, f"dit.patch_size = {cfg.dit.patch_size}: expected [pt, ph, pw]")
+    check(cfg.dit.num_attention_heads >= 1, f"dit.num_attention_heads = {cfg.dit.num_attention_heads}: expected >= 1")
+    check(cfg.dit.attention_head_dim >= 2 and cfg.dit.attention_head_dim % 2 == 0,
+          f"dit.attention_head_dim = {cfg.dit.attention_head_dim}: expected a positive even number (Wan's RoPE "
+          "rotates a head's channels in pairs, split over time, height and width: models/rope.py)")
     check(cfg.dit.in_channels == cfg.codec.latent_channels,
           f"dit.in_channels = {cfg.dit.in_channels}: expected codec.latent_channels ({cfg.codec.latent_channels})")
     check(cfg.rope.ref_offset > 0, f"rope.ref_offset = {cfg.rope.ref_offset}: expected a positive integer")
@@ -816,8 +847,9 @@ def _validate(cfg: Config) -> None:
     check(10 <= t.peer_timeout_s < 1800, f"train.peer_timeout_s = {t.peer_timeout_s}: expected 10 … 1800 s (a beat "
           "every tenth of it, on the one store; below the collectives' 30-minute timeout, which it stands in for)")
     check(t.preflight_min_free_gib >= 0, f"train.preflight_min_free_gib = {t.preflight_min_free_gib}: expected >= 0")
-    check(":" in cfg.orchestration.rdzv_endpoint,
-          f"orchestration.rdzv_endpoint = {cfg.orchestration.rdzv_endpoint!r}: expected host:port")
+    why = _endpoint_problem(cfg.orchestration.rdzv_endpoint)
+    check(why is None, f"orchestration.rdzv_endpoint = {cfg.orchestration.rdzv_endpoint!r}: {why} (expected host:port, "
+          "an IPv6 host in brackets: [::1]:29500)")
     check(all(s >= 1 for s in t.debug_nan_steps), f"train.debug_nan_steps = {t.debug_nan_steps}: steps are 1-based")
 
     x = cfg.export

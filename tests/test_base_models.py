@@ -111,6 +111,24 @@ def test_paper_dims_are_not_built_at_random():
         init_models(load_config(profile="paper"))
 
 
+def test_dims_that_cannot_be_built_are_refused_naming_the_keys_before_anything_is_built(tmp_path):
+    """Too-large dims, a tiny MLLM width or codec factors the builders have no layout for: a bare
+    ValueError, some after other folders were already built. Now a ConfigError names the keys, up
+    front. (An odd dit.attention_head_dim, an AssertionError in diffusers' RoPE: test_config.)"""
+    from loomcore.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"dit\.num_layers/num_attention_heads/attention_head_dim/ffn_dim = "
+                                          r"4/4/4096/512 and mllm\.num_layers/hidden_size = 5/32 give ~8\.7B"):
+        init_models(load_config(["dit.attention_head_dim=4096"], profile="tiny"), out_dir=tmp_path / "big")
+    with pytest.raises(ConfigError, match=r"mllm\.hidden_size = 30: the tiny Qwen3-VL needs"):
+        init_models(load_config(["mllm.hidden_size=30"], profile="tiny"), out_dir=tmp_path / "mllm")
+    std = ["codec.latent_channels=16", "dit.in_channels=16", "dit.out_channels=16"]  # space_to_depth at 2: 3·2² = 12
+    with pytest.raises(ConfigError, match=r"codec\.temporal_factor/latent_channels = 1/16: models\.codec = "
+                                          r"space_to_depth needs 1 and 3·2² = 12"):
+        init_models(load_config(std, profile="tiny"), out_dir=tmp_path / "codec")
+    assert not any((tmp_path / d).exists() for d in ("big", "mllm", "codec"))  # (the transformer was built first)
+
+
 # -- check_paper_models ----------------------------------------------------------------------
 
 

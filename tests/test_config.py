@@ -85,12 +85,36 @@ def test_fingerprint_tracks_sections():
         (["video.fps=-8"], "video.fps = -8: expected frames per second > 0"),
         (["mllm.layers_used=1"], "must equal dit.num_layers (4)"),
         (["mllm.tiny_attention=causal"], "mllm.tiny_attention = 'causal': expected one of ('random', 'previous_token')"),
+        (["dit.attention_head_dim=33"], "dit.attention_head_dim = 33: expected a positive even number"),
+        (["dit.num_attention_heads=0"], "dit.num_attention_heads = 0: expected >= 1"),
     ],
 )
 def test_refusals_name_key_value_and_expectation(overrides, needle):
     with pytest.raises(ConfigError) as e:
         load_config(overrides)
     assert needle in str(e.value)
+
+
+def test_the_rendezvous_endpoint_is_a_host_and_a_port():
+    """Only a ':' was asked of it: ':abc', 'host:' and 'host:70000' passed, to fail in torchrun on
+    every node. An IPv6 host goes in brackets (quoted: YAML reads an unquoted [ a list, and that
+    raised YAML's own parser error, not ours)."""
+    def endpoint(value: str) -> str:
+        return load_config([f"orchestration.rdzv_endpoint={value}"]).orchestration.rdzv_endpoint
+
+    for value in ("10.0.0.5:29400", "node-0.cluster:1", "localhost:65535", "[::1]:29500", "[fd00::2]:29400"):
+        assert endpoint(f"'{value}'") == value
+    for value, why in [(":29400", "no host"), (":abc", "port 'abc' is not an integer 1–65535"),
+                       ("host:", "port '' is not an integer 1–65535"), ("host:70000", "port '70000' is not"),
+                       ("host:0", "port '0' is not"), ("host", "no port"), ("::1:29500", "the IPv6 host '::1' is not in "
+                       "brackets"), ("[fe80::zz]:1", "[fe80::zz] is not an IPv6 address"),
+                       ("ho st:1", "host 'ho st' is not a name or an address")]:
+        with pytest.raises(ConfigError) as e:
+            endpoint(f"'{value}'")
+        assert f"orchestration.rdzv_endpoint = {value!r}: {why}" in str(e.value)
+    with pytest.raises(ConfigError, match=r"override 'orchestration\.rdzv_endpoint=\[::1\]:29500': its value is not "
+                                          r"valid YAML; quote it"):
+        endpoint("[::1]:29500")
 
 
 def test_paper_profile_frames_must_fit_wan_vae():

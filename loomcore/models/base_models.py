@@ -24,7 +24,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from loomcore.config import TINY_MLLM_ATTENTION, Config
+from loomcore.config import TINY_MLLM_ATTENTION, Config, ConfigError
 from loomcore.shapes_world import DIRECTIONS, PALETTE, SHAPES
 from loomcore.task_kinds import TASKS, UNCONDITIONAL_PREFIX
 from loomcore.storage import S3Settings, is_s3, list_objects, materialize, parse_s3_uri, sha256_file
@@ -150,11 +150,8 @@ def build_tiny_mllm(path: Path, hidden_size: int, num_layers: int, seed: int, co
     tok = build_tiny_tokenizer(corpus)
     ids = {t: tok.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>",
                                                       "<|vision_end|>", "<|endoftext|>")}
-    heads = 4 if hidden_size % 16 == 0 else 2
+    heads = _tiny_mllm_heads(hidden_size)
     head_dim = hidden_size // heads
-    if hidden_size % heads or head_dim % 4:
-        raise ValueError(f"mllm.hidden_size = {hidden_size}: the tiny Qwen3-VL needs hidden / {heads} heads "
-                         "to be a multiple of 4")
     half = head_dim // 2  # M-RoPE splits head_dim/2 frequencies over (t, h, w); 8B: [24, 20, 20] of 64
     mrope = [half - 2 * (half // 4), half // 4, half // 4]
     patch, merge, vision_depth = 8, 2, 2
@@ -201,6 +198,14 @@ def build_tiny_mllm(path: Path, hidden_size: int, num_layers: int, seed: int, co
         (path / name).write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")
 
 
+def _tiny_mllm_heads(hidden_size: int) -> int:
+    heads = 4 if hidden_size % 16 == 0 else 2
+    if hidden_size <= 0 or hidden_size % heads or (hidden_size // heads) % 4:
+        raise ConfigError(f"mllm.hidden_size = {hidden_size}: the tiny Qwen3-VL needs hidden / {heads} heads "
+                          "to be a positive multiple of 4")
+    return heads
+
+
 def build_tiny_transformer(cfg: Config, path: Path) -> int:
     from diffusers import WanTransformer3DModel
 
@@ -216,26 +221,37 @@ def build_tiny_transformer(cfg: Config, path: Path) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def build_tiny_codec(cfg: Config, path: Path) -> None:
+def _tiny_codec_downsamples(cfg: Config) -> Optional[tuple[int, int]]:
+    """The tiny Wan VAE's (downsamples, those also in time), None for space_to_depth; ConfigError
+    where cfg's codec dims cannot be built. Wan2.2's layout: spatial factor = 2 · 2^(downsamples),
+    the last log2(temporal_factor) of them also in time."""
     c = cfg.codec
     if cfg.models.codec == "space_to_depth":
+        if c.temporal_factor != 1 or c.latent_channels != 3 * c.spatial_factor ** 2:
+            raise ConfigError(f"codec.temporal_factor/latent_channels = {c.temporal_factor}/{c.latent_channels}: "
+                              f"models.codec = space_to_depth needs 1 and 3·{c.spatial_factor}² = "
+                              f"{3 * c.spatial_factor ** 2}")
+        return None
+    s, t = c.spatial_factor, c.temporal_factor
+    if not (t >= 1 and t & (t - 1) == 0 and s >= 2 * t and s & (s - 1) == 0):
+        raise ConfigError(f"codec.spatial_factor/temporal_factor = {s}/{t}: a Wan VAE needs powers of two with "
+                          "spatial >= 2 · temporal")
+    return int(math.log2(s // 2)), int(math.log2(t))
+
+
+def build_tiny_codec(cfg: Config, path: Path) -> None:
+    c = cfg.codec
+    downsamples = _tiny_codec_downsamples(cfg)
+    if downsamples is None:
         from loomcore.models.codec import SpaceToDepth
 
-        if c.temporal_factor != 1 or c.latent_channels != 3 * c.spatial_factor ** 2:
-            raise ValueError(f"codec = space_to_depth: expected temporal_factor 1 and latent_channels "
-                             f"3·{c.spatial_factor}² = {3 * c.spatial_factor ** 2}, got {c.temporal_factor} "
-                             f"and {c.latent_channels}")
         SpaceToDepth(factor=c.spatial_factor).save_pretrained(path)
         return
+    n_down, n_time = downsamples
     from diffusers import AutoencoderKLWan
 
-    # Wan2.2's layout (residual blocks, a 2×2 pixel patch, 48 channels) at width 8: spatial
-    # factor = 2 · 2^(downsamples), the last log2(temporal_factor) of them also in time; widths
-    # double per downsample and the last block keeps its width (2.2: dim_mult [1, 2, 4, 4]).
-    n_down, n_time = int(math.log2(c.spatial_factor // 2)), int(math.log2(c.temporal_factor))
-    if 2 * 2 ** n_down != c.spatial_factor or 2 ** n_time != c.temporal_factor or n_time > n_down:
-        raise ValueError(f"codec.spatial_factor/temporal_factor = {c.spatial_factor}/{c.temporal_factor}: a Wan VAE "
-                         "needs powers of two with spatial >= 2 · temporal")
+    # Wan2.2's layout (residual blocks, a 2×2 pixel patch, 48 channels) at width 8; widths double
+    # per downsample and the last block keeps its width (2.2: dim_mult [1, 2, 4, 4]).
     torch.manual_seed(cfg.seed)
     vae = AutoencoderKLWan(
         base_dim=8, z_dim=c.latent_channels, dim_mult=[2 ** min(i, max(n_down - 1, 0)) for i in range(n_down + 1)],
@@ -371,6 +387,20 @@ def _estimate_params(cfg: Config) -> int:
     return dit + mllm
 
 
+def _check_buildable(cfg: Config) -> None:
+    """ConfigError, naming the keys, for dims the tiny builders cannot build: checked before any is
+    built (one failing midway left the folders built before it new, the rest old)."""
+    n, d, m = _estimate_params(cfg), cfg.dit, cfg.mllm
+    if n > MAX_RANDOM_PARAMS:
+        raise ConfigError(f"dit.num_layers/num_attention_heads/attention_head_dim/ffn_dim = {d.num_layers}/"
+                          f"{d.num_attention_heads}/{d.attention_head_dim}/{d.ffn_dim} and mllm.num_layers/hidden_size"
+                          f" = {m.num_layers}/{m.hidden_size} give ~{n / 1e9:.1f}B random parameters, over the "
+                          f"{MAX_RANDOM_PARAMS / 1e6:.0f}M a random init is for (profile {cfg.profile!r}); real "
+                          "weights are provided, not built — use check_paper_models")
+    _tiny_mllm_heads(m.hidden_size)
+    _tiny_codec_downsamples(cfg)
+
+
 def init_models(cfg: Config, out_dir: Optional[Path | str] = None, force: bool = False) -> Dict[str, str]:
     """Build seeded random base models with cfg's dims at cfg.models.* (or under `out_dir`).
 
@@ -379,10 +409,7 @@ def init_models(cfg: Config, out_dir: Optional[Path | str] = None, force: bool =
     rebuilt. The builds themselves are deterministic, so a rebuild writes identical bytes.
     Returns {component: what happened} for the CLI to print.
     """
-    n = _estimate_params(cfg)
-    if n > MAX_RANDOM_PARAMS:
-        raise ValueError(f"init_models: these dims give ~{n / 1e9:.1f}B random parameters (profile "
-                         f"{cfg.profile!r}); real weights are provided, not built — use check_paper_models")
+    _check_buildable(cfg)
     paths = _component_paths(cfg, Path(out_dir) if out_dir is not None else None)
     root = Path(os.path.commonpath([str(p.resolve()) for p in paths.values()]))
     if root == Path(root.anchor) or root in {p.resolve() for p in paths.values()}:
