@@ -195,6 +195,33 @@ def transfer_config(settings: S3Settings):
     return TransferConfig(multipart_threshold=chunk, multipart_chunksize=chunk, num_download_attempts=2)
 
 
+class _KnownObject:
+    """An s3transfer subscriber (BaseSubscriber's interface) that gives a queued download the
+    object's size and ETag, so that s3transfer does not ask for them with a HeadObject of its own."""
+
+    def __init__(self, size: int, etag: str):
+        self.size, self.etag = size, etag
+
+    def on_queued(self, future, **kwargs):
+        future.meta.provide_transfer_size(self.size)
+        future.meta.provide_object_etag(self.etag)
+
+
+def download_known(client, bucket: str, key: str, path: Path, size: int, etag: str, config) -> None:
+    """boto3's `download_file` for an object whose size and ETag a HeadObject of ours has given:
+    download_file sends one more per object to learn them. As there, a ranged (multipart) download's
+    GETs carry If-Match `etag`; the caller checks the bytes it gets (size, sha256)."""
+    from boto3.exceptions import RetriesExceededError
+    from boto3.s3.transfer import create_transfer_manager
+    from s3transfer.exceptions import RetriesExceededError as TransferRetriesExceededError
+
+    with create_transfer_manager(client, config) as manager:
+        try:
+            manager.download(bucket, key, str(path), subscribers=[_KnownObject(size, etag)]).result()
+        except TransferRetriesExceededError as e:  # boto3's, as download_file raises it (classify_s3_error)
+            raise RetriesExceededError(e.last_exception) from e
+
+
 def list_objects(uri: str, settings: Optional[S3Settings] = None, client=None) -> Iterator[dict]:
     """Every object under an s3:// prefix (paginated), as boto3's `Contents` entries."""
     bucket, prefix = parse_s3_uri(uri)

@@ -379,6 +379,29 @@ def test_a_rerun_keeps_unchanged_copies_without_a_request_or_a_hash(s3_bucket, s
     assert (root / "c.bin").read_bytes() == b"new " * 1000
 
 
+def test_a_first_run_asks_for_each_objects_metadata_once(s3_bucket, s3_flaky_proxy, tmp_path):
+    """The mirror's HEAD (an object's sha256 metadata, its size and ETag) was followed by boto3's
+    download_file's own, for the same size and ETag: two HeadObject requests a downloaded object.
+    Now the download is given what the first one said. One object small, one in ranged parts."""
+    from loomcore.data.mirror import fetch_s3
+    from loomcore.storage import S3Settings
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "small.bin").write_bytes(b"small" * 100)
+    (src / "big.bin").write_bytes(bytes(range(256)) * (10 * 1024 + 7))  # 2.5 MiB: three 1 MiB ranged GETs
+    upload_dir(src, f"s3://{s3_bucket}/data")  # each object with its sha256 in metadata
+    settings = S3Settings(endpoint_url=s3_flaky_proxy.url, region="us-east-1", multipart_threshold_mb=1)
+    root = tmp_path / "mirror"
+    root.mkdir()
+    bad, stats = fetch_s3(f"s3://{s3_bucket}/data", root, settings, progress=False)
+    assert not bad and stats["downloaded"] == 2
+    assert all((root / n).read_bytes() == (src / n).read_bytes() for n in ("small.bin", "big.bin"))
+    requests = [(m, p.rsplit("/", 1)[1]) for m, p in s3_flaky_proxy.requests if "list-type" not in p]
+    assert sorted(p for m, p in requests if m == "HEAD") == ["big.bin", "small.bin"]
+    assert sorted(p for m, p in requests if m == "GET") == ["big.bin"] * 3 + ["small.bin"]
+
+
 # --------------------------------------------------------------------------------------------
 # Rows that used to crash curation or slip through it; a store that dies; retries
 

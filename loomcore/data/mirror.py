@@ -26,8 +26,8 @@ from typing import Dict, Optional, Tuple
 from tqdm import tqdm
 
 from loomcore.storage import (
-    S3Settings, StoreError, StoreUnavailable, classify_s3_error, file_state, list_objects, parse_s3_uri, s3_client,
-    sha256_file, transfer_config,
+    S3Settings, StoreError, StoreUnavailable, classify_s3_error, download_known, file_state, list_objects,
+    parse_s3_uri, s3_client, sha256_file, transfer_config,
 )
 
 
@@ -84,9 +84,10 @@ def _fetch_one(client, bucket: str, key: str, size: int, dest: Path, config, eta
     current only if `etag_record` holds the listing's `etag` (fetch_s3 writes it after each verified copy)."""
     uri = f"s3://{bucket}/{key}"
     try:
-        sha256 = client.head_object(Bucket=bucket, Key=key).get("Metadata", {}).get("sha256")
+        head = client.head_object(Bucket=bucket, Key=key)
     except Exception as e:  # noqa: BLE001 — sorted by _object_failure, which re-raises all but the object's own
         return _object_failure(uri, e), False
+    sha256 = head.get("Metadata", {}).get("sha256")
     same_object = bool(sha256) or etag_record is None or _read_record(etag_record).get("etag") == etag
     if same_object and dest.is_file() and _verify(dest, uri, size, sha256) is None:
         return None, False
@@ -96,7 +97,7 @@ def _fetch_one(client, bucket: str, key: str, size: int, dest: Path, config, eta
     try:
         for _ in range(2):
             try:
-                client.download_file(bucket, key, str(tmp), Config=config)
+                download_known(client, bucket, key, tmp, head["ContentLength"], head["ETag"], config)
             except Exception as e:  # noqa: BLE001 — as above
                 error = _object_failure(uri, e)
                 break
