@@ -129,6 +129,22 @@ def test_dims_that_cannot_be_built_are_refused_naming_the_keys_before_anything_i
     assert not any((tmp_path / d).exists() for d in ("big", "mllm", "codec"))  # (the transformer was built first)
 
 
+def test_model_folders_init_models_cannot_build_into_are_config_errors(tmp_path):
+    """models.* on s3://, or folders with no parent of their own for the manifest: a ConfigError
+    naming the keys (the CLI's one-line refusal), not a ValueError (a traceback, a bug of ours)."""
+    from loomcore.config import ConfigError
+
+    names = ("transformer", "vae", "scheduler", "mllm")
+    remote = [f"models.{n}=s3://bucket/models/{n}" for n in names]
+    with pytest.raises(ConfigError, match=r"got s3:// paths \(models\.transformer = s3://bucket/models/transformer"):
+        init_models(load_config(remote, profile="tiny"))
+    nested = [f"models.transformer={tmp_path}", *(f"models.{n}={tmp_path / n}" for n in names[1:]),
+              f"paths.models={tmp_path}"]  # the others inside the transformer's folder: it is their common parent
+    with pytest.raises(ConfigError, match=r"models\.\* = .*: init_models needs the model folders under a common parent"):
+        init_models(load_config(nested, profile="tiny"))
+    assert list(tmp_path.iterdir()) == []
+
+
 # -- check_paper_models ----------------------------------------------------------------------
 
 

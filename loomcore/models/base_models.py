@@ -358,7 +358,7 @@ def _component_paths(cfg: Config, out_dir: Optional[Path]) -> Dict[str, Path]:
         return {name: Path(out_dir) / name for name in paths}
     remote = [f"models.{k} = {v}" for k, v in paths.items() if is_s3(v)]
     if remote:
-        raise ValueError(f"init_models builds local folders; got s3:// paths ({'; '.join(remote)}): "
+        raise ConfigError(f"init_models builds local folders; got s3:// paths ({'; '.join(remote)}): "
                          "build locally, then upload, or check real models with check_paper_models")
     return {k: Path(v) for k, v in paths.items()}
 
@@ -413,8 +413,8 @@ def init_models(cfg: Config, out_dir: Optional[Path | str] = None, force: bool =
     paths = _component_paths(cfg, Path(out_dir) if out_dir is not None else None)
     root = Path(os.path.commonpath([str(p.resolve()) for p in paths.values()]))
     if root == Path(root.anchor) or root in {p.resolve() for p in paths.values()}:
-        raise ValueError(f"init_models: the model folders ({', '.join(map(str, paths.values()))}) need a common "
-                         "parent folder of their own for manifest.json")
+        raise ConfigError(f"models.* = {', '.join(map(str, paths.values()))}: init_models needs the model folders "
+                          "under a common parent folder of their own (it keeps manifest.json there)")
     manifest_path = root / MANIFEST
     fingerprint = _fingerprint(cfg)
     if not force and manifest_path.is_file():
