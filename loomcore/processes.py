@@ -4,6 +4,7 @@ use. A zombie counts as gone: in a container whose init does not reap, an orphan
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 REAP_WAIT_S = 10.0  # how long stop_orphan_group waits for init to reap what it killed
+KILL_WAIT_S = 5.0  # how long stop_own_group waits for its group to empty after SIGKILL
 
 
 def process_table() -> Dict[int, tuple]:
@@ -69,42 +71,58 @@ def outside_descendants(pgid: int) -> List[tuple]:
     return found
 
 
+def leader_exited(proc) -> bool:
+    """Whether `proc`, a child of this process, has exited — without reaping it: while it is an
+    unreaped zombie its pid, and so its group's id, cannot be given to another process."""
+    if proc.returncode is not None:
+        return True
+    try:
+        return os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:  # (reaped by another wait of ours)
+        proc.poll()
+        return True
+
+
 def stop_own_group(proc, grace: float = 10.0) -> bool:
     """Stop the process group of `proc`, a session leader this process started (a subprocess.Popen
-    with start_new_session): SIGTERM to the group, SIGKILL to what is left of it after `grace`
-    seconds — also when the leader has already exited (a server's worker, a stage command's
-    children may outlive it) — and SIGKILL to what is left of the processes below it in groups of
-    their own (torchrun starts each rank in a session of its own; SIGKILL of the agent alone would
-    leave them training). Those are found while they are still below the group, and killed only if
-    the same process (pid and start time) is still there. A group with a live member is still this
-    one (its id is not reused while it has any), so an emptied one is never signalled: its number
-    may be another's once the leader is reaped. True if anything was left to stop.
+    with start_new_session): SIGTERM (and SIGCONT, for members that were stopped) to the group,
+    SIGKILL to what is left of it after `grace` seconds — also when the leader has already exited (a
+    server's worker, a stage command's children may outlive it) — and SIGKILL to what is left of
+    the processes below it in groups of their own (torchrun starts each rank in a session of its
+    own; SIGKILL of the agent alone would leave them training). Those are found while they are
+    still below the group, and killed only if the same process (pid and start time) is still there.
+    The leader is reaped last: until then its pid, the group's id, cannot be reused, so the signals
+    reach this group only (an emptied group is not signalled). True if anything was left to stop.
     (Not `stop_orphan_group`: that stops groups of processes this one did not start, whose zombies
     only init reaps, and waits up to 10 s for it; the leader here is ours to reap, at once.)"""
 
     def left() -> bool:
-        return proc.poll() is None or bool(group_members(proc.pid))  # (poll reaps our leader)
+        return not leader_exited(proc) or bool(group_members(proc.pid))
 
-    if not left():
-        return False
-    below = outside_descendants(proc.pid)
     try:
-        os.killpg(proc.pid, signal.SIGTERM)
-    except ProcessLookupError:  # (its last member ended since)
-        pass
-    else:
+        if not left():
+            return False
+        below = outside_descendants(proc.pid)
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            os.killpg(proc.pid, signal.SIGCONT)
+        except ProcessLookupError:  # (its last member ended since)
+            kill_if_alive(below)
+            return False
         deadline = time.monotonic() + grace
         while left() and time.monotonic() < deadline:
             time.sleep(0.1)
         below = list(dict.fromkeys(below + outside_descendants(proc.pid)))  # (ranks started since)
         if left():
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            proc.wait()
-    kill_if_alive(below)
-    return True
+            deadline = time.monotonic() + KILL_WAIT_S  # (a member in uninterruptible sleep dies when it wakes)
+            while left() and time.monotonic() < deadline:
+                time.sleep(0.1)
+        kill_if_alive(below)
+        return True
+    finally:
+        proc.wait()
 
 
 def _cwd_inside(pid: int, root: Path) -> bool:

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence
 
-from loomcore.processes import stop_own_group as stop_group  # (SIGTERM, grace, SIGKILL; torchrun's ranks too)
+from loomcore.processes import leader_exited, stop_own_group
 
 _live: Dict[int, subprocess.Popen] = {}
 _lock = threading.Lock()
@@ -131,7 +131,7 @@ def _stop_all(*_args) -> None:
     with _lock:
         procs = list(_live.values())
     for p in procs:
-        stop_group(p, grace=5.0)
+        stop_own_group(p, grace=5.0)
 
 
 def _install_handlers() -> None:
@@ -186,7 +186,7 @@ def run_streaming(
         if on_start is not None:
             on_start(proc)
     except BaseException:
-        stop_group(proc, grace)
+        stop_own_group(proc, grace)
         with _lock:
             _live.pop(proc.pid, None)
         for recorder in recorders:
@@ -206,19 +206,19 @@ def run_streaming(
     reader.start()
     deadline = None if timeout is None else time.monotonic() + timeout
     try:
-        while proc.poll() is None:
+        while not leader_exited(proc):  # (not poll(): a reaped leader's pid, the group's id, may be reused)
             if deadline is not None and time.monotonic() > deadline:
-                stop_group(proc, grace)
+                stop_own_group(proc, grace)
                 reader.join(timeout=5)
                 raise SubprocessTimeout(cmd, timeout, tail)
             time.sleep(0.1)
         # The leader is gone; what it started in its group (DVC's stage, torchrun's workers) would run
         # on, no longer in the lock's record once the group is dropped from it below.
-        if stop_group(proc, grace):
+        if stop_own_group(proc, grace):
             log(f"`{' '.join(cmd)}` exited ({proc.returncode}) leaving processes in its group: stopped them")
         reader.join(timeout=5)
     except BaseException:  # cancellation, KeyboardInterrupt, timeout: never leave the group running
-        stop_group(proc, grace)
+        stop_own_group(proc, grace)
         raise
     finally:
         with _lock:

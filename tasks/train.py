@@ -2,7 +2,7 @@
 
 torchrun runs in its own session (process group, tasks.proc.run_streaming) so that the task can
 end ALL of it on a timeout (`train.timeout_hours`) or when the flow run is cancelled: the agent,
-and every rank (torchrun starts them in sessions of their own; `stop_group` finds them below it).
+and every rank (torchrun starts them in sessions of their own; `stop_own_group` finds them below it).
 The ranks of the other nodes end by themselves (`loomcore.train.peers`). Its output is streamed, line by line, to the Prefect log; rank 0 reports its
 progress through a file (`loomcore.train.metrics.report_progress`), which drives a progress artifact.
 

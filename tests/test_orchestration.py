@@ -286,11 +286,14 @@ def test_a_stage_deployment_killed_outright_leaves_its_torchrun_to_the_next_hold
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)  # (a failed run leaves no stand-in behind)
 
-def test_a_leader_killed_outright_has_the_rest_of_its_group_stopped_before_the_record_drops_it(tmp_path):
+@pytest.mark.parametrize("child_takes_sigterm", [True, False], ids=["child-ends-on-sigterm", "child-ignores-sigterm"])
+def test_a_leader_killed_outright_has_the_rest_of_its_group_stopped_before_the_record_drops_it(tmp_path,
+                                                                                                child_takes_sigterm):
     """`dvc` or torchrun's agent dies of a signal (the OOM killer, a `kill -9`) while a process it
     started in its group runs on: run_streaming saw its leader end and dropped the group from the
     lock's record, the child running on with nothing to name it. Now what is left of the group is
-    stopped first. A real leader that forks a sleeper and SIGKILLs itself."""
+    stopped first: SIGTERM, and SIGKILL after the grace for a child that ignores it. A real leader
+    that forks a sleeper and SIGKILLs itself."""
     from loomcore.processes import group_members
     from tasks.proc import SubprocessFailed, groups_recorded, run_streaming
 
@@ -306,17 +309,23 @@ def test_a_leader_killed_outright_has_the_rest_of_its_group_stopped_before_the_r
             self.groups.remove(pgid)
 
     record, child_pid = Record(), tmp_path / "child-pid"
-    leader = ("import os, signal, subprocess, sys\n"
-              "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)'])\n"
-              f"open({str(child_pid)!r}, 'w').write(str(child.pid))\n"
+    ignore = "" if child_takes_sigterm else "signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+    child = (f"import os, signal, time; {ignore}"
+             f"open({str(child_pid)!r} + '.tmp', 'w').write(str(os.getpid())); os.rename({str(child_pid)!r} + '.tmp', "
+             f"{str(child_pid)!r}); time.sleep(300)")
+    leader = ("import os, signal, subprocess, sys, time\n"
+              f"subprocess.Popen([sys.executable, '-c', {child!r}])\n"
+              f"while not os.path.exists({str(child_pid)!r}): time.sleep(0.05)\n"  # (its SIGTERM handling set)
               "os.kill(os.getpid(), signal.SIGKILL)\n")
+    lines = []
     try:
         with groups_recorded(record), pytest.raises(SubprocessFailed) as err:
-            run_streaming([sys.executable, "-c", leader], log=lambda _: None, timeout=60, grace=5)
+            run_streaming([sys.executable, "-c", leader], log=lines.append, timeout=60, grace=1)
         assert err.value.returncode == -signal.SIGKILL
         child = int(child_pid.read_text())
         assert record.groups == [] and record.alive_when_dropped == []
         wait_for(lambda: not alive(child), 2, "the leader's child to end")
+        assert any("leaving processes in its group: stopped them" in line for line in lines), lines
     finally:
         if child_pid.exists() and alive(int(child_pid.read_text())):
             os.kill(int(child_pid.read_text()), signal.SIGKILL)

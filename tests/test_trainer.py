@@ -25,8 +25,7 @@ from loomcore.diffusion.sampling import euler_sample, sampling_timesteps
 from loomcore.models.dit import patchify
 from loomcore.train.metrics import read_steps
 from loomcore.models.mllm import DROP_ALL, DROP_NONE, DROP_TEXT
-from loomcore.processes import outside_descendants
-from tasks.proc import stop_group
+from loomcore.processes import outside_descendants, stop_own_group
 from loomcore.train.step import build_pack, dit_train_flops, dropout_modes, make_generators, pack_loss, seed_generators
 
 REPO = Path(__file__).resolve().parents[1]
@@ -726,7 +725,7 @@ def test_a_frozen_first_node_ends_the_other_nodes_ranks(ws):
         waited = time.monotonic() - stopped
     finally:
         for p in (first, other):
-            stop_group(p, grace=0)
+            stop_own_group(p, grace=0)
     assert other.returncode != 0, out[-3000:]
     assert "rank 1: stopping: " in out and "exit code 75" in out, out
     assert ("no heartbeat from rank(s) [0]" in out or f"the rendezvous store at {ip}:{port} has not answered" in out), \
@@ -759,7 +758,7 @@ def test_a_rank_whose_torchrun_was_killed_ends_itself(ws):
         rest, _ = agent.communicate(timeout=120)  # the rank holds the pipe until it ends
         waited = time.monotonic() - killed
     finally:
-        stop_group(agent, grace=0)
+        stop_own_group(agent, grace=0)
 
     def alive() -> bool:  # the rank itself (pid and start time), not yet a zombie; its pipe closes as it exits
         try:
