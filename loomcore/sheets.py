@@ -3,12 +3,11 @@ Shared by evaluation (`outputs/eval/samples/*.png`) and the training stages' val
 
 from __future__ import annotations
 
+import re
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
-
-import re
-from collections import defaultdict
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont

@@ -106,6 +106,13 @@ def test_benchmark_sets_from_disk_and_s3_with_a_missing_file(tiny_workspace, tmp
     lost = [r for r in out if r["sample_id"] == "lost"]
     assert lost and all(math.isnan(r["score"]) and "missing file(s): " in r["failure"] and "nope.mp4" in r["failure"]
                         for r in lost)
+    # a sample that draws nothing (a missing file) does not take its category's row on the sheet
+    import dataclasses
+
+    one_row = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, sheet_samples=1))
+    first_lost = [dataclasses.replace(local[1], category=local[0].category), local[0]]
+    _, sheet = run_benchmark(pipe, one_row, "model", first_lost, judge, None)
+    assert [it.note.split(" · ")[0] for it in sheet] == ["good"]
 
 
 def test_malformed_benchmark_index_names_the_line(tmp_path):
@@ -424,7 +431,7 @@ def test_a_stopped_evaluation_resumes_from_its_journal(tiny_workspace, tmp_path,
 
 def test_the_journal_keeps_what_a_rerun_may_reuse(tmp_path):
     """A journaled sample is reused only with its fingerprint and a contact-sheet decision it can
-    serve (whether a sample is a sheet row depends on the samples before it); a sample the judge
+    serve (whether a sample is a sheet row depends on the other samples); a sample the judge
     failed on (a timeout, an endpoint down) is not kept, so the rerun asks again."""
     from loomcore.eval.journal import Journal
     from loomcore.sheets import SheetItem

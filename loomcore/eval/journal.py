@@ -159,7 +159,7 @@ class Journal:
                compute: Callable[[], Scored]) -> Scored:
         """The sample at `place` (model, benchmark, id[, seed]): from the journal when an entry has
         its fingerprint and was made for the same sheet decision (whether the sample is a contact-
-        sheet row depends on the samples before it), else `compute()` (and recorded)."""
+        sheet row depends on the other samples' kinds), else `compute()` (and recorded)."""
         key = json.dumps(list(place))
         entry = self.entries.get(key)
         if entry is not None and entry["fingerprint"] == fingerprint and (entry["wants_sheet"] or not wants_sheet):

@@ -235,7 +235,7 @@ SHAPES_NOTE = (
 TABLE_NOTES = {
     "ShapesBench": SHAPES_NOTE,
     "ShapesBench per task (score)": "Each task kind's mean Score (0 to 1) over its samples; the last row counts them.\n",
-    "VBench (Table 2)": "In percent; n: the samples scored.\n",
+    "VBench (Table 2)": "In percent; n: the samples (failures included, see Failures).\n",
 }
 JUDGED_NOTE = "Judged 1 to 5 per dimension; n: the samples asked (failures included, see Failures).\n"
 

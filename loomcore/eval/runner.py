@@ -221,7 +221,9 @@ def run_benchmark(pipe, cfg: Config, model: str, samples: Sequence[BenchmarkSamp
     e = cfg.eval
     journal = journal or Journal(None)
     out, sheet = [], {}
-    on_sheet = {j: rank for rank, j in enumerate(one_of_each_first([s.category for s in samples], e.sheet_samples))}
+    drawable = [j for j, s in enumerate(samples) if not (s.unsupported or s.missing)]  # (the others draw nothing)
+    picks = one_of_each_first([samples[j].category for j in drawable], e.sheet_samples)
+    on_sheet = {drawable[k]: rank for rank, k in enumerate(picks)}
     for j, s in enumerate(samples):
         category = s.category
         if s.benchmark == "vbench":
