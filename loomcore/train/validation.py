@@ -1,9 +1,10 @@
 """Validation samples during training: a few fixed prompts, Euler-sampled and decoded to a PNG grid.
 
-The prompts are eval entries of the stage's resolution in the cache, one of each task kind the
-stage trains before any kind has two (`loomcore.sheets.one_of_each_first`), `train.validation_prompts`
-of them or one per trained kind if that is more: a grid of the first entries showed whatever kinds
-the manifest starts with (stage 3's references were never drawn). Their full MLLM condition —
+The prompts are `train.validation_prompts` eval entries of the stage's resolution in the cache, one
+of each task kind the stage trains before any kind has two (`loomcore.sheets.one_of_each_first`; a
+grid of the first entries showed whatever kinds the manifest starts with, and stage 3's references
+were never drawn); fewer than the stage's kinds leave some out (a pack of every kind at 480p × 81
+frames is the paper profile's to choose: all rows are sampled together). Their full MLLM condition —
 cached, or encoded once in the online mode — sources and references, no dropout, packed into one
 sequence and sampled together from the same seeded noise every time, so that grids from different
 steps compare like for like. Sampling uses `guidance.steps`
@@ -39,8 +40,7 @@ class Validator:
         reader = ShardReader(cfg.paths.cache, settings=S3Settings.from_config(cfg.s3))
         trained = {k for k, w in stage.sampling.as_dict().items() if w > 0}
         rows = [r for r in read_index(reader.root, "eval", stage.resolution) if r["task"] in trained]
-        rows = [rows[j] for j in one_of_each_first([r["task"] for r in rows],
-                                                   max(cfg.train.validation_prompts, len(trained)))]
+        rows = [rows[j] for j in one_of_each_first([r["task"] for r in rows], cfg.train.validation_prompts)]
         self.ids = [r["id"] for r in rows]
         self.tasks = [r["task"] for r in rows]
         self.prompts = [r["caption"] or "(reconstruct)" for r in rows]
