@@ -650,8 +650,10 @@ def load_config(
             layer = OmegaConf.to_container(OmegaConf.from_dotlist([ov]))
         except OmegaConfBaseException as e:
             raise ConfigError(f"override {ov!r}: {_describe(e)}") from None
-        except yaml.YAMLError:  # (e.g. an IPv6 endpoint, `[::1]:29500`, which YAML reads as a list)
-            raise ConfigError(f"override {ov!r}: its value is not valid YAML; quote it: key='value'") from None
+        except yaml.YAMLError as e:  # (e.g. an IPv6 endpoint, `[::1]:29500`, which YAML reads as a list)
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ConfigError(f"override {ov!r}: its value is not valid YAML ({problem}); quote the value inside "
+                              f"the shell's quotes: \"key='value'\"") from None
         ov_layers.append((f"override {ov!r}", layer))
     prof_ov = [layer["profile"] for _, layer in ov_layers if "profile" in layer]
     ov_layers = [(src, layer) for src, layer in ov_layers if "profile" not in layer]

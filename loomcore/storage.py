@@ -188,11 +188,14 @@ def transfer_config(settings: S3Settings):
     """boto3's transfer settings for every upload and download of ours: multipart (ranged GETs)
     above `multipart_threshold_mb`. s3transfer re-reads a body cut mid-stream (which botocore
     cannot retry) on top of botocore's attempts: one more try, not its default four, or a store
-    that stopped answering costs attempts × attempts × read_timeout per object."""
+    that stopped answering costs attempts × attempts × read_timeout per object. Always s3transfer's
+    classic manager: boto3 picks the CRT one on some instances when awscrt is installed, and its
+    futures take no size or ETag from us (`download_known`)."""
     from boto3.s3.transfer import TransferConfig
 
     chunk = settings.multipart_threshold_mb * 1024 * 1024
-    return TransferConfig(multipart_threshold=chunk, multipart_chunksize=chunk, num_download_attempts=2)
+    return TransferConfig(multipart_threshold=chunk, multipart_chunksize=chunk, num_download_attempts=2,
+                          preferred_transfer_client="classic")
 
 
 class _KnownObject:
@@ -204,10 +207,11 @@ class _KnownObject:
 
     def on_queued(self, future, **kwargs):
         future.meta.provide_transfer_size(self.size)
-        future.meta.provide_object_etag(self.etag)
+        if self.etag is not None:  # (without one, s3transfer asks for it itself)
+            future.meta.provide_object_etag(self.etag)
 
 
-def download_known(client, bucket: str, key: str, path: Path, size: int, etag: str, config) -> None:
+def download_known(client, bucket: str, key: str, path: Path, size: int, etag: Optional[str], config) -> None:
     """boto3's `download_file` for an object whose size and ETag a HeadObject of ours has given:
     download_file sends one more per object to learn them. As there, a ranged (multipart) download's
     GETs carry If-Match `etag`; the caller checks the bytes it gets (size, sha256)."""

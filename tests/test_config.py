@@ -113,7 +113,7 @@ def test_the_rendezvous_endpoint_is_a_host_and_a_port():
             endpoint(f"'{value}'")
         assert f"orchestration.rdzv_endpoint = {value!r}: {why}" in str(e.value)
     with pytest.raises(ConfigError, match=r"override 'orchestration\.rdzv_endpoint=\[::1\]:29500': its value is not "
-                                          r"valid YAML; quote it"):
+                                          r"valid YAML \(.+\); quote the value inside the shell's quotes: \"key='value'\""):
         endpoint("[::1]:29500")
 
 

@@ -97,7 +97,7 @@ def _fetch_one(client, bucket: str, key: str, size: int, dest: Path, config, eta
     try:
         for _ in range(2):
             try:
-                download_known(client, bucket, key, tmp, head["ContentLength"], head["ETag"], config)
+                download_known(client, bucket, key, tmp, head["ContentLength"], head.get("ETag"), config)
             except Exception as e:  # noqa: BLE001 — as above
                 error = _object_failure(uri, e)
                 break

@@ -359,7 +359,7 @@ def _component_paths(cfg: Config, out_dir: Optional[Path]) -> Dict[str, Path]:
     remote = [f"models.{k} = {v}" for k, v in paths.items() if is_s3(v)]
     if remote:
         raise ConfigError(f"init_models builds local folders; got s3:// paths ({'; '.join(remote)}): "
-                         "build locally, then upload, or check real models with check_paper_models")
+                          "build locally, then upload, or check real models with check_paper_models")
     return {k: Path(v) for k, v in paths.items()}
 
 
