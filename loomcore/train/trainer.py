@@ -83,7 +83,8 @@ class Trainer(Harness):
         self.contexts = context_source(cfg, self.loader.reader, self.loader.null_context, self.device)
         from loomcore.train.validation import maybe_validator
 
-        self.validator = maybe_validator(cfg, self.stage, s, s.source_embedding, self.device, self.contexts)  # every rank samples
+        # (every rank samples)
+        self.validator = maybe_validator(cfg, self.stage, s, s.source_embedding, self.device, self.contexts)
         pieces = {"model": ModelState(self.model)}
         if self.ema is not None:
             pieces["ema"] = EMAState(self.ema)
