@@ -78,6 +78,12 @@ def _prompt_lines(text: str, font, width: int) -> List[str]:
     return lines
 
 
+def _row_text(it: SheetItem, font) -> List[str]:
+    """A row's text column: the prompt's lines, then the note's (wrapped too: a VBench row's three
+    scores ran on into the frames)."""
+    return _prompt_lines(it.prompt, font, TEXT_W - 12) + _wrap(it.note, font, TEXT_W - 12)
+
+
 def _tiles_of(it: SheetItem, frames_per_video: int) -> List[Tuple[str, List[np.ndarray]]]:
     """A row's labelled groups of frames: the source, each reference as the prompt names it
     ("@Figure 1" → "Figure 1"), what was generated."""
@@ -98,7 +104,7 @@ def sheet_image(items: Sequence[SheetItem], title: str, frames_per_video: int) -
     for it in items:
         tiles = [(label, [_scaled(f) for f in frames]) for label, frames in _tiles_of(it, frames_per_video)]
         width = TEXT_W + sum(max(sum(t.width + 2 for t in ts), LABEL_W) + GAP for _, ts in tiles)
-        text = "\n".join(_prompt_lines(it.prompt, font, TEXT_W - 12) + [it.note])
+        text = "\n".join(_row_text(it, font))
         text_h = ImageDraw.Draw(Image.new("RGB", (1, 1))).multiline_textbbox((0, 0), text, font=font, spacing=2)[3]
         height = max(ROW_H, text_h, max(t.height for _, ts in tiles for t in ts)) + 16
         row = Image.new("RGB", (width, height), (255, 255, 255))
@@ -113,8 +119,9 @@ def sheet_image(items: Sequence[SheetItem], title: str, frames_per_video: int) -
                 x += t.width + 2
             x = max(x, start + LABEL_W) + GAP
         rows.append(row)
-    title_h = ImageDraw.Draw(Image.new("RGB", (1, 1))).multiline_textbbox((0, 0), title, font=font, spacing=2)[3]
-    width = max([r.width for r in rows] + [TEXT_W])
+    _, _, title_w, title_h = ImageDraw.Draw(Image.new("RGB", (1, 1))).multiline_textbbox((0, 0), title, font=font,
+                                                                                         spacing=2)
+    width = max([r.width for r in rows] + [TEXT_W, title_w + 8])  # (a sheet of small frames is narrower than its title)
     sheet = Image.new("RGB", (width, title_h + 8 + sum(r.height + 4 for r in rows)), (255, 255, 255))
     ImageDraw.Draw(sheet).multiline_text((4, 3), title, fill=(0, 0, 0), font=font, spacing=2)
     y = title_h + 8

@@ -9,7 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import ImageFont
 
-from loomcore.sheets import FONT_SIZE, TEXT_W, SheetItem, _prompt_lines, _tiles_of, _wrap, one_of_each_first, sheet_image
+from loomcore.sheets import (FONT_SIZE, TEXT_W, SheetItem, _prompt_lines, _row_text, _tiles_of, _wrap, one_of_each_first,
+                             sheet_image)
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
@@ -87,3 +88,17 @@ def test_sheet_titles_use_only_letters_the_sheet_font_draws():
             title = _sheet_title(cfg, name, "rl", 10, 120)
             drawn_as_box = {c for c in title if not c.isspace() and np.asarray(font.getmask(c)).tobytes() == missing}
             assert not drawn_as_box, (profile, name, title)
+
+
+def test_a_long_title_or_note_is_drawn_whole():
+    """A sheet of one small image was narrower than its title (VBench's, cut at "(alpha 0"), and a
+    long note ran on into the frames: the sheet is as wide as its title, and the note wraps."""
+    font = ImageFont.load_default(size=FONT_SIZE)
+    frame = np.zeros((1, 8, 8, 3), np.uint8)
+    title = "vbench: rl · 4 of 4 samples, one of each category first · " + "a long sampler description " * 3
+    sheet = sheet_image([SheetItem("a prompt", frame)], title, 4)
+    assert sheet.width >= font.getlength(title) + 4
+    note = "shapes-s0-00001 · t2v · imaging 0.61 · overall 0.07 · subject 1.00 · and more words to wrap"
+    lines = _row_text(SheetItem("a prompt", frame, note=note), font)
+    assert font.getlength(note) > TEXT_W - 12 and len(lines) > 2
+    assert " ".join(lines[1:]) == note and all(font.getlength(line) <= TEXT_W - 12 for line in lines)
