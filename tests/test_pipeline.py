@@ -1096,7 +1096,12 @@ def test_the_readmes_generate_examples_run_as_written(tiny_workspace, files, sav
     assert read_image(tmp_path / "py-t2i.png").ndim == 3
     edits = {name: read_video(tmp_path / name) for name in ("py-edit.mp4", "py-edit-2.0.mp4", "py-edit-3.0.mp4")}
     assert all(1 < v.shape[0] <= source_frames for v in edits.values()), {k: v.shape for k, v in edits.items()}
-    assert not torch.equal(edits["py-edit-2.0.mp4"], edits["py-edit-3.0.mp4"])  # the scale reaches the output
+    # Seeded as the README shows: the same seed and scale (2.5, the edits' default) give the same video,
+    # with prompt_embeds or without. (This test once asserted that 2.0 and 3.0 differ: true only of
+    # unseeded noise. The base DiT here is blind to its contexts — a zero-initialised projector — so
+    # no scale moves it; test_prompt_embeds_made_once_… checks the scales on a DiT that reads them.)
+    assert torch.equal(edits["py-edit.mp4"], read_video(tmp_path / "py-edit-2.5.mp4"))
+    assert torch.equal(edits["py-edit-2.0.mp4"], edits["py-edit-3.0.mp4"])
 
 
 def test_inference_runs_in_bf16_on_a_gpu_and_fp32_on_the_cpu():
