@@ -60,6 +60,28 @@ def test_sdpa_backend_matches_reference(q_lens, k_lens):
     torch.testing.assert_close(attention(q, k, v, cu_q, cu_k), expected, atol=1e-5, rtol=0)  # auto → sdpa on CPU
 
 
+@pytest.mark.parametrize(
+    "q_lens,k_lens",
+    [((100,) * 8, (100,) * 8), ((64, 64, 64, 30, 64, 64), (9, 9, 9, 9, 12, 12)), ((5, 5, 0, 0, 7), (5, 5, 3, 3, 7))],
+)
+def test_sdpa_batches_runs_of_one_shape_bitwise(q_lens, k_lens):
+    """Neighbouring samples of one shape go through one batched kernel call; each sample's output
+    and gradients are the bits of a call of its own (the CPU default fast path)."""
+    q, k, v, cu_q, cu_k = _pack(q_lens, k_lens, heads=4, dim=32)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(1))
+    one_call_each = []
+    for s in range(len(q_lens)):
+        (a, b), (c, d) = (cu_q[s : s + 2].tolist(), cu_k[s : s + 2].tolist())
+        one = [t.transpose(0, 1)[None] for t in (q[a:b], k[c:d], v[c:d])]
+        one_call_each.append(F.scaled_dot_product_attention(*one)[0].transpose(0, 1))
+    expected = torch.cat(one_call_each)
+    out = attention(q, k, v, cu_q, cu_k, backend="sdpa")
+    assert torch.equal(out, expected)
+    for got, want in zip(torch.autograd.grad(out, (q, k, v), grad_out), torch.autograd.grad(expected, (q, k, v), grad_out)):
+        assert torch.equal(got, want)
+
+
 def test_without_cu_seqlens_is_one_sample():
     q, k, v, _, _ = _pack((6,), (4,))
     dense = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)).transpose(0, 1)

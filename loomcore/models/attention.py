@@ -10,7 +10,7 @@ attention is block-diagonal, and no backend but the test reference builds a dens
 
 Backends (`backend=`):
   "reference"   plain math in float64 with a block-diagonal mask. For tests.
-  "sdpa"        one scaled_dot_product_attention call per sample. Exact; the CPU path.
+  "sdpa"        one scaled_dot_product_attention call per run of same-shaped samples. Exact; the CPU path.
   "varlen"      torch.nn.attention.varlen.varlen_attn (FlashAttention varlen). CUDA, fp16/bf16.
   "flash_attn"  flash_attn.flash_attn_varlen_func. CUDA, fp16/bf16.
   "flex"        FlexAttention (compiled) with a block mask from per-token sample ids. CUDA (inductor's
@@ -147,15 +147,34 @@ def attention_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, scale: float | None
 
 
 def _sdpa_per_segment(q, k, v, bounds_q: Sequence[int], bounds_k: Sequence[int], scale):
-    outputs = []
-    for (q0, q1), (k0, k1) in zip(zip(bounds_q, bounds_q[1:]), zip(bounds_k, bounds_k[1:])):
-        if q1 > q0 and k1 == k0:
-            raise ValueError(f"cu_seqlens_k: sample with {q1 - q0} queries has no keys")
-        # [1, H, len, d]: torch's fused CPU kernel takes 4-D inputs only (3-D ones fall back to the
-        # math path, twice as slow with gradients on a 500-token sample)
-        qs, ks, vs = (t.transpose(0, 1)[None] for t in (q[q0:q1], k[k0:k1], v[k0:k1]))
-        outputs.append(F.scaled_dot_product_attention(qs, ks, vs, scale=scale)[0].transpose(0, 1))
-    return torch.cat(outputs, dim=0)
+    """One scaled_dot_product_attention call per run of neighbouring samples of one shape.
+
+    A run of samples with the same query and key lengths (an RL group's rollouts, a pack of
+    same-sized clips) is one batch of [n, H, len, d] views of the pack. Each entry is computed as
+    it would be alone — bitwise: the CPU kernel splits its work by batch, head and query block —
+    and a run costs a third to a half less than one call per sample with gradients at the tiny
+    profile's sizes (BENCHMARKS.md "Packed attention on the CPU").
+    """
+    heads, dim = q.shape[1:]
+    spans = [(q1 - q0, k1 - k0) for q0, q1, k0, k1 in zip(bounds_q, bounds_q[1:], bounds_k, bounds_k[1:])]
+    for n_q, n_k in spans:
+        if n_q > 0 and n_k == 0:
+            raise ValueError(f"cu_seqlens_k: sample with {n_q} queries has no keys")
+    outputs, first = [], 0
+    while first < len(spans):
+        end = first + 1
+        while end < len(spans) and spans[end] == spans[first]:
+            end += 1
+        (n_q, n_k), batch = spans[first], end - first
+        q0, k0 = bounds_q[first], bounds_k[first]
+        # [batch, H, len, d]: torch's fused CPU kernel takes 4-D inputs only (3-D ones fall back to
+        # the math path, twice as slow with gradients on a 500-token sample)
+        qs = q[q0:q0 + batch * n_q].reshape(batch, n_q, heads, dim).transpose(1, 2)
+        ks, vs = (t[k0:k0 + batch * n_k].reshape(batch, n_k, heads, dim).transpose(1, 2) for t in (k, v))
+        out = F.scaled_dot_product_attention(qs, ks, vs, scale=scale)
+        outputs.append(out.transpose(1, 2).reshape(batch * n_q, heads, dim))
+        first = end
+    return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=0)
 
 
 def _check_half(name, q):
