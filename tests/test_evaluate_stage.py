@@ -113,6 +113,12 @@ def test_benchmark_sets_from_disk_and_s3_with_a_missing_file(tiny_workspace, tmp
     first_lost = [dataclasses.replace(local[1], category=local[0].category), local[0]]
     _, sheet = run_benchmark(pipe, one_row, "model", first_lost, judge, None)
     assert [it.note.split(" · ")[0] for it in sheet] == ["good"]
+    # nor does one whose generation fails (a source that is no video): the next of its category does
+    (root / "openve" / "videos" / "broken.mp4").write_bytes(b"not a video")
+    broken = dataclasses.replace(local[0], id="broken", source=str(root / "openve" / "videos" / "broken.mp4"))
+    out, sheet = run_benchmark(pipe, one_row, "model", [broken, local[0]], judge, None)
+    assert all("generation failed" in r["failure"] and "broken.mp4" in r["failure"] for r in out if r["sample_id"] == "broken")
+    assert [it.note.split(" · ")[0] for it in sheet] == ["good"]
 
 
 def test_malformed_benchmark_index_names_the_line(tmp_path):

@@ -270,6 +270,11 @@ def run_benchmark(pipe, cfg: Config, model: str, samples: Sequence[BenchmarkSamp
         out += rows
         if item is not None:
             sheet[on_sheet[j]] = item
+        elif wants_sheet:  # its generation failed: the next drawable sample of its category takes its row
+            later = (i for i in drawable if i > j and i not in on_sheet and samples[i].category == s.category)
+            stand_in = next(later, None)
+            if stand_in is not None:
+                on_sheet[stand_in] = on_sheet[j]
         step()
     return out, [sheet[rank] for rank in sorted(sheet)]
 
