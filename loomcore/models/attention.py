@@ -152,8 +152,8 @@ def _sdpa_per_segment(q, k, v, bounds_q: Sequence[int], bounds_k: Sequence[int],
     A run of samples with the same query and key lengths (an RL group's rollouts, a pack of
     same-sized clips) is one batch of [n, H, len, d] views of the pack. Each entry is computed as
     it would be alone — bitwise: the CPU kernel splits its work by batch, head and query block —
-    and a run costs a third to a half less than one call per sample with gradients at the tiny
-    profile's sizes (BENCHMARKS.md "Packed attention on the CPU").
+    for fewer calls (an RL micro-batch's forward and backward through the tiny DiT: 14 % less
+    time; BENCHMARKS.md "Packed attention on the CPU").
     """
     heads, dim = q.shape[1:]
     spans = [(q1 - q0, k1 - k0) for q0, q1, k0, k1 in zip(bounds_q, bounds_q[1:], bounds_k, bounds_k[1:])]
