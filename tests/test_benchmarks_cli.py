@@ -8,7 +8,7 @@ import torch
 import benchmarks
 from benchmarks import at_least, cpu_name, output_file
 from benchmarks import checkpoint_io, cpu_numerics, data_throughput, edit_overhead, exit_soak, gpu_paper_scale
-from benchmarks import s3_mirror_rerun, train_throughput
+from benchmarks import packed_attention, s3_mirror_rerun, train_throughput
 
 
 def refused(capsys, main, argv, *words):
@@ -35,6 +35,7 @@ def refused(capsys, main, argv, *words):
     (exit_soak.main, ["--runs", "0"], "--runs"),  # ZeroDivisionError
     (exit_soak.main, ["--runs", "1", "--nproc", "0"], "--nproc"),  # counted as a pass
     (cpu_numerics.main, ["--steps", "0"], "--steps"),  # made-up tokens/s
+    (packed_attention.main, ["--repeats", "0"], "--repeats"),  # a median of nothing
 ])
 def test_counts_and_choices_are_refused(capsys, main, argv, flag):
     refused(capsys, main, argv, flag)
@@ -54,6 +55,7 @@ def test_gpu_paper_scale_checks_against_the_config_first(capsys, argv, flag):
     (gpu_paper_scale.main, ["--edit", "--tiny", "--device", "cpu", "--json"]),  # failed after the run
     (edit_overhead.main, ["--tiny", "--json"]),
     (train_throughput.main, ["--out"]),
+    (packed_attention.main, ["--out"]),
 ])
 def test_an_output_file_in_a_missing_folder_is_refused_up_front(capsys, tmp_path, main, argv):
     refused(capsys, main, [*argv, str(tmp_path / "missing" / "x.json")], argv[-1], "no folder")
