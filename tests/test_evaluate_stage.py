@@ -473,6 +473,15 @@ def test_the_journal_keeps_what_a_rerun_may_reuse(tmp_path):
     assert j.scored(("model", "openve", "d"), "fp-d", True, compute([]))[0][0]["failure"].startswith("generation")
     j.scored(("model", "openve", "a"), "fp-a2", False, compute([row(attempts=1)]))  # its inputs changed
     assert len(computed) == 3 and j.reused == 3
+    j.close(finished=False)
+
+    # a line of bytes that are not UTF-8 (a disk error) costs that line's sample, not the resume
+    journal = folder / "samples.jsonl"
+    lines = journal.read_bytes().splitlines(keepends=True)
+    journal.write_bytes(lines[0] + b'{"place": "\xff\xfe"}\n' + b"".join(lines[1:]))
+    said = []
+    j = Journal(folder, log=said.append)
+    assert any(":2: not a journal entry" in m for m in said) and len(j.entries) == 4
     j.close(finished=True)
     assert not folder.exists()
 

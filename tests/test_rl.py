@@ -231,6 +231,14 @@ def test_bad_rl_params_are_refused_by_name(override, key):
         load_config([override], profile="tiny")
 
 
+def test_optimizer_steps_are_checked_against_a_ranks_samples():
+    """Each optimizer step takes a share of every rank's G·K/W samples: more steps than that left
+    some with nothing to back-propagate (an empty optimizer step, counted in the old policy's decay)."""
+    load_config(["rl.gpus_per_node=4", "rl.gradient_steps=16"], profile="tiny")  # 8 × 8 / 4 = 16 each
+    with pytest.raises(ConfigError, match=r"rl\.gradient_steps = 17: more optimizer steps than a rank's samples.* = 16\)"):
+        load_config(["rl.gpus_per_node=4", "rl.gradient_steps=17"], profile="tiny")
+
+
 def test_paper_profile_rl_matches_flow_factory_wan22_nft():
     rl = load_config(profile="paper").rl
     assert (rl.beta, rl.adv_clip_max, rl.kl_weight, rl.train_timesteps, rl.sample_steps) == (0.1, 5.0, 0.0, 2, 12)
@@ -502,6 +510,23 @@ def test_rl_refuses_a_stage3_model_of_another_architecture(rl_ws):
     try:
         with pytest.raises(ArchitectureMismatch, match=r"stage3/model: .*rope.ref_offset = 7 in the config, "
                                                        r"ref_offset = 10 in the checkpoint"):
+            RLTrainer(cfg, env).setup()
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_rl_refuses_fewer_train_prompts_than_a_step_takes(rl_ws):
+    """A step draws rl.prompts_per_step distinct prompts; a smaller pool used to give every step
+    fewer groups than asked, silently (and its per-step figures divided by the number asked)."""
+    from loomcore.errors import InputError
+    from loomcore.rl.trainer import RLTrainer
+    from loomcore.train.distributed import init_distributed
+
+    cfg = _rl_cfg(rl_ws, "short-pool", "rl.prompts_per_step=100000")
+    env = init_distributed(use_gpu=False)
+    try:
+        with pytest.raises(InputError, match=r"rl\.prompts_per_step = 100000: the cache \(.*\) has \d+ train prompt\(s\) "
+                                             r"of rl\.tasks \[.*\] at rl\.resolution 480p"):
             RLTrainer(cfg, env).setup()
     finally:
         torch.distributed.destroy_process_group()

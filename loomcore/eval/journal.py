@@ -120,9 +120,13 @@ class Journal:
             self._lock.close()
             raise RuntimeError(f"another evaluation with the same params, weights and code is writing {folder} "
                                "right now: wait for it, or stop it first") from None
-        (folder / "sheets").mkdir(parents=True, exist_ok=True)
-        self._read()
-        self._file = open(folder / JOURNAL_FILE, "a", encoding="utf-8")
+        try:
+            (folder / "sheets").mkdir(parents=True, exist_ok=True)
+            self._read()
+            self._file = open(folder / JOURNAL_FILE, "a", encoding="utf-8")
+        except BaseException:
+            self._lock.close()  # (and with it the lock)
+            raise
 
     @classmethod
     def open(cls, cfg: Config, model_path: Path, device: str, dtype: torch.dtype,
@@ -146,8 +150,8 @@ class Journal:
             with open(path, "r+b") as f:
                 f.truncate(keep)
             data = data[:keep]
-        for number, line in enumerate(data.decode("utf-8").splitlines(), 1):
-            try:
+        for number, line in enumerate(data.splitlines(), 1):
+            try:  # line by line: a line of bad bytes costs its sample (UnicodeDecodeError is a ValueError)
                 entry = json.loads(line)
                 place, _, _, _ = entry["place"], entry["fingerprint"], entry["rows"], entry["wants_sheet"]
             except (ValueError, KeyError, TypeError) as e:

@@ -200,7 +200,9 @@ def discrete_train_timesteps(
 ) -> torch.Tensor:
     """`count` flow times drawn from the sampler's grid, stratified ([FF] TimeSampler.discrete):
     keep the grid points whose fraction along the denoising axis (1 − t) lies in t_range =
-    [lo, hi], split their index span into `count` equal strata and draw one index in each.
+    [lo, hi], split their index span into `count` equal strata and draw one index in each. As
+    [FF]'s, a stratum's upper bound is exclusive and truncated: the last kept grid point is never
+    drawn (with 8 grid times and 2 strata: indices {0, 1, 2} and {3, …, 6}).
 
     sampler_times: the rollout sampler's decreasing times [n + 1] (t_0 = 1 … t_n = 0); the final
     0 is never a training time. Returns [count] flow times (float32).

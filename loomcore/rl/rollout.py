@@ -28,6 +28,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from loomcore.data.loader import ShardReader, read_index
+from loomcore.errors import InputError
 from loomcore.models.mllm import DROP_NONE
 from loomcore.models.packed import tokens_of
 
@@ -69,12 +70,12 @@ def load_prompts(cache_dir, split: str, resolution: str, tasks: Sequence[str], l
     set may be the whole cache. `feature_mode` (mllm.feature_mode) says what each entry must hold:
     its features (cached) or the MLLM's inputs (online)."""
     if feature_mode not in _MODE_NEEDS:
-        raise ValueError(f"mllm.feature_mode = {feature_mode!r}: expected one of {sorted(_MODE_NEEDS)}")
+        raise InputError(f"mllm.feature_mode = {feature_mode!r}: expected one of {sorted(_MODE_NEEDS)}")
     rows = [r for r in read_index(cache_dir, split, resolution) if r["task"] in set(tasks)]
     if limit:
         rows = rows[:limit]
     if not rows:
-        raise ValueError(f"no {split} prompt in the cache ({cache_dir}) at {resolution} for tasks {list(tasks)}")
+        raise InputError(f"no {split} prompt in the cache ({cache_dir}) at {resolution} for tasks {list(tasks)}")
     key, what = _MODE_NEEDS[feature_mode]
     prompts = []
     for r in rows:
@@ -82,10 +83,10 @@ def load_prompts(cache_dir, split: str, resolution: str, tasks: Sequence[str], l
         if key not in entries:
             other = [f"{w} ({k!r}: the cache was built with mllm.feature_mode={m})"
                      for m, (k, w) in _MODE_NEEDS.items() if k in entries]
-            raise ValueError(f"cache entry {r['id']} ({cache_dir}): no {what} ({key!r}), which mllm.feature_mode="
+            raise InputError(f"cache entry {r['id']} ({cache_dir}): no {what} ({key!r}), which mllm.feature_mode="
                              f"{feature_mode} needs; it has {other[0] if other else 'neither MLLM features nor inputs'}")
         if "target" not in entries:
-            raise ValueError(f"cache entry {r['id']} ({cache_dir}): no 'target' entry (the size to generate at)")
+            raise InputError(f"cache entry {r['id']} ({cache_dir}): no 'target' entry (the size to generate at)")
         prompts.append(Prompt(r["id"], r["task"], r["caption"], tuple(entries["target"][1]), row=r))
     return prompts
 

@@ -51,6 +51,7 @@ from loomcore.config import Config, SchedulerConfig
 from loomcore.data.loader import ShardReader
 from loomcore.diffusion.flow import add_noise, timestep_input
 from loomcore.diffusion.sampling import SamplingShift, sampling_timesteps
+from loomcore.errors import InputError
 from loomcore.models.packed import decode_videos, pack_conditions, sample_pack, velocity
 from loomcore.rl import nft
 from loomcore.rl.rewards import build_reward
@@ -144,6 +145,10 @@ class RLTrainer(Harness):
         self.reader = ShardReader(cfg.paths.cache, settings=s3)
         mode = cfg.mllm.feature_mode
         self.train_prompts = load_prompts(self.reader.root, "train", rl.resolution, rl.tasks, feature_mode=mode)
+        if len(self.train_prompts) < rl.prompts_per_step:  # (a step would quietly take fewer groups)
+            raise InputError(f"rl.prompts_per_step = {rl.prompts_per_step}: the cache ({self.reader.root}) has "
+                             f"{len(self.train_prompts)} train prompt(s) of rl.tasks {list(rl.tasks)} at "
+                             f"rl.resolution {rl.resolution}")
         self.eval_prompts = load_prompts(self.reader.root, "eval", rl.resolution, rl.tasks, rl.eval_prompts, mode)
         self.contexts = context_source(cfg, self.reader, None, self.device)
         self.shift = SamplingShift.from_config(cfg.guidance, cfg.flow)  # fixed, or eq. 3 per sample
