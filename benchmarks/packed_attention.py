@@ -6,8 +6,10 @@ sample, in the tiny profile's DiT, on the packs its stages run.
 
 The "sdpa" backend (loomcore.models.attention) batches neighbouring samples with the same query and
 key lengths into one scaled_dot_product_attention call; before, it called the kernel once per
-sample. Both paths are timed here in one run, interleaved, on random-weight DiTs of the profile's
-dims and random inputs of its shapes (40×40 frames, 3-frame clips, 32 MLLM tokens a sample):
+sample. Both paths are timed here in one run, interleaved (which goes first alternates), on a
+random-weight DiT of the profile's dims and random inputs of its shapes (40×40 frames, 3-frame
+clips; each prompt its own number of MLLM tokens, 28–44, so that prompts differ in shape as they
+do in the cache, and a run is one prompt's samples):
 
   rl-rollout   an RL step's micro-batch: 2 prompts × 8 rollouts of a 3-frame clip (runs of 8);
                sampling (no gradients) and NFT's training forward and backward
@@ -35,9 +37,6 @@ from loomcore.config import load_config
 from loomcore.data.loader import Sample
 from loomcore.models import attention as attention_module
 
-CONTEXT_TOKENS = 32
-
-
 def _one_call_per_sample(q, k, v, bounds_q, bounds_k, scale):
     """The backend before batching: one kernel call per sample."""
     outputs = []
@@ -49,21 +48,21 @@ def _one_call_per_sample(q, k, v, bounds_q, bounds_k, scale):
 
 @contextmanager
 def _path(name: str):
-    batched = attention_module._sdpa_per_segment
+    batched = attention_module._sdpa_per_run
     if name == "per sample":
-        attention_module._sdpa_per_segment = _one_call_per_sample
+        attention_module._sdpa_per_run = _one_call_per_sample
     try:
         yield
     finally:
-        attention_module._sdpa_per_segment = batched
+        attention_module._sdpa_per_run = batched
 
 
-def _samples(cfg, shapes, g):
+def _samples(cfg, prompts, repeats, g):
+    """`repeats` samples of each prompt (target (frames, h, w), MLLM tokens), neighbours."""
     C, L, H = cfg.codec.latent_channels, cfg.mllm.layers_used, cfg.mllm.hidden_size
-    return [Sample(id=f"s{i}", task="t2v" if f > 1 else "t2i", caption="",
-                   target=torch.randn(C, f, h, w, generator=g),
-                   context=torch.randn(L, CONTEXT_TOKENS, H, generator=g))
-            for i, (f, h, w) in enumerate(shapes)]
+    return [Sample(id=f"p{i}-{k}", task="t2v" if f > 1 else "t2i", caption="",
+                   target=torch.randn(C, f, h, w, generator=g), context=torch.randn(L, tokens, H, generator=g))
+            for i, ((f, h, w), tokens) in enumerate(prompts) for k in range(repeats)]
 
 
 def _inputs(cfg, samples):
@@ -90,9 +89,10 @@ def main(argv=None) -> dict:
     g = torch.Generator().manual_seed(0)
     image, clip = (1, 20, 20), (cfg.video.frames["480p"], 20, 20)  # 40×40 frames: space-to-depth 2
     packs = {
-        "rl-rollout": (_inputs(cfg, _samples(cfg, [clip] * 16, g)), ("sampling", "training")),
-        "eval": (_inputs(cfg, _samples(cfg, [image] * 16, g)), ("sampling",)),
-        "mixed": (_inputs(cfg, _samples(cfg, [image, clip, image, (1, 24, 16), clip, image], g)), ("training",)),
+        "rl-rollout": (_inputs(cfg, _samples(cfg, [(clip, 32), (clip, 40)], 8, g)), ("sampling", "training")),
+        "eval": (_inputs(cfg, _samples(cfg, [(image, 28), (image, 32), (image, 36), (image, 44)], 4, g)), ("sampling",)),
+        "mixed": (_inputs(cfg, _samples(cfg, [(image, 32), (clip, 32), (image, 36), ((1, 24, 16), 32), (clip, 40),
+                                               (image, 28)], 1, g)), ("training",)),
     }
     result = {"device": f"CPU ({cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} thread(s))",
               "repeats": args.repeats}
@@ -113,8 +113,8 @@ def main(argv=None) -> dict:
             for path in seconds:  # warm-up, and the bits
                 with _path(path):
                     bits[path] = run()
-            for _ in range(args.repeats):
-                for path in seconds:
+            for repeat in range(args.repeats):
+                for path in list(seconds)[::1 if repeat % 2 else -1]:
                     with _path(path):
                         t = time.perf_counter()
                         run()
@@ -124,7 +124,8 @@ def main(argv=None) -> dict:
                 "samples": x.layout.num_samples, "dit_tokens": x.dit_tokens,
                 "per_sample_ms": round(per_sample * 1e3, 1), "batched_ms": round(batched * 1e3, 1),
                 "ratio": round(batched / per_sample, 3),
-                "same_bits": all(torch.equal(a, b) for a, b in zip(bits["per sample"], bits["batched"])),
+                "same_bits": len(bits["per sample"]) == len(bits["batched"])
+                and all(torch.equal(a, b) for a, b in zip(bits["per sample"], bits["batched"])),
             }
     for name, r in result.items():
         print(f"{name}: {r}" if not isinstance(r, dict) else f"{name}: " + ", ".join(f"{k} {v}" for k, v in r.items()))

@@ -918,10 +918,10 @@ def _validate(cfg: Config) -> None:
     check(rl.samples_per_prompt >= 2, f"rl.samples_per_prompt = {rl.samples_per_prompt}: a prompt's group needs >= 2 "
                                       "samples for an advantage")
     world = rl.nodes * max(1, rl.gpus_per_node)
-    per_rank = rl.prompts_per_step * rl.samples_per_prompt // world
+    per_rank = rl.prompts_per_step * rl.samples_per_prompt / world
     check(rl.gradient_steps <= per_rank,  # (each optimizer step takes a share of every rank's samples)
           f"rl.gradient_steps = {rl.gradient_steps}: more optimizer steps than a rank's samples per RL step "
-          f"(prompts_per_step × samples_per_prompt / ranks = {per_rank})")
+          f"(prompts_per_step × samples_per_prompt / ranks = {per_rank:g})")
     check((rl.prompts_per_step * rl.samples_per_prompt) % world == 0,
           f"rl: prompts_per_step × samples_per_prompt = {rl.prompts_per_step * rl.samples_per_prompt} samples do not "
           f"split over nodes × gpus_per_node = {world} ranks")

@@ -1,6 +1,8 @@
 """Packed attention: every backend against the plain-math reference; Wan's RoPE and attention
 module against diffusers'. CUDA backends skip cleanly without a GPU."""
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -41,7 +43,7 @@ def _per_sample_dense(q, k, v, cu_q, cu_k):
     return torch.cat(out).float()
 
 
-PACKS = [((7,), (7,)), ((5, 1, 9), (5, 1, 9)), ((4, 6, 3), (2, 8, 1)), ((1, 12), (3, 3))]
+PACKS = [((7,), (7,)), ((5, 1, 9), (5, 1, 9)), ((4, 6, 3), (2, 8, 1)), ((1, 12), (3, 3)), ((4, 4, 4, 2, 2), (3, 3, 3, 5, 5))]
 
 
 @pytest.mark.parametrize("q_lens,k_lens", PACKS)
@@ -64,9 +66,9 @@ def test_sdpa_backend_matches_reference(q_lens, k_lens):
     "q_lens,k_lens",
     [((100,) * 8, (100,) * 8), ((64, 64, 64, 30, 64, 64), (9, 9, 9, 9, 12, 12)), ((5, 5, 0, 0, 7), (5, 5, 3, 3, 7))],
 )
-def test_sdpa_batches_runs_of_one_shape_bitwise(q_lens, k_lens):
-    """Neighbouring samples of one shape go through one batched kernel call; each sample's output
-    and gradients are the bits of a call of its own (the CPU default fast path)."""
+def test_sdpa_batches_runs_of_one_shape_bitwise(q_lens, k_lens, monkeypatch):
+    """Neighbouring samples of one shape go through one batched kernel call; in fp32 each sample's
+    output and gradients are the bits of a call of its own."""
     q, k, v, cu_q, cu_k = _pack(q_lens, k_lens, heads=4, dim=32)
     q, k, v = (t.requires_grad_() for t in (q, k, v))
     grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(1))
@@ -76,8 +78,11 @@ def test_sdpa_batches_runs_of_one_shape_bitwise(q_lens, k_lens):
         one = [t.transpose(0, 1)[None] for t in (q[a:b], k[c:d], v[c:d])]
         one_call_each.append(F.scaled_dot_product_attention(*one)[0].transpose(0, 1))
     expected = torch.cat(one_call_each)
+    calls, kernel = [], F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **kw: calls.append(a[0].shape[0]) or kernel(*a, **kw))
     out = attention(q, k, v, cu_q, cu_k, backend="sdpa")
-    assert torch.equal(out, expected)
+    runs = [len(list(g)) for _, g in itertools.groupby(zip(q_lens, k_lens))]
+    assert calls == runs and torch.equal(out, expected)  # one call per run, of the run's samples
     for got, want in zip(torch.autograd.grad(out, (q, k, v), grad_out), torch.autograd.grad(expected, (q, k, v), grad_out)):
         assert torch.equal(got, want)
 

@@ -113,12 +113,24 @@ def test_benchmark_sets_from_disk_and_s3_with_a_missing_file(tiny_workspace, tmp
     first_lost = [dataclasses.replace(local[1], category=local[0].category), local[0]]
     _, sheet = run_benchmark(pipe, one_row, "model", first_lost, judge, None)
     assert [it.note.split(" · ")[0] for it in sheet] == ["good"]
-    # nor does one whose generation fails (a source that is no video): the next of its category does
+    # nor does one whose generation fails (a source that is no video): the next of its category
+    # takes its row, in its place among the categories' rows, and again when resumed from the journal
+    from loomcore.eval.journal import Journal
+
     (root / "openve" / "videos" / "broken.mp4").write_bytes(b"not a video")
     broken = dataclasses.replace(local[0], id="broken", source=str(root / "openve" / "videos" / "broken.mp4"))
-    out, sheet = run_benchmark(pipe, one_row, "model", [broken, local[0]], judge, None)
-    assert all("generation failed" in r["failure"] and "broken.mp4" in r["failure"] for r in out if r["sample_id"] == "broken")
-    assert [it.note.split(" · ")[0] for it in sheet] == ["good"]
+    other = dataclasses.replace(local[0], id="other", category="local_remove")
+    two_rows = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, sheet_samples=2))
+    both = Scripted(judge.answer + "\nPrompt Compliance: 4\nVisual & Temporal Naturalness: 3\nPhysical & Detail Coherence: 2")
+    for run in range(2):
+        journal = Journal(tmp_path / "journal", log=lambda m: None)
+        out, sheet = run_benchmark(pipe, two_rows, "model", [broken, other, local[0]], both, None, journal=journal)
+        journal.close(finished=run == 1)
+        failed = [r for r in out if r["sample_id"] == "broken"]
+        assert failed and all("generation failed" in r["failure"] and "broken.mp4" in r["failure"] for r in failed)
+        assert [it.note.split(" · ")[0] for it in sheet] == ["good", "other"]
+        assert all(r["failure"] is None for r in out if r["sample_id"] != "broken")
+    assert journal.reused == 3 and len(both.seen) == 2  # the resumed run generated nothing
 
 
 def test_malformed_benchmark_index_names_the_line(tmp_path):
@@ -475,13 +487,29 @@ def test_the_journal_keeps_what_a_rerun_may_reuse(tmp_path):
     assert len(computed) == 3 and j.reused == 3
     j.close(finished=False)
 
-    # a line of bytes that are not UTF-8 (a disk error) costs that line's sample, not the resume
+    # a line whose bytes are not UTF-8 (a disk error), or a line of JSON that is no entry, costs
+    # that line's sample only, not the resume
     journal = folder / "samples.jsonl"
     lines = journal.read_bytes().splitlines(keepends=True)
-    journal.write_bytes(lines[0] + b'{"place": "\xff\xfe"}\n' + b"".join(lines[1:]))
+    b_lines = [i for i, line in enumerate(lines) if b"fp-b" in line]  # (b was recorded twice)
+    for i in b_lines:
+        lines[i] = lines[i].replace(b"fp-b", b"fp-\xff")
+    journal.write_bytes(b"".join(lines) + b'{"place": ["model"], "fingerprint": "x", "rows": [], "wants_sheet": false, '
+                        b'"sheet": null}\n')
     said = []
     j = Journal(folder, log=said.append)
-    assert any(":2: not a journal entry" in m for m in said) and len(j.entries) == 4
+    assert [int(m.split(": ", 1)[0].rsplit(":", 1)[1]) for m in said] == [i + 1 for i in b_lines] + [len(lines) + 1]
+    assert sorted(j.entries) == sorted(json.dumps(["model", "openve", x]) for x in "acd")  # "b" only is lost
+    j.close(finished=False)
+
+    # a journal that cannot be read leaves its lock free for the next run
+    journal.rename(folder / "kept")
+    journal.mkdir()
+    with pytest.raises(IsADirectoryError):
+        Journal(folder, log=lambda m: None)
+    journal.rmdir()
+    (folder / "kept").rename(journal)
+    j = Journal(folder, log=lambda m: None)
     j.close(finished=True)
     assert not folder.exists()
 

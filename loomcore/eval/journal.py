@@ -153,11 +153,15 @@ class Journal:
         for number, line in enumerate(data.splitlines(), 1):
             try:  # line by line: a line of bad bytes costs its sample (UnicodeDecodeError is a ValueError)
                 entry = json.loads(line)
-                place, _, _, _ = entry["place"], entry["fingerprint"], entry["rows"], entry["wants_sheet"]
+                sheet = entry["sheet"]
+                if not (isinstance(entry["place"], str) and isinstance(entry["fingerprint"], str)
+                        and isinstance(entry["rows"], list) and isinstance(entry["wants_sheet"], bool)
+                        and (sheet is None or {"prompt", "note", "references"} <= set(sheet))):
+                    raise TypeError("a field of the wrong kind")
             except (ValueError, KeyError, TypeError) as e:
                 self.log(f"{path}:{number}: not a journal entry ({e}); that sample is generated again")
                 continue
-            self.entries[place] = entry
+            self.entries[entry["place"]] = entry
 
     def scored(self, place: Sequence[object], fingerprint: str, wants_sheet: bool,
                compute: Callable[[], Scored]) -> Scored:

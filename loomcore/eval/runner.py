@@ -217,7 +217,9 @@ def run_benchmark(pipe, cfg: Config, model: str, samples: Sequence[BenchmarkSamp
                   scorer: Optional[VBenchScorer], step: Callable[[], None] = lambda: None,
                   journal: Optional[Journal] = None) -> Tuple[List[dict], List[SheetItem]]:
     """Generate and score one benchmark's samples: VBench metrics (vbench) or the judge; a sample
-    the `journal` holds is not generated again."""
+    the `journal` holds is not generated again. The contact sheet's rows are one of each category
+    first (`one_of_each_first` over the samples that can draw); a row whose generation fails goes
+    to the next sample of its category, if there is one."""
     e = cfg.eval
     journal = journal or Journal(None)
     out, sheet = [], {}
@@ -270,7 +272,7 @@ def run_benchmark(pipe, cfg: Config, model: str, samples: Sequence[BenchmarkSamp
         out += rows
         if item is not None:
             sheet[on_sheet[j]] = item
-        elif wants_sheet:  # its generation failed: the next drawable sample of its category takes its row
+        elif wants_sheet:  # its generation failed: the next drawable sample of its category (if any) takes its row
             later = (i for i in drawable if i > j and i not in on_sheet and samples[i].category == s.category)
             stand_in = next(later, None)
             if stand_in is not None:

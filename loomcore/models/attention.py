@@ -10,7 +10,8 @@ attention is block-diagonal, and no backend but the test reference builds a dens
 
 Backends (`backend=`):
   "reference"   plain math in float64 with a block-diagonal mask. For tests.
-  "sdpa"        one scaled_dot_product_attention call per run of same-shaped samples. Exact; the CPU path.
+  "sdpa"        one scaled_dot_product_attention call per run of neighbouring same-shaped samples.
+                Exact; the CPU path.
   "varlen"      torch.nn.attention.varlen.varlen_attn (FlashAttention varlen). CUDA, fp16/bf16.
   "flash_attn"  flash_attn.flash_attn_varlen_func. CUDA, fp16/bf16.
   "flex"        FlexAttention (compiled) with a block mask from per-token sample ids. CUDA (inductor's
@@ -93,7 +94,7 @@ def attention(
     Without cu_seqlens the whole of q attends to the whole of k (one sample). max_seqlen_* are
     the longest segment lengths; the kernels that need them compute them when not given.
     host_cu_seqlens: the same (cu_seqlens_q, cu_seqlens_k) as Python ints, when the caller has
-    them; the per-sample "sdpa" path then needs no device→host copy (and no compile graph break).
+    them; the "sdpa" path then needs no device→host copy (and no compile graph break).
     cache: a dict that lives as long as these cu_seqlens (one pack); "flex" keeps its block mask
     there, so the layers of one forward build it once.
     """
@@ -118,7 +119,7 @@ def attention(
         return attention_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, scale=scale)
     if name == "sdpa":
         bounds = host_cu_seqlens or (cu_seqlens_q.tolist(), cu_seqlens_k.tolist())
-        return _sdpa_per_segment(q, k, v, *bounds, scale)
+        return _sdpa_per_run(q, k, v, *bounds, scale)
     if q.device.type != "cuda":
         raise RuntimeError(f"backend={name!r} runs on CUDA only; these tensors are on {q.device}")
     if max_seqlen_q is None or max_seqlen_k is None:
@@ -146,17 +147,20 @@ def attention_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, scale: float | None
     return torch.einsum("hqk,khd->qhd", probs, v.double()).to(q.dtype)
 
 
-def _sdpa_per_segment(q, k, v, bounds_q: Sequence[int], bounds_k: Sequence[int], scale):
+def _sdpa_per_run(q, k, v, bounds_q: Sequence[int], bounds_k: Sequence[int], scale):
     """One scaled_dot_product_attention call per run of neighbouring samples of one shape.
 
-    A run of samples with the same query and key lengths (an RL group's rollouts, a pack of
-    same-sized clips) is one batch of [n, H, len, d] views of the pack. Each entry is computed as
-    it would be alone — bitwise: the CPU kernel splits its work by batch, head and query block —
-    for fewer calls (an RL micro-batch's forward and backward through the tiny DiT: 14 % less
-    time; BENCHMARKS.md "Packed attention on the CPU").
+    A run of samples with the same query and key lengths (an RL group's rollouts, a held-out
+    prompt's seeds) is one batch of [n, H, len, d] views of the pack. In fp32 (the CPU profiles)
+    each entry is computed bit for bit as it would be alone: torch's CPU flash kernel splits its
+    work by batch, head and query block, with block sizes set by the lengths alone. In bf16/fp16
+    the kernel may pack its inputs differently for another batch size: the same attention, maybe
+    other last bits. What batching saves: BENCHMARKS.md "Packed attention on the CPU".
     """
     heads, dim = q.shape[1:]
     spans = [(q1 - q0, k1 - k0) for q0, q1, k0, k1 in zip(bounds_q, bounds_q[1:], bounds_k, bounds_k[1:])]
+    if not spans:
+        raise ValueError(f"cu_seqlens: no sample in the pack ({list(bounds_q)}, {list(bounds_k)})")
     for n_q, n_k in spans:
         if n_q > 0 and n_k == 0:
             raise ValueError(f"cu_seqlens_k: sample with {n_q} queries has no keys")

@@ -122,6 +122,9 @@ class RLTrainer(Harness):
         if n % env.world_size:
             raise ValueError(f"rl: prompts_per_step × samples_per_prompt = {n} samples per step do not split over "
                              f"{env.world_size} ranks")
+        if self.rl.gradient_steps > n // env.world_size:  # (the config checks nodes × gpus_per_node; this, the job's)
+            raise ValueError(f"rl.gradient_steps = {self.rl.gradient_steps}: more optimizer steps than a rank's "
+                             f"{n // env.world_size} samples per RL step over {env.world_size} ranks")
 
     # -- set-up -------------------------------------------------------------------------------
 
@@ -132,16 +135,8 @@ class RLTrainer(Harness):
         from loomcore.models.codec import load_codec
 
         cfg, rl = self.cfg, self.rl
-        self.policy, self.old, self.ref = self.load_model(True), self.load_model(False), self.load_model(False)
-        self.model = self.policy
-        self.use_source = self.policy.config.use_source_embedding
-        self.optimizer = build_optimizer([p for p in self.policy.parameters() if p.requires_grad], rl.optimizer)
-        self.scheduler = build_scheduler(self.optimizer, SchedulerConfig("constant_with_warmup", 0))
-        self.reward = build_reward(cfg, device=self.device)
+        # the prompts first (the index only): a pool too small for a step is refused before any model loads
         s3 = S3Settings.from_config(cfg.s3)
-        self.codec = load_codec(cfg.models.codec, cfg.models.vae, s3_settings=s3).to(self.device)
-        # the prompts' tensors are read when used; online, the frozen MLLM on this rank's device
-        # encodes the contexts of this rank's prompts
         self.reader = ShardReader(cfg.paths.cache, settings=s3)
         mode = cfg.mllm.feature_mode
         self.train_prompts = load_prompts(self.reader.root, "train", rl.resolution, rl.tasks, feature_mode=mode)
@@ -150,6 +145,15 @@ class RLTrainer(Harness):
                              f"{len(self.train_prompts)} train prompt(s) of rl.tasks {list(rl.tasks)} at "
                              f"rl.resolution {rl.resolution}")
         self.eval_prompts = load_prompts(self.reader.root, "eval", rl.resolution, rl.tasks, rl.eval_prompts, mode)
+        self.policy, self.old, self.ref = self.load_model(True), self.load_model(False), self.load_model(False)
+        self.model = self.policy
+        self.use_source = self.policy.config.use_source_embedding
+        self.optimizer = build_optimizer([p for p in self.policy.parameters() if p.requires_grad], rl.optimizer)
+        self.scheduler = build_scheduler(self.optimizer, SchedulerConfig("constant_with_warmup", 0))
+        self.reward = build_reward(cfg, device=self.device)
+        self.codec = load_codec(cfg.models.codec, cfg.models.vae, s3_settings=s3).to(self.device)
+        # the prompts' tensors are read when used; online, the frozen MLLM on this rank's device
+        # encodes the contexts of this rank's prompts
         self.contexts = context_source(cfg, self.reader, None, self.device)
         self.shift = SamplingShift.from_config(cfg.guidance, cfg.flow)  # fixed, or eq. 3 per sample
         return {"model": ModelState(self.policy), "old": ModelState(self.old),
