@@ -498,38 +498,36 @@ def test_rl_skips_non_finite_steps_like_the_stage_trainer(rl_ws, tmp_path):
         train_rl(strict)
 
 
+def _setup_refused(cfg, error, match):
+    """RLTrainer(cfg).setup() on one CPU rank raises `error` matching `match`."""
+    from loomcore.rl.trainer import RLTrainer
+    from loomcore.train.distributed import init_distributed
+
+    env = init_distributed(use_gpu=False)
+    try:
+        with pytest.raises(error, match=match):
+            RLTrainer(cfg, env).setup()
+    finally:
+        torch.distributed.destroy_process_group()
+
+
 def test_rl_refuses_a_stage3_model_of_another_architecture(rl_ws):
     """RL used to take the stage-3 folder's config.json and ignore params (rope.ref_offset=7 ran
     with the checkpoint's 10); now a disagreement is refused before anything runs, naming both."""
     from loomcore.models.dit import ArchitectureMismatch
-    from loomcore.rl.trainer import RLTrainer
-    from loomcore.train.distributed import init_distributed
 
-    cfg = _rl_cfg(rl_ws, "arch", "rope.ref_offset=7")
-    env = init_distributed(use_gpu=False)
-    try:
-        with pytest.raises(ArchitectureMismatch, match=r"stage3/model: .*rope.ref_offset = 7 in the config, "
-                                                       r"ref_offset = 10 in the checkpoint"):
-            RLTrainer(cfg, env).setup()
-    finally:
-        torch.distributed.destroy_process_group()
+    _setup_refused(_rl_cfg(rl_ws, "arch", "rope.ref_offset=7"), ArchitectureMismatch,
+                   r"stage3/model: .*rope.ref_offset = 7 in the config, ref_offset = 10 in the checkpoint")
 
 
 def test_rl_refuses_fewer_train_prompts_than_a_step_takes(rl_ws):
     """A step draws rl.prompts_per_step distinct prompts; a smaller pool used to give every step
     fewer groups than asked, silently (and its per-step figures divided by the number asked)."""
     from loomcore.errors import InputError
-    from loomcore.rl.trainer import RLTrainer
-    from loomcore.train.distributed import init_distributed
 
-    cfg = _rl_cfg(rl_ws, "short-pool", "rl.prompts_per_step=100000")
-    env = init_distributed(use_gpu=False)
-    try:
-        with pytest.raises(InputError, match=r"rl\.prompts_per_step = 100000: the cache \(.*\) has \d+ train prompt\(s\) "
-                                             r"of rl\.tasks \[.*\] at rl\.resolution 480p"):
-            RLTrainer(cfg, env).setup()
-    finally:
-        torch.distributed.destroy_process_group()
+    _setup_refused(_rl_cfg(rl_ws, "short-pool", "rl.prompts_per_step=100000"), InputError,
+                   r"rl\.prompts_per_step = 100000: the cache \(.*\) has \d+ train prompt\(s\) of rl\.tasks \[.*\] "
+                   r"at rl\.resolution 480p")
 
 
 def test_prompts_are_read_lazily(rl_ws, tmp_path):
