@@ -55,6 +55,13 @@ def test_nft_loss_matches_a_hand_computed_value():
     assert v_theta.grad is not None and torch.isfinite(v_theta.grad).all()
 
 
+def test_per_sample_means_and_a_sample_without_rows():
+    x = torch.tensor([[1.0, 3.0], [5.0, 7.0], [2.0, 2.0]])
+    assert nft.per_sample_mean(x, torch.tensor([0, 0, 1]), 2).tolist() == [4.0, 2.0]
+    with pytest.raises(RuntimeError, match="a sample has no rows in the pack"):  # sample 1 of 3: none
+        nft.per_sample_mean(x, torch.tensor([0, 0, 2]), 3)
+
+
 def test_held_out_items_pad_to_equal_work_on_any_number_of_ranks():
     """Every rank samples as often (FSDP2's forwards are collectives); with fewer held-out items
     than the padding needs (1 prompt × 1 seed on 3 ranks) `items + items[:pad]` came out short

@@ -87,11 +87,12 @@ def implicit_policies(v_theta: torch.Tensor, v_old: torch.Tensor, beta: float) -
 
 
 def per_sample_mean(x: torch.Tensor, sample_index: torch.Tensor, num_samples: int) -> torch.Tensor:
-    """x [N, P] rows of a pack → [S] mean over each sample's rows and channels (float64 if x is)."""
+    """x [N, P] rows of a pack → [S] mean over each sample's rows and channels (float64 if x is).
+    A sample without rows is a bug of the caller's: it fails on the device, without a host sync
+    (RuntimeError on the CPU, a device-side assert on a GPU)."""
     counts = torch.zeros(num_samples, dtype=x.dtype, device=x.device).index_add_(
         0, sample_index, torch.ones_like(sample_index, dtype=x.dtype))
-    if bool((counts == 0).any()):
-        raise ValueError(f"samples {torch.nonzero(counts == 0).flatten().tolist()} have no rows in the pack")
+    torch._assert_async((counts > 0).all(), "per_sample_mean: a sample has no rows in the pack")
     sums = torch.zeros(num_samples, dtype=x.dtype, device=x.device).index_add_(0, sample_index, x.sum(dim=1))
     return sums / (counts * x.shape[1])
 
