@@ -244,6 +244,12 @@ def test_optimizer_steps_are_checked_against_a_ranks_samples():
     load_config(["rl.gpus_per_node=4", "rl.gradient_steps=16"], profile="tiny")  # 8 × 8 / 4 = 16 each
     with pytest.raises(ConfigError, match=r"rl\.gradient_steps = 17: more optimizer steps than a rank's samples.* = 16\)"):
         load_config(["rl.gpus_per_node=4", "rl.gradient_steps=17"], profile="tiny")
+    # the job's ranks, when they are not the config's nodes × gpus_per_node (a CPU config on 4 ranks)
+    from loomcore.rl.trainer import RLTrainer
+    from loomcore.train.distributed import DistEnv
+
+    with pytest.raises(ValueError, match=r"rl\.gradient_steps = 17: more optimizer steps than a rank's 16 samples .* 4 ranks"):
+        RLTrainer(load_config(["rl.gradient_steps=17"], profile="tiny"), DistEnv(0, 4, 0, torch.device("cpu")))
 
 
 def test_paper_profile_rl_matches_flow_factory_wan22_nft():
