@@ -102,3 +102,32 @@ def test_a_long_title_or_note_is_drawn_whole():
     lines = _row_text(SheetItem("a prompt", frame, note=note), font)
     assert font.getlength(note) > TEXT_W - 12 and len(lines) > 2
     assert " ".join(lines[1:]) == note and all(font.getlength(line) <= TEXT_W - 12 for line in lines)
+
+
+def test_stand_in_notes_follow_the_judge_and_backbones_not_the_profile(tmp_path):
+    """A tiny run asked with a real judge, or a paper run on the Shapes program, was labelled by its
+    profile: its sheets and report called a real judge a stand-in, or a stand-in real."""
+    from loomcore.config import load_config
+    from loomcore.eval.report import _caveats, _sheet_title, stand_ins
+
+    tiny_qwen = load_config(["eval.judge.kind=qwen"], profile="tiny")
+    paper_shapes = load_config(["eval.judge.kind=shapes"], profile="paper")
+    assert stand_ins(load_config([], profile="tiny")) == (True, True)
+    assert stand_ins(tiny_qwen) == (False, True)  # the tiny CLIP and DINO are still the random ones
+    assert stand_ins(paper_shapes) == (True, False)
+    assert stand_ins(load_config([f"eval.vbench.clip={tmp_path}/clip"], profile="tiny")) == (True, False)
+    judge_line = "judge: the tiny stand-in program"
+    assert judge_line in _sheet_title(load_config([], profile="tiny"), "openve", "rl", 4, 4)
+    assert judge_line not in _sheet_title(tiny_qwen, "openve", "rl", 4, 4)
+    assert "mean nothing" in _sheet_title(tiny_qwen, "vbench", "rl", 4, 4)
+    assert judge_line in _sheet_title(paper_shapes, "openve", "rl", 4, 4)
+    assert "mean nothing" not in _sheet_title(paper_shapes, "vbench", "rl", 4, 4)
+    # the report: one paragraph on what is real, one on what stands in, never both for one part
+    real, stand_in = _caveats(False, True)
+    assert "configured judge" in real and "VBench here" not in real
+    assert "random tiny backbones" in stand_in and "shapes_judge" not in stand_in
+    real, stand_in = _caveats(True, False)
+    assert "VBench here" in real and "configured judge" not in real
+    assert "shapes_judge" in stand_in and "random tiny" not in stand_in
+    assert len(_caveats(True, True)) == 1 and "VBench here" not in _caveats(True, True)[0]
+    assert len(_caveats(False, False)) == 1 and "stand-in" not in _caveats(False, False)[0]

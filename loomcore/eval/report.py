@@ -48,6 +48,7 @@ from loomcore.data.schema import write_parquet
 from loomcore.eval import shapesbench as sb
 from loomcore.sheets import contact_sheet
 from loomcore.eval.metrics import VBENCH_METRICS
+from loomcore.models.base_models import eval_backbones_built
 from loomcore.eval.prompts import FASHION_COLUMNS, FASHION_DIMENSIONS, REFVIE, REFVIE_COLUMNS, TIV2V_CATEGORIES
 from loomcore.storage import is_s3
 
@@ -342,11 +343,48 @@ def _sheet_title(cfg, name: str, model_name: str, shown: int, n: int) -> str:
     who = "base models (untrained)" if name.endswith("-base") else model_name
     kind = "task kind" if name.startswith("shapesbench") else "category"
     lines = [f"{name}: {who} · {shown} of {n} samples, one of each {kind} first", sampler_note(cfg)]
-    if cfg.profile == "tiny" and name == "vbench":
+    judge, vbench = stand_ins(cfg)
+    if vbench and name == "vbench":
         lines.append("scores: VBench on random tiny backbones (stand-ins): they mean nothing")
-    elif cfg.profile == "tiny" and not name.startswith("shapesbench"):
+    elif judge and name != "vbench" and not name.startswith("shapesbench"):
         lines.append("judge: the tiny stand-in program (1 to 5, colours read through the Shapes palette), not a VLM")
     return "\n".join(lines)
+
+
+def stand_ins(cfg) -> tuple[bool, bool]:
+    """(the judge is the Shapes program, VBench's CLIP and DINO are the random tiny backbones the
+    base_models stage builds): the tiny profile's, whatever profile a run names — a tiny run with a
+    real judge gets the real judge's notes, and the other way round."""
+    built = eval_backbones_built(cfg)
+    return cfg.eval.judge.kind == "shapes", "clip" in built and "dino" in built
+
+
+_REAL_VBENCH = ("VBench here is not the paper's Table 2: Imaging Quality is CLIP-IQA (not MUSIQ) and Overall "
+                "Consistency a frame-averaged CLIP similarity (not ViCLIP) — `loomcore/eval/metrics.py`; "
+                "Subject Consistency is VBench's.")
+_REAL_JUDGE = ("The judged tables use the configured judge and our paraphrased prompts, not the paper's Gemini 2.5 "
+               "Pro with the benchmarks' own: compare runs of this pipeline with each other, not with the paper's "
+               "figures.")
+_JUDGE_STAND_IN = ("the judge is a program that rates the Shapes world from the instruction and the pixels "
+                   "(`loomcore/eval/shapes_judge.py`), asked over HTTP like a hosted judge")
+_VBENCH_STAND_IN = "VBench's CLIP and DINO are random tiny backbones, so VBench's numbers mean nothing"
+_JUDGE_READS = ("The judge rates colours read through the Shapes palette, not shapes: a sample with the right "
+                "colours in blurred blocks rates well (each dimension scores 1 + 4 × a measure in [0, 1]) — its "
+                "tables test the judged path, not the pictures. ShapesBench is the tiny profile's measure.")
+
+
+def _caveats(judge_stand_in: bool, vbench_stand_in: bool) -> List[str]:
+    """The report's paragraphs on what its judge and VBench backbones are."""
+    real = [text for text, stand_in in ((_REAL_VBENCH, vbench_stand_in), (_REAL_JUDGE, judge_stand_in)) if not stand_in]
+    md = [" ".join(real) + "\n"] if real else []
+    if judge_stand_in and vbench_stand_in:
+        md.append(f"Tiny profile: the judged benchmarks and VBench run end to end on **tiny stand-ins** — "
+                  f"{_JUDGE_STAND_IN}, and {_VBENCH_STAND_IN}. {_JUDGE_READS}\n")
+    elif judge_stand_in:
+        md.append(f"The judged benchmarks run on a **tiny stand-in**: {_JUDGE_STAND_IN}. {_JUDGE_READS}\n")
+    elif vbench_stand_in:
+        md.append(f"VBench runs on **tiny stand-ins**: {_VBENCH_STAND_IN}.\n")
+    return md
 
 
 def write_outputs(cfg, rows: List[dict], sheets: Dict[str, list], *, model_path: str, model_name: str,
@@ -372,20 +410,7 @@ def write_outputs(cfg, rows: List[dict], sheets: Dict[str, list], *, model_path:
     md = [f"# Evaluation of `{model_name}`\n", f"Weights: `{model_path}` · profile `{cfg.profile}` · "
           f"{sampler_note(cfg)} · seed {e.seed} · judge: {judge_name or '–'} · VBench backbones: "
           f"CLIP `{e.vbench.clip or '–'}`, DINO `{e.vbench.dino or '–'}`\n"]
-    if cfg.profile != "tiny":
-        md.append("VBench here is not the paper's Table 2: Imaging Quality is CLIP-IQA (not MUSIQ) and Overall "
-                  "Consistency a frame-averaged CLIP similarity (not ViCLIP) — `loomcore/eval/metrics.py`; "
-                  "Subject Consistency is VBench's. The judged tables use the configured judge and our "
-                  "paraphrased prompts, not the paper's Gemini 2.5 Pro with the benchmarks' own: compare runs "
-                  "of this pipeline with each other, not with the paper's figures.\n")
-    if cfg.profile == "tiny":
-        md.append("Tiny profile: the judged benchmarks and VBench run end to end on **tiny stand-ins** — the judge "
-                  "is a program that rates the Shapes world from the instruction and the pixels "
-                  "(`loomcore/eval/shapes_judge.py`), asked over HTTP like a hosted judge, and VBench's CLIP and "
-                  "DINO are random tiny backbones, so VBench's numbers mean nothing. The judge rates colours "
-                  "read through the Shapes palette, not shapes: a sample with the right colours in blurred "
-                  "blocks rates well (each dimension scores 1 + 4 × a measure in [0, 1]) — its tables test the "
-                  "judged path, not the pictures. ShapesBench is the tiny profile's measure.\n")
+    md += _caveats(*stand_ins(cfg))
     md.append("In every table, – means not measured: no sample asks for it, or each one failed (Failures).\n")
     for name, trows in tabs.items():
         md += [f"## {name}\n", TABLE_NOTES.get(name, JUDGED_NOTE), _md(trows)]

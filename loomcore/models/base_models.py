@@ -342,7 +342,7 @@ def build_tiny_dino(path: Path | str, seed: int = 0) -> int:
 # --------------------------------------------------------------------------------------------
 
 
-def _eval_backbones(cfg: Config) -> Dict[str, str]:
+def eval_backbones_built(cfg: Config) -> Dict[str, str]:
     """VBench's CLIP and DINO folders where the config puts them inside `paths.models` (the tiny
     profile: random stand-ins built beside the other tiny models, in the base_models stage's out).
     Elsewhere they are real checkpoints, or not wanted by whoever moved the models (a benchmark's
@@ -353,7 +353,7 @@ def _eval_backbones(cfg: Config) -> Dict[str, str]:
 
 
 def _component_paths(cfg: Config, out_dir: Optional[Path]) -> Dict[str, Path]:
-    paths = {**{name: getattr(cfg.models, name) for name in COMPONENTS}, **_eval_backbones(cfg)}
+    paths = {**{name: getattr(cfg.models, name) for name in COMPONENTS}, **eval_backbones_built(cfg)}
     if out_dir is not None:
         return {name: Path(out_dir) / name for name in paths}
     remote = [f"models.{k} = {v}" for k, v in paths.items() if is_s3(v)]
@@ -367,7 +367,7 @@ def _fingerprint(cfg: Config) -> str:
     d = cfg.to_dict()
     parts = {"builder": BUILDER_VERSION, "seed": cfg.seed, "dit": d["dit"], "mllm": d["mllm"],
              "codec": d["codec"], "codec_kind": cfg.models.codec, "flow_shift": cfg.guidance.flow_shift,
-             "negative_prompt": cfg.guidance.negative_prompt, "eval_backbones": sorted(_eval_backbones(cfg))}
+             "negative_prompt": cfg.guidance.negative_prompt, "eval_backbones": sorted(eval_backbones_built(cfg))}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
