@@ -12,3 +12,7 @@ from __future__ import annotations
 
 class InputError(ValueError):
     """Input that cannot be used; the message names where and why."""
+
+
+class MissingInputError(InputError, FileNotFoundError):
+    """An input that is not there: a path, or an s3:// prefix that holds no object."""

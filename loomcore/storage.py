@@ -27,7 +27,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, List, Optional, Tuple
 
+from loomcore.errors import InputError, MissingInputError
+
 S3_PREFIX = "s3://"
+# The object that makes a published version a model (loomcore/export/publish.py: its file list, each
+# file's size and sha256); a version folder without it is an upload in progress or a failed one.
+COMPLETE_MARKER = "_COMPLETE"
 
 
 def is_s3(uri: str | os.PathLike) -> bool:
@@ -37,11 +42,11 @@ def is_s3(uri: str | os.PathLike) -> bool:
 def parse_s3_uri(uri: str) -> Tuple[str, str]:
     """'s3://bucket/a/b' -> ('bucket', 'a/b'). Refuses anything else with the URI in the message."""
     if not is_s3(uri):
-        raise ValueError(f"not an s3:// URI: {uri!r}")
+        raise InputError(f"not an s3:// URI: {uri!r}")
     rest = str(uri)[len(S3_PREFIX):]
     bucket, _, key = rest.partition("/")
     if not bucket:
-        raise ValueError(f"s3 URI {uri!r} has no bucket (expected s3://bucket/prefix)")
+        raise InputError(f"s3 URI {uri!r} has no bucket (expected s3://bucket/prefix)")
     return bucket, key
 
 
@@ -253,7 +258,7 @@ def materialize(uri: str | os.PathLike, cache_dir: Optional[Path] = None,
     if not is_s3(uri):
         path = Path(uri)
         if not path.exists():
-            raise FileNotFoundError(f"{path}: no such file or directory")
+            raise MissingInputError(f"{path}: no such file or directory")
         return path
     settings = settings or S3Settings.from_env()
     client = s3_client(settings)
@@ -265,10 +270,15 @@ def materialize(uri: str | os.PathLike, cache_dir: Optional[Path] = None,
     # A URI names one object, or a folder: keys under "<prefix>/" (never "<prefix>-old/...").
     wanted = single or [o for o in objects if o["Key"].startswith(folder) and not o["Key"].endswith("/")]
     if not wanted:
-        raise FileNotFoundError(f"{uri}: no objects under this S3 prefix")
+        raise MissingInputError(f"{uri}: no objects under this S3 prefix")
+    for obj in wanted:  # a key is a path below the bucket's folder, never above it ("a/../../x", "/x")
+        if not (cache_root / obj["Key"]).resolve().is_relative_to(cache_root.resolve()):
+            raise InputError(f"s3://{bucket}/{obj['Key']}: a key that leaves its bucket's folder as a path; "
+                             "refusing to mirror it")
+    listed = {o["Key"] for o in objects}
     wanted = [o for o in wanted if not o["Key"].endswith(skip_suffixes)]  # (endswith(()) is False)
     if not wanted:
-        raise FileNotFoundError(f"{uri}: nothing under this S3 prefix but files ending in {', '.join(skip_suffixes)}")
+        raise MissingInputError(f"{uri}: nothing under this S3 prefix but files ending in {', '.join(skip_suffixes)}")
     for obj in wanted:
         dest = cache_root / obj["Key"]
         # the object's ETag as it was when mirrored, beside the mirror (not in a folder a caller
@@ -305,7 +315,23 @@ def materialize(uri: str | os.PathLike, cache_dir: Optional[Path] = None,
                 os.replace(tmp, etag)
             finally:
                 tmp.unlink(missing_ok=True)
+    if not single:  # a folder: what the store no longer holds leaves the mirror (an old shard set
+        # beside a new single weights file would be what diffusers loads)
+        _drop_unlisted(cache_root, bucket, folder, listed)
     return cache_root / prefix.rstrip("/") if prefix.strip("/") else cache_root
+
+
+def _drop_unlisted(cache_root: Path, bucket: str, folder: str, listed: set) -> None:
+    """Delete the mirror's files under `folder` whose keys the store's listing no longer has (and
+    their ETags)."""
+    local = cache_root / folder if folder else cache_root
+    if not local.is_dir():
+        return
+    for path in local.rglob("*"):
+        key = path.relative_to(cache_root).as_posix()
+        if path.is_file() and key not in listed:
+            path.unlink(missing_ok=True)
+            (cache_root.parent / ".etag" / bucket / key).unlink(missing_ok=True)
 
 
 def file_digest(path: Path, algorithm: str = "sha256", chunk: int = 1 << 20) -> str:

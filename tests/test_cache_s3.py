@@ -239,3 +239,33 @@ def test_the_online_cache_reads_the_mllm_tokenizer_only(tiny_workspace, tiny_onl
     assert len(mine) == len(theirs) > 0
     for a, b in zip(mine, theirs):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_delete_the_store_refuses_in_part_is_an_error(s3_bucket, s3_flaky_proxy, tmp_path, monkeypatch):
+    """DeleteObjects answers 200 with an <Error> per key it would not delete (access, object lock):
+    the cache's stale shards were reported deleted and stayed on the store."""
+    from loomcore.data.remote import RemoteCache
+    from loomcore.storage import S3Settings, StoreError, s3_client
+
+    monkeypatch.setenv("LOOM_CACHE_DIR", str(tmp_path / "cache"))
+    base = s3_flaky_proxy.RequestHandlerClass
+
+    class RefusingDeletes(base):
+        def do_POST(self):
+            if "delete" not in self.path:
+                return self._forward()
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            payload = (b'<?xml version="1.0" encoding="UTF-8"?><DeleteResult><Error><Key>c/old.tar</Key>'
+                       b"<Code>AccessDenied</Code><Message>Access Denied</Message></Error></DeleteResult>")
+            self.send_response(200, "OK")
+            self.send_header("Content-Type", "application/xml")
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+    monkeypatch.setattr(s3_flaky_proxy, "RequestHandlerClass", RefusingDeletes)
+    s3_client().put_object(Bucket=s3_bucket, Key="c/old.tar", Body=b"x")
+    remote = RemoteCache(f"s3://{s3_bucket}/c", S3Settings(endpoint_url=s3_flaky_proxy.url, region="us-east-1"))
+    with pytest.raises(StoreError, match=r"refused to delete 1 of 1 objects under .*c/old.tar: AccessDenied Access Denied"):
+        remote.delete(["old.tar"])
+    assert remote.listing() == {"old.tar": 1}

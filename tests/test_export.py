@@ -448,6 +448,27 @@ def test_a_failure_mid_upload_publishes_nothing_and_a_rerun_resumes(s3_bucket, p
     assert again.promoted and again.previous == "v1" and list_versions(uri, "tiny") == {"v1": True, "v2": True}
 
 
+def test_loading_a_version_folder_follows_the_publish_protocol(s3_bucket, tmp_path, monkeypatch):
+    """`loom generate --model s3://…/models/<name>/<version>` mirrored whatever was under the prefix:
+    an upload in progress (no _COMPLETE) or a version with a stray object loaded as a model."""
+    from loomcore.errors import InputError
+    from loomcore.pipeline.loading import check_pipeline_folder, check_published_version
+    from loomcore.storage import materialize
+
+    monkeypatch.setenv("LOOM_CACHE_DIR", str(tmp_path / "cache"))
+    uri = f"s3://{s3_bucket}/team"
+    _publish(_fake_export(tmp_path, "v1", {"q": 0.5}), s3_bucket)
+    v1 = f"{uri}/models/tiny/v1"
+    check_published_version(v1, materialize(v1))  # complete: passes
+    s3_client().put_object(Bucket=s3_bucket, Key="team/models/tiny/v2/export.json", Body=b"{}")  # an upload under way
+    with pytest.raises(InputError, match=f"without its {COMPLETE} record"):
+        check_pipeline_folder(f"{uri}/models/tiny/v2")
+    s3_client().put_object(Bucket=s3_bucket, Key="team/models/tiny/v1/sub/stray.bin", Body=b"x")
+    with pytest.raises(InputError, match="sub/stray.bin: not in the record"):
+        check_pipeline_folder(v1)
+    check_published_version(f"{uri}/tiny/v1", materialize(v1))  # not the layout: not this protocol's
+
+
 def test_large_files_go_multipart_and_are_verified(s3_bucket, tmp_path):
     folder = _fake_export(tmp_path, "v1", {"q": 1.0}, n_files=1, big=6 * 1024 * 1024)
     settings = S3Settings(endpoint_url=os.environ["AWS_ENDPOINT_URL"], multipart_threshold_mb=5)

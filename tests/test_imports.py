@@ -17,7 +17,8 @@ from loomcore.codegraph import REPO
 # group → rank. An import may point to a lower rank, or inside its own group (acyclic there).
 # Groups of one rank may not import each other: models and data are independent.
 LAYERS: Dict[str, int] = {
-    "loomcore.errors": 0, "loomcore.shapes_world": 0, "loomcore.codegraph": 0, "loomcore.plots_template": 0,
+    "loomcore.errors": -1,  # the input-error classes, raised at every layer's boundary (storage's URIs too)
+    "loomcore.shapes_world": 0, "loomcore.codegraph": 0, "loomcore.plots_template": 0,
     "loomcore.storage": 0, "loomcore.threads": 0, "loomcore.sheets": 0, "loomcore.processes": 0,
     "loomcore.config": 1, "loomcore.checkout_lock": 1, "loomcore.local_server": 1,
     "loomcore.task_kinds": 2,

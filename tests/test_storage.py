@@ -2,6 +2,7 @@
 
 import pytest
 
+from loomcore.errors import InputError
 from loomcore.storage import S3Settings, materialize, parse_s3_uri, s3_client, same_location, upload_dir
 
 
@@ -10,7 +11,7 @@ def test_parse_uri():
     assert parse_s3_uri("s3://b") == ("b", "")
     with pytest.raises(ValueError, match="no bucket"):
         parse_s3_uri("s3:///x")
-    with pytest.raises(ValueError, match="not an s3:// URI"):
+    with pytest.raises(InputError, match="not an s3:// URI"):
         parse_s3_uri("/tmp/x")
 
 
@@ -63,6 +64,41 @@ def test_folder_file_and_sibling_prefixes(s3_bucket, tmp_path, monkeypatch):
     assert sorted(p.name for p in local.rglob("*") if p.is_file()) == ["a.json", "b.bin"]  # nothing else in it
     with pytest.raises(FileNotFoundError, match="no objects under this S3 prefix"):
         materialize(f"s3://{s3_bucket}/nothing-here")
+    with pytest.raises(InputError, match="no objects under this S3 prefix"):  # the CLI's one line, exit 2
+        materialize(f"s3://{s3_bucket}/nothing-here")
+
+
+def test_the_mirror_drops_what_the_store_no_longer_holds(s3_bucket, tmp_path, monkeypatch):
+    """A sharded checkpoint re-uploaded as one file: the old shards and their index stayed in the
+    mirror, and diffusers, which looks for the index first, loaded them with the new config."""
+    monkeypatch.setenv("LOOM_CACHE_DIR", str(tmp_path / "cache"))
+    client = s3_client()
+    for key in ("dit/config.json", "dit/model.safetensors.index.json", "dit/model-00001-of-00002.safetensors",
+                "dit/model-00002-of-00002.safetensors", "dit-old/kept.bin"):
+        client.put_object(Bucket=s3_bucket, Key=key, Body=b"old")
+    materialize(f"s3://{s3_bucket}/dit-old")
+    local = materialize(f"s3://{s3_bucket}/dit")
+    assert len(list(local.iterdir())) == 4
+    for key in ("dit/model.safetensors.index.json", "dit/model-00001-of-00002.safetensors",
+                "dit/model-00002-of-00002.safetensors"):
+        client.delete_object(Bucket=s3_bucket, Key=key)
+    client.put_object(Bucket=s3_bucket, Key="dit/model.safetensors", Body=b"new")
+    assert materialize(f"s3://{s3_bucket}/dit") == local
+    assert sorted(p.name for p in local.iterdir()) == ["config.json", "model.safetensors"]
+    assert (local.parent / "dit-old" / "kept.bin").is_file()  # a sibling prefix is not this folder's
+    # a model whose weights were not wanted keeps them if the store still has them
+    client.put_object(Bucket=s3_bucket, Key="dit/weights.bin", Body=b"w")
+    materialize(f"s3://{s3_bucket}/dit")
+    assert materialize(f"s3://{s3_bucket}/dit", skip_suffixes=(".bin",)) == local
+    assert (local / "weights.bin").is_file()
+
+
+def test_a_key_that_climbs_out_of_the_mirror_is_refused(s3_bucket, tmp_path, monkeypatch):
+    monkeypatch.setenv("LOOM_CACHE_DIR", str(tmp_path / "cache"))
+    s3_client().put_object(Bucket=s3_bucket, Key="m/../../../escaped.txt", Body=b"x")
+    with pytest.raises(InputError, match="leaves its bucket's folder"):
+        materialize(f"s3://{s3_bucket}/m")
+    assert not list(tmp_path.rglob("escaped.txt"))
 
 
 _MIRROR = """

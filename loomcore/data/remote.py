@@ -131,9 +131,14 @@ class RemoteCache:
         for i in range(0, len(names), 1000):  # DeleteObjects takes 1000 keys a request
             batch = names[i:i + 1000]
             try:
-                self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": [{"Key": self.key(n)} for n in batch]})
+                resp = self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": [{"Key": self.key(n)} for n in batch]})
             except Exception as e:  # noqa: BLE001
                 self._raise(e, f"deleting {len(batch)} objects under {self.uri}/")
+            refused = resp.get("Errors", [])  # a 200 answer can refuse some keys (access, object lock)
+            if refused:
+                raise StoreError(f"S3 store {self.client.meta.endpoint_url} refused to delete {len(refused)} of "
+                                 f"{len(batch)} objects under {self.uri}/: " + "; ".join(
+                                     f"{e.get('Key')}: {e.get('Code')} {e.get('Message', '')}".strip() for e in refused[:5]))
         return names
 
 

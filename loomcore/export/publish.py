@@ -37,14 +37,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
-from loomcore.storage import (S3Settings, default_cache_dir, list_objects, parse_s3_uri, s3_client, sha256_file,
+from loomcore.storage import (COMPLETE_MARKER, S3Settings, default_cache_dir, list_objects, parse_s3_uri, s3_client, sha256_file,
                               transfer_config)
 
 from .folder import check_name, read_export_info
 from .lineage import git_state
 from .metrics import GateDecision, promotion_gate
 
-COMPLETE = "_COMPLETE"
+COMPLETE = COMPLETE_MARKER
 LATEST = "latest.json"
 PROMOTE_ATTEMPTS = 5  # re-judge rounds when another writer moves latest concurrently
 

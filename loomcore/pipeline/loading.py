@@ -19,7 +19,7 @@ from typing import Dict, List, Optional
 import torch
 
 from loomcore.errors import InputError
-from loomcore.storage import S3Settings, materialize
+from loomcore.storage import COMPLETE_MARKER, S3Settings, is_s3, materialize
 
 CLASS_NAME = "LoomVideoPipeline"
 PIPELINE_MODULE = "pipeline_loomvideo"  # <folder>/pipeline_loomvideo.py, diffusers' custom-pipeline file
@@ -75,6 +75,7 @@ def check_pipeline_folder(folder: Path | str, s3_settings: Optional[S3Settings] 
     path = Path(materialize(folder, settings=s3_settings))
     if not path.is_dir():
         raise InputError(f"{folder}: no such pipeline folder")
+    check_published_version(folder, path)
     index = path / "model_index.json"
     if not index.is_file():
         raise InputError(f"{folder}: not a pipeline folder (no model_index.json; write one with "
@@ -98,6 +99,33 @@ def check_pipeline_folder(folder: Path | str, s3_settings: Optional[S3Settings] 
     if problems:
         raise InputError(f"{folder}: incomplete pipeline folder:\n  - " + "\n  - ".join(problems))
     return path
+
+
+def check_published_version(uri: str | Path, path: Path) -> None:
+    """An s3:// folder laid out as a published version (…/models/<name>/<version>, the export's
+    `publish_export`) is a model only with its _COMPLETE record, and then holds exactly the files
+    that lists at their sizes (the mirror has checked them against the store's listing; the writer
+    checked each sha256 before completing). Anything else there — an upload in progress or one that
+    failed — is refused, as the publish protocol's readers do."""
+    parts = str(uri).rstrip("/").split("/")
+    if not is_s3(uri) or len(parts) < 6 or parts[-3] != "models":
+        return
+    marker = path / COMPLETE_MARKER
+    if not marker.is_file():
+        raise InputError(f"{uri}: a published version's folder without its {COMPLETE_MARKER} record — an upload in "
+                         "progress or one that failed; use a complete version (the one latest.json names)")
+    try:
+        files = json.loads(marker.read_text())["files"]
+        wrong = [f"{rel}: {'missing' if not (path / rel).is_file() else f'{(path / rel).stat().st_size} bytes'}, "
+                 f"the record says {meta['size']}" for rel, meta in files.items()
+                 if not (path / rel).is_file() or (path / rel).stat().st_size != meta["size"]]
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise InputError(f"{uri}/{COMPLETE_MARKER}: not a publish record ({type(e).__name__}: {e})") from None
+    extra = sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file()
+                   and p.relative_to(path).as_posix() not in files and p.name != COMPLETE_MARKER)
+    if wrong or extra:
+        raise InputError(f"{uri}: differs from its {COMPLETE_MARKER} record:\n  - "
+                         + "\n  - ".join(wrong + [f"{rel}: not in the record" for rel in extra]))
 
 
 def inference_dtype(device) -> torch.dtype:
