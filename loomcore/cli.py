@@ -751,9 +751,12 @@ def _check_generate_size(cfg, args) -> None:
     from loomcore.pipeline.inputs import Geometry
 
     given = [(f"--{k}", v) for k, v in (("height", args.height), ("width", args.width), ("frames", args.frames)) if v]
+    geo = Geometry(cfg.codec.spatial_factor, cfg.codec.temporal_factor, tuple(cfg.dit.patch_size))
+    if args.frames and not geo.frames_ok(args.frames):  # whatever the media (else refused once the models are loaded)
+        raise InputError(f"--frames {args.frames}: this model takes {geo.frames_rule()} "
+                         f"(e.g. {geo.frames_around(args.frames)})")
     if not given or args.source or args.ref:  # with media, the unspecified ones come from it
         return
-    geo = Geometry(cfg.codec.spatial_factor, cfg.codec.temporal_factor, tuple(cfg.dit.patch_size))
     g = cfg.guidance
     try:
         geo.check_size(args.height or g.height, args.width or g.width)
@@ -776,7 +779,7 @@ def read_prompts(path: str) -> List[tuple]:
     _check_file("--prompts", path)
     file = Path(path)
     try:
-        lines = file.read_text(encoding="utf-8").splitlines()
+        lines = file.read_text(encoding="utf-8-sig").splitlines()  # (a BOM, as Notepad writes, is not text)
     except UnicodeDecodeError as e:
         raise InputError(f"--prompts {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     prompts = [(n, line.strip()) for n, line in enumerate(lines, 1) if line.strip() and not line.lstrip().startswith("#")]
@@ -922,7 +925,7 @@ def cmd_generate(args) -> int:
             outs.append([out.with_name(f"{stem}{out.suffix}")] if len(seeds) == 1 else
                         [out.with_name(f"{stem}-{s}{out.suffix}") for s in seeds])
         for out_path in (p for per_prompt in outs for p in per_prompt):
-            check_output_path(out_path, overwrite=args.overwrite, how_to_overwrite="--overwrite")
+            check_output_path(out_path, args.frames, overwrite=args.overwrite, how_to_overwrite="--overwrite")
             _check_folder_for(out_path.parent, f"--out {out_path}")
         for flag, value in (("--steps", args.steps), ("--frames", args.frames), ("--height", args.height),
                             ("--width", args.width)):
@@ -976,6 +979,7 @@ def cmd_generate(args) -> int:
             _check_weights_folder("--model", folder)
         cfg = None if args.model else _load(args)
         if cfg is not None:  # the profile's base models (models.*), the DiT unless --transformer replaces it
+            _check_generate_size(cfg, args)
             how = ("`loom init-models --profile tiny` (or `make pipeline`) builds them" if cfg.profile == "tiny" else
                    f"`loom init-models --profile {cfg.profile}` checks them")
             for key in ("vae", "scheduler", "mllm") + (() if args.transformer else ("transformer",)):
@@ -983,7 +987,6 @@ def cmd_generate(args) -> int:
                 if not is_s3(folder) and not Path(folder).is_dir():
                     raise InputError(f"models.{key} {folder}: no such folder (the {cfg.profile} profile's base models; "
                                      f"{how})")
-            _check_generate_size(cfg, args)
 
         # 2. The model
         if args.model:

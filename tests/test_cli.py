@@ -320,3 +320,34 @@ def test_generate_names_the_folder_a_relative_path_was_taken_from(tmp_path, monk
     err = capsys.readouterr().err
     assert f"--transformer {tmp_path}/nope: no such folder" in err, err
     assert f"taken from the current folder, {tmp_path})" in err, err
+
+
+def test_generate_refuses_what_it_could_only_fail_at_after_the_models_load(tmp_path, capsys):
+    """A review's finds: a frame count the codec does not take was refused once the paper profile's
+    MLLM and DiT had loaded (minutes), five frames asked into a .png only after generating them, and
+    .webm accepted, then av's ValueError after the whole generation (its encoders are H.264/MPEG-4)."""
+    import numpy as np
+
+    from loomcore.data.video_io import write_image
+
+    write_image(tmp_path / "r.png", np.zeros((16, 16, 3), np.uint8))
+    codec4 = ["codec.temporal_factor=4", "guidance.frames=5", *(f"video.frames.{r}=5" for r in ("256p", "480p", "720p"))]
+    for argv, needle in (
+        (["--frames", "6", "--out", tmp_path / "a.mp4", *codec4], "--frames 6: this model takes 1 + 4·k frames (e.g. 5 or 9)"),
+        (["--frames", "6", "--ref", tmp_path / "r.png", "--out", tmp_path / "a.mp4", *codec4], "--frames 6: this model"),
+        (["--frames", "5", "--out", tmp_path / "a.png"], "a.png: a .png holds one frame, but the output is a video of 5"),
+        (["--out", tmp_path / "a.webm"], "unsupported output type '.webm'"),
+    ):
+        assert main(["generate", "--prompt", "x", *map(str, argv)]) == 2
+        err = capsys.readouterr().err
+        assert needle in err and "Traceback" not in err, err
+    assert [p.name for p in tmp_path.iterdir()] == ["r.png"]
+
+
+def test_a_prompts_file_saved_with_a_bom_reads_as_its_text(tmp_path):
+    """Notepad's UTF-8 starts with U+FEFF: the file's first line, a # comment, became a prompt."""
+    from loomcore.cli import read_prompts
+
+    path = tmp_path / "prompts.txt"
+    path.write_text("# shapes\na red circle\n", encoding="utf-8-sig")
+    assert read_prompts(str(path)) == [(2, "a red circle")]

@@ -1,6 +1,7 @@
 """Media I/O on real files: lossless round trips, fps resampling, and a clear MediaError per bad file."""
 
 import hashlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -105,6 +106,25 @@ def test_writers_refuse_wrong_input(tmp_path):
         write_video(tmp_path / "a.mp4", np.zeros((8, 8, 3), np.uint8), 8)
     with pytest.raises(ValueError, match=r"expected shape \[H, W, 3\]"):
         write_image(tmp_path / "a.png", np.zeros((8, 8), np.uint8))
+    # WebM takes VP8/VP9/AV1, not the H.264/MPEG-4 the writer encodes (was av's ValueError after the work)
+    with pytest.raises(ValueError, match=r"do not go in a \.webm file"):
+        write_video(tmp_path / "a.webm", _frames(n=2), 8)
+    assert not list(tmp_path.iterdir())
+
+
+def test_write_image_is_atomic(tmp_path, monkeypatch):
+    """A crash while Pillow writes left a cut PNG under the final name, which a rerun then refused
+    to overwrite as an existing output."""
+    from PIL import Image
+
+    def crash(self, fp, *a, **k):
+        Path(fp).write_bytes(b"\x89PNG cut")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Image.Image, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        write_image(tmp_path / "a.png", np.zeros((8, 8, 3), np.uint8))
+    assert not list(tmp_path.iterdir())
 
 
 # --------------------------------------------------------------------------------------------

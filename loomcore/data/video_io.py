@@ -23,6 +23,7 @@ import torch
 from loomcore.errors import InputError
 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm", ".avi")
+WRITABLE_VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".avi")  # the containers write_video's encoders go in (WebM: VP8/9, AV1)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 # Leading bytes of the containers above: a file that starts like one but fails is "truncated",
 # anything else is "not a video" (e.g. text renamed to .mp4).
@@ -258,7 +259,12 @@ def write_image(path, image) -> None:
     arr = _as_uint8(image, 3, f"write_image({path})")
     path.parent.mkdir(parents=True, exist_ok=True)
     extra = {"quality": 95} if path.suffix.lower() in (".jpg", ".jpeg") else {}
-    Image.fromarray(arr, "RGB").save(path, **extra)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}{path.suffix}")  # a whole file or none, as write_video
+    try:
+        Image.fromarray(arr, "RGB").save(tmp, **extra)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 @lru_cache(maxsize=None)
@@ -300,6 +306,9 @@ def write_video(path, frames, fps: float) -> None:
 
     path = Path(path)
     arr = _as_uint8(frames, 4, f"write_video({path})")
+    if path.suffix.lower() not in WRITABLE_VIDEO_SUFFIXES:
+        raise ValueError(f"write_video({path}): its encoders do not go in a {path.suffix or 'suffix-less'} file; "
+                         f"write one of {', '.join(WRITABLE_VIDEO_SUFFIXES)}")
     if arr.shape[0] == 0:
         raise ValueError(f"write_video({path}): no frames")
     name = video_encoder()

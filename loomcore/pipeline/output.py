@@ -10,9 +10,9 @@ import torch
 from PIL import Image
 
 from loomcore.errors import InputError
-from loomcore.data.video_io import IMAGE_SUFFIXES, VIDEO_SUFFIXES, write_image, write_video
+from loomcore.data.video_io import IMAGE_SUFFIXES, WRITABLE_VIDEO_SUFFIXES, write_image, write_video
 
-OUTPUT_SUFFIXES = VIDEO_SUFFIXES + IMAGE_SUFFIXES
+OUTPUT_SUFFIXES = WRITABLE_VIDEO_SUFFIXES + IMAGE_SUFFIXES
 
 
 def check_output_path(path: Path | str, num_frames: int | None = None, overwrite: bool = False,
