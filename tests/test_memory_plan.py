@@ -68,5 +68,11 @@ def test_the_paper_profile_plan_reads_the_20_bytes_per_parameter_and_the_online_
     assert eight.gib[shard] == pytest.approx(p.gib[shard] / 8, rel=0.01)
     assert p.gib[ema] == pytest.approx(4 * trainable / memory.GIB, rel=0.01)  # stage 2 keeps an EMA
     assert memory.plan_stage(paper, "stage1", 1, "H20", context=1024, _cache=cache).gib[ema] == 0  # stage 1 none
+    # fewer ranks than the global batch's packs: every micro-batch but the last runs without gradient
+    # sync, and FSDP2 keeps whole fp32 gradients until then (stage 2's 8 packs on 2 ranks: 4 each)
+    accum = "gradients kept whole while accumulating (fp32)"
+    two = memory.plan_stage(paper, "stage2", 2, "H20", context=1024, _cache=cache)
+    assert two.gib[accum] == pytest.approx(4 * trainable * (1 - 1 / 2) / memory.GIB, rel=0.01)
+    assert accum not in eight.gib and accum not in p.gib  # one pack per rank and step; one rank holds all anyway
     text = memory.plan_table([p, eight])
     assert "| stage2 | 8 | 16,384 |" in text and "| **no** |" in text

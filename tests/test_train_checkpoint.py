@@ -183,6 +183,9 @@ def test_run_key_and_json_encoding():
         _to_json({"state": {0: 1}}, "pieces.x")
     t = torch.arange(6, dtype=torch.bfloat16).reshape(2, 3)
     assert torch.equal(_from_json(json.loads(json.dumps(_to_json({"t": t}, "x"))))["t"], t)
+    for scalar in (torch.tensor(2.5), torch.tensor(7, dtype=torch.int64)):  # 0-d: had no byte view (RuntimeError)
+        back = _from_json(json.loads(json.dumps(_to_json({"s": scalar}, "x"))))["s"]
+        assert back.shape == () and back.dtype == scalar.dtype and torch.equal(back, scalar)
 
 
 # --------------------------------------------------------------------------------------------

@@ -264,6 +264,32 @@ def test_nan_steps_are_skipped_counted_and_then_stop_the_run(ws):
         torch.set_num_threads(threads)
 
 
+def test_a_limit_passed_between_a_gpus_checks_stops_the_run_before_it_saves(ws, monkeypatch):
+    """On a GPU the guard is read every train.nan_check_every steps: NaN steps at the end of a run
+    (or before a checkpoint) that passed the limit went unread, and the run wrote its outputs."""
+    from loomcore.train.distributed import init_distributed
+    from loomcore.train.faults import NonFiniteGuard, NonFiniteLossError
+    from loomcore.train.trainer import Trainer
+
+    root = ws[2] / "nan-late"
+    cfg = load_config(_overrides(ws, "nan-late", "stage1.steps=4", "train.debug_nan_steps=[2,3,4]",
+                                 "train.nan_max_consecutive=1", "train.nan_check_every=10"), profile="tiny")
+    monkeypatch.setattr(NonFiniteGuard, "sync_free_devices", frozenset())  # read as on a GPU: every 10 steps
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.train.cpu_threads)
+    env = init_distributed(use_gpu=False)
+    try:
+        tr = Trainer(cfg, "stage1", env)
+        tr.setup()
+        with pytest.raises(NonFiniteLossError, match="exceeded at step 3"):
+            tr.run()
+    finally:
+        torch.distributed.destroy_process_group()
+        torch.set_num_threads(threads)
+    assert not (root / "out" / "stage1" / "model").exists()
+    assert not list((root / "runs" / "stage1").glob("*/step-*"))  # no checkpoint of the NaN steps' state
+
+
 def test_a_stage_refuses_weights_of_another_architecture(ws):
     """params decide the architecture and a checkpoint must agree: a non-shape value (dit.eps)
     used to be silently re-set on the loaded weights, a shape one failed on tensor names."""

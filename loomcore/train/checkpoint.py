@@ -12,8 +12,9 @@ A checkpoint is a folder `step-000123/` in the run directory:
 The folder is built under `.tmp-step-000123-<pid>@<host>` and renamed into place, so a reader never sees
 a half-written checkpoint; a crash leaves only a hidden temp folder, which the next manager
 removes. `latest_valid()` re-hashes each checkpoint (newest first) and skips, with a warning, one
-that is incomplete, truncated or corrupted. Nothing is unpickled: safetensors, JSON, and
-`torch.load(weights_only=True)`.
+that is incomplete, truncated or corrupted. Our pieces are safetensors, JSON and
+`torch.load(weights_only=True)`; a sharded checkpoint's DCP `.metadata` is read by torch's own
+`FileSystemReader`, which unpickles it (only after MANIFEST.json's sha256 of it has matched).
 
 Pieces follow torchtitan's `Stateful` protocol (`state_dict()` / `load_state_dict()`). Under
 FSDP2 the trainer's `distributed.Checkpointer` writes the big pieces (model, optimizer, EMA) as
@@ -102,7 +103,7 @@ def _to_json(obj: Any, where: str) -> Any:
     change (non-str dict keys) or cannot store is refused with the path to it."""
     if isinstance(obj, torch.Tensor):
         t = obj.detach().cpu().contiguous()
-        raw = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        raw = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""  # (a 0-d tensor has no byte view)
         return {_TENSOR_TAG: {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape),
                               "data": base64.b64encode(raw).decode("ascii")}}
     if isinstance(obj, Mapping):

@@ -211,7 +211,8 @@ class Harness:
                     report_progress(step, r.steps)
                 pending = []
             self.after_step(step)
-            if is_ckpt:
+            if is_ckpt:  # a GPU reads the guard every nan_check_every steps: a limit passed since then
+                self.guard.check()  # stops the run here, not after its checkpoint or final outputs
                 extras = {"pending": pending}
                 if self.generators is not None:
                     extras["rng"] = capture_rng(self.generators)

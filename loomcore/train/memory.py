@@ -9,6 +9,9 @@ under autocast on CUDA):
                     fp32 parameters, gradients, AdamW's two moments, the EMA's fp32 copy
     gathered        two blocks' fp32 parameters unsharded at a time (the block computing, the next
                     one prefetched), and the same again for their gradients before the reduce-scatter
+    accumulation    with several packs per rank and step (global batch / N > 1), every micro-batch
+                    but the last runs without gradient sync, and FSDP2 keeps each parameter's whole
+                    fp32 gradient until the last: 4 × P_trainable × (1 − 1/N) more
     activations     what autograd keeps for backward over one pack of `stageN.max_tokens` tokens,
                     measured, not guessed: the model's forward runs on the meta device (shapes only,
                     no memory, no time) in bf16 under a saved-tensors hook that adds up the bytes of
@@ -37,6 +40,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from loomcore.config import Config
+from loomcore.train.stage_io import packs_per_step
 
 GIB = 1024 ** 3
 # usable memory per GPU (what torch sees: total, GiB)
@@ -223,6 +227,8 @@ def plan_stage(cfg: Config, stage: str, ranks: int, gpu: str = "H20", checkpoint
         "EMA (fp32, sharded)": (4 * p["trainable"] / ranks / GIB) if ema else 0.0,
         "gathered blocks (params + grads, fp32)": (2 * 4 * p["per_block"] * 2 / GIB) if ranks > 1 else 0.0,
     }
+    if ranks > 1 and packs_per_step(cfg, stage) // ranks > 1:  # the trainer's accumulation (module docstring)
+        gib["gradients kept whole while accumulating (fp32)"] = 4 * p["trainable"] * (1 - 1 / ranks) / GIB
     layers = cfg.dit.num_layers
     if ckpt:
         gib["activations (checkpointed: block inputs + one block)"] = (

@@ -118,7 +118,8 @@ class Trainer(Harness):
         set_gradient_sync(self.model, last)
         (loss / self.accum).backward()
 
-        kinds = torch.tensor([self.task_index[t] for t in inputs.tasks], device=self.device)
+        # (built on the host, copied as the pack is: torch.tensor(list, device=cuda) copies and synchronises)
+        kinds = torch.tensor([self.task_index[t] for t in inputs.tasks]).to(self.device, non_blocking=True)
         row = Sums(STEP_SUMS, self.device)
         row["loss"][0] = loss.detach()
         row["task_loss"].index_add_(0, kinds, per_sample.detach().double())
