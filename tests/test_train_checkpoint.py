@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from loomcore.train.checkpoint import (
-    CheckpointError, CheckpointManager, CheckpointWarning, _from_json, _to_json, run_key,
+    CheckpointError, CheckpointManager, CheckpointWarning, _from_json, _to_json, run_key, verify_checkpoint,
 )
 
 from _train_blocks import Run
@@ -117,6 +117,26 @@ def test_save_is_atomic_and_a_crash_leaves_the_previous_checkpoint(tmp_path):
     finally:
         checkpoint.OTHER_HOST_STALE_S = stale_s
     assert sorted(os.listdir(tmp_path)) == [live_elsewhere.name, "step-000001"]
+
+
+def test_a_writer_killed_between_publishing_renames_loses_no_step(tmp_path):
+    """Re-saving a step moves the old folder aside, then renames the new one in: a writer killed
+    between the two renames left the step only hidden, and the next start removed both copies."""
+    import socket
+
+    run = Run(seed=0)
+    mgr = CheckpointManager(tmp_path, keep_last=3, interval=1)
+    for step in (1, 2):
+        mgr.save(step, run.pieces())
+    os.replace(tmp_path / "step-000002", tmp_path / f".tmp-step-000002-999999999@{socket.gethostname()}")
+    os.replace(tmp_path / "step-000001", tmp_path / ".old-step-000001-999999999")
+    cut = tmp_path / ".tmp-step-000001-999999998"  # a second, cut copy of step 1: not the one put back
+    cut.mkdir()
+    (cut / "model.safetensors").write_bytes(b"half")
+    mgr = CheckpointManager(tmp_path, keep_last=3, interval=1)
+    assert sorted(os.listdir(tmp_path)) == ["step-000001", "step-000002"]
+    assert mgr.latest_valid() == mgr.path_for(2)
+    verify_checkpoint(mgr.path_for(1))
 
 
 def test_other_ranks_shards_are_looked_up_by_name_not_listed(tmp_path, monkeypatch):

@@ -52,7 +52,7 @@ FORMAT_VERSION = 2  # 2: model, optimizer and EMA as per-rank shards under dcp/ 
 STEP_DIR = "step-{:06d}"
 _STEP_RE = re.compile(r"^step-(\d+)$")
 # ours, tagged with the writer's pid and host (a pid means nothing on another node; untagged: older)
-_HIDDEN_RE = re.compile(r"^\.(?:tmp|old|del)-step-\d+-(\d+)(?:@(.+))?$")
+_HIDDEN_RE = re.compile(r"^\.(tmp|old|del)-(step-\d+)-(\d+)(?:@(.+))?$")  # kind, step folder, pid, host
 # A hidden folder of another host's writer is taken for a dead one's after this long: its pid
 # cannot be checked from here, and no checkpoint takes hours to write, rename or delete.
 OTHER_HOST_STALE_S = 6 * 3600
@@ -235,19 +235,31 @@ class CheckpointManager:
 
     def _remove_stale_hidden(self) -> None:
         """Temp/old/deleting folders left by a writer that died: its pid gone on this host, or, for
-        another host's writer (a run requeued on other nodes), untouched for OTHER_HOST_STALE_S."""
-        for p in self.run_dir.iterdir():
+        another host's writer (a run requeued on other nodes), untouched for OTHER_HOST_STALE_S.
+        One exception: a writer that died between `_publish`'s two renames left its step only as a
+        complete `.tmp-` (or the replaced `.old-`) folder; that one is put back, not removed."""
+        for p in sorted(self.run_dir.iterdir(), key=lambda p: not p.name.startswith(".tmp-")):  # .tmp- first
             m = _HIDDEN_RE.match(p.name)
             if not (m and p.is_dir()):
                 continue
-            host = m.group(2)
+            kind, step_dir, pid, host = m.groups()
             if host is None or host == socket.gethostname():
-                stale = not pid_alive(int(m.group(1)))
+                stale = not pid_alive(int(pid))
             else:
                 st = p.stat()  # a rename (.old-, .del-) updates the ctime, not the mtime
                 stale = time.time() - max(st.st_mtime, st.st_ctime) > OTHER_HOST_STALE_S
-            if stale:
-                shutil.rmtree(p)
+            if not stale:
+                continue
+            final = self.run_dir / step_dir
+            if kind != "del" and not final.exists():
+                try:
+                    verify_checkpoint(p)
+                except CheckpointError:
+                    pass
+                else:
+                    os.replace(p, final)
+                    continue
+            shutil.rmtree(p)
 
     def should_save(self, step: int) -> bool:
         """`step` counts optimizer steps taken; step 0 (nothing trained yet) is never saved."""
