@@ -146,6 +146,10 @@ def test_malformed_benchmark_index_names_the_line(tmp_path):
         read_benchmark(str(tmp_path), "refvie")
     with pytest.raises(FileNotFoundError, match="benchmark 'openve': nothing at"):
         read_benchmark(str(tmp_path), "openve")
+    row = '"task": "tvr2v", "category": "subject", "prompt": "p", "source": "s.mp4", "refs": ["r.png"]}\n'
+    (folder / "index.jsonl").write_text('{"id": 1, ' + row + '{"id": "1", ' + row)  # one id as the samples keep it
+    with pytest.raises(ValueError, match=r"index.jsonl:2: duplicate id '1'"):
+        read_benchmark(str(tmp_path), "refvie")
 
 
 def _release_benchmarks(root: Path) -> Path:

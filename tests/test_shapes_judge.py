@@ -95,3 +95,29 @@ def test_a_wrong_key_is_a_refused_request_and_the_session_serves_the_profile_jud
         assert "tiny stand-in" in judge.name and judge.base_url.startswith("http://127.0.0.1:")
         _, result = _judge(cfg, s, truth.target, truth.source, refs, judge)
         assert result.ok
+
+
+def test_a_bug_in_the_stand_in_fails_the_stage_and_a_background_is_no_shape(tiny_workspace, samples, monkeypatch):
+    """The stand-in answered its own exceptions as refused requests (400) or a dropped connection:
+    each judged sample became a failure row and the stage passed. And "on a green background"
+    counted as a green shape asked for, so a plain green frame followed a description better."""
+    import loomcore.eval.shapes_judge as shapes_judge
+
+    cfg, _ = tiny_workspace
+    s, truth, refs = samples[0]
+
+    def broken(*a, **k):
+        raise IndexError("a measure's own bug")
+
+    monkeypatch.setattr(shapes_judge, "rate", broken)
+    with pytest.raises(RuntimeError, match="the stand-in judge failed on 1 request"):
+        with ShapesJudgeServer() as server:
+            judge = OpenAICompatibleJudge(server.url, "shapes-judge", server.api_key, 30.0, 64, 8)
+            _, result = _judge(cfg, s, truth.target, truth.source, refs, judge)
+            assert not result.ok and "HTTP 500" in result.failure
+    monkeypatch.undo()
+    green = np.zeros((2, 32, 32, 3), np.uint8)
+    green[...] = shapes_judge.PALETTE["green"]
+    out = shapes_judge._Read(green, ShapesScoring.from_config(cfg.eval.shapes))
+    text = "a red circle and a blue square move left on a green background"
+    assert shapes_judge.follow(text, out, None, {}) == pytest.approx(0.25)  # the background right; shapes, motion not

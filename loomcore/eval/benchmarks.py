@@ -107,9 +107,9 @@ def read_benchmark(root: str, name: str, limit: int = 0, s3_settings: Optional[S
         missing_keys = [k for k in ("id", "task", "prompt") if not row.get(k)]
         if missing_keys:
             raise _row_error(index, n, f"missing {', '.join(missing_keys)}")
-        if row["id"] in seen:
+        if str(row["id"]) in seen:  # as the sample keeps it: 1 and "1" are one id (one journal entry, one seed)
             raise _row_error(index, n, f"duplicate id {row['id']!r}")
-        seen.add(row["id"])
+        seen.add(str(row["id"]))
         if row["task"] not in TASKS[name]:
             raise _row_error(index, n, f"task {row['task']!r}: {name} has {', '.join(TASKS[name])}")
         category = row.get("category") or row["task"]

@@ -124,10 +124,15 @@ def _json_objects(text: str):
 
 
 def _flatten(obj: dict) -> Dict[str, object]:
+    """Leaves by key; a nested object with a "score" field also gives it under its own key
+    ({"Prompt Following": {"score": 2, "reason": …}} → "Prompt Following": 2)."""
     out: Dict[str, object] = {}
     for k, v in obj.items():
         if isinstance(v, dict):
             out.update(_flatten(v))
+            score = next((x for key, x in v.items() if _words(str(key)) == ["score"]), None)
+            if score is not None:
+                out[str(k)] = score
         else:
             out[str(k)] = v
     return out
@@ -187,6 +192,10 @@ def parse_scores(text: str, dimensions: Sequence[str], clamp: bool = False) -> D
             raise ScoreParseError(f"no score for {', '.join(repr(m) for m in missing)}")
         return _checked(named, clamp)
 
+    if len(dimensions) > 1 and any(f" {k} " in f" {' '.join(_words(text))} " for k in keys):
+        # named, but not in a form read above: scores taken in order could be paired with the wrong ones
+        raise ScoreParseError(f"the answer names dimensions but gives no 'Dimension: n' score for them "
+                              f"({', '.join(dimensions)})")
     generic = [float(a or b) for a, b in _GENERIC.findall(text)]
     if not generic and len(dimensions) == 1:
         m = re.fullmatch(r"\s*[*_`\"']*" + _NUMBER + r"[*_`\"'.]*\s*", text)

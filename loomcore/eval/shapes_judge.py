@@ -36,7 +36,7 @@ import re
 import secrets
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -47,6 +47,7 @@ from loomcore.eval.shapesbench import NAMES, ShapesScoring, commonest_colour, me
 MODEL_NAME = "shapes-judge"
 _COLOUR = "|".join(PALETTE)
 _SHAPE = r"[a-z]+"
+_NAMED_SHAPE = rf"\b({_COLOUR}) (?!background\b){_SHAPE}"  # "a red circle", not "a green background"
 
 # the measure a dimension is rated by: the keyword that comes first in its name decides
 KEYWORDS: Dict[str, Tuple[str, ...]] = {
@@ -195,7 +196,7 @@ def follow(instruction: str, out: _Read, src: Optional[_Read], refs: Dict[int, O
     checks = []
     if m := re.search(rf"on an? ({_COLOUR}) background", s):
         checks.append(float(out.background == m.group(1)))
-    named = re.findall(rf"\b({_COLOUR}) {_SHAPE}", s)
+    named = re.findall(_NAMED_SHAPE, s)
     checks += [out.present(c) for c in named]
     checks += [out.present(c) if c else 0.0 for k, c in refs.items() if f"@figure {k}" in s]
     if m := re.search(r"\bmoves? (left|right|up|down)\b", s):
@@ -220,7 +221,7 @@ def preservation(instruction: str, out: _Read, src: Optional[_Read]) -> float:
     keep = src.labels >= 0
     if s.startswith("change the background") and src.background:
         keep &= src.labels != NAMES.index(src.background)  # the background is the edit: the shapes stay
-    for c in re.findall(rf"\b({_COLOUR}) {_SHAPE}", s):  # the shape the instruction names is the edit
+    for c in re.findall(_NAMED_SHAPE, s):  # the shape the instruction names is the edit
         keep &= src.labels != NAMES.index(c)
     if "move" in s:  # a direction edit moves every shape: only the background stays put
         keep = src.labels == (NAMES.index(src.background) if src.background else -2)
@@ -287,6 +288,7 @@ class ShapesJudgeServer:
     def __init__(self, scoring: ShapesScoring = ShapesScoring()):
         self.scoring, self.api_key = scoring, secrets.token_hex(16)
         self.requests = 0
+        self.errors: List[BaseException] = []  # the program's own failures while rating (bugs, not input)
         judge = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -306,12 +308,16 @@ class ShapesJudgeServer:
                     return self._send(404, {"error": {"message": f"no route {self.path}"}})
                 if self.headers.get("Authorization") != f"Bearer {judge.api_key}":
                     return self._send(401, {"error": {"message": "invalid API key"}})
-                try:
+                try:  # a body it cannot read is the client's mistake: 400, as a hosted judge answers
                     body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
                     request = Request(body)
-                    text = answer(request, rate(request, judge.scoring))
                 except (ValueError, KeyError) as e:
                     return self._send(400, {"error": {"message": str(e)}})
+                try:
+                    text = answer(request, rate(request, judge.scoring))
+                except Exception as e:  # noqa: BLE001 — the program's own bug: kept, raised when the server stops
+                    judge.errors.append(e)
+                    return self._send(500, {"error": {"message": f"the stand-in judge failed: {type(e).__name__}: {e}"}})
                 judge.requests += 1
                 self._send(200, {"id": f"chatcmpl-{judge.requests}", "object": "chat.completion",
                                  "model": body.get("model", MODEL_NAME),
@@ -333,4 +339,7 @@ class ShapesJudgeServer:
         self._server.server_close()
         if self._thread:
             self._thread.join(timeout=5)
+        if self.errors and exc[0] is None:  # its answers were failure rows: the stage must fail, not pass
+            raise RuntimeError(f"the stand-in judge failed on {len(self.errors)} request(s); the first: "
+                               f"{type(self.errors[0]).__name__}: {self.errors[0]}") from self.errors[0]
 
