@@ -316,6 +316,13 @@ def test_the_mirror_knows_an_object_without_sha256_metadata_by_its_etag(s3_bucke
     bad, stats = fetch_s3(f"s3://{s3_bucket}/data", root, settings, progress=False)
     assert not bad and (stats["downloaded"], stats["skipped"]) == (1, 1)
     assert (root / "a.jsonl").read_bytes() == b'{"caption": "a red square"}\n'
+    # an object taken down leaves the mirror (its rows then reject as media_missing); the root's own files stay
+    client.delete_object(Bucket=s3_bucket, Key="data/b.txt")
+    (root / "notes.txt").write_text("mine")
+    bad, stats = fetch_s3(f"s3://{s3_bucket}/data", root, settings, progress=False)
+    assert not bad and (stats["removed"], stats["skipped"]) == (1, 1)
+    assert sorted(p.name for p in root.iterdir()) == [".s3-etags", "a.jsonl", "notes.txt"]
+    assert not (root / ".s3-etags" / "b.txt").exists()
 
 
 
@@ -505,6 +512,28 @@ def test_a_bad_input_corpus_is_rejected_row_by_row(data, tmp_path, cfg, fmt):
     assert "2000×8 is 250.00:1, beyond data.max_aspect_ratio = 4.0" in rej["strip"]["detail"]
     assert rej["tallsrc"]["file"] == "worse/tall.png" and rej["tallsrc"]["detail"].startswith("source ")
     assert s["rejected"]["by_reason"]["bad_path"] == 4 and s["rejected"]["total"] == len(cases)
+
+
+def test_jsonl_fields_that_are_no_text_are_rejected_and_a_bom_is_not_a_row(data, tmp_path, cfg):
+    """A JSONL with several captions per clip kept each row with the caption "['a cat', 'a dog']"
+    (str() of the list); a file saved with a BOM rejected its first row as "not a JSON object"."""
+    root, good = data
+    t2i = next(g for g in good if g["task"] == "t2i")
+    odd = [dict(t2i, id="captions", caption=["a red square", "a square in red"]),
+           dict(t2i, id="languages", caption={"en": "a red square"}),
+           dict(t2i, id=True), dict(t2i, id="flag", media=True)]
+    rows = [good[0], *odd, good[1], dict(good[2], id=17)]
+    (root / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8-sig")
+    out = tmp_path / "out"
+    s = curate(cfg, str(root), root, out, progress=False, metadata="metadata.jsonl")
+    train, evals, rejects = (_read(out, n) for n in OUTPUTS)
+    assert s["rows_in"] == len(rows) == len(train) + len(evals) + len(rejects)
+    assert {r["row_index"]: r["reason"] for r in rejects} == {1: "bad_field", 2: "bad_field", 3: "bad_field",
+                                                              4: "bad_field"}
+    rej = {r["row_index"]: r["detail"] for r in rejects}
+    assert rej[1] == "field 'caption' is list ['a red square', 'a square in red'], expected text"
+    assert rej[3].startswith("field 'id' is bool True") and rej[4].startswith("field 'media' is bool")
+    assert {good[0]["id"], good[1]["id"], "17"} == {r["id"] for r in train + evals}  # the first row too; a number id
 
 
 def test_prompt_tokens_are_counted_as_the_encoder_counts_them(cfg, tiny_mllm_encoder):

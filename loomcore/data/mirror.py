@@ -56,6 +56,22 @@ def _write_record(path: Path, etag: str, size: int, state: list) -> None:
     os.replace(tmp, path)
 
 
+def _drop_unlisted(root: Path, listed: set) -> int:
+    """Delete the copies (and records) of objects the store no longer lists: a clip taken down, a
+    metadata file removed, another prefix mirrored into the same root. Only files this mirror
+    wrote (those with a record) go; the root's other files stay. Returns how many went."""
+    etags, gone = root / ETAG_DIR, 0
+    if not etags.is_dir():
+        return 0
+    for record in sorted(p for p in etags.rglob("*") if p.is_file() and not p.name.startswith(".")):
+        rel = record.relative_to(etags).as_posix()
+        if rel not in listed:
+            (root / rel).unlink(missing_ok=True)
+            record.unlink()
+            gone += 1
+    return gone
+
+
 def _verify(path: Path, uri: str, size: int, sha256: Optional[str]) -> Optional[str]:
     """What is wrong with a downloaded copy of `uri`, or None."""
     if path.stat().st_size != size:
@@ -132,7 +148,7 @@ def fetch_s3(uri: str, root: Path, settings: S3Settings, progress: bool = True) 
     folder = prefix.rstrip("/") + "/" if prefix.strip("/") else ""
     bad: Dict[str, Tuple[str, str]] = {}
     stats = {"objects": 0, "downloaded": 0, "skipped": 0, "bytes_downloaded": 0, "failed": 0,
-             "unchanged": 0}  # unchanged: skipped by their record alone
+             "unchanged": 0, "removed": 0}  # unchanged: skipped by their record alone; removed: gone from the store
     at, done = f"the listing of {uri}", 0
     name_max = os.pathconf(root, "PC_NAME_MAX") - len("..part")  # room for the download's temporary name
     etags = root / ETAG_DIR
@@ -173,6 +189,7 @@ def fetch_s3(uri: str, root: Path, settings: S3Settings, progress: bool = True) 
                 stats["bytes_downloaded"] += obj["Size"]
             else:
                 stats["skipped"] += 1
+        stats["removed"] = _drop_unlisted(root, {o["Key"][len(folder):] for o in objects})
     except Exception as e:  # noqa: BLE001 — S3 errors get the store's name; anything else goes on as it is
         kind = classify_s3_error(e)
         if kind is None:

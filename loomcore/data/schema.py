@@ -92,6 +92,7 @@ REJECT_REASONS = {
     "missing_field": "id, task or media is null or empty",
     "unknown_task": "task is not one of the ten kinds",
     "bad_refs": "refs is not a list of paths",
+    "bad_field": "id, task, media, caption or source holds a list, an object or a boolean, not text",
     "bad_text": "a field is not valid text (bytes that are not UTF-8, a lone surrogate)",
     "bad_path": "a path the file system refuses (a NUL byte, too long, a symlink loop)",
     "empty_caption": "the caption/instruction is empty after strip",
@@ -179,7 +180,7 @@ def read_metadata(path: Path) -> List[Raw]:
                 return _no_rows(path, [{("_extra" if k is None else k): v for k, v in row.items()} for row in reader])
         rows: List[Raw] = []
         seen_columns: set = set()
-        with open(path, encoding="utf-8", errors="surrogateescape") as f:
+        with open(path, encoding="utf-8-sig", errors="surrogateescape") as f:  # (a BOM, as for CSV)
             for line in f:
                 if not line.strip():
                     continue
@@ -239,6 +240,10 @@ def _text(raw: dict, key: str) -> Optional[str]:
     v = raw.get(key)
     if v is None or (isinstance(v, float) and v != v):  # NaN from a pandas-written table
         return None
+    if isinstance(v, bool) or not isinstance(v, (str, int, float)):  # (a number is an id: 17 → "17")
+        # several captions per clip (a list), a caption per language (an object): str() made a Python
+        # repr of them the prompt
+        raise RowError("bad_field", f"field {key!r} is {type(v).__name__} {v!r:.200}, expected text")
     return v if isinstance(v, str) else str(v)
 
 
