@@ -107,27 +107,36 @@ def test_a_long_title_or_note_is_drawn_whole():
 def test_stand_in_notes_follow_the_judge_and_backbones_not_the_profile(tmp_path):
     """A tiny run asked with a real judge, or a paper run on the Shapes program, was labelled by its
     profile: its sheets and report called a real judge a stand-in, or a stand-in real."""
+    import json
+
     from loomcore.config import load_config
     from loomcore.eval.report import _caveats, _sheet_title, stand_ins
+    from loomcore.models.base_models import build_tiny_clip, build_tiny_dino
 
-    tiny_qwen = load_config(["eval.judge.kind=qwen"], profile="tiny")
-    paper_shapes = load_config(["eval.judge.kind=shapes"], profile="paper")
-    assert stand_ins(load_config([], profile="tiny")) == (True, True)
-    assert stand_ins(tiny_qwen) == (False, True)  # the tiny CLIP and DINO are still the random ones
+    build_tiny_clip(tmp_path / "clip"), build_tiny_dino(tmp_path / "dino")
+    (tmp_path / "real").mkdir()
+    (tmp_path / "real" / "config.json").write_text(json.dumps({"model_type": "clip"}))  # a checkpoint's, no marker
+    random = [f"eval.vbench.clip={tmp_path}/clip", f"eval.vbench.dino={tmp_path}/dino"]
+    real = [f"eval.vbench.clip={tmp_path}/real", f"eval.vbench.dino={tmp_path}/dino"]
+    tiny, tiny_qwen = load_config(random, profile="tiny"), load_config([*random, "eval.judge.kind=qwen"], profile="tiny")
+    paper_shapes = load_config([*real, "eval.judge.kind=shapes"], profile="paper")
+    assert stand_ins(tiny) == (True, True)
+    assert stand_ins(tiny_qwen) == (False, True)
     assert stand_ins(paper_shapes) == (True, False)
-    assert stand_ins(load_config([f"eval.vbench.clip={tmp_path}/clip"], profile="tiny")) == (True, False)
+    assert stand_ins(load_config(real, profile="tiny")) == (True, False)  # one real backbone: VBench is not random
+    assert stand_ins(load_config(["eval.vbench.clip=s3://b/clip"], profile="paper")) == (False, False)
     judge_line = "judge: the tiny stand-in program"
-    assert judge_line in _sheet_title(load_config([], profile="tiny"), "openve", "rl", 4, 4)
+    assert judge_line in _sheet_title(tiny, "openve", "rl", 4, 4)
     assert judge_line not in _sheet_title(tiny_qwen, "openve", "rl", 4, 4)
     assert "mean nothing" in _sheet_title(tiny_qwen, "vbench", "rl", 4, 4)
     assert judge_line in _sheet_title(paper_shapes, "openve", "rl", 4, 4)
     assert "mean nothing" not in _sheet_title(paper_shapes, "vbench", "rl", 4, 4)
     # the report: one paragraph on what is real, one on what stands in, never both for one part
-    real, stand_in = _caveats(False, True)
-    assert "configured judge" in real and "VBench here" not in real
+    real_text, stand_in = _caveats(False, True)
+    assert "configured judge" in real_text and "VBench here" not in real_text
     assert "random tiny backbones" in stand_in and "shapes_judge" not in stand_in
-    real, stand_in = _caveats(True, False)
-    assert "VBench here" in real and "configured judge" not in real
+    real_text, stand_in = _caveats(True, False)
+    assert "VBench here" in real_text and "configured judge" not in real_text
     assert "shapes_judge" in stand_in and "random tiny" not in stand_in
     assert len(_caveats(True, True)) == 1 and "VBench here" not in _caveats(True, True)[0]
     assert len(_caveats(False, False)) == 1 and "stand-in" not in _caveats(False, False)[0]

@@ -48,7 +48,7 @@ from loomcore.data.schema import write_parquet
 from loomcore.eval import shapesbench as sb
 from loomcore.sheets import contact_sheet
 from loomcore.eval.metrics import VBENCH_METRICS
-from loomcore.models.base_models import eval_backbones_built
+from loomcore.models.base_models import is_random_stand_in
 from loomcore.eval.prompts import FASHION_COLUMNS, FASHION_DIMENSIONS, REFVIE, REFVIE_COLUMNS, TIV2V_CATEGORIES
 from loomcore.storage import is_s3
 
@@ -352,11 +352,11 @@ def _sheet_title(cfg, name: str, model_name: str, shown: int, n: int) -> str:
 
 
 def stand_ins(cfg) -> tuple[bool, bool]:
-    """(the judge is the Shapes program, VBench's CLIP and DINO are the random tiny backbones the
-    base_models stage builds): the tiny profile's, whatever profile a run names — a tiny run with a
-    real judge gets the real judge's notes, and the other way round."""
-    built = eval_backbones_built(cfg)
-    return cfg.eval.judge.kind == "shapes", "clip" in built and "dino" in built
+    """(the judge is the Shapes program, VBench's CLIP and DINO are random tiny backbones — their
+    config.json says so): the tiny profile's, whatever profile a run names — a tiny run with a real
+    judge gets the real judge's notes, and the other way round."""
+    v = cfg.eval.vbench
+    return cfg.eval.judge.kind == "shapes", is_random_stand_in(v.clip) and is_random_stand_in(v.dino)
 
 
 _REAL_VBENCH = ("VBench here is not the paper's Table 2: Imaging Quality is CLIP-IQA (not MUSIQ) and Overall "

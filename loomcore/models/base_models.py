@@ -31,7 +31,7 @@ from loomcore.storage import S3Settings, is_s3, list_objects, materialize, parse
 
 # Bump when a builder changes what it writes: the manifest then no longer matches and
 # `init_models` rebuilds instead of skipping.
-BUILDER_VERSION = 2
+BUILDER_VERSION = 3  # 3: the random CLIP and DINO say so in their config.json (STAND_IN_KEY)
 MANIFEST = "manifest.json"
 COMPONENTS = ("transformer", "vae", "scheduler", "mllm")
 # A random init is for tiny profiles; real weights come from their owners (check_paper_models).
@@ -283,6 +283,21 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 SHAPES_WORDS = " ".join([*PALETTE, *SHAPES, *DIRECTIONS, "moves move on a an the background"])
 
 
+STAND_IN_KEY = "loomvideo_random_stand_in"  # in a backbone's config.json: random weights, its scores mean nothing
+
+
+def is_random_stand_in(folder: str | Path | None) -> bool:
+    """Whether `folder` is a backbone `build_tiny_clip` / `build_tiny_dino` made (its config.json
+    carries STAND_IN_KEY); a real checkpoint, an s3:// one or none is not."""
+    config = Path(str(folder)) / "config.json" if folder and not is_s3(folder) else None
+    if config is None or not config.is_file():
+        return False
+    try:
+        return json.loads(config.read_text()).get(STAND_IN_KEY) is True
+    except (ValueError, UnicodeDecodeError):
+        return False
+
+
 def build_tiny_clip(path: Path | str, seed: int = 0, corpus: str = "") -> int:
     """A random CLIP (hidden 32, 2 layers, 32×32 images) with a small BPE tokenizer, saved in the
     transformers folder layout (config, safetensors, tokenizer, preprocessor config). Returns
@@ -311,6 +326,7 @@ def build_tiny_clip(path: Path | str, seed: int = 0, corpus: str = "") -> int:
                            num_attention_heads=2),
         projection_dim=16,
     )
+    setattr(config, STAND_IN_KEY, True)
     torch.manual_seed(seed)
     model = CLIPModel(config).eval()
     model.save_pretrained(path)
@@ -329,6 +345,7 @@ def build_tiny_dino(path: Path | str, seed: int = 0) -> int:
     path = Path(path)
     config = ViTConfig(image_size=224, patch_size=16, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                        num_attention_heads=2, qkv_bias=True)
+    setattr(config, STAND_IN_KEY, True)
     torch.manual_seed(seed)
     model = ViTModel(config, add_pooling_layer=False).eval()
     model.save_pretrained(path)
@@ -342,7 +359,7 @@ def build_tiny_dino(path: Path | str, seed: int = 0) -> int:
 # --------------------------------------------------------------------------------------------
 
 
-def eval_backbones_built(cfg: Config) -> Dict[str, str]:
+def _eval_backbones(cfg: Config) -> Dict[str, str]:
     """VBench's CLIP and DINO folders where the config puts them inside `paths.models` (the tiny
     profile: random stand-ins built beside the other tiny models, in the base_models stage's out).
     Elsewhere they are real checkpoints, or not wanted by whoever moved the models (a benchmark's
@@ -353,7 +370,7 @@ def eval_backbones_built(cfg: Config) -> Dict[str, str]:
 
 
 def _component_paths(cfg: Config, out_dir: Optional[Path]) -> Dict[str, Path]:
-    paths = {**{name: getattr(cfg.models, name) for name in COMPONENTS}, **eval_backbones_built(cfg)}
+    paths = {**{name: getattr(cfg.models, name) for name in COMPONENTS}, **_eval_backbones(cfg)}
     if out_dir is not None:
         return {name: Path(out_dir) / name for name in paths}
     remote = [f"models.{k} = {v}" for k, v in paths.items() if is_s3(v)]
@@ -367,7 +384,7 @@ def _fingerprint(cfg: Config) -> str:
     d = cfg.to_dict()
     parts = {"builder": BUILDER_VERSION, "seed": cfg.seed, "dit": d["dit"], "mllm": d["mllm"],
              "codec": d["codec"], "codec_kind": cfg.models.codec, "flow_shift": cfg.guidance.flow_shift,
-             "negative_prompt": cfg.guidance.negative_prompt, "eval_backbones": sorted(eval_backbones_built(cfg))}
+             "negative_prompt": cfg.guidance.negative_prompt, "eval_backbones": sorted(_eval_backbones(cfg))}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
