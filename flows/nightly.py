@@ -121,10 +121,10 @@ def nightly_retrain_flow(overrides: list[str] | None = None, lock_wait_s: float 
     label_this_run(run_labels("nightly", run_profile(None, overrides, root), root))
     check_overrides(root, overrides)
     wanted = plan_stages(root)
-    with pipeline_lock(root, wait_s=lock_wait_s):
+    with pipeline_lock(root, wait_s=lock_wait_s):  # the gate's report too: a run waiting on the lock rebuilds the export
         rows = reproduce(repo, wanted, force=[s for s in FORCED if s in wanted], overrides=overrides,
                          timeout=stage_timeout_s)
-    gate = gate_report(root) if "export" in wanted else {"decision": "no export stage in dvc.yaml", "rows": []}
+        gate = gate_report(root) if "export" in wanted else {"decision": "no export stage in dvc.yaml", "rows": []}
     md = (f"# Nightly retrain\n\n{markdown_table(rows)}\n{drift_note(root, overrides)}"
           f"## Promotion gate\n\n{gate['decision']}\n\n"
           + (markdown_table(gate["rows"]) + "\n" if gate["rows"] else "")
@@ -201,7 +201,12 @@ def compare_nights(tonight: Dict[str, float], previous: Optional[Dict[str, float
 
 
 def _utc_date() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%d")
+    """The night a run belongs to: its scheduled start, in UTC — a 06:00 run that waited past
+    midnight behind a retrain on the same pool is still that night's; outside a run, now."""
+    from prefect.runtime import flow_run  # (as _night_run_name: the runtime's view of this run)
+
+    start = flow_run.scheduled_start_time  # (now when there is no run)
+    return start.astimezone(timezone.utc).strftime("%Y-%m-%d")
 
 
 def night_of(date: str | None) -> str:

@@ -31,7 +31,9 @@ from prefect import task
 
 from loomcore.checkout_lock import PipelineBusy, checkout_lock, holder_info
 from tasks.common import NO_CACHE, PARENT_TASK_RUN_ENV, logger
-from tasks.proc import LineLevels, SubprocessFailed, SubprocessTimeout, groups_recorded, run_streaming
+from tasks.proc import (
+    STAGE_TIMEOUT_EXIT, LineLevels, SubprocessFailed, SubprocessTimeout, groups_recorded, run_streaming,
+)
 
 DVC_LOCK_MESSAGE = "Unable to acquire lock"  # the repository lock (.dvc/tmp/lock)
 DVC_BUSY_MESSAGE = "is busy, it is being blocked by"  # a stage's deps/outs in .dvc/tmp/rwlock
@@ -187,8 +189,9 @@ def parse_repro_log(lines: Sequence[str]) -> dict:
 
 def retry_dvc_failure(task, task_run, state) -> bool:
     """Prefect `retry_condition_fn` of the DVC tasks: retry DVC's lock held by another DVC command and
-    a stage that crashed; never a timeout (the retry would take as long again) nor a stage command
-    that exited with 2 — a refused config or input (flows.common.stage_main), the same every time."""
+    a stage that crashed; never a timeout (the retry would take as long again: DVC's, or a stage's
+    own, exit STAGE_TIMEOUT_EXIT) nor a stage command that exited with 2 — a refused config or input,
+    a store that refuses us (flows.common.stage_main), the same every time."""
     try:
         state.result()
     except DvcLocked:
@@ -197,7 +200,7 @@ def retry_dvc_failure(task, task_run, state) -> bool:
         return False
     except SubprocessFailed as e:
         codes = [int(m.group(1)) for line in e.tail if (m := _EXITED.search(line))]
-        return not (codes and codes[-1] == 2)
+        return not (codes and codes[-1] in (2, STAGE_TIMEOUT_EXIT))
     except Exception:  # noqa: BLE001 — anything else is ours: not retried
         return False
     return False

@@ -19,6 +19,7 @@ import logging
 import re
 import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -121,6 +122,14 @@ class SubprocessFailed(RuntimeError):
         super().__init__(f"`{' '.join(cmd)}` exited with code {returncode}; last lines:\n{last}")
 
 
+class StageTimeout(RuntimeError):
+    """A stage stopped at its own time limit (train.timeout_hours): its command exits with
+    STAGE_TIMEOUT_EXIT, which the DVC tasks do not retry (it would take as long again)."""
+
+
+STAGE_TIMEOUT_EXIT = 3
+
+
 class SubprocessTimeout(SubprocessFailed, TimeoutError):
     def __init__(self, cmd: Sequence[str], timeout: float, tail: List[str]):
         super().__init__(cmd, -signal.SIGKILL, tail)
@@ -174,7 +183,8 @@ def run_streaming(
     # (the log callback sees every line; the exception keeps the last 200 for its message)
     proc = subprocess.Popen(
         list(cmd), cwd=cwd, env=dict(env) if env is not None else None, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True, bufsize=1, start_new_session=True,
+        stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True, encoding="utf-8", errors="replace", bufsize=1,
+        start_new_session=True,  # (bytes that are not UTF-8 — a Latin-1 file name — are replaced, not fatal)
     )
     with _lock:
         _live[proc.pid] = proc
@@ -194,13 +204,24 @@ def run_streaming(
                 recorder.remove_group(proc.pid)
         raise
 
+    sink_failed: List[BaseException] = []
+
     def pump():
+        """Read every line while the group lives: a reader that stopped (a log sink that raised —
+        a Prefect API call during a server restart) left the pipe full and the child blocked on
+        its next write until the timeout, or forever without one."""
         assert proc.stdout is not None
         for line in proc.stdout:
             line = line.rstrip("\n")
             tail.append(line)
             del tail[:-200]
-            log(line)
+            try:
+                log(line)
+            except Exception as e:  # noqa: BLE001 — said once on stderr; the output goes on being read
+                if not sink_failed:
+                    print(f"run_streaming: the log callback failed ({type(e).__name__}: {e}); "
+                          f"`{' '.join(cmd)}`'s output is still read", file=sys.stderr)
+                sink_failed.append(e)
 
     reader = threading.Thread(target=pump, daemon=True)
     reader.start()

@@ -33,7 +33,7 @@ from prefect import task
 
 from loomcore.train.launch import check_rendezvous, stage_command, stage_nodes
 from tasks.common import NO_CACHE, Progress, load_stage_config, logger
-from tasks.proc import LineLevels, SubprocessFailed, SubprocessTimeout, run_streaming
+from tasks.proc import LineLevels, StageTimeout, SubprocessFailed, SubprocessTimeout, run_streaming
 
 KILL_GRACE_S = 30.0
 
@@ -127,7 +127,7 @@ def launch_torchrun(cfg, cmd: Sequence[str], what: str, progress_description: st
                       env={**os.environ, "PYTHONUNBUFFERED": "1", PROGRESS_ENV: str(progress_file)})
         report()
     except SubprocessTimeout as e:
-        raise RuntimeError(f"{what}: {e}") from None
+        raise StageTimeout(f"{what}: {e}") from None
     except SubprocessFailed as e:
         problem = "no rank released its process group" if not released else (
             verified_outs(out_dir, started) if out_dir is not None else "no outs to verify")

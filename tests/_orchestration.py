@@ -35,7 +35,7 @@ DVC = str(BIN / "dvc")
 FAKE_STAGE = '''\
 """A fake pipeline stage: reads params.yaml and its input, writes its output. Switches (files in the
 repo, outside DVC's view): fail-once-<stage> fails one run, refuse-<stage> exits 2 (a refused config,
-as flows.common.stage_main exits), sleep-<stage> sleeps that many seconds, source.txt is curate's
+as flows.common.stage_main exits), own-timeout-<stage> exits 3 (a stage's own time limit), sleep-<stage> sleeps that many seconds, source.txt is curate's
 "external source"."""
 import pathlib, sys, time
 import yaml
@@ -51,6 +51,9 @@ if fail.exists():
 if pathlib.Path(f"refuse-{stage}").exists():
     print(f"{stage}: bad config", file=sys.stderr)
     sys.exit(2)
+if pathlib.Path(f"own-timeout-{stage}").exists():  # the stage's own time limit (flows.common.stage_main: 3)
+    print(f"{stage}: timed out", file=sys.stderr)
+    sys.exit(3)
 sleep = pathlib.Path(f"sleep-{stage}")
 if sleep.exists():
     time.sleep(float(sleep.read_text()))

@@ -153,3 +153,21 @@ def test_nightly_eval_compares_with_the_previous_night_and_fails_on_a_regression
     with pytest.raises(SystemExit) as refused:
         nightly.main(["eval", "--date", "2026-13-01"])
     assert refused.value.code == 2 and "--date: date = '2026-13-01': expected a day as YYYY-MM-DD" in capsys.readouterr().err
+
+
+def test_a_night_is_the_one_its_run_was_scheduled_for(monkeypatch):
+    """A 06:00 nightly-eval queued past midnight UTC behind a retrain on the same pool was recorded as
+    the next night, and the next night's run then replaced its entry."""
+    from datetime import datetime
+
+    from prefect.runtime import flow_run
+
+    from flows.nightly import night_of
+
+    def scheduled(at):  # the runtime's scheduled start of this run (Prefect: now outside a run)
+        monkeypatch.setitem(flow_run.FIELDS, "scheduled_start_time", lambda: datetime.fromisoformat(at))
+
+    scheduled("2026-12-06T23:59:00-01:00")
+    assert night_of(None) == "2026-12-07"  # its UTC day
+    scheduled("2026-12-06T06:00:00+00:00")
+    assert night_of("") == "2026-12-06" and night_of("2026-1-5") == "2026-01-05"

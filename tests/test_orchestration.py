@@ -439,10 +439,61 @@ def test_a_refused_config_and_a_timeout_are_not_retried(prefect_api, tmp_path):
     assert state.is_failed() and list(task_attempts(state).values()) == [1]
     assert runs(repo) == ["curate", "cache"]
     (repo / "refuse-cache").unlink()
+    (repo / "own-timeout-cache").write_text("")  # the stage's own limit (train.timeout_hours): 240 h again
+    state = one_stage(str(repo), return_state=True)
+    assert state.is_failed() and list(task_attempts(state).values()) == [1]
+    assert runs(repo) == ["curate", "cache", "cache"]
+    (repo / "own-timeout-cache").unlink()
     (repo / "sleep-cache").write_text("30")
     state = one_stage(str(repo), timeout=8, return_state=True)
     assert state.is_failed() and list(task_attempts(state).values()) == [1]
-    assert runs(repo) == ["curate", "cache", "cache"]
+    assert runs(repo) == ["curate", "cache", "cache", "cache"]
+
+
+def test_a_stage_exits_2_for_what_repeats_and_1_for_what_may_pass(prefect_api, capsys):
+    """A stage's exit code is what the DVC task's retry reads: a bad metadata file, an input, a store
+    that refuses us or an existing export failed the same way three times (exit 1: retried); a
+    store that stopped answering may answer later; a stage's own timeout would take as long again."""
+    from prefect import flow
+
+    from flows.common import stage_main
+    from loomcore.data.schema import MetadataError
+    from loomcore.storage import StoreError, StoreUnavailable
+    from tasks.proc import StageTimeout
+
+    def stage_raising(e):
+        @flow(name="toy")
+        def toy(profile=None, overrides=None):
+            raise e
+        return toy
+
+    for error, code in ((MetadataError("meta.csv: no rows"), 2), (StoreError("store refused"), 2),
+                        (FileExistsError("outputs/export/model exists"), 2), (StageTimeout("stage1: 240 h"), 3)):
+        assert stage_main(stage_raising(error), "a toy stage", argv=[]) == code, error
+        assert str(error) in capsys.readouterr().err
+    with pytest.raises(StoreUnavailable):
+        stage_main(stage_raising(StoreUnavailable("stopped answering")), "a toy stage", argv=[])
+
+
+def test_a_reader_that_meets_bad_bytes_or_a_failing_log_sink_keeps_draining(tmp_path, capsys):
+    """run_streaming's reader thread died on bytes that are not UTF-8 or on a log callback that
+    raised (a Prefect API call during a server restart): nobody drained the pipe, and the child
+    blocked on its next write until the timeout — forever without one."""
+    from tasks.proc import run_streaming
+
+    child = ("import sys; out = sys.stdout.buffer; out.write(b'caf\\xe9 ok\\n'); "
+             "[out.write(b'x' * 99 + b'\\n') for _ in range(2000)]; out.write(b'done\\n'); out.flush()")
+    lines, calls = [], [0]
+
+    def sink(line):
+        calls[0] += 1
+        if calls[0] == 2:
+            raise ConnectionError("the Prefect API is restarting")
+        lines.append(line)
+
+    assert run_streaming([sys.executable, "-c", child], log=sink, timeout=60) == 0
+    assert lines[0] == "caf\ufffd ok" and lines[-1] == "done" and len(lines) == 2001  # one lost to the sink
+    assert "the log callback failed (ConnectionError" in capsys.readouterr().err
 
 
 def test_a_params_yaml_left_by_an_experiment_is_named_in_the_run_summary(tmp_path):
