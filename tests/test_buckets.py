@@ -37,6 +37,9 @@ def test_nearest_bucket_tiny_and_allowed(tiny):
     assert nearest_bucket(40, 56, tiny) == ("720p", (40, 56))
     assert nearest_bucket(30, 34, tiny) == ("256p", (32, 32))
     assert nearest_bucket(80, 48, tiny, allowed=["256p"]) == ("256p", (40, 24))
+    # a generator was read up by the first group's test (every later group left out), a string split
+    assert nearest_bucket(56, 40, tiny, allowed=(k for k in ["256p", "720p"])) == ("720p", (56, 40))
+    assert nearest_bucket(56, 40, tiny, allowed="480p") == ("480p", (48, 32))
     assert nearest_sizes(80, 48, tiny) == {"256p": (40, 24), "480p": (48, 32), "720p": (56, 40)}
     with pytest.raises(ValueError, match="no bucket group left"):
         nearest_bucket(80, 48, tiny, allowed=["1080p"])

@@ -252,6 +252,27 @@ def test_online_mode_caches_mllm_inputs(tiny_online_cache):
     assert ids.shape[1] == row["context_tokens"]
 
 
+def test_online_contexts_hold_their_own_tokens_not_the_padded_batch(tiny_workspace, tiny_online_cache):
+    """Online mode ran the MLLM over a pack and kept each sample's context as a view of the padded
+    [S, L, T_max, H] batch: the whole batch lived through the step's forward and backward (~1–3 GB
+    a pack on the paper profile) beside the copy the pack makes."""
+    from loomcore.config import load_config
+    from loomcore.models.mllm import DROP_NONE
+    from loomcore.train.contexts import OnlineContexts, load_pack
+
+    cfg, overrides = tiny_workspace
+    out, online = tiny_online_cache
+    cfg = load_config([*overrides, *online], profile="tiny")
+    reader = ShardReader(out)
+    rows = read_index(out, "train", "480p")[:6]
+    contexts = OnlineContexts(cfg, reader, torch.device("cpu"))
+    samples = load_pack(reader, contexts, rows, [DROP_NONE] * len(rows))
+    lengths = {s.context.shape[1] for s in samples}
+    assert len(lengths) > 1  # padded to the longest: a view would share the batch's storage
+    for s in samples:
+        assert s.context.untyped_storage().nbytes() == s.context.numel() * s.context.element_size()
+
+
 def test_write_shard_copies_only_the_tensors_that_share_memory(tmp_path):
     from safetensors.torch import load_file
 

@@ -40,7 +40,8 @@ def nearest_size(width: int, height: int, sizes: Iterable[Sequence[int]]) -> Siz
 def nearest_bucket(width: int, height: int, buckets: Mapping, allowed: Optional[Iterable[str]] = None) -> Tuple[str, Size]:
     """(resolution key, (w, h)): the group whose area_side² is nearest to width·height, then the
     size in it with the nearest aspect ratio. `allowed` restricts the groups considered."""
-    keys = [k for k in buckets if allowed is None or k in set(allowed)]
+    allowed = None if allowed is None else ({allowed} if isinstance(allowed, str) else set(allowed))  # once: a generator empties
+    keys = [k for k in buckets if allowed is None or k in allowed]
     if not keys:
         raise ValueError(f"nearest_bucket: no bucket group left (groups {list(buckets)}, allowed {allowed})")
     area = width * height

@@ -66,9 +66,10 @@ def resolve_backend(backend: str, q: torch.Tensor) -> str:
         return backend
     if q.device.type != "cuda":
         return "sdpa"
-    if q.dtype in _HALF and _has_torch_varlen():
+    ampere = torch.cuda.get_device_capability(q.device) >= (8, 0)  # FlashAttention's kernels refuse older GPUs
+    if ampere and q.dtype in _HALF and _has_torch_varlen():
         return "varlen"
-    if q.dtype in _HALF and _has_flash_attn():
+    if ampere and q.dtype in _HALF and _has_flash_attn():
         return "flash_attn"
     if _has_flex():
         return "flex"

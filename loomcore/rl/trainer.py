@@ -256,7 +256,7 @@ class RLTrainer(Harness):
             (loss / denom).backward()
             with torch.no_grad():  # device tensors only: no host sync per micro-batch on a GPU
                 deviation = nft.per_sample_mean((v_theta - v_old).double().pow(2), pack.sample_index, len(batch))
-                count = torch.tensor(float(len(batch)), dtype=torch.float64, device=self.device)
+                count = torch.full((), float(len(batch)), dtype=torch.float64, device=self.device)  # (a fill, no copy)
                 kl = (out.kl.double().sum(), count) if out.kl is not None else (count * 0, count * 0)
                 for name, value in (("policy_loss", out.policy_loss.double()),
                                     ("unweighted_policy_loss", out.per_sample.double().sum()),

@@ -81,7 +81,8 @@ class OnlineContexts(_Contexts):
             return
         feats = self.encoder.encode_tokenized([t[2] for t in todo], batch_size=self.batch_size)
         for i, (sample, attr, _) in enumerate(todo):
-            setattr(sample, attr, feats.hidden_states[i, :, : int(feats.lengths[i])])  # [L, T_i, H]
+            # [L, T_i, H], its own copy: a view kept the pack's whole padded batch alive through the step
+            setattr(sample, attr, feats.hidden_states[i, :, : int(feats.lengths[i])].clone())
 
 
 def load_pack(reader: ShardReader, contexts: _Contexts, rows: Sequence[Mapping], modes: Sequence[str]) -> List[Sample]:

@@ -175,7 +175,8 @@ def pack_loss(pred: torch.Tensor, inputs: PackInputs) -> Tuple[torch.Tensor, tor
     if pred.shape != inputs.velocity.shape:
         raise ValueError(f"pred: shape {tuple(pred.shape)}, expected {tuple(inputs.velocity.shape)}")
     err = (pred.float() - inputs.velocity.float()).pow(2).sum(dim=1)  # [N] per token
-    elems = torch.tensor(inputs.layout.target_lengths, device=err.device, dtype=torch.float32) * pred.shape[1]
+    # (built on the host and copied as the pack is: torch.tensor(list, device=cuda) copies and synchronises)
+    elems = torch.tensor(inputs.layout.target_lengths, dtype=torch.float32).to(err.device, non_blocking=True) * pred.shape[1]
     per_sample = torch.zeros(inputs.layout.num_samples, device=err.device).index_add_(0, inputs.sample_index, err)
     return err.sum() / elems.sum(), per_sample / elems
 
