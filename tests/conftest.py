@@ -153,15 +153,17 @@ def s3_flaky_proxy(s3_endpoint):
                     server.fail_once.discard(path)
                     server.failed.append(path)
             if fail:
-                payload = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
-                           b"<Message>Please reduce your request rate.</Message></Error>")
-                self.send_response(503, "Slow Down")
-                self.send_header("Content-Type", "application/xml")
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                self.wfile.write(payload)
-                return
+                return self.answer(503, "Slow Down", b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown'
+                                                     b"</Code><Message>Please reduce your request rate.</Message></Error>")
             _relay(self, upstream, body)
+
+        def answer(self, code: int, reason: str, payload: bytes) -> None:
+            """An XML answer of the proxy's own, as S3 writes them (a failure or a result it injects)."""
+            self.send_response(code, reason)
+            self.send_header("Content-Type", "application/xml")
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
 
         do_GET = do_HEAD = do_PUT = do_POST = do_DELETE = _forward
 

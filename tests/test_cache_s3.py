@@ -255,13 +255,8 @@ def test_a_delete_the_store_refuses_in_part_is_an_error(s3_bucket, s3_flaky_prox
             if "delete" not in self.path:
                 return self._forward()
             self.rfile.read(int(self.headers.get("Content-Length") or 0))
-            payload = (b'<?xml version="1.0" encoding="UTF-8"?><DeleteResult><Error><Key>c/old.tar</Key>'
-                       b"<Code>AccessDenied</Code><Message>Access Denied</Message></Error></DeleteResult>")
-            self.send_response(200, "OK")
-            self.send_header("Content-Type", "application/xml")
-            self.send_header("Content-Length", str(len(payload)))
-            self.end_headers()
-            self.wfile.write(payload)
+            self.answer(200, "OK", b'<?xml version="1.0" encoding="UTF-8"?><DeleteResult><Error><Key>c/old.tar</Key>'
+                                   b"<Code>AccessDenied</Code><Message>Access Denied</Message></Error></DeleteResult>")
 
     monkeypatch.setattr(s3_flaky_proxy, "RequestHandlerClass", RefusingDeletes)
     s3_client().put_object(Bucket=s3_bucket, Key="c/old.tar", Body=b"x")

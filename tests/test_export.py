@@ -388,12 +388,8 @@ def proxy(s3_flaky_proxy):
                 return self._forward()
             self.rfile.read(int(self.headers.get("Content-Length") or 0))
             code, reason, err = (403, "Forbidden", b"AccessDenied") if deny else (503, "Slow Down", b"SlowDown")
-            payload = b"<?xml version='1.0' encoding='UTF-8'?><Error><Code>" + err + b"</Code><Message>injected</Message></Error>"
-            self.send_response(code, reason)
-            self.send_header("Content-Type", "application/xml")
-            self.send_header("Content-Length", str(len(payload)))
-            self.end_headers()
-            self.wfile.write(payload)
+            self.answer(code, reason, b"<?xml version='1.0' encoding='UTF-8'?><Error><Code>" + err
+                        + b"</Code><Message>injected</Message></Error>")
 
     s3_flaky_proxy.RequestHandlerClass = Handler
     s3_flaky_proxy.fail_put_once, s3_flaky_proxy.deny_put = set(), set()
