@@ -42,14 +42,12 @@ def stage_main(flows: Callable | Mapping[str, Callable], description: str, argv:
     args = p.parse_intermixed_args(argv)  # `stage1 --profile tiny k=v`: overrides after an option too
     flow_fn = flows[args.stage] if many else flows
     from loomcore.errors import InputError
-    from loomcore.storage import StoreError, StoreUnavailable
     from tasks.proc import STAGE_TIMEOUT_EXIT, StageTimeout
 
     try:
         run_stage_flow(flow_fn, profile=args.profile, overrides=args.overrides + (getattr(args, "switched", None) or []))
-    except StoreUnavailable:  # transient: the stage fails (exit 1) and the DVC task retries it
-        raise
-    except (InputError, StoreError, FileExistsError) as e:  # a config, input, refusal or existing out: the same again
+    except InputError as e:  # a config or input it refuses: the same again (a store's errors are retried:
+        # botocore classes some throttling as a refusal)
         print(f"{module}: {e}", file=sys.stderr)
         return 2
     except StageTimeout as e:  # its own time limit: a retry would take as long again

@@ -24,7 +24,7 @@ import hashlib
 import os
 import threading
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Iterator, List, Optional, Tuple
 
 from loomcore.errors import InputError, MissingInputError
@@ -275,7 +275,7 @@ def materialize(uri: str | os.PathLike, cache_dir: Optional[Path] = None,
         if not (cache_root / obj["Key"]).resolve().is_relative_to(cache_root.resolve()):
             raise InputError(f"s3://{bucket}/{obj['Key']}: a key that leaves its bucket's folder as a path; "
                              "refusing to mirror it")
-    listed = {o["Key"] for o in objects}
+    listed = {PurePosixPath(o["Key"]).as_posix() for o in objects}  # as paths name them ("a//b" is "a/b")
     wanted = [o for o in wanted if not o["Key"].endswith(skip_suffixes)]  # (endswith(()) is False)
     if not wanted:
         raise MissingInputError(f"{uri}: nothing under this S3 prefix but files ending in {', '.join(skip_suffixes)}")
@@ -322,16 +322,18 @@ def materialize(uri: str | os.PathLike, cache_dir: Optional[Path] = None,
 
 
 def _drop_unlisted(cache_root: Path, bucket: str, folder: str, listed: set) -> None:
-    """Delete the mirror's files under `folder` whose keys the store's listing no longer has (and
-    their ETags)."""
+    """Delete the files under `folder` that this mirror wrote (they have an ETag record) and whose
+    keys the store's listing no longer has, with their records. Other files there — a cache's shards
+    staged for upload, its readers' folders — are not the mirror's."""
     local = cache_root / folder if folder else cache_root
     if not local.is_dir():
         return
     for path in local.rglob("*"):
         key = path.relative_to(cache_root).as_posix()
-        if path.is_file() and key not in listed:
+        etag = cache_root.parent / ".etag" / bucket / key
+        if key not in listed and path.is_file() and etag.is_file():
             path.unlink(missing_ok=True)
-            (cache_root.parent / ".etag" / bucket / key).unlink(missing_ok=True)
+            etag.unlink(missing_ok=True)
 
 
 def file_digest(path: Path, algorithm: str = "sha256", chunk: int = 1 << 20) -> str:

@@ -190,8 +190,8 @@ def parse_repro_log(lines: Sequence[str]) -> dict:
 def retry_dvc_failure(task, task_run, state) -> bool:
     """Prefect `retry_condition_fn` of the DVC tasks: retry DVC's lock held by another DVC command and
     a stage that crashed; never a timeout (the retry would take as long again: DVC's, or a stage's
-    own, exit STAGE_TIMEOUT_EXIT) nor a stage command that exited with 2 — a refused config or input,
-    a store that refuses us (flows.common.stage_main), the same every time."""
+    own, exit STAGE_TIMEOUT_EXIT) nor a stage command that exited with 2 — a refused config or input
+    (flows.common.stage_main), the same every time."""
     try:
         state.result()
     except DvcLocked:

@@ -204,7 +204,7 @@ def run_streaming(
                 recorder.remove_group(proc.pid)
         raise
 
-    sink_failed: List[BaseException] = []
+    sink_failed = [0]  # failures of the log callback (the first is said)
 
     def pump():
         """Read every line while the group lives: a reader that stopped (a log sink that raised —
@@ -218,10 +218,10 @@ def run_streaming(
             try:
                 log(line)
             except Exception as e:  # noqa: BLE001 — said once on stderr; the output goes on being read
-                if not sink_failed:
+                if not sink_failed[0]:
                     print(f"run_streaming: the log callback failed ({type(e).__name__}: {e}); "
                           f"`{' '.join(cmd)}`'s output is still read", file=sys.stderr)
-                sink_failed.append(e)
+                sink_failed[0] += 1
 
     reader = threading.Thread(target=pump, daemon=True)
     reader.start()

@@ -116,9 +116,9 @@ def launch_torchrun(cfg, cmd: Sequence[str], what: str, progress_description: st
     level = LineLevels()
 
     def on_line(line: str) -> None:
-        report()
-        if RELEASED in line:
+        if RELEASED in line:  # first: a progress report that fails must not lose the marker
             released.append(line)
+        report()
         if line.strip():
             log.log(level(line), line)
 

@@ -323,6 +323,8 @@ def test_the_mirror_knows_an_object_without_sha256_metadata_by_its_etag(s3_bucke
     assert not bad and (stats["removed"], stats["skipped"]) == (1, 1)
     assert sorted(p.name for p in root.iterdir()) == [".s3-etags", "a.jsonl", "notes.txt"]
     assert not (root / ".s3-etags" / "b.txt").exists()
+    bad, stats = fetch_s3(f"s3://{s3_bucket}/data-typo", root, settings, progress=False)  # lists nothing
+    assert stats["removed"] == 0 and (root / "a.jsonl").is_file()  # a mistyped prefix wipes no mirror
 
 
 

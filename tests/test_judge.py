@@ -38,6 +38,12 @@ pytestmark = pytest.mark.usefixtures("one_cpu_thread")
     "**Prompt Compliance**: 4/5\n**Temporal and Visual Coherence:** 3 out of 5\n- Physical & Detail Coherence = 5",
     # JSON (IntelligentVBench's format), in a fence, keys in other cases / punctuation
     '```json\n{"prompt compliance": 4, "Temporal & Visual Coherence": "3", "physical_and_detail_coherence": 5}\n```',
+    # each dimension named, then its score, in another order (were paired with the template's order)
+    "Physical & Detail Coherence\nScore: 5\n\nPrompt Compliance\nScore: 4\n\nTemporal & Visual Coherence\nScore: 3",
+    "**Temporal and Visual Coherence** (3/5): smooth. **Prompt Compliance** (4/5): mostly. "
+    "**Physical & Detail Coherence** (5/5): sharp.",
+    '{"scores": [{"dimension": "Prompt Compliance", "score": 4}, {"dimension": "Temporal & Visual Coherence", '
+    '"score": 3}, {"dimension": "Physical & Detail Coherence", "score": 5}]}',
     # one object per dimension, in another order ({"score": n, "reason": …}: was read in text order)
     '{"Temporal & Visual Coherence": {"score": 3, "reason": "smooth"}, "Physical & Detail Coherence": '
     '{"score": 5, "reason": "sharp"}, "Prompt Compliance": {"score": 4, "reason": "mostly"}}',
@@ -77,11 +83,10 @@ def test_parser_single_dimension_and_json(answer, dims, expected):
     ("Prompt Compliance: 0\nTemporal & Visual Coherence: 3\nPhysical & Detail Coherence: 5", "outside 1..5"),
     ('{"Prompt Compliance": 4, "Temporal & Visual Coherence": 6, "Physical & Detail Coherence": 5}', "outside 1..5"),
     ("Score: 4", "found 1 unnamed score"),  # one score for three dimensions is ambiguous
-    ("Prompt Compliance: A number from 1 to 5.", "names dimensions but gives no"),  # the template echoed back
-    # dimensions named in a layout the parser does not read: in-order scores were paired with the
-    # template's order (PC 4, TVC 2, PDC 3 here, whatever the answer meant)
-    ("Physical & Detail Coherence\nScore: 4\n\nPrompt Compliance\nScore: 2\n\nTemporal & Visual Coherence\nScore: 3",
-     "names dimensions but gives no"),
+    ("Prompt Compliance: A number from 1 to 5.", "names dimensions but gives no score after"),  # the template echoed
+    # named, but one without a score after it: in-order pairing could give its score to another
+    ("Prompt Compliance\nScore: 4\n\nTemporal & Visual Coherence is fine.\n\nPhysical & Detail Coherence\nScore: 5\n"
+     "Score: 3", "no score after 'Temporal & Visual Coherence'"),
 ])
 def test_parser_refuses_what_it_cannot_read(answer, why):
     with pytest.raises(ScoreParseError, match=why):

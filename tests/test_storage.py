@@ -83,8 +83,10 @@ def test_the_mirror_drops_what_the_store_no_longer_holds(s3_bucket, tmp_path, mo
                 "dit/model-00002-of-00002.safetensors"):
         client.delete_object(Bucket=s3_bucket, Key=key)
     client.put_object(Bucket=s3_bucket, Key="dit/model.safetensors", Body=b"new")
+    client.delete_object(Bucket=s3_bucket, Key="dit-old/kept.bin")  # not this folder's: its copy must stay
+    (local / "staged.bin").write_bytes(b"a cache's shard waiting for its upload")  # not the mirror's: stays
     assert materialize(f"s3://{s3_bucket}/dit") == local
-    assert sorted(p.name for p in local.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in local.iterdir()) == ["config.json", "model.safetensors", "staged.bin"]
     assert (local.parent / "dit-old" / "kept.bin").is_file()  # a sibling prefix is not this folder's
     # a model whose weights were not wanted keeps them if the store still has them
     client.put_object(Bucket=s3_bucket, Key="dit/weights.bin", Body=b"w")

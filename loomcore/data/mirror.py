@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Dict, Optional, Tuple
 
 from tqdm import tqdm
@@ -189,7 +189,8 @@ def fetch_s3(uri: str, root: Path, settings: S3Settings, progress: bool = True) 
                 stats["bytes_downloaded"] += obj["Size"]
             else:
                 stats["skipped"] += 1
-        stats["removed"] = _drop_unlisted(root, {o["Key"][len(folder):] for o in objects})
+        if objects:  # (an empty listing — a mistyped prefix — drops nothing: curation then fails on its metadata)
+            stats["removed"] = _drop_unlisted(root, {PurePosixPath(o["Key"][len(folder):]).as_posix() for o in objects})
     except Exception as e:  # noqa: BLE001 — S3 errors get the store's name; anything else goes on as it is
         kind = classify_s3_error(e)
         if kind is None:

@@ -192,10 +192,20 @@ def parse_scores(text: str, dimensions: Sequence[str], clamp: bool = False) -> D
             raise ScoreParseError(f"no score for {', '.join(repr(m) for m in missing)}")
         return _checked(named, clamp)
 
-    if len(dimensions) > 1 and any(f" {k} " in f" {' '.join(_words(text))} " for k in keys):
-        # named, but not in a form read above: scores taken in order could be paired with the wrong ones
-        raise ScoreParseError(f"the answer names dimensions but gives no 'Dimension: n' score for them "
-                              f"({', '.join(dimensions)})")
+    if len(dimensions) > 1:  # named in another layout: each score goes to the dimension named last before it
+        mentions = sorted((m.start(), d) for d in dimensions
+                          for m in re.finditer(r"\b" + r"\W+(?:and\W+)?".join(_words(d)) + r"\b", text, re.IGNORECASE))
+        if mentions:
+            paired = {}
+            for g in _GENERIC.finditer(text):
+                before = [d for pos, d in mentions if pos < g.start()]
+                if before:
+                    paired[before[-1]] = float(g.group(1) or g.group(2))  # (the last mention wins, as above)
+            missing = [d for d in dimensions if d not in paired]
+            if missing:  # scores taken in text order could be paired with the wrong ones: re-asked
+                raise ScoreParseError(f"the answer names dimensions but gives no score after "
+                                      f"{', '.join(repr(m) for m in missing)}")
+            return _checked({d: paired[d] for d in dimensions}, clamp)
     generic = [float(a or b) for a, b in _GENERIC.findall(text)]
     if not generic and len(dimensions) == 1:
         m = re.fullmatch(r"\s*[*_`\"']*" + _NUMBER + r"[*_`\"'.]*\s*", text)
