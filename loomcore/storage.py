@@ -317,23 +317,25 @@ def materialize(uri: str | os.PathLike, cache_dir: Optional[Path] = None,
                 tmp.unlink(missing_ok=True)
     if not single:  # a folder: what the store no longer holds leaves the mirror (an old shard set
         # beside a new single weights file would be what diffusers loads)
-        _drop_unlisted(cache_root, bucket, folder, listed)
+        drop_unlisted(cache_root.parent / ".etag" / bucket, cache_root, listed, under=folder)
     return cache_root / prefix.rstrip("/") if prefix.strip("/") else cache_root
 
 
-def _drop_unlisted(cache_root: Path, bucket: str, folder: str, listed: set) -> None:
-    """Delete the files under `folder` that this mirror wrote (they have an ETag record) and whose
-    keys the store's listing no longer has, with their records. Other files there — a cache's shards
-    staged for upload, its readers' folders — are not the mirror's."""
-    local = cache_root / folder if folder else cache_root
-    if not local.is_dir():
-        return
-    for path in local.rglob("*"):
-        key = path.relative_to(cache_root).as_posix()
-        etag = cache_root.parent / ".etag" / bucket / key
-        if key not in listed and path.is_file() and etag.is_file():
-            path.unlink(missing_ok=True)
-            etag.unlink(missing_ok=True)
+def drop_unlisted(records: Path, files: Path, listed: set, under: str = "") -> int:
+    """A mirror's clean-up (the models' here, the data's in data/mirror.py): delete each copy under
+    `files/under` that has a record under `records` (the same relative key: the mirror wrote it) and
+    whose key the store's listing no longer has, with its record. Files without a record — a cache's
+    shards staged for upload, its readers' folders — are not the mirror's. Returns how many went."""
+    start, gone = records / under if under else records, 0
+    if not start.is_dir():
+        return 0
+    for record in sorted(p for p in start.rglob("*") if p.is_file() and not p.name.startswith(".")):
+        key = record.relative_to(records).as_posix()
+        if key not in listed:
+            (files / key).unlink(missing_ok=True)
+            record.unlink()
+            gone += 1
+    return gone
 
 
 def file_digest(path: Path, algorithm: str = "sha256", chunk: int = 1 << 20) -> str:

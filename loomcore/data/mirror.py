@@ -26,7 +26,7 @@ from typing import Dict, Optional, Tuple
 from tqdm import tqdm
 
 from loomcore.storage import (
-    S3Settings, StoreError, StoreUnavailable, classify_s3_error, download_known, file_state, list_objects,
+    S3Settings, StoreError, StoreUnavailable, classify_s3_error, download_known, drop_unlisted, file_state, list_objects,
     parse_s3_uri, s3_client, sha256_file, transfer_config,
 )
 
@@ -54,22 +54,6 @@ def _write_record(path: Path, etag: str, size: int, state: list) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps({"etag": etag, "size": size, "local": state}))
     os.replace(tmp, path)
-
-
-def _drop_unlisted(root: Path, listed: set) -> int:
-    """Delete the copies (and records) of objects the store no longer lists: a clip taken down, a
-    metadata file removed, another prefix mirrored into the same root. Only files this mirror
-    wrote (those with a record) go; the root's other files stay. Returns how many went."""
-    etags, gone = root / ETAG_DIR, 0
-    if not etags.is_dir():
-        return 0
-    for record in sorted(p for p in etags.rglob("*") if p.is_file() and not p.name.startswith(".")):
-        rel = record.relative_to(etags).as_posix()
-        if rel not in listed:
-            (root / rel).unlink(missing_ok=True)
-            record.unlink()
-            gone += 1
-    return gone
 
 
 def _verify(path: Path, uri: str, size: int, sha256: Optional[str]) -> Optional[str]:
@@ -190,7 +174,9 @@ def fetch_s3(uri: str, root: Path, settings: S3Settings, progress: bool = True) 
             else:
                 stats["skipped"] += 1
         if objects:  # (an empty listing — a mistyped prefix — drops nothing: curation then fails on its metadata)
-            stats["removed"] = _drop_unlisted(root, {PurePosixPath(o["Key"][len(folder):]).as_posix() for o in objects})
+            # (a clip taken down, a metadata file removed, another prefix mirrored into this root)
+            stats["removed"] = drop_unlisted(root / ETAG_DIR, root, {PurePosixPath(o["Key"][len(folder):]).as_posix()
+                                                                    for o in objects})
     except Exception as e:  # noqa: BLE001 — S3 errors get the store's name; anything else goes on as it is
         kind = classify_s3_error(e)
         if kind is None:

@@ -97,12 +97,15 @@ def _words(name: str) -> List[str]:
     return [w for w in re.findall(r"[a-z0-9]+", name.lower()) if w != "and"]
 
 
+def _name_words(name: str) -> str:
+    """A dimension name as a regex: its words with any punctuation or '&'/'and' between them."""
+    return r"(?<![a-z0-9])" + r"(?:[\W_]|\band\b)*?".join(re.escape(w) for w in _words(name))
+
+
 def _name_pattern(name: str) -> re.Pattern:
     """A dimension name with any punctuation, '&'/'and', markdown or quotes around it, then a
     separator and the number: '**Temporal and Visual Coherence**: 4/5'."""
-    gap = r"(?:[\W_]|\band\b)*?"
-    words = gap.join(re.escape(w) for w in _words(name))
-    return re.compile(r"(?<![a-z0-9])" + words + r"[\s*_\"'`\])]*(?:\(score \d\))?[\s*_\"'`]*[:=\-–—][\s*_\"'`]*"
+    return re.compile(_name_words(name) + r"[\s*_\"'`\])]*(?:\(score \d\))?[\s*_\"'`]*[:=\-–—][\s*_\"'`]*"
                       + _NUMBER + _OUT_OF, re.IGNORECASE)
 
 
@@ -194,7 +197,7 @@ def parse_scores(text: str, dimensions: Sequence[str], clamp: bool = False) -> D
 
     if len(dimensions) > 1:  # named in another layout: each score goes to the dimension named last before it
         mentions = sorted((m.start(), d) for d in dimensions
-                          for m in re.finditer(r"\b" + r"\W+(?:and\W+)?".join(_words(d)) + r"\b", text, re.IGNORECASE))
+                          for m in re.finditer(_name_words(d), text, re.IGNORECASE))
         if mentions:
             paired = {}
             for g in _GENERIC.finditer(text):
