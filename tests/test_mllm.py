@@ -1,13 +1,15 @@
 """The MLLM encoder on a tiny Qwen3-VL built here (no hub): loading, layout, raw features, batching."""
 
+import dataclasses
 import importlib.util
+import json
 
 import numpy as np
 import pytest
 import torch
 
 from loomcore.config import load_config
-from loomcore.models.mllm import MLLMRequest, build_messages, source_frame_indices
+from loomcore.models.mllm import LAYOUTS, MLLMRequest, build_messages, source_frame_indices
 
 RNG = np.random.RandomState(0)
 IMG_A = RNG.randint(0, 256, (32, 32, 3), dtype=np.uint8)
@@ -48,21 +50,53 @@ def test_tiny_folder_has_the_real_layout_and_loads_through_transformers(tiny_mll
     assert max(vis.deepstack_visual_indexes) < vis.depth
 
 
-@pytest.mark.skipif(importlib.util.find_spec("torchvision") is None,
-                    reason="transformers' Qwen3VLProcessor needs torchvision")
-def test_autoprocessor_agrees_on_image_prompts(tiny_mllm_dir, tiny_mllm_encoder):
-    """Where torchvision exists, transformers' own processor reads the tiny folder and builds the
-    same ids for image prompts (its video layout changed after 4.57.3, see mllm.py)."""
-    from transformers import AutoProcessor
+def _transformers_processor(folder):
+    """transformers' own Qwen3VLProcessor over the folder's files. Without torchvision (the CPU
+    machines: PyPI's torchvision does not load beside the CPU torch build) transformers >= 5 builds
+    no video processor, and the processor's class check refuses to be built without one: it is
+    built with the folder's image processor (the PIL backend then) and none, which is all an image
+    prompt goes through."""
+    from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
+    from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor
 
-    proc = AutoProcessor.from_pretrained(tiny_mllm_dir)
-    req = MLLMRequest("mi2i", "@Figure 2 sits on @Figure 1", references=[IMG_A, IMG_A])
-    msgs = build_messages(req, 15)
-    ref = proc.apply_chat_template(msgs, tokenize=True, add_generation_prompt=True, return_dict=True,
-                                   return_tensors="pt")
-    ours = tiny_mllm_encoder.tokenize(req)
-    assert torch.equal(ref["input_ids"], ours["input_ids"])
-    assert torch.equal(ref["image_grid_thw"], ours["image_grid_thw"])
+    if importlib.util.find_spec("torchvision") is not None:
+        return AutoProcessor.from_pretrained(folder)
+
+    class ImageOnly(Qwen3VLProcessor):
+        def check_argument_for_proper_class(self, argument_name, argument):
+            if argument_name == "video_processor" and argument is None:
+                return None
+            return super().check_argument_for_proper_class(argument_name, argument)
+
+    template = json.loads((folder / "chat_template.json").read_text())["chat_template"]
+    return ImageOnly(image_processor=AutoImageProcessor.from_pretrained(folder),
+                     tokenizer=AutoTokenizer.from_pretrained(folder), video_processor=None, chat_template=template)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_transformers_processor_agrees_on_image_prompts(tiny_mllm_dir, tiny_mllm_encoder, layout):
+    """transformers' own processor reads the tiny folder and builds the same ids, grids and pixels
+    for image prompts, in every layout, resized images included (its video layout changed after
+    4.57.3, see mllm.py, so videos are not compared)."""
+    proc = _transformers_processor(tiny_mllm_dir)
+    rng = np.random.RandomState(1)
+    wide = rng.randint(0, 256, (3, 37, 75), dtype=np.uint8)  # channels first, resized
+    tall = rng.randint(0, 256, (90, 61, 3), dtype=np.uint8)
+    requests = [MLLMRequest("mi2i", "@Figure 2 sits on @Figure 1", references=[tall, torch.from_numpy(wide)]),
+                MLLMRequest("ti2i", "make it red", source=IMG_A), MLLMRequest("t2i", "a blue square"),
+                MLLMRequest("tir2i", "paint it like @Figure 1", references=[IMG_A], source=tall),
+                MLLMRequest("ti2i", "", source=tall, drop="text")]
+    for req in requests:
+        req = dataclasses.replace(req, layout=layout)
+        ref = proc.apply_chat_template(build_messages(req, 15), tokenize=True, add_generation_prompt=True,
+                                       return_dict=True, return_tensors="pt")
+        ours = tiny_mllm_encoder.tokenize(req)
+        assert torch.equal(ref["input_ids"], ours["input_ids"]), req
+        if req.task == "t2i":
+            assert "pixel_values" not in ours
+            continue
+        assert torch.equal(ref["image_grid_thw"], ours["image_grid_thw"]), req
+        torch.testing.assert_close(ours["pixel_values"], ref["pixel_values"], rtol=0, atol=1e-6)
 
 
 def test_encoder_is_frozen(tiny_mllm_encoder):
