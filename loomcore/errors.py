@@ -9,6 +9,9 @@ model, an invariant of ours — is a bug: it is not caught, the stage fails with
 
 from __future__ import annotations
 
+import json
+import sys
+
 
 class InputError(ValueError):
     """Input that cannot be used; the message names where and why."""
@@ -16,3 +19,30 @@ class InputError(ValueError):
 
 class MissingInputError(InputError, FileNotFoundError):
     """An input that is not there: a path, or an s3:// prefix that holds no object."""
+
+
+# A rank of a torchrun job that refuses its input says so on one stdout line: this mark, then the
+# message as a JSON string. torchrun exits 1 whatever its ranks exit with, so the stage's launcher
+# (tasks.train.launch_torchrun) reads the line to fail the stage as an input error — exit 2, which
+# the DVC tasks do not retry — instead of a crash retried twice.
+INPUT_ERROR_MARK = "[input-error] "
+
+
+def refuse(prog: str, error: InputError) -> int:
+    """A refused input at a process's boundary: the message in one line on stderr, the mark line
+    on stdout, exit code 2."""
+    print(f"{prog}: {error}", file=sys.stderr, flush=True)
+    print(INPUT_ERROR_MARK + json.dumps(str(error)), flush=True)
+    return 2
+
+
+def refusal(line: str):
+    """The message of a mark line that `refuse` printed, or None for any other line."""
+    at = line.find(INPUT_ERROR_MARK)
+    if at < 0:
+        return None
+    try:
+        message = json.loads(line[at + len(INPUT_ERROR_MARK):])
+    except ValueError:
+        return None
+    return message if isinstance(message, str) else None

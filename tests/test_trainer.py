@@ -986,6 +986,25 @@ def test_a_crash_in_teardown_after_verified_outs_does_not_fail_the_stage(tmp_pat
         launch_torchrun(cfg, cmd, "stage1", "stage1: steps", None)
 
 
+def test_a_rank_that_refuses_its_input_fails_the_stage_as_an_input_error(tmp_path):
+    """torchrun exits 1 whatever its ranks exit with, so a rank's refusal (here: RL with no stage-3
+    model to start from) failed the stage as a crash, exit 1, which DVC's task retried twice. The
+    rank's `refuse` line makes it the InputError it was (the stage exits 2, not retried); a rank
+    that fails otherwise is still a RuntimeError. The real torchrun and RL entry point."""
+    from loomcore.errors import InputError
+    from tasks.train import launch_torchrun, torchrun_command
+
+    overrides = [f"train.out_dir={tmp_path}", f"paths.runs={tmp_path / 'runs'}"]
+    cfg = load_config(overrides, profile="tiny")
+    with pytest.raises(InputError, match=r"^rl: rl.init_from = stage3: no trained model at .*stage3/model "
+                                         r"\(run stage3 first\)$"):
+        launch_torchrun(cfg, torchrun_command(cfg, "rl", overrides), "rl", "rl: steps", tmp_path / "rl")
+    crash = [sys.executable, "-c", "print('[input-error] not json'); raise SystemExit(1)"]
+    with pytest.raises(RuntimeError, match="exited with code 1") as e:
+        launch_torchrun(cfg, crash, "rl", "rl: steps", None)
+    assert not isinstance(e.value, InputError)
+
+
 def _pids_with(text: str) -> list:
     pids = []
     for d in Path("/proc").iterdir():

@@ -3,8 +3,8 @@
     torchrun --nnodes N --nproc-per-node G -m loomcore.rl [--profile P] [key=value …]
 
 (`tasks.rl` builds this command from `rl.nodes` / `rl.gpus_per_node`; a plain `python -m
-loomcore.rl` runs one CPU rank.) Exits 2 on a bad config; any training error propagates with its
-traceback (non-zero exit).
+loomcore.rl` runs one CPU rank.) Exits 2 on a bad config or input; any training error propagates
+with its traceback (non-zero exit).
 """
 
 from __future__ import annotations

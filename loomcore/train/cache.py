@@ -45,7 +45,7 @@ import torch
 from tqdm import tqdm
 
 from loomcore.config import Config, ConfigError
-from loomcore.errors import InputError
+from loomcore.errors import InputError, refuse
 from loomcore.data import shards
 from loomcore.data.buckets import nearest_size, resize_center_crop
 from loomcore.data.schema import id_fraction
@@ -525,9 +525,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     torchrun job (RANK / WORLD_SIZE / LOCAL_RANK from torchrun; alone, a one-process run). Rank 0
     prints the summary as one JSON line."""
     import argparse
-    import datetime
-
-    import torch.distributed as dist
 
     from loomcore.config import load_config
 
@@ -535,7 +532,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--profile", default=None)
     p.add_argument("overrides", nargs="*", metavar="key=value")
     args = p.parse_args(argv)
-    cfg = load_config(args.overrides, profile=args.profile)
+    try:
+        return _run_rank(load_config(args.overrides, profile=args.profile))
+    except InputError as e:  # a config or a manifest it refuses: exit 2, a line the stage's launcher reads
+        return refuse("python -m loomcore.train.cache", e)
+
+
+def _run_rank(cfg) -> int:
+    """One rank's cache build; rank 0 writes the run record and prints the summary line."""
+    import datetime
+
+    import torch.distributed as dist
+
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if world > 1:  # a CPU group for the two barriers: the work itself is split by shard, not by collectives
         dist.init_process_group("gloo", timeout=datetime.timedelta(hours=cfg.train.timeout_hours))

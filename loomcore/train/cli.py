@@ -3,8 +3,9 @@
     torchrun --nnodes N --nproc-per-node G -m loomcore.train --stage stage2 [--profile P] [key=value …]
 
 (`tasks.train` builds this command from the stage's params; a plain `python -m loomcore.train`
-runs one CPU rank.) Exits non-zero on any failure: a bad config (2), or the training error itself
-with its traceback (a NaN run names the step and the task kinds).
+runs one CPU rank.) Exits non-zero on any failure: a bad config or input (2, with the line the
+stage's launcher reads: `loomcore.errors.refuse`), or the training error itself with its traceback
+(a NaN run names the step and the task kinds).
 """
 
 from __future__ import annotations
@@ -12,12 +13,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from typing import Callable, List, Optional, Sequence
 
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from loomcore.config import STAGES, Config, ConfigError, load_config
+from loomcore.config import STAGES, Config, load_config
+from loomcore.errors import InputError, refuse
 
 
 def rank_main(prog: str, description: str, run: Callable[[Config, argparse.Namespace], Optional[dict]],
@@ -31,11 +32,9 @@ def rank_main(prog: str, description: str, run: Callable[[Config, argparse.Names
     p.add_argument("overrides", nargs="*", metavar="key=value", help=f"config overrides, e.g. {example}")
     args = p.parse_args(argv)
     try:
-        cfg = load_config(args.overrides, profile=args.profile)
-    except ConfigError as e:
-        print(f"{prog.split()[-1]}: {e}", file=sys.stderr)
-        return 2
-    summary = run(cfg, args)
+        summary = run(load_config(args.overrides, profile=args.profile), args)
+    except InputError as e:  # a config or an input it refuses (a cache without the prompts asked for…)
+        return refuse(prog.split()[-1], e)
     if summary is not None and os.environ.get("RANK", "0") == "0":
         print("[summary] " + json.dumps(summary), flush=True)
     return 0

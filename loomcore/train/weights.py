@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Tuple
 
 from loomcore.config import STAGES, Config
+from loomcore.errors import MissingInputError
 from loomcore.storage import S3Settings, is_s3, materialize
 
 
@@ -16,8 +17,9 @@ def stage_out_dir(cfg: Config, stage: str) -> Path:
     return Path(cfg.train.out_dir) / stage
 
 
-class WeightsNotFound(FileNotFoundError, ValueError):
-    """The weights a setting names are not there (yet): the message says which and what to run."""
+class WeightsNotFound(MissingInputError):
+    """The weights a setting names are not there (yet): the message says which and what to run. An
+    input error (a stage exits 2 and is not retried: it would not find them on a second try)."""
 
 
 def resolve_weights(cfg: Config, choice: str, key: str) -> Tuple[str, Path, str]:
