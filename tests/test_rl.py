@@ -349,6 +349,14 @@ def test_rl_stage_writes_outs_and_resumes_exactly(rl_ws):
         assert redo[1][key] == pytest.approx(rows[1][key], rel=1e-6, abs=1e-9), key
     assert again["reward_after_mean"] == pytest.approx(summary["reward_after_mean"], abs=1e-9)
 
+    # another held-out measure: the same run, resumed at its last step, measured again — not retrained
+    weights = (out / "model" / "diffusion_pytorch_model.safetensors").read_bytes()
+    measured = train_rl(_rl_cfg(rl_ws, "runs", "rl.kl_weight=1e-4", "rl.eval_samples_per_prompt=3"))
+    assert measured["run_dir"] == summary["run_dir"] and measured["resumed_from_step"] == 2
+    assert measured["heldout"]["samples_per_prompt"] == 3 and measured["optimizer_steps"] == 2
+    assert [r["policy_loss"] for r in read_steps(run_dir / "steps.jsonl")] == [r["policy_loss"] for r in redo]
+    assert (out / "model" / "diffusion_pytorch_model.safetensors").read_bytes() == weights
+
 
 @pytest.mark.parametrize("feature_mode", ["online"])
 def test_two_process_run_matches_one_process(rl_ws, tiny_online_cache, feature_mode):

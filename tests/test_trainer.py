@@ -497,6 +497,11 @@ def test_run_key_follows_what_a_stage_trains_not_where_or_how_it_is_watched():
     # log interval does not
     assert key("rl.nodes=2", stage="rl") != key(stage="rl") == key("rl.log_every=3", stage="rl")
     assert key("guidance.shift_scale=0.9", stage="rl") != key(stage="rl")
+    # …and a changed held-out measure or reward batch resumes the trained run and measures again
+    assert key("rl.eval_prompts=128", "rl.eval_samples_per_prompt=8", "rl.eval_steps=12",
+               "rl.pickscore.batch_size=4", stage="rl") == key(stage="rl")
+    for change in ("rl.steps=30", "rl.samples_per_prompt=4", "rl.pickscore.scale=10", "rl.sample_steps=4"):
+        assert key(change, stage="rl") != key(stage="rl"), change
 
 
 @pytest.mark.gpu

@@ -66,6 +66,9 @@ UNKEYED_TRAIN = ("grad_accum", "nan_check_every", "nan_max_consecutive", "spike_
                  "preflight_gpu_name", "out_dir")
 UNKEYED_STAGE = ("checkpoint_every", "keep_last", "log_every", "sample_every")
 UNKEYED_DIT = ("gradient_checkpointing",)
+# RL's held-out measure runs after the loop, and the reward model's batch is its throughput: a run
+# that changes them resumes at its last step and measures again, not 1000 rollout steps again
+UNKEYED_RL = ("eval_prompts", "eval_samples_per_prompt", "eval_steps")
 BATCH_FACTORS = ("nodes", "gpus_per_node")
 
 
@@ -74,7 +77,8 @@ def run_key_params(cfg: Config, stage: str) -> str:
     UNKEYED_* ones; stages 1–3 count their batch in packs per step (the trainer's global batch,
     whatever the number of ranks that share it), so a run on 2 nodes × grad_accum 2 resumes one on
     4 nodes × 1, and leave out the validation sampler's `guidance.*`. RL keeps its nodes (its
-    rollouts are split by rank) and its sampler settings (its rollouts use them)."""
+    rollouts are split by rank) and its sampler settings (its rollouts use them), and leaves out its
+    held-out measure's (UNKEYED_RL) and the reward model's batch size."""
     training = stage != "rl"
     picked = cfg.pick(*(k for k in stage_params(stage) if not (training and k.startswith("guidance."))))
     if "train" in picked:
@@ -87,6 +91,9 @@ def run_key_params(cfg: Config, stage: str) -> str:
             section = {k: v for k, v in section.items() if k not in BATCH_FACTORS}
             section["packs_per_step"] = packs_per_step(cfg, stage)
             section["device"] = "gpu" if cfg.stage(stage).gpus_per_node > 0 else "cpu"
+        else:
+            section = {k: v for k, v in section.items() if k not in UNKEYED_RL}
+            section["pickscore"] = {k: v for k, v in section["pickscore"].items() if k != "batch_size"}
         picked[stage] = section
     return fingerprint_dict(picked)
 
