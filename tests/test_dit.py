@@ -102,6 +102,31 @@ def test_parity_with_diffusers_wan(config, shape, context_len, per_token, use_so
     assert (got - expected).abs().max() <= 1e-5
 
 
+def test_a_wan_base_loaded_in_bf16_keeps_diffusers_fp32_modules(tmp_path):
+    """diffusers' `from_pretrained(torch_dtype=bf16)` keeps the time embedder, the modulation
+    tables and the norms in fp32 (`_keep_in_fp32_modules`), and so did the release's loading;
+    `load_wan_transformer` / `load_release` cast every tensor, and their bf16 model drew other
+    outputs from the same weights (0.047 apart here) than diffusers' or `LoomDiT.from_pretrained`'s."""
+    wan, _ = _wan_and_loom(WAN_A)
+    with torch.no_grad():  # modulation and time embedding away from their init, as trained weights are
+        for name, p in wan.named_parameters():
+            if "scale_shift_table" in name or "time_embedder" in name or "norm2" in name:
+                p.add_(0.37 * torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))))
+    wan.save_pretrained(tmp_path / "wan")
+    ours, _ = load_wan_transformer(tmp_path / "wan", dtype=torch.bfloat16, **EXTRA)
+    theirs = WanTransformer3DModel.from_pretrained(tmp_path / "wan", torch_dtype=torch.bfloat16).eval()
+    fp32 = {n for n, p in theirs.named_parameters() if p.dtype == torch.float32}
+    assert {n for n, p in ours.named_parameters() if p.dtype == torch.float32} == fp32
+    assert any("time_embedder" in n for n in fp32) and "scale_shift_table" in fp32 and any("norm2" in n for n in fp32)
+    assert all(p.dtype == torch.bfloat16 for n, p in ours.named_parameters() if n not in fp32)
+    g = torch.Generator().manual_seed(1)
+    x, context = torch.randn(1, 8, 3, 4, 6, generator=g), torch.randn(1, 5, 32, generator=g)
+    with torch.no_grad():
+        expected = theirs(x.bfloat16(), torch.tensor([937.3]), context.bfloat16()).sample
+        got = ours(x.bfloat16(), torch.tensor([937.3]), context.bfloat16()).sample
+    assert torch.equal(got, expected)
+
+
 def test_patchify_round_trip_and_token_order():
     x = torch.randn(2, 3, 4, 6, 8)
     tokens = patchify(x, (2, 2, 2))

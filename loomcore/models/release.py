@@ -288,6 +288,16 @@ def load_wan_transformer(source, dtype: torch.dtype | None = torch.float32, **ex
     return build_from_state_dict(config, state, allow_new=True, dtype=dtype, source=name)
 
 
+def load_dtype(name: str, dtype: torch.dtype) -> torch.dtype:
+    """The dtype parameter `name` loads in when the model loads in `dtype`: diffusers' rule for
+    `from_pretrained(torch_dtype=bf16/fp16)`, which the release loaded its DiT with — the modules
+    LoomDiT (as Wan) names in `_keep_in_fp32_modules` (the time embedder, the modulation tables, the
+    norms) stay fp32."""
+    if dtype in (torch.float16, torch.bfloat16) and not set(name.split(".")).isdisjoint(LoomDiT._keep_in_fp32_modules):
+        return torch.float32
+    return dtype
+
+
 def build_from_state_dict(config: dict, state: dict, *, allow_new: bool, dtype, source: str):
     """Build LoomDiT(**config) around `state` without a second copy (meta init + assign).
 
@@ -315,7 +325,8 @@ def build_from_state_dict(config: dict, state: dict, *, allow_new: bool, dtype, 
         raise InputError(f"{source}: {len(mismatched)} shape mismatches: {_names(mismatched)}")
 
     new_dtype = dtype or state["patch_embedding.weight"].dtype
-    model.load_state_dict({k: v if dtype is None else v.to(dtype) for k, v in state.items()}, strict=False, assign=True)
+    model.load_state_dict({k: v if dtype is None else v.to(load_dtype(k, dtype)) for k, v in state.items()},
+                          strict=False, assign=True)
     for name in new_modules:
         model.get_submodule(name).to_empty(device="cpu").to(new_dtype)
     model.init_added_modules(new_modules)
