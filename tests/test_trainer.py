@@ -138,6 +138,23 @@ def test_build_pack_dropout_shift_and_loss():
                    patch_size=(1, 2, 2), use_source=False)
 
 
+def test_each_source_must_have_its_targets_shape():
+    """Scale-and-Add adds source token i to target token i: a source with its height and width
+    swapped, or two samples whose frame counts cancel, had the pack's token total and were added
+    to the wrong tokens."""
+    from loomcore.models.packed import PackItem, pack_conditions
+
+    ctx = torch.randn(2, 3, 16)
+    for items in ([PackItem((8, 1, 4, 8), ctx, source=torch.randn(8, 1, 8, 4), task="ti2i")],
+                  [PackItem((8, 2, 4, 4), ctx, source=torch.randn(8, 1, 4, 4), task="tv2v"),
+                   PackItem((8, 1, 4, 4), ctx, source=torch.randn(8, 2, 4, 4), task="ti2i")]):
+        with pytest.raises(ValueError, match=r"Scale-and-Add needs each source latent at its target's shape: "
+                                             r"(ti2i|tv2v): source \(8, \d, \d, \d\), target"):
+            pack_conditions(items, (1, 2, 2), use_source=True)
+    fine = pack_conditions([PackItem((8, 2, 4, 4), ctx, source=torch.randn(8, 2, 4, 4), task="tv2v")], (1, 2, 2), True)
+    assert fine.source.shape == (8, 32)
+
+
 def test_euler_sampler_is_exact_on_a_point_mass():
     # data = one point x0 and σ_min = 0: the exact velocity is v(z, t) = (z − x0)/t, along which
     # Euler steps are exact, so the sampler must land on x0 from any noise.

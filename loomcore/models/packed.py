@@ -74,11 +74,12 @@ def pack_conditions(items: Sequence, patch_size: Sequence[int], use_source: bool
             raise ValueError(f"tasks {', '.join(sorted({it.task for it in items if it.source is not None}))} have a "
                              "source image/video, but the model has no source_patch_embedding "
                              "(stageN.source_embedding: false)")
+        wrong = [f"{it.task}: source {tuple(it.source.shape)}, target {tuple(it.latent_shape)}" for it in items
+                 if it.source is not None and tuple(it.source.shape) != tuple(it.latent_shape)]
+        if wrong:  # each sample's own (a swapped h/w or two samples' frames would match in total)
+            raise ValueError("Scale-and-Add needs each source latent at its target's shape: " + "; ".join(wrong))
         source = torch.cat([tokens_of(it.source, patch_size) if it.source is not None else torch.zeros(n, P)
                             for it, n in zip(items, lengths)])
-        if source.shape[0] != sum(lengths):
-            raise ValueError(f"source tokens {tuple(source.shape)} do not match the targets' ({sum(lengths)}, {P}) "
-                             "(Scale-and-Add needs the source at the target's size)")
     refs = [tokens_of(r, patch_size) for it in items for r in it.refs]
     context = torch.cat([it.context for it in items], dim=1)
     sample_index = torch.repeat_interleave(torch.arange(len(items)), torch.tensor(lengths))
