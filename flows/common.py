@@ -41,11 +41,18 @@ def stage_main(flows: Callable | Mapping[str, Callable], description: str, argv:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. data.synthetic_samples=50")
     args = p.parse_intermixed_args(argv)  # `stage1 --profile tiny k=v`: overrides after an option too
     flow_fn = flows[args.stage] if many else flows
+    from loomcore.config import load_config
     from loomcore.errors import InputError
     from tasks.proc import STAGE_TIMEOUT_EXIT, StageTimeout
 
+    overrides = args.overrides + (getattr(args, "switched", None) or [])
+    try:  # a config it refuses: one line, before a Prefect server starts and a run records the traceback
+        load_config(overrides, profile=args.profile)
+    except InputError as e:
+        print(f"{module}: {e}", file=sys.stderr)
+        return 2
     try:
-        run_stage_flow(flow_fn, profile=args.profile, overrides=args.overrides + (getattr(args, "switched", None) or []))
+        run_stage_flow(flow_fn, profile=args.profile, overrides=overrides)
     except InputError as e:  # a config or input it refuses: the same again (a store's errors are retried:
         # botocore classes some throttling as a refusal)
         print(f"{module}: {e}", file=sys.stderr)

@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from loomcore.config import TASK_KINDS, load_config
+from loomcore.config import TASK_KINDS, ConfigError, load_config
 from loomcore.data import schema
 from loomcore.data.curate import curate, is_eval
 from loomcore.data.synthetic import generate_shapes_dataset
@@ -179,6 +179,24 @@ def test_unreadable_or_absent_metadata(data, tmp_path, cfg):
         curate(cfg, str(root), root, tmp_path / "out", progress=False, metadata="broken.parquet")
     with pytest.raises(schema.MetadataError, match=r"nope\.csv: metadata file not found"):
         curate(cfg, str(root), root, tmp_path / "out", progress=False, metadata="nope.csv")
+
+
+def test_a_source_that_is_not_there_or_outside_the_data_root_is_refused(data, tmp_path, cfg):
+    """A mistyped source was a FileNotFoundError (a crash: retried twice); a local source folder
+    outside the data root curated, then rejected every row as media_missing (its media are read
+    under the data root) and the stage succeeded with nothing kept."""
+    from loomcore.errors import MissingInputError
+
+    root, _ = data
+    with pytest.raises(MissingInputError, match=r"source 'synthetc' does not exist"):
+        curate(cfg, "synthetc", root, tmp_path / "out", progress=False)
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(root, elsewhere)
+    with pytest.raises(ConfigError, match=r"is a folder outside paths.data_root .*set paths.data_root="):
+        curate(cfg, str(elsewhere), tmp_path / "raw", tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+    s = curate(cfg, str(elsewhere), elsewhere, tmp_path / "out", progress=False)
+    assert s["kept"]["total"] > 0
 
 
 def test_rerun_gives_byte_identical_manifests(data, tmp_path, cfg):
@@ -573,8 +591,6 @@ def test_metadata_without_rows_is_an_error(data, tmp_path, cfg, fmt):
 
 
 def test_without_the_mllm_folder_curation_refuses_to_run(data, tmp_path):
-    from loomcore.config import ConfigError
-
     root, _ = data
     cfg = load_config([f"models.mllm={tmp_path / 'no-mllm'}"], profile="tiny")
     with pytest.raises(ConfigError, match=r"no-mllm' \(models\.mllm\) does not exist.*mllm\.max_length = 128"):

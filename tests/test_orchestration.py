@@ -473,6 +473,11 @@ def test_a_stage_exits_2_for_what_repeats_and_1_for_what_may_pass(prefect_api, c
     for error in (StoreUnavailable("stopped answering"), StoreError("refused: botocore classes some throttling so")):
         with pytest.raises(type(error)):  # exit 1: retried
             stage_main(stage_raising(error), "a toy stage", argv=[])
+    # a config it refuses: one line and exit 2 before the flow runs (no Prefect run, no traceback)
+    assert stage_main(stage_raising(AssertionError("the flow ran")), "a toy stage", argv=["train.stepz=1"]) == 2
+    said = capsys.readouterr().err.splitlines()
+    assert len(said) == 1 and re.fullmatch(r"\S+: override 'train.stepz=1': unknown key 'train.stepz'; known keys "
+                                            r"here: out_dir, grad_accum, .*", said[0]), said
 
 
 def test_a_reader_that_meets_bad_bytes_or_a_failing_log_sink_keeps_draining(tmp_path, capsys):

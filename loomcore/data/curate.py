@@ -46,6 +46,7 @@ from loomcore.data.buckets import nearest_bucket, nearest_sizes
 from loomcore.data.schema import RowError
 from loomcore.task_kinds import TaskSpec, check_figure_refs, task_spec, to_release_pointers
 from loomcore.data.mirror import fetch_s3
+from loomcore.errors import MissingInputError
 from loomcore.data.release_format import REJECT_KEY, RELEASE_CONFIG_SUFFIXES, read_release_config, release_rows, task_weights
 from loomcore.data.video_io import MediaError, MediaInfo, media_kind, probe
 from loomcore.storage import S3Settings, file_state, is_s3, is_transient, materialize, sha256_file
@@ -422,8 +423,13 @@ def _locate(cfg, source: str, root: Path, metadata: Optional[str], num_samples: 
         return root / rel, bad, stats
     src = Path(source)
     if not src.exists():
-        raise FileNotFoundError(f"curate: source {source!r} does not exist (a directory, a metadata file, "
+        raise MissingInputError(f"curate: source {source!r} does not exist (a directory, a metadata file, "
                                 f"an s3:// prefix or {SYNTHETIC!r})")
+    if src.is_dir() and not src.resolve().is_relative_to(root):
+        raise ConfigError(f"curate: data.source = {source!r} is a folder outside paths.data_root ({root}): the media "
+                          "its metadata names are read under the data root, so every row would be rejected as "
+                          f"media_missing; set paths.data_root={source} (or data.source to a metadata file whose "
+                          "media are under the data root)")
     return (src if src.is_file() else src / name), {}, {}
 
 
@@ -494,7 +500,7 @@ def curate(cfg, source: str, data_root, out_dir, split_eval_fraction: Optional[f
     if not 0.0 <= fraction <= 1.0:
         raise ValueError(f"split_eval_fraction = {fraction}: expected a fraction in [0, 1]")
     if is_s3(data_root):
-        raise ValueError(f"curate: data_root {data_root!r} must be a local directory (an s3:// source is mirrored into it)")
+        raise ConfigError(f"curate: data_root {data_root!r} must be a local directory (an s3:// source is mirrored into it)")
     tokens = PromptTokens.from_config(cfg, s3_settings)  # before any download: a missing MLLM folder fails at once
     root = Path(data_root).resolve()
     root.mkdir(parents=True, exist_ok=True)
