@@ -507,7 +507,10 @@ def _load_yaml(path: Path, what: str) -> dict:
         return {}
     if not isinstance(node, DictConfig):
         raise ConfigError(f"{path}: expected a mapping at the top level, got a list")
-    return OmegaConf.to_container(node, resolve=True)
+    try:
+        return OmegaConf.to_container(node, resolve=True)
+    except OmegaConfBaseException as e:  # an ${…} that names no key
+        raise ConfigError(f"{path}: {_describe(e)}") from None
 
 
 def _type_name(t) -> str:
@@ -625,6 +628,22 @@ def params_yaml(conf_dir: Path | str = DEFAULT_CONF_DIR, overrides: Sequence[str
     return OmegaConf.to_yaml(OmegaConf.create(compose(conf_dir, overrides)))
 
 
+def _resolved(layer: dict, below: dict, source: str) -> dict:
+    """An override's ${…} interpolations resolved against the config below it, as Hydra resolves
+    them where DVC's `-S` or `loom params` compose conf/ (`eval.out_dir=${train.out_dir}/eval2`)."""
+    if "${" not in json.dumps(layer):
+        return layer
+    try:
+        whole = OmegaConf.to_container(OmegaConf.merge(OmegaConf.create(below), OmegaConf.create(layer)), resolve=True)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{source}: {_describe(e)}") from None
+
+    def pick(given: dict, full: dict) -> dict:
+        return {k: pick(v, full[k]) if isinstance(v, dict) else full[k] for k, v in given.items()}
+
+    return pick(layer, whole)
+
+
 def load_config(
     overrides: Sequence[str] = (),
     *,
@@ -678,6 +697,7 @@ def load_config(
 
     merged: dict = {}
     for source, layer in [base, *ov_layers]:
+        layer = _resolved(layer, merged, source)
         _build(Config, layer, "", source, partial=True)
         merged = _deep_merge(merged, layer)
     if merged.get("profile") != name:

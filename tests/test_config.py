@@ -1,6 +1,7 @@
 """Config composition: conf/config.yaml (the paper's recipe) + profile → params.yaml (Hydra, as DVC
 composes it) + overrides, and every refusal."""
 
+import dataclasses
 import shutil
 from pathlib import Path
 
@@ -55,7 +56,7 @@ def test_tiny_is_the_default_profile_and_overrides_apply():
     assert cfg2.stage3.sampling.t2i == 0.15 and cfg2.rope.ref_offset == 7
     assert load_config(["profile=paper"]).profile == "paper"
     # frozen
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.stage1.steps = 3  # type: ignore[misc]
 
 
@@ -150,6 +151,30 @@ def test_malformed_yaml_names_the_file(tmp_path):
     params.write_text("stage1: [unclosed\n")
     with pytest.raises(ConfigError, match="params.yaml: not valid YAML"):
         load_config(params_path=params, conf_dir=tmp_path / "conf")
+
+
+def test_interpolations_resolve_as_hydra_resolves_them_or_name_the_key(tmp_path):
+    """An override's ${…} was kept as the literal text (a stage by hand wrote into a folder named
+    `${train.out_dir}`) while DVC's Hydra resolved it; one that names no key, in an override or a
+    params file, was a traceback."""
+    cfg = load_config(["train.out_dir=/tmp/x", "eval.out_dir=${train.out_dir}/eval2", "stage1.steps=${stage2.steps}"])
+    assert cfg.eval.out_dir == "/tmp/x/eval2" and cfg.stage1.steps == cfg.stage2.steps
+    with pytest.raises(ConfigError, match=r"override 'eval.out_dir=\$\{nope\}/e'.*Interpolation key 'nope' not found"):
+        load_config(["eval.out_dir=${nope}/e"])
+    params = _copy_params(tmp_path)
+    params.write_text(params.read_text().replace("  out_dir: outputs/eval\n", "  out_dir: ${nope}/eval\n", 1))
+    with pytest.raises(ConfigError, match=r"params.yaml: key 'eval.out_dir': Interpolation key 'nope' not found"):
+        load_config(params_path=params, conf_dir=tmp_path / "conf")
+
+
+def test_the_export_reads_the_metrics_the_evaluate_stage_writes():
+    """export.metrics was a fixed outputs/eval/metrics.json while DVC tracked ${eval.out_dir}'s: an
+    evaluation with outs of its own exported the last default run's metrics in the card and gate."""
+    assert load_config().export.metrics == f"{load_config().eval.out_dir}/metrics.json"
+    composed = yaml.safe_load(params_yaml(REPO_ROOT / "conf", ["eval.out_dir=outputs/eval-b"]))
+    assert composed["export"]["metrics"] == "outputs/eval-b/metrics.json"
+    dvc_export = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["stages"]["export"]
+    assert "${eval.out_dir}/metrics.json" in dvc_export["deps"]
 
 
 def test_every_stage_ratio_set_sums_to_one_in_both_profiles():
