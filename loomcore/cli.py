@@ -271,6 +271,13 @@ def check_dvc_sets(overrides: Sequence[str], compose: Callable[[List[str]], obje
                 sweep = parser.parse_overrides([key])[0].is_sweep_override()
             except HydraException as e:
                 why = f"not a Hydra override DVC can apply ({' '.join(str(e).split())})"
+                name, _, value = key.partition("=")
+                digit = next((i for i, part in enumerate(name.split(".")) if part[:1].isdigit()), None)
+                if digit:  # video.frames.480p=5: give the mapping it is in, whole
+                    parent, child = ".".join(name.split(".")[:digit]), name.split(".")[digit]
+                    why = (f"Hydra's keys cannot begin with a digit ({child!r}): give {parent} whole, its other "
+                           f"entries as they are, e.g. '{parent}={{{child}: {value}, …}}' (`loom config "
+                           f"{name.split('.')[0]}` shows them)") if digit == len(name.split(".")) - 1 else why
             else:
                 why = "a sweep: one run takes one value (quote a value that holds a comma)" if sweep else None
         if why:

@@ -25,7 +25,7 @@ import re
 import typing
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
@@ -628,6 +628,13 @@ def params_yaml(conf_dir: Path | str = DEFAULT_CONF_DIR, overrides: Sequence[str
     return OmegaConf.to_yaml(OmegaConf.create(compose(conf_dir, overrides)))
 
 
+def _flow_mapping(d: Mapping) -> str:
+    """A mapping as a Hydra override value (`{256p: [t2i, t2v], 480p: [t2i]}`): how DVC's `-S` sets a
+    key whose own keys begin with a digit (its grammar takes none such as a key's segment)."""
+    item = lambda v: "[" + ", ".join(map(str, v)) + "]" if isinstance(v, (list, tuple)) else str(v)  # noqa: E731
+    return "{" + ", ".join(f"{k}: {item(v)}" for k, v in d.items()) + "}"
+
+
 def _resolved(layer: dict, below: dict, source: str) -> dict:
     """An override's ${…} interpolations resolved against the config below it, as Hydra resolves
     them where DVC's `-S` or `loom params` compose conf/ (`eval.out_dir=${train.out_dir}/eval2`)."""
@@ -823,7 +830,9 @@ def _validate(cfg: Config) -> None:
         check(not missing, f"{name}.sampling: {', '.join(f'{k} = {ratios[k]}' for k in missing)} at "
                            f"{s.resolution}, but data.cache_tasks.{s.resolution} does not list "
                            f"{'it' if len(missing) == 1 else 'them'} (the cache stage encodes only the kinds listed "
-                           f"there); add {', '.join(missing)} to data.cache_tasks.{s.resolution}")
+                           f"there); add {', '.join(missing)} to data.cache_tasks.{s.resolution} (through DVC, "
+                           "whose Hydra keys cannot begin with a digit, as the whole mapping: "
+                           f"data.cache_tasks={_flow_mapping({**cfg.data.cache_tasks, s.resolution: [*cached, *missing]})})")
         check(s.resolution in cfg.buckets,
               f"{name}.resolution = {s.resolution!r} has no bucket; defined: {', '.join(cfg.buckets)}")
         check(s.resolution in cfg.video.frames,

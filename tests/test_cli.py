@@ -125,6 +125,12 @@ def test_pipeline_refuses_an_unknown_target_before_starting_anything(capsys):
     (["dvc.yaml:seed=3"], "override 'dvc.yaml:seed=3': the DAG reads params.yaml alone"),
     (["data.source=a,b"], "override 'data.source=a,b': a sweep: one run takes one value"),  # (DVC refuses it)
     (["params.yaml:+stage1.stepz=1"], "override 'params.yaml:+stage1.stepz=1': unknown key"),
+    # a per-resolution key: Hydra's grammar takes no segment that begins with a digit (the whole
+    # mapping is how DVC sets it; the Hydra parser's own words said nothing of the sort)
+    (["video.frames.480p=5"], "override 'video.frames.480p=5': Hydra's keys cannot begin with a digit ('480p'): "
+                              "give video.frames whole, its other entries as they are, e.g. "
+                              "'video.frames={480p: 5, …}' (`loom config video` shows them)"),
+    (["video.frames={256p: 33, 480p: 9, 720p: 121}", "--target", "nosuch"], "--target nosuch: no such stage"),
 ])
 def test_pipeline_reads_targets_and_overrides_as_dvc_does(capsys, argv, needle):
     code = main(["pipeline", *argv])
