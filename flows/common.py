@@ -38,7 +38,8 @@ def stage_main(flows: Callable | Mapping[str, Callable], description: str, argv:
     p.add_argument("--profile", default=None, help="profile (default: params.yaml's 'profile')")
     for flag, (override, text) in (switches or {}).items():
         p.add_argument(flag, action="append_const", const=override, dest="switched", help=f"{text} (= {override})")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. data.synthetic_samples=50")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides on top of params.yaml, e.g. seed=1 "
+                   "(`loom config <section>` shows the keys and their values)")
     args = p.parse_intermixed_args(argv)  # `stage1 --profile tiny k=v`: overrides after an option too
     flow_fn = flows[args.stage] if many else flows
     from loomcore.config import load_config
@@ -64,7 +65,7 @@ def stage_main(flows: Callable | Mapping[str, Callable], description: str, argv:
 
 
 STAGE_ARGS = """    profile: the profile, `tiny` or `paper` (default: params.yaml's `profile`).
-    overrides: config overrides on top of it, `key=value` each (`loom params --help` lists the keys)."""
+    overrides: config overrides on top of it, `key=value` each (`loom config <section>` shows the keys)."""
 
 
 def stage_flow(name: str) -> Callable[[Callable], Flow]:

@@ -303,11 +303,22 @@ def pipeline_command(profile: Optional[str], overrides: List[str], targets: List
     return ["dvc", "repro", *targets]
 
 
+DEPLOY_KEYS = ("profile", "orchestration.", "export.s3_uri")  # what `loom deploy` itself reads
+
+
 def cmd_deploy(args) -> int:
     """`prefect deploy --all` from this checkout, prefect.yaml's pools filled from the profile
     (orchestration.cpu_pool / gpu_pool) and LOOM_REPO defaulting to the checkout."""
     import shutil
 
+    from loomcore.config import ConfigError
+
+    ignored = [o for o in args.overrides if not o.split("=", 1)[0].strip().startswith(DEPLOY_KEYS)]
+    if ignored:  # the deployed runs read the checkout's params.yaml, not this command line
+        raise ConfigError(f"override {ignored[0]!r}: loom deploy reads only "
+                          f"{', '.join(k + '*' if k.endswith('.') else k for k in DEPLOY_KEYS)}; the deployed "
+                          "runs read the checkout's params.yaml (`loom params k=v` changes it) or the overrides "
+                          "a run is given in the UI")
     cfg = _load(args)
     here = Path.cwd()
     if not (here / "prefect.yaml").is_file():
