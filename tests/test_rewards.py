@@ -250,5 +250,7 @@ def test_rewards_are_pluggable():
             register_reward("constant-test")(Constant)
     finally:
         REWARDS.pop("constant-test")
-    with pytest.raises(ValueError, match="unknown reward"):
-        build_reward(load_config(["rl.reward=nope"], profile="tiny"))
+    from loomcore.config import ConfigError
+
+    with pytest.raises(ConfigError, match="rl.reward = 'nope': unknown reward; registered: pickscore, shapes"):
+        build_reward(load_config(["rl.reward=nope"], profile="tiny"))  # (a config error: the RL stage exits 2)

@@ -27,6 +27,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Protocol, Sequence, 
 import numpy as np
 import torch
 
+from loomcore.config import ConfigError
 from loomcore.data.synthetic import load_ground_truth, shape_mask
 from loomcore.shapes_world import DIRECTIONS, PALETTE, SHAPES
 
@@ -52,11 +53,15 @@ def register_reward(name: str):
     return deco
 
 
-def build_reward(cfg, name: Optional[str] = None, device: str | torch.device = "cpu") -> Reward:
-    name = name or cfg.rl.reward
+def reward_class(name: str):
+    """The reward registered as `name`; a name none is registered as is a config error."""
     if name not in REWARDS:
-        raise ValueError(f"rl.reward = {name!r}: unknown reward; registered: {', '.join(sorted(REWARDS))}")
-    return REWARDS[name](cfg, device=device)
+        raise ConfigError(f"rl.reward = {name!r}: unknown reward; registered: {', '.join(sorted(REWARDS))}")
+    return REWARDS[name]
+
+
+def build_reward(cfg, name: Optional[str] = None, device: str | torch.device = "cpu") -> Reward:
+    return reward_class(name or cfg.rl.reward)(cfg, device=device)
 
 
 def _check_batch(videos, prompts, metadata) -> None:

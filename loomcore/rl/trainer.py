@@ -54,7 +54,7 @@ from loomcore.diffusion.sampling import SamplingShift, sampling_timesteps
 from loomcore.errors import InputError
 from loomcore.models.packed import decode_videos, pack_conditions, sample_pack, velocity
 from loomcore.rl import nft
-from loomcore.rl.rewards import build_reward
+from loomcore.rl.rewards import build_reward, reward_class
 from loomcore.rl.rollout import Prompt, load_prompts, prompt_noise, with_conditions
 from loomcore.storage import S3Settings
 from loomcore.train.contexts import context_source
@@ -135,6 +135,7 @@ class RLTrainer(Harness):
         from loomcore.models.codec import load_codec
 
         cfg, rl = self.cfg, self.rl
+        reward_class(rl.reward)  # a mistyped reward is refused before anything loads
         # the prompts first (the index only): a pool too small for a step is refused before any model loads
         s3 = S3Settings.from_config(cfg.s3)
         self.reader = ShardReader(cfg.paths.cache, settings=s3)
