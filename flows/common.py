@@ -47,6 +47,13 @@ def stage_main(flows: Callable | Mapping[str, Callable], description: str, argv:
     from tasks.proc import STAGE_TIMEOUT_EXIT, StageTimeout
 
     overrides = args.overrides + (getattr(args, "switched", None) or [])
+    from loomcore.config import REPO_ROOT
+
+    here, root = Path.cwd().resolve(), REPO_ROOT.resolve()
+    if root in here.parents:  # its params name folders relative to the checkout: from outputs/, outputs/models/…
+        print(f"{module}: run it from the checkout's root ({root}), as DVC does: the paths in its params.yaml "
+              f"are relative to it (here, {here}, models/ and data/ would be written under this folder)", file=sys.stderr)
+        return 2
     try:  # a config it refuses: one line, before a Prefect server starts and a run records the traceback
         load_config(overrides, profile=args.profile)
     except InputError as e:
