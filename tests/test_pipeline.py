@@ -215,6 +215,48 @@ def test_three_branches_run_as_one_forward_per_step(pipe, media, steps):
     assert lengths[1] < lengths[2] and max(lengths) == mask.shape[1]  # visual-only: the full input minus its text
 
 
+def test_the_scheduler_steps_with_the_guided_velocity_of_the_branches(tiny_workspace, media):
+    """What the scheduler is given each step is the guidance of the DiT's branch outputs, written out
+    here: u + s_v·(v − u) + s_t·(f − v) for an edit with references (uncond, visual, full), u + s_t·(f − u)
+    for text alone. The other guidance tests see the branches' inputs only: swapping the scales, or
+    the full and unconditional predictions, passed them."""
+    _, overrides = tiny_workspace
+    pipe = LoomVideoPipeline.from_config_models(load_config(overrides, profile="tiny"))
+    pipe.set_progress_bar_config(disable=True)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # the base DiT's zero-initialised projector and source embedding: branches that differ
+        for module in (pipe.transformer.mllm_embedder.linear_2, pipe.transformer.source_patch_embedding):
+            module.weight.normal_(0, 0.05, generator=g)
+    outputs, velocities = [], []
+    hook = pipe.transformer.register_forward_hook(lambda m, a, out: outputs.append(out[0].float()))
+    step = pipe.scheduler.step
+
+    def recorded(velocity, *args, **kwargs):
+        velocities.append(velocity)
+        return step(velocity, *args, **kwargs)
+
+    pipe.scheduler.step = recorded
+    try:
+        s_t, s_v = 2.5, 1.5
+        _run(pipe, prompt="paint the circle like @Figure 1", source=media["video"], references=[media["ref1"]],
+             guidance_scale=s_t, visual_guidance_scale=s_v, num_inference_steps=2)
+        assert len(outputs) == len(velocities) == 2
+        for pred, velocity in zip(outputs, velocities):
+            u, v, f = pred.chunk(3)
+            assert (f - v).abs().max() > 1e-3 and (v - u).abs().max() > 1e-3  # three different predictions
+            torch.testing.assert_close(velocity, u + s_v * (v - u) + s_t * (f - v), rtol=0, atol=1e-5)
+        outputs.clear(), velocities.clear()
+        _run(pipe, prompt="a red circle moves left", guidance_scale=s_t, num_inference_steps=2)
+        for pred, velocity in zip(outputs, velocities):
+            u, f = pred.chunk(2)
+            assert (f - u).abs().max() > 1e-3
+            torch.testing.assert_close(velocity, u + s_t * (f - u), rtol=0, atol=1e-5)
+        assert len(velocities) == 2
+    finally:
+        hook.remove()
+        del pipe.scheduler.step
+
+
 def test_requests_without_images_use_two_branches(pipe):
     with _Calls(pipe.transformer) as calls:
         _run(pipe, prompt="a red circle moves left", num_inference_steps=3)
