@@ -598,3 +598,9 @@ def test_a_qwen_judge_of_the_pipelines_mllm_asks_that_copy(tiny_workspace, tmp_p
                                 "eval.benchmarks.limit=1"], profile="tiny"), log=lambda m: None)
     results = json.loads((tmp_path / "eval" / "results.json").read_text())
     assert loaded == [] and results["openve"]["n"] >= 1, results.get("openve")  # judged, by the pipeline's copy
+    # the tiny judge's answers are garbage: every one a counted failure with its reason, never a score
+    assert results["openve"]["failures"] == results["openve"]["n"] and results["openve"]["overall"] is None
+    rows = [r for r in pq.read_table(tmp_path / "eval" / "scores.parquet").to_pylist() if r["benchmark"] == "openve"]
+    assert len(rows) == 3 * results["openve"]["n"]  # one row a dimension
+    assert all(math.isnan(r["score"]) and r["failure"].startswith("unparseable answer after 2 attempt(s)")
+               for r in rows), rows
