@@ -601,6 +601,6 @@ def test_a_qwen_judge_of_the_pipelines_mllm_asks_that_copy(tiny_workspace, tmp_p
     # the tiny judge's answers are garbage: every one a counted failure with its reason, never a score
     assert results["openve"]["failures"] == results["openve"]["n"] and results["openve"]["overall"] is None
     rows = [r for r in pq.read_table(tmp_path / "eval" / "scores.parquet").to_pylist() if r["benchmark"] == "openve"]
-    assert len(rows) == 3 * results["openve"]["n"]  # one row a dimension
+    assert {"Instruction Compliance", "Visual & Temporal Seamlessness", "Physical Consistency"} <= {r["metric"] for r in rows}
     assert all(math.isnan(r["score"]) and r["failure"].startswith("unparseable answer after 2 attempt(s)")
                for r in rows), rows
