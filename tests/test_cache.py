@@ -2,6 +2,7 @@
 
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -83,6 +84,41 @@ def test_cached_entries_match_the_codec_and_index(tiny_workspace, cache_dir):
     assert len(seen) >= 5
     assert loader.null_context is not None and loader.null_context.shape[0] == cfg.mllm.layers_used
     assert rows and all(r["tokens"] == r["dit_tokens"] + r["context_tokens"] for r in rows)
+
+
+def test_cached_latents_decode_to_the_rows_own_media(tiny_workspace, cache_dir):
+    """The tiny codec is lossless: every cached latent decodes to the pixels of the media its
+    manifest row names, at the row's bucket size — the target to its media, the source to its
+    source, each reference to its file. (Bounds alone passed a cache that stored the source as an
+    edit's target, or mirrored every latent.)"""
+    from loomcore.task_kinds import task_spec
+    from loomcore.train.cache import _Media, _to_unit
+
+    cfg, _ = tiny_workspace
+    manifest = {r["id"]: r for r in pq.read_table(f"{cfg.paths.manifests}/train.parquet").to_pylist()}
+    media, codec = _Media(cfg, Path(cfg.paths.data_root)), load_codec(cfg.models.codec, cfg.models.vae)
+    reader, seen = ShardReader(cache_dir), {}
+    for entry in read_index(cache_dir, "train", "480p"):
+        if seen.get(entry["task"], 0) >= 2:
+            continue
+        seen[entry["task"]] = seen.get(entry["task"], 0) + 1
+        s, row = load_sample(reader, entry), manifest[entry["id"]]
+        spec, size = task_spec(row["task"]), media.target_size(row, "480p")
+
+        def decoded(latent):
+            return codec.decode(latent[None].float())[0]
+
+        target = media.frames(row["media"], spec.output, "480p", size, row["id"], row["frames_at_fps"])
+        torch.testing.assert_close(decoded(s.target), _to_unit(target), rtol=0, atol=1e-2, msg=row["id"])
+        if row["source"]:
+            source = media.frames(row["source"], spec.output, "480p", size, row["id"], row.get("source_frames_at_fps"))
+            torch.testing.assert_close(decoded(s.source), _to_unit(source), rtol=0, atol=1e-2, msg=row["id"])
+            if row["task"] not in ("image_recon", "video_recon"):  # an edit: its target is not its source
+                assert (decoded(s.target) - decoded(s.source)).abs().max() > 0.1, row["id"]
+        assert len(s.refs) == len(row["refs"])
+        for latent, rel in zip(s.refs, row["refs"]):
+            torch.testing.assert_close(decoded(latent), _to_unit(media.reference(rel, "480p")), rtol=0, atol=1e-2)
+    assert len(seen) == 10, seen
 
 
 def _record_checksum(cache, shard):
