@@ -2,6 +2,7 @@
 references at negative temporal RoPE, Deepstack, input errors, loading and saving."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -371,16 +372,16 @@ def _bad_input_cases():
 def test_bad_input_names_the_argument(loom, index):
     cases, base = _bad_input_cases()
     name, change = cases[index]
-    with pytest.raises(ValueError, match=name):
+    with pytest.raises(ValueError, match=rf"^{re.escape(name)}\b"):  # the message begins with it: not "…_hidden_states"
         loom(**{**base, **change})
 
 
 def test_bad_packed_input_names_the_argument(loom):
     tokens, grids = pack_latents([torch.randn(8, 1, 4, 4)], loom.patch_size)
     layout = PackLayout(grids, (3,))
-    with pytest.raises(ValueError, match="hidden_states"):
+    with pytest.raises(ValueError, match=r"^hidden_states\b"):
         loom.forward_packed(tokens[:, :-1], torch.tensor([5.0]), torch.randn(2, 3, 32), layout)
-    with pytest.raises(ValueError, match="encoder_hidden_states"):
+    with pytest.raises(ValueError, match=r"^encoder_hidden_states\b"):
         loom.forward_packed(tokens, torch.tensor([5.0]), torch.randn(2, 4, 32), layout)
     with pytest.raises(ValueError, match="reference_hidden_states"):
         loom.forward_packed(tokens, torch.tensor([5.0]), torch.randn(2, 3, 32), PackLayout(grids, (3,), (((2, 2),),)))

@@ -1,6 +1,6 @@
 """ShapesBench (loomcore.eval.shapesbench): the ground truth rendered itself scores perfectly, each
 metric reacts to the mistake it is about, and a briefly trained tiny model beats the untrained
-base models — measured over the workspace's samples × 2 seeds, with the spread."""
+base models — measured over the workspace's samples × 1 seed each, with the spread."""
 
 from __future__ import annotations
 
@@ -232,7 +232,7 @@ def _paired(comparison, metric):
 
 
 def test_trained_model_beats_the_base_models_on_shapesbench(comparison):
-    """Every metric, paired over (sample, seed): the mean difference exceeds 2 standard errors."""
+    """Every metric, paired over samples (one seed each): the mean difference exceeds 2 standard errors."""
     report = []
     for metric in SEPARATES:
         diff, se, (ma, sa), (mb, sb_), n = _paired(comparison, metric)
