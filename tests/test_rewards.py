@@ -205,7 +205,7 @@ def test_count_blobs_counts_4_connected_regions_above_a_size():
     assert count_blobs(m, 5, 0.5, max_pixels=9) == 1  # the 10-pixel block is over the bound
 
 
-def test_shapes_target_from_the_prompt_agrees_with_the_ground_truth(world):
+def test_shapes_target_from_the_prompt_agrees_with_the_ground_truth(world, tmp_path):
     small = load_config(profile="tiny").data.synthetic_shape_radius[0]  # the world's smallest radius
     reward = ShapesReward(shape_radius=small)
     for rec in world.values():
@@ -221,6 +221,11 @@ def test_shapes_target_from_the_prompt_agrees_with_the_ground_truth(world):
         assert reward([_render(sc)], [rec["caption"]], [{"id": "unknown"}]).item() > 0.8
     with pytest.raises(ValueError, match="does not name its colours"):
         reward([_render(sc)], ["remove the red circle"], [{"id": "unknown"}])
+    # from a data root without the world's ground truth: said, not silently another reward
+    cfg = load_config([f"paths.data_root={tmp_path}"], profile="tiny")
+    with pytest.warns(UserWarning, match=r"shapes reward: no ground truth at .*ground_truth.jsonl; each target is read "
+                                         r"from its prompt"):
+        assert ShapesReward.from_config(cfg).ground_truth == {}
 
 
 # --------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ dicts with at least "id" and "task". A new reward is a class with that `__call__
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Mapping, Optional, Protocol, Sequence, Tuple
@@ -339,6 +340,10 @@ class ShapesReward:
     def from_config(cls, cfg, device="cpu") -> "ShapesReward":
         root = Path(cfg.paths.data_root)
         truth = load_ground_truth(root) if (root / "ground_truth.jsonl").is_file() else {}
+        if not truth:  # a Shapes world not generated here: only prompts that spell their scene out are scored
+            warnings.warn(f"shapes reward: no ground truth at {root / 'ground_truth.jsonl'}; each target is read from "
+                          "its prompt (colours and motion only, every shape at the smallest radius), and a prompt "
+                          "that does not name its colours (an edit, an @Figure prompt) fails", stacklevel=2)
         return cls(truth, max_distance=cfg.rl.shapes.max_distance, shape_radius=cfg.data.synthetic_shape_radius[0])
 
     def target(self, prompt: str, meta: Mapping, width: int, height: int) -> ShapesTarget:
