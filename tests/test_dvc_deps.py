@@ -132,6 +132,14 @@ def test_a_stage_that_may_encode_contexts_online_lists_what_the_encoder_reads(st
     assert not missing, f"dvc.yaml stage {stage}: params omit {missing}, which its online contexts read"
 
 
+def test_a_trained_stage_depends_on_the_weights_its_init_from_names():
+    """RL's deps named stage 3's model whatever rl.init_from said: with rl.init_from=stage2, DVC
+    watched stage 3's weights and never stage 2's, which RL read."""
+    assert "${train.out_dir}/${rl.init_from}/model" in _deps("rl")
+    assert "${train.out_dir}/${rl.init_from}/summary.json" in _deps("rl")
+    assert not [d for d in _deps("rl") if "/stage3/" in d]
+
+
 def test_the_headline_plots_read_curves_a_stage_writes_and_tracks():
     """dvc.yaml's titled top-level plots (first on `dvc plots show`'s page) name curve files inside
     a stage's tracked outs — so `dvc plots diff <rev>` finds them in a revision (not the untracked
