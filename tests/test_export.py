@@ -45,7 +45,12 @@ def project(tiny_workspace, tmp_path_factory):
     cfg, overrides = tiny_workspace
     root = tmp_path_factory.mktemp("project")
     model = root / "outputs" / "stage3" / "model"
-    load_transformer(cfg, None, torch.float32).save_pretrained(model)
+    dit = load_transformer(cfg, None, torch.float32)
+    with torch.no_grad():  # trained-looking: weights of their own, not the base model's (export must copy these)
+        g = torch.Generator().manual_seed(0)
+        for p in dit.parameters():
+            p.add_(0.01 * torch.randn(p.shape, generator=g))
+    dit.save_pretrained(model)
     (root / "outputs" / "eval").mkdir(parents=True)
     (root / "outputs" / "eval" / "metrics.json").write_text(json.dumps(METRICS))
 
@@ -121,6 +126,29 @@ def test_a_fresh_process_loads_the_folder_and_generates(exported):
     assert out["transformer"] == "LoomDiT"
     assert out["vae"] == "SpaceToDepth" and out["tokenizer"] == "True"
     assert out["image_processor"].startswith("Qwen2VLImageProcessor")
+
+
+def _tensors(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()}
+
+
+def test_the_folder_holds_the_trained_weights_at_the_export_dtype(exported, project):
+    """The exported DiT is stage 3's (every tensor, cast to export.dtype) and the MLLM is models.mllm's:
+    a folder that loads and generates proved neither (an export of halved or base weights passed)."""
+    from loomcore.models.release import load_dtype
+
+    folder, _ = exported
+    overrides, root = project
+    cfg = load_config(overrides, profile="tiny")
+    dtype = getattr(torch, cfg.export.dtype)
+    for part, source in (("transformer", root / "outputs" / "stage3" / "model"), ("mllm", Path(cfg.models.mllm))):
+        ours, theirs = _tensors(folder / part), _tensors(source)
+        assert ours.keys() == theirs.keys() and ours, part
+        for key, value in ours.items():  # (the DiT's time embedder, modulation and norms stay fp32, as diffusers keeps them)
+            want = load_dtype(key, dtype) if part == "transformer" else dtype
+            assert value.dtype == want and torch.equal(value, theirs[key].to(want)), (part, key, value.dtype)
 
 
 def test_a_changed_pipeline_module_is_never_run(exported, tmp_path):
