@@ -14,7 +14,8 @@ from loomcore.data.loader import CacheError, PackedLoader, read_index
 from loomcore.data.packing import BufferedPacker, Item, cu_seqlens, utilisation
 
 
-def _write_cache(root, n_per_task=12, shard_size=16, seed=0):
+def _write_cache(root, n_per_task=12, shard_size=16, seed=0, written=None):
+    """A cache of random tensors; `written` (a dict), if given, gets every tensor by its key."""
     g = torch.Generator().manual_seed(seed)
     names, all_rows = [], []
     for task in TASK_KINDS:
@@ -32,6 +33,8 @@ def _write_cache(root, n_per_task=12, shard_size=16, seed=0):
                 tensors[f"{sid}/ref{k}"] = ref
                 entries[f"ref{k}"] = shards.tensor_entry(f"{sid}/ref{k}", ref)
             dit = f * h * w // 4 + num_refs * 4
+            if written is not None:
+                written.update(tensors)
             all_rows.append((tensors, dict(id=sid, task=task, caption=f"caption {sid}", split="train", resolution="256p",
                                            num_refs=num_refs, tokens=dit + ctx.shape[1], dit_tokens=dit,
                                            context_tokens=ctx.shape[1], bytes=0, tensors=shards.tensors_json(entries))))
@@ -46,10 +49,13 @@ def _write_cache(root, n_per_task=12, shard_size=16, seed=0):
     return names
 
 
+WRITTEN: dict = {}  # cache_dir's tensors, by key
+
+
 @pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("cache")
-    _write_cache(root)
+    _write_cache(root, written=WRITTEN)
     return root
 
 
@@ -90,9 +96,10 @@ def test_batches_fit_the_budget_and_carry_tensors(cache_dir):
     for _ in range(20):
         b = next(loader)
         assert b.tokens <= 300 and set(b.tasks) <= {"t2v", "mi2v"}
-        for s in b.samples:
-            assert s.target.shape[0] == 8 and s.context.shape[0] == 2
+        for s in b.samples:  # each sample's own tensors, as written (the references in their order)
+            assert torch.equal(s.target, WRITTEN[f"{s.id}/target"]) and torch.equal(s.context, WRITTEN[f"{s.id}/context"])
             assert len(s.refs) == (3 if s.task == "mi2v" else 0)
+            assert all(torch.equal(r, WRITTEN[f"{s.id}/ref{k}"]) for k, r in enumerate(s.refs))
     assert loader.null_context.shape == (2, 1, 16)
 
 
