@@ -114,6 +114,12 @@ def test_build_pack_dropout_shift_and_loss():
     # eq. 3 with N = target + reference tokens in the pack (16 or 24), N_base 16, α 0.5
     assert torch.allclose(p.shift, torch.tensor([1.0, 1.0, 1 + 0.5 * math.log2(24 / 16), 1.0]))
     assert ((p.t > 0) & (p.t < 1)).all() and torch.allclose(p.timestep, 1000 * p.t)
+    # each sample's t is its logit-normal draw shifted by its own s: s·t0 / (1 + (s − 1)·t0)
+    seed_generators(gens, seed, step=1, pack=0)
+    u0 = torch.randn(4, generator=gens["timesteps"])
+    t0 = torch.sigmoid(FLOW.logit_normal_mean + FLOW.logit_normal_std * u0)
+    assert torch.allclose(p.t, p.shift * t0 / (1 + (p.shift - 1) * t0), rtol=0, atol=1e-6)
+    assert not torch.allclose(p.t[2], t0[2])  # (sample 2's s > 1 moved it)
     # the flow pair: z_t = (1 − t)·x + (σ + (1 − σ)·t)·ε and v = (1 − σ)·ε − x, x the target tokens
     x = torch.cat([patchify(s.target[None], (1, 2, 2))[0] for s in samples])
     sm, t = FLOW.sigma_min, p.t[p.sample_index][:, None]
