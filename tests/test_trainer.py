@@ -330,9 +330,22 @@ def test_a_stage_refuses_weights_of_another_architecture(ws):
         torch.distributed.destroy_process_group()
 
 
-def test_three_stages_chain_weights_ema_and_outs(ws, capsys):
+def test_three_stages_chain_weights_ema_and_outs(ws, capsys, monkeypatch):
     from loomcore.data.loader import read_index
+    from loomcore.train import harness
     from loomcore.train.trainer import train_stage
+
+    started = {}  # stage: the trained model's weights as loaded, before its first step
+    load_model = harness.Harness.load_model
+
+    def recorded(self, trainable):
+        model = load_model(self, trainable)
+        if trainable:
+            started[self.stage] = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
+                                   for k, v in model.state_dict().items()}  # (FSDP2's DTensors, whole)
+        return model
+
+    monkeypatch.setattr(harness.Harness, "load_model", recorded)
 
     o = _overrides(ws, "chain", "stage1.steps=4", "stage2.steps=3", "stage3.steps=3",
                    "stage1.sample_every=2", "stage2.log_every=1", "stage3.checkpoint_every=2")
@@ -352,6 +365,12 @@ def test_three_stages_chain_weights_ema_and_outs(ws, capsys):
     assert not all(torch.equal(ema[k], final[k]) for k in ema)  # model/ holds the EMA, final/ the raw weights
     s3 = train_stage(cfg, "stage3")
     assert s3["init_weights"] == f"stage2's ema weights ({out / 'stage2/model'})" and s3["new_parameters"] == []
+    # each stage starts from the weights its summary names: stage 1's final, stage 2's EMA (not only the words)
+    for stage, previous in (("stage2", "stage1/model"), ("stage3", "stage2/model")):
+        before = load_file(out / previous / "diffusion_pytorch_model.safetensors")
+        shared = [k for k in started[stage] if k in before]
+        assert len(shared) >= len(started[stage]) - 2, stage  # (stage 2 adds the source embedding)
+        assert all(torch.equal(started[stage][k], before[k]) for k in shared), stage
     for stage, s in (("stage1", s1), ("stage2", s2), ("stage3", s3)):
         assert json.loads((out / stage / "metrics.json").read_text())["steps"] == s["steps"]
         tsv = (out / stage / "plots/metrics/loss/all.tsv").read_text().splitlines()
