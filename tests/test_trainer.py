@@ -408,13 +408,18 @@ def test_three_stages_chain_weights_ema_and_outs(ws, capsys, monkeypatch):
     assert again["resumed_from_step"] == 3 and again["loss_last_10pct"] == s3["loss_last_10pct"]
 
 
-def test_two_thread_cpu_runs_are_bitwise_reproducible(ws):
+def test_two_thread_cpu_runs_are_bitwise_reproducible(ws, monkeypatch):
     """The tiny profile trains with two intra-op threads; with train.cpu_deterministic two runs of
     the same inputs give the same losses and weights to the bit (without it, some CPU backward
     kernels sum in a run-dependent order: the 8th digit moved within a few steps, and the weights
     DVC records moved with it — a fresh clone's `make pipeline` dirtied dvc.lock)."""
+    from loomcore.train import trainer
     from loomcore.train.trainer import train_stage
 
+    seen = set()  # (deterministic algorithms on, intra-op threads) inside each step: the setting applied
+    step = trainer.Trainer.train_step
+    monkeypatch.setattr(trainer.Trainer, "train_step", lambda self, n: seen.add(
+        (torch.are_deterministic_algorithms_enabled(), torch.get_num_threads())) or step(self, n))
     runs = []
     for name in ("det-a", "det-b"):
         o = _overrides(ws, name, "stage1.steps=8", "stage1.log_every=4", "stage1.sample_every=100",
@@ -426,6 +431,7 @@ def test_two_thread_cpu_runs_are_bitwise_reproducible(ws):
     (steps_a, w_a), (steps_b, w_b) = runs
     assert [r["loss"] for r in steps_a] == [r["loss"] for r in steps_b]
     assert all(torch.equal(w_a[k], w_b[k]) for k in w_a)
+    assert seen == {(True, 2)}, seen
     assert not torch.are_deterministic_algorithms_enabled()  # restored for the rest of the process
 
 
