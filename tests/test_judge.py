@@ -5,6 +5,8 @@ benchmark template answered in its own format."""
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import math
 import threading
@@ -14,12 +16,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from loomcore.eval.judge import (
     ENV_API_KEY, ENV_BASE_URL, ENV_MODEL, JudgeMedia, JudgeRequestError, JudgeTimeout, JudgeTransientError,
     OpenAICompatibleJudge, QwenJudge, ScoreParseError, ask, parse_scores,
 )
 from loomcore.eval.prompts import TEMPLATES
+from loomcore.sheets import video_frame_indices
 
 DIMS = ("Prompt Compliance", "Temporal & Visual Coherence", "Physical & Detail Coherence")
 EXPECTED = dict(zip(DIMS, (4.0, 3.0, 5.0)))
@@ -244,8 +248,9 @@ def test_hosted_judge_sends_media_and_key_and_parses_the_answer(chat_server, mon
     judge = OpenAICompatibleJudge.from_env(timeout_s=5, max_tokens=64, video_frames=4)
     assert "sk-test" not in repr(judge)
     chat_server.script = ["garbage", GOOD]
-    media = [JudgeMedia("the reference image", np.zeros((1, 8, 8, 3), np.uint8)),
-             JudgeMedia("the edited video", np.zeros((9, 8, 8, 3), np.uint8))]
+    video = np.arange(9, dtype=np.uint8)[:, None, None, None].repeat(8, 1).repeat(8, 2).repeat(3, 3) * 10  # frame i: 10·i
+    media = [JudgeMedia("the reference image", np.full((1, 8, 8, 3), 200, np.uint8)),
+             JudgeMedia("the edited video", video)]
     r = ask(judge, "rate it", media, DIMS, attempts=3)
     assert r.ok and r.attempts == 2 and r.scores == EXPECTED
     # greedy first; the retry sampled (a greedy judge would repeat its unparseable answer word for word)
@@ -256,6 +261,13 @@ def test_hosted_judge_sends_media_and_key_and_parses_the_answer(chat_server, mon
     images = [p for p in parts if p["type"] == "image_url"]
     assert parts[0] == {"type": "text", "text": "rate it"} and len(images) == 1 + 4  # an image + 4 video frames
     assert all(p["image_url"]["url"].startswith("data:image/png;base64,") for p in images)
+    # each medium under its label, the video's frames those video_frame_indices picks, in order
+    assert [p["text"] for p in parts if p["type"] == "text"] == ["rate it", "This is the reference image:",
+                                                                 "This is the edited video, 4 frames in order:"]
+    assert [p["type"] for p in parts] == ["text", "text", "image_url", "text", *["image_url"] * 4]
+    sent = [np.asarray(Image.open(io.BytesIO(base64.b64decode(p["image_url"]["url"].split(",", 1)[1])))) for p in images]
+    assert [int(x[0, 0, 0]) for x in sent] == [200, *(10 * i for i in video_frame_indices(9, 4))]
+    assert all(x.shape == (8, 8, 3) and (x == x[0, 0, 0]).all() for x in sent)
 
 
 def test_hosted_judge_garbage_timeouts_and_errors_become_failures(chat_server):
