@@ -53,6 +53,23 @@ def test_references_are_labelled_as_the_prompt_names_them_and_titles_have_lines(
     assert two.height > one.height and two.width == one.width
 
 
+def test_each_tile_is_drawn_in_its_place():
+    """The sheet's pixels: the source's frames, then Figure 1 and Figure 2 as the prompt names them,
+    then what was generated, left to right (a sheet without its images, or with the references
+    swapped, passed the labels' test)."""
+    solid = lambda rgb, n=1: np.tile(np.array(rgb, np.uint8), (n, 8, 8, 1))  # noqa: E731
+    source = np.concatenate([solid((40, 40, 40)), solid((90, 90, 90))])
+    item = SheetItem("put @Figure 1 and @Figure 2 in", solid((0, 0, 200), 2), source=source,
+                     references=[solid((200, 0, 0))[0], solid((0, 200, 0))[0]])
+    img = np.asarray(sheet_image([item], "a title", 4).convert("RGB")).astype(int)
+    order = []
+    for rgb in ((40, 40, 40), (90, 90, 90), (200, 0, 0), (0, 200, 0), (0, 0, 200)):
+        xs = np.nonzero((img == rgb).all(-1))[1]
+        assert xs.size >= 8 * 8, rgb  # the tile is there, whole
+        order.append(xs.mean())
+    assert order == sorted(order)
+
+
 def test_the_evaluation_sheet_shows_one_of_each_task_kind(tiny_workspace):
     """With room for 2 rows, the sheet of rows [a, a, b] (a, b task kinds) shows an a and the b
     (it showed the first two rows: both a); each row names its sample."""
