@@ -197,8 +197,9 @@ def test_run_key_and_json_encoding():
     k = run_key("params-a", "inputs-a")
     assert k == run_key("params-a", "inputs-a") and len(k) == 16
     assert len({k, run_key("params-b", "inputs-a"), run_key("params-a", "inputs-b")}) == 3
-    with pytest.raises(ValueError):
-        run_key("", "inputs-a")
+    for params, inputs in (("", "inputs-a"), ("params-a", "")):
+        with pytest.raises(ValueError, match="both the params and the inputs fingerprint are required"):
+            run_key(params, inputs)
     with pytest.raises(ValueError, match="key 0"):
         _to_json({"state": {0: 1}}, "pieces.x")
     t = torch.arange(6, dtype=torch.bfloat16).reshape(2, 3)
