@@ -42,13 +42,11 @@ def stage_main(flows: Callable | Mapping[str, Callable], description: str, argv:
                    "(`loom config <section>` shows the keys and their values)")
     args = p.parse_intermixed_args(argv)  # `stage1 --profile tiny k=v`: overrides after an option too
     flow_fn = flows[args.stage] if many else flows
-    from loomcore.config import load_config
+    from loomcore.config import REPO_ROOT, load_config
     from loomcore.errors import InputError
     from tasks.proc import STAGE_TIMEOUT_EXIT, StageTimeout
 
     overrides = args.overrides + (getattr(args, "switched", None) or [])
-    from loomcore.config import REPO_ROOT
-
     here, root = Path.cwd().resolve(), REPO_ROOT.resolve()
     if root in here.parents:  # its params name folders relative to the checkout: from outputs/, outputs/models/…
         print(f"{module}: run it from the checkout's root ({root}), as DVC does: the paths in its params.yaml "

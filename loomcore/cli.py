@@ -271,7 +271,7 @@ def check_dvc_sets(overrides: Sequence[str], compose: Callable[[List[str]], obje
                 sweep = parser.parse_overrides([key])[0].is_sweep_override()
             except HydraException as e:
                 why = f"not a Hydra override DVC can apply ({' '.join(str(e).split())})"
-                name, _, value = key.partition("=")
+                name, _, value = key.lstrip("+~").partition("=")  # (`params.yaml:` is off already)
                 digit = next((i for i, part in enumerate(name.split(".")) if part[:1].isdigit()), None)
                 if digit:  # video.frames.480p=5: give the mapping it is in, whole
                     parent, child = ".".join(name.split(".")[:digit]), name.split(".")[digit]
@@ -303,7 +303,7 @@ def pipeline_command(profile: Optional[str], overrides: List[str], targets: List
     return ["dvc", "repro", *targets]
 
 
-DEPLOY_KEYS = ("profile", "orchestration.", "export.s3_uri")  # what `loom deploy` itself reads
+DEPLOY_KEYS = ("profile", "orchestration.cpu_pool", "orchestration.gpu_pool", "export.s3_uri")  # what deploy reads
 
 
 def cmd_deploy(args) -> int:
@@ -313,10 +313,9 @@ def cmd_deploy(args) -> int:
 
     from loomcore.config import ConfigError
 
-    ignored = [o for o in args.overrides if not o.split("=", 1)[0].strip().startswith(DEPLOY_KEYS)]
+    ignored = [o for o in args.overrides if o.split("=", 1)[0].strip() not in DEPLOY_KEYS]
     if ignored:  # the deployed runs read the checkout's params.yaml, not this command line
-        raise ConfigError(f"override {ignored[0]!r}: loom deploy reads only "
-                          f"{', '.join(k + '*' if k.endswith('.') else k for k in DEPLOY_KEYS)}; the deployed "
+        raise ConfigError(f"override {ignored[0]!r}: loom deploy reads only {', '.join(DEPLOY_KEYS)}; the deployed "
                           "runs read the checkout's params.yaml (`loom params k=v` changes it) or the overrides "
                           "a run is given in the UI")
     cfg = _load(args)

@@ -635,20 +635,33 @@ def _flow_mapping(d: Mapping) -> str:
     return "{" + ", ".join(f"{k}: {item(v)}" for k, v in d.items()) + "}"
 
 
-def _resolved(layer: dict, below: dict, source: str) -> dict:
-    """An override's ${…} interpolations resolved against the config below it, as Hydra resolves
-    them where DVC's `-S` or `loom params` compose conf/ (`eval.out_dir=${train.out_dir}/eval2`)."""
-    if "${" not in json.dumps(layer):
-        return layer
+def _resolve_overrides(base: dict, layers: List[Tuple[str, dict]]) -> List[Tuple[str, dict]]:
+    """The overrides' ${…} interpolations resolved once, against the whole config they make — as
+    Hydra resolves them where DVC's `-S` or `loom params` compose conf/ (`eval.out_dir=${train.out_dir}/x`
+    takes a `train.out_dir=…` given after it). One that names no key is a ConfigError naming its override."""
+    if "${" not in json.dumps([layer for _, layer in layers]):
+        return layers
+    whole = OmegaConf.merge(OmegaConf.create(base), *(OmegaConf.create(layer) for _, layer in layers))
     try:
-        whole = OmegaConf.to_container(OmegaConf.merge(OmegaConf.create(below), OmegaConf.create(layer)), resolve=True)
+        resolved = OmegaConf.to_container(whole, resolve=True)
     except OmegaConfBaseException as e:
-        raise ConfigError(f"{source}: {_describe(e)}") from None
+        key = str(getattr(e, "full_key", "") or "")
+        given = [src for src, layer in layers if _has_key(layer, key)]
+        raise ConfigError(f"{given[-1] if given else 'the overrides'}: {_describe(e)}") from None
 
     def pick(given: dict, full: dict) -> dict:
         return {k: pick(v, full[k]) if isinstance(v, dict) else full[k] for k, v in given.items()}
 
-    return pick(layer, whole)
+    return [(src, pick(layer, resolved)) for src, layer in layers]
+
+
+def _has_key(layer: dict, dotted: str) -> bool:
+    node = layer
+    for part in dotted.split(".") if dotted else ():
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return bool(dotted)
 
 
 def load_config(
@@ -702,9 +715,9 @@ def load_config(
         base = (f"{conf_dir / 'config.yaml'} + {conf_dir / 'profile' / (wanted + '.yaml')}",
                 compose(conf_dir, [f"profile={wanted}"]))
 
+    ov_layers = _resolve_overrides(base[1], ov_layers)
     merged: dict = {}
     for source, layer in [base, *ov_layers]:
-        layer = _resolved(layer, merged, source)
         _build(Config, layer, "", source, partial=True)
         merged = _deep_merge(merged, layer)
     if merged.get("profile") != name:

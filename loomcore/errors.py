@@ -30,13 +30,18 @@ INPUT_ERROR_MARK = "[input-error] "
 
 def refuse(prog: str, error: InputError) -> int:
     """A refused input at a process's boundary: the message in one line on stderr, the mark line
-    on stdout, exit code 2."""
-    print(f"{prog}: {error}", file=sys.stderr, flush=True)
-    print(INPUT_ERROR_MARK + json.dumps(str(error)), flush=True)
+    on stdout, exit code 2. Each line is one write under PIPE_BUF (a long message cut): the ranks of a
+    job share one pipe and refuse together, and a line written in pieces (print's text, then its
+    newline) came out spliced with another rank's."""
+    message = str(error) if len(str(error)) <= 2000 else str(error)[:2000] + " …"
+    sys.stderr.write(f"{prog}: {message}\n")
+    sys.stderr.flush()
+    sys.stdout.write(INPUT_ERROR_MARK + json.dumps(message) + "\n")
+    sys.stdout.flush()
     return 2
 
 
-def refusal(line: str):
+def refusal(line: str) -> "str | None":
     """The message of a mark line that `refuse` printed, or None for any other line."""
     at = line.find(INPUT_ERROR_MARK)
     if at < 0:

@@ -44,6 +44,7 @@ stage = sys.argv[1]
 p = yaml.safe_load(open("params.yaml"))
 with open("runs.log", "a") as f:
     f.write(stage + "\\n")
+pathlib.Path(f"started-{stage}").write_text(repr(time.time()))
 fail = pathlib.Path(f"fail-once-{stage}")
 if fail.exists():
     fail.unlink()
@@ -95,7 +96,7 @@ def make_fake_repo(root: Path, git: bool = False) -> Path:
         for cmd in (["git", "init", "-q"], ["git", "config", "user.name", "t"], ["git", "config", "user.email", "t@t"]):
             subprocess.run(cmd, cwd=root, check=True)
     subprocess.run([DVC, "init", "-q", *([] if git else ["--no-scm"])], cwd=root, check=True)
-    (root / ".dvcignore").write_text("runs.log\nsource.txt\nsleep-*\nfail-once-*\nrefuse-*\n")
+    (root / ".dvcignore").write_text("runs.log\nstarted-*\nsource.txt\nsleep-*\nfail-once-*\nrefuse-*\n")
     return root
 
 

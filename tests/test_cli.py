@@ -131,6 +131,8 @@ def test_pipeline_refuses_an_unknown_target_before_starting_anything(capsys):
                               "give video.frames whole, its other entries as they are, e.g. "
                               "'video.frames={480p: 5, …}' (`loom config video` shows them)"),
     (["video.frames={256p: 33, 480p: 9, 720p: 121}", "--target", "nosuch"], "--target nosuch: no such stage"),
+    (["params.yaml:++video.frames.480p=5"], "give video.frames whole, its other entries as they are, e.g. "
+                                            "'video.frames={480p: 5, …}' (`loom config video` shows them)"),
 ])
 def test_pipeline_reads_targets_and_overrides_as_dvc_does(capsys, argv, needle):
     code = main(["pipeline", *argv])

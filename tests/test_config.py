@@ -169,12 +169,24 @@ def test_interpolations_resolve_as_hydra_resolves_them_or_name_the_key(tmp_path)
 
 def test_the_export_reads_the_metrics_the_evaluate_stage_writes():
     """export.metrics was a fixed outputs/eval/metrics.json while DVC tracked ${eval.out_dir}'s: an
-    evaluation with outs of its own exported the last default run's metrics in the card and gate."""
-    assert load_config().export.metrics == f"{load_config().eval.out_dir}/metrics.json"
-    composed = yaml.safe_load(params_yaml(REPO_ROOT / "conf", ["eval.out_dir=outputs/eval-b"]))
-    assert composed["export"]["metrics"] == "outputs/eval-b/metrics.json"
+    evaluation with outs of its own (`eval.out_dir=…`: by DVC's -S, by hand, in the UI) exported the
+    last default run's metrics in the card and the gate. `auto` is the evaluate stage's, wherever."""
+    from loomcore.export.folder import metrics_path
+
+    assert load_config().export.metrics == "auto" and metrics_path(load_config()) == "outputs/eval/metrics.json"
+    for overrides in (["eval.out_dir=outputs/eval-b"], ["eval.out_dir=${train.out_dir}/eval-b"]):  # (by hand)
+        assert metrics_path(load_config(overrides)) == "outputs/eval-b/metrics.json"
+    composed = yaml.safe_load(params_yaml(REPO_ROOT / "conf", ["eval.out_dir=outputs/eval-b"]))  # (DVC's -S)
+    assert metrics_path(load_config([f"eval.out_dir={composed['eval']['out_dir']}"])) == "outputs/eval-b/metrics.json"
+    assert metrics_path(load_config(["export.metrics=m.json"])) == "m.json" and metrics_path(load_config(["export.metrics=null"])) is None
     dvc_export = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["stages"]["export"]
     assert "${eval.out_dir}/metrics.json" in dvc_export["deps"]
+
+
+def test_interpolations_resolve_in_any_override_order():
+    """An override's ${…} takes a key another override sets after it, as Hydra's does."""
+    cfg = load_config(["eval.out_dir=${train.out_dir}/eval2", "train.out_dir=/tmp/x", r"eval.judge.model=\${x}"])
+    assert cfg.eval.out_dir == "/tmp/x/eval2" and cfg.eval.judge.model == "${x}"  # (an escaped ${ stays text)
 
 
 def test_every_stage_ratio_set_sums_to_one_in_both_profiles():

@@ -167,9 +167,10 @@ def test_loom_deploy_names_what_is_missing(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")
     # a key the deployed runs would not see (they read params.yaml) was accepted and ignored
-    assert main(["deploy", "orchestration.cpu_pool=cpu", "stage1.steps=100"]) == 2
-    assert ("override 'stage1.steps=100': loom deploy reads only profile, orchestration.*, export.s3_uri; the "
-            "deployed runs read the checkout's params.yaml") in capsys.readouterr().err
+    for ignored in ("stage1.steps=100", "orchestration.rdzv_endpoint=10.0.0.5:29400"):
+        assert main(["deploy", "orchestration.cpu_pool=cpu", ignored]) == 2
+        assert (f"override {ignored!r}: loom deploy reads only profile, orchestration.cpu_pool, orchestration.gpu_pool, "
+                "export.s3_uri; the deployed runs read the checkout's params.yaml") in capsys.readouterr().err
     assert main(["deploy"]) == 2 and "no prefect.yaml in" in capsys.readouterr().err
     (tmp_path / "prefect.yaml").write_text("deployments: []\n")
     monkeypatch.setenv("PREFECT_API_URL", "localhost:4200/api")  # (told as "nothing answers at …")

@@ -1058,6 +1058,26 @@ def test_a_rank_that_refuses_its_input_fails_the_stage_as_an_input_error(tmp_pat
     assert not isinstance(e.value, InputError)
 
 
+def test_a_refusal_is_whole_lines_and_our_own_bad_state_is_a_crash(tmp_path, capfd):
+    """Each refusal line is one write under PIPE_BUF (the ranks of a job refuse together into one
+    pipe: print's two writes came out spliced with another rank's); a trained state that does not fit
+    its own config, when the outs are written, is our bug — a crash, not the user's input (exit 2)."""
+    from loomcore.errors import InputError, refuse, refusal
+    from loomcore.models.dit import LoomDiT, loomdit_kwargs
+    from loomcore.train.stage_io import write_weights
+
+    assert refuse("prog", InputError("x" * 5000)) == 2
+    out, err = capfd.readouterr()
+    assert out.count("\n") == 1 and len(out.encode()) < 4096 and len(err.encode()) < 4096
+    assert refusal(out) == "x" * 2000 + " …" and err == "prog: " + "x" * 2000 + " …\n"
+    cfg = load_config(profile="tiny")
+    model = LoomDiT(**loomdit_kwargs(cfg, True))
+    state = {**model.state_dict(), "blocks.0.extra": torch.zeros(1)}
+    with pytest.raises(RuntimeError, match=r"writing .*model: .*1 unexpected keys") as e:
+        write_weights(tmp_path, "model", dict(model.config), state)
+    assert not isinstance(e.value, InputError)
+
+
 def _pids_with(text: str) -> list:
     pids = []
     for d in Path("/proc").iterdir():

@@ -46,8 +46,8 @@ from loomcore.data.buckets import nearest_bucket, nearest_sizes
 from loomcore.data.schema import RowError
 from loomcore.task_kinds import TaskSpec, check_figure_refs, task_spec, to_release_pointers
 from loomcore.data.mirror import fetch_s3
-from loomcore.errors import MissingInputError
 from loomcore.data.release_format import REJECT_KEY, RELEASE_CONFIG_SUFFIXES, read_release_config, release_rows, task_weights
+from loomcore.errors import MissingInputError
 from loomcore.data.video_io import MediaError, MediaInfo, media_kind, probe
 from loomcore.storage import S3Settings, file_state, is_s3, is_transient, materialize, sha256_file
 

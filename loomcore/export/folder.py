@@ -193,6 +193,14 @@ def existing_target_error(cfg: Config, out_dir: Optional[Path | str] = None,
     return None
 
 
+def metrics_path(cfg) -> Optional[str]:
+    """The metrics file `export.metrics` names: `auto` is the evaluate stage's,
+    <eval.out_dir>/metrics.json (what dvc.yaml tracks: an evaluation with outs of its own, by
+    `eval.out_dir=…`, is the one exported); else a path, or None for none."""
+    m = cfg.export.metrics
+    return f"{cfg.eval.out_dir}/metrics.json" if m == "auto" else m
+
+
 def export_pipeline(cfg: Config, *, out_dir: Optional[Path | str] = None, overwrite: Optional[bool] = None,
                     version: Optional[str] = None, dvc_lock: Path | str = REPO_ROOT / "dvc.lock") -> ExportResult:
     """Write the export folder of `cfg` (export.out_dir unless `out_dir`) atomically; see the module
@@ -210,10 +218,11 @@ def export_pipeline(cfg: Config, *, out_dir: Optional[Path | str] = None, overwr
         raise ExportExists(refusal)
     name = check_name(e.name, "export.name")
     stage, source = resolve_source(cfg)
-    metrics = load_metrics(e.metrics)
+    metrics_file = metrics_path(cfg)
+    metrics = load_metrics(metrics_file)
     if version or e.version:
         version = check_name(version or e.version, "export version")
-    lineage = dvc_lineage(dvc_lock, {"weights": source, "metrics": Path(e.metrics) if e.metrics else None},
+    lineage = dvc_lineage(dvc_lock, {"weights": source, "metrics": Path(metrics_file) if metrics_file else None},
                           ancestors=_ancestors(cfg, stage))
     warnings = [f"{role} {c['path']}: md5 {c['md5']} but dvc.lock records {c['recorded']} (stage {c['stage']})"
                 for role, c in lineage.get("checks", {}).items() if c["matches"] is False]
@@ -228,7 +237,7 @@ def export_pipeline(cfg: Config, *, out_dir: Optional[Path | str] = None, overwr
         pipe.save_pretrained(staging, safe_serialization=True)
         del pipe
         facts = {"name": name, "profile": cfg.profile, "dtype": e.dtype, "source": {"stage": stage, "path": display_path(source)},
-                 "metrics": metrics, "metrics_source": display_path(e.metrics) if e.metrics else None}
+                 "metrics": metrics, "metrics_source": display_path(metrics_file) if metrics_file else None}
         # The version covers every byte published: the pipeline's files, these facts, the lineage and
         # the settings the card shows — a change to any of them under the same version would be refused
         # by publish ("already complete with other contents") however often it was exported again.

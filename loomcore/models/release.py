@@ -253,7 +253,8 @@ def import_release(source: str | os.PathLike, out_dir: str | os.PathLike, config
 
     config: LoomDiT constructor kwargs (the release's DiT: Wan2.2-TI2V-5B + mllm_dim 4096), or
         the project Config (its dit/mllm/rope/flow sections, via `loomdit_kwargs`).
-    dtype: cast every tensor to it; None keeps the file's dtypes. Every key must map to a LoomDiT
+    dtype: cast every tensor to it (`load_dtype`: bf16/fp16 keep diffusers' fp32 modules in fp32); None keeps
+    the file's dtypes. Every key must map to a LoomDiT
     parameter and every parameter must be present: otherwise ValueError naming the keys.
     """
     out_dir = Path(out_dir)
@@ -299,7 +300,8 @@ def load_dtype(name: str, dtype: torch.dtype) -> torch.dtype:
 
 
 def build_from_state_dict(config: dict, state: dict, *, allow_new: bool, dtype, source: str):
-    """Build LoomDiT(**config) around `state` without a second copy (meta init + assign).
+    """Build LoomDiT(**config) around `state` without a second copy (meta init + assign), each
+    tensor in `load_dtype(name, dtype)` (dtype None: as given).
 
     allow_new: a module LoomVideo adds to Wan (mllm_embedder, source_patch_embedding) may be
     absent as a whole and is then initialised (zero-init last layers); anything else missing,

@@ -35,6 +35,7 @@ import torch
 from loomcore.codegraph import code_fingerprint, stage_params
 from loomcore.config import Config, fingerprint_dict
 from loomcore.data.loader import INDEX_FILE, cache_root
+from loomcore.errors import InputError
 from loomcore.storage import S3Settings, inputs_fingerprint
 from loomcore.train.checkpoint import run_key
 from loomcore.train.weights import resolve_weights
@@ -69,6 +70,7 @@ UNKEYED_DIT = ("gradient_checkpointing",)
 # RL's held-out measure runs after the loop, and the reward model's batch is its throughput: a run
 # that changes them resumes at its last step and measures again, not 1000 rollout steps again
 UNKEYED_RL = ("eval_prompts", "eval_samples_per_prompt", "eval_steps")
+UNKEYED_PICKSCORE = ("batch_size",)
 BATCH_FACTORS = ("nodes", "gpus_per_node")
 
 
@@ -93,7 +95,7 @@ def run_key_params(cfg: Config, stage: str) -> str:
             section["device"] = "gpu" if cfg.stage(stage).gpus_per_node > 0 else "cpu"
         else:
             section = {k: v for k, v in section.items() if k not in UNKEYED_RL}
-            section["pickscore"] = {k: v for k, v in section["pickscore"].items() if k != "batch_size"}
+            section["pickscore"] = {k: v for k, v in section["pickscore"].items() if k not in UNKEYED_PICKSCORE}
         picked[stage] = section
     return fingerprint_dict(picked)
 
@@ -117,7 +119,10 @@ def write_weights(out: Path, name: str, config: dict, state: Dict[str, torch.Ten
     from loomcore.models.release import build_from_state_dict
 
     config = {k: v for k, v in config.items() if not k.startswith("_")}
-    model, _ = build_from_state_dict(config, state, allow_new=False, dtype=None, source=f"{out / name}")
+    try:
+        model, _ = build_from_state_dict(config, state, allow_new=False, dtype=None, source=f"{out / name}")
+    except InputError as e:  # our own trained state: a bug, not a user's input (a stage fails, and is retried)
+        raise RuntimeError(f"writing {out / name}: {e}") from e
     tmp = out / f".{name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
