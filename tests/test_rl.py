@@ -358,8 +358,7 @@ def test_rl_stage_writes_outs_and_resumes_exactly(rl_ws):
     assert (out / "model" / "diffusion_pytorch_model.safetensors").read_bytes() == weights
 
 
-@pytest.mark.parametrize("feature_mode", ["online"])
-def test_two_process_run_matches_one_process(rl_ws, tiny_online_cache, feature_mode):
+def test_two_process_run_matches_one_process(rl_ws, tiny_online_cache):
     """torchrun with 2 CPU ranks (gloo, FSDP2 over both): the same rollouts, rewards, loss and
     updated weights as one process — every draw is keyed by (seed, step, item), not by rank — and,
     online, each rank encodes its own items' prompts into the same contexts as one process. Only
@@ -372,12 +371,12 @@ def test_two_process_run_matches_one_process(rl_ws, tiny_online_cache, feature_m
     from loomcore.train.metrics import read_steps
 
     _, _, root = rl_ws
-    mode = tiny_online_cache[1] if feature_mode == "online" else []
-    one = train_rl(_rl_cfg(rl_ws, f"runs-1p-{feature_mode}", "rl.steps=1", *mode))
-    out2 = root / f"out-2p-{feature_mode}"
+    mode = tiny_online_cache[1]  # the online feature mode's overrides
+    one = train_rl(_rl_cfg(rl_ws, "runs-1p-online", "rl.steps=1", *mode))
+    out2 = root / "out-2p-online"
     shutil.copytree(root / "out" / "stage3", out2 / "stage3", dirs_exist_ok=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "loomcore.rl",
-           "--profile", "tiny", *_rl_overrides(rl_ws, f"runs-2p-{feature_mode}", "rl.steps=1", f"train.out_dir={out2}",
+           "--profile", "tiny", *_rl_overrides(rl_ws, "runs-2p-online", "rl.steps=1", f"train.out_dir={out2}",
                                                *mode)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=Path(__file__).resolve().parents[1])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
