@@ -171,8 +171,15 @@ def cmd_plots_template(args) -> int:
 
 
 def cmd_init_models(args) -> int:
+    from loomcore.codegraph import stage_params
+    from loomcore.config import ConfigError
     from loomcore.models.base_models import check_paper_models, init_models
 
+    read = (*stage_params("base_models"), "paths.models", "s3")  # the base_models stage's params, where it writes, S3
+    key = lambda o: o.split("=", 1)[0].strip()  # noqa: E731
+    ignored = [o for o in args.overrides if not any(key(o) == k or key(o).startswith(k + ".") for k in read)]
+    if ignored:  # (stage1.steps=100 was accepted and changed nothing)
+        raise ConfigError(f"override {ignored[0]!r}: init-models reads only {', '.join(read)}")
     cfg = _load(args)
     if cfg.models.codec == "wan" and cfg.profile == "paper":
         problems = check_paper_models(cfg)

@@ -256,3 +256,14 @@ def test_the_stage_record_is_the_same_whether_it_built_or_found_the_models(prefe
     assert all(v.startswith("up to date") for v in second["built"].values())
     assert (tmp_path / "models" / "base_models.json").read_bytes() == record
     assert b"built" not in record and b"up to date" not in record
+
+
+def test_init_models_refuses_overrides_it_would_ignore(capsys):
+    """`loom init-models stage1.steps=100` was accepted and changed nothing: it reads the
+    base_models stage's params (and where it writes), and says so for any other key."""
+    from loomcore.cli import main
+
+    assert main(["init-models", "--profile", "tiny", "stage1.steps=100"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("loom init-models: override 'stage1.steps=100': init-models reads only profile, seed, "
+                          "models, dit, mllm, codec,") and err.rstrip().endswith("paths.models, s3")
