@@ -170,16 +170,23 @@ def cmd_plots_template(args) -> int:
     return 0
 
 
+def _refuse_unread(overrides: Sequence[str], read: Sequence[str], command: str, why: str = "") -> None:
+    """Refuse an override of a key `command` does not read (`read`: keys or sections): accepted, it
+    would change nothing and say nothing."""
+    from loomcore.config import ConfigError
+
+    key = lambda o: o.split("=", 1)[0].strip()  # noqa: E731
+    ignored = [o for o in overrides if not any(key(o) == k or key(o).startswith(k + ".") for k in read)]
+    if ignored:
+        raise ConfigError(f"override {ignored[0]!r}: {command} reads only {', '.join(read)}{why}")
+
+
 def cmd_init_models(args) -> int:
     from loomcore.codegraph import stage_params
-    from loomcore.config import ConfigError
     from loomcore.models.base_models import check_paper_models, init_models
 
-    read = (*stage_params("base_models"), "paths.models", "s3")  # the base_models stage's params, where it writes, S3
-    key = lambda o: o.split("=", 1)[0].strip()  # noqa: E731
-    ignored = [o for o in args.overrides if not any(key(o) == k or key(o).startswith(k + ".") for k in read)]
-    if ignored:  # (stage1.steps=100 was accepted and changed nothing)
-        raise ConfigError(f"override {ignored[0]!r}: init-models reads only {', '.join(read)}")
+    # the base_models stage's params, where it writes, S3 (stage1.steps=100 was accepted and changed nothing)
+    _refuse_unread(args.overrides, (*stage_params("base_models"), "paths.models", "s3"), "init-models")
     cfg = _load(args)
     if cfg.models.codec == "wan" and cfg.profile == "paper":
         problems = check_paper_models(cfg)
@@ -279,12 +286,12 @@ def check_dvc_sets(overrides: Sequence[str], compose: Callable[[List[str]], obje
             except HydraException as e:
                 why = f"not a Hydra override DVC can apply ({' '.join(str(e).split())})"
                 name, _, value = key.lstrip("+~").partition("=")  # (`params.yaml:` is off already)
-                digit = next((i for i, part in enumerate(name.split(".")) if part[:1].isdigit()), None)
-                if digit:  # video.frames.480p=5: give the mapping it is in, whole
-                    parent, child = ".".join(name.split(".")[:digit]), name.split(".")[digit]
+                *parents, child = name.split(".")
+                if parents and child[:1].isdigit() and not any(p[:1].isdigit() for p in parents):
+                    parent = ".".join(parents)  # video.frames.480p=5: give the mapping it is in, whole
                     why = (f"Hydra's keys cannot begin with a digit ({child!r}): give {parent} whole, its other "
                            f"entries as they are, e.g. '{parent}={{{child}: {value}, …}}' (`loom config "
-                           f"{name.split('.')[0]}` shows them)") if digit == len(name.split(".")) - 1 else why
+                           f"{parents[0]}` shows them)")
             else:
                 why = "a sweep: one run takes one value (quote a value that holds a comma)" if sweep else None
         if why:
@@ -318,13 +325,8 @@ def cmd_deploy(args) -> int:
     (orchestration.cpu_pool / gpu_pool) and LOOM_REPO defaulting to the checkout."""
     import shutil
 
-    from loomcore.config import ConfigError
-
-    ignored = [o for o in args.overrides if o.split("=", 1)[0].strip() not in DEPLOY_KEYS]
-    if ignored:  # the deployed runs read the checkout's params.yaml, not this command line
-        raise ConfigError(f"override {ignored[0]!r}: loom deploy reads only {', '.join(DEPLOY_KEYS)}; the deployed "
-                          "runs read the checkout's params.yaml (`loom params k=v` changes it) or the overrides "
-                          "a run is given in the UI")
+    _refuse_unread(args.overrides, DEPLOY_KEYS, "loom deploy", "; the deployed runs read the checkout's params.yaml "
+                   "(`loom params k=v` changes it) or the overrides a run is given in the UI")
     cfg = _load(args)
     here = Path.cwd()
     if not (here / "prefect.yaml").is_file():
