@@ -43,8 +43,8 @@ def stage_main(flows: Callable | Mapping[str, Callable], description: str, argv:
     args = p.parse_intermixed_args(argv)  # `stage1 --profile tiny k=v`: overrides after an option too
     flow_fn = flows[args.stage] if many else flows
     from loomcore.config import REPO_ROOT, load_config
-    from loomcore.errors import InputError
-    from tasks.proc import STAGE_TIMEOUT_EXIT, StageTimeout
+    from loomcore.errors import Diverged, InputError
+    from tasks.proc import REPEATS_EXIT, StageTimeout
 
     overrides = args.overrides + (getattr(args, "switched", None) or [])
     here, root = Path.cwd().resolve(), REPO_ROOT.resolve()
@@ -63,9 +63,9 @@ def stage_main(flows: Callable | Mapping[str, Callable], description: str, argv:
         # botocore classes some throttling as a refusal)
         print(f"{module}: {e}", file=sys.stderr)
         return 2
-    except StageTimeout as e:  # its own time limit: a retry would take as long again
+    except (StageTimeout, Diverged) as e:  # its own time limit, a diverged training: a retry would repeat it
         print(f"{module}: {e}", file=sys.stderr)
-        return STAGE_TIMEOUT_EXIT
+        return REPEATS_EXIT
     return 0
 
 

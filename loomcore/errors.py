@@ -1,10 +1,11 @@
-"""The one exception class for bad input, at the boundaries where input arrives.
+"""The exception class for bad input, at the boundaries where input arrives; a diverged training.
 
 `InputError` (a ValueError) says that what a user or a data source gave cannot be used, naming the
 file, field or value and why: a config key, a media file, a prompt, a checkpoint, an output path.
 The CLI prints it in one line (exit 2); the evaluate stage records a benchmark sample that raises
 it as a failure row with the reason. Anything else that goes wrong — a shape check inside the
 model, an invariant of ours — is a bug: it is not caught, the stage fails with the traceback.
+`Diverged` is neither: a training that failed in a way a retry would repeat.
 """
 
 from __future__ import annotations
@@ -21,33 +22,54 @@ class MissingInputError(InputError, FileNotFoundError):
     """An input that is not there: a path, or an s3:// prefix that holds no object."""
 
 
-# A rank of a torchrun job that refuses its input says so on one stdout line: this mark, then the
-# message as a JSON string. torchrun exits 1 whatever its ranks exit with, so the stage's launcher
-# (tasks.train.launch_torchrun) reads the line to fail the stage as an input error — exit 2, which
-# the DVC tasks do not retry — instead of a crash retried twice.
+class Diverged(RuntimeError):
+    """A training that diverged (more non-finite steps in a row than its limit): not the input's
+    fault, yet a retry would resume from its checkpoints, replay the same seeded batches and diverge
+    at the same step. The stage fails with exit 3, which the DVC tasks do not retry."""
+
+
+# A rank of a torchrun job that stops for a reason a retry would repeat says so on one stdout line:
+# a mark, then the message as a JSON string. torchrun exits 1 whatever its ranks exit with, so the
+# stage's launcher (tasks.train.launch_torchrun) reads the line to fail the stage with the error it
+# was — an InputError (exit 2) or Diverged (exit 3), neither retried — instead of a crash retried twice.
 INPUT_ERROR_MARK = "[input-error] "
+DIVERGED_MARK = "[diverged] "
+_MARKS = {INPUT_ERROR_MARK: InputError, DIVERGED_MARK: Diverged}
+
+
+def _mark(mark: str, message: str) -> None:
+    """One write under PIPE_BUF: the ranks of a job share one pipe and stop together, and a line
+    written in pieces (print's text, then its newline) came out spliced with another rank's."""
+    sys.stdout.write(mark + json.dumps(message) + "\n")
+    sys.stdout.flush()
+
+
+def _cut(error: Exception) -> str:
+    return str(error) if len(str(error)) <= 2000 else str(error)[:2000] + " …"
 
 
 def refuse(prog: str, error: InputError) -> int:
-    """A refused input at a process's boundary: the message in one line on stderr, the mark line
-    on stdout, exit code 2. Each line is one write under PIPE_BUF (a long message cut): the ranks of a
-    job share one pipe and refuse together, and a line written in pieces (print's text, then its
-    newline) came out spliced with another rank's."""
-    message = str(error) if len(str(error)) <= 2000 else str(error)[:2000] + " …"
+    """A refused input at a process's boundary: the message in one line on stderr (one write, a
+    long message cut), the mark line on stdout, exit code 2."""
+    message = _cut(error)
     sys.stderr.write(f"{prog}: {message}\n")
     sys.stderr.flush()
-    sys.stdout.write(INPUT_ERROR_MARK + json.dumps(message) + "\n")
-    sys.stdout.flush()
+    _mark(INPUT_ERROR_MARK, message)
     return 2
 
 
-def refusal(line: str) -> "str | None":
-    """The message of a mark line that `refuse` printed, or None for any other line."""
-    at = line.find(INPUT_ERROR_MARK)
-    if at < 0:
-        return None
-    try:
-        message = json.loads(line[at + len(INPUT_ERROR_MARK):])
-    except ValueError:
-        return None
-    return message if isinstance(message, str) else None
+def announce_divergence(error: Diverged) -> None:
+    """A rank's mark line for a training that diverged (its traceback follows as any failure's)."""
+    _mark(DIVERGED_MARK, _cut(error))
+
+
+def stopped_for_good(line: str) -> "InputError | Diverged | None":
+    """The error a mark line (`refuse`, `announce_divergence`) stands for, or None for any other line."""
+    for mark, kind in _MARKS.items():
+        if (at := line.find(mark)) >= 0:
+            try:
+                message = json.loads(line[at + len(mark):])
+            except ValueError:
+                return None
+            return kind(message) if isinstance(message, str) else None
+    return None

@@ -8,8 +8,9 @@ behind, and the next holder stops those orphaned groups (they would otherwise ke
 GPUs, and write outs) and checks DVC's own `.dvc/tmp/rwlock` before it starts. DVC's repository lock never surfaces as a stack trace: its two
 errors ("Unable to acquire lock", "'…' is busy, it is being blocked by") become DvcLocked, which
 the tasks retry, since another DVC command may just be finishing. A stage that crashed is retried
-too (a training stage resumes from its checkpoints); one that timed out or refused its config or
-input (exit code 2) is not: it would take as long again, or fail the same way (`retry_dvc_failure`).
+too (a training stage resumes from its checkpoints); one that timed out or diverged (exit code 3)
+or refused its config or input (2) is not: it would take as long again, or fail the same way
+(`retry_dvc_failure`).
 
 Every task here is NO_CACHE: a Prefect result cache must never hide a stage DVC would rerun.
 """
@@ -32,7 +33,7 @@ from prefect import task
 from loomcore.checkout_lock import PipelineBusy, checkout_lock, holder_info
 from tasks.common import NO_CACHE, PARENT_TASK_RUN_ENV, logger
 from tasks.proc import (
-    STAGE_TIMEOUT_EXIT, LineLevels, SubprocessFailed, SubprocessTimeout, groups_recorded, run_streaming,
+    REPEATS_EXIT, LineLevels, SubprocessFailed, SubprocessTimeout, groups_recorded, run_streaming,
 )
 
 DVC_LOCK_MESSAGE = "Unable to acquire lock"  # the repository lock (.dvc/tmp/lock)
@@ -190,7 +191,8 @@ def parse_repro_log(lines: Sequence[str]) -> dict:
 def retry_dvc_failure(task, task_run, state) -> bool:
     """Prefect `retry_condition_fn` of the DVC tasks: retry DVC's lock held by another DVC command and
     a stage that crashed; never a timeout (the retry would take as long again: DVC's, or a stage's
-    own, exit STAGE_TIMEOUT_EXIT) nor a stage command that exited with 2 — a refused config or input
+    own, exit REPEATS_EXIT), a training that diverged (REPEATS_EXIT: its resumed retry meets the same
+    steps) nor a stage command that exited with 2 — a refused config or input
     (flows.common.stage_main), the same every time."""
     try:
         state.result()
@@ -200,7 +202,7 @@ def retry_dvc_failure(task, task_run, state) -> bool:
         return False
     except SubprocessFailed as e:
         codes = [int(m.group(1)) for line in e.tail if (m := _EXITED.search(line))]
-        return not (codes and codes[-1] in (2, STAGE_TIMEOUT_EXIT))
+        return not (codes and codes[-1] in (2, REPEATS_EXIT))
     except Exception:  # noqa: BLE001 — anything else is ours: not retried
         return False
     return False

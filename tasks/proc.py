@@ -124,10 +124,10 @@ class SubprocessFailed(RuntimeError):
 
 class StageTimeout(RuntimeError):
     """A stage stopped at its own time limit (train.timeout_hours): its command exits with
-    STAGE_TIMEOUT_EXIT, which the DVC tasks do not retry (it would take as long again)."""
+    REPEATS_EXIT, which the DVC tasks do not retry (it would take as long again)."""
 
 
-STAGE_TIMEOUT_EXIT = 3
+REPEATS_EXIT = 3  # a stage's failure that a retry would repeat: its time limit, a diverged training
 
 
 class SubprocessTimeout(SubprocessFailed, TimeoutError):

@@ -31,7 +31,7 @@ from typing import List, Optional, Sequence
 
 from prefect import task
 
-from loomcore.errors import InputError, refusal
+from loomcore.errors import stopped_for_good
 from loomcore.train.launch import check_rendezvous, stage_command, stage_nodes
 from tasks.common import NO_CACHE, Progress, load_stage_config, logger
 from tasks.proc import LineLevels, StageTimeout, SubprocessFailed, SubprocessTimeout, run_streaming
@@ -96,16 +96,17 @@ def launch_torchrun(cfg, cmd: Sequence[str], what: str, progress_description: st
     A run that fails AFTER its ranks released the process group, with outs in `out_dir` that this
     run wrote and that verify (`verified_outs`), crashed in interpreter teardown: its results stand
     and the stage succeeds, with a warning in the log saying so (issue #19: a gloo thread alive at
-    exit could abort a finished run). A rank that refused its config or input
-    (`loomcore.errors.refuse`'s line; torchrun exits 1 whatever its ranks exit with) fails it with
-    that InputError: the stage exits 2 and is not retried. Any other failure fails the stage."""
+    exit could abort a finished run). A rank that refused its config or input, or whose training
+    diverged (`loomcore.errors.refuse`'s, `announce_divergence`'s line; torchrun exits 1 whatever its
+    ranks exit with), fails it with that InputError or Diverged: the stage exits 2 or 3 and is not
+    retried. Any other failure fails the stage."""
     from loomcore.train.distributed import RELEASED
     from loomcore.train.metrics import PROGRESS_ENV, read_progress
 
     log = logger()
     log.info("launching %s", shlex.join(cmd))
     progress = Progress(progress_description)
-    released, refused = [], []
+    released, for_good = [], []
     started = time.time()
     progress_file = Path(tempfile.mkdtemp(prefix="loom-progress-")) / "progress.json"
     last = [None]
@@ -121,8 +122,8 @@ def launch_torchrun(cfg, cmd: Sequence[str], what: str, progress_description: st
     def on_line(line: str) -> None:
         if RELEASED in line:  # first: a progress report that fails must not lose the marker
             released.append(line)
-        if (why := refusal(line)) is not None:
-            refused.append(why)
+        if (error := stopped_for_good(line)) is not None:
+            for_good.append(error)
         report()
         if line.strip():
             log.log(level(line), line)
@@ -134,8 +135,8 @@ def launch_torchrun(cfg, cmd: Sequence[str], what: str, progress_description: st
     except SubprocessTimeout as e:
         raise StageTimeout(f"{what}: {e}") from None
     except SubprocessFailed as e:
-        if refused:  # the same again on a retry
-            raise InputError(f"{what}: {refused[0]}") from None
+        if for_good:  # the same again on a retry
+            raise type(for_good[0])(f"{what}: {for_good[0]}") from None
         problem = "no rank released its process group" if not released else (
             verified_outs(out_dir, started) if out_dir is not None else "no outs to verify")
         if problem is not None:

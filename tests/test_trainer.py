@@ -1058,18 +1058,46 @@ def test_a_rank_that_refuses_its_input_fails_the_stage_as_an_input_error(tmp_pat
     assert not isinstance(e.value, InputError)
 
 
+def test_a_diverged_training_fails_its_stage_for_good(ws, capfd):
+    """A training past its NaN limit would diverge again at the same step on every retry (it resumes
+    from its checkpoints, with the same seeded batches), yet it exited 1 like a crash and DVC's task
+    retried it twice — on the paper profile, hours of a GPU pool each. The rank's entry point says so
+    in a line (its traceback follows), which the launcher makes the `Diverged` it was: exit 3, not
+    retried (test_orchestration: stage_main's exit codes, the retries of exit 3)."""
+    from loomcore.errors import Diverged, stopped_for_good
+    from loomcore.train.cli import main
+    from loomcore.train.faults import NonFiniteLossError
+    from tasks.train import launch_torchrun
+
+    overrides = _overrides(ws, "diverged", "stage1.steps=3", "train.debug_nan_steps=[1,2]", "train.nan_max_consecutive=1")
+    threads = torch.get_num_threads()
+    try:
+        with pytest.raises(NonFiniteLossError, match="exceeded at step 2"):
+            main(["--stage", "stage1", "--profile", "tiny", *overrides])
+    finally:
+        torch.set_num_threads(threads)
+    lines = [line for line in capfd.readouterr().out.splitlines() if stopped_for_good(line) is not None]
+    assert len(lines) == 1 and lines[0].startswith("[diverged] ")
+    said = stopped_for_good(lines[0])
+    assert type(said) is Diverged and said.args[0].startswith("non-finite loss or gradient norm on more than 1 ")
+    rank = [sys.executable, "-c", f"print({lines[0]!r}); raise SystemExit(1)"]
+    with pytest.raises(Diverged, match=r"^stage1: non-finite loss .* exceeded at step 2 "):
+        launch_torchrun(load_config(overrides, profile="tiny"), rank, "stage1", "stage1: steps", None)
+
+
 def test_a_refusal_is_whole_lines_and_our_own_bad_state_is_a_crash(tmp_path, capfd):
     """Each refusal line is one write under PIPE_BUF (the ranks of a job refuse together into one
     pipe: print's two writes came out spliced with another rank's); a trained state that does not fit
     its own config, when the outs are written, is our bug — a crash, not the user's input (exit 2)."""
-    from loomcore.errors import InputError, refuse, refusal
+    from loomcore.errors import InputError, refuse, stopped_for_good
     from loomcore.models.dit import LoomDiT, loomdit_kwargs
     from loomcore.train.stage_io import write_weights
 
     assert refuse("prog", InputError("x" * 5000)) == 2
     out, err = capfd.readouterr()
     assert out.count("\n") == 1 and len(out.encode()) < 4096 and len(err.encode()) < 4096
-    assert refusal(out) == "x" * 2000 + " …" and err == "prog: " + "x" * 2000 + " …\n"
+    refused = stopped_for_good(out)
+    assert type(refused) is InputError and str(refused) == "x" * 2000 + " …" and err == "prog: " + "x" * 2000 + " …\n"
     cfg = load_config(profile="tiny")
     model = LoomDiT(**loomdit_kwargs(cfg, True))
     state = {**model.state_dict(), "blocks.0.extra": torch.zeros(1)}

@@ -5,7 +5,7 @@
 (`tasks.train` builds this command from the stage's params; a plain `python -m loomcore.train`
 runs one CPU rank.) Exits non-zero on any failure: a bad config or input (2, with the line the
 stage's launcher reads: `loomcore.errors.refuse`), or the training error itself with its traceback
-(a NaN run names the step and the task kinds).
+(a diverged run names the step and the task kinds, after its line for the launcher).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Callable, List, Optional, Sequence
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from loomcore.config import STAGES, Config, load_config
-from loomcore.errors import InputError, refuse
+from loomcore.errors import Diverged, InputError, announce_divergence, refuse
 
 
 def rank_main(prog: str, description: str, run: Callable[[Config, argparse.Namespace], Optional[dict]],
@@ -35,6 +35,9 @@ def rank_main(prog: str, description: str, run: Callable[[Config, argparse.Names
         summary = run(load_config(args.overrides, profile=args.profile), args)
     except InputError as e:  # a config or an input it refuses (a cache without the prompts asked for…)
         return refuse(prog.split()[-1], e)
+    except Diverged as e:  # NaN steps past the limit: a retry would diverge at the same step
+        announce_divergence(e)
+        raise
     if summary is not None and os.environ.get("RANK", "0") == "0":
         print("[summary] " + json.dumps(summary), flush=True)
     return 0

@@ -32,8 +32,10 @@ from typing import Dict, FrozenSet, List, Optional, Sequence
 
 import torch
 
+from loomcore.errors import Diverged
 
-class NonFiniteLossError(RuntimeError):
+
+class NonFiniteLossError(Diverged):
     """Too many non-finite steps in a row: names the step and the task kinds in its batch."""
 
 
