@@ -366,16 +366,33 @@ def content_digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def inputs_fingerprint(paths: List[Path]) -> str:
-    """A hash of the files a run reads: every file under each path (name, size, `content_digest`) —
-    the inputs part of a training run's key and of the evaluate stage's journal."""
+def inputs_fingerprint(paths: List[Path], skip_suffixes: Tuple[str, ...] = ()) -> str:
+    """A hash of the files a run reads: every file under each path (name, size, `content_digest`),
+    but those ending in `skip_suffixes` — the inputs part of a training run's key, of the evaluate
+    stage's journal and of the cache's shard names."""
     h = hashlib.sha256()
     for root in paths:
         files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
         if not files:
             raise FileNotFoundError(f"{root}: missing or empty")
         for f in files:
-            h.update(f"{f.relative_to(root) if f != root else f.name}:{f.stat().st_size}:{content_digest(f)}\n".encode())
+            if not f.name.endswith(skip_suffixes):
+                h.update(f"{f.relative_to(root) if f != root else f.name}:{f.stat().st_size}:{content_digest(f)}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def folder_fingerprint(uri: str | os.PathLike, settings: Optional[S3Settings] = None,
+                       skip_suffixes: Tuple[str, ...] = ()) -> str:
+    """`inputs_fingerprint` of a local folder or file; of an s3:// one, its listing — each object's
+    key, size and ETag, nothing downloaded (a replaced object has another ETag)."""
+    if not is_s3(uri):
+        return inputs_fingerprint([Path(uri)], skip_suffixes)
+    bucket, prefix = parse_s3_uri(str(uri))
+    folder = prefix.rstrip("/") + "/"
+    h = hashlib.sha256()
+    for o in sorted(list_objects(str(uri), settings), key=lambda o: o["Key"]):
+        if (o["Key"] == prefix or o["Key"].startswith(folder)) and not o["Key"].endswith(("/", *skip_suffixes)):
+            h.update(f"{o['Key'][len(folder):]}:{o['Size']}:{o.get('ETag', '')}\n".encode())
     return h.hexdigest()[:16]
 
 

@@ -595,6 +595,36 @@ def test_added_and_removed_rows_re_encode_only_the_shards_they_touch(tiny_worksp
     assert shards.previous_layout(out, dict(recorded, settings="0" * 12)) == {}
 
 
+def test_new_weights_in_the_same_models_folder_encode_anew(tiny_workspace, tmp_path):
+    """A shard's name digested the codec's and MLLM's folder names: new weights over the same
+    folder (a new checkpoint, `loom init-models --force`, another seed) resumed every shard and
+    the null context, and training read the old model's features. What the folders hold counts now."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from loomcore.models.base_models import build_tiny_mllm
+
+    cfg, overrides = tiny_workspace
+    mllm, out = tmp_path / "mllm", tmp_path / "cache"
+    shutil.copytree(cfg.models.mllm, mllm)
+    moved = load_config([*overrides, f"models.mllm={mllm}"], profile="tiny")
+    first = build_cache(moved, out_dir=out, progress=False, stop_after_shards=1)
+    (old,) = out.glob("*.safetensors")
+    again = build_cache(moved, out_dir=out, progress=False, stop_after_shards=1)  # the same weights: resumed
+    assert first["shards_written"] == again["shards_written"] == again["shards_skipped"] == 1
+    shutil.rmtree(mllm)
+    build_tiny_mllm(mllm, cfg.mllm.hidden_size, cfg.mllm.num_layers, seed=1, corpus=cfg.guidance.negative_prompt,
+                    attention=cfg.mllm.tiny_attention)
+    new = build_cache(moved, out_dir=out, progress=False, stop_after_shards=1)
+    assert new["shards_skipped"] == 0 and new["shards_written"] == 1
+    (fresh,) = [p for p in out.glob(old.name.rsplit("-", 1)[0] + "-*.safetensors") if p != old]  # its rows, anew
+    before, after = load_file(old), load_file(fresh)
+    contexts = [k for k in before if "context" in k]
+    assert contexts and sorted(before) == sorted(after)
+    assert all(before[k].shape == after[k].shape and not torch.equal(before[k], after[k]) for k in contexts)
+
+
 def test_a_caption_edited_in_the_manifest_re_encodes_its_shard(tiny_workspace, cache_dir, tmp_path):
     """A shard's name digests its rows' ids and media checksums, not their captions: a caption
     fixed in the metadata kept the old caption's MLLM features in the cache. Now a finished shard

@@ -97,6 +97,32 @@ def test_the_mirror_drops_what_the_store_no_longer_holds(s3_bucket, tmp_path, mo
     assert (local / "weights.bin").is_file()
 
 
+def test_a_folders_fingerprint_follows_its_contents_local_and_on_s3(s3_bucket, tmp_path):
+    """What the cache's shard names digest of the codec's and MLLM's folders: their contents, not
+    their names — new weights of the same size in the same folder are another fingerprint, on disk
+    and in the store (by ETag: nothing downloaded); files a run does not load do not count."""
+    from loomcore.storage import folder_fingerprint
+
+    src = tmp_path / "mllm"
+    (src / "sub").mkdir(parents=True)
+    (src / "config.json").write_text("{}")
+    (src / "sub" / "model.safetensors").write_bytes(b"x" * 1000)
+    uri = f"s3://{s3_bucket}/mllm"
+    upload_dir(src, uri)
+    upload_dir(src, f"s3://{s3_bucket}/mllm-old")  # a sibling prefix: not this folder's
+    local, remote = folder_fingerprint(src), folder_fingerprint(uri)
+    tokenizer_only = folder_fingerprint(uri, skip_suffixes=(".safetensors",))
+    (src / "sub" / "model.safetensors").write_bytes(b"y" * 1000)
+    s3_client().put_object(Bucket=s3_bucket, Key="mllm/sub/model.safetensors", Body=b"y" * 1000)
+    s3_client().put_object(Bucket=s3_bucket, Key="mllm-old/config.json", Body=b"[]")
+    assert folder_fingerprint(src) != local and folder_fingerprint(uri) != remote
+    assert folder_fingerprint(uri, skip_suffixes=(".safetensors",)) == tokenizer_only
+    assert folder_fingerprint(src, skip_suffixes=(".safetensors",)) == folder_fingerprint(src / "config.json")
+    assert folder_fingerprint(f"s3://{s3_bucket}/mllm/") == folder_fingerprint(uri)
+    s3_client().put_object(Bucket=s3_bucket, Key="mllm/config.json", Body=b"[]")
+    assert folder_fingerprint(uri, skip_suffixes=(".safetensors",)) != tokenizer_only
+
+
 def test_a_key_that_climbs_out_of_the_mirror_is_refused(s3_bucket, tmp_path, monkeypatch):
     monkeypatch.setenv("LOOM_CACHE_DIR", str(tmp_path / "cache"))
     s3_client().put_object(Bucket=s3_bucket, Key="m/../../../escaped.txt", Body=b"x")

@@ -57,7 +57,7 @@ from loomcore.data.video_io import read_image, read_video
 from loomcore.diffusion.flow import dit_token_count
 from loomcore.models.codec import load_codec
 from loomcore.models.mllm import MLLMEncoder, MLLMRequest, MLLMTokenizer
-from loomcore.storage import S3Settings, is_s3
+from loomcore.storage import S3Settings, folder_fingerprint, is_s3
 from loomcore.train.metrics import report_progress
 from loomcore.train.peers import watch_peers
 
@@ -273,11 +273,15 @@ def build_cache(
     mode = cfg.mllm.feature_mode
     dtype = torch.float32 if cfg.profile == "tiny" else torch.bfloat16
 
-    # A shard's name carries a digest of everything its bytes depend on (the settings below and
-    # its rows' ids + media checksums): a resumed run finds finished shards by name, and a change
-    # of params or data never lets a stale shard pass for a fresh one (the out is `persist`).
+    # A shard's name carries a digest of everything its bytes depend on (the settings below, what the
+    # codec's and the MLLM's folders hold, its rows' ids + media checksums): a resumed run finds
+    # finished shards by name, and a change of params, models or data never lets a stale shard pass
+    # for a fresh one (the out is `persist`): new weights in the same folder encode anew.
+    s3 = S3Settings.from_config(cfg.s3)
+    unread = (".safetensors",) if mode == "online" else ()  # online: the MLLM's processor files alone
     fields = [cfg.profile, mode, cfg.models.codec, cfg.models.vae, cfg.models.mllm,
-              cfg.fingerprint("codec", "video", "buckets", "mllm"), list(cfg.dit.patch_size)]
+              cfg.fingerprint("codec", "video", "buckets", "mllm"), list(cfg.dit.patch_size),
+              folder_fingerprint(cfg.models.vae, s3), folder_fingerprint(cfg.models.mllm, s3, unread)]
     device = encode_device(cfg)
     work_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # the encoders' own
     if device.type != "cpu":  # encoded in bf16 on a GPU: other bytes than the CPU's fp32
