@@ -199,6 +199,20 @@ def test_a_source_that_is_not_there_or_outside_the_data_root_is_refused(data, tm
     assert s["kept"]["total"] > 0
 
 
+def test_a_run_that_keeps_no_row_fails_with_its_reasons_and_keeps_them(data, tmp_path, cfg):
+    """Every row rejected (media under another root, a metadata file of another dataset) curated
+    empty manifests and succeeded; the cache stage failed next, naming nothing of this."""
+    from loomcore.errors import InputError
+
+    root, good = data
+    gone = [dict(r, id=f"gone-{i}", media=f"nowhere/{i}.png") for i, r in enumerate(good[:3])]
+    _write_csv(root / "gone.csv", gone + [dict(good[0], id="no-caption", caption="")])
+    with pytest.raises(InputError, match=rf"^curate: none of the 4 rows of gone.csv can be used \(3 media_missing, "
+                                         rf"1 [a-z_]+\); each row's reason is in {tmp_path / 'out' / 'rejects.parquet'}$"):
+        curate(cfg, str(root), root, tmp_path / "out", progress=False, metadata="gone.csv")
+    assert sorted(r["id"] for r in _read(tmp_path / "out", "rejects.parquet")) == ["gone-0", "gone-1", "gone-2", "no-caption"]
+
+
 def test_rerun_gives_byte_identical_manifests(data, tmp_path, cfg):
     root, good = data
     _write_csv(root / "metadata.csv", good + [dict(good[3], id="dup")] + [dict(good[0])])

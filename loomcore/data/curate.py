@@ -47,7 +47,7 @@ from loomcore.data.schema import RowError
 from loomcore.task_kinds import TaskSpec, check_figure_refs, task_spec, to_release_pointers
 from loomcore.data.mirror import fetch_s3
 from loomcore.data.release_format import REJECT_KEY, RELEASE_CONFIG_SUFFIXES, read_release_config, release_rows, task_weights
-from loomcore.errors import MissingInputError
+from loomcore.errors import InputError, MissingInputError
 from loomcore.data.video_io import MediaError, MediaInfo, media_kind, probe
 from loomcore.storage import S3Settings, file_state, is_s3, is_transient, materialize, sha256_file
 
@@ -588,6 +588,10 @@ def curate(cfg, source: str, data_root, out_dir, split_eval_fraction: Optional[f
                    "files": {k.replace(" ", "_"): v for k, v in sorted(file_facts.counts.items())}},
     }
     _publish(out_dir, train, evals, rejects, summary)
+    if not kept:  # empty manifests would fail the cache stage, naming nothing of this
+        reasons = ", ".join(f"{n} {why}" for why, n in by_reason.most_common())
+        raise InputError(f"curate: none of the {len(raws)} rows of {summary['metadata']} can be used ({reasons}); each "
+                         f"row's reason is in {out_dir / 'rejects.parquet'}")
     return summary
 
 
