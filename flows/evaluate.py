@@ -31,10 +31,13 @@ def evaluate_flow(profile: str | None = None, overrides: list[str] | None = None
     sheets = "\n".join(f"- {name}: `{Path(p).resolve()}`" for name, p in summary["sheets"].items())
     tables = "\n".join(f"## {name}\n\n{markdown_table(rows)}" for name, rows in summary["tables"].items())
     skipped = "".join(f"- {k}: {v}\n" for k, v in summary["skipped"].items())
+    # report.md's settings line and caveats (the tiny stand-ins' figures mean nothing), and what this
+    # run changed: a run from the UI with overrides publishes under the same keys as the DAG's
+    changed = f"Overrides of this run: {', '.join(f'`{o}`' for o in overrides)}\n\n" if overrides else ""
     publish_markdown(
         "eval-report",
-        f"# Evaluation of {summary['model_name']}\n\nWeights `{summary['model']}` · judge {summary['judge'] or '–'} · "
-        f"report `{summary['report']}`\n\n{tables}\n## Failures\n\n{markdown_table(summary['failures'])}\n"
+        f"# Evaluation of {summary['model_name']}\n\n{summary['settings']}\n{changed}Report `{summary['report']}`"
+        f"\n\n{tables}\n## Failures\n\n{markdown_table(summary['failures'])}\n"
         + (f"## Skipped\n\n{skipped}\n" if skipped else "") + f"## Contact sheets\n\n{sheets or '_(none)_'}\n",
         "What the evaluate stage measured",
     )

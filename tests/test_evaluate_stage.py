@@ -278,9 +278,17 @@ def test_stage_command_writes_metrics_scores_sheets_and_report(tiny_workspace, p
     env = {**os.environ, "PREFECT_LOGGING_LEVEL": "WARNING"}
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    from _orchestration import latest_artifact
+
+    report = latest_artifact("eval-report")  # the UI's report: report.md's settings and caveats, the overrides
+    assert f"· seed {cfg.eval.seed} · " in report and "Tiny profile: the judged benchmarks and VBench run end to end " \
+        "on **tiny stand-ins**" in report and "`eval.benchmarks.limit=2`, `eval.sheet_samples=3`" in report
 
     headline = json.loads((out / "metrics.json").read_text())  # what dvc metrics shows: a dozen figures
     metrics = json.loads((out / "results.json").read_text())  # every aggregate
+    from loomcore.storage import inputs_fingerprint  # the weights measured: the export checks its own against them
+    assert headline.pop("weights") == {"path": str(cfg.models.transformer),
+                                       "fingerprint": inputs_fingerprint([Path(cfg.models.transformer)])}
     leaves = [v for sec in headline.values() for v in (sec.values() if isinstance(sec, dict) else [sec])]
     assert len(leaves) <= 16 and set(headline["shapesbench"]) == {"score", "background", "colour", "count", "motion",
                                                                    "reference", "psnr"}
@@ -364,6 +372,19 @@ def test_a_bug_in_the_model_fails_the_evaluation_and_bad_media_is_a_failure_row(
     monkeypatch.setattr(LoomDiT, "forward_packed", shape_bug)
     with pytest.raises(ValueError, match="expected 48 features per token"):
         run_benchmark(pipe, cfg, "model", samples[1:], judge=None, scorer=None)
+    monkeypatch.undo()
+
+    # the pipeline's own output, which `to_uint8_frames` refuses as a user's frames: a diverged
+    # model's NaN (cast to uint8, black frames that VBench scored, subject consistency 1.0), a batch
+    # of two, one frame too many — each a failed stage, never a judged failure
+    call = LoomVideoPipeline.__call__
+    for bad, needle in ((lambda f: f * np.nan, r"the pipeline's own output: frames: \d+ of \d+ values are NaN"),
+                        (lambda f: np.concatenate([f, f]), "the pipeline's own output: frames: a batch of 2 samples"),
+                        (lambda f: np.concatenate([f, f[:, :1]], axis=1), r"the pipeline's own output: \((\d+), 40, 40\) frames × h × w, \((?!\1)\d+, 40, 40\) asked for")):
+        monkeypatch.setattr(LoomVideoPipeline, "__call__", lambda self, *a, _bad=bad, **k: type(out := call(self, *a, **k))(
+            frames=_bad(out.frames)))
+        with pytest.raises(RuntimeError, match=needle):
+            run_benchmark(pipe, cfg, "model", samples[1:], judge=None, scorer=None)
 
 
 def test_generated_benchmark_videos_take_eval_frames_else_guidance_frames():

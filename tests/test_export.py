@@ -21,7 +21,8 @@ from loomcore.config import REPO_ROOT, load_config
 from loomcore.export import (COMPLETE, ExportExists, PublishError, check_export_folder, download_version, dvc_md5,
                              export_pipeline, find_pickles, flatten_metrics, list_versions, promotion_gate,
                              publish_export, read_export_info, read_latest, resolve_source, resolve_version)
-from loomcore.storage import S3Settings, s3_client
+from loomcore.errors import InputError
+from loomcore.storage import S3Settings, inputs_fingerprint, s3_client
 
 METRICS = {"vbench": {"imaging_quality": 0.61, "subject_consistency": 0.93}, "edit": {"judge": {"tv2v": 6.5}},
            "recon": {"mse": 0.012}, "overall": 0.7, "note": "strings are skipped", "passed": True}
@@ -52,7 +53,8 @@ def project(tiny_workspace, tmp_path_factory):
             p.add_(0.01 * torch.randn(p.shape, generator=g))
     dit.save_pretrained(model)
     (root / "outputs" / "eval").mkdir(parents=True)
-    (root / "outputs" / "eval" / "metrics.json").write_text(json.dumps(METRICS))
+    measured = {"path": "outputs/stage3/model", "fingerprint": inputs_fingerprint([model])}  # as evaluate writes it
+    (root / "outputs" / "eval" / "metrics.json").write_text(json.dumps({**METRICS, "weights": measured}))
 
     tree = Tree()  # dvc-data's own folder hash (what dvc.lock records for a directory out)
     for f in sorted(p for p in model.rglob("*") if p.is_file()):
@@ -257,6 +259,28 @@ def test_lineage_warns_when_the_weights_changed_after_dvc_recorded_them(project,
     result = export_pipeline(load_config(overrides, profile="tiny"), out_dir=tmp_path / "model", dvc_lock=tmp_path / "dvc.lock")
     assert len(result.lineage_warnings) == 1 and "dvc.lock records " + "0" * 32 in result.lineage_warnings[0]
     assert "**WARNING** weights" in (tmp_path / "model" / "README.md").read_text()
+
+
+def test_figures_measured_on_other_weights_are_refused(project, tmp_path):
+    """The export took `<eval.out_dir>/metrics.json` whatever weights it measured: stage 3 exported
+    beside RL's evaluation, or weights retrained after it, carried another model's figures into the
+    card and the promotion gate. metrics.json names the weights it measured now; a file that names
+    none (an older evaluation) is a lineage warning."""
+    overrides, root = project
+    measured = json.loads((root / "outputs" / "eval" / "metrics.json").read_text())
+    other = tmp_path / "rl-metrics.json"
+    other.write_text(json.dumps({**measured, "weights": {"path": "outputs/rl/model", "fingerprint": "0" * 16}}))
+    with pytest.raises(InputError, match=rf"^export.metrics {other}: measured the weights at outputs/rl/model "
+                                         rf"\(fingerprint 0{{16}}\), not the weights this export publishes \(.*/stage3/model, "
+                                         rf"{measured['weights']['fingerprint']}\): evaluate these \(eval.model=stage3\)"):
+        export_pipeline(load_config([*overrides, f"export.metrics={other}"], profile="tiny"), out_dir=tmp_path / "model",
+                        dvc_lock=root / "dvc.lock")
+    assert not (tmp_path / "model").exists()
+    unnamed = tmp_path / "old-metrics.json"
+    unnamed.write_text(json.dumps(METRICS))
+    result = export_pipeline(load_config([*overrides, f"export.metrics={unnamed}"], profile="tiny"),
+                             out_dir=tmp_path / "model", dvc_lock=root / "dvc.lock")
+    assert result.lineage_warnings == [f"metrics {unnamed}: names no weights (an older evaluation): not checked to be these"]
 
 
 def test_existing_target_is_refused_and_a_failed_build_leaves_no_half_folder(exported, project, monkeypatch, tmp_path):

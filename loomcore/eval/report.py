@@ -14,7 +14,9 @@ metrics.json (a dozen numbers; null = no value):
      "intelligentvbench": {"tiv2v", "mi2v",    its two tables' own averages (Tables 5 and 6)
                            "overall"}          the mean over both's samples (no table has it; kept so
                                                that the promotion gate can compare with earlier versions)
-     "failures": total failure samples}
+     "failures": total failure samples,
+     "weights": {"path", "fingerprint"}}  the weights measured (`storage.inputs_fingerprint`): the export
+                                          refuses to publish these figures with other weights
 
 results.json:
 
@@ -50,7 +52,7 @@ from loomcore.sheets import contact_sheet
 from loomcore.eval.metrics import VBENCH_METRICS
 from loomcore.models.base_models import is_random_stand_in
 from loomcore.eval.prompts import FASHION_COLUMNS, FASHION_DIMENSIONS, REFVIE, REFVIE_COLUMNS, TIV2V_CATEGORIES
-from loomcore.storage import is_s3
+from loomcore.storage import inputs_fingerprint, is_s3
 
 SCORES_SCHEMA = pa.schema([
     ("model", pa.string()),  # "model" (the evaluated one) | "base"
@@ -393,7 +395,9 @@ def write_outputs(cfg, rows: List[dict], sheets: Dict[str, list], *, model_path:
     out = Path(e.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     metrics = aggregate(rows)
-    (out / "metrics.json").write_text(json.dumps(_jsonable(metrics_json(metrics)), indent=2, sort_keys=True) + "\n")
+    measured = {"path": str(model_path), "fingerprint": inputs_fingerprint([Path(model_path)])}
+    (out / "metrics.json").write_text(json.dumps(_jsonable({**metrics_json(metrics), "weights": measured}),
+                                                 indent=2, sort_keys=True) + "\n")
     (out / "results.json").write_text(json.dumps(_jsonable(results_json(metrics)), indent=2, sort_keys=True) + "\n")
     write_parquet(rows, SCORES_SCHEMA, out / "scores.parquet")
     samples = out / "samples"
@@ -411,6 +415,7 @@ def write_outputs(cfg, rows: List[dict], sheets: Dict[str, list], *, model_path:
           f"{sampler_note(cfg)} · seed {e.seed} · judge: {judge_name or '–'} · VBench backbones: "
           f"CLIP `{e.vbench.clip or '–'}`, DINO `{e.vbench.dino or '–'}`\n"]
     md += _caveats(*stand_ins(cfg))
+    settings = "\n".join(md[1:])  # (the UI's report artifact shows them too: the stand-ins' caveat above all)
     md.append("In every table, – means not measured: no sample asks for it, or each one failed (Failures).\n")
     for name, trows in tabs.items():
         md += [f"## {name}\n", TABLE_NOTES.get(name, JUDGED_NOTE), _md(trows)]
@@ -426,4 +431,5 @@ def write_outputs(cfg, rows: List[dict], sheets: Dict[str, list], *, model_path:
     (out / "report.md").write_text("\n".join(md))
     return {"model": model_path, "model_name": model_name, "metrics": metrics, "tables": tabs, "failures": failures,
             "skipped": skipped, "sheets": {k: str(v) for k, v in sheet_paths.items()}, "report": str(out / "report.md"),
+            "settings": settings,
             "judge": judge_name}

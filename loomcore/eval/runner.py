@@ -88,8 +88,14 @@ def generate(pipe, *, prompt: str, task: str, source, references: Sequence, size
     out = pipe(prompt, **plan.call_inputs(), output_type="np", generator=torch.Generator().manual_seed(seed))
     from loomcore.pipeline import to_uint8_frames
 
-    return Generation(to_uint8_frames(out.frames), None if plan.source is None else plan.source.numpy(),
-                      [r.numpy() for r in plan.references])
+    try:
+        frames = to_uint8_frames(out.frames)
+    except InputError as e:  # not the sample's fault: our pipeline's output (a diverged model's NaN…)
+        raise RuntimeError(f"the pipeline's own output: {e}") from None
+    if frames.shape[0] != num_frames or frames.shape[1:3] != (size[1], size[0]):
+        raise RuntimeError(f"the pipeline's own output: {tuple(frames.shape[:3])} frames × h × w, "
+                           f"{(num_frames, size[1], size[0])} asked for")
+    return Generation(frames, None if plan.source is None else plan.source.numpy(), [r.numpy() for r in plan.references])
 
 
 def _row(model, benchmark, sample_id, task, category, metric, score, prompt, failure=None, attempts=None, answer=None):

@@ -38,7 +38,8 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 from loomcore.config import REPO_ROOT, Config
-from loomcore.storage import pid_alive, sha256_file
+from loomcore.errors import InputError
+from loomcore.storage import inputs_fingerprint, pid_alive, sha256_file
 from loomcore.train.weights import resolve_weights
 
 from .card import card_params, render_card
@@ -96,6 +97,24 @@ def resolve_source(cfg: Config) -> Tuple[str, Path]:
     stage has written them, else stage 3's."""
     stage, folder, _ = resolve_weights(cfg, cfg.export.source, "export.source")  # config.py checked the choice
     return stage, folder
+
+
+def _measured_weights(metrics_file: Optional[str], chosen: str, source: Path) -> List[str]:
+    """Refuses a metrics file that measured other weights than `source` (an InputError naming
+    both): the card and the promotion gate would give one model's figures to another — an export of
+    stage 3 beside RL's evaluation, weights retrained since the evaluation. A file that names no
+    weights (written before the evaluate stage recorded them) is a lineage warning."""
+    if metrics_file is None:
+        return []
+    weights = json.loads(Path(metrics_file).read_text()).get("weights")
+    if not isinstance(weights, dict) or "fingerprint" not in weights:
+        return [f"metrics {metrics_file}: names no weights (an older evaluation): not checked to be these"]
+    if weights["fingerprint"] != inputs_fingerprint([source]):
+        raise InputError(f"export.metrics {metrics_file}: measured the weights at {weights.get('path')} (fingerprint "
+                         f"{weights['fingerprint']}), not the weights this export publishes ({source}, "
+                         f"{inputs_fingerprint([source])}): evaluate these (eval.model={chosen}), or export them "
+                         "without figures (export.metrics=null)")
+    return []
 
 
 def _ancestors(cfg: Config, stage: str) -> Dict[str, Path]:
@@ -220,12 +239,13 @@ def export_pipeline(cfg: Config, *, out_dir: Optional[Path | str] = None, overwr
     stage, source = resolve_source(cfg)
     metrics_file = metrics_path(cfg)
     metrics = load_metrics(metrics_file)
+    measured = _measured_weights(metrics_file, stage if e.source == "auto" else e.source, source)
     if version or e.version:
         version = check_name(version or e.version, "export version")
     lineage = dvc_lineage(dvc_lock, {"weights": source, "metrics": Path(metrics_file) if metrics_file else None},
                           ancestors=_ancestors(cfg, stage))
     warnings = [f"{role} {c['path']}: md5 {c['md5']} but dvc.lock records {c['recorded']} (stage {c['stage']})"
-                for role, c in lineage.get("checks", {}).items() if c["matches"] is False]
+                for role, c in lineage.get("checks", {}).items() if c["matches"] is False] + measured
     for w in warnings:
         log.warning("lineage: %s", w)
 
