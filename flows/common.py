@@ -13,11 +13,13 @@ import sys
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
-from prefect import Flow, flow
+from prefect import Flow, flow, get_run_logger
 from prefect.context import FlowRunContext
+from prefect.states import Failed
 from prefect.utilities.hashing import file_hash
 
 from loomcore.checkout_lock import PIPELINE_RUN_ENV, pipeline_tag
+from loomcore.errors import InputError
 from tasks.common import PARENT_TASK_RUN_ENV
 from tasks.dvc import pipeline_lock
 
@@ -43,7 +45,7 @@ def stage_main(flows: Callable | Mapping[str, Callable], description: str, argv:
     args = p.parse_intermixed_args(argv)  # `stage1 --profile tiny k=v`: overrides after an option too
     flow_fn = flows[args.stage] if many else flows
     from loomcore.config import REPO_ROOT, load_config
-    from loomcore.errors import Diverged, InputError
+    from loomcore.errors import Diverged
     from tasks.proc import REPEATS_EXIT, StageTimeout
 
     overrides = args.overrides + (getattr(args, "switched", None) or [])
@@ -87,6 +89,10 @@ def stage_flow(name: str) -> Callable[[Callable], Flow]:
       labels a deployment's run as run_stage_flow labels the others (tags, the profile it runs);
     - reports its own module's hash as its version, as a plain `@flow` does (Prefect hashes the
       file of the function it wraps: here that would be this file's lock wrapper);
+    - fails on a refused config or input (loomcore.errors.InputError) with its message in one line,
+      as the command line prints it, not with a traceback through our code in the run's log (a
+      deployment's process still logs Prefect's own few frames as it exits); the caller still gets
+      the InputError (stage_main: exit 2);
     - documents `profile` and `overrides` in its docstring's Args (STAGE_ARGS): the deployment's
       description and run form in the UI show them."""
 
@@ -96,6 +102,14 @@ def stage_flow(name: str) -> Callable[[Callable], Flow]:
 
         @functools.wraps(flow_fn)
         def run(*args, **kwargs):
+            try:
+                return in_run(*args, **kwargs)
+            except InputError as e:  # the run's final state: calling the flow raises `e` again (without
+                # our frames: a deployment's process logs the exception it raises as it exits)
+                get_run_logger().error("%s: %s", type(e).__name__, e)
+                return Failed(message=f"{type(e).__name__}: {e}", data=e.with_traceback(None))
+
+        def in_run(*args, **kwargs):
             ctx = FlowRunContext.get()
             if ctx is None or ctx.flow_run is None or ctx.flow_run.deployment_id is None:
                 return flow_fn(*args, **kwargs)

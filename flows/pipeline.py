@@ -190,7 +190,7 @@ def pipeline_flow(
         + f"## Outputs in the checkout (each as the last run of its stage left it)\n\n{outputs_links(root)}\n"
     )
     publish_markdown("pipeline-summary", md, "What the pipeline run did, with links to its outputs")
-    log.info("pipeline done: %s", json.dumps(rows))
+    log.info("pipeline done: %s", " · ".join(f"{r['stage']} {r['dvc']} ({r['seconds']:g} s)" for r in rows))
     return {"stages": rows, "timings": [{"stage": r["stage"], "seconds": r["seconds"]} for r in rows], "missing": missing}
 
 

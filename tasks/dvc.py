@@ -150,16 +150,19 @@ def _lock_error(tail: Sequence[str]) -> Optional[str]:
 
 
 def run_dvc(args: Sequence[str], repo: Path | str = ".", timeout: Optional[float] = None,
-            on_line: Optional[Callable[[str], None]] = None) -> int:
+            on_line: Optional[Callable[[str], None]] = None, stage: Optional[str] = None) -> int:
     """`dvc <args>` in `repo`, its output streamed to the run's log (and to `on_line`). Raises
-    DvcLocked when DVC's lock is held, SubprocessFailed / SubprocessTimeout otherwise."""
+    DvcLocked when DVC's lock is held, SubprocessFailed / SubprocessTimeout otherwise. With `stage`
+    (`dvc repro <stage>`), DVC's "didn't change, skipping" of the stages above it are DEBUG: an up-to-date
+    pipeline's log held each stage's whole chain, 45 such lines for 9 stages."""
     log = logger()
     cmd = [_dvc_exe(), *args]
     log.info("$ %s", " ".join(["dvc", *args]))
     level = LineLevels(prefect_info=logging.DEBUG)  # (a stage's own lines: its flow run has them)
 
     def line(text: str) -> None:
-        log.log(level(text), text)
+        upstream = stage is not None and (m := _SKIPPED.match(text)) is not None and m.group(1) != stage
+        log.log(logging.DEBUG if upstream else level(text), text)
         if on_line is not None:
             on_line(text)
 
@@ -214,7 +217,8 @@ def dvc_repro(stage: str, force: bool = False, repo: str = ".", timeout: Optiona
     """`dvc repro <stage>` (with its upstream stages, which DVC skips when up to date); `force`
     reruns this one stage only. Returns {"stage", "ran", "skipped", "restored"}."""
     lines: List[str] = []
-    run_dvc(["repro", *(["--force", "--single-item"] if force else []), stage], repo, timeout, on_line=lines.append)
+    run_dvc(["repro", *(["--force", "--single-item"] if force else []), stage], repo, timeout, on_line=lines.append,
+            stage=stage)
     return {"stage": stage, **parse_repro_log(lines)}
 
 

@@ -53,8 +53,8 @@ class LineLevels:
     shows a crashed rank's traceback: a Python traceback, from its first line to the exception's
     (chained ones too), is ERROR; torch's glog lines (`W1206 16:11:05.123 …`, E, F), Python's
     warnings, DVC's `ERROR:` / `WARNING:` and a Prefect console line (`… | WARNING | …`, a stage's
-    under DVC) keep their level; DVC's closing `dvc push` hint and a stage's one-line JSON summary
-    (its artifact shows it) are DEBUG; the rest INFO. A rank's
+    under DVC) keep their level; DVC's closing `dvc push` hint, a stage's one-line JSON summary
+    (its artifact shows it) and blank lines are DEBUG; the rest INFO. A rank's
     `[rank0]:` / `[default0]:` prefix is looked through. One instance per stream (tracebacks span lines).
 
     A progress bar's redraws (tqdm's, each a line once read) are INFO at its start, its end and
@@ -100,7 +100,7 @@ class LineLevels:
             return self._LEVELS[body.split(":", 1)[0]]
         if self._WARNING.match(body):
             return logging.WARNING
-        if body.startswith(("Use `dvc push` to send your updates", "[summary] {")):  # (the summary: its artifact)
+        if not body.strip() or body.startswith(("Use `dvc push` to send your updates", "[summary] {")):  # (the summary: its artifact)
             return logging.DEBUG
         return logging.INFO
 

@@ -424,6 +424,28 @@ def test_a_transient_stage_failure_is_retried(prefect_api, tmp_path):
     assert runs(repo) == ["curate", "cache", "cache"]  # the failed attempt, then the retry
 
 
+def test_an_up_to_date_stage_logs_its_own_skip_and_its_chains_at_debug(tmp_path, caplog):
+    """Each `dvc repro <stage>` task logged DVC's "didn't change, skipping" for every stage above it
+    too: an up-to-date pipeline's log held 45 such lines for 9 stages (a UI walk)."""
+    import logging
+
+    from tasks.dvc import dvc_repro
+
+    repo = make_fake_repo(tmp_path / "repo")
+    dvc_repro.fn("stage1", repo=str(repo))
+    log = logging.getLogger("loomvideo")  # tasks.common.logger outside a run; attached to it directly:
+    log.addHandler(caplog.handler)        # Prefect's logging set-up replaces the root's handlers
+    try:
+        with caplog.at_level(logging.DEBUG, logger="loomvideo"):
+            assert dvc_repro.fn("stage1", repo=str(repo))["skipped"] == ["curate", "cache", "stage1"]
+    finally:
+        log.removeHandler(caplog.handler)
+    skips = {r.getMessage(): r.levelno for r in caplog.records if "didn't change" in r.getMessage()}
+    assert skips == {"Stage 'curate' didn't change, skipping": logging.DEBUG,
+                     "Stage 'cache' didn't change, skipping": logging.DEBUG,
+                     "Stage 'stage1' didn't change, skipping": logging.INFO}, skips
+
+
 def test_a_refused_config_and_a_timeout_are_not_retried(prefect_api, tmp_path):
     """A stage command that exits 2 (a config or input it refuses) fails the same way every time, and
     a timed-out one would take as long again: one attempt each, where a crash gets its retries."""
@@ -460,14 +482,14 @@ def test_a_stage_exits_2_for_what_repeats_and_1_for_what_may_pass(prefect_api, c
     pass (botocore classes some throttling as a refusal)."""
     from prefect import flow
 
-    from flows.common import stage_main
+    from flows.common import stage_flow, stage_main
     from loomcore.data.schema import MetadataError
     from loomcore.train.faults import NonFiniteLossError
     from loomcore.storage import StoreError, StoreUnavailable
     from tasks.proc import StageTimeout
 
     def stage_raising(e):
-        @flow(name="toy")
+        @stage_flow("toy")
         def toy(profile=None, overrides=None):
             raise e
         return toy

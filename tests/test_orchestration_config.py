@@ -204,6 +204,7 @@ def test_a_crashed_processs_traceback_and_warnings_keep_their_level_in_the_log()
     assert levels["16:09:10.369 | WARNING | Task run 'x' - a stage's console line"] == logging.WARNING
     assert levels["Use `dvc push` to send your updates to remote storage."] == logging.DEBUG
     assert levels['[summary] {"stage": "stage1"}'] == logging.DEBUG
+    assert LineLevels()("") == LineLevels()("  \n") == logging.DEBUG  # (a blank INFO line in the pipeline's log)
     start = next(i for i, (_, text) in enumerate(logged) if text.startswith("Traceback"))
     tail = [(lv, text) for lv, text in logged[start:] if text]
     assert tail[-1] == (logging.ERROR, "ValueError: boom") and "KeyError: 'inner'" in [t for _, t in tail]

@@ -54,6 +54,7 @@ def test_the_readme_commands_deploy_and_a_triggered_pipeline_shows_one_run_tree(
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import (
         ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, FlowRunFilterId, FlowRunFilterParentTaskRunId,
+        LogFilter, LogFilterFlowRunId,
     )
     from prefect.deployments import run_deployment
 
@@ -120,6 +121,20 @@ def test_the_readme_commands_deploy_and_a_triggered_pipeline_shows_one_run_tree(
             busy = run_deployment("curate/curate", timeout=300, poll_interval=1)
         assert busy.state is not None and busy.state.is_failed(), busy.state
         assert "another pipeline run holds" in (busy.state.message or ""), busy.state.message
+        # a bad override from the UI's form: the run fails with the one line the command line prints,
+        # not with a traceback through our code (and then a second, of the process's exit)
+        bad = run_deployment("curate/curate", parameters={"overrides": ["data.nosuchkey=1"]}, timeout=300, poll_interval=1)
+        said = "ConfigError: override 'data.nosuchkey=1': unknown key 'data.nosuchkey'"
+        assert bad.state.is_failed() and bad.state.message.startswith(said), bad.state.message
+        with get_client(sync_client=True) as client:
+            def logged():  # (the server stores logs in batches)
+                now = [g.message for g in client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[bad.id])))]
+                return now if any(m.startswith(said) for m in now) else None
+
+            logs = wait_for(logged, 60, "the failed run's error line", every=0.5)
+        traced = [m for m in logs if "Traceback" in m]
+        assert len(traced) == 1 and traced[0].startswith("Engine execution exited") and "/loomcore/" not in traced[0] \
+            and "/flows/" not in traced[0], traced  # (the deployment's process exits with Prefect's own frames)
         run = run_deployment("pipeline/pipeline", parameters={"stages": STAGES}, timeout=400, poll_interval=1)
         assert run.state is not None and run.state.is_completed(), run.state
     finally:
