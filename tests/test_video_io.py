@@ -43,17 +43,25 @@ def test_write_video_is_deterministic(tmp_path):
     assert not list(tmp_path.glob(".*tmp*"))  # atomic write leaves nothing behind
 
 
-def test_read_video_resamples_to_the_target_fps(tmp_path):
-    _counting_video(tmp_path / "v.mp4", 16, 16)
+# Time bases: mp4/mov 1/16384 (exact), mkv 1/1000 (62.5 ms frames stored as whole milliseconds),
+# avi 1/fps (exact, but as coarse as the frame rate). (write_video writes no WebM.)
+@pytest.mark.parametrize("suffix", [".mp4", ".mov", ".mkv", ".avi"])
+def test_read_video_resamples_to_the_target_fps(tmp_path, suffix):
+    v = tmp_path / f"v{suffix}"
+    _counting_video(v, 16, 16)
     values = lambda v: [int(f[0, 0, 0]) // 10 for f in v]  # noqa: E731
-    assert values(read_video(tmp_path / "v.mp4", fps=8)) == [0, 2, 4, 6, 8, 10, 12, 14]  # every 2nd frame
-    assert values(read_video(tmp_path / "v.mp4", num_frames=3, fps=8)) == [0, 2, 4]  # first num_frames
-    assert values(read_video(tmp_path / "v.mp4", num_frames=5, fps=32)) == [0, 0, 1, 1, 2]  # repeated
-    assert values(read_video(tmp_path / "v.mp4", num_frames=4)) == [0, 1, 2, 3]  # native fps
-    assert probe(tmp_path / "v.mp4").frames_at(8) == 8
+    assert values(read_video(v, fps=8)) == [0, 2, 4, 6, 8, 10, 12, 14]  # every 2nd frame
+    assert values(read_video(v, num_frames=3, fps=8)) == [0, 2, 4]  # first num_frames
+    assert values(read_video(v, num_frames=5, fps=32)) == [0, 0, 1, 1, 2]  # repeated
+    assert values(read_video(v, num_frames=4)) == [0, 1, 2, 3]  # native fps
+    assert values(read_video(v, fps=16)) == list(range(16))
+    assert probe(v).frames_at(8) == 8
     with pytest.raises(MediaError, match=r"too short: 8 frames at 8 fps, 9 requested") as e:
-        read_video(tmp_path / "v.mp4", num_frames=9, fps=8)
+        read_video(v, num_frames=9, fps=8)
     assert e.value.code == "too_short"
+    # 25 -> 30 fps: target 1 (33.3 ms) falls a sixth of a frame before frame 1 (40 ms) and still shows frame 0
+    _counting_video(tmp_path / f"w{suffix}", 6, 25)
+    assert values(read_video(tmp_path / f"w{suffix}", fps=30)) == [0, 0, 1, 2, 3, 4, 5, 5]
 
 
 def test_image_round_trip(tmp_path):

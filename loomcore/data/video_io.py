@@ -174,6 +174,10 @@ def read_video(path, num_frames: Optional[int] = None, fps: Optional[float] = No
         src_fps = _stream_fps(stream)
         step = 1.0 / (fps or src_fps)
         want = start + num_frames if num_frames is not None else math.inf
+        # A timestamp is a whole tick of the time base (Matroska, WebM: a millisecond), so it and the
+        # first frame's may each be half a tick off the true time: a frame that close to the
+        # frame-rate grid is on it (never a quarter frame away: a base as coarse as the rate, AVI's).
+        snap = min(float(stream.time_base or 0), 0.25 / src_fps) + 1e-6
         prev, prev_rgb, prev_t, t0 = None, None, None, None  # the frame on screen, converted once kept
 
         def emit() -> None:
@@ -188,6 +192,8 @@ def read_video(path, num_frames: Optional[int] = None, fps: Optional[float] = No
                 t = frame.time if frame.time is not None else i / src_fps  # no timestamps: the frame's index
                 t0 = t if t0 is None else t0
                 t -= t0
+                on_grid = round(t * src_fps) / src_fps
+                t = on_grid if abs(t - on_grid) <= snap else t
                 # `prev` is the frame on screen at every target time before this frame's time.
                 while prev is not None and k < want and k * step < t - 1e-6:
                     emit()
