@@ -107,6 +107,47 @@ def test_truncated_files(tmp_path):
     assert e.value.code in ("truncated", "undecodable")
 
 
+def test_a_network_timeout_while_decoding_is_not_a_corrupt_file(tmp_path, monkeypatch):
+    """An NFS timeout inside Pillow's or PyAV's decoding stays an OSError (the curator re-raises it
+    and the stage is retried), not a MediaError that would reject the row for good."""
+    import errno
+
+    import av
+    from PIL import Image
+
+    write_video(tmp_path / "a.mp4", _frames(), 8)
+    write_image(tmp_path / "a.png", _frames(1)[0])
+    decode = av.container.InputContainer.decode
+
+    def decode_then_time_out(self, *args, **kwargs):
+        yield next(decode(self, *args, **kwargs))
+        raise OSError(errno.ETIMEDOUT, "Connection timed out")
+
+    def load_times_out(self):
+        raise OSError(errno.ETIMEDOUT, "Connection timed out")
+
+    monkeypatch.setattr(av.container.InputContainer, "decode", decode_then_time_out)
+    monkeypatch.setattr(Image.Image, "load", load_times_out)
+    for read, name in ((probe, "a.mp4"), (read_video, "a.mp4"), (probe, "a.png"), (read_image, "a.png")):
+        with pytest.raises(OSError) as e:
+            read(tmp_path / name)
+        assert e.value.errno == errno.ETIMEDOUT and not isinstance(e.value, MediaError)
+
+
+def test_a_bug_in_our_per_frame_code_is_not_a_corrupt_file(tmp_path, monkeypatch):
+    from loomcore.data import video_io
+
+    write_video(tmp_path / "a.mp4", _frames(), 8)
+
+    def broken(frame):
+        raise AttributeError("a bug of ours")
+
+    monkeypatch.setattr(video_io, "_quarter_turns", broken)
+    for read in (probe, read_video, lambda p: video_io.read_video_release(p, 8, 5, 4)):
+        with pytest.raises(AttributeError, match="a bug of ours"):
+            read(tmp_path / "a.mp4")
+
+
 def test_writers_refuse_wrong_input(tmp_path):
     with pytest.raises(ValueError, match=r"expected uint8"):
         write_video(tmp_path / "a.mp4", np.zeros((2, 8, 8, 3), np.float32), 8)

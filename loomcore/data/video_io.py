@@ -1,7 +1,8 @@
 """Reading, probing and writing media: mp4 (and other containers) through PyAV, images through Pillow.
 
 Every failure to read a file is a `MediaError(path, reason, code)` — the curator turns it into a
-reject row with `code` as the reason — never a bare PyAV/Pillow exception.
+reject row with `code` as the reason — never a bare PyAV/Pillow exception; but a network
+filesystem's transient error (`storage.is_transient`) stays itself, so the stage is retried.
 
 Videos are written losslessly where the bundled ffmpeg allows (H.264 in RGB, qp 0): the project
 scores generated and synthetic videos by their pixels, so a colour must come back as written.
@@ -21,6 +22,7 @@ import numpy as np
 import torch
 
 from loomcore.errors import InputError
+from loomcore.storage import is_transient
 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm", ".avi")
 WRITABLE_VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".avi")  # the containers write_video's encoders go in (WebM: VP8/9, AV1)
@@ -89,11 +91,29 @@ def _open_video(path: Path):
     try:
         container = av.open(str(path))
     except Exception as e:  # av.error.*: say which file and why
+        if is_transient(e):
+            raise
         raise _av_error(path, e) from None
     if not container.streams.video:
         container.close()
         raise MediaError(path, "no video stream", "no_video_stream")
     return container
+
+
+def _decoded(path: Path, container, stream):
+    """The stream's frames: the decoder's errors become the file's MediaError, the caller's
+    per-frame code stays outside (a bug of ours is not a corrupt file)."""
+    frames = container.decode(stream)
+    while True:
+        try:
+            frame = next(frames)
+        except StopIteration:
+            return
+        except Exception as e:  # av.error.*
+            if is_transient(e):
+                raise
+            raise _av_error(path, e) from None
+        yield frame
 
 
 def _stream_fps(stream) -> float:
@@ -132,18 +152,15 @@ def probe(path) -> MediaInfo:
         declared = int(stream.frames or 0)
         width, height = stream.codec_context.width, stream.codec_context.height
         first_t = last_t = None
-        try:
-            n = 0
-            for frame in container.decode(stream):
-                n += 1
-                width, height = frame.width, frame.height
-                if _quarter_turns(frame) % 2:
-                    width, height = height, width
-                if frame.time is not None:
-                    first_t = frame.time if first_t is None else first_t
-                    last_t = frame.time
-        except Exception as e:
-            raise _av_error(path, e) from None
+        n = 0
+        for frame in _decoded(path, container, stream):
+            n += 1
+            width, height = frame.width, frame.height
+            if _quarter_turns(frame) % 2:
+                width, height = height, width
+            if frame.time is not None:
+                first_t = frame.time if first_t is None else first_t
+                last_t = frame.time
         # Fewer frames than the container counts is a truncated file only if they also end early:
         # an edit list (a clip cut with `ffmpeg -ss … -c copy`) drops lead-in frames it still counts.
         declared_s = float(stream.duration * stream.time_base) if stream.duration and stream.time_base else None
@@ -187,24 +204,21 @@ def read_video(path, num_frames: Optional[int] = None, fps: Optional[float] = No
                 out.append(prev_rgb)
             k += 1
 
-        try:
-            for i, frame in enumerate(container.decode(stream)):
-                t = frame.time if frame.time is not None else i / src_fps  # no timestamps: the frame's index
-                t0 = t if t0 is None else t0
-                t -= t0
-                on_grid = round(t * src_fps) / src_fps
-                t = on_grid if abs(t - on_grid) <= snap else t
-                # `prev` is the frame on screen at every target time before this frame's time.
-                while prev is not None and k < want and k * step < t - 1e-6:
-                    emit()
-                if k >= want:
-                    break
-                prev, prev_rgb, prev_t = frame, None, t
-            if prev is not None:  # the last frame lasts one source frame interval
-                while k < want and k * step < prev_t + 1.0 / src_fps - 1e-6:
-                    emit()
-        except Exception as e:
-            raise _av_error(path, e) from None
+        for i, frame in enumerate(_decoded(path, container, stream)):
+            t = frame.time if frame.time is not None else i / src_fps  # no timestamps: the frame's index
+            t0 = t if t0 is None else t0
+            t -= t0
+            on_grid = round(t * src_fps) / src_fps
+            t = on_grid if abs(t - on_grid) <= snap else t
+            # `prev` is the frame on screen at every target time before this frame's time.
+            while prev is not None and k < want and k * step < t - 1e-6:
+                emit()
+            if k >= want:
+                break
+            prev, prev_rgb, prev_t = frame, None, t
+        if prev is not None:  # the last frame lasts one source frame interval
+            while k < want and k * step < prev_t + 1.0 / src_fps - 1e-6:
+                emit()
     finally:
         container.close()
     if not out:
@@ -229,6 +243,8 @@ def _load_pil(path: Path):
     except UnidentifiedImageError:
         raise MediaError(path, "not an image (Pillow cannot identify it)", "not_image") from None
     except Exception as e:  # OSError, SyntaxError, DecompressionBombError…: one bad file, not a crash
+        if is_transient(e):
+            raise
         code = "truncated" if "truncated" in str(e).lower() else "undecodable"
         raise MediaError(path, f"corrupt image ({e})", code) from None
     return ImageOps.exif_transpose(img)
@@ -392,15 +408,12 @@ def read_video_release(path, fps: float, max_frames: int, temporal_factor: int) 
         reach = int(src_fps * (max_frames - 1) / fps) + 1
         wanted = set(release_frame_indices(src_fps, reach, fps, max_frames, temporal_factor))
         n = 0
-        try:
-            for frame in container.decode(stream):
-                if n in wanted:
-                    kept[n] = _rgb(frame)
-                n += 1
-                if n >= reach:
-                    break
-        except Exception as e:
-            raise _av_error(path, e) from None
+        for frame in _decoded(path, container, stream):
+            if n in wanted:
+                kept[n] = _rgb(frame)
+            n += 1
+            if n >= reach:
+                break
     finally:
         container.close()
     if n == 0:
