@@ -181,6 +181,23 @@ def test_unreadable_or_absent_metadata(data, tmp_path, cfg):
         curate(cfg, str(root), root, tmp_path / "out", progress=False, metadata="nope.csv")
 
 
+def test_a_csv_quote_left_open_is_an_error_at_its_line_and_a_huge_caption_a_reject(data, tmp_path, cfg):
+    """A quote never closed swallowed every row after it into one caption; a caption over csv's
+    128 KiB field limit failed the whole file, naming no line."""
+    root, good = data
+    t2i = next(r for r in good if r["task"] == "t2i")
+    _write_csv(root / "meta.csv", good[:3] + [dict(t2i, id="long", caption="a red circle " * 11000)])  # 143 kB
+    s = curate(cfg, str(root), root, tmp_path / "out", progress=False, metadata="meta.csv")
+    assert [(r["id"], r["reason"]) for r in _read(tmp_path / "out", "rejects.parquet")] == [("long", "caption_too_long")]
+    assert s["rows_in"] == 4 and s["kept"]["total"] == 3
+
+    lines = (root / "meta.csv").read_text().splitlines(keepends=True)
+    lines.insert(2, f'open,t2i,{t2i["media"]},"a caption whose quote never closes,,\n')  # line 3
+    (root / "meta.csv").write_text("".join(lines[:5]))
+    with pytest.raises(schema.MetadataError, match=r"meta\.csv: line 3: unreadable csv metadata \(unexpected end of data\)"):
+        curate(cfg, str(root), root, tmp_path / "out2", progress=False, metadata="meta.csv")
+
+
 def test_a_source_that_is_not_there_or_outside_the_data_root_is_refused(data, tmp_path, cfg):
     """A mistyped source was a FileNotFoundError (a crash: retried twice); a local source folder
     outside the data root curated, then rejected every row as media_missing (its media are read

@@ -159,7 +159,8 @@ def read_metadata(path: Path) -> List[Raw]:
 
     CSV and JSONL are decoded with `surrogateescape`: a byte that is not UTF-8 survives as a lone
     surrogate in its own field, which `normalize_row` turns into that row's `bad_text` reject —
-    one bad row must not cost the file (nor shift the other rows' indices)."""
+    one bad row must not cost the file (nor shift the other rows' indices). A CSV is parsed strictly:
+    a quote left open is an error naming its line, not a caption that swallows the rows after it."""
     path = Path(path)
     if not path.is_file():
         raise MetadataError(f"{path}: metadata file not found")
@@ -172,12 +173,24 @@ def read_metadata(path: Path) -> List[Raw]:
             _missing(path, table.column_names)
             return _no_rows(path, table.to_pylist())
         if suffix == ".csv":
+            # (process-wide) a caption past csv's default 128 KiB is its row's caption_too_long, not the file's error
+            csv.field_size_limit(max(csv.field_size_limit(), 16 << 20))
             # utf-8-sig: a spreadsheet's byte-order mark must not rename the first column
             with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
-                reader = csv.DictReader(f)
-                _missing(path, reader.fieldnames or [])
-                # surplus cells (more than the header) land under the key None
-                return _no_rows(path, [{("_extra" if k is None else k): v for k, v in row.items()} for row in reader])
+                # strict: an unclosed quote fails the file at its row instead of swallowing the rows after it
+                reader = csv.DictReader(f, strict=True)
+                records, start = [], 1  # start: the line the next row begins on
+                try:
+                    _missing(path, reader.fieldnames or [])
+                    start = reader.line_num + 1
+                    for row in reader:
+                        # surplus cells (more than the header) land under the key None
+                        records.append({("_extra" if k is None else k): v for k, v in row.items()})
+                        start = reader.line_num + 1
+                except csv.Error as e:
+                    raise MetadataError(f"{path}: line {start}: unreadable csv metadata ({e}); a field that opens "
+                                        'with a quote must close with one, a quote inside it doubled ("")') from None
+                return _no_rows(path, records)
         rows: List[Raw] = []
         seen_columns: set = set()
         with open(path, encoding="utf-8-sig", errors="surrogateescape") as f:  # (a BOM, as for CSV)
