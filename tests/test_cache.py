@@ -488,6 +488,21 @@ def test_rows_over_the_mllm_token_limit_are_skipped_with_why(tiny_workspace, tmp
     assert not kept & {r["id"] for r in too_long}
 
 
+def test_a_bug_in_our_resize_fails_the_stage_not_skips_the_row(tiny_workspace, tmp_path, monkeypatch, one_cpu_thread):
+    """A row is skipped for its media (a MediaError: a clip too short at this resolution); a
+    ValueError from our own code once made every row a "skipped" row and the stage pass."""
+    import loomcore.train.cache as cache
+
+    cfg, _ = tiny_workspace
+
+    def broken(frames, size):
+        raise ValueError("a bug of ours")
+
+    monkeypatch.setattr(cache, "resize_center_crop", broken)
+    with pytest.raises(ValueError, match="a bug of ours"):
+        build_cache(cfg, out_dir=tmp_path / "cache", progress=False)
+
+
 def test_a_long_clip_is_cut_where_its_id_says_source_and_target_alike(tiny_workspace, tmp_path):
     """A clip longer than video.frames gives the cache a window at a fraction of its room drawn
     from the sample's id (the release draws it per read), not always its opening frames; an edit's

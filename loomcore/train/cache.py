@@ -445,7 +445,7 @@ def _encode_chunk(cfg, chunk, res, media, codec, encoder, mode, dtype, bytes_by_
             source = media.frames(row["source"], spec.output, res, size, row["id"],
                                   row.get("source_frames_at_fps")) if row["source"] else None
             refs = [media.reference(r, res) for r in row["refs"]]
-        except ValueError as e:  # e.g. a video too short for this resolution's frame count
+        except InputError as e:  # MediaError: e.g. a video too short for this resolution's frame count
             skipped.append({"id": row["id"], "resolution": res, "reason": str(e)})
             continue
         text = row["caption"] or ""
