@@ -201,6 +201,32 @@ def test_a_rerun_that_resumes_every_shard_changes_nothing(tiny_workspace, cache_
     assert stage_run_dir(_with_cache(cfg, out), "stage1", Path(cfg.models.transformer)) != key
 
 
+def test_a_resumed_run_hashes_each_shard_once(tiny_workspace, cache_dir, tmp_path, monkeypatch):
+    """Resuming checks a shard's sha256; the end of the run checked every shard again (at paper
+    scale, reading the whole cache twice each nightly run)."""
+    import shutil
+    from collections import Counter
+
+    import loomcore.train.cache as cache
+    from loomcore.data import shards
+    from loomcore.data.loader import file_sha256
+
+    cfg, _ = tiny_workspace
+    out = tmp_path / "cache"
+    shutil.copytree(cache_dir, out)
+    calls = Counter()
+
+    def counting(path):
+        calls[Path(path).name] += 1
+        return file_sha256(path)
+
+    monkeypatch.setattr(shards, "file_sha256", counting)
+    monkeypatch.setattr(cache, "file_sha256", counting)
+    summary = build_cache(cfg, out_dir=out, progress=False)
+    assert summary["complete"] and summary["shards_skipped"] == summary["shards"]
+    assert calls == Counter({p.name: 1 for p in out.glob("*.safetensors")})  # the null context's included
+
+
 def test_resume_rewrites_a_corrupted_shard_and_null_context(tiny_workspace, cache_dir, tmp_path):
     import shutil
 

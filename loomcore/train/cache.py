@@ -199,6 +199,13 @@ class _Destination:
             return True, f"the store holds it with sha256 {stored}, its index part says {recorded}"
         return True, None
 
+    def done(self, name: str) -> bool:
+        """`state(name)[0]` without hashing a local shard again: every rank checked (resumed) or
+        wrote its shards in this run, and a second sha256 read the whole cache twice."""
+        if self.remote is None:
+            return shards.shard_done(self.dir, name)
+        return self.state(name)[0]  # (fetches the index part into the staging folder, for the index)
+
     def written(self, name: str) -> None:
         """Shard `name` was just written into `dir`: push it, then its part; drop the staged shard."""
         if self.remote is not None:
@@ -339,7 +346,7 @@ def build_cache(
         return {"rank": rank, "shards": len(mine), "shards_written": written, "shards_skipped": resumed,
                 "shards_rewritten": rewritten, "timing": {"seconds": round(time.monotonic() - t0, 3)}}
     dest.refresh()
-    finished = [w[0] for w in work if dest.state(w[0])[0]]
+    finished = [w[0] for w in work if dest.done(w[0])]
     complete = len(finished) == len(work)
     run = {  # what this run did: returned and logged, never written into the out
         "complete": complete,
