@@ -115,7 +115,7 @@ def test_count_motion_background_and_reference_react_to_their_mistakes(shapes):
     backwards = t.target[::-1].copy()  # same shapes, moving the other way
     s = sb.score_sample(backwards, t, SCORING)
     assert s["motion"] == 0.0 and s["colour"] == 1.0
-    assert sb.score_sample(np.repeat(t.target[:1], 9, 0), t, SCORING)["motion"] == 0.0  # a still
+    assert sb.score_sample(np.repeat(t.target[:1], len(t.target), 0), t, SCORING)["motion"] == 0.0  # a still
     scene = copy.deepcopy(truth[r["id"]]["target"])
     other = next(c for c in PALETTE if c not in {scene["background"], *(x["color"] for x in scene["shapes"])})
     scene.update(background=other, background_rgb=list(PALETTE[other]))
@@ -140,6 +140,19 @@ def test_edit_preservation_measures_only_the_unedited_region(shapes):
     noisy = np.clip(t.target.astype(int) + rng.normal(0, 20, t.target.shape).round().astype(int), 0, 255).astype(np.uint8)
     s = sb.score_sample(noisy, t, SCORING)
     assert 20 < s["psnr"] < 30 and s["ssim"] < 0.9  # σ = 20 of 255: PSNR ≈ 22 dB
+
+
+def test_frames_other_than_the_ground_truths_are_our_bug_not_scored(shapes):
+    """The pipeline was asked for the ground truth's frame count: one frame short or one too many
+    is our bug and fails loudly (the extra frames were cut off unnoticed)."""
+    _, _, rows, truth = shapes
+    r = _first(rows, truth, lambda r, g: r["task"] == "t2v")
+    t = _truth(r, truth)
+    n = len(t.target)
+    for frames in (t.target[:-1], np.concatenate([t.target, t.target[-1:]])):
+        with pytest.raises(RuntimeError, match=rf"^{r['id']}: generated frames \({len(frames)}, .*expected the "
+                                               rf"ground truth's \({n}, "):
+            sb.score_sample(frames, t, SCORING, r["id"])
 
 
 def test_median_filter_invents_no_edge_colour_and_components_are_counted():

@@ -153,7 +153,7 @@ def run_shapesbench(pipe, cfg: Config, model: str, rows: Sequence[dict], truth: 
                                seed=sample_seed(e.seed, r["id"], k), negative_prompt=cfg.guidance.negative_prompt)
                 if gen.source is not None:
                     t.source = gen.source  # compare with what the model was given
-                scores = sb.score_sample(gen.frames, t, scoring)
+                scores = sb.score_sample(gen.frames, t, scoring, sid)
                 scores["score"] = sb.unit_mean(scores)
                 scored = [_row(model, "shapesbench", sid, r["task"], r["task"], m, v, r["caption"])
                           for m, v in scores.items() if not math.isnan(v)]

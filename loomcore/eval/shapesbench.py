@@ -262,12 +262,14 @@ def _motion(blobs: torch.Tensor, truth: Truth) -> float:
     return float(along >= 0.5 * truth.travel_px and along > across)
 
 
-def score_sample(frames: np.ndarray, truth: Truth, scoring: ShapesScoring) -> Dict[str, float]:
-    """Every metric of METRICS for one generated sample (uint8 [F, h, w, 3]); NaN = not asked."""
+def score_sample(frames: np.ndarray, truth: Truth, scoring: ShapesScoring,
+                 sample: str = "a sample") -> Dict[str, float]:
+    """Every metric of METRICS for one generated sample (uint8 [F, h, w, 3], exactly the ground
+    truth's frames and size); NaN = not asked."""
     frames = np.asarray(frames)
-    if frames.shape[1:] != truth.target.shape[1:] or frames.shape[0] < truth.target.shape[0]:
-        raise ValueError(f"generated frames {frames.shape} do not match the ground truth {truth.target.shape}")
-    frames = frames[: truth.target.shape[0]]
+    if frames.shape != truth.target.shape:  # the pipeline was asked for this shape: any other is our bug
+        raise RuntimeError(f"{sample}: generated frames {frames.shape}, expected the ground truth's "
+                           f"{truth.target.shape}")
     out = dict.fromkeys(METRICS, float("nan"))
     labels = palette_labels(frames, scoring)
     out["background"] = float(commonest_colour(labels) == truth.background)  # no palette pixel at all: 0
