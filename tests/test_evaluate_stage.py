@@ -152,6 +152,47 @@ def test_malformed_benchmark_index_names_the_line(tmp_path):
         read_benchmark(str(tmp_path), "refvie")
 
 
+def test_a_benchmark_field_of_the_wrong_type_or_range_names_the_line_and_field(tmp_path):
+    """A string num_frames crashed generation later with a TypeError naming no row, a ref that is
+    no path crashed reading, a background_ref past the refs was judged with the background
+    template and no medium labelled background, and an id 0 was refused as missing."""
+    def index(name, *rows):
+        (tmp_path / name).mkdir(exist_ok=True)
+        (tmp_path / name / "index.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    t2v = {"task": "t2v", "prompt": "a red circle"}
+    index("vbench", {"id": 0, **t2v}, {"id": "b", **t2v, "num_frames": 9})
+    zero, nine = read_benchmark(str(tmp_path), "vbench")
+    assert (zero.id, zero.num_frames, nine.num_frames) == ("0", None, 9)
+    for bad, why in [({"num_frames": "81"}, "num_frames: expected an integer >= 1, got '81'"),
+                     ({"num_frames": 0}, "num_frames: expected an integer >= 1, got 0"),
+                     ({"num_frames": True}, "num_frames: expected an integer >= 1, got True"),
+                     ({"prompt": ["a"]}, "prompt: expected a string, got ['a']"),
+                     ({"category": ["t2v"]}, "category: expected a string, got ['t2v']"),
+                     ({"id": None}, "missing id"), ({"id": ""}, "missing id"),
+                     ({"id": 1.5}, "id: expected a string or an integer, got 1.5"),
+                     ({"id": True}, "id: expected a string or an integer, got True")]:
+        index("vbench", {"id": "a", **t2v}, {"id": "b", **t2v, **bad})
+        with pytest.raises(ValueError, match=re.escape(f"index.jsonl:2: {why}")):
+            read_benchmark(str(tmp_path), "vbench")
+    index("openve", {"id": "s", "task": "tv2v", "category": "local_change", "prompt": "x", "source": 3})
+    with pytest.raises(ValueError, match=re.escape("index.jsonl:1: source: expected a string, got 3")):
+        read_benchmark(str(tmp_path), "openve")
+
+    mi2v = {"id": "m", "task": "mi2v", "category": "mi2v_2subjects", "prompt": "@Figure 1 on @Figure 2",
+            "refs": ["a.png", "b.png"]}
+    index("intelligentvbench", {**mi2v, "background_ref": 2})
+    assert read_benchmark(str(tmp_path), "intelligentvbench")[0].background_ref == 2
+    for bad, why in [({"background_ref": 5}, "background_ref: expected which of its 2 refs is the background "
+                                             "(an integer from 1, @Figure order), got 5"),
+                     ({"background_ref": 0}, "background_ref: expected which of its 2 refs"),
+                     ({"background_ref": "2"}, "background_ref: expected which of its 2 refs"),
+                     ({"refs": ["a.png", 3]}, "refs: expected a list of paths, got ['a.png', 3]")]:
+        index("intelligentvbench", {**mi2v, **bad})
+        with pytest.raises(ValueError, match=re.escape(f"index.jsonl:1: {why}")):
+            read_benchmark(str(tmp_path), "intelligentvbench")
+
+
 def _release_benchmarks(root: Path) -> Path:
     """The authors' benchmark layout (configs/dataset/benchmarks.yaml + single JSONs + media), with
     the keys their evaluation processors and judges read, over a few written media files."""

@@ -7,7 +7,7 @@ Layout (a local folder or an s3:// prefix, `eval.benchmarks.root`):
     <root>/<benchmark>/<media…>         source videos / images and reference images, paths as
                                         written in the index, relative to <root>/<benchmark>/
 
-    {"id": "openve-0001",              unique within the benchmark
+    {"id": "openve-0001",              unique within the benchmark (an integer is kept as its string)
      "task": "tv2v",                   what the model makes: t2v | tv2v | tvr2v | mi2v
      "category": "local_change",       the judge template (prompts.TEMPLATES[benchmark]); vbench: "t2v"
      "prompt": "replace the cat …",    the caption / instruction ("@Figure k" names reference k)
@@ -104,9 +104,14 @@ def read_benchmark(root: str, name: str, limit: int = 0, s3_settings: Optional[S
             raise _row_error(index, n, f"not JSON ({e})") from None
         if not isinstance(row, dict):
             raise _row_error(index, n, "expected a JSON object")
-        missing_keys = [k for k in ("id", "task", "prompt") if not row.get(k)]
+        missing_keys = [k for k in ("id", "task", "prompt") if k not in row or row[k] in (None, "")]
         if missing_keys:
             raise _row_error(index, n, f"missing {', '.join(missing_keys)}")
+        if isinstance(row["id"], bool) or not isinstance(row["id"], (str, int)):
+            raise _row_error(index, n, f"id: expected a string or an integer, got {row['id']!r}")
+        for key in ("prompt", "category", "source"):
+            if row.get(key) is not None and not isinstance(row[key], str):
+                raise _row_error(index, n, f"{key}: expected a string, got {row[key]!r}")
         if str(row["id"]) in seen:  # as the sample keeps it: 1 and "1" are one id (one journal entry, one seed)
             raise _row_error(index, n, f"duplicate id {row['id']!r}")
         seen.add(str(row["id"]))
@@ -116,8 +121,16 @@ def read_benchmark(root: str, name: str, limit: int = 0, s3_settings: Optional[S
         if name in TEMPLATES and category not in TEMPLATES[name]:
             raise _row_error(index, n, f"category {category!r}: expected one of {', '.join(TEMPLATES[name])}")
         refs = row.get("refs") or []
-        if not isinstance(refs, list):
+        if not isinstance(refs, list) or not all(isinstance(r, str) for r in refs):
             raise _row_error(index, n, f"refs: expected a list of paths, got {refs!r}")
+        background = row.get("background_ref")
+        if background is not None and (isinstance(background, bool) or not isinstance(background, int)
+                                       or not 1 <= background <= len(refs)):
+            raise _row_error(index, n, f"background_ref: expected which of its {len(refs)} refs is the background "
+                                       f"(an integer from 1, @Figure order), got {background!r}")
+        frames = row.get("num_frames")
+        if frames is not None and (isinstance(frames, bool) or not isinstance(frames, int) or frames < 1):
+            raise _row_error(index, n, f"num_frames: expected an integer >= 1, got {frames!r}")
         needs_source, needs_refs = row["task"] in ("tv2v", "tvr2v"), row["task"] in ("tvr2v", "mi2v")
         if needs_source != bool(row.get("source")) or needs_refs != bool(refs):
             raise _row_error(index, n, f"task {row['task']}: source {'required' if needs_source else 'not taken'}, "
@@ -132,7 +145,7 @@ def read_benchmark(root: str, name: str, limit: int = 0, s3_settings: Optional[S
         samples.append(BenchmarkSample(
             benchmark=name, id=str(row["id"]), task=row["task"], category=category, prompt=row["prompt"],
             source=folder / row["source"] if row.get("source") else None, refs=[folder / r for r in refs],
-            background_ref=row.get("background_ref"), num_frames=row.get("num_frames"), dimensions=tuple(dims),
+            background_ref=background, num_frames=frames, dimensions=tuple(dims),
             missing=[str(p) for p in paths if not p.is_file()],
         ))
         if limit and len(samples) >= limit:
