@@ -97,6 +97,23 @@ def test_a_wrong_key_is_a_refused_request_and_the_session_serves_the_profile_jud
         assert result.ok
 
 
+def test_a_request_the_stand_in_cannot_read_fails_the_session(tiny_workspace, samples):
+    """Its only client is ours, so a request it answers 400 is our bug — here a template whose
+    answer-format line changed, so that the prompt names no score dimension. It was one more
+    failure row, and the stage passed."""
+    cfg, _ = tiny_workspace
+    s, truth, refs = samples[0]
+    template = runner._template(s)
+    prompt = template.render(s.prompt).replace("a whole number from 1 to 5", "an integer from 1 to 5")
+    assert prompt != template.render(s.prompt)
+    media = runner._judge_media(s, runner.Generation(truth.target, truth.source, refs))
+    with pytest.raises(RuntimeError, match=r"failed on 1 request.*could not read \(answered HTTP 400\): "
+                                           r"the prompt names no score dimension"):
+        with judge_session(cfg) as judge:
+            result = ask(judge, prompt, media, template.dimensions, 1)
+            assert not result.ok and "request refused (HTTP 400" in result.failure
+
+
 def test_a_bug_in_the_stand_in_fails_the_stage_and_a_background_is_no_shape(tiny_workspace, samples, monkeypatch):
     """The stand-in answered its own exceptions as refused requests (400) or a dropped connection:
     each judged sample became a failure row and the stage passed. And "on a green background"

@@ -288,7 +288,7 @@ class ShapesJudgeServer:
     def __init__(self, scoring: ShapesScoring = ShapesScoring()):
         self.scoring, self.api_key = scoring, secrets.token_hex(16)
         self.requests = 0
-        self.errors: List[BaseException] = []  # the program's own failures while rating (bugs, not input)
+        self.errors: List[BaseException] = []  # its own failures while rating, requests it could not read: bugs
         judge = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -312,6 +312,8 @@ class ShapesJudgeServer:
                     body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
                     request = Request(body)
                 except (ValueError, KeyError) as e:
+                    # the only client is ours (OpenAICompatibleJudge, our templates): its mistake is our bug
+                    judge.errors.append(ValueError(f"a request it could not read (answered HTTP 400): {e}"))
                     return self._send(400, {"error": {"message": str(e)}})
                 try:
                     text = answer(request, rate(request, judge.scoring))
