@@ -19,8 +19,9 @@ import yaml
 
 from loomcore.config import REPO_ROOT, load_config
 from loomcore.export import (COMPLETE, ExportExists, PublishError, check_export_folder, download_version, dvc_md5,
-                             export_pipeline, find_pickles, flatten_metrics, list_versions, promotion_gate,
-                             publish_export, read_export_info, read_latest, resolve_source, resolve_version)
+                             export_pipeline, find_pickles, flatten_metrics, list_versions, load_metrics,
+                             promotion_gate, publish_export, read_export_info, read_latest, resolve_source,
+                             resolve_version)
 from loomcore.errors import InputError
 from loomcore.storage import S3Settings, inputs_fingerprint, s3_client
 
@@ -389,6 +390,25 @@ def test_gate_directions_tolerance_and_missing_metrics():
     assert base.promote and {c.key: c.verdict for c in base.comparisons}["shapesbench_base.score"] == "reference"
     assert not promotion_gate({**latest, "shapesbench.score": 0.01}, {**latest, "shapesbench.score": 0.05}, 0.01,
                               LOWER).promote  # the model's own score does
+
+
+def test_non_finite_metrics_are_refused_and_a_non_finite_latest_blocks_the_gate(tmp_path):
+    """NaN / Infinity in a metrics file were read as metrics (a first version with them was
+    promoted), and any value passed against a NaN or infinite latest."""
+    path = tmp_path / "metrics.json"
+    path.write_text(json.dumps({"vbench": {"quality": math.nan, "fine": 0.5}, "recon": {"mse": math.inf}}))
+    with pytest.raises(InputError, match=re.escape(f"metrics file {path}: vbench.quality = nan, recon.mse = inf: "
+                                                   "expected finite numbers")):
+        load_metrics(path)
+    path.write_text(json.dumps({"vbench": {"quality": 0.8}, "recon": {"mse": None}}))
+    assert load_metrics(path) == {"vbench.quality": 0.8}  # null: no value
+    for old, direction in [(math.nan, "higher"), (math.inf, "higher"), (-math.inf, "higher"), (math.inf, "lower")]:
+        key = "vbench.quality" if direction == "higher" else "recon.mse"
+        d = promotion_gate({key: 0.8}, {key: old}, 0.01, LOWER, "v1")
+        assert not d.promote and [c.verdict for c in d.comparisons] == ["not finite"]
+        assert d.reasons == [f"{key}: the latest's value is {old}, not finite: no value can be shown no worse than it "
+                             "(new 0.8)"]
+    assert promotion_gate({"shapesbench_base.score": 0.8}, {"shapesbench_base.score": math.nan}, 0.01, LOWER).promote
 
 
 def test_the_card_marks_the_base_models_figures_as_a_reference():

@@ -12,7 +12,8 @@ on unrelated scales (VBench scores in [0, 1], judge scores in [0, 10], FVD in th
 one absolute number cannot fit them all. Consequences, on purpose:
 - a metric whose latest value is 0 allows no loss at all;
 - a metric of the latest that the new version lacks (or reports as NaN/inf) blocks promotion:
-  "no worse" cannot be shown;
+  "no worse" cannot be shown; so does a latest value that is NaN/inf (every value passed against
+  it). A metrics file with one is refused (`load_metrics`): the evaluate stage writes null;
 - metrics only the new version has are reported, never blocking;
 - the untrained base models' figures (the evaluate stage's "<benchmark>_base" sections, e.g.
   `shapesbench_base.score`) are there to compare with, not the exported model's: reported as
@@ -29,6 +30,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
+
+from loomcore.errors import InputError
 
 
 def flatten_metrics(tree, prefix: str = "") -> Dict[str, float]:
@@ -67,6 +70,10 @@ def load_metrics(path: Optional[Path | str]) -> Dict[str, float]:
     flat = flatten_metrics(tree)
     if not flat:
         raise ValueError(f"metrics file {path}: no numeric values in it")
+    bad = [f"{k} = {v}" for k, v in flat.items() if not math.isfinite(v)]
+    if bad:  # (JSON parsers read NaN / Infinity; no gate can show a version no worse than those)
+        raise InputError(f"metrics file {path}: {', '.join(bad)}: expected finite numbers "
+                         "(null, not NaN, for a metric without a value)")
     return flat
 
 
@@ -125,6 +132,11 @@ def promotion_gate(new: Dict[str, float], latest: Optional[Dict[str, float]], to
             continue
         if old is None:
             rows.append(MetricComparison(key, None, cur, direction, None, None, "new"))
+            continue
+        if not math.isfinite(old):  # any value is "no worse" than a NaN or an infinity: nothing shown
+            rows.append(MetricComparison(key, old, cur, direction, None, None, "not finite"))
+            reasons.append(f"{key}: the latest's value is {old}, not finite: no value can be shown no worse than it "
+                           f"(new {cur})")
             continue
         allowed = tolerance * abs(old)
         if cur is None:
