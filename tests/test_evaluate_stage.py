@@ -133,6 +133,32 @@ def test_benchmark_sets_from_disk_and_s3_with_a_missing_file(tiny_workspace, tmp
     assert journal.reused == 3 and len(both.seen) == 2  # the resumed run generated nothing
 
 
+def test_a_sheet_row_names_the_category_its_scores_are_filed_under(tiny_workspace, tmp_path):
+    """An MI2V sample with a background reference is judged with the `_bg` template and its score
+    rows are filed under "mi2v_2subjects_bg" (the report's column); its contact-sheet row said
+    "mi2v_2subjects"."""
+    from loomcore.data.video_io import write_image
+    from loomcore.pipeline import LoomVideoPipeline
+
+    cfg, _ = tiny_workspace
+    folder = tmp_path / "intelligentvbench"
+    (folder / "refs").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name in ("cat.png", "beach.png"):
+        write_image(folder / "refs" / name, rng.integers(0, 255, (32, 32, 3), dtype=np.uint8))
+    row = {"id": "m", "task": "mi2v", "category": "mi2v_2subjects", "prompt": "@Figure 1 plays on @Figure 2",
+           "refs": ["refs/cat.png", "refs/beach.png"], "background_ref": 2}
+    (folder / "index.jsonl").write_text(json.dumps(row) + "\n")
+    pipe = LoomVideoPipeline.from_config_models(cfg)
+    pipe.set_progress_bar_config(disable=True)
+    judge = Scripted('{"Multi-Subject and Background Consistency": 4, "Prompt Following": 3, '
+                     '"Overall Visual Quality": 2}')
+    out, sheet = run_benchmark(pipe, cfg, "model", read_benchmark(str(tmp_path), "intelligentvbench"), judge, None)
+    assert {r["category"] for r in out} == {"mi2v_2subjects_bg"} and all(r["failure"] is None for r in out)
+    (item,) = sheet
+    assert item.note == "m · mi2v_2subjects_bg · judge: 3.00"
+
+
 def test_malformed_benchmark_index_names_the_line(tmp_path):
     folder = tmp_path / "refvie"
     folder.mkdir()

@@ -270,7 +270,7 @@ def run_benchmark(pipe, cfg: Config, model: str, samples: Sequence[BenchmarkSamp
                 rows = [_row(model, s.benchmark, s.id, s.task, template.category, m, v, s.prompt, result.failure,
                              result.attempts, result.answer) for m, v in values.items()]
                 note = f"judge: {result.average:.2f}" if result.ok else "judge: FAILED"
-            item = SheetItem(s.prompt, gen.frames, gen.source, gen.references, f"{s.id} · {s.category} · {note}") \
+            item = SheetItem(s.prompt, gen.frames, gen.source, gen.references, f"{s.id} · {category} · {note}") \
                 if wants_sheet else None
             return rows, item
 
