@@ -89,10 +89,11 @@ def stage_flow(name: str) -> Callable[[Callable], Flow]:
       labels a deployment's run as run_stage_flow labels the others (tags, the profile it runs);
     - reports its own module's hash as its version, as a plain `@flow` does (Prefect hashes the
       file of the function it wraps: here that would be this file's lock wrapper);
-    - fails on a refused config or input (loomcore.errors.InputError) with its message in one line,
-      as the command line prints it, not with a traceback through our code in the run's log (a
-      deployment's process still logs Prefect's own few frames as it exits); the caller still gets
-      the InputError (stage_main: exit 2);
+    - fails on a refused config (checked before its tasks run), or an input its flow refuses
+      (loomcore.errors.InputError), with its message in one line as the command line prints it, not
+      with a traceback through our code in the run's log (a deployment's process still logs
+      Prefect's own few frames as it exits; an input a task without retries refuses, Prefect logs
+      with the task's traceback); the caller still gets the InputError (stage_main: exit 2);
     - documents `profile` and `overrides` in its docstring's Args (STAGE_ARGS): the deployment's
       description and run form in the UI show them."""
 
@@ -102,7 +103,12 @@ def stage_flow(name: str) -> Callable[[Callable], Flow]:
 
         @functools.wraps(flow_fn)
         def run(*args, **kwargs):
+            from loomcore.config import load_config
+
             try:
+                given = inspect.signature(flow_fn).bind(*args, **kwargs).arguments
+                # a config it refuses, here: in a task without retries Prefect logs it with a traceback
+                load_config(list(given.get("overrides") or ()), profile=given.get("profile"))
                 return in_run(*args, **kwargs)
             except InputError as e:  # the run's final state: calling the flow raises `e` again (without
                 # our frames: a deployment's process logs the exception it raises as it exits)

@@ -40,12 +40,14 @@ _MARKS = {INPUT_ERROR_MARK: InputError, DIVERGED_MARK: Diverged}
 def _mark(mark: str, message: str) -> None:
     """One write under PIPE_BUF: the ranks of a job share one pipe and stop together, and a line
     written in pieces (print's text, then its newline) came out spliced with another rank's."""
-    sys.stdout.write(mark + json.dumps(message) + "\n")
+    sys.stdout.write(mark + json.dumps(message, ensure_ascii=False) + "\n")
     sys.stdout.flush()
 
 
 def _cut(error: Exception) -> str:
-    return str(error) if len(str(error)) <= 2000 else str(error)[:2000] + " …"
+    """At most 2000 bytes of UTF-8 (JSON's escapes may double them: under PIPE_BUF still)."""
+    text, raw = str(error), str(error).encode()
+    return text if len(raw) <= 2000 else raw[:2000].decode(errors="ignore") + " …"
 
 
 def refuse(prog: str, error: InputError) -> int:

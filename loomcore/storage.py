@@ -368,13 +368,15 @@ def content_digest(path: Path) -> str:
 
 def inputs_fingerprint(paths: List[Path], skip_suffixes: Tuple[str, ...] = ()) -> str:
     """A hash of the files a run reads: every file under each path (name, size, `content_digest`),
-    but those ending in `skip_suffixes` — the inputs part of a training run's key, of the evaluate
-    stage's journal and of the cache's shard names."""
+    but those ending in `skip_suffixes` and hidden ones (`.cache/huggingface/…`: a download's
+    metadata, with its time; nothing a library loads) — the inputs part of a training run's key, of
+    the evaluate stage's journal and of the cache's shard names."""
     h = hashlib.sha256()
     for root in paths:
-        files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+        files = [root] if root.is_file() else sorted(
+            p for p in root.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts))
         if not files:
-            raise FileNotFoundError(f"{root}: missing or empty")
+            raise MissingInputError(f"{root}: missing or empty")
         for f in files:
             if not f.name.endswith(skip_suffixes):
                 h.update(f"{f.relative_to(root) if f != root else f.name}:{f.stat().st_size}:{content_digest(f)}\n".encode())
@@ -391,7 +393,8 @@ def folder_fingerprint(uri: str | os.PathLike, settings: Optional[S3Settings] = 
     folder = prefix.rstrip("/") + "/"
     h = hashlib.sha256()
     for o in sorted(list_objects(str(uri), settings), key=lambda o: o["Key"]):
-        if (o["Key"] == prefix or o["Key"].startswith(folder)) and not o["Key"].endswith(("/", *skip_suffixes)):
+        hidden = any(part.startswith(".") for part in o["Key"][len(folder):].split("/"))
+        if (o["Key"] == prefix or o["Key"].startswith(folder)) and not hidden and not o["Key"].endswith(("/", *skip_suffixes)):
             h.update(f"{o['Key'][len(folder):]}:{o['Size']}:{o.get('ETag', '')}\n".encode())
     return h.hexdigest()[:16]
 

@@ -228,6 +228,10 @@ def test_a_run_that_keeps_no_row_fails_with_its_reasons_and_keeps_them(data, tmp
                                          rf"1 [a-z_]+\); each row's reason is in {tmp_path / 'out' / 'rejects.parquet'}$"):
         curate(cfg, str(root), root, tmp_path / "out", progress=False, metadata="gone.csv")
     assert sorted(r["id"] for r in _read(tmp_path / "out", "rejects.parquet")) == ["gone-0", "gone-1", "gone-2", "no-caption"]
+    _write_csv(root / "few.csv", good[:3])  # kept, every one on the eval side: nothing to train on
+    with pytest.raises(InputError, match=r"^curate: the 3 rows kept of few.csv all went to the eval split "
+                                         r"\(data.eval_fraction 1.0, .*\): nothing to train on$"):
+        curate(cfg, str(root), root, tmp_path / "out", progress=False, metadata="few.csv", split_eval_fraction=1.0)
 
 
 def test_rerun_gives_byte_identical_manifests(data, tmp_path, cfg):

@@ -530,6 +530,11 @@ def test_save_output_writes_video_and_image(pipe, tmp_path):
         save_output(video, tmp_path / "v.png", fps=8)
     with pytest.raises(ValueError, match=r"v.mp4: exists; pass overwrite=True to replace it$"):  # Python's words
         save_output(video, tmp_path / "v.mp4", fps=8, overwrite=False)
+    # a diverged model's NaN frames were saved black; refused now — as the model's fault, not the user's
+    # input (`loom generate` exits 2 only for an InputError)
+    with pytest.raises(FloatingPointError, match=r"^frames: 1 of 14400 values are NaN or infinite$"):
+        save_output(np.where(np.arange(video.size).reshape(video.shape) == 7, np.nan, video), tmp_path / "nan.mp4", fps=8)
+    assert not (tmp_path / "nan.mp4").exists()
 
 
 def test_wan_vae_and_euler_scheduler_pipeline(pipe, media, tmp_path):

@@ -121,6 +121,15 @@ def test_a_folders_fingerprint_follows_its_contents_local_and_on_s3(s3_bucket, t
     assert folder_fingerprint(f"s3://{s3_bucket}/mllm/") == folder_fingerprint(uri)
     s3_client().put_object(Bucket=s3_bucket, Key="mllm/config.json", Body=b"[]")
     assert folder_fingerprint(uri, skip_suffixes=(".safetensors",)) != tokenizer_only
+    with pytest.raises(InputError, match=r"nowhere: missing or empty$"):  # a mistyped models.mllm: exit 2, not retried
+        folder_fingerprint(tmp_path / "nowhere")
+    # a download's metadata (`huggingface-cli download --local-dir` writes its time there) is not the model:
+    # the same weights fetched again on another day, or on another node, must not re-encode a cache
+    before = folder_fingerprint(src), folder_fingerprint(uri)
+    (src / ".cache" / "huggingface").mkdir(parents=True)
+    (src / ".cache" / "huggingface" / "model.safetensors.metadata").write_text("abc\n1765000000.0\n")
+    s3_client().put_object(Bucket=s3_bucket, Key="mllm/.cache/huggingface/model.safetensors.metadata", Body=b"t")
+    assert (folder_fingerprint(src), folder_fingerprint(uri)) == before
 
 
 def test_a_key_that_climbs_out_of_the_mirror_is_refused(s3_bucket, tmp_path, monkeypatch):

@@ -1098,6 +1098,10 @@ def test_a_refusal_is_whole_lines_and_our_own_bad_state_is_a_crash(tmp_path, cap
     assert out.count("\n") == 1 and len(out.encode()) < 4096 and len(err.encode()) < 4096
     refused = stopped_for_good(out)
     assert type(refused) is InputError and str(refused) == "x" * 2000 + " …" and err == "prog: " + "x" * 2000 + " …\n"
+    refuse("prog", InputError("é\n" * 3000))  # bytes, not characters: JSON's escapes once made 6 of each
+    out, err = capfd.readouterr()
+    assert out.count("\n") == 1 and len(out.encode()) < 4096 and len(err.encode()) < 4096
+    assert str(stopped_for_good(out)) == "é\n" * 666 + "é …"
     cfg = load_config(profile="tiny")
     model = LoomDiT(**loomdit_kwargs(cfg, True))
     state = {**model.state_dict(), "blocks.0.extra": torch.zeros(1)}

@@ -146,6 +146,19 @@ def test_a_bug_in_our_per_frame_code_is_not_a_corrupt_file(tmp_path, monkeypatch
     for read in (probe, read_video, lambda p: video_io.read_video_release(p, 8, 5, 4)):
         with pytest.raises(AttributeError, match="a bug of ours"):
             read(tmp_path / "a.mp4")
+    monkeypatch.undo()
+    # ... while a frame the library cannot convert is the file's (a pixel format swscale lacks)
+
+    def unconvertible(frame, **kwargs):
+        raise ValueError("no conversion from yuv4xx")
+
+    import av
+
+    monkeypatch.setattr(av.VideoFrame, "to_ndarray", unconvertible)
+    for read in (read_video, lambda p: video_io.read_video_release(p, 8, 5, 4)):
+        with pytest.raises(MediaError, match=r"a\.mp4: a frame PyAV cannot convert to RGB \(ValueError: no conversion") as e:
+            read(tmp_path / "a.mp4")
+        assert e.value.code == "undecodable"
 
 
 def test_writers_refuse_wrong_input(tmp_path):

@@ -592,6 +592,9 @@ def curate(cfg, source: str, data_root, out_dir, split_eval_fraction: Optional[f
         reasons = ", ".join(f"{n} {why}" for why, n in by_reason.most_common())
         raise InputError(f"curate: none of the {len(raws)} rows of {summary['metadata']} can be used ({reasons}); each "
                          f"row's reason is in {out_dir / 'rejects.parquet'}")
+    if not train:
+        raise InputError(f"curate: the {len(kept)} rows kept of {summary['metadata']} all went to the eval split "
+                         f"(data.eval_fraction {fraction}, rows sharing media kept on one side): nothing to train on")
     return summary
 
 

@@ -129,9 +129,15 @@ def _quarter_turns(frame) -> int:
     return round(frame.rotation / 90) % 4
 
 
-def _rgb(frame) -> np.ndarray:
-    """A decoded frame as uint8 [H, W, 3], upright."""
-    arr = frame.to_ndarray(format="rgb24")
+def _rgb(path: Path, frame) -> np.ndarray:
+    """A decoded frame as uint8 [H, W, 3], upright; a frame the library cannot convert is the file's
+    MediaError (a pixel format swscale lacks), named as such."""
+    try:
+        arr = frame.to_ndarray(format="rgb24")
+    except Exception as e:  # av.error.*, ValueError: the library's, around its one call
+        if is_transient(e):
+            raise
+        raise MediaError(path, f"a frame PyAV cannot convert to RGB ({type(e).__name__}: {e})", "undecodable") from None
     k = _quarter_turns(frame)
     return np.ascontiguousarray(np.rot90(arr, k)) if k else arr
 
@@ -200,7 +206,7 @@ def read_video(path, num_frames: Optional[int] = None, fps: Optional[float] = No
         def emit() -> None:
             nonlocal k, prev_rgb
             if k >= start:
-                prev_rgb = _rgb(prev) if prev_rgb is None else prev_rgb
+                prev_rgb = _rgb(path, prev) if prev_rgb is None else prev_rgb
                 out.append(prev_rgb)
             k += 1
 
@@ -410,7 +416,7 @@ def read_video_release(path, fps: float, max_frames: int, temporal_factor: int) 
         n = 0
         for frame in _decoded(path, container, stream):
             if n in wanted:
-                kept[n] = _rgb(frame)
+                kept[n] = _rgb(path, frame)
             n += 1
             if n >= reach:
                 break

@@ -395,7 +395,9 @@ def write_outputs(cfg, rows: List[dict], sheets: Dict[str, list], *, model_path:
     out = Path(e.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     metrics = aggregate(rows)
-    measured = {"path": str(model_path), "fingerprint": inputs_fingerprint([Path(model_path)])}
+    here, weights = Path.cwd().resolve(), Path(model_path).resolve()  # (a metric in git: no checkout's own path)
+    measured = {"path": weights.relative_to(here).as_posix() if weights.is_relative_to(here) else str(model_path),
+                "fingerprint": inputs_fingerprint([weights])}
     (out / "metrics.json").write_text(json.dumps(_jsonable({**metrics_json(metrics), "weights": measured}),
                                                  indent=2, sort_keys=True) + "\n")
     (out / "results.json").write_text(json.dumps(_jsonable(results_json(metrics)), indent=2, sort_keys=True) + "\n")

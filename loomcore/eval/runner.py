@@ -90,7 +90,7 @@ def generate(pipe, *, prompt: str, task: str, source, references: Sequence, size
 
     try:
         frames = to_uint8_frames(out.frames)
-    except InputError as e:  # not the sample's fault: our pipeline's output (a diverged model's NaN…)
+    except (InputError, FloatingPointError) as e:  # not the sample's fault: our pipeline's output (a diverged model's NaN…)
         raise RuntimeError(f"the pipeline's own output: {e}") from None
     if frames.shape[0] != num_frames or frames.shape[1:3] != (size[1], size[0]):
         raise RuntimeError(f"the pipeline's own output: {tuple(frames.shape[:3])} frames × h × w, "

@@ -106,14 +106,15 @@ def _measured_weights(metrics_file: Optional[str], chosen: str, source: Path) ->
     weights (written before the evaluate stage recorded them) is a lineage warning."""
     if metrics_file is None:
         return []
-    weights = json.loads(Path(metrics_file).read_text()).get("weights")
+    tree = json.loads(Path(metrics_file).read_text())  # (load_metrics read it: valid JSON)
+    weights = tree.get("weights") if isinstance(tree, dict) else None
     if not isinstance(weights, dict) or "fingerprint" not in weights:
         return [f"metrics {metrics_file}: names no weights (an older evaluation): not checked to be these"]
-    if weights["fingerprint"] != inputs_fingerprint([source]):
+    these = inputs_fingerprint([source])
+    if weights["fingerprint"] != these:
         raise InputError(f"export.metrics {metrics_file}: measured the weights at {weights.get('path')} (fingerprint "
-                         f"{weights['fingerprint']}), not the weights this export publishes ({source}, "
-                         f"{inputs_fingerprint([source])}): evaluate these (eval.model={chosen}), or export them "
-                         "without figures (export.metrics=null)")
+                         f"{weights['fingerprint']}), not the weights this export publishes ({source}, {these}): "
+                         f"evaluate these (eval.model={chosen}), or export them without figures (export.metrics=null)")
     return []
 
 

@@ -62,8 +62,9 @@ def to_uint8_frames(frames: Any) -> np.ndarray:
     if a.shape[-1] != 3:
         raise InputError(f"frames: expected 3 colour channels, got shape {tuple(a.shape)}")
     if a.dtype != torch.uint8:
-        if not torch.isfinite(a).all():  # NaN would be 0: a black frame, saved or scored as one
-            raise InputError(f"frames: {int((~torch.isfinite(a)).sum())} of {a.numel()} values are NaN or infinite")
+        if not torch.isfinite(a).all():  # NaN would be 0, a black frame saved or scored as one (not the
+            # user's input: a model that diverged or overflowed made them)
+            raise FloatingPointError(f"frames: {int((~torch.isfinite(a)).sum())} of {a.numel()} values are NaN or infinite")
         a = (a.float().clamp(0, 1) * 255).round().to(torch.uint8)
     return np.ascontiguousarray(a.numpy())
 
