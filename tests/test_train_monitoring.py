@@ -275,3 +275,35 @@ def test_guard_never_syncs_between_checks_on_cuda():
     assert guard.metrics() == {"skipped_steps": 1, "consecutive_bad_steps": 1}
     assert telemetry.gpu_metrics()["gpu0/mem_total_gib"] > 0
     assert telemetry.peak_flops_for(torch.cuda.get_device_name(0)) is not None
+
+
+def test_a_run_killed_mid_write_resumes_without_its_torn_last_line(tmp_path):
+    """Rank 0 appends steps.jsonl in buffered writes (a GPU's whole logging interval at once): a kill
+    between two of them left half a JSON line, and every resume failed on it (a JSONDecodeError
+    naming no file), however good the checkpoints. A torn last line is dropped with a warning — in
+    dvclive's TSVs too, where a cut "12" read as step 1 — and a bad line elsewhere names its file."""
+    import warnings
+
+    from loomcore.train.metrics import RunLog, read_steps
+
+    run = tmp_path / "run"
+    first = RunLog(run, 0)
+    first.write_steps([{"step": s, "loss": 1.0 / s} for s in (1, 2, 3)])
+    for s in (1, 2, 3, 12):
+        first.log_metrics(s, {"loss": 1.0 / s})
+    with open(run / "steps.jsonl", "a") as f:
+        f.write('{"step": 4, "lo')
+    (tsv,) = (run / "dvclive" / "plots" / "metrics").rglob("loss.tsv")
+    tsv.write_text(tsv.read_text()[: tsv.read_text().rindex("12") + 1])  # "…\n1": the step-12 row cut short
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        RunLog(run, 3)
+    cut = sorted(str(w.message) for w in caught if "cut short" in str(w.message))
+    assert cut == sorted(f"{p}: its last line was cut short (a run stopped while writing it); dropped"
+                         for p in (run / "steps.jsonl", tsv)), cut
+    assert [r["step"] for r in read_steps(run / "steps.jsonl")] == [1, 2, 3]
+    assert [line.split("\t")[0] for line in tsv.read_text().splitlines()[1:]] == ["1", "2", "3"]
+    assert not [p for p in run.rglob("*") if ".tmp-" in p.name]  # rewritten atomically, nothing left beside
+    (run / "steps.jsonl").write_text('{"step": 1}\nnot json\n{"step": 3}\n')
+    with pytest.raises(RuntimeError, match=rf"^{run / 'steps.jsonl'}: line 2: not a JSON row"):
+        read_steps(run / "steps.jsonl")

@@ -402,7 +402,8 @@ def test_three_stages_chain_weights_ema_and_outs(ws, capsys, monkeypatch):
     timing = json.loads((out / "stage2/timing/summary.json").read_text())
     assert timing["wall_seconds_this_run"] > 0 and timing["tokens_per_s"] == s2["tokens_per_s"]
     for name in ("summary.json", "metrics.json"):
-        assert not {"tokens_per_s", "samples_per_s", "wall_seconds_this_run"} & json.loads((out / "stage2" / name).read_text()).keys()
+        assert not {"tokens_per_s", "samples_per_s", "wall_seconds_this_run", "resumed_from_step", "world_size"} & \
+            json.loads((out / "stage2" / name).read_text()).keys()
     # a rerun with the same params and inputs resumes at the end (no step is trained twice)
     again = train_stage(cfg, "stage3")
     assert again["resumed_from_step"] == 3 and again["loss_last_10pct"] == s3["loss_last_10pct"]
@@ -518,6 +519,16 @@ def test_run_dir_key_follows_the_cache_content_not_its_summary(ws, tmp_path):
     rows[-1]["shard_sha256"] = "f" * 64
     pq.write_table(pa.Table.from_pylist(rows, schema=index.schema), cache / "index.parquet")
     assert stage_run_dir(cfg, "stage2", init) != key
+    # the MLLM the steps run (online mode: the cache holds its inputs): its weights, not its folder's name
+    mllm = tmp_path / "mllm"
+    shutil.copytree(cfg.models.mllm, mllm)
+    cached = dataclasses.replace(cfg, models=dataclasses.replace(cfg.models, mllm=str(mllm)))
+    online = dataclasses.replace(cached, mllm=dataclasses.replace(cfg.mllm, feature_mode="online"))
+    keys = [stage_run_dir(online, "stage2", init), stage_run_dir(cached, "stage2", init)]
+    (weights,) = mllm.glob("*.safetensors")
+    weights.write_bytes(weights.read_bytes()[:-4] + b"\x00\x00\x80\x3f")  # one weight now 1.0
+    # (cached mode: its features are in the index, which the key hashes)
+    assert stage_run_dir(online, "stage2", init) != keys[0] and stage_run_dir(cached, "stage2", init) == keys[1]
 
 
 def test_run_key_follows_what_a_stage_trains_not_where_or_how_it_is_watched():
@@ -661,8 +672,9 @@ def test_two_process_fsdp2_matches_one_process_and_resumes(ws, stage2_one_proces
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=0)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
     summary = json.loads((root / "two/out/stage2/summary.json").read_text())
-    assert summary["world_size"] == 2 and summary["packs_per_step"] == 2 and summary["model_weights"] == "ema"
-    assert summary["resumed_from_step"] == 2
+    assert summary["packs_per_step"] == 2 and summary["model_weights"] == "ema"
+    this_run = json.loads((root / "two/out/stage2/timing/summary.json").read_text())  # (not the run's result)
+    assert this_run["world_size"] == 2 and this_run["resumed_from_step"] == 2
     ema_one = load_file(root / "one/out/stage2/model/diffusion_pytorch_model.safetensors")
     ema_two = load_file(root / "two/out/stage2/model/diffusion_pytorch_model.safetensors")
     assert set(ema_one) == set(ema_two)
@@ -748,7 +760,7 @@ def test_two_nodes_joined_by_loom_node_match_one_process(ws, stage2_one_process)
     for a, b in zip(one, nodes):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=0)
     summary = json.loads((root / "nodes/out/stage2/summary.json").read_text())
-    assert summary["world_size"] == 2 and summary["packs_per_step"] == 2
+    assert summary["packs_per_step"] == 2 and json.loads((root / "nodes/out/stage2/timing/summary.json").read_text())["world_size"] == 2
 
     for bad, why in ((["--node-rank", "1", "stage2.nodes=2"],
                       "orchestration.rdzv_endpoint = 'localhost:29400' is not an address other"),
@@ -899,7 +911,10 @@ def test_sigkill_then_resume_gives_the_same_losses_step_for_step(ws):
     assert [int(r.split("\t")[0]) for r in tsv[1:]] == [4, 8, 12]
     ref_tsv = (root / "reference/out/stage1/plots/metrics/loss/all.tsv").read_text().splitlines()
     assert tsv == ref_tsv
-    assert json.loads((root / "killed/out/stage1/summary.json").read_text())["resumed_from_step"] == resumed_from
+    assert json.loads((root / "killed/out/stage1/timing/summary.json").read_text())["resumed_from_step"] == resumed_from
+    result = lambda run: {k: v for k, v in json.loads((root / run / "out/stage1/summary.json").read_text()).items()  # noqa: E731
+                          if k != "run_dir"}  # (each under its own paths.runs)
+    assert result("killed") == result("reference")  # the tracked record of a resumed run: an uninterrupted one's
 
 
 def test_launcher_builds_torchrun_from_params_and_kills_its_group_on_timeout(tmp_path):
@@ -1083,6 +1098,31 @@ def test_a_diverged_training_fails_its_stage_for_good(ws, capfd):
     rank = [sys.executable, "-c", f"print({lines[0]!r}); raise SystemExit(1)"]
     with pytest.raises(Diverged, match=r"^stage1: non-finite loss .* exceeded at step 2 "):
         launch_torchrun(load_config(overrides, profile="tiny"), rank, "stage1", "stage1: steps", None)
+
+
+def test_a_short_run_whose_last_steps_were_skipped_finishes_with_null_not_nan(ws, capfd):
+    """A skipped (non-finite) last step — within the NaN limit — crashed the stage after its outs were
+    written (the closing line formatted a last-10% loss of None), and every retry resumed at the end
+    and crashed again; its metrics.json said `"loss_final": NaN`, which the export now refuses."""
+    from loomcore.train.cli import main
+
+    _, _, root = ws
+    overrides = _overrides(ws, "nan-last", "stage1.steps=4", "train.debug_nan_steps=[4]")
+    threads = torch.get_num_threads()
+    try:
+        assert main(["--stage", "stage1", "--profile", "tiny", *overrides]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    out = root / "nan-last" / "out" / "stage1"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["loss_final"] is None and summary["loss_last_10pct"] is None and summary["loss_first_10pct"] > 0
+
+    def refuse(token):
+        raise AssertionError(f"{token} in metrics.json")
+
+    metrics = json.loads((out / "metrics.json").read_text(), parse_constant=refuse)  # numbers only: no NaN
+    assert metrics["skipped_steps"] == 1 and "loss_final" not in metrics
+    assert "(first 10% of steps) → – (every step skipped) (last 10%)" in capfd.readouterr().out
 
 
 def test_a_refusal_is_whole_lines_and_our_own_bad_state_is_a_crash(tmp_path, capfd):

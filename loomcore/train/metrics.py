@@ -21,6 +21,7 @@ import io
 import json
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Dict, Iterable, List, Mapping, Optional, Tuple
 
@@ -88,21 +89,47 @@ TIMING_DIR = "dvclive-timing"
 TIMING_PREFIXES = ("throughput/", "perf/", "memory/", "system/")
 
 
+def _whole_lines(path: Path) -> str:
+    """The file's text without a last line cut short (no newline: a run killed while it appended)."""
+    text = path.read_text()
+    if text and not text.endswith("\n"):
+        warnings.warn(f"{path}: its last line was cut short (a run stopped while writing it); dropped", RuntimeWarning,
+                      stacklevel=3)
+        text = text[: text.rfind("\n") + 1]
+    return text
+
+
 def read_steps(path: Path | str) -> List[dict]:
+    """The rows of a run's steps.jsonl; one that does not parse — but a last line cut short, dropped
+    with a warning — fails naming the file and line (the run's own record is damaged: not resumed on)."""
     path = Path(path)
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for number, line in enumerate(_whole_lines(path).splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except ValueError as e:
+                raise RuntimeError(f"{path}: line {number}: not a JSON row ({e})") from None
+    return rows
+
+
+def _replace_text(path: Path, text: str) -> None:
+    """Write `text` in place of the file, atomically: a kill leaves the old file or the new one."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def _truncate_jsonl(path: Path, last_step: int) -> None:
     if path.is_file():
         rows = [r for r in read_steps(path) if r["step"] <= last_step]
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        _replace_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def _truncate_tsv(path: Path, last_step: int) -> None:
-    text = path.read_text()
+    text = _whole_lines(path)
     reader = csv.DictReader(io.StringIO(text), delimiter="\t")
     fields = reader.fieldnames or []
     rows = [r for r in reader if int(float(r["step"])) <= last_step]
@@ -110,7 +137,7 @@ def _truncate_tsv(path: Path, last_step: int) -> None:
     writer = csv.DictWriter(out, fieldnames=fields, delimiter="\t", lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    path.write_text(out.getvalue())
+    _replace_text(path, out.getvalue())
 
 
 class RunLog:

@@ -36,7 +36,7 @@ from loomcore.codegraph import code_fingerprint, stage_params
 from loomcore.config import Config, fingerprint_dict
 from loomcore.data.loader import INDEX_FILE, cache_root
 from loomcore.errors import InputError
-from loomcore.storage import S3Settings, inputs_fingerprint
+from loomcore.storage import S3Settings, folder_fingerprint, inputs_fingerprint
 from loomcore.train.checkpoint import run_key
 from loomcore.train.weights import resolve_weights
 
@@ -108,8 +108,11 @@ def packs_per_step(cfg: Config, stage: str) -> int:
 
 def stage_run_dir(cfg: Config, stage: str, init_path: Path, code_entry: str = "loomcore.train.trainer") -> Path:
     """<paths.runs>/<stage>/<run key>: the key of what the stage trains (`run_key_params`), its
-    inputs (the weights it starts from, the cache index) and the code `code_entry` runs."""
+    inputs (the weights it starts from, the cache index; with `mllm.feature_mode: online`, the MLLM
+    the steps run — the cache holds its inputs, not its features) and the code `code_entry` runs."""
     inputs = inputs_fingerprint([init_path, *cache_key_files(cfg)])
+    if cfg.mllm.feature_mode == "online":  # new weights in the same folder: not the checkpoints' contexts
+        inputs += "-" + folder_fingerprint(cfg.models.mllm, S3Settings.from_config(cfg.s3))
     key = run_key(run_key_params(cfg, stage), f"{inputs}-{code_fingerprint(code_entry)}")
     return Path(cfg.paths.runs) / stage / key
 
@@ -130,9 +133,11 @@ def write_weights(out: Path, name: str, config: dict, state: Dict[str, torch.Ten
     os.replace(tmp, out / name)
 
 
-# Summary entries that measure the clock, not the run: kept out of the tracked summary.json and
-# metrics.json (a rerun of the same inputs must leave git and dvc.lock as they were).
-TIMING_KEYS = ("tokens_per_s", "samples_per_s", "wall_seconds_this_run")
+# Summary entries about this process, not the run's result — the clock, where it resumed, on how many
+# ranks (the run key leaves the topology out): kept out of the tracked summary.json and metrics.json
+# (a rerun of the same inputs — `dvc repro -f`, a relaunch on other nodes — must leave git and
+# dvc.lock as they were, and the next stages, which depend on summary.json, not stale).
+TIMING_KEYS = ("tokens_per_s", "samples_per_s", "wall_seconds_this_run", "resumed_from_step", "world_size")
 
 
 def write_run_record(out: Path, runlog, summary: dict) -> None:

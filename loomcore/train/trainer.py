@@ -13,6 +13,7 @@ only: a 1-process run with A = 2 takes the same steps as 2 processes with A = 1.
 
 from __future__ import annotations
 
+import math
 from contextlib import nullcontext
 from typing import Dict, List, Optional
 
@@ -231,7 +232,8 @@ class Trainer(Harness):
             "packs_per_step": self.packs_per_step,
             "loss_first_10pct": mean_loss(rows, first=0.1),
             "loss_last_10pct": mean_loss(rows, last=0.1),
-            "loss_final": rows[-1]["loss"] if rows else None,
+            # null, not NaN, when the last step was skipped (a metric in git, and the export refuses NaN)
+            "loss_final": rows[-1]["loss"] if rows and math.isfinite(rows[-1]["loss"]) else None,
             "loss_spikes": c["spikes"],
             "samples_seen": c["samples"],
             "tokens_seen": c["tokens"],
@@ -242,8 +244,9 @@ class Trainer(Harness):
         }
 
     def done_note(self, summary: dict) -> str:
-        return (f"; loss {summary['loss_first_10pct']:.4f} (first 10% of steps) → "
-                f"{summary['loss_last_10pct']:.4f} (last 10%)")
+        first, last = (f"{v:.4f}" if v is not None else "– (every step skipped)"  # a short run's NaN steps
+                       for v in (summary["loss_first_10pct"], summary["loss_last_10pct"]))
+        return f"; loss {first} (first 10% of steps) → {last} (last 10%)"
 
 
 def train_stage(cfg: Config, stage: str) -> dict:
