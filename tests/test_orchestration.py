@@ -659,8 +659,8 @@ def test_a_stage_run_outside_a_pipeline_deployment_is_named_and_tagged_with_its_
         assert {"loomvideo", "stage:probe-stage", f"checkout:{tmp_path}", "profile:tiny"} <= set(run.tags), run.tags
         run = client.read_flow_run(run_stage_flow(probe_stage, profile=None))
         assert run.parameters == {"profile": "paper", "overrides": None} and "profile:paper" in run.tags, run.tags
-        run = client.read_flow_run(run_stage_flow(probe_stage, profile=None, overrides=["a.b=1", "profile=tiny"]))
-        assert run.parameters == {"profile": "tiny", "overrides": ["a.b=1", "profile=tiny"]}, run.parameters
+        run = client.read_flow_run(run_stage_flow(probe_stage, profile=None, overrides=["seed=3", "profile=tiny"]))
+        assert run.parameters == {"profile": "tiny", "overrides": ["seed=3", "profile=tiny"]}, run.parameters
         assert "profile:tiny" in run.tags, run.tags
 
 

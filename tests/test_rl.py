@@ -381,7 +381,7 @@ def test_two_process_run_matches_one_process(rl_ws, tiny_online_cache):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=Path(__file__).resolve().parents[1])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     two = json.loads((out2 / "rl" / "summary.json").read_text())
-    assert two["world_size"] == 2 and one["world_size"] == 1
+    assert json.loads((out2 / "rl" / "timing" / "summary.json").read_text())["world_size"] == 2 and one["world_size"] == 1
     a = read_steps(Path(one["run_dir"]) / "steps.jsonl")[0]
     b = read_steps(Path(two["run_dir"]) / "steps.jsonl")[0]
     assert a["reward_mean"] == b["reward_mean"] and a["reward_std"] == b["reward_std"]
