@@ -1086,6 +1086,10 @@ def cmd_generate(args) -> int:
         # (the pipeline's messages name its call's arguments; a config error names its keys as they are)
         print(f"loom generate: {e if isinstance(e, ConfigError) else _as_flags(str(e), args)}", file=sys.stderr)
         return 2
+    except FloatingPointError as e:  # NaN/inf frames (pipeline.to_uint8_frames): the weights', not a bug of ours
+        print(f"loom generate: the model's output: {e}, nothing written: weights from a training that diverged, "
+              "or an overflow in bfloat16 (`--dtype float32` tells which)", file=sys.stderr)
+        return 1
     return 0
 
 

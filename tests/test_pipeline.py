@@ -706,6 +706,25 @@ def test_gpu_model_cpu_offload(tiny_workspace, media, tmp_path):
     assert code == 0 and (tmp_path / "t2i.png").is_file()
 
 
+def test_generate_says_in_a_line_when_the_weights_draw_nan(tiny_workspace, tmp_path, capsys):
+    """Weights from a training that diverged drew NaN frames, which `loom generate` saved black; then a
+    traceback (a bug of ours, it said). One line now, exit 1, nothing written."""
+    from loomcore.cli import main
+    from loomcore.pipeline.loading import load_transformer
+
+    cfg, overrides = tiny_workspace
+    dit = load_transformer(cfg, None, torch.float32)  # (the base and a new projector, as stage 1 starts)
+    with torch.no_grad():
+        dit.proj_out.weight.fill_(float("nan"))
+    dit.save_pretrained(tmp_path / "diverged")
+    code = main(["generate", "--prompt", "a red circle", "--frames", "1", "--steps", "1", "--transformer",
+                 str(tmp_path / "diverged"), "--out", str(tmp_path / "t2i.png"), "--profile", "tiny", *overrides])
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err and not (tmp_path / "t2i.png").exists()
+    assert re.search(r"^loom generate: the model's output: frames: \d+ of \d+ values are NaN or infinite, nothing "
+                     r"written: weights from a training that diverged", err, re.M), err
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_bf16_generation(tiny_workspace, media):
     cfg, _ = tiny_workspace
