@@ -45,7 +45,7 @@ def stage_main(flows: Callable | Mapping[str, Callable], description: str, argv:
     args = p.parse_intermixed_args(argv)  # `stage1 --profile tiny k=v`: overrides after an option too
     flow_fn = flows[args.stage] if many else flows
     from loomcore.config import REPO_ROOT, load_config
-    from loomcore.errors import Diverged
+    from loomcore.errors import Repeats
     from tasks.proc import REPEATS_EXIT, StageTimeout
 
     overrides = args.overrides + (getattr(args, "switched", None) or [])
@@ -65,7 +65,7 @@ def stage_main(flows: Callable | Mapping[str, Callable], description: str, argv:
         # botocore classes some throttling as a refusal)
         print(f"{module}: {e}", file=sys.stderr)
         return 2
-    except (StageTimeout, Diverged) as e:  # its own time limit, a diverged training: a retry would repeat it
+    except (StageTimeout, Repeats) as e:  # its own time limit, a diverged training, NaN output: a retry repeats it
         print(f"{module}: {e}", file=sys.stderr)
         return REPEATS_EXIT
     return 0

@@ -1,11 +1,12 @@
-"""The exception class for bad input, at the boundaries where input arrives; a diverged training.
+"""The exception class for bad input, at the boundaries where input arrives; failures a retry repeats.
 
 `InputError` (a ValueError) says that what a user or a data source gave cannot be used, naming the
 file, field or value and why: a config key, a media file, a prompt, a checkpoint, an output path.
 The CLI prints it in one line (exit 2); the evaluate stage records a benchmark sample that raises
 it as a failure row with the reason. Anything else that goes wrong — a shape check inside the
 model, an invariant of ours — is a bug: it is not caught, the stage fails with the traceback.
-`Diverged` is neither: a training that failed in a way a retry would repeat.
+`Repeats` is neither: a failure a retry would meet again (a diverged training, a model whose output
+is NaN); the stage exits 3, which the DVC tasks do not retry.
 """
 
 from __future__ import annotations
@@ -22,10 +23,19 @@ class MissingInputError(InputError, FileNotFoundError):
     """An input that is not there: a path, or an s3:// prefix that holds no object."""
 
 
-class Diverged(RuntimeError):
-    """A training that diverged (more non-finite steps in a row than its limit): not the input's
-    fault, yet a retry would resume from its checkpoints, replay the same seeded batches and diverge
-    at the same step. The stage fails with exit 3, which the DVC tasks do not retry."""
+class Repeats(RuntimeError):
+    """A failure that is not the input's fault, yet that a retry would meet again: the stage fails
+    with exit 3 (tasks.proc.REPEATS_EXIT), which the DVC tasks do not retry."""
+
+
+class Diverged(Repeats):
+    """A training that diverged (more non-finite steps in a row than its limit): a retry would resume
+    from its checkpoints, replay the same seeded batches and diverge at the same step."""
+
+
+class BrokenOutput(Repeats):
+    """A model whose output cannot be scored (NaN or inf frames, another shape than asked): the same
+    weights and seeds give it again."""
 
 
 # A rank of a torchrun job that stops for a reason a retry would repeat says so on one stdout line:

@@ -127,7 +127,7 @@ class StageTimeout(RuntimeError):
     REPEATS_EXIT, which the DVC tasks do not retry (it would take as long again)."""
 
 
-REPEATS_EXIT = 3  # a stage's failure that a retry would repeat: its time limit, a diverged training
+REPEATS_EXIT = 3  # a stage's failure that a retry would repeat: its time limit, loomcore.errors.Repeats
 
 
 class SubprocessTimeout(SubprocessFailed, TimeoutError):

@@ -444,13 +444,15 @@ def test_a_bug_in_the_model_fails_the_evaluation_and_bad_media_is_a_failure_row(
     # the pipeline's own output, which `to_uint8_frames` refuses as a user's frames: a diverged
     # model's NaN (cast to uint8, black frames that VBench scored, subject consistency 1.0), a batch
     # of two, one frame too many — each a failed stage, never a judged failure
+    from loomcore.errors import BrokenOutput
+
     call = LoomVideoPipeline.__call__
     for bad, needle in ((lambda f: f * np.nan, r"the pipeline's own output: frames: \d+ of \d+ values are NaN"),
                         (lambda f: np.concatenate([f, f]), "the pipeline's own output: frames: a batch of 2 samples"),
                         (lambda f: np.concatenate([f, f[:, :1]], axis=1), r"the pipeline's own output: \((\d+), 40, 40\) frames × h × w, \((?!\1)\d+, 40, 40\) asked for")):
         monkeypatch.setattr(LoomVideoPipeline, "__call__", lambda self, *a, _bad=bad, **k: type(out := call(self, *a, **k))(
             frames=_bad(out.frames)))
-        with pytest.raises(RuntimeError, match=needle):
+        with pytest.raises(BrokenOutput, match=needle):  # exit 3: not retried (the same weights, the same output)
             run_benchmark(pipe, cfg, "model", samples[1:], judge=None, scorer=None)
 
 

@@ -477,9 +477,9 @@ def test_a_refused_config_and_a_timeout_are_not_retried(prefect_api, tmp_path):
 
 def test_a_stage_exits_2_for_what_repeats_and_1_for_what_may_pass(prefect_api, capsys):
     """A stage's exit code is what the DVC task's retry reads: a bad metadata file or another input
-    error failed the same way three times (exit 1: retried); a stage's own timeout would take as long
-    again, a diverged training would diverge again at the same step (exit 3); a store's errors may
-    pass (botocore classes some throttling as a refusal)."""
+    error failed the same way three times (exit 1: retried) — a cache shard whose bytes changed too;
+    a stage's own timeout would take as long again, a diverged training would diverge again at the
+    same step, a model's NaN output would be NaN again (exit 3); a store's errors may pass (botocore classes some throttling as a refusal)."""
     from prefect import flow
 
     from flows.common import stage_flow, stage_main
@@ -494,8 +494,13 @@ def test_a_stage_exits_2_for_what_repeats_and_1_for_what_may_pass(prefect_api, c
             raise e
         return toy
 
+    from loomcore.data.loader import CacheError
+    from loomcore.errors import BrokenOutput
+
     for error, code in ((MetadataError("meta.csv: no rows"), 2), (StageTimeout("stage1: 240 h"), 3),
-                        (NonFiniteLossError("stage1: the limit was exceeded at step 812"), 3)):
+                        (NonFiniteLossError("stage1: the limit was exceeded at step 812"), 3),
+                        (CacheError("cache shard s.safetensors: sha256 ab, the index says cd"), 2),
+                        (BrokenOutput("the pipeline's own output: frames: 12 of 12 values are NaN"), 3)):
         assert stage_main(stage_raising(error), "a toy stage", argv=[]) == code, error
         assert str(error) in capsys.readouterr().err
     for error in (StoreUnavailable("stopped answering"), StoreError("refused: botocore classes some throttling so")):

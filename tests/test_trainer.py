@@ -1073,6 +1073,40 @@ def test_a_rank_that_refuses_its_input_fails_the_stage_as_an_input_error(tmp_pat
     assert not isinstance(e.value, InputError)
 
 
+def test_a_cache_shard_whose_bytes_changed_is_refused_not_retried(ws, tmp_path, capfd):
+    """A shard that fails its checksum (a flipped byte, a bad copy) raised a plain ValueError in the
+    ranks: exit 1, a crash DVC's task retried twice, each retry reading the same bytes. It is an input
+    the stage refuses: the rank exits 2 with its `[input-error]` line naming the shard (the launcher
+    makes it the InputError it was: test_a_rank_that_refuses_its_input_fails_the_stage_as_an_input_error);
+    a cache with no index alike."""
+    from loomcore.data.loader import read_index
+    from loomcore.errors import stopped_for_good
+    from loomcore.train.cli import main
+
+    cfg, _, _ = ws
+    bad = tmp_path / "cache"
+    shutil.copytree(cfg.paths.cache, bad)
+    for shard in {bad / row["shard"] for row in read_index(bad, "train", "256p")}:  # the tensors' last bytes
+        data = bytearray(shard.read_bytes())
+        data[-64:] = bytes(b ^ 0xFF for b in data[-64:])
+        shard.write_bytes(bytes(data))
+    threads = torch.get_num_threads()
+    try:
+        code = main(["--stage", "stage1", "--profile", "tiny",
+                     *_overrides(ws, "bad-shard", "stage1.steps=2", f"paths.cache={bad}")])
+        assert code == 2
+        said = [stopped_for_good(line) for line in capfd.readouterr().out.splitlines()]
+        said = [e for e in said if e is not None]
+        assert len(said) == 1 and re.match(rf"cache shard {re.escape(str(bad))}/\S+: sha256 [0-9a-f]{{64}}, the index "
+                                           rf"says [0-9a-f]{{64}}", str(said[0])), said
+        (bad / "index.parquet").unlink()
+        assert main(["--stage", "stage1", "--profile", "tiny",
+                     *_overrides(ws, "no-index", "stage1.steps=2", f"paths.cache={bad}")]) == 2
+        assert f"{bad / 'index.parquet'}: missing or empty" in capfd.readouterr().err
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_a_diverged_training_fails_its_stage_for_good(ws, capfd):
     """A training past its NaN limit would diverge again at the same step on every retry (it resumes
     from its checkpoints, with the same seeded batches), yet it exited 1 like a crash and DVC's task

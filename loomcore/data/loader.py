@@ -33,6 +33,7 @@ from safetensors import safe_open
 
 from loomcore.data.packing import BufferedPacker, Item
 from loomcore.data.remote import RemoteCache, ShardFetcher, mirror_files
+from loomcore.errors import InputError, MissingInputError
 from loomcore.storage import S3Settings, is_s3
 from loomcore.storage import sha256_file as file_sha256  # the loader's name for it (tests count its calls)
 
@@ -42,8 +43,9 @@ SHARD_SHA256 = "shard_sha256"  # index column: sha256 of the whole shard file th
 NULL_RECORD_KEY = b"loom.null_context"  # index metadata: JSON {"sha256", "settings"} of NULL_SHARD
 
 
-class CacheError(ValueError):
-    """The cache on disk disagrees with its index (names the shard and the key)."""
+class CacheError(InputError):
+    """The cache on disk disagrees with its index (names the shard and the key): an input the stage
+    refuses (exit 2, not retried: a retry reads the same bytes); rerunning the cache stage mends it."""
 
 
 # Shard files this process has hashed and found as recorded: (path, inode, size, mtime, digest).
@@ -78,7 +80,7 @@ def shard_digests(cache_dir: Path | str) -> Dict[str, str]:
     by a cache stage older than shard checksums, and its shards cannot be verified."""
     path = cache_root(cache_dir) / INDEX_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no cache index (run the cache stage first)")
+        raise MissingInputError(f"{path}: no cache index (run the cache stage first)")
     if SHARD_SHA256 not in pq.read_schema(path).names:
         raise CacheError(f"{path}: no shard checksums (column {SHARD_SHA256!r}): written by a cache stage older "
                          f"than them; rerun the cache stage (it rewrites the shards)")
@@ -174,6 +176,8 @@ class ShardReader:
             verify_shard(path, self._digests[shard])
         try:
             h = safe_open(str(path), framework="pt")
+        except OSError:  # a transient read error stays itself (retried)
+            raise
         except Exception as e:
             raise CacheError(f"cache shard {path}: unreadable ({e})") from None
         self._open[shard] = h
@@ -196,7 +200,7 @@ class ShardReader:
 def read_index(cache_dir: Path | str, split: str, resolution: str, settings: Optional[S3Settings] = None) -> List[dict]:
     path = cache_root(cache_dir, settings) / INDEX_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no cache index (run the cache stage first)")
+        raise MissingInputError(f"{path}: no cache index (run the cache stage first)")
     rows = [r for r in pq.read_table(path).to_pylist() if r["split"] == split and r["resolution"] == resolution]
     return sorted(rows, key=lambda r: r["id"])
 

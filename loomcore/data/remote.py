@@ -27,6 +27,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional
 
+from loomcore.errors import MissingInputError
 from loomcore.storage import (
     S3Settings, StoreError, StoreUnavailable, classify_s3_error, is_s3, list_objects, mirror_dir,
     parse_s3_uri, s3_client, sha256_file, transfer_config,
@@ -207,13 +208,13 @@ class ShardFetcher:
 def mirror_files(remote: RemoteCache, names: Iterable[str], required: Optional[str] = None) -> Path:
     """Mirror the small files `names` of the cache (its index, its null context) into the staging
     folder, each fetched again when the store's sha256 differs from the copy's; a name the store
-    does not hold has its stale copy removed. `required` must be there (FileNotFoundError, naming
+    does not hold has its stale copy removed. `required` must be there (MissingInputError, naming
     it, else). Returns the staging folder, which then reads like a local cache."""
     for name in names:
         digest = remote.sha256(name)
         if digest is None:
             if name == required:
-                raise FileNotFoundError(f"{remote.where(name)}: no cache index (run the cache stage first)")
+                raise MissingInputError(f"{remote.where(name)}: no cache index (run the cache stage first)")
             (remote.local / name).unlink(missing_ok=True)
         else:
             remote.fetch(name, sha256=digest)

@@ -32,7 +32,7 @@ import torch
 from loomcore.config import Config
 from loomcore.data.buckets import nearest_size
 from loomcore.data.synthetic import GROUND_TRUTH_FILE, load_ground_truth
-from loomcore.errors import InputError
+from loomcore.errors import BrokenOutput, InputError
 from loomcore.eval import shapesbench as sb
 from loomcore.eval.benchmarks import BenchmarkSample, read_benchmark, write_shapes_benchmarks
 from loomcore.eval.journal import Journal, benchmark_fingerprint, sample_fingerprint
@@ -90,10 +90,10 @@ def generate(pipe, *, prompt: str, task: str, source, references: Sequence, size
 
     try:
         frames = to_uint8_frames(out.frames)
-    except (InputError, FloatingPointError) as e:  # not the sample's fault: our pipeline's output (a diverged model's NaN…)
-        raise RuntimeError(f"the pipeline's own output: {e}") from None
+    except (InputError, FloatingPointError) as e:  # not the sample's fault: the model's output (a diverged model's NaN…)
+        raise BrokenOutput(f"the pipeline's own output: {e}") from None
     if frames.shape[0] != num_frames or frames.shape[1:3] != (size[1], size[0]):
-        raise RuntimeError(f"the pipeline's own output: {tuple(frames.shape[:3])} frames × h × w, "
+        raise BrokenOutput(f"the pipeline's own output: {tuple(frames.shape[:3])} frames × h × w, "
                            f"{(num_frames, size[1], size[0])} asked for")
     return Generation(frames, None if plan.source is None else plan.source.numpy(), [r.numpy() for r in plan.references])
 
