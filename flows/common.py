@@ -105,30 +105,27 @@ def stage_flow(name: str) -> Callable[[Callable], Flow]:
         def run(*args, **kwargs):
             from loomcore.config import load_config
 
+            takes = inspect.signature(flow_fn)
+            given = takes.bind(*args, **kwargs).arguments
+            ctx = FlowRunContext.get()
+            deployed = ctx is not None and ctx.flow_run is not None and ctx.flow_run.deployment_id is not None
             try:
-                given = inspect.signature(flow_fn).bind(*args, **kwargs).arguments
+                if deployed:  # the server made this run with the deployment's tags and parameters
+                    # (`profile: null`): labelled as a run through DVC is (run_stage_flow), a refused one too
+                    profile = run_profile(given.get("profile"), given.get("overrides") or ())
+                    if profile and "profile" in takes.parameters:
+                        given["profile"] = profile
+                    label_this_run(run_labels(f"stage:{name}", profile), profile=profile)
                 # a config it refuses, here: in a task without retries Prefect logs it with a traceback
                 load_config(list(given.get("overrides") or ()), profile=given.get("profile"))
-                return in_run(*args, **kwargs)
+                if not deployed:
+                    return flow_fn(*args, **kwargs)
+                with pipeline_lock(Path.cwd(), dvc_running_is_busy=True):
+                    return flow_fn(**given)
             except InputError as e:  # the run's final state: calling the flow raises `e` again (without
                 # our frames: a deployment's process logs the exception it raises as it exits)
                 get_run_logger().error("%s: %s", type(e).__name__, e)
                 return Failed(message=f"{type(e).__name__}: {e}", data=e.with_traceback(None))
-
-        def in_run(*args, **kwargs):
-            ctx = FlowRunContext.get()
-            if ctx is None or ctx.flow_run is None or ctx.flow_run.deployment_id is None:
-                return flow_fn(*args, **kwargs)
-            # the server made this run with the deployment's tags and parameters (`profile: null`):
-            # it is labelled as a run through DVC is (run_stage_flow)
-            takes = inspect.signature(flow_fn)
-            given = takes.bind(*args, **kwargs).arguments
-            profile = run_profile(given.get("profile"), given.get("overrides") or ())
-            if profile and "profile" in takes.parameters:
-                given["profile"] = profile
-            label_this_run(run_labels(f"stage:{name}", profile), profile=profile)
-            with pipeline_lock(Path.cwd(), dvc_running_is_busy=True):
-                return flow_fn(**given)
 
         return flow(name=name, flow_run_name=name, log_prints=True, version=file_hash(inspect.getsourcefile(flow_fn)))(run)
 

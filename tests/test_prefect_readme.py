@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import httpx
 import pytest
@@ -135,6 +136,10 @@ def test_the_readme_commands_deploy_and_a_triggered_pipeline_shows_one_run_tree(
             logs = wait_for(logged, 60, "the failed run's error line", every=0.5)
         ours = [m for m in logs if "Traceback" in m and any(f"/{p}/" in m for p in ("loomcore", "tasks", "flows"))]
         assert not ours, ours  # (the deployment's process may still log Prefect's own frames as it exits)
+        with get_client(sync_client=True) as client:  # refused runs are labelled as the others (the UI's filters)
+            for refused, stage in ((bad, "evaluate"), (busy, "curate")):
+                tags = client.read_flow_run(refused.id).tags
+                assert {f"stage:{stage}", "profile:tiny", f"checkout:{Path(checkout).resolve()}"} <= set(tags), tags
         run = run_deployment("pipeline/pipeline", parameters={"stages": STAGES}, timeout=400, poll_interval=1)
         assert run.state is not None and run.state.is_completed(), run.state
     finally:
