@@ -43,7 +43,7 @@ from loomcore.train.distributed import Checkpointer, DistEnv, from_main, paralle
 from loomcore.train.faults import NonFiniteGuard
 from loomcore.train.metrics import RunLog, read_steps, report_progress
 from loomcore.train.rng import capture_rng, restore_rng
-from loomcore.train.stage_io import init_weights, stage_run_dir, write_run_record, write_weights
+from loomcore.train.stage_io import init_weights, stage_run_dir, write_run_record, write_stage_weights
 from loomcore.train.weights import stage_out_dir
 
 
@@ -241,8 +241,7 @@ class Harness:
             out = stage_out_dir(self.cfg, self.stage)
             out.mkdir(parents=True, exist_ok=True)
             config = dict(self.model.config)
-            for name, state in weights.items():
-                write_weights(out, name, config, state)
+            write_stage_weights(out, config, weights)
             write_run_record(out, self.runlog, summary)
             self.log(f"{self.stage} done: outs in {out}{self.done_note(summary)}")
             return summary
