@@ -550,6 +550,12 @@ def test_run_key_follows_what_a_stage_trains_not_where_or_how_it_is_watched():
                "stage2.keep_last=1", "stage2.sample_every=11", "train.timeout_hours=1",
                "train.preflight_gpu_name=null", "train.preflight_min_free_gib=1", "dit.gradient_checkpointing=true",
                "guidance.steps=3", "guidance.shift_scale=0.9") == base  # (the validation sampler's)
+    # model folders moved to another disk: what a step reads is keyed by content (stage_run_dir;
+    # test_run_dir_key_follows_the_cache_content_not_its_summary), the VAE draws validation grids only
+    moved = ("models.vae=/mnt/fast/vae", "models.scheduler=/mnt/fast/scheduler", "models.mllm=/mnt/fast/mllm",
+             "models.transformer=/mnt/fast/transformer")
+    assert key("stage2.nodes=4", "stage2.gpus_per_node=8", *moved) == base
+    assert key(*moved, stage="rl") != key(stage="rl")  # (RL decodes its rollouts to score them: its paths stay)
     for change in (["stage2.nodes=2", "stage2.gpus_per_node=8"], ["stage2.nodes=4", "stage2.gpus_per_node=8",
                    "stage2.optimizer.lr=1e-4"], ["stage2.nodes=4", "stage2.gpus_per_node=8", "train.cpu_threads=1"],
                    ["stage2.nodes=4", "stage2.gpus_per_node=8", "flow.logit_normal_std=1.0"],

@@ -78,11 +78,15 @@ def run_key_params(cfg: Config, stage: str) -> str:
     """The fingerprint of what the stage trains: the params dvc.yaml lists for it, less the
     UNKEYED_* ones; stages 1–3 count their batch in packs per step (the trainer's global batch,
     whatever the number of ranks that share it), so a run on 2 nodes × grad_accum 2 resumes one on
-    4 nodes × 1, and leave out the validation sampler's `guidance.*`. RL keeps its nodes (its
-    rollouts are split by rank) and its sampler settings (its rollouts use them), and leaves out its
-    held-out measure's (UNKEYED_RL) and the reward model's batch size."""
+    4 nodes × 1, and leave out the validation sampler's `guidance.*` and the `models.*` paths: the
+    models a training step reads are keyed by their contents (stage_run_dir: the weights it starts
+    from, the cache index, an online MLLM's weights), and the VAE, codec and scheduler draw only the
+    validation grids — a model folder moved to another disk resumes the run. RL keeps its nodes (its
+    rollouts are split by rank), its sampler settings and models (its rollouts and rewards use
+    them), and leaves out its held-out measure's (UNKEYED_RL) and the reward model's batch size."""
     training = stage != "rl"
-    picked = cfg.pick(*(k for k in stage_params(stage) if not (training and k.startswith("guidance."))))
+    picked = cfg.pick(*(k for k in stage_params(stage)
+                        if not (training and (k.startswith("guidance.") or k == "models" or k.startswith("models.")))))
     if "train" in picked:
         picked["train"] = {k: v for k, v in picked["train"].items() if k not in UNKEYED_TRAIN}
     if isinstance(picked.get("dit"), dict):
