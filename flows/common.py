@@ -188,14 +188,18 @@ def label_this_run(tags: Sequence[str], **parameters) -> None:
 def run_profile(profile: str | None, overrides: Sequence[str], root: Path | str = ".") -> str | None:
     """The profile a run uses, as load_config picks it: `--profile`, else the last `profile=`
     override, else params.yaml's (`dvc exp run -S profile=paper` writes it there); None when none
-    says (load_config then names what is missing)."""
+    says, or params.yaml cannot be read (load_config then names what is missing or wrong)."""
     import yaml
 
     chosen = [o.split("=", 1)[1].strip() for o in overrides if o.split("=", 1)[0].strip() == "profile"]
     if profile or chosen:
         return profile or chosen[-1]
     path = Path(root) / "params.yaml"
-    found = (yaml.safe_load(path.read_text()) or {}).get("profile") if path.is_file() else None
+    try:
+        found = yaml.safe_load(path.read_text()) if path.is_file() else None
+    except (yaml.YAMLError, UnicodeDecodeError):
+        return None
+    found = found.get("profile") if isinstance(found, dict) else None
     return str(found) if found else None
 
 

@@ -667,6 +667,14 @@ def test_a_stage_run_outside_a_pipeline_deployment_is_named_and_tagged_with_its_
         run = client.read_flow_run(run_stage_flow(probe_stage, profile=None, overrides=["seed=3", "profile=tiny"]))
         assert run.parameters == {"profile": "tiny", "overrides": ["seed=3", "profile=tiny"]}, run.parameters
         assert "profile:tiny" in run.tags, run.tags
+    # a params.yaml that does not parse: no profile to label with (load_config names the file and the
+    # error; the label must not fail the run first with a YAML traceback)
+    from flows.common import run_profile
+
+    for broken in ("profile: [tiny\n", "- a list\n"):
+        (tmp_path / "params.yaml").write_text(broken)
+        assert run_profile(None, []) is None
+    assert run_profile(None, ["profile=tiny"]) == "tiny"
 
 
 def test_a_run_killed_outright_is_marked_crashed_when_its_heartbeats_stop(prefect_api, tmp_path, monkeypatch):
