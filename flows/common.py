@@ -189,26 +189,23 @@ def run_profile(profile: str | None, overrides: Sequence[str], root: Path | str 
     """The profile a run uses, as load_config picks it: `--profile`, else the last `profile=`
     override, else params.yaml's (`dvc exp run -S profile=paper` writes it there); None when none
     says, or params.yaml cannot be read (load_config then names what is missing or wrong)."""
-    import yaml
+    from loomcore.config import params_profile
 
     chosen = [o.split("=", 1)[1].strip() for o in overrides if o.split("=", 1)[0].strip() == "profile"]
     if profile or chosen:
         return profile or chosen[-1]
-    path = Path(root) / "params.yaml"
-    try:
-        found = yaml.safe_load(path.read_text()) if path.is_file() else None
-    except (yaml.YAMLError, UnicodeDecodeError):
-        return None
-    found = found.get("profile") if isinstance(found, dict) else None
-    return str(found) if found else None
+    return params_profile(Path(root) / "params.yaml")
 
 
-def repo_config(repo: str | Path = ".", overrides: Sequence[str] = (), profile: str | None = None):
-    """The composed config of the checkout at `repo` (its params.yaml + conf/), as its stages see it."""
+def repo_config(repo: str | Path = ".", overrides: Sequence[str] = (), profile: str | None = None,
+                composed: bool = False):
+    """The composed config of the checkout at `repo` (its params.yaml + conf/), as its stages see it
+    (`composed`: as a DVC experiment composes it, conf/ for params.yaml's profile — load_config)."""
     from loomcore.config import load_config
 
     root = Path(repo)
-    return load_config(list(overrides), profile=profile, params_path=root / "params.yaml", conf_dir=root / "conf")
+    return load_config(list(overrides), profile=profile, params_path=root / "params.yaml", conf_dir=root / "conf",
+                       composed=composed)
 
 
 def params_drift(repo: str | Path = ".") -> list[str]:

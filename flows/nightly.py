@@ -119,7 +119,7 @@ def nightly_retrain_flow(overrides: list[str] | None = None, lock_wait_s: float 
     root = Path(repo)
     overrides = list(overrides or [])
     label_this_run(run_labels("nightly", run_profile(None, overrides, root), root))
-    check_overrides(root, overrides)
+    overrides = check_overrides(root, overrides)
     wanted = plan_stages(root)
     with pipeline_lock(root, wait_s=lock_wait_s):  # the gate's report too: a run waiting on the lock rebuilds the export
         rows = reproduce(repo, wanted, force=[s for s in FORCED if s in wanted], overrides=overrides,

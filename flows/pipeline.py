@@ -54,15 +54,21 @@ def _what_dvc_did(result: dict, stage: str | None = None) -> str:
     return "; ".join(parts) or "?"
 
 
-def check_overrides(repo: Path | str, overrides: Sequence[str]) -> None:
-    """Compose the checkout's config with `overrides` (a loomvideo checkout: conf/ beside
-    params.yaml): a bad key or value is a ConfigError naming it before the run takes the checkout.
-    (Passed on to `dvc exp run -S`, DVC's Hydra error came back as a failed DVC command, retried
-    as a crash with the lock held.)"""
+def check_overrides(repo: Path | str, overrides: Sequence[str]) -> List[str]:
+    """The `dvc exp run -S` values of a run given `overrides` — the profile named, params.yaml's where
+    they name none (loomcore.config.experiment_sets: DVC composes conf/ with them alone) — checked
+    as DVC composes them (a loomvideo checkout: conf/ beside params.yaml): a bad key or value is a
+    ConfigError naming it before the run takes the checkout. (Passed on to `dvc exp run -S`, DVC's
+    Hydra error came back as a failed DVC command, retried as a crash with the lock held.) [] for none."""
     from loomcore.cli import check_dvc_sets
+    from loomcore.config import experiment_sets
 
-    if overrides and (Path(repo) / "conf").is_dir():
-        check_dvc_sets(overrides, lambda keys: repo_config(repo, keys))
+    if not overrides:
+        return []
+    sets = experiment_sets(None, overrides, Path(repo) / "params.yaml")
+    if (Path(repo) / "conf").is_dir():
+        check_dvc_sets(sets, lambda keys: repo_config(repo, keys, composed=True))
+    return sets
 
 
 def reproduce(repo: str, wanted: Sequence[str], *, force: Sequence[str] = (), overrides: Sequence[str] = (),
@@ -177,7 +183,7 @@ def pipeline_flow(
     log = logger()
     root = Path(repo)
     label_this_run(run_labels("pipeline", run_profile(None, overrides or [], root), root))
-    check_overrides(root, overrides or [])
+    overrides = check_overrides(root, overrides or [])
     wanted = plan_stages(root, stages, force or [])
     with pipeline_lock(root, wait_s=lock_wait_s):
         rows = reproduce(repo, wanted, force=force or [], overrides=overrides or [], partial=bool(stages),

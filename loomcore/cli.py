@@ -30,7 +30,7 @@ EPILOG = """examples:
   loom config                              # the composed tiny-profile config, as YAML
   loom config --profile paper stage3       # one section of the paper profile
   loom config stage1.steps=10 --check      # validate an override without printing
-  loom params                              # write params.yaml again after editing conf/
+  loom params                              # write params.yaml again after editing conf/ (its profile kept)
   loom params --check                      # exit 1 if params.yaml is not conf/'s composition
   loom init-models --profile tiny          # build the tiny base models under models/tiny/
   loom init-models --profile paper         # check the real Wan2.2 / Qwen3-VL folders are complete
@@ -50,14 +50,21 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. stage1.steps=100")
 
 
-def _load(args) -> "object":
-    """params.yaml of the checkout the command runs in (`_run_in_checkout`; else this package's),
-    or --params, + --profile and the overrides."""
-    from loomcore.config import DEFAULT_CONF_DIR, DEFAULT_PARAMS, load_config
+def _params_path(args) -> Path:
+    """params.yaml of the checkout the command runs in (`_run_in_checkout`; else this package's), or --params."""
+    from loomcore.config import DEFAULT_PARAMS
 
     root = getattr(args, "checkout", None)
-    return load_config(args.overrides, profile=args.profile,
-                       params_path=args.params or (root / "params.yaml" if root else DEFAULT_PARAMS),
+    return Path(args.params) if args.params else root / "params.yaml" if root else DEFAULT_PARAMS
+
+
+def _load(args, composed: bool = False) -> "object":
+    """_params_path + --profile and the overrides (`composed`: conf/'s composition for the profile,
+    as a DVC experiment composes it, not params.yaml's values)."""
+    from loomcore.config import DEFAULT_CONF_DIR, load_config
+
+    root = getattr(args, "checkout", None)
+    return load_config(args.overrides, profile=args.profile, params_path=_params_path(args), composed=composed,
                        conf_dir=root / "conf" if root and (root / "conf").is_dir() else DEFAULT_CONF_DIR)
 
 
@@ -85,7 +92,7 @@ def cmd_config(args) -> int:
 def cmd_params(args) -> int:
     import yaml
 
-    from loomcore.config import DEFAULT_CONF_DIR, DEFAULT_PARAMS, ConfigError, load_config, params_yaml
+    from loomcore.config import DEFAULT_CONF_DIR, DEFAULT_PARAMS, ConfigError, load_config, params_profile, params_yaml
 
     root = getattr(args, "checkout", None)  # the checkout the command runs in (_run_in_checkout)
     if root and not (root / "conf").is_dir() and not (args.conf and args.out):  # another DVC project's folder
@@ -98,14 +105,11 @@ def cmd_params(args) -> int:
     if bad:  # (Hydra's own message for `=3` is a traceback)
         raise ConfigError(f"override {bad[0]!r}: expected key=value (e.g. stage1.steps=10)")
     overrides = list(args.overrides)
-    if args.check and old is not None and not any(o.split("=", 1)[0].lstrip("+~") == "profile" for o in overrides):
-        # checked against the composition for its own profile (after `loom params profile=paper`, paper's)
-        try:
-            own = yaml.safe_load(old)
-        except yaml.YAMLError:  # not YAML: it differs, whatever the composition (the message says how to fix it)
-            own = None
-        own = own.get("profile") if isinstance(own, dict) else None
-        overrides = ([f"profile={own}"] if isinstance(own, str) else []) + overrides
+    if old is not None and not any(o.split("=", 1)[0].lstrip("+~") == "profile" for o in overrides):
+        # composed (and checked) for its own profile: after `loom params profile=paper`, an edit of conf/
+        # written again with `loom params` stays paper (it went back to conf/config.yaml's tiny)
+        own = params_profile(out)  # (None where it does not parse: it differs, whatever the composition)
+        overrides = ([f"profile={own}"] if own else []) + overrides
     text = params_yaml(conf, overrides)
     with tempfile.TemporaryDirectory() as d:  # the composition must be a whole, valid config
         (Path(d) / "params.yaml").write_text(text)
@@ -308,10 +312,10 @@ def _dvc_target_stage(target: str) -> Optional[str]:
     return re.sub(r"^(\./)?dvc\.yaml:", "", target)
 
 
-def pipeline_command(profile: Optional[str], overrides: List[str], targets: List[str]) -> List[str]:
-    """`dvc repro`, or — with overrides or another profile — a DVC experiment: DVC composes conf/ and
-    them into params.yaml (Hydra), so what runs is what `dvc exp show` / `dvc params diff` report."""
-    sets = [*([f"profile={profile}"] if profile else []), *overrides]
+def pipeline_command(sets: List[str], targets: List[str]) -> List[str]:
+    """`dvc repro`, or — with `-S` values (config.experiment_sets: overrides, the profile named) — a
+    DVC experiment: DVC composes conf/ and them into params.yaml (Hydra), so what runs is what
+    `dvc exp show` / `dvc params diff` report."""
     if sets:
         return ["dvc", "exp", "run", *(a for o in sets for a in ("-S", o)), *targets]
     return ["dvc", "repro", *targets]
@@ -679,8 +683,13 @@ def cmd_pipeline(args) -> int:
         print("loom pipeline: --params: DVC runs the checkout's params.yaml; pass key=value overrides (a DVC "
               "experiment) or --profile instead", file=sys.stderr)
         return 2
-    # a bad key or value refused before DVC starts, the overrides read as DVC's -S reads them
-    cfg = check_dvc_sets(args.overrides, lambda keys: _load(argparse.Namespace(**{**vars(args), "overrides": keys})))
+    # a bad key or value refused before DVC starts, the overrides read as DVC's -S reads them; an
+    # experiment checked as DVC composes it: conf/ for the profile named, not params.yaml's values
+    from loomcore.config import experiment_sets
+
+    sets = experiment_sets(args.profile, args.overrides, _params_path(args)) if args.overrides or args.profile else []
+    cfg = check_dvc_sets(sets, lambda keys: _load(argparse.Namespace(**{**vars(args), "overrides": keys, "profile": None}),
+                                                  composed=bool(sets)))
     print(f"pipeline: profile {cfg.profile} (config {cfg.fingerprint()})")
     stages = _dvc_stages()
     missing = [s for s in PIPELINE_STAGES if s not in stages]
@@ -696,7 +705,7 @@ def cmd_pipeline(args) -> int:
     if not stages:
         print("pipeline: dvc.yaml has no stages yet; the config checked, nothing to run.")
     else:
-        cmd = pipeline_command(args.profile, args.overrides, args.targets or [])
+        cmd = pipeline_command(sets, args.targets or [])
         print(f"pipeline: {' '.join(cmd)}", flush=True)
         from loomcore.checkout_lock import PIPELINE_RUN_ENV, PipelineBusy, checkout_lock, holder_info
         from loomcore.local_server import ServerStartError, ServerStartStopped, prefect_server
@@ -1123,8 +1132,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("params", cmd_params, config=False,
                 help="compose conf/ (+ Hydra overrides) into params.yaml, the config DVC tracks",
                 description="Composes conf/ (the profile's file and every section) with Hydra into params.yaml, "
-                "the one file DVC tracks and every stage reads. Run it after editing conf/; `dvc exp run -S k=v` "
-                "composes the same way for one experiment.",
+                "the one file DVC tracks and every stage reads. Run it after editing conf/: the file keeps the profile it "
+                "names (`profile=tiny` changes it); `dvc exp run -S k=v` composes the same way for one experiment "
+                "(conf/'s default profile unless `-S profile=…` names one).",
                 epilog="examples:\n  loom params\n  loom params --check\n  loom params profile=paper --out /tmp/paper.yaml",
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("overrides", nargs="*", metavar="key=value", help="Hydra overrides, e.g. profile=paper stage1.steps=5")

@@ -628,6 +628,33 @@ def params_yaml(conf_dir: Path | str = DEFAULT_CONF_DIR, overrides: Sequence[str
     return OmegaConf.to_yaml(OmegaConf.create(compose(conf_dir, overrides)))
 
 
+def params_profile(path: Path | str) -> Optional[str]:
+    """The profile a params.yaml names; None where it names none or does not parse (load_config then
+    says what is wrong with it)."""
+    try:
+        params = yaml.safe_load(Path(path).read_text()) if Path(path).is_file() else None
+    except (yaml.YAMLError, UnicodeDecodeError):
+        return None
+    found = params.get("profile") if isinstance(params, dict) else None
+    return str(found) if found else None
+
+
+def experiment_sets(profile: Optional[str], overrides: Sequence[str], params_path: Path | str) -> List[str]:
+    """The `dvc exp run -S` values of a run given `--profile` and/or overrides. DVC composes conf/
+    with them alone (Hydra), whose default profile is conf/config.yaml's whatever params.yaml names:
+    a paper checkout's `loom pipeline stage3.steps=300` ran the tiny profile. So the profile is always
+    named: `profile`, else a `profile=` among the overrides, else params.yaml's. A `profile` that a
+    `profile=` override contradicts is refused (which one would run?)."""
+    named = [o.split("=", 1)[1].strip() for o in overrides
+             if re.sub(r"^(params\.yaml:)?\+*", "", o.split("=", 1)[0].strip()) == "profile"]
+    if profile and named and named[-1] != profile:
+        raise ConfigError(f"--profile {profile} and the override 'profile={named[-1]}' name two profiles: give one")
+    if named:
+        return list(overrides)
+    chosen = profile or params_profile(params_path)
+    return [*([f"profile={chosen}"] if chosen else []), *overrides]
+
+
 def _flow_mapping(d: Mapping) -> str:
     """A mapping as a Hydra override value (`{256p: [t2i, t2v], 480p: [t2i]}`): how DVC's `-S` sets a
     key whose own keys begin with a digit (its grammar takes none such as a key's segment)."""
@@ -670,15 +697,17 @@ def load_config(
     profile: Optional[str] = None,
     params_path: Path | str = DEFAULT_PARAMS,
     conf_dir: Path | str = DEFAULT_CONF_DIR,
+    composed: bool = False,
 ) -> Config:
     """The config a stage runs with: params.yaml (the whole composed config, what DVC tracks) +
     `key=value` overrides.
 
     params.yaml is written by composing conf/ (`loom params`, or `dvc exp run -S`). Asking for
     another profile than params.yaml's — the `profile` argument or a `profile=` override — composes
-    conf/config.yaml with that profile instead, as `dvc exp run -S profile=<name>` would. Each layer
-    is checked on its own (so an unknown key or a wrong type names the file or override it came
-    from), then the whole must be complete.
+    conf/config.yaml with that profile instead, as `dvc exp run -S profile=<name>` would; so does
+    `composed` for params.yaml's own (what an experiment runs: conf/'s composition, not the values an
+    earlier experiment left in params.yaml). Each layer is checked on its own (so an unknown key or a
+    wrong type names the file or override it came from), then the whole must be complete.
     """
     params_path, conf_dir = Path(params_path), Path(conf_dir)
     ov_layers: List[Tuple[str, dict]] = []
@@ -699,7 +728,9 @@ def load_config(
     wanted = profile or (prof_ov[-1] if prof_ov else None)
 
     params = _load_yaml(params_path, "params file")
-    if wanted is None or wanted == params.get("profile"):
+    if composed:
+        wanted = wanted or params.get("profile")
+    if not composed and (wanted is None or wanted == params.get("profile")):
         name = params.get("profile")
         if not name:
             raise ConfigError(f"{params_path}: no 'profile' key (write the file with `loom params`)")

@@ -91,10 +91,37 @@ def test_pipeline_overrides_run_as_a_dvc_experiment():
     ignored it; now it is `dvc exp run -S k=v` (DVC composes params.yaml with it)."""
     from loomcore.cli import pipeline_command
 
-    assert pipeline_command(None, [], []) == ["dvc", "repro"]
-    assert pipeline_command(None, [], ["stage1"]) == ["dvc", "repro", "stage1"]
-    assert pipeline_command("paper", ["stage1.steps=5"], ["stage1"]) == [
+    assert pipeline_command([], []) == ["dvc", "repro"]
+    assert pipeline_command([], ["stage1"]) == ["dvc", "repro", "stage1"]
+    assert pipeline_command(["profile=paper", "stage1.steps=5"], ["stage1"]) == [
         "dvc", "exp", "run", "-S", "profile=paper", "-S", "stage1.steps=5", "stage1"]
+
+
+def test_an_experiment_runs_the_profile_params_yaml_names_composed_as_dvc_composes_it(tmp_path):
+    """DVC composes conf/ with the -S values alone, whose default profile is conf/config.yaml's: on a
+    checkout made paper by `loom params profile=paper` (README's Prefect set-up), `loom pipeline
+    stage3.steps=300` was checked and announced as paper and ran tiny (a helper's review: DVC's own
+    composition wrote `profile: tiny`). The profile is named in the -S values; the check composes
+    conf/ for it, leaving out what an earlier experiment left in params.yaml, as DVC does."""
+    from loomcore.config import ConfigError, compose, experiment_sets, load_config, params_yaml
+
+    params = tmp_path / "params.yaml"
+    params.write_text(params_yaml(overrides=["profile=paper", "stage3.steps=77"]))  # an experiment's leftover
+    assert experiment_sets(None, ["stage3.steps=300"], params) == ["profile=paper", "stage3.steps=300"]
+    assert experiment_sets("tiny", ["seed=1"], params) == ["profile=tiny", "seed=1"]
+    assert experiment_sets(None, ["profile=tiny", "seed=1"], params) == ["profile=tiny", "seed=1"]
+    assert experiment_sets("tiny", ["params.yaml:profile=tiny"], params) == ["params.yaml:profile=tiny"]
+    with pytest.raises(ConfigError, match=r"--profile paper and the override 'profile=tiny' name two profiles"):
+        experiment_sets("paper", ["profile=tiny"], params)
+    params.write_text("profile: [paper\n")  # unreadable: no profile named (load_config says what is wrong)
+    assert experiment_sets(None, ["seed=1"], params) == ["seed=1"]
+    # what the experiment runs is what the check loads: conf/'s paper composition with the sets
+    params.write_text(params_yaml(overrides=["profile=paper", "stage3.steps=77"]))
+    sets = experiment_sets(None, ["stage3.steps=300"], params)
+    cfg = load_config(sets, params_path=params, composed=True)
+    assert cfg.profile == "paper" and cfg.stage3.steps == 300
+    assert load_config(["seed=5"], params_path=params, composed=True).stage3.steps == compose(overrides=["profile=paper"])["stage3"]["steps"]
+    assert load_config(["seed=5"], params_path=params).stage3.steps == 77  # (`dvc repro`: params.yaml as it is)
 
 
 def test_pipeline_refuses_an_unknown_target_before_starting_anything(capsys):

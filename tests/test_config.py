@@ -227,6 +227,14 @@ def test_a_key_the_profile_sets_can_be_overridden_through_params_yaml(tmp_path, 
     assert loom(["params", "--check", "--conf", str(tmp_path / "conf"), "--out", str(params)]) == 1
     assert f"run `loom params --conf {tmp_path / 'conf'} --out {params} profile=paper`" in capsys.readouterr().err
     assert loom(["params", "--check", "--conf", str(tmp_path / "conf"), "--out", str(params), "stage1.steps=7"]) == 0
+    # written again after an edit of conf/, it keeps its profile (it went back to tiny: --check and the
+    # write disagreed); `profile=tiny` changes it
+    capsys.readouterr()
+    assert loom(["params", "--conf", str(tmp_path / "conf"), "--out", str(params)]) == 0
+    assert "(profile paper, " in capsys.readouterr().out and load_config(params_path=params).stage1.steps == 50_000
+    assert loom(["params", "--conf", str(tmp_path / "conf"), "--out", str(params), "profile=tiny"]) == 0
+    assert load_config(params_path=params).profile == "tiny"
+    loom(["params", "--conf", str(tmp_path / "conf"), "--out", str(params), "profile=paper"])
     # asking for another profile than params.yaml's composes conf/ with it
     assert load_config(profile="tiny", params_path=params, conf_dir=tmp_path / "conf").stage1.steps == 1000
     params.write_text("stage1: [unclosed\n")  # not YAML: it differs, said as such, no traceback

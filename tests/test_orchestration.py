@@ -102,6 +102,15 @@ def test_a_bad_override_is_refused_naming_it_before_the_run_takes_the_checkout(p
     assert isinstance(error, ConfigError) and "unknown key 'stage3.stpes' (did you mean 'stage3.steps'?)" in str(error)
     # what DVC's -S composes with Hydra besides key=value passes: ++key=, params.yaml:key=
     check_overrides(repo, ["++stage1.steps=3", "params.yaml:stage1.steps=4", "params.yaml:++stage1.steps=5"])
+    # the experiment names params.yaml's profile (DVC composes conf/ with the -S values alone: its
+    # default profile, tiny, ran on a paper checkout)
+    from loomcore.config import params_yaml
+
+    assert check_overrides(repo, ["stage1.steps=3"]) == ["profile=tiny", "stage1.steps=3"]
+    tiny = (repo / "params.yaml").read_text()
+    (repo / "params.yaml").write_text(params_yaml(repo / "conf", ["profile=paper"]))
+    assert check_overrides(repo, ["stage3.steps=300"]) == ["profile=paper", "stage3.steps=300"]
+    (repo / "params.yaml").write_text(tiny)
     for bad, said in (("++stage1.stpes=3", "override '++stage1.stpes=3': unknown key 'stage1.stpes'"),
                       ("params.yaml:stage1.stpes=3", "override 'params.yaml:stage1.stpes=3': unknown key"),
                       ("+stage1.steps=3", "`+` adds a key, and stage1.steps exists"),  # (DVC refuses it)
