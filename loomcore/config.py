@@ -725,6 +725,8 @@ def load_config(
         ov_layers.append((f"override {ov!r}", layer))
     prof_ov = [layer["profile"] for _, layer in ov_layers if "profile" in layer]
     ov_layers = [(src, layer) for src, layer in ov_layers if "profile" not in layer]
+    if profile and prof_ov and prof_ov[-1] != profile:
+        raise ConfigError(f"--profile {profile} and the override 'profile={prof_ov[-1]}' name two profiles: give one")
     wanted = profile or (prof_ov[-1] if prof_ov else None)
 
     params = _load_yaml(params_path, "params file")

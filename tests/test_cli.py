@@ -113,6 +113,8 @@ def test_an_experiment_runs_the_profile_params_yaml_names_composed_as_dvc_compos
     assert experiment_sets("tiny", ["params.yaml:profile=tiny"], params) == ["params.yaml:profile=tiny"]
     with pytest.raises(ConfigError, match=r"--profile paper and the override 'profile=tiny' name two profiles"):
         experiment_sets("paper", ["profile=tiny"], params)
+    with pytest.raises(ConfigError, match=r"--profile paper and the override 'profile=tiny' name two profiles"):
+        load_config(["profile=tiny"], profile="paper")  # (`loom config --profile paper profile=tiny` said paper)
     params.write_text("profile: [paper\n")  # unreadable: no profile named (load_config says what is wrong)
     assert experiment_sets(None, ["seed=1"], params) == ["seed=1"]
     # what the experiment runs is what the check loads: conf/'s paper composition with the sets
