@@ -38,7 +38,7 @@ EPILOG = """examples:
   loom pipeline                            # run the whole DAG on the tiny profile (dvc repro)
   loom pipeline stage3.steps=300           # the DAG as an experiment (dvc exp run -S stage3.steps=300)
   loom deploy                              # prefect deploy --all with the profile's work pools
-  loom plan --profile paper --gpus 8 16 64 # the GPU memory a training rank needs (FSDP2)
+  loom plan --profile paper --gpus 4 8 16  # the GPU memory a training rank needs (FSDP2)
   loom node stage1 --node-rank 1 --profile paper orchestration.rdzv_endpoint=10.0.0.5:29400   # each other node of a multi-node stage
 """
 
@@ -1187,7 +1187,7 @@ def build_parser() -> argparse.ArgumentParser:
                 "saves, with or without activation checkpointing), the frozen MLLM in the online "
                 "feature mode, a margin; and whether it fits the GPU. The training stages' GPU "
                 "preflight asks each GPU for the same per-rank total.",
-                epilog="example:\n  loom plan --profile paper --gpus 8 16 64 --gpu H20 H200",
+                epilog="example:\n  loom plan --profile paper --gpus 4 8 16 --gpu H20 H200",
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stage", nargs="+", default=["stage1", "stage2", "stage3"], choices=("stage1", "stage2", "stage3"))
     p.add_argument("--gpus", nargs="+", type=int, default=[8, 16, 64], help="GPU counts (ranks) to plan for")

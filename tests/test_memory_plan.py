@@ -76,3 +76,23 @@ def test_the_paper_profile_plan_reads_the_20_bytes_per_parameter_and_the_online_
     assert accum not in eight.gib and accum not in p.gib  # one pack per rank and step; one rank holds all anyway
     text = memory.plan_table([p, eight])
     assert "| stage2 | 8 | 16,384 |" in text and "| **no** |" in text
+    # more GPUs than the batch's packs, or a count they do not divide: the trainer refuses the run (each
+    # rank takes whole packs), so the plan may not say it fits, however little memory a rank would need
+    for n in (16, 3):
+        over = memory.plan_stage(paper, "stage2", n, "H200", context=1024, _cache=cache)
+        assert over.total_gib < over.gpu_gib and not over.fits
+        assert f"| **no**: its 8 packs a step do not split over {n} GPUs |" in memory.plan_table([over])
+
+
+def test_a_batch_that_does_not_split_over_the_ranks_is_refused_as_the_configs_fault():
+    """The trainer's refusal was a ValueError: a crash, retried twice by the DVC task. It is the
+    config's (nodes × gpus_per_node × train.grad_accum against the ranks torchrun started): exit 2."""
+    import torch
+
+    from loomcore.errors import InputError
+    from loomcore.train.distributed import DistEnv
+    from loomcore.train.trainer import Trainer
+
+    paper = load_config(profile="paper")
+    with pytest.raises(InputError, match=r"^stage2: the global batch is 8 packs .* does not split over 16 ranks$"):
+        Trainer(paper, "stage2", DistEnv(rank=0, world_size=16, local_rank=0, device=torch.device("cpu")))

@@ -197,10 +197,22 @@ class RankPlan:
     total_gib: float
     gpu: str
     gpu_gib: float
+    packs: int = 1  # the stage's global batch (packs_per_step): each rank takes a whole number of them
+
+    @property
+    def splits(self) -> bool:
+        """Whether the stage's batch splits over the ranks (the trainer refuses it otherwise)."""
+        return self.packs % self.ranks == 0
 
     @property
     def fits(self) -> bool:
-        return self.total_gib <= self.gpu_gib
+        return self.splits and self.total_gib <= self.gpu_gib
+
+    @property
+    def verdict(self) -> str:
+        if not self.splits:
+            return f"**no**: its {self.packs} packs a step do not split over {self.ranks} GPUs"
+        return "yes" if self.fits else "**no**"
 
 
 def plan_stage(cfg: Config, stage: str, ranks: int, gpu: str = "H20", checkpointing: Optional[bool] = None,
@@ -243,7 +255,7 @@ def plan_stage(cfg: Config, stage: str, ranks: int, gpu: str = "H20", checkpoint
     gib["margin (context, workspaces, fragmentation)"] = MARGIN_GIB + MARGIN_FRACTION * subtotal
     total = sum(gib.values())
     return RankPlan(stage, ranks, s.max_tokens, ckpt, {k: round(v, 2) for k, v in gib.items()}, round(total, 2),
-                    gpu, GPU_MEMORY_GIB[gpu])
+                    gpu, GPU_MEMORY_GIB[gpu], packs_per_step(cfg, stage))
 
 
 def plan_table(plans: List[RankPlan]) -> str:
@@ -251,7 +263,7 @@ def plan_table(plans: List[RankPlan]) -> str:
     parts = list(dict.fromkeys(k for p in plans for k in p.gib))
     head = ["stage", "GPUs", "tokens / pack", *parts, "total GiB", "GPU", "fits"]
     rows = [[p.stage, str(p.ranks), f"{p.tokens:,}", *(f"{p.gib.get(k, 0.0):.1f}" for k in parts),
-             f"**{p.total_gib:.1f}**", f"{p.gpu} ({p.gpu_gib:g})", "yes" if p.fits else "**no**"] for p in plans]
+             f"**{p.total_gib:.1f}**", f"{p.gpu} ({p.gpu_gib:g})", p.verdict] for p in plans]
     return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(r) + " |" for r in rows])
 
 

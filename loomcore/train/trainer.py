@@ -21,6 +21,7 @@ import torch
 
 from loomcore.config import TASK_KINDS, Config
 from loomcore.data.loader import PackedLoader
+from loomcore.errors import InputError
 from loomcore.models.packed import autocast
 from loomcore.storage import S3Settings
 from loomcore.train import telemetry
@@ -54,7 +55,7 @@ class Trainer(Harness):
         self.s = s = self.run_cfg
         self.packs_per_step = packs_per_step(cfg, stage)
         if self.packs_per_step % env.world_size:
-            raise ValueError(f"{stage}: the global batch is {self.packs_per_step} packs (nodes × gpus_per_node × "
+            raise InputError(f"{stage}: the global batch is {self.packs_per_step} packs (nodes × gpus_per_node × "
                              f"train.grad_accum) and does not split over {env.world_size} ranks")
         self.accum = self.packs_per_step // env.world_size
         self.task_index = {k: i for i, k in enumerate(TASK_KINDS)}
