@@ -33,8 +33,13 @@ from omegaconf.errors import OmegaConfBaseException
 
 from loomcore.errors import InputError
 
-# The MLLM prompt orders (loomcore.models.mllm.LAYOUTS, which this module may not import: models sit above it)
+# Names the layers above define, which this module may not import (models and rl sit above it): the
+# MLLM prompt orders (loomcore.models.mllm.LAYOUTS), the attention backends (models.attention.BACKENDS),
+# the RL rewards (rl.rewards.REWARDS) — checked here so that a typo fails at once, not when a stage
+# reaches it hours in (tests/test_config.py holds them equal)
 LAYOUTS = ("train", "eval", "demo")
+ATTENTION_BACKENDS = ("auto", "reference", "sdpa", "varlen", "flash_attn", "flex")
+REWARD_NAMES = ("pickscore", "shapes")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PARAMS = REPO_ROOT / "params.yaml"
@@ -797,9 +802,18 @@ def _validate(cfg: Config) -> None:
         if not ok:
             errors.append(msg)
 
+    # the factors the checks below divide by, first: a zero names its key here, not a ZeroDivisionError
+    factors = {"codec.spatial_factor": cfg.codec.spatial_factor, "codec.temporal_factor": cfg.codec.temporal_factor,
+               **{f"dit.patch_size[{i}]": p for i, p in enumerate(cfg.dit.patch_size)}}
+    small = [f"{k} = {v}" for k, v in factors.items() if v < 1]
+    if small:
+        raise ConfigError(f"invalid config ({' + '.join(cfg.sources) if cfg.sources else 'config'}): "
+                          f"{', '.join(small)}: expected >= 1")
+
     def check_optimizer(key: str, o) -> None:
         check(o.name == "adamw", f"{key}.name = {o.name!r}: only 'adamw' is supported")
         check(o.lr > 0, f"{key}.lr = {o.lr}: the learning rate must be positive")
+        check(o.eps > 0, f"{key}.eps = {o.eps}: expected > 0 (it keeps AdamW's denominator off zero)")
         check(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, f"{key}.beta1/beta2 = {o.beta1}/{o.beta2}: expected in [0, 1)")
         check(o.weight_decay >= 0, f"{key}.weight_decay = {o.weight_decay}: expected >= 0")
 
@@ -829,6 +843,11 @@ def _validate(cfg: Config) -> None:
           f"mllm.tiny_attention = {cfg.mllm.tiny_attention!r}: expected one of {TINY_MLLM_ATTENTION}")
     check(cfg.mllm.feature_mode in ("online", "cached"),
           f"mllm.feature_mode = {cfg.mllm.feature_mode!r}: expected 'online' or 'cached'")
+    for k in ("source_temporal_stride", "max_length", "projector_mult"):
+        check(getattr(cfg.mllm, k) >= 1, f"mllm.{k} = {getattr(cfg.mllm, k)}: expected >= 1")
+    check(cfg.s3.max_attempts >= 1, f"s3.max_attempts = {cfg.s3.max_attempts}: expected >= 1 (the first try counts)")
+    check(cfg.train.attention_backend in ATTENTION_BACKENDS,
+          f"train.attention_backend = {cfg.train.attention_backend!r}: expected one of {', '.join(ATTENTION_BACKENDS)}")
     check(0 < cfg.mllm.layers_used <= cfg.mllm.num_layers,
           f"mllm.layers_used = {cfg.mllm.layers_used}: expected 1..mllm.num_layers ({cfg.mllm.num_layers})")
     check(cfg.mllm.layers_used == cfg.dit.num_layers,
@@ -968,15 +987,19 @@ def _validate(cfg: Config) -> None:
     check(g.mllm_layout in LAYOUTS, f"guidance.mllm_layout = {g.mllm_layout!r}: expected one of {', '.join(LAYOUTS)}")
     check(g.flow_shift > 0, f"guidance.flow_shift = {g.flow_shift}: expected > 0")
     check(0 < g.shift_scale <= 2, f"guidance.shift_scale = {g.shift_scale}: expected in (0, 2] (α of eq. 3)")
-    check((g.frames - 1) % cfg.codec.temporal_factor == 0,
+    check(g.frames >= 1 and (g.frames - 1) % cfg.codec.temporal_factor == 0,
           f"guidance.frames = {g.frames}: the codec takes 1 + {cfg.codec.temporal_factor}·k frames")
+    check(g.height >= 1 and g.width >= 1 and g.height % mult == 0 and g.width % mult == 0,
+          f"guidance.height × width = {g.height} × {g.width}: expected positive multiples of codec.spatial_factor × "
+          f"patch ({mult})")
     f = cfg.eval.frames
     check(f is None or (f >= 1 and (f - 1) % cfg.codec.temporal_factor == 0),
           f"eval.frames = {f}: the codec takes 1 + {cfg.codec.temporal_factor}·k frames (or null: guidance.frames)")
 
     rl = cfg.rl
     check(rl.init_from in STAGES, f"rl.init_from = {rl.init_from!r}: expected one of {', '.join(STAGES)}")
-    check(bool(rl.reward), "rl.reward: expected a reward name (loomcore.rl.rewards: pickscore, shapes, …)")
+    check(rl.reward in REWARD_NAMES, f"rl.reward = {rl.reward!r}: expected one of {', '.join(REWARD_NAMES)} "
+          "(loomcore.rl.rewards)")
     unknown = [k for k in rl.tasks if k not in TASK_KINDS]
     check(bool(rl.tasks) and not unknown, f"rl.tasks = {rl.tasks}: expected a non-empty list of {', '.join(TASK_KINDS)}")
     recon = [k for k in rl.tasks if k in ("image_recon", "video_recon")]

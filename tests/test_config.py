@@ -88,6 +88,19 @@ def test_fingerprint_tracks_sections():
         (["mllm.tiny_attention=causal"], "mllm.tiny_attention = 'causal': expected one of ('random', 'previous_token')"),
         (["dit.attention_head_dim=33"], "dit.attention_head_dim = 33: expected a positive even number"),
         (["dit.num_attention_heads=0"], "dit.num_attention_heads = 0: expected >= 1"),
+        # typos and zeros that passed the check and failed hours later (a ZeroDivisionError in the
+        # check itself, for the codec's factors), or in `loom generate` naming a flag never given
+        (["codec.temporal_factor=0"], "codec.temporal_factor = 0: expected >= 1"),
+        (["codec.spatial_factor=0", "dit.patch_size=[1,0,2]"], "codec.spatial_factor = 0, dit.patch_size[1] = 0: expected >= 1"),
+        (["rl.reward=pickscor"], "rl.reward = 'pickscor': expected one of pickscore, shapes"),
+        (["train.attention_backend=flashattn"], "train.attention_backend = 'flashattn': expected one of auto, reference, "),
+        (["mllm.source_temporal_stride=0"], "mllm.source_temporal_stride = 0: expected >= 1"),
+        (["mllm.max_length=0"], "mllm.max_length = 0: expected >= 1"),
+        (["s3.max_attempts=0"], "s3.max_attempts = 0: expected >= 1"),
+        (["stage1.optimizer.eps=-1"], "stage1.optimizer.eps = -1.0: expected > 0"),
+        (["guidance.frames=-3"], "guidance.frames = -3: the codec takes 1 + 1·k frames"),
+        (["guidance.height=33"], "guidance.height × width = 33 × "),
+        (["guidance.width=0"], "guidance.height × width = "),
     ],
 )
 def test_refusals_name_key_value_and_expectation(overrides, needle):
@@ -256,3 +269,15 @@ def test_composition_refuses_an_unknown_key_and_a_bad_profile(tmp_path):
     (conf / "config.yaml").write_text((conf / "config.yaml").read_text().replace("seed: 0", "seeed: 0"))
     with pytest.raises(ConfigError, match=r"config.yaml: unknown key 'seeed' \(did you mean 'seed'\?\)"):
         params_yaml(conf)
+
+
+def test_the_names_the_config_checks_are_the_registries_it_cannot_import():
+    """config.py sits below models/ and rl/: it keeps their names to check a typo at once (a reward
+    named wrong failed at RL's start, after stages 1–3; an attention backend at the model's load,
+    as a ValueError retried as a crash). They must stay the registries' own."""
+    from loomcore.config import ATTENTION_BACKENDS, LAYOUTS, REWARD_NAMES
+    from loomcore.models.attention import BACKENDS
+    from loomcore.models.mllm import LAYOUTS as MLLM_LAYOUTS
+    from loomcore.rl.rewards import REWARDS
+
+    assert ATTENTION_BACKENDS == BACKENDS and LAYOUTS == MLLM_LAYOUTS and set(REWARD_NAMES) == set(REWARDS)
