@@ -187,19 +187,26 @@ def _refuse_unread(overrides: Sequence[str], read: Sequence[str], command: str, 
 
 def cmd_init_models(args) -> int:
     from loomcore.codegraph import stage_params
-    from loomcore.models.base_models import check_paper_models, init_models
+    from loomcore.models.base_models import check_later_models, check_paper_models, init_models
 
-    # the base_models stage's params, where it writes, S3 (stage1.steps=100 was accepted and changed nothing)
-    _refuse_unread(args.overrides, (*stage_params("base_models"), "paths.models", "s3"), "init-models")
+    # the base_models stage's params, where it writes, S3, the later stages' model folders it checks
+    # (stage1.steps=100 was accepted and changed nothing)
+    _refuse_unread(args.overrides, (*stage_params("base_models"), "paths.models", "s3", "eval.vbench", "eval.judge",
+                                    "rl.reward", "rl.pickscore"), "init-models")
     cfg = _load(args)
     if cfg.models.codec == "wan" and cfg.profile == "paper":
-        problems = check_paper_models(cfg)
-        if problems:
-            print(f"init-models (profile {cfg.profile}): the base models are incomplete:", file=sys.stderr)
-            for p in problems:
-                print(f"  - {p}", file=sys.stderr)
+        failed = False
+        for what, problems in (("the base models are", check_paper_models(cfg)),
+                               ("the models evaluation and RL read are", check_later_models(cfg))):
+            if problems:
+                failed = True
+                print(f"init-models (profile {cfg.profile}): {what} incomplete:", file=sys.stderr)
+                for p in problems:
+                    print(f"  - {p}", file=sys.stderr)
+        if failed:
             return 1
-        print(f"init-models (profile {cfg.profile}): OK — every configured model folder is complete")
+        print(f"init-models (profile {cfg.profile}): OK — every configured model folder is complete (base models, "
+              "VBench backbones, judge, reward)")
         return 0
     report = init_models(cfg, force=args.force)
     for name, info in report.items():

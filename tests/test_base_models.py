@@ -228,6 +228,36 @@ def test_check_paper_models_reports_every_problem(tmp_path):
     assert len(problems) == len(expected), text
 
 
+def test_init_models_checks_the_folders_evaluation_and_rl_read_too(tmp_path, capsys):
+    """`loom init-models --profile paper` said "OK — every configured model folder is complete" with
+    the VBench backbones and PickScore absent: evaluate or RL then failed after stages 1–3 trained."""
+    from loomcore.cli import main
+    from loomcore.models.base_models import check_later_models
+
+    _fake_paper_layout(tmp_path, load_config(profile="paper"))
+    base = [f"models.{k}={tmp_path}/{k}" for k in ("transformer", "vae", "scheduler", "mllm")]
+    later = [f"eval.vbench.clip={tmp_path}/clip", f"eval.vbench.dino={tmp_path}/dino", "rl.reward=pickscore",
+             f"rl.pickscore.model={tmp_path}/pickscore", f"rl.pickscore.processor={tmp_path}/processor"]
+    cfg = load_config([*base, *later], profile="paper")
+    assert check_later_models(cfg) == [f"{k}: {tmp_path}/{n} is missing or empty" for k, n in (
+        ("eval.vbench.clip", "clip"), ("eval.vbench.dino", "dino"), ("rl.pickscore.model", "pickscore"),
+        ("rl.pickscore.processor", "processor"))]
+    for name, config in (("clip", "config.json"), ("dino", "config.json"), ("pickscore", "config.json"),
+                         ("processor", "preprocessor_config.json")):
+        _write(tmp_path / name / config, {})
+    _write(tmp_path / "dino/config.json", b"")  # (an empty file)
+    assert check_later_models(cfg) == [f"eval.vbench.dino: empty file {tmp_path}/dino/config.json"]
+    assert main(["init-models", "--profile", "paper", *base, *later]) == 1
+    err = capsys.readouterr().err
+    assert "the models evaluation and RL read are incomplete:\n  - eval.vbench.dino: empty file" in err, err
+    _write(tmp_path / "dino/config.json", {})
+    assert main(["init-models", "--profile", "paper", *base, *later]) == 0
+    assert "OK — every configured model folder is complete" in capsys.readouterr().out
+    # a null backbone is skipped; a reward other than PickScore reads no PickScore folder
+    assert check_later_models(load_config([*base, "eval.vbench.clip=null", "eval.vbench.dino=null", "rl.reward=shapes"],
+                                          profile="paper")) == []
+
+
 def test_check_paper_models_on_s3(tmp_path, s3_bucket, monkeypatch):
     from loomcore.storage import upload_dir
 
@@ -266,4 +296,4 @@ def test_init_models_refuses_overrides_it_would_ignore(capsys):
     assert main(["init-models", "--profile", "tiny", "stage1.steps=100"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("loom init-models: override 'stage1.steps=100': init-models reads only profile, seed, "
-                          "models, dit, mllm, codec,") and err.rstrip().endswith("paths.models, s3")
+                          "models, dit, mllm, codec,") and err.rstrip().endswith("paths.models, s3, eval.vbench, eval.judge, rl.reward, rl.pickscore")

@@ -530,6 +530,30 @@ def _check_dims(what: str, folder: _Folder, name: str, expected: dict, problems:
             problems.append(f"{what}: {folder.uri}/{name} has {key} = {have!r}, expected {want!r}")
 
 
+def check_later_models(cfg: Config) -> List[str]:
+    """Every problem with the model folders later stages read (local or s3://): evaluation's VBench
+    backbones (`eval.vbench.clip` / `dino`, unless null) and a local judge's own folder
+    (`eval.judge.model`), RL's PickScore and its processor (`rl.reward: pickscore`). Each must hold
+    its config: a missing one failed the evaluate or RL stage after stages 1–3 had trained."""
+    settings = S3Settings.from_config(cfg.s3)
+    wanted = [(f"eval.vbench.{k}", getattr(cfg.eval.vbench, k), "config.json") for k in ("clip", "dino")]
+    if cfg.eval.judge.kind == "qwen" and cfg.eval.judge.model:
+        wanted.append(("eval.judge.model", cfg.eval.judge.model, "config.json"))
+    if cfg.rl.reward == "pickscore":
+        wanted += [("rl.pickscore.model", cfg.rl.pickscore.model, "config.json"),
+                   ("rl.pickscore.processor", cfg.rl.pickscore.processor, "preprocessor_config.json")]
+    problems = []
+    for key, uri, config in wanted:
+        if not uri:
+            continue
+        folder = _Folder(str(uri), settings)
+        if not folder.sizes:
+            problems.append(f"{key}: {uri} is missing or empty")
+        else:
+            _require(folder, [config], key, problems)
+    return problems
+
+
 def check_paper_models(cfg: Config) -> List[str]:
     """Every problem with the configured real model folders; [] when all are complete.
 
