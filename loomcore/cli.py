@@ -214,10 +214,15 @@ def cmd_init_models(args) -> int:
     return 0
 
 
+IMPORT_KEYS = ("profile", "dit", "mllm", "rope", "flow", "s3")  # what import-release reads (models.release.loomdit_kwargs)
+PLAN_KEYS = ("profile", "dit", "mllm", "rope", "flow", "models.mllm", "train", "stage1", "stage2", "stage3")  # loom plan's
+
+
 def cmd_import_release(args) -> int:
     from loomcore.models.release import import_release
     from loomcore.storage import S3Settings, is_s3, materialize
 
+    _refuse_unread(args.overrides, IMPORT_KEYS, "loom import-release", " (the DiT's config and the store's)")
     cfg = _load(args)
     out_dir = Path(args.out_dir)
     try:
@@ -428,6 +433,7 @@ def cmd_plan(args) -> int:
     """The per-rank memory plan of the training stages (loomcore/train/memory.py)."""
     from loomcore.train.memory import GPU_MEMORY_GIB, plan_stage, plan_table
 
+    _refuse_unread(args.overrides, PLAN_KEYS, "loom plan")
     cfg = _load(args)
     bad = [g for g in args.gpu if g not in GPU_MEMORY_GIB]
     if bad:

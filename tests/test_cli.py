@@ -388,3 +388,14 @@ def test_a_prompts_file_saved_with_a_bom_reads_as_its_text(tmp_path):
     path = tmp_path / "prompts.txt"
     path.write_text("# shapes\na red circle\n", encoding="utf-8-sig")
     assert read_prompts(str(path)) == [(2, "a red circle")]
+
+
+def test_import_release_and_plan_refuse_overrides_they_would_ignore(tmp_path, capsys):
+    """`loom import-release ckpt out export.dtype=float16` wrote float32 weights and said nothing;
+    `loom plan … eval.steps=3` alike. Like init-models and deploy, they name the keys they read."""
+    assert main(["import-release", str(tmp_path / "ckpt"), str(tmp_path / "out"), "export.dtype=float16"]) == 2
+    assert "override 'export.dtype=float16': loom import-release reads only profile, dit, mllm, rope, flow, s3" \
+        in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    assert main(["plan", "--gpus", "1", "eval.steps=3"]) == 2
+    assert "override 'eval.steps=3': loom plan reads only profile, dit, " in capsys.readouterr().err
