@@ -50,7 +50,9 @@ def stage_main(flows: Callable | Mapping[str, Callable], description: str, argv:
 
     overrides = args.overrides + (getattr(args, "switched", None) or [])
     here, root = Path.cwd().resolve(), REPO_ROOT.resolve()
-    if root in here.parents:  # its params name folders relative to the checkout: from outputs/, outputs/models/…
+    # its params name folders relative to the checkout: from outputs/, outputs/models/…, or from a folder
+    # outside any checkout (no dvc.yaml: DVC runs a stage where its dvc.yaml is), they would land there
+    if root in here.parents or (here != root and not (here / "dvc.yaml").is_file()):
         print(f"{module}: run it from the checkout's root ({root}), as DVC does: the paths in its params.yaml "
               f"are relative to it (here, {here}, models/ and data/ would be written under this folder)", file=sys.stderr)
         return 2

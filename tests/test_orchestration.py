@@ -484,7 +484,7 @@ def test_a_refused_config_and_a_timeout_are_not_retried(prefect_api, tmp_path):
     assert runs(repo) == ["curate", "cache", "cache", "cache"]
 
 
-def test_a_stage_exits_2_for_what_repeats_and_1_for_what_may_pass(prefect_api, capsys):
+def test_a_stage_exits_2_for_what_repeats_and_1_for_what_may_pass(prefect_api, capsys, tmp_path):
     """A stage's exit code is what the DVC task's retry reads: a bad metadata file or another input
     error failed the same way three times (exit 1: retried) — a cache shard whose bytes changed too;
     a stage's own timeout would take as long again, a diverged training would diverge again at the
@@ -519,6 +519,13 @@ def test_a_stage_exits_2_for_what_repeats_and_1_for_what_may_pass(prefect_api, c
     sub = REPO / "tests"
     here = os.getcwd()
     os.chdir(sub)
+    try:
+        assert stage_main(stage_raising(AssertionError("the flow ran")), "a toy stage", argv=[]) == 2
+    finally:
+        os.chdir(here)
+    assert f"run it from the checkout's root ({REPO.resolve()}), as DVC does" in capsys.readouterr().err
+    # …or from a folder outside any checkout (no dvc.yaml there): models/ and data/ were written there
+    os.chdir(tmp_path)
     try:
         assert stage_main(stage_raising(AssertionError("the flow ran")), "a toy stage", argv=[]) == 2
     finally:
