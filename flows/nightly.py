@@ -300,8 +300,11 @@ def _date_argument(text: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     import argparse
+    import sys
 
     from prefect.exceptions import FailedRun
+
+    from loomcore.errors import InputError
 
     p = argparse.ArgumentParser(prog="python -m flows.nightly", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -314,6 +317,11 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("--tolerance", type=float, default=0.01)
     v.add_argument("--date", default=None, type=_date_argument, help="the night, YYYY-MM-DD (default: today, UTC)")
     a = p.parse_args(argv)
+    try:  # a bad override: one line, exit 2, before a Prefect server starts and a failed run records it
+        check_overrides(".", a.overrides) if a.which == "retrain" else repo_config(".", a.overrides)
+    except InputError as e:
+        print(f"flows.nightly: {e}", file=sys.stderr)
+        return 2
     if a.which == "retrain":
         nightly_retrain_flow(overrides=a.overrides, lock_wait_s=a.lock_wait)
         return 0

@@ -210,4 +210,13 @@ if __name__ == "__main__":
     p.add_argument("--stage", dest="stages", action="append", default=None, help="only these stages (repeatable)")
     p.add_argument("--lock-wait", type=float, default=0.0, help="seconds to wait for another run on this checkout")
     a = p.parse_args()
+    import sys
+
+    from loomcore.errors import InputError
+
+    try:  # a bad override: one line, exit 2, before a Prefect server starts and a failed run records it
+        check_overrides(".", a.overrides)
+    except InputError as e:
+        print(f"flows.pipeline: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     pipeline_flow(overrides=a.overrides, force=a.force, stages=a.stages, lock_wait_s=a.lock_wait)

@@ -538,6 +538,16 @@ def test_a_stage_exits_2_for_what_repeats_and_1_for_what_may_pass(prefect_api, c
                                             r"here: out_dir, grad_accum, .*", said[0]), said
 
 
+@pytest.mark.parametrize("module, args", [("flows.pipeline", ["stage1.stepz=3"]), ("flows.nightly", ["retrain", "stage1.stepz=3"]),
+                                          ("flows.nightly", ["eval", "eval.stepz=3"])])
+def test_the_dag_entry_points_refuse_a_bad_override_in_one_line(module, args):
+    """`python -m flows.pipeline stage1.stepz=3` started a temporary Prefect server, recorded a failed
+    run and printed 63 lines with two tracebacks (exit 1); the stage entry points said it in a line."""
+    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr[-3000:]
+    assert proc.stderr.startswith(f"{module}: override '{args[-1]}': unknown key"), proc.stderr
+
+
 def test_a_reader_that_meets_bad_bytes_or_a_failing_log_sink_keeps_draining(tmp_path, capsys):
     """run_streaming's reader thread died on bytes that are not UTF-8 or on a log callback that
     raised (a Prefect API call during a server restart): nobody drained the pipe, and the child
