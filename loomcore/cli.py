@@ -92,7 +92,9 @@ def cmd_config(args) -> int:
 def cmd_params(args) -> int:
     import yaml
 
-    from loomcore.config import DEFAULT_CONF_DIR, DEFAULT_PARAMS, ConfigError, load_config, params_profile, params_yaml
+    from loomcore.config import (
+        DEFAULT_CONF_DIR, DEFAULT_PARAMS, ConfigError, compose, load_config, params_profile, params_yaml,
+    )
 
     root = getattr(args, "checkout", None)  # the checkout the command runs in (_run_in_checkout)
     if root and not (root / "conf").is_dir() and not (args.conf and args.out):  # another DVC project's folder
@@ -110,6 +112,14 @@ def cmd_params(args) -> int:
         # written again with `loom params` stays paper (it went back to conf/config.yaml's tiny)
         own = params_profile(out)  # (None where it does not parse: it differs, whatever the composition)
         overrides = ([f"profile={own}"] if own else []) + overrides
+    # each override named with its reason, as `loom config` and `loom pipeline` name it (Hydra's own
+    # error, cut to its first line, said "Could not override 'stage1.stepz'." and no why)
+    def checked(keys: List[str]):
+        named = [k.split("=", 1)[1] for k in keys if k.split("=", 1)[0] == "profile"]
+        return load_config([k for k in keys if k.split("=", 1)[0] != "profile"], conf_dir=conf, composed=True,
+                           profile=named[-1] if named else compose(conf)["profile"], params_path=DEFAULT_PARAMS)
+
+    check_dvc_sets(overrides, checked)
     text = params_yaml(conf, overrides)
     with tempfile.TemporaryDirectory() as d:  # the composition must be a whole, valid config
         (Path(d) / "params.yaml").write_text(text)

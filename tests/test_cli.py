@@ -274,7 +274,10 @@ def test_params_refuses_a_bare_value_and_a_folder_and_names_a_bad_override(tmp_p
     assert f"--out {tmp_path}: a folder" in capsys.readouterr().err and not list(tmp_path.parent.glob("*.tmp"))
     assert main(["params", "stage1.steps=[1,2]", "--out", str(tmp_path / "p.yaml")]) == 2
     err = capsys.readouterr().err  # named by the override, not by the temporary file it was checked in
-    assert "+ stage1.steps=[1,2]: " in err and "params.yaml" not in err, err
+    assert "override 'stage1.steps=[1,2]': key 'stage1.steps': expected int" in err and "params.yaml" not in err, err
+    # Hydra's own words, cut to a line, gave no reason ("Could not override 'stage1.stepz'.")
+    assert main(["params", "stage1.stepz=5", "--out", str(tmp_path / "p.yaml")]) == 2
+    assert "override 'stage1.stepz=5': unknown key 'stage1.stepz' (did you mean 'stage1.steps'?)" in capsys.readouterr().err
     assert not (tmp_path / "p.yaml").exists()
 
 
