@@ -43,10 +43,13 @@ EPILOG = """examples:
 """
 
 
-def _add_config_args(p: argparse.ArgumentParser) -> None:
+def _add_config_args(p: argparse.ArgumentParser, params: bool = True) -> None:
+    """--profile, --params (`params`: False where the command refuses any but the checkout's — kept
+    for its one-line refusal, left out of its help) and the key=value overrides."""
     p.add_argument("--profile", help="profile name (conf/profile/<name>.yaml); default: params.yaml's 'profile' "
                    "(another profile is composed from conf/)")
-    p.add_argument("--params", default=None, help="params file (default: params.yaml at the repo root)")
+    p.add_argument("--params", default=None,
+                   help="params file (default: params.yaml at the repo root)" if params else argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. stage1.steps=100")
 
 
@@ -1136,13 +1139,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     configured = []
 
-    def command(name: str, func, config: bool = True, **kw) -> argparse.ArgumentParser:
-        """A subcommand that runs `func`; with `config`, it takes --profile, --params and key=value
-        overrides (added after its own arguments, so that the overrides' positional comes last)."""
+    def command(name: str, func, config: bool = True, params: bool = True, **kw) -> argparse.ArgumentParser:
+        """A subcommand that runs `func`; with `config`, it takes --profile, --params (`params`) and
+        key=value overrides (added after its own arguments, so that the overrides' positional comes last)."""
         p = sub.add_parser(name, **kw)
         p.set_defaults(func=func)
         if config:
-            configured.append(p)
+            configured.append((p, params))
         return p
 
     p = command("config", cmd_config, help="print or check the config a stage runs with (params.yaml + overrides)",
@@ -1187,7 +1190,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="from a folder: the EMA weights when present, as the release loads (default), or the model's")
     p.add_argument("out_dir", help="output folder (LoomDiT.save_pretrained layout)")
 
-    p = command("pipeline", cmd_pipeline, help="run the whole DAG (dvc repro) on a profile",
+    p = command("pipeline", cmd_pipeline, params=False, help="run the whole DAG (dvc repro) on a profile",
                 description="Runs the DAG through DVC (`dvc repro`; with overrides or another profile, one "
                 "`dvc exp run -S …` experiment), every stage reporting to one Prefect server started for the "
                 "run (or yours, with PREFECT_API_URL). It holds the checkout's lock: a second run, a stage's "
@@ -1219,7 +1222,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="activation checkpointing (default: dit.gradient_checkpointing)")
     p.add_argument("--context", type=int, default=1024, help="MLLM context tokens per pack (default 1024)")
 
-    p = command("node", cmd_node, help="join a multi-node stage from one of its other nodes (torchrun)",
+    p = command("node", cmd_node, params=False, help="join a multi-node stage from one of its other nodes (torchrun)",
                 description="A stage with nodes > 1 (stageN.nodes, rl.nodes, data.cache_nodes) runs its first node "
                 "(node rank 0) where DVC or its Prefect deployment runs it; that node hosts the rendezvous at "
                 "orchestration.rdzv_endpoint (its address, reachable from the others). Run this on each of the "
@@ -1294,8 +1297,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpu-offload", action="store_true",
                    help="keep the models in CPU memory and move each to the GPU while it runs (diffusers' "
                    "enable_model_cpu_offload): the paper profile's MLLM and DiT need not fit the GPU together")
-    for p in configured:
-        _add_config_args(p)
+    for p, params in configured:
+        _add_config_args(p, params)
     return parser
 
 

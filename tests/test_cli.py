@@ -402,3 +402,23 @@ def test_import_release_and_plan_refuse_overrides_they_would_ignore(tmp_path, ca
     assert not (tmp_path / "out").exists()
     assert main(["plan", "--gpus", "1", "eval.steps=3"]) == 2
     assert "override 'eval.steps=3': loom plan reads only profile, dit, " in capsys.readouterr().err
+
+
+def test_help_shows_what_runs_and_no_option_the_command_refuses(capsys):
+    """`loom pipeline --help` and `loom node --help` listed `--params PARAMS`, which both refuse;
+    the rank entry points' help stopped at "…starts on every rank:", before the command line."""
+    from loomcore.rl.__main__ import main as rl_main
+    from loomcore.train.cli import main as train_main
+
+    for command in ("pipeline", "node"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        assert "--params" not in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["config", "--help"])
+    assert "--params PARAMS" in capsys.readouterr().out
+    for entry, line in ((train_main.__wrapped__, "torchrun --nnodes N --nproc-per-node G -m loomcore.train --stage stage2"),
+                        (rl_main.__wrapped__, "torchrun --nnodes N --nproc-per-node G -m loomcore.rl [--profile P]")):
+        with pytest.raises(SystemExit):  # (torch's @record, unwrapped: it swallows the exit)
+            entry(["--help"])
+        assert line in capsys.readouterr().out

@@ -24,7 +24,7 @@ def _rl(cfg, args):
 
 @record  # torchrun's failure summary names the rank and the exception
 def main(argv: Optional[List[str]] = None) -> int:
-    return rank_main("python -m loomcore.rl", __doc__.split("\n\n")[0], _rl, argv, example="rl.steps=10")
+    return rank_main("python -m loomcore.rl", __doc__.strip(), _rl, argv, example="rl.steps=10")
 
 
 if __name__ == "__main__":

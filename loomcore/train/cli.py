@@ -25,7 +25,7 @@ def rank_main(prog: str, description: str, run: Callable[[Config, argparse.Names
               argv: Optional[List[str]] = None, stages: Sequence[str] = (), example: str = "stage1.steps=10") -> int:
     """What every rank of a torchrun job runs (the training stages, RL): the arguments, the config
     (a bad one exits 2 in a line), `run`, and rank 0's `[summary]` line."""
-    p = argparse.ArgumentParser(prog=prog, description=description)
+    p = argparse.ArgumentParser(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     if stages:
         p.add_argument("--stage", required=True, choices=stages)
     p.add_argument("--profile", default=None, help="profile (default: params.yaml's 'profile')")
@@ -51,4 +51,4 @@ def _train(cfg: Config, args: argparse.Namespace) -> dict:
 
 @record  # torchrun's failure summary names the rank and the exception
 def main(argv: Optional[List[str]] = None) -> int:
-    return rank_main("python -m loomcore.train", __doc__.split("\n\n")[0], _train, argv, stages=STAGES)
+    return rank_main("python -m loomcore.train", __doc__.strip(), _train, argv, stages=STAGES)
