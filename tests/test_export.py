@@ -108,8 +108,9 @@ def test_a_fresh_process_loads_the_folder_and_generates(exported):
         pipe.set_progress_bar_config(disable=True)
         frames = pipe("a red circle moves left", num_inference_steps=2, generator=torch.Generator().manual_seed(0)).frames
         print("frames", tuple(frames.shape), float(frames.min()) >= 0, float(frames.max()) <= 1)
+        print("dtypes", pipe.transformer.dtype, pipe.mllm.dtype)
         from diffusers import DiffusionPipeline
-        stock = DiffusionPipeline.from_pretrained(d, trust_remote_code=True)
+        stock = DiffusionPipeline.from_pretrained(d, trust_remote_code=True, dtype=torch.float32)
         stock.set_progress_bar_config(disable=True)
         again = stock("a red circle moves left", num_inference_steps=2, generator=torch.Generator().manual_seed(0)).frames
         print("stock", type(stock).__name__, torch.equal(torch.as_tensor(again), torch.as_tensor(frames)))
@@ -124,6 +125,9 @@ def test_a_fresh_process_loads_the_folder_and_generates(exported):
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = dict(line.split(" ", 1) for line in proc.stdout.splitlines() if " " in line)
     assert out["frames"] == "(1, 3, 40, 40, 3) True True"  # the tiny profile's default t2v: 3 frames, 40×40
+    # the export is bf16: without a dtype every model loads in float32, as `loom generate` on a CPU (the
+    # MLLM kept bf16, a half-bf16 pipeline whose samples differed from the CLI's)
+    assert out["dtypes"] == "torch.float32 torch.float32"
     assert out["stock"] == "LoomVideoPipeline True"  # diffusers' own loader, through the folder's pipeline module
     assert out["mllm"] == "Qwen3VLForConditionalGeneration" and out["scheduler"] == "UniPCMultistepScheduler"
     assert out["transformer"] == "LoomDiT"
@@ -627,6 +631,7 @@ def test_the_cards_usage_runs_as_written_on_the_export(exported, tmp_path, monke
     assert np.isfinite(videos).all() and not np.allclose(videos[0], videos[1])
     exec(blocks[1], names)  # noqa: S102
     assert type(names["pipe"]).__name__ == "LoomVideoPipeline"
+    assert names["pipe"].transformer.dtype == names["pipe"].mllm.dtype == torch.float32  # (the card's float32)
     calls = [c for line in card.splitlines() for c in re.findall(r"`(\w+(?:\.\w+)*\.from_pretrained\(folder / \"\w+\"\))`", line)]
     assert len(calls) == 6, calls  # every component of the tiny export
     for line in card.splitlines():  # the components table's loading code, on that `folder`

@@ -109,8 +109,9 @@ def render_card(info: dict, components: Dict[str, List[str]], config: dict, lowe
         "              generator=[torch.Generator().manual_seed(s) for s in range(4)]).frames  # [4, F, H, W, 3]\n```\n",
         "With stock diffusers (the folder's `pipeline_loomvideo.py` names loomcore's class; the loomvideo "
         "package must be installed):\n",
-        "```python\nfrom diffusers import DiffusionPipeline\n\n"
-        "pipe = DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)  # a LoomVideoPipeline, in float32\n```\n",
+        "```python\nimport torch\nfrom diffusers import DiffusionPipeline\n\n"
+        "pipe = DiffusionPipeline.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32)  "
+        "# a LoomVideoPipeline (without dtype its MLLM keeps the export's bfloat16)\n```\n",
         "Every part is a `save_pretrained` folder in safetensors (no pickles); the stock ones load with the "
         "plain library classes:\n",
         _components_section(components),

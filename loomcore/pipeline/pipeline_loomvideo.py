@@ -190,10 +190,15 @@ class LoomVideoPipeline(DiffusionPipeline):
     def from_pretrained(cls, pretrained_model_name_or_path, s3_settings=None, **kwargs) -> "LoomVideoPipeline":
         """`DiffusionPipeline.from_pretrained` on a folder written by `save_pretrained` (local, or
         s3:// reached with `s3_settings`: a `loomcore.storage.S3Settings`, None for the
-        environment's), after checking that every component is there (ValueError names the missing ones)."""
+        environment's), after checking that every component is there (ValueError names the missing ones).
+        Without `dtype` every model loads in float32 (diffusers loads the DiT so, transformers kept an
+        exported MLLM's bfloat16: a half-bf16 pipeline whose samples differed from `loom generate`'s);
+        `dtype={"default": torch.bfloat16, "vae": torch.float32}` for a GPU."""
         folder = check_pipeline_folder(pretrained_model_name_or_path, s3_settings)
         if uses_pipeline_module(folder):  # the module was checked to be ours: it only names this class
             kwargs.setdefault("trust_remote_code", True)
+        if "dtype" not in kwargs and "torch_dtype" not in kwargs:
+            kwargs["dtype"] = torch.float32
         return super().from_pretrained(str(folder), **kwargs)
 
     def save_pretrained(self, save_directory, **kwargs) -> None:
