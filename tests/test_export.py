@@ -551,6 +551,37 @@ def test_large_files_go_multipart_and_are_verified(s3_bucket, tmp_path):
     assert (local / "big.safetensors").read_bytes() == (folder / "big.safetensors").read_bytes() and pub.promoted
 
 
+def test_a_download_to_the_same_folder_follows_latest_and_leaves_other_folders_alone(s3_bucket, tmp_path, monkeypatch):
+    """`download_version(uri, name, dest=…)` returned any folder already at `dest`: after latest moved
+    to v2 a deployment kept serving v1 without a word (a helper's review). A copy keeps the record of
+    what it holds; another version's is replaced whole, a folder that is no copy is refused."""
+    uri = f"s3://{s3_bucket}/team"
+    assert _publish(_fake_export(tmp_path, "v1", {"q": 0.5}), s3_bucket).promoted
+    dest = tmp_path / "deployed"
+    dest.mkdir()  # (an empty folder made for it is filled)
+    assert read_export_info(download_version(uri, "tiny", dest=dest))["version"] == "v1"
+    assert _publish(_fake_export(tmp_path, "v2", {"q": 0.6}), s3_bucket).promoted
+    assert read_export_info(download_version(uri, "tiny", dest=dest))["version"] == "v2"
+    assert read_export_info(download_version(uri, "tiny", "v1", dest=dest))["version"] == "v1"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".deployed.")]  # no staging or old copy left
+    stamp = (dest / "export.json").stat().st_mtime_ns
+    assert download_version(uri, "tiny", "v1", dest=dest) == dest and (dest / "export.json").stat().st_mtime_ns == stamp
+    mine = tmp_path / "mine"
+    (mine / "notes.txt").parent.mkdir()
+    (mine / "notes.txt").write_text("not a model")
+    with pytest.raises(ValueError, match=f"{mine}: exists and is not a download of a published version"):
+        download_version(uri, "tiny", dest=mine)
+    assert (mine / "notes.txt").read_text() == "not a model"
+    # the default cache folder is per registry: the same model and version name published under two
+    # prefixes are two copies (one path held whichever came first)
+    monkeypatch.setenv("LOOM_CACHE_DIR", str(tmp_path / "cache"))
+    publish_export(_fake_export(tmp_path / "other", "v1", {"q": 0.1}), f"s3://{s3_bucket}/other-team",
+                   tolerance=0.01, lower_patterns=LOWER, settings=S3Settings.from_env())
+    ours, theirs = download_version(uri, "tiny", "v1"), download_version(f"s3://{s3_bucket}/other-team", "tiny", "v1")
+    assert ours != theirs and ours.name == theirs.name == "v1"
+    assert read_export_info(ours)["metrics"] != read_export_info(theirs)["metrics"]
+
+
 def test_promotion_gate_moves_latest_only_for_no_worse_versions(s3_bucket, tmp_path):
     uri = f"s3://{s3_bucket}/team"
     first = _publish(_fake_export(tmp_path, "v1", {"vbench.q": 0.80, "recon.mse": 0.010}), s3_bucket)

@@ -28,6 +28,7 @@ _COMPLETE is not a model, whatever else is under its prefix.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -46,6 +47,7 @@ from .metrics import GateDecision, promotion_gate
 
 COMPLETE = COMPLETE_MARKER
 LATEST = "latest.json"
+DOWNLOADED = ".loomvideo-download.json"  # a local copy's record: the _COMPLETE record of what it holds
 PROMOTE_ATTEMPTS = 5  # re-judge rounds when another writer moves latest concurrently
 
 ProgressFn = Callable[[int, int], None]
@@ -293,17 +295,31 @@ def resolve_version(s3_uri: str, name: str, version: str = "latest",
 
 def download_version(s3_uri: str, name: str, version: str = "latest", dest: Optional[Path | str] = None,
                      settings: Optional[S3Settings] = None) -> Path:
-    """A verified local copy of a complete version (default: under the loomvideo cache), for
-    `LoomVideoPipeline.from_pretrained`. Only the files _COMPLETE lists are fetched, each checked
-    against its sha256; the copy appears atomically, so an existing one is complete."""
+    """A verified local copy of a complete version (default: under the loomvideo cache, a folder per
+    registry, model and version), for `LoomVideoPipeline.from_pretrained`. Only the files _COMPLETE
+    lists are fetched, each checked against its sha256; the copy appears atomically and keeps that
+    record (DOWNLOADED, a hidden file), so a copy already at `dest` is reused only when it is that
+    version with those files. Another version's copy there — `dest` given for "latest", which has
+    moved since — is replaced whole; a folder at `dest` that is no copy of ours is refused."""
     settings = settings or S3Settings.from_env()
     record = resolve_version(s3_uri, name, version, settings)
     bucket, root = model_root(s3_uri, name)
-    dest = Path(dest) if dest else default_cache_dir().parent / "models" / name / record["version"]
-    if dest.is_dir():
-        return dest
+    registry = hashlib.sha256(f"{bucket}/{root}".encode()).hexdigest()[:12]  # (a version name may repeat across them)
+    dest = Path(dest) if dest else default_cache_dir().parent / "models" / registry / name / record["version"]
+    if dest.is_dir() and not any(dest.iterdir()):  # an empty folder made for it
+        dest.rmdir()
+    if dest.exists():
+        try:
+            held = json.loads((dest / DOWNLOADED).read_text())
+        except (OSError, ValueError):
+            raise ValueError(f"{dest}: exists and is not a download of a published version (no readable "
+                             f"{DOWNLOADED}); give another dest, or remove it") from None
+        if held == record:
+            return dest
     client = s3_client(settings)
+    dest.parent.mkdir(parents=True, exist_ok=True)
     staging = dest.parent / f".{dest.name}.download-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    old = dest.parent / f".{dest.name}.replaced-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         for rel, meta in record["files"].items():
             local = staging / rel
@@ -311,7 +327,11 @@ def download_version(s3_uri: str, name: str, version: str = "latest", dest: Opti
             client.download_file(bucket, f"{root}{record['version']}/{rel}", str(local), Config=transfer_config(settings))
             if sha256_file(local) != meta["sha256"]:
                 raise ValueError(f"{record['uri']}{rel}: sha256 differs from its {COMPLETE} record")
+        (staging / DOWNLOADED).write_text(json.dumps(record, sort_keys=True))
+        if dest.exists():  # another version's copy: moved aside, the new one renamed in, the old removed
+            os.rename(dest, old)
         os.rename(staging, dest)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
     return dest
