@@ -421,6 +421,19 @@ def test_loading_names_a_missing_component(saved_dir, tmp_path):
     assert "component 'transformer': missing" in str(e.value) and "diffusion_pytorch_model.safetensors" in str(e.value)
     with pytest.raises(ValueError, match="no model_index.json"):
         LoomVideoPipeline.from_pretrained(tmp_path)
+    # a truncated model_index.json (a JSONDecodeError naming no file), a tokenizer without its chat
+    # template (it loaded, and every call failed saying to build the pipeline another way)
+    cut = tmp_path / "cut"
+    shutil.copytree(saved_dir, cut)
+    (cut / "model_index.json").write_text((cut / "model_index.json").read_text()[:40])
+    with pytest.raises(ValueError, match=rf"{cut / 'model_index.json'}: not valid JSON \(.*\); copy the folder again"):
+        LoomVideoPipeline.from_pretrained(cut)
+    untemplated = tmp_path / "untemplated"
+    shutil.copytree(saved_dir, untemplated)
+    for f in ("chat_template.jinja", "chat_template.json"):
+        (untemplated / "tokenizer" / f).unlink(missing_ok=True)
+    with pytest.raises(ValueError, match=r"component 'tokenizer': no chat template"):
+        LoomVideoPipeline.from_pretrained(untemplated)
 
 
 def test_from_config_models_takes_a_trained_transformer(tiny_workspace, pipe, tmp_path):
@@ -459,6 +472,10 @@ def test_from_config_models_takes_a_trained_transformer(tiny_workspace, pipe, tm
         (dict(prompt=["a", "b"]), "expected one string"),
         (dict(prompt="a red circle", generator=[torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)]),
          "generator: a list of 2, but num_videos_per_prompt is 1"),
+        # whole numbers (48.0 failed inside torch.randn naming nothing; 2.7 steps ran as 2)
+        (dict(prompt="a red circle", height=48.0, width=48), "height = 48.0: expected a whole number"),
+        (dict(prompt="a red circle", num_frames=3.0), "num_frames = 3.0: expected a whole number"),
+        (dict(prompt="a red circle", num_inference_steps=2.7), "num_inference_steps = 2.7: expected a whole number"),
     ],
 )
 def test_bad_input_is_refused_with_what_the_model_takes(pipe, media, kw, needle):
@@ -488,6 +505,29 @@ def test_an_edit_with_a_transformer_without_source_embedding_is_refused_before_a
         pipe.transformer.source_patch_embedding = embedding
     assert pipe(prompt="a red circle", generator=[torch.Generator().manual_seed(0)], num_inference_steps=1,
                 output_type="latent").frames.shape[0] == 1  # a list of one generator is that generator
+
+
+def test_one_reference_needs_no_list_and_a_cut_source_video_is_told(pipe, media, files, caplog):
+    """A single reference not in a list: a path was read a character at a time ("m: unsupported file
+    type"), a PIL image or an array failed naming nothing. A source video given as a path is read as
+    the release's demo reads it (the trained frame rate, at most max_source_frames): from Python that
+    cut was silent (the CLI prints it)."""
+    import logging
+
+    import PIL.Image
+
+    wanted = _run(pipe, prompt="@Figure 1 beside a square", references=[media["ref1"]], num_frames=1)
+    for one in (files / "a.png", str(files / "a.png"), PIL.Image.open(files / "a.png"), media["ref1"].numpy(), media["ref1"]):
+        got = _run(pipe, prompt="@Figure 1 beside a square", references=one, num_frames=1)
+        assert np.array_equal(got, wanted), type(one)
+    long = files / "long24.mp4"
+    write_video(long, _pixels(8, 25, 32, 32, 3).numpy(), fps=24)  # 25 frames at 24 fps: read at 8 fps
+    caplog.set_level(logging.WARNING, logger="loomcore.pipeline.pipeline_loomvideo")
+    out = _run(pipe, prompt="make it blue", source=str(long))
+    assert out.shape[1] < 25 and "source long24.mp4: 24 fps; kept" in caplog.text, caplog.text
+    caplog.clear()
+    _run(pipe, prompt="make it blue", source=files / "src.mp4")  # 9 frames at the model's 8 fps: all kept
+    assert "kept" not in caplog.text, caplog.text
 
 
 def test_float_pixels_must_be_in_unit_range(pipe, media):

@@ -11,13 +11,17 @@ An image source (one frame) makes an image; without a source, num_frames == 1 ma
 
 The output size defaults to the source's (else the first reference's, as the release does),
 rounded down to what the model takes (codec factor × patch, e.g. 32 for Wan2.2-TI2V-5B); media
-are then resized to cover it and centre-cropped. A source video is never cut silently: its frame
-count must be one the codec takes (1 + temporal_factor·k) or `num_frames` must say how many of
-its first frames to use.
+are then resized to cover it and centre-cropped. A source given as frames (an array, a tensor, a
+list) is never cut: its frame count must be one the codec takes (1 + temporal_factor·k) or
+`num_frames` must say how many of its first frames to use. A source video given as a path is read as
+the release's demo reads one — at most `max_source_frames` (or `num_frames`) at the model's fps from
+its start, the nearest frame each, trimmed to 1 + temporal_factor·k —, and what was kept is the
+plan's `source_cut` (the CLI prints it; `__call__` logs it as a warning when it dropped frames).
 """
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, List, Optional, Sequence, Tuple
@@ -305,6 +309,12 @@ def plan_generation(
 
     if not isinstance(prompt, str):
         raise InputError(f"prompt: expected one string, got {type(prompt).__name__} (one sample per call)")
+    for name, value in (("height", height), ("width", width), ("num_frames", num_frames),
+                        ("num_inference_steps", num_inference_steps)):
+        try:  # whole numbers: 48.0 failed inside torch.randn, 2.7 steps ran as 2
+            None if value is None or isinstance(value, bool) else operator.index(value)
+        except TypeError:
+            raise InputError(f"{name} = {value!r}: expected a whole number (an int)") from None
     if num_inference_steps < 1:
         raise InputError(f"num_inference_steps = {num_inference_steps}: expected >= 1")
     for k, ref in enumerate(references, 1):

@@ -41,10 +41,22 @@ def write_pipeline_module(folder: Path | str) -> None:
     index.write_text(json.dumps(entries, indent=2, sort_keys=True) + "\n")
 
 
+def _model_index(folder: Path) -> dict:
+    """model_index.json, or an InputError naming it (a truncated copy failed with a bare JSONDecodeError)."""
+    index = folder / "model_index.json"
+    try:
+        entries = json.loads(index.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise InputError(f"{index}: not valid JSON ({e}); copy the folder again, or re-export it") from None
+    if not isinstance(entries, dict):
+        raise InputError(f"{index}: expected a JSON object, got {type(entries).__name__}")
+    return entries
+
+
 def uses_pipeline_module(folder: Path) -> bool:
     """Whether the folder names its pipeline through pipeline_loomvideo.py (checked: the file must be
     the one `write_pipeline_module` writes, byte for byte — our loader never runs other code)."""
-    name = json.loads((folder / "model_index.json").read_text()).get("_class_name")
+    name = _model_index(folder).get("_class_name")
     if name == CLASS_NAME:
         return False
     if name != [PIPELINE_MODULE, CLASS_NAME]:
@@ -57,6 +69,8 @@ def uses_pipeline_module(folder: Path) -> bool:
                          "restore it or re-export the folder")
     return True
 
+
+CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
 
 # Component → files that say its folder is complete (any one of each tuple).
 COMPONENT_FILES = {
@@ -80,7 +94,7 @@ def check_pipeline_folder(folder: Path | str, s3_settings: Optional[S3Settings] 
     if not index.is_file():
         raise InputError(f"{folder}: not a pipeline folder (no model_index.json; write one with "
                          "LoomVideoPipeline.save_pretrained)")
-    entries = json.loads(index.read_text())
+    entries = _model_index(path)
     uses_pipeline_module(path)
     problems: List[str] = []
     for name, required in COMPONENT_FILES.items():
@@ -96,8 +110,18 @@ def check_pipeline_folder(folder: Path | str, s3_settings: Optional[S3Settings] 
             if not any((sub / f).is_file() for f in alternatives):
                 problems.append(f"component {name!r}: missing {sub / alternatives[0]}"
                                 + (f" (or {', '.join(alternatives[1:])})" if len(alternatives) > 1 else ""))
+    tok = path / "tokenizer"
+    if (tok / "tokenizer_config.json").is_file() and not any((tok / f).is_file() for f in CHAT_TEMPLATE_FILES):
+        try:  # the chat template the MLLM's prompts are built with (else every call fails, later)
+            has = "chat_template" in json.loads((tok / "tokenizer_config.json").read_text())
+        except (ValueError, UnicodeDecodeError, TypeError):
+            has = False
+        if not has:
+            problems.append(f"component 'tokenizer': no chat template ({', '.join(CHAT_TEMPLATE_FILES)}, or a "
+                            f"chat_template in {tok / 'tokenizer_config.json'})")
     if problems:
-        raise InputError(f"{folder}: incomplete pipeline folder:\n  - " + "\n  - ".join(problems))
+        raise InputError(f"{folder}: incomplete pipeline folder:\n  - " + "\n  - ".join(problems)
+                         + "\n(copy the folder again, or re-export it)")
     return path
 
 

@@ -32,7 +32,7 @@ import numpy as np
 import PIL.Image
 import torch
 from diffusers import AutoencoderKLWan, DiffusionPipeline, FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
-from diffusers.utils import BaseOutput
+from diffusers.utils import BaseOutput, logging
 from diffusers.utils.torch_utils import randn_tensor
 from diffusers.video_processor import VideoProcessor
 
@@ -48,6 +48,8 @@ from loomcore.data.video_io import media_kind, read_video_release
 from .inputs import CALL_INPUTS, GenerationPlan, Geometry, load_frames, plan_generation, to_pixels
 from .loading import (check_pipeline_folder, load_mllm, load_scheduler, load_transformer, load_vae, pipeline_settings,
                       uses_pipeline_module, write_pipeline_module)
+
+logger = logging.get_logger(__name__)  # diffusers' logger, as its pipelines warn
 
 # A path (image/video), a PIL image, a list of frames, or a uint8 / [0, 1] array or tensor [F, H, W, 3].
 MediaInput = Any
@@ -271,7 +273,10 @@ class LoomVideoPipeline(DiffusionPipeline):
                                           self.geometry.temporal_factor)
         else:
             src = None if a.source is None else load_frames(a.source, "source", fps=c.fps, max_frames=a.num_frames)
-        refs = [load_frames(r, f"reference {k}") for k, r in enumerate(a.references or (), 1)]
+        refs = a.references
+        if isinstance(refs, (str, Path, PIL.Image.Image)) or (isinstance(refs, (np.ndarray, torch.Tensor)) and refs.ndim <= 3):
+            refs = [refs]  # one reference, not in a list (a str was read a character at a time)
+        refs = [load_frames(r, f"reference {k}") for k, r in enumerate(() if refs is None else refs, 1)]
         plan = plan_generation(
             prompt=prompt, task=a.task, source=src, references=refs, height=a.height, width=a.width,
             num_frames=a.num_frames,
@@ -458,6 +463,9 @@ class LoomVideoPipeline(DiffusionPipeline):
             for k in ("negative_prompt", "mllm_layout"):
                 given[k] = made[k] if given[k] is None else given[k]
         plan = self.resolve_inputs(prompt, **{k: given[k] for k in CALL_INPUTS})
+        cut = plan.source_cut
+        if cut is not None and tuple(cut.indices) != tuple(range(cut.frames_read)):  # (the CLI prints it itself)
+            logger.warning(cut.describe())
         branches = guidance_branches(plan.has_visual, plan.guidance_scale, plan.visual_guidance_scale)
         device = self._execution_device
         dtype = self.transformer.dtype
