@@ -1113,7 +1113,7 @@ def cmd_generate(args) -> int:
                 generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],  # CPU noise: a seed means the same on any device
             )
             for frames, out_path in zip(result.frames, per_prompt):
-                path = save_output(frames, out_path, fps=args.fps or pipe.config.fps, overwrite=True)
+                path = save_output(frames, out_path, fps=args.fps or pipe.config.fps, overwrite=True, lossless=args.lossless)
                 print(f"generate: wrote {path}")
     except InputError as e:  # a user's mistake (loomcore.errors); anything else is a bug: its traceback shows
         from loomcore.config import ConfigError
@@ -1289,6 +1289,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="PATH", help="output file: .mp4 (video) or .png (image)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--fps", type=float, help="output frame rate (default: the pipeline's, video.fps)")
+    p.add_argument("--lossless", action="store_true", help="a video's exact RGB frames (H.264 High 4:4:4, which most "
+                   "players refuse); default: H.264 yuv420p, visually lossless, as every common player plays it")
     p.add_argument("--model", metavar="DIR", help="an exported pipeline folder (LoomVideoPipeline.save_pretrained)")
     p.add_argument("--transformer", metavar="DIR", help="a trained LoomDiT folder, or the authors' release checkpoint (folder or weights file), "
                    "with the profile's other base models")

@@ -323,8 +323,16 @@ def video_encoder() -> str:
     raise RuntimeError("PyAV's ffmpeg has none of the encoders libx264rgb, libx264, mpeg4")
 
 
-def write_video(path, frames, fps: float) -> None:
-    """uint8 [F, H, W, 3] -> a video file (mp4 by suffix), as losslessly as the build allows.
+# For people's players (`playable`): H.264 High in yuv420p — what browsers, QuickTime and hardware
+# decoders play — at a near-transparent constant quality; the lossless encoders above write High
+# 4:4:4 Predictive (RGB or yuv444p), which most of them refuse.
+_PLAYABLE = ("libx264", "yuv420p", {"crf": "12", "preset": "veryfast"})
+
+
+def write_video(path, frames, fps: float, playable: bool = False) -> None:
+    """uint8 [F, H, W, 3] -> a video file (mp4 by suffix), as losslessly as the build allows; with
+    `playable`, as common players play it (`_PLAYABLE`: 4:2:0 chroma, near-lossless, an odd width or
+    height padded by one edge column / row).
 
     Deterministic: one encoder thread (x264's output depends on its thread count) and ffmpeg's
     bitexact flags (no library version or time stamp written by the muxer), so the same frames
@@ -339,8 +347,12 @@ def write_video(path, frames, fps: float) -> None:
                          f"write one of {', '.join(WRITABLE_VIDEO_SUFFIXES)}")
     if arr.shape[0] == 0:
         raise ValueError(f"write_video({path}): no frames")
-    name = video_encoder()
-    pix_fmt, options = next((p, o) for n, p, o in _ENCODERS if n == name)
+    if playable and _has_encoder(_PLAYABLE[0]):
+        name, pix_fmt, options = _PLAYABLE
+        arr = np.pad(arr, ((0, 0), (0, arr.shape[1] % 2), (0, arr.shape[2] % 2), (0, 0)), mode="edge")  # (4:2:0)
+    else:
+        name = video_encoder()
+        pix_fmt, options = next((p, o) for n, p, o in _ENCODERS if n == name)
     rate = Fraction(fps).limit_denominator(1001)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}{path.suffix}")

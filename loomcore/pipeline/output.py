@@ -69,12 +69,15 @@ def to_uint8_frames(frames: Any) -> np.ndarray:
     return np.ascontiguousarray(a.numpy())
 
 
-def save_output(frames: Any, path: Path | str, fps: float, overwrite: bool = True) -> Path:
-    """Write one sample's frames: .mp4 (any video suffix) or .png (one frame). Returns the path."""
+def save_output(frames: Any, path: Path | str, fps: float, overwrite: bool = True, lossless: bool = False) -> Path:
+    """Write one sample's frames: .mp4 (any video suffix) or .png (one frame). Returns the path.
+    A video is H.264 in yuv420p, visually lossless (within a few levels of 255 on smooth pictures), as
+    every common player plays it; `lossless`: the exact RGB frames (H.264 High 4:4:4, which most
+    players and browsers refuse)."""
     arr = to_uint8_frames(frames)
     path = check_output_path(path, arr.shape[0], overwrite=overwrite)
     if path.suffix.lower() in IMAGE_SUFFIXES:
         write_image(path, arr[0])
     else:
-        write_video(path, arr, fps)
+        write_video(path, arr, fps, playable=not lossless)
     return path
