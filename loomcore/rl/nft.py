@@ -50,6 +50,12 @@ WEIGHT_MIN = 1e-5  # [NFT][FF] the adaptive weight's floor
 # Advantages and the optimality probability
 
 
+def tied_groups(rewards: torch.Tensor, groups: torch.Tensor) -> int:
+    """How many prompt groups scored every sample alike (their advantages are all 0; [NFT]'s
+    zero_std_ratio counts them): max == min, exactly — float32's std of equal values is often not 0."""
+    return sum(1 for g in torch.unique(groups) if bool(rewards[groups == g].max() == rewards[groups == g].min()))
+
+
 def group_advantages(rewards: torch.Tensor, groups: torch.Tensor, global_std: bool) -> torch.Tensor:
     """(R − mean of R over the sample's prompt group) / (std + 1e-4), float64 [B].
 

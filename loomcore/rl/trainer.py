@@ -146,6 +146,17 @@ class RLTrainer(Harness):
                              f"{len(self.train_prompts)} train prompt(s) of rl.tasks {list(rl.tasks)} at "
                              f"rl.resolution {rl.resolution}")
         self.eval_prompts = load_prompts(self.reader.root, "eval", rl.resolution, rl.tasks, rl.eval_prompts, mode)
+        self.shift = SamplingShift.from_config(cfg.guidance, cfg.flow)  # fixed, or eq. 3 per sample
+        if rl.t_distribution == "discrete":  # each prompt's rollout grid must reach t_range (else a step fails, hours in)
+            sizes = sorted({p.dit_tokens(self.patch) for p in self.train_prompts})
+            lo, hi = rl.t_range
+            missed = [n for n in sizes if not any(lo - 1e-6 <= 1 - float(t) <= hi + 1e-6 for t in
+                                                  sampling_timesteps(rl.sample_steps, self.shift.shift(n))[:-1])]
+            if missed:
+                raise InputError(f"rl.t_range = {list(rl.t_range)} with rl.sample_steps = {rl.sample_steps}: the rollout "
+                                 f"grid of prompts of {missed[0]:,} tokens ({len(missed)} of {len(sizes)} sizes) has no "
+                                 "time in it (its shift: guidance.flow_shift / dynamic_shift / shift_scale); widen "
+                                 "t_range or take more sample_steps")
         self.policy, self.old, self.ref = self.load_model(True), self.load_model(False), self.load_model(False)
         self.model = self.policy
         self.use_source = self.policy.config.use_source_embedding
@@ -156,7 +167,6 @@ class RLTrainer(Harness):
         # the prompts' tensors are read when used; online, the frozen MLLM on this rank's device
         # encodes the contexts of this rank's prompts
         self.contexts = context_source(cfg, self.reader, None, self.device)
-        self.shift = SamplingShift.from_config(cfg.guidance, cfg.flow)  # fixed, or eq. 3 per sample
         return {"model": ModelState(self.policy), "old": ModelState(self.old),
                 "optimizer": OptimizerState(self.policy, self.optimizer), "scheduler": self.scheduler}
 
@@ -295,8 +305,9 @@ class RLTrainer(Harness):
             # on every rank alike (the loss summed over ranks: one rank's Inf is every rank's, as in the stage trainer)
             dist.all_reduce(loss)
             self.counters["optimizer_steps"] += 1
-            self.guard.step(loss, grad_norm, self.counters["optimizer_steps"],
-                            [items[mine[j]][0].task for j in chunk])
+            n = self.counters["optimizer_steps"]
+            self.guard.step(loss, grad_norm, n, [items[mine[j]][0].task for j in chunk],
+                            label=f"RL step {step}, optimizer step {n}" if rl.gradient_steps > 1 else f"step {step}")
             self.optimizer.zero_grad(set_to_none=True)
             self.scheduler.step()
             grad_norms.append(float(grad_norm))
@@ -307,7 +318,7 @@ class RLTrainer(Harness):
         self.counters["samples"] += len(items)
         s = sums.read()
         n = s["samples"]
-        zero_std = sum(1 for grp in torch.unique(groups) if float(rewards[groups == grp].std(unbiased=False)) == 0.0)
+        zero_std = nft.tied_groups(rewards, groups)
         return {
             "step": step, "reward_mean": rewards.mean().item(), "reward_std": rewards.std(unbiased=False).item(),
             **{k: s[k] / n for k in ("policy_loss", "unweighted_policy_loss", "positive_loss", "negative_loss",

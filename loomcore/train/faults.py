@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from dataclasses import dataclass
-from typing import Dict, FrozenSet, List, Optional, Sequence
+from typing import Dict, FrozenSet, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -65,7 +65,7 @@ class NonFiniteGuard:
         self._skipped: Optional[torch.Tensor] = None  # int64 0-d, on the loss's device
         self._run: Optional[torch.Tensor] = None  # current run of consecutive bad steps
         self._exceeded_at: Optional[torch.Tensor] = None  # first step with run > max, or -1
-        self._tasks: Dict[int, List[str]] = {}  # task kinds per step since the last check
+        self._tasks: Dict[int, Tuple[List[str], str]] = {}  # (task kinds, label) per step since the last check
 
     def _reset(self, device: torch.device, skipped: int = 0, run: int = 0) -> None:
         self._skipped = torch.tensor(skipped, dtype=torch.int64, device=device)
@@ -73,9 +73,11 @@ class NonFiniteGuard:
         self._exceeded_at = torch.full((), -1, dtype=torch.int64, device=device)
         self._tasks.clear()
 
-    def step(self, loss: torch.Tensor, grad_norm: torch.Tensor, step: int, tasks: Sequence[str]) -> torch.Tensor:
+    def step(self, loss: torch.Tensor, grad_norm: torch.Tensor, step: int, tasks: Sequence[str],
+             label: str = "") -> torch.Tensor:
         """Take (or skip) optimizer step `step`. Returns `finite`, a 0-d bool device tensor (pass
-        it to `EMA.update` so the average skips the step too)."""
+        it to `EMA.update` so the average skips the step too). `label`: how the error names the
+        step (default `step N`; RL's `RL step 2, optimizer step 6`, where the counts differ)."""
         loss, grad_norm = _full(loss.detach()), _full(grad_norm.detach())
         finite = torch.isfinite(loss).all() & torch.isfinite(grad_norm).all()
         self.optimizer.found_inf = (~finite).to(torch.float32)  # exactly 1.0 on a bad step
@@ -83,12 +85,12 @@ class NonFiniteGuard:
             self.optimizer.step()
         finally:
             del self.optimizer.found_inf
-        self._observe(finite, step, tasks)
+        self._observe(finite, step, tasks, label or f"step {step}")
         if loss.device.type in self.sync_free_devices or step % self.check_every == 0:
             self.check()
         return finite
 
-    def _observe(self, finite: torch.Tensor, step: int, tasks: Sequence[str]) -> None:
+    def _observe(self, finite: torch.Tensor, step: int, tasks: Sequence[str], label: str) -> None:
         if self._skipped is None:
             self._reset(finite.device)
         bad = ~finite
@@ -96,7 +98,7 @@ class NonFiniteGuard:
         self._run = torch.where(bad, self._run + 1, 0)
         newly = (self._run > self.max_consecutive) & (self._exceeded_at < 0)
         self._exceeded_at = torch.where(newly, step, self._exceeded_at)
-        self._tasks[step] = list(tasks)
+        self._tasks[step] = (list(tasks), label)
 
     def check(self) -> None:
         """Read the counters on the host (a sync on a GPU); raise if the limit was exceeded."""
@@ -104,10 +106,11 @@ class NonFiniteGuard:
             return
         at = int(self._exceeded_at)
         if at >= 0:
-            kinds = ", ".join(sorted(set(self._tasks.get(at, [])))) or "unknown"
+            tasks, label = self._tasks.get(at, ([], f"step {at}"))
+            kinds = ", ".join(sorted(set(tasks))) or "unknown"
             raise NonFiniteLossError(
                 f"non-finite loss or gradient norm on more than {self.max_consecutive} consecutive "
-                f"steps: the limit was exceeded at step {at} (task kinds in that batch: {kinds}); "
+                f"steps: the limit was exceeded at {label} (task kinds in that batch: {kinds}); "
                 f"{int(self._skipped)} step(s) skipped in all, parameters are those of the last "
                 "finite step")
         self._tasks.clear()
