@@ -191,9 +191,9 @@ def run_profile(profile: str | None, overrides: Sequence[str], root: Path | str 
     """The profile a run uses, as load_config picks it: `--profile`, else the last `profile=`
     override, else params.yaml's (`dvc exp run -S profile=paper` writes it there); None when none
     says, or params.yaml cannot be read (load_config then names what is missing or wrong)."""
-    from loomcore.config import params_profile
+    from loomcore.config import named_profiles, params_profile
 
-    chosen = [o.split("=", 1)[1].strip() for o in overrides if o.split("=", 1)[0].strip() == "profile"]
+    chosen = named_profiles(overrides)  # (as experiment_sets reads them: `params.yaml:profile=` too)
     if profile or chosen:
         return profile or chosen[-1]
     return params_profile(Path(root) / "params.yaml")

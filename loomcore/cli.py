@@ -716,6 +716,9 @@ def cmd_pipeline(args) -> int:
     sets = experiment_sets(args.profile, args.overrides, _params_path(args)) if args.overrides or args.profile else []
     cfg = check_dvc_sets(sets, lambda keys: _load(argparse.Namespace(**{**vars(args), "overrides": keys, "profile": None}),
                                                   composed=bool(sets)))
+    from loomcore.rl.rewards import reward_class
+
+    reward_class(cfg.rl.reward)  # a registry others extend (not config.py's to check): a typo here, not after stage 3
     print(f"pipeline: profile {cfg.profile} (config {cfg.fingerprint()})")
     stages = _dvc_stages()
     missing = [s for s in PIPELINE_STAGES if s not in stages]
@@ -1216,7 +1219,7 @@ def build_parser() -> argparse.ArgumentParser:
                 epilog="example:\n  loom plan --profile paper --gpus 4 8 16 --gpu H20 H200",
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stage", nargs="+", default=["stage1", "stage2", "stage3"], choices=("stage1", "stage2", "stage3"))
-    p.add_argument("--gpus", nargs="+", type=int, default=[8, 16, 64], help="GPU counts (ranks) to plan for")
+    p.add_argument("--gpus", nargs="+", type=int, default=[4, 8, 16], help="GPU counts (ranks) to plan for")
     p.add_argument("--gpu", nargs="+", default=["H20"], help="GPU kinds: H20, H200, H100, A100-80GB")
     p.add_argument("--checkpointing", choices=("on", "off"), default=None,
                    help="activation checkpointing (default: dit.gradient_checkpointing)")
@@ -1311,14 +1314,15 @@ PATH_ARGS = ("params", "out", "source", "ref", "model", "transformer", "prompts"
 def _run_in_checkout(args) -> None:
     """For the subcommands that read or write the folders params names (models/, data/, outputs/,
     runs/): those paths are relative to the checkout, as DVC and the flows read them. Run in the
-    checkout that holds the current folder (the nearest one with dvc.yaml and params.yaml), else in
+    checkout that holds the current folder (the nearest one with dvc.yaml and params.yaml or conf/), else in
     this package's, with its params.yaml and conf/ (`args.checkout`), the paths given on the command
     line made absolute first (s3:// URIs as given). `main` goes back to the folder afterwards."""
     from loomcore.config import REPO_ROOT
     from loomcore.storage import is_s3
 
     here = args.started_in = Path.cwd().resolve()
-    is_checkout = lambda d: (d / "dvc.yaml").is_file() and (d / "params.yaml").is_file()  # noqa: E731
+    is_checkout = lambda d: (d / "dvc.yaml").is_file() and (  # noqa: E731 — (conf/: its params.yaml gone, to rebuild)
+        (d / "params.yaml").is_file() or (d / "conf" / "config.yaml").is_file())
     found = next((d for d in (here, *here.parents) if is_checkout(d)), None)
     if found is None and getattr(args, "own_checkout_only", False):  # deploy: what it deploys is where it runs
         return

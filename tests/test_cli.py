@@ -162,6 +162,8 @@ def test_pipeline_refuses_an_unknown_target_before_starting_anything(capsys):
     (["video.frames={256p: 33, 480p: 9, 720p: 121}", "--target", "nosuch"], "--target nosuch: no such stage"),
     (["params.yaml:++video.frames.480p=5"], "give video.frames whole, its other entries as they are, e.g. "
                                             "'video.frames={480p: 5, …}' (`loom config video` shows them)"),
+    # a reward none registered: refused before DVC starts (RL refused it after stages 1–3 had trained)
+    (["rl.reward=pickscor"], "rl.reward = 'pickscor': unknown reward; registered: pickscore, shapes"),
 ])
 def test_pipeline_reads_targets_and_overrides_as_dvc_does(capsys, argv, needle):
     code = main(["pipeline", *argv])
@@ -422,3 +424,18 @@ def test_help_shows_what_runs_and_no_option_the_command_refuses(capsys):
         with pytest.raises(SystemExit):  # (torch's @record, unwrapped: it swallows the exit)
             entry(["--help"])
         assert line in capsys.readouterr().out
+
+
+def test_params_rebuilds_a_missing_or_broken_params_yaml(tmp_path, monkeypatch, capsys):
+    """`loom params` (and --check) must work where params.yaml is gone or does not parse (a merge
+    conflict's markers): checking the overrides read it first and refused (a review of this change)."""
+    import shutil
+
+    checkout = tmp_path / "checkout"
+    shutil.copytree(REPO / "conf", checkout / "conf")
+    shutil.copy(REPO / "dvc.yaml", checkout / "dvc.yaml")
+    monkeypatch.chdir(checkout)
+    assert main(["params"]) == 0 and (checkout / "params.yaml").read_text() == (REPO / "params.yaml").read_text()
+    (checkout / "params.yaml").write_text("<<<<<<< HEAD\n" + (REPO / "params.yaml").read_text())
+    assert main(["params", "--check"]) == 1 and "differs from the composition" in capsys.readouterr().err
+    assert main(["params"]) == 0 and (checkout / "params.yaml").read_text() == (REPO / "params.yaml").read_text()

@@ -92,7 +92,6 @@ def test_fingerprint_tracks_sections():
         # check itself, for the codec's factors), or in `loom generate` naming a flag never given
         (["codec.temporal_factor=0"], "codec.temporal_factor = 0: expected >= 1"),
         (["codec.spatial_factor=0", "dit.patch_size=[1,0,2]"], "codec.spatial_factor = 0, dit.patch_size[1] = 0: expected >= 1"),
-        (["rl.reward=pickscor"], "rl.reward = 'pickscor': expected one of pickscore, shapes"),
         (["train.attention_backend=flashattn"], "train.attention_backend = 'flashattn': expected one of auto, reference, "),
         (["mllm.source_temporal_stride=0"], "mllm.source_temporal_stride = 0: expected >= 1"),
         (["mllm.max_length=0"], "mllm.max_length = 0: expected >= 1"),
@@ -272,12 +271,11 @@ def test_composition_refuses_an_unknown_key_and_a_bad_profile(tmp_path):
 
 
 def test_the_names_the_config_checks_are_the_registries_it_cannot_import():
-    """config.py sits below models/ and rl/: it keeps their names to check a typo at once (a reward
-    named wrong failed at RL's start, after stages 1–3; an attention backend at the model's load,
-    as a ValueError retried as a crash). They must stay the registries' own."""
-    from loomcore.config import ATTENTION_BACKENDS, LAYOUTS, REWARD_NAMES
+    """config.py sits below models/: it keeps their names to check a typo at once (an attention
+    backend named wrong failed at the model's load, as a ValueError retried as a crash). They must
+    stay the models' own."""
+    from loomcore.config import ATTENTION_BACKENDS, LAYOUTS
     from loomcore.models.attention import BACKENDS
     from loomcore.models.mllm import LAYOUTS as MLLM_LAYOUTS
-    from loomcore.rl.rewards import REWARDS
 
-    assert ATTENTION_BACKENDS == BACKENDS and LAYOUTS == MLLM_LAYOUTS and set(REWARD_NAMES) == set(REWARDS)
+    assert ATTENTION_BACKENDS == BACKENDS and LAYOUTS == MLLM_LAYOUTS

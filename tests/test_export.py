@@ -566,10 +566,16 @@ def test_a_download_to_the_same_folder_follows_latest_and_leaves_other_folders_a
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".deployed.")]  # no staging or old copy left
     stamp = (dest / "export.json").stat().st_mtime_ns
     assert download_version(uri, "tiny", "v1", dest=dest) == dest and (dest / "export.json").stat().st_mtime_ns == stamp
+    # a copy written before copies kept their record: adopted when it holds the version's files, an
+    # older version's replaced (not refused: a deployment's first call after the upgrade)
+    (dest / ".loomvideo-download.json").unlink()
+    assert download_version(uri, "tiny", "v1", dest=dest) == dest and (dest / "export.json").stat().st_mtime_ns == stamp
+    (dest / ".loomvideo-download.json").unlink()
+    assert read_export_info(download_version(uri, "tiny", dest=dest))["version"] == "v2"
     mine = tmp_path / "mine"
     (mine / "notes.txt").parent.mkdir()
     (mine / "notes.txt").write_text("not a model")
-    with pytest.raises(ValueError, match=f"{mine}: exists and is not a download of a published version"):
+    with pytest.raises(ValueError, match=f"{mine}: exists and is not a download of a published version \\(no "):
         download_version(uri, "tiny", dest=mine)
     assert (mine / "notes.txt").read_text() == "not a model"
     # the default cache folder is per registry: the same model and version name published under two

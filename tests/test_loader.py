@@ -203,3 +203,13 @@ def test_a_corrupted_null_context_or_an_index_without_checksums_is_named(tmp_pat
     loader = PackedLoader(tmp_path, {"t2v": 1.0}, max_tokens=300, resolution="256p", seed=0)
     with pytest.raises(CacheError, match=r"index.parquet: no shard checksums .*rerun the cache stage"):
         next(loader)
+
+
+def test_a_cache_without_an_index_is_an_input_the_stage_refuses(tmp_path):
+    """No index.parquet: a FileNotFoundError (a crash, retried) before; a MissingInputError now (exit 2)."""
+    from loomcore.data.loader import shard_digests
+    from loomcore.errors import MissingInputError
+
+    for read in (lambda: read_index(tmp_path, "train", "256p"), lambda: shard_digests(tmp_path)):
+        with pytest.raises(MissingInputError, match=rf"{tmp_path / 'index.parquet'}: no cache index \(run the cache stage first\)"):
+            read()

@@ -293,6 +293,21 @@ def resolve_version(s3_uri: str, name: str, version: str = "latest",
     return got[0]
 
 
+def _downloaded(folder: Path) -> Optional[dict]:
+    """The record of what a local copy holds (download_version writes it), or None."""
+    try:
+        return json.loads((folder / DOWNLOADED).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _holds(folder: Path, record: dict) -> bool:
+    """Whether `folder` holds exactly the files of `record`, each with its sha256."""
+    have = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
+    return have == set(record["files"]) and all(sha256_file(folder / rel) == meta["sha256"]
+                                                for rel, meta in record["files"].items())
+
+
 def download_version(s3_uri: str, name: str, version: str = "latest", dest: Optional[Path | str] = None,
                      settings: Optional[S3Settings] = None) -> Path:
     """A verified local copy of a complete version (default: under the loomvideo cache, a folder per
@@ -309,13 +324,15 @@ def download_version(s3_uri: str, name: str, version: str = "latest", dest: Opti
     if dest.is_dir() and not any(dest.iterdir()):  # an empty folder made for it
         dest.rmdir()
     if dest.exists():
-        try:
-            held = json.loads((dest / DOWNLOADED).read_text())
-        except (OSError, ValueError):
-            raise ValueError(f"{dest}: exists and is not a download of a published version (no readable "
-                             f"{DOWNLOADED}); give another dest, or remove it") from None
+        held = _downloaded(dest)
         if held == record:
             return dest
+        if held is None and _holds(dest, record):  # a copy written before the record was kept: that version
+            (dest / DOWNLOADED).write_text(json.dumps(record, sort_keys=True))
+            return dest
+        if held is None and not (dest / "export.json").is_file():
+            raise ValueError(f"{dest}: exists and is not a download of a published version (no {DOWNLOADED}, "
+                             "no export.json); give another dest, or remove it")
     client = s3_client(settings)
     dest.parent.mkdir(parents=True, exist_ok=True)
     staging = dest.parent / f".{dest.name}.download-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -328,6 +345,8 @@ def download_version(s3_uri: str, name: str, version: str = "latest", dest: Opti
             if sha256_file(local) != meta["sha256"]:
                 raise ValueError(f"{record['uri']}{rel}: sha256 differs from its {COMPLETE} record")
         (staging / DOWNLOADED).write_text(json.dumps(record, sort_keys=True))
+        if dest.exists() and _downloaded(dest) == record:  # another process put this version there meanwhile
+            return dest
         if dest.exists():  # another version's copy: moved aside, the new one renamed in, the old removed
             os.rename(dest, old)
         os.rename(staging, dest)

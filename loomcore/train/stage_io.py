@@ -124,7 +124,8 @@ def stage_run_dir(cfg: Config, stage: str, init_path: Path, code_entry: str = "l
 def write_stage_weights(out: Path, config: dict, weights: Dict[str, Dict[str, torch.Tensor]]) -> None:
     """Each {name: state} as out/name (write_weights); a state that is another name's object (stage
     1's model/, which is its final/ without an EMA) is that folder's files hard-linked, not written
-    twice (2 × 20 GB at 5B in fp32; a copy where the file system has no hard links)."""
+    twice (2 × 20 GB at 5B in fp32; a copy where the file system has no hard links). DVC, committing
+    the outs, gives each its own link to one cache object; every writer replaces files by rename."""
     written: Dict[int, str] = {}
     for name, state in weights.items():
         if id(state) in written:
