@@ -93,10 +93,8 @@ def cmd_config(args) -> int:
 
 
 def cmd_params(args) -> int:
-    import yaml
-
     from loomcore.config import (
-        DEFAULT_CONF_DIR, DEFAULT_PARAMS, ConfigError, compose, load_config, params_profile, params_yaml,
+        DEFAULT_CONF_DIR, DEFAULT_PARAMS, ConfigError, compose, load_config, named_profiles, params_profile, params_yaml,
     )
 
     root = getattr(args, "checkout", None)  # the checkout the command runs in (_run_in_checkout)
@@ -110,7 +108,7 @@ def cmd_params(args) -> int:
     if bad:  # (Hydra's own message for `=3` is a traceback)
         raise ConfigError(f"override {bad[0]!r}: expected key=value (e.g. stage1.steps=10)")
     overrides = list(args.overrides)
-    if old is not None and not any(o.split("=", 1)[0].lstrip("+~") == "profile" for o in overrides):
+    if old is not None and not named_profiles(overrides):
         # composed (and checked) for its own profile: after `loom params profile=paper`, an edit of conf/
         # written again with `loom params` stays paper (it went back to conf/config.yaml's tiny)
         own = params_profile(out)  # (None where it does not parse: it differs, whatever the composition)
@@ -118,8 +116,8 @@ def cmd_params(args) -> int:
     # each override named with its reason, as `loom config` and `loom pipeline` name it (Hydra's own
     # error, cut to its first line, said "Could not override 'stage1.stepz'." and no why)
     def checked(keys: List[str]):
-        named = [k.split("=", 1)[1] for k in keys if k.split("=", 1)[0] == "profile"]
-        return load_config([k for k in keys if k.split("=", 1)[0] != "profile"], conf_dir=conf, composed=True,
+        named = named_profiles(keys)
+        return load_config([k for k in keys if not named_profiles([k])], conf_dir=conf, composed=True,
                            profile=named[-1] if named else compose(conf)["profile"], params_path=DEFAULT_PARAMS)
 
     check_dvc_sets(overrides, checked)

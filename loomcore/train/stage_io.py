@@ -125,7 +125,8 @@ def write_stage_weights(out: Path, config: dict, weights: Dict[str, Dict[str, to
     """Each {name: state} as out/name (write_weights); a state that is another name's object (stage
     1's model/, which is its final/ without an EMA) is that folder's files hard-linked, not written
     twice (2 × 20 GB at 5B in fp32; a copy where the file system has no hard links). DVC, committing
-    the outs, gives each its own link to one cache object; every writer replaces files by rename."""
+    the outs, keeps one cache object for both and may put copies of it back in the workspace (its
+    cache type); every writer replaces files by rename, so no write goes through a link."""
     written: Dict[int, str] = {}
     for name, state in weights.items():
         if id(state) in written:
